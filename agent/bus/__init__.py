@@ -1,0 +1,1 @@
+"""The CAN side: one owner of the bus, ISO-TP links per ECU (userspace or kernel), UDS connections."""

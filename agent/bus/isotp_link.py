@@ -1,0 +1,125 @@
+"""Userspace ISO-TP for one ECU: can-isotp's pure state machine, driven by the thread that uses it.
+
+can-isotp's own threaded stacks run two polling threads per ECU; here the worker thread drives the
+state machine only while a request is in flight, so an idle agent costs nothing per ECU. Frames
+arrive through the bus owner's router into a bounded queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+
+import can
+import isotp
+
+from agent.bus.address import isotp_params, rx_ids
+from agent.bus.owner import BusOwner
+from agent.config.model import IsoTpConfig
+from agent.errors import BusDown, TransportTimeout
+
+log = logging.getLogger(__name__)
+
+_SLICE = 0.05  # longest single block inside process(); frames wake it at once
+
+
+class IsoTpLink:
+    """Send and receive whole ISO-TP PDUs to/from one peer over the shared bus."""
+
+    def __init__(self, owner: BusOwner, address: isotp.Address, config: IsoTpConfig, name: str) -> None:
+        self.name = name
+        self._owner = owner
+        self._fd = config.fd
+        self._frames: queue.Queue[isotp.CanMessage] = queue.Queue(maxsize=4096)
+        self._error: str | None = None
+        self._logic = isotp.TransportLayerLogic(
+            rxfn=self._rxfn, txfn=self._txfn, address=address,
+            error_handler=self._on_error, params=isotp_params(config),
+        )
+        for can_id, extended in rx_ids(address):
+            owner.subscribe(can_id, extended, self._on_frame)
+
+    # ---- fed by the notifier thread ------------------------------------------------------------
+    def _on_frame(self, msg: can.Message) -> None:
+        frame = isotp.CanMessage(arbitration_id=msg.arbitration_id, data=bytes(msg.data), dlc=msg.dlc,
+                                 extended_id=msg.is_extended_id, is_fd=msg.is_fd,
+                                 bitrate_switch=msg.bitrate_switch)
+        try:
+            self._frames.put_nowait(frame)
+        except queue.Full:
+            self._owner.counters.dropped += 1
+
+    # ---- callables for the state machine -------------------------------------------------------
+    def _rxfn(self, timeout: float) -> isotp.CanMessage | None:
+        try:
+            if timeout <= 0 or self._logic.available():
+                return self._frames.get_nowait()
+            return self._frames.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def _txfn(self, frame: isotp.CanMessage) -> None:
+        self._owner.send(can.Message(
+            arbitration_id=frame.arbitration_id, data=frame.data, is_extended_id=frame.is_extended_id,
+            is_fd=frame.is_fd, bitrate_switch=frame.bitrate_switch, check=False,
+        ))
+
+    def _on_error(self, error: isotp.IsoTpError) -> None:
+        self._error = f"{type(error).__name__}: {error}"
+        log.debug("ISO-TP error on %s: %s", self.name, self._error)
+
+    # ---- used by one worker thread -------------------------------------------------------------
+    def send(self, payload: bytes, timeout: float) -> None:
+        """Transmits one PDU; returns when the last frame is on the bus."""
+        self._error = None
+        self._logic.send(payload)
+        deadline = time.monotonic() + timeout
+        try:
+            while self._logic.transmitting():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self._logic.stop_sending()
+                    raise TransportTimeout(f"{self.name}: ISO-TP send timed out ({self._error or 'no flow control'})")
+                delay = self._logic.next_cf_delay()
+                if delay is not None and not self._logic.is_rx_active():
+                    if delay > 0:
+                        time.sleep(min(delay, remaining))
+                    self._logic.process(do_rx=False, do_tx=True)
+                else:
+                    self._logic.process(rx_timeout=min(remaining, _SLICE))
+        except BusDown:
+            self._logic.reset()
+            raise
+        if self._error and "Timeout" in self._error:
+            raise TransportTimeout(f"{self.name}: ISO-TP send failed: {self._error}")
+
+    def recv(self, timeout: float) -> bytes | None:
+        """The next whole PDU from the peer, or None after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                data = self._logic.recv(block=False)
+                if data is not None:
+                    return bytes(data)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                busy = self._logic.is_rx_active() or self._logic.transmitting()
+                # Idle: no timer can fire, so block until a frame or the deadline.
+                self._logic.process(rx_timeout=min(remaining, _SLICE) if busy else remaining)
+        except BusDown:
+            self._logic.reset()
+            raise
+
+    def flush(self) -> None:
+        """Forgets stale frames and half-done transfers before a new request."""
+        while True:
+            try:
+                self._frames.get_nowait()
+            except queue.Empty:
+                break
+        self._logic.reset()
+
+    def close(self) -> None:
+        self.flush()

@@ -1,0 +1,242 @@
+"""Owns the one can.Bus and can.Notifier, routes frames to ISO-TP links, rebuilds the bus when it breaks."""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import can
+
+from agent.config.model import BusConfig
+from agent.errors import BusDown
+
+log = logging.getLogger(__name__)
+
+FrameSink = Callable[[can.Message], None]
+BusFactory = Callable[[], can.BusABC]
+
+
+@dataclass(frozen=True)
+class RxFilter:
+    """One response id the agent listens to (becomes a kernel CAN filter on socketcan)."""
+
+    can_id: int
+    extended: bool
+
+
+@dataclass
+class BusCounters:
+    """Plain counters the metrics sink reads; written by the notifier and senders."""
+
+    frames_rx: int = 0
+    frames_tx: int = 0
+    bytes_rx: int = 0
+    bytes_tx: int = 0
+    send_errors: int = 0
+    recv_errors: int = 0
+    rebuilds: int = 0
+    dropped: int = 0
+
+
+def open_bus(config: BusConfig) -> can.BusABC:
+    """Opens the configured python-can bus, ignoring any python-can config files on the machine."""
+    kwargs: dict[str, object] = {"fd": config.fd}
+    if config.interface != "virtual":
+        kwargs["bitrate"] = config.bitrate
+        if config.data_bitrate:
+            kwargs["data_bitrate"] = config.data_bitrate
+    else:
+        kwargs["receive_own_messages"] = config.receive_own_messages
+    return can.Bus(interface=config.interface, channel=config.channel, ignore_config=True, **kwargs)
+
+
+class _Router(can.Listener):
+    """The one notifier listener: hands each frame to the sink registered for its id (a dict lookup)."""
+
+    def __init__(self, owner: BusOwner) -> None:
+        self._owner = owner
+
+    def on_message_received(self, msg: can.Message) -> None:
+        counters = self._owner.counters
+        counters.frames_rx += 1
+        counters.bytes_rx += msg.dlc
+        if msg.is_error_frame or msg.is_remote_frame:
+            return
+        sink = self._owner.sinks.get((msg.arbitration_id, msg.is_extended_id))
+        if sink is not None:
+            sink(msg)
+
+    def on_error(self, exc: Exception) -> None:
+        # Report, then re-raise: a handled error would make the Notifier spin on a broken bus.
+        self._owner.report_fault(f"receive failed: {exc}", recv=True)
+        raise exc
+
+
+class BusOwner:
+    """The single owner of the CAN bus. Nothing else calls bus.recv(); sends go through `send`.
+
+    A supervisor thread rebuilds bus and notifier with exponential backoff after a send failure or
+    when the notifier's thread has died; meanwhile `send` raises BusDown at once.
+    """
+
+    def __init__(self, config: BusConfig, filters: list[RxFilter] | None = None,
+                 factory: BusFactory | None = None, name: str = "can",
+                 on_change: Callable[[bool, str], None] | None = None) -> None:
+        self.config = config
+        self.name = name
+        self.counters = BusCounters()
+        self.sinks: dict[tuple[int, bool], FrameSink] = {}
+        self._filters = list(filters or [])
+        self._factory = factory or (lambda: open_bus(config))
+        self._on_change = on_change
+        self._bus: can.BusABC | None = None
+        self._notifier: can.Notifier | None = None
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._up = threading.Event()
+        self._fault: str | None = None
+        self._supervisor: threading.Thread | None = None
+        self.last_error: str | None = None
+
+    # ---- wiring --------------------------------------------------------------------------------
+    def subscribe(self, can_id: int, extended: bool, sink: FrameSink) -> None:
+        """Routes frames with this id to `sink` (called on the notifier thread; must not block)."""
+        self.sinks[(can_id, extended)] = sink
+        if RxFilter(can_id, extended) not in self._filters:
+            self._filters.append(RxFilter(can_id, extended))
+            bus = self._bus
+            if bus is not None:
+                bus.set_filters(self._can_filters())
+
+    def _can_filters(self) -> list[can.typechecking.CanFilter]:
+        return [
+            {"can_id": f.can_id, "can_mask": 0x1FFFFFFF if f.extended else 0x7FF, "extended": f.extended}
+            for f in self._filters
+        ]
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+    def start(self, wait: float = 2.0) -> bool:
+        """Starts the supervisor, which opens the bus; True once the bus is up within `wait` seconds."""
+        self._supervisor = threading.Thread(target=self._supervise, name=f"{self.name}-supervisor", daemon=True)
+        self._supervisor.start()
+        return self._up.wait(wait)
+
+    def stop(self, timeout: float = 3.0) -> None:
+        self._stopping.set()
+        self._wake.set()
+        if self._supervisor is not None:
+            self._supervisor.join(timeout)
+            if self._supervisor.is_alive():
+                log.error("bus supervisor did not stop", extra={"interface": self.config.channel})
+        self._teardown()
+
+    @property
+    def is_up(self) -> bool:
+        return self._up.is_set()
+
+    def wait_up(self, timeout: float) -> bool:
+        return self._up.wait(timeout)
+
+    # ---- I/O -----------------------------------------------------------------------------------
+    def send(self, msg: can.Message) -> None:
+        """Sends one frame; raises BusDown (and schedules a rebuild) when the bus cannot send."""
+        bus = self._bus
+        if bus is None or not self._up.is_set():
+            raise BusDown(f"CAN bus {self.config.channel} is down: {self.last_error or 'not open'}")
+        try:
+            bus.send(msg, timeout=0.2)
+        except (can.CanError, OSError, ValueError) as err:
+            self.counters.send_errors += 1
+            self.report_fault(f"send failed: {err}")
+            raise BusDown(f"CAN bus {self.config.channel}: send failed: {err}") from err
+        self.counters.frames_tx += 1
+        self.counters.bytes_tx += msg.dlc
+
+    def report_fault(self, reason: str, recv: bool = False) -> None:
+        """Marks the bus broken and wakes the supervisor to rebuild it."""
+        if recv:
+            self.counters.recv_errors += 1
+        with self._lock:
+            if self._fault is None:
+                self._fault = reason
+        self._up.clear()
+        self.last_error = reason
+        self._wake.set()
+
+    # ---- supervision ---------------------------------------------------------------------------
+    def _supervise(self) -> None:
+        delay = 0.1
+        while not self._stopping.is_set():
+            if self._bus is None:
+                if self._open():
+                    delay = 0.1
+                else:
+                    self._stopping.wait(delay * random.uniform(0.8, 1.2))
+                    delay = min(delay * 2, 5.0)
+                continue
+            self._wake.wait(1.0)
+            self._wake.clear()
+            notifier = self._notifier
+            if notifier is not None and notifier.exception is not None and self._fault is None:
+                self.report_fault(f"notifier stopped: {notifier.exception}", recv=True)
+            if self._fault is not None and not self._stopping.is_set():
+                log.warning("CAN bus fault, rebuilding: %s", self._fault,
+                            extra={"interface": self.config.channel})
+                self._teardown()
+                self.counters.rebuilds += 1
+                self._emit(False, self._fault)
+
+    def _open(self) -> bool:
+        try:
+            bus = self._factory()
+            bus.set_filters(self._can_filters())
+            notifier = can.Notifier(bus, [_Router(self)], timeout=1.0)
+        except (can.CanError, OSError, ValueError, ImportError) as err:
+            self.last_error = f"cannot open {self.config.interface}:{self.config.channel}: {err}"
+            log.warning("%s", self.last_error, extra={"interface": self.config.channel})
+            return False
+        with self._lock:
+            self._bus, self._notifier, self._fault = bus, notifier, None
+        self._up.set()
+        log.info("CAN bus open", extra={"interface": self.config.channel, "kind": self.config.interface})
+        self._emit(True, "open")
+        return True
+
+    def _teardown(self) -> None:
+        self._up.clear()
+        with self._lock:
+            bus, notifier = self._bus, self._notifier
+            self._bus = self._notifier = None
+        if notifier is not None:
+            try:
+                notifier.stop(timeout=2.0)
+            except Exception:  # a dead notifier may fail to stop; the bus is shut down anyway
+                log.debug("notifier stop failed", exc_info=True)
+        if bus is not None:
+            try:
+                bus.shutdown()
+            except Exception:
+                log.debug("bus shutdown failed", exc_info=True)
+
+    def _emit(self, up: bool, reason: str) -> None:
+        if self._on_change is None:
+            return
+        try:
+            self._on_change(up, reason)
+        except Exception:
+            log.exception("bus state listener failed")
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, step: float = 0.01) -> bool:
+    """Polls `predicate` until true or `timeout`; for start-up and tests, never on a hot path."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(step)
+    return predicate()

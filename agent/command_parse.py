@@ -1,0 +1,251 @@
+"""Validates a command object (protocol v1) against the config: pure, every problem with its field path."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from agent import command as c
+from agent.config.model import ALL_COMMANDS, AgentConfig, DidSpec, EcuConfig
+from agent.config.reader import Invalid, Node, Problems, boolean, describe, hex_bytes, integer, text
+from agent.errors import AgentError
+from agent.uds import codecs
+from agent.uds.dtc import parse_code
+
+ID = text(r"[A-Za-z0-9._:-]{1,128}", "1-128 of A-Z a-z 0-9 . _ : -", max_len=128)
+TOPIC = text(r"[^+#\x00]+", "a topic without wildcards", max_len=65535)
+SESSIONS = {"default": 1, "programming": 2, "extended": 3, "safety": 4}
+RESETS = {"hard": 1, "key_off_on": 2, "soft": 3}
+ACTIONS = {"start": 1, "stop": 2, "results": 3}
+IO_CONTROLS = {"return_control": 0, "reset_default": 1, "freeze": 2, "adjust": 3}
+
+
+class CommandInvalid(AgentError, ValueError):
+    """The command cannot be executed as written; `command_id` is set when the id itself was readable."""
+
+    def __init__(self, problems: list[tuple[str, str]], command_id: str | None) -> None:
+        self.problems = problems
+        self.command_id = command_id
+        super().__init__("; ".join(f"{p}: {m}" if p else m for p, m in problems))
+
+
+class UnknownComponent(AgentError, LookupError):
+    def __init__(self, component: str, command_id: str) -> None:
+        self.component = component
+        self.command_id = command_id
+        super().__init__(f"no component named {component!r} in this vehicle's config")
+
+
+def parse_command(obj: Any, config: AgentConfig, received_at: float) -> c.Command:
+    """A Command from a decoded JSON object; raises CommandInvalid or UnknownComponent."""
+    problems = Problems()
+    node = Node(obj, "", problems)
+    command_id = node.get("id", ID)
+    if not node.ok:
+        raise CommandInvalid(problems.items, None)
+    component = node.get("component", text(max_len=128))
+    name = node.get("command", _command_name)
+    timeout_ms = node.get("timeout_ms", integer(1, None, "a positive integer"), None)
+    expires_at = node.get("expires_at", rfc3339, None)
+    reply_to = node.get("reply_to", TOPIC, None)
+    params_node = Node(node.raw("params", {}), "params", problems)
+    node.finish()
+    if problems:
+        raise CommandInvalid(problems.items, command_id)
+    ecu = config.ecu(component)
+    if ecu is None:
+        raise UnknownComponent(component, command_id)
+    params = parse_params(name, params_node, ecu)
+    if problems:
+        raise CommandInvalid(problems.items, command_id)
+    if timeout_ms is not None:
+        timeout_ms = min(timeout_ms, config.max_command_timeout_ms)
+    return c.Command(
+        id=command_id, component=component, command=name, params=params, received_at=received_at,
+        timeout_ms=timeout_ms, expires_at=expires_at, reply_to=reply_to,
+    )
+
+
+def _command_name(value: Any) -> str:
+    if value not in ALL_COMMANDS:
+        raise Invalid(f"expected one of {', '.join(ALL_COMMANDS)}, got {describe(value)}")
+    return value
+
+
+def rfc3339(value: Any) -> float:
+    raw = text(max_len=64)(value)
+    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})", raw):
+        raise Invalid(f"{raw!r} is not an RFC 3339 timestamp with a time zone")
+    try:
+        return datetime.fromisoformat(raw.replace("z", "Z")).timestamp()
+    except ValueError as err:
+        raise Invalid(f"{raw!r} is not a valid timestamp: {err}") from None
+
+
+def parse_params(name: str, p: Node, ecu: EcuConfig) -> c.Params:
+    """The typed params of command `name`; problems go to p.problems with paths under `params`."""
+    parser = _PARSERS[name]
+    params = parser(p, ecu)
+    p.finish()
+    return params
+
+
+def _did(ecu: EcuConfig) -> Callable[[Any], DidSpec]:
+    def convert(value: Any) -> DidSpec:
+        if isinstance(value, str) and value.lower().startswith("0x"):
+            did = integer(0, 0xFFFF, "a 16-bit DID")(value)
+            return ecu.did_by_id(did) or codecs.anonymous(did)
+        if isinstance(value, str):
+            spec = ecu.did_by_name(value)
+            if spec is None:
+                known = ", ".join(d.name for d in ecu.dids) or "none"
+                raise Invalid(f"{ecu.name} has no DID named {value!r} (known: {known})")
+            return spec
+        raise Invalid(f"expected a DID name or \"0xNNNN\", got {describe(value)}")
+
+    return convert
+
+
+def _read_data(p: Node, ecu: EcuConfig) -> c.ReadData:
+    raw = p.raw("data")
+    if raw is None:
+        p.problems.add("params.data", "required field is missing")
+        return c.ReadData(())
+    items = raw if isinstance(raw, list) else [raw]
+    if not items:
+        p.problems.add("params.data", "name at least one DID")
+    where = (lambda i: f"data[{i}]") if isinstance(raw, list) else (lambda i: "data")
+    dids = [p.convert(where(i), item, _did(ecu)) for i, item in enumerate(items)]
+    return c.ReadData(tuple(d for d in dids if d is not None))
+
+
+def _write_data(p: Node, ecu: EcuConfig) -> c.WriteData:
+    did = p.get("data", _did(ecu))
+    if not p.has("value"):
+        p.problems.add("params.value", "required field is missing")
+    value = p.raw("value")
+    payload = b""
+    if did is not None and p.has("value"):
+        try:
+            payload = codecs.encode(did, value)
+        except ValueError as err:
+            p.problems.add("params.value", f"not a valid value for {did.name}: {err}")
+    return c.WriteData(did=did, payload=payload)
+
+
+def _read_faults(p: Node, ecu: EcuConfig) -> c.ReadFaults:
+    return c.ReadFaults(
+        status_mask=p.get("status_mask", integer(0, 0xFF, "a status mask byte"), 0xFF),
+        snapshots=p.get("snapshots", boolean, False),
+        extended=p.get("extended", boolean, False),
+    )
+
+
+def _dtc_group(value: Any) -> int:
+    if isinstance(value, str) and value[:1].upper() in "PCBU" and not value.lower().startswith("0x"):
+        try:
+            return parse_code(value)
+        except ValueError as err:
+            raise Invalid(str(err)) from None
+    return integer(0, 0xFFFFFF, "a 24-bit DTC group")(value)
+
+
+def _clear_faults(p: Node, ecu: EcuConfig) -> c.ClearFaults:
+    return c.ClearFaults(group=p.get("group", _dtc_group, 0xFFFFFF))
+
+
+def _named_byte(names: dict[str, int], what: str) -> Callable[[Any], int]:
+    def convert(value: Any) -> int:
+        if isinstance(value, str) and value in names:
+            return names[value]
+        if isinstance(value, str) and value.lower().startswith("0x"):
+            return integer(1, 0x7F, what)(value)
+        raise Invalid(f"expected one of {', '.join(names)} or \"0xNN\", got {describe(value)}")
+
+    return convert
+
+
+def _set_session(p: Node, ecu: EcuConfig) -> c.SetSession:
+    session = p.get("session", _named_byte(SESSIONS, "a session (0x01..0x7F)"))
+    names = {v: k for k, v in SESSIONS.items()}
+    return c.SetSession(session=session, name=names.get(session, f"0x{(session or 0):02X}"))
+
+
+def _reset(p: Node, ecu: EcuConfig) -> c.Reset:
+    return c.Reset(reset_type=p.get("type", _named_byte(RESETS, "a reset type (0x01..0x7F)")))
+
+
+def _security_access(p: Node, ecu: EcuConfig) -> c.SecurityAccess:
+    levels = {s.level for s in ecu.security}
+
+    def convert(value: Any) -> int:
+        level = integer(1, 0x7D, "a security level")(value)
+        if level not in levels:
+            known = ", ".join(str(x) for x in sorted(levels)) or "none"
+            raise Invalid(f"{ecu.name} has no key algorithm for level {level} (configured: {known})")
+        return level
+
+    return c.SecurityAccess(level=p.get("level", convert))
+
+
+def _operation(p: Node, ecu: EcuConfig) -> c.Operation:
+    def routine(value: Any) -> int:
+        if isinstance(value, str) and not value.lower().startswith("0x"):
+            match = next((r for r in ecu.routines if r.name == value), None)
+            if match is None:
+                known = ", ".join(r.name for r in ecu.routines) or "none"
+                raise Invalid(f"{ecu.name} has no routine named {value!r} (known: {known})")
+            return match.id
+        return integer(0, 0xFFFF, "a 16-bit routine id")(value)
+
+    action = p.get("action", _choice_of(ACTIONS))
+    return c.Operation(routine_id=p.get("routine", routine), action=action,
+                       data=p.get("data", hex_bytes, b""))
+
+
+def _choice_of(names: dict[str, int]) -> Callable[[Any], int]:
+    def convert(value: Any) -> int:
+        if value not in names:
+            raise Invalid(f"expected one of {', '.join(names)}, got {describe(value)}")
+        return names[value]
+
+    return convert
+
+
+def _io_control(p: Node, ecu: EcuConfig) -> c.IoControl:
+    did = p.get("data", _did(ecu))
+    control = p.get("control", _choice_of(IO_CONTROLS))
+    payload = b""
+    if control == IO_CONTROLS["adjust"]:
+        if not p.has("value"):
+            p.problems.add("params.value", "required when control is adjust")
+        elif did is not None:
+            try:
+                payload = codecs.encode(did, p.raw("value"))
+            except ValueError as err:
+                p.problems.add("params.value", f"not a valid value for {did.name}: {err}")
+    elif p.has("value"):
+        p.raw("value")
+        p.problems.add("params.value", "only used with control: adjust")
+    return c.IoControl(did=did, control=control, payload=payload)
+
+
+def _tester_present(p: Node, ecu: EcuConfig) -> c.TesterPresent:
+    return c.TesterPresent()
+
+
+def _raw(p: Node, ecu: EcuConfig) -> c.Raw:
+    request = p.get("request", hex_bytes)
+    if request is not None and not request:
+        p.problems.add("params.request", "must hold at least the service id byte")
+    return c.Raw(request=request)
+
+
+_PARSERS: dict[str, Callable[[Node, EcuConfig], c.Params]] = {
+    "read_data": _read_data, "write_data": _write_data, "read_faults": _read_faults,
+    "clear_faults": _clear_faults, "set_session": _set_session, "reset": _reset,
+    "security_access": _security_access, "operation": _operation, "io_control": _io_control,
+    "tester_present": _tester_present, "raw": _raw,
+}

@@ -1,0 +1,152 @@
+"""Frozen, typed configuration objects: what the rest of the agent is handed instead of raw YAML."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ALL_COMMANDS = (
+    "read_data", "write_data", "read_faults", "clear_faults", "set_session", "reset",
+    "security_access", "operation", "io_control", "tester_present", "raw",
+)
+DEFAULT_ALLOWED = ("read_data", "read_faults", "tester_present")
+ADDRESSING_MODES = (
+    "normal_11bit", "normal_29bit", "normal_fixed_29bit",
+    "extended_11bit", "extended_29bit", "mixed_11bit", "mixed_29bit",
+)
+CODECS = ("ascii", "unsigned", "signed", "enum", "raw")
+
+
+@dataclass(frozen=True)
+class BusConfig:
+    interface: str
+    channel: str
+    fd: bool = False
+    bitrate: int = 500_000
+    data_bitrate: int | None = None
+    isotp: str = "auto"  # auto | kernel | userspace
+    receive_own_messages: bool = False
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    verify_hostname: bool = True
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    broker: str = "mqtt://localhost:1883"
+    protocol: str = "5"
+    prefix: str = "sovd"
+    client_id: str | None = None
+    session_expiry_s: int = 7 * 24 * 3600
+    keepalive_s: int = 30
+    username: str | None = None
+    password_file: Path | None = None
+    tls: TlsConfig | None = None
+    send_accepted: bool = True
+    max_payload_bytes: int = 256 * 1024
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 9469
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class Addressing:
+    mode: str
+    request_id: int | None = None
+    response_id: int | None = None
+    functional_id: int | None = None
+    target_address: int | None = None
+    source_address: int | None = None
+    address_extension: int | None = None
+
+
+@dataclass(frozen=True)
+class IsoTpConfig:
+    padding: int | None = None
+    block_size: int = 0
+    st_min: int = 0
+    fd: bool = False
+    data_length: int = 8  # CAN (FD) frame payload, 8 for classic CAN
+    max_pdu: int = 8192
+
+
+@dataclass(frozen=True)
+class Timing:
+    p2_ms: int = 1000
+    p2_star_ms: int = 5000
+    request_ms: int = 10_000
+    s3_keepalive_ms: int = 2000
+    busy_retries: int = 3
+
+
+@dataclass(frozen=True)
+class DidSpec:
+    """One data identifier and how its bytes map to a value."""
+
+    name: str
+    id: int
+    codec: str = "raw"
+    length: int | None = None  # bytes; None = whatever the ECU sends (raw only)
+    scale: float = 1.0
+    offset: float = 0.0
+    unit: str | None = None
+    enum: tuple[tuple[int, str], ...] = ()
+    writable: bool = False
+
+
+@dataclass(frozen=True)
+class RoutineSpec:
+    name: str
+    id: int
+
+
+@dataclass(frozen=True)
+class SecurityLevel:
+    level: int
+    algorithm: str  # "module:function"
+    params: tuple[tuple[str, object], ...] = ()
+
+
+@dataclass(frozen=True)
+class EcuConfig:
+    name: str
+    addressing: Addressing
+    isotp: IsoTpConfig = field(default_factory=IsoTpConfig)
+    timing: Timing = field(default_factory=Timing)
+    dids: tuple[DidSpec, ...] = ()
+    routines: tuple[RoutineSpec, ...] = ()
+    security: tuple[SecurityLevel, ...] = ()
+    allow: frozenset[str] = frozenset(DEFAULT_ALLOWED)
+    queue_size: int = 16
+
+    def did_by_name(self, name: str) -> DidSpec | None:
+        return next((d for d in self.dids if d.name == name), None)
+
+    def did_by_id(self, did: int) -> DidSpec | None:
+        return next((d for d in self.dids if d.id == did), None)
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    vehicle: str
+    bus: BusConfig
+    ecus: tuple[EcuConfig, ...]
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    state_dir: Path = Path("/var/lib/sovd-edge")
+    max_command_timeout_ms: int = 60_000
+    log_level: str = "INFO"
+    simulate: tuple[Path, ...] = ()  # simulator files run in-process (virtual bus demos)
+    source: Path | None = None
+
+    def ecu(self, name: str) -> EcuConfig | None:
+        return next((e for e in self.ecus if e.name == name), None)

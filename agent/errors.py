@@ -1,0 +1,25 @@
+"""The agent's exception hierarchy: one base, each subclass also a matching built-in."""
+
+from __future__ import annotations
+
+
+class AgentError(Exception):
+    """Base of every error the agent raises on purpose."""
+
+
+class ConfigError(AgentError, ValueError):
+    """A configuration file is invalid; carries every problem found, each with its path."""
+
+    def __init__(self, source: str, problems: list[tuple[str, str]]) -> None:
+        self.source = source
+        self.problems = list(problems)
+        lines = "\n".join(f"  {path}: {message}" if path else f"  {message}" for path, message in problems)
+        super().__init__(f"{source}: {len(problems)} problem(s)\n{lines}")
+
+
+class BusDown(AgentError, ConnectionError):
+    """The CAN bus is not usable right now (send failed, interface down, being rebuilt)."""
+
+
+class TransportTimeout(AgentError, TimeoutError):
+    """An ISO-TP transfer did not complete in time."""

@@ -1,0 +1,110 @@
+"""Assembles the agent from its config: bus owner, ISO-TP links, executors, per-component workers."""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from agent.bus.address import isotp_address, rx_ids
+from agent.bus.isotp_link import IsoTpLink
+from agent.bus.kernel_isotp import KernelIsoTpLink, kernel_isotp_available
+from agent.bus.owner import BusFactory, BusOwner
+from agent.command import Command
+from agent.config.model import AgentConfig, BusConfig, EcuConfig
+from agent.sim.config import load_sim_config
+from agent.sim.simulator import Simulator
+from agent.uds.executor import Executor
+from agent.uds.transaction import Link
+from agent.worker import ComponentWorker, ResultSink, StartHook
+
+log = logging.getLogger(__name__)
+
+
+class Admission(enum.Enum):
+    QUEUED = "queued"
+    BUSY = "busy"
+    NOT_PERMITTED = "not_permitted"
+    UNKNOWN_COMPONENT = "unknown_component"
+    STOPPING = "stopping"
+
+
+def choose_transport(bus: BusConfig) -> str:
+    """'kernel' or 'userspace' for this bus: kernel ISO-TP when asked or when auto and available."""
+    if bus.isotp == "userspace" or bus.interface != "socketcan":
+        return "userspace"
+    if bus.isotp == "kernel" or kernel_isotp_available():
+        return "kernel"
+    return "userspace"
+
+
+class Runtime:
+    """The CAN half of the agent. `submit` takes validated commands; results go to the sink."""
+
+    def __init__(self, config: AgentConfig, sink: ResultSink, on_start: StartHook | None = None,
+                 bus_factory: BusFactory | None = None, sim_factory: BusFactory | None = None,
+                 on_bus_change: Callable[[bool, str], None] | None = None) -> None:
+        self.config = config
+        self.transport = choose_transport(config.bus)
+        self.owner = BusOwner(config.bus, factory=bus_factory, on_change=on_bus_change)
+        self.simulators = [Simulator(load_sim_config(path), bus=config.bus, factory=sim_factory)
+                           for path in config.simulate]
+        self.workers: dict[str, ComponentWorker] = {}
+        self._stopping = threading.Event()
+        for ecu in config.ecus:
+            executor = Executor(ecu, self._link(ecu))
+            self.workers[ecu.name] = ComponentWorker(ecu, executor, sink, on_start)
+        log.info("runtime assembled", extra={"ecus": len(config.ecus), "transport": self.transport})
+
+    def _link(self, ecu: EcuConfig) -> Link:
+        address = isotp_address(ecu.addressing)
+        if self.transport == "kernel":
+            # The raw bus still sees the ECU's responses, for frame counters.
+            for can_id, extended in rx_ids(address):
+                self.owner.subscribe(can_id, extended, lambda msg: None)
+            return KernelIsoTpLink(self.config.bus.channel, address, ecu.isotp, name=ecu.name)
+        return IsoTpLink(self.owner, address, ecu.isotp, name=ecu.name)
+
+    def start(self, wait: float = 2.0) -> bool:
+        """Starts simulators, bus and workers; True when the bus came up within `wait` seconds."""
+        for sim in self.simulators:
+            sim.start(wait)
+        up = self.owner.start(wait)
+        for worker in self.workers.values():
+            worker.start()
+        return up
+
+    def submit(self, command: Command) -> Admission:
+        if self._stopping.is_set():
+            return Admission.STOPPING
+        worker = self.workers.get(command.component)
+        if worker is None:
+            return Admission.UNKNOWN_COMPONENT
+        if command.command not in worker.ecu.allow:
+            return Admission.NOT_PERMITTED
+        return Admission.QUEUED if worker.submit(command) else Admission.BUSY
+
+    def revive_dead_workers(self) -> list[str]:
+        """Restarts any worker whose thread died (it should not); returns their names."""
+        dead = [name for name, w in self.workers.items() if not w.alive and not self._stopping.is_set()]
+        for name in dead:
+            log.error("worker thread died, restarting", extra={"component": name})
+            self.workers[name].start()
+        return dead
+
+    def stop(self, grace: float = 5.0) -> list[Command]:
+        """Stops taking commands, lets in-flight ones finish within `grace`; returns unrun commands."""
+        self._stopping.set()
+        unrun: list[Command] = []
+        end = time.monotonic() + grace
+        for worker in self.workers.values():
+            unrun += worker.drain()
+        for worker in self.workers.values():
+            if not worker.stop(max(0.1, end - time.monotonic())):
+                log.error("worker did not stop in time", extra={"component": worker.ecu.name})
+        self.owner.stop()
+        for sim in self.simulators:
+            sim.stop()
+        return unrun

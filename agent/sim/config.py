@@ -1,0 +1,214 @@
+"""Simulator YAML (config/sim/*.yaml) into frozen objects, with the same path-exact errors as the agent."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.config.model import Addressing, BusConfig, IsoTpConfig
+from agent.config.parse import BYTE, NAME, key_algorithm, load_yaml, parse_addressing, parse_isotp
+from agent.config.reader import Invalid, Node, Problems, boolean, hex_bytes, integer, text
+from agent.errors import ConfigError
+from agent.uds.dtc import parse_code
+
+U16 = integer(0, 0xFFFF, "a 16-bit id")
+
+
+@dataclass(frozen=True)
+class Fault:
+    """Injected misbehaviour for requests of one service (optionally only those starting with `match`)."""
+
+    service: int
+    match: bytes = b""  # bytes right after the service id, e.g. the DID "F190"
+    delay_ms: int = 0
+    pending: int = 0  # this many 0x78 before the answer
+    busy: int = 0  # this many 0x21 before serving the request
+    nrc: int | None = None
+    no_answer: bool = False
+
+
+@dataclass(frozen=True)
+class SimDid:
+    id: int
+    value: bytes
+    writable: bool = False
+    io: bool = False
+
+
+@dataclass(frozen=True)
+class SimDtc:
+    dtc: int
+    status: int
+    snapshots: tuple[tuple[int, tuple[tuple[int, bytes], ...]], ...] = ()
+    extended: tuple[tuple[int, bytes], ...] = ()
+
+
+@dataclass(frozen=True)
+class SimRoutine:
+    id: int
+    result: bytes = b""
+
+
+@dataclass(frozen=True)
+class SimSecurity:
+    level: int
+    algorithm: str
+    params: tuple[tuple[str, Any], ...] = ()
+    seed: bytes | None = None  # fixed seed; random when absent
+
+
+@dataclass(frozen=True)
+class SimEcu:
+    name: str
+    addressing: Addressing
+    isotp: IsoTpConfig
+    dids: tuple[SimDid, ...] = ()
+    dtcs: tuple[SimDtc, ...] = ()
+    routines: tuple[SimRoutine, ...] = ()
+    security: tuple[SimSecurity, ...] = ()
+    s3_ms: int = 5000
+    faults: tuple[Fault, ...] = ()
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    bus: BusConfig | None
+    ecus: tuple[SimEcu, ...]
+
+
+def load_sim_config(path: str | Path) -> SimConfig:
+    path = Path(path)
+    problems = Problems()
+    root = Node(load_yaml(path), "", problems)
+    bus_node = root.child("bus")
+    bus = None
+    if bus_node is not None:
+        fd = bus_node.get("fd", boolean, False)
+        bus = BusConfig(interface=bus_node.get("interface", text()), channel=bus_node.get("channel", text()), fd=fd)
+        bus_node.finish()
+    fd_bus = BusConfig(interface="virtual", channel="-", fd=True)
+    ecus = tuple(e for e in (_ecu(Node(item, p, problems), fd_bus) for p, item in root.items_of("ecus")) if e)
+    root.finish()
+    if problems:
+        raise ConfigError(str(path), problems.items)
+    return SimConfig(bus=bus, ecus=ecus)
+
+
+def _ecu(node: Node, bus: BusConfig) -> SimEcu | None:
+    if not node.ok:
+        return None
+    ecu = SimEcu(
+        name=node.get("name", NAME),
+        addressing=parse_addressing(node.child("addressing"), node),
+        isotp=parse_isotp(node.child("isotp"), bus, node.problems),
+        dids=tuple(_did(Node(i, p, node.problems)) for p, i in node.items_of("dids")),
+        dtcs=tuple(_dtc(Node(i, p, node.problems)) for p, i in node.items_of("dtcs")),
+        routines=tuple(_routine(Node(i, p, node.problems)) for p, i in node.items_of("routines")),
+        security=tuple(_security(Node(i, p, node.problems)) for p, i in node.items_of("security")),
+        s3_ms=node.get("s3_ms", integer(100, 600_000), 5000),
+        faults=tuple(parse_fault(Node(i, p, node.problems)) for p, i in node.items_of("faults")),
+    )
+    node.finish()
+    return ecu
+
+
+def _value(node: Node) -> bytes:
+    """A DID value given as exactly one of ascii / hex / fill {length, byte}."""
+    given = [k for k in ("ascii", "hex", "fill") if node.has(k)]
+    if len(given) != 1:
+        node.problems.add(node.path, "give exactly one of ascii, hex or fill")
+        for key in given:
+            node.raw(key)
+        return b""
+    if given[0] == "ascii":
+        return node.get("ascii", text(max_len=4092)).encode("ascii", errors="replace")
+    if given[0] == "hex":
+        return node.get("hex", hex_bytes)
+    fill = node.child("fill")
+    assert fill is not None
+    length = fill.get("length", integer(1, 65535))
+    byte = fill.get("byte", BYTE, 0)
+    counting = fill.get("counting", boolean, False)  # byte, byte+1, ... so truncation shows in tests
+    fill.finish()
+    return bytes((byte + i) & 0xFF if counting else byte for i in range(length or 0))
+
+
+def _did(node: Node) -> SimDid:
+    did = SimDid(id=node.get("id", U16), value=_value(node), writable=node.get("writable", boolean, False),
+                 io=node.get("io", boolean, False))
+    node.finish()
+    return did
+
+
+def _dtc(node: Node) -> SimDtc:
+    def code(value: Any) -> int:
+        try:
+            return parse_code(text()(value))
+        except ValueError as err:
+            raise Invalid(str(err)) from None
+
+    snapshots = []
+    for path, item in node.items_of("snapshots"):
+        s = Node(item, path, node.problems)
+        dids_node = s.child("dids")
+        values = []
+        if dids_node is not None:
+            for key, value in dids_node.data.items():
+                did = dids_node.convert(str(key), key, U16)
+                data = dids_node.convert(str(key), value, hex_bytes)
+                dids_node.raw(key)
+                if did is not None and data is not None:
+                    values.append((did, data))
+        snapshots.append((s.get("record", integer(1, 0xFE)), tuple(values)))
+        s.finish()
+    extended = []
+    for path, item in node.items_of("extended"):
+        e = Node(item, path, node.problems)
+        extended.append((e.get("record", integer(1, 0xFE)), e.get("hex", hex_bytes)))
+        e.finish()
+    dtc = SimDtc(dtc=node.get("code", code), status=node.get("status", BYTE), snapshots=tuple(snapshots),
+                 extended=tuple(extended))
+    node.finish()
+    return dtc
+
+
+def _routine(node: Node) -> SimRoutine:
+    routine = SimRoutine(id=node.get("id", U16), result=node.get("result", hex_bytes, b""))
+    node.finish()
+    return routine
+
+
+def _security(node: Node) -> SimSecurity:
+    params = node.child("params")
+    if params is not None:
+        for key in params.data:
+            params.raw(key)
+    sec = SimSecurity(
+        level=node.get("level", integer(1, 0x7D)), algorithm=node.get("algorithm", key_algorithm),
+        params=tuple(sorted(params.data.items())) if params else (), seed=node.get("seed", hex_bytes, None),
+    )
+    node.finish()
+    return sec
+
+
+def parse_fault(node: Node) -> Fault:
+    fault = Fault(
+        service=node.get("service", BYTE), match=node.get("match", hex_bytes, b""),
+        delay_ms=node.get("delay_ms", integer(0, 600_000), 0), pending=node.get("pending", integer(0, 1000), 0),
+        busy=node.get("busy", integer(0, 1000), 0), nrc=node.get("nrc", BYTE, None),
+        no_answer=node.get("no_answer", boolean, False),
+    )
+    node.finish()
+    return fault
+
+
+def fault_from_dict(data: dict[str, Any]) -> Fault:
+    """Builds a Fault from a plain dict (tests and the CLI inject faults at run time)."""
+    problems = Problems()
+    fault = parse_fault(Node(data, "fault", problems))
+    if problems:
+        raise ConfigError("fault", problems.items)
+    return fault
+
+

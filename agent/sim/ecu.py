@@ -1,0 +1,97 @@
+"""One simulated ECU on the bus: a thread serving UDS over ISO-TP, with injectable faults."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+
+from agent.bus.address import isotp_address
+from agent.bus.isotp_link import IsoTpLink
+from agent.bus.owner import BusOwner
+from agent.errors import BusDown, TransportTimeout
+from agent.sim.config import Fault, SimEcu
+from agent.sim.server import UdsServer
+
+log = logging.getLogger(__name__)
+
+PENDING_INTERVAL_S = 0.02
+
+
+class SimulatedEcu:
+    """Serves requests in order; `received` counts every request seen, `server.executed` those run."""
+
+    def __init__(self, config: SimEcu, owner: BusOwner) -> None:
+        self.config = config
+        self.name = config.name
+        self.server = UdsServer(config)
+        self.received: Counter[int] = Counter()
+        self._faults = list(config.faults)
+        self._busy_left: dict[int, int] = {}
+        self._lock = threading.Lock()
+        self._link = IsoTpLink(owner, isotp_address(config.addressing, server=True), config.isotp,
+                               name=f"sim-{config.name}")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"sim-{config.name}", daemon=True)
+
+    def set_faults(self, faults: list[Fault]) -> None:
+        """Replaces the injected faults (tests change them between commands)."""
+        with self._lock:
+            self._faults = list(faults)
+            self._busy_left.clear()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def _fault_for(self, request: bytes) -> Fault | None:
+        """The first fault for this service whose `match` bytes follow the service id."""
+        with self._lock:
+            return next((f for f in self._faults
+                         if f.service == request[0] and request[1:].startswith(f.match)), None)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                request = self._link.recv(timeout=0.5)
+                if request:
+                    self._serve(request)
+            except (BusDown, TransportTimeout) as err:
+                log.debug("simulated %s: %s", self.name, err)
+                self._stop.wait(0.05)
+            except Exception:
+                log.exception("simulated ECU %s failed on a request", self.name)
+
+    def _serve(self, request: bytes) -> None:
+        self.received[request[0]] += 1
+        fault = self._fault_for(request)
+        sid = request[0]
+        if fault is not None:
+            if fault.no_answer:
+                return
+            key = id(fault)
+            with self._lock:
+                left = self._busy_left.setdefault(key, fault.busy)
+                if left > 0:
+                    self._busy_left[key] = left - 1
+            if left > 0:
+                self._send(bytes([0x7F, sid, 0x21]))
+                return
+            if fault.delay_ms:
+                time.sleep(fault.delay_ms / 1000)
+            for _ in range(fault.pending):
+                self._send(bytes([0x7F, sid, 0x78]))
+                time.sleep(PENDING_INTERVAL_S)
+            if fault.nrc is not None:
+                self._send(bytes([0x7F, sid, fault.nrc]))
+                return
+        response = self.server.handle(request, time.monotonic())
+        if response is not None:
+            self._send(response)
+
+    def _send(self, payload: bytes) -> None:
+        self._link.send(payload, timeout=2.0)

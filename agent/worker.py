@@ -1,0 +1,131 @@
+"""One worker thread per component: runs its commands one at a time, in arrival order."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+from agent.command import Command, ErrorCode, Outcome, Result, Status
+from agent.config.model import EcuConfig
+from agent.uds.executor import DEFAULT_SESSION, Executor
+
+log = logging.getLogger(__name__)
+
+ResultSink = Callable[[Result], None]
+StartHook = Callable[[Command], None]
+
+
+class ComponentWorker:
+    """Owns one component's queue and executor; keeps non-default sessions alive with TesterPresent.
+
+    `on_start` runs just before a command executes (the durable ledger hooks in there); `sink`
+    receives every final Result. Both are guarded: a failing callback is logged, never fatal.
+    """
+
+    def __init__(self, ecu: EcuConfig, executor: Executor, sink: ResultSink,
+                 on_start: StartHook | None = None, clock: Callable[[], float] = time.time) -> None:
+        self.ecu = ecu
+        self.executor = executor
+        self._sink = sink
+        self._on_start = on_start
+        self._clock = clock
+        self._queue: queue.Queue[Command | None] = queue.Queue(maxsize=ecu.queue_size)
+        self._thread: threading.Thread | None = None
+        self.heartbeat = time.monotonic()
+        self.in_flight: Command | None = None
+
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    def submit(self, command: Command) -> bool:
+        """Queues a command; False when the queue is full (the caller answers `busy`)."""
+        try:
+            self._queue.put_nowait(command)
+        except queue.Full:
+            return False
+        return True
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"worker-{self.ecu.name}", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self, timeout: float) -> bool:
+        """Lets the command in flight finish (up to `timeout`); queued ones stay unrun. True if joined."""
+        if self._thread is None:
+            return True
+        while True:  # make room for the stop marker without blocking on a full queue
+            try:
+                self._queue.put_nowait(None)
+                break
+            except queue.Full:
+                self.drain()
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def drain(self) -> list[Command]:
+        """Removes and returns the commands still waiting (for an orderly shutdown)."""
+        left: list[Command] = []
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return left
+            if item is not None:
+                left.append(item)
+
+    def _run(self) -> None:
+        keepalive_s = self.ecu.timing.s3_keepalive_ms / 1000
+        while True:
+            self.heartbeat = time.monotonic()
+            wait = keepalive_s if self.executor.session != DEFAULT_SESSION else None
+            try:
+                command = self._queue.get(timeout=wait)
+            except queue.Empty:
+                self.executor.keepalive()
+                continue
+            if command is None:
+                return
+            try:
+                self._execute(command)
+            except Exception:  # never let one command end the worker
+                log.exception("worker %s failed on a command", self.ecu.name, extra={"command_id": command.id})
+
+    def _execute(self, command: Command) -> None:
+        now = self._clock()
+        if command.expires_at is not None and now > command.expires_at:
+            self._emit(command, Outcome.failure(Status.EXPIRED, ErrorCode.EXPIRED,
+                                                "not started before expires_at"), None)
+            return
+        self._guard(self._on_start, command)
+        self.in_flight = command
+        started = self._clock()
+        budget_ms = command.timeout_ms or self.ecu.timing.request_ms
+        outcome = self.executor.execute(command.params, time.monotonic() + budget_ms / 1000)
+        self.in_flight = None
+        self._emit(command, outcome, started)
+
+    def _emit(self, command: Command, outcome: Outcome, started: float | None) -> None:
+        result = Result(command_id=command.id, component=command.component, command=command.command,
+                        outcome=outcome, received_at=command.received_at, started_at=started,
+                        finished_at=self._clock())
+        log.info("command %s", result.status, extra={
+            "command_id": command.id, "component": command.component, "command": command.command,
+            "status": str(result.status), "duration_ms": result.duration_ms,
+        })
+        self._guard(self._sink, result)
+
+    def _guard(self, callback: Callable | None, arg: object) -> None:
+        if callback is None:
+            return
+        try:
+            callback(arg)
+        except Exception:
+            log.exception("callback %r failed", callback)
