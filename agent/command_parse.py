@@ -9,7 +9,7 @@ from typing import Any
 
 from agent import command as c
 from agent.config.model import ALL_COMMANDS, AgentConfig, DidSpec, EcuConfig
-from agent.config.reader import Invalid, Node, Problems, boolean, describe, hex_bytes, integer, text
+from agent.config.reader import InvalidValueError, Node, Problems, boolean, describe, hex_bytes, integer, text
 from agent.errors import AgentError
 from agent.uds import codecs
 from agent.uds.dtc import parse_code
@@ -22,7 +22,7 @@ ACTIONS = {"start": 1, "stop": 2, "results": 3}
 IO_CONTROLS = {"return_control": 0, "reset_default": 1, "freeze": 2, "adjust": 3}
 
 
-class CommandInvalid(AgentError, ValueError):
+class InvalidCommandError(AgentError, ValueError):
     """The command cannot be executed as written; `command_id` is set when the id itself was readable."""
 
     def __init__(self, problems: list[tuple[str, str]], command_id: str | None) -> None:
@@ -31,7 +31,7 @@ class CommandInvalid(AgentError, ValueError):
         super().__init__("; ".join(f"{p}: {m}" if p else m for p, m in problems))
 
 
-class UnknownComponent(AgentError, LookupError):
+class UnknownComponentError(AgentError, LookupError):
     def __init__(self, component: str, command_id: str) -> None:
         self.component = component
         self.command_id = command_id
@@ -39,12 +39,12 @@ class UnknownComponent(AgentError, LookupError):
 
 
 def parse_command(obj: Any, config: AgentConfig, received_at: float) -> c.Command:
-    """A Command from a decoded JSON object; raises CommandInvalid or UnknownComponent."""
+    """A Command from a decoded JSON object; raises InvalidCommandError or UnknownComponentError."""
     problems = Problems()
     node = Node(obj, "", problems)
     command_id = node.get("id", ID)
     if not node.ok:
-        raise CommandInvalid(problems.items, None)
+        raise InvalidCommandError(problems.items, None)
     component = node.get("component", text(max_len=128))
     name = node.get("command", _command_name)
     timeout_ms = node.get("timeout_ms", integer(1, None, "a positive integer"), None)
@@ -53,13 +53,13 @@ def parse_command(obj: Any, config: AgentConfig, received_at: float) -> c.Comman
     params_node = Node(node.raw("params", {}), "params", problems)
     node.finish()
     if problems:
-        raise CommandInvalid(problems.items, command_id)
+        raise InvalidCommandError(problems.items, command_id)
     ecu = config.ecu(component)
     if ecu is None:
-        raise UnknownComponent(component, command_id)
+        raise UnknownComponentError(component, command_id)
     params = parse_params(name, params_node, ecu)
     if problems:
-        raise CommandInvalid(problems.items, command_id)
+        raise InvalidCommandError(problems.items, command_id)
     if timeout_ms is not None:
         timeout_ms = min(timeout_ms, config.max_command_timeout_ms)
     return c.Command(
@@ -70,18 +70,18 @@ def parse_command(obj: Any, config: AgentConfig, received_at: float) -> c.Comman
 
 def _command_name(value: Any) -> str:
     if value not in ALL_COMMANDS:
-        raise Invalid(f"expected one of {', '.join(ALL_COMMANDS)}, got {describe(value)}")
+        raise InvalidValueError(f"expected one of {', '.join(ALL_COMMANDS)}, got {describe(value)}")
     return value
 
 
 def rfc3339(value: Any) -> float:
     raw = text(max_len=64)(value)
     if not re.fullmatch(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})", raw):
-        raise Invalid(f"{raw!r} is not an RFC 3339 timestamp with a time zone")
+        raise InvalidValueError(f"{raw!r} is not an RFC 3339 timestamp with a time zone")
     try:
         return datetime.fromisoformat(raw.replace("z", "Z")).timestamp()
     except ValueError as err:
-        raise Invalid(f"{raw!r} is not a valid timestamp: {err}") from None
+        raise InvalidValueError(f"{raw!r} is not a valid timestamp: {err}") from None
 
 
 def parse_params(name: str, p: Node, ecu: EcuConfig) -> c.Params:
@@ -101,9 +101,9 @@ def _did(ecu: EcuConfig) -> Callable[[Any], DidSpec]:
             spec = ecu.did_by_name(value)
             if spec is None:
                 known = ", ".join(d.name for d in ecu.dids) or "none"
-                raise Invalid(f"{ecu.name} has no DID named {value!r} (known: {known})")
+                raise InvalidValueError(f"{ecu.name} has no DID named {value!r} (known: {known})")
             return spec
-        raise Invalid(f"expected a DID name or \"0xNNNN\", got {describe(value)}")
+        raise InvalidValueError(f"expected a DID name or \"0xNNNN\", got {describe(value)}")
 
     return convert
 
@@ -148,7 +148,7 @@ def _dtc_group(value: Any) -> int:
         try:
             return parse_code(value)
         except ValueError as err:
-            raise Invalid(str(err)) from None
+            raise InvalidValueError(str(err)) from None
     return integer(0, 0xFFFFFF, "a 24-bit DTC group")(value)
 
 
@@ -162,7 +162,7 @@ def _named_byte(names: dict[str, int], what: str) -> Callable[[Any], int]:
             return names[value]
         if isinstance(value, str) and value.lower().startswith("0x"):
             return integer(1, 0x7F, what)(value)
-        raise Invalid(f"expected one of {', '.join(names)} or \"0xNN\", got {describe(value)}")
+        raise InvalidValueError(f"expected one of {', '.join(names)} or \"0xNN\", got {describe(value)}")
 
     return convert
 
@@ -184,7 +184,7 @@ def _security_access(p: Node, ecu: EcuConfig) -> c.SecurityAccess:
         level = integer(1, 0x7D, "a security level")(value)
         if level not in levels:
             known = ", ".join(str(x) for x in sorted(levels)) or "none"
-            raise Invalid(f"{ecu.name} has no key algorithm for level {level} (configured: {known})")
+            raise InvalidValueError(f"{ecu.name} has no key algorithm for level {level} (configured: {known})")
         return level
 
     return c.SecurityAccess(level=p.get("level", convert))
@@ -196,7 +196,7 @@ def _operation(p: Node, ecu: EcuConfig) -> c.Operation:
             match = next((r for r in ecu.routines if r.name == value), None)
             if match is None:
                 known = ", ".join(r.name for r in ecu.routines) or "none"
-                raise Invalid(f"{ecu.name} has no routine named {value!r} (known: {known})")
+                raise InvalidValueError(f"{ecu.name} has no routine named {value!r} (known: {known})")
             return match.id
         return integer(0, 0xFFFF, "a 16-bit routine id")(value)
 
@@ -208,7 +208,7 @@ def _operation(p: Node, ecu: EcuConfig) -> c.Operation:
 def _choice_of(names: dict[str, int]) -> Callable[[Any], int]:
     def convert(value: Any) -> int:
         if value not in names:
-            raise Invalid(f"expected one of {', '.join(names)}, got {describe(value)}")
+            raise InvalidValueError(f"expected one of {', '.join(names)}, got {describe(value)}")
         return names[value]
 
     return convert

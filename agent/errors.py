@@ -17,9 +17,9 @@ class ConfigError(AgentError, ValueError):
         super().__init__(f"{source}: {len(problems)} problem(s)\n{lines}")
 
 
-class BusDown(AgentError, ConnectionError):
+class BusDownError(AgentError, ConnectionError):
     """The CAN bus is not usable right now (send failed, interface down, being rebuilt)."""
 
 
-class TransportTimeout(AgentError, TimeoutError):
+class TransportTimeoutError(AgentError, TimeoutError):
     """An ISO-TP transfer did not complete in time."""

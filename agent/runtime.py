@@ -12,7 +12,7 @@ from agent.bus.address import isotp_address, rx_ids
 from agent.bus.isotp_link import IsoTpLink
 from agent.bus.kernel_isotp import KernelIsoTpLink, kernel_isotp_available
 from agent.bus.owner import BusFactory, BusOwner
-from agent.command import Command
+from agent.command import Command, ErrorCode, Outcome, Status
 from agent.config.model import AgentConfig, BusConfig, EcuConfig
 from agent.sim.config import load_sim_config
 from agent.sim.simulator import Simulator
@@ -29,6 +29,16 @@ class Admission(enum.Enum):
     NOT_PERMITTED = "not_permitted"
     UNKNOWN_COMPONENT = "unknown_component"
     STOPPING = "stopping"
+
+    def refusal(self, component: str, command: str) -> Outcome:
+        """The final outcome a command gets when it was not queued."""
+        if self is Admission.UNKNOWN_COMPONENT:
+            return Outcome.failure(Status.FAILED, ErrorCode.UNKNOWN_COMPONENT, f"no component named {component!r}")
+        if self is Admission.NOT_PERMITTED:
+            return Outcome.failure(Status.REJECTED, ErrorCode.NOT_PERMITTED,
+                                   f"{command} is not enabled for {component} (config: allow)")
+        why = "the agent is shutting down" if self is Admission.STOPPING else f"{component}'s queue is full"
+        return Outcome.failure(Status.REJECTED, ErrorCode.BUSY, why)
 
 
 def choose_transport(bus: BusConfig) -> str:

@@ -17,7 +17,7 @@ import isotp
 from agent.bus.address import isotp_params, rx_ids
 from agent.bus.owner import BusOwner
 from agent.config.model import IsoTpConfig
-from agent.errors import BusDown, TransportTimeout
+from agent.errors import BusDownError, TransportTimeoutError
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,8 @@ class IsoTpLink:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     self._logic.stop_sending()
-                    raise TransportTimeout(f"{self.name}: ISO-TP send timed out ({self._error or 'no flow control'})")
+                    why = self._error or "no flow control"
+                    raise TransportTimeoutError(f"{self.name}: ISO-TP send timed out ({why})")
                 delay = self._logic.next_cf_delay()
                 if delay is not None and not self._logic.is_rx_active():
                     if delay > 0:
@@ -88,11 +89,11 @@ class IsoTpLink:
                     self._logic.process(do_rx=False, do_tx=True)
                 else:
                     self._logic.process(rx_timeout=min(remaining, _SLICE))
-        except BusDown:
+        except BusDownError:
             self._logic.reset()
             raise
         if self._error and "Timeout" in self._error:
-            raise TransportTimeout(f"{self.name}: ISO-TP send failed: {self._error}")
+            raise TransportTimeoutError(f"{self.name}: ISO-TP send failed: {self._error}")
 
     def recv(self, timeout: float) -> bytes | None:
         """The next whole PDU from the peer, or None after `timeout` seconds."""
@@ -108,7 +109,7 @@ class IsoTpLink:
                 busy = self._logic.is_rx_active() or self._logic.transmitting()
                 # Idle: no timer can fire, so block until a frame or the deadline.
                 self._logic.process(rx_timeout=min(remaining, _SLICE) if busy else remaining)
-        except BusDown:
+        except BusDownError:
             self._logic.reset()
             raise
 

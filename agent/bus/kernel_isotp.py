@@ -8,7 +8,7 @@ import socket
 import isotp
 
 from agent.config.model import IsoTpConfig
-from agent.errors import BusDown, TransportTimeout
+from agent.errors import BusDownError, TransportTimeoutError
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class KernelIsoTpLink:
                     sock.set_ll_opts(mtu=isotp.socket.LinkLayerProtocol.CAN_FD, tx_dl=self._config.data_length)
                 sock.bind(self._interface, self._address)
             except OSError as err:
-                raise BusDown(f"{self.name}: cannot open kernel ISO-TP on {self._interface}: {err}") from err
+                raise BusDownError(f"{self.name}: cannot open kernel ISO-TP on {self._interface}: {err}") from err
             self._sock = sock
         return self._sock
 
@@ -63,10 +63,10 @@ class KernelIsoTpLink:
         try:
             sock.send(payload)
         except TimeoutError as err:
-            raise TransportTimeout(f"{self.name}: kernel ISO-TP send timed out") from err
+            raise TransportTimeoutError(f"{self.name}: kernel ISO-TP send timed out") from err
         except OSError as err:
             self._drop()
-            raise BusDown(f"{self.name}: send failed on {self._interface}: {err}") from err
+            raise BusDownError(f"{self.name}: send failed on {self._interface}: {err}") from err
 
     def recv(self, timeout: float) -> bytes | None:
         sock = self._socket()
@@ -77,7 +77,7 @@ class KernelIsoTpLink:
             return None
         except OSError as err:
             self._drop()
-            raise BusDown(f"{self.name}: receive failed on {self._interface}: {err}") from err
+            raise BusDownError(f"{self.name}: receive failed on {self._interface}: {err}") from err
 
     def flush(self) -> None:
         if self._sock is None:

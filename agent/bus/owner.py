@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import can
 
 from agent.config.model import BusConfig
-from agent.errors import BusDown
+from agent.errors import BusDownError
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class BusOwner:
     """The single owner of the CAN bus. Nothing else calls bus.recv(); sends go through `send`.
 
     A supervisor thread rebuilds bus and notifier with exponential backoff after a send failure or
-    when the notifier's thread has died; meanwhile `send` raises BusDown at once.
+    when the notifier's thread has died; meanwhile `send` raises BusDownError at once.
     """
 
     def __init__(self, config: BusConfig, filters: list[RxFilter] | None = None,
@@ -144,16 +144,16 @@ class BusOwner:
 
     # ---- I/O -----------------------------------------------------------------------------------
     def send(self, msg: can.Message) -> None:
-        """Sends one frame; raises BusDown (and schedules a rebuild) when the bus cannot send."""
+        """Sends one frame; raises BusDownError (and schedules a rebuild) when the bus cannot send."""
         bus = self._bus
         if bus is None or not self._up.is_set():
-            raise BusDown(f"CAN bus {self.config.channel} is down: {self.last_error or 'not open'}")
+            raise BusDownError(f"CAN bus {self.config.channel} is down: {self.last_error or 'not open'}")
         try:
             bus.send(msg, timeout=0.2)
         except (can.CanError, OSError, ValueError) as err:
             self.counters.send_errors += 1
             self.report_fault(f"send failed: {err}")
-            raise BusDown(f"CAN bus {self.config.channel}: send failed: {err}") from err
+            raise BusDownError(f"CAN bus {self.config.channel}: send failed: {err}") from err
         self.counters.frames_tx += 1
         self.counters.bytes_tx += msg.dlc
 

@@ -10,7 +10,7 @@ import yaml
 
 from agent.config import model as m
 from agent.config.reader import (
-    Invalid,
+    InvalidValueError,
     Node,
     Problems,
     boolean,
@@ -93,7 +93,7 @@ def _existing_file(base: Path):
     def convert(value: Any) -> Path:
         path = base / text()(value)
         if not path.is_file():
-            raise Invalid(f"no such file: {path}")
+            raise InvalidValueError(f"no such file: {path}")
         return path
 
     return convert
@@ -161,10 +161,10 @@ def broker_url(value: Any) -> str:
     url = text()(value)
     scheme, sep, rest = url.partition("://")
     if not sep or scheme not in ("mqtt", "mqtts") or not rest or "/" in rest.rstrip("/"):
-        raise Invalid(f"{url!r} is not mqtt://HOST:PORT or mqtts://HOST:PORT")
+        raise InvalidValueError(f"{url!r} is not mqtt://HOST:PORT or mqtts://HOST:PORT")
     host, colon, port = rest.rstrip("/").rpartition(":") if rest.count(":") == 1 or "]" in rest else ("", "", "")
     if colon and not (port.isdigit() and 0 < int(port) < 65536 and host):
-        raise Invalid(f"{url!r} has an invalid port")
+        raise InvalidValueError(f"{url!r} has an invalid port")
     return url
 
 
@@ -191,7 +191,7 @@ def host_port(value: Any) -> tuple[str, int]:
     raw = text()(value)
     host, sep, port = raw.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) < 65536 or not host:
-        raise Invalid(f"{raw!r} is not HOST:PORT")
+        raise InvalidValueError(f"{raw!r} is not HOST:PORT")
     return host.strip("[]"), int(port)
 
 
@@ -388,7 +388,7 @@ def _security(node: Node) -> tuple[m.SecurityLevel, ...]:
 def _odd_level(value: Any) -> int:
     level = integer(1, 0x7D, "a security level (1..0x7D)")(value)
     if level % 2 == 0:
-        raise Invalid(f"{level} is not odd (levels are requestSeed sub-functions: 1, 3, 5, ...)")
+        raise InvalidValueError(f"{level} is not odd (levels are requestSeed sub-functions: 1, 3, 5, ...)")
     return level
 
 
@@ -398,7 +398,7 @@ def key_algorithm(value: Any) -> str:
     try:
         resolve_callable(ref)
     except (ImportError, AttributeError, TypeError) as err:
-        raise Invalid(f"{ref!r} cannot be loaded: {err}") from None
+        raise InvalidValueError(f"{ref!r} cannot be loaded: {err}") from None
     return ref
 
 

@@ -11,7 +11,7 @@ T = TypeVar("T")
 _MISSING = object()
 
 
-class Invalid(Exception):
+class InvalidValueError(Exception):
     """Raised by a converter: the value at hand is wrong for the reason given."""
 
 
@@ -71,7 +71,7 @@ class Node:
     def convert(self, key: str | int, value: Any, convert: Callable[[Any], T], default: Any = None) -> T:
         try:
             return convert(value)
-        except Invalid as err:
+        except InvalidValueError as err:
             self.problems.add(join(self.path, key), str(err))
             return None if default is _MISSING else default
 
@@ -114,26 +114,26 @@ def describe(value: Any) -> str:
     return f"{type(value).__name__} {value!r}"
 
 
-# ---- converters: each takes the raw value and returns the typed one or raises Invalid ----------
+# ---- converters: each takes the raw value and returns the typed one or raises InvalidValueError ----------
 
 def integer(lo: int | None = None, hi: int | None = None, what: str = "") -> Callable[[Any], int]:
     """An int, also written as a "0x.." string; bounds inclusive."""
 
     def convert(value: Any) -> int:
         if isinstance(value, bool):
-            raise Invalid(f"expected an integer, got {describe(value)}")
+            raise InvalidValueError(f"expected an integer, got {describe(value)}")
         if isinstance(value, str):
             try:
                 number = int(value, 0)
             except ValueError:
-                raise Invalid(f"expected an integer, got {describe(value)}") from None
+                raise InvalidValueError(f"expected an integer, got {describe(value)}") from None
         elif isinstance(value, int):
             number = value
         else:
-            raise Invalid(f"expected an integer, got {describe(value)}")
+            raise InvalidValueError(f"expected an integer, got {describe(value)}")
         if (lo is not None and number < lo) or (hi is not None and number > hi):
             shown = hex(number) if isinstance(value, str) and value.lower().startswith("0x") else str(number)
-            raise Invalid(f"{shown} is not {what}" if what else f"{shown} is out of range {lo}..{hi}")
+            raise InvalidValueError(f"{shown} is not {what}" if what else f"{shown} is out of range {lo}..{hi}")
         return number
 
     return convert
@@ -142,9 +142,9 @@ def integer(lo: int | None = None, hi: int | None = None, what: str = "") -> Cal
 def number(lo: float | None = None, hi: float | None = None) -> Callable[[Any], float]:
     def convert(value: Any) -> float:
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise Invalid(f"expected a number, got {describe(value)}")
+            raise InvalidValueError(f"expected a number, got {describe(value)}")
         if (lo is not None and value < lo) or (hi is not None and value > hi):
-            raise Invalid(f"{value} is out of range {lo}..{hi}")
+            raise InvalidValueError(f"{value} is out of range {lo}..{hi}")
         return float(value)
 
     return convert
@@ -152,7 +152,7 @@ def number(lo: float | None = None, hi: float | None = None) -> Callable[[Any], 
 
 def boolean(value: Any) -> bool:
     if not isinstance(value, bool):
-        raise Invalid(f"expected true or false, got {describe(value)}")
+        raise InvalidValueError(f"expected true or false, got {describe(value)}")
     return value
 
 
@@ -161,11 +161,11 @@ def text(pattern: str | None = None, what: str = "", max_len: int = 256) -> Call
 
     def convert(value: Any) -> str:
         if not isinstance(value, str):
-            raise Invalid(f"expected a string, got {describe(value)}")
+            raise InvalidValueError(f"expected a string, got {describe(value)}")
         if not value or len(value) > max_len:
-            raise Invalid(f"expected 1 to {max_len} characters, got {len(value)}")
+            raise InvalidValueError(f"expected 1 to {max_len} characters, got {len(value)}")
         if compiled and not compiled.fullmatch(value):
-            raise Invalid(f"{value!r} is not {what or 'valid'}")
+            raise InvalidValueError(f"{value!r} is not {what or 'valid'}")
         return value
 
     return convert
@@ -174,7 +174,7 @@ def text(pattern: str | None = None, what: str = "", max_len: int = 256) -> Call
 def choice(*options: str) -> Callable[[Any], str]:
     def convert(value: Any) -> str:
         if value not in options:
-            raise Invalid(f"expected one of {', '.join(options)}, got {describe(value)}")
+            raise InvalidValueError(f"expected one of {', '.join(options)}, got {describe(value)}")
         return value
 
     return convert
@@ -183,11 +183,11 @@ def choice(*options: str) -> Callable[[Any], str]:
 def hex_bytes(value: Any) -> bytes:
     """Bytes written as hex ("0a1b", "0A 1B", or "0x0a1b")."""
     if not isinstance(value, str):
-        raise Invalid(f"expected a hex string, got {describe(value)}")
+        raise InvalidValueError(f"expected a hex string, got {describe(value)}")
     cleaned = value.strip().replace(" ", "")
     if cleaned[:2].lower() == "0x":
         cleaned = cleaned[2:]
     try:
         return bytes.fromhex(cleaned)
     except ValueError:
-        raise Invalid(f"{value!r} is not a hex string of whole bytes") from None
+        raise InvalidValueError(f"{value!r} is not a hex string of whole bytes") from None

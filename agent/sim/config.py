@@ -8,7 +8,7 @@ from typing import Any
 
 from agent.config.model import Addressing, BusConfig, IsoTpConfig
 from agent.config.parse import BYTE, NAME, key_algorithm, load_yaml, parse_addressing, parse_isotp
-from agent.config.reader import Invalid, Node, Problems, boolean, hex_bytes, integer, text
+from agent.config.reader import InvalidValueError, Node, Problems, boolean, hex_bytes, integer, text
 from agent.errors import ConfigError
 from agent.uds.dtc import parse_code
 
@@ -146,7 +146,7 @@ def _dtc(node: Node) -> SimDtc:
         try:
             return parse_code(text()(value))
         except ValueError as err:
-            raise Invalid(str(err)) from None
+            raise InvalidValueError(str(err)) from None
 
     snapshots = []
     for path, item in node.items_of("snapshots"):

@@ -10,7 +10,7 @@ from collections import Counter
 from agent.bus.address import isotp_address
 from agent.bus.isotp_link import IsoTpLink
 from agent.bus.owner import BusOwner
-from agent.errors import BusDown, TransportTimeout
+from agent.errors import BusDownError, TransportTimeoutError
 from agent.sim.config import Fault, SimEcu
 from agent.sim.server import UdsServer
 
@@ -60,7 +60,7 @@ class SimulatedEcu:
                 request = self._link.recv(timeout=0.5)
                 if request:
                     self._serve(request)
-            except (BusDown, TransportTimeout) as err:
+            except (BusDownError, TransportTimeoutError) as err:
                 log.debug("simulated %s: %s", self.name, err)
                 self._stop.wait(0.05)
             except Exception:

@@ -22,7 +22,7 @@ NRC_INVALID_KEY = 0x35
 NRC_NOT_IN_SESSION = 0x7F
 
 
-class _Nrc(Exception):
+class _NrcError(Exception):
     def __init__(self, code: int) -> None:
         self.code = code
 
@@ -64,7 +64,7 @@ class UdsServer:
             return bytes([0x7F, sid, NRC_SERVICE_NOT_SUPPORTED])
         try:
             return handler(request)
-        except _Nrc as nrc:
+        except _NrcError as nrc:
             return bytes([0x7F, sid, nrc.code])
 
     @property
@@ -75,13 +75,13 @@ class UdsServer:
     @staticmethod
     def _sub(request: bytes, length: int | None = 2) -> tuple[int, bool]:
         if len(request) < 2 or (length is not None and len(request) != length):
-            raise _Nrc(NRC_BAD_LENGTH)
+            raise _NrcError(NRC_BAD_LENGTH)
         return request[1] & 0x7F, bool(request[1] & 0x80)
 
     def _session(self, request: bytes) -> bytes | None:
         session, suppress = self._sub(request)
         if session not in SESSIONS:
-            raise _Nrc(NRC_SUBFUNCTION_NOT_SUPPORTED)
+            raise _NrcError(NRC_SUBFUNCTION_NOT_SUPPORTED)
         self.session, self.unlocked, self._seed = session, 0, None
         timing = P2_MS.to_bytes(2, "big") + (P2_STAR_MS // 10).to_bytes(2, "big")
         return None if suppress else bytes([0x50, session]) + timing
@@ -89,21 +89,21 @@ class UdsServer:
     def _reset(self, request: bytes) -> bytes | None:
         kind, suppress = self._sub(request)
         if kind not in (1, 2, 3):
-            raise _Nrc(NRC_SUBFUNCTION_NOT_SUPPORTED)
+            raise _NrcError(NRC_SUBFUNCTION_NOT_SUPPORTED)
         self.session, self.unlocked, self._seed = 1, 0, None
         self.resets += 1
         return None if suppress else bytes([0x51, kind])
 
     def _clear(self, request: bytes) -> bytes:
         if len(request) not in (4, 5):
-            raise _Nrc(NRC_BAD_LENGTH)
+            raise _NrcError(NRC_BAD_LENGTH)
         group = int.from_bytes(request[1:4], "big")
         if group == 0xFFFFFF:
             self.dtcs.clear()
         elif group in self.dtcs:
             del self.dtcs[group]
         else:
-            raise _Nrc(NRC_OUT_OF_RANGE)
+            raise _NrcError(NRC_OUT_OF_RANGE)
         return b"\x54"
 
     def _dtc_info(self, request: bytes) -> bytes:
@@ -115,7 +115,7 @@ class UdsServer:
         if sub in (0x04, 0x06) and len(request) == 6:
             dtc = self.dtcs.get(int.from_bytes(request[2:5], "big"))
             if dtc is None:
-                raise _Nrc(NRC_OUT_OF_RANGE)
+                raise _NrcError(NRC_OUT_OF_RANGE)
             head = bytes([0x59, sub]) + dtc.dtc.to_bytes(3, "big") + bytes([dtc.status])
             wanted = request[5]
             if sub == 0x04:
@@ -125,39 +125,39 @@ class UdsServer:
             else:
                 records = b"".join(bytes([num]) + data for num, data in dtc.extended if wanted in (0xFF, num))
             return head + records
-        raise _Nrc(NRC_SUBFUNCTION_NOT_SUPPORTED if len(request) >= 2 else NRC_BAD_LENGTH)
+        raise _NrcError(NRC_SUBFUNCTION_NOT_SUPPORTED if len(request) >= 2 else NRC_BAD_LENGTH)
 
     def _read(self, request: bytes) -> bytes:
         if len(request) < 3 or len(request) % 2 != 1:
-            raise _Nrc(NRC_BAD_LENGTH)
+            raise _NrcError(NRC_BAD_LENGTH)
         out = bytearray([0x62])
         for pos in range(1, len(request), 2):
             did = int.from_bytes(request[pos:pos + 2], "big")
             if did not in self.values:
-                raise _Nrc(NRC_OUT_OF_RANGE)
+                raise _NrcError(NRC_OUT_OF_RANGE)
             out += request[pos:pos + 2] + self.values[did]
         return bytes(out)
 
     def _write(self, request: bytes) -> bytes:
         if len(request) < 4:
-            raise _Nrc(NRC_BAD_LENGTH)
+            raise _NrcError(NRC_BAD_LENGTH)
         did = int.from_bytes(request[1:3], "big")
         if did not in self.writable:
-            raise _Nrc(NRC_OUT_OF_RANGE)
+            raise _NrcError(NRC_OUT_OF_RANGE)
         if self.session == 1:
-            raise _Nrc(NRC_NOT_IN_SESSION)
+            raise _NrcError(NRC_NOT_IN_SESSION)
         if len(request) - 3 != len(self.values[did]):
-            raise _Nrc(NRC_BAD_LENGTH)
+            raise _NrcError(NRC_BAD_LENGTH)
         self.values[did] = request[3:]
         return b"\x6e" + request[1:3]
 
     def _security(self, request: bytes) -> bytes:
         sub, _ = self._sub(request, None)
         if self.session == 1:
-            raise _Nrc(NRC_NOT_IN_SESSION)
+            raise _NrcError(NRC_NOT_IN_SESSION)
         if sub % 2 == 1:
             if sub not in self.security or len(request) != 2:
-                raise _Nrc(NRC_SUBFUNCTION_NOT_SUPPORTED if sub not in self.security else NRC_BAD_LENGTH)
+                raise _NrcError(NRC_SUBFUNCTION_NOT_SUPPORTED if sub not in self.security else NRC_BAD_LENGTH)
             if self.unlocked == sub:
                 return bytes([0x67, sub]) + bytes(4)
             spec = self.security[sub]
@@ -166,42 +166,42 @@ class UdsServer:
             return bytes([0x67, sub]) + seed
         level = sub - 1
         if self._seed is None or self._seed[0] != level:
-            raise _Nrc(NRC_SEQUENCE)
+            raise _NrcError(NRC_SEQUENCE)
         spec = self.security[level]
         expected = resolve_callable(spec.algorithm)(level, self._seed[1], dict(spec.params))
         self._seed = None
         if bytes(expected) != request[2:]:
-            raise _Nrc(NRC_INVALID_KEY)
+            raise _NrcError(NRC_INVALID_KEY)
         self.unlocked = level
         return bytes([0x67, sub])
 
     def _io_control(self, request: bytes) -> bytes:
         if len(request) < 4:
-            raise _Nrc(NRC_BAD_LENGTH)
+            raise _NrcError(NRC_BAD_LENGTH)
         did, control = int.from_bytes(request[1:3], "big"), request[3]
         if did not in self.io:
-            raise _Nrc(NRC_OUT_OF_RANGE)
+            raise _NrcError(NRC_OUT_OF_RANGE)
         if control == 3:
             if len(request) - 4 != len(self.values[did]):
-                raise _Nrc(NRC_BAD_LENGTH)
+                raise _NrcError(NRC_BAD_LENGTH)
             self.values[did] = request[4:]
         elif control in (0, 1):
             self.values[did] = self.defaults[did]
         elif control != 2:
-            raise _Nrc(NRC_OUT_OF_RANGE)
+            raise _NrcError(NRC_OUT_OF_RANGE)
         return b"\x6f" + request[1:4] + self.values[did]
 
     def _routine(self, request: bytes) -> bytes:
         sub, _ = self._sub(request, None)
         if len(request) < 4:
-            raise _Nrc(NRC_BAD_LENGTH)
+            raise _NrcError(NRC_BAD_LENGTH)
         routine = int.from_bytes(request[2:4], "big")
         if routine not in self.routines or sub not in (1, 2, 3):
-            raise _Nrc(NRC_OUT_OF_RANGE)
+            raise _NrcError(NRC_OUT_OF_RANGE)
         return bytes([0x71, sub]) + request[2:4] + self.routines[routine]
 
     def _tester_present(self, request: bytes) -> bytes | None:
         sub, suppress = self._sub(request)
         if sub != 0:
-            raise _Nrc(NRC_SUBFUNCTION_NOT_SUPPORTED)
+            raise _NrcError(NRC_SUBFUNCTION_NOT_SUPPORTED)
         return None if suppress else b"\x7e\x00"

@@ -13,11 +13,11 @@ from udsoncan import Response, services
 from agent import command as c
 from agent.command import ErrorCode, Outcome, Status
 from agent.config.model import EcuConfig
-from agent.errors import BusDown, TransportTimeout
+from agent.errors import BusDownError, TransportTimeoutError
 from agent.uds import codecs
 from agent.uds.dtc import fault_dict, split_snapshot_records
 from agent.uds.keys import load_algorithm
-from agent.uds.transaction import InvalidResponse, Link, NegativeResponse, Timing, UdsTimeout, transact
+from agent.uds.transaction import InvalidResponseError, Link, NegativeResponseError, Timing, UdsTimeoutError, transact
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +48,14 @@ class Executor:
         """Runs the command until done or `deadline` (monotonic seconds)."""
         try:
             return Outcome.completed(self._handlers[type(params)](params, deadline))
-        except NegativeResponse as nrc:
+        except NegativeResponseError as nrc:
             return Outcome.failure(Status.FAILED, ErrorCode.NEGATIVE_RESPONSE, str(nrc),
                                    nrc=f"0x{nrc.code:02X}", nrc_name=nrc.name)
-        except (UdsTimeout, TransportTimeout) as err:
+        except (UdsTimeoutError, TransportTimeoutError) as err:
             return Outcome.failure(Status.TIMEOUT, ErrorCode.TIMEOUT, str(err))
-        except BusDown as err:
+        except BusDownError as err:
             return Outcome.failure(Status.FAILED, ErrorCode.BUS_ERROR, str(err))
-        except (InvalidResponse, udsoncan.exceptions.InvalidResponseException, ValueError) as err:
+        except (InvalidResponseError, udsoncan.exceptions.InvalidResponseException, ValueError) as err:
             return Outcome.failure(Status.FAILED, ErrorCode.INTERNAL, f"invalid response from ECU: {err}")
         except Exception as err:  # the executor's contract: a result, never an exception
             log.exception("executor failed on %s", self.ecu.name)
@@ -66,7 +66,7 @@ class Executor:
         deadline = time.monotonic() + self.timing.p2
         try:
             transact(self.link, bytes([0x3E, 0x80]), self.timing, deadline, expect_response=False)
-        except (BusDown, TransportTimeout) as err:
+        except (BusDownError, TransportTimeoutError) as err:
             log.warning("keepalive to %s failed: %s", self.ecu.name, err)
 
     # ---- helpers -------------------------------------------------------------------------------
@@ -75,7 +75,7 @@ class Executor:
         data = transact(self.link, payload, self.timing, deadline)
         response = Response.from_payload(data)
         if not response.valid:
-            raise InvalidResponse(response.invalid_reason)
+            raise InvalidResponseError(response.invalid_reason)
         return response
 
     # ---- one handler per command ---------------------------------------------------------------
@@ -159,7 +159,7 @@ class Executor:
         did = p.did.id.to_bytes(2, "big")
         data = self._ask(bytes([0x2F]) + did + bytes([p.control]) + p.payload, deadline).get_payload()
         if data[1:3] != did:
-            raise InvalidResponse(f"response echoes DID {data[1:3].hex()}, asked for {did.hex()}")
+            raise InvalidResponseError(f"response echoes DID {data[1:3].hex()}, asked for {did.hex()}")
         record = data[4:] if len(data) > 3 and data[3] == p.control else data[3:]
         return {"values": {p.did.name: codecs.decode(p.did, record)}}
 

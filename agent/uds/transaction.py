@@ -25,7 +25,7 @@ class Link(Protocol):
     def flush(self) -> None: ...
 
 
-class NegativeResponse(AgentError):
+class NegativeResponseError(AgentError):
     def __init__(self, service: int, code: int) -> None:
         self.service = service
         self.code = code
@@ -34,11 +34,11 @@ class NegativeResponse(AgentError):
         super().__init__(f"ECU refused service 0x{service:02X}: NRC 0x{code:02X} {self.name}")
 
 
-class UdsTimeout(AgentError, TimeoutError):
+class UdsTimeoutError(AgentError, TimeoutError):
     """No (final) response in time."""
 
 
-class InvalidResponse(AgentError, ValueError):
+class InvalidResponseError(AgentError, ValueError):
     """The ECU answered with bytes that are not a valid response to the request."""
 
 
@@ -61,7 +61,7 @@ def transact(link: Link, request: bytes, timing: Timing, deadline: float, expect
     for attempt in range(timing.busy_retries + 1):
         try:
             return _exchange(link, request, timing, deadline, expect_response)
-        except NegativeResponse as nrc:
+        except NegativeResponseError as nrc:
             remaining = deadline - time.monotonic()
             if nrc.code != NRC_BUSY_REPEAT or attempt == timing.busy_retries or remaining <= pause:
                 raise
@@ -81,24 +81,24 @@ def _exchange(link: Link, request: bytes, timing: Timing, deadline: float, expec
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise UdsTimeout(f"no response to service 0x{sid:02X} before the command deadline")
+            raise UdsTimeoutError(f"no response to service 0x{sid:02X} before the command deadline")
         data = link.recv(min(wait, remaining))
         if data is None:
             if wait < remaining:
-                raise UdsTimeout(f"no response to service 0x{sid:02X} within {which} ({wait * 1000:.0f} ms)")
-            raise UdsTimeout(f"no response to service 0x{sid:02X} before the command deadline")
+                raise UdsTimeoutError(f"no response to service 0x{sid:02X} within {which} ({wait * 1000:.0f} ms)")
+            raise UdsTimeoutError(f"no response to service 0x{sid:02X} before the command deadline")
         if not data:
-            raise InvalidResponse("empty response")
+            raise InvalidResponseError("empty response")
         if data[0] == 0x7F:
             if len(data) < 3:
-                raise InvalidResponse(f"truncated negative response {data.hex()}")
+                raise InvalidResponseError(f"truncated negative response {data.hex()}")
             if data[1] != sid:
                 log.debug("ignoring negative response for service 0x%02X", data[1])
                 continue
             if data[2] == NRC_RESPONSE_PENDING:
                 wait, which = timing.p2_star, "P2*"
                 continue
-            raise NegativeResponse(sid, data[2])
+            raise NegativeResponseError(sid, data[2])
         if data[0] != sid + 0x40:
             log.debug("ignoring response 0x%02X while waiting for 0x%02X", data[0], sid + 0x40)
             continue

@@ -1,0 +1,63 @@
+"""`sovd-edge simulate`: runs simulated ECUs standalone on a bus (vcan0, a real bench, a virtual channel)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+from agent.bus.owner import wait_until
+from agent.cli.common import (
+    EXIT_CONFIG,
+    EXIT_OK,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    add_logging_flags,
+    add_subcommand,
+    configure_logging,
+    stop_on_signals,
+)
+from agent.config.model import BusConfig
+from agent.errors import ConfigError
+from agent.sim.config import load_sim_config
+from agent.sim.simulator import Simulator
+
+log = logging.getLogger("agent.sim")
+
+
+def add_parser(sub: Any) -> None:
+    p = add_subcommand(sub, "simulate", "Run simulated ECUs on a CAN bus until stopped (SIGTERM/Ctrl-C).",
+                       "sovd-edge simulate -c config/sim/demo-vehicle.yaml --interface socketcan --channel vcan0")
+    p.add_argument("-c", "--config", required=True, help="simulator config (YAML)")
+    p.add_argument("--interface", help="python-can interface (default: from the simulator config)")
+    p.add_argument("--channel", help="channel, e.g. vcan0 (default: from the simulator config)")
+    p.add_argument("--fd", action=argparse.BooleanOptionalAction, default=None, help="open the bus for CAN FD")
+    add_logging_flags(p)
+    p.set_defaults(handler=handle)
+
+
+def handle(args: argparse.Namespace) -> int:
+    configure_logging(args, "INFO")
+    try:
+        config = load_sim_config(args.config)
+    except ConfigError as err:
+        print(f"invalid simulator configuration: {err}")
+        return EXIT_CONFIG
+    base = config.bus or BusConfig(interface="virtual", channel="sovd-demo", fd=True)
+    interface, channel = args.interface or base.interface, args.channel or base.channel
+    if not interface or not channel:
+        print("sovd-edge simulate: give --interface and --channel (or a bus in the config)")
+        return EXIT_USAGE
+    bus = BusConfig(interface=interface, channel=channel, fd=base.fd if args.fd is None else args.fd)
+    stop = stop_on_signals()
+    simulator = Simulator(config, bus=bus)
+    if not simulator.start(wait=3.0) and not wait_until(lambda: simulator.owner.is_up, 2.0):
+        log.error("cannot open the bus: %s", simulator.owner.last_error)
+        simulator.stop()
+        return EXIT_UNAVAILABLE
+    log.info("simulating", extra={"ecus": list(simulator.ecus), "bus": f"{interface}:{channel}"})
+    stop.wait()
+    simulator.stop()
+    executed = {name: ecu.server.total_executed for name, ecu in simulator.ecus.items()}
+    log.info("simulator stopped", extra={"executed": executed})
+    return EXIT_OK

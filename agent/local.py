@@ -1,0 +1,61 @@
+"""Runs commands in-process and waits for their results: the engine behind `uds` and `demo`."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from types import TracebackType
+from typing import Any
+
+from agent.command import Result
+from agent.command_parse import parse_command
+from agent.config.model import AgentConfig
+from agent.runtime import Admission, Runtime
+
+
+class BusUnavailableError(RuntimeError):
+    """The CAN bus did not come up."""
+
+
+class LocalSession:
+    """Starts the runtime (and any configured simulators), runs commands one by one, stops it."""
+
+    def __init__(self, config: AgentConfig, **runtime_kwargs: Any) -> None:
+        self._results: dict[str, Result] = {}
+        self._done = threading.Condition()
+        self.runtime = Runtime(config, self._sink, **runtime_kwargs)
+        self.config = config
+
+    def _sink(self, result: Result) -> None:
+        with self._done:
+            self._results[result.command_id] = result
+            self._done.notify_all()
+
+    def __enter__(self) -> LocalSession:
+        if not self.runtime.start(wait=3.0):
+            self.runtime.stop(0.5)
+            raise BusUnavailableError(self.runtime.owner.last_error or "CAN bus did not come up")
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.runtime.stop()
+
+    def run(self, component: str, command: str, params: dict[str, Any] | None = None,
+            timeout_ms: int | None = None) -> Result:
+        """Validates (raising InvalidCommandError/UnknownComponentError), executes, returns the Result."""
+        body: dict[str, Any] = {"id": f"local-{uuid.uuid4().hex[:12]}", "component": component, "command": command}
+        if params:
+            body["params"] = params
+        if timeout_ms is not None:
+            body["timeout_ms"] = timeout_ms
+        now = time.time()
+        parsed = parse_command(body, self.config, now)
+        admission = self.runtime.submit(parsed)
+        if admission is not Admission.QUEUED:
+            return Result(parsed.id, component, command, admission.refusal(component, command), now, None, time.time())
+        wait_s = (timeout_ms or self.config.max_command_timeout_ms) / 1000 + 5
+        with self._done:
+            if not self._done.wait_for(lambda: parsed.id in self._results, wait_s):
+                raise TimeoutError(f"no result for {parsed.id} within {wait_s:.0f} s")
+            return self._results.pop(parsed.id)
