@@ -149,7 +149,11 @@ def _dtc_group(value: Any) -> int:
             return parse_code(value)
         except ValueError as err:
             raise InvalidValueError(str(err)) from None
-    return integer(0, 0xFFFFFF, "a 24-bit DTC group")(value)
+    try:
+        return integer(0, 0xFFFFFF, "a 24-bit DTC group")(value)
+    except InvalidValueError:
+        raise InvalidValueError(
+            f"expected a DTC code like P0301 or a 24-bit group like \"0xFFFFFF\", got {describe(value)}") from None
 
 
 def _clear_faults(p: Node, ecu: EcuConfig) -> c.ClearFaults:

@@ -66,7 +66,7 @@ def parse_config(data: Any, source: Path | None = None) -> m.AgentConfig:
     max_timeout = root.get("max_command_timeout_ms", integer(1, 3_600_000), 60_000)
     log_level = root.get("log_level", choice("DEBUG", "INFO", "WARNING", "ERROR"), "INFO")
     simulate = tuple(
-        p for p in (root.convert(path, item, _existing_file(base)) for path, item in _listed(root, "simulate"))
+        p for p in (root.check(path, item, _existing_file(base)) for path, item in root.items_of("simulate"))
         if p is not None
     )
     root.finish()
@@ -76,10 +76,6 @@ def parse_config(data: Any, source: Path | None = None) -> m.AgentConfig:
         vehicle=vehicle, bus=bus, ecus=ecus, mqtt=mqtt, metrics=metrics, state_dir=state_dir,
         max_command_timeout_ms=max_timeout, log_level=log_level, simulate=simulate, source=source,
     )
-
-
-def _listed(node: Node, key: str) -> list[tuple[int, Any]]:
-    return [(index, item) for index, (_, item) in enumerate(node.items_of(key))]
 
 
 def _path(base: Path):
@@ -229,9 +225,13 @@ def parse_ecu(node: Node, bus: m.BusConfig) -> m.EcuConfig | None:
     dids = _dids(node)
     routines = _named_ids(node, "routines", integer(0, 0xFFFF, "a 16-bit routine id"))
     security = _security(node)
-    allow_items = [node.convert(p, v, choice(*m.ALL_COMMANDS)) for p, v in node.items_of("allow")]
+    allow_items = [node.check(p, v, choice(*m.ALL_COMMANDS)) for p, v in node.items_of("allow")]
     allow = frozenset(a for a in allow_items if a) if node.has("allow") else frozenset(m.DEFAULT_ALLOWED)
     queue_size = node.get("queue_size", integer(1, 10_000), 16)
+    for index, did in enumerate(dids):
+        if did.length is not None and did.length + 3 > isotp.max_pdu:
+            node.problems.add(join(node.path, f"dids[{index}].length"),
+                              f"{did.length} bytes do not fit isotp.max_pdu {isotp.max_pdu} (with 3 header bytes)")
     node.finish()
     return m.EcuConfig(
         name=name, addressing=addressing, isotp=isotp, timing=timing, dids=dids,
@@ -324,7 +324,7 @@ def _dids(node: Node) -> tuple[m.DidSpec, ...]:
 
 def parse_did(d: Node) -> m.DidSpec:
     codec = d.get("codec", choice(*m.CODECS), "raw")
-    limits = {"ascii": (1, 4092), "unsigned": (1, 8), "signed": (1, 8), "enum": (1, 4), "raw": (1, 4092)}[codec]
+    limits = {"ascii": (1, 65535), "unsigned": (1, 8), "signed": (1, 8), "enum": (1, 4), "raw": (1, 65535)}[codec]
     needs_length = codec != "raw"
     length_conv = integer(*limits, f"a {codec} length ({limits[0]}..{limits[1]} bytes)")
     length = d.get("length", length_conv) if needs_length else d.get("length", length_conv, None)

@@ -69,10 +69,15 @@ class Node:
         return self.convert(key, self.data[key], convert, default)
 
     def convert(self, key: str | int, value: Any, convert: Callable[[Any], T], default: Any = None) -> T:
+        """Converts a value found under `key` of this node."""
+        return self.check(join(self.path, key), value, convert, default)
+
+    def check(self, path: str, value: Any, convert: Callable[[Any], T], default: Any = None) -> T:
+        """Converts a value whose full path is known (list items from `items_of`)."""
         try:
             return convert(value)
         except InvalidValueError as err:
-            self.problems.add(join(self.path, key), str(err))
+            self.problems.add(path, str(err))
             return None if default is _MISSING else default
 
     def child(self, key: str) -> Node | None:
