@@ -41,21 +41,34 @@ class LocalSession:
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self.runtime.stop()
 
-    def run(self, component: str, command: str, params: dict[str, Any] | None = None,
-            timeout_ms: int | None = None) -> Result:
-        """Validates (raising InvalidCommandError/UnknownComponentError), executes, returns the Result."""
+    def submit(self, component: str, command: str, params: dict[str, Any] | None = None,
+               **fields: Any) -> tuple[str, Admission]:
+        """Validates (raising InvalidCommandError/UnknownComponentError) and queues; returns (id, admission).
+
+        A command that was not queued gets its refusal as its result at once.
+        """
         body: dict[str, Any] = {"id": f"local-{uuid.uuid4().hex[:12]}", "component": component, "command": command}
         if params:
             body["params"] = params
-        if timeout_ms is not None:
-            body["timeout_ms"] = timeout_ms
+        body.update({k: v for k, v in fields.items() if v is not None})
         now = time.time()
         parsed = parse_command(body, self.config, now)
         admission = self.runtime.submit(parsed)
         if admission is not Admission.QUEUED:
-            return Result(parsed.id, component, command, admission.refusal(component, command), now, None, time.time())
-        wait_s = (timeout_ms or self.config.max_command_timeout_ms) / 1000 + 5
+            self._sink(Result(parsed.id, component, command, admission.refusal(component, command),
+                              now, None, time.time()))
+        return parsed.id, admission
+
+    def wait(self, command_id: str, timeout: float | None = None) -> Result:
+        """The final Result of a submitted command; TimeoutError if none arrives in time."""
+        wait_s = timeout if timeout is not None else self.config.max_command_timeout_ms / 1000 + 5
         with self._done:
-            if not self._done.wait_for(lambda: parsed.id in self._results, wait_s):
-                raise TimeoutError(f"no result for {parsed.id} within {wait_s:.0f} s")
-            return self._results.pop(parsed.id)
+            if not self._done.wait_for(lambda: command_id in self._results, wait_s):
+                raise TimeoutError(f"no result for {command_id} within {wait_s:.0f} s")
+            return self._results.pop(command_id)
+
+    def run(self, component: str, command: str, params: dict[str, Any] | None = None,
+            timeout_ms: int | None = None) -> Result:
+        """Submits one command and waits for its result."""
+        command_id, _ = self.submit(component, command, params, timeout_ms=timeout_ms)
+        return self.wait(command_id)

@@ -7,6 +7,7 @@ arrive through the bus owner's router into a bounded queue.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import time
@@ -22,6 +23,7 @@ from agent.errors import BusDownError, TransportTimeoutError
 log = logging.getLogger(__name__)
 
 _SLICE = 0.05  # longest single block inside process(); frames wake it at once
+_WAKE = object()  # put in the frame queue to interrupt a blocked send/recv
 
 
 class IsoTpLink:
@@ -31,8 +33,9 @@ class IsoTpLink:
         self.name = name
         self._owner = owner
         self._fd = config.fd
-        self._frames: queue.Queue[isotp.CanMessage] = queue.Queue(maxsize=4096)
+        self._frames: queue.Queue[isotp.CanMessage | object] = queue.Queue(maxsize=4096)
         self._error: str | None = None
+        self._woken = False
         self._logic = isotp.TransportLayerLogic(
             rxfn=self._rxfn, txfn=self._txfn, address=address,
             error_handler=self._on_error, params=isotp_params(config),
@@ -53,11 +56,13 @@ class IsoTpLink:
     # ---- callables for the state machine -------------------------------------------------------
     def _rxfn(self, timeout: float) -> isotp.CanMessage | None:
         try:
-            if timeout <= 0 or self._logic.available():
-                return self._frames.get_nowait()
-            return self._frames.get(timeout=timeout)
+            if timeout <= 0 or self._logic.available() or self._woken:
+                frame = self._frames.get_nowait()
+            else:
+                frame = self._frames.get(timeout=timeout)
         except queue.Empty:
             return None
+        return None if frame is _WAKE else frame  # type: ignore[return-value]
 
     def _txfn(self, frame: isotp.CanMessage) -> None:
         self._owner.send(can.Message(
@@ -78,7 +83,7 @@ class IsoTpLink:
         try:
             while self._logic.transmitting():
                 remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                if remaining <= 0 or self._woken:
                     self._logic.stop_sending()
                     why = self._error or "no flow control"
                     raise TransportTimeoutError(f"{self.name}: ISO-TP send timed out ({why})")
@@ -104,7 +109,7 @@ class IsoTpLink:
                 if data is not None:
                     return bytes(data)
                 remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                if remaining <= 0 or self._woken:
                     return None
                 busy = self._logic.is_rx_active() or self._logic.transmitting()
                 # Idle: no timer can fire, so block until a frame or the deadline.
@@ -122,5 +127,12 @@ class IsoTpLink:
                 break
         self._logic.reset()
 
+    def wake(self) -> None:
+        """Makes a blocked send/recv return now, and every later one at once (used to stop)."""
+        self._woken = True
+        with contextlib.suppress(queue.Full):  # a full queue wakes the reader anyway
+            self._frames.put_nowait(_WAKE)
+
     def close(self) -> None:
+        self.wake()
         self.flush()

@@ -17,6 +17,8 @@ from agent.errors import BusDownError
 log = logging.getLogger(__name__)
 
 FrameSink = Callable[[can.Message], None]
+# How long the notifier's recv blocks: bounds how fast stop() returns; idle cost is one wake-up per poll.
+NOTIFIER_POLL_S = 0.25
 BusFactory = Callable[[], can.BusABC]
 
 
@@ -195,7 +197,7 @@ class BusOwner:
         try:
             bus = self._factory()
             bus.set_filters(self._can_filters())
-            notifier = can.Notifier(bus, [_Router(self)], timeout=1.0)
+            notifier = can.Notifier(bus, [_Router(self)], timeout=NOTIFIER_POLL_S)
         except (can.CanError, OSError, ValueError, ImportError) as err:
             self.last_error = f"cannot open {self.config.interface}:{self.config.channel}: {err}"
             log.warning("%s", self.last_error, extra={"interface": self.config.channel})

@@ -44,8 +44,12 @@ class SimulatedEcu:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self, timeout: float = 2.0) -> None:
+    def request_stop(self) -> None:
         self._stop.set()
+        self._link.wake()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        self.request_stop()
         self._thread.join(timeout)
 
     def _fault_for(self, request: bytes) -> Fault | None:

@@ -26,6 +26,8 @@ class Simulator:
 
     def stop(self) -> None:
         for ecu in self.ecus.values():
+            ecu.request_stop()
+        for ecu in self.ecus.values():
             ecu.stop()
         self.owner.stop()
 
