@@ -1,0 +1,115 @@
+"""The bus breaking under the agent: send and receive failures give bus_error results, then recovery.
+
+A python-can virtual bus cannot fail by itself, so FaultyBus (a VirtualBus whose send/recv raise
+on demand, as socketcan's do with "Network is down") stands in for a failing interface. Everything
+else - notifier, ISO-TP, executor, supervisor, simulator - is the real thing.
+"""
+
+import threading
+
+import can
+import pytest
+from can.interfaces.virtual import VirtualBus
+
+from agent.bus.owner import wait_until
+from agent.command import ErrorCode, Status
+from agent.local import LocalSession
+
+
+class Faults:
+    def __init__(self):
+        self.send = 0
+        self.recv = 0
+        self.open = 0
+        self.opened = 0
+        self.lock = threading.Lock()
+
+    def take(self, kind):
+        with self.lock:
+            left = getattr(self, kind)
+            if left > 0:
+                setattr(self, kind, left - 1)
+            return left > 0
+
+
+class FaultyBus(VirtualBus):
+    def __init__(self, faults, **kwargs):
+        if faults.take("open"):
+            raise can.CanInitializationError("No such device")
+        super().__init__(**kwargs)
+        faults.opened += 1
+        self.faults = faults
+
+    def send(self, msg, timeout=None):
+        if self.faults.take("send"):
+            raise can.CanOperationError("Failed to transmit: [Errno 100] Network is down")
+        super().send(msg, timeout)
+
+    def _recv_internal(self, timeout):
+        if self.faults.take("recv"):
+            raise can.CanOperationError("Error receiving: [Errno 100] Network is down")
+        return super()._recv_internal(timeout)
+
+
+@pytest.fixture
+def faults():
+    return Faults()
+
+
+@pytest.fixture
+def faulty_agent(vehicle, sim, faults):
+    def factory():
+        return FaultyBus(faults, channel=vehicle.bus.channel, fd=True)
+
+    with LocalSession(vehicle, bus_factory=factory) as session:
+        yield session
+
+
+def read_vin(session):
+    return session.run("engine", "read_data", {"data": "vin"})
+
+
+def test_send_failure_is_bus_error_then_recovers(faulty_agent, faults):
+    owner = faulty_agent.runtime.owner
+    faults.send = 1
+    failed = read_vin(faulty_agent)
+    assert (failed.status, failed.outcome.error.code) == (Status.FAILED, ErrorCode.BUS_ERROR)
+    assert "Network is down" in failed.outcome.error.message
+    assert wait_until(lambda: owner.counters.rebuilds >= 1 and owner.is_up, 5)
+    assert read_vin(faulty_agent).status is Status.COMPLETED
+    assert faults.opened == 2 and owner.counters.send_errors == 1
+
+
+def test_commands_during_outage_fail_fast_as_bus_error(faulty_agent, faults):
+    owner = faulty_agent.runtime.owner
+    faults.send, faults.open = 1, 3  # the bus stays unopenable for a few backoff rounds
+    first = read_vin(faulty_agent)
+    during = read_vin(faulty_agent)
+    assert first.outcome.error.code is ErrorCode.BUS_ERROR
+    assert during.outcome.error.code is ErrorCode.BUS_ERROR and during.duration_ms < 100
+    assert "down" in during.outcome.error.message
+    assert wait_until(lambda: owner.is_up, 10)
+    assert read_vin(faulty_agent).status is Status.COMPLETED
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_receive_failure_ends_notifier_and_is_rebuilt(faulty_agent, faults):
+    owner = faulty_agent.runtime.owner
+    faults.recv = 1
+    assert wait_until(lambda: owner.counters.recv_errors >= 1, 5)
+    assert wait_until(lambda: owner.counters.rebuilds >= 1 and owner.is_up, 5)
+    assert read_vin(faulty_agent).status is Status.COMPLETED
+    assert faults.opened == 2
+
+
+def test_bus_that_never_opens_reports_unavailable(vehicle):
+    from agent.local import BusUnavailableError
+
+    faults = Faults()
+    faults.open = 10**6
+
+    def factory():
+        return FaultyBus(faults, channel=vehicle.bus.channel, fd=True)
+
+    with pytest.raises(BusUnavailableError, match="No such device"), LocalSession(vehicle, bus_factory=factory):
+        pass
