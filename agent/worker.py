@@ -104,7 +104,14 @@ class ComponentWorker:
             self._emit(command, Outcome.failure(Status.EXPIRED, ErrorCode.EXPIRED,
                                                 "not started before expires_at"), None)
             return
-        self._guard(self._on_start, command)
+        if self._on_start is not None:
+            try:
+                self._on_start(command)
+            except Exception as err:  # unrecorded start: running it could break exactly-once
+                log.exception("could not record the start of %s", command.id, extra={"command_id": command.id})
+                self._emit(command, Outcome.failure(Status.FAILED, ErrorCode.INTERNAL,
+                                                    f"could not record the start durably: {err}"), None)
+                return
         self.in_flight = command
         started = self._clock()
         budget_ms = command.timeout_ms or self.ecu.timing.request_ms

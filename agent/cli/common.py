@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import signal
@@ -95,3 +96,18 @@ def stop_on_signals() -> threading.Event:
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
     return stop
+
+
+def broker_override(config: AgentConfig, url: str | None) -> AgentConfig | None:
+    """The config with --broker applied (None after reporting an invalid URL)."""
+    if url is None:
+        return config
+    from agent.config.parse import broker_url
+    from agent.config.reader import InvalidValueError
+
+    try:
+        broker_url(url)
+    except InvalidValueError as err:
+        print(f"invalid --broker: {err}", file=sys.stderr)
+        return None
+    return dataclasses.replace(config, mqtt=dataclasses.replace(config.mqtt, broker=url))

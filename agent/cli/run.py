@@ -1,8 +1,9 @@
-"""`sovd-edge run`: the daemon. Opens the bus, starts one worker per component, stops on SIGTERM."""
+"""`sovd-edge run`: the daemon. Bus, workers and the MQTT link; stops cleanly on SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -14,13 +15,13 @@ from agent.cli.common import (
     EXIT_OK,
     add_logging_flags,
     add_subcommand,
+    broker_override,
     configure_logging,
     load_or_report,
     stop_on_signals,
 )
-from agent.command import Result
-from agent.response import response_message
-from agent.runtime import Runtime
+from agent.mqtt.link import LinkSetupError
+from agent.service import Service
 
 log = logging.getLogger("agent.run")
 EXIT_CANTCREAT = 73
@@ -30,7 +31,8 @@ def add_parser(sub: Any) -> None:
     p = add_subcommand(sub, "run", "Run the agent daemon (systemd starts this).",
                        "sovd-edge run -c /etc/sovd-edge/agent.yaml --state-dir /var/lib/sovd-edge")
     p.add_argument("-c", "--config", required=True, help="agent config (YAML)")
-    p.add_argument("--state-dir", type=Path, help="where durable state lives (default: from the config)")
+    p.add_argument("--state-dir", type=Path, help="where the durable store lives (default: from the config)")
+    p.add_argument("--broker", help="mqtt://HOST:PORT or mqtts://HOST:PORT, overriding the config")
     p.add_argument("--grace", type=float, default=5.0, help="seconds in-flight commands get to finish on stop")
     add_logging_flags(p)
     p.set_defaults(handler=handle)
@@ -40,31 +42,40 @@ def handle(args: argparse.Namespace) -> int:
     config = load_or_report(args.config)
     if config is None:
         return EXIT_CONFIG
+    config = broker_override(config, args.broker)
+    if config is None:
+        return EXIT_CONFIG
+    if args.state_dir:
+        config = dataclasses.replace(config, state_dir=args.state_dir)
     configure_logging(args, config.log_level)
-    state_dir = args.state_dir or config.state_dir
     try:
-        state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
-        if not os.access(state_dir, os.W_OK):
-            raise PermissionError(f"{state_dir} is not writable")
+        config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        if not os.access(config.state_dir, os.W_OK):
+            raise PermissionError(f"{config.state_dir} is not writable")
     except OSError as err:
-        log.error("cannot use state directory: %s", err, extra={"state_dir": str(state_dir)})
+        log.error("cannot use state directory: %s", err, extra={"state_dir": str(config.state_dir)})
         return EXIT_CANTCREAT
     stop = stop_on_signals()
-    runtime = Runtime(config, sink=_log_result)
-    log.info("sovd-edge %s starting", __version__, extra={"vehicle": config.vehicle, "config": args.config})
-    if runtime.start(wait=1.0):
+    try:
+        service = Service(config)
+    except LinkSetupError as err:
+        log.error("MQTT link cannot be set up: %s", err)
+        return EXIT_CONFIG
+    log.info("sovd-edge %s starting", __version__, extra={"vehicle": config.vehicle, "config": args.config,
+                                                           "broker": config.mqtt.broker})
+    if service.start(wait=1.0):
         log.info("ready", extra={"bus": f"{config.bus.interface}:{config.bus.channel}"})
     else:
-        log.warning("CAN bus not up yet; retrying in the background", extra={"error": runtime.owner.last_error})
+        log.warning("CAN bus not up yet; retrying in the background",
+                    extra={"error": service.runtime.owner.last_error})
     while not stop.wait(1.0):
-        runtime.revive_dead_workers()
+        service.runtime.revive_dead_workers()
+        dead = [name for name, alive in service.threads_alive().items() if not alive]
+        if dead:
+            log.error("essential threads died: %s; exiting for a restart", dead)
+            service.stop(args.grace)
+            return 70
     log.info("stopping")
-    unrun = runtime.stop(grace=args.grace)
-    if unrun:
-        log.warning("%d queued commands were not run", len(unrun), extra={"ids": [c.id for c in unrun]})
+    service.stop(grace=args.grace)
     log.info("stopped")
     return EXIT_OK
-
-
-def _log_result(result: Result) -> None:
-    log.info("result", extra={"command_id": result.command_id, "response": response_message(result, seq=1)})

@@ -46,9 +46,29 @@ class MqttConfig:
     keepalive_s: int = 30
     username: str | None = None
     password_file: Path | None = None
+    password_credential: str | None = None  # name of a systemd credential ($CREDENTIALS_DIRECTORY)
     tls: TlsConfig | None = None
     send_accepted: bool = True
     max_payload_bytes: int = 256 * 1024
+    invalid_events_per_minute: int = 10
+
+    @property
+    def host_port_tls(self) -> tuple[str, int, bool]:
+        scheme, _, rest = self.broker.partition("://")
+        rest = rest.rstrip("/")
+        tls = scheme == "mqtts"
+        if rest.startswith("["):
+            host, _, port = rest[1:].partition("]:")
+        else:
+            host, _, port = rest.rpartition(":") if ":" in rest else (rest, "", "")
+        return host, int(port) if port else (8883 if tls else 1883), tls
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    ledger_retention_s: int = 7 * 24 * 3600
+    outbox_max_messages: int = 10_000
+    outbox_max_age_s: int = 7 * 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -142,6 +162,7 @@ class AgentConfig:
     ecus: tuple[EcuConfig, ...]
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
     state_dir: Path = Path("/var/lib/sovd-edge")
     max_command_timeout_ms: int = 60_000
     log_level: str = "INFO"

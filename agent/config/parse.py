@@ -62,6 +62,7 @@ def parse_config(data: Any, source: Path | None = None) -> m.AgentConfig:
     ecus = _ecus(root, bus, problems)
     mqtt = _mqtt(root.child("mqtt"), base)
     metrics = _metrics(root.child("metrics"))
+    store = _store(root.child("store"))
     state_dir = root.get("state_dir", _path(base), m.AgentConfig.state_dir)
     max_timeout = root.get("max_command_timeout_ms", integer(1, 3_600_000), 60_000)
     log_level = root.get("log_level", choice("DEBUG", "INFO", "WARNING", "ERROR"), "INFO")
@@ -73,7 +74,7 @@ def parse_config(data: Any, source: Path | None = None) -> m.AgentConfig:
     if problems:
         raise ConfigError(str(source or "config"), problems.items)
     return m.AgentConfig(
-        vehicle=vehicle, bus=bus, ecus=ecus, mqtt=mqtt, metrics=metrics, state_dir=state_dir,
+        vehicle=vehicle, bus=bus, ecus=ecus, mqtt=mqtt, metrics=metrics, store=store, state_dir=state_dir,
         max_command_timeout_ms=max_timeout, log_level=log_level, simulate=simulate, source=source,
     )
 
@@ -144,9 +145,25 @@ def _mqtt(node: Node | None, base: Path) -> m.MqttConfig:
         keepalive_s=node.get("keepalive_s", integer(5, 3600), 30),
         username=node.get("username", text(), None),
         password_file=node.get("password_file", _path(base), None),
+        password_credential=node.get("password_credential", text(r"[A-Za-z0-9._-]+", "a credential name"), None),
         tls=tls,
         send_accepted=node.get("send_accepted", boolean, True),
         max_payload_bytes=node.get("max_payload_bytes", integer(1024, 256 * 1024 * 1024), 256 * 1024),
+        invalid_events_per_minute=node.get("invalid_events_per_minute", integer(0, 10_000), 10),
+    )
+    if config.password_file and config.password_credential:
+        node.problems.add(join(node.path, "password_credential"), "give password_file or password_credential, not both")
+    node.finish()
+    return config
+
+
+def _store(node: Node | None) -> m.StoreConfig:
+    if node is None:
+        return m.StoreConfig()
+    config = m.StoreConfig(
+        ledger_retention_s=node.get("ledger_retention_s", integer(60, 10 * 365 * 86400), 7 * 86400),
+        outbox_max_messages=node.get("outbox_max_messages", integer(10, 10_000_000), 10_000),
+        outbox_max_age_s=node.get("outbox_max_age_s", integer(60, 10 * 365 * 86400), 7 * 86400),
     )
     node.finish()
     return config

@@ -1,0 +1,218 @@
+"""Command intake: decode, dedupe against the ledger, record durably, PUBACK, then queue for execution.
+
+Messages are taken in groups: one SQLite commit (one fsync) covers a group, and only then are the
+group's PUBACKs sent. A crash before the commit makes the broker redeliver; never a lost command.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from agent.command import Command, ErrorCode, Status
+from agent.command_parse import InvalidCommandError, UnknownComponentError, parse_command
+from agent.config.model import AgentConfig
+from agent.mqtt import messages as m
+from agent.mqtt.link import Incoming
+from agent.mqtt.replies import accepted_message, in_flight_duplicate, refusal_message
+from agent.mqtt.store import Batch, Entry, Outgoing, Store
+from agent.mqtt.topics import Topics, is_publishable
+
+log = logging.getLogger(__name__)
+
+GROUP_MAX = 64
+
+
+@dataclasses.dataclass
+class IntakeStats:
+    received: int = 0
+    invalid: dict[str, int] = dataclasses.field(default_factory=dict)
+    duplicates: int = 0
+    redeliveries: int = 0
+    events_suppressed: int = 0
+
+
+class Intake:
+    """Owns the intake thread. `submit(command, entry)` hands accepted commands to execution."""
+
+    def __init__(self, config: AgentConfig, store: Store, topics: Topics, ack: Callable[[int, int], None],
+                 submit: Callable[[Command, Entry], None], wake_outbox: Callable[[], None]) -> None:
+        self._config = config
+        self._store = store
+        self._topics = topics
+        self._ack = ack
+        self._submit = submit
+        self._wake_outbox = wake_outbox
+        self._queue: queue.Queue[Incoming | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._event_times: list[float] = []
+        self.stats = IntakeStats()
+        self.heartbeat = time.monotonic()
+
+    def put(self, incoming: Incoming) -> None:
+        """Called on the MQTT loop thread: just hands over."""
+        self._queue.put(incoming)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="intake", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self, timeout: float = 3.0) -> None:
+        self._queue.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            self.heartbeat = time.monotonic()
+            try:
+                first = self._queue.get(timeout=5.0)
+            except queue.Empty:
+                continue
+            if first is None:
+                return
+            group = [first]
+            while len(group) < GROUP_MAX:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._queue.put(None)
+                    break
+                group.append(item)
+            try:
+                self._process(group)
+            except Exception:  # not acked: the broker redelivers the group after a reconnect
+                log.exception("intake failed on a group of %d messages", len(group))
+
+    def _process(self, group: list[Incoming]) -> None:
+        batch = self._store.batch()
+        accepted: list[tuple[Command, Entry]] = []
+        seen: set[str] = set()
+        for item in group:
+            self.stats.received += 1
+            decided = self._decide(item, batch, seen)
+            if decided is not None:
+                accepted.append(decided)
+        batch.commit()
+        for item in group:
+            self._ack(item.mid, item.qos)
+        self._wake_outbox()
+        for command, entry in accepted:
+            self._submit(command, entry)
+
+    # ---- one message ---------------------------------------------------------------------------
+    def _decide(self, item: Incoming, batch: Batch, seen: set[str]) -> tuple[Command, Entry] | None:
+        body = m.decode_command(item.payload)
+        if isinstance(body, m.Undecodable):
+            if body.command_id is None:
+                self._invalid_event("undecodable", body.reason, item)
+                return None
+            return self._reject_invalid(item, batch, body.command_id, {"id": body.command_id}, body.reason, seen)
+        command_id = m.readable_id(body)
+        if command_id is None:
+            self._invalid_event("bad_id", "the command has no valid id", item)
+            return None
+        reply_topic = self._reply_topic(item, body, command_id)
+        if command_id in seen or self._store.get(command_id) is not None:
+            self._duplicate(item, batch, body, command_id, reply_topic, seen)
+            return None
+        seen.add(command_id)
+        try:
+            command = parse_command(body, self._config, item.received_at)
+        except InvalidCommandError as err:
+            return self._reject_invalid(item, batch, command_id, body, str(err), seen, err.problems)
+        except UnknownComponentError as err:
+            self._record_final(batch, item, body, command_id, reply_topic,
+                               refusal_message(command_id, body, Status.FAILED, ErrorCode.UNKNOWN_COMPONENT,
+                                               str(err), item.received_at))
+            return None
+        if item.expiry_interval is not None:
+            expiry = item.received_at + item.expiry_interval
+            command = dataclasses.replace(command, expires_at=min(command.expires_at or expiry, expiry))
+        command = dataclasses.replace(command, correlation_data=item.correlation)
+        send_accepted = self._config.mqtt.send_accepted
+        entry = Entry(command_id, "queued", body, reply_topic, item.correlation, item.received_at,
+                      command.expires_at, 1 if send_accepted else 0, None)
+        batch.add_command(entry)
+        if send_accepted:
+            batch.publish(self._out(reply_topic, accepted_message(command_id, command.component, command.command,
+                                                                  item.received_at), item.correlation, command_id))
+        return command, entry
+
+    def _reply_topic(self, item: Incoming, body: dict[str, Any], command_id: str) -> str:
+        for candidate in (item.response_topic, body.get("reply_to")):
+            if isinstance(candidate, str) and is_publishable(candidate):
+                return candidate
+        return self._topics.responses(command_id)
+
+    def _duplicate(self, item: Incoming, batch: Batch, body: dict[str, Any], command_id: str, reply_topic: str,
+                   seen: set[str]) -> None:
+        existing = self._store.get(command_id)
+        if item.dup and existing is not None:
+            self.stats.redeliveries += 1  # the broker resending what we already recorded
+            log.debug("redelivered command %s ignored", command_id, extra={"command_id": command_id})
+            return
+        self.stats.duplicates += 1
+        if existing is not None and existing.state == "final" and existing.final_message is not None:
+            for message in m.split_result({**existing.final_message, "duplicate": True},
+                                          self._config.mqtt.max_payload_bytes):
+                batch.publish(self._out(reply_topic, message, item.correlation, command_id))
+            log.info("duplicate of a finished command: final response sent again", extra={"command_id": command_id})
+            return
+        batch.publish(self._out(reply_topic, in_flight_duplicate(command_id, body, item.received_at),
+                                item.correlation, command_id))
+        log.info("duplicate of a command in flight rejected", extra={"command_id": command_id})
+
+    def _reject_invalid(self, item: Incoming, batch: Batch, command_id: str, body: dict[str, Any], reason: str,
+                        seen: set[str], problems: list[tuple[str, str]] | None = None) -> None:
+        reply_topic = self._reply_topic(item, body, command_id)
+        if command_id in seen or self._store.get(command_id) is not None:
+            self._duplicate(item, batch, body, command_id, reply_topic, seen)
+            return None
+        seen.add(command_id)
+        field = problems[0][0] if problems else ""
+        self._count_invalid("invalid_command")
+        message = refusal_message(command_id, body, Status.REJECTED, ErrorCode.INVALID_COMMAND, reason,
+                                  item.received_at, **({"field": field} if field else {}))
+        self._record_final(batch, item, body, command_id, reply_topic, message)
+        log.info("invalid command rejected: %s", reason, extra={"command_id": command_id})
+        return None
+
+    def _record_final(self, batch: Batch, item: Incoming, body: dict[str, Any], command_id: str, reply_topic: str,
+                      message: dict[str, Any]) -> None:
+        batch.add_command(Entry(command_id, "final", body, reply_topic, item.correlation, item.received_at,
+                                None, message["seq"], message))
+        batch.publish(self._out(reply_topic, message, item.correlation, command_id))
+
+    def _out(self, topic: str, message: dict[str, Any], correlation: bytes | None, command_id: str) -> Outgoing:
+        return Outgoing(topic, m.encode(message), correlation, command_id)
+
+    def _count_invalid(self, reason: str) -> None:
+        self.stats.invalid[reason] = self.stats.invalid.get(reason, 0) + 1
+
+    def _invalid_event(self, reason: str, detail: str, item: Incoming) -> None:
+        """Counts every invalid message; publishes an event for at most N a minute."""
+        self._count_invalid(reason)
+        log.warning("invalid message on the command topic: %s", detail, extra={"bytes": len(item.payload)})
+        now = time.monotonic()
+        self._event_times = [t for t in self._event_times if now - t < 60]
+        if len(self._event_times) >= self._config.mqtt.invalid_events_per_minute:
+            self.stats.events_suppressed += 1
+            return
+        self._event_times.append(now)
+        event = m.event_message("invalid_message", time.time(), reason=reason, detail=detail,
+                                bytes=len(item.payload))
+        batch = self._store.batch()
+        batch.publish(Outgoing(self._topics.events, m.encode(event)))
+        batch.commit()

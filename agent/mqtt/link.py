@@ -1,0 +1,292 @@
+"""The paho client: persistent session, TLS and credentials, LWT, reconnect with jittered backoff.
+
+paho runs on our own named thread (client.loop), so reconnects, backoff and heartbeats are ours
+to see. Every callback is guarded: an exception in one is logged and counted, never allowed to
+kill the network loop.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import random
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from agent.config.model import MqttConfig
+from agent.errors import AgentError
+from agent.mqtt.store import Outgoing
+from agent.mqtt.topics import Topics
+
+log = logging.getLogger(__name__)
+
+BACKOFF_MIN_S = 0.5
+BACKOFF_MAX_S = 60.0
+
+
+class LinkSetupError(AgentError, ValueError):
+    """Credentials or TLS files are unusable; the agent must not start (exit 78)."""
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """A command message as received, before any validation."""
+
+    payload: bytes
+    mid: int
+    qos: int
+    dup: bool
+    received_at: float
+    response_topic: str | None = None
+    correlation: bytes | None = None
+    expiry_interval: int | None = None
+
+
+@dataclass
+class LinkStats:
+    connects: int = 0
+    reconnects: int = 0
+    messages_in: int = 0
+    messages_out: int = 0
+    callback_errors: int = 0
+    refused: int = 0
+
+
+def read_secret(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8").rstrip("\n")
+    except OSError as err:
+        raise LinkSetupError(f"cannot read {path}: {err.strerror or err}") from err
+
+
+def check_key_file(path: Path) -> None:
+    """Refuses a private key that other users can read."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as err:
+        raise LinkSetupError(f"cannot read client key {path}: {err.strerror or err}") from err
+    if mode & 0o004:
+        raise LinkSetupError(f"client key {path} is world-readable (mode {mode & 0o777:o}); chmod 600 it")
+
+
+def password_of(config: MqttConfig, environ: dict[str, str] | None = None) -> str | None:
+    env = os.environ if environ is None else environ
+    if config.password_file is not None:
+        return read_secret(config.password_file)
+    if config.password_credential is not None:
+        directory = env.get("CREDENTIALS_DIRECTORY")
+        if not directory:
+            raise LinkSetupError("password_credential is set but $CREDENTIALS_DIRECTORY is not (use LoadCredential=)")
+        return read_secret(Path(directory) / config.password_credential)
+    return None
+
+
+def _guarded(method: Callable[..., None]) -> Callable[..., None]:
+    @functools.wraps(method)
+    def wrapper(self: MqttLink, *args: Any) -> None:
+        try:
+            method(self, *args)
+        except Exception:
+            self.stats.callback_errors += 1
+            log.exception("MQTT callback %s failed", method.__name__)
+
+    return wrapper
+
+
+class MqttLink:
+    """Connects, keeps connecting, subscribes to commands and publishes what it is given."""
+
+    def __init__(self, config: MqttConfig, topics: Topics, client_id: str, status: Callable[[str], bytes],
+                 on_command: Callable[[Incoming], None], on_published: Callable[[int], None],
+                 on_connection: Callable[[bool], None]) -> None:
+        self.config = config
+        self.topics = topics
+        self.stats = LinkStats()
+        self._status = status
+        self._on_command = on_command
+        self._on_published = on_published
+        self._on_connection = on_connection
+        self._v5 = config.protocol == "5"
+        self._host, self._port, tls = config.host_port_tls
+        self._client = mqtt.Client(
+            callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+            protocol=mqtt.MQTTv5 if self._v5 else mqtt.MQTTv311,
+            clean_session=None if self._v5 else False, manual_ack=True,
+        )
+        self._client.enable_logger(logging.getLogger("paho"))
+        self._client.max_queued_messages_set(0)
+        self._client.will_set(topics.status, status("offline"), qos=1, retain=True)
+        password = password_of(config)
+        if config.username is not None or password is not None:
+            self._client.username_pw_set(config.username or "", password)
+        if tls or config.tls is not None:
+            self._setup_tls()
+        self._client.on_connect = self._connected
+        self._client.on_disconnect = self._disconnected
+        self._client.on_message = self._message
+        self._client.on_publish = self._published
+        self._connected_event = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.heartbeat = time.monotonic()
+        self.last_error: str | None = None
+
+    def _setup_tls(self) -> None:
+        tls = self.config.tls
+        ca = str(tls.ca_file) if tls and tls.ca_file else None
+        cert = str(tls.cert_file) if tls and tls.cert_file else None
+        key = str(tls.key_file) if tls and tls.key_file else None
+        if tls and tls.key_file:
+            check_key_file(tls.key_file)
+        try:
+            self._client.tls_set(ca_certs=ca, certfile=cert, keyfile=key, cert_reqs=ssl.CERT_REQUIRED,
+                                 tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        except (OSError, ssl.SSLError) as err:
+            raise LinkSetupError(f"TLS setup failed: {err}") from err
+        self._client.tls_insecure_set(not (tls.verify_hostname if tls else True))
+
+    # ---- public --------------------------------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        return self._connected_event.is_set()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected_event.wait(timeout)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="mqtt-loop", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def publish(self, message: Outgoing) -> int | None:
+        """Hands a QoS 1 message to paho; returns its mid (PUBACK comes to on_published)."""
+        properties = None
+        if self._v5 and message.correlation is not None:
+            properties = Properties(PacketTypes.PUBLISH)
+            properties.CorrelationData = message.correlation
+        info = self._client.publish(message.topic, message.payload, qos=1, properties=properties)
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            log.warning("publish refused by the client: %s", mqtt.error_string(info.rc))
+            return None
+        self.stats.messages_out += 1
+        return info.mid
+
+    def ack(self, mid: int, qos: int) -> None:
+        """PUBACK for a command, sent only once it is recorded durably."""
+        if qos > 0:
+            self._client.ack(mid, qos)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Publishes the offline status (when connected), disconnects and joins the loop thread."""
+        if self.connected:
+            info = self._client.publish(self.topics.status, self._status("offline"), qos=1, retain=True)
+            deadline = time.monotonic() + min(timeout, 3.0)
+            while not info.is_published() and time.monotonic() < deadline and self.connected:
+                time.sleep(0.02)
+        self._stop.set()
+        self._client.disconnect()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def _run(self) -> None:
+        delay = BACKOFF_MIN_S
+        opened = False
+        first = True
+        while not self._stop.is_set():
+            self.heartbeat = time.monotonic()
+            if not opened:
+                try:
+                    self._open(first)
+                    first, opened = False, True
+                except (OSError, ssl.SSLError, ValueError) as err:
+                    self._fail(f"cannot connect to {self._host}:{self._port}: {err}")
+                    self._stop.wait(delay * random.uniform(0.5, 1.0))
+                    delay = min(delay * 2, BACKOFF_MAX_S)
+                    continue
+            try:
+                rc = self._client.loop(timeout=0.5)
+            except Exception as err:  # paho raises on some socket errors; treat as a lost connection
+                rc = mqtt.MQTT_ERR_CONN_LOST
+                self.last_error = f"{type(err).__name__}: {err}"
+            if rc != mqtt.MQTT_ERR_SUCCESS and not self._stop.is_set():
+                opened = False
+                self._mark(False)
+                self._stop.wait(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, BACKOFF_MAX_S)
+            elif self.connected:
+                delay = BACKOFF_MIN_S
+
+    def _open(self, first: bool) -> None:
+        if not first:
+            self.stats.reconnects += 1
+        kwargs: dict[str, Any] = {}
+        if self._v5:
+            properties = Properties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = self.config.session_expiry_s
+            kwargs = {"clean_start": False, "properties": properties}
+        self._client.connect(self._host, self._port, keepalive=self.config.keepalive_s, **kwargs)
+
+    def _fail(self, reason: str) -> None:
+        if reason != self.last_error:
+            log.warning("%s", reason, extra={"broker": self.config.broker})
+        self.last_error = reason
+
+    def _mark(self, up: bool) -> None:
+        was = self.connected
+        if up:
+            self._connected_event.set()
+        else:
+            self._connected_event.clear()
+        if was != up:
+            self._on_connection(up)
+
+    # ---- paho callbacks (on the loop thread) ---------------------------------------------------
+    @_guarded
+    def _connected(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        if reason.is_failure:
+            self.stats.refused += 1
+            self._fail(f"broker refused the connection: {reason}")
+            return
+        self.stats.connects += 1
+        self.last_error = None
+        client.subscribe(self.topics.commands, qos=1)
+        client.publish(self.topics.status, self._status("online"), qos=1, retain=True)
+        log.info("connected to broker", extra={"broker": self.config.broker,
+                                               "session_present": bool(getattr(flags, "session_present", False))})
+        self._mark(True)
+
+    @_guarded
+    def _disconnected(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        if not self._stop.is_set():
+            self._fail(f"disconnected from broker: {reason}")
+        self._mark(False)
+
+    @_guarded
+    def _message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        self.stats.messages_in += 1
+        props = message.properties if self._v5 else None
+        self._on_command(Incoming(
+            payload=bytes(message.payload), mid=message.mid, qos=message.qos, dup=bool(message.dup),
+            received_at=time.time(),
+            response_topic=getattr(props, "ResponseTopic", None),
+            correlation=getattr(props, "CorrelationData", None),
+            expiry_interval=getattr(props, "MessageExpiryInterval", None),
+        ))
+
+    @_guarded
+    def _published(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
+        self._on_published(mid)

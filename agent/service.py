@@ -1,0 +1,151 @@
+"""The daemon's parts wired together: intake -> runtime -> results -> store/outbox -> link, and recovery."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any
+
+from agent import __version__
+from agent.bus.owner import BusFactory
+from agent.command import Command, ErrorCode, Outcome, Result, Status
+from agent.command_parse import InvalidCommandError, UnknownComponentError, parse_command
+from agent.config.model import AgentConfig
+from agent.mqtt import messages as m
+from agent.mqtt.intake import Intake
+from agent.mqtt.link import MqttLink
+from agent.mqtt.outbox import Outbox
+from agent.mqtt.replies import refusal_message
+from agent.mqtt.store import Entry, Outgoing, Store
+from agent.mqtt.topics import Topics
+from agent.response import response_message
+from agent.runtime import Admission, Runtime
+
+log = logging.getLogger(__name__)
+
+STORE_FILE = "agent.db"
+
+
+class Service:
+    """Everything `sovd-edge run` runs. Construct, `start()`, and `stop()` on SIGTERM."""
+
+    def __init__(self, config: AgentConfig, bus_factory: BusFactory | None = None,
+                 sim_factory: BusFactory | None = None) -> None:
+        self.config = config
+        self.started_at = time.time()
+        self.topics = Topics(config.mqtt.prefix, config.vehicle)
+        self.store = Store(config.state_dir / STORE_FILE)
+        self.runtime = Runtime(config, sink=self._on_result, on_start=self._on_start,
+                               bus_factory=bus_factory, sim_factory=sim_factory)
+        self.link = MqttLink(config.mqtt, self.topics, config.mqtt.client_id or f"sovd-edge-{config.vehicle}",
+                             status=self._status, on_command=self._on_incoming, on_published=self._on_published,
+                             on_connection=self._on_connection)
+        self.outbox = Outbox(self.store, config.store, self.link.publish, lambda: self.link.connected)
+        self.intake = Intake(config, self.store, self.topics, self.link.ack, self._admit, self.outbox.wake)
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+    def start(self, wait: float = 1.0) -> bool:
+        """Starts every part; True when the CAN bus is up (the broker may still be unreachable)."""
+        requeue = self._recover()
+        bus_up = self.runtime.start(wait)
+        self.outbox.start()
+        self.intake.start()
+        for command, entry in requeue:
+            self._admit(command, entry)
+        self.link.start()
+        return bus_up
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Stop taking commands, let in-flight ones finish, flush what the broker takes, go offline."""
+        self.intake.stop()
+        self.runtime.stop(grace)  # queued-but-unrun commands stay 'queued' and run after a restart
+        if self.link.connected:
+            self.outbox.flush(min(grace, 3.0))
+        self.outbox.stop()
+        self.link.stop()
+        self.store.close()
+
+    def threads_alive(self) -> dict[str, bool]:
+        return {"intake": self.intake.alive, "outbox": self.outbox.alive, "mqtt": self.link.alive}
+
+    # ---- callbacks -----------------------------------------------------------------------------
+    def _status(self, state: str) -> bytes:
+        names = [e.name for e in self.config.ecus]
+        return m.encode(m.status_message(state, self.config.vehicle, names, self.started_at))
+
+    def _on_incoming(self, incoming: Any) -> None:
+        self.intake.put(incoming)
+
+    def _on_published(self, mid: int) -> None:
+        self.outbox.published(mid)
+
+    def _on_connection(self, up: bool) -> None:
+        self.outbox.wake()
+
+    def _admit(self, command: Command, entry: Entry) -> None:
+        admission = self.runtime.submit(command)
+        if admission is Admission.QUEUED:
+            return
+        outcome = admission.refusal(command.component, command.command)
+        self._finish(entry, Result(command.id, command.component, command.command, outcome,
+                                   command.received_at, None, time.time()))
+
+    def _on_start(self, command: Command) -> None:
+        batch = self.store.batch()
+        batch.set_state(command.id, "started")
+        batch.commit()
+
+    def _on_result(self, result: Result) -> None:
+        entry = self.store.get(result.command_id)
+        if entry is None:
+            log.error("result for a command missing from the ledger", extra={"command_id": result.command_id})
+            return
+        self._finish(entry, result)
+
+    def _finish(self, entry: Entry, result: Result) -> None:
+        final = response_message(result, seq=entry.seq + 1)
+        pieces = m.split_result(final, self.config.mqtt.max_payload_bytes)
+        batch = self.store.batch()
+        for message in pieces:
+            batch.publish(Outgoing(entry.reply_topic, m.encode(message), entry.correlation, entry.id))
+        batch.set_state(entry.id, "final", seq=pieces[-1]["seq"], final_message=final)
+        batch.commit()
+        self.outbox.wake()
+
+    # ---- restart recovery ----------------------------------------------------------------------
+    def _recover(self) -> list[tuple[Command, Entry]]:
+        """Started-but-unfinished commands get `interrupted` (never re-run); queued ones run again."""
+        interrupted = self.store.entries("started")
+        for entry in interrupted:
+            message = refusal_message(entry.id, entry.body, Status.INTERRUPTED, ErrorCode.INTERRUPTED,
+                                      "the agent stopped while this command ran; it was not run again",
+                                      entry.received_at, seq=entry.seq + 1)
+            batch = self.store.batch()
+            batch.publish(Outgoing(entry.reply_topic, m.encode(message), entry.correlation, entry.id))
+            batch.set_state(entry.id, "final", seq=message["seq"], final_message=message)
+            batch.commit()
+        ids = [e.id for e in interrupted]
+        event = m.event_message("agent_started", time.time(), interrupted=ids, agent_version=__version__)
+        batch = self.store.batch()
+        batch.publish(Outgoing(self.topics.events, m.encode(event)))
+        batch.commit()
+        if ids:
+            log.warning("%d commands were interrupted by the last stop", len(ids), extra={"ids": ids})
+        return [pair for pair in (self._reparse(e) for e in self.store.entries("queued")) if pair is not None]
+
+    def _reparse(self, entry: Entry) -> tuple[Command, Entry] | None:
+        try:
+            command = parse_command(entry.body, self.config, entry.received_at)
+        except (InvalidCommandError, UnknownComponentError) as err:
+            self._finish(entry, Result(entry.id, str(entry.body.get("component", "")),
+                                       str(entry.body.get("command", "")),
+                                       refusal_outcome(err), entry.received_at, None, time.time()))
+            return None
+        return dataclasses.replace(command, expires_at=entry.expires_at, correlation_data=entry.correlation), entry
+
+
+def refusal_outcome(err: Exception) -> Outcome:
+    if isinstance(err, UnknownComponentError):
+        return Outcome.failure(Status.FAILED, ErrorCode.UNKNOWN_COMPONENT, str(err))
+    return Outcome.failure(Status.REJECTED, ErrorCode.INVALID_COMMAND, f"invalid after a config change: {err}")
