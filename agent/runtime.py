@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from agent.bus.address import isotp_address, rx_ids
 from agent.bus.isotp_link import IsoTpLink
@@ -55,11 +56,11 @@ class Runtime:
 
     def __init__(self, config: AgentConfig, sink: ResultSink, on_start: StartHook | None = None,
                  bus_factory: BusFactory | None = None, sim_factory: BusFactory | None = None,
-                 on_bus_change: Callable[[bool, str], None] | None = None) -> None:
+                 on_bus_change: Callable[[bool, str], None] | None = None, sim_journal: Path | None = None) -> None:
         self.config = config
         self.transport = choose_transport(config.bus)
         self.owner = BusOwner(config.bus, factory=bus_factory, on_change=on_bus_change)
-        self.simulators = [Simulator(load_sim_config(path), bus=config.bus, factory=sim_factory)
+        self.simulators = [Simulator(load_sim_config(path), bus=config.bus, factory=sim_factory, journal=sim_journal)
                            for path in config.simulate]
         self.workers: dict[str, ComponentWorker] = {}
         self._stopping = threading.Event()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 from agent import __version__
@@ -31,13 +32,13 @@ class Service:
     """Everything `sovd-edge run` runs. Construct, `start()`, and `stop()` on SIGTERM."""
 
     def __init__(self, config: AgentConfig, bus_factory: BusFactory | None = None,
-                 sim_factory: BusFactory | None = None) -> None:
+                 sim_factory: BusFactory | None = None, sim_journal: Path | None = None) -> None:
         self.config = config
         self.started_at = time.time()
         self.topics = Topics(config.mqtt.prefix, config.vehicle)
         self.store = Store(config.state_dir / STORE_FILE)
         self.runtime = Runtime(config, sink=self._on_result, on_start=self._on_start,
-                               bus_factory=bus_factory, sim_factory=sim_factory)
+                               bus_factory=bus_factory, sim_factory=sim_factory, sim_journal=sim_journal)
         self.link = MqttLink(config.mqtt, self.topics, config.mqtt.client_id or f"sovd-edge-{config.vehicle}",
                              status=self._status, on_command=self._on_incoming, on_published=self._on_published,
                              on_connection=self._on_connection)

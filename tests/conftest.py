@@ -14,6 +14,9 @@ import pytest
 
 from agent.config import AgentConfig, load_config
 from agent.local import LocalSession
+from agent.local_broker import LocalBroker
+from agent.mqtt.caller import Caller
+from agent.service import Service
 from agent.sim.config import load_sim_config
 from agent.sim.simulator import Simulator
 
@@ -62,3 +65,46 @@ def agent(vehicle: AgentConfig, sim: Simulator) -> Iterator[LocalSession]:
     with LocalSession(vehicle) as session:
         yield session
 
+
+
+# ---- MQTT fixtures -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroker]:
+    """A real Mosquitto on a free loopback port, one per test module."""
+    with LocalBroker(tmp_path_factory.mktemp("broker")) as running:
+        yield running
+
+
+@pytest.fixture
+def mqtt_vehicle(vehicle: AgentConfig, broker: LocalBroker, tmp_path: Path) -> AgentConfig:
+    """The test vehicle with its own vehicle id (own topics and client id) on the module's broker."""
+    return dataclasses.replace(
+        vehicle, vehicle=f"VT{uuid.uuid4().hex[:12].upper()}", state_dir=tmp_path / "state",
+        mqtt=dataclasses.replace(vehicle.mqtt, broker=broker.url),
+    )
+
+
+@pytest.fixture
+def backend(mqtt_vehicle: AgentConfig) -> Iterator[Caller]:
+    """The fleet backend's view: subscribed to everything under the vehicle's topics.
+
+    On teardown every message the agent published is validated against docs/asyncapi.yaml.
+    """
+    from mqtt_support import validate_published
+
+    with Caller(mqtt_vehicle.mqtt, mqtt_vehicle.vehicle) as caller:
+        caller.subscribe(f"{caller.topics.base}/#")
+        caller.subscribe("replies/#")
+        yield caller
+        validate_published(caller.seen, caller.topics.base)
+
+
+@pytest.fixture
+def service(mqtt_vehicle: AgentConfig, sim: Simulator, backend: Caller) -> Iterator[Service]:
+    svc = Service(mqtt_vehicle)
+    svc.start()
+    assert svc.link.wait_connected(10), svc.link.last_error
+    backend.wait_for(lambda s: s.topic == backend.topics.status and b'"online"' in s.payload, 10)
+    yield svc
+    svc.stop()

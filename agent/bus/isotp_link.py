@@ -93,7 +93,10 @@ class IsoTpLink:
                         time.sleep(min(delay, remaining))
                     self._logic.process(do_rx=False, do_tx=True)
                 else:
-                    self._logic.process(rx_timeout=min(remaining, _SLICE))
+                    # Block only while a flow control frame is due; after a frame went out, process()
+                    # makes one more receive pass that would otherwise sit out the whole timeout.
+                    waiting_fc = self._logic.tx_state == isotp.TransportLayerLogic.TxState.WAIT_FC
+                    self._logic.process(rx_timeout=min(remaining, _SLICE) if waiting_fc else 0)
         except BusDownError:
             self._logic.reset()
             raise

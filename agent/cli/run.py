@@ -34,6 +34,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--state-dir", type=Path, help="where the durable store lives (default: from the config)")
     p.add_argument("--broker", help="mqtt://HOST:PORT or mqtts://HOST:PORT, overriding the config")
     p.add_argument("--grace", type=float, default=5.0, help="seconds in-flight commands get to finish on stop")
+    p.add_argument("--sim-journal", type=Path,
+                   help="append every request the in-process simulated ECUs execute to this file (tests, demos)")
     add_logging_flags(p)
     p.set_defaults(handler=handle)
 
@@ -57,7 +59,7 @@ def handle(args: argparse.Namespace) -> int:
         return EXIT_CANTCREAT
     stop = stop_on_signals()
     try:
-        service = Service(config)
+        service = Service(config, sim_journal=args.sim_journal)
     except LinkSetupError as err:
         log.error("MQTT link cannot be set up: %s", err)
         return EXIT_CONFIG

@@ -118,20 +118,25 @@ class Intake:
             if body.command_id is None:
                 self._invalid_event("undecodable", body.reason, item)
                 return None
-            return self._reject_invalid(item, batch, body.command_id, {"id": body.command_id}, body.reason, seen)
+            reply_topic = self._reply_topic(item, {}, body.command_id)
+            if body.command_id in seen or self._store.get(body.command_id) is not None:
+                self._duplicate(item, batch, {}, body.command_id, reply_topic)
+                return None
+            seen.add(body.command_id)
+            return self._reject_invalid(item, batch, body.command_id, {"id": body.command_id}, body.reason)
         command_id = m.readable_id(body)
         if command_id is None:
             self._invalid_event("bad_id", "the command has no valid id", item)
             return None
         reply_topic = self._reply_topic(item, body, command_id)
         if command_id in seen or self._store.get(command_id) is not None:
-            self._duplicate(item, batch, body, command_id, reply_topic, seen)
+            self._duplicate(item, batch, body, command_id, reply_topic)
             return None
         seen.add(command_id)
         try:
             command = parse_command(body, self._config, item.received_at)
         except InvalidCommandError as err:
-            return self._reject_invalid(item, batch, command_id, body, str(err), seen, err.problems)
+            return self._reject_invalid(item, batch, command_id, body, str(err), err.problems)
         except UnknownComponentError as err:
             self._record_final(batch, item, body, command_id, reply_topic,
                                refusal_message(command_id, body, Status.FAILED, ErrorCode.UNKNOWN_COMPONENT,
@@ -156,8 +161,7 @@ class Intake:
                 return candidate
         return self._topics.responses(command_id)
 
-    def _duplicate(self, item: Incoming, batch: Batch, body: dict[str, Any], command_id: str, reply_topic: str,
-                   seen: set[str]) -> None:
+    def _duplicate(self, item: Incoming, batch: Batch, body: dict[str, Any], command_id: str, reply_topic: str) -> None:
         existing = self._store.get(command_id)
         if item.dup and existing is not None:
             self.stats.redeliveries += 1  # the broker resending what we already recorded
@@ -175,12 +179,8 @@ class Intake:
         log.info("duplicate of a command in flight rejected", extra={"command_id": command_id})
 
     def _reject_invalid(self, item: Incoming, batch: Batch, command_id: str, body: dict[str, Any], reason: str,
-                        seen: set[str], problems: list[tuple[str, str]] | None = None) -> None:
+                        problems: list[tuple[str, str]] | None = None) -> None:
         reply_topic = self._reply_topic(item, body, command_id)
-        if command_id in seen or self._store.get(command_id) is not None:
-            self._duplicate(item, batch, body, command_id, reply_topic, seen)
-            return None
-        seen.add(command_id)
         field = problems[0][0] if problems else ""
         self._count_invalid("invalid_command")
         message = refusal_message(command_id, body, Status.REJECTED, ErrorCode.INVALID_COMMAND, reason,

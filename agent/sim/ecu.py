@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 
 from agent.bus.address import isotp_address
 from agent.bus.isotp_link import IsoTpLink
@@ -22,8 +23,9 @@ PENDING_INTERVAL_S = 0.02
 class SimulatedEcu:
     """Serves requests in order; `received` counts every request seen, `server.executed` those run."""
 
-    def __init__(self, config: SimEcu, owner: BusOwner) -> None:
+    def __init__(self, config: SimEcu, owner: BusOwner, journal: Callable[[str], None] | None = None) -> None:
         self.config = config
+        self._journal = journal
         self.name = config.name
         self.server = UdsServer(config)
         self.received: Counter[int] = Counter()
@@ -94,6 +96,8 @@ class SimulatedEcu:
                 self._send(bytes([0x7F, sid, fault.nrc]))
                 return
         response = self.server.handle(request, time.monotonic())
+        if self._journal is not None:
+            self._journal(f"{self.name} {request.hex()}")
         if response is not None:
             self._send(response)
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+from pathlib import Path
+
 from agent.bus.owner import BusFactory, BusOwner
 from agent.config.model import BusConfig
 from agent.sim.config import SimConfig
@@ -11,12 +14,22 @@ from agent.sim.ecu import SimulatedEcu
 class Simulator:
     """Starts and stops the ECUs of a simulator config on the given bus."""
 
-    def __init__(self, config: SimConfig, bus: BusConfig | None = None, factory: BusFactory | None = None) -> None:
+    def __init__(self, config: SimConfig, bus: BusConfig | None = None, factory: BusFactory | None = None,
+                 journal: Path | None = None) -> None:
         bus_config = bus or config.bus
         if bus_config is None:
             raise ValueError("the simulator needs a bus: give one in its config or on the command line")
         self.owner = BusOwner(bus_config, factory=factory, name="sim-can")
-        self.ecus = {ecu.name: SimulatedEcu(ecu, self.owner) for ecu in config.ecus}
+        self._journal = journal.open("a", encoding="utf-8", buffering=1) if journal else None
+        self._journal_lock = threading.Lock()
+        record = self._record if self._journal else None
+        self.ecus = {ecu.name: SimulatedEcu(ecu, self.owner, record) for ecu in config.ecus}
+
+    def _record(self, line: str) -> None:
+        """Appends one executed request to the journal (line-buffered: survives the process being killed)."""
+        assert self._journal is not None
+        with self._journal_lock:
+            self._journal.write(line + "\n")
 
     def start(self, wait: float = 2.0) -> bool:
         up = self.owner.start(wait)
@@ -30,6 +43,8 @@ class Simulator:
         for ecu in self.ecus.values():
             ecu.stop()
         self.owner.stop()
+        if self._journal is not None:
+            self._journal.close()
 
     def ecu(self, name: str) -> SimulatedEcu:
         return self.ecus[name]

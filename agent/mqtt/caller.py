@@ -1,0 +1,141 @@
+"""The backend side of protocol v1, for `sovd-edge call` and the tests: publish commands, watch replies."""
+
+from __future__ import annotations
+
+import json
+import ssl
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from agent.config.model import MqttConfig
+from agent.mqtt.link import password_of
+from agent.mqtt.topics import Topics
+
+
+@dataclass(frozen=True)
+class Seen:
+    """One message the caller received."""
+
+    topic: str
+    payload: bytes
+    retained: bool
+    correlation: bytes | None
+    at: float
+
+    def json(self) -> Any:
+        return json.loads(self.payload)
+
+
+class Caller:
+    """A short-lived MQTT client with a clean session that records everything it is subscribed to."""
+
+    def __init__(self, config: MqttConfig, vehicle: str, client_id: str | None = None) -> None:
+        self.topics = Topics(config.prefix, vehicle)
+        self._v5 = config.protocol == "5"
+        self._host, self._port, tls = config.host_port_tls
+        self._client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+                                   client_id=client_id or f"sovd-call-{uuid.uuid4().hex[:10]}",
+                                   protocol=mqtt.MQTTv5 if self._v5 else mqtt.MQTTv311)
+        password = password_of(config)
+        if config.username or password:
+            self._client.username_pw_set(config.username or "", password)
+        if tls or config.tls:
+            t = config.tls
+            self._client.tls_set(ca_certs=str(t.ca_file) if t and t.ca_file else None,
+                                 certfile=str(t.cert_file) if t and t.cert_file else None,
+                                 keyfile=str(t.key_file) if t and t.key_file else None,
+                                 cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        self._client.on_message = self._on_message
+        self.seen: list[Seen] = []
+        self._changed = threading.Condition()
+
+    def __enter__(self) -> Caller:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def connect(self, timeout: float = 10.0) -> None:
+        self._client.connect(self._host, self._port, keepalive=30)
+        self._client.loop_start()
+        deadline = time.monotonic() + timeout
+        while not self._client.is_connected():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no connection to {self._host}:{self._port}")
+            time.sleep(0.01)
+
+    def close(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def subscribe(self, topic: str, timeout: float = 5.0) -> None:
+        done = threading.Event()
+        self._client.on_subscribe = lambda *args: done.set()
+        self._client.subscribe(topic, qos=1)
+        if not done.wait(timeout):
+            raise TimeoutError(f"subscription to {topic} not confirmed")
+
+    def send(self, body: dict[str, Any] | bytes, response_topic: str | None = None, correlation: bytes | None = None,
+             expiry_s: int | None = None) -> None:
+        """Publishes a command (QoS 1) and waits for the broker's PUBACK."""
+        payload = body if isinstance(body, bytes) else json.dumps(body).encode()
+        properties = None
+        if self._v5 and (response_topic or correlation is not None or expiry_s is not None):
+            properties = Properties(PacketTypes.PUBLISH)
+            if response_topic:
+                properties.ResponseTopic = response_topic
+            if correlation is not None:
+                properties.CorrelationData = correlation
+            if expiry_s is not None:
+                properties.MessageExpiryInterval = expiry_s
+        info = self._client.publish(self.topics.commands, payload, qos=1, properties=properties)
+        info.wait_for_publish(10)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        props = message.properties if self._v5 else None
+        seen = Seen(message.topic, bytes(message.payload), bool(message.retain),
+                    getattr(props, "CorrelationData", None), time.time())
+        with self._changed:
+            self.seen.append(seen)
+            self._changed.notify_all()
+
+    def wait_for(self, predicate: Callable[[Seen], bool], timeout: float, count: int = 1) -> list[Seen]:
+        """The first `count` messages matching `predicate`; TimeoutError if fewer arrive in time."""
+        with self._changed:
+            ok = self._changed.wait_for(lambda: len([s for s in self.seen if predicate(s)]) >= count, timeout)
+            matched = [s for s in self.seen if predicate(s)]
+        if not ok:
+            raise TimeoutError(f"{len(matched)} of {count} expected messages within {timeout} s")
+        return matched[:count]
+
+    def replies(self, command_id: str, topic: str | None = None) -> list[dict[str, Any]]:
+        wanted = topic or self.topics.responses(command_id)
+        with self._changed:
+            return [s.json() for s in self.seen if s.topic == wanted and _id_of(s) == command_id]
+
+    def final(self, command_id: str, timeout: float = 10.0, topic: str | None = None) -> dict[str, Any]:
+        wanted = topic or self.topics.responses(command_id)
+        found = self.wait_for(lambda s: s.topic == wanted and _id_of(s) == command_id and _is_final(s), timeout)
+        return found[0].json()
+
+
+def _id_of(seen: Seen) -> str | None:
+    try:
+        body = seen.json()
+    except ValueError:
+        return None
+    return body.get("id") if isinstance(body, dict) else None
+
+
+def _is_final(seen: Seen) -> bool:
+    body = seen.json()
+    return isinstance(body, dict) and body.get("final") is True

@@ -1,0 +1,205 @@
+"""Protocol v1 through a real Mosquitto, agent in-process (so the simulator's counters are visible)."""
+
+import json
+import time
+import uuid
+
+import pytest
+
+from agent.sim.config import fault_from_dict
+
+ALL_COMMANDS = [
+    ("read_data", {"data": ["vin", "engine_speed"]}),
+    ("read_faults", {"snapshots": True}),
+    ("set_session", {"session": "extended"}),
+    ("security_access", {"level": 1}),
+    ("write_data", {"data": "idle_mode", "value": "high"}),
+    ("operation", {"routine": "self_test", "action": "start"}),
+    ("io_control", {"data": "engine_speed", "control": "freeze"}),
+    ("tester_present", {}),
+    ("raw", {"request": "22F40D"}),
+    ("clear_faults", {}),
+    ("reset", {"type": "soft"}),
+]
+
+
+def new_id():
+    return f"c-{uuid.uuid4().hex[:10]}"
+
+
+def command(component="engine", name="read_data", params=None, **fields):
+    body = {"id": new_id(), "component": component, "command": name,
+            "params": {"data": "vin"} if params is None else params}
+    body.update(fields)
+    return body
+
+
+def test_status_online_retained(service, backend):
+    status = [s for s in backend.seen if s.topic == backend.topics.status][-1]
+    body = status.json()
+    assert body["state"] == "online" and body["protocol"] == 1
+    assert body["components"] == ["engine", "body", "gateway", "camera"]
+    assert status.retained or len([s for s in backend.seen if s.topic == backend.topics.status]) >= 1
+
+
+def test_every_command_end_to_end(service, backend, sim):
+    for name, params in ALL_COMMANDS:
+        body = command(name=name, params=params)
+        backend.send(body)
+        final = backend.final(body["id"])
+        assert final["status"] == "completed", final
+        replies = backend.replies(body["id"])
+        assert [r["seq"] for r in replies] == [1, 2] and replies[0]["status"] == "accepted"
+    assert sim.ecu("engine").server.resets == 1
+
+
+def test_mqtt5_response_topic_and_correlation(service, backend):
+    body = command()
+    backend.send(body, response_topic="replies/backend-7", correlation=b"\x01corr")
+    final = backend.final(body["id"], topic="replies/backend-7")
+    assert final["result"] == {"values": {"vin": "TEST0VEHICLE00001"}}
+    seen = [s for s in backend.seen if s.topic == "replies/backend-7"]
+    assert len(seen) == 2 and all(s.correlation == b"\x01corr" for s in seen)
+    assert backend.replies(body["id"]) == []  # nothing on the default topic
+
+
+def test_expired_by_expires_at_never_runs(service, backend, sim):
+    body = command(expires_at="2020-01-01T00:00:00.000Z")
+    backend.send(body)
+    final = backend.final(body["id"])
+    assert final["status"] == "expired" and final["error"]["code"] == "expired"
+    assert sim.ecu("engine").received[0x22] == 0
+
+
+def test_expired_by_message_expiry_interval(service, backend, sim):
+    # the first command holds the engine for ~1.4 s (70 x NRC 0x78); the second expires while it waits
+    sim.ecu("engine").set_faults([fault_from_dict({"service": 0x22, "match": "F190", "pending": 70})])
+    slow, quick = command(), command(params={"data": "oil_temp"})
+    backend.send(slow)
+    backend.send(quick, expiry_s=1)
+    slow_final = backend.final(slow["id"])
+    assert slow_final["status"] == "completed", slow_final["error"]
+    assert backend.final(quick["id"])["status"] == "expired"
+    assert sim.ecu("engine").server.executed[0x22] == 1
+
+
+def test_duplicate_of_finished_command_gets_final_again(service, backend, sim):
+    body = command()
+    backend.send(body)
+    first = backend.final(body["id"])
+    backend.send(body)
+    backend.wait_for(lambda s: s.topic == backend.topics.responses(body["id"]) and b'"duplicate"' in s.payload, 10)
+    again = [r for r in backend.replies(body["id"]) if r.get("duplicate")][0]
+    assert {k: v for k, v in again.items() if k != "duplicate"} == first
+    assert sim.ecu("engine").server.executed[0x22] == 1
+
+
+def test_duplicate_in_flight_rejected_and_run_once(service, backend, sim):
+    sim.ecu("engine").set_faults([fault_from_dict({"service": 0x22, "pending": 10})])
+    body = command()
+    backend.send(body)
+    backend.send(body)
+    backend.wait_for(lambda s: b"duplicate_in_flight" in s.payload, 10)
+    assert backend.final(body["id"])["status"] in ("rejected", "completed")
+    backend.wait_for(lambda s: s.topic == backend.topics.responses(body["id"]) and b'"completed"' in s.payload, 10)
+    assert sim.ecu("engine").server.executed[0x22] == 1
+
+
+@pytest.mark.parametrize(("payload", "field"), [
+    ({"id": "bad-1", "component": "engine", "command": "read_data", "params": {"data": 7}}, "params.data"),
+    ({"id": "bad-2", "component": "engine", "command": "levitate"}, "command"),
+    ({"id": "bad-3", "component": "engine", "command": "read_data", "params": {"data": "vin"}, "x": 1}, "x"),
+    ({"id": "bad-4", "component": 5, "command": "read_data"}, "component"),
+    ({"id": "bad-5", "component": "engine", "command": "read_data", "timeout_ms": "soon"}, "timeout_ms"),
+])
+def test_invalid_commands_rejected_naming_the_field(service, backend, payload, field):
+    payload = {**payload, "id": f"{payload['id']}-{uuid.uuid4().hex[:6]}"}
+    backend.send(payload)
+    final = backend.final(payload["id"])
+    assert final["status"] == "rejected" and final["error"]["code"] == "invalid_command"
+    assert final["error"]["field"] == field and field in final["error"]["message"]
+
+
+@pytest.mark.parametrize("payload", [
+    b"not json", b"\xff\xfe\x00garbage", b"[1, 2, 3]", b'"a string"', b"{}", b'{"id": "has space"}',
+    b"\x00" * 100, b"[" * 100000,
+])
+def test_undecodable_messages_become_events_and_agent_keeps_serving(service, backend, payload):
+    backend.send(payload)
+    backend.wait_for(lambda s: s.topic == backend.topics.events and b"invalid_message" in s.payload, 10)
+    body = command()
+    backend.send(body)
+    assert backend.final(body["id"])["status"] == "completed"
+
+
+def test_oversize_command_with_readable_id_is_rejected(service, backend):
+    body = command(params={"data": "vin", "padding": "x" * 70000})
+    backend.send(body)
+    final = backend.final(body["id"])
+    assert final["error"]["code"] == "invalid_command" and "limit is 65536" in final["error"]["message"]
+
+
+def test_invalid_message_events_are_rate_limited(service, backend):
+    for _ in range(15):
+        backend.send(b"nope")
+    backend.wait_for(lambda s: s.topic == backend.topics.events and b"invalid_message" in s.payload, 10, count=10)
+    time.sleep(0.5)
+    events = [s for s in backend.seen if s.topic == backend.topics.events and b"invalid_message" in s.payload]
+    assert len(events) == 10
+    assert service.intake.stats.invalid["undecodable"] == 15 and service.intake.stats.events_suppressed == 5
+
+
+def test_unknown_component_and_policy(service, backend):
+    unknown, refused = command(component="warp_core"), command(component="body", name="clear_faults", params={})
+    backend.send(unknown)
+    backend.send(refused)
+    assert backend.final(unknown["id"])["error"]["code"] == "unknown_component"
+    final = backend.final(refused["id"])
+    assert (final["status"], final["error"]["code"]) == ("rejected", "not_permitted")
+
+
+def test_full_queue_answers_busy(service, backend, sim):
+    sim.ecu("engine").set_faults([fault_from_dict({"service": 0x22, "delay_ms": 100})])
+    bodies = [command() for _ in range(8)]
+    for body in bodies:
+        backend.send(body)
+    finals = [backend.final(b["id"], timeout=15) for b in bodies]
+    statuses = [f["status"] for f in finals]
+    assert statuses.count("rejected") >= 1 and statuses.count("completed") >= 5
+    assert all(f["error"]["code"] == "busy" for f in finals if f["status"] == "rejected")
+    assert sim.ecu("engine").server.executed[0x22] == statuses.count("completed")
+
+
+def test_large_result_is_chunked_and_reassembles(mqtt_vehicle, sim, backend):
+    import dataclasses
+
+    from agent.service import Service
+
+    config = dataclasses.replace(mqtt_vehicle, mqtt=dataclasses.replace(mqtt_vehicle.mqtt, max_payload_bytes=2048))
+    svc = Service(config)
+    svc.start()
+    try:
+        backend.wait_for(lambda s: s.topic == backend.topics.status and b'"online"' in s.payload, 10)
+        body = command(params={"data": "big_block"})
+        backend.send(body)
+        final = backend.final(body["id"])
+        replies = backend.replies(body["id"])
+        chunks = [r for r in replies if r["status"] == "running"]
+        assert final["status"] == "completed" and final["chunks"] == len(chunks) > 1 and "result" not in final
+        assert [c["chunk"]["index"] for c in chunks] == list(range(len(chunks)))
+        assert [r["seq"] for r in replies] == list(range(1, len(replies) + 1))
+        assert all(len(json.dumps(r)) <= 2048 for r in replies)
+        result = json.loads("".join(c["chunk"]["data"] for c in chunks))
+        assert bytes.fromhex(result["values"]["big_block"]["raw"]) == bytes(i & 0xFF for i in range(4095))
+    finally:
+        svc.stop()
+
+
+def test_clean_stop_publishes_offline(mqtt_vehicle, sim, backend):
+    from agent.service import Service
+
+    svc = Service(mqtt_vehicle)
+    svc.start()
+    backend.wait_for(lambda s: s.topic == backend.topics.status and b'"online"' in s.payload, 10)
+    svc.stop()
+    backend.wait_for(lambda s: s.topic == backend.topics.status and b'"offline"' in s.payload, 10)
