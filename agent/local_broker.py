@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import pwd
 import shutil
 import socket
 import subprocess
@@ -57,6 +59,9 @@ class LocalBroker:
 
     def _write_config(self) -> None:
         lines = [
+            # Stay the user who started it: a root-started mosquitto would otherwise become `mosquitto`
+            # and lose access to the files generated for it.
+            f"user {pwd.getpwuid(os.getuid()).pw_name}",
             f"listener {self.port} 127.0.0.1",
             "allow_anonymous true",
             "persistence true",

@@ -53,6 +53,7 @@ class AgentProcess:
                      "--state-dir", str(state_dir), "--log-format", "json"]
         if journal:
             self.args += ["--sim-journal", str(journal)]
+        state_dir.mkdir(parents=True, exist_ok=True)
         self.log = state_dir / "agent.log"
         self.proc: subprocess.Popen[bytes] | None = None
 

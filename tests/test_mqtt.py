@@ -89,7 +89,7 @@ def test_duplicate_of_finished_command_gets_final_again(service, backend, sim):
     first = backend.final(body["id"])
     backend.send(body)
     backend.wait_for(lambda s: s.topic == backend.topics.responses(body["id"]) and b'"duplicate"' in s.payload, 10)
-    again = [r for r in backend.replies(body["id"]) if r.get("duplicate")][0]
+    again = next(r for r in backend.replies(body["id"]) if r.get("duplicate"))
     assert {k: v for k, v in again.items() if k != "duplicate"} == first
     assert sim.ecu("engine").server.executed[0x22] == 1
 
@@ -203,3 +203,31 @@ def test_clean_stop_publishes_offline(mqtt_vehicle, sim, backend):
     backend.wait_for(lambda s: s.topic == backend.topics.status and b'"online"' in s.payload, 10)
     svc.stop()
     backend.wait_for(lambda s: s.topic == backend.topics.status and b'"offline"' in s.payload, 10)
+
+
+def test_mqtt_3_1_1_with_reply_to(mqtt_vehicle, sim):
+    import dataclasses
+
+    from mqtt_support import validate_published
+
+    from agent.mqtt.caller import Caller
+    from agent.service import Service
+
+    config = dataclasses.replace(mqtt_vehicle, mqtt=dataclasses.replace(mqtt_vehicle.mqtt, protocol="3.1.1"))
+    svc = Service(config)
+    svc.start()
+    try:
+        with Caller(config.mqtt, config.vehicle) as backend:
+            backend.subscribe(f"{backend.topics.base}/#")
+            backend.subscribe("legacy/#")
+            backend.wait_for(lambda s: s.topic == backend.topics.status and b'"online"' in s.payload, 10)
+            body = command(reply_to="legacy/replies/42")
+            backend.send(body)
+            final = backend.final(body["id"], topic="legacy/replies/42")
+            assert final["result"] == {"values": {"vin": "TEST0VEHICLE00001"}}
+            plain = command(params={"data": "oil_temp"})
+            backend.send(plain)
+            assert backend.final(plain["id"])["status"] == "completed"
+            validate_published(backend.seen, backend.topics.base)
+    finally:
+        svc.stop()

@@ -135,6 +135,9 @@ class MqttLink:
         self._client.on_disconnect = self._disconnected
         self._client.on_message = self._message
         self._client.on_publish = self._published
+        self._client.on_log = self._paho_log
+        self._paho_error: str | None = None  # paho's last error line: the real cause behind a disconnect
+        self._refusal: str | None = None
         self._connected_event = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -259,10 +262,11 @@ class MqttLink:
     def _connected(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         if reason.is_failure:
             self.stats.refused += 1
-            self._fail(f"broker refused the connection: {reason}")
+            self._refusal = f"broker refused the connection: {reason}"
+            self._fail(self._refusal)
             return
         self.stats.connects += 1
-        self.last_error = None
+        self.last_error = self._refusal = self._paho_error = None
         client.subscribe(self.topics.commands, qos=1)
         client.publish(self.topics.status, self._status("online"), qos=1, retain=True)
         log.info("connected to broker", extra={"broker": self.config.broker,
@@ -272,8 +276,14 @@ class MqttLink:
     @_guarded
     def _disconnected(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         if not self._stop.is_set():
-            self._fail(f"disconnected from broker: {reason}")
+            detail = f" ({self._paho_error})" if self._paho_error else ""
+            self._fail(self._refusal or f"disconnected from broker: {reason}{detail}")
+            self._refusal = self._paho_error = None
         self._mark(False)
+
+    def _paho_log(self, client: mqtt.Client, userdata: Any, level: int, text: str) -> None:
+        if level == mqtt.MQTT_LOG_ERR:
+            self._paho_error = text
 
     @_guarded
     def _message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:

@@ -1,0 +1,164 @@
+"""The agent as a real process under a real broker: SIGKILL, restarts, broker outages, Last Will, CLI.
+
+The simulated ECUs run inside the agent process (virtual bus); they journal every request they
+execute to a file, which outlives a SIGKILL and proves what ran and how often.
+"""
+
+import json
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+import yaml
+from conftest import DATA, ROOT
+from mqtt_support import AgentProcess, validate_published
+
+from agent.mqtt.caller import Caller
+
+
+@pytest.fixture
+def setup(tmp_path, broker):
+    vehicle = f"VP{uuid.uuid4().hex[:12].upper()}"
+    sim = yaml.safe_load((DATA / "vehicle-sim.yaml").read_text())
+    sim["ecus"][0]["faults"] = [{"service": 0x31, "pending": 50}]  # each routine takes ~1 s (50 x 0x78)
+    (tmp_path / "sim.yaml").write_text(yaml.safe_dump(sim))
+    config = yaml.safe_load((DATA / "vehicle.yaml").read_text())
+    config.update(vehicle=vehicle, simulate=[str(tmp_path / "sim.yaml")], state_dir=str(tmp_path / "state"))
+    config["bus"]["channel"] = f"proc-{uuid.uuid4().hex[:8]}"
+    config["mqtt"] = {"broker": broker.url, "keepalive_s": 5}
+    (tmp_path / "agent.yaml").write_text(yaml.safe_dump(config))
+    agent = AgentProcess(tmp_path / "agent.yaml", broker.url, tmp_path / "state", tmp_path / "journal")
+    yield agent, vehicle, tmp_path
+    agent.ensure_stopped()
+
+
+def caller_for(broker, vehicle):
+    from agent.config.model import MqttConfig
+
+    caller = Caller(MqttConfig(broker=broker.url), vehicle)
+    caller.connect()
+    caller.subscribe(f"{caller.topics.base}/#")
+    return caller
+
+
+def routine(n):
+    return {"id": f"op-{n}-{uuid.uuid4().hex[:6]}", "component": "engine", "command": "operation",
+            "params": {"routine": "self_test", "action": "start", "data": f"{n:04x}"}}
+
+
+def journal_count(tmp_path, n):
+    path = tmp_path / "journal"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return sum(1 for line in lines if line == f"engine 31010203{n:04x}")
+
+
+def wait(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_sigkill_mid_stream_then_restart(setup, broker):
+    agent, vehicle, tmp = setup
+    agent.start()
+    backend = caller_for(broker, vehicle)
+    ops = [routine(n) for n in (1, 2, 3)]
+    for body in ops:
+        backend.send(body)
+    backend.wait_for(lambda s: b'"accepted"' in s.payload, 10, count=3)
+    broker.stop()  # op 1 finishes while the broker is away: its response waits in the outbox
+    wait(lambda: journal_count(tmp, 1) == 1, 10, "op 1 to execute")
+    time.sleep(0.3)  # op 2 is now running (in its 0x78 phase)
+    agent.kill()
+    backend.close()
+    broker.start()
+    backend = caller_for(broker, vehicle)
+    agent.start()
+    finals = {body["id"]: backend.final(body["id"], timeout=15) for body in ops}
+    assert finals[ops[0]["id"]]["status"] == "completed"  # from the outbox, after the restart
+    assert finals[ops[1]["id"]]["status"] == "interrupted"
+    assert finals[ops[1]["id"]]["error"]["code"] == "interrupted"
+    assert finals[ops[2]["id"]]["status"] == "completed"  # was queued: runs after the restart
+    started = backend.wait_for(lambda s: s.topic == backend.topics.events and b"agent_started" in s.payload
+                               and ops[1]["id"].encode() in s.payload, 10)
+    assert json.loads(started[0].payload)["interrupted"] == [ops[1]["id"]]
+    time.sleep(0.5)
+    assert [journal_count(tmp, n) for n in (1, 2, 3)] == [1, 0, 1]  # nothing ran twice; op 2 never re-ran
+    assert agent.terminate() == 0
+    validate_published(backend.seen, backend.topics.base)
+    backend.close()
+
+
+def test_broker_restart_mid_stream_delivers_afterwards(setup, broker):
+    agent, vehicle, tmp = setup
+    agent.start()
+    backend = caller_for(broker, vehicle)
+    body = routine(7)
+    backend.send(body)
+    backend.wait_for(lambda s: b'"accepted"' in s.payload, 10)
+    broker.stop()
+    wait(lambda: journal_count(tmp, 7) == 1, 10, "the routine to execute")
+    backend.close()
+    broker.start()
+    backend = caller_for(broker, vehicle)
+    assert backend.final(body["id"], timeout=30)["status"] == "completed"
+    fresh = {"id": f"after-{uuid.uuid4().hex[:6]}", "component": "engine", "command": "read_data",
+             "params": {"data": "vin"}}
+    backend.send(fresh)
+    assert backend.final(fresh["id"], timeout=15)["status"] == "completed"
+    assert journal_count(tmp, 7) == 1
+    assert agent.terminate() == 0
+    backend.close()
+
+
+def test_commands_sent_while_agent_is_offline_arrive_later(setup, broker):
+    agent, vehicle, _ = setup
+    agent.start()
+    backend = caller_for(broker, vehicle)
+    assert agent.terminate() == 0
+    backend.wait_for(lambda s: s.topic == backend.topics.status and b'"offline"' in s.payload, 10)
+    body = {"id": f"late-{uuid.uuid4().hex[:6]}", "component": "engine", "command": "read_data",
+            "params": {"data": "vin"}}
+    backend.send(body)  # the broker queues it in the agent's persistent session
+    agent.start()
+    assert backend.final(body["id"], timeout=15)["result"] == {"values": {"vin": "TEST0VEHICLE00001"}}
+    assert agent.terminate() == 0
+    backend.close()
+
+
+def test_last_will_on_sigkill(setup, broker):
+    agent, vehicle, _ = setup
+    agent.start()
+    backend = caller_for(broker, vehicle)
+    backend.wait_for(lambda s: s.topic == backend.topics.status and b'"online"' in s.payload, 10)
+    agent.kill()
+    offline = backend.wait_for(lambda s: s.topic == backend.topics.status and b'"offline"' in s.payload, 15)
+    assert json.loads(offline[0].payload)["vehicle"] == vehicle
+    backend.close()
+
+
+def test_call_cli_round_trip_and_status(setup, broker):
+    agent, _, tmp = setup
+    agent.start()
+    base = [sys.executable, "-m", "agent", "call", "-c", str(tmp / "agent.yaml"), "--broker", broker.url]
+    result = subprocess.run([*base, "engine", "read_data", "data=vin"], capture_output=True, text=True,
+                            cwd=ROOT, timeout=30)
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [m["status"] for m in lines] == ["accepted", "completed"]
+    assert lines[-1]["result"]["values"]["vin"] == "TEST0VEHICLE00001"
+    refused = subprocess.run([*base, "body", "clear_faults"], capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert refused.returncode == 1 and '"not_permitted"' in refused.stdout
+    status = subprocess.run([*base, "--status"], capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert status.returncode == 0 and json.loads(status.stdout)["state"] == "online"
+    assert agent.terminate() == 0
+    status = subprocess.run([*base, "--status"], capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert status.returncode == 1 and json.loads(status.stdout)["state"] == "offline"
+    other = subprocess.run([*base, "--vehicle", "NOBODY", "--wait", "1", "engine", "read_data", "data=vin"],
+                           capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert other.returncode == 75 and "no final response" in other.stderr
