@@ -87,7 +87,8 @@ class Runtime:
             worker.start()
         return up
 
-    def submit(self, command: Command) -> Admission:
+    def check(self, command: Command, reserved: int = 0) -> Admission:
+        """Would `submit` queue this command, with `reserved` more already promised to its component?"""
         if self._stopping.is_set():
             return Admission.STOPPING
         worker = self.workers.get(command.component)
@@ -95,7 +96,13 @@ class Runtime:
             return Admission.UNKNOWN_COMPONENT
         if command.command not in worker.ecu.allow:
             return Admission.NOT_PERMITTED
-        return Admission.QUEUED if worker.submit(command) else Admission.BUSY
+        return Admission.QUEUED if worker.depth + reserved < worker.ecu.queue_size else Admission.BUSY
+
+    def submit(self, command: Command) -> Admission:
+        admission = self.check(command)
+        if admission is not Admission.QUEUED:
+            return admission
+        return Admission.QUEUED if self.workers[command.component].submit(command) else Admission.BUSY
 
     def revive_dead_workers(self) -> list[str]:
         """Restarts any worker whose thread died (it should not); returns their names."""

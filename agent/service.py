@@ -43,7 +43,8 @@ class Service:
                              status=self._status, on_command=self._on_incoming, on_published=self._on_published,
                              on_connection=self._on_connection)
         self.outbox = Outbox(self.store, config.store, self.link.publish, lambda: self.link.connected)
-        self.intake = Intake(config, self.store, self.topics, self.link.ack, self._admit, self.outbox.wake)
+        self.intake = Intake(config, self.store, self.topics, self.link.ack, self._admit, self.outbox.wake,
+                             self.runtime.check)
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def start(self, wait: float = 1.0) -> bool:

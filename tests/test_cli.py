@@ -44,14 +44,23 @@ def test_uds_exit_codes():
     assert missing.returncode == 78 and "cannot read" in missing.stderr
 
 
-def test_demo_shows_vin_faults_and_session_change():
+def test_demo_over_mqtt_shows_vin_faults_session_and_status():
     result = cli("demo", "-c", DEMO)
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
+    assert "$ sovd-edge call engine read_data" in out
     assert '"vin": "WVWZZZ1JZXW000001"' in out
     assert '"code": "P0301"' in out
     assert '"session": "extended"' in out
     assert out.count('"status": "completed"') >= 7
+    assert '"code": "not_permitted"' in out  # abs's policy is read-only
+    assert '"state": "online"' in out and '"state": "offline"' in out
+
+
+def test_demo_local_needs_no_broker():
+    result = cli("demo", "-c", DEMO, "--local")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert '"vin": "WVWZZZ1JZXW000001"' in result.stdout and '"code": "P0301"' in result.stdout
 
 
 def test_run_starts_and_stops_cleanly_on_sigterm(tmp_path):

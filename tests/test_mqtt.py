@@ -156,6 +156,7 @@ def test_unknown_component_and_policy(service, backend):
     assert backend.final(unknown["id"])["error"]["code"] == "unknown_component"
     final = backend.final(refused["id"])
     assert (final["status"], final["error"]["code"]) == ("rejected", "not_permitted")
+    assert [r["status"] for r in backend.replies(refused["id"])] == ["rejected"]  # never `accepted`
 
 
 def test_full_queue_answers_busy(service, backend, sim):
@@ -166,7 +167,7 @@ def test_full_queue_answers_busy(service, backend, sim):
     finals = [backend.final(b["id"], timeout=15) for b in bodies]
     statuses = [f["status"] for f in finals]
     assert statuses.count("rejected") >= 1 and statuses.count("completed") >= 5
-    assert all(f["error"]["code"] == "busy" for f in finals if f["status"] == "rejected")
+    assert all(f["error"]["code"] == "busy" and f["seq"] == 1 for f in finals if f["status"] == "rejected")
     assert sim.ecu("engine").server.executed[0x22] == statuses.count("completed")
 
 

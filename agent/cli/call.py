@@ -63,7 +63,7 @@ def _status(caller: Caller, args: argparse.Namespace) -> int:
         print(f"no status for vehicle on {caller.topics.status}", file=sys.stderr)
         return EXIT_TEMPFAIL
     status = seen.json()
-    print(json.dumps(status, indent=2))
+    print(json.dumps(status))
     return EXIT_OK if status.get("state") == "online" else EXIT_NOT_COMPLETED
 
 

@@ -22,6 +22,7 @@ from agent.mqtt.link import Incoming
 from agent.mqtt.replies import accepted_message, in_flight_duplicate, refusal_message
 from agent.mqtt.store import Batch, Entry, Outgoing, Store
 from agent.mqtt.topics import Topics, is_publishable
+from agent.runtime import Admission
 
 log = logging.getLogger(__name__)
 
@@ -41,16 +42,19 @@ class Intake:
     """Owns the intake thread. `submit(command, entry)` hands accepted commands to execution."""
 
     def __init__(self, config: AgentConfig, store: Store, topics: Topics, ack: Callable[[int, int], None],
-                 submit: Callable[[Command, Entry], None], wake_outbox: Callable[[], None]) -> None:
+                 submit: Callable[[Command, Entry], None], wake_outbox: Callable[[], None],
+                 check: Callable[[Command, int], Admission]) -> None:
         self._config = config
         self._store = store
         self._topics = topics
         self._ack = ack
         self._submit = submit
+        self._check = check
         self._wake_outbox = wake_outbox
         self._queue: queue.Queue[Incoming | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._event_times: list[float] = []
+        self._promised: dict[str, int] = {}  # per component: accepted in the group being processed
         self.stats = IntakeStats()
         self.heartbeat = time.monotonic()
 
@@ -99,6 +103,7 @@ class Intake:
         batch = self._store.batch()
         accepted: list[tuple[Command, Entry]] = []
         seen: set[str] = set()
+        self._promised: dict[str, int] = {}
         for item in group:
             self.stats.received += 1
             decided = self._decide(item, batch, seen)
@@ -146,6 +151,15 @@ class Intake:
             expiry = item.received_at + item.expiry_interval
             command = dataclasses.replace(command, expires_at=min(command.expires_at or expiry, expiry))
         command = dataclasses.replace(command, correlation_data=item.correlation)
+        admission = self._check(command, self._promised.get(command.component, 0))
+        if admission is not Admission.QUEUED:  # refused before it was ever queued: no `accepted`
+            outcome = admission.refusal(command.component, command.command)
+            assert outcome.error is not None
+            self._record_final(batch, item, body, command_id, reply_topic,
+                               refusal_message(command_id, body, outcome.status, outcome.error.code,
+                                               outcome.error.message, item.received_at))
+            return None
+        self._promised[command.component] = self._promised.get(command.component, 0) + 1
         send_accepted = self._config.mqtt.send_accepted
         entry = Entry(command_id, "queued", body, reply_topic, item.correlation, item.received_at,
                       command.expires_at, 1 if send_accepted else 0, None)
