@@ -38,7 +38,9 @@ class Service:
         self.topics = Topics(config.mqtt.prefix, config.vehicle)
         self.store = Store(config.state_dir / STORE_FILE)
         self.runtime = Runtime(config, sink=self._on_result, on_start=self._on_start,
-                               bus_factory=bus_factory, sim_factory=sim_factory, sim_journal=sim_journal)
+                               bus_factory=bus_factory, sim_factory=sim_factory, sim_journal=sim_journal,
+                               on_bus_change=self._on_bus_change)
+        self._bus_state = "unknown"
         self.link = MqttLink(config.mqtt, self.topics, config.mqtt.client_id or f"sovd-edge-{config.vehicle}",
                              status=self._status, on_command=self._on_incoming, on_published=self._on_published,
                              on_connection=self._on_connection)
@@ -112,6 +114,19 @@ class Service:
         for message in pieces:
             batch.publish(Outgoing(entry.reply_topic, m.encode(message), entry.correlation, entry.id))
         batch.set_state(entry.id, "final", seq=pieces[-1]["seq"], final_message=final)
+        batch.commit()
+        self.outbox.wake()
+
+    def _on_bus_change(self, up: bool, reason: str) -> None:
+        """Publishes `bus_state` when the bus owner opens or loses the bus (kernel states: metrics issue)."""
+        state = "unknown" if up else "stopped"
+        if state == self._bus_state:
+            return
+        event = m.event_message("bus_state", time.time(), interface=self.config.bus.channel, state=state,
+                                previous=self._bus_state, reason=reason)
+        self._bus_state = state
+        batch = self.store.batch()
+        batch.publish(Outgoing(self.topics.events, m.encode(event)))
         batch.commit()
         self.outbox.wake()
 

@@ -232,3 +232,28 @@ def test_mqtt_3_1_1_with_reply_to(mqtt_vehicle, sim):
             validate_published(backend.seen, backend.topics.base)
     finally:
         svc.stop()
+
+
+def test_bus_failure_publishes_bus_state_events_and_bus_error(mqtt_vehicle, sim, backend):
+    from test_bus_recovery import Faults, FaultyBus
+
+    from agent.service import Service
+
+    faults = Faults()
+    svc = Service(mqtt_vehicle, bus_factory=lambda: FaultyBus(faults, channel=mqtt_vehicle.bus.channel, fd=True))
+    svc.start()
+    try:
+        backend.wait_for(lambda s: s.topic == backend.topics.status and b'"online"' in s.payload, 10)
+        faults.send = 1
+        body = command()
+        backend.send(body)
+        assert backend.final(body["id"])["error"]["code"] == "bus_error"
+        events = backend.wait_for(lambda s: s.topic == backend.topics.events and b"bus_state" in s.payload, 10,
+                                  count=2)
+        states = [(e.json()["previous"], e.json()["state"]) for e in events]
+        assert states == [("unknown", "stopped"), ("stopped", "unknown")]
+        again = command()
+        backend.send(again)
+        assert backend.final(again["id"])["status"] == "completed"
+    finally:
+        svc.stop()
