@@ -56,7 +56,8 @@ class Runtime:
 
     def __init__(self, config: AgentConfig, sink: ResultSink, on_start: StartHook | None = None,
                  bus_factory: BusFactory | None = None, sim_factory: BusFactory | None = None,
-                 on_bus_change: Callable[[bool, str], None] | None = None, sim_journal: Path | None = None) -> None:
+                 on_bus_change: Callable[[bool, str], None] | None = None, sim_journal: Path | None = None,
+                 on_probe: Callable[[str, bool], None] | None = None) -> None:
         self.config = config
         self.transport = choose_transport(config.bus)
         self.owner = BusOwner(config.bus, factory=bus_factory, on_change=on_bus_change)
@@ -66,7 +67,9 @@ class Runtime:
         self._stopping = threading.Event()
         for ecu in config.ecus:
             executor = Executor(ecu, self._link(ecu))
-            self.workers[ecu.name] = ComponentWorker(ecu, executor, sink, on_start)
+            self.workers[ecu.name] = ComponentWorker(ecu, executor, sink, on_start,
+                                                     probe_interval_s=config.metrics.reachability_interval_s,
+                                                     on_probe=on_probe)
         log.info("runtime assembled", extra={"ecus": len(config.ecus), "transport": self.transport})
 
     def _link(self, ecu: EcuConfig) -> Link:

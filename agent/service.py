@@ -8,11 +8,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+
 from agent import __version__
 from agent.bus.owner import BusFactory
 from agent.command import Command, ErrorCode, Outcome, Result, Status
 from agent.command_parse import InvalidCommandError, UnknownComponentError, parse_command
 from agent.config.model import AgentConfig
+from agent.metrics.busmonitor import BusMonitor
+from agent.metrics.registry import AgentMetrics, AgentState
+from agent.metrics.server import MetricsServer
 from agent.mqtt import messages as m
 from agent.mqtt.intake import Intake
 from agent.mqtt.link import MqttLink
@@ -39,20 +44,31 @@ class Service:
         self.store = Store(config.state_dir / STORE_FILE)
         self.runtime = Runtime(config, sink=self._on_result, on_start=self._on_start,
                                bus_factory=bus_factory, sim_factory=sim_factory, sim_journal=sim_journal,
-                               on_bus_change=self._on_bus_change)
-        self._bus_state = "unknown"
+                               on_bus_change=self._on_bus_change, on_probe=self._on_probe)
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        self.metrics = AgentMetrics(self.registry, config.vehicle, [e.name for e in config.ecus],
+                                    state=self._metrics_state)
+        self.metrics_server = MetricsServer(config.metrics, self.registry) if config.metrics.enabled else None
+        self.bus_monitor = BusMonitor(config.bus, self.runtime.owner, config.metrics.bus_state_interval_s,
+                                      on_change=self._publish_bus_state)
         self.link = MqttLink(config.mqtt, self.topics, config.mqtt.client_id or f"sovd-edge-{config.vehicle}",
                              status=self._status, on_command=self._on_incoming, on_published=self._on_published,
                              on_connection=self._on_connection)
         self.outbox = Outbox(self.store, config.store, self.link.publish, lambda: self.link.connected)
         self.intake = Intake(config, self.store, self.topics, self.link.ack, self._admit, self.outbox.wake,
-                             self.runtime.check)
+                             self.runtime.check, on_final=self._count_final,
+                             on_rejected=lambda reason: self.metrics.rejected.labels(reason).inc())
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def start(self, wait: float = 1.0) -> bool:
         """Starts every part; True when the CAN bus is up (the broker may still be unreachable)."""
+        if self.metrics_server is not None:
+            self.metrics_server.start()
         requeue = self._recover()
         bus_up = self.runtime.start(wait)
+        self.bus_monitor.start()
         self.outbox.start()
         self.intake.start()
         for command, entry in requeue:
@@ -68,10 +84,14 @@ class Service:
             self.outbox.flush(min(grace, 3.0))
         self.outbox.stop()
         self.link.stop()
+        self.bus_monitor.stop()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
         self.store.close()
 
     def threads_alive(self) -> dict[str, bool]:
-        return {"intake": self.intake.alive, "outbox": self.outbox.alive, "mqtt": self.link.alive}
+        return {"intake": self.intake.alive, "outbox": self.outbox.alive, "mqtt": self.link.alive,
+                "bus-monitor": self.bus_monitor.alive}
 
     # ---- callbacks -----------------------------------------------------------------------------
     def _status(self, state: str) -> bytes:
@@ -86,6 +106,26 @@ class Service:
 
     def _on_connection(self, up: bool) -> None:
         self.outbox.wake()
+
+    def _on_probe(self, component: str, answered: bool) -> None:
+        self.metrics.reachable.labels(component).set(int(answered))
+
+    def _count_final(self, message: dict[str, Any], duration_s: float | None = None) -> None:
+        self.metrics.final(str(message.get("component", "")), str(message.get("command", "")),
+                           str(message["status"]), duration_s, message.get("error"))
+
+    def _metrics_state(self) -> AgentState:
+        pending, oldest = self.store.outbox_stats()
+        stats = self.link.stats
+        workers = self.runtime.workers.values()
+        return AgentState(
+            queue_depth={w.ecu.name: w.depth for w in workers},
+            in_flight=sum(1 for w in workers if w.in_flight is not None),
+            mqtt_connected=self.link.connected, mqtt_reconnects=stats.reconnects, mqtt_received=stats.messages_in,
+            mqtt_sent=stats.messages_out, mqtt_callback_errors=stats.callback_errors,
+            outbox_pending=pending, outbox_oldest_age_s=max(0.0, time.time() - oldest) if oldest else 0.0,
+            outbox_dropped=self.outbox.dropped, bus=self.bus_monitor.reading,
+        )
 
     def _admit(self, command: Command, entry: Entry) -> None:
         admission = self.runtime.submit(command)
@@ -116,15 +156,17 @@ class Service:
         batch.set_state(entry.id, "final", seq=pieces[-1]["seq"], final_message=final)
         batch.commit()
         self.outbox.wake()
+        duration = result.finished_at - result.started_at if result.started_at is not None else None
+        self._count_final(final, duration)
+        if len(pieces) > 1:
+            self.metrics.chunks.inc(len(pieces) - 1)
 
     def _on_bus_change(self, up: bool, reason: str) -> None:
-        """Publishes `bus_state` when the bus owner opens or loses the bus (kernel states: metrics issue)."""
-        state = "unknown" if up else "stopped"
-        if state == self._bus_state:
-            return
-        event = m.event_message("bus_state", time.time(), interface=self.config.bus.channel, state=state,
-                                previous=self._bus_state, reason=reason)
-        self._bus_state = state
+        self.bus_monitor.poke()
+
+    def _publish_bus_state(self, interface: str, state: str, previous: str) -> None:
+        """A `bus_state` event for every change the bus monitor sees (kernel state, or the bus lost)."""
+        event = m.event_message("bus_state", time.time(), interface=interface, state=state, previous=previous)
         batch = self.store.batch()
         batch.publish(Outgoing(self.topics.events, m.encode(event)))
         batch.commit()
@@ -142,6 +184,7 @@ class Service:
             batch.publish(Outgoing(entry.reply_topic, m.encode(message), entry.correlation, entry.id))
             batch.set_state(entry.id, "final", seq=message["seq"], final_message=message)
             batch.commit()
+            self._count_final(message)
         ids = [e.id for e in interrupted]
         event = m.event_message("agent_started", time.time(), interrupted=ids, agent_version=__version__)
         batch = self.store.batch()

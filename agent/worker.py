@@ -26,7 +26,8 @@ class ComponentWorker:
     """
 
     def __init__(self, ecu: EcuConfig, executor: Executor, sink: ResultSink,
-                 on_start: StartHook | None = None, clock: Callable[[], float] = time.time) -> None:
+                 on_start: StartHook | None = None, clock: Callable[[], float] = time.time,
+                 probe_interval_s: float = 0.0, on_probe: Callable[[str, bool], None] | None = None) -> None:
         self.ecu = ecu
         self.executor = executor
         self._sink = sink
@@ -36,6 +37,8 @@ class ComponentWorker:
         self._thread: threading.Thread | None = None
         self.heartbeat = time.monotonic()
         self.in_flight: Command | None = None
+        self._probe_interval = probe_interval_s
+        self._on_probe = on_probe
 
     @property
     def depth(self) -> int:
@@ -85,11 +88,13 @@ class ComponentWorker:
         keepalive_s = self.ecu.timing.s3_keepalive_ms / 1000
         while True:
             self.heartbeat = time.monotonic()
-            wait = keepalive_s if self.executor.session != DEFAULT_SESSION else None
+            waits = [keepalive_s] if self.executor.session != DEFAULT_SESSION else []
+            if self._probe_interval > 0:
+                waits.append(self._probe_interval)
             try:
-                command = self._queue.get(timeout=wait)
+                command = self._queue.get(timeout=min(waits) if waits else None)
             except queue.Empty:
-                self.executor.keepalive()
+                self._idle()
                 continue
             if command is None:
                 return
@@ -97,6 +102,13 @@ class ComponentWorker:
                 self._execute(command)
             except Exception:  # never let one command end the worker
                 log.exception("worker %s failed on a command", self.ecu.name, extra={"command_id": command.id})
+
+    def _idle(self) -> None:
+        """Nothing to do for a while: hold a non-default session (S3), or probe reachability."""
+        if self.executor.session != DEFAULT_SESSION:
+            self.executor.keepalive()
+        elif self._probe_interval > 0 and self._on_probe is not None:
+            self._guard(lambda answered: self._on_probe(self.ecu.name, answered), self.executor.probe())
 
     def _execute(self, command: Command) -> None:
         now = self._clock()

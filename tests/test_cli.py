@@ -65,7 +65,8 @@ def test_demo_local_needs_no_broker():
 
 def test_run_starts_and_stops_cleanly_on_sigterm(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "-c", DEMO, "--state-dir", str(tmp_path),
-                             "--log-format", "json"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+                             "--metrics-listen", "127.0.0.1:0", "--log-format", "json"],
+                            cwd=ROOT, stderr=subprocess.PIPE, text=True)
     lines = []
     deadline = time.monotonic() + 20
     assert proc.stderr is not None

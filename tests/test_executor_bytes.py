@@ -99,7 +99,7 @@ def test_negative_response_is_a_result(vehicle):
     _, outcome = run(vehicle, "read_data", {"data": "vin"}, "7f2231")
     assert outcome.status is Status.FAILED
     assert outcome.error.code is ErrorCode.NEGATIVE_RESPONSE
-    assert dict(outcome.error.details) == {"nrc": "0x31", "nrc_name": "RequestOutOfRange"}
+    assert dict(outcome.error.details) == {"nrc": "0x31", "nrc_name": "RequestOutOfRange", "service": "0x22"}
 
 
 def test_pending_then_answer_and_busy_then_answer(vehicle):

@@ -140,7 +140,7 @@ def test_injected_nrc(agent, sim):
     result = agent.run("engine", "read_data", {"data": "vin"})
     assert result.outcome.error.as_dict() == {
         "code": "negative_response", "message": "ECU refused service 0x22: NRC 0x22 ConditionsNotCorrect",
-        "nrc": "0x22", "nrc_name": "ConditionsNotCorrect"}
+        "nrc": "0x22", "nrc_name": "ConditionsNotCorrect", "service": "0x22"}
     assert completed(agent, "engine", "read_data", {"data": "oil_temp"})  # the fault matched F190 only
 
 

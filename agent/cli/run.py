@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from agent import __version__
 from agent.cli.common import (
     EXIT_CONFIG,
     EXIT_OK,
+    EXIT_UNAVAILABLE,
     add_logging_flags,
     add_subcommand,
     broker_override,
@@ -20,6 +22,9 @@ from agent.cli.common import (
     load_or_report,
     stop_on_signals,
 )
+from agent.config.parse import host_port
+from agent.config.reader import InvalidValueError
+from agent.metrics.server import MetricsServerError
 from agent.mqtt.link import LinkSetupError
 from agent.service import Service
 
@@ -33,6 +38,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("-c", "--config", required=True, help="agent config (YAML)")
     p.add_argument("--state-dir", type=Path, help="where the durable store lives (default: from the config)")
     p.add_argument("--broker", help="mqtt://HOST:PORT or mqtts://HOST:PORT, overriding the config")
+    p.add_argument("--metrics-listen", help="HOST:PORT for the Prometheus endpoint, overriding the config")
     p.add_argument("--grace", type=float, default=5.0, help="seconds in-flight commands get to finish on stop")
     p.add_argument("--sim-journal", type=Path,
                    help="append every request the in-process simulated ECUs execute to this file (tests, demos)")
@@ -49,6 +55,14 @@ def handle(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     if args.state_dir:
         config = dataclasses.replace(config, state_dir=args.state_dir)
+    if args.metrics_listen:
+        try:
+            host, port = host_port(args.metrics_listen)
+        except InvalidValueError as err:
+            print(f"invalid --metrics-listen: {err}", file=sys.stderr)
+            return EXIT_CONFIG
+        config = dataclasses.replace(config, metrics=dataclasses.replace(config.metrics, listen_host=host,
+                                                                         listen_port=port))
     configure_logging(args, config.log_level)
     try:
         config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
@@ -63,9 +77,15 @@ def handle(args: argparse.Namespace) -> int:
     except LinkSetupError as err:
         log.error("MQTT link cannot be set up: %s", err)
         return EXIT_CONFIG
+    try:
+        started = service.start(wait=1.0)
+    except MetricsServerError as err:
+        log.error("%s", err)
+        service.stop(0)
+        return EXIT_UNAVAILABLE
     log.info("sovd-edge %s starting", __version__, extra={"vehicle": config.vehicle, "config": args.config,
                                                            "broker": config.mqtt.broker})
-    if service.start(wait=1.0):
+    if started:
         log.info("ready", extra={"bus": f"{config.bus.interface}:{config.bus.channel}"})
     else:
         log.warning("CAN bus not up yet; retrying in the background",

@@ -72,10 +72,20 @@ class StoreConfig:
 
 
 @dataclass(frozen=True)
+class MetricsTls:
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path | None = None  # set: clients must present a certificate signed by it
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     listen_host: str = "127.0.0.1"
     listen_port: int = 9469
     enabled: bool = True
+    tls: MetricsTls | None = None
+    bus_state_interval_s: float = 5.0
+    reachability_interval_s: float = 0.0  # 0: no periodic TesterPresent probes
 
 
 @dataclass(frozen=True)

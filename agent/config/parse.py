@@ -61,7 +61,7 @@ def parse_config(data: Any, source: Path | None = None) -> m.AgentConfig:
         problems.add("bus", "required field is missing")
     ecus = _ecus(root, bus, problems)
     mqtt = _mqtt(root.child("mqtt"), base)
-    metrics = _metrics(root.child("metrics"))
+    metrics = _metrics(root.child("metrics"), base)
     store = _store(root.child("store"))
     state_dir = root.get("state_dir", _path(base), m.AgentConfig.state_dir)
     max_timeout = root.get("max_command_timeout_ms", integer(1, 3_600_000), 60_000)
@@ -186,14 +186,24 @@ def _mqtt_protocol(value: Any) -> str:
     return choice("5", "3.1.1")(value)
 
 
-def _metrics(node: Node | None) -> m.MetricsConfig:
+def _metrics(node: Node | None, base: Path) -> m.MetricsConfig:
     if node is None:
         return m.MetricsConfig()
     listen = node.get("listen", host_port, None)
+    tls_node = node.child("tls")
+    tls = None
+    if tls_node is not None:
+        tls = m.MetricsTls(cert_file=tls_node.get("cert_file", _path(base)),
+                           key_file=tls_node.get("key_file", _path(base)),
+                           client_ca_file=tls_node.get("client_ca_file", _path(base), None))
+        tls_node.finish()
     config = m.MetricsConfig(
         listen_host=listen[0] if listen else m.MetricsConfig.listen_host,
         listen_port=listen[1] if listen else m.MetricsConfig.listen_port,
         enabled=node.get("enabled", boolean, True),
+        tls=tls,
+        bus_state_interval_s=node.get("bus_state_interval_s", number(0.1, 3600), 5.0),
+        reachability_interval_s=node.get("reachability_interval_s", number(0, 3600), 0.0),
     )
     node.finish()
     return config

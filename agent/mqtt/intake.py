@@ -43,13 +43,17 @@ class Intake:
 
     def __init__(self, config: AgentConfig, store: Store, topics: Topics, ack: Callable[[int, int], None],
                  submit: Callable[[Command, Entry], None], wake_outbox: Callable[[], None],
-                 check: Callable[[Command, int], Admission]) -> None:
+                 check: Callable[[Command, int], Admission],
+                 on_final: Callable[[dict[str, Any]], None] | None = None,
+                 on_rejected: Callable[[str], None] | None = None) -> None:
         self._config = config
         self._store = store
         self._topics = topics
         self._ack = ack
         self._submit = submit
         self._check = check
+        self._on_final = on_final or (lambda message: None)
+        self._on_rejected = on_rejected or (lambda reason: None)
         self._wake_outbox = wake_outbox
         self._queue: queue.Queue[Incoming | None] = queue.Queue()
         self._thread: threading.Thread | None = None
@@ -182,6 +186,8 @@ class Intake:
             log.debug("redelivered command %s ignored", command_id, extra={"command_id": command_id})
             return
         self.stats.duplicates += 1
+        final_known = existing is not None and existing.state == "final"
+        self._on_rejected("duplicate" if final_known else "duplicate_in_flight")
         if existing is not None and existing.state == "final" and existing.final_message is not None:
             for message in m.split_result({**existing.final_message, "duplicate": True},
                                           self._config.mqtt.max_payload_bytes):
@@ -208,12 +214,15 @@ class Intake:
         batch.add_command(Entry(command_id, "final", body, reply_topic, item.correlation, item.received_at,
                                 None, message["seq"], message))
         batch.publish(self._out(reply_topic, message, item.correlation, command_id))
+        self._on_final(message)
 
     def _out(self, topic: str, message: dict[str, Any], correlation: bytes | None, command_id: str) -> Outgoing:
         return Outgoing(topic, m.encode(message), correlation, command_id)
 
     def _count_invalid(self, reason: str) -> None:
         self.stats.invalid[reason] = self.stats.invalid.get(reason, 0) + 1
+        if reason != "invalid_command":  # that one is counted with its final `rejected` response
+            self._on_rejected(reason)
 
     def _invalid_event(self, reason: str, detail: str, item: Incoming) -> None:
         """Counts every invalid message; publishes an event for at most N a minute."""

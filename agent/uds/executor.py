@@ -50,7 +50,7 @@ class Executor:
             return Outcome.completed(self._handlers[type(params)](params, deadline))
         except NegativeResponseError as nrc:
             return Outcome.failure(Status.FAILED, ErrorCode.NEGATIVE_RESPONSE, str(nrc),
-                                   nrc=f"0x{nrc.code:02X}", nrc_name=nrc.name)
+                                   nrc=f"0x{nrc.code:02X}", nrc_name=nrc.name, service=f"0x{nrc.service:02X}")
         except (UdsTimeoutError, TransportTimeoutError) as err:
             return Outcome.failure(Status.TIMEOUT, ErrorCode.TIMEOUT, str(err))
         except BusDownError as err:
@@ -60,6 +60,16 @@ class Executor:
         except Exception as err:  # the executor's contract: a result, never an exception
             log.exception("executor failed on %s", self.ecu.name)
             return Outcome.failure(Status.FAILED, ErrorCode.INTERNAL, f"{type(err).__name__}: {err}")
+
+    def probe(self) -> bool:
+        """TesterPresent with a response: does the ECU answer right now?"""
+        try:
+            transact(self.link, bytes([0x3E, 0x00]), self.timing, time.monotonic() + self.timing.p2)
+        except (NegativeResponseError, InvalidResponseError):
+            return True  # it answered, if not happily
+        except (UdsTimeoutError, TransportTimeoutError, BusDownError):
+            return False
+        return True
 
     def keepalive(self) -> None:
         """TesterPresent with suppressed positive response, to hold a non-default session (S3)."""

@@ -1,0 +1,111 @@
+"""Polls the CAN interface's state and counters, estimates bus load, and reports state changes."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from agent.bus.owner import BusOwner
+from agent.config.model import BusConfig
+from agent.metrics.canstate import CanLink, bus_load, frame_bits, read_link
+from agent.metrics.registry import BusReading
+
+log = logging.getLogger(__name__)
+
+StateChange = Callable[[str, str, str], None]  # interface, state, previous
+
+
+class BusMonitor:
+    """On socketcan the kernel is asked (state, error counters, frames); elsewhere the bus owner's own
+    counters are used and the state is `unknown`. A bus the owner lost is `stopped` either way."""
+
+    def __init__(self, config: BusConfig, owner: BusOwner, interval_s: float, on_change: StateChange,
+                 reader: Callable[[str], CanLink | None] = read_link) -> None:
+        self._config = config
+        self._owner = owner
+        self._interval = interval_s
+        self._on_change = on_change
+        self._reader = reader
+        self._kernel = config.interface == "socketcan"
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_totals: tuple[float, int, int] | None = None  # (time, frames, bytes)
+        self.reading = BusReading(interface=config.channel)
+        self.heartbeat = time.monotonic()
+
+    def start(self) -> None:
+        self.poll()
+        self._thread = threading.Thread(target=self._run, name="bus-monitor", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self, timeout: float = 3.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def poke(self, *_: object) -> None:
+        """Re-read now (the owner just lost or regained the bus)."""
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self._interval)
+            self._wake.clear()
+            self.heartbeat = time.monotonic()
+            if not self._stop.is_set():
+                try:
+                    self.poll()
+                except Exception:
+                    log.exception("bus monitor poll failed")
+
+    def poll(self) -> BusReading:
+        counters = self._owner.counters
+        link = self._reader(self._config.channel) if self._kernel else None
+        if link is not None:
+            state = link.state
+            reading = BusReading(
+                interface=self._config.channel, state=state, tx_errors=link.tx_errors, rx_errors=link.rx_errors,
+                bus_off=link.bus_off, restarts=link.restarts, rx_frames=link.rx_frames, tx_frames=link.tx_frames,
+                rx_bytes=link.rx_bytes, tx_bytes=link.tx_bytes, rebuilds=counters.rebuilds)
+            bitrate = link.bitrate or self._config.bitrate
+        else:
+            reading = BusReading(
+                interface=self._config.channel, state="unknown", rx_frames=counters.frames_rx,
+                tx_frames=counters.frames_tx, rx_bytes=counters.bytes_rx, tx_bytes=counters.bytes_tx,
+                rebuilds=counters.rebuilds)
+            bitrate = self._config.bitrate
+        if not self._owner.is_up:
+            reading = _with(reading, state="stopped")
+        reading = _with(reading, load=self._load(reading, bitrate))
+        previous = self.reading.state
+        self.reading = reading
+        if reading.state != previous:
+            log.info("CAN bus state %s -> %s", previous, reading.state, extra={"interface": reading.interface})
+            try:
+                self._on_change(reading.interface, reading.state, previous)
+            except Exception:
+                log.exception("bus state listener failed")
+        return reading
+
+    def _load(self, reading: BusReading, bitrate: int) -> float | None:
+        now = time.monotonic()
+        frames = reading.rx_frames + reading.tx_frames
+        octets = reading.rx_bytes + reading.tx_bytes
+        last, self._last_totals = self._last_totals, (now, frames, octets)
+        if last is None or frames < last[1]:
+            return None if last is None else 0.0
+        return bus_load(frame_bits(frames - last[1], octets - last[2]), now - last[0], bitrate)
+
+
+def _with(reading: BusReading, **changes: object) -> BusReading:
+    from dataclasses import replace
+
+    return replace(reading, **changes)  # type: ignore[arg-type]

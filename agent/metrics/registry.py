@@ -1,0 +1,182 @@
+"""The agent's metrics. Event metrics are counted as things happen; state is read at scrape time.
+
+Label values come from bounded sets only: component names from the config, command names from the
+protocol, statuses, NRC bytes. A component or command that is not in those sets is "unknown".
+Never a command id, DTC or free text as a label.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, StateSetMetricFamily
+from prometheus_client.registry import Collector
+
+from agent import __version__
+from agent.config.model import ALL_COMMANDS
+from agent.metrics.canstate import STATES
+
+log = logging.getLogger(__name__)
+
+# UDS round trips: 1 ms (a local read) to 30 s (long routines behind NRC 0x78).
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+STATUSES = ("completed", "failed", "rejected", "timeout", "expired", "interrupted")
+
+
+@dataclass(frozen=True)
+class BusReading:
+    interface: str
+    state: str = "unknown"
+    tx_errors: int | None = None
+    rx_errors: int | None = None
+    bus_off: int = 0
+    restarts: int = 0
+    rx_frames: int = 0
+    tx_frames: int = 0
+    rx_bytes: int = 0
+    tx_bytes: int = 0
+    load: float | None = None
+    rebuilds: int = 0
+
+
+@dataclass(frozen=True)
+class AgentState:
+    """What the agent's parts hold right now; built by the service at scrape time."""
+
+    queue_depth: dict[str, int] = field(default_factory=dict)
+    in_flight: int = 0
+    mqtt_connected: bool = False
+    mqtt_reconnects: int = 0
+    mqtt_received: int = 0
+    mqtt_sent: int = 0
+    mqtt_callback_errors: int = 0
+    outbox_pending: int = 0
+    outbox_oldest_age_s: float = 0.0
+    outbox_dropped: int = 0
+    bus: BusReading | None = None
+
+
+class AgentMetrics:
+    """Creates every metric on `registry` (tests pass a fresh one) and records events."""
+
+    def __init__(self, registry: CollectorRegistry, vehicle: str, components: list[str],
+                 state: Callable[[], AgentState] | None = None) -> None:
+        self.registry = registry
+        self.components = set(components)
+        self.executed = Counter("commands_executed", "Commands finished, by final protocol status.",
+                                ["status", "command", "component"], registry=registry)
+        self.duration = Histogram("command_execution_duration_seconds",
+                                  "Time from a command's start to its end (the UDS round trips).",
+                                  ["command", "component"], buckets=DURATION_BUCKETS, registry=registry)
+        self.timeouts = Counter("sovd_command_timeout", "Commands that ended in a timeout.", ["component"],
+                                registry=registry)
+        self.chunks = Counter("sovd_response_chunks", "Chunk messages (status running) sent for large results.",
+                              registry=registry)
+        self.negative = Counter("sovd_negative_responses", "UDS negative responses, by service and NRC.",
+                                ["component", "service", "nrc"], registry=registry)
+        self.rejected = Counter("sovd_rejected_messages",
+                                "Command messages refused before execution, by reason.", ["reason"],
+                                registry=registry)
+        self.reachable = Gauge("sovd_ecu_reachable", "1 if the component answered its last request or probe.",
+                               ["component"], registry=registry)
+        Info("sovd_build", "Agent version and vehicle.", registry=registry).info(
+            {"version": __version__, "vehicle": vehicle})
+        for component in components:
+            self.timeouts.labels(component)
+            for command in ALL_COMMANDS:
+                self.executed.labels("completed", command, component)
+        if state is not None:
+            registry.register(StateCollector(state))
+
+    def label_component(self, component: str) -> str:
+        return component if component in self.components else "unknown"
+
+    def final(self, component: str, command: str, status: str, duration_s: float | None,
+              error: dict[str, object] | None = None) -> None:
+        """One command reached its final status."""
+        component = self.label_component(component)
+        command = command if command in ALL_COMMANDS else "unknown"
+        self.executed.labels(status, command, component).inc()
+        if duration_s is not None:
+            self.duration.labels(command, component).observe(duration_s)
+        if status == "timeout":
+            self.timeouts.labels(component).inc()
+        code = (error or {}).get("code")
+        if code == "negative_response":
+            self.negative.labels(component, str((error or {}).get("service", "unknown")),
+                                 str((error or {}).get("nrc", "unknown"))).inc()
+        if status == "rejected" and code:
+            self.rejected.labels(str(code)).inc()
+        if component != "unknown" and status in ("completed", "failed", "timeout"):
+            self.reachable.labels(component).set(0 if status == "timeout" or code == "bus_error" else 1)
+
+
+class StateCollector(Collector):
+    """Reads the agent's state at scrape time; a failure drops these series for one scrape, never the scrape."""
+
+    def __init__(self, state: Callable[[], AgentState]) -> None:
+        self._state = state
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            s = self._state()
+        except Exception:
+            log.exception("metrics: reading the agent state failed")
+            return
+        depth = GaugeMetricFamily("sovd_command_queue_depth", "Commands waiting per component.", labels=["component"])
+        for component, value in sorted(s.queue_depth.items()):
+            depth.add_metric([component], value)
+        yield depth
+        yield GaugeMetricFamily("sovd_commands_in_flight", "Commands executing now.", value=s.in_flight)
+        yield GaugeMetricFamily("sovd_mqtt_connected", "1 while connected to the broker.", value=int(s.mqtt_connected))
+        yield CounterMetricFamily("sovd_mqtt_reconnects", "Reconnection attempts to the broker.",
+                                  value=s.mqtt_reconnects)
+        yield CounterMetricFamily("sovd_mqtt_messages_received", "MQTT messages received.", value=s.mqtt_received)
+        yield CounterMetricFamily("sovd_mqtt_messages_sent", "MQTT messages handed to the client.", value=s.mqtt_sent)
+        yield CounterMetricFamily("sovd_mqtt_callback_errors", "Exceptions caught in MQTT callbacks.",
+                                  value=s.mqtt_callback_errors)
+        yield GaugeMetricFamily("sovd_outbox_pending_messages", "Messages waiting for the broker's PUBACK.",
+                                value=s.outbox_pending)
+        yield GaugeMetricFamily("sovd_outbox_oldest_pending_age_seconds", "Age of the oldest message in the outbox.",
+                                value=s.outbox_oldest_age_s)
+        yield CounterMetricFamily("sovd_outbox_dropped", "Messages dropped from the outbox by its bounds.",
+                                  value=s.outbox_dropped)
+        if s.bus is not None:
+            yield from _bus_metrics(s.bus)
+
+
+def _bus_metrics(b: BusReading) -> Iterator[Metric]:
+    state = StateSetMetricFamily("sovd_can_bus_state", "CAN controller state.", labels=["interface"])
+    state.add_metric([b.interface], {name: name == b.state for name in STATES})
+    yield state
+    errors = GaugeMetricFamily("sovd_can_bus_error_counter", "CAN transmit/receive error counters (TEC/REC).",
+                               labels=["interface", "direction"])
+    for direction, value in (("tx", b.tx_errors), ("rx", b.rx_errors)):
+        if value is not None:
+            errors.add_metric([b.interface, direction], value)
+    yield errors
+    yield _counter("sovd_can_bus_off", "Times the controller went bus-off.", b.interface, b.bus_off)
+    yield _counter("sovd_can_restarts", "Controller restarts after bus-off.", b.interface, b.restarts)
+    yield _counter("sovd_can_bus_rebuilds", "Times the agent rebuilt its bus connection.", b.interface, b.rebuilds)
+    frames = CounterMetricFamily("sovd_can_frames", "CAN frames.", labels=["interface", "direction"])
+    frames.add_metric([b.interface, "rx"], b.rx_frames)
+    frames.add_metric([b.interface, "tx"], b.tx_frames)
+    yield frames
+    octets = CounterMetricFamily("sovd_can_bytes", "CAN payload bytes.", labels=["interface", "direction"])
+    octets.add_metric([b.interface, "rx"], b.rx_bytes)
+    octets.add_metric([b.interface, "tx"], b.tx_bytes)
+    yield octets
+    if b.load is not None:
+        load = GaugeMetricFamily("sovd_can_bus_load_ratio", "Estimated share of bit time used (0..1).",
+                                 labels=["interface"])
+        load.add_metric([b.interface], b.load)
+        yield load
+
+
+def _counter(name: str, doc: str, interface: str, value: int) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, doc, labels=["interface"])
+    family.add_metric([interface], value)
+    return family

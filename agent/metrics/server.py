@@ -1,0 +1,54 @@
+"""Serves the agent's registry over HTTP(S) with prometheus-client (OpenMetrics by content negotiation)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, start_http_server
+
+from agent.config.model import MetricsConfig
+from agent.errors import AgentError
+
+log = logging.getLogger(__name__)
+
+
+class MetricsServerError(AgentError, OSError):
+    """The endpoint could not be opened (port taken, bad certificate)."""
+
+
+class MetricsServer:
+    def __init__(self, config: MetricsConfig, registry: CollectorRegistry) -> None:
+        self.config = config
+        self.registry = registry
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return self._server.server_address[1]
+
+    def start(self) -> None:
+        tls = self.config.tls
+        try:
+            self._server, self._thread = start_http_server(
+                self.config.listen_port, addr=self.config.listen_host, registry=self.registry,
+                certfile=str(tls.cert_file) if tls else None, keyfile=str(tls.key_file) if tls else None,
+                client_cafile=str(tls.client_ca_file) if tls and tls.client_ca_file else None,
+                client_auth_required=bool(tls and tls.client_ca_file),
+            )
+        except (OSError, ValueError) as err:
+            raise MetricsServerError(f"cannot serve metrics on {self.config.listen_host}:"
+                                     f"{self.config.listen_port}: {err}") from err
+        self._thread.name = "metrics-http"
+        log.info("metrics endpoint up", extra={"listen": f"{self.config.listen_host}:{self.port}",
+                                               "tls": tls is not None})
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(3)
