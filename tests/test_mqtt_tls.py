@@ -4,7 +4,6 @@ Certificates are generated at test time with openssl; Mosquitto requires a clien
 """
 
 import dataclasses
-import os
 import subprocess
 import sys
 import uuid
@@ -12,41 +11,12 @@ import uuid
 import pytest
 import yaml
 from conftest import DATA, ROOT
+from pki import pki  # noqa: F401 - fixture
 
 from agent.config.model import TlsConfig
 from agent.local_broker import BrokerTls, LocalBroker
 from agent.mqtt.link import LinkSetupError, password_of
 from agent.service import Service
-
-
-def openssl(*args, cwd):
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-def make_ca(directory, name):
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={name}",
-            "-keyout", f"{name}.key", "-out", f"{name}.pem", cwd=directory)
-
-
-def make_cert(directory, ca, name, cn, san=None):
-    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={cn}", "-keyout", f"{name}.key",
-            "-out", f"{name}.csr", cwd=directory)
-    ext = directory / f"{name}.ext"
-    ext.write_text(f"subjectAltName={san}\n" if san else "basicConstraints=CA:FALSE\n")
-    openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key", "-CAcreateserial",
-            "-days", "2", "-out", f"{name}.pem", "-extfile", str(ext), cwd=directory)
-    os.chmod(directory / f"{name}.key", 0o600)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    d = tmp_path_factory.mktemp("pki")
-    make_ca(d, "ca")
-    make_ca(d, "rogue")
-    make_cert(d, "ca", "server", "localhost", san="IP:127.0.0.1,DNS:localhost")
-    make_cert(d, "ca", "client", "vehicle")
-    make_cert(d, "rogue", "intruder", "vehicle")
-    return d
 
 
 @pytest.fixture(scope="module")
