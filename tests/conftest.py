@@ -20,6 +20,8 @@ from agent.service import Service
 from agent.sim.config import load_sim_config
 from agent.sim.simulator import Simulator
 
+pytest_plugins = ("pki",)  # the test-time PKI fixture
+
 DATA = Path(__file__).parent / "data"
 ROOT = Path(__file__).parent.parent
 

@@ -9,7 +9,6 @@ import urllib.request
 
 import pytest
 from conftest import DATA
-from pki import pki  # noqa: F401 - fixture
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 

@@ -11,7 +11,6 @@ import uuid
 import pytest
 import yaml
 from conftest import DATA, ROOT
-from pki import pki  # noqa: F401 - fixture
 
 from agent.config.model import TlsConfig
 from agent.local_broker import BrokerTls, LocalBroker
