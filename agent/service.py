@@ -15,6 +15,7 @@ from agent.bus.owner import BusFactory
 from agent.command import Command, ErrorCode, Outcome, Result, Status
 from agent.command_parse import InvalidCommandError, UnknownComponentError, parse_command
 from agent.config.model import AgentConfig
+from agent.logs import command_fields
 from agent.metrics.busmonitor import BusMonitor
 from agent.metrics.registry import AgentMetrics, AgentState
 from agent.metrics.server import MetricsServer
@@ -143,7 +144,8 @@ class Service:
     def _on_result(self, result: Result) -> None:
         entry = self.store.get(result.command_id)
         if entry is None:
-            log.error("result for a command missing from the ledger", extra={"command_id": result.command_id})
+            log.error("result for a command missing from the ledger",
+                      extra=command_fields(result.command_id, result.component, result.command))
             return
         self._finish(entry, result)
 

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from agent.command import Command, ErrorCode, Outcome, Result, Status
 from agent.config.model import EcuConfig
+from agent.logs import command_fields
 from agent.uds.executor import DEFAULT_SESSION, Executor
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,8 @@ class ComponentWorker:
             try:
                 self._execute(command)
             except Exception:  # never let one command end the worker
-                log.exception("worker %s failed on a command", self.ecu.name, extra={"command_id": command.id})
+                log.exception("worker %s failed on a command", self.ecu.name,
+                              extra=command_fields(command.id, command.component, command.command))
 
     def _idle(self) -> None:
         """Nothing to do for a while: hold a non-default session (S3), or probe reachability."""
@@ -120,7 +122,8 @@ class ComponentWorker:
             try:
                 self._on_start(command)
             except Exception as err:  # unrecorded start: running it could break exactly-once
-                log.exception("could not record the start of %s", command.id, extra={"command_id": command.id})
+                log.exception("could not record the start of %s", command.id,
+                              extra=command_fields(command.id, command.component, command.command))
                 self._emit(command, Outcome.failure(Status.FAILED, ErrorCode.INTERNAL,
                                                     f"could not record the start durably: {err}"), None)
                 return
@@ -136,7 +139,7 @@ class ComponentWorker:
                         outcome=outcome, received_at=command.received_at, started_at=started,
                         finished_at=self._clock())
         log.info("command %s", result.status, extra={
-            "command_id": command.id, "component": command.component, "command": command.command,
+            **command_fields(command.id, command.component, command.command),
             "status": str(result.status), "duration_ms": result.duration_ms,
         })
         self._guard(self._sink, result)

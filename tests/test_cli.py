@@ -55,6 +55,7 @@ def test_demo_over_mqtt_shows_vin_faults_session_and_status():
     assert out.count('"status": "completed"') >= 7
     assert '"code": "not_permitted"' in out  # abs's policy is read-only
     assert '"state": "online"' in out and '"state": "offline"' in out
+    assert 'commands_executed_total{command="read_data",component="engine",status="completed"} 1.0' in out
 
 
 def test_demo_local_needs_no_broker():

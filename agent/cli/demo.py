@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from agent.cli.common import (
 )
 from agent.command import Status
 from agent.local import BusUnavailableError, LocalSession
-from agent.local_broker import BrokerUnavailableError, LocalBroker
+from agent.local_broker import BrokerUnavailableError, LocalBroker, free_port
 from agent.response import response_message
 
 STEPS: list[tuple[str, str, dict[str, Any]]] = [
@@ -74,8 +75,10 @@ def _over_mqtt(args: argparse.Namespace, broker: LocalBroker, tmp: Path) -> int:
     log = tmp / "agent.log"
     print(f"# a private Mosquitto on {broker.url}; the agent runs with {args.config} (simulated ECUs)")
     print(f"$ sovd-edge run -c {args.config} --broker {broker.url}   (log: journald-style JSON lines)\n")
+    metrics_port = free_port()
     agent = subprocess.Popen([*me, "run", "-c", args.config, "--broker", broker.url, "--state-dir", str(tmp / "state"),
-                              "--log-format", "json"], stdout=subprocess.DEVNULL, stderr=log.open("wb"))
+                              "--metrics-listen", f"127.0.0.1:{metrics_port}", "--log-format", "json"],
+                             stdout=subprocess.DEVNULL, stderr=log.open("wb"))
     try:
         if not _wait_for(log, "connected to broker", 20):
             print(f"sovd-edge demo: the agent did not connect:\n{log.read_text()[-3000:]}", file=sys.stderr)
@@ -88,12 +91,24 @@ def _over_mqtt(args: argparse.Namespace, broker: LocalBroker, tmp: Path) -> int:
             words = [component, command] + ([shown] if shown else [])
             rc = _show([*call, component, command, *_param_args(params)], "sovd-edge call " + " ".join(words))
             failures += 0 if rc in (0, 1) else 1
+        _show_metrics(metrics_port)
     finally:
         agent.send_signal(signal.SIGTERM)
         agent.wait(15)
     print("$ kill -TERM <agent>   # a clean stop publishes the retained offline status")
     _show([*call, "--status"], "sovd-edge call --status")
     return EXIT_OK if failures == 0 else EXIT_NOT_COMPLETED
+
+
+def _show_metrics(port: int) -> None:
+    """A few lines of what Prometheus scrapes from the agent."""
+    print(f"$ curl -s http://127.0.0.1:{port}/metrics | grep -E '^(commands_executed_total|sovd_mqtt_connected)'")
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    for line in text.splitlines():
+        if line.startswith(("commands_executed_total", "sovd_mqtt_connected")) and not line.endswith(" 0.0"):
+            print("  " + line)
+    print()
 
 
 def _param_args(params: dict[str, Any]) -> list[str]:

@@ -17,6 +17,7 @@ from typing import Any
 from agent.command import Command, ErrorCode, Status
 from agent.command_parse import InvalidCommandError, UnknownComponentError, parse_command
 from agent.config.model import AgentConfig
+from agent.logs import command_fields
 from agent.mqtt import messages as m
 from agent.mqtt.link import Incoming
 from agent.mqtt.replies import accepted_message, in_flight_duplicate, refusal_message
@@ -162,12 +163,15 @@ class Intake:
             self._record_final(batch, item, body, command_id, reply_topic,
                                refusal_message(command_id, body, outcome.status, outcome.error.code,
                                                outcome.error.message, item.received_at))
+            log.info("command refused: %s", outcome.error.message,
+                     extra=command_fields(command_id, command.component, command.command))
             return None
         self._promised[command.component] = self._promised.get(command.component, 0) + 1
         send_accepted = self._config.mqtt.send_accepted
         entry = Entry(command_id, "queued", body, reply_topic, item.correlation, item.received_at,
                       command.expires_at, 1 if send_accepted else 0, None)
         batch.add_command(entry)
+        log.info("command accepted", extra=command_fields(command_id, command.component, command.command))
         if send_accepted:
             batch.publish(self._out(reply_topic, accepted_message(command_id, command.component, command.command,
                                                                   item.received_at), item.correlation, command_id))
@@ -183,7 +187,8 @@ class Intake:
         existing = self._store.get(command_id)
         if item.dup and existing is not None:
             self.stats.redeliveries += 1  # the broker resending what we already recorded
-            log.debug("redelivered command %s ignored", command_id, extra={"command_id": command_id})
+            log.debug("redelivered command %s ignored", command_id,
+                      extra=command_fields(command_id, body.get("component"), body.get("command")))
             return
         self.stats.duplicates += 1
         final_known = existing is not None and existing.state == "final"
@@ -192,11 +197,13 @@ class Intake:
             for message in m.split_result({**existing.final_message, "duplicate": True},
                                           self._config.mqtt.max_payload_bytes):
                 batch.publish(self._out(reply_topic, message, item.correlation, command_id))
-            log.info("duplicate of a finished command: final response sent again", extra={"command_id": command_id})
+            log.info("duplicate of a finished command: final response sent again",
+                     extra=command_fields(command_id, body.get("component"), body.get("command")))
             return
         batch.publish(self._out(reply_topic, in_flight_duplicate(command_id, body, item.received_at),
                                 item.correlation, command_id))
-        log.info("duplicate of a command in flight rejected", extra={"command_id": command_id})
+        log.info("duplicate of a command in flight rejected",
+                 extra=command_fields(command_id, body.get("component"), body.get("command")))
 
     def _reject_invalid(self, item: Incoming, batch: Batch, command_id: str, body: dict[str, Any], reason: str,
                         problems: list[tuple[str, str]] | None = None) -> None:
@@ -206,7 +213,8 @@ class Intake:
         message = refusal_message(command_id, body, Status.REJECTED, ErrorCode.INVALID_COMMAND, reason,
                                   item.received_at, **({"field": field} if field else {}))
         self._record_final(batch, item, body, command_id, reply_topic, message)
-        log.info("invalid command rejected: %s", reason, extra={"command_id": command_id})
+        log.info("invalid command rejected: %s", reason,
+                 extra=command_fields(command_id, body.get("component"), body.get("command")))
         return None
 
     def _record_final(self, batch: Batch, item: Incoming, body: dict[str, Any], command_id: str, reply_topic: str,
