@@ -90,9 +90,43 @@ class Service:
             self.metrics_server.stop()
         self.store.close()
 
+    def health(self) -> list[str]:
+        """What is wrong right now (empty: healthy). The watchdog pings only while this is empty.
+
+        A worker counts as wedged once its command runs past the longest deadline any command can
+        have, plus the waits a transaction may add after it (P2*, a flow-control timeout).
+        """
+        now = time.monotonic()
+        problems = [f"{name} thread died" for name, alive in self.threads_alive().items() if not alive]
+        beats = {"mqtt": (self.link.heartbeat, 10.0), "intake": (self.intake.heartbeat, 15.0),
+                 "outbox": (self.outbox.heartbeat, 10.0), "can-supervisor": (self.runtime.owner.heartbeat, 10.0),
+                 "bus-monitor": (self.bus_monitor.heartbeat, self.config.metrics.bus_state_interval_s + 10.0)}
+        problems += [f"{name} silent for {now - beat:.0f} s" for name, (beat, limit) in beats.items()
+                     if now - beat > limit]
+        for name, worker in self.runtime.workers.items():
+            if not worker.alive:
+                problems.append(f"worker {name} died")
+            elif worker.busy_since is not None and now - worker.busy_since > self.wedge_limit_s(worker.ecu.name):
+                problems.append(f"worker {name} wedged for {now - worker.busy_since:.0f} s")
+        return problems
+
+    def wedge_limit_s(self, component: str) -> float:
+        ecu = self.config.ecu(component)
+        assert ecu is not None
+        longest = max(self.config.max_command_timeout_ms, ecu.timing.request_ms) / 1000
+        return longest + ecu.timing.p2_star_ms / 1000 + 5.0
+
+    def status_line(self) -> str:
+        """The one-line STATUS= systemd shows."""
+        pending, _ = self.store.outbox_stats()
+        queued = sum(w.depth for w in self.runtime.workers.values())
+        link = "connected to broker" if self.link.connected else f"broker unreachable ({self.link.last_error})"
+        bus = "bus up" if self.runtime.owner.is_up else f"bus down ({self.runtime.owner.last_error})"
+        return f"{link}; {bus}; {queued} queued; outbox {pending}"
+
     def threads_alive(self) -> dict[str, bool]:
         return {"intake": self.intake.alive, "outbox": self.outbox.alive, "mqtt": self.link.alive,
-                "bus-monitor": self.bus_monitor.alive}
+                "bus-monitor": self.bus_monitor.alive, "can-supervisor": self.runtime.owner.supervisor_alive}
 
     # ---- callbacks -----------------------------------------------------------------------------
     def _status(self, state: str) -> bytes:

@@ -38,6 +38,7 @@ class ComponentWorker:
         self._thread: threading.Thread | None = None
         self.heartbeat = time.monotonic()
         self.in_flight: Command | None = None
+        self.busy_since: float | None = None  # monotonic start of the command in flight
         self._probe_interval = probe_interval_s
         self._on_probe = on_probe
 
@@ -127,11 +128,11 @@ class ComponentWorker:
                 self._emit(command, Outcome.failure(Status.FAILED, ErrorCode.INTERNAL,
                                                     f"could not record the start durably: {err}"), None)
                 return
-        self.in_flight = command
+        self.in_flight, self.busy_since = command, time.monotonic()
         started = self._clock()
         budget_ms = command.timeout_ms or self.ecu.timing.request_ms
         outcome = self.executor.execute(command.params, time.monotonic() + budget_ms / 1000)
-        self.in_flight = None
+        self.in_flight, self.busy_since = None, None
         self._emit(command, outcome, started)
 
     def _emit(self, command: Command, outcome: Outcome, started: float | None) -> None:

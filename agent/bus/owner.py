@@ -104,6 +104,7 @@ class BusOwner:
         self._fault: str | None = None
         self._supervisor: threading.Thread | None = None
         self.last_error: str | None = None
+        self.heartbeat = time.monotonic()
 
     # ---- wiring --------------------------------------------------------------------------------
     def subscribe(self, can_id: int, extended: bool, sink: FrameSink) -> None:
@@ -136,6 +137,10 @@ class BusOwner:
             if self._supervisor.is_alive():
                 log.error("bus supervisor did not stop", extra={"interface": self.config.channel})
         self._teardown()
+
+    @property
+    def supervisor_alive(self) -> bool:
+        return self._supervisor is not None and self._supervisor.is_alive()
 
     @property
     def is_up(self) -> bool:
@@ -174,6 +179,7 @@ class BusOwner:
     def _supervise(self) -> None:
         delay = 0.1
         while not self._stopping.is_set():
+            self.heartbeat = time.monotonic()
             if self._bus is None:
                 if self._open():
                     delay = 0.1

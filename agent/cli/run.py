@@ -13,7 +13,6 @@ from typing import Any
 from agent import __version__
 from agent.cli.common import (
     EXIT_CONFIG,
-    EXIT_OK,
     EXIT_UNAVAILABLE,
     add_logging_flags,
     add_subcommand,
@@ -24,6 +23,7 @@ from agent.cli.common import (
 )
 from agent.config.parse import host_port
 from agent.config.reader import InvalidValueError
+from agent.daemon import run_until_stopped
 from agent.metrics.server import MetricsServerError
 from agent.mqtt.link import LinkSetupError
 from agent.service import Service
@@ -85,19 +85,7 @@ def handle(args: argparse.Namespace) -> int:
         return EXIT_UNAVAILABLE
     log.info("sovd-edge %s starting", __version__, extra={"vehicle": config.vehicle, "config": args.config,
                                                            "broker": config.mqtt.broker})
-    if started:
-        log.info("ready", extra={"bus": f"{config.bus.interface}:{config.bus.channel}"})
-    else:
+    if not started:
         log.warning("CAN bus not up yet; retrying in the background",
                     extra={"error": service.runtime.owner.last_error})
-    while not stop.wait(1.0):
-        service.runtime.revive_dead_workers()
-        dead = [name for name, alive in service.threads_alive().items() if not alive]
-        if dead:
-            log.error("essential threads died: %s; exiting for a restart", dead)
-            service.stop(args.grace)
-            return 70
-    log.info("stopping")
-    service.stop(grace=args.grace)
-    log.info("stopped")
-    return EXIT_OK
+    return run_until_stopped(service, stop, args.grace)

@@ -217,7 +217,7 @@ class MqttLink:
                     first, opened = False, True
                 except (OSError, ssl.SSLError, ValueError) as err:
                     self._fail(f"cannot connect to {self._host}:{self._port}: {err}")
-                    self._stop.wait(delay * random.uniform(0.5, 1.0))
+                    self._pause(delay * random.uniform(0.5, 1.0))
                     delay = min(delay * 2, BACKOFF_MAX_S)
                     continue
             try:
@@ -228,10 +228,17 @@ class MqttLink:
             if rc != mqtt.MQTT_ERR_SUCCESS and not self._stop.is_set():
                 opened = False
                 self._mark(False)
-                self._stop.wait(delay * random.uniform(0.5, 1.0))
+                self._pause(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, BACKOFF_MAX_S)
             elif self.connected:
                 delay = BACKOFF_MIN_S
+
+    def _pause(self, seconds: float) -> None:
+        """A backoff wait that keeps the heartbeat fresh (a waiting loop is a healthy loop)."""
+        end = time.monotonic() + seconds
+        while not self._stop.is_set() and (left := end - time.monotonic()) > 0:
+            self._stop.wait(min(left, 1.0))
+            self.heartbeat = time.monotonic()
 
     def _open(self, first: bool) -> None:
         if not first:

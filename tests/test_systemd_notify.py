@@ -1,0 +1,172 @@
+"""The notify protocol against a real AF_UNIX datagram socket, with the agent as a real process."""
+
+import itertools
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import pytest
+import yaml
+from conftest import DATA, ROOT
+
+from agent.mqtt.caller import Caller
+from agent.sdnotify import SystemdNotifier
+
+
+def test_environment_parsing():
+    n = SystemdNotifier({"NOTIFY_SOCKET": "@abstract-name", "WATCHDOG_USEC": "3000000"})
+    assert n.address == "\0abstract-name" and n.watchdog_s == 3.0
+    assert SystemdNotifier({"NOTIFY_SOCKET": "/run/x", "WATCHDOG_USEC": "1000", "WATCHDOG_PID": "1"}).watchdog_s is None
+    assert SystemdNotifier({"NOTIFY_SOCKET": "/run/x", "WATCHDOG_USEC": "1000",
+                            "WATCHDOG_PID": str(os.getpid())}).watchdog_s == 0.001
+    outside = SystemdNotifier({})
+    assert not outside.enabled and outside.ready() is False and outside.watchdog_s is None
+
+
+class NotifySocket:
+    """Plays systemd's side: an abstract AF_UNIX datagram socket collecting what the agent sends."""
+
+    def __init__(self):
+        self.name = f"@sovd-test-{uuid.uuid4().hex[:8]}"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind("\0" + self.name[1:])
+        self.sock.settimeout(0.2)
+        self.messages = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="notify-socket", daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            self.messages.append((time.monotonic(), data.decode()))
+
+    def times(self, line):
+        return [t for t, m in self.messages if line in m.split("\n")]
+
+    def wait_for(self, line, timeout):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.times(line):
+                return self.times(line)[0]
+            time.sleep(0.05)
+        raise AssertionError(f"no {line} in {self.messages}")
+
+    def close(self):
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()
+
+
+@pytest.fixture
+def notify():
+    sock = NotifySocket()
+    yield sock
+    sock.close()
+
+
+def start_agent(tmp_path, broker, notify, watchdog_s, wedge=False, sim_faults=None):
+    vehicle = f"VN{uuid.uuid4().hex[:10].upper()}"
+    config = yaml.safe_load((DATA / "vehicle.yaml").read_text())
+    sim = yaml.safe_load((DATA / "vehicle-sim.yaml").read_text())
+    if sim_faults:
+        sim["ecus"][0]["faults"] = sim_faults
+    (tmp_path / "sim.yaml").write_text(yaml.safe_dump(sim))
+    config.update(vehicle=vehicle, simulate=[str(tmp_path / "sim.yaml")], state_dir=str(tmp_path / "state"))
+    config["bus"]["channel"] = f"notify-{uuid.uuid4().hex[:6]}"
+    if wedge:
+        config["max_command_timeout_ms"] = 500
+        engine = config["ecus"][0]
+        engine["timing"].update(request_ms=500, p2_star_ms=500)
+        engine["security"] = [{"level": 1, "algorithm": "tests.wedge:forever"}]
+    (tmp_path / "agent.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "NOTIFY_SOCKET": notify.name, "WATCHDOG_USEC": str(int(watchdog_s * 1e6))}
+    log = (tmp_path / "agent.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "-c", str(tmp_path / "agent.yaml"),
+                             "--broker", broker.url, "--log-format", "json"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=log)
+    return proc, vehicle
+
+
+def test_ready_after_bus_open_pings_at_half_interval_and_stopping(tmp_path, broker, notify):
+    proc, _ = start_agent(tmp_path, broker, notify, watchdog_s=2.0)
+    try:
+        notify.wait_for("READY=1", 20)
+        log = (tmp_path / "agent.log").read_text()
+        assert log.index('"CAN bus open"') < log.index('"message": "ready"')  # the bus was open first
+        ready_message = next(m for _, m in notify.messages if "READY=1" in m)
+        assert "STATUS=" in ready_message and "bus up" in ready_message
+        time.sleep(5)
+        pings = notify.times("WATCHDOG=1")
+        gaps = [b - a for a, b in itertools.pairwise(pings)]
+        assert len(pings) >= 4 and all(0.6 <= g <= 1.5 for g in gaps), gaps  # about half of 2 s
+        assert any(m.startswith("STATUS=") for _, m in notify.messages)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+        notify.wait_for("STOPPING=1", 5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_pings_stop_when_a_worker_is_wedged(tmp_path, broker, notify):
+    from agent.config.model import MqttConfig
+
+    proc, vehicle = start_agent(tmp_path, broker, notify, watchdog_s=2.0, wedge=True)
+    try:
+        notify.wait_for("READY=1", 20)
+        with Caller(MqttConfig(broker=broker.url), vehicle) as backend:
+            backend.subscribe(f"{backend.topics.base}/#")
+            backend.wait_for(lambda s: s.topic == backend.topics.status and b'"online"' in s.payload, 10)
+            backend.send({"id": "s-1", "component": "engine", "command": "set_session",
+                          "params": {"session": "extended"}})
+            backend.final("s-1")
+            backend.send({"id": "w-1", "component": "engine", "command": "security_access", "params": {"level": 1}})
+            backend.wait_for(lambda s: b'"accepted"' in s.payload and b"w-1" in s.payload, 10)
+            wedged_at = time.monotonic()
+            time.sleep(9)  # wedge limit here: 0.5 s deadline + 0.5 s P2* + 5 s
+        pings = notify.times("WATCHDOG=1")
+        assert any(t < wedged_at + 5 for t in pings)  # still fed while the command could be legitimately running
+        last = max(pings)
+        assert time.monotonic() - last > 2.5, "pings continued after the worker wedged"
+        assert "worker engine wedged" in (tmp_path / "agent.log").read_text()
+        assert any("unhealthy: worker engine wedged" in m for _, m in notify.messages)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_graceful_stop_finishes_in_flight_and_goes_offline(tmp_path, broker, notify):
+    from agent.config.model import MqttConfig
+
+    proc, vehicle = start_agent(tmp_path, broker, notify, watchdog_s=10.0,
+                                sim_faults=[{"service": 0x31, "pending": 40}])  # ~0.8 s routine
+    try:
+        notify.wait_for("READY=1", 20)
+        with Caller(MqttConfig(broker=broker.url), vehicle) as backend:
+            backend.subscribe(f"{backend.topics.base}/#")
+            backend.wait_for(lambda s: s.topic == backend.topics.status and b'"online"' in s.payload, 10)
+            backend.send({"id": "g-1", "component": "engine", "command": "operation",
+                          "params": {"routine": "self_test", "action": "start"}})
+            backend.wait_for(lambda s: b'"accepted"' in s.payload, 10)
+            time.sleep(0.2)
+            stopped_at = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(20) == 0
+            assert time.monotonic() - stopped_at < 20  # TimeoutStopSec in the unit
+            assert backend.final("g-1")["status"] == "completed"  # finished, and flushed before exit
+            backend.wait_for(lambda s: s.topic == backend.topics.status and b'"offline"' in s.payload, 5)
+        notify.wait_for("STOPPING=1", 5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
