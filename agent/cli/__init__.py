@@ -6,10 +6,10 @@ import argparse
 import sys
 
 from agent import __version__
-from agent.cli import call, check_config, demo, run, simulate, uds
+from agent.cli import call, check_config, demo, doctor, run, simulate, uds
 from agent.cli.common import EXIT_CODES
 
-SUBCOMMANDS = (run, call, uds, demo, simulate, check_config)
+SUBCOMMANDS = (run, call, uds, demo, simulate, check_config, doctor)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,99 @@
+"""Checks a running system against an agent config: interface, bitrate, bus state, ISO-TP, broker, state dir."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.bus.kernel_isotp import kernel_isotp_available
+from agent.config.model import AgentConfig
+from agent.metrics.canstate import CanLink, read_link
+
+OK, WARN, FAIL, SKIP = "ok", "warn", "FAIL", "skip"
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    result: str
+    detail: str
+    fix: str = ""
+
+
+def run_checks(config: AgentConfig, reader: type[object] | None = None) -> list[Check]:
+    """Every check, in order; `reader` replaces the kernel query in tests."""
+    checks = [Check("config", OK, f"{len(config.ecus)} ECUs, vehicle {config.vehicle}")]
+    checks += _bus_checks(config, read_link if reader is None else reader)  # type: ignore[arg-type]
+    checks.append(_broker(config))
+    checks.append(_state_dir(config.state_dir))
+    return checks
+
+
+def _bus_checks(config: AgentConfig, reader: object) -> list[Check]:
+    bus = config.bus
+    if bus.interface != "socketcan":
+        return [Check("interface", SKIP, f"{bus.interface}:{bus.channel} is not a kernel interface")]
+    link: CanLink | None = reader(bus.channel)  # type: ignore[operator]
+    if link is None:
+        return [Check("interface", FAIL, f"{bus.channel} does not exist",
+                      "CAN HAT: check the dtoverlay in /boot/firmware/config.txt and `dmesg | grep -i mcp`; "
+                      "development: sudo hw/vcan-up")]
+    state = "up" if link.up else "down"
+    checks = [Check("interface", OK if link.up else FAIL, f"{bus.channel} ({link.kind}) is {state}",
+                    "" if link.up else f"sudo hw/can-up {bus.channel} {bus.bitrate} (or enable systemd-networkd)")]
+    if link.kind == "can":
+        if link.bitrate is None:
+            checks.append(Check("bitrate", FAIL, "not configured", f"sudo hw/can-up {bus.channel} {bus.bitrate}"))
+        elif link.bitrate != bus.bitrate:
+            checks.append(Check("bitrate", FAIL, f"{link.bitrate} on the interface, {bus.bitrate} in the config",
+                                "make hw/networkd/80-can.network (BitRate=) and bus.bitrate agree with the vehicle"))
+        else:
+            checks.append(Check("bitrate", OK, f"{link.bitrate} bit/s, sample point {link.sample_point}"))
+        state_result = {"error-active": OK, "error-warning": WARN}.get(link.state, FAIL)
+        checks.append(Check("bus state", state_result, f"{link.state}, TEC {link.tx_errors} REC {link.rx_errors}",
+                            "" if state_result == OK else "check termination (120 ohm each end), ground and bitrate"))
+    else:
+        checks.append(Check("bus state", SKIP, f"{link.kind} has no controller state"))
+    if bus.isotp == "userspace":
+        checks.append(Check("kernel ISO-TP", SKIP, "userspace ISO-TP configured"))
+    else:
+        available = kernel_isotp_available()
+        result = OK if available else (FAIL if bus.isotp == "kernel" else WARN)
+        checks.append(Check("kernel ISO-TP", result, "available" if available else "not available (can-isotp module)",
+                            "" if available else "sudo modprobe can-isotp, or set bus.isotp: userspace"))
+    return checks
+
+
+def _broker(config: AgentConfig) -> Check:
+    host, port, tls = config.mqtt.host_port_tls
+    try:
+        with socket.create_connection((host, port), timeout=3):
+            pass
+    except OSError as err:
+        return Check("broker", FAIL, f"{host}:{port} unreachable: {err.strerror or err}",
+                     "check mqtt.broker, the network (cellular) and the broker; the agent retries by itself")
+    return Check("broker", OK, f"{host}:{port} accepts connections{' (TLS)' if tls else ''}")
+
+
+def _state_dir(path: Path) -> Check:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        return Check("state dir", FAIL, f"{path}: {err.strerror or err}",
+                     f"systemd creates it (StateDirectory=); by hand: install -d -o sovd-edge {path}")
+    return Check("state dir", OK, f"{path} is writable" + (" (as root)" if os.geteuid() == 0 else ""))
+
+
+def render(checks: list[Check]) -> str:
+    width = max(len(c.name) for c in checks)
+    lines = [f"{'CHECK':<{width}}  RESULT  DETAIL"]
+    for c in checks:
+        lines.append(f"{c.name:<{width}}  {c.result:<6}  {c.detail}")
+        if c.fix:
+            lines.append(f"{'':<{width}}  {'':<6}  fix: {c.fix}")
+    return "\n".join(lines)

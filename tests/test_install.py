@@ -1,0 +1,212 @@
+"""The device side: the systemd unit checked by systemd's own tools, the installer, networkd files, doctor."""
+
+import configparser
+import dataclasses
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import DATA, ROOT
+
+from agent.config import load_config
+from agent.doctor import FAIL, OK, SKIP, WARN, render, run_checks
+from agent.metrics.canstate import parse_ip_link
+
+UNIT = ROOT / "systemd/sovd-edge.service"
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="the installer creates users and chowns: needs root")
+
+
+def test_unit_exposure_is_at_most_2():
+    result = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(UNIT)], capture_output=True,
+                            text=True, timeout=60)
+    match = re.search(r"Overall exposure level for sovd-edge.service: ([0-9.]+)", result.stdout)
+    assert match, result.stdout + result.stderr
+    assert float(match.group(1)) <= 2.0
+
+
+def test_unit_essentials():
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str
+    unit.read_string(UNIT.read_text())
+    service = unit["Service"]
+    assert service["Type"] == "notify" and service["WatchdogSec"] and service["Restart"] == "on-failure"
+    assert service["RestartPreventExitStatus"] == "78"
+    assert "ConfigurationDirectory" in service and "StateDirectory" in service
+    assert "LoadCredential" in service and service["User"] == "sovd-edge"
+    assert "AF_CAN" in service["RestrictAddressFamilies"] and "AF_NETLINK" in service["RestrictAddressFamilies"]
+    assert "BindsTo" in unit["Unit"] and "network-online.target" in unit["Unit"]["After"]
+    assert "StartLimitBurst" in unit["Unit"]
+    text = UNIT.read_text()
+    for omitted in ("PrivateNetwork", "IPAddressDeny", "DynamicUser"):
+        assert re.search(rf"^# - {omitted}=", text, re.M) or re.search(rf"^# .*{omitted}=", text, re.M), omitted
+
+
+def test_networkd_files():
+    for name, fd in (("80-can.network", False), ("80-can-fd.network", True)):
+        config = configparser.ConfigParser()
+        config.optionxform = str
+        config.read(ROOT / "hw/networkd" / name)
+        assert config["Match"]["Name"] == "can0"
+        assert config["CAN"]["BitRate"] == "500K" and config["CAN"]["RestartSec"] == "100ms"
+        assert (config["CAN"].get("FDMode") == "yes") is fd and ("DataBitRate" in config["CAN"]) is fd
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("root")
+    (root / "etc").mkdir()
+    (root / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    (root / "etc/group").write_text("root:x:0:\n")
+    (root / "etc/shadow").write_text("root:*:19000:0:99999:7:::\n")
+    (root / "etc/gshadow").write_text("root:*::\n")
+    result = subprocess.run([str(ROOT / "hw/install"), "--root", str(root), "--no-apt"], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return root
+
+
+def ids(root, name):
+    uid = next(line.split(":")[2] for line in (root / "etc/passwd").read_text().splitlines()
+               if line.startswith(f"{name}:"))
+    gid = next(line.split(":")[2] for line in (root / "etc/group").read_text().splitlines()
+               if line.startswith(f"{name}:"))
+    return int(uid), int(gid)
+
+
+@needs_root
+def test_install_places_every_file_with_its_mode_and_owner(installed):
+    root = installed
+    uid, gid = ids(root, "sovd-edge")
+    assert uid < 1000  # a system user
+    passwd = next(line for line in (root / "etc/passwd").read_text().splitlines() if line.startswith("sovd-edge:"))
+    assert passwd.endswith(":/var/lib/sovd-edge:/usr/sbin/nologin")
+    expected = {
+        "etc/systemd/system/sovd-edge.service": (0o644, 0, 0),
+        "etc/systemd/network/80-can.network": (0o644, 0, 0),
+        "etc/sovd-edge": (0o750, 0, gid),
+        "etc/sovd-edge/agent.yaml": (0o640, 0, gid),
+        "etc/sovd-edge/credentials": (0o700, 0, 0),
+        "etc/sovd-edge/credentials/mqtt-password": (0o600, 0, 0),
+        "etc/sovd-edge/credentials/client-key": (0o600, 0, 0),
+        "var/lib/sovd-edge": (0o750, uid, gid),
+        "opt/sovd-edge": (0o755, 0, 0),
+    }
+    for path, (mode, owner, group) in expected.items():
+        st = (root / path).stat()
+        assert (st.st_mode & 0o7777, st.st_uid, st.st_gid) == (mode, owner, group), path
+    assert (root / "etc/systemd/system/sovd-edge.service").read_text() == UNIT.read_text()
+    assert (root / "etc/sovd-edge/agent.yaml").read_text() == (ROOT / "config/agent.example.yaml").read_text()
+    link = root / "etc/systemd/system/multi-user.target.wants/sovd-edge.service"
+    assert os.readlink(link) == "/etc/systemd/system/sovd-edge.service"
+    tool = root / "opt/sovd-edge/venv/bin/sovd-edge"
+    assert subprocess.run([str(tool), "--version"], capture_output=True, text=True).stdout.startswith("sovd-edge 0.")
+    check = subprocess.run([str(tool), "check-config", "-c", str(root / "etc/sovd-edge/agent.yaml")],
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+@needs_root
+def test_installed_unit_verifies(installed, tmp_path):
+    # verify resolves ExecStart on this machine: point it at the venv inside the install root
+    unit = tmp_path / "sovd-edge.service"
+    text = (installed / "etc/systemd/system/sovd-edge.service").read_text()
+    unit.write_text(text.replace("/opt/sovd-edge/", f"{installed}/opt/sovd-edge/"))
+    result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stderr.strip() == "", result.stdout + result.stderr
+
+
+@needs_root
+def test_reinstall_keeps_an_edited_config(installed):
+    config = installed / "etc/sovd-edge/agent.yaml"
+    config.write_text(config.read_text().replace("WVWZZZ1JZXW000001", "EDITED0000000001"))
+    (installed / "etc/sovd-edge/credentials/mqtt-password").write_text("secret")
+    result = subprocess.run([str(ROOT / "hw/install"), "--root", str(installed), "--no-apt"], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "keeping the existing /etc/sovd-edge/agent.yaml" in result.stdout
+    assert "EDITED0000000001" in config.read_text()
+    assert (installed / "etc/sovd-edge/credentials/mqtt-password").read_text() == "secret"
+    assert sum(1 for line in (installed / "etc/passwd").read_text().splitlines() if line.startswith("sovd-edge:")) == 1
+
+
+def recorded(name):
+    return lambda interface: parse_ip_link((DATA / "iproute2" / f"{name}.json").read_text(), interface)
+
+
+def doctor_config(tmp_path, broker_url, **bus):
+    config = load_config(ROOT / "config/agent.example.yaml")
+    config = dataclasses.replace(config, state_dir=tmp_path / "state",
+                                 mqtt=dataclasses.replace(config.mqtt, broker=broker_url, tls=None))
+    return dataclasses.replace(config, bus=dataclasses.replace(config.bus, **bus)) if bus else config
+
+
+def results(checks):
+    return {c.name: c.result for c in checks}
+
+
+def test_doctor_healthy_can0(tmp_path, broker):
+    checks = run_checks(doctor_config(tmp_path, broker.url), reader=recorded("error-active"))
+    got = results(checks)
+    assert got["config"] == got["interface"] == got["bitrate"] == got["bus state"] == got["broker"] == OK
+    assert got["state dir"] == OK and got["kernel ISO-TP"] in (OK, WARN)
+    assert "CHECK" in render(checks)
+
+
+def test_doctor_failures_each_with_a_fix(tmp_path):
+    config = doctor_config(tmp_path, "mqtt://127.0.0.1:9", bitrate=250_000)
+    checks = run_checks(config, reader=recorded("bus-off"))
+    failing = {c.name: c for c in checks if c.result == FAIL}
+    assert set(failing) >= {"bitrate", "bus state", "broker"}
+    assert all(c.fix for c in failing.values())
+    missing = run_checks(config, reader=lambda interface: None)
+    assert results(missing)["interface"] == FAIL and "hw/vcan-up" in missing[1].fix
+    down = run_checks(config, reader=recorded("stopped"))
+    assert results(down)["interface"] == FAIL and "hw/can-up" in down[1].fix
+    vcan = run_checks(dataclasses.replace(config, bus=dataclasses.replace(config.bus, channel="vcan0")),
+                      reader=recorded("vcan"))
+    assert results(vcan)["bus state"] == SKIP
+
+
+def test_doctor_cli(tmp_path, broker):
+    def doctor(*args):
+        return subprocess.run([sys.executable, "-m", "agent", "doctor", *args], capture_output=True, text=True,
+                              cwd=ROOT, timeout=60)
+
+    ok = doctor("-c", "config/demo.yaml", "--broker", broker.url, "--state-dir", str(tmp_path))
+    assert ok.returncode == 0, ok.stdout
+    assert re.search(r"^broker\s+ok", ok.stdout, re.M) and re.search(r"^interface\s+skip", ok.stdout, re.M)
+    bad = doctor("-c", "config/demo.yaml", "--broker", "mqtt://127.0.0.1:9", "--state-dir", str(tmp_path))
+    assert bad.returncode == 1 and "fix:" in bad.stdout
+    missing = doctor("-c", "nonexistent.yaml")
+    assert missing.returncode == 78
+
+
+@pytest.mark.slow
+@needs_root
+@pytest.mark.skipif(shutil.which("debootstrap") is None, reason="debootstrap is not installed (hw/dev-setup)")
+def test_install_in_a_clean_debian_12_chroot(tmp_path_factory):
+    """The installer inside a fresh Debian 12 made by debootstrap: apt, user, venv, unit; then the tool runs."""
+    root = tmp_path_factory.mktemp("bookworm")
+    boot = subprocess.run(["debootstrap", "--variant=minbase", "bookworm", str(root), "http://deb.debian.org/debian"],
+                          capture_output=True, text=True, timeout=1500)
+    assert boot.returncode == 0, boot.stdout[-3000:] + boot.stderr[-3000:]
+    shutil.copy("/etc/resolv.conf", root / "etc/resolv.conf")
+    for mount in ("proc", "sys", "dev"):
+        subprocess.run(["mount", "--bind", f"/{mount}", str(root / mount)], check=True)
+    try:
+        result = subprocess.run([str(ROOT / "hw/install"), "--root", str(root)], capture_output=True, text=True,
+                                timeout=1500)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        run = ["chroot", str(root), "/opt/sovd-edge/venv/bin/sovd-edge"]
+        version = subprocess.run([*run, "--version"], capture_output=True, text=True, timeout=60)
+        assert version.returncode == 0 and version.stdout.startswith("sovd-edge 0."), version.stderr
+        check = subprocess.run([*run, "check-config", "-c", "/etc/sovd-edge/agent.yaml"], capture_output=True,
+                               text=True, timeout=60)
+        assert check.returncode == 0, check.stdout + check.stderr
+        assert (root / "etc/systemd/system/multi-user.target.wants/sovd-edge.service").is_symlink()
+    finally:
+        for mount in ("dev", "sys", "proc"):
+            subprocess.run(["umount", "-l", str(root / mount)], check=False)
