@@ -11,7 +11,7 @@ from pathlib import Path
 
 from agent.bus.address import isotp_address, rx_ids
 from agent.bus.isotp_link import IsoTpLink
-from agent.bus.kernel_isotp import KernelIsoTpLink, kernel_isotp_available
+from agent.bus.kernel_isotp import KernelIsoTpLink, kernel_isotp_available, kernel_isotp_max_pdu
 from agent.bus.owner import BusFactory, BusOwner
 from agent.command import Command, ErrorCode, Outcome, Status
 from agent.config.model import AgentConfig, BusConfig, EcuConfig
@@ -64,17 +64,26 @@ class Runtime:
         self.simulators = [Simulator(load_sim_config(path), bus=config.bus, factory=sim_factory, journal=sim_journal)
                            for path in config.simulate]
         self.workers: dict[str, ComponentWorker] = {}
+        self.transports: dict[str, str] = {}  # per ECU: "kernel" or "userspace"
         self._stopping = threading.Event()
         for ecu in config.ecus:
             executor = Executor(ecu, self._link(ecu))
             self.workers[ecu.name] = ComponentWorker(ecu, executor, sink, on_start,
                                                      probe_interval_s=config.metrics.reachability_interval_s,
                                                      on_probe=on_probe)
-        log.info("runtime assembled", extra={"ecus": len(config.ecus), "transport": self.transport})
+        log.info("runtime assembled", extra={"ecus": len(config.ecus), "transport": self.transport,
+                                             "transports": self.transports})
 
     def _link(self, ecu: EcuConfig) -> Link:
         address = isotp_address(ecu.addressing)
-        if self.transport == "kernel":
+        self.transports[ecu.name] = self.transport
+        needed = max((d.length + 3 for d in ecu.dids if d.length is not None), default=0)
+        if self.transport == "kernel" and needed > (limit := kernel_isotp_max_pdu()):
+            # e.g. Debian 12's 6.1 kernel: 4095-byte PDUs at most; a 4095-byte DID needs 4098
+            self.transports[ecu.name] = "userspace"
+            log.info("ECU %s uses userspace ISO-TP: its DIDs need %d-byte PDUs, kernel ISO-TP takes %d",
+                     ecu.name, needed, limit, extra={"component": ecu.name, "transport": "userspace"})
+        if self.transports[ecu.name] == "kernel":
             # The raw bus still sees the ECU's responses, for frame counters.
             for can_id, extended in rx_ids(address):
                 self.owner.subscribe(can_id, extended, lambda msg: None)

@@ -194,11 +194,12 @@ def test_install_in_a_clean_debian_12_chroot(tmp_path_factory):
                           capture_output=True, text=True, timeout=1500)
     assert boot.returncode == 0, boot.stdout[-3000:] + boot.stderr[-3000:]
     shutil.copy("/etc/resolv.conf", root / "etc/resolv.conf")
+    env = carry_package_index_settings(root)
     for mount in ("proc", "sys", "dev"):
         subprocess.run(["mount", "--bind", f"/{mount}", str(root / mount)], check=True)
     try:
         result = subprocess.run([str(ROOT / "hw/install"), "--root", str(root)], capture_output=True, text=True,
-                                timeout=1500)
+                                timeout=1500, env=env)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         run = ["chroot", str(root), "/opt/sovd-edge/venv/bin/sovd-edge"]
         version = subprocess.run([*run, "--version"], capture_output=True, text=True, timeout=60)
@@ -210,3 +211,24 @@ def test_install_in_a_clean_debian_12_chroot(tmp_path_factory):
     finally:
         for mount in ("dev", "sys", "proc"):
             subprocess.run(["umount", "-l", str(root / mount)], check=False)
+
+
+def carry_package_index_settings(root):
+    """The chroot's pip must reach the index this machine uses: the TLS trust the environment points at goes
+    to a path Debian's ca-certificates does not rewrite, pip's config files to theirs. Returns the
+    environment for the installer."""
+    env = dict(os.environ)
+    bundle = next((os.environ[v] for v in ("PIP_CERT", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE")
+                   if os.path.isfile(os.environ.get(v, ""))), None)
+    if bundle:
+        (root / "etc/ssl").mkdir(parents=True, exist_ok=True)
+        shutil.copy(bundle, root / "etc/ssl/host-trust.pem")
+        for var in ("PIP_CERT", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE", "CURL_CA_BUNDLE"):
+            env[var] = "/etc/ssl/host-trust.pem"
+        env.pop("SSL_CERT_DIR", None)
+    for config in ("/etc/pip.conf", "/etc/xdg/pip"):
+        if os.path.isdir(config):
+            shutil.copytree(config, root / config.lstrip("/"), dirs_exist_ok=True)
+        elif os.path.exists(config):
+            shutil.copy(config, root / config.lstrip("/"))
+    return env

@@ -34,3 +34,12 @@ def test_explicit_choices(interface, isotp, expected):
 def test_auto_on_socketcan_follows_the_kernel():
     expected = "kernel" if kernel_can_open_isotp() else "userspace"
     assert choose_transport(BusConfig(interface="socketcan", channel="can0")) == expected
+
+
+def test_kernel_max_pdu_from_the_module_parameter(tmp_path):
+    from agent.bus.kernel_isotp import kernel_isotp_max_pdu
+
+    parameter = tmp_path / "max_pdu_size"
+    assert kernel_isotp_max_pdu(parameter) == 4095  # older kernels have no parameter: 4095
+    parameter.write_text("8300\n")
+    assert kernel_isotp_max_pdu(parameter) == 8300

@@ -104,19 +104,24 @@ class IsoTpLink:
             raise TransportTimeoutError(f"{self.name}: ISO-TP send failed: {self._error}")
 
     def recv(self, timeout: float) -> bytes | None:
-        """The next whole PDU from the peer, or None after `timeout` seconds."""
+        """The next whole PDU from the peer, or None if none has started within `timeout` seconds.
+
+        `timeout` (P2 for UDS) bounds the wait for the first frame; once a multi-frame reception is
+        under way, it runs to its end, each consecutive frame bounded by the N_Cr timeout.
+        """
         deadline = time.monotonic() + timeout
         try:
             while True:
                 data = self._logic.recv(block=False)
                 if data is not None:
                     return bytes(data)
+                receiving = self._logic.is_rx_active()
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or self._woken:
+                if (remaining <= 0 and not receiving) or self._woken:
                     return None
-                busy = self._logic.is_rx_active() or self._logic.transmitting()
+                busy = receiving or self._logic.transmitting()
                 # Idle: no timer can fire, so block until a frame or the deadline.
-                self._logic.process(rx_timeout=min(remaining, _SLICE) if busy else remaining)
+                self._logic.process(rx_timeout=_SLICE if busy else remaining)
         except BusDownError:
             self._logic.reset()
             raise

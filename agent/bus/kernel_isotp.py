@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from pathlib import Path
 
 import isotp
 
@@ -25,6 +26,18 @@ def kernel_isotp_available() -> bool:
         return False
     probe.close()
     return True
+
+
+CLASSIC_MAX_PDU = 4095
+MAX_PDU_PARAMETER = Path("/sys/module/can_isotp/parameters/max_pdu_size")
+
+
+def kernel_isotp_max_pdu(parameter: Path = MAX_PDU_PARAMETER) -> int:
+    """The largest PDU the kernel's ISO-TP takes: its max_pdu_size parameter (Linux 6.2+), else 4095."""
+    try:
+        return int(parameter.read_text().strip())
+    except (OSError, ValueError):
+        return CLASSIC_MAX_PDU
 
 
 class KernelIsoTpLink:
@@ -72,7 +85,7 @@ class KernelIsoTpLink:
         sock = self._socket()
         sock.settimeout(max(timeout, 0.001))
         try:
-            return sock.recv()
+            return sock.recv(self._config.max_pdu + 8)
         except TimeoutError:
             return None
         except OSError as err:
