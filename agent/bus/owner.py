@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -19,6 +20,7 @@ log = logging.getLogger(__name__)
 FrameSink = Callable[[can.Message], None]
 # How long the notifier's recv blocks: bounds how fast stop() returns; idle cost is one wake-up per poll.
 NOTIFIER_POLL_S = 0.25
+RECEIVE_BUFFER_BYTES = 1 << 20
 BusFactory = Callable[[], can.BusABC]
 
 
@@ -53,7 +55,16 @@ def open_bus(config: BusConfig) -> can.BusABC:
             kwargs["data_bitrate"] = config.data_bitrate
     else:
         kwargs["receive_own_messages"] = config.receive_own_messages
-    return can.Bus(interface=config.interface, channel=config.channel, ignore_config=True, **kwargs)
+    bus = can.Bus(interface=config.interface, channel=config.channel, ignore_config=True, **kwargs)
+    raw = getattr(bus, "socket", None)
+    if raw is not None:
+        # A multi-frame response arrives in a burst (vcan has no bitrate at all); a small receive buffer
+        # drops frames while the notifier is busy. The kernel caps the request at net.core.rmem_max.
+        try:
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER_BYTES)
+        except OSError as err:
+            log.debug("cannot enlarge the CAN receive buffer: %s", err)
+    return bus
 
 
 class _Router(can.Listener):
