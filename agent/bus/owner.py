@@ -48,7 +48,7 @@ class BusCounters:
 
 def open_bus(config: BusConfig) -> can.BusABC:
     """Opens the configured python-can bus, ignoring any python-can config files on the machine."""
-    kwargs: dict[str, object] = {"fd": config.fd}
+    kwargs: dict[str, object] = {"fd": config.fd, **dict(config.options)}
     if config.interface != "virtual":
         kwargs["bitrate"] = config.bitrate
         if config.data_bitrate:

@@ -6,6 +6,8 @@ import argparse
 import logging
 from typing import Any
 
+import can
+
 from agent.bus.owner import wait_until
 from agent.cli.common import (
     EXIT_CONFIG,
@@ -18,8 +20,11 @@ from agent.cli.common import (
     stop_on_signals,
 )
 from agent.config.model import BusConfig
+from agent.config.parse import host_port
+from agent.config.reader import InvalidValueError
 from agent.errors import ConfigError
 from agent.sim.config import load_sim_config
+from agent.sim.hub import Hub
 from agent.sim.simulator import Simulator
 
 log = logging.getLogger("agent.sim")
@@ -32,6 +37,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--interface", help="python-can interface (default: from the simulator config)")
     p.add_argument("--channel", help="channel, e.g. vcan0 (default: from the simulator config)")
     p.add_argument("--fd", action=argparse.BooleanOptionalAction, default=None, help="open the bus for CAN FD")
+    p.add_argument("--hub", metavar="HOST:PORT",
+                   help="also serve the bus over the socketcand protocol, for an agent in another process "
+                        "(its config: interface socketcand, options {host, port}); virtual buses only")
     add_logging_flags(p)
     p.set_defaults(handler=handle)
 
@@ -55,8 +63,21 @@ def handle(args: argparse.Namespace) -> int:
         log.error("cannot open the bus: %s", simulator.owner.last_error)
         simulator.stop()
         return EXIT_UNAVAILABLE
-    log.info("simulating", extra={"ecus": list(simulator.ecus), "bus": f"{interface}:{channel}"})
+    hub = None
+    if args.hub:
+        try:
+            host, port = host_port(args.hub)
+            hub = Hub(lambda: can.Bus(interface=interface, channel=channel, ignore_config=True), host, port)
+        except (InvalidValueError, OSError) as err:
+            log.error("cannot serve the hub on %s: %s", args.hub, err)
+            simulator.stop()
+            return EXIT_UNAVAILABLE
+        hub.start()
+    log.info("simulating", extra={"ecus": list(simulator.ecus), "bus": f"{interface}:{channel}",
+                                  "hub": f"{args.hub}" if hub else None})
     stop.wait()
+    if hub is not None:
+        hub.stop()
     simulator.stop()
     executed = {name: ecu.server.total_executed for name, ecu in simulator.ecus.items()}
     log.info("simulator stopped", extra={"executed": executed})

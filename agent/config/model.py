@@ -26,6 +26,7 @@ class BusConfig:
     data_bitrate: int | None = None
     isotp: str = "auto"  # auto | kernel | userspace
     receive_own_messages: bool = False
+    options: tuple[tuple[str, object], ...] = ()  # extra python-can arguments (socketcand: host, port)
 
 
 @dataclass(frozen=True)

@@ -108,6 +108,7 @@ def _bus(node: Node | None, problems: Problems) -> m.BusConfig:
         data_bitrate=node.get("data_bitrate", integer(500_000, 8_000_000, "a CAN FD data bitrate"), None),
         isotp=node.get("isotp", choice("auto", "kernel", "userspace"), "auto"),
         receive_own_messages=node.get("receive_own_messages", boolean, False),
+        options=_options(node.child("options")),
     )
     if bus.data_bitrate is not None and not fd:
         problems.add(join(node.path, "data_bitrate"), "only meaningful with fd: true")
@@ -115,6 +116,22 @@ def _bus(node: Node | None, problems: Problems) -> m.BusConfig:
         problems.add(join(node.path, "isotp"), "kernel ISO-TP needs interface: socketcan")
     node.finish()
     return bus
+
+
+def _options(node: Node | None) -> tuple[tuple[str, object], ...]:
+    """Extra keyword arguments for can.Bus: names and scalar values only."""
+    if node is None:
+        return ()
+    options = []
+    for key, value in node.data.items():
+        node.raw(key)
+        if not isinstance(key, str) or not key.isidentifier():
+            node.problems.add(join(node.path, str(key)), "expected a python-can argument name")
+        elif not isinstance(value, str | int | float | bool):
+            node.problems.add(join(node.path, key), "expected a string, number or boolean")
+        else:
+            options.append((key, value))
+    return tuple(sorted(options))
 
 
 def _mqtt(node: Node | None, base: Path) -> m.MqttConfig:
