@@ -160,18 +160,22 @@ def test_kernel_filters_keep_the_agent_idle_under_a_flood(agent):
     call(backend, "engine", "read_data", {"data": "vin"})
     before_rx = metric(metrics(port), 'sovd_can_frames_total{direction="rx"')
     cpu_before, started = cpu_seconds(process.proc.pid), time.monotonic()
+    time.sleep(5)  # the baseline: the same agent, idle, for as long as the flood lasts
+    idle = (cpu_seconds(process.proc.pid) - cpu_before) / (time.monotonic() - started)
+    cpu_before, started = cpu_seconds(process.proc.pid), time.monotonic()
     flood = subprocess.run([sys.executable, "-c", FLOOD, CAN, "4000", "5"], capture_output=True, text=True,
                            timeout=120)
     cpu = (cpu_seconds(process.proc.pid) - cpu_before) / (time.monotonic() - started)
     rate = float(flood.stdout.strip())
     figure = {"benchmark": "agent_cpu_under_unrelated_flood", "interface": CAN, "flood_frames_per_s": round(rate),
-              "agent_cpu_percent_of_one_core": round(cpu * 100, 2)}
+              "agent_cpu_percent_of_one_core": round(cpu * 100, 2),
+              "agent_idle_cpu_percent_of_one_core": round(idle * 100, 2)}
     print(json.dumps(figure))
     text = metrics(port)
     assert rate > 3000
     # the bus-state reading counts every frame on the interface (kernel counters); the agent's own
     # receive path sees only its ECUs' response ids, which a flood of 0x123 does not touch
-    assert cpu < 0.05, figure
+    assert cpu < idle + 0.03, figure  # the flood costs the agent (almost) nothing: the kernel filters it
     assert call(backend, "engine", "read_data", {"data": "vin"})["status"] == "completed"
     assert metric(text, 'sovd_can_frames_total{direction="rx"') >= before_rx
 
