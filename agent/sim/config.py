@@ -6,8 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.config.ecu import BYTE, NAME, key_algorithm, parse_addressing, parse_isotp
 from agent.config.model import Addressing, BusConfig, IsoTpConfig
-from agent.config.parse import BYTE, NAME, key_algorithm, load_yaml, parse_addressing, parse_isotp
+from agent.config.parse import load_yaml
 from agent.config.reader import InvalidValueError, Node, Problems, boolean, hex_bytes, integer, text
 from agent.errors import ConfigError
 from agent.uds.dtc import parse_code

@@ -6,7 +6,7 @@ import os
 from collections import Counter
 from collections.abc import Callable
 
-from agent.config.parse import resolve_callable
+from agent.config.ecu import resolve_callable
 from agent.sim.config import SimEcu
 
 P2_MS, P2_STAR_MS = 50, 5000

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from agent.config.parse import resolve_callable
+from agent.config.ecu import resolve_callable
 
 KeyAlgorithm = Callable[[int, bytes, Mapping[str, Any]], bytes]
 
