@@ -129,8 +129,9 @@ class Intake:
                 self._invalid_event("undecodable", body.reason, item)
                 return None
             reply_topic = self._reply_topic(item, {}, body.command_id)
-            if body.command_id in seen or self._store.get(body.command_id) is not None:
-                self._duplicate(item, batch, {}, body.command_id, reply_topic)
+            existing = self._store.get(body.command_id)
+            if body.command_id in seen or existing is not None:
+                self._duplicate(item, batch, {}, body.command_id, reply_topic, existing)
                 return None
             seen.add(body.command_id)
             return self._reject_invalid(item, batch, body.command_id, {"id": body.command_id}, body.reason)
@@ -139,8 +140,9 @@ class Intake:
             self._invalid_event("bad_id", "the command has no valid id", item)
             return None
         reply_topic = self._reply_topic(item, body, command_id)
-        if command_id in seen or self._store.get(command_id) is not None:
-            self._duplicate(item, batch, body, command_id, reply_topic)
+        existing = self._store.get(command_id)
+        if command_id in seen or existing is not None:
+            self._duplicate(item, batch, body, command_id, reply_topic, existing)
             return None
         seen.add(command_id)
         try:
@@ -183,8 +185,9 @@ class Intake:
                 return candidate
         return self._topics.responses(command_id)
 
-    def _duplicate(self, item: Incoming, batch: Batch, body: dict[str, Any], command_id: str, reply_topic: str) -> None:
-        existing = self._store.get(command_id)
+    def _duplicate(self, item: Incoming, batch: Batch, body: dict[str, Any], command_id: str, reply_topic: str,
+                   existing: Entry | None) -> None:
+        """A second message with a known id (`existing` is None when its twin is in this same group)."""
         if item.dup and existing is not None:
             self.stats.redeliveries += 1  # the broker resending what we already recorded
             log.debug("redelivered command %s ignored", command_id,
