@@ -51,3 +51,12 @@ def test_bus_load_estimate():
     assert bus_load(frame_bits(1000, 8000), 1.0, 500_000) == pytest.approx(0.2442)
     assert bus_load(frame_bits(10**6, 8 * 10**6), 1.0, 500_000) == 1.0
     assert bus_load(100, 0, 500_000) == 0.0
+
+
+def test_a_vcan_that_is_down_is_stopped():
+    import json
+
+    link = json.loads((REC / "vcan.json").read_text())
+    link[0]["flags"] = ["NOARP"]
+    link[0]["operstate"] = "DOWN"
+    assert parse_ip_link(json.dumps(link), "vcan0").state == "stopped"

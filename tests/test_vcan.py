@@ -199,6 +199,7 @@ def test_interface_down_gives_bus_error_then_recovers_without_restart(agent):
     try:
         final = call(backend, "engine", "read_data", {"data": "vin"})
         assert final["status"] == "failed" and final["error"]["code"] == "bus_error", final.get("error")
+        time.sleep(2.5)  # longer than bus_state_interval_s (1 s): the monitor sees the interface down
     finally:
         subprocess.run(["ip", "link", "set", CAN, "up"], check=True)
     deadline = time.monotonic() + 60

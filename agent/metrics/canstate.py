@@ -58,8 +58,8 @@ def parse_ip_link(text: str, interface: str) -> CanLink:
     up = "UP" in (link.get("flags") or []) or link.get("operstate") in ("UP", "UNKNOWN")
     # vcan and other interfaces without a CAN controller report no state at all
     state = _KERNEL_STATES.get(str(data.get("state", "")).upper(), "unknown")
-    if not up and info.get("info_kind") == "can":
-        state = "stopped"
+    if not up:
+        state = "stopped"  # any interface that is down, vcan included
     timing = data.get("bittiming") or {}
     berr = data.get("berr_counter") or {}
     sample_point = timing.get("sample_point")
