@@ -15,6 +15,7 @@ import yaml
 from conftest import DATA, ROOT
 from mqtt_support import AgentProcess, validate_published
 
+from agent.bus.owner import wait_until
 from agent.mqtt.caller import Caller
 
 
@@ -54,15 +55,6 @@ def journal_count(tmp_path, n):
     return sum(1 for line in lines if line == f"engine 31010203{n:04x}")
 
 
-def wait(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_sigkill_mid_stream_then_restart(setup, broker):
     agent, vehicle, tmp = setup
     agent.start()
@@ -72,7 +64,7 @@ def test_sigkill_mid_stream_then_restart(setup, broker):
         backend.send(body)
     backend.wait_for(lambda s: b'"accepted"' in s.payload, 10, count=3)
     broker.stop()  # op 1 finishes while the broker is away: its response waits in the outbox
-    wait(lambda: journal_count(tmp, 1) == 1, 10, "op 1 to execute")
+    assert wait_until(lambda: journal_count(tmp, 1) == 1, 10), "op 1 did not execute"
     time.sleep(0.3)  # op 2 is now running (in its 0x78 phase)
     agent.kill()
     backend.close()
@@ -102,7 +94,7 @@ def test_broker_restart_mid_stream_delivers_afterwards(setup, broker):
     backend.send(body)
     backend.wait_for(lambda s: b'"accepted"' in s.payload, 10)
     broker.stop()
-    wait(lambda: journal_count(tmp, 7) == 1, 10, "the routine to execute")
+    assert wait_until(lambda: journal_count(tmp, 7) == 1, 10), "the routine did not execute"
     backend.close()
     broker.start()
     backend = caller_for(broker, vehicle)

@@ -86,8 +86,7 @@ def _over_mqtt(args: argparse.Namespace, broker: LocalBroker, tmp: Path) -> int:
         call = [*me, "call", "-c", args.config, "--broker", broker.url]
         failures = _show([*call, "--status"], "sovd-edge call --status")
         for component, command, params in STEPS:
-            shown = " ".join(shlex.quote(f"{k}={v if isinstance(v, str) else json.dumps(v)}")
-                             for k, v in params.items())
+            shown = " ".join(shlex.quote(arg) for arg in _param_args(params))
             words = [component, command] + ([shown] if shown else [])
             rc = _show([*call, component, command, *_param_args(params)], "sovd-edge call " + " ".join(words))
             failures += 0 if rc in (0, 1) else 1
@@ -112,6 +111,7 @@ def _show_metrics(port: int) -> None:
 
 
 def _param_args(params: dict[str, Any]) -> list[str]:
+    """`key=value` arguments as `sovd-edge call`/`uds` take them (strings bare, the rest as JSON)."""
     return [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in params.items()]
 
 
@@ -148,8 +148,7 @@ def _local(args: argparse.Namespace, config: Any) -> int:
         with LocalSession(config) as session:
             for component, command, params in STEPS:
                 result = session.run(component, command, params)
-                shown = " ".join(shlex.quote(f"{k}={v if isinstance(v, str) else json.dumps(v)}")
-                                 for k, v in params.items())
+                shown = " ".join(shlex.quote(arg) for arg in _param_args(params))
                 print(f"$ sovd-edge uds -c {args.config} {component} {command} {shown}".rstrip())
                 print(json.dumps(_brief(response_message(result, seq=1)), indent=2), end="\n\n")
                 failures += 0 if result.status in (Status.COMPLETED, Status.REJECTED) else 1

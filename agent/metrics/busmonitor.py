@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 from agent.bus.owner import BusOwner
 from agent.config.model import BusConfig
@@ -83,8 +84,8 @@ class BusMonitor:
                 rebuilds=counters.rebuilds)
             bitrate = self._config.bitrate
         if not self._owner.is_up:
-            reading = _with(reading, state="stopped")
-        reading = _with(reading, load=self._load(reading, bitrate))
+            reading = replace(reading, state="stopped")
+        reading = replace(reading, load=self._load(reading, bitrate))
         previous = self.reading.state
         self.reading = reading
         if reading.state != previous:
@@ -104,8 +105,3 @@ class BusMonitor:
             return None if last is None else 0.0
         return bus_load(frame_bits(frames - last[1], octets - last[2]), now - last[0], bitrate)
 
-
-def _with(reading: BusReading, **changes: object) -> BusReading:
-    from dataclasses import replace
-
-    return replace(reading, **changes)  # type: ignore[arg-type]
