@@ -69,6 +69,10 @@ class AgentProcess:
             time.sleep(0.05)
         raise AssertionError(f"agent not ready: {self.log.read_text()[offset:]}")
 
+    def log_count(self, text: str) -> int:
+        """How often `text` appears in the agent's log so far (over all its runs)."""
+        return self.log.read_text().count(text) if self.log.exists() else 0
+
     def kill(self) -> None:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGKILL)

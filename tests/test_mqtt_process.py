@@ -35,13 +35,26 @@ def setup(tmp_path, broker):
     agent.ensure_stopped()
 
 
-def caller_for(broker, vehicle):
-    from agent.config.model import MqttConfig
+@pytest.fixture
+def backends():
+    """Opens backend clients; closes every one of them at the end, even when the test failed."""
+    opened: list[Caller] = []
 
-    caller = Caller(MqttConfig(broker=broker.url), vehicle)
-    caller.connect()
-    caller.subscribe(f"{caller.topics.base}/#")
-    return caller
+    def open_backend(broker, vehicle, client_id=None):
+        from agent.config.model import MqttConfig
+
+        # A persistent session, as a real backend has: the broker keeps the subscription (and queues
+        # what the agent publishes) across the backend's own reconnects and the broker's restarts.
+        caller = Caller(MqttConfig(broker=broker.url), vehicle, client_id=client_id,
+                        session_expiry_s=300 if client_id else 0)
+        opened.append(caller)
+        caller.connect()
+        caller.subscribe(f"{caller.topics.base}/#")
+        return caller
+
+    yield open_backend
+    for caller in opened:
+        caller.close()
 
 
 def routine(n):
@@ -55,10 +68,10 @@ def journal_count(tmp_path, n):
     return sum(1 for line in lines if line == f"engine 31010203{n:04x}")
 
 
-def test_sigkill_mid_stream_then_restart(setup, broker):
+def test_sigkill_mid_stream_then_restart(setup, broker, backends):
     agent, vehicle, tmp = setup
     agent.start()
-    backend = caller_for(broker, vehicle)
+    backend = backends(broker, vehicle)
     ops = [routine(n) for n in (1, 2, 3)]
     for body in ops:
         backend.send(body)
@@ -69,7 +82,7 @@ def test_sigkill_mid_stream_then_restart(setup, broker):
     agent.kill()
     backend.close()
     broker.start()
-    backend = caller_for(broker, vehicle)
+    backend = backends(broker, vehicle)
     agent.start()
     finals = {body["id"]: backend.final(body["id"], timeout=15) for body in ops}
     assert finals[ops[0]["id"]]["status"] == "completed"  # from the outbox, after the restart
@@ -86,10 +99,13 @@ def test_sigkill_mid_stream_then_restart(setup, broker):
     backend.close()
 
 
-def test_broker_restart_mid_stream_delivers_afterwards(setup, broker):
+def test_broker_restart_mid_stream_delivers_afterwards(setup, broker, backends):
+    """The agent may reconnect to the restarted broker before the backend does, and drain its outbox at
+    once: only a backend with a persistent session can count on seeing those responses."""
     agent, vehicle, tmp = setup
     agent.start()
-    backend = caller_for(broker, vehicle)
+    backend_id = f"backend-{uuid.uuid4().hex[:8]}"
+    backend = backends(broker, vehicle, backend_id)
     body = routine(7)
     backend.send(body)
     backend.wait_for(lambda s: b'"accepted"' in s.payload, 10)
@@ -97,7 +113,9 @@ def test_broker_restart_mid_stream_delivers_afterwards(setup, broker):
     assert wait_until(lambda: journal_count(tmp, 7) == 1, 10), "the routine did not execute"
     backend.close()
     broker.start()
-    backend = caller_for(broker, vehicle)
+    # The agent reconnects and drains its outbox before the backend is back: the broker must queue it.
+    assert wait_until(lambda: agent.log_count('"message": "connected to broker"') == 2, 30), "no reconnect"
+    backend = backends(broker, vehicle, backend_id)
     assert backend.final(body["id"], timeout=30)["status"] == "completed"
     fresh = {"id": f"after-{uuid.uuid4().hex[:6]}", "component": "engine", "command": "read_data",
              "params": {"data": "vin"}}
@@ -108,10 +126,10 @@ def test_broker_restart_mid_stream_delivers_afterwards(setup, broker):
     backend.close()
 
 
-def test_commands_sent_while_agent_is_offline_arrive_later(setup, broker):
+def test_commands_sent_while_agent_is_offline_arrive_later(setup, broker, backends):
     agent, vehicle, _ = setup
     agent.start()
-    backend = caller_for(broker, vehicle)
+    backend = backends(broker, vehicle)
     assert agent.terminate() == 0
     backend.wait_for(lambda s: s.topic == backend.topics.status and b'"offline"' in s.payload, 10)
     body = {"id": f"late-{uuid.uuid4().hex[:6]}", "component": "engine", "command": "read_data",
@@ -123,10 +141,10 @@ def test_commands_sent_while_agent_is_offline_arrive_later(setup, broker):
     backend.close()
 
 
-def test_last_will_on_sigkill(setup, broker):
+def test_last_will_on_sigkill(setup, broker, backends):
     agent, vehicle, _ = setup
     agent.start()
-    backend = caller_for(broker, vehicle)
+    backend = backends(broker, vehicle)
     backend.wait_for(lambda s: s.topic == backend.topics.status and b'"online"' in s.payload, 10)
     agent.kill()
     offline = backend.wait_for(lambda s: s.topic == backend.topics.status and b'"offline"' in s.payload, 15)

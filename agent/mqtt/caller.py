@@ -35,15 +35,24 @@ class Seen:
 
 
 class Caller:
-    """A short-lived MQTT client with a clean session that records everything it is subscribed to."""
+    """An MQTT client that records everything it is subscribed to.
 
-    def __init__(self, config: MqttConfig, vehicle: str, client_id: str | None = None) -> None:
+    By default its session is clean and short-lived. With `session_expiry_s` (and a fixed `client_id`)
+    the broker keeps its subscriptions and queues replies while it is away, as a real backend's
+    session does: reconnecting with the same id picks up what was published meanwhile.
+    """
+
+    def __init__(self, config: MqttConfig, vehicle: str, client_id: str | None = None,
+                 session_expiry_s: int = 0) -> None:
         self.topics = Topics(config.prefix, vehicle)
         self._v5 = config.protocol == "5"
         self._host, self._port, tls = config.host_port_tls
+        self._session_expiry_s = session_expiry_s
+        persistent = session_expiry_s > 0
         self._client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
                                    client_id=client_id or f"sovd-call-{uuid.uuid4().hex[:10]}",
-                                   protocol=mqtt.MQTTv5 if self._v5 else mqtt.MQTTv311)
+                                   protocol=mqtt.MQTTv5 if self._v5 else mqtt.MQTTv311,
+                                   clean_session=None if self._v5 else not persistent)
         password = password_of(config)
         if config.username or password:
             self._client.username_pw_set(config.username or "", password)
@@ -65,7 +74,13 @@ class Caller:
         self.close()
 
     def connect(self, timeout: float = 10.0) -> None:
-        self._client.connect(self._host, self._port, keepalive=30)
+        if self._v5:
+            properties = Properties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = self._session_expiry_s
+            self._client.connect(self._host, self._port, keepalive=30, clean_start=self._session_expiry_s == 0,
+                                 properties=properties)
+        else:
+            self._client.connect(self._host, self._port, keepalive=30)
         self._client.loop_start()
         deadline = time.monotonic() + timeout
         while not self._client.is_connected():
