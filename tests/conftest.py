@@ -107,6 +107,6 @@ def service(mqtt_vehicle: AgentConfig, sim: Simulator, backend: Caller) -> Itera
     svc = Service(mqtt_vehicle)
     svc.start()
     assert svc.link.wait_connected(10), svc.link.last_error
-    backend.wait_for(lambda s: s.topic == backend.topics.status and b'"online"' in s.payload, 10)
+    backend.wait_status("online", 10)
     yield svc
     svc.stop()

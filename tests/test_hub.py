@@ -127,7 +127,7 @@ def test_agent_daemon_through_the_hub_and_a_broker(simulator_with_hub, broker):
     try:
         with Caller(MqttConfig(broker=broker.url), vehicle) as backend:
             backend.subscribe(f"{backend.topics.base}/#")
-            backend.wait_for(lambda s: s.topic == backend.topics.status and b'"online"' in s.payload, 10)
+            backend.wait_status("online", 10)
             backend.send({"id": "hub-1", "component": "engine", "command": "read_data",
                           "params": {"data": ["vin", "engine_speed"]}})
             assert backend.final("hub-1")["result"] == {"values": {"vin": "WVWZZZ1JZXW000001", "engine_speed": 750.0}}

@@ -37,7 +37,7 @@ def test_agent_log_lines_about_commands_carry_id_component_and_command(tmp_path,
 
         with Caller(MqttConfig(broker=broker.url), vehicle) as backend:
             backend.subscribe(f"{backend.topics.base}/#")
-            backend.wait_for(lambda s: s.topic == backend.topics.status and b'"online"' in s.payload, 10)
+            backend.wait_status("online", 10)
             bodies = [
                 {"id": "ok-1", "component": "engine", "command": "read_data", "params": {"data": "vin"}},
                 {"id": "bad-1", "component": "engine", "command": "read_data", "params": {"data": 1}},

@@ -180,7 +180,7 @@ def test_large_result_is_chunked_and_reassembles(mqtt_vehicle, sim, backend):
     svc = Service(config)
     svc.start()
     try:
-        backend.wait_for(lambda s: s.topic == backend.topics.status and b'"online"' in s.payload, 10)
+        backend.wait_status("online", 10)
         body = command(params={"data": "big_block"})
         backend.send(body)
         final = backend.final(body["id"])
@@ -201,9 +201,9 @@ def test_clean_stop_publishes_offline(mqtt_vehicle, sim, backend):
 
     svc = Service(mqtt_vehicle)
     svc.start()
-    backend.wait_for(lambda s: s.topic == backend.topics.status and b'"online"' in s.payload, 10)
+    backend.wait_status("online", 10)
     svc.stop()
-    backend.wait_for(lambda s: s.topic == backend.topics.status and b'"offline"' in s.payload, 10)
+    backend.wait_status("offline", 10)
 
 
 def test_mqtt_3_1_1_with_reply_to(mqtt_vehicle, sim):
@@ -221,7 +221,7 @@ def test_mqtt_3_1_1_with_reply_to(mqtt_vehicle, sim):
         with Caller(config.mqtt, config.vehicle) as backend:
             backend.subscribe(f"{backend.topics.base}/#")
             backend.subscribe("legacy/#")
-            backend.wait_for(lambda s: s.topic == backend.topics.status and b'"online"' in s.payload, 10)
+            backend.wait_status("online", 10)
             body = command(reply_to="legacy/replies/42")
             backend.send(body)
             final = backend.final(body["id"], topic="legacy/replies/42")
@@ -243,7 +243,7 @@ def test_bus_failure_publishes_bus_state_events_and_bus_error(mqtt_vehicle, sim,
     svc = Service(mqtt_vehicle, bus_factory=lambda: FaultyBus(faults, channel=mqtt_vehicle.bus.channel, fd=True))
     svc.start()
     try:
-        backend.wait_for(lambda s: s.topic == backend.topics.status and b'"online"' in s.payload, 10)
+        backend.wait_status("online", 10)
         faults.send = 1
         body = command()
         backend.send(body)

@@ -96,7 +96,6 @@ def test_sigkill_mid_stream_then_restart(setup, broker, backends):
     assert [journal_count(tmp, n) for n in (1, 2, 3)] == [1, 0, 1]  # nothing ran twice; op 2 never re-ran
     assert agent.terminate() == 0
     validate_published(backend.seen, backend.topics.base)
-    backend.close()
 
 
 def test_broker_restart_mid_stream_delivers_afterwards(setup, broker, backends):
@@ -123,7 +122,6 @@ def test_broker_restart_mid_stream_delivers_afterwards(setup, broker, backends):
     assert backend.final(fresh["id"], timeout=15)["status"] == "completed"
     assert journal_count(tmp, 7) == 1
     assert agent.terminate() == 0
-    backend.close()
 
 
 def test_commands_sent_while_agent_is_offline_arrive_later(setup, broker, backends):
@@ -131,25 +129,23 @@ def test_commands_sent_while_agent_is_offline_arrive_later(setup, broker, backen
     agent.start()
     backend = backends(broker, vehicle)
     assert agent.terminate() == 0
-    backend.wait_for(lambda s: s.topic == backend.topics.status and b'"offline"' in s.payload, 10)
+    backend.wait_status("offline", 10)
     body = {"id": f"late-{uuid.uuid4().hex[:6]}", "component": "engine", "command": "read_data",
             "params": {"data": "vin"}}
     backend.send(body)  # the broker queues it in the agent's persistent session
     agent.start()
     assert backend.final(body["id"], timeout=15)["result"] == {"values": {"vin": "TEST0VEHICLE00001"}}
     assert agent.terminate() == 0
-    backend.close()
 
 
 def test_last_will_on_sigkill(setup, broker, backends):
     agent, vehicle, _ = setup
     agent.start()
     backend = backends(broker, vehicle)
-    backend.wait_for(lambda s: s.topic == backend.topics.status and b'"online"' in s.payload, 10)
+    backend.wait_status("online", 10)
     agent.kill()
-    offline = backend.wait_for(lambda s: s.topic == backend.topics.status and b'"offline"' in s.payload, 15)
-    assert json.loads(offline[0].payload)["vehicle"] == vehicle
-    backend.close()
+    offline = backend.wait_status("offline", 15)
+    assert offline.json()["vehicle"] == vehicle
 
 
 def test_call_cli_round_trip_and_status(setup, broker):

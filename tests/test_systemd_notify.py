@@ -126,7 +126,7 @@ def test_pings_stop_when_a_worker_is_wedged(tmp_path, broker, notify):
         notify.wait_for("READY=1", 20)
         with Caller(MqttConfig(broker=broker.url), vehicle) as backend:
             backend.subscribe(f"{backend.topics.base}/#")
-            backend.wait_for(lambda s: s.topic == backend.topics.status and b'"online"' in s.payload, 10)
+            backend.wait_status("online", 10)
             backend.send({"id": "s-1", "component": "engine", "command": "set_session",
                           "params": {"session": "extended"}})
             backend.final("s-1")
@@ -154,7 +154,7 @@ def test_graceful_stop_finishes_in_flight_and_goes_offline(tmp_path, broker, not
         notify.wait_for("READY=1", 20)
         with Caller(MqttConfig(broker=broker.url), vehicle) as backend:
             backend.subscribe(f"{backend.topics.base}/#")
-            backend.wait_for(lambda s: s.topic == backend.topics.status and b'"online"' in s.payload, 10)
+            backend.wait_status("online", 10)
             backend.send({"id": "g-1", "component": "engine", "command": "operation",
                           "params": {"routine": "self_test", "action": "start"}})
             backend.wait_for(lambda s: b'"accepted"' in s.payload, 10)
@@ -164,7 +164,7 @@ def test_graceful_stop_finishes_in_flight_and_goes_offline(tmp_path, broker, not
             assert proc.wait(20) == 0
             assert time.monotonic() - stopped_at < 20  # TimeoutStopSec in the unit
             assert backend.final("g-1")["status"] == "completed"  # finished, and flushed before exit
-            backend.wait_for(lambda s: s.topic == backend.topics.status and b'"offline"' in s.payload, 5)
+            backend.wait_status("offline", 5)
         notify.wait_for("STOPPING=1", 5)
     finally:
         if proc.poll() is None:

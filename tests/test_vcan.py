@@ -68,7 +68,7 @@ def agent(request, tmp_path, broker, simulator):
     backend = Caller(MqttConfig(broker=broker.url), config["vehicle"])
     backend.connect()
     backend.subscribe(f"{backend.topics.base}/#")
-    backend.wait_for(lambda s: s.topic == backend.topics.status and b'"online"' in s.payload, 30)
+    backend.wait_status("online", 30)
     yield process, backend, port
     validate_published(backend.seen, backend.topics.base)
     backend.close()

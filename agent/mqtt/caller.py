@@ -137,18 +137,27 @@ class Caller:
         with self._changed:
             return [s.json() for s in self.seen if s.topic == wanted and _id_of(s) == command_id]
 
+    def wait_status(self, state: str, timeout: float) -> Seen:
+        """The first status message (retained or live) whose `state` is `state`: online or offline."""
+        return self.wait_for(lambda s: s.topic == self.topics.status and _field(s, "state") == state, timeout)[0]
+
     def final(self, command_id: str, timeout: float = 10.0, topic: str | None = None) -> dict[str, Any]:
         wanted = topic or self.topics.responses(command_id)
         found = self.wait_for(lambda s: s.topic == wanted and _id_of(s) == command_id and _is_final(s), timeout)
         return found[0].json()
 
 
-def _id_of(seen: Seen) -> str | None:
+def _field(seen: Seen, key: str) -> Any:
+    """`key` of a JSON object payload; None for anything else (a caller may see foreign messages)."""
     try:
         body = seen.json()
     except ValueError:
         return None
-    return body.get("id") if isinstance(body, dict) else None
+    return body.get(key) if isinstance(body, dict) else None
+
+
+def _id_of(seen: Seen) -> str | None:
+    return _field(seen, "id")
 
 
 def _is_final(seen: Seen) -> bool:
