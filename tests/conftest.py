@@ -13,12 +13,12 @@ import can.interfaces.virtual as virtual
 import pytest
 
 from agent.config import AgentConfig, load_config
-from agent.local import LocalSession
-from agent.local_broker import LocalBroker
-from agent.mqtt.caller import Caller
-from agent.service import Service
-from agent.sim.config import load_sim_config
-from agent.sim.simulator import Simulator
+from agent.devtools.local_broker import LocalBroker
+from agent.devtools.sim.config import load_sim_config
+from agent.devtools.sim.simulator import Simulator
+from agent.fleet.caller import Caller
+from agent.system.local import LocalSession
+from agent.system.service import Service
 
 pytest_plugins = ("pki",)  # the test-time PKI fixture
 

@@ -13,7 +13,7 @@ import jsonschema
 import yaml
 from conftest import ROOT
 
-from agent.mqtt.caller import Seen
+from agent.fleet.caller import Seen
 
 _DOC = yaml.safe_load((ROOT / "docs/asyncapi.yaml").read_text())
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from agent.local_broker import free_port
+from agent.devtools.local_broker import free_port
 
 
 class PrometheusServer:

@@ -12,8 +12,8 @@ import pytest
 from can.interfaces.virtual import VirtualBus
 
 from agent.bus.owner import wait_until
-from agent.command import ErrorCode, Status
-from agent.local import LocalSession
+from agent.system.local import LocalSession
+from agent.wire.command import ErrorCode, Status
 
 
 class Faults:
@@ -103,7 +103,7 @@ def test_receive_failure_ends_notifier_and_is_rebuilt(faulty_agent, faults):
 
 
 def test_bus_that_never_opens_reports_unavailable(vehicle):
-    from agent.local import BusUnavailableError
+    from agent.system.local import BusUnavailableError
 
     faults = Faults()
     faults.open = 10**6

@@ -3,7 +3,7 @@
 import pytest
 
 from agent.config.model import DidSpec
-from agent.uds import codecs
+from agent.wire import codecs
 
 VIN = DidSpec("vin", 0xF190, "ascii", 17)
 RPM = DidSpec("rpm", 0xF40C, "unsigned", 2, scale=0.25, unit="rpm")

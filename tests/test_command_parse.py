@@ -2,8 +2,8 @@
 
 import pytest
 
-from agent import command as c
-from agent.command_parse import InvalidCommandError, UnknownComponentError, parse_command
+from agent.wire import command as c
+from agent.wire.parse import InvalidCommandError, UnknownComponentError, parse_command
 
 NOW = 1_700_000_000.0
 

@@ -3,7 +3,7 @@
 import pytest
 
 from agent.config.model import DidSpec
-from agent.uds.dtc import STATUS_BITS, fault_dict, format_code, parse_code, split_snapshot_records, status_dict
+from agent.wire.dtc import STATUS_BITS, fault_dict, format_code, parse_code, split_snapshot_records, status_dict
 
 
 @pytest.mark.parametrize(("dtc", "code"), [

@@ -9,10 +9,10 @@ import time
 
 import pytest
 
-from agent import command as c
-from agent.command import ErrorCode, Status
-from agent.command_parse import parse_command
-from agent.uds.dtc import status_dict
+from agent.wire import command as c
+from agent.wire.command import ErrorCode, Status
+from agent.wire.dtc import status_dict
+from agent.wire.parse import parse_command
 
 
 class ScriptedLink:

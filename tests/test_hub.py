@@ -13,8 +13,8 @@ import pytest
 import yaml
 from conftest import ROOT
 
-from agent.local_broker import free_port
-from agent.sim.hub import Hub, frame_text, parse_send
+from agent.devtools.hub import Hub, frame_text, parse_send
+from agent.devtools.local_broker import free_port
 
 
 def test_frame_formats():
@@ -120,7 +120,7 @@ def test_agent_daemon_through_the_hub_and_a_broker(simulator_with_hub, broker):
     from mqtt_support import AgentProcess
 
     from agent.config.model import MqttConfig
-    from agent.mqtt.caller import Caller
+    from agent.fleet.caller import Caller
 
     config, vehicle = simulator_with_hub
     agent = AgentProcess(config, broker.url, config.parent / "state").start()

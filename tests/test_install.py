@@ -12,8 +12,8 @@ import pytest
 from conftest import DATA, ROOT
 
 from agent.config import load_config
-from agent.doctor import FAIL, OK, SKIP, WARN, render, run_checks
 from agent.metrics.canstate import parse_ip_link
+from agent.system.doctor import FAIL, OK, SKIP, WARN, render, run_checks
 
 UNIT = ROOT / "systemd/sovd-edge.service"
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="the installer creates users and chowns: needs root")

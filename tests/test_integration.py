@@ -6,9 +6,9 @@ import time
 import can
 import pytest
 
-from agent.command import ErrorCode, Status
-from agent.runtime import Admission
-from agent.sim.config import fault_from_dict
+from agent.devtools.sim.config import fault_from_dict
+from agent.policy.admission import Admission
+from agent.wire.command import ErrorCode, Status
 
 
 def completed(session, component, command, params=None, **kw):

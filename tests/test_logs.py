@@ -6,8 +6,9 @@ import uuid
 
 from mqtt_support import AgentProcess
 
-from agent.logs import HumanFormatter, JsonFormatter, command_fields
-from agent.mqtt.caller import Caller
+from agent.fleet.caller import Caller
+from agent.system.logs import HumanFormatter, JsonFormatter
+from agent.wire.command import command_fields
 
 
 def test_json_and_human_formatters():

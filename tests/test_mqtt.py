@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from agent.sim.config import fault_from_dict
+from agent.devtools.sim.config import fault_from_dict
 
 ALL_COMMANDS = [
     ("read_data", {"data": ["vin", "engine_speed"]}),
@@ -174,7 +174,7 @@ def test_full_queue_answers_busy(service, backend, sim):
 def test_large_result_is_chunked_and_reassembles(mqtt_vehicle, sim, backend):
     import dataclasses
 
-    from agent.service import Service
+    from agent.system.service import Service
 
     config = dataclasses.replace(mqtt_vehicle, mqtt=dataclasses.replace(mqtt_vehicle.mqtt, max_payload_bytes=2048))
     svc = Service(config)
@@ -197,7 +197,7 @@ def test_large_result_is_chunked_and_reassembles(mqtt_vehicle, sim, backend):
 
 
 def test_clean_stop_publishes_offline(mqtt_vehicle, sim, backend):
-    from agent.service import Service
+    from agent.system.service import Service
 
     svc = Service(mqtt_vehicle)
     svc.start()
@@ -211,8 +211,8 @@ def test_mqtt_3_1_1_with_reply_to(mqtt_vehicle, sim):
 
     from mqtt_support import validate_published
 
-    from agent.mqtt.caller import Caller
-    from agent.service import Service
+    from agent.fleet.caller import Caller
+    from agent.system.service import Service
 
     config = dataclasses.replace(mqtt_vehicle, mqtt=dataclasses.replace(mqtt_vehicle.mqtt, protocol="3.1.1"))
     svc = Service(config)
@@ -237,7 +237,7 @@ def test_mqtt_3_1_1_with_reply_to(mqtt_vehicle, sim):
 def test_bus_failure_publishes_bus_state_events_and_bus_error(mqtt_vehicle, sim, backend):
     from test_bus_recovery import Faults, FaultyBus
 
-    from agent.service import Service
+    from agent.system.service import Service
 
     faults = Faults()
     svc = Service(mqtt_vehicle, bus_factory=lambda: FaultyBus(faults, channel=mqtt_vehicle.bus.channel, fd=True))

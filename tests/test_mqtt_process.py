@@ -16,7 +16,7 @@ from conftest import DATA, ROOT
 from mqtt_support import AgentProcess, validate_published
 
 from agent.bus.owner import wait_until
-from agent.mqtt.caller import Caller
+from agent.fleet.caller import Caller
 
 
 @pytest.fixture

@@ -13,9 +13,9 @@ import yaml
 from conftest import DATA, ROOT
 
 from agent.config.model import TlsConfig
-from agent.local_broker import BrokerTls, LocalBroker
-from agent.mqtt.link import LinkSetupError, password_of
-from agent.service import Service
+from agent.devtools.local_broker import BrokerTls, LocalBroker
+from agent.fleet.link import LinkSetupError, password_of
+from agent.system.service import Service
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def tls_config(vehicle, tls_broker, pki, client="client", tmp_path=None):
 
 
 def test_mutual_tls_round_trip(vehicle, sim, tls_broker, pki, tmp_path):
-    from agent.mqtt.caller import Caller
+    from agent.fleet.caller import Caller
 
     config = tls_config(vehicle, tls_broker, pki, tmp_path=tmp_path)
     svc = Service(config)
@@ -57,7 +57,7 @@ def test_wrong_client_certificate_is_refused_and_logged(vehicle, tls_broker, pki
         assert not svc.link.wait_connected(3)
         assert svc.link.last_error is not None
         assert "unknown ca" in svc.link.last_error.lower() or "certificate" in svc.link.last_error.lower()
-        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name == "agent.mqtt.link"]
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name == "agent.fleet.link"]
         assert any("unknown ca" in w.lower() or "certificate" in w.lower() for w in warnings), warnings
     finally:
         svc.stop()

@@ -5,9 +5,10 @@ import time
 
 import pytest
 
-from agent.mqtt import messages as m
-from agent.mqtt.store import Entry, Outgoing, Store
-from agent.mqtt.topics import Topics, is_publishable
+from agent.fleet.topics import Topics, is_publishable
+from agent.store.sqlite import Entry, Outgoing, Store
+from agent.wire import messages as m
+from agent.wire.decode import Undecodable, decode_command, readable_id
 
 
 def test_topics_built_in_one_place():
@@ -26,14 +27,14 @@ def test_topics_built_in_one_place():
     (json.dumps({"id": "bad id", "pad": "x" * 70000}).encode(), "limit is 65536", None),
 ])
 def test_decode_command_failures(payload, reason, command_id):
-    result = m.decode_command(payload)
-    assert isinstance(result, m.Undecodable) and reason in result.reason and result.command_id == command_id
+    result = decode_command(payload)
+    assert isinstance(result, Undecodable) and reason in result.reason and result.command_id == command_id
 
 
 def test_decode_command_ok_and_readable_id():
-    body = m.decode_command(b'{"id": "c-1", "x": 1}')
-    assert body == {"id": "c-1", "x": 1} and m.readable_id(body) == "c-1"
-    assert m.readable_id({"id": 5}) is None and m.readable_id({"id": "a b"}) is None
+    body = decode_command(b'{"id": "c-1", "x": 1}')
+    assert body == {"id": "c-1", "x": 1} and readable_id(body) == "c-1"
+    assert readable_id({"id": 5}) is None and readable_id({"id": "a b"}) is None
 
 
 def test_split_result_small_is_untouched():

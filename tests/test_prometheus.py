@@ -79,7 +79,7 @@ def send(backend, component, command, params):
 
 
 def test_federated_counts_targets_and_dashboard(chain, service, backend, sim):
-    from agent.sim.config import fault_from_dict
+    from agent.devtools.sim.config import fault_from_dict
 
     edge, central = chain
     vehicle = service.config.vehicle

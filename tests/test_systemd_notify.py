@@ -14,8 +14,8 @@ import pytest
 import yaml
 from conftest import DATA, ROOT
 
-from agent.mqtt.caller import Caller
-from agent.sdnotify import SystemdNotifier
+from agent.fleet.caller import Caller
+from agent.system.sdnotify import SystemdNotifier
 
 
 def test_environment_parsing():

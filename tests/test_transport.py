@@ -6,7 +6,7 @@ import pytest
 
 from agent.bus.kernel_isotp import kernel_isotp_available
 from agent.config.model import BusConfig
-from agent.runtime import choose_transport
+from agent.core.runtime import choose_transport
 
 
 def kernel_can_open_isotp():

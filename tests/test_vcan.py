@@ -23,8 +23,8 @@ from mqtt_support import AgentProcess, validate_published
 
 from agent.bus.kernel_isotp import kernel_isotp_available, kernel_isotp_max_pdu
 from agent.config.model import MqttConfig
-from agent.local_broker import free_port
-from agent.mqtt.caller import Caller
+from agent.devtools.local_broker import free_port
+from agent.fleet.caller import Caller
 
 CAN = os.environ.get("SOVD_TEST_CAN")
 pytestmark = [pytest.mark.vcan,

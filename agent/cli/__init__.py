@@ -1,4 +1,5 @@
-"""The `sovd-edge` command line: one subcommand per module, documented exit codes."""
+"""The `sovd-edge` command line: one subcommand per module, documented exit codes.
+May import: every layer, dev tools included; it is where simulated ECUs are wired into the agent."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from agent.cli.common import (
     parse_params,
 )
 from agent.config.model import ALL_COMMANDS
-from agent.mqtt.caller import Caller
+from agent.fleet.caller import Caller
 
 EXIT_TEMPFAIL = 75  # no final response in time / broker unreachable
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from agent.config import AgentConfig, load_config
 from agent.errors import ConfigError
-from agent.logs import setup_logging
+from agent.system.logs import setup_logging
 
 EXIT_OK = 0
 EXIT_NOT_COMPLETED = 1  # the command ran (or was refused) but did not complete

@@ -25,10 +25,11 @@ from agent.cli.common import (
     configure_logging,
     load_or_report,
 )
-from agent.command import Status
-from agent.local import BusUnavailableError, LocalSession
-from agent.local_broker import BrokerUnavailableError, LocalBroker, free_port
-from agent.response import response_message
+from agent.devtools.local_broker import BrokerUnavailableError, LocalBroker, free_port
+from agent.devtools.sim.simulator import simulators_for
+from agent.system.local import BusUnavailableError, LocalSession
+from agent.wire.command import Status
+from agent.wire.messages import response_message
 
 STEPS: list[tuple[str, str, dict[str, Any]]] = [
     ("engine", "read_data", {"data": ["vin", "engine_speed", "coolant_temperature"]}),
@@ -145,7 +146,7 @@ def _wait_for(log: Path, text: str, timeout: float) -> bool:
 def _local(args: argparse.Namespace, config: Any) -> int:
     failures = 0
     try:
-        with LocalSession(config) as session:
+        with LocalSession(config, companions=simulators_for(config)) as session:
             for component, command, params in STEPS:
                 result = session.run(component, command, params)
                 shown = " ".join(shlex.quote(arg) for arg in _param_args(params))

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.cli.common import EXIT_CONFIG, EXIT_NOT_COMPLETED, EXIT_OK, add_subcommand, broker_override, load_or_report
-from agent.doctor import FAIL, render, run_checks
+from agent.system.doctor import FAIL, render, run_checks
 
 
 def add_parser(sub: Any) -> None:

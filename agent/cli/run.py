@@ -23,10 +23,11 @@ from agent.cli.common import (
 )
 from agent.config.parse import host_port
 from agent.config.reader import InvalidValueError
-from agent.daemon import run_until_stopped
+from agent.devtools.sim.simulator import simulators_for
+from agent.fleet.link import LinkSetupError
 from agent.metrics.server import MetricsServerError
-from agent.mqtt.link import LinkSetupError
-from agent.service import Service
+from agent.system.daemon import run_until_stopped
+from agent.system.service import Service
 
 log = logging.getLogger("agent.run")
 EXIT_CANTCREAT = 73
@@ -73,7 +74,7 @@ def handle(args: argparse.Namespace) -> int:
         return EXIT_CANTCREAT
     stop = stop_on_signals()
     try:
-        service = Service(config, sim_journal=args.sim_journal)
+        service = Service(config, companions=simulators_for(config, journal=args.sim_journal))
     except LinkSetupError as err:
         log.error("MQTT link cannot be set up: %s", err)
         return EXIT_CONFIG

@@ -22,12 +22,12 @@ from agent.cli.common import (
 from agent.config.model import BusConfig
 from agent.config.parse import host_port
 from agent.config.reader import InvalidValueError
+from agent.devtools.hub import Hub
+from agent.devtools.sim.config import load_sim_config
+from agent.devtools.sim.simulator import Simulator
 from agent.errors import ConfigError
-from agent.sim.config import load_sim_config
-from agent.sim.hub import Hub
-from agent.sim.simulator import Simulator
 
-log = logging.getLogger("agent.sim")
+log = logging.getLogger("agent.devtools.sim")
 
 
 def add_parser(sub: Any) -> None:

@@ -20,11 +20,12 @@ from agent.cli.common import (
     parse_params,
     print_json,
 )
-from agent.command import Status
-from agent.command_parse import InvalidCommandError, UnknownComponentError
 from agent.config.model import ALL_COMMANDS
-from agent.local import BusUnavailableError, LocalSession
-from agent.response import response_message
+from agent.devtools.sim.simulator import simulators_for
+from agent.system.local import BusUnavailableError, LocalSession
+from agent.wire.command import Status
+from agent.wire.messages import response_message
+from agent.wire.parse import InvalidCommandError, UnknownComponentError
 
 
 def add_parser(sub: Any) -> None:
@@ -53,7 +54,7 @@ def handle(args: argparse.Namespace) -> int:
         print(f"sovd-edge uds: {err}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        with LocalSession(config) as session:
+        with LocalSession(config, companions=simulators_for(config)) as session:
             result = session.run(args.component, args.command, params, args.timeout_ms)
     except (InvalidCommandError, UnknownComponentError) as err:
         print(f"sovd-edge uds: invalid command: {err}", file=sys.stderr)

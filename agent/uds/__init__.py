@@ -1,1 +1,2 @@
-"""UDS (ISO 14229): pure codecs and request builders, and the executor that runs commands on an ECU."""
+"""UDS (ISO 14229): pure codecs, DTC decoding, transactions and the executor that runs a command on an ECU.
+May import: bus (through the Link protocol), wire, config, errors."""

@@ -10,14 +10,14 @@ from typing import Any
 import udsoncan
 from udsoncan import Response, services
 
-from agent import command as c
-from agent.command import ErrorCode, Outcome, Status
 from agent.config.model import EcuConfig
 from agent.errors import BusDownError, TransportTimeoutError
-from agent.uds import codecs
-from agent.uds.dtc import fault_dict, split_snapshot_records
 from agent.uds.keys import load_algorithm
 from agent.uds.transaction import InvalidResponseError, Link, NegativeResponseError, Timing, UdsTimeoutError, transact
+from agent.wire import codecs
+from agent.wire import command as c
+from agent.wire.command import ErrorCode, Outcome, Status
+from agent.wire.dtc import fault_dict, split_snapshot_records
 
 log = logging.getLogger(__name__)
 

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
-from datetime import datetime
 from typing import Any
 
-from agent import command as c
 from agent.config.model import ALL_COMMANDS, AgentConfig, DidSpec, EcuConfig
 from agent.config.reader import InvalidValueError, Node, Problems, boolean, describe, hex_bytes, integer, text
 from agent.errors import AgentError
-from agent.uds import codecs
-from agent.uds.dtc import parse_code
+from agent.wire import codecs
+from agent.wire import command as c
+from agent.wire.dtc import parse_code
+from agent.wire.timefmt import parse_rfc3339
 
-ID = text(r"[A-Za-z0-9._:-]{1,128}", "1-128 of A-Z a-z 0-9 . _ : -", max_len=128)
+ID = text(c.COMMAND_ID.pattern, "1-128 of A-Z a-z 0-9 . _ : -", max_len=128)
 TOPIC = text(r"[^+#\x00]+", "a topic without wildcards", max_len=65535)
 SESSIONS = {"default": 1, "programming": 2, "extended": 3, "safety": 4}
 RESETS = {"hard": 1, "key_off_on": 2, "soft": 3}
@@ -48,7 +47,7 @@ def parse_command(obj: Any, config: AgentConfig, received_at: float) -> c.Comman
     component = node.get("component", text(max_len=128))
     name = node.get("command", _command_name)
     timeout_ms = node.get("timeout_ms", integer(1, None, "a positive integer"), None)
-    expires_at = node.get("expires_at", rfc3339, None)
+    expires_at = node.get("expires_at", _timestamp, None)
     reply_to = node.get("reply_to", TOPIC, None)
     params_node = Node(node.raw("params", {}), "params", problems)
     node.finish()
@@ -74,14 +73,11 @@ def _command_name(value: Any) -> str:
     return value
 
 
-def rfc3339(value: Any) -> float:
-    raw = text(max_len=64)(value)
-    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})", raw):
-        raise InvalidValueError(f"{raw!r} is not an RFC 3339 timestamp with a time zone")
+def _timestamp(value: Any) -> float:
     try:
-        return datetime.fromisoformat(raw.replace("z", "Z")).timestamp()
+        return parse_rfc3339(text(max_len=64)(value))
     except ValueError as err:
-        raise InvalidValueError(f"{raw!r} is not a valid timestamp: {err}") from None
+        raise InvalidValueError(str(err)) from None
 
 
 def parse_params(name: str, p: Node, ecu: EcuConfig) -> c.Params:

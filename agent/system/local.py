@@ -8,10 +8,11 @@ import uuid
 from types import TracebackType
 from typing import Any
 
-from agent.command import Result
-from agent.command_parse import parse_command
 from agent.config.model import AgentConfig
-from agent.runtime import Admission, Runtime
+from agent.core.runtime import Runtime
+from agent.policy.admission import Admission
+from agent.wire.command import Result
+from agent.wire.parse import parse_command
 
 
 class BusUnavailableError(RuntimeError):

@@ -11,9 +11,9 @@ from collections.abc import Callable
 from agent.bus.address import isotp_address
 from agent.bus.isotp_link import IsoTpLink
 from agent.bus.owner import BusOwner
+from agent.devtools.sim.config import Fault, SimEcu
+from agent.devtools.sim.server import UdsServer
 from agent.errors import BusDownError, TransportTimeoutError
-from agent.sim.config import Fault, SimEcu
-from agent.sim.server import UdsServer
 
 log = logging.getLogger(__name__)
 

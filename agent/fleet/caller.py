@@ -16,8 +16,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.config.model import MqttConfig
-from agent.mqtt.link import password_of
-from agent.mqtt.topics import Topics
+from agent.fleet.link import password_of
+from agent.fleet.topics import Topics
 
 
 @dataclass(frozen=True)

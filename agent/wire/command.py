@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from agent.config.model import DidSpec
+
+# The one definition of a valid command id (protocol v1: 1-128 of A-Z a-z 0-9 . _ : -).
+COMMAND_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 class Status(enum.StrEnum):
@@ -171,3 +175,9 @@ class Result:
         if self.started_at is None:
             return None
         return round((self.finished_at - self.started_at) * 1000)
+
+
+def command_fields(command_id: str, component: object, command: object) -> dict[str, str]:
+    """The `extra=` of every log line about a command: its id, component and command (they may be unvalidated)."""
+    return {"command_id": command_id, "component": component if isinstance(component, str) else "",
+            "command": command if isinstance(command, str) else ""}

@@ -7,8 +7,8 @@ import threading
 import time
 
 from agent import __version__
-from agent.sdnotify import SystemdNotifier
-from agent.service import Service
+from agent.system.sdnotify import SystemdNotifier
+from agent.system.service import Service
 
 log = logging.getLogger("agent.run")
 

@@ -2,44 +2,32 @@
 
 from __future__ import annotations
 
-import enum
 import logging
 import threading
 import time
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 from agent.bus.address import isotp_address, rx_ids
 from agent.bus.isotp_link import IsoTpLink
 from agent.bus.kernel_isotp import KernelIsoTpLink, kernel_isotp_available, kernel_isotp_max_pdu
 from agent.bus.owner import BusFactory, BusOwner
-from agent.command import Command, ErrorCode, Outcome, Status
 from agent.config.model import AgentConfig, BusConfig, EcuConfig
-from agent.sim.config import load_sim_config
-from agent.sim.simulator import Simulator
+from agent.core.worker import ComponentWorker, ResultSink, StartHook
+from agent.policy.admission import Admission, permitted
 from agent.uds.executor import Executor
 from agent.uds.transaction import Link
-from agent.worker import ComponentWorker, ResultSink, StartHook
+from agent.wire.command import Command
 
 log = logging.getLogger(__name__)
 
 
-class Admission(enum.Enum):
-    QUEUED = "queued"
-    BUSY = "busy"
-    NOT_PERMITTED = "not_permitted"
-    UNKNOWN_COMPONENT = "unknown_component"
-    STOPPING = "stopping"
+class Companion(Protocol):
+    """Something that shares the agent's lifetime around the bus, e.g. simulated ECUs wired in by the CLI."""
 
-    def refusal(self, component: str, command: str) -> Outcome:
-        """The final outcome a command gets when it was not queued."""
-        if self is Admission.UNKNOWN_COMPONENT:
-            return Outcome.failure(Status.FAILED, ErrorCode.UNKNOWN_COMPONENT, f"no component named {component!r}")
-        if self is Admission.NOT_PERMITTED:
-            return Outcome.failure(Status.REJECTED, ErrorCode.NOT_PERMITTED,
-                                   f"{command} is not enabled for {component} (config: allow)")
-        why = "the agent is shutting down" if self is Admission.STOPPING else f"{component}'s queue is full"
-        return Outcome.failure(Status.REJECTED, ErrorCode.BUSY, why)
+    def start(self, wait: float = 2.0) -> bool: ...
+
+    def stop(self) -> None: ...
 
 
 def choose_transport(bus: BusConfig) -> str:
@@ -55,14 +43,13 @@ class Runtime:
     """The CAN half of the agent. `submit` takes validated commands; results go to the sink."""
 
     def __init__(self, config: AgentConfig, sink: ResultSink, on_start: StartHook | None = None,
-                 bus_factory: BusFactory | None = None, sim_factory: BusFactory | None = None,
-                 on_bus_change: Callable[[bool, str], None] | None = None, sim_journal: Path | None = None,
+                 bus_factory: BusFactory | None = None, companions: Sequence[Companion] = (),
+                 on_bus_change: Callable[[bool, str], None] | None = None,
                  on_probe: Callable[[str, bool], None] | None = None) -> None:
         self.config = config
         self.transport = choose_transport(config.bus)
         self.owner = BusOwner(config.bus, factory=bus_factory, on_change=on_bus_change)
-        self.simulators = [Simulator(load_sim_config(path), bus=config.bus, factory=sim_factory, journal=sim_journal)
-                           for path in config.simulate]
+        self.companions = list(companions)
         self.workers: dict[str, ComponentWorker] = {}
         self.transports: dict[str, str] = {}  # per ECU: "kernel" or "userspace"
         self._stopping = threading.Event()
@@ -91,9 +78,9 @@ class Runtime:
         return IsoTpLink(self.owner, address, ecu.isotp, name=ecu.name)
 
     def start(self, wait: float = 2.0) -> bool:
-        """Starts simulators, bus and workers; True when the bus came up within `wait` seconds."""
-        for sim in self.simulators:
-            sim.start(wait)
+        """Starts companions, bus and workers; True when the bus came up within `wait` seconds."""
+        for companion in self.companions:
+            companion.start(wait)
         up = self.owner.start(wait)
         for worker in self.workers.values():
             worker.start()
@@ -106,7 +93,7 @@ class Runtime:
         worker = self.workers.get(command.component)
         if worker is None:
             return Admission.UNKNOWN_COMPONENT
-        if command.command not in worker.ecu.allow:
+        if not permitted(worker.ecu, command):
             return Admission.NOT_PERMITTED
         return Admission.QUEUED if worker.depth + reserved < worker.ecu.queue_size else Admission.BUSY
 
@@ -135,6 +122,6 @@ class Runtime:
             if not worker.stop(max(0.1, end - time.monotonic())):
                 log.error("worker did not stop in time", extra={"component": worker.ecu.name})
         self.owner.stop()
-        for sim in self.simulators:
-            sim.stop()
+        for companion in self.companions:
+            companion.stop()
         return unrun

@@ -6,7 +6,7 @@ import re
 from typing import Any
 
 from agent.config.model import DidSpec
-from agent.uds.codecs import decode
+from agent.wire.codecs import decode
 
 STATUS_BITS = (
     "test_failed",

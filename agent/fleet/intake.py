@@ -14,16 +14,16 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from agent.command import Command, ErrorCode, Status
-from agent.command_parse import InvalidCommandError, UnknownComponentError, parse_command
 from agent.config.model import AgentConfig
-from agent.logs import command_fields
-from agent.mqtt import messages as m
-from agent.mqtt.link import Incoming
-from agent.mqtt.replies import accepted_message, in_flight_duplicate, refusal_message
-from agent.mqtt.store import Batch, Entry, Outgoing, Store
-from agent.mqtt.topics import Topics, is_publishable
-from agent.runtime import Admission
+from agent.fleet.link import Incoming
+from agent.fleet.topics import Topics, is_publishable
+from agent.policy.admission import Admission
+from agent.store.sqlite import Batch, Entry, Outgoing, Store
+from agent.wire import decode
+from agent.wire import messages as m
+from agent.wire.command import Command, ErrorCode, Status, command_fields
+from agent.wire.messages import accepted_message, in_flight_duplicate, refusal_message
+from agent.wire.parse import InvalidCommandError, UnknownComponentError, parse_command
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +123,8 @@ class Intake:
 
     # ---- one message ---------------------------------------------------------------------------
     def _decide(self, item: Incoming, batch: Batch, seen: set[str]) -> tuple[Command, Entry] | None:
-        body = m.decode_command(item.payload)
-        if isinstance(body, m.Undecodable):
+        body = decode.decode_command(item.payload)
+        if isinstance(body, decode.Undecodable):
             if body.command_id is None:
                 self._invalid_event("undecodable", body.reason, item)
                 return None
@@ -135,7 +135,7 @@ class Intake:
                 return None
             seen.add(body.command_id)
             return self._reject_invalid(item, batch, body.command_id, {"id": body.command_id}, body.reason)
-        command_id = m.readable_id(body)
+        command_id = decode.readable_id(body)
         if command_id is None:
             self._invalid_event("bad_id", "the command has no valid id", item)
             return None

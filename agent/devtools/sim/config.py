@@ -11,7 +11,7 @@ from agent.config.model import Addressing, BusConfig, IsoTpConfig
 from agent.config.parse import load_yaml
 from agent.config.reader import InvalidValueError, Node, Problems, boolean, hex_bytes, integer, text
 from agent.errors import ConfigError
-from agent.uds.dtc import parse_code
+from agent.wire.dtc import parse_code
 
 U16 = integer(0, 0xFFFF, "a 16-bit id")
 

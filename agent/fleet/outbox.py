@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 
 from agent.config.model import StoreConfig
-from agent.mqtt.store import Outgoing, Store
+from agent.store.sqlite import Outgoing, Store
 
 log = logging.getLogger(__name__)
 

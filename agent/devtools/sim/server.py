@@ -7,7 +7,7 @@ from collections import Counter
 from collections.abc import Callable
 
 from agent.config.ecu import resolve_callable
-from agent.sim.config import SimEcu
+from agent.devtools.sim.config import SimEcu
 
 P2_MS, P2_STAR_MS = 50, 5000
 SESSIONS = (1, 2, 3, 4)

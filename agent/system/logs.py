@@ -66,8 +66,3 @@ def _log_thread_exception(args: threading.ExceptHookArgs) -> None:
         exc_info=(args.exc_type, args.exc_value, args.exc_traceback),  # type: ignore[arg-type]
     )
 
-
-def command_fields(command_id: str, component: object, command: object) -> dict[str, str]:
-    """The `extra=` of every log line about a command: its id, component and command."""
-    return {"command_id": command_id, "component": component if isinstance(component, str) else "",
-            "command": command if isinstance(command, str) else ""}

@@ -25,8 +25,8 @@ from paho.mqtt.properties import Properties
 
 from agent.config.model import MqttConfig
 from agent.errors import AgentError
-from agent.mqtt.store import Outgoing
-from agent.mqtt.topics import Topics
+from agent.fleet.topics import Topics
+from agent.store.sqlite import Outgoing
 
 log = logging.getLogger(__name__)
 

@@ -5,29 +5,28 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 
 from agent import __version__
 from agent.bus.owner import BusFactory
-from agent.command import Command, ErrorCode, Outcome, Result, Status
-from agent.command_parse import InvalidCommandError, UnknownComponentError, parse_command
 from agent.config.model import AgentConfig
-from agent.logs import command_fields
+from agent.core.runtime import Companion, Runtime
+from agent.fleet.intake import Intake
+from agent.fleet.link import MqttLink
+from agent.fleet.outbox import Outbox
+from agent.fleet.topics import Topics
 from agent.metrics.busmonitor import BusMonitor
 from agent.metrics.registry import AgentMetrics, AgentState
 from agent.metrics.server import MetricsServer
-from agent.mqtt import messages as m
-from agent.mqtt.intake import Intake
-from agent.mqtt.link import MqttLink
-from agent.mqtt.outbox import Outbox
-from agent.mqtt.replies import refusal_message
-from agent.mqtt.store import Entry, Outgoing, Store
-from agent.mqtt.topics import Topics
-from agent.response import response_message
-from agent.runtime import Admission, Runtime
+from agent.policy.admission import Admission
+from agent.store.sqlite import Entry, Outgoing, Store
+from agent.wire import messages as m
+from agent.wire.command import Command, ErrorCode, Outcome, Result, Status, command_fields
+from agent.wire.messages import refusal_message, response_message
+from agent.wire.parse import InvalidCommandError, UnknownComponentError, parse_command
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +37,13 @@ class Service:
     """Everything `sovd-edge run` runs. Construct, `start()`, and `stop()` on SIGTERM."""
 
     def __init__(self, config: AgentConfig, bus_factory: BusFactory | None = None,
-                 sim_factory: BusFactory | None = None, sim_journal: Path | None = None) -> None:
+                 companions: Sequence[Companion] = ()) -> None:
         self.config = config
         self.started_at = time.time()
         self.topics = Topics(config.mqtt.prefix, config.vehicle)
         self.store = Store(config.state_dir / STORE_FILE)
         self.runtime = Runtime(config, sink=self._on_result, on_start=self._on_start,
-                               bus_factory=bus_factory, sim_factory=sim_factory, sim_journal=sim_journal,
+                               bus_factory=bus_factory, companions=companions,
                                on_bus_change=self._on_bus_change, on_probe=self._on_probe)
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)

@@ -8,10 +8,9 @@ import threading
 import time
 from collections.abc import Callable
 
-from agent.command import Command, ErrorCode, Outcome, Result, Status
 from agent.config.model import EcuConfig
-from agent.logs import command_fields
 from agent.uds.executor import DEFAULT_SESSION, Executor
+from agent.wire.command import Command, ErrorCode, Outcome, Result, Status, command_fields
 
 log = logging.getLogger(__name__)
 

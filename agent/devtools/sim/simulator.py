@@ -6,9 +6,9 @@ import threading
 from pathlib import Path
 
 from agent.bus.owner import BusFactory, BusOwner
-from agent.config.model import BusConfig
-from agent.sim.config import SimConfig
-from agent.sim.ecu import SimulatedEcu
+from agent.config.model import AgentConfig, BusConfig
+from agent.devtools.sim.config import SimConfig, load_sim_config
+from agent.devtools.sim.ecu import SimulatedEcu
 
 
 class Simulator:
@@ -48,3 +48,10 @@ class Simulator:
 
     def ecu(self, name: str) -> SimulatedEcu:
         return self.ecus[name]
+
+
+def simulators_for(config: AgentConfig, factory: BusFactory | None = None,
+                   journal: Path | None = None) -> list[Simulator]:
+    """The simulators an agent config asks for (`simulate:`), on the agent's own bus."""
+    return [Simulator(load_sim_config(path), bus=config.bus, factory=factory, journal=journal)
+            for path in config.simulate]

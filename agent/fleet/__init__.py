@@ -1,0 +1,2 @@
+"""The fleet link over MQTT: intake of commands (decode, record, acknowledge, admit), the outbox pump,
+the paho connection, and the backend-side caller. May import: wire, policy, store, config, errors."""

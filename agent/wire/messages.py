@@ -1,0 +1,112 @@
+"""Every protocol v1 message the agent sends, built here and nowhere else: Responses (final, accepted,
+refusals, chunks), Status and Events, and their encoding. Pure."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from agent import __version__
+from agent.wire.command import ErrorCode, Outcome, Result, Status
+from agent.wire.timefmt import format_rfc3339
+
+
+def response_message(result: Result, seq: int, duplicate: bool = False) -> dict[str, Any]:
+    """The final Response for a result; `seq` is this message's number within the command."""
+    outcome = result.outcome
+    message: dict[str, Any] = {
+        "id": result.command_id,
+        "component": result.component,
+        "command": result.command,
+        "status": str(outcome.status),
+        "final": outcome.status.final,
+        "seq": seq,
+    }
+    if outcome.result is not None:
+        message["result"] = outcome.result
+    if outcome.error is not None:
+        message["error"] = outcome.error.as_dict()
+    message["received_at"] = format_rfc3339(result.received_at)
+    if result.started_at is not None:
+        message["started_at"] = format_rfc3339(result.started_at)
+    message["finished_at"] = format_rfc3339(result.finished_at)
+    if result.duration_ms is not None:
+        message["duration_ms"] = result.duration_ms
+    if duplicate:
+        message["duplicate"] = True
+    return message
+
+
+def accepted_message(command_id: str, component: str, command: str, received_at: float) -> dict[str, Any]:
+    """The non-final `accepted` Response: the command is recorded and queued for its component."""
+    return {"id": command_id, "component": component, "command": command, "status": "accepted",
+            "final": False, "seq": 1, "received_at": format_rfc3339(received_at)}
+
+
+def refusal_message(command_id: str, body: dict[str, Any], status: Status, code: ErrorCode, message: str,
+                    received_at: float, seq: int = 1, **details: Any) -> dict[str, Any]:
+    """A final response for a command that never ran (invalid, unknown component, busy, interrupted...)."""
+    component = body.get("component") if isinstance(body.get("component"), str) else ""
+    command = body.get("command") if isinstance(body.get("command"), str) else ""
+    result = Result(command_id, component, command, Outcome.failure(status, code, message, **details),
+                    received_at, None, time.time())
+    reply = response_message(result, seq)
+    return {k: v for k, v in reply.items() if v != "" or k not in ("component", "command")}
+
+
+def in_flight_duplicate(command_id: str, body: dict[str, Any], received_at: float) -> dict[str, Any]:
+    return refusal_message(command_id, body, Status.REJECTED, ErrorCode.DUPLICATE_IN_FLIGHT,
+                           "a command with this id is still in progress; it runs once", received_at)
+
+
+def status_message(state: str, vehicle: str, components: list[str], since: float) -> dict[str, Any]:
+    """The retained Status document (also the Last Will with state `offline`)."""
+    return {"state": state, "vehicle": vehicle, "agent_version": __version__, "protocol": 1,
+            "components": components, "since": format_rfc3339(since)}
+
+
+def event_message(kind: str, at: float, **fields: Any) -> dict[str, Any]:
+    return {"type": kind, "at": format_rfc3339(at), **fields}
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    """Compact UTF-8 JSON, as every message goes on the wire."""
+    return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def split_result(final: dict[str, Any], max_bytes: int) -> list[dict[str, Any]]:
+    """The messages that carry a final response: itself, or `running` chunks and a closing message.
+
+    When the encoded final message is larger than `max_bytes`, its `result` is serialised to JSON
+    text and sent in ordered chunks {"index", "total", "data"} (index from 0); concatenating the
+    `data` strings gives the result's JSON. The closing message has the final status without
+    `result`, and `"chunks": total`. `seq` runs on from the final message's seq.
+    """
+    if len(encode(final)) <= max_bytes or "result" not in final:
+        return [final]
+    text = json.dumps(final["result"], separators=(",", ":"), ensure_ascii=False)
+    head = {k: final[k] for k in ("id", "component", "command")}
+    overhead = len(encode({**head, "status": "running", "final": False, "seq": 10**9,
+                           "chunk": {"index": 10**9, "total": 10**9, "data": ""}}))
+    room = max(256, max_bytes - overhead - 64)
+    pieces = _split_text(text, room)
+    seq = final["seq"]
+    messages = [{**head, "status": "running", "final": False, "seq": seq + i,
+                 "chunk": {"index": i, "total": len(pieces), "data": piece}} for i, piece in enumerate(pieces)]
+    closing = {k: v for k, v in final.items() if k != "result"}
+    closing.update(seq=seq + len(pieces), chunks=len(pieces))
+    return [*messages, closing]
+
+
+def _split_text(text: str, room: int) -> list[str]:
+    """Pieces whose JSON-escaped UTF-8 size stays within `room` bytes."""
+    pieces: list[str] = []
+    start = 0
+    while start < len(text):
+        end = min(len(text), start + room)
+        while end > start + 1 and len(json.dumps(text[start:end], ensure_ascii=False).encode()) > room:
+            end = start + max(1, (end - start) * 3 // 4)
+        pieces.append(text[start:end])
+        start = end
+    return pieces
