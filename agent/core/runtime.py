@@ -111,17 +111,19 @@ class Runtime:
             self.workers[name].start()
         return dead
 
-    def stop(self, grace: float = 5.0) -> list[Command]:
-        """Stops taking commands, lets in-flight ones finish within `grace`; returns unrun commands."""
+    def stop(self, grace: float = 5.0) -> None:
+        """Stops taking commands, lets in-flight ones finish within `grace`.
+
+        Queued commands are dropped from memory only: the ledger still holds them as `queued`, and the
+        next start runs them.
+        """
         self._stopping.set()
-        unrun: list[Command] = []
         end = time.monotonic() + grace
         for worker in self.workers.values():
-            unrun += worker.drain()
+            worker.drain()
         for worker in self.workers.values():
             if not worker.stop(max(0.1, end - time.monotonic())):
                 log.error("worker did not stop in time", extra={"component": worker.ecu.name})
         self.owner.stop()
         for companion in self.companions:
             companion.stop()
-        return unrun

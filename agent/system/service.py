@@ -25,7 +25,7 @@ from agent.policy.admission import Admission
 from agent.store.sqlite import Entry, Outgoing, Store
 from agent.wire import messages as m
 from agent.wire.command import Command, ErrorCode, Outcome, Result, Status, command_fields
-from agent.wire.messages import refusal_message, response_message
+from agent.wire.messages import response_message
 from agent.wire.parse import InvalidCommandError, UnknownComponentError, parse_command
 
 log = logging.getLogger(__name__)
@@ -212,14 +212,9 @@ class Service:
         """Started-but-unfinished commands get `interrupted` (never re-run); queued ones run again."""
         interrupted = self.store.entries("started")
         for entry in interrupted:
-            message = refusal_message(entry.id, entry.body, Status.INTERRUPTED, ErrorCode.INTERRUPTED,
-                                      "the agent stopped while this command ran; it was not run again",
-                                      entry.received_at, seq=entry.seq + 1)
-            batch = self.store.batch()
-            batch.publish(Outgoing(entry.reply_topic, m.encode(message), entry.correlation, entry.id))
-            batch.set_state(entry.id, "final", seq=message["seq"], final_message=message)
-            batch.commit()
-            self._count_final(message)
+            self._finish(entry, _never_ran(entry, Outcome.failure(
+                Status.INTERRUPTED, ErrorCode.INTERRUPTED,
+                "the agent stopped while this command ran; it was not run again")))
         ids = [e.id for e in interrupted]
         event = m.event_message("agent_started", time.time(), interrupted=ids, agent_version=__version__)
         batch = self.store.batch()
@@ -233,11 +228,15 @@ class Service:
         try:
             command = parse_command(entry.body, self.config, entry.received_at)
         except (InvalidCommandError, UnknownComponentError) as err:
-            self._finish(entry, Result(entry.id, str(entry.body.get("component", "")),
-                                       str(entry.body.get("command", "")),
-                                       refusal_outcome(err), entry.received_at, None, time.time()))
+            self._finish(entry, _never_ran(entry, refusal_outcome(err)))
             return None
         return dataclasses.replace(command, expires_at=entry.expires_at, correlation_data=entry.correlation), entry
+
+
+def _never_ran(entry: Entry, outcome: Outcome) -> Result:
+    """The result of a recorded command that ends without running, as its final response reports it."""
+    return Result(entry.id, str(entry.body.get("component", "")), str(entry.body.get("command", "")),
+                  outcome, entry.received_at, None, time.time())
 
 
 def refusal_outcome(err: Exception) -> Outcome:
