@@ -118,3 +118,12 @@ def test_timeout_capped_and_expiry_parsed(vehicle):
     assert command.timeout_ms == vehicle.max_command_timeout_ms
     assert command.expires_at == 1795860001.5
     assert parse(vehicle, expires_at="2026-11-28T12:00:01+02:00").expires_at == 1795860001.0
+
+
+def test_progress_is_a_strict_boolean_defaulting_to_false(vehicle):
+    assert parse(vehicle).progress is False
+    assert parse(vehicle, progress=True).progress is True
+    assert parse(vehicle, progress=False).progress is False
+    for bad, shown in (("true", "string 'true'"), (1, "int 1"), (0, "int 0"), ([], "a list"), ({}, "a mapping")):
+        found, command_id = problems(vehicle, progress=bad)
+        assert command_id == "c-1" and found == {"progress": f"expected true or false, got {shown}"}

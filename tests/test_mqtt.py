@@ -66,7 +66,7 @@ def test_mqtt5_response_topic_and_correlation(service, backend):
     final = backend.final(body["id"], topic="replies/backend-7")
     assert final["result"] == {"values": {"vin": "TEST0VEHICLE00001"}}
     seen = [s for s in backend.seen if s.topic == "replies/backend-7"]
-    assert len(seen) == 2 and all(s.correlation == b"\x01corr" for s in seen)
+    assert len(seen) == 1 and seen[0].correlation == b"\x01corr"  # the final only (revision 1.1)
     assert backend.replies(body["id"]) == []  # nothing on the default topic
 
 
@@ -101,14 +101,16 @@ def test_duplicate_of_finished_command_gets_final_again(service, backend, sim):
     assert sim.ecu("engine").server.executed[0x22] == 1
 
 
-def test_duplicate_in_flight_rejected_and_run_once(service, backend, sim):
+def test_duplicate_in_flight_gets_accepted_again_and_runs_once(service, backend, sim):
     sim.ecu("engine").set_faults([fault_from_dict({"service": 0x22, "pending": 10})])
     body = command()
     backend.send(body)
     backend.send(body)
-    backend.wait_for(lambda s: b"duplicate_in_flight" in s.payload, 10)
-    assert backend.final(body["id"])["status"] in ("rejected", "completed")
-    backend.wait_for(lambda s: s.topic == backend.topics.responses(body["id"]) and b'"completed"' in s.payload, 10)
+    backend.wait_for(lambda s: s.topic == backend.topics.responses(body["id"]) and b'"duplicate"' in s.payload, 10)
+    assert backend.final(body["id"])["status"] == "completed"
+    repeated = [r for r in backend.replies(body["id"]) if r.get("duplicate")]
+    # revision 1.1: `accepted` again while it runs (the final again if it had already finished)
+    assert [(r["status"], r["seq"]) for r in repeated] in ([("accepted", 1)], [("completed", 2)])
     assert sim.ecu("engine").server.executed[0x22] == 1
 
 

@@ -20,6 +20,7 @@ from agent.cli.common import (
 )
 from agent.config.model import ALL_COMMANDS
 from agent.fleet.caller import Caller
+from agent.fleet.topics import is_publishable
 
 EXIT_TEMPFAIL = 75  # no final response in time / broker unreachable
 
@@ -33,6 +34,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--id", help="command id (default: a new uuid)")
     p.add_argument("--timeout-ms", type=int, help="the command's whole-command deadline")
     p.add_argument("--expires-at", help="RFC 3339 instant after which the command must not start")
+    p.add_argument("--reply-topic", metavar="TOPIC",
+                   help="receive the responses on TOPIC (MQTT 5 Response Topic, or `reply_to` on 3.1.1) instead of "
+                        "responses/{id}; only the final response comes there unless --progress")
+    p.add_argument("--progress", action="store_true",
+                   help="ask for the non-final `accepted` on the --reply-topic too (the default topic always gets it)")
     p.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the final response")
     p.add_argument("--status", action="store_true", help="print the vehicle's retained status and exit")
     p.add_argument("component", nargs="?", help="component (ECU) name")
@@ -76,6 +82,10 @@ def _call(caller: Caller, args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"sovd-edge call: {err}", file=sys.stderr)
         return EXIT_USAGE
+    if args.reply_topic is not None and not is_publishable(args.reply_topic):
+        print(f"sovd-edge call: --reply-topic {args.reply_topic!r} is not a topic one can publish to "
+              "(empty, or has + # or NUL)", file=sys.stderr)
+        return EXIT_USAGE
     command_id = args.id or str(uuid.uuid4())
     body: dict[str, Any] = {"id": command_id, "component": args.component, "command": args.command}
     if params:
@@ -84,17 +94,17 @@ def _call(caller: Caller, args: argparse.Namespace) -> int:
         body["timeout_ms"] = args.timeout_ms
     if args.expires_at:
         body["expires_at"] = args.expires_at
-    topic = caller.topics.responses(command_id)
-    caller.subscribe(topic)
-    caller.send(body)
+    if args.progress:
+        body["progress"] = True
+    topic = caller.request(body, args.reply_topic)
     printed = 0
     while True:
         try:
-            caller.wait_for(lambda s: s.topic == topic, args.wait, count=printed + 1)
+            message = caller.wait_replies(command_id, printed + 1, args.wait, topic)[printed]
         except TimeoutError:
-            print(f"sovd-edge call: no final response for {command_id} within {args.wait:.0f} s", file=sys.stderr)
+            print(f"sovd-edge call: no final response for {command_id} on {topic} within {args.wait:.0f} s",
+                  file=sys.stderr)
             return EXIT_TEMPFAIL
-        message = caller.replies(command_id)[printed]
         printed += 1
         print(json.dumps(message), flush=True)
         if message.get("final"):

@@ -115,6 +115,24 @@ class Caller:
         info = self._client.publish(self.topics.commands, payload, qos=1, properties=properties)
         info.wait_for_publish(10)
 
+    def request(self, body: dict[str, Any], reply_topic: str | None = None) -> str:
+        """Subscribes to where the command's responses will come, sends it, and returns that topic.
+
+        Without `reply_topic` that is the default `responses/{id}`. With it, MQTT 5 sends it as the
+        Response Topic with the command id as Correlation Data, and MQTT 3.1.1 as the body's
+        `reply_to`; only the final response comes there unless the body asks `"progress": true`.
+        """
+        command_id = str(body["id"])
+        topic = reply_topic or self.topics.responses(command_id)
+        self.subscribe(topic)
+        if reply_topic is None:
+            self.send(body)
+        elif self._v5:
+            self.send(body, response_topic=reply_topic, correlation=command_id.encode())
+        else:
+            self.send({**body, "reply_to": reply_topic})
+        return topic
+
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         props = message.properties if self._v5 else None
         seen = Seen(message.topic, bytes(message.payload), bool(message.retain),
@@ -131,6 +149,16 @@ class Caller:
         if not ok:
             raise TimeoutError(f"{len(matched)} of {count} expected messages within {timeout} s")
         return matched[:count]
+
+    def wait_replies(self, command_id: str, count: int, timeout: float,
+                     topic: str | None = None) -> list[dict[str, Any]]:
+        """The first `count` responses to `command_id` on `topic` (default `responses/{id}`), in arrival order.
+
+        Messages for other ids on a shared reply topic are skipped; TimeoutError if fewer arrive in time.
+        """
+        wanted = topic or self.topics.responses(command_id)
+        found = self.wait_for(lambda s: s.topic == wanted and _id_of(s) == command_id, timeout, count)
+        return [s.json() for s in found]
 
     def replies(self, command_id: str, topic: str | None = None) -> list[dict[str, Any]]:
         wanted = topic or self.topics.responses(command_id)

@@ -169,7 +169,7 @@ class Intake:
                      extra=command_fields(command_id, command.component, command.command))
             return None
         self._promised[command.component] = self._promised.get(command.component, 0) + 1
-        send_accepted = self._config.mqtt.send_accepted
+        send_accepted = self._config.mqtt.send_accepted and self._takes_progress(item, body, reply_topic)
         entry = Entry(command_id, "queued", body, reply_topic, item.correlation, item.received_at,
                       command.expires_at, 1 if send_accepted else 0, None)
         batch.add_command(entry)
@@ -184,6 +184,17 @@ class Intake:
             if isinstance(candidate, str) and is_publishable(candidate):
                 return candidate
         return self._topics.responses(command_id)
+
+    def _takes_progress(self, item: Incoming, body: dict[str, Any], reply_topic: str) -> bool:
+        """Whether non-final messages (`accepted`, an in-flight duplicate's reply) go to `reply_topic`.
+
+        Protocol revision 1.1: always on the default `responses/{id}`; on a Response Topic or `reply_to`
+        the command gave, only with `"progress": true`, because request/response clients take the
+        first message there as the answer. Final responses and the `running` chunks of a large
+        result go everywhere.
+        """
+        chosen = reply_topic in (item.response_topic, body.get("reply_to"))
+        return not chosen or body.get("progress") is True
 
     def _duplicate(self, item: Incoming, batch: Batch, body: dict[str, Any], command_id: str, reply_topic: str,
                    existing: Entry | None) -> None:
@@ -203,10 +214,14 @@ class Intake:
             log.info("duplicate of a finished command: final response sent again",
                      extra=command_fields(command_id, body.get("component"), body.get("command")))
             return
-        batch.publish(self._out(reply_topic, in_flight_duplicate(command_id, body, item.received_at),
-                                item.correlation, command_id))
-        log.info("duplicate of a command in flight rejected",
-                 extra=command_fields(command_id, body.get("component"), body.get("command")))
+        fields = command_fields(command_id, body.get("component"), body.get("command"))
+        if not (self._config.mqtt.send_accepted and self._takes_progress(item, body, reply_topic)):
+            log.info("duplicate of a command in flight: no non-final message goes to %s; the final follows "
+                     "where the first copy asked for it", reply_topic, extra=fields)
+            return
+        first = (existing.body, existing.received_at) if existing is not None else (body, item.received_at)
+        batch.publish(self._out(reply_topic, in_flight_duplicate(command_id, *first), item.correlation, command_id))
+        log.info("duplicate of a command in flight: its `accepted` sent again", extra=fields)
 
     def _reject_invalid(self, item: Incoming, batch: Batch, command_id: str, body: dict[str, Any], reason: str,
                         problems: list[tuple[str, str]] | None = None) -> None:

@@ -36,7 +36,6 @@ class ErrorCode(enum.StrEnum):
     INVALID_COMMAND = "invalid_command"
     NOT_PERMITTED = "not_permitted"
     BUSY = "busy"
-    DUPLICATE_IN_FLIGHT = "duplicate_in_flight"
     TIMEOUT = "timeout"
     EXPIRED = "expired"
     INTERRUPTED = "interrupted"
@@ -124,6 +123,7 @@ class Command:
     expires_at: float | None = None
     reply_to: str | None = None
     correlation_data: bytes | None = None
+    progress: bool = False  # non-final messages also to a Response Topic / `reply_to` (protocol 1.1)
 
 
 @dataclass(frozen=True)

@@ -56,8 +56,15 @@ def refusal_message(command_id: str, body: dict[str, Any], status: Status, code:
 
 
 def in_flight_duplicate(command_id: str, body: dict[str, Any], received_at: float) -> dict[str, Any]:
-    return refusal_message(command_id, body, Status.REJECTED, ErrorCode.DUPLICATE_IN_FLIGHT,
-                           "a command with this id is still in progress; it runs once", received_at)
+    """The reply to a repeated id still in progress (revision 1.1): its latest non-final message again.
+
+    That is always `accepted`: a command's `running` chunks are recorded together with its final
+    response, so a command still in progress has sent nothing after `accepted`. `body` and
+    `received_at` are the first copy's.
+    """
+    component = body.get("component") if isinstance(body.get("component"), str) else ""
+    command = body.get("command") if isinstance(body.get("command"), str) else ""
+    return {**accepted_message(command_id, component, command, received_at), "duplicate": True}
 
 
 def status_message(state: str, vehicle: str, components: list[str], since: float) -> dict[str, Any]:

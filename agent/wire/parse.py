@@ -49,6 +49,7 @@ def parse_command(obj: Any, config: AgentConfig, received_at: float) -> c.Comman
     timeout_ms = node.get("timeout_ms", integer(1, None, "a positive integer"), None)
     expires_at = node.get("expires_at", _timestamp, None)
     reply_to = node.get("reply_to", TOPIC, None)
+    progress = node.get("progress", boolean, False)
     params_node = Node(node.raw("params", {}), "params", problems)
     node.finish()
     if problems:
@@ -63,7 +64,7 @@ def parse_command(obj: Any, config: AgentConfig, received_at: float) -> c.Comman
         timeout_ms = min(timeout_ms, config.max_command_timeout_ms)
     return c.Command(
         id=command_id, component=component, command=name, params=params, received_at=received_at,
-        timeout_ms=timeout_ms, expires_at=expires_at, reply_to=reply_to,
+        timeout_ms=timeout_ms, expires_at=expires_at, reply_to=reply_to, progress=progress,
     )
 
 
