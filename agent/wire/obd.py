@@ -63,7 +63,7 @@ _FUEL_TYPES = (
 )
 
 PIDS: dict[int, Pid] = {p.pid: p for p in (
-    *(Pid(b, f"pids_supported_{b + 1:02x}_{b + 0x20:02x}", 4, kind="bitmap") for b in BITMAP_PIDS),
+    *(Pid(b, f"pids_supported_{b + 1:02x}_{(b + 0x20) & 0xFF:02x}", 4, kind="bitmap") for b in BITMAP_PIDS),
     Pid(0x01, "monitor_status", 4, kind="monitor"),
     Pid(0x03, "fuel_system_status", 2, kind="fuel_system", values=_FUEL_SYSTEM),
     _lin(0x04, "engine_load", 1, "%", _PCT),
