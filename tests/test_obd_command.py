@@ -185,3 +185,35 @@ def test_results_match_the_published_schema(vehicle):
     wrong = response_message(Result("o-1", "engine", "obd", Outcome.completed({"values": {"x": 1}}), 1.0, 1.0, 1.1),
                              seq=2)
     assert list(VALIDATORS["Response"].iter_errors(wrong))
+
+
+# ---- on the simulator, through the agent and through a real broker ----------------------------------
+
+def test_obd_through_the_agent_on_the_simulator(agent):
+    result = agent.run("engine", "obd", {"pids": ["engine_speed", "vehicle_speed", "coolant_temperature"],
+                                         "supported": True, "info": ["vin", "calibration_ids"],
+                                         "dtcs": ["stored", "pending"]})
+    assert result.status is Status.COMPLETED, result.outcome
+    values = result.outcome.result["values"]
+    assert 800 <= values["engine_speed"]["value"] <= 3000 and values["engine_speed"]["unit"] == "rpm"
+    assert values["vehicle_speed"] == {"pid": "0x0D", "value": 50, "unit": "km/h"}
+    assert values["coolant_temperature"]["value"] == 83
+    assert result.outcome.result["supported"] == ["monitor_status", "coolant_temperature", "engine_speed",
+                                                  "vehicle_speed"]
+    assert result.outcome.result["info"] == {"vin": "TEST0VEHICLE00001",
+                                             "calibration_ids": ["TEST-CAL-1", "TEST-CAL-2"]}  # multi-frame
+    assert [d["code"] for d in result.outcome.result["dtcs"]["stored"]] == ["P0301", "U0100"]
+    assert [d["code"] for d in result.outcome.result["dtcs"]["pending"]] == ["P0301"]
+    refused = agent.run("engine", "obd", {"pids": "odometer"})
+    assert refused.status is Status.FAILED and refused.outcome.error.as_dict()["nrc"] == "0x31"
+
+
+def test_obd_over_mqtt_is_allowed_by_default_and_matches_the_schema(service, backend):
+    """`body` has the default policy: obd runs there (the backend fixture validates every message)."""
+    body = {"id": "obd-1", "component": "engine", "command": "obd", "params": {"pids": ["engine_speed"]}}
+    backend.send(body)
+    final = backend.final("obd-1")
+    assert final["status"] == "completed" and final["result"]["values"]["engine_speed"]["unit"] == "rpm"
+    other = {"id": "obd-2", "component": "body", "command": "obd", "params": {"pids": "vehicle_speed"}}
+    backend.send(other)
+    assert backend.final("obd-2")["error"]["code"] == "negative_response"  # admitted; body has no OBD

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 
-from agent.bus.address import isotp_address
+import can
+
+from agent.bus.address import isotp_address, rx_ids
 from agent.bus.isotp_link import IsoTpLink
 from agent.bus.owner import BusOwner
 from agent.devtools.sim.config import Fault, SimEcu
+from agent.devtools.sim.obd import SERVICES as OBD_SERVICES
+from agent.devtools.sim.obd import default_functional_id
 from agent.devtools.sim.server import UdsServer
 from agent.errors import BusDownError, TransportTimeoutError
 
@@ -32,8 +37,10 @@ class SimulatedEcu:
         self._faults = list(config.faults)
         self._busy_left: dict[int, int] = {}
         self._lock = threading.Lock()
-        self._link = IsoTpLink(owner, isotp_address(config.addressing, server=True), config.isotp,
-                               name=f"sim-{config.name}")
+        address = isotp_address(config.addressing, server=True)
+        self._link = IsoTpLink(owner, address, config.isotp, name=f"sim-{config.name}")
+        self._owner, self._rx = owner, rx_ids(address)[0]
+        self._functional: collections.deque[bytes] = collections.deque(maxlen=16)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"sim-{config.name}", daemon=True)
 
@@ -98,8 +105,40 @@ class SimulatedEcu:
         response = self.server.handle(request, time.monotonic())
         if self._journal is not None:
             self._journal(f"{self.name} {request.hex()}")
-        if response is not None:
+        functional = self._was_functional(request)
+        if response is not None and not (functional and response[0] == 0x7F):  # J1979: no NRC to functional
             self._send(response)
+
+    # ---- OBD-II functional requests (0x7DF, 0x18DB33F1) ----------------------------------------
+    def functional_id(self) -> tuple[int, bool] | None:
+        """The functional id this ECU answers OBD-II requests on, with normal addressing only."""
+        config, mode = self.config.obd, self.config.addressing.mode
+        if config is None or not config.functional or not mode.startswith("normal"):
+            return None
+        can_id = default_functional_id(config, mode.endswith("29bit"))
+        return can_id, can_id > 0x7FF
+
+    def on_functional(self, msg: can.Message) -> None:
+        """A functional single frame (notifier thread): served as if sent physically, NRCs kept quiet."""
+        data = bytes(msg.data)
+        if not data or data[0] >> 4 != 0:
+            return  # functional requests are single frames
+        length, start = (data[0], 1) if data[0] else (data[1] if len(data) > 1 else 0, 2)
+        payload = data[start:start + length]
+        if not payload or payload[0] not in OBD_SERVICES:
+            return
+        self._functional.append(payload)
+        sink = self._owner.sinks.get(self._rx)
+        if sink is not None:
+            sink(can.Message(arbitration_id=self._rx[0], is_extended_id=self._rx[1], data=data, is_fd=msg.is_fd,
+                             check=False))
+
+    def _was_functional(self, request: bytes) -> bool:
+        try:
+            self._functional.remove(request)
+        except ValueError:
+            return False
+        return True
 
     def _send(self, payload: bytes) -> None:
         self._link.send(payload, timeout=2.0)
