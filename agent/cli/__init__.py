@@ -8,10 +8,10 @@ import signal
 import sys
 
 from agent import __version__
-from agent.cli import call, check_config, demo, doctor, run, simulate, uds
+from agent.cli import call, check_config, demo, discover, doctor, run, simulate, uds
 from agent.cli.common import EXIT_CODES
 
-SUBCOMMANDS = (run, call, uds, demo, simulate, check_config, doctor)
+SUBCOMMANDS = (run, call, uds, demo, simulate, check_config, doctor, discover)
 
 
 def build_parser() -> argparse.ArgumentParser:
