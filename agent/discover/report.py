@@ -8,12 +8,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.config.emit import comment, flow
 from agent.config.model import BusConfig, IsoTpConfig
 from agent.discover.identify import IDENT_DIDS, Identity
 from agent.discover.probe import OBD_FUNCTIONAL_11BIT, OBD_FUNCTIONAL_29BIT, Responder, Traffic
 from agent.wire import obd
 
-HEX_KEYS = {"request_id", "response_id", "functional_id", "target_address", "source_address", "padding", "id"}
 FOUND_BY = {"obd_11bit": "OBD-II functional request on 0x7DF", "obd_29bit": "OBD-II functional request on "
             "0x18DB33F1", "scan_11bit": "TesterPresent scan (11-bit)", "scan_29bit": "TesterPresent scan (29-bit)"}
 VIN = re.compile(r"[A-Z0-9]{17}")  # ISO 3779 leaves out I, O, Q; test benches do not
@@ -118,7 +118,7 @@ def render_yaml(report: Report) -> str:
              "# `sovd-edge import-odx`), then `sovd-edge check-config -c THIS_FILE`.",
              f"vehicle: {json.dumps(config['vehicle'])}" + ("" if vehicle_id(report.ecus) else
                                                            "  # no VIN found: set the vehicle id"),
-             f"bus: {_flow(config['bus'])}"]
+             f"bus: {flow(config['bus'])}"]
     if not report.ecus:
         lines += ["# No ECU answered: ignition on? bitrate right? try --scan.", "ecus: []"]
         return "\n".join(lines) + "\n"
@@ -126,15 +126,15 @@ def render_yaml(report: Report) -> str:
     for ecu, entry in zip(report.ecus, config["ecus"], strict=True):
         lines += [f"  # {line}" for line in _ecu_comments(ecu)]
         lines.append(f"  - name: {entry['name']}")
-        lines.append(f"    addressing: {_flow(entry['addressing'])}")
+        lines.append(f"    addressing: {flow(entry['addressing'])}")
         if "isotp" in entry:
-            lines.append(f"    isotp: {_flow(entry['isotp'])}")
+            lines.append(f"    isotp: {flow(entry['isotp'])}")
         if "dids" in entry:
             lines.append("    dids:")
             for did in entry["dids"]:
                 data = ecu.identity.dids[did["id"]]
                 shown = json.dumps(_ascii(data)) if did["codec"] == "ascii" else data.hex()
-                lines.append(f"      - {_flow(did)}  # {shown[:60]}")
+                lines.append(f"      - {flow(did)}  # {shown[:60]}")
     return "\n".join(lines) + "\n"
 
 
@@ -163,29 +163,7 @@ def _ecu_comments(ecu: Ecu) -> list[str]:
     refused = [f"{k} ({v})" for k, v in ecu.identity.refused.items()]
     if refused:
         lines.append("no answer for: " + ", ".join(refused))
-    return [_comment_safe(line) for line in lines]
-
-
-def _comment_safe(text: str) -> str:
-    return "".join(ch if 0x20 <= ord(ch) < 0x7F else "?" for ch in text)
-
-
-def _flow(mapping: dict[str, Any]) -> str:
-    """A one-line YAML flow mapping; ids and addresses in hex, strings JSON-quoted."""
-    parts = []
-    for key, value in mapping.items():
-        if isinstance(value, bool):
-            text = "true" if value else "false"
-        elif isinstance(value, int) and key in HEX_KEYS:
-            text = f"0x{value:X}" if value > 0xFF or key == "padding" else f"0x{value:02X}"
-        elif isinstance(value, dict):
-            text = _flow(value)
-        elif isinstance(value, str):
-            text = json.dumps(value) if not re.fullmatch(r"[a-z][a-z0-9_]*", value) else value
-        else:
-            text = str(value)
-        parts.append(f"{key}: {text}")
-    return "{" + ", ".join(parts) + "}"
+    return [comment(line) for line in lines]
 
 
 def as_json(report: Report) -> dict[str, Any]:
