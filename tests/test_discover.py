@@ -76,7 +76,7 @@ def read_every_vin(config_text, channel):
     config = parse_config(yaml.safe_load(config_text))
     assert config.bus.channel == channel
     vins = {}
-    with LocalSession(dataclasses.replace(config, state_dir=ROOT / ".state")) as session:
+    with LocalSession(config) as session:
         for ecu in config.ecus:
             result = session.run(ecu.name, "read_data", {"data": "vin"})
             assert result.status is Status.COMPLETED, (ecu.name, result.outcome)
@@ -107,6 +107,9 @@ def test_discover_finds_ecus_at_unusual_ids_and_the_agent_reads_each_vin(capsys,
     assert "found by OBD-II functional request on 0x7DF, TesterPresent scan (11-bit)" in out
     assert "0xF197 (NRC 0x22 ConditionsNotCorrect)" in out  # the seat's refusal is noted, not fatal
     assert observer.requests() <= ALLOWED_SERVICES and {0x01, 0x09, 0x22, 0x3E} == observer.requests()
+    answer_ids = {0x7E8, 0x7E9, 0x7AB, 0x77A}
+    assert not any(m.arbitration_id in answer_ids and bytes(m.data)[:3] == bytes.fromhex("023E00")
+                   for m in observer.frames)  # never a probe on an id an ECU answers on
 
 
 def test_discover_on_the_demo_vehicle_and_check_config_accepts_it(capsys, channel, tmp_path):

@@ -159,6 +159,8 @@ def scan_11bit(tap: BusTap, ids: list[int], skip: set[int], rate: float, wait_s:
     last = 0.0
     try:
         for done, rid in enumerate(targets, 1):
+            if any(m.arbitration_id == rid for _, m, _ in answers.items):
+                continue  # an ECU answers on this id: never transmit on it
             last = _pace(rate, last)
             seen = len(answers.items)
             probes.append((time.monotonic(), rid))
