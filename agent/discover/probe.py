@@ -145,15 +145,18 @@ def _pace(rate: float, last: float) -> float:
 
 
 def scan_11bit(tap: BusTap, ids: list[int], skip: set[int], rate: float, wait_s: float, confirm_s: float,
-               padding: int | None, progress: Progress | None = None) -> list[Responder]:
+               padding: int | None, progress: Progress | None = None, talking: set[int] | None = None,
+               ) -> list[Responder]:
     """TesterPresent on each 11-bit id; an answer on another id pairs them, confirmed by asking again.
 
     An answer is matched to its request by asking once more, first on the OBD convention (answer id
     - 8), then on the ids probed just before it arrived, newest first: a slow ECU's late answer is
-    never credited to the id probed after it.
+    never credited to the id probed after it. Nothing is sent on `skip`; frames on `talking` (ids
+    heard before the scan, default: `skip`) are never taken for answers.
     """
+    quiet = skip if talking is None else talking
     probes: list[tuple[float, int]] = []
-    answers = _Answers(tap, lambda m, p: not m.is_extended_id and m.arbitration_id not in skip
+    answers = _Answers(tap, lambda m, p: not m.is_extended_id and m.arbitration_id not in quiet
                        and is_tester_present_answer(p))
     targets = [i for i in ids if i not in skip]
     last = 0.0

@@ -49,10 +49,11 @@ def discover(tap: BusTap, options: Options, progress: Progress | None = None, wh
     if options.scan:
         # Never transmit on an id another node uses: same id, different data is a bus error.
         talking = traffic.talking if traffic else set()
+        heard = {i for i, ext in talking if not ext}
         answering = {r.addressing.response_id for r, _ in found.values() if r.addressing.response_id is not None}
-        skip = {i for i, ext in talking if not ext} | {0x7DF} | answering | set(options.skip_ids)
+        skip = heard | {0x7DF} | answering | set(options.skip_ids)
         add(scan_11bit(tap, list(options.scan_11bit), skip, options.rate, options.scan_wait_s, options.p2_s,
-                       options.padding, progress))
+                       options.padding, progress, talking=heard))
         skip29 = {i & 0xFF for i, ext in talking if ext and i & 0x1FFFFF00 == 0x18DAF100}
         add(scan_29bit(tap, [t for t in options.scan_29bit if t not in skip29], options.rate, options.scan_wait_s,
                        options.padding, progress))
