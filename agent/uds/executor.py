@@ -184,22 +184,11 @@ class Executor:
     # ---- OBD-II (SAE J1979), physical addressing -----------------------------------------------
     def _obd(self, p: c.Obd, deadline: float) -> dict[str, Any]:
         result: dict[str, Any] = {}
-        if p.pids:
-            data = obd.split_pid_response(self._obd_ask(obd.pid_request(p.pids), deadline), p.pids)
-            result["values"] = {obd.pid_name(x): obd.pid_value(x, data[x]) for x in p.pids if x in data}
-            missing = [f"0x{x:02X}" for x in p.pids if x not in data]
-            if missing:
-                result["unsupported"] = missing
+        for part, request in obd.plan(p.pids, p.info, p.dtcs):
+            obd.interpret(part, request, self._obd_ask(request, deadline), result, self.ecu.dtc_texts)
         if p.supported:
             result["supported"] = [obd.pid_name(x) for x in self._supported_pids(deadline) if x not in obd.BITMAP_PIDS]
-        for name in p.info:
-            result.setdefault("info", {})[name] = obd.decode_info(name, self._obd_ask(obd.info_request(name), deadline))
-        for kind in p.dtcs:
-            service = obd.DTC_SERVICES[kind]
-            codes = obd.decode_dtcs(service, self._obd_ask(bytes([service]), deadline))
-            result.setdefault("dtcs", {})[kind] = [with_text(obd.dtc_entry(d), self.ecu.dtc_texts, d << 8)
-                                                   for d in codes]
-        return result
+        return {k: result[k] for k in ("values", "unsupported", "supported", "info", "dtcs") if k in result}
 
     def _supported_pids(self, deadline: float) -> list[int]:
         """Walks the bitmaps 0x00, 0x20, ... for as long as each says the next one is supported."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from agent.wire.dtc import format_code
+from agent.wire.dtc import format_code, with_text
 
 CURRENT_DATA, VEHICLE_INFO = 0x01, 0x09
 DTC_SERVICES = {"stored": 0x03, "pending": 0x07, "permanent": 0x0A}
@@ -294,3 +294,35 @@ def bitmap_for(base: int, supported: set[int]) -> bytes:
         if base + 1 + i in supported:
             bits |= 1 << (31 - i)
     return bits.to_bytes(4, "big")
+
+
+# ---- an `obd` command as requests and the result of each answer ---------------------------------
+
+def plan(pids: tuple[int, ...], info: tuple[str, ...], dtcs: tuple[str, ...]) -> list[tuple[str, bytes]]:
+    """The requests of an `obd` command besides the supported-PID walk, each with the part it answers.
+
+    Each is a single frame, so the same plan serves a physical request and a functional one (where
+    `interpret` runs once per answering ECU).
+    """
+    parts: list[tuple[str, bytes]] = [("pids", pid_request(pids))] if pids else []
+    parts += [(f"info:{name}", info_request(name)) for name in info]
+    parts += [(f"dtcs:{kind}", bytes([DTC_SERVICES[kind]])) for kind in dtcs]
+    return parts
+
+
+def interpret(part: str, request: bytes, response: bytes, result: dict[str, Any],
+              texts: tuple[tuple[str, str], ...] = ()) -> None:
+    """Adds what one answer says to `result` (ObdResponseError when it does not answer `request`)."""
+    kind, _, name = part.partition(":")
+    if kind == "pids":
+        asked = tuple(request[1:])
+        data = split_pid_response(response, asked)
+        result["values"] = {pid_name(x): pid_value(x, data[x]) for x in asked if x in data}
+        missing = [f"0x{x:02X}" for x in asked if x not in data]
+        if missing:
+            result["unsupported"] = missing
+    elif kind == "info":
+        result.setdefault("info", {})[name] = decode_info(name, response)
+    else:
+        codes = decode_dtcs(request[0], response)
+        result.setdefault("dtcs", {})[name] = [with_text(dtc_entry(d), texts, d << 8) for d in codes]

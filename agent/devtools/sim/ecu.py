@@ -15,14 +15,13 @@ from agent.bus.address import isotp_address, rx_ids
 from agent.bus.isotp_link import IsoTpLink
 from agent.bus.owner import BusOwner
 from agent.devtools.sim.config import Fault, SimEcu
-from agent.devtools.sim.obd import SERVICES as OBD_SERVICES
-from agent.devtools.sim.obd import default_functional_id
 from agent.devtools.sim.server import UdsServer
 from agent.errors import BusDownError, TransportTimeoutError
 
 log = logging.getLogger(__name__)
 
 PENDING_INTERVAL_S = 0.02
+FUNCTIONAL_SILENT_NRCS = frozenset({0x11, 0x12, 0x31, 0x7E, 0x7F})
 
 
 class SimulatedEcu:
@@ -106,26 +105,21 @@ class SimulatedEcu:
         if self._journal is not None:
             self._journal(f"{self.name} {request.hex()}")
         functional = self._was_functional(request)
-        if response is not None and not (functional and response[0] == 0x7F):  # J1979: no NRC to functional
+        if functional and response is not None and response[0] == 0x7F and response[2] in FUNCTIONAL_SILENT_NRCS:
+            return  # ISO 14229-1 / J1979: no such negative answer to a functional request
+        if response is not None:
             self._send(response)
 
-    # ---- OBD-II functional requests (0x7DF, 0x18DB33F1) ----------------------------------------
-    def functional_id(self) -> tuple[int, bool] | None:
-        """The functional id this ECU answers OBD-II requests on, with normal addressing only."""
-        config, mode = self.config.obd, self.config.addressing.mode
-        if config is None or not config.functional or not mode.startswith("normal"):
-            return None
-        can_id = default_functional_id(config, mode.endswith("29bit"))
-        return can_id, can_id > 0x7FF
-
-    def on_functional(self, msg: can.Message) -> None:
-        """A functional single frame (notifier thread): served as if sent physically, NRCs kept quiet."""
+    # ---- functional requests (e.g. OBD-II on 0x7DF, 0x18DB33F1) --------------------------------
+    def on_functional_frame(self, msg: can.Message) -> None:
+        """A single frame on the ECU's functional id (notifier thread): served as if sent physically,
+        marked so that the negative answers a functional request never gets are not sent."""
         data = bytes(msg.data)
         if not data or data[0] >> 4 != 0:
             return  # functional requests are single frames
         length, start = (data[0], 1) if data[0] else (data[1] if len(data) > 1 else 0, 2)
         payload = data[start:start + length]
-        if not payload or payload[0] not in OBD_SERVICES:
+        if not payload or len(payload) != length:
             return
         self._functional.append(payload)
         sink = self._owner.sinks.get(self._rx)

@@ -5,12 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from agent.config.reader import InvalidValueError, Node, boolean, hex_bytes, integer, number, text
+from agent.config.reader import InvalidValueError, Node, hex_bytes, integer, number, text
 from agent.wire import obd
 from agent.wire.dtc import parse_code
 
 SERVICES = (0x01, 0x03, 0x07, 0x09, 0x0A)
-FUNCTIONAL_11BIT, FUNCTIONAL_29BIT = 0x7DF, 0x18DB33F1
 NRC_SUBFUNCTION_NOT_SUPPORTED, NRC_BAD_LENGTH, NRC_OUT_OF_RANGE = 0x12, 0x13, 0x31
 
 
@@ -44,8 +43,6 @@ class SimObd:
     stored: tuple[int, ...] | None = None  # 2-byte DTCs; default: the UDS DTCs with the confirmed bit
     pending: tuple[int, ...] | None = None  # default: the UDS DTCs with the pending bit
     permanent: tuple[int, ...] = ()
-    functional_id: int | None = None  # default: 0x7DF on 11-bit ids, 0x18DB33F1 on 29-bit ones
-    functional: bool = True  # answer OBD requests sent to the functional id too
 
 
 def parse_obd(node: Node | None) -> SimObd | None:
@@ -67,8 +64,6 @@ def parse_obd(node: Node | None) -> SimObd | None:
         cvns=tuple(c for p, v in node.items_of("cvns") if (c := node.check(p, v, _cvn)) is not None),
         ecu_name=node.get("ecu_name", text(r"[ -~]{1,20}", "at most 20 characters", max_len=20), None),
         stored=codes("stored"), pending=codes("pending"), permanent=codes("permanent") or (),
-        functional_id=node.get("functional_id", integer(0, 0x1FFFFFFF, "a CAN id"), None),
-        functional=node.get("functional", boolean, True),
     )
     node.finish()
     return config
@@ -125,12 +120,6 @@ def _pid(node: Node) -> SimPid | None:
     else:
         node.problems.add(node.path, "give value, min and max (moving), or hex")
     return None
-
-
-def default_functional_id(config: SimObd, extended: bool) -> int:
-    if config.functional_id is not None:
-        return config.functional_id
-    return FUNCTIONAL_29BIT if extended else FUNCTIONAL_11BIT
 
 
 class ObdServer:

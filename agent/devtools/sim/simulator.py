@@ -29,16 +29,17 @@ class Simulator:
         self._subscribe_functional()
 
     def _subscribe_functional(self) -> None:
-        """One subscription per OBD-II functional id (0x7DF, 0x18DB33F1), fanned out to every ECU on it."""
+        """One subscription per functional id (addressing.functional_id), fanned out to every ECU on it."""
         listeners: dict[tuple[int, bool], list[SimulatedEcu]] = {}
         for ecu in self.ecus.values():
-            key = ecu.functional_id()
-            if key is not None:
+            addressing = ecu.config.addressing
+            if addressing.functional_id is not None:
+                key = (addressing.functional_id, addressing.mode.endswith("29bit"))
                 listeners.setdefault(key, []).append(ecu)
         for (can_id, extended), ecus in listeners.items():
             def fan_out(msg: can.Message, ecus: list[SimulatedEcu] = ecus) -> None:
                 for ecu in ecus:
-                    ecu.on_functional(msg)
+                    ecu.on_functional_frame(msg)
 
             self.owner.subscribe(can_id, extended, fan_out)
 
