@@ -219,3 +219,36 @@ def test_tester_present_in_every_addressing_mode_of_the_test_vehicle(vehicle, si
 def test_progress_line():
     assert progress_line(0, 10, 0, width=10) == "\rscan [..........] 0/10, 0 answered"
     assert progress_line(5, 10, 2, width=10) == "\rscan [#####.....] 5/10, 2 answered"
+
+
+def test_a_terminal_sees_the_scan_progress_and_a_pipe_does_not(channel):
+    """The real CLI in a subprocess with stderr on a pseudo-terminal (its virtual bus is empty: the progress
+    of a scan that finds nothing)."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "agent", "discover", "--interface", "virtual", "--channel", channel, "--scan",
+            "--scan-11bit", "0x700-0x70F", "--scan-29bit", "0x00-0x0F", "--rate", "1000", "--scan-wait-ms", "1",
+            "--listen", "0", "--obd-wait-ms", "10"]
+    leader, follower = pty.openpty()
+    try:
+        proc = subprocess.run(args, stdout=subprocess.PIPE, stderr=follower, cwd=ROOT, timeout=60)
+        os.set_blocking(leader, False)
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(leader)
+        os.close(follower)
+    assert proc.returncode == 1 and b"ecus: []" in proc.stdout
+    assert shown.count(b"16/16, 0 answered") == 2  # 16 11-bit ids, then 16 29-bit addresses
+    piped = subprocess.run(args, capture_output=True, cwd=ROOT, timeout=60)
+    assert b"scan [" not in piped.stderr
