@@ -179,8 +179,9 @@ def test_cli_errors(capsys, tmp_path):
     bad.write_text("vehicle: [\n")
     assert main(["discover", "-c", str(bad)]) == 78
     assert main(["discover", "--interface", "nonexistent_iface", "--channel", "x", "--listen", "0"]) == 69
-    with pytest.raises(SystemExit):
-        main(["discover", "--interface", "virtual", "--channel", "x", "--scan-11bit", "0x800-0x7FF"])
+    for bad in (["--scan-11bit", "0x800-0x7FF"], ["--scan-11bit", "zz"], ["--padding", "0x100"], ["--padding", "x"]):
+        with pytest.raises(SystemExit):
+            main(["discover", "--interface", "virtual", "--channel", "x", *bad])
 
 
 def test_only_allowed_services_leave_the_tap():

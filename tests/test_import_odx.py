@@ -182,8 +182,9 @@ def write_test_pdx(path: Path) -> Path:
         "pressure_le": (_uint(16, highlow=False), _identical(DataType.A_UINT32), DataType.A_UINT32, None),
         "ratio": (_uint(32, DataType.A_FLOAT32), _identical(DataType.A_FLOAT32), DataType.A_FLOAT32, None),
     }
-    ids = {"vin": 0xF190, "engine_speed": 0xF40C, "coolant": 0xF405, "oil_temp": 0xF40D, "voltage": 0xF442,
-           "idle_mode": 0x0100, "pressure_le": 0x2000, "ratio": 0x2001}
+    dops["vin_again"] = dops["vin"]  # a second service reading the same DID
+    ids = {"vin_again": 0xF190, "vin": 0xF190, "engine_speed": 0xF40C, "coolant": 0xF405, "oil_temp": 0xF40D,
+           "voltage": 0xF442, "idle_mode": 0x0100, "pressure_le": 0x2000, "ratio": 0x2001}
     for name, (coded, compu, physical, unit) in dops.items():
         dop = DataObjectProperty(short_name=f"{name}_dop", odx_id=_id(layer, f"DOP.{name}"), compu_method=compu,
                                  diag_coded_type=coded, physical_type=PhysicalType(base_data_type=physical),
@@ -241,6 +242,7 @@ def test_a_pdx_written_with_odxtools_imports_every_kind(test_pdx):
     (ecu,) = config.ecus
     dids = {d.name: d for d in ecu.dids}
     assert dids["vin"] == DidSpec("vin", 0xF190, "ascii", 17)
+    assert "not imported: Read_vin_again (reads DID 0xF190 too, imported as vin)" in result.stdout
     assert dids["engine_speed"] == DidSpec("engine_speed", 0xF40C, "unsigned", 2, scale=0.25)
     assert dids["coolant"] == DidSpec("coolant", 0xF405, "unsigned", 1, offset=-40, unit="°C")
     assert dids["oil_temp"] == DidSpec("oil_temp", 0xF40D, "signed", 1, unit="°C")

@@ -60,10 +60,20 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--rate", type=float, default=20.0, help="scan requests per second at most (default 20)")
     p.add_argument("--scan-wait-ms", type=int, default=50, help="wait for an answer per scanned id (default 50)")
     p.add_argument("--p2-ms", type=int, default=500, help="wait for each identification answer (default 500)")
-    p.add_argument("--padding", type=lambda v: int(v, 0), default=0xCC, help="pad request frames (default 0xCC)")
+    p.add_argument("--padding", type=_byte, default=0xCC, help="pad request frames with this byte (default 0xCC)")
     p.add_argument("--json", action="store_true", help="print everything found as JSON instead of YAML")
     add_logging_flags(p)
     p.set_defaults(handler=handle)
+
+
+def _byte(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 0xFF:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a byte (0x00..0xFF)")
+    return value
 
 
 def _range(text: str) -> tuple[int, ...]:

@@ -84,7 +84,12 @@ def _service(ecu: Ecu, service: Any, writes: set[int]) -> None:
     prefix, rest = _prefix(request.parameters)
     sid = prefix[0] if prefix else None
     if sid == 0x22 and len(prefix) == 3 and not rest:
-        ecu.dids.append(_did(service, int.from_bytes(prefix[1:3], "big"), {d.name for d in ecu.dids}))
+        did_id = int.from_bytes(prefix[1:3], "big")
+        first = next((d for d in ecu.dids if d.id == did_id), None)
+        if first is not None:
+            ecu.skipped.append((service.short_name, f"reads DID 0x{did_id:04X} too, imported as {first.name}"))
+        else:
+            ecu.dids.append(_did(service, did_id, {d.name for d in ecu.dids}))
     elif sid == 0x2E and len(prefix) == 3:
         writes.add(int.from_bytes(prefix[1:3], "big"))
     elif sid == 0x31 and len(prefix) >= 4:
