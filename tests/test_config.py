@@ -42,7 +42,7 @@ def test_example_is_a_pi_on_can0_and_demo_is_virtual_with_sim():
 def test_minimal_defaults():
     config = parse_config(MINIMAL)
     engine = config.ecu("engine")
-    assert engine.allow == {"read_data", "read_faults", "tester_present"}
+    assert engine.allow == {"read_data", "read_faults", "tester_present", "obd"}
     assert config.mqtt.prefix == "sovd" and config.mqtt.protocol == "5"
     assert config.mqtt.session_expiry_s == 7 * 24 * 3600
     assert engine.isotp.padding is None and engine.isotp.data_length == 8

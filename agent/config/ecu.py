@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import re
 from typing import Any
 
 from agent.config import model as m
@@ -12,6 +13,7 @@ from agent.config.reader import (
     Problems,
     boolean,
     choice,
+    describe,
     integer,
     join,
     number,
@@ -39,6 +41,7 @@ def parse_ecu(node: Node, bus: m.BusConfig) -> m.EcuConfig | None:
     allow_items = [node.check(p, v, choice(*m.ALL_COMMANDS)) for p, v in node.items_of("allow")]
     allow = frozenset(a for a in allow_items if a) if node.has("allow") else frozenset(m.DEFAULT_ALLOWED)
     queue_size = node.get("queue_size", integer(1, 10_000), 16)
+    dtc_texts = _dtc_texts(node.child("dtcs"))
     for index, did in enumerate(dids):
         if did.length is not None and did.length + 3 > isotp.max_pdu:
             node.problems.add(join(node.path, f"dids[{index}].length"),
@@ -47,7 +50,7 @@ def parse_ecu(node: Node, bus: m.BusConfig) -> m.EcuConfig | None:
     return m.EcuConfig(
         name=name, addressing=addressing, isotp=isotp, timing=timing, dids=dids,
         routines=tuple(m.RoutineSpec(n, i) for n, i in routines), security=security,
-        allow=allow, queue_size=queue_size,
+        allow=allow, queue_size=queue_size, dtc_texts=dtc_texts,
     )
 
 
@@ -219,3 +222,31 @@ def resolve_callable(ref: str) -> Any:
     if not callable(target):
         raise TypeError(f"{ref} is not callable")
     return target
+
+
+DTC_CODE = re.compile(r"([PCBU][0-3][0-9A-F]{3})(?:-?([0-9A-F]{2}))?")
+
+
+def dtc_key(value: Any) -> str:
+    """A `dtcs:` key: a J2012 code (P0301, P0301-1A) or a 24-bit DTC number, normalised for lookup."""
+    if isinstance(value, str) and (match := DTC_CODE.fullmatch(value.strip().upper())):
+        return match.group(1) + (f"-{match.group(2)}" if match.group(2) else "")
+    try:
+        return f"0x{integer(0, 0xFFFFFF)(value):06X}"
+    except InvalidValueError:
+        raise InvalidValueError(f"{describe(value)} is not a DTC code like P0301, P0301-1A or 0x030100") from None
+
+
+def _dtc_texts(node: Node | None) -> tuple[tuple[str, str], ...]:
+    if node is None:
+        return ()
+    texts: dict[str, str] = {}
+    for key, value in node.data.items():
+        node.raw(key)
+        code = node.convert(str(key), key, dtc_key)
+        label = node.convert(str(key), value, text(max_len=1024))
+        if code is not None and code in texts:
+            node.problems.add(join(node.path, str(key)), f"{code} is given twice")
+        elif code is not None and label is not None:
+            texts[code] = label
+    return tuple(sorted(texts.items()))

@@ -7,9 +7,10 @@ from pathlib import Path
 
 ALL_COMMANDS = (
     "read_data", "write_data", "read_faults", "clear_faults", "set_session", "reset",
-    "security_access", "operation", "io_control", "tester_present", "raw",
+    "security_access", "operation", "io_control", "tester_present", "raw", "obd",
 )
-DEFAULT_ALLOWED = ("read_data", "read_faults", "tester_present")
+# obd is allowed by default: it only reads (services 0x01, 0x03, 0x07, 0x09, 0x0A), like read_data.
+DEFAULT_ALLOWED = ("read_data", "read_faults", "tester_present", "obd")
 ADDRESSING_MODES = (
     "normal_11bit", "normal_29bit", "normal_fixed_29bit",
     "extended_11bit", "extended_29bit", "mixed_11bit", "mixed_29bit",
@@ -158,6 +159,7 @@ class EcuConfig:
     security: tuple[SecurityLevel, ...] = ()
     allow: frozenset[str] = frozenset(DEFAULT_ALLOWED)
     queue_size: int = 16
+    dtc_texts: tuple[tuple[str, str], ...] = ()  # `dtcs:` code -> text ("P0301", "P0301-1A" or "0x030100")
 
     def did_by_name(self, name: str) -> DidSpec | None:
         return next((d for d in self.dids if d.name == name), None)

@@ -5,11 +5,17 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import can
+
+from agent.bus.address import isotp_address
 from agent.bus.kernel_isotp import kernel_isotp_available
 from agent.config.model import AgentConfig
+from agent.discover.probe import listen, tester_present
+from agent.discover.tap import BusTap
 from agent.metrics.canstate import CanLink, read_link
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "FAIL", "skip"
@@ -97,3 +103,45 @@ def render(checks: list[Check]) -> str:
         if c.fix:
             lines.append(f"{'':<{width}}  {'':<6}  fix: {c.fix}")
     return "\n".join(lines)
+
+
+def traffic_checks(config: AgentConfig, listen_s: float = 2.0, probe: bool = True,
+                   reader: Callable[[str], CanLink | None] = read_link,
+                   factory: Callable[[], can.BusABC] | None = None) -> list[Check]:
+    """Listens on the bus (frames seen, error counters rising meanwhile: a wrong bitrate), then sends
+    TesterPresent to each configured ECU (unless `probe` is off). Opens a bus connection of its own."""
+    if config.simulate:
+        return [Check("traffic", SKIP, "the config's ECUs are simulated inside the agent (simulate:)")]
+    try:
+        tap = BusTap(config.bus, factory)
+    except (can.CanError, OSError, ValueError, ImportError, NotImplementedError) as err:
+        return [Check("traffic", FAIL, f"cannot open {config.bus.interface}:{config.bus.channel}: {err}",
+                      f"sudo hw/can-up {config.bus.channel} {config.bus.bitrate}")]
+    with tap:
+        traffic = listen(tap, listen_s, reader)
+        frames = sum(n for _, _, n, _ in traffic.ids)
+        checks = [Check("frames", OK, f"{frames} frames from {len(traffic.ids)} ids in {traffic.seconds:g} s")
+                  if frames else
+                  Check("frames", WARN, f"no frames in {traffic.seconds:g} s",
+                        "ignition on? OBD-II port: CAN-H pin 6, CAN-L pin 14, ground 4/5; bitrate (500 kbit/s on "
+                        "most cars)")]
+        rising = traffic.errors_rising
+        if rising is None:
+            checks.append(Check("error counters", SKIP, f"{config.bus.interface} reports no controller counters"))
+        elif rising:
+            before, after = traffic.before, traffic.after
+            seen = (f"TEC {before.tx_errors}->{after.tx_errors}, REC {before.rx_errors}->{after.rx_errors}"
+                    if before and after else f"{traffic.error_frames} error frames")
+            checks.append(Check("error counters", FAIL, f"rising while listening ({seen})",
+                                "most likely a wrong bitrate: try 500000, then 250000 (hw/can-up); "
+                                "then wiring and termination"))
+        else:
+            checks.append(Check("error counters", OK, "steady while listening"))
+        for ecu in config.ecus if probe else ():
+            answer = tester_present(tap, ecu.addressing, ecu.isotp.padding, max(ecu.timing.p2_ms / 1000, 0.05))
+            where = f"0x{isotp_address(ecu.addressing).get_tx_arbitration_id():X}"
+            checks.append(Check(f"ecu {ecu.name}", OK, f"answers TesterPresent on {where}") if answer is not None
+                          else Check(f"ecu {ecu.name}", FAIL, f"no answer to TesterPresent on {where}",
+                                     "ignition on? CAN ids and addressing in the config (sovd-edge discover finds "
+                                     "them)"))
+    return checks

@@ -14,10 +14,10 @@ from agent.config.model import EcuConfig
 from agent.errors import BusDownError, TransportTimeoutError
 from agent.uds.keys import load_algorithm
 from agent.uds.transaction import InvalidResponseError, Link, NegativeResponseError, Timing, UdsTimeoutError, transact
-from agent.wire import codecs
+from agent.wire import codecs, obd
 from agent.wire import command as c
 from agent.wire.command import ErrorCode, Outcome, Status
-from agent.wire.dtc import fault_dict, split_snapshot_records
+from agent.wire.dtc import fault_dict, split_snapshot_records, with_text
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ class Executor:
             c.ClearFaults: self._clear_faults, c.SetSession: self._set_session, c.Reset: self._reset,
             c.SecurityAccess: self._security_access, c.Operation: self._operation,
             c.IoControl: self._io_control, c.TesterPresent: self._tester_present, c.Raw: self._raw,
+            c.Obd: self._obd,
         }
 
     def execute(self, params: c.Params, deadline: float) -> Outcome:
@@ -114,7 +115,7 @@ class Executor:
         parsed = services.ReadDTCInformation.interpret_response(response, sub.reportDTCByStatusMask)
         faults = []
         for dtc in parsed.service_data.dtcs:
-            entry = fault_dict(dtc.id, dtc.status.get_byte_as_int())
+            entry = with_text(fault_dict(dtc.id, dtc.status.get_byte_as_int()), self.ecu.dtc_texts, dtc.id)
             dtc_bytes = dtc.id.to_bytes(3, "big")
             if p.snapshots:
                 data = self._ask(bytes([0x19, 0x04]) + dtc_bytes + b"\xff", deadline).get_payload()
@@ -179,3 +180,28 @@ class Executor:
 
     def _raw(self, p: c.Raw, deadline: float) -> dict[str, Any]:
         return {"response": transact(self.link, p.request, self.timing, deadline).hex()}
+
+    # ---- OBD-II (SAE J1979), physical addressing -----------------------------------------------
+    def _obd(self, p: c.Obd, deadline: float) -> dict[str, Any]:
+        result: dict[str, Any] = {}
+        for part, request in obd.plan(p.pids, p.info, p.dtcs):
+            obd.interpret(part, request, self._obd_ask(request, deadline), result, self.ecu.dtc_texts)
+        if p.supported:
+            result["supported"] = [obd.pid_name(x) for x in self._supported_pids(deadline) if x not in obd.BITMAP_PIDS]
+        return {k: result[k] for k in ("values", "unsupported", "supported", "info", "dtcs") if k in result}
+
+    def _supported_pids(self, deadline: float) -> list[int]:
+        """Walks the bitmaps 0x00, 0x20, ... for as long as each says the next one is supported."""
+        found: list[int] = []
+        for base in obd.BITMAP_PIDS:
+            data = obd.split_pid_response(self._obd_ask(obd.pid_request([base]), deadline), [base])
+            if base not in data:
+                break
+            listed = obd.supported_from_bitmap(base, data[base])
+            found += listed
+            if base + 0x20 not in listed:
+                break
+        return found
+
+    def _obd_ask(self, request: bytes, deadline: float) -> bytes:
+        return transact(self.link, request, self.timing, deadline)

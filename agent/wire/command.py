@@ -106,8 +106,18 @@ class Raw:
     request: bytes
 
 
+@dataclass(frozen=True)
+class Obd:
+    """OBD-II reads: service 0x01 PIDs (at most 6), the supported-PID walk, 0x09 info types, DTC lists."""
+
+    pids: tuple[int, ...] = ()
+    supported: bool = False
+    info: tuple[str, ...] = ()  # names of agent.wire.obd.INFO_TYPES
+    dtcs: tuple[str, ...] = ()  # stored, pending, permanent
+
+
 Params = (ReadData | WriteData | ReadFaults | ClearFaults | SetSession | Reset | SecurityAccess
-          | Operation | IoControl | TesterPresent | Raw)
+          | Operation | IoControl | TesterPresent | Raw | Obd)
 
 
 @dataclass(frozen=True)

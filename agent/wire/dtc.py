@@ -56,6 +56,22 @@ def fault_dict(dtc: int, status: int) -> dict[str, Any]:
     }
 
 
+def with_text(entry: dict[str, Any], texts: tuple[tuple[str, str], ...], dtc: int) -> dict[str, Any]:
+    """Adds `text` to a fault entry from a component's `dtcs:` table (keys as config.ecu normalises them).
+
+    The most specific key wins: the 24-bit DTC ("0x030100"), the code with its failure type
+    ("P0301-1A"), then the code alone ("P0301").
+    """
+    if texts:
+        table = dict(texts)
+        code = format_code(dtc)
+        for key in (f"0x{dtc:06X}", f"{code}-{dtc & 0xFF:02X}", code):
+            if key in table:
+                entry["text"] = table[key]
+                break
+    return entry
+
+
 def split_snapshot_records(data: bytes, specs: dict[int, DidSpec]) -> list[dict[str, Any]]:
     """Parses 0x19 0x04 record data (after DTC+status): [record, count, (DID, data)...]...
 

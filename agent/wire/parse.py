@@ -8,7 +8,7 @@ from typing import Any
 from agent.config.model import ALL_COMMANDS, AgentConfig, DidSpec, EcuConfig
 from agent.config.reader import InvalidValueError, Node, Problems, boolean, describe, hex_bytes, integer, text
 from agent.errors import AgentError
-from agent.wire import codecs
+from agent.wire import codecs, obd
 from agent.wire import command as c
 from agent.wire.dtc import parse_code
 from agent.wire.timefmt import parse_rfc3339
@@ -244,9 +244,48 @@ def _raw(p: Node, ecu: EcuConfig) -> c.Raw:
     return c.Raw(request=request)
 
 
+def _obd(p: Node, ecu: EcuConfig) -> c.Obd:
+    def one_of(names: tuple[str, ...] | dict[str, object], what: str) -> Callable[[Any], str]:
+        def convert(value: Any) -> str:
+            if value not in names:
+                raise InvalidValueError(f"expected {what}: one of {', '.join(names)}, got {describe(value)}")
+            return value
+
+        return convert
+
+    def pid(value: Any) -> int:
+        if not isinstance(value, str):
+            raise InvalidValueError(f"expected a PID name or \"0xNN\", got {describe(value)}")
+        try:
+            found = obd.lookup_pid(value)
+        except ValueError as err:
+            raise InvalidValueError(str(err)) from None
+        return found if isinstance(found, int) else found.pid
+
+    def listed(key: str, convert: Callable[[Any], Any]) -> tuple[Any, ...]:
+        raw = p.raw(key)
+        items = raw if isinstance(raw, list) else [] if raw is None else [raw]
+        where = (lambda i: f"{key}[{i}]") if isinstance(raw, list) else (lambda i: key)
+        values = [v for i, item in enumerate(items) if (v := p.convert(where(i), item, convert)) is not None]
+        if len(set(values)) != len(values):
+            p.problems.add(f"params.{key}", "names an item twice")
+        return tuple(values)
+
+    params = c.Obd(pids=listed("pids", pid), supported=p.get("supported", boolean, False),
+                   info=listed("info", one_of(obd.INFO_TYPES, "an info type")),
+                   dtcs=listed("dtcs", one_of(tuple(obd.DTC_SERVICES), "a DTC list")))
+    if len(params.pids) > obd.MAX_PIDS_PER_REQUEST:
+        p.problems.add("params.pids", f"at most {obd.MAX_PIDS_PER_REQUEST} PIDs per request (older ECUs refuse more)")
+    elif len(params.pids) > 1 and any(x not in obd.PIDS for x in params.pids):
+        p.problems.add("params.pids", "a PID this agent cannot decode (no known length) must be asked alone")
+    if not (params.pids or params.supported or params.info or params.dtcs):
+        p.problems.add("params", "ask for at least one of pids, supported, info, dtcs")
+    return params
+
+
 _PARSERS: dict[str, Callable[[Node, EcuConfig], c.Params]] = {
     "read_data": _read_data, "write_data": _write_data, "read_faults": _read_faults,
     "clear_faults": _clear_faults, "set_session": _set_session, "reset": _reset,
     "security_access": _security_access, "operation": _operation, "io_control": _io_control,
-    "tester_present": _tester_present, "raw": _raw,
+    "tester_present": _tester_present, "raw": _raw, "obd": _obd,
 }

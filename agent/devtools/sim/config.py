@@ -10,6 +10,7 @@ from agent.config.ecu import BYTE, NAME, key_algorithm, parse_addressing, parse_
 from agent.config.model import Addressing, BusConfig, IsoTpConfig
 from agent.config.parse import load_yaml
 from agent.config.reader import InvalidValueError, Node, Problems, boolean, hex_bytes, integer, text
+from agent.devtools.sim.obd import SimObd, parse_obd
 from agent.errors import ConfigError
 from agent.wire.dtc import parse_code
 
@@ -70,6 +71,7 @@ class SimEcu:
     security: tuple[SimSecurity, ...] = ()
     s3_ms: int = 5000
     faults: tuple[Fault, ...] = ()
+    obd: SimObd | None = None  # answers OBD-II (services 0x01, 0x03, 0x07, 0x09, 0x0A), also functionally
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,7 @@ def _ecu(node: Node, bus: BusConfig) -> SimEcu | None:
         security=tuple(_security(Node(i, p, node.problems)) for p, i in node.items_of("security")),
         s3_ms=node.get("s3_ms", integer(100, 600_000), 5000),
         faults=tuple(parse_fault(Node(i, p, node.problems)) for p, i in node.items_of("faults")),
+        obd=parse_obd(node.child("obd")),
     )
     node.finish()
     return ecu

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 
-from agent.bus.address import isotp_address
+import can
+
+from agent.bus.address import isotp_address, rx_ids
 from agent.bus.isotp_link import IsoTpLink
 from agent.bus.owner import BusOwner
 from agent.devtools.sim.config import Fault, SimEcu
@@ -18,6 +21,7 @@ from agent.errors import BusDownError, TransportTimeoutError
 log = logging.getLogger(__name__)
 
 PENDING_INTERVAL_S = 0.02
+FUNCTIONAL_SILENT_NRCS = frozenset({0x11, 0x12, 0x31, 0x7E, 0x7F})
 
 
 class SimulatedEcu:
@@ -32,8 +36,10 @@ class SimulatedEcu:
         self._faults = list(config.faults)
         self._busy_left: dict[int, int] = {}
         self._lock = threading.Lock()
-        self._link = IsoTpLink(owner, isotp_address(config.addressing, server=True), config.isotp,
-                               name=f"sim-{config.name}")
+        address = isotp_address(config.addressing, server=True)
+        self._link = IsoTpLink(owner, address, config.isotp, name=f"sim-{config.name}")
+        self._owner, self._rx = owner, rx_ids(address)[0]
+        self._functional: collections.deque[bytes] = collections.deque(maxlen=16)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"sim-{config.name}", daemon=True)
 
@@ -98,8 +104,35 @@ class SimulatedEcu:
         response = self.server.handle(request, time.monotonic())
         if self._journal is not None:
             self._journal(f"{self.name} {request.hex()}")
+        functional = self._was_functional(request)
+        if functional and response is not None and response[0] == 0x7F and response[2] in FUNCTIONAL_SILENT_NRCS:
+            return  # ISO 14229-1 / J1979: no such negative answer to a functional request
         if response is not None:
             self._send(response)
+
+    # ---- functional requests (e.g. OBD-II on 0x7DF, 0x18DB33F1) --------------------------------
+    def on_functional_frame(self, msg: can.Message) -> None:
+        """A single frame on the ECU's functional id (notifier thread): served as if sent physically,
+        marked so that the negative answers a functional request never gets are not sent."""
+        data = bytes(msg.data)
+        if not data or data[0] >> 4 != 0:
+            return  # functional requests are single frames
+        length, start = (data[0], 1) if data[0] else (data[1] if len(data) > 1 else 0, 2)
+        payload = data[start:start + length]
+        if not payload or len(payload) != length:
+            return
+        self._functional.append(payload)
+        sink = self._owner.sinks.get(self._rx)
+        if sink is not None:
+            sink(can.Message(arbitration_id=self._rx[0], is_extended_id=self._rx[1], data=data, is_fd=msg.is_fd,
+                             check=False))
+
+    def _was_functional(self, request: bytes) -> bool:
+        try:
+            self._functional.remove(request)
+        except ValueError:
+            return False
+        return True
 
     def _send(self, payload: bytes) -> None:
         self._link.send(payload, timeout=2.0)

@@ -8,6 +8,8 @@ from collections.abc import Callable
 
 from agent.config.ecu import resolve_callable
 from agent.devtools.sim.config import SimEcu
+from agent.devtools.sim.obd import SERVICES as OBD_SERVICES
+from agent.devtools.sim.obd import ObdServer
 
 P2_MS, P2_STAR_MS = 50, 5000
 SESSIONS = (1, 2, 3, 4)
@@ -51,12 +53,17 @@ class UdsServer:
             0x22: self._read, 0x27: self._security, 0x2E: self._write, 0x2F: self._io_control,
             0x31: self._routine, 0x3E: self._tester_present,
         }
+        self.now = 0.0
+        if ecu.obd is not None:
+            self.obd = ObdServer(ecu.obd, vin=lambda: self.values.get(0xF190),
+                                 dtcs=lambda: [(d.dtc, d.status) for d in self.dtcs.values()])
+            self._handlers.update(dict.fromkeys(OBD_SERVICES, lambda request: self.obd.handle(request, self.now)))
 
     def handle(self, request: bytes, now: float) -> bytes | None:
         """The response to `request` (None when the positive response is suppressed)."""
         if self.session != 1 and now - self._last > self.ecu.s3_ms / 1000:
             self.session, self.unlocked, self._seed = 1, 0, None  # S3 expired
-        self._last = now
+        self._last = self.now = now
         sid = request[0]
         self.executed[sid] += 1
         handler = self._handlers.get(sid)
