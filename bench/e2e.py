@@ -136,6 +136,12 @@ def wait_answering(backend: Backend, subject: Subject, timeout: float = 60.0, wa
             raise RuntimeError(f"{subject.name} answered a warm-up command with {body}")
 
 
+def _alive(subject: Subject) -> None:
+    """A subject that died ends the run at once (its phases would otherwise time out command by command)."""
+    if subject.proc.poll() is not None:
+        raise RuntimeError(f"{subject.name} exited with {subject.proc.returncode}; log: {subject.log_tail()}")
+
+
 def _account(phase: Phase, subject: Subject, measure: Callable[[], None]) -> Phase:
     before = subject.probe.read()
     measure()
@@ -158,6 +164,7 @@ def one_at_a_time(backend: Backend, subject: Subject, count: int) -> Phase:
                 phase.latencies_ms.append(latency * 1000)
             else:
                 phase.errors += 1
+                _alive(subject)
         phase.elapsed_s = time.perf_counter() - start
 
     return _account(phase, subject, measure)
@@ -201,6 +208,7 @@ def under_load(backend: Backend, subject: Subject, duration_s: float, window: in
             for _ in range(window):
                 issue(component)
         if not finished.wait(duration_s + REPLY_TIMEOUT_S):
+            _alive(subject)
             with lock:
                 phase.errors += sum(outstanding.values())
         phase.elapsed_s = (state["last"] or time.perf_counter()) - start
