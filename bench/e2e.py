@@ -91,6 +91,7 @@ class Phase:
     cpu_ns: int = 0
     context_switches: int = 0
     syncs: int | None = None
+    sync_calls: dict[str, int] | None = None  # the same, per syscall (fdatasync, fsync)
 
     def as_dict(self) -> dict[str, Any]:
         return {"commands": self.completed, "errors": self.errors, "elapsed_s": round(self.elapsed_s, 3),
@@ -148,6 +149,7 @@ def _account(phase: Phase, subject: Subject, measure: Callable[[], None]) -> Pha
     time.sleep(SETTLE_S)
     spent = subject.probe.read() - before
     phase.cpu_ns, phase.context_switches, phase.syncs = spent.cpu_ns, spent.context_switches, spent.sync_total
+    phase.sync_calls = spent.syncs
     return phase
 
 

@@ -104,6 +104,9 @@ def _summarise(phases: list[e2e.Phase], load: bool) -> dict[str, Any]:
         "errors": sum(p.errors for p in phases),
         "cpu_ms_per_command": per(sum(p.cpu_ns for p in phases) / 1e6, commands),
         "fsyncs_per_command": per(syncs, commands),
+        "fsyncs_per_command_by_call": None if syncs is None else {
+            call: per(sum((p.sync_calls or {}).get(call, 0) for p in phases), commands)
+            for call in (phases[0].sync_calls or {})},
         "context_switches_per_command": per(sum(p.context_switches for p in phases), commands, 1),
     }
     if load:
