@@ -11,6 +11,7 @@ import functools
 import logging
 import os
 import random
+import socket
 import ssl
 import threading
 import time
@@ -91,6 +92,15 @@ def password_of(config: MqttConfig, environ: dict[str, str] | None = None) -> st
     return None
 
 
+def _no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
+    """TCP_NODELAY on every new broker socket: the PUBACK, `accepted` and final response are small
+    writes in a row, and with Nagle's algorithm each waits for the broker's delayed ACK (~40 ms)."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError as err:
+        log.warning("cannot set TCP_NODELAY on the broker connection: %s", err)
+
+
 def _guarded(method: Callable[..., None]) -> Callable[..., None]:
     @functools.wraps(method)
     def wrapper(self: MqttLink, *args: Any) -> None:
@@ -136,6 +146,7 @@ class MqttLink:
         self._client.on_message = self._message
         self._client.on_publish = self._published
         self._client.on_log = self._paho_log
+        self._client.on_socket_open = _no_delay
         self._paho_error: str | None = None  # paho's last error line: the real cause behind a disconnect
         self._refusal: str | None = None
         self._connected_event = threading.Event()
