@@ -8,17 +8,21 @@ import signal
 import sys
 
 from agent import __version__
-from agent.cli import call, check_config, demo, doctor, run, simulate, uds
+from agent.cli import call, check_config, commands, demo, doctor, run, simulate, uds
 from agent.cli.common import EXIT_CODES
 
-SUBCOMMANDS = (run, call, uds, demo, simulate, check_config, doctor)
+SUBCOMMANDS = (run, call, uds, commands, demo, simulate, check_config, doctor)
+
+
+_EXIT_CODES = "exit codes (each subcommand's --help lists its own and what they mean there):\n" + "\n".join(
+    f"  {code:<3} {meaning}" + (f" ({name})" if name else "") for code, (name, meaning) in EXIT_CODES.items())
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sovd-edge",
         description="SOVD edge agent: diagnostic commands from MQTT, run as UDS over ISO-TP on CAN.",
-        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"sovd-edge {__version__}")
     sub = parser.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
