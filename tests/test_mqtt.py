@@ -216,7 +216,6 @@ def test_large_result_is_chunked_and_reassembles(mqtt_vehicle, sim, backend):
 
 def test_clean_stop_publishes_offline(mqtt_vehicle, sim, backend):
     from agent.system.service import Service
-
     from agent.wire.timefmt import parse_rfc3339
 
     svc = Service(mqtt_vehicle)
