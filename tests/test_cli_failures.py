@@ -124,7 +124,7 @@ def test_help_lists_exactly_the_codes_the_subcommand_returns(module, capsys):
 @pytest.mark.parametrize("module", SUBCOMMANDS, ids=name_of)
 def test_every_exit_code_a_subcommand_uses_is_in_its_list(module):
     """Read the source: any EXIT_ constant the module names (and 78 behind with_agent_config, 2 from
-    argparse) must be one it documents."""
+    argparse, 70 from main() on a bug) must be one it documents."""
     tree = ast.parse(inspect.getsource(module))
     names = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr.startswith("EXIT_")}
     names |= {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id.startswith("EXIT_")}
@@ -133,8 +133,22 @@ def test_every_exit_code_a_subcommand_uses_is_in_its_list(module):
     used = {getattr(common, name) for name in names if name != "EXIT_CODES"}
     if "with_agent_config" in {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}:
         used.add(common.EXIT_CONFIG)  # what the wrapper returns without a valid config
-    used.add(common.EXIT_USAGE)  # argparse's own
+    used |= {common.EXIT_USAGE, common.EXIT_SOFTWARE}  # argparse's own; main() on a bug
     assert used <= set(module.EXITS), f"{name_of(module)} uses {used - set(module.EXITS)} undocumented"
+
+
+def test_a_bug_is_70_with_one_line_not_pythons_1(monkeypatch, capsys):
+    """A subcommand that raises (a bug, planted here: none is known) exits 70, not 1 ("did not complete")."""
+    from agent.cli import main
+
+    def broken(args):
+        raise ZeroDivisionError("planted")
+
+    monkeypatch.setattr(commands, "handle", broken)
+    assert main(["commands"]) == 70
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback") and err.splitlines()[-1] == (
+        "sovd-edge commands: internal error (a bug): ZeroDivisionError: planted")
 
 
 # ---- uds: params as the user meant them, and errors that say where -------------------------------
@@ -159,6 +173,21 @@ def test_uds_raw_request_3e80_reaches_the_ecu_as_hex():
 ])
 def test_uds_param_errors_say_it_was_the_params(words, message):
     assert one_line(cli("uds", "-c", DEMO, "engine", "read_data", *words), 2, uds) == message
+
+
+def test_uds_through_a_hub_that_is_not_running_says_how_to_start_it(tmp_path):
+    config = yaml.safe_load((ROOT / "config/hub.yaml").read_text())
+    port = free_port()
+    config["bus"]["options"]["port"] = port
+    config["state_dir"] = str(tmp_path / "state")
+    path = tmp_path / "hub.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = cli("uds", "-c", str(path), "engine", "read_data", "data=vin")
+    assert result.returncode == 69 and 69 in uds.EXITS
+    assert "Failed to connect to server" not in result.stderr  # python-can's busy-loop warnings are held back
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"sovd-edge uds: CAN bus unavailable: socketcand:{config['bus']['channel']} did not come up within 3 s; "
+        f"is the hub running? sovd-edge simulate -c config/sim/demo-vehicle.yaml --hub 127.0.0.1:{port}")
 
 
 def test_demo_local_transcript_shows_what_a_reader_can_reproduce():

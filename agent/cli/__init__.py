@@ -4,13 +4,16 @@ May import: every layer, dev tools included; it is where simulated ECUs are wire
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
+import traceback
 
 from agent import __version__
 from agent.cli import call, check_config, commands, demo, doctor, run, simulate, uds
-from agent.cli.common import EXIT_CODES
+from agent.cli.common import EXIT_CODES, EXIT_SOFTWARE, fail
 
+log = logging.getLogger("agent.cli")
 SUBCOMMANDS = (run, call, uds, commands, demo, simulate, check_config, doctor)
 
 
@@ -34,7 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `sovd-edge uds ... | head` ends quietly
     args = build_parser().parse_args(argv)
-    return int(args.handler(args))
+    try:
+        return int(args.handler(args))
+    except Exception as err:  # a bug: say so and exit 70, not Python's 1 (which means "did not complete")
+        if hasattr(args, "log_format"):  # a subcommand that logs (run: JSON lines for journald)
+            log.exception("internal error: %s: %s", type(err).__name__, err)
+        else:
+            traceback.print_exc()
+            fail(args, f"internal error (a bug): {type(err).__name__}: {err}")
+        return EXIT_SOFTWARE
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ from agent.fleet.caller import BrokerUnreachableError, Caller, Seen
 from agent.wire.catalog import params_from_words
 from agent.wire.timefmt import format_rfc3339
 
+MAX_EXPIRY_S = 2**32 - 1  # MQTT 5's Message Expiry Interval is a four-byte integer
 EXITS = {
+    **c.ALWAYS,
     c.EXIT_OK: "the command completed (--status: the vehicle is online)",
     c.EXIT_NOT_COMPLETED: "failed, timeout, rejected or expired (--status: the vehicle is offline)",
     c.EXIT_USAGE: "unknown or missing arguments, or params that cannot be read",
@@ -64,6 +66,9 @@ def handle(args: argparse.Namespace, config: AgentConfig) -> int:
     except BrokerUnreachableError as err:
         c.fail(args, str(err))
         return c.EXIT_UNAVAILABLE
+    except (OSError, RuntimeError) as err:  # connected, then the broker stopped answering (paho raises these)
+        c.fail(args, f"the broker {config.mqtt.broker} stopped answering: {err}")
+        return c.EXIT_UNAVAILABLE
 
 
 def _body(args: argparse.Namespace, ecu: Any) -> dict[str, Any]:
@@ -74,8 +79,8 @@ def _body(args: argparse.Namespace, ecu: Any) -> dict[str, Any]:
     if args.timeout_ms:
         body["timeout_ms"] = args.timeout_ms
     if args.expires_in is not None:
-        if args.expires_in <= 0:
-            raise ValueError("--expires-in: give a positive number of seconds")
+        if not 0 < args.expires_in <= MAX_EXPIRY_S:  # also refuses nan
+            raise ValueError(f"--expires-in: give seconds, more than 0 and at most {MAX_EXPIRY_S}")
         body["expires_at"] = format_rfc3339(time.time() + args.expires_in)
     if args.expires_at:
         body["expires_at"] = args.expires_at

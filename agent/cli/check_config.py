@@ -8,7 +8,7 @@ from typing import Any
 from agent.cli import common as c
 from agent.config.model import AgentConfig
 
-EXITS = {c.EXIT_OK: "the file is valid", c.EXIT_USAGE: c.USAGE_EXIT, c.EXIT_CONFIG: c.CONFIG_EXIT}
+EXITS = {**c.ALWAYS, c.EXIT_OK: "the file is valid", c.EXIT_CONFIG: c.CONFIG_EXIT}
 
 
 def add_parser(sub: Any) -> None:

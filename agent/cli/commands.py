@@ -8,10 +8,10 @@ import re
 import textwrap
 from typing import Any
 
-from agent.cli.common import EXIT_CODES, EXIT_OK, EXIT_USAGE, add_subcommand, fail
+from agent.cli.common import ALWAYS, EXIT_CODES, EXIT_OK, EXIT_USAGE, add_subcommand, fail
 from agent.wire.catalog import CATALOG, SESSIONS_NOTE, CommandSpec
 
-EXITS = {EXIT_OK: "the list was printed", EXIT_USAGE: "unknown arguments, or no command of that name"}
+EXITS = {**ALWAYS, EXIT_OK: "the list was printed", EXIT_USAGE: "unknown arguments, or no command of that name"}
 EXAMPLE_CONFIG = "config/demo.yaml"
 WORDS = ("params are key=value words, read as each command takes them: hex, names and ids as typed "
          "(request=3E80, data=0xF190), a,b for several DIDs, true/false for flags; key:=JSON gives a "

@@ -43,6 +43,8 @@ EXIT_CODES: dict[int, tuple[str, str]] = {
 }
 CONFIG_EXIT = "the config file is invalid (each problem with its path)"
 USAGE_EXIT = "unknown or missing arguments"
+# What any subcommand can return: argparse's usage error, and 70 when a bug raised (main() catches it).
+ALWAYS = {EXIT_USAGE: USAGE_EXIT, EXIT_SOFTWARE: "a bug raised an exception (the traceback says where)"}
 
 
 def exit_codes_text(exits: dict[int, str]) -> str:

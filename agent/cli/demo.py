@@ -47,9 +47,9 @@ STEPS = (
 )
 
 EXITS = {
+    **c.ALWAYS,
     c.EXIT_OK: "every step answered as expected",
     c.EXIT_NOT_COMPLETED: "a step did not answer as expected (the transcript shows which)",
-    c.EXIT_USAGE: c.USAGE_EXIT,
     c.EXIT_UNAVAILABLE: "Mosquitto is missing, the agent did not connect, or (--local) the CAN bus did not open",
     c.EXIT_CONFIG: c.CONFIG_EXIT + ", or a config without the demo's simulated ECUs",
 }

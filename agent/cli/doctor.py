@@ -11,9 +11,9 @@ from agent.config.model import AgentConfig
 from agent.system.doctor import FAIL, render, run_checks
 
 EXITS = {
+    **c.ALWAYS,
     c.EXIT_OK: "every check passed (or warned)",
     c.EXIT_NOT_COMPLETED: "a check failed; its line says how to fix it",
-    c.EXIT_USAGE: c.USAGE_EXIT,
     c.EXIT_CONFIG: c.CONFIG_EXIT,
 }
 

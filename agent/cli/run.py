@@ -20,10 +20,10 @@ from agent.system.service import Service
 log = logging.getLogger("agent.run")
 
 EXITS = {
+    **c.ALWAYS,
     c.EXIT_OK: "stopped cleanly by SIGTERM/SIGINT",
-    c.EXIT_USAGE: c.USAGE_EXIT,
     c.EXIT_UNAVAILABLE: "the metrics endpoint cannot listen (the CAN bus and the broker are retried instead)",
-    c.EXIT_SOFTWARE: "an essential thread died; systemd restarts the agent",
+    c.EXIT_SOFTWARE: "an essential thread died, or a bug raised; systemd restarts the agent",
     c.EXIT_CANTCREAT: "the state directory cannot be created or written",
     c.EXIT_CONFIG: "the config file is invalid, or a credential or TLS file is unusable; systemd does not "
                    "restart on it",

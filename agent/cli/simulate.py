@@ -21,6 +21,7 @@ from agent.errors import ConfigError
 log = logging.getLogger("agent.devtools.sim")
 
 EXITS = {
+    **c.ALWAYS,
     c.EXIT_OK: "stopped by SIGTERM/SIGINT",
     c.EXIT_USAGE: "unknown or missing arguments, or no bus (--interface and --channel, or a bus in the file)",
     c.EXIT_UNAVAILABLE: "the bus cannot be opened, or the hub cannot listen",

@@ -16,6 +16,7 @@ from agent.wire.messages import response_message
 from agent.wire.parse import InvalidCommandError, UnknownComponentError
 
 EXITS = {
+    **c.ALWAYS,
     c.EXIT_OK: "the command completed",
     c.EXIT_NOT_COMPLETED: "failed, timeout or rejected (the Response says why)",
     c.EXIT_USAGE: "unknown or missing arguments, unreadable params, an unknown component, an invalid command",
@@ -52,7 +53,16 @@ def handle(args: argparse.Namespace, config: AgentConfig) -> int:
         with LocalSession(config, companions=simulators_for(config)) as session:
             result = session.run(args.component, args.command, params, args.timeout_ms)
     except BusUnavailableError as err:
-        c.fail(args, f"CAN bus unavailable: {err}")
+        c.fail(args, f"CAN bus unavailable: {err}{_hub_hint(config)}")
         return c.EXIT_UNAVAILABLE
     c.print_json(response_message(result, seq=1))
     return c.EXIT_OK if result.status is Status.COMPLETED else c.EXIT_NOT_COMPLETED
+
+
+def _hub_hint(config: AgentConfig) -> str:
+    """For a socketcand bus (config/hub.yaml): how to start the hub it expects."""
+    if config.bus.interface != "socketcand":
+        return ""
+    options = dict(config.bus.options)
+    where = f"{options.get('host', 'HOST')}:{options.get('port', 'PORT')}"
+    return f"; is the hub running? sovd-edge simulate -c config/sim/demo-vehicle.yaml --hub {where}"

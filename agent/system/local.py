@@ -47,7 +47,9 @@ class LocalSession:
     def __enter__(self) -> LocalSession:
         if not self.runtime.start(wait=3.0):
             self.runtime.stop(0.5)
-            raise BusUnavailableError(self.runtime.owner.last_error or "CAN bus did not come up")
+            bus = self.config.bus
+            raise BusUnavailableError(self.runtime.owner.last_error
+                                      or f"{bus.interface}:{bus.channel} did not come up within 3 s")
         return self
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
