@@ -111,16 +111,20 @@ def params_from_words(command: str, words: list[str], ecu: EcuConfig | None = No
         return _json(words[0], "params")  # valid JSON that starts with { is an object
     spec = CATALOG[command]
     params: dict[str, Any] = {}
+    values: list[tuple[str, str]] = []  # DID values, read once `data` is known, wherever it stands
     for word in words:
         key, sep, raw = word.partition("=")
         if not sep or not key or key == ":":
             raise ValueError(f"params: expected key=value, key:=JSON or one JSON object, got {word!r}")
-        if key.endswith(":"):
-            key = key[:-1]
-            params[key] = _json(raw, f"params.{key}")
-            continue
         param = spec.param(key)
-        params[key] = _read(param.kind, raw, key, params, ecu) if param else raw
+        if key.endswith(":"):
+            params[key[:-1]] = _json(raw, f"params.{key[:-1]}")
+        elif param is not None and param.kind is Kind.VALUE:
+            values.append((key, raw))
+        else:
+            params[key] = _read(param.kind, raw, key) if param else raw
+    for key, raw in values:
+        params[key] = _did_value(raw, params.get("data"), ecu)
     return params
 
 
@@ -131,7 +135,7 @@ def _json(text: str, where: str) -> Any:
         raise ValueError(f"{where}: not valid JSON ({err.msg} at column {err.colno}): {text}") from None
 
 
-def _read(kind: Kind, raw: str, key: str, params: dict[str, Any], ecu: EcuConfig | None) -> Any:
+def _read(kind: Kind, raw: str, key: str) -> Any:
     if kind is Kind.DIDS:
         if raw.lstrip().startswith("["):
             return _json(raw, f"params.{key}")
@@ -140,8 +144,6 @@ def _read(kind: Kind, raw: str, key: str, params: dict[str, Any], ecu: EcuConfig
         return int(raw) if _DECIMAL.fullmatch(raw) else raw
     if kind is Kind.BOOLEAN:
         return {"true": True, "false": False}.get(raw.lower(), raw)
-    if kind is Kind.VALUE:
-        return _did_value(raw, params.get("data"), ecu)
     return raw
 
 
@@ -155,7 +157,9 @@ def _did_value(raw: str, did: Any, ecu: EcuConfig | None) -> Any:
                 spec = ecu.did_by_id(int(did, 16))
             except ValueError:
                 spec = None
-    codec = spec.codec if spec is not None else None
+    if spec is None:
+        return raw
+    codec = spec.codec
     if codec in ("unsigned", "signed"):
         if _DECIMAL.fullmatch(raw):
             return int(raw)
@@ -164,6 +168,6 @@ def _did_value(raw: str, did: Any, ecu: EcuConfig | None) -> Any:
         except ValueError:
             return raw
         return number if math.isfinite(number) else raw
-    if codec == "enum" and _DECIMAL.fullmatch(raw) and raw not in {label for _, label in spec.enum}:  # type: ignore[union-attr]
+    if codec == "enum" and _DECIMAL.fullmatch(raw) and raw not in {label for _, label in spec.enum}:
         return int(raw)
     return raw
