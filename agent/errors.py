@@ -13,8 +13,11 @@ class ConfigError(AgentError, ValueError):
     def __init__(self, source: str, problems: list[tuple[str, str]]) -> None:
         self.source = source
         self.problems = list(problems)
-        lines = "\n".join(f"  {path}: {message}" if path else f"  {message}" for path, message in problems)
-        super().__init__(f"{source}: {len(problems)} problem(s)\n{lines}")
+        shown = [f"{path}: {message}" if path else message for path, message in problems]
+        if len(shown) == 1:  # one problem, one line
+            super().__init__(f"{source}: {shown[0]}")
+        else:
+            super().__init__(f"{source}: {len(shown)} problems\n" + "\n".join(f"  {line}" for line in shown))
 
 
 class BusDownError(AgentError, ConnectionError):

@@ -121,7 +121,7 @@ def test_every_subcommand_help_has_an_example_and_exit_codes(module, capsys):
         build_parser().parse_args([name, "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    assert "example:" in text and f"sovd-edge {name}" in text and "78" in text
+    assert "example:" in text and f"sovd-edge {name}" in text and "exit codes:" in text
 
 
 def test_version():

@@ -186,7 +186,7 @@ def test_doctor_cli(tmp_path, broker):
 
 @pytest.mark.slow
 @needs_root
-@pytest.mark.skipif(shutil.which("debootstrap") is None, reason="debootstrap is not installed (hw/dev-setup)")
+@pytest.mark.skipif(shutil.which("debootstrap") is None, reason="debootstrap is not installed (hw/dev-setup --tests)")
 def test_install_in_a_clean_debian_12_chroot(tmp_path_factory):
     """The installer inside a fresh Debian 12 made by debootstrap: apt, user, venv, unit; then the tool runs."""
     root = tmp_path_factory.mktemp("bookworm")

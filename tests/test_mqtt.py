@@ -218,12 +218,17 @@ def test_large_result_is_chunked_and_reassembles(mqtt_vehicle, sim, backend):
 
 def test_clean_stop_publishes_offline(mqtt_vehicle, sim, backend):
     from agent.system.service import Service
+    from agent.wire.timefmt import parse_rfc3339
 
     svc = Service(mqtt_vehicle)
     svc.start()
-    backend.wait_status("online", 10)
+    online = backend.wait_status("online", 10).json()
+    before = time.time()
     svc.stop()
-    backend.wait_status("offline", 10)
+    offline = backend.wait_status("offline", 10).json()
+    # `since` of a clean stop is when the agent went offline, not when it started (ms resolution)
+    assert parse_rfc3339(online["since"]) == pytest.approx(svc.started_at, abs=0.001)
+    assert before - 0.001 <= parse_rfc3339(offline["since"]) <= time.time()
 
 
 def test_mqtt_3_1_1_with_reply_to(mqtt_vehicle, sim):

@@ -142,10 +142,12 @@ def test_last_will_on_sigkill(setup, broker, backends):
     agent, vehicle, _ = setup
     agent.start()
     backend = backends(broker, vehicle)
-    backend.wait_status("online", 10)
+    online = backend.wait_status("online", 10)
     agent.kill()
     offline = backend.wait_status("offline", 15)
     assert offline.json()["vehicle"] == vehicle
+    # The Will was registered before the agent went online: it carries the start time (docs/protocol.md)
+    assert offline.json()["since"] == online.json()["since"]
 
 
 def test_call_cli_round_trip_and_status(setup, broker):

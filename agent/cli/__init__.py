@@ -4,21 +4,28 @@ May import: every layer, dev tools included; it is where simulated ECUs are wire
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
+import traceback
 
 from agent import __version__
-from agent.cli import call, check_config, demo, discover, doctor, import_odx, run, simulate, uds
-from agent.cli.common import EXIT_CODES
+from agent.cli import call, check_config, commands, demo, discover, doctor, import_odx, run, simulate, uds
+from agent.cli.common import EXIT_CODES, EXIT_SOFTWARE, fail
 
-SUBCOMMANDS = (run, call, uds, demo, simulate, check_config, doctor, discover, import_odx)
+log = logging.getLogger("agent.cli")
+SUBCOMMANDS = (run, call, uds, commands, demo, simulate, check_config, doctor, discover, import_odx)
+
+
+_EXIT_CODES = "exit codes (each subcommand's --help lists its own and what they mean there):\n" + "\n".join(
+    f"  {code:<3} {meaning}" + (f" ({name})" if name else "") for code, (name, meaning) in EXIT_CODES.items())
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sovd-edge",
         description="SOVD edge agent: diagnostic commands from MQTT, run as UDS over ISO-TP on CAN.",
-        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"sovd-edge {__version__}")
     sub = parser.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
@@ -30,7 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `sovd-edge uds ... | head` ends quietly
     args = build_parser().parse_args(argv)
-    return int(args.handler(args))
+    try:
+        return int(args.handler(args))
+    except Exception as err:  # a bug: say so and exit 70, not Python's 1 (which means "did not complete")
+        if hasattr(args, "log_format"):  # a subcommand that logs (run: JSON lines for journald)
+            log.exception("internal error: %s: %s", type(err).__name__, err)
+        else:
+            traceback.print_exc()
+            fail(args, f"internal error (a bug): {type(err).__name__}: {err}")
+        return EXIT_SOFTWARE
 
 
 if __name__ == "__main__":

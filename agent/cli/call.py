@@ -4,108 +4,152 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import time
 import uuid
 from typing import Any
 
-from agent.cli.common import (
-    EXIT_CONFIG,
-    EXIT_NOT_COMPLETED,
-    EXIT_OK,
-    EXIT_USAGE,
-    add_subcommand,
-    broker_override,
-    load_or_report,
-    parse_params,
-)
-from agent.config.model import ALL_COMMANDS
-from agent.fleet.caller import Caller
+from agent.cli import common as c
+from agent.cli.commands import summary
+from agent.config.model import ALL_COMMANDS, AgentConfig
+from agent.fleet.caller import BrokerUnreachableError, Caller, Seen
 from agent.fleet.topics import is_publishable
+from agent.wire.catalog import params_from_words
+from agent.wire.timefmt import format_rfc3339
 
-EXIT_TEMPFAIL = 75  # no final response in time / broker unreachable
+MAX_EXPIRY_S = 2**32 - 1  # MQTT 5's Message Expiry Interval is a four-byte integer
+EXITS = {
+    **c.ALWAYS,
+    c.EXIT_OK: "the command completed (--status: the vehicle is online)",
+    c.EXIT_NOT_COMPLETED: "failed, timeout, rejected or expired (--status: the vehicle is offline)",
+    c.EXIT_USAGE: "unknown or missing arguments, or params that cannot be read",
+    c.EXIT_UNAVAILABLE: "the broker cannot be reached",
+    c.EXIT_TEMPFAIL: "no final response within --wait (the message says whether the command stays queued), "
+                     "or (--status) no status for the vehicle",
+    c.EXIT_CONFIG: c.CONFIG_EXIT,
+}
 
 
 def add_parser(sub: Any) -> None:
-    p = add_subcommand(sub, "call", "Send a command to a vehicle over MQTT and print its responses as they arrive.",
-                       "sovd-edge call -c config/demo.yaml --broker mqtt://127.0.0.1:1883 engine read_data data=vin")
-    p.add_argument("-c", "--config", required=True, help="config with the broker, prefix and TLS settings")
+    p = c.add_subcommand(sub, "call", "Send a command to a vehicle over MQTT and print its responses as they arrive.",
+                         "sovd-edge call -c config/demo.yaml --broker mqtt://127.0.0.1:1883 engine read_data data=vin",
+                         EXITS, c.with_agent_config(handle), epilog=summary())
+    c.add_config_flag(p, "config with the broker, prefix and TLS settings (and the components' DIDs)")
     p.add_argument("--vehicle", help="vehicle id (default: the config's)")
-    p.add_argument("--broker", help="mqtt://HOST:PORT or mqtts://HOST:PORT, overriding the config")
+    c.add_broker_flag(p)
     p.add_argument("--id", help="command id (default: a new uuid)")
-    p.add_argument("--timeout-ms", type=int, help="the command's whole-command deadline")
+    p.add_argument("--timeout-ms", type=int, help="the command's whole-command deadline once it runs")
     p.add_argument("--expires-at", help="RFC 3339 instant after which the command must not start")
     p.add_argument("--reply-topic", metavar="TOPIC",
                    help="receive the responses on TOPIC (MQTT 5 Response Topic, or `reply_to` on 3.1.1) instead of "
                         "responses/{id}; only the final response comes there unless --progress")
     p.add_argument("--progress", action="store_true",
                    help="ask for the non-final `accepted` on the --reply-topic too (the default topic always gets it)")
+    p.add_argument("--expires-in", type=float, metavar="SECONDS",
+                   help="the command must not start later than this from now (sets expires_at and, on MQTT 5, "
+                        "the message expiry, so that a broker drops it for an agent that stays offline)")
     p.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the final response")
     p.add_argument("--status", action="store_true", help="print the vehicle's retained status and exit")
     p.add_argument("component", nargs="?", help="component (ECU) name")
     p.add_argument("command", nargs="?", choices=ALL_COMMANDS, metavar="COMMAND", help=", ".join(ALL_COMMANDS))
-    p.add_argument("params", nargs="*", help="params as key=value or one JSON object")
-    p.set_defaults(handler=handle)
+    p.add_argument("params", nargs="*", help="key=value words, key:=JSON, or one JSON object (below)")
 
 
-def handle(args: argparse.Namespace) -> int:
-    config = load_or_report(args.config)
-    config = broker_override(config, args.broker) if config else None
-    if config is None:
-        return EXIT_CONFIG
-    vehicle = args.vehicle or config.vehicle
-    try:
-        with Caller(config.mqtt, vehicle) as caller:
-            return _status(caller, args) if args.status else _call(caller, args)
-    except (OSError, TimeoutError) as err:
-        print(f"sovd-edge call: {err}", file=sys.stderr)
-        return EXIT_TEMPFAIL
-
-
-def _status(caller: Caller, args: argparse.Namespace) -> int:
-    caller.subscribe(caller.topics.status)
-    try:
-        seen = caller.wait_for(lambda s: s.topic == caller.topics.status, min(args.wait, 5.0))[0]
-    except TimeoutError:
-        print(f"no status for vehicle on {caller.topics.status}", file=sys.stderr)
-        return EXIT_TEMPFAIL
-    status = seen.json()
-    print(json.dumps(status))
-    return EXIT_OK if status.get("state") == "online" else EXIT_NOT_COMPLETED
-
-
-def _call(caller: Caller, args: argparse.Namespace) -> int:
-    if not args.component or not args.command:
-        print("sovd-edge call: give COMPONENT and COMMAND (or --status)", file=sys.stderr)
-        return EXIT_USAGE
-    try:
-        params = parse_params(args.params)
-    except ValueError as err:
-        print(f"sovd-edge call: {err}", file=sys.stderr)
-        return EXIT_USAGE
+def handle(args: argparse.Namespace, config: AgentConfig) -> int:
+    if not args.status and (not args.component or not args.command):
+        c.fail(args, "give COMPONENT and COMMAND (or --status)")
+        return c.EXIT_USAGE
     if args.reply_topic is not None and not is_publishable(args.reply_topic):
-        print(f"sovd-edge call: --reply-topic {args.reply_topic!r} is not a topic one can publish to "
-              "(empty, or has + # or NUL)", file=sys.stderr)
-        return EXIT_USAGE
-    command_id = args.id or str(uuid.uuid4())
-    body: dict[str, Any] = {"id": command_id, "component": args.component, "command": args.command}
+        c.fail(args, f"--reply-topic {args.reply_topic!r} is not a topic one can publish to (empty, or has + # or NUL)")
+        return c.EXIT_USAGE
+    body: dict[str, Any] | None = None
+    if not args.status:
+        try:
+            body = _body(args, config.ecu(args.component))
+        except ValueError as err:
+            c.fail(args, str(err))
+            return c.EXIT_USAGE
+    try:
+        with Caller(config.mqtt, args.vehicle or config.vehicle) as caller:
+            caller.subscribe(caller.topics.status)
+            return _call(caller, args, body) if body is not None else _status(caller, args)
+    except BrokerUnreachableError as err:
+        c.fail(args, str(err))
+        return c.EXIT_UNAVAILABLE
+    except (OSError, RuntimeError) as err:  # connected, then the broker stopped answering (paho raises these)
+        c.fail(args, f"the broker {config.mqtt.broker} stopped answering: {err}")
+        return c.EXIT_UNAVAILABLE
+
+
+def _body(args: argparse.Namespace, ecu: Any) -> dict[str, Any]:
+    params = params_from_words(args.command, args.params, ecu)
+    body: dict[str, Any] = {"id": args.id or str(uuid.uuid4()), "component": args.component, "command": args.command}
     if params:
         body["params"] = params
     if args.timeout_ms:
         body["timeout_ms"] = args.timeout_ms
+    if args.expires_in is not None:
+        if not 0 < args.expires_in <= MAX_EXPIRY_S:  # also refuses nan
+            raise ValueError(f"--expires-in: give seconds, more than 0 and at most {MAX_EXPIRY_S}")
+        body["expires_at"] = format_rfc3339(time.time() + args.expires_in)
     if args.expires_at:
         body["expires_at"] = args.expires_at
     if args.progress:
         body["progress"] = True
-    topic = caller.request(body, args.reply_topic)
+    return body
+
+
+def _latest_status(caller: Caller, wait: float) -> dict[str, Any] | None:
+    """The vehicle's status (the broker sends the retained one on subscribe), or None if it has none."""
+    try:
+        caller.wait_for(lambda s: s.topic == caller.topics.status, wait)
+    except TimeoutError:
+        return None
+    seen: list[Seen] = [s for s in caller.seen if s.topic == caller.topics.status]
+    try:
+        status = seen[-1].json()
+    except ValueError:
+        return None
+    return status if isinstance(status, dict) else None
+
+
+def _status(caller: Caller, args: argparse.Namespace) -> int:
+    status = _latest_status(caller, min(args.wait, 5.0))
+    if status is None:
+        c.fail(args, f"no status for the vehicle on {caller.topics.status} (wrong --vehicle or prefix?)")
+        return c.EXIT_TEMPFAIL
+    print(json.dumps(status))
+    return c.EXIT_OK if status.get("state") == "online" else c.EXIT_NOT_COMPLETED
+
+
+def _call(caller: Caller, args: argparse.Namespace, body: dict[str, Any]) -> int:
+    command_id = body["id"]
+    expiry = max(1, round(args.expires_in)) if args.expires_in is not None else None
+    topic = caller.request(body, args.reply_topic, expiry_s=expiry)
     printed = 0
     while True:
         try:
             message = caller.wait_replies(command_id, printed + 1, args.wait, topic)[printed]
         except TimeoutError:
-            print(f"sovd-edge call: no final response for {command_id} on {topic} within {args.wait:.0f} s",
-                  file=sys.stderr)
-            return EXIT_TEMPFAIL
+            c.fail(args, _no_final(caller, body, args.wait, printed))
+            return c.EXIT_TEMPFAIL
         printed += 1
         print(json.dumps(message), flush=True)
         if message.get("final"):
-            return EXIT_OK if message.get("status") == "completed" else EXIT_NOT_COMPLETED
+            return c.EXIT_OK if message.get("status") == "completed" else c.EXIT_NOT_COMPLETED
+
+
+def _no_final(caller: Caller, body: dict[str, Any], wait: float, answered: int) -> str:
+    """Why no final response came, and what happens to the command now, in one line."""
+    head = f"no final response for {body['id']} within {wait:g} s"
+    later = (f"it expires at {body['expires_at']}" if "expires_at" in body else
+             "to keep it from running late, send it with --expires-in SECONDS (or --expires-at)")
+    if answered:
+        return f"{head}; the agent accepted it and will still answer (a longer --wait?)"
+    status = _latest_status(caller, 0.5)
+    if status is None:
+        return (f"{head}; no agent has published a status on {caller.topics.status} (wrong --vehicle or "
+                f"prefix?); unless the broker already holds a session of that agent, nobody receives it")
+    if status.get("state") != "online":
+        return (f"{head}; the agent is offline (status since {status.get('since')}): the broker keeps the "
+                f"command queued and the agent runs it when it reconnects; {later}")
+    return f"{head}; the agent is online but did not answer yet; it may still run the command; {later}"

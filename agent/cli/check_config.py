@@ -5,21 +5,20 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from agent.cli.common import EXIT_CONFIG, EXIT_OK, add_subcommand, load_or_report
+from agent.cli import common as c
+from agent.config.model import AgentConfig
+
+EXITS = {**c.ALWAYS, c.EXIT_OK: "the file is valid", c.EXIT_CONFIG: c.CONFIG_EXIT}
 
 
 def add_parser(sub: Any) -> None:
-    p = add_subcommand(sub, "check-config", "Validate an agent config file; every error is listed with its path.",
-                       "sovd-edge check-config -c /etc/sovd-edge/agent.yaml")
-    p.add_argument("-c", "--config", required=True, help="agent config (YAML)")
-    p.set_defaults(handler=handle)
+    p = c.add_subcommand(sub, "check-config", "Validate an agent config file; every error is listed with its path.",
+                         "sovd-edge check-config -c /etc/sovd-edge/agent.yaml", EXITS, c.with_agent_config(handle))
+    c.add_config_flag(p)
 
 
-def handle(args: argparse.Namespace) -> int:
-    config = load_or_report(args.config)
-    if config is None:
-        return EXIT_CONFIG
+def handle(args: argparse.Namespace, config: AgentConfig) -> int:
     names = ", ".join(e.name for e in config.ecus)
     print(f"{args.config}: OK (vehicle {config.vehicle}, bus {config.bus.interface}:{config.bus.channel}, "
           f"{len(config.ecus)} ECUs: {names})")
-    return EXIT_OK
+    return c.EXIT_OK

@@ -12,63 +12,82 @@ import sys
 import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.cli.common import (
-    EXIT_CONFIG,
-    EXIT_NOT_COMPLETED,
-    EXIT_OK,
-    EXIT_UNAVAILABLE,
-    add_logging_flags,
-    add_subcommand,
-    configure_logging,
-    load_or_report,
-)
+from agent.cli import common as c
+from agent.config.model import AgentConfig
 from agent.devtools.local_broker import BrokerUnavailableError, LocalBroker, free_port
 from agent.devtools.sim.simulator import simulators_for
 from agent.system.local import BusUnavailableError, LocalSession
 from agent.wire.command import Status
 from agent.wire.messages import response_message
 
-STEPS: list[tuple[str, str, dict[str, Any]]] = [
-    ("engine", "read_data", {"data": ["vin", "engine_speed", "coolant_temperature"]}),
-    ("engine", "read_faults", {"snapshots": True}),
-    ("engine", "set_session", {"session": "extended"}),
-    ("engine", "security_access", {"level": 1}),
-    ("engine", "write_data", {"data": "idle_mode", "value": "high"}),
-    ("abs", "read_data", {"data": ["vin", "wheel_speeds"]}),
-    ("abs", "clear_faults", {}),  # not allowed for abs by the config's policy: rejected
-    ("adas", "read_data", {"data": "calibration"}),
-]
+
+@dataclass(frozen=True)
+class Step:
+    component: str
+    command: str
+    params: dict[str, Any]
+    expect: Status = Status.COMPLETED
+    relies_on: str = ""  # ECU state an earlier step left behind, said next to the step in the transcript
+
+
+_EXTENDED = "the extended session that set_session opened above"
+STEPS = (
+    Step("engine", "read_data", {"data": ["vin", "engine_speed", "coolant_temperature"]}),
+    Step("engine", "read_faults", {"snapshots": True}),
+    Step("engine", "set_session", {"session": "extended"}),
+    Step("engine", "security_access", {"level": 1}, relies_on=_EXTENDED),
+    Step("engine", "write_data", {"data": "idle_mode", "value": "high"}, relies_on=_EXTENDED),
+    Step("abs", "read_data", {"data": ["vin", "wheel_speeds"]}),
+    Step("abs", "clear_faults", {}, expect=Status.REJECTED),  # not allowed for abs by the config's policy
+    Step("adas", "read_data", {"data": "calibration"}),
+)
+
+EXITS = {
+    **c.ALWAYS,
+    c.EXIT_OK: "every step answered as expected",
+    c.EXIT_NOT_COMPLETED: "a step did not answer as expected (the transcript shows which)",
+    c.EXIT_UNAVAILABLE: "Mosquitto is missing, the agent did not connect, or (--local) the CAN bus did not open",
+    c.EXIT_CONFIG: c.CONFIG_EXIT + ", or a config without the demo's simulated ECUs",
+}
 
 
 def add_parser(sub: Any) -> None:
-    p = add_subcommand(sub, "demo", "Show the agent at work on the simulated demo vehicle, over a local MQTT broker.",
-                       "sovd-edge demo -c config/demo.yaml")
-    p.add_argument("-c", "--config", default="config/demo.yaml", help="agent config with simulated ECUs")
+    p = c.add_subcommand(sub, "demo", "Show the agent at work on the simulated demo vehicle, over a local MQTT broker.",
+                         "sovd-edge demo -c config/demo.yaml", EXITS, c.with_agent_config(handle))
+    c.add_config_flag(p, "agent config with simulated ECUs", default="config/demo.yaml")
     p.add_argument("--local", action="store_true", help="no broker: run the commands in-process instead")
-    add_logging_flags(p)
-    p.set_defaults(handler=handle)
+    c.add_logging_flags(p, "WARNING")
 
 
-def handle(args: argparse.Namespace) -> int:
-    config = load_or_report(args.config)
-    if config is None:
-        return EXIT_CONFIG
-    configure_logging(args, "WARNING")
+def handle(args: argparse.Namespace, config: AgentConfig) -> int:
+    unfit = _unfit(config)
+    if unfit:
+        c.fail(args, f"{args.config} {unfit}; the demo needs config/demo.yaml or a copy of it")
+        return c.EXIT_CONFIG
     if args.local:
         return _local(args, config)
     with tempfile.TemporaryDirectory(prefix="sovd-demo-") as tmp:
         try:
             broker = LocalBroker(Path(tmp) / "broker").start()
         except BrokerUnavailableError as err:
-            print(f"sovd-edge demo: {err}. Run hw/dev-setup, or use --local.", file=sys.stderr)
-            return EXIT_UNAVAILABLE
+            c.fail(args, f"{err}. Run hw/dev-setup, or use --local.")
+            return c.EXIT_UNAVAILABLE
         try:
             return _over_mqtt(args, broker, Path(tmp))
         finally:
             broker.stop()
+
+
+def _unfit(config: AgentConfig) -> str:
+    """Why the demo's steps cannot run on this config ("" when they can)."""
+    if not config.simulate:
+        return "runs no simulated ECUs (no simulate: list)"
+    missing = sorted({step.component for step in STEPS} - {ecu.name for ecu in config.ecus})
+    return f"has no component {', '.join(missing)}" if missing else ""
 
 
 def _over_mqtt(args: argparse.Namespace, broker: LocalBroker, tmp: Path) -> int:
@@ -80,24 +99,28 @@ def _over_mqtt(args: argparse.Namespace, broker: LocalBroker, tmp: Path) -> int:
     agent = subprocess.Popen([*me, "run", "-c", args.config, "--broker", broker.url, "--state-dir", str(tmp / "state"),
                               "--metrics-listen", f"127.0.0.1:{metrics_port}", "--log-format", "json"],
                              stdout=subprocess.DEVNULL, stderr=log.open("wb"))
+    call = [*me, "call", "-c", args.config, "--broker", broker.url]
     try:
         if not _wait_for(log, "connected to broker", 20):
-            print(f"sovd-edge demo: the agent did not connect:\n{log.read_text()[-3000:]}", file=sys.stderr)
-            return EXIT_UNAVAILABLE
-        call = [*me, "call", "-c", args.config, "--broker", broker.url]
-        failures = _show([*call, "--status"], "sovd-edge call --status")
-        for component, command, params in STEPS:
-            shown = " ".join(shlex.quote(arg) for arg in _param_args(params))
-            words = [component, command] + ([shown] if shown else [])
-            rc = _show([*call, component, command, *_param_args(params)], "sovd-edge call " + " ".join(words))
-            failures += 0 if rc in (0, 1) else 1
+            last = log.read_text().strip().splitlines()[-1:] or ["(no log)"]
+            c.fail(args, f"the agent did not connect to {broker.url}; its last log line: {last[0]}")
+            return c.EXIT_UNAVAILABLE
+        print(f"# `sovd-edge call` below stands for: sovd-edge call -c {args.config} --broker {broker.url}\n")
+        failures = 0 if _show([*call, "--status"], "sovd-edge call --status") == c.EXIT_OK else 1
+        for step in STEPS:
+            if step.relies_on:
+                print(f"# relies on {step.relies_on}: the agent keeps a component's session between commands")
+            words = _param_args(step.params)
+            shown = " ".join([step.component, step.command, *(shlex.quote(w) for w in words)])
+            rc = _show([*call, step.component, step.command, *words], f"sovd-edge call {shown}")
+            failures += rc != (c.EXIT_OK if step.expect is Status.COMPLETED else c.EXIT_NOT_COMPLETED)
         _show_metrics(metrics_port)
     finally:
         agent.send_signal(signal.SIGTERM)
         agent.wait(15)
-    print("$ kill -TERM <agent>   # a clean stop publishes the retained offline status")
+    print("$ kill -TERM <agent>   # a clean stop publishes the retained offline status, since the time it stopped")
     _show([*call, "--status"], "sovd-edge call --status")
-    return EXIT_OK if failures == 0 else EXIT_NOT_COMPLETED
+    return c.EXIT_OK if failures == 0 else c.EXIT_NOT_COMPLETED
 
 
 def _show_metrics(port: int) -> None:
@@ -112,8 +135,15 @@ def _show_metrics(port: int) -> None:
 
 
 def _param_args(params: dict[str, Any]) -> list[str]:
-    """`key=value` arguments as `sovd-edge call`/`uds` take them (strings bare, the rest as JSON)."""
-    return [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in params.items()]
+    """`key=value` words as `sovd-edge call`/`uds` take them: text as is, several DIDs as a,b, else JSON."""
+    def word(value: Any) -> str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return ",".join(value)
+        return json.dumps(value)
+
+    return [f"{key}={word(value)}" for key, value in params.items()]
 
 
 def _show(argv: list[str], shown: str) -> int:
@@ -143,20 +173,23 @@ def _wait_for(log: Path, text: str, timeout: float) -> bool:
     return False
 
 
-def _local(args: argparse.Namespace, config: Any) -> int:
+def _local(args: argparse.Namespace, config: AgentConfig) -> int:
     failures = 0
     try:
         with LocalSession(config, companions=simulators_for(config)) as session:
-            for component, command, params in STEPS:
-                result = session.run(component, command, params)
-                shown = " ".join(shlex.quote(arg) for arg in _param_args(params))
-                print(f"$ sovd-edge uds -c {args.config} {component} {command} {shown}".rstrip())
+            for step in STEPS:
+                result = session.run(step.component, step.command, step.params)
+                if step.relies_on:
+                    print(f"# relies on {step.relies_on}, in this demo's one session; typed alone, "
+                          f"`sovd-edge uds` starts in the default session, where the ECU refuses it (NRC 0x7F)")
+                shown = " ".join(shlex.quote(word) for word in _param_args(step.params))
+                print(f"$ sovd-edge uds -c {args.config} {step.component} {step.command} {shown}".rstrip())
                 print(json.dumps(_brief(response_message(result, seq=1)), indent=2), end="\n\n")
-                failures += 0 if result.status in (Status.COMPLETED, Status.REJECTED) else 1
+                failures += result.status is not step.expect
     except BusUnavailableError as err:
-        print(f"sovd-edge demo: CAN bus unavailable: {err}", file=sys.stderr)
-        return EXIT_UNAVAILABLE
-    return EXIT_OK if failures == 0 else EXIT_NOT_COMPLETED
+        c.fail(args, f"CAN bus unavailable: {err}")
+        return c.EXIT_UNAVAILABLE
+    return c.EXIT_OK if failures == 0 else c.EXIT_NOT_COMPLETED
 
 
 def _brief(message: Any) -> Any:

@@ -11,15 +11,18 @@ from typing import Any
 import can
 
 from agent.cli.common import (
+    ALWAYS,
+    CONFIG_EXIT,
     EXIT_CONFIG,
     EXIT_NOT_COMPLETED,
     EXIT_OK,
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
-    Formatter,
     add_logging_flags,
+    add_subcommand,
+    agent_config,
     configure_logging,
-    load_or_report,
+    fail,
 )
 from agent.config.model import BusConfig
 from agent.discover.report import as_json, render_yaml
@@ -35,15 +38,21 @@ session change or a clear; the tool refuses to send anything else. Some ECUs dis
 engine off. A scan skips every id the listening phase heard talking."""
 
 
+EXITS = {
+    **ALWAYS,
+    EXIT_OK: "ECUs found; their config is on stdout",
+    EXIT_NOT_COMPLETED: "the bus was usable but no ECU answered",
+    EXIT_UNAVAILABLE: "the bus could not be opened",
+    EXIT_CONFIG: CONFIG_EXIT,
+}
+
+
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser(
-        "discover", help="Find the ECUs on a CAN bus and print an ecus: config for them.",
-        description="Listen to the bus, ask OBD-II ECUs to answer (0x7DF and 0x18DB33F1), optionally scan "
-                    "for UDS ECUs (--scan), read their identification DIDs, and print a commented config "
-                    "that check-config accepts (or JSON).",
-        epilog=f"{SAFETY}\n\nexample:\n  sovd-edge discover --interface socketcan --channel can0 --scan "
-               "> discovered.yaml\n\nexit codes: 0 ECUs found, 1 none found, 2 usage, 69 bus unavailable, "
-               "78 invalid config", formatter_class=Formatter)
+    p = add_subcommand(
+        sub, "discover", "Find the ECUs on a CAN bus and print an ecus: config for them (listen, ask OBD-II ECUs "
+        "on 0x7DF and 0x18DB33F1, optionally --scan for UDS ECUs, read their identification DIDs).",
+        "sovd-edge discover --interface socketcan --channel can0 --scan > discovered.yaml", EXITS, handle,
+        epilog=SAFETY)
     p.add_argument("-c", "--config", help="take the bus (interface, channel, bitrate) from this agent config")
     p.add_argument("--interface", help="python-can interface, e.g. socketcan")
     p.add_argument("--channel", help="channel, e.g. can0")
@@ -62,8 +71,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--p2-ms", type=int, default=500, help="wait for each identification answer (default 500)")
     p.add_argument("--padding", type=_byte, default=0xCC, help="pad request frames with this byte (default 0xCC)")
     p.add_argument("--json", action="store_true", help="print everything found as JSON instead of YAML")
-    add_logging_flags(p)
-    p.set_defaults(handler=handle)
+    add_logging_flags(p, "WARNING")
 
 
 def _byte(text: str) -> int:
@@ -90,14 +98,14 @@ def _range(text: str) -> tuple[int, ...]:
 def _bus(args: argparse.Namespace) -> BusConfig | int:
     base = None
     if args.config:
-        config = load_or_report(args.config)
+        config = agent_config(args)
         if config is None:
             return EXIT_CONFIG
         base = config.bus
     interface = args.interface or (base.interface if base else None)
     channel = args.channel or (base.channel if base else None)
     if not interface or not channel:
-        print("sovd-edge discover: give -c CONFIG or --interface and --channel", file=sys.stderr)
+        fail(args, "give -c CONFIG or --interface and --channel")
         return EXIT_USAGE
     return BusConfig(interface=interface, channel=channel,
                      bitrate=args.bitrate or (base.bitrate if base else 500_000),
@@ -114,7 +122,8 @@ def handle(args: argparse.Namespace) -> int:
     bus = _bus(args)
     if isinstance(bus, int):
         return bus
-    configure_logging(args, "WARNING")
+    if not args.config:
+        configure_logging(args, "WARNING")
     scan_29 = tuple(t for t in args.scan_29bit if t in SCAN_29BIT) if args.scan_29bit else SCAN_29BIT
     options = Options(listen_s=max(args.listen, 0.0), obd=not args.no_obd, obd_wait_s=args.obd_wait_ms / 1000,
                       scan=args.scan, scan_11bit=args.scan_11bit or SCAN_11BIT, scan_29bit=scan_29,
@@ -131,7 +140,7 @@ def handle(args: argparse.Namespace) -> int:
         with BusTap(bus) as tap:
             report = discover(tap, options, progress, when)
     except (can.CanError, OSError, ValueError, ImportError, NotImplementedError, BusDownError) as err:
-        print(f"sovd-edge discover: cannot use the bus {bus.interface}:{bus.channel}: {err}", file=sys.stderr)
+        fail(args, f"cannot use the bus {bus.interface}:{bus.channel}: {err}")
         return EXIT_UNAVAILABLE
     if args.json:
         print(json.dumps(as_json(report), indent=2))

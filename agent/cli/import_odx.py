@@ -7,20 +7,25 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from agent.cli.common import EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, add_subcommand
+from agent.cli.common import ALWAYS, EXIT_DATAERR, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, add_subcommand
 
-EXIT_DATAERR = 65  # EX_DATAERR: the file is not a readable PDX
+EXITS = {
+    **ALWAYS,
+    EXIT_OK: "the ecus: entries are on stdout",
+    EXIT_USAGE: "no such ECU layer in the file (the message lists them)",
+    EXIT_DATAERR: "the file is not a readable PDX",
+    EXIT_UNAVAILABLE: "odxtools is not installed (pip install 'sovd-edge-agent[odx]')",
+}
 
 
 def add_parser(sub: Any) -> None:
     p = add_subcommand(sub, "import-odx", "Print ecus: config entries (DIDs, routines, DTC texts, CAN ids) "
                        "from an ODX database. Needs the odx extra: pip install 'sovd-edge-agent[odx]'.",
-                       "sovd-edge import-odx vehicle.pdx --ecu engine_variant_a > ecus.yaml")
+                       "sovd-edge import-odx vehicle.pdx --ecu engine_variant_a > ecus.yaml", EXITS, handle)
     p.add_argument("pdx", type=Path, help="the PDX file (ODX in a zip)")
     p.add_argument("--ecu", action="append", metavar="NAME",
                    help="ODX layer to import (a base or ECU variant; repeatable); default: each base variant, "
                         "or its only ECU variant")
-    p.set_defaults(handler=handle)
 
 
 def handle(args: argparse.Namespace) -> int:

@@ -9,16 +9,7 @@ from typing import Any
 import can
 
 from agent.bus.owner import wait_until
-from agent.cli.common import (
-    EXIT_CONFIG,
-    EXIT_OK,
-    EXIT_UNAVAILABLE,
-    EXIT_USAGE,
-    add_logging_flags,
-    add_subcommand,
-    configure_logging,
-    stop_on_signals,
-)
+from agent.cli import common as c
 from agent.config.model import BusConfig
 from agent.config.parse import host_port
 from agent.config.reader import InvalidValueError
@@ -29,40 +20,48 @@ from agent.errors import ConfigError
 
 log = logging.getLogger("agent.devtools.sim")
 
+EXITS = {
+    **c.ALWAYS,
+    c.EXIT_OK: "stopped by SIGTERM/SIGINT",
+    c.EXIT_USAGE: "unknown or missing arguments, or no bus (--interface and --channel, or a bus in the file)",
+    c.EXIT_UNAVAILABLE: "the bus cannot be opened, or the hub cannot listen",
+    c.EXIT_CONFIG: "invalid simulator file (each problem with its path)",
+}
+
 
 def add_parser(sub: Any) -> None:
-    p = add_subcommand(sub, "simulate", "Run simulated ECUs on a CAN bus until stopped (SIGTERM/Ctrl-C).",
-                       "sovd-edge simulate -c config/sim/demo-vehicle.yaml --interface socketcan --channel vcan0")
-    p.add_argument("-c", "--config", required=True, help="simulator config (YAML)")
+    p = c.add_subcommand(sub, "simulate", "Run simulated ECUs on a CAN bus until stopped (SIGTERM/Ctrl-C).",
+                         "sovd-edge simulate -c config/sim/demo-vehicle.yaml --interface socketcan --channel vcan0",
+                         EXITS, handle)
+    c.add_config_flag(p, "simulator config (YAML)")
     p.add_argument("--interface", help="python-can interface (default: from the simulator config)")
     p.add_argument("--channel", help="channel, e.g. vcan0 (default: from the simulator config)")
     p.add_argument("--fd", action=argparse.BooleanOptionalAction, default=None, help="open the bus for CAN FD")
     p.add_argument("--hub", metavar="HOST:PORT",
                    help="also serve the bus over the socketcand protocol, for an agent in another process "
                         "(its config: interface socketcand, options {host, port}); virtual buses only")
-    add_logging_flags(p)
-    p.set_defaults(handler=handle)
+    c.add_logging_flags(p, "INFO")
 
 
 def handle(args: argparse.Namespace) -> int:
-    configure_logging(args, "INFO")
+    c.configure_logging(args, "INFO")
     try:
         config = load_sim_config(args.config)
     except ConfigError as err:
-        print(f"invalid simulator configuration: {err}")
-        return EXIT_CONFIG
+        c.fail(args, f"invalid simulator configuration: {err}")
+        return c.EXIT_CONFIG
     base = config.bus or BusConfig(interface="virtual", channel="sovd-demo", fd=True)
     interface, channel = args.interface or base.interface, args.channel or base.channel
     if not interface or not channel:
-        print("sovd-edge simulate: give --interface and --channel (or a bus in the config)")
-        return EXIT_USAGE
+        c.fail(args, "give --interface and --channel (or a bus in the config)")
+        return c.EXIT_USAGE
     bus = BusConfig(interface=interface, channel=channel, fd=base.fd if args.fd is None else args.fd)
-    stop = stop_on_signals()
+    stop = c.stop_on_signals()
     simulator = Simulator(config, bus=bus)
     if not simulator.start(wait=3.0) and not wait_until(lambda: simulator.owner.is_up, 2.0):
         log.error("cannot open the bus: %s", simulator.owner.last_error)
         simulator.stop()
-        return EXIT_UNAVAILABLE
+        return c.EXIT_UNAVAILABLE
     hub = None
     if args.hub:
         try:
@@ -71,7 +70,7 @@ def handle(args: argparse.Namespace) -> int:
         except (InvalidValueError, OSError) as err:
             log.error("cannot serve the hub on %s: %s", args.hub, err)
             simulator.stop()
-            return EXIT_UNAVAILABLE
+            return c.EXIT_UNAVAILABLE
         hub.start()
     log.info("simulating", extra={"ecus": list(simulator.ecus), "bus": f"{interface}:{channel}",
                                   "hub": f"{args.hub}" if hub else None})
@@ -81,4 +80,4 @@ def handle(args: argparse.Namespace) -> int:
     simulator.stop()
     executed = {name: ecu.server.total_executed for name, ecu in simulator.ecus.items()}
     log.info("simulator stopped", extra={"executed": executed})
-    return EXIT_OK
+    return c.EXIT_OK

@@ -3,64 +3,66 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from typing import Any
 
-from agent.cli.common import (
-    EXIT_CONFIG,
-    EXIT_NOT_COMPLETED,
-    EXIT_OK,
-    EXIT_UNAVAILABLE,
-    EXIT_USAGE,
-    add_logging_flags,
-    add_subcommand,
-    configure_logging,
-    load_or_report,
-    parse_params,
-    print_json,
-)
-from agent.config.model import ALL_COMMANDS
+from agent.cli import common as c
+from agent.cli.commands import summary
+from agent.config.model import ALL_COMMANDS, AgentConfig
 from agent.devtools.sim.simulator import simulators_for
-from agent.system.local import BusUnavailableError, LocalSession
+from agent.system.local import BusUnavailableError, LocalSession, validate
+from agent.wire.catalog import params_from_words
 from agent.wire.command import Status
 from agent.wire.messages import response_message
 from agent.wire.parse import InvalidCommandError, UnknownComponentError
 
+EXITS = {
+    **c.ALWAYS,
+    c.EXIT_OK: "the command completed",
+    c.EXIT_NOT_COMPLETED: "failed, timeout or rejected (the Response says why)",
+    c.EXIT_USAGE: "unknown or missing arguments, unreadable params, an unknown component, an invalid command",
+    c.EXIT_UNAVAILABLE: "the CAN bus could not be opened",
+    c.EXIT_CONFIG: c.CONFIG_EXIT,
+}
+
 
 def add_parser(sub: Any) -> None:
-    p = add_subcommand(
-        sub, "uds", "Run one diagnostic command on a component and print the result as JSON.",
-        "sovd-edge uds -c config/demo.yaml engine read_data data='[\"vin\",\"engine_speed\"]'",
-    )
-    p.add_argument("-c", "--config", required=True, help="agent config (YAML)")
+    p = c.add_subcommand(sub, "uds", "Run one diagnostic command on a component and print the result as JSON. "
+                         "Each run starts in the ECU's default session.",
+                         "sovd-edge uds -c config/demo.yaml engine read_data data=vin,engine_speed",
+                         EXITS, c.with_agent_config(handle), epilog=summary())
+    c.add_config_flag(p)
     p.add_argument("component", help="component (ECU) name from the config")
     p.add_argument("command", choices=ALL_COMMANDS, metavar="COMMAND", help=", ".join(ALL_COMMANDS))
-    p.add_argument("params", nargs="*",
-                   help="params as key=value (values parsed as JSON where possible) or one JSON object")
+    p.add_argument("params", nargs="*", help="key=value words, key:=JSON, or one JSON object (below)")
     p.add_argument("--timeout-ms", type=int, help="whole-command deadline")
-    add_logging_flags(p)
-    p.set_defaults(handler=handle)
+    c.add_logging_flags(p, "WARNING")
 
 
-def handle(args: argparse.Namespace) -> int:
-    config = load_or_report(args.config)
-    if config is None:
-        return EXIT_CONFIG
-    configure_logging(args, "WARNING")
+def handle(args: argparse.Namespace, config: AgentConfig) -> int:
     try:
-        params = parse_params(args.params)
-    except (ValueError, json.JSONDecodeError) as err:
-        print(f"sovd-edge uds: {err}", file=sys.stderr)
-        return EXIT_USAGE
+        params = params_from_words(args.command, args.params, config.ecu(args.component))
+    except ValueError as err:
+        c.fail(args, str(err))
+        return c.EXIT_USAGE
+    try:
+        validate(config, args.component, args.command, params, timeout_ms=args.timeout_ms)
+    except (InvalidCommandError, UnknownComponentError) as err:
+        c.fail(args, f"invalid command: {err}")
+        return c.EXIT_USAGE
     try:
         with LocalSession(config, companions=simulators_for(config)) as session:
             result = session.run(args.component, args.command, params, args.timeout_ms)
-    except (InvalidCommandError, UnknownComponentError) as err:
-        print(f"sovd-edge uds: invalid command: {err}", file=sys.stderr)
-        return EXIT_USAGE
     except BusUnavailableError as err:
-        print(f"sovd-edge uds: CAN bus unavailable: {err}", file=sys.stderr)
-        return EXIT_UNAVAILABLE
-    print_json(response_message(result, seq=1))
-    return EXIT_OK if result.status is Status.COMPLETED else EXIT_NOT_COMPLETED
+        c.fail(args, f"CAN bus unavailable: {err}{_hub_hint(config)}")
+        return c.EXIT_UNAVAILABLE
+    c.print_json(response_message(result, seq=1))
+    return c.EXIT_OK if result.status is Status.COMPLETED else c.EXIT_NOT_COMPLETED
+
+
+def _hub_hint(config: AgentConfig) -> str:
+    """For a socketcand bus (config/hub.yaml): how to start the hub it expects."""
+    if config.bus.interface != "socketcand":
+        return ""
+    options = dict(config.bus.options)
+    where = f"{options.get('host', 'HOST')}:{options.get('port', 'PORT')}"
+    return f"; is the hub running? sovd-edge simulate -c config/sim/demo-vehicle.yaml --hub {where}"

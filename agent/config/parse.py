@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from agent.config.reader import (
     Problems,
     boolean,
     choice,
+    describe,
     integer,
     join,
     number,
@@ -48,6 +50,10 @@ def load_config(path: str | Path) -> m.AgentConfig:
 
 def parse_config(data: Any, source: Path | None = None) -> m.AgentConfig:
     problems = Problems()
+    if not isinstance(data, Mapping):  # an empty file, a list, a scalar: say so, then what is required
+        empty = data is None
+        problems.add("(top level)", "the file is empty" if empty else f"expected a mapping, got {describe(data)}")
+        data = {}
     root = Node(data, "", problems)
     base = source.parent if source else Path.cwd()
     vehicle = root.get("vehicle", VEHICLE)

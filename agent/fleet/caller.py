@@ -34,6 +34,10 @@ class Seen:
         return json.loads(self.payload)
 
 
+class BrokerUnreachableError(ConnectionError):
+    """The broker cannot be reached, or it did not accept the connection in time."""
+
+
 class Caller:
     """An MQTT client that records everything it is subscribed to.
 
@@ -47,6 +51,7 @@ class Caller:
         self.topics = Topics(config.prefix, vehicle)
         self._v5 = config.protocol == "5"
         self._host, self._port, tls = config.host_port_tls
+        self._broker = config.broker
         self._session_expiry_s = session_expiry_s
         persistent = session_expiry_s > 0
         self._client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
@@ -74,18 +79,23 @@ class Caller:
         self.close()
 
     def connect(self, timeout: float = 10.0) -> None:
-        if self._v5:
-            properties = Properties(PacketTypes.CONNECT)
-            properties.SessionExpiryInterval = self._session_expiry_s
-            self._client.connect(self._host, self._port, keepalive=30, clean_start=self._session_expiry_s == 0,
-                                 properties=properties)
-        else:
-            self._client.connect(self._host, self._port, keepalive=30)
+        """Connects; BrokerUnreachableError (a ConnectionError) names the broker and the cause."""
+        try:
+            if self._v5:
+                properties = Properties(PacketTypes.CONNECT)
+                properties.SessionExpiryInterval = self._session_expiry_s
+                self._client.connect(self._host, self._port, keepalive=30,
+                                     clean_start=self._session_expiry_s == 0, properties=properties)
+            else:
+                self._client.connect(self._host, self._port, keepalive=30)
+        except OSError as err:
+            raise BrokerUnreachableError(f"cannot connect to the broker {self._broker}: {err.strerror or err}") from err
         self._client.loop_start()
         deadline = time.monotonic() + timeout
         while not self._client.is_connected():
             if time.monotonic() > deadline:
-                raise TimeoutError(f"no connection to {self._host}:{self._port}")
+                self._client.loop_stop()
+                raise BrokerUnreachableError(f"no connection to the broker {self._broker} within {timeout:g} s")
             time.sleep(0.01)
 
     def close(self) -> None:
@@ -115,7 +125,7 @@ class Caller:
         info = self._client.publish(self.topics.commands, payload, qos=1, properties=properties)
         info.wait_for_publish(10)
 
-    def request(self, body: dict[str, Any], reply_topic: str | None = None) -> str:
+    def request(self, body: dict[str, Any], reply_topic: str | None = None, expiry_s: int | None = None) -> str:
         """Subscribes to where the command's responses will come, sends it, and returns that topic.
 
         Without `reply_topic` that is the default `responses/{id}`. With it, MQTT 5 sends it as the
@@ -126,11 +136,11 @@ class Caller:
         topic = reply_topic or self.topics.responses(command_id)
         self.subscribe(topic)
         if reply_topic is None:
-            self.send(body)
+            self.send(body, expiry_s=expiry_s)
         elif self._v5:
-            self.send(body, response_topic=reply_topic, correlation=command_id.encode())
+            self.send(body, response_topic=reply_topic, correlation=command_id.encode(), expiry_s=expiry_s)
         else:
-            self.send({**body, "reply_to": reply_topic})
+            self.send({**body, "reply_to": reply_topic}, expiry_s=expiry_s)
         return topic
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:

@@ -13,13 +13,12 @@ from agent.system.service import Service
 log = logging.getLogger("agent.run")
 
 STATUS_EVERY_S = 5.0
-EXIT_OK = 0
-EXIT_SOFTWARE = 70
 
 
 def run_until_stopped(service: Service, stop: threading.Event, grace: float,
-                      notifier: SystemdNotifier | None = None) -> int:
-    """Runs a started service until `stop` is set (SIGTERM/SIGINT); returns the exit code."""
+                      notifier: SystemdNotifier | None = None) -> bool:
+    """Runs a started service until `stop` is set (SIGTERM/SIGINT): True when it stopped cleanly,
+    False when it stopped because an essential thread died (the CLI turns that into an exit code)."""
     notify = notifier or SystemdNotifier()
     ready = False
     last_ping = last_status = 0.0
@@ -48,7 +47,7 @@ def run_until_stopped(service: Service, stop: threading.Event, grace: float,
             log.error("essential threads died (%s); exiting so systemd restarts the agent", ", ".join(dead))
             notify.stopping("restarting after a thread died")
             service.stop(grace)
-            return EXIT_SOFTWARE
+            return False
         if stop.wait(_tick(notify)):
             break
     log.info("stopping")
@@ -56,7 +55,7 @@ def run_until_stopped(service: Service, stop: threading.Event, grace: float,
     service.stop(grace)
     log.info("stopped")
     notify.close()
-    return EXIT_OK
+    return True
 
 
 def _tick(notify: SystemdNotifier) -> float:

@@ -1,10 +1,10 @@
-"""Checks a running system against an agent config: interface, bitrate, bus state, ISO-TP, broker, state dir."""
+"""Checks a running system against an agent config: interface, bitrate, bus state, ISO-TP, broker, state dir.
+It only looks: no check creates, writes or changes anything."""
 
 from __future__ import annotations
 
 import os
 import socket
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,14 +85,21 @@ def _broker(config: AgentConfig) -> Check:
 
 
 def _state_dir(path: Path) -> Check:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path):
-            pass
-    except OSError as err:
-        return Check("state dir", FAIL, f"{path}: {err.strerror or err}",
-                     f"systemd creates it (StateDirectory=); by hand: install -d -o sovd-edge {path}")
-    return Check("state dir", OK, f"{path} is writable" + (" (as root)" if os.geteuid() == 0 else ""))
+    """Whether the agent could use `path`, judged by looking only: a check changes nothing it checks."""
+    fix = f"systemd creates it (StateDirectory=); by hand: install -d -o sovd-edge {path}"
+    who = " (as root)" if os.geteuid() == 0 else ""
+    if path.is_dir():
+        if os.access(path, os.W_OK | os.X_OK):
+            return Check("state dir", OK, f"{path} is writable{who}")
+        return Check("state dir", FAIL, f"{path} is not writable{who}", fix)
+    if path.exists():
+        return Check("state dir", FAIL, f"{path} exists but is not a directory", fix)
+    parent = next(p for p in path.absolute().parents if p.exists())  # "/" exists
+    if not parent.is_dir():
+        return Check("state dir", FAIL, f"{path} does not exist and {parent} is not a directory", fix)
+    if os.access(parent, os.W_OK | os.X_OK):
+        return Check("state dir", OK, f"{path} does not exist yet; the agent creates it in {parent}{who}")
+    return Check("state dir", FAIL, f"{path} does not exist and {parent} is not writable{who}", fix)
 
 
 def render(checks: list[Check]) -> str:

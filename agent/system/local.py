@@ -11,8 +11,19 @@ from typing import Any
 from agent.config.model import AgentConfig
 from agent.core.runtime import Runtime
 from agent.policy.admission import Admission
-from agent.wire.command import Result
+from agent.wire.command import Command, Result
 from agent.wire.parse import parse_command
+
+
+def validate(config: AgentConfig, component: str, command: str, params: dict[str, Any] | None = None,
+             received_at: float | None = None, **fields: Any) -> Command:
+    """The command as the agent would run it, with a new local id; raises InvalidCommandError or
+    UnknownComponentError. No I/O: `uds` calls it before it opens the bus."""
+    body: dict[str, Any] = {"id": f"local-{uuid.uuid4().hex[:12]}", "component": component, "command": command}
+    if params:
+        body["params"] = params
+    body.update({k: v for k, v in fields.items() if v is not None})
+    return parse_command(body, config, time.time() if received_at is None else received_at)
 
 
 class BusUnavailableError(RuntimeError):
@@ -36,7 +47,9 @@ class LocalSession:
     def __enter__(self) -> LocalSession:
         if not self.runtime.start(wait=3.0):
             self.runtime.stop(0.5)
-            raise BusUnavailableError(self.runtime.owner.last_error or "CAN bus did not come up")
+            bus = self.config.bus
+            raise BusUnavailableError(self.runtime.owner.last_error
+                                      or f"{bus.interface}:{bus.channel} did not come up within 3 s")
         return self
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
@@ -48,12 +61,8 @@ class LocalSession:
 
         A command that was not queued gets its refusal as its result at once.
         """
-        body: dict[str, Any] = {"id": f"local-{uuid.uuid4().hex[:12]}", "component": component, "command": command}
-        if params:
-            body["params"] = params
-        body.update({k: v for k, v in fields.items() if v is not None})
         now = time.time()
-        parsed = parse_command(body, self.config, now)
+        parsed = validate(self.config, component, command, params, now, **fields)
         admission = self.runtime.submit(parsed)
         if admission is not Admission.QUEUED:
             self._sink(Result(parsed.id, component, command, admission.refusal(component, command),

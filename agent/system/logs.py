@@ -55,6 +55,9 @@ def setup_logging(level: str = "INFO", fmt: str = "auto") -> None:
     # Third-party libraries log every frame at DEBUG/INFO; keep them at WARNING unless we debug.
     for noisy in ("can", "isotp", "udsoncan", "Connection"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
+    # python-can's socketcand client retries a refused connection in a busy loop for 10 s with a warning
+    # each time (about 10,000 lines a second); the agent's bus owner reports the failure once instead.
+    logging.getLogger("can.interfaces.socketcand").setLevel(logging.DEBUG if level == "DEBUG" else logging.ERROR)
     threading.excepthook = _log_thread_exception
 
 

@@ -40,6 +40,7 @@ class Service:
                  companions: Sequence[Companion] = ()) -> None:
         self.config = config
         self.started_at = time.time()
+        self.stopped_at: float | None = None  # set when a clean stop begins: the offline status's `since`
         self.topics = Topics(config.mqtt.prefix, config.vehicle)
         self.store = Store(config.state_dir / STORE_FILE)
         self.runtime = Runtime(config, sink=self._on_result, on_start=self._on_start,
@@ -78,6 +79,7 @@ class Service:
 
     def stop(self, grace: float = 5.0) -> None:
         """Stop taking commands, let in-flight ones finish, flush what the broker takes, go offline."""
+        self.stopped_at = time.time()
         self.intake.stop()
         self.runtime.stop(grace)  # queued-but-unrun commands stay 'queued' and run after a restart
         if self.link.connected:
@@ -129,8 +131,14 @@ class Service:
 
     # ---- callbacks -----------------------------------------------------------------------------
     def _status(self, state: str) -> bytes:
+        """The status the link publishes: online, the offline one of a clean stop, or the Last Will (built
+        when the link is made, before any stop: it can only carry the start time)."""
         names = [e.name for e in self.config.ecus]
-        return m.encode(m.status_message(state, self.config.vehicle, names, self.started_at))
+        if state == "online":
+            return m.encode(m.online_status(self.config.vehicle, names, self.started_at))
+        if self.stopped_at is None:
+            return m.encode(m.last_will(self.config.vehicle, names, self.started_at))
+        return m.encode(m.offline_status(self.config.vehicle, names, self.stopped_at))
 
     def _on_incoming(self, incoming: Any) -> None:
         self.intake.put(incoming)

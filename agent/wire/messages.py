@@ -68,9 +68,25 @@ def in_flight_duplicate(command_id: str, body: dict[str, Any], received_at: floa
 
 
 def status_message(state: str, vehicle: str, components: list[str], since: float) -> dict[str, Any]:
-    """The retained Status document (also the Last Will with state `offline`)."""
+    """The retained Status document; the three below say which `since` each kind carries."""
     return {"state": state, "vehicle": vehicle, "agent_version": __version__, "protocol": 1,
             "components": components, "since": format_rfc3339(since)}
+
+
+def online_status(vehicle: str, components: list[str], started_at: float) -> dict[str, Any]:
+    """`online`, since the agent started."""
+    return status_message("online", vehicle, components, started_at)
+
+
+def offline_status(vehicle: str, components: list[str], stopped_at: float) -> dict[str, Any]:
+    """`offline`, published by a clean stop: since the moment the agent began to stop."""
+    return status_message("offline", vehicle, components, stopped_at)
+
+
+def last_will(vehicle: str, components: list[str], started_at: float) -> dict[str, Any]:
+    """`offline` as the Last Will: the broker publishes it when the agent vanishes, at a time the agent
+    cannot know when it registers the Will, so `since` is the agent's start, as in its online status."""
+    return status_message("offline", vehicle, components, started_at)
 
 
 def event_message(kind: str, at: float, **fields: Any) -> dict[str, Any]:

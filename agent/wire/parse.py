@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -10,6 +11,7 @@ from agent.config.reader import InvalidValueError, Node, Problems, boolean, desc
 from agent.errors import AgentError
 from agent.wire import codecs, obd
 from agent.wire import command as c
+from agent.wire.catalog import CATALOG
 from agent.wire.dtc import parse_code
 from agent.wire.timefmt import parse_rfc3339
 
@@ -31,10 +33,11 @@ class InvalidCommandError(AgentError, ValueError):
 
 
 class UnknownComponentError(AgentError, LookupError):
-    def __init__(self, component: str, command_id: str) -> None:
+    def __init__(self, component: str, command_id: str, known: tuple[str, ...] = ()) -> None:
         self.component = component
         self.command_id = command_id
-        super().__init__(f"no component named {component!r} in this vehicle's config")
+        super().__init__(f"no component named {component!r} in this vehicle's config"
+                         f" (known: {', '.join(known) or 'none'})")
 
 
 def parse_command(obj: Any, config: AgentConfig, received_at: float) -> c.Command:
@@ -56,7 +59,7 @@ def parse_command(obj: Any, config: AgentConfig, received_at: float) -> c.Comman
         raise InvalidCommandError(problems.items, command_id)
     ecu = config.ecu(component)
     if ecu is None:
-        raise UnknownComponentError(component, command_id)
+        raise UnknownComponentError(component, command_id, tuple(e.name for e in config.ecus))
     params = parse_params(name, params_node, ecu)
     if problems:
         raise InvalidCommandError(problems.items, command_id)
@@ -85,20 +88,31 @@ def parse_params(name: str, p: Node, ecu: EcuConfig) -> c.Params:
     """The typed params of command `name`; problems go to p.problems with paths under `params`."""
     parser = _PARSERS[name]
     params = parser(p, ecu)
+    takes = [param.name for param in CATALOG[name].params]
+    for key in [k for k in p.data if k not in takes]:
+        p.raw(key)
+        p.problems.add(f"params.{key}", f"unknown key ({name} takes {', '.join(takes) or 'no params'})")
     p.finish()
     return params
 
 
 def _did(ecu: EcuConfig) -> Callable[[Any], DidSpec]:
     def convert(value: Any) -> DidSpec:
+        known = ", ".join(d.name for d in ecu.dids) or "none"
         if isinstance(value, str) and value.lower().startswith("0x"):
-            did = integer(0, 0xFFFF, "a 16-bit DID")(value)
+            try:
+                did = int(value, 16)
+            except ValueError:
+                did = -1
+            if not 0 <= did <= 0xFFFF:
+                raise InvalidValueError(f"{value!r} is neither a DID id (0x0000..0xFFFF) nor a DID name "
+                                        f"(known: {known})")
             return ecu.did_by_id(did) or codecs.anonymous(did)
         if isinstance(value, str):
             spec = ecu.did_by_name(value)
             if spec is None:
-                known = ", ".join(d.name for d in ecu.dids) or "none"
-                raise InvalidValueError(f"{ecu.name} has no DID named {value!r} (known: {known})")
+                hint = f"; a DID id is written 0x{value}" if re.fullmatch(r"[0-9A-Fa-f]{4}", value) else ""
+                raise InvalidValueError(f"{ecu.name} has no DID named {value!r} (known: {known}){hint}")
             return spec
         raise InvalidValueError(f"expected a DID name or \"0xNNNN\", got {describe(value)}")
 

@@ -1,0 +1,295 @@
+"""Every subcommand meets a broken input the way a newcomer would: the exact command, the documented
+exit code, and one line that says what is wrong (and what to do). Real subprocesses, a real broker."""
+
+import ast
+import inspect
+import json
+import re
+import subprocess
+import sys
+import uuid
+
+import pytest
+import yaml
+from conftest import ROOT
+from mqtt_support import AgentProcess
+
+from agent.cli import SUBCOMMANDS, build_parser, call, check_config, commands, demo, doctor, run, simulate, uds
+from agent.cli.common import EXIT_CODES
+from agent.devtools.local_broker import free_port
+
+DEMO = "config/demo.yaml"
+
+
+def cli(*args, timeout=60):
+    return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=timeout)
+
+
+def one_line(result, code, module):
+    """The single line on stderr, after checking the exit code is `code` and documented for `module`."""
+    assert result.returncode == code, result.stdout + result.stderr
+    assert code in module.EXITS, f"{module.__name__} returns {code} but does not document it"
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def name_of(module):
+    return module.__name__.rsplit(".", 1)[-1].replace("_", "-")
+
+
+# ---- one broken input per subcommand ------------------------------------------------------------
+
+def test_run_with_a_file_for_a_state_dir_exits_73(tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    result = cli("run", "-c", DEMO, "--state-dir", str(blocker / "state"), "--log-format", "json")
+    record = json.loads(one_line(result, 73, run))
+    assert record["level"] == "ERROR" and record["message"].startswith("cannot use state directory: ")
+    assert record["state_dir"] == str(blocker / "state")
+
+
+def test_call_with_the_broker_down_names_the_broker_and_exits_69():
+    url = f"mqtt://127.0.0.1:{free_port()}"
+    result = cli("call", "-c", DEMO, "--broker", url, "engine", "read_data", "data=vin")
+    line = one_line(result, 69, call)
+    assert line == f"sovd-edge call: cannot connect to the broker {url}: Connection refused"
+
+
+def test_uds_with_a_wrong_component_lists_the_known_ones_and_exits_2():
+    result = cli("uds", "-c", DEMO, "engin", "read_data", "data=vin")
+    line = one_line(result, 2, uds)
+    assert line == ("sovd-edge uds: invalid command: no component named 'engin' in this vehicle's config "
+                    "(known: engine, abs, adas)")
+
+
+def test_commands_with_an_unknown_name_exits_2():
+    line = one_line(cli("commands", "warp_drive"), 2, commands)
+    assert line.startswith("sovd-edge commands: no command named 'warp_drive' (known: read_data, write_data,")
+
+
+def test_demo_on_a_config_without_simulated_ecus_exits_78():
+    line = one_line(cli("demo", "-c", "config/agent.example.yaml"), 78, demo)
+    assert line == ("sovd-edge demo: config/agent.example.yaml runs no simulated ECUs (no simulate: list); "
+                    "the demo needs config/demo.yaml or a copy of it")
+
+
+def test_simulate_with_a_broken_file_exits_78_on_stderr(tmp_path):
+    bad = tmp_path / "sim.yaml"
+    bad.write_text("ecus: 5\n")
+    result = cli("simulate", "-c", str(bad))
+    assert result.stdout == ""
+    assert one_line(result, 78, simulate) == (f"sovd-edge simulate: invalid simulator configuration: {bad}: "
+                                              "ecus: expected a list, got int 5")
+
+
+def test_check_config_with_one_problem_says_it_in_one_line(tmp_path):
+    config = yaml.safe_load((ROOT / DEMO).read_text())
+    config.update(vehicle="has space", simulate=[str(ROOT / "config/sim/demo-vehicle.yaml")])
+    bad = tmp_path / "agent.yaml"
+    bad.write_text(yaml.safe_dump(config))
+    line = one_line(cli("check-config", "-c", str(bad)), 78, check_config)
+    assert line == (f"sovd-edge check-config: invalid configuration: {bad}: "
+                    "vehicle: 'has space' is not a vehicle id without / + # or spaces")
+
+
+def test_doctor_with_a_bad_broker_url_exits_78():
+    line = one_line(cli("doctor", "-c", DEMO, "--broker", "ftp://example"), 78, doctor)
+    assert line.startswith("sovd-edge doctor: invalid --broker: ")
+
+
+def test_every_subcommand_has_a_broken_input_test_here():
+    tested = {name for name, _ in inspect.getmembers(sys.modules[__name__], inspect.isfunction)
+              if name.startswith("test_")}
+    for module in SUBCOMMANDS:
+        prefix = f"test_{module.__name__.rsplit('.', 1)[-1]}_"
+        assert any(t.startswith(prefix) for t in tested), f"no broken-input test for {name_of(module)}"
+
+
+# ---- exit codes: one table, each subcommand's own subset in its --help ---------------------------
+
+@pytest.mark.parametrize("module", SUBCOMMANDS, ids=name_of)
+def test_help_lists_exactly_the_codes_the_subcommand_returns(module, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([name_of(module), "--help"])
+    text = capsys.readouterr().out
+    block = text[text.index("exit codes:"):]
+    listed = [int(code) for code in re.findall(r"^  (\d+) ", block, re.M)]
+    assert listed == sorted(module.EXITS)
+    for code in listed:
+        assert f"  {code:<3} {EXIT_CODES[code][1]}: {module.EXITS[code]}" in block
+
+
+@pytest.mark.parametrize("module", SUBCOMMANDS, ids=name_of)
+def test_every_exit_code_a_subcommand_uses_is_in_its_list(module):
+    """Read the source: any EXIT_ constant the module names (and 78 behind with_agent_config, 2 from
+    argparse, 70 from main() on a bug) must be one it documents."""
+    tree = ast.parse(inspect.getsource(module))
+    names = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr.startswith("EXIT_")}
+    names |= {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id.startswith("EXIT_")}
+    from agent.cli import common
+
+    used = {getattr(common, name) for name in names if name != "EXIT_CODES"}
+    if "with_agent_config" in {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}:
+        used.add(common.EXIT_CONFIG)  # what the wrapper returns without a valid config
+    used |= {common.EXIT_USAGE, common.EXIT_SOFTWARE}  # argparse's own; main() on a bug
+    assert used <= set(module.EXITS), f"{name_of(module)} uses {used - set(module.EXITS)} undocumented"
+
+
+def test_a_bug_is_70_with_one_line_not_pythons_1(monkeypatch, capsys):
+    """A subcommand that raises (a bug, planted here: none is known) exits 70, not 1 ("did not complete")."""
+    from agent.cli import main
+
+    def broken(args):
+        raise ZeroDivisionError("planted")
+
+    monkeypatch.setattr(commands, "handle", broken)
+    assert main(["commands"]) == 70
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback") and err.splitlines()[-1] == (
+        "sovd-edge commands: internal error (a bug): ZeroDivisionError: planted")
+
+
+# ---- uds: params as the user meant them, and errors that say where -------------------------------
+
+def test_uds_raw_request_3e80_reaches_the_ecu_as_hex():
+    # 3E 80 is TesterPresent with "suppress positive response": the ECU rightly stays silent. Before,
+    # the word was read as the float 3e80 and refused with exit 2.
+    result = cli("uds", "-c", DEMO, "engine", "raw", "request=3E80")
+    assert result.returncode == 1, result.stderr
+    assert json.loads(result.stdout)["error"]["message"].startswith("no response to service 0x3E")
+    completed = cli("uds", "-c", DEMO, "engine", "raw", "request=3E00")
+    assert completed.returncode == 0 and json.loads(completed.stdout)["result"] == {"response": "7e00"}
+
+
+@pytest.mark.parametrize(("words", "message"), [
+    (['{"data": "vin" "x"}'], "sovd-edge uds: params: not valid JSON (Expecting ',' delimiter at column 16): "
+                              '{"data": "vin" "x"}'),
+    (["data=0xZZ"], "sovd-edge uds: invalid command: params.data: '0xZZ' is neither a DID id (0x0000..0xFFFF) "
+                    "nor a DID name (known: vin, serial_number, engine_speed, coolant_temperature, idle_mode)"),
+    (["data=F190"], "sovd-edge uds: invalid command: params.data: engine has no DID named 'F190' (known: vin, "
+                    "serial_number, engine_speed, coolant_temperature, idle_mode); a DID id is written 0xF190"),
+])
+def test_uds_param_errors_say_it_was_the_params(words, message):
+    assert one_line(cli("uds", "-c", DEMO, "engine", "read_data", *words), 2, uds) == message
+
+
+def test_uds_through_a_hub_that_is_not_running_says_how_to_start_it(tmp_path):
+    config = yaml.safe_load((ROOT / "config/hub.yaml").read_text())
+    port = free_port()
+    config["bus"]["options"]["port"] = port
+    config["state_dir"] = str(tmp_path / "state")
+    path = tmp_path / "hub.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = cli("uds", "-c", str(path), "engine", "read_data", "data=vin")
+    assert result.returncode == 69 and 69 in uds.EXITS
+    assert "Failed to connect to server" not in result.stderr  # python-can's busy-loop warnings are held back
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"sovd-edge uds: CAN bus unavailable: socketcand:{config['bus']['channel']} did not come up within 3 s; "
+        f"is the hub running? sovd-edge simulate -c config/sim/demo-vehicle.yaml --hub 127.0.0.1:{port}")
+
+
+def test_demo_local_transcript_shows_what_a_reader_can_reproduce():
+    """Each `$ sovd-edge uds` line of the --local transcript, typed alone, gives what the transcript shows;
+    the lines that relied on an earlier step's session say so, and typed alone they get NRC 0x7F."""
+    result = cli("demo", "-c", DEMO, "--local")
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    relied = 0
+    for i, line in enumerate(lines):
+        if not line.startswith("$ sovd-edge uds "):
+            continue
+        shown = json.loads("\n".join(lines[i + 1:lines.index("}", i) + 1]))
+        argv = __import__("shlex").split(line[2:])[1:]
+        alone = cli(*argv)
+        if lines[i - 1].startswith("# relies on "):
+            relied += 1
+            assert "typed alone, `sovd-edge uds` starts in the default session" in lines[i - 1]
+            assert alone.returncode == 1 and json.loads(alone.stdout)["error"]["nrc"] == "0x7F", line
+        else:
+            assert json.loads(alone.stdout)["status"] == shown["status"], line
+    assert relied == 2
+
+
+# ---- call: what a timeout means for the command --------------------------------------------------
+
+@pytest.fixture
+def demo_agent(tmp_path, broker):
+    config = yaml.safe_load((ROOT / DEMO).read_text())
+    config.update(vehicle=f"VC{uuid.uuid4().hex[:12].upper()}", state_dir=str(tmp_path / "state"),
+                  simulate=[str(ROOT / "config/sim/demo-vehicle.yaml")])
+    config["bus"]["channel"] = f"cli-{uuid.uuid4().hex[:8]}"
+    config["metrics"] = {"enabled": False}
+    config["mqtt"] = {"broker": broker.url}
+    path = tmp_path / "agent.yaml"
+    path.write_text(yaml.safe_dump(config))
+    agent = AgentProcess(path, broker.url, tmp_path / "state")
+    yield agent, path, config["vehicle"]
+    agent.ensure_stopped()
+
+
+def test_call_timing_out_while_the_agent_is_offline_says_the_command_stays_queued(demo_agent, broker):
+    from agent.config.model import MqttConfig
+    from agent.fleet.caller import Caller
+
+    agent, path, vehicle = demo_agent
+    agent.start()
+    assert agent.terminate() == 0
+    with Caller(MqttConfig(broker=broker.url), vehicle) as backend:
+        backend.subscribe(f"{backend.topics.base}/#")
+        result = cli("call", "-c", str(path), "--id", "late-1", "--wait", "1", "engine", "read_data", "data=vin")
+        line = one_line(result, 75, call)
+        assert re.fullmatch(
+            r"sovd-edge call: no final response for late-1 within 1 s; the agent is offline \(status since "
+            r"\S+Z\): the broker keeps the command queued and the agent runs it when it reconnects; to keep it "
+            r"from running late, send it with --expires-in SECONDS \(or --expires-at\)", line), line
+        bounded = cli("call", "-c", str(path), "--id", "late-2", "--wait", "1", "--expires-in", "3600",
+                      "engine", "read_data", "data=vin")
+        assert re.search(r"; it expires at 20\S+Z$", one_line(bounded, 75, call))
+        agent.start()  # ... and it does run when the agent is back, as the message said
+        assert backend.final("late-1", timeout=15)["result"] == {"values": {"vin": "WVWZZZ1JZXW000001"}}
+        assert backend.final("late-2", timeout=15)["status"] == "completed"
+    assert agent.terminate() == 0
+
+
+def test_call_for_a_vehicle_nobody_serves_says_so(broker):
+    result = cli("call", "-c", DEMO, "--broker", broker.url, "--vehicle", f"NOBODY{uuid.uuid4().hex[:6]}",
+                 "--wait", "1", "engine", "read_data", "data=vin")
+    line = one_line(result, 75, call)
+    assert "no agent has published a status on sovd/NOBODY" in line and "(wrong --vehicle or prefix?)" in line
+    status = cli("call", "-c", DEMO, "--broker", broker.url, "--vehicle", "NOBODY", "--wait", "1", "--status")
+    assert one_line(status, 75, call).startswith("sovd-edge call: no status for the vehicle on sovd/NOBODY/status")
+
+
+# ---- check-config and doctor ---------------------------------------------------------------------
+
+def test_check_config_on_an_empty_file_lists_every_required_key(tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    result = cli("check-config", "-c", str(empty))
+    assert result.returncode == 78
+    assert result.stderr.splitlines() == [
+        f"sovd-edge check-config: invalid configuration: {empty}: 4 problems",
+        "  (top level): the file is empty",
+        "  vehicle: required field is missing",
+        "  bus: required field is missing",
+        "  ecus: required field is missing",
+    ]
+
+
+def test_doctor_creates_nothing_it_checks(tmp_path):
+    """A check must not change the system it checks: the state dir it reports on stays absent."""
+    absent = tmp_path / "var/lib/sovd-edge"
+    result = cli("doctor", "-c", DEMO, "--broker", f"mqtt://127.0.0.1:{free_port()}", "--state-dir", str(absent))
+    assert result.returncode == 1  # the broker check fails; the state dir one does not
+    assert re.search(rf"^state dir\s+ok\s+{re.escape(str(absent))} does not exist yet; the agent creates it in "
+                     rf"{re.escape(str(tmp_path))}", result.stdout, re.M), result.stdout
+    assert list(tmp_path.iterdir()) == []
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = cli("doctor", "-c", DEMO, "--state-dir", str(blocker / "state"))
+    where = re.escape(str(blocker))
+    assert re.search(rf"^state dir\s+FAIL\s+{where}/state does not exist and {where} is not a directory$",
+                     result.stdout, re.M), result.stdout
+    assert sorted(tmp_path.iterdir()) == [blocker]
