@@ -24,6 +24,7 @@ from agent.cli.common import (
 from agent.config.parse import host_port
 from agent.config.reader import InvalidValueError
 from agent.devtools.sim.simulator import simulators_for
+from agent.errors import ConfigError
 from agent.fleet.link import LinkSetupError
 from agent.metrics.server import MetricsServerError
 from agent.system.daemon import run_until_stopped
@@ -77,6 +78,9 @@ def handle(args: argparse.Namespace) -> int:
         service = Service(config, companions=simulators_for(config, journal=args.sim_journal))
     except LinkSetupError as err:
         log.error("MQTT link cannot be set up: %s", err)
+        return EXIT_CONFIG
+    except ConfigError as err:  # e.g. a signing key file that cannot be read
+        log.error("invalid configuration: %s", err)
         return EXIT_CONFIG
     try:
         started = service.start(wait=1.0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
@@ -17,11 +17,13 @@ from agent.core.runtime import Companion, Runtime
 from agent.fleet.intake import Intake
 from agent.fleet.link import MqttLink
 from agent.fleet.outbox import Outbox
+from agent.fleet.signed import SignatureGate
 from agent.fleet.topics import Topics
 from agent.metrics.busmonitor import BusMonitor
 from agent.metrics.registry import AgentMetrics, AgentState
 from agent.metrics.server import MetricsServer
 from agent.policy.admission import Admission
+from agent.policy.signature import load_authenticator
 from agent.store.sqlite import Entry, Outgoing, Store
 from agent.wire import messages as m
 from agent.wire.command import Command, ErrorCode, Outcome, Result, Status, command_fields
@@ -41,6 +43,8 @@ class Service:
         self.config = config
         self.started_at = time.time()
         self.topics = Topics(config.mqtt.prefix, config.vehicle)
+        gate = signature_gate(config, self.topics, lambda reason: self.metrics.auth_failure(reason),
+                              known=lambda command_id: self.store.get(command_id) is not None)  # first: may refuse
         self.store = Store(config.state_dir / STORE_FILE)
         self.runtime = Runtime(config, sink=self._on_result, on_start=self._on_start,
                                bus_factory=bus_factory, companions=companions,
@@ -59,7 +63,8 @@ class Service:
         self.outbox = Outbox(self.store, config.store, self.link.publish, lambda: self.link.connected)
         self.intake = Intake(config, self.store, self.topics, self.link.ack, self._admit, self.outbox.wake,
                              self.runtime.check, on_final=self._count_final,
-                             on_rejected=lambda reason: self.metrics.rejected.labels(reason).inc())
+                             on_rejected=lambda reason: self.metrics.rejected.labels(reason).inc(),
+                             authenticate=gate)
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def start(self, wait: float = 1.0) -> bool:
@@ -231,6 +236,18 @@ class Service:
             self._finish(entry, _never_ran(entry, refusal_outcome(err)))
             return None
         return dataclasses.replace(command, expires_at=entry.expires_at, correlation_data=entry.correlation), entry
+
+
+def signature_gate(config: AgentConfig, topics: Topics, on_failure: Callable[[str], None],
+                   known: Callable[[str], bool]) -> SignatureGate | None:
+    """Intake's check of signed commands; None (and `cryptography` never imported) when none are configured.
+
+    Raises ConfigError when a configured key cannot be loaded (or `cryptography` is missing).
+    """
+    if not config.security.signatures_configured:
+        return None
+    authenticator = load_authenticator(config.security, str(config.source or "config"))
+    return SignatureGate(authenticator, topics, on_failure, known, config.security.failure_logs_per_minute)
 
 
 def _never_ran(entry: Entry, outcome: Outcome) -> Result:
