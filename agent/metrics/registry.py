@@ -86,6 +86,11 @@ class AgentMetrics:
                                      ["reason"], registry=registry)
         for reason in AuthFailure:
             self.auth_failures.labels(str(reason))
+        self.audit_damaged = Counter("sovd_audit_log_damaged",
+                                     "Damaged last lines found in the audit log at start (power lost mid-write).",
+                                     registry=registry)
+        self.audit_errors = Counter("sovd_audit_log_write_errors", "Audit records that could not be written.",
+                                    registry=registry)
         self.reachable = Gauge("sovd_ecu_reachable", "1 if the component answered its last request or probe.",
                                ["component"], registry=registry)
         Info("sovd_build", "Agent version and vehicle.", registry=registry).info(

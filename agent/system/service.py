@@ -25,6 +25,7 @@ from agent.metrics.server import MetricsServer
 from agent.policy.admission import Admission
 from agent.policy.signature import load_authenticator
 from agent.store.sqlite import Entry, Outgoing, Store
+from agent.system.audit import AuditTrail
 from agent.wire import messages as m
 from agent.wire.command import Command, ErrorCode, Outcome, Result, Status, command_fields
 from agent.wire.messages import response_message
@@ -61,6 +62,8 @@ class Service:
                              status=self._status, on_command=self._on_incoming, on_published=self._on_published,
                              on_connection=self._on_connection)
         self.outbox = Outbox(self.store, config.store, self.link.publish, lambda: self.link.connected)
+        self.audit = AuditTrail(config, self.topics, self.store.get, on_error=self.metrics.audit_errors.inc,
+                                on_damage=lambda damage: self.metrics.audit_damaged.inc())
         self.intake = Intake(config, self.store, self.topics, self.link.ack, self._admit, self.outbox.wake,
                              self.runtime.check, on_final=self._count_final,
                              on_rejected=lambda reason: self.metrics.rejected.labels(reason).inc(),
@@ -71,6 +74,9 @@ class Service:
         """Starts every part; True when the CAN bus is up (the broker may still be unreachable)."""
         if self.metrics_server is not None:
             self.metrics_server.start()
+        batch = self.store.batch()
+        self.audit.open(batch)
+        batch.commit()
         requeue = self._recover()
         bus_up = self.runtime.start(wait)
         self.bus_monitor.start()
@@ -92,6 +98,7 @@ class Service:
         self.bus_monitor.stop()
         if self.metrics_server is not None:
             self.metrics_server.stop()
+        self.audit.close()
         self.store.close()
 
     def health(self) -> list[str]:
@@ -176,6 +183,7 @@ class Service:
 
     def _on_start(self, command: Command) -> None:
         batch = self.store.batch()
+        self.audit.started(command, batch)  # a mutating command's record is on the disk before it runs
         batch.set_state(command.id, "started")
         batch.commit()
 
@@ -193,6 +201,7 @@ class Service:
         batch = self.store.batch()
         for message in pieces:
             batch.publish(Outgoing(entry.reply_topic, m.encode(message), entry.correlation, entry.id))
+        self.audit.finished(entry, result, batch)
         batch.set_state(entry.id, "final", seq=pieces[-1]["seq"], final_message=final)
         batch.commit()
         self.outbox.wake()
