@@ -8,10 +8,10 @@ import signal
 import sys
 
 from agent import __version__
-from agent.cli import call, check_config, demo, doctor, run, simulate, uds
+from agent.cli import call, check_config, demo, doctor, keygen, run, simulate, uds
 from agent.cli.common import EXIT_CODES
 
-SUBCOMMANDS = (run, call, uds, demo, simulate, check_config, doctor)
+SUBCOMMANDS = (run, call, uds, demo, simulate, check_config, doctor, keygen)
 
 
 def build_parser() -> argparse.ArgumentParser:

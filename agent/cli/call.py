@@ -1,11 +1,14 @@
-"""`sovd-edge call`: the backend-side reference client. Sends one command, prints every response."""
+"""`sovd-edge call`: the backend-side reference client. Sends one command (signed with --sign-key), prints
+every response."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 from agent.cli.common import (
@@ -20,6 +23,9 @@ from agent.cli.common import (
 )
 from agent.config.model import ALL_COMMANDS
 from agent.fleet.caller import Caller
+from agent.policy.ed25519 import KeyFileError, SigningUnavailableError
+from agent.policy.signature import Signer
+from agent.wire.timefmt import format_rfc3339
 
 EXIT_TEMPFAIL = 75  # no final response in time / broker unreachable
 
@@ -35,6 +41,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--expires-at", help="RFC 3339 instant after which the command must not start")
     p.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the final response")
     p.add_argument("--status", action="store_true", help="print the vehicle's retained status and exit")
+    p.add_argument("--sign-key", type=Path, metavar="FILE",
+                   help="sign the command with this Ed25519 private key (PEM; see `sovd-edge keygen`)")
+    p.add_argument("--key-id", help="the key id the vehicle knows the key by (with --sign-key)")
+    p.add_argument("--expires-in", type=float, default=300.0, metavar="S",
+                   help="with --sign-key and no --expires-at: expires_at this many seconds from now (default 300)")
     p.add_argument("component", nargs="?", help="component (ECU) name")
     p.add_argument("command", nargs="?", choices=ALL_COMMANDS, metavar="COMMAND", help=", ".join(ALL_COMMANDS))
     p.add_argument("params", nargs="*", help="params as key=value or one JSON object")
@@ -47,8 +58,18 @@ def handle(args: argparse.Namespace) -> int:
     if config is None:
         return EXIT_CONFIG
     vehicle = args.vehicle or config.vehicle
+    if (args.sign_key is None) != (args.key_id is None):
+        print("sovd-edge call: --sign-key and --key-id go together", file=sys.stderr)
+        return EXIT_USAGE
+    signer = None
+    if args.sign_key is not None:
+        try:
+            signer = Signer.from_file(args.sign_key, args.key_id)
+        except (KeyFileError, SigningUnavailableError) as err:
+            print(f"sovd-edge call: {err}", file=sys.stderr)
+            return EXIT_USAGE
     try:
-        with Caller(config.mqtt, vehicle) as caller:
+        with Caller(config.mqtt, vehicle, signer=signer) as caller:
             return _status(caller, args) if args.status else _call(caller, args)
     except (OSError, TimeoutError) as err:
         print(f"sovd-edge call: {err}", file=sys.stderr)
@@ -84,6 +105,8 @@ def _call(caller: Caller, args: argparse.Namespace) -> int:
         body["timeout_ms"] = args.timeout_ms
     if args.expires_at:
         body["expires_at"] = args.expires_at
+    elif caller.signer is not None:  # a signed command must carry expires_at (protocol: Signed commands)
+        body["expires_at"] = format_rfc3339(time.time() + args.expires_in)
     topic = caller.topics.responses(command_id)
     caller.subscribe(topic)
     caller.send(body)
