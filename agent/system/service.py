@@ -6,7 +6,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 
@@ -17,19 +17,20 @@ from agent.core.runtime import Companion, Runtime
 from agent.fleet.intake import Intake
 from agent.fleet.link import MqttLink
 from agent.fleet.outbox import Outbox
-from agent.fleet.signed import SignatureGate
 from agent.fleet.topics import Topics
 from agent.metrics.busmonitor import BusMonitor
 from agent.metrics.registry import AgentMetrics, AgentState
 from agent.metrics.server import MetricsServer
 from agent.policy.admission import Admission
-from agent.policy.signature import load_authenticator
 from agent.store.sqlite import Entry, Outgoing, Store
 from agent.system.audit import AuditTrail
 from agent.wire import messages as m
 from agent.wire.command import Command, ErrorCode, Outcome, Result, Status, command_fields
 from agent.wire.messages import response_message
 from agent.wire.parse import InvalidCommandError, UnknownComponentError, parse_command
+
+if TYPE_CHECKING:
+    from agent.fleet.signed import SignatureGate
 
 log = logging.getLogger(__name__)
 
@@ -255,6 +256,9 @@ def signature_gate(config: AgentConfig, topics: Topics, on_failure: Callable[[st
     """
     if not config.security.signatures_configured:
         return None
+    from agent.fleet.signed import SignatureGate  # imported only by agents that check signatures
+    from agent.policy.signature import load_authenticator
+
     authenticator = load_authenticator(config.security, str(config.source or "config"))
     return SignatureGate(authenticator, topics, on_failure, known, config.security.failure_logs_per_minute)
 
