@@ -361,3 +361,35 @@ def test_unhashable_or_odd_command_fields_are_refused_not_raised(auth, keys, val
     assert check(auth, message).reason == "missing"
     signed = check(auth, envelope_of(keys, "workshop", json.dumps(message).encode()))
     assert signed.reason == "not_allowed"
+
+
+def test_gate_answers_unencodable_unverified_fields_without_raising(auth, tmp_path, caplog):
+    """Lone surrogates in an unverified key id, component or command are escaped in the answer, not raised."""
+    store = Store(tmp_path / "agent.db")
+    gate = SignatureGate(auth, Topics("sovd", "V1"), lambda reason: None, lambda command_id: False, 10)
+    inner = json.dumps({"id": "s-1", "component": "\ud800", "command": "\udfff" * 100}).encode()
+    message = {"signed": base64.b64encode(inner).decode(), "key_id": "\ud800x",
+               "sig": base64.b64encode(bytes(64)).decode()}
+    batch = store.batch()
+    with caplog.at_level(logging.WARNING, logger="agent.fleet.signed"):
+        assert gate(incoming(b"{}"), message, batch) is None
+        assert gate(incoming(b"{}"), json.loads(inner), batch) is None  # plain, `missing`
+    batch.commit()
+    answers = [json.loads(p.message.payload) for p in store.pending(0, 10)]
+    assert [a["error"]["reason"] for a in answers] == ["unknown_key", "missing"]
+    assert answers[0]["error"]["key_id"] == "\\ud800x" and answers[0]["component"] == "\\ud800"
+    assert len(answers[1]["command"]) <= 6 * 64 + 1
+    store.close()
+
+
+def test_gate_does_not_contradict_a_command_it_just_passed(auth, keys, tmp_path):
+    """The genuine command and a forged twin in one intake group: the ledger does not hold the id yet."""
+    store = Store(tmp_path / "agent.db")
+    gate = SignatureGate(auth, Topics("sovd", "V1"), lambda reason: None, lambda command_id: False, 10)
+    batch = store.batch()
+    genuine = envelope_of(keys, "backend-1", json.dumps(body()).encode())
+    assert gate(incoming(b"{}"), genuine, batch) == (body(), "backend-1")
+    assert gate(incoming(b"{}"), body(), batch) is None  # unsigned twin: refused, not answered
+    batch.commit()
+    assert store.pending(0, 10) == []
+    store.close()

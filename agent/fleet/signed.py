@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 
 from agent.fleet.link import Incoming
@@ -19,10 +20,12 @@ from agent.policy.signature import Authenticator, Body, Passed, Refused
 from agent.store.sqlite import Batch, Outgoing
 from agent.wire import messages as m
 from agent.wire.command import ErrorCode, Status, command_fields
+from agent.wire.decode import readable_id
 
 log = logging.getLogger(__name__)
 
 WINDOW_S = 60.0
+RECENT_IDS = 4096  # ids passed lately: held by the ledger soon, maybe not yet committed (same intake group)
 
 
 class SignatureGate:
@@ -38,11 +41,17 @@ class SignatureGate:
         self._logs_per_minute = logs_per_minute
         self._clock = clock
         self._logged: list[float] = []
+        self._passed: OrderedDict[str, None] = OrderedDict()
         self.suppressed = 0  # failures not logged since the last line that was
 
     def __call__(self, item: Incoming, body: Body, batch: Batch) -> tuple[Body, str | None] | None:
         verdict = self._authenticator.check(body, item.received_at)
         if isinstance(verdict, Passed):
+            if isinstance(verdict.body, dict) and (command_id := readable_id(verdict.body)) is not None:
+                self._passed[command_id] = None
+                self._passed.move_to_end(command_id)
+                if len(self._passed) > RECENT_IDS:
+                    self._passed.popitem(last=False)
             return verdict.body, verdict.key_id
         self._refuse(item, verdict, batch)
         return None
@@ -50,9 +59,9 @@ class SignatureGate:
     def _refuse(self, item: Incoming, refused: Refused, batch: Batch) -> None:
         self._on_failure(str(refused.reason))
         command_id = refused.command_id
-        answered = command_id is not None and not self._known(command_id)
+        answered = command_id is not None and command_id not in self._passed and not self._known(command_id)
         if command_id is not None and answered:
-            message = m.refusal_message(command_id, refused.body, Status.REJECTED, ErrorCode.UNAUTHENTICATED,
+            message = m.refusal_message(command_id, refused.shown(), Status.REJECTED, ErrorCode.UNAUTHENTICATED,
                                         refused.message, item.received_at, **refused.details())
             batch.publish(Outgoing(self._topics.responses(command_id), m.encode(message), None, command_id))
         self._log(refused, len(item.payload), answered)
@@ -64,7 +73,8 @@ class SignatureGate:
             self.suppressed += 1
             return
         self._logged.append(now)
-        fields = command_fields(refused.command_id or "", refused.body.get("component"), refused.body.get("command"))
+        shown = refused.shown()
+        fields = command_fields(refused.command_id or "", shown.get("component"), shown.get("command"))
         log.warning("command not authenticated (%s): %s", refused.reason, refused.message, extra={
             **fields, "reason": str(refused.reason), "key_id": refused.key_id or "", "bytes": size,
             "suppressed_before": self.suppressed, "answered": answered})

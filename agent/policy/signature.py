@@ -59,6 +59,10 @@ class Refused:
     key_id: str | None = None
     rule: str | None = None  # the config rule that refused it (roles)
 
+    def shown(self) -> dict[str, str]:
+        """The unverified component and command, as they may be echoed in the answer and logged."""
+        return {k: _safe(v) for k in ("component", "command") if isinstance(v := self.body.get(k), str)}
+
     def details(self) -> dict[str, str]:
         """The extra fields of the refusal's `error` object."""
         found = {"reason": str(self.reason), "key_id": self.key_id, "rule": self.rule}
@@ -141,7 +145,7 @@ class Authenticator:
         if not is_envelope(body):
             if needs_signature(self._config.require_signature, body):
                 plain = body if isinstance(body, dict) else {}
-                what = plain.get("command") if isinstance(plain.get("command"), str) else "this command"
+                what = _name(plain["command"]) if isinstance(plain.get("command"), str) else "this command"
                 return Refused(Reason.MISSING, f"{what} needs a signed envelope "
                                f"(security.require_signature: {self._config.require_signature})",
                                _readable_id(body), plain)
@@ -234,10 +238,16 @@ def _salvage_inner(signed: object) -> Body:
         return Undecodable("", "", None)
 
 
-def _short(text: str | None, limit: int = 64) -> str | None:
-    """An unverified key id as it may be echoed and logged: bounded in length."""
-    return text if text is None or len(text) <= limit else text[:limit] + "…"
+def _short(text: str | None) -> str | None:
+    """An unverified key id as it may be echoed and logged."""
+    return None if text is None else _safe(text)
+
+
+def _safe(text: str, limit: int = 64) -> str:
+    """Unverified text bounded in length and encodable as UTF-8 (a lone surrogate is escaped)."""
+    bounded = text if len(text) <= limit else text[:limit] + "…"
+    return bounded.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _name(value: object) -> str:
-    return value if isinstance(value, str) else repr(value)
+    return _safe(value) if isinstance(value, str) else _safe(repr(value))

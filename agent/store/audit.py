@@ -55,7 +55,7 @@ class AuditLog:
 
     def append(self, record: dict[str, Any]) -> None:
         """Writes one record and fsyncs it (OSError when it cannot: the caller must not go on as if written)."""
-        line = json.dumps(record, separators=(",", ":"), ensure_ascii=False, default=str).encode() + b"\n"
+        line = json.dumps(record, separators=(",", ":"), default=str).encode() + b"\n"  # ASCII: never unencodable
         with self._lock:
             if self._fd is None:
                 self._reopen()
