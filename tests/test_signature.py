@@ -393,3 +393,14 @@ def test_gate_does_not_contradict_a_command_it_just_passed(auth, keys, tmp_path)
     batch.commit()
     assert store.pending(0, 10) == []
     store.close()
+
+
+def test_gate_leaves_freshness_to_the_clock_rule_while_the_clock_is_not_trusted(auth, keys, tmp_path):
+    store = Store(tmp_path / "agent.db")
+    far = envelope_of(keys, "backend-1", json.dumps(body(expires=NOW + 86400)).encode())
+    trusted = SignatureGate(auth, Topics("sovd", "V1"), lambda reason: None, lambda command_id: False, 10)
+    assert trusted(incoming(b"{}"), far, store.batch()) is None
+    untrusted = SignatureGate(auth, Topics("sovd", "V1"), lambda reason: None, lambda command_id: False, 10,
+                              clock_trusted=lambda: False)
+    assert untrusted(incoming(b"{}"), far, store.batch()) == (body(expires=NOW + 86400), "backend-1")
+    store.close()

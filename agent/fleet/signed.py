@@ -33,11 +33,15 @@ class SignatureGate:
 
     def __init__(self, authenticator: Authenticator, topics: Topics, on_failure: Callable[[str], None],
                  known: Callable[[str], bool], logs_per_minute: int,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 clock_trusted: Callable[[], bool] = lambda: True) -> None:
         self._authenticator = authenticator
         self._topics = topics
         self._on_failure = on_failure
         self._known = known
+        # Whether the wall clock is known to be right; while it is not, the freshness window is left to the
+        # general expires_at rule (clock_unsynchronized) instead of refusing signed commands as `expired`.
+        self._clock_trusted = clock_trusted
         self._logs_per_minute = logs_per_minute
         self._clock = clock
         self._logged: list[float] = []
@@ -45,7 +49,7 @@ class SignatureGate:
         self.suppressed = 0  # failures not logged since the last line that was
 
     def __call__(self, item: Incoming, body: Body, batch: Batch) -> tuple[Body, str | None] | None:
-        verdict = self._authenticator.check(body, item.received_at)
+        verdict = self._authenticator.check(body, item.received_at, self._clock_trusted())
         if isinstance(verdict, Passed):
             if isinstance(verdict.body, dict) and (command_id := readable_id(verdict.body)) is not None:
                 self._passed[command_id] = None
