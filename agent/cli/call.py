@@ -23,8 +23,6 @@ from agent.cli.common import (
 )
 from agent.config.model import ALL_COMMANDS
 from agent.fleet.caller import Caller
-from agent.policy.ed25519 import KeyFileError, SigningUnavailableError
-from agent.policy.signature import Signer
 from agent.wire.timefmt import format_rfc3339
 
 EXIT_TEMPFAIL = 75  # no final response in time / broker unreachable
@@ -63,6 +61,9 @@ def handle(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     signer = None
     if args.sign_key is not None:
+        from agent.policy.ed25519 import KeyFileError, SigningUnavailableError  # not loaded by other subcommands
+        from agent.policy.signature import Signer
+
         try:
             signer = Signer.from_file(args.sign_key, args.key_id)
         except (KeyFileError, SigningUnavailableError) as err:

@@ -10,7 +10,6 @@ from typing import Any
 from agent.cli.common import EXIT_OK, EXIT_UNAVAILABLE, add_subcommand
 from agent.config.parse import KEY_ID
 from agent.config.reader import InvalidValueError
-from agent.policy.ed25519 import KeyFileError, SigningUnavailableError, generate
 
 EXIT_USAGE = 2
 EXIT_CANTCREAT = 73
@@ -27,6 +26,8 @@ def add_parser(sub: Any) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
+    from agent.policy.ed25519 import KeyFileError, SigningUnavailableError, generate  # only for this subcommand
+
     try:
         KEY_ID(args.key_id)
     except InvalidValueError as err:

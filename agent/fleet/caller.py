@@ -9,7 +9,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -18,7 +18,9 @@ from paho.mqtt.properties import Properties
 from agent.config.model import MqttConfig
 from agent.fleet.link import password_of
 from agent.fleet.topics import Topics
-from agent.policy.signature import Signer
+
+if TYPE_CHECKING:
+    from agent.policy.signature import Signer
 
 
 @dataclass(frozen=True)
