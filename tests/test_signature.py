@@ -327,15 +327,16 @@ def test_gate_passes_the_inner_command_and_its_key(auth, keys, tmp_path):
 PROBE = """
 import json, sys, tempfile
 from pathlib import Path
+import agent.cli  # every subcommand module, as `sovd-edge run` loads them
 from agent.config import parse_config
 from agent.system.service import Service
 data = json.loads(sys.argv[1])
 data["state_dir"] = tempfile.mkdtemp()
 service = Service(parse_config(data))
 service.start(wait=2.0)
-loaded = "cryptography" in sys.modules
+loaded = {"cryptography": "cryptography" in sys.modules, "envelopes": "agent.policy.signature" in sys.modules}
 service.stop(0.5)
-print(json.dumps({"cryptography": loaded}))
+print(json.dumps(loaded))
 """
 
 
@@ -349,10 +350,10 @@ def run_probe(data):
 def test_a_daemon_without_signatures_never_imports_cryptography(keys):
     base = {**MINIMAL, "bus": {"interface": "virtual", "channel": f"probe-{time.monotonic_ns()}"},
             "mqtt": {"broker": "mqtt://127.0.0.1:9"}, "metrics": {"enabled": False}}
-    assert run_probe(base) == {"cryptography": False}
+    assert run_probe(base) == {"cryptography": False, "envelopes": False}
     # the probe can tell: the same daemon with a key configured has loaded it
     signed = {**base, "security": {"keys": {"k": {"public_key": str(keys["backend-1"].public)}}}}
-    assert run_probe(signed) == {"cryptography": True}
+    assert run_probe(signed) == {"cryptography": True, "envelopes": True}
 
 
 @pytest.mark.parametrize("value", [["reset"], {"a": 1}, 7, None, True])
