@@ -23,7 +23,8 @@ def schema(name: str) -> dict:
     return {**_DOC, "$ref": f"#/components/schemas/{name}"}
 
 
-VALIDATORS = {name: jsonschema.Draft7Validator(schema(name)) for name in ("Command", "Response", "Status", "Event")}
+VALIDATORS = {name: jsonschema.Draft7Validator(schema(name))
+              for name in ("Command", "SignedCommand", "Response", "Status", "Event")}
 
 
 def validate_published(seen: list[Seen], base: str) -> int:

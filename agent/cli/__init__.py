@@ -10,11 +10,11 @@ import sys
 import traceback
 
 from agent import __version__
-from agent.cli import call, check_config, commands, demo, discover, doctor, import_odx, run, simulate, uds
+from agent.cli import call, check_config, commands, demo, discover, doctor, import_odx, keygen, run, simulate, uds
 from agent.cli.common import EXIT_CODES, EXIT_SOFTWARE, fail
 
 log = logging.getLogger("agent.cli")
-SUBCOMMANDS = (run, call, uds, commands, demo, simulate, check_config, doctor, discover, import_odx)
+SUBCOMMANDS = (run, call, uds, commands, demo, simulate, check_config, doctor, discover, import_odx, keygen)
 
 
 _EXIT_CODES = "exit codes (each subcommand's --help lists its own and what they mean there):\n" + "\n".join(

@@ -1,4 +1,5 @@
-"""`sovd-edge call`: the backend-side reference client. Sends one command, prints every response."""
+"""`sovd-edge call`: the backend-side reference client. Sends one command (signed with --sign-key), prints
+every response."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import json
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 from agent.cli import common as c
@@ -16,6 +18,7 @@ from agent.fleet.topics import is_publishable
 from agent.wire.catalog import params_from_words
 from agent.wire.timefmt import format_rfc3339
 
+SIGNED_EXPIRY_S = 300.0  # a signed command must carry expires_at; --sign-key without one gets this
 MAX_EXPIRY_S = 2**32 - 1  # MQTT 5's Message Expiry Interval is a four-byte integer
 EXITS = {
     **c.ALWAYS,
@@ -45,10 +48,14 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--progress", action="store_true",
                    help="ask for the non-final `accepted` on the --reply-topic too (the default topic always gets it)")
     p.add_argument("--expires-in", type=float, metavar="SECONDS",
-                   help="the command must not start later than this from now (sets expires_at and, on MQTT 5, "
+                   help="the command must not start later than this from now (default with --sign-key: 300, as a "
+                        "signed command must carry expires_at) (sets expires_at and, on MQTT 5, "
                         "the message expiry, so that a broker drops it for an agent that stays offline)")
     p.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the final response")
     p.add_argument("--status", action="store_true", help="print the vehicle's retained status and exit")
+    p.add_argument("--sign-key", type=Path, metavar="FILE",
+                   help="sign the command with this Ed25519 private key (PEM; see `sovd-edge keygen`)")
+    p.add_argument("--key-id", help="the key id the vehicle knows the key by (with --sign-key)")
     p.add_argument("component", nargs="?", help="component (ECU) name")
     p.add_argument("command", nargs="?", choices=ALL_COMMANDS, metavar="COMMAND", help=", ".join(ALL_COMMANDS))
     p.add_argument("params", nargs="*", help="key=value words, key:=JSON, or one JSON object (below)")
@@ -61,6 +68,20 @@ def handle(args: argparse.Namespace, config: AgentConfig) -> int:
     if args.reply_topic is not None and not is_publishable(args.reply_topic):
         c.fail(args, f"--reply-topic {args.reply_topic!r} is not a topic one can publish to (empty, or has + # or NUL)")
         return c.EXIT_USAGE
+    if (args.sign_key is None) != (args.key_id is None):
+        c.fail(args, "--sign-key and --key-id go together")
+        return c.EXIT_USAGE
+    signer = None
+    if args.sign_key is not None:
+        from agent.policy.ed25519 import KeyFileError, SigningUnavailableError  # not loaded by other subcommands
+        from agent.policy.signature import Signer
+        try:
+            signer = Signer.from_file(args.sign_key, args.key_id)
+        except (KeyFileError, SigningUnavailableError) as err:
+            c.fail(args, str(err))
+            return c.EXIT_USAGE
+        if args.expires_in is None and not args.expires_at:
+            args.expires_in = SIGNED_EXPIRY_S
     body: dict[str, Any] | None = None
     if not args.status:
         try:
@@ -69,7 +90,7 @@ def handle(args: argparse.Namespace, config: AgentConfig) -> int:
             c.fail(args, str(err))
             return c.EXIT_USAGE
     try:
-        with Caller(config.mqtt, args.vehicle or config.vehicle) as caller:
+        with Caller(config.mqtt, args.vehicle or config.vehicle, signer=signer) as caller:
             caller.subscribe(caller.topics.status)
             return _call(caller, args, body) if body is not None else _status(caller, args)
     except BrokerUnreachableError as err:

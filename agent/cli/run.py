@@ -12,6 +12,7 @@ from agent import __version__
 from agent.cli import common as c
 from agent.config.model import AgentConfig
 from agent.devtools.sim.simulator import simulators_for
+from agent.errors import ConfigError
 from agent.fleet.link import LinkSetupError
 from agent.metrics.server import MetricsServerError
 from agent.system.daemon import run_until_stopped
@@ -57,6 +58,9 @@ def handle(args: argparse.Namespace, config: AgentConfig) -> int:
         service = Service(config, companions=simulators_for(config, journal=args.sim_journal))
     except LinkSetupError as err:
         log.error("MQTT link cannot be set up: %s", err)
+        return c.EXIT_CONFIG
+    except ConfigError as err:  # e.g. a signing key file that cannot be read
+        log.error("invalid configuration: %s", err)
         return c.EXIT_CONFIG
     try:
         started = service.start(wait=1.0)

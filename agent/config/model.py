@@ -11,6 +11,7 @@ ALL_COMMANDS = (
 )
 # obd is allowed by default: it only reads (services 0x01, 0x03, 0x07, 0x09, 0x0A), like read_data.
 DEFAULT_ALLOWED = ("read_data", "read_faults", "tester_present", "obd")
+SIGNATURE_MODES = ("none", "mutating", "all")
 ADDRESSING_MODES = (
     "normal_11bit", "normal_29bit", "normal_fixed_29bit",
     "extended_11bit", "extended_29bit", "mixed_11bit", "mixed_29bit",
@@ -71,6 +72,36 @@ class StoreConfig:
     ledger_retention_s: int = 7 * 24 * 3600
     outbox_max_messages: int = 10_000
     outbox_max_age_s: int = 7 * 24 * 3600
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    """A backend public key that may sign commands, and what it may sign (None: everything)."""
+
+    key_id: str
+    public_key: Path  # PEM (SubjectPublicKeyInfo) of an Ed25519 key; read when the agent starts
+    commands: frozenset[str] | None = None
+    components: frozenset[str] | None = None
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    max_bytes: int = 1024 * 1024  # the audit file is rotated past this size
+    keep: int = 4  # rotated files kept (audit.jsonl.1 .. .keep)
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    require_signature: str = "none"  # none | mutating | all
+    keys: tuple[SigningKey, ...] = ()
+    max_expiry_ahead_s: int = 3600
+    failure_logs_per_minute: int = 10
+    audit: AuditConfig = field(default_factory=AuditConfig)
+
+    @property
+    def signatures_configured(self) -> bool:
+        """Envelopes are understood (and `cryptography` loaded) only when this is true."""
+        return self.require_signature != "none" or bool(self.keys)
 
 
 @dataclass(frozen=True)
@@ -176,6 +207,7 @@ class AgentConfig:
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
     state_dir: Path = Path("/var/lib/sovd-edge")
     max_command_timeout_ms: int = 60_000
     log_level: str = "INFO"

@@ -10,6 +10,7 @@ import yaml
 
 from agent.config import model as m
 from agent.config.ecu import parse_ecu
+from agent.config.model import ALL_COMMANDS
 from agent.config.reader import (
     InvalidValueError,
     Node,
@@ -64,6 +65,7 @@ def parse_config(data: Any, source: Path | None = None) -> m.AgentConfig:
     mqtt = _mqtt(root.child("mqtt"), base)
     metrics = _metrics(root.child("metrics"), base)
     store = _store(root.child("store"))
+    security = _security(root.child("security"), base, {e.name for e in ecus})
     state_dir = root.get("state_dir", _path(base), m.AgentConfig.state_dir)
     max_timeout = root.get("max_command_timeout_ms", integer(1, 3_600_000), 60_000)
     log_level = root.get("log_level", choice("DEBUG", "INFO", "WARNING", "ERROR"), "INFO")
@@ -75,7 +77,8 @@ def parse_config(data: Any, source: Path | None = None) -> m.AgentConfig:
     if problems:
         raise ConfigError(str(source or "config"), problems.items)
     return m.AgentConfig(
-        vehicle=vehicle, bus=bus, ecus=ecus, mqtt=mqtt, metrics=metrics, store=store, state_dir=state_dir,
+        vehicle=vehicle, bus=bus, ecus=ecus, mqtt=mqtt, metrics=metrics, store=store, security=security,
+        state_dir=state_dir,
         max_command_timeout_ms=max_timeout, log_level=log_level, simulate=simulate, source=source,
     )
 
@@ -185,6 +188,71 @@ def _store(node: Node | None) -> m.StoreConfig:
     )
     node.finish()
     return config
+
+
+KEY_ID = text(r"[A-Za-z0-9._:-]{1,64}", "a key id of 1-64 A-Z a-z 0-9 . _ : -", max_len=64)
+
+
+def _security(node: Node | None, base: Path, components: set[str]) -> m.SecurityConfig:
+    """`security:`: which commands need a signature, the keys that may sign them, the audit log."""
+    if node is None:
+        return m.SecurityConfig()
+    mode = node.get("require_signature", choice(*m.SIGNATURE_MODES), "none")
+    keys = _signing_keys(node.child("keys"), base, components)
+    if mode not in (None, "none") and not keys and node.ok:
+        node.problems.add(join(node.path, "keys"), f"require_signature: {mode} needs at least one key")
+    audit_node = node.child("audit")
+    audit = m.AuditConfig()
+    if audit_node is not None:
+        audit = m.AuditConfig(
+            max_bytes=audit_node.get("max_bytes", integer(4096, 1024**3), m.AuditConfig.max_bytes),
+            keep=audit_node.get("keep", integer(1, 1000), m.AuditConfig.keep),
+        )
+        audit_node.finish()
+    config = m.SecurityConfig(
+        require_signature=mode or "none", keys=keys,
+        max_expiry_ahead_s=node.get("max_expiry_ahead_s", integer(1, 7 * 86400), 3600),
+        failure_logs_per_minute=node.get("failure_logs_per_minute", integer(0, 10_000), 10),
+        audit=audit,
+    )
+    node.finish()
+    return config
+
+
+def _signing_keys(node: Node | None, base: Path, components: set[str]) -> tuple[m.SigningKey, ...]:
+    """`security.keys`: key id -> {public_key, commands, components}; several at once for rotation."""
+    if node is None:
+        return ()
+    keys = []
+    for key_id in list(node.data):
+        node.raw(key_id)
+        path = join(node.path, str(key_id))
+        if node.check(path, key_id, KEY_ID) is None:
+            continue
+        entry = Node(node.data[key_id], path, node.problems)
+        public_key = entry.get("public_key", _path(base))
+        commands = _names(entry, "commands", set(ALL_COMMANDS), "a command")
+        allowed_components = _names(entry, "components", components, "a component of this config")
+        entry.finish()
+        if entry.ok and public_key is not None:
+            keys.append(m.SigningKey(key_id, public_key, commands, allowed_components))
+    return tuple(keys)
+
+
+def _names(node: Node, key: str, known: set[str], what: str) -> frozenset[str] | None:
+    """A non-empty list of names from `known` (None when the key is absent: no limit)."""
+    if not node.has(key):
+        return None
+    names = set()
+    raw = node.data.get(key)
+    if isinstance(raw, list) and not raw:
+        node.problems.add(join(node.path, key), "an empty list allows nothing; leave the key out for no limit")
+    for path, item in node.items_of(key):
+        if item not in known:
+            node.problems.add(path, f"{describe(item)} is not {what} (known: {', '.join(sorted(known))})")
+        else:
+            names.add(item)
+    return frozenset(names)
 
 
 def broker_url(value: Any) -> str:

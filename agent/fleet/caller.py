@@ -9,7 +9,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -18,6 +18,9 @@ from paho.mqtt.properties import Properties
 from agent.config.model import MqttConfig
 from agent.fleet.link import password_of
 from agent.fleet.topics import Topics
+
+if TYPE_CHECKING:
+    from agent.policy.signature import Signer
 
 
 @dataclass(frozen=True)
@@ -41,14 +44,16 @@ class BrokerUnreachableError(ConnectionError):
 class Caller:
     """An MQTT client that records everything it is subscribed to.
 
+    With a `signer`, every command is sent in a signed envelope (protocol section Signed commands).
     By default its session is clean and short-lived. With `session_expiry_s` (and a fixed `client_id`)
     the broker keeps its subscriptions and queues replies while it is away, as a real backend's
     session does: reconnecting with the same id picks up what was published meanwhile.
     """
 
     def __init__(self, config: MqttConfig, vehicle: str, client_id: str | None = None,
-                 session_expiry_s: int = 0) -> None:
+                 session_expiry_s: int = 0, signer: Signer | None = None) -> None:
         self.topics = Topics(config.prefix, vehicle)
+        self.signer = signer
         self._v5 = config.protocol == "5"
         self._host, self._port, tls = config.host_port_tls
         self._broker = config.broker
@@ -111,8 +116,10 @@ class Caller:
 
     def send(self, body: dict[str, Any] | bytes, response_topic: str | None = None, correlation: bytes | None = None,
              expiry_s: int | None = None) -> None:
-        """Publishes a command (QoS 1) and waits for the broker's PUBACK."""
+        """Publishes a command (QoS 1) and waits for the broker's PUBACK; signed when the caller has a signer."""
         payload = body if isinstance(body, bytes) else json.dumps(body).encode()
+        if self.signer is not None:
+            payload = self.signer.wrap(payload)
         properties = None
         if self._v5 and (response_topic or correlation is not None or expiry_s is not None):
             properties = Properties(PacketTypes.PUBLISH)

@@ -28,6 +28,9 @@ from agent.wire.parse import InvalidCommandError, UnknownComponentError, parse_c
 log = logging.getLogger(__name__)
 
 GROUP_MAX = 64
+# (incoming, decoded body, batch) -> (body to process, signing key id or None), or None when refused
+Authenticate = Callable[[Incoming, dict[str, Any] | decode.Undecodable, Batch],
+                        tuple[dict[str, Any] | decode.Undecodable, str | None] | None]
 
 
 @dataclasses.dataclass
@@ -46,8 +49,10 @@ class Intake:
                  submit: Callable[[Command, Entry], None], wake_outbox: Callable[[], None],
                  check: Callable[[Command, int], Admission],
                  on_final: Callable[[dict[str, Any]], None] | None = None,
-                 on_rejected: Callable[[str], None] | None = None) -> None:
+                 on_rejected: Callable[[str], None] | None = None,
+                 authenticate: Authenticate | None = None) -> None:
         self._config = config
+        self._authenticate = authenticate
         self._store = store
         self._topics = topics
         self._ack = ack
@@ -124,6 +129,12 @@ class Intake:
     # ---- one message ---------------------------------------------------------------------------
     def _decide(self, item: Incoming, batch: Batch, seen: set[str]) -> tuple[Command, Entry] | None:
         body = decode.decode_command(item.payload)
+        signer = None
+        if self._authenticate is not None:  # signed commands: the envelope's inner Command, or refused
+            passed = self._authenticate(item, body, batch)
+            if passed is None:
+                return None
+            body, signer = passed
         if isinstance(body, decode.Undecodable):
             if body.command_id is None:
                 self._invalid_event("undecodable", body.reason, item)
@@ -171,7 +182,7 @@ class Intake:
         self._promised[command.component] = self._promised.get(command.component, 0) + 1
         send_accepted = self._config.mqtt.send_accepted and self._takes_progress(item, body, reply_topic)
         entry = Entry(command_id, "queued", body, reply_topic, item.correlation, item.received_at,
-                      command.expires_at, 1 if send_accepted else 0, None)
+                      command.expires_at, 1 if send_accepted else 0, None, signer)
         batch.add_command(entry)
         log.info("command accepted", extra=command_fields(command_id, command.component, command.command))
         if send_accepted:

@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector
 from agent import __version__
 from agent.config.model import ALL_COMMANDS
 from agent.metrics.canstate import STATES
+from agent.wire.command import AuthFailure
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,16 @@ class AgentMetrics:
         self.rejected = Counter("sovd_rejected_messages",
                                 "Command messages refused before execution, by reason.", ["reason"],
                                 registry=registry)
+        self.auth_failures = Counter("sovd_authentication_failures",
+                                     "Command messages that failed authentication (signed commands), by reason.",
+                                     ["reason"], registry=registry)
+        for reason in AuthFailure:
+            self.auth_failures.labels(str(reason))
+        self.audit_damaged = Counter("sovd_audit_log_damaged",
+                                     "Damaged last lines found in the audit log at start (power lost mid-write).",
+                                     registry=registry)
+        self.audit_errors = Counter("sovd_audit_log_write_errors", "Audit records that could not be written.",
+                                    registry=registry)
         self.reachable = Gauge("sovd_ecu_reachable", "1 if the component answered its last request or probe.",
                                ["component"], registry=registry)
         Info("sovd_build", "Agent version and vehicle.", registry=registry).info(
@@ -90,6 +101,11 @@ class AgentMetrics:
                 self.executed.labels("completed", command, component)
         if state is not None:
             registry.register(StateCollector(state))
+
+    def auth_failure(self, reason: str) -> None:
+        """A message failed authentication: counted by reason, and as a rejected message."""
+        self.auth_failures.labels(reason if reason in set(AuthFailure) else "unknown").inc()
+        self.rejected.labels("unauthenticated").inc()
 
     def label_component(self, component: str) -> str:
         return component if component in self.components else "unknown"

@@ -1,2 +1,2 @@
-"""The agent's durable memory: the SQLite command ledger and the outbox of messages to publish.
+"""The agent's durable memory: the SQLite command ledger, the outbox of messages to publish, the audit log.
 May import: the standard library only (it stores bytes and JSON, it knows no protocol)."""

@@ -29,7 +29,8 @@ CREATE TABLE IF NOT EXISTS ledger (
     expires_at REAL,
     seq INTEGER NOT NULL DEFAULT 0,
     final_message TEXT,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    signer TEXT
 );
 CREATE INDEX IF NOT EXISTS ledger_state ON ledger (state, updated_at);
 CREATE TABLE IF NOT EXISTS outbox (
@@ -56,6 +57,7 @@ class Entry:
     expires_at: float | None
     seq: int
     final_message: dict[str, Any] | None
+    signer: str | None = None  # the key id that signed the command; None for an unsigned one
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,9 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(ledger)")}
+        if "signer" not in columns:  # a store written before signed commands existed
+            self._db.execute("ALTER TABLE ledger ADD COLUMN signer TEXT")
 
     def close(self) -> None:
         with self._lock:
@@ -170,10 +175,10 @@ class Batch:
     def add_command(self, entry: Entry) -> None:
         self._statements.append((
             "INSERT INTO ledger (id, state, body, reply_topic, correlation, received_at, expires_at, seq, "
-            "final_message, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "final_message, updated_at, signer) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (entry.id, entry.state, json.dumps(entry.body), entry.reply_topic, entry.correlation,
              entry.received_at, entry.expires_at, entry.seq,
-             json.dumps(entry.final_message) if entry.final_message else None, time.time())))
+             json.dumps(entry.final_message) if entry.final_message else None, time.time(), entry.signer)))
 
     def set_state(self, command_id: str, state: str, seq: int | None = None,
                   final_message: dict[str, Any] | None = None) -> None:
@@ -194,6 +199,6 @@ class Batch:
 
 
 def _entry(row: tuple[Any, ...]) -> Entry:
-    cid, state, body, reply_topic, correlation, received_at, expires_at, seq, final_message, _ = row
+    cid, state, body, reply_topic, correlation, received_at, expires_at, seq, final_message, _, signer = row
     return Entry(cid, state, json.loads(body), reply_topic, correlation, received_at, expires_at, seq,
-                 json.loads(final_message) if final_message else None)
+                 json.loads(final_message) if final_message else None, signer)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 
@@ -23,10 +23,14 @@ from agent.metrics.registry import AgentMetrics, AgentState
 from agent.metrics.server import MetricsServer
 from agent.policy.admission import Admission
 from agent.store.sqlite import Entry, Outgoing, Store
+from agent.system.audit import AuditTrail
 from agent.wire import messages as m
 from agent.wire.command import Command, ErrorCode, Outcome, Result, Status, command_fields
 from agent.wire.messages import response_message
 from agent.wire.parse import InvalidCommandError, UnknownComponentError, parse_command
+
+if TYPE_CHECKING:
+    from agent.fleet.signed import SignatureGate
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +46,8 @@ class Service:
         self.started_at = time.time()
         self.stopped_at: float | None = None  # set when a clean stop begins: the offline status's `since`
         self.topics = Topics(config.mqtt.prefix, config.vehicle)
+        gate = signature_gate(config, self.topics, lambda reason: self.metrics.auth_failure(reason),
+                              known=lambda command_id: self.store.get(command_id) is not None)  # first: may refuse
         self.store = Store(config.state_dir / STORE_FILE)
         self.runtime = Runtime(config, sink=self._on_result, on_start=self._on_start,
                                bus_factory=bus_factory, companions=companions,
@@ -58,15 +64,21 @@ class Service:
                              status=self._status, on_command=self._on_incoming, on_published=self._on_published,
                              on_connection=self._on_connection)
         self.outbox = Outbox(self.store, config.store, self.link.publish, lambda: self.link.connected)
+        self.audit = AuditTrail(config, self.topics, self.store.get, on_error=self.metrics.audit_errors.inc,
+                                on_damage=lambda damage: self.metrics.audit_damaged.inc())
         self.intake = Intake(config, self.store, self.topics, self.link.ack, self._admit, self.outbox.wake,
                              self.runtime.check, on_final=self._count_final,
-                             on_rejected=lambda reason: self.metrics.rejected.labels(reason).inc())
+                             on_rejected=lambda reason: self.metrics.rejected.labels(reason).inc(),
+                             authenticate=gate)
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def start(self, wait: float = 1.0) -> bool:
         """Starts every part; True when the CAN bus is up (the broker may still be unreachable)."""
         if self.metrics_server is not None:
             self.metrics_server.start()
+        batch = self.store.batch()
+        self.audit.open(batch)
+        batch.commit()
         requeue = self._recover()
         bus_up = self.runtime.start(wait)
         self.bus_monitor.start()
@@ -89,6 +101,7 @@ class Service:
         self.bus_monitor.stop()
         if self.metrics_server is not None:
             self.metrics_server.stop()
+        self.audit.close()
         self.store.close()
 
     def health(self) -> list[str]:
@@ -179,6 +192,7 @@ class Service:
 
     def _on_start(self, command: Command) -> None:
         batch = self.store.batch()
+        self.audit.started(command, batch)  # a mutating command's record is on the disk before it runs
         batch.set_state(command.id, "started")
         batch.commit()
 
@@ -196,6 +210,7 @@ class Service:
         batch = self.store.batch()
         for message in pieces:
             batch.publish(Outgoing(entry.reply_topic, m.encode(message), entry.correlation, entry.id))
+        self.audit.finished(entry, result, batch)
         batch.set_state(entry.id, "final", seq=pieces[-1]["seq"], final_message=final)
         batch.commit()
         self.outbox.wake()
@@ -239,6 +254,21 @@ class Service:
             self._finish(entry, _never_ran(entry, refusal_outcome(err)))
             return None
         return dataclasses.replace(command, expires_at=entry.expires_at, correlation_data=entry.correlation), entry
+
+
+def signature_gate(config: AgentConfig, topics: Topics, on_failure: Callable[[str], None],
+                   known: Callable[[str], bool]) -> SignatureGate | None:
+    """Intake's check of signed commands; None (and `cryptography` never imported) when none are configured.
+
+    Raises ConfigError when a configured key cannot be loaded (or `cryptography` is missing).
+    """
+    if not config.security.signatures_configured:
+        return None
+    from agent.fleet.signed import SignatureGate  # imported only by agents that check signatures
+    from agent.policy.signature import load_authenticator
+
+    authenticator = load_authenticator(config.security, str(config.source or "config"))
+    return SignatureGate(authenticator, topics, on_failure, known, config.security.failure_logs_per_minute)
 
 
 def _never_ran(entry: Entry, outcome: Outcome) -> Result:

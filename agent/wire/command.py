@@ -39,6 +39,17 @@ class ErrorCode(enum.StrEnum):
     TIMEOUT = "timeout"
     EXPIRED = "expired"
     INTERRUPTED = "interrupted"
+    UNAUTHENTICATED = "unauthenticated"
+
+
+class AuthFailure(enum.StrEnum):
+    """Why a message failed authentication: `error.reason` of an `unauthenticated` refusal, a metric label."""
+
+    MISSING = "missing"
+    UNKNOWN_KEY = "unknown_key"
+    BAD_SIGNATURE = "bad_signature"
+    EXPIRED = "expired"
+    NOT_ALLOWED = "not_allowed"
 
 
 # ---- per-command parameters (validated, resolved against the component's config) -----------------

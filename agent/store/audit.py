@@ -1,0 +1,151 @@
+"""The audit log file: append-only JSON lines in the state dir, each record fsynced, rotated by size.
+
+A record is on the disk before `append` returns. Power lost in the middle of a write can leave a
+last line without its newline (or a line that is not JSON): `open` finds it, reports it as
+`Damage`, and ends it with a newline so that every later record starts a line of its own (the
+caller then appends a record of the damage, so the next start does not report it again). The
+damaged line itself stays as it was: an audit log is never rewritten.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+AUDIT_FILE = "audit.jsonl"
+TAIL_BYTES = 256 * 1024  # a record is at most a command (64 KiB) plus its outcome; this reaches the last one
+
+
+@dataclass(frozen=True)
+class Damage:
+    """What `open` found at the end of the file: `truncated` (no final newline) or `unreadable` (not JSON)."""
+
+    kind: str
+    bytes: int
+    file: str
+
+
+class AuditLog:
+    """One writer for `{directory}/audit.jsonl` and its rotations `audit.jsonl.1` .. `.{keep}` (oldest last)."""
+
+    def __init__(self, directory: Path, max_bytes: int, keep: int) -> None:
+        self.path = directory / AUDIT_FILE
+        self._max_bytes = max_bytes
+        self._keep = keep
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+        self._size = 0
+
+    def open(self) -> Damage | None:
+        """Opens the file for appending; returns the damage a power loss left at its end, if any."""
+        with self._lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            damage = _inspect(self.path)
+            self._reopen()
+            if damage is not None and damage.kind == "truncated":
+                self._write(b"\n")  # the next record starts a line of its own
+            return damage
+
+    def append(self, record: dict[str, Any]) -> None:
+        """Writes one record and fsyncs it (OSError when it cannot: the caller must not go on as if written)."""
+        line = json.dumps(record, separators=(",", ":"), default=str).encode() + b"\n"  # ASCII: never unencodable
+        with self._lock:
+            if self._fd is None:
+                self._reopen()
+            if self._size > 0 and self._size + len(line) > self._max_bytes:
+                self._rotate()
+            self._write(line)
+
+    def close(self) -> None:
+        with self._lock:
+            self._close()
+
+    def files(self) -> list[Path]:
+        """The current file and the rotated ones that exist, newest first."""
+        rotated = [self.path.with_name(f"{AUDIT_FILE}.{i}") for i in range(1, self._keep + 1)]
+        return [p for p in (self.path, *rotated) if p.exists()]
+
+    # ---- under the lock ------------------------------------------------------------------------
+    def _close(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
+    def _reopen(self) -> None:
+        self._close()
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        self._size = os.fstat(self._fd).st_size
+
+    def _write(self, data: bytes) -> None:
+        assert self._fd is not None
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view):]
+            os.fsync(self._fd)
+        except OSError:
+            self._close()  # reopened (and its size read again) on the next append
+            raise
+        self._size += len(data)
+
+    def _rotate(self) -> None:
+        """audit.jsonl -> .1 -> .2 ... -> .keep (the oldest is dropped); the directory entry is fsynced."""
+        self._close()
+        for index in range(self._keep - 1, 0, -1):
+            older = self.path.with_name(f"{AUDIT_FILE}.{index}")
+            if older.exists():
+                os.replace(older, self.path.with_name(f"{AUDIT_FILE}.{index + 1}"))
+        os.replace(self.path, self.path.with_name(f"{AUDIT_FILE}.1"))
+        _fsync_dir(self.path.parent)
+        log.info("audit log rotated", extra={"file": str(self.path), "keep": self._keep})
+        self._reopen()
+
+
+def _inspect(path: Path) -> Damage | None:
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return None
+    if size == 0:
+        return None
+    with path.open("rb") as f:
+        f.seek(max(0, size - TAIL_BYTES))
+        tail = f.read()
+    if not tail.endswith(b"\n"):
+        return Damage("truncated", len(tail) - (tail.rfind(b"\n") + 1), str(path))
+    last = tail[:-1].rsplit(b"\n", 1)[-1]
+    if not last.strip():
+        return None
+    try:
+        json.loads(last)
+    except ValueError:
+        return Damage("unreadable", len(last) + 1, str(path))
+    return None
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_records(path: Path) -> list[dict[str, Any] | None]:
+    """Every line of an audit file as a record; None for a line that is not one (damage). For tools and tests."""
+    records: list[dict[str, Any] | None] = []
+    for line in path.read_bytes().splitlines():
+        try:
+            value = json.loads(line)
+        except ValueError:
+            records.append(None)
+            continue
+        records.append(value if isinstance(value, dict) else None)
+    return records

@@ -1,0 +1,286 @@
+"""Signed commands and the audit log end to end: real Mosquitto, the agent in-process (so the simulator's
+counters prove what ran), keys made at test time. Every message the agent publishes is validated against
+docs/asyncapi.yaml by the `backend` fixture."""
+
+import dataclasses
+import json
+import logging
+import os
+import time
+import uuid
+
+import pytest
+from signing_support import expires_in, make_keys, security
+
+from agent.bus.owner import wait_until
+from agent.store.audit import AUDIT_FILE, read_records
+from agent.system.service import Service
+
+MUTATING = [
+    ("set_session", {"session": "extended"}),
+    ("security_access", {"level": 1}),
+    ("write_data", {"data": "idle_mode", "value": "high"}),
+    ("operation", {"routine": "self_test", "action": "start"}),
+    ("operation", {"routine": "0x9999", "action": "start"}),  # the ECU refuses it: NRC 0x31
+    ("io_control", {"data": "engine_speed", "control": "freeze"}),
+    ("raw", {"request": "22F40D"}),
+    ("clear_faults", {}),
+    ("reset", {"type": "soft"}),
+]
+READ_ONLY = [("read_data", {"data": "vin"}), ("read_faults", {}), ("tester_present", {})]
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    return make_keys(tmp_path_factory.mktemp("keys"), "backend-1", "backend-2", "workshop", "stranger")
+
+
+def signed_config(config, keys, *key_ids, **fields):
+    limits = {"workshop": {"commands": ["read_data", "read_faults", "clear_faults"], "components": ["engine"]}}
+    chosen = [keys[k].config(**limits.get(k, {})) for k in key_ids]
+    return dataclasses.replace(config, security=security(*chosen, **fields))
+
+
+@pytest.fixture
+def signed_vehicle(mqtt_vehicle, keys):
+    return signed_config(mqtt_vehicle, keys, "backend-1", "backend-2", "workshop")
+
+
+def start(config, backend):
+    svc = Service(config)
+    svc.start()
+    assert svc.link.wait_connected(10), svc.link.last_error
+    backend.wait_for(lambda s: s.topic == backend.topics.status and s.json().get("state") == "online"
+                     and s.at >= svc.started_at, 10)
+    return svc
+
+
+@pytest.fixture
+def signed(signed_vehicle, sim, backend):
+    svc = start(signed_vehicle, backend)
+    yield svc
+    svc.stop()
+
+
+def command(name="clear_faults", params=None, component="engine", expires=60, **fields):
+    body = {"id": f"s-{uuid.uuid4().hex[:10]}", "component": component, "command": name,
+            "params": {} if params is None else params, **fields}
+    if expires is not None:
+        body["expires_at"] = expires_in(expires)
+    return body
+
+
+def failures(svc, reason):
+    return svc.registry.get_sample_value("sovd_authentication_failures_total", {"reason": reason})
+
+
+def barrier(backend, topic="replies/chosen"):
+    """A read answered on `topic`: whatever the agent published before it has arrived by then."""
+    body = command("read_data", {"data": "vin"}, expires=None)
+    backend.send(body, response_topic=topic)
+    backend.final(body["id"], topic=topic)
+
+
+# ---- accepted ---------------------------------------------------------------------------------------------
+
+def test_signed_mutating_command_runs(signed, backend, sim, keys):
+    body = command()
+    backend.send(keys["backend-1"].sign(body), response_topic="replies/signed")
+    final = backend.final(body["id"], topic="replies/signed")  # a signed command's Response Topic is honoured
+    assert final["status"] == "completed"
+    assert sim.ecu("engine").server.executed[0x14] == 1
+    assert signed.store.get(body["id"]).signer == "backend-1"
+
+
+def test_unsigned_reads_still_run_under_mutating(signed, backend, sim):
+    for name, params in READ_ONLY:
+        body = command(name, params, expires=None)
+        backend.send(body)
+        assert backend.final(body["id"])["status"] == "completed", name
+
+
+# ---- refused: one test per reason, each on the default topic, nothing run, nothing remembered ---------------
+
+def refusal_cases(keys):
+    """(reason, the inner command, the payload sent, key id named, rule named): one fresh id per case."""
+    def tampered():
+        body = command()
+        envelope = json.loads(keys["backend-1"].sign(body))
+        envelope["sig"] = json.loads(keys["backend-2"].sign(body))["sig"]  # backend-2's signature, named backend-1
+        return body, json.dumps(envelope).encode()
+
+    def by(key_id, body):
+        return body, keys[key_id].sign(body)
+
+    plain = command()
+    cases = [
+        ("missing", plain, json.dumps({**plain, "reply_to": "replies/chosen"}).encode(), None, None),
+        ("unknown_key", *by("stranger", command()), "stranger", None),
+        ("bad_signature", *tampered(), "backend-1", None),
+        ("expired", *by("backend-1", command(expires=-5)), "backend-1", None),
+        ("expired", *by("backend-1", command(expires=3 * 3600)), "backend-1", "security.max_expiry_ahead_s"),
+        ("expired", *by("backend-1", command(expires=None)), "backend-1", None),
+        ("not_allowed", *by("workshop", command("reset", {"type": "soft"})), "workshop",
+         "security.keys.workshop.commands"),
+        ("not_allowed", *by("workshop", command(component="body")), "workshop", "security.keys.workshop.components"),
+    ]
+    return cases
+
+
+def test_each_refusal_reason(signed, backend, sim, keys, caplog):
+    cases = refusal_cases(keys)
+    with caplog.at_level(logging.WARNING, logger="agent.fleet.signed"):
+        for reason, body, payload, key_id, rule in cases:
+            before = failures(signed, reason)
+            backend.send(payload, response_topic="replies/chosen", correlation=b"c")
+            final = backend.final(body["id"])  # the default topic, whatever reply topic the message chose
+            error = final["error"]
+            assert (final["status"], error["code"], error["reason"]) == ("rejected", "unauthenticated", reason), final
+            assert error.get("key_id") == key_id and error.get("rule") == rule
+            assert failures(signed, reason) == before + 1
+            assert signed.store.get(body["id"]) is None  # not remembered
+    barrier(backend)
+    ids = {body["id"] for _, body, *_ in cases}
+    assert not [s for s in backend.seen if s.topic.startswith("replies/") and json.loads(s.payload)["id"] in ids]
+    assert sim.ecu("engine").received[0x14] == sim.ecu("engine").received[0x11] == 0
+    assert sim.ecu("body").received[0x14] == 0
+    warned = {(r.reason, r.key_id) for r in caplog.records if r.name == "agent.fleet.signed"}
+    assert warned == {("missing", ""), ("unknown_key", "stranger"), ("bad_signature", "backend-1"),
+                      ("expired", "backend-1"), ("not_allowed", "workshop")}
+    assert signed.registry.get_sample_value("sovd_rejected_messages_total", {"reason": "unauthenticated"}) == \
+        len(cases)
+
+
+def test_a_refused_message_does_not_claim_its_id(signed, backend, sim, keys):
+    body = command()
+    backend.send(body)  # unsigned: refused
+    assert backend.final(body["id"])["error"]["reason"] == "missing"
+    backend.send(keys["backend-1"].sign(body))  # the genuine command with the same id still runs
+    backend.wait_for(lambda s: s.topic == backend.topics.responses(body["id"]) and b'"completed"' in s.payload, 10)
+    assert sim.ecu("engine").server.executed[0x14] == 1
+
+
+def test_roles_a_workshop_key_may_clear_faults_but_not_reset(signed, backend, sim, keys):
+    clear = command()
+    backend.send(keys["workshop"].sign(clear))
+    assert backend.final(clear["id"])["status"] == "completed"
+    reset = command("reset", {"type": "hard"})
+    backend.send(keys["workshop"].sign(reset))
+    refused = backend.final(reset["id"])["error"]
+    assert refused["reason"] == "not_allowed" and "may not sign reset" in refused["message"]
+    assert (sim.ecu("engine").server.executed[0x14], sim.ecu("engine").received[0x11]) == (1, 0)
+
+
+# ---- replay ---------------------------------------------------------------------------------------------
+
+def test_replay_of_a_captured_envelope(signed, backend, sim, keys):
+    body = command(expires=2)
+    expiry = time.time() + 2
+    captured = keys["backend-1"].sign(body)
+    backend.send(captured)
+    assert backend.final(body["id"])["status"] == "completed"
+    backend.send(captured)  # same id: the final again, marked duplicate, never a second run
+    topic = backend.topics.responses(body["id"])
+    backend.wait_for(lambda s: s.topic == topic and b'"duplicate"' in s.payload, 10)
+    assert wait_until(lambda: time.time() > expiry + 0.05, 5)
+    backend.send(captured)  # after its expiry: refused (counted; not answered, the id is held)
+    assert wait_until(lambda: failures(signed, "expired") == 1, 10)
+    barrier(backend)
+    assert [r["status"] for r in backend.replies(body["id"])] == ["accepted", "completed", "completed"]
+    assert sim.ecu("engine").server.executed[0x14] == 1
+
+
+# ---- rotation -------------------------------------------------------------------------------------------
+
+def test_rotation_old_and_new_key_then_old_removed(mqtt_vehicle, keys, sim, backend):
+    def send(svc, key_id):
+        body = command()
+        backend.send(keys[key_id].sign(body))
+        return backend.final(body["id"])
+
+    both = start(signed_config(mqtt_vehicle, keys, "backend-1", "backend-2"), backend)
+    try:
+        assert send(both, "backend-1")["status"] == send(both, "backend-2")["status"] == "completed"
+    finally:
+        both.stop()
+    new_only = start(signed_config(mqtt_vehicle, keys, "backend-2"), backend)
+    try:
+        old = send(new_only, "backend-1")
+        assert old["status"] == "rejected" and old["error"]["reason"] == "unknown_key"
+        assert send(new_only, "backend-2")["status"] == "completed"
+    finally:
+        new_only.stop()
+    assert sim.ecu("engine").server.executed[0x14] == 3
+
+
+# ---- the audit log --------------------------------------------------------------------------------------
+
+def audit_events(backend):
+    return [s.json() for s in backend.seen if s.topic == backend.topics.events and b'"audit"' in s.payload]
+
+
+def test_every_mutating_command_is_audited_in_the_file_and_as_events(signed, signed_vehicle, backend, keys):
+    sent = []
+    for name, params in MUTATING + READ_ONLY:
+        body = command(name, params)
+        backend.send(keys["backend-1"].sign(body))
+        final = backend.final(body["id"])
+        sent.append((body, final))
+    records = read_records(signed_vehicle.state_dir / AUDIT_FILE)
+    mutating = [(body, final) for body, final in sent if body["command"] not in ("read_data", "read_faults",
+                                                                                   "tester_present")]
+    assert len(records) == 2 * len(mutating)
+    for (body, final), started, finished in zip(mutating, records[::2], records[1::2], strict=True):
+        assert started == {"at": started["at"], "phase": "started", "id": body["id"], "who": "backend-1",
+                           "component": "engine", "command": body["command"], "params": body["params"]}
+        assert (finished["phase"], finished["id"], finished["status"]) == ("finished", body["id"], final["status"])
+    assert {r["status"] for r in records[1::2]} == {"completed", "failed"}
+    assert next(r for r in records if r.get("status") == "failed")["error"]["code"] == "negative_response"
+    expected = [(r["phase"], r["id"]) for r in records]
+    assert wait_until(lambda: [(e["phase"], e["id"]) for e in audit_events(backend)] == expected, 10)
+
+
+def test_unsigned_commands_are_audited_as_unsigned(service, mqtt_vehicle, backend):
+    body = command(expires=None)
+    backend.send(body)
+    assert backend.final(body["id"])["status"] == "completed"
+    started, finished = read_records(mqtt_vehicle.state_dir / AUDIT_FILE)
+    assert started["who"] == finished["who"] == "unsigned"
+
+
+def test_no_audit_record_no_run(mqtt_vehicle, sim, backend):
+    """A full disk (a real /dev/full under the audit file): mutating commands fail `internal` and never run,
+    reads go on."""
+    mqtt_vehicle.state_dir.mkdir(parents=True)
+    os.symlink("/dev/full", mqtt_vehicle.state_dir / AUDIT_FILE)
+    svc = start(mqtt_vehicle, backend)
+    try:
+        clear, read = command(expires=None), command("read_data", {"data": "vin"}, expires=None)
+        backend.send(clear)
+        final = backend.final(clear["id"])
+        assert final["status"] == "failed" and "audit log" in final["error"]["message"]
+        backend.send(read)
+        assert backend.final(read["id"])["status"] == "completed"
+        assert sim.ecu("engine").received[0x14] == 0
+        assert svc.registry.get_sample_value("sovd_audit_log_write_errors_total") == 1
+    finally:
+        svc.stop()
+
+
+def test_a_damaged_last_line_is_reported_at_start(mqtt_vehicle, sim, backend):
+    mqtt_vehicle.state_dir.mkdir(parents=True)
+    (mqtt_vehicle.state_dir / AUDIT_FILE).write_bytes(b'{"phase": "started", "id": "x"}\n{"phase": "fin')
+    svc = start(mqtt_vehicle, backend)
+    try:
+        (event,) = backend.wait_for(lambda s: s.topic == backend.topics.events and b"audit_log_damaged" in s.payload,
+                                    10)
+        assert (event.json()["damage"], event.json()["bytes"]) == ("truncated", len(b'{"phase": "fin'))
+        assert svc.registry.get_sample_value("sovd_audit_log_damaged_total") == 1
+        body = command(expires=None)
+        backend.send(body)
+        assert backend.final(body["id"])["status"] == "completed"
+    finally:
+        svc.stop()
+    records = read_records(mqtt_vehicle.state_dir / AUDIT_FILE)
+    assert records[1] is None and records[2]["phase"] == "damaged"
+    assert [r["phase"] for r in records[3:]] == ["started", "finished"]
