@@ -14,7 +14,21 @@ import yaml
 from conftest import ROOT
 from mqtt_support import AgentProcess
 
-from agent.cli import SUBCOMMANDS, build_parser, call, check_config, commands, demo, doctor, run, simulate, uds
+from agent.cli import (
+    SUBCOMMANDS,
+    build_parser,
+    call,
+    check_config,
+    commands,
+    demo,
+    discover,
+    doctor,
+    import_odx,
+    keygen,
+    run,
+    simulate,
+    uds,
+)
 from agent.cli.common import EXIT_CODES
 from agent.devtools.local_broker import free_port
 
@@ -97,6 +111,28 @@ def test_check_config_with_one_problem_says_it_in_one_line(tmp_path):
 def test_doctor_with_a_bad_broker_url_exits_78():
     line = one_line(cli("doctor", "-c", DEMO, "--broker", "ftp://example"), 78, doctor)
     assert line.startswith("sovd-edge doctor: invalid --broker: ")
+
+
+def test_discover_without_a_bus_exits_2():
+    line = one_line(cli("discover"), 2, discover)
+    assert line == "sovd-edge discover: give -c CONFIG or --interface and --channel"
+
+
+def test_import_odx_of_a_missing_file_exits_2(tmp_path):
+    line = one_line(cli("import-odx", str(tmp_path / "nope.pdx")), 2, import_odx)
+    assert line == f"sovd-edge import-odx: no such file: {tmp_path / 'nope.pdx'}"
+
+
+def test_import_odx_of_a_file_that_is_not_a_pdx_exits_65(tmp_path):
+    junk = tmp_path / "junk.pdx"
+    junk.write_bytes(b"not a zip at all")
+    line = one_line(cli("import-odx", str(junk)), 65, import_odx)
+    assert line.startswith("sovd-edge import-odx: ")
+
+
+def test_keygen_with_a_bad_key_id_exits_2(tmp_path):
+    line = one_line(cli("keygen", "--key-id", "has space", "--dir", str(tmp_path)), 2, keygen)
+    assert line.startswith("sovd-edge keygen: --key-id: ") and not list(tmp_path.iterdir())
 
 
 def test_every_subcommand_has_a_broken_input_test_here():

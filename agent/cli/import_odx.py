@@ -12,7 +12,7 @@ from agent.cli.common import ALWAYS, EXIT_DATAERR, EXIT_OK, EXIT_UNAVAILABLE, EX
 EXITS = {
     **ALWAYS,
     EXIT_OK: "the ecus: entries are on stdout",
-    EXIT_USAGE: "no such ECU layer in the file (the message lists them)",
+    EXIT_USAGE: "no such file, or no such ECU layer in it (the message lists them)",
     EXIT_DATAERR: "the file is not a readable PDX",
     EXIT_UNAVAILABLE: "odxtools is not installed (pip install 'sovd-edge-agent[odx]')",
 }
