@@ -22,6 +22,11 @@ FrameSink = Callable[[can.Message], None]
 NOTIFIER_POLL_S = 0.25
 RECEIVE_BUFFER_BYTES = 1 << 20
 BusFactory = Callable[[], can.BusABC]
+SEND_TIMEOUT_S = 0.2
+SEND_RETRY_PAUSE_S = 0.005
+# python-can interfaces whose send() several threads may call at once (one syscall / a locked queue);
+# every other interface gets a lock around send().
+THREAD_SAFE_SEND = frozenset({"socketcan", "virtual"})
 
 
 @dataclass(frozen=True)
@@ -109,6 +114,7 @@ class BusOwner:
         self._bus: can.BusABC | None = None
         self._notifier: can.Notifier | None = None
         self._lock = threading.Lock()
+        self._send_lock = None if config.interface in THREAD_SAFE_SEND else threading.Lock()
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._up = threading.Event()
@@ -157,23 +163,37 @@ class BusOwner:
     def is_up(self) -> bool:
         return self._up.is_set()
 
-    def wait_up(self, timeout: float) -> bool:
-        return self._up.wait(timeout)
-
     # ---- I/O -----------------------------------------------------------------------------------
     def send(self, msg: can.Message) -> None:
-        """Sends one frame; raises BusDownError (and schedules a rebuild) when the bus cannot send."""
+        """Sends one frame; raises BusDownError (and schedules a rebuild) when the bus cannot send.
+
+        One failed send (a full transmit queue: ENOBUFS) is retried after a short pause; only a
+        second failure in a row counts as a broken bus. Both failures are counted in `send_errors`.
+        """
         bus = self._bus
         if bus is None or not self._up.is_set():
             raise BusDownError(f"CAN bus {self.config.channel} is down: {self.last_error or 'not open'}")
         try:
-            bus.send(msg, timeout=0.2)
-        except (can.CanError, OSError, ValueError) as err:
+            self._send(bus, msg)
+        except (can.CanError, OSError, ValueError) as first:
             self.counters.send_errors += 1
-            self.report_fault(f"send failed: {err}")
-            raise BusDownError(f"CAN bus {self.config.channel}: send failed: {err}") from err
+            log.info("CAN send failed, retrying once: %s", first, extra={"interface": self.config.channel})
+            time.sleep(SEND_RETRY_PAUSE_S)
+            try:
+                self._send(bus, msg)
+            except (can.CanError, OSError, ValueError) as err:
+                self.counters.send_errors += 1
+                self.report_fault(f"send failed: {err}")
+                raise BusDownError(f"CAN bus {self.config.channel}: send failed: {err}") from err
         self.counters.frames_tx += 1
         self.counters.bytes_tx += msg.dlc
+
+    def _send(self, bus: can.BusABC, msg: can.Message) -> None:
+        if self._send_lock is None:
+            bus.send(msg, timeout=SEND_TIMEOUT_S)
+            return
+        with self._send_lock:
+            bus.send(msg, timeout=SEND_TIMEOUT_S)
 
     def report_fault(self, reason: str, recv: bool = False) -> None:
         """Marks the bus broken and wakes the supervisor to rebuild it."""

@@ -8,9 +8,9 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
-from agent.bus.address import isotp_address
 from agent.bus.isotp_link import IsoTpLink
 from agent.bus.owner import BusOwner
+from agent.config.transport import isotp_address
 from agent.devtools.sim.config import Fault, SimEcu
 from agent.devtools.sim.server import UdsServer
 from agent.errors import BusDownError, TransportTimeoutError
