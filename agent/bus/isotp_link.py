@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 
 _SLICE = 0.05  # longest single block inside process(); frames wake it at once
 _WAKE = object()  # put in the frame queue to interrupt a blocked send/recv
+# ISO-TP errors after which the PDU being sent was abandoned by can-isotp
+_SEND_ABORTS = (isotp.errors.FlowControlTimeoutError, isotp.errors.MaximumWaitFrameReachedError,
+                isotp.errors.UnsupportedWaitFrameError, isotp.errors.OverflowError)
 
 
 class IsoTpLink:
@@ -35,6 +38,7 @@ class IsoTpLink:
         self._fd = config.fd
         self._frames: queue.Queue[isotp.CanMessage | object] = queue.Queue(maxsize=4096)
         self._error: str | None = None
+        self._send_aborted: str | None = None
         self._woken = False
         self._block = False
         self._logic = isotp.TransportLayerLogic(
@@ -80,6 +84,8 @@ class IsoTpLink:
 
     def _on_error(self, error: isotp.IsoTpError) -> None:
         self._error = f"{type(error).__name__}: {error}"
+        if isinstance(error, _SEND_ABORTS):
+            self._send_aborted = self._error
         log.debug("ISO-TP error on %s: %s", self.name, self._error)
 
     # ---- used by one worker thread -------------------------------------------------------------
@@ -89,7 +95,7 @@ class IsoTpLink:
         Never spins: while a flow control frame is due it blocks on the frame queue, between
         consecutive frames for STmin (woken at once by any frame that arrives meanwhile).
         """
-        self._error = None
+        self._error = self._send_aborted = None
         self._logic.send(payload)
         deadline = time.monotonic() + timeout
         stalled = False
@@ -110,8 +116,8 @@ class IsoTpLink:
         except BusDownError:
             self._logic.reset()
             raise
-        if self._error and "Timeout" in self._error:
-            raise TransportTimeoutError(f"{self.name}: ISO-TP send failed: {self._error}")
+        if self._send_aborted:  # the state machine gave up on this PDU: it is not on the bus
+            raise TransportTimeoutError(f"{self.name}: ISO-TP send failed: {self._send_aborted}")
 
     def recv(self, timeout: float, limit: float | None = None) -> bytes | None:
         """The next whole PDU from the peer, or None if none has started within `timeout` seconds.

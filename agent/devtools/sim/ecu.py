@@ -8,8 +8,11 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
+import isotp
+
 from agent.bus.isotp_link import IsoTpLink
 from agent.bus.owner import BusOwner
+from agent.config.model import IsoTpConfig
 from agent.config.transport import isotp_address
 from agent.devtools.sim.config import Fault, SimEcu
 from agent.devtools.sim.server import UdsServer
@@ -18,6 +21,32 @@ from agent.errors import BusDownError, TransportTimeoutError
 log = logging.getLogger(__name__)
 
 PENDING_INTERVAL_S = 0.02
+FC_WAIT_INTERVAL_S = 0.05
+_FLOW_CONTROL = 0x3
+
+
+class WaitingLink(IsoTpLink):
+    """An ECU's link that answers a first frame with FC.WAIT frames before its "continue to send".
+
+    can-isotp's receiver never sends FC.WAIT; this one rewrites the flow control it is about to send.
+    """
+
+    def __init__(self, owner: BusOwner, address: isotp.Address, config: IsoTpConfig, name: str, waits: int) -> None:
+        super().__init__(owner, address, config, name=name)
+        self._waits = waits
+        self._pci_at = len(address.get_tx_payload_prefix())
+
+    def _txfn(self, frame: isotp.CanMessage) -> None:
+        data = bytearray(frame.data)
+        if len(data) > self._pci_at and data[self._pci_at] == _FLOW_CONTROL << 4:  # continue to send
+            wait = bytearray(data)
+            wait[self._pci_at] = (_FLOW_CONTROL << 4) | 1
+            for _ in range(self._waits):
+                super()._txfn(isotp.CanMessage(arbitration_id=frame.arbitration_id, data=bytes(wait),
+                                               extended_id=frame.is_extended_id, is_fd=frame.is_fd,
+                                               bitrate_switch=frame.bitrate_switch))
+                time.sleep(FC_WAIT_INTERVAL_S)
+        super()._txfn(frame)
 
 
 class SimulatedEcu:
@@ -32,8 +61,9 @@ class SimulatedEcu:
         self._faults = list(config.faults)
         self._busy_left: dict[int, int] = {}
         self._lock = threading.Lock()
-        self._link = IsoTpLink(owner, isotp_address(config.addressing, server=True), config.isotp,
-                               name=f"sim-{config.name}")
+        address = isotp_address(config.addressing, server=True)
+        self._link = (WaitingLink(owner, address, config.isotp, f"sim-{config.name}", config.fc_wait_frames)
+                      if config.fc_wait_frames else IsoTpLink(owner, address, config.isotp, name=f"sim-{config.name}"))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"sim-{config.name}", daemon=True)
 
@@ -94,6 +124,9 @@ class SimulatedEcu:
                 time.sleep(PENDING_INTERVAL_S)
             if fault.nrc is not None:
                 self._send(bytes([0x7F, sid, fault.nrc]))
+                return
+            if fault.reply is not None:
+                self._send(fault.reply)
                 return
         response = self.server.handle(request, time.monotonic())
         if self._journal is not None:
