@@ -101,6 +101,11 @@ class KernelIsoTpLink:
         if len(data) > self._pci_at and data[self._pci_at] >> 4 == _FIRST_FRAME:
             self._first_frame = True
 
+    @property
+    def bound(self) -> bool:
+        """The kernel socket is open: the kernel itself answers this ECU's first frames with flow control."""
+        return self._sock is not None
+
     def _socket(self) -> isotp.socket:
         if self._sock is None:
             try:

@@ -31,10 +31,11 @@ THREAD_SAFE_SEND = frozenset({"socketcan", "virtual"})
 
 @dataclass(frozen=True)
 class RxFilter:
-    """One response id the agent listens to (becomes a kernel CAN filter on socketcan)."""
+    """Response ids the agent listens to (a kernel CAN filter on socketcan): one id, or a range by mask."""
 
     can_id: int
     extended: bool
+    mask: int | None = None  # None: this id exactly
 
 
 @dataclass
@@ -87,6 +88,8 @@ class _Router(can.Listener):
         sink = self._owner.sinks.get((msg.arbitration_id, msg.is_extended_id))
         if sink is not None:
             sink(msg)
+        for tap in self._owner.taps:  # empty unless a functional request is collecting answers
+            tap(msg)
 
     def on_error(self, exc: Exception) -> None:
         # Report, then re-raise: a handled error would make the Notifier spin on a broken bus.
@@ -108,6 +111,7 @@ class BusOwner:
         self.name = name
         self.counters = BusCounters()
         self.sinks: dict[tuple[int, bool], FrameSink] = {}
+        self.taps: tuple[FrameSink, ...] = ()  # see every frame the filters let through, while tapped
         self._filters = list(filters or [])
         self._factory = factory or (lambda: open_bus(config))
         self._on_change = on_change
@@ -127,15 +131,29 @@ class BusOwner:
     def subscribe(self, can_id: int, extended: bool, sink: FrameSink) -> None:
         """Routes frames with this id to `sink` (called on the notifier thread; must not block)."""
         self.sinks[(can_id, extended)] = sink
-        if RxFilter(can_id, extended) not in self._filters:
-            self._filters.append(RxFilter(can_id, extended))
+        self.listen(RxFilter(can_id, extended))
+
+    def listen(self, rx_filter: RxFilter) -> None:
+        """Lets frames matching `rx_filter` through the bus filters (for taps: no sink of their own)."""
+        if rx_filter not in self._filters:
+            self._filters.append(rx_filter)
             bus = self._bus
             if bus is not None:
                 bus.set_filters(self._can_filters())
 
+    def tap(self, sink: FrameSink) -> None:
+        """Also hands every frame that passes the filters to `sink`, until `untap` (notifier thread)."""
+        with self._lock:
+            self.taps = (*self.taps, sink)
+
+    def untap(self, sink: FrameSink) -> None:
+        with self._lock:
+            self.taps = tuple(t for t in self.taps if t is not sink)
+
     def _can_filters(self) -> list[can.typechecking.CanFilter]:
         return [
-            {"can_id": f.can_id, "can_mask": 0x1FFFFFFF if f.extended else 0x7FF, "extended": f.extended}
+            {"can_id": f.can_id, "can_mask": f.mask if f.mask is not None else 0x1FFFFFFF if f.extended else 0x7FF,
+             "extended": f.extended}
             for f in self._filters
         ]
 

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+from agent.bus.functional import FunctionalLink, known_responders
 from agent.bus.isotp_link import IsoTpLink
 from agent.bus.kernel_isotp import KernelIsoTpLink, kernel_isotp_available, kernel_isotp_max_pdu
 from agent.bus.owner import BusFactory, BusOwner
@@ -53,8 +54,17 @@ class Runtime:
         self.workers: dict[str, ComponentWorker] = {}
         self.transports: dict[str, str] = {}  # per ECU: "kernel" or "userspace"
         self._stopping = threading.Event()
+        links = {ecu.name: self._link(ecu) for ecu in config.ecus}
+
+        def passive(name: str) -> bool:  # a bound kernel socket sends that ECU's flow control itself
+            link = links.get(name)
+            return isinstance(link, KernelIsoTpLink) and link.bound
+
+        responders = known_responders(list(config.ecus), passive)
         for ecu in config.ecus:
-            executor = Executor(ecu, self._link(ecu))
+            functional = FunctionalLink(self.owner, ecu, responders) if ecu.addressing.functional_id is not None \
+                else None
+            executor = Executor(ecu, links[ecu.name], functional)
             self.workers[ecu.name] = ComponentWorker(ecu, executor, sink, on_start,
                                                      probe_interval_s=config.metrics.reachability_interval_s,
                                                      on_probe=on_probe)

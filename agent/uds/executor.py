@@ -26,11 +26,15 @@ from agent.config.model import EcuConfig
 from agent.errors import BusDownError, TransportTimeoutError
 from agent.uds.keys import load_algorithm
 from agent.uds.transaction import (
+    NEGATIVE_RESPONSE,
+    FunctionalLink,
     InvalidResponseError,
     Link,
     NegativeResponseError,
     Timing,
     UdsTimeoutError,
+    collect,
+    suppresses_positive,
     transact,
 )
 from agent.wire import codecs
@@ -89,9 +93,10 @@ class Executor:
     Used by exactly one worker thread. No exception escapes `execute`.
     """
 
-    def __init__(self, ecu: EcuConfig, link: Link) -> None:
+    def __init__(self, ecu: EcuConfig, link: Link, functional: FunctionalLink | None = None) -> None:
         self.ecu = ecu
         self.link = link
+        self.functional = functional
         self.session = DEFAULT_SESSION
         self.security_level = LOCKED
         self._base = Timing(ecu.timing.p2_ms / 1000, ecu.timing.p2_star_ms / 1000, ecu.timing.busy_retries)
@@ -104,9 +109,11 @@ class Executor:
             c.IoControl: self._io_control, c.TesterPresent: self._tester_present, c.Raw: self._raw,
         }
 
-    def execute(self, params: c.Params, deadline: float) -> Outcome:
-        """Runs the command until done or `deadline` (monotonic seconds)."""
+    def execute(self, params: c.Params, deadline: float, addressing: str = c.PHYSICAL) -> Outcome:
+        """Runs the command until done or `deadline` (monotonic seconds), physically or functionally."""
         try:
+            if addressing == c.FUNCTIONAL:
+                return Outcome.completed(self._functional_request(params, deadline))
             return Outcome.completed(self._handlers[type(params)](params, deadline))
         except NegativeResponseError as nrc:
             return Outcome.failure(Status.FAILED, ErrorCode.NEGATIVE_RESPONSE, str(nrc),
@@ -318,3 +325,62 @@ class Executor:
             self._unlocked(sub - 1)
         elif response is not None and len(response) > 2 and not any(response[2:]):  # zero seed: unlocked
             self._unlocked(sub)
+
+    # ---- functional requests: one request, every ECU's answer ----------------------------------
+    def _functional_request(self, p: c.Params, deadline: float) -> dict[str, Any]:
+        if self.functional is None:
+            raise InvalidResponseError(f"{self.ecu.name} has no functional_id: functional requests cannot go out")
+        if isinstance(p, c.ReadData):
+            return {"responses": self._functional_read(p, deadline)}
+        if isinstance(p, c.TesterPresent):
+            request = services.TesterPresent.make_request().get_payload()
+        elif isinstance(p, c.Raw):
+            request = p.request
+        else:
+            raise InvalidResponseError(f"{type(p).__name__} cannot be sent functionally")
+        answers = self._collect(request, deadline)
+        entries = {}
+        for key, data in answers.items():
+            if data[0] == NEGATIVE_RESPONSE:
+                entries[key] = {"error": error_fields(NegativeResponseError(request[0], data[2]))}
+            else:
+                entries[key] = {"response": data.hex()} if isinstance(p, c.Raw) else {}
+        return {"responses": entries}
+
+    def _collect(self, request: bytes, deadline: float) -> dict[str, bytes]:
+        assert self.functional is not None
+        answers = collect(self.functional, request, self.timing, deadline)
+        if not answers and not suppresses_positive(request):
+            raise UdsTimeoutError(f"no ECU answered functional request 0x{request[0]:02X} within P2 "
+                                  f"({self.timing.p2 * 1000:.0f} ms)")
+        for key, data in answers.items():
+            if data[0] == NEGATIVE_RESPONSE and len(data) < 3:
+                answers[key] = bytes([NEGATIVE_RESPONSE, request[0], 0x10])  # truncated NRC: general reject
+        return answers
+
+    def _functional_read(self, p: c.ReadData, deadline: float) -> dict[str, Any]:
+        entries: dict[str, dict[str, Any]] = {}
+        fixed = [d for d in p.dids if d.length is not None]
+        for group in ([fixed] if fixed else []) + [[d] for d in p.dids if d.length is None]:
+            config = {d.id: codecs.UdsoncanCodec(d) for d in group}
+            ids = [d.id for d in group]
+            request = services.ReadDataByIdentifier.make_request(ids, config).get_payload()
+            for key, data in self._collect(request, deadline).items():
+                entry = entries.setdefault(key, {"values": {}})
+                try:
+                    if data[0] == NEGATIVE_RESPONSE:
+                        raise NegativeResponseError(request[0], data[2])
+                    parsed = interpret(services.ReadDataByIdentifier.interpret_response,
+                                       Response.from_payload(data), ids, config)
+                    if set(parsed.values) != set(ids):
+                        raise InvalidResponseError("the answer does not carry every DID asked for")
+                except (NegativeResponseError, InvalidResponseError) as err:
+                    entry.setdefault("error", error_fields(err))
+                    continue
+                by_id = {d.id: d for d in group}
+                entry["values"].update({by_id[did].name: value for did, value in parsed.values.items()})
+        for entry in entries.values():
+            entry["values"] = {d.name: entry["values"][d.name] for d in p.dids if d.name in entry["values"]}
+            if "error" in entry and not entry["values"]:
+                del entry["values"]
+        return entries

@@ -172,3 +172,50 @@ def _exchange(link: Link, request: bytes, timing: Timing, deadline: float, wait_
                 continue
             raise NegativeResponseError(sid, data[2])
         return data
+
+
+class FunctionalLink(Protocol):
+    """What a functional collection needs: one-frame requests out, (responder, PDU) pairs in."""
+
+    def open(self) -> None: ...
+    def close(self) -> None: ...
+    def send(self, payload: bytes, timeout: float) -> None: ...
+    def recv(self, timeout: float, limit: float) -> tuple[str, bytes] | None: ...
+
+
+def collect(link: FunctionalLink, request: bytes, timing: Timing, deadline: float) -> dict[str, bytes]:
+    """Sends a functional request and returns every ECU's final answer (positive or negative), by responder.
+
+    Answers count within P2 of the request; an ECU that answered NRC 0x78 gets P2* from then on for
+    its final answer. Answers that do not echo the request are discarded (DEBUG), as in `transact`;
+    an ECU's first final answer is its answer. An empty result means nobody answered in time.
+    """
+    final: dict[str, bytes] = {}
+    pending: dict[str, float] = {}  # responders that sent 0x78: until when their final answer counts
+    link.open()
+    try:
+        link.send(request, timeout=max(0.001, min(deadline - time.monotonic(), timing.p2_star)))
+        window_end = time.monotonic() + timing.p2
+        while True:
+            now = time.monotonic()
+            end = min(max(window_end, *pending.values()) if pending else window_end, deadline)
+            if now >= end:
+                break
+            got = link.recv(end - now, deadline)
+            if got is None:
+                continue
+            key, data = got
+            if not answers(request, data) or key in final:
+                log.debug("discarding an answer from %s that is not for request %s: %s", key, request[:4].hex(),
+                          data[:8].hex())
+                continue
+            if data[0] == NEGATIVE_RESPONSE and len(data) >= 3 and data[2] == NRC_RESPONSE_PENDING:
+                pending[key] = time.monotonic() + timing.p2_star
+                continue
+            pending.pop(key, None)
+            final[key] = data
+    finally:
+        link.close()
+    for key in pending:
+        log.info("no final answer from %s to functional request %s within P2*", key, request[:4].hex())
+    return final

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 
+import can
 import isotp
 
 from agent.bus.isotp_link import IsoTpLink
 from agent.bus.owner import BusOwner
 from agent.config.model import IsoTpConfig
-from agent.config.transport import isotp_address
+from agent.config.transport import isotp_address, rx_ids
 from agent.devtools.sim.config import Fault, SimEcu
 from agent.devtools.sim.server import UdsServer
 from agent.errors import BusDownError, TransportTimeoutError
@@ -21,6 +23,7 @@ from agent.errors import BusDownError, TransportTimeoutError
 log = logging.getLogger(__name__)
 
 PENDING_INTERVAL_S = 0.02
+FUNCTIONAL_SILENT_NRCS = frozenset({0x11, 0x12, 0x31, 0x7E, 0x7F})
 FC_WAIT_INTERVAL_S = 0.05
 _FLOW_CONTROL = 0x3
 
@@ -64,8 +67,22 @@ class SimulatedEcu:
         address = isotp_address(config.addressing, server=True)
         self._link = (WaitingLink(owner, address, config.isotp, f"sim-{config.name}", config.fc_wait_frames)
                       if config.fc_wait_frames else IsoTpLink(owner, address, config.isotp, name=f"sim-{config.name}"))
+        self._physical_rx = rx_ids(address)[0]
+        self._functional: collections.deque[bytes] = collections.deque(maxlen=64)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"sim-{config.name}", daemon=True)
+
+    def on_functional_frame(self, msg: can.Message) -> None:
+        """A single frame on the functional id (notifier thread): served like a physical request, but
+        marked, so that the answers ISO 14229-1 suppresses for functional requests are not sent."""
+        data = bytes(msg.data)
+        length, start = (data[0] & 0x0F, 1) if data and data[0] & 0x0F else (data[1] if len(data) > 1 else 0, 2)
+        if not data or data[0] >> 4 != 0 or not 0 < length <= len(data) - start:
+            return  # only single frames exist on a functional id
+        self._functional.append(data[start:start + length])
+        # into the physical link's queue under the physical id: can-isotp then treats it as a request
+        self._link._on_frame(can.Message(arbitration_id=self._physical_rx[0], data=data, is_fd=msg.is_fd,
+                                         is_extended_id=self._physical_rx[1], bitrate_switch=msg.bitrate_switch))
 
     def set_faults(self, faults: list[Fault]) -> None:
         """Replaces the injected faults (tests change them between commands)."""
@@ -103,6 +120,9 @@ class SimulatedEcu:
                 log.exception("simulated ECU %s failed on a request", self.name)
 
     def _serve(self, request: bytes) -> None:
+        functional = bool(self._functional) and self._functional[0] == request
+        if functional:
+            self._functional.popleft()
         self.received[request[0]] += 1
         fault = self._fault_for(request)
         sid = request[0]
@@ -131,6 +151,8 @@ class SimulatedEcu:
         response = self.server.handle(request, time.monotonic())
         if self._journal is not None:
             self._journal(f"{self.name} {request.hex()}")
+        if functional and response is not None and response[0] == 0x7F and response[2] in FUNCTIONAL_SILENT_NRCS:
+            return  # ISO 14229-1: no such negative answer to a functionally addressed request
         if response is not None:
             self._send(response)
 

@@ -24,6 +24,15 @@ class Simulator:
         self._journal_lock = threading.Lock()
         record = self._record if self._journal else None
         self.ecus = {ecu.name: SimulatedEcu(ecu, self.owner, record) for ecu in config.ecus}
+        functional: dict[tuple[int, bool], list[SimulatedEcu]] = {}
+        for ecu in self.ecus.values():
+            addressing = ecu.config.addressing
+            if addressing.functional_id is not None:
+                key = (addressing.functional_id, addressing.mode.endswith("29bit"))
+                functional.setdefault(key, []).append(ecu)
+        for (can_id, extended), listeners in functional.items():  # one sink per id: fan out to every ECU
+            self.owner.subscribe(can_id, extended, lambda msg, ecus=tuple(listeners): [
+                e.on_functional_frame(msg) for e in ecus])
 
     def _record(self, line: str) -> None:
         """Appends one executed request to the journal (line-buffered: survives the process being killed)."""
