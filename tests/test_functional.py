@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 import uuid
 
 import pytest
@@ -154,3 +155,44 @@ def test_functional_command_over_mqtt_matches_the_schemas(service, backend):
     broken = json.loads(json.dumps(final))
     broken["result"]["responses"]["engine"] = {"values": {"vin": VIN}, "surprise": 1}
     assert list(VALIDATORS["Response"].iter_errors(broken))  # the schema does describe the result
+
+
+class ScriptedFunctionalLink:
+    """(delay_s, responder, hex) answers replayed on the wall clock after the request goes out."""
+
+    def __init__(self, *script):
+        self.script = sorted(script, key=lambda item: item[0])
+        self.opened = self.closed = 0
+
+    def open(self):
+        self.opened += 1
+
+    def close(self):
+        self.closed += 1
+
+    def send(self, payload, timeout):
+        self.sent_at = time.monotonic()
+
+    def recv(self, timeout, limit):
+        if not self.script or self.sent_at + self.script[0][0] > time.monotonic() + timeout:
+            time.sleep(timeout)
+            return None
+        delay, key, data = self.script.pop(0)
+        time.sleep(max(0.0, self.sent_at + delay - time.monotonic()))
+        return key, bytes.fromhex(data)
+
+
+def test_collect_keeps_first_final_answers_and_discards_garbage():
+    from agent.uds.transaction import Timing, collect
+
+    link = ScriptedFunctionalLink(
+        (0.0, "a", "62f190aa"), (0.01, "a", "62f190bb"),  # a second answer from a: its first one stands
+        (0.02, "b", "62f18cff"),  # not an echo of the request: discarded
+        (0.03, "b", "7f2278"), (0.2, "b", "62f190cc"),  # 0x78: b gets P2* for its final answer
+        (0.04, "c", ""), (0.05, "c", "7f"),  # empty and truncated: not answers
+        (0.06, "d", "7f2231"),
+        (0.5, "e", "62f190dd"),  # after P2: too late
+    )
+    answers = collect(link, bytes.fromhex("22f190"), Timing(0.1, 1.0, 0), time.monotonic() + 5)
+    assert answers == {"a": bytes.fromhex("62f190aa"), "b": bytes.fromhex("62f190cc"), "d": bytes.fromhex("7f2231")}
+    assert link.opened == link.closed == 1
