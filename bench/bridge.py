@@ -29,8 +29,8 @@ import udsoncan
 from udsoncan.client import Client
 from udsoncan.connections import PythonIsoTpConnection
 
-from agent.bus.address import isotp_address, isotp_params
 from agent.config import load_config
+from agent.config.transport import isotp_address, isotp_params
 from agent.devtools.sim.simulator import simulators_for
 
 SAFE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")

@@ -26,12 +26,12 @@ import udsoncan
 from udsoncan.client import Client
 from udsoncan.connections import PythonIsoTpConnection
 
-from agent.bus.address import isotp_address, isotp_params
 from agent.bus.isotp_link import IsoTpLink
 from agent.bus.owner import BusOwner
 from agent.config import load_config
 from agent.config.model import AgentConfig, BusConfig, EcuConfig
 from agent.config.parse import parse_config
+from agent.config.transport import isotp_address, isotp_params
 from agent.devtools.sim.config import load_sim_config
 from agent.devtools.sim.simulator import Simulator
 from agent.uds.executor import Executor

@@ -71,18 +71,25 @@ def read_vin(session):
 
 def test_send_failure_is_bus_error_then_recovers(faulty_agent, faults):
     owner = faulty_agent.runtime.owner
-    faults.send = 1
+    faults.send = 2  # one failed send is retried; two in a row are a broken bus
     failed = read_vin(faulty_agent)
     assert (failed.status, failed.outcome.error.code) == (Status.FAILED, ErrorCode.BUS_ERROR)
     assert "Network is down" in failed.outcome.error.message
     assert wait_until(lambda: owner.counters.rebuilds >= 1 and owner.is_up, 5)
     assert read_vin(faulty_agent).status is Status.COMPLETED
-    assert faults.opened == 2 and owner.counters.send_errors == 1
+    assert faults.opened == 2 and owner.counters.send_errors == 2
+
+
+def test_one_send_failure_is_retried_without_a_rebuild(faulty_agent, faults):
+    owner = faulty_agent.runtime.owner
+    faults.send = 1  # e.g. ENOBUFS: the transmit queue was full for a moment
+    assert read_vin(faulty_agent).status is Status.COMPLETED
+    assert owner.counters.send_errors == 1 and owner.counters.rebuilds == 0 and faults.opened == 1
 
 
 def test_commands_during_outage_fail_fast_as_bus_error(faulty_agent, faults):
     owner = faulty_agent.runtime.owner
-    faults.send, faults.open = 1, 3  # the bus stays unopenable for a few backoff rounds
+    faults.send, faults.open = 2, 3  # a broken bus (two failed sends), unopenable for a few backoff rounds
     first = read_vin(faulty_agent)
     during = read_vin(faulty_agent)
     assert first.outcome.error.code is ErrorCode.BUS_ERROR

@@ -190,11 +190,12 @@ def test_a_bug_is_70_with_one_line_not_pythons_1(monkeypatch, capsys):
 # ---- uds: params as the user meant them, and errors that say where -------------------------------
 
 def test_uds_raw_request_3e80_reaches_the_ecu_as_hex():
-    # 3E 80 is TesterPresent with "suppress positive response": the ECU rightly stays silent. Before,
-    # the word was read as the float 3e80 and refused with exit 2.
+    # 3E 80 is TesterPresent with "suppress positive response": the ECU rightly stays silent, and
+    # after P2 without a negative answer the command completes. Before, the word was read as the
+    # float 3e80 and refused with exit 2.
     result = cli("uds", "-c", DEMO, "engine", "raw", "request=3E80")
-    assert result.returncode == 1, result.stderr
-    assert json.loads(result.stdout)["error"]["message"].startswith("no response to service 0x3E")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["result"] == {"response": "", "suppressed": True}
     completed = cli("uds", "-c", DEMO, "engine", "raw", "request=3E00")
     assert completed.returncode == 0 and json.loads(completed.stdout)["result"] == {"response": "7e00"}
 

@@ -5,40 +5,12 @@ responses) so the bytes can be checked exactly; the integration tests run the sa
 over real ISO-TP on a virtual CAN bus against the simulator.
 """
 
-import time
-
 import pytest
+from uds_support import ScriptedLink, run
 
 from agent.wire import command as c
 from agent.wire.command import ErrorCode, Status
 from agent.wire.dtc import status_dict
-from agent.wire.parse import parse_command
-
-
-class ScriptedLink:
-    def __init__(self, *responses):
-        self.responses = list(responses)
-        self.sent = []
-
-    def send(self, payload, timeout):
-        self.sent.append(bytes(payload))
-
-    def recv(self, timeout):
-        if not self.responses:
-            return None
-        return bytes.fromhex(self.responses.pop(0))
-
-    def flush(self):
-        pass
-
-
-def run(vehicle, command, params, *responses, component="engine"):
-    from agent.uds.executor import Executor
-
-    parsed = parse_command({"id": "x", "component": component, "command": command, "params": params}, vehicle, 0)
-    link = ScriptedLink(*responses)
-    outcome = Executor(vehicle.ecu(component), link).execute(parsed.params, time.monotonic() + 2)
-    return [s.hex() for s in link.sent], outcome
 
 
 @pytest.mark.parametrize(("command", "params", "responses", "requests", "result"), [
@@ -121,7 +93,11 @@ def test_no_answer_is_a_timeout(vehicle):
 
 
 def test_wrong_or_garbled_answers(vehicle):
+    # an answer for another DID is not this request's answer: discarded, and nothing else came
     _, outcome = run(vehicle, "read_data", {"data": "vin"}, "62f191" + "00" * 17)
+    assert outcome.status is Status.TIMEOUT
+    # the right echo with a truncated value is this request's answer, and it is broken
+    _, outcome = run(vehicle, "read_data", {"data": "vin"}, "62f190414243")
     assert outcome.status is Status.FAILED and outcome.error.code is ErrorCode.INTERNAL
     # a response to another service is ignored; the right one still counts
     _, outcome = run(vehicle, "tester_present", {}, "5003", "7e00")

@@ -269,7 +269,7 @@ def test_bus_failure_publishes_bus_state_events_and_bus_error(mqtt_vehicle, sim,
     svc.start()
     try:
         backend.wait_status("online", 10)
-        faults.send = 1
+        faults.send = 2  # two failed sends in a row: one alone is retried
         body = command()
         backend.send(body)
         assert backend.final(body["id"])["error"]["code"] == "bus_error"

@@ -23,7 +23,7 @@ class ScriptedLink:
     def send(self, payload, timeout):
         self.sent.append(bytes(payload))
 
-    def recv(self, timeout):
+    def recv(self, timeout, limit=None):
         return bytes.fromhex(self.responses.pop(0)) if self.responses else None
 
     def flush(self):
@@ -109,7 +109,7 @@ def test_info_and_dtc_lists(vehicle):
 @pytest.mark.parametrize(("responses", "status", "code"), [
     (["7F0112"], Status.FAILED, ErrorCode.NEGATIVE_RESPONSE),
     (["410C1A"], Status.FAILED, ErrorCode.INTERNAL),  # truncated
-    (["41050A"], Status.FAILED, ErrorCode.INTERNAL),  # a PID that was not asked for
+    (["41050A"], Status.TIMEOUT, ErrorCode.TIMEOUT),  # another PID's answer: not this request's, discarded
     ([], Status.TIMEOUT, ErrorCode.TIMEOUT),
 ])
 def test_bad_answers_are_results(vehicle, responses, status, code):
@@ -217,3 +217,9 @@ def test_obd_over_mqtt_is_allowed_by_default_and_matches_the_schema(service, bac
     other = {"id": "obd-2", "component": "body", "command": "obd", "params": {"pids": "vehicle_speed"}}
     backend.send(other)
     assert backend.final("obd-2")["error"]["code"] == "negative_response"  # admitted; body has no OBD
+
+
+def test_multi_pid_answer_without_the_first_pid_is_still_the_answer(vehicle):
+    _, outcome = run(vehicle.ecu("engine"), c.Obd(pids=(0x0C, 0x0D)), "410D32")
+    assert outcome.status is Status.COMPLETED
+    assert outcome.result["unsupported"] == ["0x0C"] and "vehicle_speed" in outcome.result["values"]

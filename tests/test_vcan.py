@@ -11,18 +11,23 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
 from pathlib import Path
 
+import isotp
 import pytest
 import yaml
 from conftest import ROOT
 from mqtt_support import AgentProcess, validate_published
 
-from agent.bus.kernel_isotp import kernel_isotp_available, kernel_isotp_max_pdu
-from agent.config.model import MqttConfig
+from agent.bus.isotp_link import IsoTpLink
+from agent.bus.kernel_isotp import KernelIsoTpLink, kernel_isotp_available, kernel_isotp_max_pdu
+from agent.bus.owner import BusOwner
+from agent.config.model import Addressing, BusConfig, IsoTpConfig, MqttConfig
+from agent.config.transport import isotp_address
 from agent.devtools.local_broker import free_port
 from agent.fleet.caller import Caller
 
@@ -212,3 +217,51 @@ def test_interface_down_gives_bus_error_then_recovers_without_restart(agent):
     assert process.proc.poll() is None  # the same agent process
     events = [json.loads(s.payload) for s in backend.seen if s.topic == backend.topics.events]
     assert any(e["type"] == "bus_state" and e["state"] == "stopped" for e in events)
+
+
+SLOW_ANSWER = bytes([0x62, 0xF1, 0x90]) + bytes(range(97))  # a first frame and 14 consecutive frames
+
+
+@pytest.mark.parametrize("kind", ["kernel", "userspace"])
+def test_p2_bounds_only_the_first_frame_of_a_slow_answer(kind):
+    """Both links on the real kernel: asked for STmin 50 ms, an ECU on a kernel ISO-TP socket takes
+    ~0.7 s for a 100-byte answer; P2 (0.2 s) bounds only its first frame. A silent ECU ends at P2."""
+    addressing = Addressing("normal_11bit", request_id=0x6A0, response_id=0x6A8)  # clear of config/sim/vcan.yaml
+    ecu = isotp.socket()
+    ecu.bind(CAN, isotp_address(addressing, server=True))
+    ecu.settimeout(10)
+    owner = BusOwner(BusConfig(interface="socketcan", channel=CAN))
+    assert owner.start(5)
+    sockets = []
+
+    def factory():
+        sockets.append(isotp.socket())
+        return sockets[-1]
+
+    config = IsoTpConfig(st_min=50)
+    link = (KernelIsoTpLink(CAN, isotp_address(addressing), config, name="k", owner=owner, socket_factory=factory)
+            if kind == "kernel" else IsoTpLink(owner, isotp_address(addressing), config, name="u"))
+
+    def serve():
+        if ecu.recv() == bytes.fromhex("22f190"):
+            ecu.send(SLOW_ANSWER)
+        ecu.recv()  # the second request stays unanswered
+
+    server = threading.Thread(target=serve, name="kernel-ecu", daemon=True)
+    server.start()
+    try:
+        timings = []
+        for request in (bytes.fromhex("22f190"), bytes.fromhex("220000")):
+            link.flush()
+            started = time.monotonic()
+            link.send(request, timeout=2)
+            timings.append((link.recv(0.2, time.monotonic() + 5), time.monotonic() - started))
+        server.join(10)
+    finally:
+        owner.stop()
+        ecu.close()
+        for sock in sockets:
+            sock.close()
+    (answer, slow), (nothing, silent) = timings
+    assert answer == SLOW_ANSWER and slow > 0.5, slow
+    assert nothing is None and 0.19 < silent < 1.5, silent

@@ -15,15 +15,18 @@ import time
 import can
 import isotp
 
-from agent.bus.address import isotp_params, rx_ids
 from agent.bus.owner import BusOwner
 from agent.config.model import IsoTpConfig
+from agent.config.transport import isotp_params, rx_ids
 from agent.errors import BusDownError, TransportTimeoutError
 
 log = logging.getLogger(__name__)
 
 _SLICE = 0.05  # longest single block inside process(); frames wake it at once
 _WAKE = object()  # put in the frame queue to interrupt a blocked send/recv
+# ISO-TP errors after which the PDU being sent was abandoned by can-isotp
+_SEND_ABORTS = (isotp.errors.FlowControlTimeoutError, isotp.errors.MaximumWaitFrameReachedError,
+                isotp.errors.UnsupportedWaitFrameError, isotp.errors.OverflowError)
 
 
 class IsoTpLink:
@@ -35,7 +38,9 @@ class IsoTpLink:
         self._fd = config.fd
         self._frames: queue.Queue[isotp.CanMessage | object] = queue.Queue(maxsize=4096)
         self._error: str | None = None
+        self._send_aborted: str | None = None
         self._woken = False
+        self._block = False
         self._logic = isotp.TransportLayerLogic(
             rxfn=self._rxfn, txfn=self._txfn, address=address,
             error_handler=self._on_error, params=isotp_params(config),
@@ -55,14 +60,21 @@ class IsoTpLink:
 
     # ---- callables for the state machine -------------------------------------------------------
     def _rxfn(self, timeout: float) -> isotp.CanMessage | None:
+        # process() calls rxfn in a loop until it returns None, each time with the same timeout: only
+        # the first call of a pass may block; the rest drain what is queued. (Blocking on every call
+        # would sit out the timeout after each frame; never blocking would spin.)
+        block = self._block and timeout > 0 and not self._woken
+        self._block = False
         try:
-            if timeout <= 0 or self._logic.available() or self._woken:
-                frame = self._frames.get_nowait()
-            else:
-                frame = self._frames.get(timeout=timeout)
+            frame = self._frames.get(timeout=timeout) if block else self._frames.get_nowait()
         except queue.Empty:
             return None
         return None if frame is _WAKE else frame  # type: ignore[return-value]
+
+    def _process(self, rx_timeout: float) -> isotp.TransportLayerLogic.ProcessStats:
+        """One pass of the state machine, blocking at most `rx_timeout` seconds for the first frame."""
+        self._block = True
+        return self._logic.process(rx_timeout=rx_timeout)
 
     def _txfn(self, frame: isotp.CanMessage) -> None:
         self._owner.send(can.Message(
@@ -72,14 +84,21 @@ class IsoTpLink:
 
     def _on_error(self, error: isotp.IsoTpError) -> None:
         self._error = f"{type(error).__name__}: {error}"
+        if isinstance(error, _SEND_ABORTS):
+            self._send_aborted = self._error
         log.debug("ISO-TP error on %s: %s", self.name, self._error)
 
     # ---- used by one worker thread -------------------------------------------------------------
     def send(self, payload: bytes, timeout: float) -> None:
-        """Transmits one PDU; returns when the last frame is on the bus."""
-        self._error = None
+        """Transmits one PDU; returns when the last frame is on the bus.
+
+        Never spins: while a flow control frame is due it blocks on the frame queue, between
+        consecutive frames for STmin (woken at once by any frame that arrives meanwhile).
+        """
+        self._error = self._send_aborted = None
         self._logic.send(payload)
         deadline = time.monotonic() + timeout
+        stalled = False
         try:
             while self._logic.transmitting():
                 remaining = deadline - time.monotonic()
@@ -88,40 +107,43 @@ class IsoTpLink:
                     why = self._error or "no flow control"
                     raise TransportTimeoutError(f"{self.name}: ISO-TP send timed out ({why})")
                 delay = self._logic.next_cf_delay()
-                if delay is not None and not self._logic.is_rx_active():
-                    if delay > 0:
-                        time.sleep(min(delay, remaining))
-                    self._logic.process(do_rx=False, do_tx=True)
+                if self._logic.tx_state == isotp.TransportLayerLogic.TxState.WAIT_FC or stalled:
+                    rx_timeout = min(remaining, _SLICE)
                 else:
-                    # Block only while a flow control frame is due; after a frame went out, process()
-                    # makes one more receive pass that would otherwise sit out the whole timeout.
-                    waiting_fc = self._logic.tx_state == isotp.TransportLayerLogic.TxState.WAIT_FC
-                    self._logic.process(rx_timeout=min(remaining, _SLICE) if waiting_fc else 0)
+                    rx_timeout = min(delay or 0.0, remaining)
+                stats = self._process(rx_timeout)
+                stalled = rx_timeout == 0 and stats.sent == 0 and stats.received == 0
         except BusDownError:
             self._logic.reset()
             raise
-        if self._error and "Timeout" in self._error:
-            raise TransportTimeoutError(f"{self.name}: ISO-TP send failed: {self._error}")
+        if self._send_aborted:  # the state machine gave up on this PDU: it is not on the bus
+            raise TransportTimeoutError(f"{self.name}: ISO-TP send failed: {self._send_aborted}")
 
-    def recv(self, timeout: float) -> bytes | None:
+    def recv(self, timeout: float, limit: float | None = None) -> bytes | None:
         """The next whole PDU from the peer, or None if none has started within `timeout` seconds.
 
         `timeout` (P2 for UDS) bounds the wait for the first frame; once a multi-frame reception is
-        under way, it runs to its end, each consecutive frame bounded by the N_Cr timeout.
+        under way, it runs to its end, each consecutive frame bounded by the N_Cr timeout and the
+        whole by `limit` (monotonic seconds; the command's deadline).
         """
-        deadline = time.monotonic() + timeout
+        now = time.monotonic()
+        deadline = now + timeout
+        limit = now + max(timeout, 3600.0) if limit is None else limit
         try:
             while True:
                 data = self._logic.recv(block=False)
                 if data is not None:
                     return bytes(data)
                 receiving = self._logic.is_rx_active()
-                remaining = deadline - time.monotonic()
-                if (remaining <= 0 and not receiving) or self._woken:
+                now = time.monotonic()
+                if self._woken or (not receiving and now >= min(deadline, limit)):
                     return None
+                if now >= limit:
+                    self._logic.stop_receiving()
+                    raise TransportTimeoutError(f"{self.name}: ISO-TP reception not complete by the deadline")
                 busy = receiving or self._logic.transmitting()
                 # Idle: no timer can fire, so block until a frame or the deadline.
-                self._logic.process(rx_timeout=_SLICE if busy else remaining)
+                self._process(min(_SLICE if busy else deadline - now, limit - now))
         except BusDownError:
             self._logic.reset()
             raise

@@ -22,14 +22,20 @@ FrameSink = Callable[[can.Message], None]
 NOTIFIER_POLL_S = 0.25
 RECEIVE_BUFFER_BYTES = 1 << 20
 BusFactory = Callable[[], can.BusABC]
+SEND_TIMEOUT_S = 0.2
+SEND_RETRY_PAUSE_S = 0.005
+# python-can interfaces whose send() several threads may call at once (one syscall / a locked queue);
+# every other interface gets a lock around send().
+THREAD_SAFE_SEND = frozenset({"socketcan", "virtual"})
 
 
 @dataclass(frozen=True)
 class RxFilter:
-    """One response id the agent listens to (becomes a kernel CAN filter on socketcan)."""
+    """Response ids the agent listens to (a kernel CAN filter on socketcan): one id, or a range by mask."""
 
     can_id: int
     extended: bool
+    mask: int | None = None  # None: this id exactly
 
 
 @dataclass
@@ -82,6 +88,8 @@ class _Router(can.Listener):
         sink = self._owner.sinks.get((msg.arbitration_id, msg.is_extended_id))
         if sink is not None:
             sink(msg)
+        for tap in self._owner.taps:  # empty unless a functional request is collecting answers
+            tap(msg)
 
     def on_error(self, exc: Exception) -> None:
         # Report, then re-raise: a handled error would make the Notifier spin on a broken bus.
@@ -103,12 +111,14 @@ class BusOwner:
         self.name = name
         self.counters = BusCounters()
         self.sinks: dict[tuple[int, bool], FrameSink] = {}
+        self.taps: tuple[FrameSink, ...] = ()  # see every frame the filters let through, while tapped
         self._filters = list(filters or [])
         self._factory = factory or (lambda: open_bus(config))
         self._on_change = on_change
         self._bus: can.BusABC | None = None
         self._notifier: can.Notifier | None = None
         self._lock = threading.Lock()
+        self._send_lock = None if config.interface in THREAD_SAFE_SEND else threading.Lock()
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._up = threading.Event()
@@ -121,15 +131,29 @@ class BusOwner:
     def subscribe(self, can_id: int, extended: bool, sink: FrameSink) -> None:
         """Routes frames with this id to `sink` (called on the notifier thread; must not block)."""
         self.sinks[(can_id, extended)] = sink
-        if RxFilter(can_id, extended) not in self._filters:
-            self._filters.append(RxFilter(can_id, extended))
+        self.listen(RxFilter(can_id, extended))
+
+    def listen(self, rx_filter: RxFilter) -> None:
+        """Lets frames matching `rx_filter` through the bus filters (for taps: no sink of their own)."""
+        if rx_filter not in self._filters:
+            self._filters.append(rx_filter)
             bus = self._bus
             if bus is not None:
                 bus.set_filters(self._can_filters())
 
+    def tap(self, sink: FrameSink) -> None:
+        """Also hands every frame that passes the filters to `sink`, until `untap` (notifier thread)."""
+        with self._lock:
+            self.taps = (*self.taps, sink)
+
+    def untap(self, sink: FrameSink) -> None:
+        with self._lock:
+            self.taps = tuple(t for t in self.taps if t is not sink)
+
     def _can_filters(self) -> list[can.typechecking.CanFilter]:
         return [
-            {"can_id": f.can_id, "can_mask": 0x1FFFFFFF if f.extended else 0x7FF, "extended": f.extended}
+            {"can_id": f.can_id, "can_mask": f.mask if f.mask is not None else 0x1FFFFFFF if f.extended else 0x7FF,
+             "extended": f.extended}
             for f in self._filters
         ]
 
@@ -157,23 +181,37 @@ class BusOwner:
     def is_up(self) -> bool:
         return self._up.is_set()
 
-    def wait_up(self, timeout: float) -> bool:
-        return self._up.wait(timeout)
-
     # ---- I/O -----------------------------------------------------------------------------------
     def send(self, msg: can.Message) -> None:
-        """Sends one frame; raises BusDownError (and schedules a rebuild) when the bus cannot send."""
+        """Sends one frame; raises BusDownError (and schedules a rebuild) when the bus cannot send.
+
+        One failed send (a full transmit queue: ENOBUFS) is retried after a short pause; only a
+        second failure in a row counts as a broken bus. Both failures are counted in `send_errors`.
+        """
         bus = self._bus
         if bus is None or not self._up.is_set():
             raise BusDownError(f"CAN bus {self.config.channel} is down: {self.last_error or 'not open'}")
         try:
-            bus.send(msg, timeout=0.2)
-        except (can.CanError, OSError, ValueError) as err:
+            self._send(bus, msg)
+        except (can.CanError, OSError, ValueError) as first:
             self.counters.send_errors += 1
-            self.report_fault(f"send failed: {err}")
-            raise BusDownError(f"CAN bus {self.config.channel}: send failed: {err}") from err
+            log.info("CAN send failed, retrying once: %s", first, extra={"interface": self.config.channel})
+            time.sleep(SEND_RETRY_PAUSE_S)
+            try:
+                self._send(bus, msg)
+            except (can.CanError, OSError, ValueError) as err:
+                self.counters.send_errors += 1
+                self.report_fault(f"send failed: {err}")
+                raise BusDownError(f"CAN bus {self.config.channel}: send failed: {err}") from err
         self.counters.frames_tx += 1
         self.counters.bytes_tx += msg.dlc
+
+    def _send(self, bus: can.BusABC, msg: can.Message) -> None:
+        if self._send_lock is None:
+            bus.send(msg, timeout=SEND_TIMEOUT_S)
+            return
+        with self._send_lock:
+            bus.send(msg, timeout=SEND_TIMEOUT_S)
 
     def report_fault(self, reason: str, recv: bool = False) -> None:
         """Marks the bus broken and wakes the supervisor to rebuild it."""

@@ -19,6 +19,7 @@ from agent.config.reader import (
     number,
     text,
 )
+from agent.config.transport import isotp_address, validated_params
 
 NAME = text(r"[a-z][a-z0-9_]{0,62}", "a name of lowercase letters, digits and _ starting with a letter")
 CAN_11 = integer(0, 0x7FF, "an 11-bit CAN id")
@@ -42,6 +43,10 @@ def parse_ecu(node: Node, bus: m.BusConfig) -> m.EcuConfig | None:
     allow = frozenset(a for a in allow_items if a) if node.has("allow") else frozenset(m.DEFAULT_ALLOWED)
     queue_size = node.get("queue_size", integer(1, 10_000), 16)
     dtc_texts = _dtc_texts(node.child("dtcs"))
+    uds_standard = node.get("uds_standard", _uds_standard, 2013)
+    raw_services = frozenset(s for s in (node.check(p, v, _raw_service) for p, v in node.items_of("raw_services"))
+                             if s is not None)
+    allow_undeclared = node.get("allow_undeclared_ids", boolean, False)
     for index, did in enumerate(dids):
         if did.length is not None and did.length + 3 > isotp.max_pdu:
             node.problems.add(join(node.path, f"dids[{index}].length"),
@@ -50,8 +55,26 @@ def parse_ecu(node: Node, bus: m.BusConfig) -> m.EcuConfig | None:
     return m.EcuConfig(
         name=name, addressing=addressing, isotp=isotp, timing=timing, dids=dids,
         routines=tuple(m.RoutineSpec(n, i) for n, i in routines), security=security,
-        allow=allow, queue_size=queue_size, dtc_texts=dtc_texts,
+        allow=allow, queue_size=queue_size, dtc_texts=dtc_texts, uds_standard=uds_standard,
+        raw_services=raw_services, allow_undeclared_ids=allow_undeclared,
     )
+
+
+def _uds_standard(value: Any) -> int:
+    year = integer(2006, 2020, "an ISO 14229 edition")(value)
+    if year not in m.UDS_STANDARDS:
+        raise InvalidValueError(f"expected one of {', '.join(map(str, m.UDS_STANDARDS))}, got {year}")
+    return year
+
+
+def _raw_service(value: Any) -> int:
+    service = integer(0, 0xFF, "a service id byte")(value)
+    if service in m.COMMAND_OF_SERVICE:
+        command = m.COMMAND_OF_SERVICE[service]
+        raise InvalidValueError(f"0x{service:02X} has its own command: allow {command} to send it with raw")
+    if 0x40 <= service <= 0x7F or service >= 0xC0:
+        raise InvalidValueError(f"0x{service:02X} is not a request service id")
+    return service
 
 
 def parse_addressing(node: Node | None, parent: Node) -> m.Addressing:
@@ -61,20 +84,29 @@ def parse_addressing(node: Node | None, parent: Node) -> m.Addressing:
     mode = node.get("mode", choice(*m.ADDRESSING_MODES), "normal_11bit")
     can_id = CAN_29 if mode.endswith("29bit") else CAN_11
     needs_ids = mode != "normal_fixed_29bit"
+    needs_addresses = mode.startswith(("extended", "normal_fixed")) or mode == "mixed_29bit"
     addressing = m.Addressing(
         mode=mode,
         request_id=node.get("request_id", can_id) if needs_ids else node.get("request_id", can_id, None),
         response_id=node.get("response_id", can_id) if needs_ids else node.get("response_id", can_id, None),
         functional_id=node.get("functional_id", can_id, None),
-        target_address=node.get("target_address", BYTE) if mode.startswith(("extended", "normal_fixed"))
+        target_address=node.get("target_address", BYTE) if needs_addresses
         else node.get("target_address", BYTE, None),
-        source_address=node.get("source_address", BYTE) if mode.startswith(("extended", "normal_fixed"))
+        source_address=node.get("source_address", BYTE) if needs_addresses
         else node.get("source_address", BYTE, None),
         address_extension=node.get("address_extension", BYTE) if mode.startswith("mixed")
         else node.get("address_extension", BYTE, None),
     )
     if needs_ids and addressing.request_id is not None and addressing.request_id == addressing.response_id:
         node.problems.add(join(node.path, "response_id"), "must differ from request_id")
+    elif addressing.functional_id is not None and not mode.startswith("normal"):
+        node.problems.add(join(node.path, "functional_id"),
+                          "functional requests are supported with normal addressing modes only")
+    elif not any(p.startswith(node.path) for p, _ in node.problems.items):
+        try:  # what can-isotp would refuse at start-up is refused here, with the path
+            isotp_address(addressing)
+        except ValueError as err:
+            node.problems.add(node.path, f"not a valid ISO-TP address: {err}")
     node.finish()
     return addressing
 
@@ -97,7 +129,14 @@ def parse_isotp(node: Node | None, bus: m.BusConfig, problems: Problems) -> m.Is
         fd=fd,
         data_length=length,
         max_pdu=node.get("max_pdu", integer(8, 0xFFFFFFFF), 8192),
+        wftmax=node.get("wftmax", integer(0, 255, "a number of FC.WAIT frames (0..255)"), m.IsoTpConfig.wftmax),
+        bitrate_switch=fd and bus.data_bitrate is not None,
     )
+    if not any(p.startswith(node.path) for p, _ in problems.items):
+        try:
+            validated_params(config)
+        except ValueError as err:
+            problems.add(node.path, f"not valid ISO-TP parameters: {err}")
     node.finish()
     return config
 

@@ -17,6 +17,15 @@ ADDRESSING_MODES = (
     "extended_11bit", "extended_29bit", "mixed_11bit", "mixed_29bit",
 )
 CODECS = ("ascii", "unsigned", "signed", "enum", "raw")
+UDS_STANDARDS = (2006, 2013, 2020)
+# Services that have a command of their own: `raw` may send them only where that command is allowed.
+COMMAND_OF_SERVICE = {
+    0x10: "set_session", 0x11: "reset", 0x14: "clear_faults", 0x27: "security_access", 0x2E: "write_data",
+    0x2F: "io_control", 0x31: "operation",
+}
+# Services that change the ECU and have no command in protocol v1 (communication control, transfers,
+# memory writes, DTC setting): `raw` may send them only where `raw_services` lists them by name.
+UNNAMED_WRITE_SERVICES = frozenset({0x28, 0x34, 0x35, 0x36, 0x37, 0x3D, 0x85})
 
 
 @dataclass(frozen=True)
@@ -140,6 +149,8 @@ class IsoTpConfig:
     fd: bool = False
     data_length: int = 8  # CAN (FD) frame payload, 8 for classic CAN
     max_pdu: int = 8192
+    wftmax: int = 5  # FC.WAIT frames accepted from the ECU per flow control (can-isotp's default 0 aborts on one)
+    bitrate_switch: bool = False  # set when the bus has a data_bitrate and this ECU uses CAN FD
 
 
 @dataclass(frozen=True)
@@ -191,6 +202,9 @@ class EcuConfig:
     allow: frozenset[str] = frozenset(DEFAULT_ALLOWED)
     queue_size: int = 16
     dtc_texts: tuple[tuple[str, str], ...] = ()  # `dtcs:` code -> text ("P0301", "P0301-1A" or "0x030100")
+    uds_standard: int = 2013  # ISO 14229 edition the ECU follows: how its session response is read
+    raw_services: frozenset[int] = frozenset()  # services `raw` may send that have no command of their own
+    allow_undeclared_ids: bool = False  # operation/io_control on routines and DIDs the config does not declare
 
     def did_by_name(self, name: str) -> DidSpec | None:
         return next((d for d in self.dids if d.name == name), None)

@@ -23,6 +23,7 @@ from agent.config.reader import (
     number,
     text,
 )
+from agent.config.transport import isotp_address, rx_ids
 from agent.errors import ConfigError
 
 VEHICLE = text(r"[^/+#\s]{1,64}", "a vehicle id without / + # or spaces", max_len=64)
@@ -309,7 +310,7 @@ def _ecus(root: Node, bus: m.BusConfig, problems: Problems) -> tuple[m.EcuConfig
         problems.add("ecus", "required field is missing")
     ecus: list[m.EcuConfig] = []
     seen_names: dict[str, str] = {}
-    seen_rx: dict[tuple[int | None, int | None], str] = {}
+    seen_rx: dict[tuple[int, bool], str] = {}
     for path, item in root.items_of("ecus"):
         ecu = parse_ecu(Node(item, path, problems), bus)
         if ecu is None:
@@ -317,11 +318,25 @@ def _ecus(root: Node, bus: m.BusConfig, problems: Problems) -> tuple[m.EcuConfig
         if ecu.name in seen_names:
             problems.add(join(path, "name"), f"{ecu.name!r} is already used by {seen_names[ecu.name]}")
         seen_names.setdefault(ecu.name, path)
-        key = (ecu.addressing.response_id, ecu.addressing.source_address)
-        if key in seen_rx and ecu.addressing.mode.startswith("normal_") and ecu.addressing.response_id is not None:
-            problems.add(join(path, "addressing.response_id"), f"already used by {seen_rx[key]}")
-        seen_rx.setdefault(key, path)
+        for key in _rx_ids(ecu):
+            # frames are routed by CAN id alone: two ECUs answering on one id (whatever their address
+            # bytes) would leave one of them never hearing its answers
+            if key in seen_rx:
+                where = "addressing.response_id" if ecu.addressing.response_id is not None else "addressing"
+                problems.add(join(path, where), f"already used by {seen_rx[key]}")
+            seen_rx.setdefault(key, path)
         ecus.append(ecu)
     if root.has("ecus") and isinstance(root.data.get("ecus"), list) and not root.data["ecus"]:
         problems.add("ecus", "at least one ECU is needed")
     return tuple(ecus)
+
+
+def _rx_ids(ecu: m.EcuConfig) -> list[tuple[int, bool]]:
+    """The CAN ids the ECU answers on (from can-isotp's view of its address, so every mode counts)."""
+    addressing = ecu.addressing
+    try:
+        return rx_ids(isotp_address(addressing))
+    except (ValueError, KeyError, TypeError):  # the address itself is reported as a problem already
+        if addressing.response_id is None:
+            return []
+        return [(addressing.response_id, addressing.mode.endswith("29bit"))]

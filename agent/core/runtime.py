@@ -8,13 +8,14 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from agent.bus.address import isotp_address, rx_ids
+from agent.bus.functional import FunctionalLink, known_responders
 from agent.bus.isotp_link import IsoTpLink
 from agent.bus.kernel_isotp import KernelIsoTpLink, kernel_isotp_available, kernel_isotp_max_pdu
 from agent.bus.owner import BusFactory, BusOwner
 from agent.config.model import AgentConfig, BusConfig, EcuConfig
+from agent.config.transport import isotp_address
 from agent.core.worker import ComponentWorker, ResultSink, StartHook
-from agent.policy.admission import Admission, permitted
+from agent.policy.admission import Admission, refusal_reason
 from agent.uds.executor import Executor
 from agent.uds.transaction import Link
 from agent.wire.command import Command
@@ -53,8 +54,17 @@ class Runtime:
         self.workers: dict[str, ComponentWorker] = {}
         self.transports: dict[str, str] = {}  # per ECU: "kernel" or "userspace"
         self._stopping = threading.Event()
+        links = {ecu.name: self._link(ecu) for ecu in config.ecus}
+
+        def passive(name: str) -> bool:  # a bound kernel socket sends that ECU's flow control itself
+            link = links.get(name)
+            return isinstance(link, KernelIsoTpLink) and link.bound
+
+        responders = known_responders(list(config.ecus), passive)
         for ecu in config.ecus:
-            executor = Executor(ecu, self._link(ecu))
+            functional = FunctionalLink(self.owner, ecu, responders) if ecu.addressing.functional_id is not None \
+                else None
+            executor = Executor(ecu, links[ecu.name], functional)
             self.workers[ecu.name] = ComponentWorker(ecu, executor, sink, on_start,
                                                      probe_interval_s=config.metrics.reachability_interval_s,
                                                      on_probe=on_probe)
@@ -71,10 +81,8 @@ class Runtime:
             log.info("ECU %s uses userspace ISO-TP: its DIDs need %d-byte PDUs, kernel ISO-TP takes %d",
                      ecu.name, needed, limit, extra={"component": ecu.name, "transport": "userspace"})
         if self.transports[ecu.name] == "kernel":
-            # The raw bus still sees the ECU's responses, for frame counters.
-            for can_id, extended in rx_ids(address):
-                self.owner.subscribe(can_id, extended, lambda msg: None)
-            return KernelIsoTpLink(self.config.bus.channel, address, ecu.isotp, name=ecu.name)
+            # The raw bus still sees the ECU's responses: frame counters, and first frames for P2.
+            return KernelIsoTpLink(self.config.bus.channel, address, ecu.isotp, name=ecu.name, owner=self.owner)
         return IsoTpLink(self.owner, address, ecu.isotp, name=ecu.name)
 
     def start(self, wait: float = 2.0) -> bool:
@@ -93,8 +101,9 @@ class Runtime:
         worker = self.workers.get(command.component)
         if worker is None:
             return Admission.UNKNOWN_COMPONENT
-        if not permitted(worker.ecu, command):
-            return Admission.NOT_PERMITTED
+        reason = refusal_reason(worker.ecu, command)
+        if reason is not None:
+            return Admission.denied(reason)
         return Admission.QUEUED if worker.depth + reserved < worker.ecu.queue_size else Admission.BUSY
 
     def submit(self, command: Command) -> Admission:

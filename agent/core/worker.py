@@ -130,7 +130,7 @@ class ComponentWorker:
         self.in_flight, self.busy_since = command, time.monotonic()
         started = self._clock()
         budget_ms = command.timeout_ms or self.ecu.timing.request_ms
-        outcome = self.executor.execute(command.params, time.monotonic() + budget_ms / 1000)
+        outcome = self.executor.execute(command.params, time.monotonic() + budget_ms / 1000, command.addressing)
         self.in_flight, self.busy_since = None, None
         self._emit(command, outcome, started)
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from agent.bus.address import isotp_address, rx_ids
 from agent.bus.isotp_link import IsoTpLink
 from agent.config.model import Addressing, IsoTpConfig
+from agent.config.transport import isotp_address, rx_ids
 from agent.discover.tap import BusTap
 from agent.errors import BusDownError, TransportTimeoutError
 from agent.uds.transaction import InvalidResponseError, NegativeResponseError, Timing, UdsTimeoutError, transact

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import can
 import isotp
 
-from agent.bus.address import isotp_address
 from agent.config.model import Addressing
+from agent.config.transport import isotp_address
 from agent.discover.frames import is_tester_present_answer, read_single_frame, single_frame
 from agent.discover.tap import BusTap
 from agent.metrics.canstate import CanLink, read_link

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import can
 
-from agent.bus.address import isotp_address
 from agent.bus.kernel_isotp import kernel_isotp_available
 from agent.config.model import AgentConfig
+from agent.config.transport import isotp_address
 from agent.discover.probe import listen, tester_present
 from agent.discover.tap import BusTap
 from agent.metrics.canstate import CanLink, read_link

@@ -1,4 +1,16 @@
-"""Runs one validated command on one ECU through udsoncan's services; every outcome is a value."""
+"""Runs one validated command on one ECU through udsoncan's services; every outcome is a value.
+
+Requests are built with udsoncan's `services.*.make_request` and answers read with its
+`interpret_response`; `transaction` has already matched each answer to its request by echo, and the
+echoes udsoncan parses (session, reset type, security level, routine, DID, control parameter) are
+compared once more here. Hand-built bytes remain only where udsoncan has no helper:
+- `raw`: the caller's bytes, by definition;
+- the records of ReadDTCInformation 0x04/0x06 (snapshots, extended data): udsoncan's reader needs a
+  codec for every DID of a snapshot and the size of every extended record up front, so records of
+  DIDs the config does not describe could not be read at all; `wire.dtc` splits them instead (the
+  requests themselves come from udsoncan);
+- the session/security bookkeeping that follows a raw 0x10/0x11/0x27, read from the raw bytes.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +20,23 @@ from collections.abc import Callable
 from typing import Any
 
 import udsoncan
-from udsoncan import Response, services
+from udsoncan import Request, Response, services
 
 from agent.config.model import EcuConfig
 from agent.errors import BusDownError, TransportTimeoutError
 from agent.uds.keys import load_algorithm
-from agent.uds.transaction import InvalidResponseError, Link, NegativeResponseError, Timing, UdsTimeoutError, transact
+from agent.uds.transaction import (
+    NEGATIVE_RESPONSE,
+    FunctionalLink,
+    InvalidResponseError,
+    Link,
+    NegativeResponseError,
+    Timing,
+    UdsTimeoutError,
+    collect,
+    suppresses_positive,
+    transact,
+)
 from agent.wire import codecs, obd
 from agent.wire import command as c
 from agent.wire.command import ErrorCode, Outcome, Status
@@ -22,18 +45,60 @@ from agent.wire.dtc import fault_dict, split_snapshot_records, with_text
 log = logging.getLogger(__name__)
 
 DEFAULT_SESSION = 1
+LOCKED = 0
+_DTC = services.ReadDTCInformation.Subfunction
+_SEED, _KEY = services.SecurityAccess.Mode.RequestSeed, services.SecurityAccess.Mode.SendKey
+
+
+class _Encoded(udsoncan.DidCodec):
+    """A DID codec for bytes the command parser has already encoded (udsoncan only frames them)."""
+
+    def encode(self, *args: Any, **kwargs: Any) -> bytes:
+        return bytes(args[0])
+
+    def decode(self, string_bin: bytes) -> bytes:
+        return bytes(string_bin)
+
+    def __len__(self) -> int:
+        raise udsoncan.DidCodec.ReadAllRemainingData
+
+
+def interpret(reader: Callable[..., Any], response: Response, *args: Any, **kwargs: Any) -> Any:
+    """udsoncan's `interpret_response`, its complaints turned into InvalidResponseError."""
+    try:
+        return reader(response, *args, **kwargs).service_data
+    except (udsoncan.exceptions.InvalidResponseException, udsoncan.exceptions.ConfigError, ValueError,
+            IndexError) as err:  # IndexError: udsoncan's 0x2F reader on an answer without the control echo
+        raise InvalidResponseError(str(err)) from err
+
+
+def expect_echo(what: str, got: int, wanted: int) -> None:
+    if got != wanted:
+        raise InvalidResponseError(f"response echoes {what} 0x{got:02X}, asked for 0x{wanted:02X}")
+
+
+def error_fields(err: Exception) -> dict[str, Any]:
+    """The `error` object of a per-item failure inside a result (e.g. one DTC's snapshot)."""
+    if isinstance(err, NegativeResponseError):
+        return {"code": str(ErrorCode.NEGATIVE_RESPONSE), "message": str(err), "nrc": f"0x{err.code:02X}",
+                "nrc_name": err.name}
+    if isinstance(err, UdsTimeoutError | TransportTimeoutError):
+        return {"code": str(ErrorCode.TIMEOUT), "message": str(err)}
+    return {"code": str(ErrorCode.INTERNAL), "message": f"invalid response from ECU: {err}"}
 
 
 class Executor:
-    """Owns the UDS view of one ECU (session, timing) and turns commands into outcomes.
+    """Owns the UDS view of one ECU (session, security level, timing) and turns commands into outcomes.
 
     Used by exactly one worker thread. No exception escapes `execute`.
     """
 
-    def __init__(self, ecu: EcuConfig, link: Link) -> None:
+    def __init__(self, ecu: EcuConfig, link: Link, functional: FunctionalLink | None = None) -> None:
         self.ecu = ecu
         self.link = link
+        self.functional = functional
         self.session = DEFAULT_SESSION
+        self.security_level = LOCKED
         self._base = Timing(ecu.timing.p2_ms / 1000, ecu.timing.p2_star_ms / 1000, ecu.timing.busy_retries)
         self.timing = Timing(self._base.p2, self._base.p2_star, self._base.busy_retries)
         self._algorithms = {s.level: (load_algorithm(s.algorithm), dict(s.params)) for s in ecu.security}
@@ -45,9 +110,11 @@ class Executor:
             c.Obd: self._obd,
         }
 
-    def execute(self, params: c.Params, deadline: float) -> Outcome:
-        """Runs the command until done or `deadline` (monotonic seconds)."""
+    def execute(self, params: c.Params, deadline: float, addressing: str = c.PHYSICAL) -> Outcome:
+        """Runs the command until done or `deadline` (monotonic seconds), physically or functionally."""
         try:
+            if addressing == c.FUNCTIONAL:
+                return Outcome.completed(self._functional_request(params, deadline))
             return Outcome.completed(self._handlers[type(params)](params, deadline))
         except NegativeResponseError as nrc:
             return Outcome.failure(Status.FAILED, ErrorCode.NEGATIVE_RESPONSE, str(nrc),
@@ -56,7 +123,7 @@ class Executor:
             return Outcome.failure(Status.TIMEOUT, ErrorCode.TIMEOUT, str(err))
         except BusDownError as err:
             return Outcome.failure(Status.FAILED, ErrorCode.BUS_ERROR, str(err))
-        except (InvalidResponseError, udsoncan.exceptions.InvalidResponseException, ValueError) as err:
+        except InvalidResponseError as err:
             return Outcome.failure(Status.FAILED, ErrorCode.INTERNAL, f"invalid response from ECU: {err}")
         except Exception as err:  # the executor's contract: a result, never an exception
             log.exception("executor failed on %s", self.ecu.name)
@@ -65,7 +132,7 @@ class Executor:
     def probe(self) -> bool:
         """TesterPresent with a response: does the ECU answer right now?"""
         try:
-            transact(self.link, bytes([0x3E, 0x00]), self.timing, time.monotonic() + self.timing.p2)
+            self._ask(services.TesterPresent.make_request(), time.monotonic() + self.timing.p2)
         except (NegativeResponseError, InvalidResponseError):
             return True  # it answered, if not happily
         except (UdsTimeoutError, TransportTimeoutError, BusDownError):
@@ -74,16 +141,45 @@ class Executor:
 
     def keepalive(self) -> None:
         """TesterPresent with suppressed positive response, to hold a non-default session (S3)."""
-        deadline = time.monotonic() + self.timing.p2
+        request = services.TesterPresent.make_request().get_payload(suppress_positive_response=True)
         try:
-            transact(self.link, bytes([0x3E, 0x80]), self.timing, deadline, expect_response=False)
+            transact(self.link, request, self.timing, time.monotonic() + self.timing.p2, wait_negative=False)
         except (BusDownError, TransportTimeoutError) as err:
             log.warning("keepalive to %s failed: %s", self.ecu.name, err)
 
+    # ---- session and security state: the same after a named command or a raw one -------------
+    def _enter_session(self, session: int) -> None:
+        if session != self.session or self.security_level != LOCKED:
+            log.info("ECU %s in session 0x%02X", self.ecu.name, session,
+                     extra={"component": self.ecu.name, "session": session})
+        self.session = session
+        self.security_level = LOCKED  # a session change relocks the ECU (ISO 14229-1)
+        self.timing = Timing(self._base.p2, self._base.p2_star, self._base.busy_retries)
+
+    def _apply_session_timing(self, response: Response) -> tuple[float, float]:
+        """Reads the session response's timing record per the ECU's ISO 14229 edition (2006: none)."""
+        data = interpret(services.DiagnosticSessionControl.interpret_response, response,
+                         standard_version=self.ecu.uds_standard)
+        if data.p2_server_max is None or data.p2_star_server_max is None:
+            return self._base.p2, self._base.p2_star
+        # The client waits at least what the config says, and at least what the server announces.
+        self.timing = Timing(max(self._base.p2, data.p2_server_max + 0.05),
+                             max(self._base.p2_star, data.p2_star_server_max + 0.05), self._base.busy_retries)
+        return data.p2_server_max, data.p2_star_server_max
+
+    def session_lost(self) -> None:
+        """Back to the default session, locked (after a reset, or when the ECU stopped answering keepalives)."""
+        self._enter_session(DEFAULT_SESSION)
+
+    def _unlocked(self, level: int) -> None:
+        self.security_level = level
+        log.info("ECU %s unlocked at level %d", self.ecu.name, level,
+                 extra={"component": self.ecu.name, "security_level": level})
+
     # ---- helpers -------------------------------------------------------------------------------
-    def _ask(self, request: udsoncan.Request | bytes, deadline: float) -> Response:
-        payload = request if isinstance(request, bytes) else request.get_payload()
-        data = transact(self.link, payload, self.timing, deadline)
+    def _ask(self, request: Request, deadline: float) -> Response:
+        data = transact(self.link, request.get_payload(), self.timing, deadline)
+        assert data is not None  # named commands never suppress the positive response
         response = Response.from_payload(data)
         if not response.valid:
             raise InvalidResponseError(response.invalid_reason)
@@ -98,88 +194,138 @@ class Executor:
             config = {d.id: codecs.UdsoncanCodec(d) for d in group}
             ids = [d.id for d in group]
             response = self._ask(services.ReadDataByIdentifier.make_request(ids, config), deadline)
-            parsed = services.ReadDataByIdentifier.interpret_response(response, ids, config)
+            parsed = interpret(services.ReadDataByIdentifier.interpret_response, response, ids, config)
+            if set(parsed.values) != set(ids):
+                got = ", ".join(f"0x{d:04X}" for d in parsed.values) or "none"
+                raise InvalidResponseError(f"response carries DIDs {got}, asked for "
+                                           f"{', '.join(f'0x{d:04X}' for d in ids)}")
             by_id = {d.id: d for d in group}
-            for did, value in parsed.service_data.values.items():
+            for did, value in parsed.values.items():
                 values[by_id[did].name] = value
         return {"values": {d.name: values[d.name] for d in p.dids if d.name in values}}
 
     def _write_data(self, p: c.WriteData, deadline: float) -> dict[str, Any]:
-        self._ask(bytes([0x2E]) + p.did.id.to_bytes(2, "big") + p.payload, deadline)
+        request = services.WriteDataByIdentifier.make_request(p.did.id, p.payload, {p.did.id: _Encoded()})
+        data = interpret(services.WriteDataByIdentifier.interpret_response, self._ask(request, deadline))
+        expect_echo("DID", data.did_echo, p.did.id)
         return {}
 
     def _read_faults(self, p: c.ReadFaults, deadline: float) -> dict[str, Any]:
-        sub = services.ReadDTCInformation.Subfunction
-        request = services.ReadDTCInformation.make_request(sub.reportDTCByStatusMask, status_mask=p.status_mask)
-        response = self._ask(request, deadline)
-        parsed = services.ReadDTCInformation.interpret_response(response, sub.reportDTCByStatusMask)
+        request = services.ReadDTCInformation.make_request(_DTC.reportDTCByStatusMask, status_mask=p.status_mask)
+        parsed = interpret(services.ReadDTCInformation.interpret_response, self._ask(request, deadline),
+                           _DTC.reportDTCByStatusMask)
         faults = []
-        for dtc in parsed.service_data.dtcs:
+        for dtc in parsed.dtcs:
             entry = with_text(fault_dict(dtc.id, dtc.status.get_byte_as_int()), self.ecu.dtc_texts, dtc.id)
-            dtc_bytes = dtc.id.to_bytes(3, "big")
             if p.snapshots:
-                data = self._ask(bytes([0x19, 0x04]) + dtc_bytes + b"\xff", deadline).get_payload()
-                entry["snapshots"] = split_snapshot_records(data[6:], {d.id: d for d in self.ecu.dids})
+                self._fault_part(entry, "snapshots", dtc.id, lambda d: split_snapshot_records(
+                    d, {s.id: s for s in self.ecu.dids}), deadline)
             if p.extended:
-                data = self._ask(bytes([0x19, 0x06]) + dtc_bytes + b"\xff", deadline).get_payload()
-                entry["extended_data"] = data[6:].hex()
+                self._fault_part(entry, "extended_data", dtc.id, lambda d: d.hex(), deadline)
             faults.append(entry)
         return {"faults": faults}
 
+    def _fault_part(self, entry: dict[str, Any], key: str, dtc: int, read: Callable[[bytes], Any],
+                    deadline: float) -> None:
+        """One DTC's snapshots or extended data into its entry; a failure stays in that entry."""
+        sub = _DTC.reportDTCSnapshotRecordByDTCNumber if key == "snapshots" \
+            else _DTC.reportDTCExtendedDataRecordByDTCNumber
+        record = {"snapshot_record_number": 0xFF} if key == "snapshots" else {"extended_data_record_number": 0xFF}
+        try:
+            request = services.ReadDTCInformation.make_request(sub, dtc=dtc, **record)
+            data = self._ask(request, deadline).get_payload()
+            if len(data) < 6:
+                raise InvalidResponseError(f"0x19 0x{sub:02X} answer too short: {data.hex()}")
+            entry[key] = read(data[6:])  # after 59, sub-function, DTC (3), status
+        except (NegativeResponseError, InvalidResponseError, UdsTimeoutError, TransportTimeoutError) as err:
+            entry[f"{key}_error"] = error_fields(err)
+            log.warning("%s of DTC 0x%06X on %s not read: %s", key, dtc, self.ecu.name, err,
+                        extra={"component": self.ecu.name})
+
     def _clear_faults(self, p: c.ClearFaults, deadline: float) -> dict[str, Any]:
-        self._ask(services.ClearDiagnosticInformation.make_request(p.group), deadline)
+        response = self._ask(services.ClearDiagnosticInformation.make_request(p.group), deadline)
+        interpret(services.ClearDiagnosticInformation.interpret_response, response)
         return {}
 
     def _set_session(self, p: c.SetSession, deadline: float) -> dict[str, Any]:
         response = self._ask(services.DiagnosticSessionControl.make_request(p.session), deadline)
-        data = services.DiagnosticSessionControl.interpret_response(response).service_data
-        self.session = p.session
-        p2 = data.p2_server_max if data.p2_server_max is not None else self._base.p2
-        p2_star = data.p2_star_server_max if data.p2_star_server_max is not None else self._base.p2_star
-        # The client waits at least what the config says, and at least what the server announces.
-        self.timing = Timing(max(self._base.p2, p2 + 0.05), max(self._base.p2_star, p2_star + 0.05),
-                             self._base.busy_retries)
+        self._enter_session(p.session)  # the ECU switched: the state follows before anything else is read
+        try:
+            p2, p2_star = self._apply_session_timing(response)
+        except InvalidResponseError as err:
+            standard = self.ecu.uds_standard
+            raise InvalidResponseError(f"{err} (the ECU is in session 0x{p.session:02X}; an ISO 14229:2006 ECU "
+                                       f"needs uds_standard: 2006, this one is configured {standard})") from err
         return {"session": p.name, "p2_ms": round(p2 * 1000), "p2_star_ms": round(p2_star * 1000)}
 
     def _reset(self, p: c.Reset, deadline: float) -> dict[str, Any]:
-        self._ask(services.ECUReset.make_request(p.reset_type), deadline)
+        response = self._ask(services.ECUReset.make_request(p.reset_type), deadline)
+        interpret(services.ECUReset.interpret_response, response)
         self.session_lost()
         return {}
 
-    def session_lost(self) -> None:
-        """Back to the default session (after a reset, or when the ECU stopped answering keepalives)."""
-        self.session = DEFAULT_SESSION
-        self.timing = Timing(self._base.p2, self._base.p2_star, self._base.busy_retries)
-
     def _security_access(self, p: c.SecurityAccess, deadline: float) -> dict[str, Any]:
-        seed_response = self._ask(bytes([0x27, p.level]), deadline).get_payload()
-        seed = seed_response[2:]
+        request = services.SecurityAccess.make_request(p.level, _SEED)
+        seed = interpret(services.SecurityAccess.interpret_response, self._ask(request, deadline), _SEED).seed
         if seed and not any(seed):  # an all-zero seed means: already unlocked
+            self._unlocked(p.level)
             return {"level": p.level, "unlocked": True}
         algorithm, params = self._algorithms[p.level]
         key = bytes(algorithm(p.level, seed, params))
-        self._ask(bytes([0x27, p.level + 1]) + key, deadline)
+        response = self._ask(services.SecurityAccess.make_request(p.level, _KEY, key), deadline)
+        interpret(services.SecurityAccess.interpret_response, response, _KEY)
+        self._unlocked(p.level)
         return {"level": p.level, "unlocked": True}
 
     def _operation(self, p: c.Operation, deadline: float) -> dict[str, Any]:
         request = services.RoutineControl.make_request(p.routine_id, p.action, p.data or None)
-        parsed = services.RoutineControl.interpret_response(self._ask(request, deadline))
-        return {"status_record": parsed.service_data.routine_status_record.hex()}
+        data = interpret(services.RoutineControl.interpret_response, self._ask(request, deadline))
+        expect_echo("routine control type", data.control_type_echo, p.action)
+        if data.routine_id_echo != p.routine_id:
+            raise InvalidResponseError(f"response echoes routine 0x{data.routine_id_echo:04X}, "
+                                       f"asked for 0x{p.routine_id:04X}")
+        return {"status_record": data.routine_status_record.hex()}
 
     def _io_control(self, p: c.IoControl, deadline: float) -> dict[str, Any]:
-        did = p.did.id.to_bytes(2, "big")
-        data = self._ask(bytes([0x2F]) + did + bytes([p.control]) + p.payload, deadline).get_payload()
-        if data[1:3] != did:
-            raise InvalidResponseError(f"response echoes DID {data[1:3].hex()}, asked for {did.hex()}")
-        record = data[4:] if len(data) > 3 and data[3] == p.control else data[3:]
-        return {"values": {p.did.name: codecs.decode(p.did, record)}}
+        request = services.InputOutputControlByIdentifier.make_request(
+            p.did.id, p.control, values=[p.payload] if p.payload else None, ioconfig={p.did.id: _Encoded()})
+        data = interpret(services.InputOutputControlByIdentifier.interpret_response, self._ask(request, deadline),
+                         p.control, ioconfig={p.did.id: codecs.UdsoncanCodec(p.did)})
+        expect_echo("control parameter", data.control_param_echo, p.control)
+        return {"values": {p.did.name: data.decoded_data}}
 
     def _tester_present(self, p: c.TesterPresent, deadline: float) -> dict[str, Any]:
-        self._ask(services.TesterPresent.make_request(), deadline)
+        data = interpret(services.TesterPresent.interpret_response,
+                         self._ask(services.TesterPresent.make_request(), deadline))
+        expect_echo("sub-function", data.subfunction_echo, 0)
         return {}
 
     def _raw(self, p: c.Raw, deadline: float) -> dict[str, Any]:
-        return {"response": transact(self.link, p.request, self.timing, deadline).hex()}
+        response = transact(self.link, p.request, self.timing, deadline)
+        self._follow_raw(p.request, response)
+        if response is None:
+            return {"response": "", "suppressed": True}
+        return {"response": response.hex()}
+
+    def _follow_raw(self, request: bytes, response: bytes | None) -> None:
+        """Session and security state after a raw 0x10/0x11/0x27 the ECU accepted (None: suppressed answer)."""
+        sid, sub = request[0], (request[1] & 0x7F if len(request) > 1 else None)
+        if sub is None or sid not in (0x10, 0x11, 0x27):
+            return
+        if sid == 0x11:
+            self.session_lost()
+        elif sid == 0x10:
+            self._enter_session(sub)
+            if response is not None:
+                try:
+                    self._apply_session_timing(Response.from_payload(response))
+                except InvalidResponseError as err:
+                    log.warning("session response of %s without usable timing (uds_standard %d): %s",
+                                self.ecu.name, self.ecu.uds_standard, err, extra={"component": self.ecu.name})
+        elif sub % 2 == 0:  # sendKey accepted
+            self._unlocked(sub - 1)
+        elif response is not None and len(response) > 2 and not any(response[2:]):  # zero seed: unlocked
+            self._unlocked(sub)
 
     # ---- OBD-II (SAE J1979), physical addressing -----------------------------------------------
     def _obd(self, p: c.Obd, deadline: float) -> dict[str, Any]:
@@ -204,4 +350,86 @@ class Executor:
         return found
 
     def _obd_ask(self, request: bytes, deadline: float) -> bytes:
-        return transact(self.link, request, self.timing, deadline)
+        response = transact(self.link, request, self.timing, deadline)
+        assert response is not None  # OBD-II requests have no suppressPosRspMsgIndicationBit
+        return response
+
+    # ---- functional requests: one request, every ECU's answer ----------------------------------
+    def _functional_request(self, p: c.Params, deadline: float) -> dict[str, Any]:
+        if self.functional is None:
+            raise InvalidResponseError(f"{self.ecu.name} has no functional_id: functional requests cannot go out")
+        if isinstance(p, c.ReadData):
+            return {"responses": self._functional_read(p, deadline)}
+        if isinstance(p, c.Obd):
+            return {"responses": self._functional_obd(p, deadline)}
+        if isinstance(p, c.TesterPresent):
+            request = services.TesterPresent.make_request().get_payload()
+        elif isinstance(p, c.Raw):
+            request = p.request
+        else:
+            raise InvalidResponseError(f"{type(p).__name__} cannot be sent functionally")
+        answers = self._collect(request, deadline)
+        entries = {}
+        for key, data in answers.items():
+            if data[0] == NEGATIVE_RESPONSE:
+                entries[key] = {"error": error_fields(NegativeResponseError(request[0], data[2]))}
+            else:
+                entries[key] = {"response": data.hex()} if isinstance(p, c.Raw) else {}
+        return {"responses": entries}
+
+    def _collect(self, request: bytes, deadline: float) -> dict[str, bytes]:
+        assert self.functional is not None
+        answers = collect(self.functional, request, self.timing, deadline)
+        if not answers and not suppresses_positive(request):
+            raise UdsTimeoutError(f"no ECU answered functional request 0x{request[0]:02X} within P2 "
+                                  f"({self.timing.p2 * 1000:.0f} ms)")
+        for key, data in answers.items():
+            if data[0] == NEGATIVE_RESPONSE and len(data) < 3:
+                answers[key] = bytes([NEGATIVE_RESPONSE, request[0], 0x10])  # truncated NRC: general reject
+        return answers
+
+    def _functional_read(self, p: c.ReadData, deadline: float) -> dict[str, Any]:
+        entries: dict[str, dict[str, Any]] = {}
+        fixed = [d for d in p.dids if d.length is not None]
+        for group in ([fixed] if fixed else []) + [[d] for d in p.dids if d.length is None]:
+            config = {d.id: codecs.UdsoncanCodec(d) for d in group}
+            ids = [d.id for d in group]
+            request = services.ReadDataByIdentifier.make_request(ids, config).get_payload()
+            for key, data in self._collect(request, deadline).items():
+                entry = entries.setdefault(key, {"values": {}})
+                try:
+                    if data[0] == NEGATIVE_RESPONSE:
+                        raise NegativeResponseError(request[0], data[2])
+                    parsed = interpret(services.ReadDataByIdentifier.interpret_response,
+                                       Response.from_payload(data), ids, config)
+                    if set(parsed.values) != set(ids):
+                        raise InvalidResponseError("the answer does not carry every DID asked for")
+                except (NegativeResponseError, InvalidResponseError) as err:
+                    entry.setdefault("error", error_fields(err))
+                    continue
+                by_id = {d.id: d for d in group}
+                entry["values"].update({by_id[did].name: value for did, value in parsed.values.items()})
+        for entry in entries.values():
+            entry["values"] = {d.name: entry["values"][d.name] for d in p.dids if d.name in entry["values"]}
+            if "error" in entry and not entry["values"]:
+                del entry["values"]
+        return entries
+
+    def _functional_obd(self, p: c.Obd, deadline: float) -> dict[str, Any]:
+        """Each request of the `obd` command once, functionally; every answering ECU gets its own result."""
+        entries: dict[str, dict[str, Any]] = {}
+        for part, request in obd.plan(p.pids, p.info, p.dtcs):
+            for key, data in self._collect(request, deadline).items():
+                entry = entries.setdefault(key, {})
+                if "error" in entry:
+                    continue
+                try:
+                    if data[0] == NEGATIVE_RESPONSE:
+                        raise NegativeResponseError(request[0], data[2])
+                    obd.interpret(part, request, data, entry, self.ecu.dtc_texts)
+                except NegativeResponseError as err:
+                    entry["error"] = error_fields(err)
+                except obd.ObdResponseError as err:
+                    entry["error"] = error_fields(InvalidResponseError(str(err)))
+        return {key: {k: entry[k] for k in ("values", "unsupported", "info", "dtcs", "error") if k in entry}
+                for key, entry in entries.items()}

@@ -1,4 +1,15 @@
-"""One UDS request/response exchange over an ISO-TP link: P2/P2*, NRC 0x78 pending, NRC 0x21 retry."""
+"""One UDS request/response exchange over an ISO-TP link: answers matched to their request by echo,
+suppressPosRspMsgIndicationBit, P2/P2*, NRC 0x78 pending, NRC 0x21 retry.
+
+An answer counts only if it echoes the request (`answers`): service id, and per service the
+sub-function, DID, routine id, DTC number, block counter or memory address the ECU must repeat. A
+positive answer that does not echo the request, or a negative one for another service, is stale (an
+earlier request's late answer, another tester's exchange): it is discarded and logged at DEBUG, and
+the wait for the real answer goes on within the same P2 window. The link is flushed before every
+request. The echo table is hand-written: udsoncan's services have no stand-alone check, their
+`interpret_response` only parses (its client compares the echoes); the executor still runs
+`interpret_response` on every answer it understands.
+"""
 
 from __future__ import annotations
 
@@ -15,13 +26,30 @@ log = logging.getLogger(__name__)
 
 NRC_BUSY_REPEAT = 0x21
 NRC_RESPONSE_PENDING = 0x78
+NEGATIVE_RESPONSE = 0x7F
+
+# Services whose second byte is a sub-function with the suppressPosRspMsgIndicationBit (ISO 14229-1:2013
+# per service; ReadDTCInformation's reportType has no such bit).
+SPRMIB_SERVICES = frozenset({0x10, 0x11, 0x27, 0x28, 0x29, 0x2C, 0x31, 0x3E, 0x83, 0x85, 0x86, 0x87})
+# Services whose positive response repeats the request's first byte after the service id (with the
+# SPRMIB cleared where there is one): sub-functions, OBD PIDs and info types, block counters, modes.
+_ECHO_FIRST_BYTE = SPRMIB_SERVICES | {0x01, 0x02, 0x05, 0x06, 0x08, 0x09, 0x19, 0x36, 0x38}
+# Services whose positive response repeats a 2-byte identifier right after the service id.
+_ECHO_DID = frozenset({0x22, 0x24, 0x2E, 0x2F})
+# ReadDTCInformation sub-functions answered with the DTC number they were asked about.
+_DTC_BY_NUMBER = frozenset({0x04, 0x06, 0x10})
 
 
 class Link(Protocol):
-    """What a transaction needs of an ISO-TP link (userspace or kernel)."""
+    """What a transaction needs of an ISO-TP link (userspace or kernel).
+
+    `recv(timeout, limit)`: `timeout` bounds the wait for a PDU to *start* (its first frame); a PDU
+    that has started is received to its end, each frame bounded by N_Cr, the whole by `limit`
+    (monotonic seconds).
+    """
 
     def send(self, payload: bytes, timeout: float) -> None: ...
-    def recv(self, timeout: float) -> bytes | None: ...
+    def recv(self, timeout: float, limit: float) -> bytes | None: ...
     def flush(self) -> None: ...
 
 
@@ -51,16 +79,56 @@ class Timing:
     busy_retries: int
 
 
-def transact(link: Link, request: bytes, timing: Timing, deadline: float, expect_response: bool = True) -> bytes:
+def suppresses_positive(request: bytes) -> bool:
+    """The request asks the ECU not to answer positively (bit 7 of its sub-function)."""
+    return len(request) >= 2 and request[0] in SPRMIB_SERVICES and bool(request[1] & 0x80)
+
+
+def echo_prefix(request: bytes) -> bytes:
+    """The bytes a positive response to `request` must start with: its service id + 0x40 and the echo."""
+    sid = request[0]
+    head = bytes([(sid + 0x40) & 0xFF])
+    if len(request) < 2:
+        return head
+    if sid in _ECHO_DID and len(request) >= 3:
+        return head + request[1:3]
+    if sid == 0x31 and len(request) >= 4:  # routine control: type and routine id
+        return head + bytes([request[1] & 0x7F]) + request[2:4]
+    if sid == 0x2C and request[1] & 0x7F in (1, 2) and len(request) >= 4:  # dynamically defined DID
+        return head + bytes([request[1] & 0x7F]) + request[2:4]
+    if sid == 0x19 and request[1] in _DTC_BY_NUMBER and len(request) >= 5:
+        return head + request[1:5]
+    if sid == 0x3D:  # write memory: addressAndLengthFormatIdentifier, address and size
+        alfid = request[1]
+        return head + request[1:2 + (alfid & 0x0F) + (alfid >> 4)]
+    if sid in _ECHO_FIRST_BYTE:
+        return head + bytes([request[1] & 0x7F if sid in SPRMIB_SERVICES else request[1]])
+    return head
+
+
+def answers(request: bytes, response: bytes) -> bool:
+    """Whether `response` (positive or negative) can be the answer to `request`."""
+    if len(response) >= 2 and response[0] == NEGATIVE_RESPONSE:
+        return response[1] == request[0]
+    if request[0] == 0x01 and len(request) > 2:  # OBD-II PIDs: the ECU leaves out those it lacks, first or not
+        return len(response) >= 2 and response[0] == 0x41 and response[1] in request[1:]
+    return response.startswith(echo_prefix(request))
+
+
+def transact(link: Link, request: bytes, timing: Timing, deadline: float,
+             wait_negative: bool = True) -> bytes | None:
     """Sends `request`, returns the positive response payload; raises the exceptions above.
 
-    NRC 0x78 extends the wait to P2* (any number of times, within `deadline`). NRC 0x21 repeats the
-    request after a bounded, doubling pause, at most `timing.busy_retries` times.
+    A request with the suppressPosRspMsgIndicationBit returns None once P2 passed without a negative
+    response (`wait_negative=False`: at once, for S3 keepalives). NRC 0x78 extends the wait to P2*
+    (any number of times, within `deadline`); after it the ECU owes a final answer even when
+    suppression was asked. NRC 0x21 repeats the request after a bounded, doubling pause, at most
+    `timing.busy_retries` times.
     """
     pause = 0.02
     for attempt in range(timing.busy_retries + 1):
         try:
-            return _exchange(link, request, timing, deadline, expect_response)
+            return _exchange(link, request, timing, deadline, wait_negative)
         except NegativeResponseError as nrc:
             remaining = deadline - time.monotonic()
             if nrc.code != NRC_BUSY_REPEAT or attempt == timing.busy_retries or remaining <= pause:
@@ -71,35 +139,85 @@ def transact(link: Link, request: bytes, timing: Timing, deadline: float, expect
     raise AssertionError("unreachable")
 
 
-def _exchange(link: Link, request: bytes, timing: Timing, deadline: float, expect_response: bool) -> bytes:
+def _exchange(link: Link, request: bytes, timing: Timing, deadline: float, wait_negative: bool) -> bytes | None:
     sid = request[0]
+    suppressed = suppresses_positive(request)
     link.flush()
     link.send(request, timeout=max(0.001, min(deadline - time.monotonic(), timing.p2_star)))
-    if not expect_response:
-        return b""
-    wait, which = timing.p2, "P2"
+    if suppressed and not wait_negative:
+        return None
+    pending = False
+    window_end, which = time.monotonic() + timing.p2, "P2"
     while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
+        now = time.monotonic()
+        if now >= deadline:
+            if suppressed and not pending:
+                return None
             raise UdsTimeoutError(f"no response to service 0x{sid:02X} before the command deadline")
-        data = link.recv(min(wait, remaining))
+        if now >= window_end:
+            if suppressed and not pending:
+                return None  # no negative response within P2: the suppressed positive one stands
+            raise UdsTimeoutError(f"no response to service 0x{sid:02X} within {which} "
+                                  f"({(timing.p2_star if pending else timing.p2) * 1000:.0f} ms)")
+        data = link.recv(min(window_end, deadline) - now, deadline)
         if data is None:
-            if wait < remaining:
-                raise UdsTimeoutError(f"no response to service 0x{sid:02X} within {which} ({wait * 1000:.0f} ms)")
-            raise UdsTimeoutError(f"no response to service 0x{sid:02X} before the command deadline")
-        if not data:
-            raise InvalidResponseError("empty response")
-        if data[0] == 0x7F:
+            continue
+        if not answers(request, data):
+            log.debug("discarding an answer that is not for request %s: %s", request[:4].hex(), data[:8].hex())
+            continue
+        if data[0] == NEGATIVE_RESPONSE:
             if len(data) < 3:
                 raise InvalidResponseError(f"truncated negative response {data.hex()}")
-            if data[1] != sid:
-                log.debug("ignoring negative response for service 0x%02X", data[1])
-                continue
             if data[2] == NRC_RESPONSE_PENDING:
-                wait, which = timing.p2_star, "P2*"
+                pending = True
+                window_end, which = time.monotonic() + timing.p2_star, "P2*"
                 continue
             raise NegativeResponseError(sid, data[2])
-        if data[0] != sid + 0x40:
-            log.debug("ignoring response 0x%02X while waiting for 0x%02X", data[0], sid + 0x40)
-            continue
         return data
+
+
+class FunctionalLink(Protocol):
+    """What a functional collection needs: one-frame requests out, (responder, PDU) pairs in."""
+
+    def open(self) -> None: ...
+    def close(self) -> None: ...
+    def send(self, payload: bytes, timeout: float) -> None: ...
+    def recv(self, timeout: float, limit: float) -> tuple[str, bytes] | None: ...
+
+
+def collect(link: FunctionalLink, request: bytes, timing: Timing, deadline: float) -> dict[str, bytes]:
+    """Sends a functional request and returns every ECU's final answer (positive or negative), by responder.
+
+    Answers count within P2 of the request; an ECU that answered NRC 0x78 gets P2* from then on for
+    its final answer. Answers that do not echo the request are discarded (DEBUG), as in `transact`;
+    an ECU's first final answer is its answer. An empty result means nobody answered in time.
+    """
+    final: dict[str, bytes] = {}
+    pending: dict[str, float] = {}  # responders that sent 0x78: until when their final answer counts
+    link.open()
+    try:
+        link.send(request, timeout=max(0.001, min(deadline - time.monotonic(), timing.p2_star)))
+        window_end = time.monotonic() + timing.p2
+        while True:
+            now = time.monotonic()
+            end = min(max(window_end, *pending.values()) if pending else window_end, deadline)
+            if now >= end:
+                break
+            got = link.recv(end - now, deadline)
+            if got is None:
+                continue
+            key, data = got
+            if not answers(request, data) or key in final:
+                log.debug("discarding an answer from %s that is not for request %s: %s", key, request[:4].hex(),
+                          data[:8].hex())
+                continue
+            if data[0] == NEGATIVE_RESPONSE and len(data) >= 3 and data[2] == NRC_RESPONSE_PENDING:
+                pending[key] = time.monotonic() + timing.p2_star
+                continue
+            pending.pop(key, None)
+            final[key] = data
+    finally:
+        link.close()
+    for key in pending:
+        log.info("no final answer from %s to functional request %s within P2*", key, request[:4].hex())
+    return final

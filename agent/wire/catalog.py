@@ -94,8 +94,9 @@ CATALOG: dict[str, CommandSpec] = {spec.name: spec for spec in (
         _p("value", Kind.VALUE, "with `adjust` only, encoded by the DID's codec", required=False)),
         '`{"values": {name: value}}`', "engine io_control data=engine_speed control=freeze"),
     CommandSpec("tester_present", "0x3E", (), "`{}`", "engine tester_present"),
-    CommandSpec("raw", "any", (_p("request", Kind.TEXT, "hex string, service id first"),),
-                '`{"response": hex}`', "engine raw request=3E00"),
+    CommandSpec("raw", "any (as policy allows, below)", (_p("request", Kind.TEXT, "hex string, service id first"),),
+                '`{"response": hex}`; `{"response": "", "suppressed": true}` when the request set the '
+                'suppressPosRspMsgIndicationBit and no negative answer came within P2', "engine raw request=3E00"),
     CommandSpec("obd", "0x01, 0x09, 0x03, 0x07, 0x0A", (
         _p("pids", Kind.NAMES, "OBD-II PID names or `\"0xNN\"`, at most 6", required=False),
         _p("supported", Kind.BOOLEAN, "`true` reads the supported-PID bitmaps", required=False),

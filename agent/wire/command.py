@@ -11,6 +11,7 @@ from agent.config.model import DidSpec
 
 # The one definition of a valid command id (protocol v1: 1-128 of A-Z a-z 0-9 . _ : -).
 COMMAND_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+PHYSICAL, FUNCTIONAL = "physical", "functional"  # a command's `addressing`
 
 
 class Status(enum.StrEnum):
@@ -145,6 +146,7 @@ class Command:
     reply_to: str | None = None
     correlation_data: bytes | None = None
     progress: bool = False  # non-final messages also to a Response Topic / `reply_to` (protocol 1.1)
+    addressing: str = PHYSICAL  # FUNCTIONAL: to every ECU on the component's functional id
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,7 @@ def parse_command(obj: Any, config: AgentConfig, received_at: float) -> c.Comman
     expires_at = node.get("expires_at", _timestamp, None)
     reply_to = node.get("reply_to", TOPIC, None)
     progress = node.get("progress", boolean, False)
+    addressing = node.get("addressing", _addressing, c.PHYSICAL)
     params_node = Node(node.raw("params", {}), "params", problems)
     node.finish()
     if problems:
@@ -61,6 +62,8 @@ def parse_command(obj: Any, config: AgentConfig, received_at: float) -> c.Comman
     if ecu is None:
         raise UnknownComponentError(component, command_id, tuple(e.name for e in config.ecus))
     params = parse_params(name, params_node, ecu)
+    if addressing == c.FUNCTIONAL and not problems:
+        _check_functional(name, params, ecu, problems)
     if problems:
         raise InvalidCommandError(problems.items, command_id)
     if timeout_ms is not None:
@@ -68,6 +71,7 @@ def parse_command(obj: Any, config: AgentConfig, received_at: float) -> c.Comman
     return c.Command(
         id=command_id, component=component, command=name, params=params, received_at=received_at,
         timeout_ms=timeout_ms, expires_at=expires_at, reply_to=reply_to, progress=progress,
+        addressing=addressing,
     )
 
 
@@ -75,6 +79,42 @@ def _command_name(value: Any) -> str:
     if value not in ALL_COMMANDS:
         raise InvalidValueError(f"expected one of {', '.join(ALL_COMMANDS)}, got {describe(value)}")
     return value
+
+
+def _addressing(value: Any) -> str:
+    if value not in (c.PHYSICAL, c.FUNCTIONAL):
+        raise InvalidValueError(f"expected physical or functional, got {describe(value)}")
+    return value
+
+
+# Services a functional `raw` may carry: reads (UDS and OBD-II), never anything that changes an ECU.
+FUNCTIONAL_RAW_SERVICES = frozenset({0x01, 0x02, 0x03, 0x06, 0x07, 0x09, 0x0A, 0x19, 0x22, 0x23, 0x24, 0x3E})
+
+
+def _check_functional(name: str, params: c.Params, ecu: EcuConfig, problems: Problems) -> None:
+    """A functional request: reads only, a component with a functional id, one frame per request."""
+    if name not in ("read_data", "tester_present", "raw", "obd"):
+        problems.add("addressing", f"functional addressing is for read_data, tester_present, obd and raw reads, "
+                                   f"not {name}")
+        return
+    if ecu.addressing.functional_id is None:
+        problems.add("addressing", f"{ecu.name} has no addressing.functional_id in the agent's config")
+        return
+    one_frame = 7 if not ecu.isotp.fd or ecu.isotp.data_length == 8 else ecu.isotp.data_length - 2
+    if isinstance(params, c.Raw) and params.request:
+        if params.request[0] not in FUNCTIONAL_RAW_SERVICES:
+            problems.add("params.request", f"service 0x{params.request[0]:02X} is not a read: functional raw "
+                                           f"requests may only read")
+        elif len(params.request) > one_frame:
+            problems.add("params.request", f"a functional request is one frame: at most {one_frame} bytes")
+    if isinstance(params, c.Obd) and params.supported:
+        problems.add("params.supported", "the supported-PID walk is physical only: leave out supported "
+                                         "or send the command physically")
+    if isinstance(params, c.ReadData):
+        fixed = sum(1 for d in params.dids if d.length is not None)
+        if 1 + 2 * fixed > one_frame:
+            problems.add("params.data", f"a functional request is one frame: at most {(one_frame - 1) // 2} "
+                                        f"DIDs of known length at once")
 
 
 def _timestamp(value: Any) -> float:

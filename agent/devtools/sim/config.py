@@ -28,6 +28,7 @@ class Fault:
     busy: int = 0  # this many 0x21 before serving the request
     nrc: int | None = None
     no_answer: bool = False
+    reply: bytes | None = None  # answer with exactly these bytes instead (a wrong echo, another service's answer)
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,8 @@ class SimEcu:
     s3_ms: int = 5000
     faults: tuple[Fault, ...] = ()
     obd: SimObd | None = None  # answers OBD-II (services 0x01, 0x03, 0x07, 0x09, 0x0A), also functionally
+    uds_standard: int = 2013  # 2006: session responses without the P2/P2* record
+    fc_wait_frames: int = 0  # FC.WAIT frames sent before every "continue to send" flow control
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,8 @@ def _ecu(node: Node, bus: BusConfig) -> SimEcu | None:
         s3_ms=node.get("s3_ms", integer(100, 600_000), 5000),
         faults=tuple(parse_fault(Node(i, p, node.problems)) for p, i in node.items_of("faults")),
         obd=parse_obd(node.child("obd")),
+        uds_standard=node.get("uds_standard", integer(2006, 2020), 2013),
+        fc_wait_frames=node.get("fc_wait_frames", integer(0, 100), 0),
     )
     node.finish()
     return ecu
@@ -201,7 +206,7 @@ def parse_fault(node: Node) -> Fault:
         service=node.get("service", BYTE), match=node.get("match", hex_bytes, b""),
         delay_ms=node.get("delay_ms", integer(0, 600_000), 0), pending=node.get("pending", integer(0, 1000), 0),
         busy=node.get("busy", integer(0, 1000), 0), nrc=node.get("nrc", BYTE, None),
-        no_answer=node.get("no_answer", boolean, False),
+        no_answer=node.get("no_answer", boolean, False), reply=node.get("reply", hex_bytes, None),
     )
     node.finish()
     return fault

@@ -10,10 +10,12 @@ from collections import Counter
 from collections.abc import Callable
 
 import can
+import isotp
 
-from agent.bus.address import isotp_address, rx_ids
 from agent.bus.isotp_link import IsoTpLink
 from agent.bus.owner import BusOwner
+from agent.config.model import IsoTpConfig
+from agent.config.transport import isotp_address, rx_ids
 from agent.devtools.sim.config import Fault, SimEcu
 from agent.devtools.sim.server import UdsServer
 from agent.errors import BusDownError, TransportTimeoutError
@@ -22,6 +24,32 @@ log = logging.getLogger(__name__)
 
 PENDING_INTERVAL_S = 0.02
 FUNCTIONAL_SILENT_NRCS = frozenset({0x11, 0x12, 0x31, 0x7E, 0x7F})
+FC_WAIT_INTERVAL_S = 0.05
+_FLOW_CONTROL = 0x3
+
+
+class WaitingLink(IsoTpLink):
+    """An ECU's link that answers a first frame with FC.WAIT frames before its "continue to send".
+
+    can-isotp's receiver never sends FC.WAIT; this one rewrites the flow control it is about to send.
+    """
+
+    def __init__(self, owner: BusOwner, address: isotp.Address, config: IsoTpConfig, name: str, waits: int) -> None:
+        super().__init__(owner, address, config, name=name)
+        self._waits = waits
+        self._pci_at = len(address.get_tx_payload_prefix())
+
+    def _txfn(self, frame: isotp.CanMessage) -> None:
+        data = bytearray(frame.data)
+        if len(data) > self._pci_at and data[self._pci_at] == _FLOW_CONTROL << 4:  # continue to send
+            wait = bytearray(data)
+            wait[self._pci_at] = (_FLOW_CONTROL << 4) | 1
+            for _ in range(self._waits):
+                super()._txfn(isotp.CanMessage(arbitration_id=frame.arbitration_id, data=bytes(wait),
+                                               extended_id=frame.is_extended_id, is_fd=frame.is_fd,
+                                               bitrate_switch=frame.bitrate_switch))
+                time.sleep(FC_WAIT_INTERVAL_S)
+        super()._txfn(frame)
 
 
 class SimulatedEcu:
@@ -37,11 +65,24 @@ class SimulatedEcu:
         self._busy_left: dict[int, int] = {}
         self._lock = threading.Lock()
         address = isotp_address(config.addressing, server=True)
-        self._link = IsoTpLink(owner, address, config.isotp, name=f"sim-{config.name}")
-        self._owner, self._rx = owner, rx_ids(address)[0]
-        self._functional: collections.deque[bytes] = collections.deque(maxlen=16)
+        self._link = (WaitingLink(owner, address, config.isotp, f"sim-{config.name}", config.fc_wait_frames)
+                      if config.fc_wait_frames else IsoTpLink(owner, address, config.isotp, name=f"sim-{config.name}"))
+        self._physical_rx = rx_ids(address)[0]
+        self._functional: collections.deque[bytes] = collections.deque(maxlen=64)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"sim-{config.name}", daemon=True)
+
+    def on_functional_frame(self, msg: can.Message) -> None:
+        """A single frame on the functional id (notifier thread): served like a physical request, but
+        marked, so that the answers ISO 14229-1 suppresses for functional requests are not sent."""
+        data = bytes(msg.data)
+        length, start = (data[0] & 0x0F, 1) if data and data[0] & 0x0F else (data[1] if len(data) > 1 else 0, 2)
+        if not data or data[0] >> 4 != 0 or not 0 < length <= len(data) - start:
+            return  # only single frames exist on a functional id
+        self._functional.append(data[start:start + length])
+        # into the physical link's queue under the physical id: can-isotp then treats it as a request
+        self._link._on_frame(can.Message(arbitration_id=self._physical_rx[0], data=data, is_fd=msg.is_fd,
+                                         is_extended_id=self._physical_rx[1], bitrate_switch=msg.bitrate_switch))
 
     def set_faults(self, faults: list[Fault]) -> None:
         """Replaces the injected faults (tests change them between commands)."""
@@ -79,6 +120,9 @@ class SimulatedEcu:
                 log.exception("simulated ECU %s failed on a request", self.name)
 
     def _serve(self, request: bytes) -> None:
+        functional = bool(self._functional) and self._functional[0] == request
+        if functional:
+            self._functional.popleft()
         self.received[request[0]] += 1
         fault = self._fault_for(request)
         sid = request[0]
@@ -101,38 +145,16 @@ class SimulatedEcu:
             if fault.nrc is not None:
                 self._send(bytes([0x7F, sid, fault.nrc]))
                 return
+            if fault.reply is not None:
+                self._send(fault.reply)
+                return
         response = self.server.handle(request, time.monotonic())
         if self._journal is not None:
             self._journal(f"{self.name} {request.hex()}")
-        functional = self._was_functional(request)
         if functional and response is not None and response[0] == 0x7F and response[2] in FUNCTIONAL_SILENT_NRCS:
-            return  # ISO 14229-1 / J1979: no such negative answer to a functional request
+            return  # ISO 14229-1: no such negative answer to a functionally addressed request
         if response is not None:
             self._send(response)
-
-    # ---- functional requests (e.g. OBD-II on 0x7DF, 0x18DB33F1) --------------------------------
-    def on_functional_frame(self, msg: can.Message) -> None:
-        """A single frame on the ECU's functional id (notifier thread): served as if sent physically,
-        marked so that the negative answers a functional request never gets are not sent."""
-        data = bytes(msg.data)
-        if not data or data[0] >> 4 != 0:
-            return  # functional requests are single frames
-        length, start = (data[0], 1) if data[0] else (data[1] if len(data) > 1 else 0, 2)
-        payload = data[start:start + length]
-        if not payload or len(payload) != length:
-            return
-        self._functional.append(payload)
-        sink = self._owner.sinks.get(self._rx)
-        if sink is not None:
-            sink(can.Message(arbitration_id=self._rx[0], is_extended_id=self._rx[1], data=data, is_fd=msg.is_fd,
-                             check=False))
-
-    def _was_functional(self, request: bytes) -> bool:
-        try:
-            self._functional.remove(request)
-        except ValueError:
-            return False
-        return True
 
     def _send(self, payload: bytes) -> None:
         self._link.send(payload, timeout=2.0)

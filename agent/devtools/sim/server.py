@@ -91,6 +91,8 @@ class UdsServer:
             raise _NrcError(NRC_SUBFUNCTION_NOT_SUPPORTED)
         self.session, self.unlocked, self._seed = session, 0, None
         timing = P2_MS.to_bytes(2, "big") + (P2_STAR_MS // 10).to_bytes(2, "big")
+        if self.ecu.uds_standard < 2013:  # ISO 14229:2006 has no timing record in the answer
+            timing = b""
         return None if suppress else bytes([0x50, session]) + timing
 
     def _reset(self, request: bytes) -> bytes | None:

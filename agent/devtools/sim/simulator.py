@@ -5,8 +5,6 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-import can
-
 from agent.bus.owner import BusFactory, BusOwner
 from agent.config.model import AgentConfig, BusConfig
 from agent.devtools.sim.config import SimConfig, load_sim_config
@@ -26,22 +24,15 @@ class Simulator:
         self._journal_lock = threading.Lock()
         record = self._record if self._journal else None
         self.ecus = {ecu.name: SimulatedEcu(ecu, self.owner, record) for ecu in config.ecus}
-        self._subscribe_functional()
-
-    def _subscribe_functional(self) -> None:
-        """One subscription per functional id (addressing.functional_id), fanned out to every ECU on it."""
-        listeners: dict[tuple[int, bool], list[SimulatedEcu]] = {}
+        functional: dict[tuple[int, bool], list[SimulatedEcu]] = {}
         for ecu in self.ecus.values():
             addressing = ecu.config.addressing
             if addressing.functional_id is not None:
                 key = (addressing.functional_id, addressing.mode.endswith("29bit"))
-                listeners.setdefault(key, []).append(ecu)
-        for (can_id, extended), ecus in listeners.items():
-            def fan_out(msg: can.Message, ecus: list[SimulatedEcu] = ecus) -> None:
-                for ecu in ecus:
-                    ecu.on_functional_frame(msg)
-
-            self.owner.subscribe(can_id, extended, fan_out)
+                functional.setdefault(key, []).append(ecu)
+        for (can_id, extended), listeners in functional.items():  # one sink per id: fan out to every ECU
+            self.owner.subscribe(can_id, extended, lambda msg, ecus=tuple(listeners): [
+                e.on_functional_frame(msg) for e in ecus])
 
     def _record(self, line: str) -> None:
         """Appends one executed request to the journal (line-buffered: survives the process being killed)."""

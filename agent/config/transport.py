@@ -1,4 +1,8 @@
-"""Maps the config's addressing and ISO-TP settings onto can-isotp's Address and parameters."""
+"""The can-isotp Address and Params an ECU entry stands for: built when the config is checked, used at start-up.
+
+Building them here, in config, means whatever can-isotp would refuse at start-up is a config error with
+its path (`check-config`, exit 78) instead of a traceback when the agent opens the bus.
+"""
 
 from __future__ import annotations
 
@@ -17,10 +21,16 @@ _MODES = {
     "mixed_11bit": isotp.AddressingMode.Mixed_11bits,
     "mixed_29bit": isotp.AddressingMode.Mixed_29bits,
 }
+# N_Bs / N_Cr of the userspace stack (ms): the longest pause between flow control / consecutive frames.
+FLOW_CONTROL_TIMEOUT_MS = 1000
+CONSECUTIVE_FRAME_TIMEOUT_MS = 1000
 
 
 def isotp_address(addressing: Addressing, server: bool = False) -> isotp.Address:
-    """The tester-side address (or the ECU-side one with server=True, ids and addresses swapped)."""
+    """The tester-side address (or the ECU-side one with server=True, ids and addresses swapped).
+
+    Raises ValueError (from can-isotp) when the combination is not a valid ISO-TP address.
+    """
     txid, rxid = addressing.request_id, addressing.response_id
     target, source = addressing.target_address, addressing.source_address
     if server:
@@ -44,6 +54,7 @@ def rx_ids(address: isotp.Address) -> list[tuple[int, bool]]:
 
 
 def isotp_params(config: IsoTpConfig) -> dict[str, Any]:
+    """can-isotp's TransportLayerLogic parameters for one ECU."""
     return {
         "stmin": config.st_min,
         "blocksize": config.block_size,
@@ -51,9 +62,19 @@ def isotp_params(config: IsoTpConfig) -> dict[str, Any]:
         "tx_data_length": config.data_length,
         "tx_data_min_length": 8 if config.padding is not None and not config.fd else None,
         "can_fd": config.fd,
-        "bitrate_switch": False,
+        "bitrate_switch": config.bitrate_switch,
         "max_frame_size": config.max_pdu,
-        "rx_flowcontrol_timeout": 1000,
-        "rx_consecutive_frame_timeout": 1000,
+        "wftmax": config.wftmax,
+        "rx_flowcontrol_timeout": FLOW_CONTROL_TIMEOUT_MS,
+        "rx_consecutive_frame_timeout": CONSECUTIVE_FRAME_TIMEOUT_MS,
         "blocking_send": False,
     }
+
+
+def validated_params(config: IsoTpConfig) -> isotp.TransportLayerLogic.Params:
+    """can-isotp's own Params object, validated by can-isotp; raises ValueError with its reason."""
+    params = isotp.TransportLayerLogic.Params()
+    for key, value in isotp_params(config).items():
+        params.set(key, value, validate=False)
+    params.validate()
+    return params

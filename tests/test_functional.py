@@ -1,0 +1,219 @@
+"""Functional requests: one request on the component's functional id, every ECU's answer within P2 (P2*
+after 0x78), keyed by component name where the response id is configured, else by CAN id.
+
+The simulated vehicle answers on 0x7DF with engine and camera (configured) and an ECU the agent does
+not know at 0x7E1/0x7E9; on 0x18DB33F1 with gateway and an unknown ECU at 0x18DAF120.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import uuid
+
+import pytest
+from conftest import DATA
+from mqtt_support import VALIDATORS
+
+from agent.config.model import Addressing, IsoTpConfig
+from agent.devtools.sim.config import SimDid, SimEcu, fault_from_dict, load_sim_config
+from agent.devtools.sim.simulator import Simulator
+from agent.system.local import LocalSession
+from agent.wire.command import FUNCTIONAL, Status
+from agent.wire.parse import InvalidCommandError, parse_command
+
+VIN = "TEST0VEHICLE00001"
+STRANGERS = (
+    SimEcu(name="stranger", addressing=Addressing("normal_11bit", 0x7E1, 0x7E9, functional_id=0x7DF),
+           isotp=IsoTpConfig(padding=0x55), dids=(SimDid(0xF190, b"STRANGER000000011"),)),
+    SimEcu(name="stranger29", isotp=IsoTpConfig(),
+           addressing=Addressing("normal_fixed_29bit", target_address=0x20, source_address=0xF1,
+                                 functional_id=0x18DB33F1),
+           dids=(SimDid(0xF190, b"STRANGER000000029"),)),
+)
+
+
+@pytest.fixture
+def vehicle_sim(vehicle):
+    config = load_sim_config(DATA / "vehicle-sim.yaml")
+    simulator = Simulator(dataclasses.replace(config, ecus=config.ecus + STRANGERS), bus=vehicle.bus)
+    assert simulator.start()
+    yield simulator
+    simulator.stop()
+
+
+@pytest.fixture
+def agent(vehicle, vehicle_sim):
+    with LocalSession(vehicle) as session:
+        yield session
+
+
+def _run(agent, component, command, params=None):
+    """Submits the command with "addressing": "functional" and waits for its result."""
+    command_id, _ = agent.submit(component, command, params, addressing=FUNCTIONAL)
+    return agent.wait(command_id, 10)
+
+
+def test_read_vin_from_every_ecu(agent, vehicle_sim):
+    result = _run(agent, "engine", "read_data", {"data": "vin"})
+    assert result.status is Status.COMPLETED, result.outcome
+    assert result.outcome.result == {"responses": {
+        "engine": {"values": {"vin": VIN}},
+        "camera": {"values": {"vin": VIN}},
+        "0x7E9": {"values": {"vin": "STRANGER000000011"}},  # not configured: keyed by its CAN id
+    }}
+    assert vehicle_sim.ecu("body").received[0x22] == 0  # body has no functional id: it never heard it
+
+
+def test_29bit_functional_request(agent):
+    result = _run(agent, "gateway", "read_data", {"data": "vin"})
+    assert result.outcome.result == {"responses": {
+        "gateway": {"values": {"vin": VIN}}, "0x18DAF120": {"values": {"vin": "STRANGER000000029"}}}}
+
+
+def test_tester_present_and_suppressed_tester_present(agent, vehicle_sim):
+    result = _run(agent, "engine", "tester_present")
+    assert result.outcome.result == {"responses": {"engine": {}, "camera": {}, "0x7E9": {}}}
+    result = _run(agent, "engine", "raw", {"request": "3E80"})
+    assert result.status is Status.COMPLETED and result.outcome.result == {"responses": {}}
+    assert vehicle_sim.ecu("stranger").received[0x3E] == 2
+
+
+def test_raw_read_with_answers_and_refusals(agent, vehicle_sim):
+    vehicle_sim.ecu("camera").set_faults([fault_from_dict({"service": 0x22, "nrc": 0x22})])
+    result = _run(agent, "engine", "raw", {"request": "22F40D"})
+    # engine has the DID; the stranger does not and stays silent (no NRC 0x31 to a functional
+    # request); camera refuses with a code ISO 14229 lets through
+    assert result.outcome.result == {"responses": {
+        "engine": {"response": "62f40df6"},
+        "camera": {"error": {"code": "negative_response", "nrc": "0x22", "nrc_name": "ConditionsNotCorrect",
+                             "message": "ECU refused service 0x22: NRC 0x22 ConditionsNotCorrect"}},
+    }}
+
+
+def test_response_pending_extends_that_ecus_wait_to_p2_star(agent, vehicle_sim):
+    # 10 x 0x78 at 20 ms spacing: past P2 (150 ms), within P2* (1000 ms)
+    vehicle_sim.ecu("stranger").set_faults([fault_from_dict({"service": 0x22, "pending": 10})])
+    result = _run(agent, "engine", "read_data", {"data": "vin"})
+    assert result.outcome.result["responses"]["0x7E9"] == {"values": {"vin": "STRANGER000000011"}}
+    assert result.duration_ms >= 200
+
+
+def test_nobody_answers_is_a_timeout(agent):
+    result = _run(agent, "engine", "raw", {"request": "221234"})  # everyone silent (NRC 0x31 suppressed)
+    assert result.status is Status.TIMEOUT and "no ECU answered functional request 0x22 within P2" in (
+        result.outcome.error.message)
+
+
+def test_physical_requests_still_work_after_functional_ones(agent):
+    _run(agent, "engine", "read_data", {"data": "vin"})
+    assert agent.run("engine", "read_data", {"data": "vin"}).outcome.result == {"values": {"vin": VIN}}
+    assert agent.run("camera", "read_data", {"data": "vin"}).outcome.result == {"values": {"vin": VIN}}
+
+
+@pytest.mark.parametrize(("component", "command", "params", "field", "message"), [
+    ("engine", "write_data", {"data": "idle_mode", "value": "eco"}, "addressing",
+     "functional addressing is for read_data, tester_present, obd and raw reads, not write_data"),
+    ("body", "read_data", {"data": "vin"}, "addressing", "body has no addressing.functional_id"),
+    ("engine", "raw", {"request": "1101"}, "params.request", "service 0x11 is not a read"),
+    ("engine", "raw", {"request": "22F190F40CF40D0100"}, "params.request", "at most 7 bytes"),
+    ("engine", "read_data", {"data": ["vin", "engine_speed", "oil_temp", "idle_mode"]}, "params.data",
+     "at most 3 DIDs"),
+])
+def test_what_cannot_go_out_functionally(vehicle, component, command, params, field, message):
+    body = {"id": "f", "component": component, "command": command, "params": params, "addressing": "functional"}
+    with pytest.raises(InvalidCommandError) as info:
+        parse_command(body, vehicle, 0)
+    problems = dict(info.value.problems)
+    assert message in problems[field]
+
+
+def test_addressing_field_is_validated(vehicle):
+    body = {"id": "f", "component": "engine", "command": "tester_present", "addressing": "broadcast"}
+    with pytest.raises(InvalidCommandError) as info:
+        parse_command(body, vehicle, 0)
+    assert dict(info.value.problems) == {"addressing": "expected physical or functional, got string 'broadcast'"}
+    body["addressing"] = "physical"
+    assert parse_command(body, vehicle, 0).addressing == "physical"
+    del body["addressing"]
+    assert parse_command(body, vehicle, 0).addressing == "physical"
+
+
+def test_functional_command_over_mqtt_matches_the_schemas(service, backend):
+    """The Command with `addressing` and the Response with `responses` against docs/asyncapi.yaml
+    (the backend fixture validates everything the agent published when the test ends)."""
+    body = {"id": f"f-{uuid.uuid4().hex[:8]}", "component": "engine", "command": "read_data",
+            "params": {"data": "vin"}, "addressing": "functional"}
+    assert not list(VALIDATORS["Command"].iter_errors(body))
+    backend.send(body)
+    final = backend.final(body["id"])
+    assert final["status"] == "completed", final
+    assert final["result"]["responses"]["engine"] == {"values": {"vin": VIN}}
+    assert final["result"]["responses"]["camera"] == {"values": {"vin": VIN}}
+    assert not list(VALIDATORS["Response"].iter_errors(final))
+    broken = json.loads(json.dumps(final))
+    broken["result"]["responses"]["engine"] = {"values": {"vin": VIN}, "surprise": 1}
+    assert list(VALIDATORS["Response"].iter_errors(broken))  # the schema does describe the result
+
+
+class ScriptedFunctionalLink:
+    """(delay_s, responder, hex) answers replayed on the wall clock after the request goes out."""
+
+    def __init__(self, *script):
+        self.script = sorted(script, key=lambda item: item[0])
+        self.opened = self.closed = 0
+
+    def open(self):
+        self.opened += 1
+
+    def close(self):
+        self.closed += 1
+
+    def send(self, payload, timeout):
+        self.sent_at = time.monotonic()
+
+    def recv(self, timeout, limit):
+        if not self.script or self.sent_at + self.script[0][0] > time.monotonic() + timeout:
+            time.sleep(timeout)
+            return None
+        delay, key, data = self.script.pop(0)
+        time.sleep(max(0.0, self.sent_at + delay - time.monotonic()))
+        return key, bytes.fromhex(data)
+
+
+def test_collect_keeps_first_final_answers_and_discards_garbage():
+    from agent.uds.transaction import Timing, collect
+
+    link = ScriptedFunctionalLink(
+        (0.0, "a", "62f190aa"), (0.01, "a", "62f190bb"),  # a second answer from a: its first one stands
+        (0.02, "b", "62f18cff"),  # not an echo of the request: discarded
+        (0.03, "b", "7f2278"), (0.2, "b", "62f190cc"),  # 0x78: b gets P2* for its final answer
+        (0.04, "c", ""), (0.05, "c", "7f"),  # empty and truncated: not answers
+        (0.06, "d", "7f2231"),
+        (0.5, "e", "62f190dd"),  # after P2: too late
+    )
+    answers = collect(link, bytes.fromhex("22f190"), Timing(0.1, 1.0, 0), time.monotonic() + 5)
+    assert answers == {"a": bytes.fromhex("62f190aa"), "b": bytes.fromhex("62f190cc"), "d": bytes.fromhex("7f2231")}
+    assert link.opened == link.closed == 1
+
+
+def test_obd_functionally_each_answering_ecu_gets_its_own_result(agent):
+    # engine answers OBD-II; camera and the stranger refuse with NRC 0x11, which stays silent functionally
+    result = _run(agent, "engine", "obd", {"pids": ["vehicle_speed", "coolant_temperature"], "dtcs": "stored"})
+    assert result.status is Status.COMPLETED, result.outcome
+    responses = result.outcome.result["responses"]
+    assert set(responses) == {"engine"}
+    assert responses["engine"]["values"]["vehicle_speed"] == {"pid": "0x0D", "value": 50, "unit": "km/h"}
+    assert [d["code"] for d in responses["engine"]["dtcs"]["stored"]] == ["P0301", "U0100"]
+    response = {"id": "o", "status": "completed", "final": True, "seq": 2, "command": "obd",
+                "result": json.loads(json.dumps(result.outcome.result))}
+    assert not list(VALIDATORS["Response"].iter_errors(response))
+
+
+def test_obd_supported_walk_is_physical_only(vehicle):
+    body = {"id": "f", "component": "engine", "command": "obd", "params": {"supported": True},
+            "addressing": "functional"}
+    with pytest.raises(InvalidCommandError) as info:
+        parse_command(body, vehicle, 0)
+    assert "physical only" in dict(info.value.problems)["params.supported"]
