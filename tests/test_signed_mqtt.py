@@ -43,7 +43,10 @@ def signed_config(config, keys, *key_ids, **fields):
 
 @pytest.fixture
 def signed_vehicle(mqtt_vehicle, keys):
-    return signed_config(mqtt_vehicle, keys, "backend-1", "backend-2", "workshop")
+    # the engine opts in to undeclared routine ids, so that routine 0x9999 reaches the ECU and is refused there
+    ecus = tuple(dataclasses.replace(e, allow_undeclared_ids=True) if e.name == "engine" else e
+                 for e in mqtt_vehicle.ecus)
+    return signed_config(dataclasses.replace(mqtt_vehicle, ecus=ecus), keys, "backend-1", "backend-2", "workshop")
 
 
 def start(config, backend):
