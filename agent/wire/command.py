@@ -36,10 +36,19 @@ class ErrorCode(enum.StrEnum):
     INVALID_COMMAND = "invalid_command"
     NOT_PERMITTED = "not_permitted"
     BUSY = "busy"
-    DUPLICATE_IN_FLIGHT = "duplicate_in_flight"
+    STORAGE_UNAVAILABLE = "storage_unavailable"
     TIMEOUT = "timeout"
     EXPIRED = "expired"
     INTERRUPTED = "interrupted"
+
+    @property
+    def transient(self) -> bool:
+        """A refusal that says "not now" (protocol 1.1): the ledger does not remember it, so the same id
+        sent again later is a fresh attempt."""
+        return self in TRANSIENT_CODES
+
+
+TRANSIENT_CODES = frozenset({ErrorCode.BUSY, ErrorCode.STORAGE_UNAVAILABLE})
 
 
 # ---- per-command parameters (validated, resolved against the component's config) -----------------
