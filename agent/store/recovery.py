@@ -52,16 +52,20 @@ def open_store(path: Path, on_error: Callable[[StoreError], None] | None = None,
     if problem is None:
         try:
             store = Store(path, on_error)
-            found = store.quick_check()
-            if found != ["ok"]:
-                problem = ("damaged", "PRAGMA quick_check: " + "; ".join(found[:3]))
         except StoreError as err:
             problem = ("unreadable", str(err.cause))
+    if store is not None:
+        try:
+            found = store.quick_check()
+        except StoreError as err:
+            found = [str(err.cause)]
+        if found != ["ok"]:
+            problem = ("damaged", "PRAGMA quick_check: " + "; ".join(found[:3]))
     recovery = None
     if problem is not None:
         if store is not None:
             store.close()
-        reason, detail = problem
+        reason, detail = problem[0], " ".join(problem[1].split())[:400]
         moved = _move_aside(path, now())
         recovery = Recovery(reason, detail, moved)
         log.error("store %s: moved aside and replaced by an empty one: %s", reason, detail,
