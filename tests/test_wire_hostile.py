@@ -54,7 +54,11 @@ def test_decode_keeps_what_is_fine():
 def test_decode_of_a_deep_but_legal_command_and_of_runaway_brackets():
     legal = {"id": "x", "params": {"data": [[[[1]]]]}}
     assert decode_command(json.dumps(legal).encode()) == legal
-    assert "deeper than" in decode_command(b"[" * 60_000).reason
+    assert "not JSON" in decode_command(b"[" * 60_000).reason  # unbalanced: no structure, no id read from it
+    balanced = decode_command(b'{"id": "b", "x": ' + b"[" * 30_000 + b"]" * 30_000 + b"}")
+    assert "deeper than" in balanced.reason and balanced.command_id == "b"
+    truncated = decode_command(b'{"id": "t", "x": ' + b"[" * 30_000 + b"]" * 29_999 + b"}")
+    assert "not JSON" in truncated.reason and truncated.command_id is None
 
 
 def test_several_problems_are_named_briefly():

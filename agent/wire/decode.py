@@ -79,7 +79,7 @@ def decode_command(payload: bytes) -> dict[str, Any] | Undecodable:
     try:
         body = loads(text)
     except (ValueError, RecursionError) as err:  # JSONDecodeError is a ValueError
-        return Undecodable(f"payload is not JSON: {_clip(str(getattr(err, 'msg', err)))}", "", None)
+        return Undecodable(f"payload is not JSON: {_clip(str(getattr(err, 'msg', err)), 80)}", "", None)
     if not isinstance(body, dict):
         return Undecodable(f"payload is a JSON {type(body).__name__}, not an object", "", None)
     problems = find_problems(body)
@@ -95,23 +95,27 @@ _TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{},:]')
 
 def too_deep(text: str) -> tuple[str, str | None] | None:
     """(path, top-level id) when the JSON text nests deeper than MAX_DEPTH, found from its tokens before
-    json.loads sees it: how deep json can go depends on the caller's stack, this never does."""
+    json.loads sees it: how deep json can go depends on the caller's stack, this never does.
+
+    A text whose brackets do not balance is left to json.loads to call not JSON (no id is read from it).
+    """
     stack: list[list[Any]] = []  # per open container: [is_object, current key or index]
     command_id: str | None = None
-    expect_key = False
+    found: str | None = None
+    expect_key = ended = False
     for match in _TOKEN.finditer(text):
         token = match.group()
         if token in ("[", "{"):
-            if len(stack) >= MAX_DEPTH:
-                path = ""
-                for _, key in stack:
-                    path = join(path, key if isinstance(key, int) else _clip(str(key), 64))
-                return path, command_id
+            if ended:
+                return None  # a second top-level value
+            if len(stack) >= MAX_DEPTH and found is None:
+                found = _path_of(stack)
             stack.append([token == "{", None if token == "{" else 0])
             expect_key = token == "{"
         elif token in ("]", "}"):
-            if stack:
-                stack.pop()
+            if not stack or stack.pop()[0] != (token == "}"):
+                return None
+            ended = not stack
             expect_key = False
         elif token == ",":
             if stack and not stack[-1][0]:
@@ -124,7 +128,14 @@ def too_deep(text: str) -> tuple[str, str | None] | None:
         elif len(stack) == 1 and stack[0][1] == "id":
             value = _string(token)
             command_id = value if COMMAND_ID.fullmatch(value) else None
-    return None
+    return (found, command_id) if found is not None and not stack else None
+
+
+def _path_of(stack: list[list[Any]]) -> str:
+    path = ""
+    for _, key in stack:
+        path = join(path, key if isinstance(key, int) else _clip(str(key), 64))
+    return path
 
 
 def _string(token: str) -> str:
