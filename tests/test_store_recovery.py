@@ -7,15 +7,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import subprocess
 import uuid
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 from mqtt_support import validate_published
 from test_mqtt_process import backends, setup  # noqa: F401  (fixtures)
 
 from agent.store.recovery import check_wal, marker_path, open_store
-from agent.store.sqlite import Entry, Outgoing, Store
+from agent.store.sqlite import Entry, Outgoing, Store, StoreError
 
 
 def seed(store: Store, n: int = 5, prefix: str = "c") -> None:
@@ -147,6 +149,16 @@ def test_committed_transactions_behind_a_broken_wal_frame_are_damage(tmp_path):
     assert recovery is not None and recovery.reason == "torn_wal"
 
 
+def test_a_store_that_cannot_be_opened_is_left_alone(tmp_path):
+    """Not being able to get at a store (here: a directory where the file should be) is not damage:
+    nothing is moved, the error says why."""
+    (tmp_path / "agent.db").mkdir()
+    with pytest.raises(StoreError) as info:
+        open_store(tmp_path / "agent.db")
+    assert info.value.code == "SQLITE_CANTOPEN" and (tmp_path / "agent.db").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["agent.db"]
+
+
 def test_the_service_publishes_store_recovered_and_keeps_serving(mqtt_vehicle, sim, backend):
     from agent.system.service import Service
 
@@ -191,3 +203,12 @@ def test_sovd_edge_run_recovers_without_a_traceback_or_a_crash_loop(setup, broke
     assert agent.terminate() == 0
     assert agent.log_count("store unreadable") == 1
     validate_published(backend.seen, backend.topics.base)
+
+
+def test_sovd_edge_run_exits_73_when_the_store_cannot_be_opened(setup):  # noqa: F811
+    agent, _, tmp = setup
+    (tmp / "state").mkdir(exist_ok=True)
+    (tmp / "state" / "agent.db").mkdir()
+    done = subprocess.run(agent.args, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 73, done.stderr
+    assert "cannot open the store" in done.stderr and "Traceback" not in done.stderr

@@ -25,6 +25,7 @@ WAL_MAGIC = (0x377F0682, 0x377F0683)  # checksums in little-endian / big-endian 
 WAL_VERSION = 3007000
 WAL_HEADER = 32
 FRAME_HEADER = 24
+DAMAGE_CODES = frozenset({11, 26})  # SQLITE_CORRUPT, SQLITE_NOTADB
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,9 @@ def open_store(path: Path, on_error: Callable[[StoreError], None] | None = None,
                now: Callable[[], float] = time.time) -> tuple[Store, Recovery | None]:
     """The store at `path`, and a Recovery when it had to be replaced by a fresh one.
 
-    Raises StoreError only when not even a fresh store can be created (the state dir is unusable).
+    Raises StoreError when the store cannot be opened for a reason other than damage (no access,
+    read-only, locked, I/O errors: its files are left alone), or when not even a fresh store can be
+    created.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     problem = _vanished(path) or _wal_problem(path)
@@ -53,11 +56,16 @@ def open_store(path: Path, on_error: Callable[[StoreError], None] | None = None,
         try:
             store = Store(path, on_error)
         except StoreError as err:
+            if not is_damage(err):
+                raise  # cannot open, read-only, locked, I/O: the files may be sound; never move them
             problem = ("unreadable", str(err.cause))
     if store is not None:
         try:
             found = store.quick_check()
         except StoreError as err:
+            if not is_damage(err):
+                store.close()
+                raise
             found = [str(err.cause)]
         if found != ["ok"]:
             problem = ("damaged", "PRAGMA quick_check: " + "; ".join(found[:3]))
@@ -74,6 +82,12 @@ def open_store(path: Path, on_error: Callable[[StoreError], None] | None = None,
     assert store is not None
     _write_marker(path, now())
     return store, recovery
+
+
+def is_damage(err: StoreError) -> bool:
+    """SQLite says the file's content is bad (SQLITE_CORRUPT, SQLITE_NOTADB), not that it cannot get at it."""
+    code = getattr(err.cause, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in DAMAGE_CODES
 
 
 def _vanished(path: Path) -> tuple[str, str] | None:
