@@ -162,3 +162,5 @@ def test_every_message_gets_one_answer_and_the_agent_keeps_serving(service, back
         finals = [r for r in backend.replies(command_id) if r.get("final")]
         assert len(finals) == 1, (command_id, finals)
         assert "duplicate" not in finals[0]
+    # what hostile input costs the ledger: an id and its outcome, never its body (issue 10 item 9)
+    assert service.store.ledger_bytes() < 2048 * (len(expected_finals) + 10)
