@@ -100,9 +100,9 @@ class Service:
         """What is wrong right now (empty: healthy): what `wedged` finds, and a store that fails."""
         problems = self.wedged()
         trouble = self.store.trouble
-        if trouble is not None:
-            problems.append(f"store unavailable for {time.monotonic() - trouble.since:.0f} s "
-                            f"({trouble.operation}: {trouble.error}); commands are refused storage_unavailable")
+        if trouble is not None:  # no running duration in the text: STATUS= changes only when health does
+            problems.append(f"store unavailable ({trouble.operation}: {trouble.error}); "
+                            "commands are refused storage_unavailable")
         return problems
 
     def wedged(self) -> list[str]:
