@@ -179,6 +179,7 @@ def fuzz_bursts(service, backend, everything) -> None:
 
     burst()
     assert service.intake.stats.errors == {}, service.intake.stats.errors
+    assert service.link.stats.reconnects == 0  # nothing it published made the broker drop it
     assert wait_until(lambda: all(w.depth == 0 and w.in_flight is None for w in service.runtime.workers.values()),
                       20)
     for command_id in expected_finals:

@@ -52,6 +52,9 @@ HOSTILE = {
                             ("rejected", "invalid_command", "component")),
     "surrogate_reply_to": (lambda i: text(i, '"params": {"data": "vin"}, "reply_to": "r/\\ud800"'),
                            ("rejected", "invalid_command", "reply_to")),
+    # a broker drops the connection of a client publishing there: answering there would loop forever
+    "control_char_reply_to": (lambda i: text(i, '"params": {"data": "vin"}, "reply_to": "r/\\u0001"'),
+                              ("rejected", "invalid_command", "reply_to")),
     "infinity_value": (lambda i: text(i, '"params": {"data": "engine_speed", "value": Infinity}',
                                       command="write_data"), ("rejected", "invalid_command", "params.value")),
     "nan_value": (lambda i: text(i, '"params": {"data": "engine_speed", "value": NaN}', command="write_data"),
@@ -117,6 +120,7 @@ def test_every_hostile_payload_in_a_burst_with_valid_commands(service, backend, 
     assert {e.json()["reason"] for e in events} == {"undecodable"}
     assert service.intake.stats.errors == {}  # all of it foreseen: refused by design, not by accident
     assert [r.getMessage() for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")] == []
+    assert service.link.stats.reconnects == 0  # nothing it answered made the broker drop it
     after_id, after = valid()
     backend.send_all([after])
     assert backend.final(after_id)["status"] == "completed"

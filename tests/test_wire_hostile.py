@@ -6,6 +6,7 @@ import json
 import pytest
 
 from agent.config.model import DidSpec
+from agent.fleet.topics import is_publishable
 from agent.policy.admission import Admission, allows
 from agent.wire import codecs
 from agent.wire.command import ErrorCode, Status
@@ -140,3 +141,18 @@ def test_in_flight_duplicate_is_the_accepted_message_again():
                        "final": False, "seq": 1, "received_at": "1970-01-01T00:00:00.000Z", "duplicate": True}
     assert ErrorCode.BUSY.transient and ErrorCode.STORAGE_UNAVAILABLE.transient
     assert not ErrorCode.INVALID_COMMAND.transient and not ErrorCode.NOT_PERMITTED.transient
+
+
+@pytest.mark.parametrize("reply_to", ["r/\x01", "r/\x7f", "r/\u0085", "r/\ufdd0", "r/\uffff", "r/\U0010fffe",
+                                      "r/+", "r/#", "r/\x00", "x" * 65536])
+def test_a_reply_topic_a_broker_would_refuse_is_invalid(vehicle, reply_to):
+    """Mosquitto drops the connection of a client publishing to such a topic: answering there would
+    make the outbox resend the answer forever, reconnecting each time (found by the fuzz run)."""
+    with pytest.raises(InvalidCommandError) as info:
+        parse_envelope(command(reply_to=reply_to), vehicle)
+    assert info.value.problems[0][0] == "reply_to"
+    assert not is_publishable(reply_to)
+
+
+def test_a_reply_topic_in_any_script_is_fine(vehicle):
+    assert parse_envelope(command(reply_to="backend/Antwort/ä/東京/🚗"), vehicle).reply_to.endswith("🚗")

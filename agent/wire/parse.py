@@ -25,7 +25,15 @@ from agent.wire.dtc import parse_code
 from agent.wire.timefmt import parse_rfc3339
 
 ID = text(c.COMMAND_ID.pattern, "1-128 of A-Z a-z 0-9 . _ : -", max_len=128)
-TOPIC = text(r"[^+#\x00]+", "a topic without wildcards", max_len=65535)
+def _topic(value: Any) -> str:
+    topic = text(max_len=65535)(value)
+    problem = c.topic_name_problem(topic)
+    if problem is not None:
+        raise InvalidValueError(f"not a topic one can publish to: it holds {problem}")
+    return topic
+
+
+TOPIC = _topic
 SESSIONS = {"default": 1, "programming": 2, "extended": 3, "safety": 4}
 RESETS = {"hard": 1, "key_off_on": 2, "soft": 3}
 ACTIONS = {"start": 1, "stop": 2, "results": 3}
