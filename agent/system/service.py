@@ -27,7 +27,7 @@ from agent.store.recovery import open_store
 from agent.store.sqlite import Entry, Outgoing, StoreError
 from agent.wire import messages as m
 from agent.wire.command import Command, ErrorCode, Outcome, Result, Status, command_fields
-from agent.wire.messages import refusal_message, response_message
+from agent.wire.messages import response_message
 from agent.wire.parse import InvalidCommandError, UnknownComponentError, parse_command
 
 log = logging.getLogger(__name__)
@@ -280,10 +280,9 @@ class Service:
             log.error("cannot read the ledger at start (%s): unfinished commands wait for the next start", err)
             interrupted = []
         for entry in interrupted:
-            message = refusal_message(entry.id, entry.body, Status.INTERRUPTED, ErrorCode.INTERRUPTED,
-                                      "the agent stopped while this command ran; it was not run again",
-                                      entry.received_at, seq=entry.seq + 1)
-            self._finish_recovered(entry, message)
+            self._finish(entry, _never_ran(entry, Outcome.failure(
+                Status.INTERRUPTED, ErrorCode.INTERRUPTED,
+                "the agent stopped while this command ran; it was not run again")))
         ids = [e.id for e in interrupted]
         self._publish_event(m.event_message("agent_started", time.time(), interrupted=ids, agent_version=__version__))
         if ids:
@@ -294,28 +293,19 @@ class Service:
             return []
         return [pair for pair in (self._reparse(e) for e in queued) if pair is not None]
 
-    def _finish_recovered(self, entry: Entry, message: dict[str, Any]) -> None:
-        out = Outgoing(entry.reply_topic, m.encode(message), entry.correlation, entry.id)
-        batch = self.store.batch()
-        batch.publish(out)
-        batch.set_state(entry.id, "final", seq=message["seq"], final_message=message)
-        try:
-            batch.commit(defer=True)
-        except StoreError as err:
-            log.error("interrupted response not stored (%s): sent without the outbox", err,
-                      extra=command_fields(entry.id, entry.body.get("component"), entry.body.get("command")))
-            self.link.publish(out)
-        self._count_final(message)
-
     def _reparse(self, entry: Entry) -> tuple[Command, Entry] | None:
         try:
             command = parse_command(entry.body, self.config, entry.received_at)
         except (InvalidCommandError, UnknownComponentError) as err:
-            self._finish(entry, Result(entry.id, str(entry.body.get("component", "")),
-                                       str(entry.body.get("command", "")),
-                                       refusal_outcome(err), entry.received_at, None, time.time()))
+            self._finish(entry, _never_ran(entry, refusal_outcome(err)))
             return None
         return dataclasses.replace(command, expires_at=entry.expires_at, correlation_data=entry.correlation), entry
+
+
+def _never_ran(entry: Entry, outcome: Outcome) -> Result:
+    """The result of a recorded command that ends without running, as its final response reports it."""
+    return Result(entry.id, str(entry.body.get("component", "")), str(entry.body.get("command", "")),
+                  outcome, entry.received_at, None, time.time())
 
 
 def refusal_outcome(err: Exception) -> Outcome:
