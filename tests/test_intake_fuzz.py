@@ -169,7 +169,8 @@ def fuzz_bursts(service, backend, everything) -> None:
         before = no_id_count()
         backend.send_all([*sent, json.dumps({"id": sentinel, "component": "body", "command": "tester_present"})
                           .encode()])
-        assert backend.final(sentinel, timeout=20)["status"] == "completed"
+        # answered, and run: intake took it (under CPU load the ECU may miss its 150 ms P2: `timeout` still ran)
+        assert backend.final(sentinel, timeout=20)["status"] in ("completed", "timeout")
         for command_id in ids:
             if command_id is not None:
                 assert wait_until(lambda c=command_id: answers(everything, c), 20), f"no final answer for {command_id}"
