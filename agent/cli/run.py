@@ -26,6 +26,7 @@ from agent.config.reader import InvalidValueError
 from agent.devtools.sim.simulator import simulators_for
 from agent.fleet.link import LinkSetupError
 from agent.metrics.server import MetricsServerError
+from agent.store.sqlite import StoreError
 from agent.system.daemon import run_until_stopped
 from agent.system.service import Service
 
@@ -78,6 +79,9 @@ def handle(args: argparse.Namespace) -> int:
     except LinkSetupError as err:
         log.error("MQTT link cannot be set up: %s", err)
         return EXIT_CONFIG
+    except StoreError as err:  # not even a fresh store can be created: the state dir is unusable
+        log.error("cannot open the store in %s: %s", config.state_dir, err)
+        return EXIT_CANTCREAT
     try:
         started = service.start(wait=1.0)
     except MetricsServerError as err:

@@ -70,6 +70,8 @@ class StoreConfig:
     ledger_retention_s: int = 7 * 24 * 3600
     outbox_max_messages: int = 10_000
     outbox_max_age_s: int = 7 * 24 * 3600
+    ledger_max_bytes: int = 16 * 1024 * 1024  # beyond it the least recently finished ids are forgotten early
+    outbox_max_bytes: int = 32 * 1024 * 1024  # beyond it the oldest messages are dropped
 
 
 @dataclass(frozen=True)

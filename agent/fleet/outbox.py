@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 
 from agent.config.model import StoreConfig
-from agent.store.sqlite import Outgoing, Store
+from agent.store.sqlite import Outgoing, Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ class Outbox:
         self._thread: threading.Thread | None = None
         self.heartbeat = time.monotonic()
         self.dropped = 0
+        self.ledger_dropped = 0  # ids forgotten early by the ledger's byte bound
         self.acknowledged = 0
 
     def start(self) -> None:
@@ -83,6 +84,9 @@ class Outbox:
                 if time.monotonic() >= next_maintenance:
                     self._maintain()
                     next_maintenance = time.monotonic() + MAINTENANCE_S
+            except StoreError as err:  # counted and reported by the store; health says so
+                log.warning("outbox pass failed, store unavailable: %s", err)
+                self._stop.wait(1.0)
             except Exception:
                 log.exception("outbox pass failed; retrying")
                 self._stop.wait(1.0)
@@ -122,6 +126,20 @@ class Outbox:
             self.dropped += dropped
             log.warning("outbox over its bounds: dropped %d oldest messages", dropped,
                         extra={"max_messages": self._config.outbox_max_messages})
+        self._bound_bytes()
         pruned = self._store.prune_ledger(self._config.ledger_retention_s, time.time())
         if pruned:
             log.info("forgot %d old command ids", pruned)
+
+    def _bound_bytes(self) -> None:
+        """The byte bounds of the outbox and the ledger (an SD card's budget); drops counted and logged."""
+        dropped = self._store.trim_outbox_bytes(self._config.outbox_max_bytes)
+        if dropped:
+            self.dropped += dropped
+            log.warning("outbox over its byte bound: dropped %d oldest messages", dropped,
+                        extra={"max_bytes": self._config.outbox_max_bytes})
+        forgotten = self._store.trim_ledger_bytes(self._config.ledger_max_bytes)
+        if forgotten:
+            self.ledger_dropped += forgotten
+            log.warning("ledger over its byte bound: forgot %d finished command ids before their retention time",
+                        forgotten, extra={"max_bytes": self._config.ledger_max_bytes})

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from agent.wire.command import topic_name_problem
+
 
 @dataclass(frozen=True)
 class Topics:
@@ -31,5 +33,6 @@ class Topics:
 
 
 def is_publishable(topic: str) -> bool:
-    """A topic one may publish to: non-empty, no wildcards, no NUL, at most 65535 bytes."""
-    return bool(topic) and not any(c in topic for c in "+#\x00") and len(topic.encode()) <= 65535
+    """A topic one may publish to: non-empty, no wildcards, nothing a broker refuses as malformed (a
+    control character drops the connection, and the outbox would resend it forever), at most 65535 bytes."""
+    return topic_name_problem(topic) is None

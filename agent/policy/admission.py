@@ -10,7 +10,12 @@ from agent.wire.command import Command, ErrorCode, Outcome, Status
 
 def permitted(ecu: EcuConfig, command: Command) -> bool:
     """The component's `allow` list admits this command."""
-    return command.command in ecu.allow
+    return allows(ecu, command.command)
+
+
+def allows(ecu: EcuConfig, command: str) -> bool:
+    """The component's `allow` list admits the command named `command` (checked before its params are read)."""
+    return command in ecu.allow
 
 
 class Admission(enum.Enum):
@@ -23,7 +28,8 @@ class Admission(enum.Enum):
     def refusal(self, component: str, command: str) -> Outcome:
         """The final outcome a command gets when it was not queued."""
         if self is Admission.UNKNOWN_COMPONENT:
-            return Outcome.failure(Status.FAILED, ErrorCode.UNKNOWN_COMPONENT, f"no component named {component!r}")
+            return Outcome.failure(Status.REJECTED, ErrorCode.UNKNOWN_COMPONENT,
+                                   f"no component named {component!r}")
         if self is Admission.NOT_PERMITTED:
             return Outcome.failure(Status.REJECTED, ErrorCode.NOT_PERMITTED,
                                    f"{command} is not enabled for {component} (config: allow)")

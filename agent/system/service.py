@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -22,7 +23,8 @@ from agent.metrics.busmonitor import BusMonitor
 from agent.metrics.registry import AgentMetrics, AgentState
 from agent.metrics.server import MetricsServer
 from agent.policy.admission import Admission
-from agent.store.sqlite import Entry, Outgoing, Store
+from agent.store.recovery import open_store
+from agent.store.sqlite import Entry, Outgoing, StoreError
 from agent.wire import messages as m
 from agent.wire.command import Command, ErrorCode, Outcome, Result, Status, command_fields
 from agent.wire.messages import response_message
@@ -41,15 +43,18 @@ class Service:
         self.config = config
         self.started_at = time.time()
         self.topics = Topics(config.mqtt.prefix, config.vehicle)
-        self.store = Store(config.state_dir / STORE_FILE)
-        self.runtime = Runtime(config, sink=self._on_result, on_start=self._on_start,
-                               bus_factory=bus_factory, companions=companions,
-                               on_bus_change=self._on_bus_change, on_probe=self._on_probe)
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         self.metrics = AgentMetrics(self.registry, config.vehicle, [e.name for e in config.ecus],
                                     state=self._metrics_state)
+        self._outbox_seen: tuple[int, float | None] = (0, None)  # the last outbox figures the store gave
+        self.store, self.store_recovery = open_store(config.state_dir / STORE_FILE, on_error=self._on_store_error)
+        if self.store_recovery is not None:
+            self.metrics.store_recoveries.labels(self.store_recovery.reason).inc()
+        self.runtime = Runtime(config, sink=self._on_result, on_start=self._on_start,
+                               bus_factory=bus_factory, companions=companions,
+                               on_bus_change=self._on_bus_change, on_probe=self._on_probe)
         self.metrics_server = MetricsServer(config.metrics, self.registry) if config.metrics.enabled else None
         self.bus_monitor = BusMonitor(config.bus, self.runtime.owner, config.metrics.bus_state_interval_s,
                                       on_change=self._publish_bus_state)
@@ -59,7 +64,9 @@ class Service:
         self.outbox = Outbox(self.store, config.store, self.link.publish, lambda: self.link.connected)
         self.intake = Intake(config, self.store, self.topics, self.link.ack, self._admit, self.outbox.wake,
                              self.runtime.check, on_final=self._count_final,
-                             on_rejected=lambda reason: self.metrics.rejected.labels(reason).inc())
+                             on_rejected=lambda reason: self.metrics.rejected.labels(reason).inc(),
+                             publish_now=self.link.publish,
+                             on_error=lambda stage: self.metrics.intake_errors.labels(stage).inc())
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def start(self, wait: float = 1.0) -> bool:
@@ -90,7 +97,17 @@ class Service:
         self.store.close()
 
     def health(self) -> list[str]:
-        """What is wrong right now (empty: healthy). The watchdog pings only while this is empty.
+        """What is wrong right now (empty: healthy): what `wedged` finds, and a store that fails."""
+        problems = self.wedged()
+        trouble = self.store.trouble
+        if trouble is not None:  # no running duration in the text: STATUS= changes only when health does
+            problems.append(f"store unavailable ({trouble.operation}: {trouble.error}); "
+                            "commands are refused storage_unavailable")
+        return problems
+
+    def wedged(self) -> list[str]:
+        """What a restart would cure. The watchdog pings only while this is empty; a failing store is not
+        in it (a restart would not free the disk: commands are refused `storage_unavailable` meanwhile).
 
         A worker counts as wedged once its command runs past the longest deadline any command can
         have, plus the waits a transaction may add after it (P2*, a flow-control timeout).
@@ -117,11 +134,18 @@ class Service:
 
     def status_line(self) -> str:
         """The one-line STATUS= systemd shows."""
-        pending, _ = self.store.outbox_stats()
+        pending, _ = self._outbox_stats()
         queued = sum(w.depth for w in self.runtime.workers.values())
         link = "connected to broker" if self.link.connected else f"broker unreachable ({self.link.last_error})"
         bus = "bus up" if self.runtime.owner.is_up else f"bus down ({self.runtime.owner.last_error})"
-        return f"{link}; {bus}; {queued} queued; outbox {pending}"
+        store = "" if self.store.trouble is None else "; store unavailable"
+        return f"{link}; {bus}; {queued} queued; outbox {pending}{store}"
+
+    def _outbox_stats(self) -> tuple[int, float | None]:
+        """The outbox figures; while the store fails, the last ones it gave."""
+        with contextlib.suppress(StoreError):
+            self._outbox_seen = self.store.outbox_stats()
+        return self._outbox_seen
 
     def threads_alive(self) -> dict[str, bool]:
         return {"intake": self.intake.alive, "outbox": self.outbox.alive, "mqtt": self.link.alive,
@@ -149,7 +173,7 @@ class Service:
                            str(message["status"]), duration_s, message.get("error"))
 
     def _metrics_state(self) -> AgentState:
-        pending, oldest = self.store.outbox_stats()
+        pending, oldest = self._outbox_stats()
         stats = self.link.stats
         workers = self.runtime.workers.values()
         return AgentState(
@@ -158,8 +182,13 @@ class Service:
             mqtt_connected=self.link.connected, mqtt_reconnects=stats.reconnects, mqtt_received=stats.messages_in,
             mqtt_sent=stats.messages_out, mqtt_callback_errors=stats.callback_errors,
             outbox_pending=pending, outbox_oldest_age_s=max(0.0, time.time() - oldest) if oldest else 0.0,
-            outbox_dropped=self.outbox.dropped, bus=self.bus_monitor.reading,
+            outbox_dropped=self.outbox.dropped, ledger_dropped=self.outbox.ledger_dropped,
+            store_available=self.store.trouble is None, store_deferred=self.store.deferred,
+            bus=self.bus_monitor.reading,
         )
+
+    def _on_store_error(self, error: StoreError) -> None:
+        self.metrics.store_errors.labels(error.operation).inc()
 
     def _admit(self, command: Command, entry: Entry) -> None:
         admission = self.runtime.submit(command)
@@ -170,12 +199,18 @@ class Service:
                                    command.received_at, None, time.time()))
 
     def _on_start(self, command: Command) -> None:
+        """Marks the command started before it runs; a StoreError here keeps it from running at all."""
         batch = self.store.batch()
         batch.set_state(command.id, "started")
         batch.commit()
 
     def _on_result(self, result: Result) -> None:
-        entry = self.store.get(result.command_id)
+        try:
+            entry = self.store.get(result.command_id)
+        except StoreError as err:
+            log.error("the final response cannot be sent: its ledger entry cannot be read (%s)", err,
+                      extra=command_fields(result.command_id, result.component, result.command))
+            return
         if entry is None:
             log.error("result for a command missing from the ledger",
                       extra=command_fields(result.command_id, result.component, result.command))
@@ -183,13 +218,29 @@ class Service:
         self._finish(entry, result)
 
     def _finish(self, entry: Entry, result: Result) -> None:
+        """Stores the final response and its ledger state together; a transient refusal is forgotten instead.
+
+        When the store fails, the response goes straight to the link, and the write waits in memory
+        until the store takes writes again (then the outbox sends it once more: at least once).
+        """
         final = response_message(result, seq=entry.seq + 1)
         pieces = m.split_result(final, self.config.mqtt.max_payload_bytes)
+        messages = [Outgoing(entry.reply_topic, m.encode(message), entry.correlation, entry.id) for message in pieces]
         batch = self.store.batch()
-        for message in pieces:
-            batch.publish(Outgoing(entry.reply_topic, m.encode(message), entry.correlation, entry.id))
-        batch.set_state(entry.id, "final", seq=pieces[-1]["seq"], final_message=final)
-        batch.commit()
+        for message in messages:
+            batch.publish(message)
+        error = result.outcome.error
+        if error is not None and error.code.transient:
+            batch.forget(entry.id)  # "not now": the same id sent again is a fresh attempt
+        else:
+            batch.set_state(entry.id, "final", seq=pieces[-1]["seq"], final_message=final)
+        try:
+            batch.commit(defer=True)
+        except StoreError as err:
+            log.error("final response not stored (%s): sent without the outbox; stored when the store works again",
+                      err, extra=command_fields(entry.id, result.component, result.command))
+            for message in messages:
+                self.link.publish(message)
         self.outbox.wake()
         duration = result.finished_at - result.started_at if result.started_at is not None else None
         self._count_final(final, duration)
@@ -201,28 +252,46 @@ class Service:
 
     def _publish_bus_state(self, interface: str, state: str, previous: str) -> None:
         """A `bus_state` event for every change the bus monitor sees (kernel state, or the bus lost)."""
-        event = m.event_message("bus_state", time.time(), interface=interface, state=state, previous=previous)
+        self._publish_event(m.event_message("bus_state", time.time(), interface=interface, state=state,
+                                            previous=previous))
+
+    def _publish_event(self, event: dict[str, Any]) -> None:
+        """An event through the outbox; straight through the link while the store fails."""
+        message = Outgoing(self.topics.events, m.encode(event))
         batch = self.store.batch()
-        batch.publish(Outgoing(self.topics.events, m.encode(event)))
-        batch.commit()
+        batch.publish(message)
+        try:
+            batch.commit(defer=True)
+        except StoreError as err:
+            log.warning("%s event not stored (%s): sent without the outbox", event["type"], err)
+            self.link.publish(message)
         self.outbox.wake()
 
     # ---- restart recovery ----------------------------------------------------------------------
     def _recover(self) -> list[tuple[Command, Entry]]:
         """Started-but-unfinished commands get `interrupted` (never re-run); queued ones run again."""
-        interrupted = self.store.entries("started")
+        if self.store_recovery is not None:
+            recovery = self.store_recovery
+            self._publish_event(m.event_message("store_recovered", time.time(), reason=recovery.reason,
+                                                detail=recovery.detail, moved_to=list(recovery.moved)))
+        try:
+            interrupted = self.store.entries("started")
+        except StoreError as err:
+            log.error("cannot read the ledger at start (%s): unfinished commands wait for the next start", err)
+            interrupted = []
         for entry in interrupted:
             self._finish(entry, _never_ran(entry, Outcome.failure(
                 Status.INTERRUPTED, ErrorCode.INTERRUPTED,
                 "the agent stopped while this command ran; it was not run again")))
         ids = [e.id for e in interrupted]
-        event = m.event_message("agent_started", time.time(), interrupted=ids, agent_version=__version__)
-        batch = self.store.batch()
-        batch.publish(Outgoing(self.topics.events, m.encode(event)))
-        batch.commit()
+        self._publish_event(m.event_message("agent_started", time.time(), interrupted=ids, agent_version=__version__))
         if ids:
             log.warning("%d commands were interrupted by the last stop", len(ids), extra={"ids": ids})
-        return [pair for pair in (self._reparse(e) for e in self.store.entries("queued")) if pair is not None]
+        try:
+            queued = self.store.entries("queued")
+        except StoreError:
+            return []
+        return [pair for pair in (self._reparse(e) for e in queued) if pair is not None]
 
     def _reparse(self, entry: Entry) -> tuple[Command, Entry] | None:
         try:
@@ -241,5 +310,5 @@ def _never_ran(entry: Entry, outcome: Outcome) -> Result:
 
 def refusal_outcome(err: Exception) -> Outcome:
     if isinstance(err, UnknownComponentError):
-        return Outcome.failure(Status.FAILED, ErrorCode.UNKNOWN_COMPONENT, str(err))
+        return Outcome.failure(Status.REJECTED, ErrorCode.UNKNOWN_COMPONENT, str(err))
     return Outcome.failure(Status.REJECTED, ErrorCode.INVALID_COMMAND, f"invalid after a config change: {err}")

@@ -12,6 +12,26 @@ from agent.config.model import DidSpec
 # The one definition of a valid command id (protocol v1: 1-128 of A-Z a-z 0-9 . _ : -).
 COMMAND_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
+# What a topic name to publish to may not hold: wildcards, and what brokers refuse as malformed UTF-8
+# (Mosquitto drops the connection of a client that publishes it): NUL and other control characters,
+# surrogates and noncharacters.
+_NOT_IN_TOPIC = re.compile("[+#\x00-\x1f\x7f-\x9f\ud800-\udfff\ufdd0-\ufdef\ufffe\uffff]")
+
+
+def topic_name_problem(topic: str) -> str | None:
+    """Why `topic` cannot be published to (a reply topic from a command), or None when it can."""
+    if not topic:
+        return "an empty topic"
+    found = _NOT_IN_TOPIC.search(topic)
+    if found is not None:
+        char = found.group()
+        return f"a wildcard {char!r}" if char in "+#" else f"a character brokers refuse (U+{ord(char):04X})"
+    if any(ord(c) > 0xFFFF and ord(c) & 0xFFFE == 0xFFFE for c in topic):
+        return "a noncharacter brokers refuse"
+    if len(topic.encode("utf-8")) > 65535:
+        return "more than 65535 bytes"
+    return None
+
 
 class Status(enum.StrEnum):
     ACCEPTED = "accepted"
@@ -36,9 +56,19 @@ class ErrorCode(enum.StrEnum):
     INVALID_COMMAND = "invalid_command"
     NOT_PERMITTED = "not_permitted"
     BUSY = "busy"
+    STORAGE_UNAVAILABLE = "storage_unavailable"
     TIMEOUT = "timeout"
     EXPIRED = "expired"
     INTERRUPTED = "interrupted"
+
+    @property
+    def transient(self) -> bool:
+        """A refusal that says "not now" (protocol 1.1): the ledger does not remember it, so the same id
+        sent again later is a fresh attempt."""
+        return self in TRANSIENT_CODES
+
+
+TRANSIENT_CODES = frozenset({ErrorCode.BUSY, ErrorCode.STORAGE_UNAVAILABLE})
 
 
 # ---- per-command parameters (validated, resolved against the component's config) -----------------
