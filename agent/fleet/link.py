@@ -91,6 +91,15 @@ def password_of(config: MqttConfig, environ: dict[str, str] | None = None) -> st
     return None
 
 
+_UNINFORMATIVE = ("eof occurred", "connection reset", "broken pipe", "connection lost")
+
+
+def _uninformative(reason: str) -> bool:
+    """A cause that says only that the connection went away, not why."""
+    low = reason.lower()
+    return any(text in low for text in _UNINFORMATIVE) or low.endswith("unspecified error")
+
+
 def _guarded(method: Callable[..., None]) -> Callable[..., None]:
     @functools.wraps(method)
     def wrapper(self: MqttLink, *args: Any) -> None:
@@ -224,7 +233,7 @@ class MqttLink:
                 rc = self._client.loop(timeout=0.5)
             except Exception as err:  # paho raises on some socket errors; treat as a lost connection
                 rc = mqtt.MQTT_ERR_CONN_LOST
-                self.last_error = f"{type(err).__name__}: {err}"
+                self._fail(f"connection lost: {type(err).__name__}: {err}")
             if rc != mqtt.MQTT_ERR_SUCCESS and not self._stop.is_set():
                 opened = False
                 self._mark(False)
@@ -251,8 +260,15 @@ class MqttLink:
         self._client.connect(self._host, self._port, keepalive=self.config.keepalive_s, **kwargs)
 
     def _fail(self, reason: str) -> None:
-        if reason != self.last_error:
-            log.warning("%s", reason, extra={"broker": self.config.broker})
+        """Records why the link is down. The first meaningful cause of an outage is kept: a later
+        attempt that only sees the connection drop (EOF, reset) does not hide the TLS alert or the
+        refusal that explains it."""
+        if reason == self.last_error:
+            return
+        if self.last_error is not None and _uninformative(reason) and not _uninformative(self.last_error):
+            log.debug("%s (still down: %s)", reason, self.last_error, extra={"broker": self.config.broker})
+            return
+        log.warning("%s", reason, extra={"broker": self.config.broker})
         self.last_error = reason
 
     def _mark(self, up: bool) -> None:
