@@ -122,7 +122,7 @@ def test_invalid_commands_rejected_naming_the_field(service, backend, payload, f
 
 @pytest.mark.parametrize("payload", [
     b"not json", b"\xff\xfe\x00garbage", b"[1, 2, 3]", b'"a string"', b"{}", b'{"id": "has space"}',
-    b"\x00" * 100, b"[" * 100000,
+    b"\x00" * 100, b"[" * 60000,  # deep nesting within the size limit (a larger message never reaches the agent)
 ])
 def test_undecodable_messages_become_events_and_agent_keeps_serving(service, backend, payload):
     backend.send(payload)
@@ -159,12 +159,26 @@ def test_unknown_component_and_policy(service, backend):
     assert [r["status"] for r in backend.replies(refused["id"])] == ["rejected"]  # never `accepted`
 
 
-def test_full_queue_answers_busy(service, backend, sim):
+def test_full_queue_answers_busy(mqtt_vehicle, sim, backend):
+    """`busy` is left for a broker that sends more than the agent can hold: MQTT 3.1.1 has no Receive
+    Maximum, and Mosquitto's 20 in flight exceed the 1 command this agent may keep waiting."""
+    import dataclasses
+
+    from agent.system.service import Service
+
+    config = dataclasses.replace(mqtt_vehicle, mqtt=dataclasses.replace(mqtt_vehicle.mqtt, protocol="3.1.1",
+                                                                        receive_maximum=1))
     sim.ecu("engine").set_faults([fault_from_dict({"service": 0x22, "delay_ms": 100})])
-    bodies = [command() for _ in range(8)]
-    for body in bodies:
-        backend.send(body)
-    finals = [backend.final(b["id"], timeout=15) for b in bodies]
+    svc = Service(config)
+    svc.start()
+    try:
+        backend.wait_status("online", 10)
+        bodies = [command() for _ in range(8)]
+        for body in bodies:
+            backend.send(body)
+        finals = [backend.final(b["id"], timeout=15) for b in bodies]
+    finally:
+        svc.stop()
     statuses = [f["status"] for f in finals]
     assert statuses.count("rejected") >= 1 and statuses.count("completed") >= 5
     assert all(f["error"]["code"] == "busy" and f["seq"] == 1 for f in finals if f["status"] == "rejected")

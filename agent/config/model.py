@@ -52,6 +52,9 @@ class MqttConfig:
     send_accepted: bool = True
     max_payload_bytes: int = 256 * 1024
     invalid_events_per_minute: int = 10
+    # MQTT 5 Receive Maximum: commands the broker may have sent without our PUBACK. A command whose
+    # component queue is full waits, unacknowledged, for room; the broker holds back the rest.
+    receive_maximum: int = 32
 
     @property
     def host_port_tls(self) -> tuple[str, int, bool]:

@@ -162,6 +162,7 @@ def _mqtt(node: Node | None, base: Path) -> m.MqttConfig:
         send_accepted=node.get("send_accepted", boolean, True),
         max_payload_bytes=node.get("max_payload_bytes", integer(1024, 256 * 1024 * 1024), 256 * 1024),
         invalid_events_per_minute=node.get("invalid_events_per_minute", integer(0, 10_000), 10),
+        receive_maximum=node.get("receive_maximum", integer(1, 65535), m.MqttConfig.receive_maximum),
     )
     if config.password_file and config.password_credential:
         node.problems.add(join(node.path, "password_credential"), "give password_file or password_credential, not both")

@@ -80,6 +80,9 @@ class AgentMetrics:
         self.rejected = Counter("sovd_rejected_messages",
                                 "Command messages refused before execution, by reason.", ["reason"],
                                 registry=registry)
+        self.publish_refused = Counter("sovd_publish_refused",
+                                       "Messages the broker refused for good (PUBACK reason code), set aside.",
+                                       ["reason"], registry=registry)
         self.reachable = Gauge("sovd_ecu_reachable", "1 if the component answered its last request or probe.",
                                ["component"], registry=registry)
         Info("sovd_build", "Agent version and vehicle.", registry=registry).info(

@@ -12,6 +12,7 @@ import logging
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,17 @@ CREATE TABLE IF NOT EXISTS outbox (
     correlation BLOB,
     created_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS refused (
+    n INTEGER PRIMARY KEY,
+    command_id TEXT,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    correlation BLOB,
+    created_at REAL NOT NULL,
+    reason TEXT NOT NULL
+);
 """
+REFUSED_KEEP = 1000  # messages the broker refused for good, kept for inspection (oldest dropped)
 
 
 @dataclass(frozen=True)
@@ -76,11 +87,16 @@ class Pending:
 
 
 class Store:
-    """One SQLite connection shared by the agent's threads behind a lock; short transactions only."""
+    """One SQLite connection shared by the agent's threads behind a lock; short transactions only.
 
-    def __init__(self, path: Path) -> None:
+    `now` stamps rows (`updated_at`, `created_at`) and is what retention and outbox age are measured
+    in: the service passes agent time, which no wall-clock step moves (agent/clock.py).
+    """
+
+    def __init__(self, path: Path, now: Callable[[], float] = time.time) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        self.now = now
         self._lock = threading.Lock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -152,6 +168,32 @@ class Store:
             self._db.execute("COMMIT")
         return aged + over
 
+    def set_aside(self, n: int, reason: str) -> int:
+        """Moves an outbox message the broker will never take into `refused` (never deleted as delivered);
+        returns how many older refused messages were dropped to keep REFUSED_KEEP."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("INSERT OR REPLACE INTO refused SELECT n, command_id, topic, payload, correlation, "
+                                 "created_at, ? FROM outbox WHERE n = ?", (reason, n))
+                self._db.execute("DELETE FROM outbox WHERE n = ?", (n,))
+                dropped = self._db.execute(
+                    "DELETE FROM refused WHERE n IN (SELECT n FROM refused ORDER BY n DESC LIMIT -1 OFFSET ?)",
+                    (REFUSED_KEEP,)).rowcount
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        return dropped
+
+    def refused_messages(self) -> list[tuple[Pending, str]]:
+        """What was set aside, oldest first, with the reason."""
+        with self._lock:
+            rows = self._db.execute("SELECT n, command_id, topic, payload, correlation, created_at, reason "
+                                    "FROM refused ORDER BY n").fetchall()
+        return [(Pending(n, Outgoing(topic, bytes(payload), correlation, cid), created), reason)
+                for n, cid, topic, payload, correlation, created, reason in rows]
+
     def prune_ledger(self, retention_s: float, now: float) -> int:
         """Forgets final commands older than the retention time; returns how many."""
         with self._lock:
@@ -173,19 +215,19 @@ class Batch:
             "final_message, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (entry.id, entry.state, json.dumps(entry.body), entry.reply_topic, entry.correlation,
              entry.received_at, entry.expires_at, entry.seq,
-             json.dumps(entry.final_message) if entry.final_message else None, time.time())))
+             json.dumps(entry.final_message) if entry.final_message else None, self._store.now())))
 
     def set_state(self, command_id: str, state: str, seq: int | None = None,
                   final_message: dict[str, Any] | None = None) -> None:
         self._statements.append((
             "UPDATE ledger SET state = ?, seq = COALESCE(?, seq), final_message = COALESCE(?, final_message), "
             "updated_at = ? WHERE id = ?",
-            (state, seq, json.dumps(final_message) if final_message else None, time.time(), command_id)))
+            (state, seq, json.dumps(final_message) if final_message else None, self._store.now(), command_id)))
 
     def publish(self, message: Outgoing) -> None:
         self._statements.append((
             "INSERT INTO outbox (command_id, topic, payload, correlation, created_at) VALUES (?, ?, ?, ?, ?)",
-            (message.command_id, message.topic, message.payload, message.correlation, time.time())))
+            (message.command_id, message.topic, message.payload, message.correlation, self._store.now())))
 
     def commit(self) -> None:
         if self._statements:

@@ -12,11 +12,12 @@ from prometheus_client import CollectorRegistry, PlatformCollector, ProcessColle
 
 from agent import __version__
 from agent.bus.owner import BusFactory
+from agent.clock import Clock
 from agent.config.model import AgentConfig
 from agent.core.runtime import Companion, Runtime
 from agent.fleet.intake import Intake
 from agent.fleet.link import MqttLink
-from agent.fleet.outbox import Outbox
+from agent.fleet.outbox import Outbox, Refusal
 from agent.fleet.topics import Topics
 from agent.metrics.busmonitor import BusMonitor
 from agent.metrics.registry import AgentMetrics, AgentState
@@ -31,20 +32,23 @@ from agent.wire.parse import InvalidCommandError, UnknownComponentError, parse_c
 log = logging.getLogger(__name__)
 
 STORE_FILE = "agent.db"
+CLOCK_FILE = "clock.json"
 
 
 class Service:
     """Everything `sovd-edge run` runs. Construct, `start()`, and `stop()` on SIGTERM."""
 
     def __init__(self, config: AgentConfig, bus_factory: BusFactory | None = None,
-                 companions: Sequence[Companion] = ()) -> None:
+                 companions: Sequence[Companion] = (), clock: Clock | None = None) -> None:
         self.config = config
-        self.started_at = time.time()
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        self.clock = clock or Clock(config.state_dir / CLOCK_FILE)
+        self.started_at = self.clock.wall()
         self.topics = Topics(config.mqtt.prefix, config.vehicle)
-        self.store = Store(config.state_dir / STORE_FILE)
+        self.store = Store(config.state_dir / STORE_FILE, now=self.clock.agent_now)
         self.runtime = Runtime(config, sink=self._on_result, on_start=self._on_start,
                                bus_factory=bus_factory, companions=companions,
-                               on_bus_change=self._on_bus_change, on_probe=self._on_probe)
+                               on_bus_change=self._on_bus_change, on_probe=self._on_probe, wall=self.clock.wall)
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
@@ -56,10 +60,12 @@ class Service:
         self.link = MqttLink(config.mqtt, self.topics, config.mqtt.client_id or f"sovd-edge-{config.vehicle}",
                              status=self._status, on_command=self._on_incoming, on_published=self._on_published,
                              on_connection=self._on_connection)
-        self.outbox = Outbox(self.store, config.store, self.link.publish, lambda: self.link.connected)
+        self.outbox = Outbox(self.store, config.store, self.link.publish, lambda: self.link.connected,
+                             now=self.clock.agent_now, forget=self.link.forget, on_refused=self._on_refused,
+                             window=lambda: self.link.broker_receive_maximum)
         self.intake = Intake(config, self.store, self.topics, self.link.ack, self._admit, self.outbox.wake,
                              self.runtime.check, on_final=self._count_final,
-                             on_rejected=lambda reason: self.metrics.rejected.labels(reason).inc())
+                             on_rejected=lambda reason: self.metrics.rejected.labels(reason).inc(), clock=self.clock)
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def start(self, wait: float = 1.0) -> bool:
@@ -87,6 +93,7 @@ class Service:
         self.bus_monitor.stop()
         if self.metrics_server is not None:
             self.metrics_server.stop()
+        self.clock.save()
         self.store.close()
 
     def health(self) -> list[str]:
@@ -135,11 +142,24 @@ class Service:
     def _on_incoming(self, incoming: Any) -> None:
         self.intake.put(incoming)
 
-    def _on_published(self, mid: int) -> None:
-        self.outbox.published(mid)
+    def _on_published(self, mid: int, code: int = 0) -> None:
+        self.outbox.published(mid, code)
 
     def _on_connection(self, up: bool) -> None:
-        self.outbox.wake()
+        self.outbox.connection(up, self.link.last_disconnect_code)
+
+    def _on_refused(self, refusal: Refusal) -> None:
+        """A message the broker will never take was set aside: counted, and reported as an Event
+        (unless it was an event itself: that could only be refused again)."""
+        self.metrics.publish_refused.labels(refusal.reason).inc()
+        message = refusal.row.message
+        if message.topic == self.topics.events:
+            return
+        details = {"reason_code": f"0x{refusal.code:02X}"} if refusal.code is not None else {}
+        if message.command_id is not None:
+            details["command_id"] = message.command_id
+        self._publish_event("publish_refused", topic=message.topic, reason=refusal.reason,
+                            bytes=len(message.payload), **details)
 
     def _on_probe(self, component: str, answered: bool) -> None:
         self.metrics.reachable.labels(component).set(int(answered))
@@ -157,7 +177,8 @@ class Service:
             in_flight=sum(1 for w in workers if w.in_flight is not None),
             mqtt_connected=self.link.connected, mqtt_reconnects=stats.reconnects, mqtt_received=stats.messages_in,
             mqtt_sent=stats.messages_out, mqtt_callback_errors=stats.callback_errors,
-            outbox_pending=pending, outbox_oldest_age_s=max(0.0, time.time() - oldest) if oldest else 0.0,
+            outbox_pending=pending,
+            outbox_oldest_age_s=max(0.0, self.clock.agent_now() - oldest) if oldest else 0.0,
             outbox_dropped=self.outbox.dropped, bus=self.bus_monitor.reading,
         )
 
@@ -167,12 +188,13 @@ class Service:
             return
         outcome = admission.refusal(command.component, command.command)
         self._finish(entry, Result(command.id, command.component, command.command, outcome,
-                                   command.received_at, None, time.time()))
+                                   command.received_at, None, self.clock.wall()))
 
     def _on_start(self, command: Command) -> None:
         batch = self.store.batch()
         batch.set_state(command.id, "started")
         batch.commit()
+        self.intake.room()  # its place in the queue is free: a waiting command may take it
 
     def _on_result(self, result: Result) -> None:
         entry = self.store.get(result.command_id)
@@ -183,8 +205,10 @@ class Service:
         self._finish(entry, result)
 
     def _finish(self, entry: Entry, result: Result) -> None:
-        final = response_message(result, seq=entry.seq + 1)
-        pieces = m.split_result(final, self.config.mqtt.max_payload_bytes)
+        final = {**response_message(result, seq=entry.seq + 1), **m.clock_mark(self.clock.synchronized())}
+        largest = self.config.mqtt.max_payload_bytes
+        broker = self.link.payload_limit(entry.reply_topic, entry.correlation)  # when the broker announced one
+        pieces = m.split_result(final, min(largest, broker) if broker is not None else largest)
         batch = self.store.batch()
         for message in pieces:
             batch.publish(Outgoing(entry.reply_topic, m.encode(message), entry.correlation, entry.id))
@@ -201,7 +225,10 @@ class Service:
 
     def _publish_bus_state(self, interface: str, state: str, previous: str) -> None:
         """A `bus_state` event for every change the bus monitor sees (kernel state, or the bus lost)."""
-        event = m.event_message("bus_state", time.time(), interface=interface, state=state, previous=previous)
+        self._publish_event("bus_state", interface=interface, state=state, previous=previous)
+
+    def _publish_event(self, kind: str, **fields: Any) -> None:
+        event = m.event_message(kind, self.clock.wall(), **fields, **m.clock_mark(self.clock.synchronized()))
         batch = self.store.batch()
         batch.publish(Outgoing(self.topics.events, m.encode(event)))
         batch.commit()
@@ -215,16 +242,14 @@ class Service:
             message = refusal_message(entry.id, entry.body, Status.INTERRUPTED, ErrorCode.INTERRUPTED,
                                       "the agent stopped while this command ran; it was not run again",
                                       entry.received_at, seq=entry.seq + 1)
+            message.update(m.clock_mark(self.clock.synchronized()))
             batch = self.store.batch()
             batch.publish(Outgoing(entry.reply_topic, m.encode(message), entry.correlation, entry.id))
             batch.set_state(entry.id, "final", seq=message["seq"], final_message=message)
             batch.commit()
             self._count_final(message)
         ids = [e.id for e in interrupted]
-        event = m.event_message("agent_started", time.time(), interrupted=ids, agent_version=__version__)
-        batch = self.store.batch()
-        batch.publish(Outgoing(self.topics.events, m.encode(event)))
-        batch.commit()
+        self._publish_event("agent_started", interrupted=ids, agent_version=__version__)
         if ids:
             log.warning("%d commands were interrupted by the last stop", len(ids), extra={"ids": ids})
         return [pair for pair in (self._reparse(e) for e in self.store.entries("queued")) if pair is not None]
@@ -235,7 +260,14 @@ class Service:
         except (InvalidCommandError, UnknownComponentError) as err:
             self._finish(entry, Result(entry.id, str(entry.body.get("component", "")),
                                        str(entry.body.get("command", "")),
-                                       refusal_outcome(err), entry.received_at, None, time.time()))
+                                       refusal_outcome(err), entry.received_at, None, self.clock.wall()))
+            return None
+        if entry.expires_at is not None and not self.clock.synchronized():
+            outcome = Outcome.failure(Status.REJECTED, ErrorCode.CLOCK_UNSYNCHRONIZED,
+                                      "not run after the restart: it has an expiry and the device clock is not "
+                                      "synchronized, so whether it expired cannot be judged")
+            self._finish(entry, Result(entry.id, command.component, command.command, outcome, entry.received_at,
+                                       None, self.clock.wall()))
             return None
         return dataclasses.replace(command, expires_at=entry.expires_at, correlation_data=entry.correlation), entry
 

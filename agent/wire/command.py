@@ -40,6 +40,7 @@ class ErrorCode(enum.StrEnum):
     TIMEOUT = "timeout"
     EXPIRED = "expired"
     INTERRUPTED = "interrupted"
+    CLOCK_UNSYNCHRONIZED = "clock_unsynchronized"
 
 
 # ---- per-command parameters (validated, resolved against the component's config) -----------------
@@ -124,6 +125,7 @@ class Command:
     expires_at: float | None = None
     reply_to: str | None = None
     correlation_data: bytes | None = None
+    deadline: float | None = None  # time.monotonic() instant from an MQTT 5 Message Expiry (in-process only)
 
 
 @dataclass(frozen=True)

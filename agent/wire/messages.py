@@ -70,6 +70,12 @@ def event_message(kind: str, at: float, **fields: Any) -> dict[str, Any]:
     return {"type": kind, "at": format_rfc3339(at), **fields}
 
 
+def clock_mark(synchronized: bool) -> dict[str, Any]:
+    """What a message says about its timestamps: nothing while the device clock is synchronized,
+    `"clock": "unsynchronized"` while it is not (they may be far off, e.g. in 1970)."""
+    return {} if synchronized else {"clock": "unsynchronized"}
+
+
 def encode(message: dict[str, Any]) -> bytes:
     """Compact UTF-8 JSON, as every message goes on the wire."""
     return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
