@@ -71,7 +71,11 @@ class Service:
     def start(self, wait: float = 1.0) -> bool:
         """Starts every part; True when the CAN bus is up (the broker may still be unreachable)."""
         if self.metrics_server is not None:
-            self.metrics_server.start()
+            try:
+                self.metrics_server.start()
+            except Exception:  # nothing else runs yet: close what the constructor opened
+                self.store.close()
+                raise
         requeue = self._recover()
         bus_up = self.runtime.start(wait)
         self.bus_monitor.start()
