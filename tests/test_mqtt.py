@@ -167,7 +167,7 @@ def test_full_queue_answers_busy(mqtt_vehicle, sim, backend):
     from agent.system.service import Service
 
     config = dataclasses.replace(mqtt_vehicle, mqtt=dataclasses.replace(mqtt_vehicle.mqtt, protocol="3.1.1",
-                                                                        receive_maximum=1))
+                                                                        receive_maximum=1, max_waiting_commands=1))
     sim.ecu("engine").set_faults([fault_from_dict({"service": 0x22, "delay_ms": 100})])
     svc = Service(config)
     svc.start()

@@ -10,6 +10,7 @@ broker's redelivery of one is recognised as such.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -49,7 +50,9 @@ class Parking:
         return any(w.command.component == component for w in self._waiting)
 
     def park(self, item: Incoming, command: Command, entry: Entry) -> None:
-        self._waiting.append(Waiting(item, command, entry))
+        # Only what the PUBACK and the hand-over need stays in memory; the command is in the ledger.
+        self._waiting.append(Waiting(dataclasses.replace(item, payload=b""), command,
+                                     dataclasses.replace(entry, body={})))
         self.parked_total += 1
         log.info("component queue full: command waits, its PUBACK held",
                  extra={**command_fields(command.id, command.component, command.command),
@@ -60,7 +63,7 @@ class Parking:
         message. True when `command_id` is waiting."""
         for waiting in self._waiting:
             if waiting.command.id == command_id:
-                waiting.item = item
+                waiting.item = dataclasses.replace(item, payload=b"")
                 return True
         return False
 

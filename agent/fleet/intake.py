@@ -60,7 +60,7 @@ class Intake:
         self._on_rejected = on_rejected or (lambda reason: None)
         self._wake_outbox = wake_outbox
         self._clock = clock or Clock()
-        self.parking = Parking(config.mqtt.receive_maximum)
+        self.parking = Parking(config.mqtt.max_waiting_commands)
         self._hold: set[int] = set()  # id() of this group's messages whose PUBACK waits for room
         self._queue: queue.Queue[Incoming | object | None] = queue.Queue()
         self._thread: threading.Thread | None = None

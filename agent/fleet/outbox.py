@@ -109,6 +109,10 @@ class Outbox:
 
     def published(self, mid: int, code: int = 0) -> None:
         """PUBACK for `mid` (called on the MQTT loop thread: only hands over, never touches SQLite)."""
+        with self._lock:
+            if mid in self._by_mid:  # one of ours went through on this connection: no message is poison
+                self._acks_this_connection += 1
+                self._strikes = (0, 0)
         self._acked.put((mid, code))
         self._wake.set()
 
@@ -178,8 +182,6 @@ class Outbox:
                 break
             with self._lock:
                 n = self._by_mid.pop(mid, None)
-                self._acks_this_connection += 1
-                self._strikes = (0, 0)
             if n is None:
                 continue
             if code < 0x80:
