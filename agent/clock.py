@@ -157,6 +157,7 @@ class Clock:
         assert self._state_file is not None
         tmp = self._state_file.with_name(self._state_file.name + ".tmp")
         try:
+            tmp.parent.mkdir(parents=True, exist_ok=True)
             with open(tmp, "w", encoding="utf-8") as f:
                 json.dump({"agent_time": value, "wall": self.wall()}, f)
                 f.flush()

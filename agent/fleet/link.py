@@ -145,10 +145,11 @@ class MqttLink:
 
     def __init__(self, config: MqttConfig, topics: Topics, client_id: str, status: Callable[[str], bytes],
                  on_command: Callable[[Incoming], None], on_published: Callable[[int, int], None],
-                 on_connection: Callable[[bool], None]) -> None:
+                 on_connection: Callable[[bool], None], wall: Callable[[], float] = time.time) -> None:
         self.config = config
         self.topics = topics
         self.client_id = client_id
+        self._wall = wall
         self.stats = LinkStats()
         self._status = status
         self._on_command = on_command
@@ -391,7 +392,7 @@ class MqttLink:
         props = message.properties if self._v5 else None
         self._on_command(Incoming(
             payload=bytes(message.payload), mid=message.mid, qos=message.qos, dup=bool(message.dup),
-            received_at=time.time(),
+            received_at=self._wall(),
             response_topic=getattr(props, "ResponseTopic", None),
             correlation=getattr(props, "CorrelationData", None),
             expiry_interval=getattr(props, "MessageExpiryInterval", None),

@@ -59,7 +59,7 @@ class Service:
                                       on_change=self._publish_bus_state)
         self.link = MqttLink(config.mqtt, self.topics, config.mqtt.client_id or f"sovd-edge-{config.vehicle}",
                              status=self._status, on_command=self._on_incoming, on_published=self._on_published,
-                             on_connection=self._on_connection)
+                             on_connection=self._on_connection, wall=self.clock.wall)
         self.outbox = Outbox(self.store, config.store, self.link.publish, lambda: self.link.connected,
                              now=self.clock.agent_now, forget=self.link.forget, on_refused=self._on_refused,
                              window=lambda: self.link.broker_receive_maximum)
