@@ -40,6 +40,8 @@ TAKEOVER_BACKOFF_S = 10.0  # at least this long before reconnecting after our se
 PACKET_HEADROOM = 16 * 1024
 MAX_PACKET_IN = MAX_COMMAND_BYTES + PACKET_HEADROOM
 SESSION_TAKEN_OVER = 0x8E
+FLAP_S = 5.0  # a connection cut this soon after it was accepted counts as a flap
+FLAPS = 3  # flaps in a row that are reported (as a likely takeover) and slow the reconnects down
 
 
 class LinkSetupError(AgentError, ValueError):
@@ -186,6 +188,8 @@ class MqttLink:
         self.broker_receive_maximum = 65535  # from CONNACK: QoS 1 messages it takes unacknowledged
         self.last_disconnect_code: int | None = None  # reason code of the last lost connection (MQTT 5)
         self._taken_over = 0  # consecutive connections that ended in a session takeover
+        self._flaps = 0  # consecutive connections cut within FLAP_S of being accepted
+        self._up_since: float | None = None
         self._generation = 0  # counts connections
 
     def _setup_tls(self) -> None:
@@ -350,6 +354,7 @@ class MqttLink:
             return
         self.stats.connects += 1
         self._generation += 1
+        self._up_since = time.monotonic()
         self.last_error = self._refusal = self._paho_error = None
         self.broker_max_packet = getattr(properties, "MaximumPacketSize", None) if self._v5 else None
         receive_maximum = getattr(properties, "ReceiveMaximum", None) if self._v5 else None
@@ -369,12 +374,19 @@ class MqttLink:
     def _disconnected(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         self.last_disconnect_code = getattr(reason, "value", None)
         taken_over = self._v5 and self.last_disconnect_code == SESSION_TAKEN_OVER
-        self._taken_over = self._taken_over + 1 if taken_over else 0
-        if taken_over:
+        # Some brokers (Mosquitto 2.0.11) close the old connection without saying why: a connection
+        # accepted and then cut within seconds, again and again, is most likely the same thing.
+        cut_short = self._up_since is not None and time.monotonic() - self._up_since < FLAP_S
+        self._up_since = None
+        self._flaps = self._flaps + 1 if cut_short and not self._stop.is_set() else 0
+        self._taken_over = self._taken_over + 1 if taken_over or self._flaps >= FLAPS else 0
+        if taken_over or self._flaps == FLAPS:
             self.stats.taken_over += 1
-            log.error("the broker says another connection with our client id %r took over the session: is a "
-                      "second agent running with this vehicle's config? reconnecting in %.0f s or more",
-                      self.client_id, TAKEOVER_BACKOFF_S,
+            why = "the broker says another connection with our client id %r took over the session" if taken_over \
+                else f"the broker closed our connection {FLAPS} times in a row within {FLAP_S:.0f} s of accepting " \
+                     "it: most likely another connection with our client id %r takes over the session"
+            log.error(why + ": is a second agent running with this vehicle's config? reconnecting in %.0f s or "
+                      "more", self.client_id, TAKEOVER_BACKOFF_S,
                       extra={"broker": self.config.broker, "takeovers": self._taken_over})
         if not self._stop.is_set():
             detail = f" ({self._paho_error})" if self._paho_error else ""
