@@ -187,7 +187,7 @@ def run(commands: int, rate: float, kills: int, seed: int, workdir: Path) -> dic
     executions = agent.executions()
     finals = {i: backend.finals.get(i, []) for i in ids}
     runs = {i: executions.get(f"{int(i.split('-')[1]):08x}", 0) for i in ids}
-    statuses = collections.Counter(f[0]["status"] for f in finals.values() if f)
+    statuses = collections.Counter(_status(f[0]) for f in finals.values() if f)
     inconsistent = [i for i in ids if finals[i] and {f["status"] for f in finals[i]} != {finals[i][0]["status"]}]
     return {
         "commands": commands,
@@ -204,11 +204,18 @@ def run(commands: int, rate: float, kills: int, seed: int, workdir: Path) -> dic
         "completed_without_execution": sum(1 for i in ids if finals[i] and finals[i][0]["status"] == "completed"
                                            and runs[i] == 0),
         "conflicting_finals": len(inconsistent),
+        "interrupted_after_executing": sum(1 for i in ids if finals[i] and finals[i][0]["status"] == "interrupted"
+                                           and runs[i] == 1),
         "agent_exit_code": exit_code,
         "events": dict(collections.Counter(e.get("type") for e in backend.events)),
         "duration_s": round(time.monotonic() - started, 1),
         "workdir": str(workdir),
     }
+
+
+def _status(final: dict[str, Any]) -> str:
+    code = (final.get("error") or {}).get("code")
+    return f"{final['status']}/{code}" if code and code != final["status"] else final["status"]
 
 
 def _wait_quiet(backend: Backend, ids: list[str], started: float, quiet_s: float = 20.0) -> None:

@@ -215,3 +215,27 @@ def test_message_over_an_unannounced_size_limit_does_not_loop_reconnecting(speci
             assert svc.store.get(big["id"]).state == "final"
         finally:
             svc.stop()
+
+
+def test_commands_left_queued_by_a_crash_wait_for_room_after_the_restart(mqtt_vehicle, sim, backend):
+    """20 commands recorded `queued` (e.g. waiting when the agent was SIGKILLed) and a queue of 4: at the
+    restart they wait their turn, in order, none refused `busy`."""
+    from agent.store.sqlite import Entry, Store
+
+    store = Store(mqtt_vehicle.state_dir / "agent.db")
+    bodies = [command() for _ in range(20)]
+    batch = store.batch()
+    for n, body in enumerate(bodies):
+        batch.add_command(Entry(body["id"], "queued", body, backend.topics.responses(body["id"]), None,
+                                1000.0 + n, None, 1, None))
+    batch.commit()
+    store.close()
+    svc = Service(mqtt_vehicle)
+    svc.start()
+    try:
+        finals = [backend.final(b["id"], timeout=30) for b in bodies]
+    finally:
+        svc.stop()
+    assert [f["status"] for f in finals] == ["completed"] * 20
+    assert [f["seq"] for f in finals] == [2] * 20
+    assert sim.ecu("engine").server.executed[0x22] == 20

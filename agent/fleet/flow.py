@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Waiting:
-    item: Incoming  # the message whose PUBACK is held
+    item: Incoming | None  # the message whose PUBACK is held (None: recovered from the ledger at start)
     command: Command
     entry: Entry
 
@@ -49,14 +49,18 @@ class Parking:
         """Commands of `component` are waiting: a newer one must wait behind them (arrival order)."""
         return any(w.command.component == component for w in self._waiting)
 
-    def park(self, item: Incoming, command: Command, entry: Entry) -> None:
+    def park(self, item: Incoming | None, command: Command, entry: Entry) -> None:
         # Only what the PUBACK and the hand-over need stays in memory; the command is in the ledger.
-        self._waiting.append(Waiting(dataclasses.replace(item, payload=b""), command,
+        self._waiting.append(Waiting(dataclasses.replace(item, payload=b"") if item is not None else None, command,
                                      dataclasses.replace(entry, body={})))
         self.parked_total += 1
-        log.info("component queue full: command waits, its PUBACK held",
-                 extra={**command_fields(command.id, command.component, command.command),
-                        "waiting": len(self._waiting)})
+        fields = {**command_fields(command.id, command.component, command.command), "waiting": len(self._waiting)}
+        if item is None:
+            log.debug("command recovered from the ledger waits for its turn", extra=fields)
+        elif len(self._waiting) == 1:  # one line when waiting starts, not one per command
+            log.info("component queue full: commands wait, their PUBACKs held", extra=fields)
+        else:
+            log.debug("command waits, its PUBACK held", extra=fields)
 
     def rebind(self, command_id: str, item: Incoming) -> bool:
         """The broker redelivered a waiting command (after a reconnect): its PUBACK is now owed on the new
@@ -78,7 +82,8 @@ class Parking:
             component = waiting.command.component
             if component not in blocked and check(waiting.command, 0) is Admission.QUEUED:
                 submit(waiting.command, waiting.entry)
-                ack(waiting.item)
+                if waiting.item is not None:
+                    ack(waiting.item)
                 released += 1
             else:
                 blocked.add(component)  # keeps the order: nothing newer of this component overtakes

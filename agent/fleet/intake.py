@@ -73,6 +73,14 @@ class Intake:
         """Called on the MQTT loop thread: just hands over."""
         self._queue.put(incoming)
 
+    def resume(self, recovered: list[tuple[Command, Entry]]) -> None:
+        """Commands left `queued` by the last run, oldest first: they wait like any other and go first.
+        Call before `start`; the intake thread hands them to their components as room allows."""
+        for command, entry in recovered:
+            self.parking.park(None, command, entry)
+        if recovered:
+            self._queue.put(_ROOM)
+
     def room(self) -> None:
         """A component's queue has room again (a command started): waiting commands may move on."""
         if len(self.parking):

@@ -80,9 +80,8 @@ class Service:
         bus_up = self.runtime.start(wait)
         self.bus_monitor.start()
         self.outbox.start()
+        self.intake.resume(requeue)  # queued before the stop: they wait for room, never refused `busy`
         self.intake.start()
-        for command, entry in requeue:
-            self._admit(command, entry)
         self.link.start()
         return bus_up
 
@@ -191,6 +190,9 @@ class Service:
         if admission is Admission.QUEUED:
             return
         outcome = admission.refusal(command.component, command.command)
+        assert outcome.error is not None
+        log.warning("command refused: %s", outcome.error.message,
+                    extra=command_fields(command.id, command.component, command.command))
         self._finish(entry, Result(command.id, command.component, command.command, outcome,
                                    command.received_at, None, self.clock.wall()))
 
