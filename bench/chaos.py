@@ -46,6 +46,7 @@ class Backend:
         self.events: list[dict[str, Any]] = []
         self._mids: dict[int, str] = {}
         self.acked_ids: set[str] = set()
+        self.online = threading.Event()
         self._lock = threading.Lock()
         self._client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id="chaos-backend",
                                    protocol=mqtt.MQTTv5)
@@ -61,6 +62,7 @@ class Backend:
     def _connected(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         client.subscribe(f"sovd/{VEHICLE}/responses/+", qos=1)
         client.subscribe(f"sovd/{VEHICLE}/events", qos=1)
+        client.subscribe(f"sovd/{VEHICLE}/status", qos=1)
 
     def _message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         try:
@@ -68,6 +70,8 @@ class Backend:
         except ValueError:
             return
         with self._lock:
+            if message.topic.endswith("/status") and isinstance(body, dict) and body.get("state") == "online":
+                self.online.set()
             if message.topic.endswith("/events"):
                 self.events.append(body)
             elif isinstance(body, dict) and body.get("final") is True:
@@ -150,6 +154,8 @@ def run(commands: int, rate: float, kills: int, seed: int, workdir: Path) -> dic
     agent = Agent(workdir, broker.url)
     agent.start()
     backend = Backend(broker.port)
+    if not backend.online.wait(60):  # the agent's session (its subscription) exists from here on
+        raise RuntimeError(f"the agent did not come online; see {agent.log}")
     bodies = [command(n) for n in range(commands)]
     kill_at = sorted(random.sample(range(commands // 10, commands - commands // 20), kills))
     killed = {"agent": 0, "broker": 0}
