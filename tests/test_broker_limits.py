@@ -212,6 +212,7 @@ def test_message_over_an_unannounced_size_limit_does_not_loop_reconnecting(speci
             backend.send(after)
             assert backend.final(after["id"], timeout=15)["status"] == "completed"
             assert svc.link.stats.reconnects == reconnects  # no loop once it is set aside
+            assert svc.link.stats.taken_over == 0  # cuts explained by a message are not taken for a takeover
             assert svc.store.get(big["id"]).state == "final"
         finally:
             svc.stop()

@@ -42,6 +42,9 @@ MAX_PACKET_IN = MAX_COMMAND_BYTES + PACKET_HEADROOM
 SESSION_TAKEN_OVER = 0x8E
 FLAP_S = 5.0  # a connection cut this soon after it was accepted counts as a flap
 FLAPS = 3  # flaps in a row that are reported (as a likely takeover) and slow the reconnects down
+# DISCONNECT reasons a broker gives when it cannot take what we sent (malformed, protocol error, too large):
+# Mosquitto answers a message over its `message_size_limit` this way; a resend would do it again.
+CUT_FOR_A_MESSAGE = frozenset({0x81, 0x82, 0x95})
 
 
 class LinkSetupError(AgentError, ValueError):
@@ -376,7 +379,8 @@ class MqttLink:
         taken_over = self._v5 and self.last_disconnect_code == SESSION_TAKEN_OVER
         # Some brokers (Mosquitto 2.0.11) close the old connection without saying why: a connection
         # accepted and then cut within seconds, again and again, is most likely the same thing.
-        cut_short = self._up_since is not None and time.monotonic() - self._up_since < FLAP_S
+        cut_short = self._up_since is not None and time.monotonic() - self._up_since < FLAP_S \
+            and self.last_disconnect_code not in CUT_FOR_A_MESSAGE  # those the outbox explains and settles
         self._up_since = None
         self._flaps = self._flaps + 1 if cut_short and not self._stop.is_set() else 0
         self._taken_over = self._taken_over + 1 if taken_over or self._flaps >= FLAPS else 0

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from agent.config.model import StoreConfig
-from agent.fleet.link import PacketTooLargeError
+from agent.fleet.link import CUT_FOR_A_MESSAGE, PacketTooLargeError
 from agent.store.sqlite import Outgoing, Pending, Store
 from agent.wire import messages as m
 
@@ -37,9 +37,6 @@ REASONS = {0x80: "unspecified_error", 0x83: "implementation_specific_error", 0x8
 NEVER_PASSES = frozenset({0x87, 0x90, 0x95, 0x99})
 QUOTA_EXCEEDED = 0x97
 CONNECTION_DROPPED = "connection_dropped"  # not a PUBACK code: the broker cut the link on this message
-# DISCONNECT reasons a broker sends when it cannot take what we sent (malformed, protocol error, too large):
-# Mosquitto answers a message over its `message_size_limit` this way, and a resend would do it again.
-CUT_FOR_A_MESSAGE = frozenset({0x81, 0x82, 0x95})
 
 
 def reason_name(code: int) -> str:
