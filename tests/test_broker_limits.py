@@ -141,6 +141,7 @@ def test_broker_maximum_packet_size_is_honoured_by_chunking(special_broker, mqtt
         svc.start()
         try:
             assert svc.link.wait_connected(10), svc.link.last_error
+            backend.wait_status("online", 10)  # its subscription is in place (SUBSCRIBE goes before the status)
             assert svc.link.broker_max_packet == 4096
             body = command(params={"data": "big_block"})
             backend.send(body)
@@ -168,6 +169,7 @@ def test_puback_not_authorized_is_set_aside_counted_and_reported(special_broker,
         svc.start()
         try:
             assert svc.link.wait_connected(10), svc.link.last_error
+            backend.wait_status("online", 10)  # its subscription is in place (SUBSCRIBE goes before the status)
             body = command()
             backend.send(body)
             events = backend.wait_for(lambda s: s.topic == backend.topics.events
@@ -202,6 +204,7 @@ def test_message_over_an_unannounced_size_limit_does_not_loop_reconnecting(speci
         svc.start()
         try:
             assert svc.link.wait_connected(10), svc.link.last_error
+            backend.wait_status("online", 10)  # its subscription is in place (SUBSCRIBE goes before the status)
             big = command(params={"data": "big_block"})
             backend.send(big)
             event = backend.wait_for(lambda s: s.topic == backend.topics.events and b"publish_refused" in s.payload,

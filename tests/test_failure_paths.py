@@ -6,6 +6,7 @@ import logging
 import socket
 import subprocess
 import sys
+import time
 import uuid
 
 import yaml
@@ -124,6 +125,7 @@ def test_disconnect_reason_0x8e_is_logged_as_a_takeover_and_slows_reconnects(mqt
     link = MqttLink(mqtt_vehicle.mqtt, Topics("sovd", "V"), "sovd-edge-V", status=lambda state: b"{}",
                     on_command=lambda item: None, on_published=lambda mid, code: None,
                     on_connection=lambda up: None)
+    link._up_since = time.monotonic()  # it was connected
     link._disconnected(link._client, None, None, ReasonCode(PacketTypes.DISCONNECT, identifier=0x8E), None)
     assert link.stats.taken_over == 1 and link._taken_over == 1
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]

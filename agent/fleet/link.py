@@ -190,6 +190,8 @@ class MqttLink:
         self.broker_max_packet: int | None = None  # from CONNACK; None: the broker announced none
         self.broker_receive_maximum = 65535  # from CONNACK: QoS 1 messages it takes unacknowledged
         self.last_disconnect_code: int | None = None  # reason code of the last lost connection (MQTT 5)
+        self.last_cut_short = False  # the last connection was lost within FLAP_S of being accepted
+        self._unacked: set[int] = set()  # mids of our publishes without a PUBACK yet
         self._taken_over = 0  # consecutive connections that ended in a session takeover
         self._flaps = 0  # consecutive connections cut within FLAP_S of being accepted
         self._up_since: float | None = None
@@ -240,6 +242,7 @@ class MqttLink:
             log.warning("publish refused by the client: %s", mqtt.error_string(info.rc))
             return None
         self.stats.messages_out += 1
+        self._unacked.add(info.mid)
         return info.mid
 
     def payload_limit(self, topic: str, correlation: bytes | None = None) -> int | None:
@@ -253,6 +256,7 @@ class MqttLink:
         connection (one the broker will never take: it would cut every connection that carries it).
         paho has no public call for this; its queue is touched under its own lock."""
         with self._client._out_message_mutex:
+            self._unacked.discard(mid)
             message = self._client._out_messages.pop(mid, None)
             if message is not None and message.qos > 0 and self._client._inflight_messages > 0:
                 self._client._inflight_messages -= 1
@@ -358,6 +362,7 @@ class MqttLink:
         self.stats.connects += 1
         self._generation += 1
         self._up_since = time.monotonic()
+        self.last_disconnect_code, self.last_cut_short = None, False
         self.last_error = self._refusal = self._paho_error = None
         self.broker_max_packet = getattr(properties, "MaximumPacketSize", None) if self._v5 else None
         receive_maximum = getattr(properties, "ReceiveMaximum", None) if self._v5 else None
@@ -375,14 +380,26 @@ class MqttLink:
 
     @_guarded
     def _disconnected(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        if self._up_since is not None:  # once per connection: paho may report a loss twice (packet, socket)
+            self._count_loss(reason)
+        if not self._stop.is_set():
+            detail = f" ({self._paho_error})" if self._paho_error else ""
+            self._fail(self._refusal or f"disconnected from broker: {reason}{detail}")
+            self._refusal = self._paho_error = None
+        self._mark(False)
+
+    def _count_loss(self, reason: Any) -> None:
+        """Why and how soon an accepted connection was lost: takeovers, flaps, cuts for a message."""
+        assert self._up_since is not None
         self.last_disconnect_code = getattr(reason, "value", None)
+        self.last_cut_short = time.monotonic() - self._up_since < FLAP_S
+        self._up_since = None
         taken_over = self._v5 and self.last_disconnect_code == SESSION_TAKEN_OVER
         # Some brokers (Mosquitto 2.0.11) close the old connection without saying why: a connection
-        # accepted and then cut within seconds, again and again, is most likely the same thing.
-        cut_short = self._up_since is not None and time.monotonic() - self._up_since < FLAP_S \
-            and self.last_disconnect_code not in CUT_FOR_A_MESSAGE  # those the outbox explains and settles
-        self._up_since = None
-        self._flaps = self._flaps + 1 if cut_short and not self._stop.is_set() else 0
+        # accepted and then cut within seconds, again and again, with nothing of ours in flight (a
+        # message the broker will not take is the outbox's to settle), is most likely the same thing.
+        flap = self.last_cut_short and not self._unacked and self.last_disconnect_code not in CUT_FOR_A_MESSAGE
+        self._flaps = self._flaps + 1 if flap and not self._stop.is_set() else 0
         self._taken_over = self._taken_over + 1 if taken_over or self._flaps >= FLAPS else 0
         if taken_over or self._flaps == FLAPS:
             self.stats.taken_over += 1
@@ -392,11 +409,6 @@ class MqttLink:
             log.error(why + ": is a second agent running with this vehicle's config? reconnecting in %.0f s or "
                       "more", self.client_id, TAKEOVER_BACKOFF_S,
                       extra={"broker": self.config.broker, "takeovers": self._taken_over})
-        if not self._stop.is_set():
-            detail = f" ({self._paho_error})" if self._paho_error else ""
-            self._fail(self._refusal or f"disconnected from broker: {reason}{detail}")
-            self._refusal = self._paho_error = None
-        self._mark(False)
 
     def _paho_log(self, client: mqtt.Client, userdata: Any, level: int, text: str) -> None:
         if level == mqtt.MQTT_LOG_ERR:
@@ -418,4 +430,5 @@ class MqttLink:
     @_guarded
     def _published(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
         """PUBACK: the reason code (MQTT 5; 0 for 3.1.1) says whether the broker took the message."""
+        self._unacked.discard(mid)
         self._on_published(mid, int(getattr(reason, "value", 0) or 0))

@@ -113,15 +113,17 @@ class Outbox:
         self._acked.put((mid, code))
         self._wake.set()
 
-    def connection(self, up: bool, reason: int | None = None) -> None:
-        """The link went up or down (MQTT loop thread). A connection the broker cut for a protocol
-        error or an oversize packet before any PUBACK while the same message led the queue, STRIKES
-        times in a row, marks that message as one the broker will not take (e.g. larger than a
-        `message_size_limit` it does not announce): it is set aside instead of resent for ever."""
+    def connection(self, up: bool, reason: int | None = None, short: bool = False) -> None:
+        """The link went up or down (MQTT loop thread). A connection the broker cut (for a protocol
+        error or an oversize packet, or within seconds of accepting it) before any PUBACK while the same
+        message led the queue, STRIKES times in a row, marks that message as one the broker will not
+        take (e.g. larger than a `message_size_limit` it does not announce): it is set aside instead of
+        resent for ever. (When the cut comes while the packet is still being written, the broker's
+        reason code never arrives: hence the short-lived connection as the other sign.)"""
         with self._lock:
             if up:
                 self._acks_this_connection = 0
-            elif reason not in CUT_FOR_A_MESSAGE:
+            elif reason not in CUT_FOR_A_MESSAGE and not short:
                 self._strikes = (0, 0)
             elif self._by_mid and self._acks_this_connection == 0:
                 head = min(self._by_mid.values())

@@ -149,7 +149,7 @@ class Service:
         self.outbox.published(mid, code)
 
     def _on_connection(self, up: bool) -> None:
-        self.outbox.connection(up, self.link.last_disconnect_code)
+        self.outbox.connection(up, self.link.last_disconnect_code, self.link.last_cut_short)
 
     def _on_refused(self, refusal: Refusal) -> None:
         """A message the broker will never take was set aside: counted, and reported as an Event
