@@ -94,14 +94,17 @@ def test_duplicate_of_finished_command_gets_final_again(service, backend, sim):
     assert sim.ecu("engine").server.executed[0x22] == 1
 
 
-def test_duplicate_in_flight_rejected_and_run_once(service, backend, sim):
+def test_duplicate_in_flight_gets_a_non_final_reply_and_runs_once(service, backend, sim):
+    """Revision 1.1: the repeat gets its `accepted` again (not final); the one final is `completed`."""
     sim.ecu("engine").set_faults([fault_from_dict({"service": 0x22, "pending": 10})])
     body = command()
     backend.send(body)
     backend.send(body)
-    backend.wait_for(lambda s: b"duplicate_in_flight" in s.payload, 10)
-    assert backend.final(body["id"])["status"] in ("rejected", "completed")
-    backend.wait_for(lambda s: s.topic == backend.topics.responses(body["id"]) and b'"completed"' in s.payload, 10)
+    again = backend.wait_for(lambda s: s.topic == backend.topics.responses(body["id"]) and b'"duplicate"' in s.payload,
+                             10)[0].json()
+    assert again["status"] == "accepted" and again["final"] is False and again["seq"] == 1
+    assert backend.final(body["id"])["status"] == "completed"
+    assert [r["status"] for r in backend.replies(body["id"]) if r["final"]] == ["completed"]
     assert sim.ecu("engine").server.executed[0x22] == 1
 
 

@@ -280,9 +280,10 @@ class Intake:
             log.info("duplicate of a finished command: final response sent again",
                      extra=command_fields(command_id, body.get("component"), body.get("command")))
             return
-        batch.publish(self._out(reply_topic, in_flight_duplicate(command_id, body, item.received_at),
+        received_at = existing.received_at if existing is not None else item.received_at
+        batch.publish(self._out(reply_topic, in_flight_duplicate(command_id, body, received_at),
                                 item.correlation, command_id))
-        log.info("duplicate of a command in flight rejected",
+        log.info("duplicate of a command in flight: its accepted message sent again (not final)",
                  extra=command_fields(command_id, body.get("component"), body.get("command")))
 
     def _reject_invalid(self, item: Incoming, batch: Batch, command_id: str, body: dict[str, Any], reason: str,

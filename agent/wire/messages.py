@@ -56,8 +56,13 @@ def refusal_message(command_id: str, body: dict[str, Any], status: Status, code:
 
 
 def in_flight_duplicate(command_id: str, body: dict[str, Any], received_at: float) -> dict[str, Any]:
-    return refusal_message(command_id, body, Status.REJECTED, ErrorCode.DUPLICATE_IN_FLIGHT,
-                           "a command with this id is still in progress; it runs once", received_at)
+    """The reply to a repeated id still in progress (revision 1.1): its latest non-final message again,
+    `accepted` with `"duplicate": true`. Not final: the one final follows when the command ends (a
+    final refusal here misled a backend that takes the first final as the answer)."""
+    component = body.get("component") if isinstance(body.get("component"), str) else ""
+    command = body.get("command") if isinstance(body.get("command"), str) else ""
+    reply = {**accepted_message(command_id, component, command, received_at), "duplicate": True}
+    return {k: v for k, v in reply.items() if v != "" or k not in ("component", "command")}
 
 
 def status_message(state: str, vehicle: str, components: list[str], since: float) -> dict[str, Any]:
