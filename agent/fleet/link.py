@@ -242,7 +242,8 @@ class MqttLink:
             log.warning("publish refused by the client: %s", mqtt.error_string(info.rc))
             return None
         self.stats.messages_out += 1
-        self._unacked.add(info.mid)
+        if not info.is_published():  # its PUBACK may already have come on the loop thread
+            self._unacked.add(info.mid)
         return info.mid
 
     def payload_limit(self, topic: str, correlation: bytes | None = None) -> int | None:
@@ -363,6 +364,8 @@ class MqttLink:
         self._generation += 1
         self._up_since = time.monotonic()
         self.last_disconnect_code, self.last_cut_short = None, False
+        with client._out_message_mutex:  # what paho still holds (and resends now) is what is in flight
+            self._unacked &= set(client._out_messages)
         self.last_error = self._refusal = self._paho_error = None
         self.broker_max_packet = getattr(properties, "MaximumPacketSize", None) if self._v5 else None
         receive_maximum = getattr(properties, "ReceiveMaximum", None) if self._v5 else None
