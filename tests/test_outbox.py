@@ -126,3 +126,19 @@ def test_a_message_that_cannot_be_split_is_set_aside_as_too_large(tmp_path):
     assert refused[0].reason == "packet_too_large" and not link.handed
     assert store.outbox_stats()[0] == 0 and len(store.refused_messages()) == 1
     store.close()
+
+
+def test_refused_messages_are_bounded_oldest_forgotten_and_counted(tmp_path):
+    from agent.store.sqlite import REFUSED_KEEP
+
+    store = Store(tmp_path / "agent.db")
+    batch = store.batch()
+    for n in range(REFUSED_KEEP + 5):
+        batch.publish(Outgoing("sovd/V/events", f'{{"n":{n}}}'.encode()))
+    batch.commit()
+    forgotten = sum(store.set_aside(row.n, "not_authorized") for row in store.pending(0, REFUSED_KEEP + 5))
+    kept = store.refused_messages()
+    assert forgotten == 5 and len(kept) == REFUSED_KEEP
+    assert json.loads(kept[0][0].message.payload) == {"n": 5}  # the oldest went first
+    assert store.outbox_stats()[0] == 0
+    store.close()

@@ -225,7 +225,9 @@ class Outbox:
             self._set_aside(row, CONNECTION_DROPPED, None)
 
     def _set_aside(self, row: Pending, reason: str, code: int | None) -> None:
-        self._store.set_aside(row.n, reason)
+        forgotten = self._store.set_aside(row.n, reason)
+        if forgotten:
+            log.warning("refused messages kept for inspection over their bound: forgot the %d oldest", forgotten)
         self.refused[reason] = self.refused.get(reason, 0) + 1
         log.error("the broker will not take this message: set aside, not delivered (%s%s)", reason,
                   f", reason code 0x{code:02X}" if code is not None else "",

@@ -51,7 +51,8 @@ CREATE TABLE IF NOT EXISTS refused (
     reason TEXT NOT NULL
 );
 """
-REFUSED_KEEP = 1000  # messages the broker refused for good, kept for inspection (oldest dropped)
+REFUSED_KEEP = 100  # messages the broker refused for good, kept for inspection (oldest dropped; at most
+# 100 x max_payload_bytes on the card)
 
 
 @dataclass(frozen=True)
