@@ -256,11 +256,14 @@ class MqttLink:
         """Drops an unacknowledged message from paho's session state, so that it is not resent on the next
         connection (one the broker will never take: it would cut every connection that carries it).
         paho has no public call for this; its queue is touched under its own lock."""
-        with self._client._out_message_mutex:
-            self._unacked.discard(mid)
-            message = self._client._out_messages.pop(mid, None)
-            if message is not None and message.qos > 0 and self._client._inflight_messages > 0:
-                self._client._inflight_messages -= 1
+        self._unacked.discard(mid)
+        try:
+            with self._client._out_message_mutex:
+                message = self._client._out_messages.pop(mid, None)
+                if message is not None and message.qos > 0 and self._client._inflight_messages > 0:
+                    self._client._inflight_messages -= 1
+        except AttributeError as err:  # a paho without these internals: it will resend; the outbox copes
+            log.error("cannot drop a message from paho's session state (%s); it may be resent", err)
 
     def ack(self, mid: int, qos: int, generation: int | None = None) -> None:
         """PUBACK for a command, sent only once it is recorded durably. A PUBACK held across a reconnect
@@ -364,8 +367,10 @@ class MqttLink:
         self._generation += 1
         self._up_since = time.monotonic()
         self.last_disconnect_code, self.last_cut_short = None, False
-        with client._out_message_mutex:  # what paho still holds (and resends now) is what is in flight
-            self._unacked &= set(client._out_messages)
+        mutex, held = getattr(client, "_out_message_mutex", None), getattr(client, "_out_messages", None)
+        if mutex is not None and held is not None:  # what paho still holds (and resends now) is in flight
+            with mutex:
+                self._unacked &= set(held)
         self.last_error = self._refusal = self._paho_error = None
         self.broker_max_packet = getattr(properties, "MaximumPacketSize", None) if self._v5 else None
         receive_maximum = getattr(properties, "ReceiveMaximum", None) if self._v5 else None
