@@ -142,3 +142,25 @@ def test_refused_messages_are_bounded_oldest_forgotten_and_counted(tmp_path):
     assert json.loads(kept[0][0].message.payload) == {"n": 5}  # the oldest went first
     assert store.outbox_stats()[0] == 0
     store.close()
+
+
+def test_never_more_in_flight_than_the_broker_receive_maximum(tmp_path):
+    """CONNACK said Receive Maximum 3: at most 2 of ours in flight (one place stays for the status)."""
+    link = Link()
+    store = Store(tmp_path / "agent.db")
+    outbox = Outbox(store, StoreConfig(), link.publish, connected=lambda: True, window=lambda: 3)
+    link.outbox = outbox
+    batch = store.batch()
+    for n in range(10):
+        batch.publish(Outgoing("sovd/V/events", f'{{"n":{n}}}'.encode()))
+    batch.commit()
+    outbox.start()
+    try:
+        assert wait_until(lambda: len(link.handed) == 2, 5)
+        outbox.wake()
+        assert not wait_until(lambda: len(link.handed) > 2, 0.3)  # nothing more without a PUBACK
+        link.answer(0x00)
+        assert wait_until(lambda: len(link.handed) == 4, 5)
+    finally:
+        outbox.stop()
+        store.close()
