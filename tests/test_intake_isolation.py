@@ -245,22 +245,36 @@ def test_a_full_store_refuses_storage_unavailable_and_intake_resumes(service, ba
     assert service.health() == [] and service.registry.get_sample_value("sovd_store_available", {}) == 1
 
 
-def test_transient_busy_is_not_remembered(service, backend, sim):
-    from agent.devtools.sim.config import fault_from_dict
+def test_transient_busy_is_not_remembered(mqtt_vehicle, backend, sim):
+    """With no room to keep commands waiting (max_waiting_commands 0: no held PUBACKs), a full queue
+    answers `busy`, and a busy id is not remembered: the same id sent again runs."""
+    import dataclasses
 
-    # Slow enough that a burst of 8 fills the queue, but under the ECU's 150 ms P2: at P2 exactly, a late
-    # answer left the simulator waiting a second for a flow control, and the resend below timed out.
-    sim.ecu("engine").set_faults([fault_from_dict({"service": 0x22, "delay_ms": 60})])
-    bodies = [valid() for _ in range(8)]
-    backend.send_all([payload for _, payload in bodies])
-    finals = {command_id: backend.final(command_id, timeout=15) for command_id, _ in bodies}
-    refused = [command_id for command_id, final in finals.items() if final["status"] == "rejected"]
-    assert refused and all(finals[c]["error"]["code"] == "busy" for c in refused)
-    assert all(service.store.get(c) is None for c in refused)
-    sim.ecu("engine").set_faults([])
-    again = dict(bodies)[refused[0]]
-    backend.send_all([again])
-    backend.wait_for(lambda s: s.topic == backend.topics.responses(refused[0]) and b'"completed"' in s.payload, 10)
+    from agent.devtools.sim.config import fault_from_dict
+    from agent.system.service import Service
+
+    config = dataclasses.replace(mqtt_vehicle, mqtt=dataclasses.replace(mqtt_vehicle.mqtt, receive_maximum=1,
+                                                                        max_waiting_commands=0))
+    svc = Service(config)
+    svc.start()
+    try:
+        backend.wait_status("online", 10)
+        # Slow enough that a burst of 8 fills the queue, but under the ECU's 150 ms P2: at P2 exactly, a
+        # late answer left the simulator waiting a second for a flow control, and the resend timed out.
+        sim.ecu("engine").set_faults([fault_from_dict({"service": 0x22, "delay_ms": 60})])
+        bodies = [valid() for _ in range(8)]
+        backend.send_all([payload for _, payload in bodies])
+        finals = {command_id: backend.final(command_id, timeout=15) for command_id, _ in bodies}
+        refused = [command_id for command_id, final in finals.items() if final["status"] == "rejected"]
+        assert refused and all(finals[c]["error"]["code"] == "busy" for c in refused)
+        assert all(svc.store.get(c) is None for c in refused)
+        sim.ecu("engine").set_faults([])
+        again = dict(bodies)[refused[0]]
+        backend.send_all([again])
+        backend.wait_for(lambda s: s.topic == backend.topics.responses(refused[0]) and b'"completed"' in s.payload,
+                         10)
+    finally:
+        svc.stop()
 
 
 @pytest.fixture

@@ -18,16 +18,18 @@ from agent.system.logs import setup_logging
 EXIT_OK = 0
 EXIT_NOT_COMPLETED = 1  # the command ran (or was refused) but did not complete
 EXIT_USAGE = 2  # bad arguments or an invalid command
-EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE: the CAN bus could not be opened
+EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE: the CAN bus or the metrics port could not be opened
 EXIT_SOFTWARE = 70  # EX_SOFTWARE: internal error
+EXIT_TEMPFAIL = 75  # EX_TEMPFAIL: another agent holds the state directory (run) / no answer in time (call)
 EXIT_CONFIG = 78  # EX_CONFIG: the configuration file is invalid
 
 EXIT_CODES = """exit codes:
   0   success (for uds: the command completed)
   1   the command did not complete (failed, timeout, rejected, expired)
   2   usage error or invalid command parameters
-  69  the CAN bus could not be opened
+  69  the CAN bus could not be opened (run: the metrics port is in use)
   70  internal error
+  75  run: another agent holds the state directory; call: no final response in time
   78  invalid configuration (every problem is listed with its path)"""
 
 log = logging.getLogger("agent.cli")

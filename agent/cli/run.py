@@ -13,6 +13,7 @@ from typing import Any
 from agent import __version__
 from agent.cli.common import (
     EXIT_CONFIG,
+    EXIT_TEMPFAIL,
     EXIT_UNAVAILABLE,
     add_logging_flags,
     add_subcommand,
@@ -21,6 +22,7 @@ from agent.cli.common import (
     load_or_report,
     stop_on_signals,
 )
+from agent.config import AgentConfig
 from agent.config.parse import host_port
 from agent.config.reader import InvalidValueError
 from agent.devtools.sim.simulator import simulators_for
@@ -29,6 +31,7 @@ from agent.metrics.server import MetricsServerError
 from agent.store.sqlite import StoreError
 from agent.system.daemon import run_until_stopped
 from agent.system.service import Service
+from agent.system.statelock import StateLock, StateLockedError
 
 log = logging.getLogger("agent.run")
 EXIT_CANTCREAT = 73
@@ -73,6 +76,22 @@ def handle(args: argparse.Namespace) -> int:
     except OSError as err:
         log.error("cannot use state directory: %s", err, extra={"state_dir": str(config.state_dir)})
         return EXIT_CANTCREAT
+    lock = StateLock(config.state_dir)
+    try:
+        lock.acquire()
+    except StateLockedError as err:
+        log.error("%s", err, extra={"state_dir": str(config.state_dir), "holder_pid": err.holder})
+        return EXIT_TEMPFAIL
+    except OSError as err:
+        log.error("cannot lock the state directory: %s", err, extra={"state_dir": str(config.state_dir)})
+        return EXIT_CANTCREAT
+    try:
+        return _run(args, config)
+    finally:
+        lock.release()
+
+
+def _run(args: argparse.Namespace, config: AgentConfig) -> int:
     stop = stop_on_signals()
     try:
         service = Service(config, companions=simulators_for(config, journal=args.sim_journal))
@@ -84,9 +103,8 @@ def handle(args: argparse.Namespace) -> int:
         return EXIT_CANTCREAT
     try:
         started = service.start(wait=1.0)
-    except MetricsServerError as err:
-        log.error("%s", err)
-        service.stop(0)
+    except MetricsServerError as err:  # nothing else was started: one line, no traceback
+        log.error("%s (is another agent or exporter using it? set metrics.listen_port)", err)
         return EXIT_UNAVAILABLE
     log.info("sovd-edge %s starting", __version__, extra={"vehicle": config.vehicle, "config": args.config,
                                                            "broker": config.mqtt.broker})

@@ -165,7 +165,14 @@ def _mqtt(node: Node | None, base: Path) -> m.MqttConfig:
         send_accepted=node.get("send_accepted", boolean, True),
         max_payload_bytes=node.get("max_payload_bytes", integer(1024, 256 * 1024 * 1024), 256 * 1024),
         invalid_events_per_minute=node.get("invalid_events_per_minute", integer(0, 10_000), 10),
+        receive_maximum=node.get("receive_maximum", integer(1, 65535), m.MqttConfig.receive_maximum),
+        max_waiting_commands=node.get("max_waiting_commands", integer(0, 1_000_000),
+                                      m.MqttConfig.max_waiting_commands),
     )
+    if config.receive_maximum > max(1, config.max_waiting_commands):
+        node.problems.add(join(node.path, "receive_maximum"),
+                          f"must not exceed max_waiting_commands ({config.max_waiting_commands}): the agent "
+                          "announces only what it can hold without refusing `busy`")
     if config.password_file and config.password_credential:
         node.problems.add(join(node.path, "password_credential"), "give password_file or password_credential, not both")
     node.finish()

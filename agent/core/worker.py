@@ -114,7 +114,8 @@ class ComponentWorker:
 
     def _execute(self, command: Command) -> None:
         now = self._clock()
-        if command.expires_at is not None and now > command.expires_at:
+        if (command.expires_at is not None and now > command.expires_at) or (
+                command.deadline is not None and time.monotonic() > command.deadline):
             self._emit(command, Outcome.failure(Status.EXPIRED, ErrorCode.EXPIRED,
                                                 "not started before expires_at"), None)
             return

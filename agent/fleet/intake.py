@@ -22,7 +22,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from agent.clock import Clock
 from agent.config.model import AgentConfig
+from agent.fleet.flow import Parking
 from agent.fleet.link import Incoming
 from agent.fleet.topics import Topics, is_publishable
 from agent.policy.admission import Admission, allows
@@ -36,6 +38,7 @@ from agent.wire.parse import InvalidCommandError, UnknownComponentError, parse_b
 log = logging.getLogger(__name__)
 
 GROUP_MAX = 64
+_ROOM = object()  # put on the queue when a component's queue has room again
 
 
 @dataclasses.dataclass
@@ -62,6 +65,7 @@ class Decision:
     messages: list[Outgoing] = dataclasses.field(default_factory=list)  # what it publishes
     finals: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     run: tuple[Command, Entry] | None = None
+    parked: bool = False  # waits for room in its component's queue, its PUBACK held (fleet/flow.py)
 
     def remember(self, entry: Entry) -> None:
         self.batch.add_command(entry)
@@ -75,13 +79,13 @@ class Decision:
 class Intake:
     """Owns the intake thread. `submit(command, entry)` hands accepted commands to execution."""
 
-    def __init__(self, config: AgentConfig, store: Store, topics: Topics, ack: Callable[[int, int], None],
+    def __init__(self, config: AgentConfig, store: Store, topics: Topics, ack: Callable[..., None],
                  submit: Callable[[Command, Entry], None], wake_outbox: Callable[[], None],
                  check: Callable[[Command, int], Admission],
                  on_final: Callable[[dict[str, Any]], None] | None = None,
                  on_rejected: Callable[[str], None] | None = None,
                  publish_now: Callable[[Outgoing], int | None] | None = None,
-                 on_error: Callable[[str], None] | None = None) -> None:
+                 on_error: Callable[[str], None] | None = None, clock: Clock | None = None) -> None:
         self._config = config
         self._store = store
         self._topics = topics
@@ -93,7 +97,10 @@ class Intake:
         self._publish_now = publish_now or (lambda message: None)  # around the outbox, when the store fails
         self._on_error = on_error or (lambda stage: None)
         self._wake_outbox = wake_outbox
-        self._queue: queue.Queue[Incoming | None] = queue.Queue()
+        self._clock = clock or Clock()
+        self.parking = Parking(config.mqtt.max_waiting_commands)
+        self._hold: set[int] = set()  # id() of this group's messages whose PUBACK waits for room
+        self._queue: queue.Queue[Incoming | object | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._event_times: list[float] = []
         self._promised: dict[str, int] = {}  # per component: accepted in the group being processed
@@ -104,6 +111,19 @@ class Intake:
     def put(self, incoming: Incoming) -> None:
         """Called on the MQTT loop thread: just hands over."""
         self._queue.put(incoming)
+
+    def resume(self, recovered: list[tuple[Command, Entry]]) -> None:
+        """Commands left `queued` by the last run, oldest first: they wait like any other and go first.
+        Call before `start`; the intake thread hands them to their components as room allows."""
+        for command, entry in recovered:
+            self.parking.park(None, command, entry)
+        if recovered:
+            self._queue.put(_ROOM)
+
+    def room(self) -> None:
+        """A component's queue has room again (a command started): waiting commands may move on."""
+        if len(self.parking):
+            self._queue.put(_ROOM)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="intake", daemon=True)
@@ -127,6 +147,9 @@ class Intake:
                 continue
             if first is None:
                 return
+            if first is _ROOM:
+                self._release()
+                continue
             group = [first]
             while len(group) < GROUP_MAX:
                 try:
@@ -136,7 +159,8 @@ class Intake:
                 if item is None:
                     self._queue.put(None)
                     break
-                group.append(item)
+                if item is not _ROOM:
+                    group.append(item)
             try:
                 self._process(group)
             except Exception:  # each step below catches per message; this is the last line of defence
@@ -146,16 +170,25 @@ class Intake:
     # ---- a group: decide each, record all, acknowledge each, then run ---------------------------
     def _process(self, group: list[Incoming]) -> None:
         self._promised, self._seen = {}, {}
+        self._hold = set()
         decisions = []
         for item in group:
             self.stats.received += 1
             decisions.append(self._decide_safely(item))
         self._record(decisions)
         for decision in decisions:
-            self._acknowledge(decision.item)
+            if id(decision.item) not in self._hold:  # a waiting command's PUBACK is sent when it is queued
+                self._acknowledge(decision.item)
         self._wake_outbox()
         for decision in decisions:
             self._settle(decision)
+        self._release()
+
+    def _release(self) -> None:
+        """Waiting commands whose component has room are queued now, and their PUBACKs sent."""
+        if len(self.parking):
+            self.parking.release(self._check, self._submit,
+                                 lambda item: self._ack(item.mid, item.qos, item.generation))
 
     def _decide_safely(self, item: Incoming) -> Decision:
         decision = Decision(item, self._store.batch())
@@ -185,9 +218,18 @@ class Intake:
             try:
                 self._store.commit_group([decision.batch])
             except StoreError as err:
+                self._unpark(decision)
                 decisions[i] = self._unrecordable(decision, err) if err.unavailable else self._unrecorded(decision)
             except Exception:
+                self._unpark(decision)
                 decisions[i] = self._unrecorded(decision)
+
+    def _unpark(self, decision: Decision) -> None:
+        """A waiting command whose ledger row could not be written does not wait: its message is answered."""
+        if decision.parked and decision.command_id is not None:
+            self.parking.forget(decision.command_id)
+            self._hold.discard(id(decision.item))
+            decision.parked = False
 
     def _acknowledge(self, item: Incoming) -> None:
         try:
@@ -263,6 +305,9 @@ class Intake:
     # ---- one message ---------------------------------------------------------------------------
     def _decide(self, d: Decision) -> None:
         item = d.item
+        if item.retain:  # redelivered on every subscribe: it would run again once its id is forgotten
+            self._invalid_event(d, "retained", "a retained message on the command topic is never executed")
+            return
         body = decode.decode_command(item.payload)
         if isinstance(body, decode.Undecodable):
             if body.command_id is None:
@@ -281,6 +326,7 @@ class Intake:
             return
         try:
             envelope = parse_envelope(body, self._config)
+            self._check_reply_topics(item, body)
         except InvalidCommandError as err:
             self._reject_invalid(d, str(err), err.problems[0][0] if err.problems else "")
             return
@@ -295,40 +341,81 @@ class Intake:
         except InvalidCommandError as err:
             self._reject_invalid(d, str(err), err.problems[0][0] if err.problems else "")
             return
+        if command.expires_at is not None and not self._clock.synchronized():
+            # `expires_at` cannot be judged on a clock not known to be right (e.g. 1970 after a boot
+            # without RTC): transient, so the same id can be sent again once the clock is set.
+            self._refuse(d, Status.REJECTED, ErrorCode.CLOCK_UNSYNCHRONIZED,
+                         "the device clock is not synchronized, so expires_at cannot be judged; "
+                         "send it again later or use the MQTT 5 Message Expiry Interval")
+            return
         admission = self._check(command, self._promised.get(command.component, 0))
+        waits = admission is Admission.BUSY or (admission is Admission.QUEUED and self.parking.holds(command.component))
+        if waits and item.qos > 0 and self.parking.has_room():
+            admission = Admission.QUEUED  # recorded now, queued when its component has room
+        else:
+            waits = False
         if admission is not Admission.QUEUED:  # refused before it was ever queued: no `accepted`
             self._refusal(d, admission, command.component, command.command)
             return
-        self._accept(d, command)
+        self._accept(d, command, waits)
 
     def _identify(self, d: Decision, command_id: str, body: dict[str, Any]) -> None:
         d.command_id, d.body = command_id, body
         d.reply_topic = self._reply_topic(d.item, body, command_id)
 
     def _with_properties(self, command: Command, item: Incoming) -> Command:
-        """The MQTT 5 properties of the message that carried the command: expiry and correlation data."""
+        """The MQTT 5 properties of the message that carried the command: expiry and correlation data.
+
+        A Message Expiry Interval is relative: it runs on the monotonic clock in this process (`deadline`);
+        the ledger keeps its wall-clock end for a restart (see `_ledger_expiry`).
+        """
         if item.expiry_interval is not None:
-            expiry = item.received_at + item.expiry_interval
-            command = dataclasses.replace(command, expires_at=min(command.expires_at or expiry, expiry))
+            command = dataclasses.replace(command, deadline=item.received_mono + item.expiry_interval)
         return dataclasses.replace(command, correlation_data=item.correlation)
 
-    def _accept(self, d: Decision, command: Command) -> None:
+    @staticmethod
+    def _ledger_expiry(command: Command, item: Incoming) -> float | None:
+        if item.expiry_interval is None:
+            return command.expires_at
+        expiry = item.received_at + item.expiry_interval
+        return min(command.expires_at or expiry, expiry)
+
+    def _accept(self, d: Decision, command: Command, waits: bool = False) -> None:
+        """Recorded as queued; with `waits`, it waits for room in its component's queue, its PUBACK held."""
         item = d.item
-        self._promised[command.component] = self._promised.get(command.component, 0) + 1
         send_accepted = self._config.mqtt.send_accepted and self._takes_progress(item, d.body, d.reply_topic)
         entry = Entry(command.id, "queued", d.body, d.reply_topic, item.correlation, item.received_at,
-                      command.expires_at, 1 if send_accepted else 0, None)
+                      self._ledger_expiry(command, item), 1 if send_accepted else 0, None)
         d.remember(entry)
         if send_accepted:
             d.publish(self._out(d.reply_topic, accepted_message(command.id, command.component, command.command,
                                                                 item.received_at), item.correlation, command.id))
+        if waits:
+            self._hold.add(id(item))
+            self.parking.park(item, command, entry)
+            d.parked = True
+            return
+        self._promised[command.component] = self._promised.get(command.component, 0) + 1
         d.run = (command, entry)
 
     def _reply_topic(self, item: Incoming, body: dict[str, Any], command_id: str) -> str:
         for candidate in (item.response_topic, body.get("reply_to")):
-            if isinstance(candidate, str) and is_publishable(candidate):
+            usable = isinstance(candidate, str) and is_publishable(candidate)
+            if usable and self._topics.reply_problem(candidate) is None:
                 return candidate
         return self._topics.responses(command_id)
+
+    def _check_reply_topics(self, item: Incoming, body: dict[str, Any]) -> None:
+        """A Response Topic or `reply_to` must be a topic one may publish to, and not this vehicle's own."""
+        problems = []
+        for field, candidate in (("response_topic", item.response_topic), ("reply_to", body.get("reply_to"))):
+            if isinstance(candidate, str):
+                problem = "contains a wildcard or NUL" if not is_publishable(candidate) \
+                    else self._topics.reply_problem(candidate)
+                if problem:
+                    problems.append((field, f"{candidate!r} cannot be a reply topic: {problem}"))
+        if problems:
+            raise InvalidCommandError(problems, body.get("id"))
 
     def _takes_progress(self, item: Incoming, body: dict[str, Any], reply_topic: str) -> bool:
         """Whether non-final messages (`accepted`, an in-flight duplicate's reply) go to `reply_topic`.
@@ -359,6 +446,8 @@ class Intake:
         assert command_id is not None
         fields = self._fields(d)
         if item.dup and existing is not None:
+            if existing.state == "queued" and self.parking.rebind(command_id, item):
+                self._hold.add(id(item))  # still waiting for room: its PUBACK is owed on this delivery
             self.stats.redeliveries += 1  # the broker resending what we already recorded
             log.debug("redelivered command %s ignored", command_id, extra=fields)
             return
@@ -413,14 +502,16 @@ class Intake:
         """A final answer decided at intake: published, and remembered (its id and outcome, never its body)."""
         item, command_id = d.item, d.command_id
         assert command_id is not None
+        d.publish(self._out(d.reply_topic, message, item.correlation, command_id))  # marks the clock first
         if remember:
             d.remember(Entry(command_id, "final", {}, d.reply_topic, item.correlation, item.received_at, None,
                              message["seq"], message))
-        d.publish(self._out(d.reply_topic, message, item.correlation, command_id))
         d.finals.append(message)
 
     # ---- invalid messages, counting ------------------------------------------------------------
     def _out(self, topic: str, message: dict[str, Any], correlation: bytes | None, command_id: str) -> Outgoing:
+        if not message.get("duplicate"):  # a repeat keeps the mark of the time it was made
+            message.update(m.clock_mark(self._clock.synchronized()))
         return Outgoing(topic, m.encode(message), correlation, command_id)
 
     def _count_invalid(self, reason: str) -> None:
@@ -445,8 +536,8 @@ class Intake:
             self.stats.events_suppressed += 1
             return
         self._event_times.append(now)
-        event = m.event_message("invalid_message", time.time(), reason=reason, detail=clip(detail),
-                                bytes=len(d.item.payload))
+        event = m.event_message("invalid_message", self._clock.wall(), reason=reason, detail=clip(detail),
+                                bytes=len(d.item.payload), **m.clock_mark(self._clock.synchronized()))
         d.publish(Outgoing(self._topics.events, m.encode(event)))
 
     @staticmethod

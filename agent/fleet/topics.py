@@ -31,6 +31,16 @@ class Topics:
     def responses(self, command_id: str) -> str:
         return f"{self.base}/responses/{command_id}"
 
+    def reply_problem(self, topic: str) -> str | None:
+        """Why `topic` may not be a reply topic (one of this vehicle's own topics), or None."""
+        own = (self.commands, self.status, self.events, f"{self.base}/telemetry")
+        if topic in own:
+            return f"it is this vehicle's own {topic.rsplit('/', 1)[1]} topic"
+        for folder in ("plans", "state"):
+            if topic == f"{self.base}/{folder}" or topic.startswith(f"{self.base}/{folder}/"):
+                return f"it is under this vehicle's own {folder} topics"
+        return None
+
 
 def is_publishable(topic: str) -> bool:
     """A topic one may publish to: non-empty, no wildcards, nothing a broker refuses as malformed (a

@@ -86,6 +86,9 @@ class AgentMetrics:
         self.rejected = Counter("sovd_rejected_messages",
                                 "Command messages refused before execution, by reason.", ["reason"],
                                 registry=registry)
+        self.publish_refused = Counter("sovd_publish_refused",
+                                       "Messages the broker refused for good (PUBACK reason code), set aside.",
+                                       ["reason"], registry=registry)
         self.reachable = Gauge("sovd_ecu_reachable", "1 if the component answered its last request or probe.",
                                ["component"], registry=registry)
         self.store_errors = Counter("sovd_store_errors", "Failed operations on the durable store (SQLite).",

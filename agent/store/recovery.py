@@ -54,7 +54,7 @@ def open_store(path: Path, on_error: Callable[[StoreError], None] | None = None,
     store: Store | None = None
     if problem is None:
         try:
-            store = Store(path, on_error)
+            store = Store(path, on_error, now)
         except StoreError as err:
             if not is_damage(err):
                 raise  # cannot open, read-only, locked, I/O: the files may be sound; never move them
@@ -78,7 +78,7 @@ def open_store(path: Path, on_error: Callable[[StoreError], None] | None = None,
         recovery = Recovery(reason, detail, moved)
         log.error("store %s: moved aside and replaced by an empty one: %s", reason, detail,
                   extra={"store": str(path), "moved_to": list(moved)})
-        store = Store(path, on_error)
+        store = Store(path, on_error, now)
     assert store is not None
     _write_marker(path, now())
     return store, recovery

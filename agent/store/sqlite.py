@@ -50,7 +50,18 @@ CREATE TABLE IF NOT EXISTS outbox (
     correlation BLOB,
     created_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS refused (
+    n INTEGER PRIMARY KEY,
+    command_id TEXT,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    correlation BLOB,
+    created_at REAL NOT NULL,
+    reason TEXT NOT NULL
+);
 """
+REFUSED_KEEP = 100  # messages the broker refused for good, kept for inspection (oldest dropped; at most
+# 100 x max_payload_bytes on the card)
 
 # SQLite primary result codes that mean the storage is the trouble, not the data written:
 # BUSY, LOCKED, NOMEM, READONLY, IOERR, CORRUPT, FULL, CANTOPEN, PROTOCOL, NOTADB.
@@ -126,11 +137,17 @@ class Pending:
 
 
 class Store:
-    """One SQLite connection shared by the agent's threads behind a lock; short transactions only."""
+    """One SQLite connection shared by the agent's threads behind a lock; short transactions only.
 
-    def __init__(self, path: Path, on_error: Callable[[StoreError], None] | None = None) -> None:
+    `now` stamps rows (`updated_at`, `created_at`) and is what retention and outbox age are measured
+    in: the service passes agent time, which no wall-clock step moves (agent/clock.py).
+    """
+
+    def __init__(self, path: Path, on_error: Callable[[StoreError], None] | None = None,
+                 now: Callable[[], float] = time.time) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        self.now = now
         self._on_error = on_error or (lambda error: None)
         self._lock = threading.Lock()
         self._deferred: list[Statements] = []
@@ -332,6 +349,32 @@ class Store:
 
         return self._transaction("maintain", work)
 
+    def set_aside(self, n: int, reason: str) -> int:
+        """Moves an outbox message the broker will never take into `refused` (never deleted as delivered);
+        returns how many older refused messages were dropped to keep REFUSED_KEEP."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("INSERT OR REPLACE INTO refused SELECT n, command_id, topic, payload, correlation, "
+                                 "created_at, ? FROM outbox WHERE n = ?", (reason, n))
+                self._db.execute("DELETE FROM outbox WHERE n = ?", (n,))
+                dropped = self._db.execute(
+                    "DELETE FROM refused WHERE n IN (SELECT n FROM refused ORDER BY n DESC LIMIT -1 OFFSET ?)",
+                    (REFUSED_KEEP,)).rowcount
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        return dropped
+
+    def refused_messages(self) -> list[tuple[Pending, str]]:
+        """What was set aside, oldest first, with the reason."""
+        with self._lock:
+            rows = self._db.execute("SELECT n, command_id, topic, payload, correlation, created_at, reason "
+                                    "FROM refused ORDER BY n").fetchall()
+        return [(Pending(n, Outgoing(topic, bytes(payload), correlation, cid), created), reason)
+                for n, cid, topic, payload, correlation, created, reason in rows]
+
     def prune_ledger(self, retention_s: float, now: float) -> int:
         """Forgets final commands older than the retention time; returns how many."""
         return self._transaction("maintain", lambda db: db.execute(
@@ -351,7 +394,7 @@ class Batch:
             "final_message, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (entry.id, entry.state, json.dumps(entry.body), entry.reply_topic, entry.correlation,
              entry.received_at, entry.expires_at, entry.seq,
-             json.dumps(entry.final_message) if entry.final_message else None, time.time())))
+             json.dumps(entry.final_message) if entry.final_message else None, self._store.now())))
 
     def set_state(self, command_id: str, state: str, seq: int | None = None,
                   final_message: dict[str, Any] | None = None) -> None:
@@ -359,7 +402,7 @@ class Batch:
         self.statements.append((
             "UPDATE ledger SET state = ?, seq = COALESCE(?, seq), final_message = COALESCE(?, final_message), "
             "body = CASE WHEN ? = 'final' THEN '{}' ELSE body END, updated_at = ? WHERE id = ?",
-            (state, seq, json.dumps(final_message) if final_message else None, state, time.time(), command_id)))
+            (state, seq, json.dumps(final_message) if final_message else None, state, self._store.now(), command_id)))
 
     def forget(self, command_id: str) -> None:
         """Removes a command from the ledger: its refusal was transient, the same id may come again."""
@@ -368,7 +411,7 @@ class Batch:
     def publish(self, message: Outgoing) -> None:
         self.statements.append((
             "INSERT INTO outbox (command_id, topic, payload, correlation, created_at) VALUES (?, ?, ?, ?, ?)",
-            (message.command_id, message.topic, message.payload, message.correlation, time.time())))
+            (message.command_id, message.topic, message.payload, message.correlation, self._store.now())))
 
     def commit(self, defer: bool = False) -> None:
         """Commits the statements. With `defer`, a write the storage cannot take now is kept in memory

@@ -60,6 +60,7 @@ class ErrorCode(enum.StrEnum):
     TIMEOUT = "timeout"
     EXPIRED = "expired"
     INTERRUPTED = "interrupted"
+    CLOCK_UNSYNCHRONIZED = "clock_unsynchronized"
 
     @property
     def transient(self) -> bool:
@@ -68,7 +69,7 @@ class ErrorCode(enum.StrEnum):
         return self in TRANSIENT_CODES
 
 
-TRANSIENT_CODES = frozenset({ErrorCode.BUSY, ErrorCode.STORAGE_UNAVAILABLE})
+TRANSIENT_CODES = frozenset({ErrorCode.BUSY, ErrorCode.STORAGE_UNAVAILABLE, ErrorCode.CLOCK_UNSYNCHRONIZED})
 
 
 # ---- per-command parameters (validated, resolved against the component's config) -----------------
@@ -154,6 +155,7 @@ class Command:
     reply_to: str | None = None
     correlation_data: bytes | None = None
     progress: bool = False  # non-final messages also to a Response Topic / `reply_to` (protocol 1.1)
+    deadline: float | None = None  # time.monotonic() instant from an MQTT 5 Message Expiry (in-process only)
 
 
 @dataclass(frozen=True)

@@ -61,9 +61,12 @@ def refusal_message(command_id: str, body: dict[str, Any], status: Status, code:
 
 def in_flight_duplicate(command_id: str, body: dict[str, Any], received_at: float) -> dict[str, Any]:
     """The reply to a repeated id still in progress (protocol 1.1): its latest non-final message again,
-    `accepted` (nothing else non-final is sent before a command ends), with `"duplicate": true`."""
+    `accepted` (nothing else non-final is sent before a command ends), with `"duplicate": true`. Not final:
+    the one final follows when the command ends (a final refusal here misled a backend that takes the
+    first final as the answer)."""
     component, command = _short_text(body.get("component")), _short_text(body.get("command"))
-    return {**accepted_message(command_id, component, command, received_at), "duplicate": True}
+    reply = {**accepted_message(command_id, component, command, received_at), "duplicate": True}
+    return {k: v for k, v in reply.items() if v != "" or k not in ("component", "command")}
 
 
 def clip(text: str, limit: int = MAX_ERROR_TEXT) -> str:
@@ -84,6 +87,12 @@ def status_message(state: str, vehicle: str, components: list[str], since: float
 
 def event_message(kind: str, at: float, **fields: Any) -> dict[str, Any]:
     return {"type": kind, "at": format_rfc3339(at), **fields}
+
+
+def clock_mark(synchronized: bool) -> dict[str, Any]:
+    """What a message says about its timestamps: nothing while the device clock is synchronized,
+    `"clock": "unsynchronized"` while it is not (they may be far off, e.g. in 1970)."""
+    return {} if synchronized else {"clock": "unsynchronized"}
 
 
 def encode(message: dict[str, Any]) -> bytes:
