@@ -379,8 +379,9 @@ def test_gate_answers_unencodable_unverified_fields_without_raising(auth, tmp_pa
     batch.commit()
     answers = [json.loads(p.message.payload) for p in store.pending(0, 10)]
     assert [a["error"]["reason"] for a in answers] == ["unknown_key", "missing"]
-    assert answers[0]["error"]["key_id"] == "\\ud800x" and answers[0]["component"] == "\\ud800"
-    assert len(answers[1]["command"]) <= 6 * 64 + 1
+    # the inner command holds lone surrogates, so decoding refuses it: nothing of it is echoed
+    assert answers[0]["error"]["key_id"] == "\\ud800x" and "component" not in answers[0]
+    assert "command" not in answers[1]  # an overlong unverified name is not echoed at all
     store.close()
 
 
@@ -401,8 +402,8 @@ def test_gate_leaves_freshness_to_the_clock_rule_while_the_clock_is_not_trusted(
     store = Store(tmp_path / "agent.db")
     far = envelope_of(keys, "backend-1", json.dumps(body(expires=NOW + 86400)).encode())
     trusted = SignatureGate(auth, Topics("sovd", "V1"), lambda reason: None, lambda command_id: False, 10)
-    assert trusted(incoming(b"{}"), far, store.batch()) is None
+    assert trusted(incoming(b"{}"), far, store.batch().publish) is None
     untrusted = SignatureGate(auth, Topics("sovd", "V1"), lambda reason: None, lambda command_id: False, 10,
                               clock_trusted=lambda: False)
-    assert untrusted(incoming(b"{}"), far, store.batch()) == (body(expires=NOW + 86400), "backend-1")
+    assert untrusted(incoming(b"{}"), far, store.batch().publish) == (body(expires=NOW + 86400), "backend-1")
     store.close()

@@ -62,6 +62,13 @@ class ErrorCode(enum.StrEnum):
     EXPIRED = "expired"
     INTERRUPTED = "interrupted"
     UNAUTHENTICATED = "unauthenticated"
+    CLOCK_UNSYNCHRONIZED = "clock_unsynchronized"
+
+    @property
+    def transient(self) -> bool:
+        """A refusal that says "not now" (protocol 1.1): the ledger does not remember it, so the same id
+        sent again later is a fresh attempt."""
+        return self in TRANSIENT_CODES
 
 
 class AuthFailure(enum.StrEnum):
@@ -72,13 +79,6 @@ class AuthFailure(enum.StrEnum):
     BAD_SIGNATURE = "bad_signature"
     EXPIRED = "expired"
     NOT_ALLOWED = "not_allowed"
-    CLOCK_UNSYNCHRONIZED = "clock_unsynchronized"
-
-    @property
-    def transient(self) -> bool:
-        """A refusal that says "not now" (protocol 1.1): the ledger does not remember it, so the same id
-        sent again later is a fresh attempt."""
-        return self in TRANSIENT_CODES
 
 
 TRANSIENT_CODES = frozenset({ErrorCode.BUSY, ErrorCode.STORAGE_UNAVAILABLE, ErrorCode.CLOCK_UNSYNCHRONIZED})
