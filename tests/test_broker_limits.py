@@ -3,6 +3,7 @@ Packet Size both ways, PUBACK reason codes (an ACL that denies the response topi
 `message_size_limit` it does not announce, retained commands, reply topics. Real Mosquitto throughout.
 """
 
+import contextlib
 import dataclasses
 import json
 import uuid
@@ -40,6 +41,24 @@ def special_broker(tmp_path):
 
 def on_broker(config, broker):
     return dataclasses.replace(config, mqtt=dataclasses.replace(config.mqtt, broker=broker.url))
+
+
+@contextlib.contextmanager
+def agent_and_backend(special_broker, mqtt_vehicle, extra):
+    """The agent in-process and a backend watching every topic, on a broker with `extra` settings;
+    every message published is validated against the schemas afterwards."""
+    config = on_broker(mqtt_vehicle, special_broker(extra))
+    with Caller(config.mqtt, config.vehicle) as backend:
+        backend.subscribe(f"{backend.topics.base}/#")
+        svc = Service(config)
+        svc.start()
+        try:
+            assert svc.link.wait_connected(10), svc.link.last_error
+            backend.wait_status("online", 10)  # its subscription is in place (SUBSCRIBE goes before the status)
+            yield svc, backend
+        finally:
+            svc.stop()
+        validate_published(backend.seen, backend.topics.base)
 
 
 def test_backlog_queued_while_away_is_drained_not_refused(mqtt_vehicle, sim, backend):
@@ -133,27 +152,16 @@ def test_agent_announces_its_limits_and_a_100_mb_command_never_reaches_it(broker
 
 
 def test_broker_maximum_packet_size_is_honoured_by_chunking(special_broker, mqtt_vehicle, sim):
-    broker = special_broker("max_packet_size 4096\n")
-    config = on_broker(mqtt_vehicle, broker)
-    with Caller(config.mqtt, config.vehicle) as backend:
-        backend.subscribe(f"{backend.topics.base}/#")
-        svc = Service(config)
-        svc.start()
-        try:
-            assert svc.link.wait_connected(10), svc.link.last_error
-            backend.wait_status("online", 10)  # its subscription is in place (SUBSCRIBE goes before the status)
-            assert svc.link.broker_max_packet == 4096
-            body = command(params={"data": "big_block"})
-            backend.send(body)
-            final = backend.final(body["id"], timeout=15)
-            chunks = [r for r in backend.replies(body["id"]) if r["status"] == "running"]
-            assert final["status"] == "completed" and final["chunks"] == len(chunks) > 1
-            result = json.loads("".join(c["chunk"]["data"] for c in chunks))
-            assert bytes.fromhex(result["values"]["big_block"]["raw"]) == bytes(i & 0xFF for i in range(4095))
-            assert svc.link.stats.reconnects == 0
-        finally:
-            svc.stop()
-        validate_published(backend.seen, backend.topics.base)
+    with agent_and_backend(special_broker, mqtt_vehicle, "max_packet_size 4096\n") as (svc, backend):
+        assert svc.link.broker_max_packet == 4096
+        body = command(params={"data": "big_block"})
+        backend.send(body)
+        final = backend.final(body["id"], timeout=15)
+        chunks = [r for r in backend.replies(body["id"]) if r["status"] == "running"]
+        assert final["status"] == "completed" and final["chunks"] == len(chunks) > 1
+        result = json.loads("".join(c["chunk"]["data"] for c in chunks))
+        assert bytes.fromhex(result["values"]["big_block"]["raw"]) == bytes(i & 0xFF for i in range(4095))
+        assert svc.link.stats.reconnects == 0
 
 
 def test_puback_not_authorized_is_set_aside_counted_and_reported(special_broker, tmp_path, mqtt_vehicle, sim,
@@ -161,64 +169,43 @@ def test_puback_not_authorized_is_set_aside_counted_and_reported(special_broker,
     acl = tmp_path / "acl"
     acl.write_text("topic readwrite sovd/+/commands\ntopic readwrite sovd/+/status\n"
                    "topic readwrite sovd/+/events\ntopic read sovd/+/responses/#\n")
-    broker = special_broker(f"acl_file {acl}\n")
-    config = on_broker(mqtt_vehicle, broker)
-    with Caller(config.mqtt, config.vehicle) as backend:
-        backend.subscribe(f"{backend.topics.base}/#")
-        svc = Service(config)
-        svc.start()
-        try:
-            assert svc.link.wait_connected(10), svc.link.last_error
-            backend.wait_status("online", 10)  # its subscription is in place (SUBSCRIBE goes before the status)
-            body = command()
-            backend.send(body)
-            events = backend.wait_for(lambda s: s.topic == backend.topics.events
-                                      and b"publish_refused" in s.payload and body["id"].encode() in s.payload,
-                                      15, count=2)  # accepted and completed, both denied
-            event = events[0].json()
-            assert event["reason"] == "not_authorized" and event["reason_code"] == "0x87"
-            assert event["topic"] == backend.topics.responses(body["id"])
-            refused = svc.store.refused_messages()
-            assert {json.loads(p.message.payload)["status"] for p, _ in refused} == {"accepted", "completed"}
-            assert {reason for _, reason in refused} == {"not_authorized"}
-            assert svc.store.outbox_stats()[0] == 0 or wait_until(lambda: svc.store.outbox_stats()[0] == 0, 5)
-            assert svc.store.get(body["id"]).state == "final"
-            value = svc.registry.get_sample_value("sovd_publish_refused_total", {"reason": "not_authorized"})
-            assert value == 2
-            errors = [r for r in caplog.records if r.levelname == "ERROR" and "set aside" in r.getMessage()]
-            assert len(errors) == 2
-            assert backend.replies(body["id"]) == []
-        finally:
-            svc.stop()
-        validate_published(backend.seen, backend.topics.base)
+    with agent_and_backend(special_broker, mqtt_vehicle, f"acl_file {acl}\n") as (svc, backend):
+        body = command()
+        backend.send(body)
+        events = backend.wait_for(lambda s: s.topic == backend.topics.events
+                                  and b"publish_refused" in s.payload and body["id"].encode() in s.payload,
+                                  15, count=2)  # accepted and completed, both denied
+        event = events[0].json()
+        assert event["reason"] == "not_authorized" and event["reason_code"] == "0x87"
+        assert event["topic"] == backend.topics.responses(body["id"])
+        refused = svc.store.refused_messages()
+        assert {json.loads(p.message.payload)["status"] for p, _ in refused} == {"accepted", "completed"}
+        assert {reason for _, reason in refused} == {"not_authorized"}
+        assert svc.store.outbox_stats()[0] == 0 or wait_until(lambda: svc.store.outbox_stats()[0] == 0, 5)
+        assert svc.store.get(body["id"]).state == "final"
+        value = svc.registry.get_sample_value("sovd_publish_refused_total", {"reason": "not_authorized"})
+        assert value == 2
+        errors = [r for r in caplog.records if r.levelname == "ERROR" and "set aside" in r.getMessage()]
+        assert len(errors) == 2
+        assert backend.replies(body["id"]) == []
 
 
 def test_message_over_an_unannounced_size_limit_does_not_loop_reconnecting(special_broker, mqtt_vehicle, sim):
     """Mosquitto's `message_size_limit` is not announced in CONNACK: the broker cuts the connection on
     the big response. After a few cuts on the same message it is set aside; the link settles."""
-    broker = special_broker("message_size_limit 4096\n")
-    config = on_broker(mqtt_vehicle, broker)
-    with Caller(config.mqtt, config.vehicle) as backend:
-        backend.subscribe(f"{backend.topics.base}/#")
-        svc = Service(config)
-        svc.start()
-        try:
-            assert svc.link.wait_connected(10), svc.link.last_error
-            backend.wait_status("online", 10)  # its subscription is in place (SUBSCRIBE goes before the status)
-            big = command(params={"data": "big_block"})
-            backend.send(big)
-            event = backend.wait_for(lambda s: s.topic == backend.topics.events and b"publish_refused" in s.payload,
-                                     60)[0].json()
-            assert event["reason"] == "connection_dropped" and event["command_id"] == big["id"]
-            reconnects = svc.link.stats.reconnects
-            after = command()
-            backend.send(after)
-            assert backend.final(after["id"], timeout=15)["status"] == "completed"
-            assert svc.link.stats.reconnects == reconnects  # no loop once it is set aside
-            assert svc.link.stats.taken_over == 0  # cuts explained by a message are not taken for a takeover
-            assert svc.store.get(big["id"]).state == "final"
-        finally:
-            svc.stop()
+    with agent_and_backend(special_broker, mqtt_vehicle, "message_size_limit 4096\n") as (svc, backend):
+        big = command(params={"data": "big_block"})
+        backend.send(big)
+        event = backend.wait_for(lambda s: s.topic == backend.topics.events and b"publish_refused" in s.payload,
+                                 60)[0].json()
+        assert event["reason"] == "connection_dropped" and event["command_id"] == big["id"]
+        reconnects = svc.link.stats.reconnects
+        after = command()
+        backend.send(after)
+        assert backend.final(after["id"], timeout=15)["status"] == "completed"
+        assert svc.link.stats.reconnects == reconnects  # no loop once it is set aside
+        assert svc.link.stats.taken_over == 0  # cuts explained by a message are not taken for a takeover
+        assert svc.store.get(big["id"]).state == "final"
 
 
 def test_commands_left_queued_by_a_crash_wait_for_room_after_the_restart(mqtt_vehicle, sim, backend):

@@ -39,20 +39,22 @@ class Link:
             self.outbox.published(mid, code)
 
 
-def pump(tmp_path, link, refused):
+def pump(tmp_path, link, refused, *messages):
+    """A store holding `messages` (committed, as the service writes them) and its outbox, started."""
     store = Store(tmp_path / "agent.db")
     outbox = Outbox(store, StoreConfig(), link.publish, connected=lambda: True, on_refused=refused.append)
     link.outbox = outbox
+    batch = store.batch()
+    for message in messages:
+        batch.publish(message)
+    batch.commit()
+    outbox.start()
     return store, outbox
 
 
 def test_quota_exceeded_is_retried_with_backoff_then_delivered(tmp_path):
     link, refused = Link(), []
-    store, outbox = pump(tmp_path, link, refused)
-    batch = store.batch()
-    batch.publish(Outgoing("sovd/V/responses/a", b'{"id":"a"}', None, "a"))
-    batch.commit()
-    outbox.start()
+    store, outbox = pump(tmp_path, link, refused, Outgoing("sovd/V/responses/a", b'{"id":"a"}', None, "a"))
     try:
         assert wait_until(lambda: len(link.handed) == 1, 5)
         link.answer(0x97)  # quota exceeded: not delivered, still stored
@@ -68,11 +70,7 @@ def test_quota_exceeded_is_retried_with_backoff_then_delivered(tmp_path):
 
 def test_not_authorized_is_set_aside_never_deleted_as_delivered(tmp_path):
     link, refused = Link(), []
-    store, outbox = pump(tmp_path, link, refused)
-    batch = store.batch()
-    batch.publish(Outgoing("sovd/V/responses/a", b'{"id":"a"}', None, "a"))
-    batch.commit()
-    outbox.start()
+    store, outbox = pump(tmp_path, link, refused, Outgoing("sovd/V/responses/a", b'{"id":"a"}', None, "a"))
     try:
         assert wait_until(lambda: len(link.handed) == 1, 5)
         link.answer(0x87)
@@ -89,13 +87,9 @@ def test_not_authorized_is_set_aside_never_deleted_as_delivered(tmp_path):
 def test_a_stored_response_larger_than_the_broker_takes_is_sent_in_chunks(tmp_path):
     """Stored before the broker's limit was known (e.g. while offline): split when it is handed over."""
     link, refused = Link(max_packet=1500), []
-    store, outbox = pump(tmp_path, link, refused)
     final = {"id": "big", "component": "engine", "command": "read_data", "status": "completed", "final": True,
              "seq": 2, "result": {"values": {"blob": {"raw": "ab" * 3000}}}}
-    batch = store.batch()
-    batch.publish(Outgoing("sovd/V/responses/big", m.encode(final), None, "big"))
-    batch.commit()
-    outbox.start()
+    store, outbox = pump(tmp_path, link, refused, Outgoing("sovd/V/responses/big", m.encode(final), None, "big"))
     try:
         assert wait_until(lambda: link.handed and json.loads(link.handed[-1][1].payload).get("final") is True, 5)
         link.answer(0x00)
@@ -114,11 +108,8 @@ def test_a_stored_response_larger_than_the_broker_takes_is_sent_in_chunks(tmp_pa
 
 def test_a_message_that_cannot_be_split_is_set_aside_as_too_large(tmp_path):
     link, refused = Link(max_packet=200), []
-    store, outbox = pump(tmp_path, link, refused)
-    batch = store.batch()
-    batch.publish(Outgoing("sovd/V/events", json.dumps({"type": "x", "pad": "y" * 500}).encode()))
-    batch.commit()
-    outbox.start()
+    unsplittable = Outgoing("sovd/V/events", json.dumps({"type": "x", "pad": "y" * 500}).encode())
+    store, outbox = pump(tmp_path, link, refused, unsplittable)
     try:
         assert wait_until(lambda: len(refused) == 1, 5)
     finally:
