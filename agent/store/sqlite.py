@@ -41,6 +41,13 @@ CREATE TABLE IF NOT EXISTS outbox (
     correlation BLOB,
     created_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS fault_sets (
+    component TEXT NOT NULL,
+    dtc INTEGER NOT NULL,
+    status INTEGER NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (component, dtc)
+);
 """
 
 
@@ -157,6 +164,13 @@ class Store:
             self._db.execute("COMMIT")
         return aged + over
 
+    # ---- fault sets ----------------------------------------------------------------------------
+    def fault_set(self, component: str) -> dict[int, int]:
+        """The last known faults of a component: 24-bit DTC -> status byte (agent/collect/faults.py)."""
+        with self._lock:
+            rows = self._db.execute("SELECT dtc, status FROM fault_sets WHERE component = ?", (component,)).fetchall()
+        return {dtc: status for dtc, status in rows}
+
     def prune_ledger(self, retention_s: float, now: float) -> int:
         """Forgets final commands older than the retention time; returns how many."""
         with self._lock:
@@ -191,6 +205,13 @@ class Batch:
         self._statements.append((
             "INSERT INTO outbox (command_id, topic, payload, correlation, created_at) VALUES (?, ?, ?, ?, ?)",
             (message.command_id, message.topic, message.payload, message.correlation, time.time())))
+
+    def save_fault_set(self, component: str, faults: dict[int, int]) -> None:
+        """Replaces a component's last known faults (DTC -> status byte)."""
+        self._statements.append(("DELETE FROM fault_sets WHERE component = ?", (component,)))
+        now = time.time()
+        self._statements += [("INSERT INTO fault_sets (component, dtc, status, updated_at) VALUES (?, ?, ?, ?)",
+                              (component, dtc, status, now)) for dtc, status in sorted(faults.items())]
 
     def commit(self) -> None:
         if self._statements:
