@@ -146,3 +146,20 @@ def test_the_bound_keeps_known_faults_first(store: Store) -> None:
     events = tracker.observe("engine", reading(*[(0x000100 + (i << 8), 1) for i in range(6)]))
     assert [e["dtc"] for e in events] == ["0x000300"]  # one more fits; three are dropped
     assert tracker.dropped == 3 and set(tracker.known("engine")) == {0x000100, 0x000200, 0x000300}
+
+
+def test_every_kind_of_event_matches_the_asyncapi_schema(store: Store) -> None:
+    from mqtt_support import VALIDATORS
+
+    tracker = FaultTracker(store, texts={"engine": {"P0301": "Cylinder 1 misfire"}})
+    events = tracker.observe("engine", [{**fault_dict(P0301, 0x2F), "snapshots": [{"record": 1, "values": {}}],
+                                         "extended_data": "05"},
+                                        {**fault_dict(P0420, 0x08), "snapshots_error": {"code": "timeout",
+                                                                                        "message": "no answer"}}])
+    events += tracker.observe("engine", reading((P0301, 0x2E)), status_mask=0x01)
+    events += tracker.observe("engine", [])
+    assert {e["change"] for e in events} == {"new", "status", "cleared"}
+    for event in events:
+        assert not list(VALIDATORS["Event"].iter_errors(event)), event
+    broken = {**events[0], "change": "gone"}
+    assert list(VALIDATORS["Event"].iter_errors(broken))  # the schema can fail
