@@ -12,7 +12,9 @@ from prometheus_client import CollectorRegistry, PlatformCollector, ProcessColle
 
 from agent import __version__
 from agent.bus.owner import BusFactory
+from agent.collect.faults import FaultTracker
 from agent.config.model import AgentConfig
+from agent.config.reader import InvalidValueError, integer
 from agent.core.runtime import Companion, Runtime
 from agent.fleet.intake import Intake
 from agent.fleet.link import MqttLink
@@ -22,7 +24,7 @@ from agent.metrics.busmonitor import BusMonitor
 from agent.metrics.registry import AgentMetrics, AgentState
 from agent.metrics.server import MetricsServer
 from agent.policy.admission import Admission
-from agent.store.sqlite import Entry, Outgoing, Store
+from agent.store.sqlite import Batch, Entry, Outgoing, Store
 from agent.system.audit import AuditTrail
 from agent.wire import messages as m
 from agent.wire.command import Command, ErrorCode, Outcome, Result, Status, command_fields
@@ -49,6 +51,7 @@ class Service:
         gate = signature_gate(config, self.topics, lambda reason: self.metrics.auth_failure(reason),
                               known=lambda command_id: self.store.get(command_id) is not None)  # first: may refuse
         self.store = Store(config.state_dir / STORE_FILE)
+        self.faults = FaultTracker(self.store, {e.name: dict(e.dtc_texts) for e in config.ecus})
         self.runtime = Runtime(config, sink=self._on_result, on_start=self._on_start,
                                bus_factory=bus_factory, companions=companions,
                                on_bus_change=self._on_bus_change, on_probe=self._on_probe)
@@ -208,16 +211,44 @@ class Service:
         final = response_message(result, seq=entry.seq + 1)
         pieces = m.split_result(final, self.config.mqtt.max_payload_bytes)
         batch = self.store.batch()
-        for message in pieces:
+        observed = self._observe_faults(entry, result, batch)  # before the response: a backend that has the
+        for message in pieces:                                  # answer has heard of the changes it shows
             batch.publish(Outgoing(entry.reply_topic, m.encode(message), entry.correlation, entry.id))
         self.audit.finished(entry, result, batch)
         batch.set_state(entry.id, "final", seq=pieces[-1]["seq"], final_message=final)
-        batch.commit()
+        try:
+            batch.commit()
+        except Exception:
+            if observed:
+                self.faults.forget(result.component)  # not stored: the next reading reports the changes again
+            raise
         self.outbox.wake()
         duration = result.finished_at - result.started_at if result.started_at is not None else None
         self._count_final(final, duration)
         if len(pieces) > 1:
             self.metrics.chunks.inc(len(pieces) - 1)
+
+    def _observe_faults(self, entry: Entry, result: Result, batch: Batch) -> bool:
+        """A completed `read_faults`: its fault_changed Events and the component's new fault set into `batch`.
+
+        A failure here is logged and leaves the response alone. True when the tracker was asked.
+        """
+        faults = result.outcome.result.get("faults") if result.outcome.result else None
+        if result.command != "read_faults" or result.status is not Status.COMPLETED or not isinstance(faults, list):
+            return False
+        params = entry.body.get("params")
+        raw_mask = params.get("status_mask", 0xFF) if isinstance(params, dict) else 0xFF
+        try:
+            mask = integer(0, 0xFF)(raw_mask)
+        except InvalidValueError:
+            mask = 0x00  # cannot happen for a parsed command; and a reading of unknown mask clears nothing
+        try:
+            for event in self.faults.observe(result.component, faults, status_mask=mask, batch=batch):
+                batch.publish(Outgoing(self.topics.events, m.encode(event)))
+        except Exception:
+            log.exception("fault changes of %s not compared", result.component,
+                          extra=command_fields(result.command_id, result.component, result.command))
+        return True
 
     def _on_bus_change(self, up: bool, reason: str) -> None:
         self.bus_monitor.poke()
