@@ -8,6 +8,8 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+from prometheus_client import generate_latest
+
 from agent.config.model import AgentConfig
 from agent.devtools.sim.config import fault_from_dict
 from agent.devtools.sim.simulator import Simulator
@@ -65,6 +67,8 @@ def test_new_status_cleared_from_commands(service: Service, backend: Caller, sim
     assert summary(events[5:]) == {("P0420", "status", "0x08", "0x09")}
     assert events[5]["status_mask"] == "0x01"
     assert service.faults.known("engine") == {0x030100: 0x2E, 0x042000: 0x09}
+    scrape = generate_latest(service.registry).decode()
+    assert 'sovd_fault_tracking_problems_total{reason="unreadable"} 0.0' in scrape
 
 
 def test_no_events_for_a_failed_reading(service: Service, backend: Caller, sim: Simulator) -> None:

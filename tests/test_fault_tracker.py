@@ -113,11 +113,13 @@ def test_text_and_evidence(store: Store) -> None:
     {"code": 17, "status": {"raw": "0x01"}}, {"dtc": "0x030100", "status": ["0x2F"]},
 ])
 def test_a_bad_entry_is_skipped_and_clears_nothing(store: Store, bad: Any) -> None:
-    tracker = FaultTracker(store)
+    problems: list[str] = []
+    tracker = FaultTracker(store, on_problem=problems.append)
     tracker.observe("engine", reading((P0301, 0x2F), (P0420, 0x08)))
     events = tracker.observe("engine", [bad, *reading((P0420, 0x09))])
     assert changes(events) == [("P0420", "status", "0x08", "0x09")]  # P0301 not cleared: it may be the bad one
     assert tracker.unreadable == 1 and tracker.known("engine") == {P0301: 0x2F, P0420: 0x09}
+    assert problems == ["unreadable"]
 
 
 def test_a_reading_that_is_not_a_list_changes_nothing(store: Store) -> None:
@@ -141,11 +143,13 @@ def test_into_the_callers_batch(store: Store) -> None:
 
 
 def test_the_bound_keeps_known_faults_first(store: Store) -> None:
-    tracker = FaultTracker(store, max_faults=3)
+    problems: list[str] = []
+    tracker = FaultTracker(store, max_faults=3, on_problem=problems.append)
     tracker.observe("engine", reading((0x000100, 1), (0x000200, 1)))
     events = tracker.observe("engine", reading(*[(0x000100 + (i << 8), 1) for i in range(6)]))
     assert [e["dtc"] for e in events] == ["0x000300"]  # one more fits; three are dropped
     assert tracker.dropped == 3 and set(tracker.known("engine")) == {0x000100, 0x000200, 0x000300}
+    assert problems == ["over_bound"]
 
 
 def test_every_kind_of_event_matches_the_asyncapi_schema(store: Store) -> None:

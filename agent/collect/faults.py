@@ -42,13 +42,16 @@ class FaultTracker:
     returns the `fault_changed` Event payloads. Thread-safe: workers of several components call it."""
 
     def __init__(self, store: Store, texts: Mapping[str, Mapping[str, str]] | None = None,
-                 clock: Callable[[], float] = time.time, max_faults: int = MAX_FAULTS) -> None:
+                 clock: Callable[[], float] = time.time, max_faults: int = MAX_FAULTS,
+                 on_problem: Callable[[str], None] | None = None) -> None:
         """`texts`: component -> DTC key -> text, from the components' `dtcs:` config (keys as there:
-        "0x030100", "P0301-1A" or "P0301"); `clock` stamps the Events (wall clock, for display)."""
+        "0x030100", "P0301-1A" or "P0301"); `clock` stamps the Events (wall clock, for display);
+        `on_problem(reason)` counts what is skipped: `unreadable` entries, DTCs `over_bound`."""
         self._store = store
         self._texts = {name: tuple(table.items()) for name, table in (texts or {}).items()}
         self._clock = clock
         self._max = max_faults
+        self._on_problem = on_problem or (lambda reason: None)
         self._known: dict[str, dict[int, int]] = {}
         self._lock = threading.Lock()
         self.unreadable = 0  # fault entries that could not be understood (counted, logged, skipped)
@@ -117,12 +120,14 @@ class FaultTracker:
             except (AttributeError, KeyError, TypeError, ValueError) as err:
                 complete = False
                 self.unreadable += 1
+                self._on_problem("unreadable")
                 log.warning("fault entry %d of %s unreadable, skipped: %s", index, component, err,
                             extra={"component": component, "entry": repr(entry)[:200]})
                 continue
             read[dtc] = (status, entry)
         if not isinstance(faults, list):
             self.unreadable += 1
+            self._on_problem("unreadable")
             log.warning("fault reading of %s is not a list, ignored", component, extra={"component": component})
         return read, complete
 
@@ -134,6 +139,7 @@ class FaultTracker:
         keep = sorted(present, key=lambda dtc: (dtc not in known, dtc))[:self._max]
         over = len(present) - self._max
         self.dropped += over
+        self._on_problem("over_bound")
         log.error("%s reports %d DTCs; %d beyond the bound of %d are not tracked", component, len(present), over,
                   self._max, extra={"component": component})
         kept = set(keep) | {dtc for dtc, status in after.items() if not status}

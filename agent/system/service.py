@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+from prometheus_client import CollectorRegistry, Counter, PlatformCollector, ProcessCollector
 
 from agent import __version__
 from agent.bus.owner import BusFactory
@@ -51,13 +51,19 @@ class Service:
         gate = signature_gate(config, self.topics, lambda reason: self.metrics.auth_failure(reason),
                               known=lambda command_id: self.store.get(command_id) is not None)  # first: may refuse
         self.store = Store(config.state_dir / STORE_FILE)
-        self.faults = FaultTracker(self.store, {e.name: dict(e.dtc_texts) for e in config.ecus})
+        self.faults = FaultTracker(self.store, {e.name: dict(e.dtc_texts) for e in config.ecus},
+                                   on_problem=lambda reason: self.fault_problems.labels(reason).inc())
         self.runtime = Runtime(config, sink=self._on_result, on_start=self._on_start,
                                bus_factory=bus_factory, companions=companions,
                                on_bus_change=self._on_bus_change, on_probe=self._on_probe)
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
+        self.fault_problems = Counter("sovd_fault_tracking_problems", "Fault reading entries the fault-change "
+                                      "tracker skipped: unreadable, or DTCs over its bound.", ["reason"],
+                                      registry=self.registry)
+        for reason in ("unreadable", "over_bound"):
+            self.fault_problems.labels(reason)
         self.metrics = AgentMetrics(self.registry, config.vehicle, [e.name for e in config.ecus],
                                     state=self._metrics_state)
         self.metrics_server = MetricsServer(config.metrics, self.registry) if config.metrics.enabled else None
