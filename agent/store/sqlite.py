@@ -60,6 +60,13 @@ CREATE TABLE IF NOT EXISTS refused (
     created_at REAL NOT NULL,
     reason TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS fault_sets (
+    component TEXT NOT NULL,
+    dtc INTEGER NOT NULL,
+    status INTEGER NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (component, dtc)
+);
 """
 REFUSED_KEEP = 100  # messages the broker refused for good, kept for inspection (oldest dropped; at most
 # 100 x max_payload_bytes on the card)
@@ -380,6 +387,12 @@ class Store:
         return [(Pending(n, Outgoing(topic, bytes(payload), correlation, cid), created), reason)
                 for n, cid, topic, payload, correlation, created, reason in rows]
 
+    def fault_set(self, component: str) -> dict[int, int]:
+        """The last known faults of a component: 24-bit DTC -> status byte (agent/collect/faults.py)."""
+        with self._lock, self._guard("read"):
+            rows = self._db.execute("SELECT dtc, status FROM fault_sets WHERE component = ?", (component,)).fetchall()
+        return {dtc: status for dtc, status in rows}
+
     def prune_ledger(self, retention_s: float, now: float) -> int:
         """Forgets final commands older than the retention time; returns how many."""
         return self._transaction("maintain", lambda db: db.execute(
@@ -417,6 +430,13 @@ class Batch:
         self.statements.append((
             "INSERT INTO outbox (command_id, topic, payload, correlation, created_at) VALUES (?, ?, ?, ?, ?)",
             (message.command_id, message.topic, message.payload, message.correlation, self._store.now())))
+
+    def save_fault_set(self, component: str, faults: dict[int, int]) -> None:
+        """Replaces a component's last known faults (DTC -> status byte)."""
+        self.statements.append(("DELETE FROM fault_sets WHERE component = ?", (component,)))
+        now = self._store.now()
+        self.statements += [("INSERT INTO fault_sets (component, dtc, status, updated_at) VALUES (?, ?, ?, ?)",
+                             (component, dtc, status, now)) for dtc, status in sorted(faults.items())]
 
     def commit(self, defer: bool = False) -> None:
         """Commits the statements. With `defer`, a write the storage cannot take now is kept in memory

@@ -9,12 +9,14 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+from prometheus_client import CollectorRegistry, Counter, PlatformCollector, ProcessCollector
 
 from agent import __version__
 from agent.bus.owner import BusFactory
 from agent.clock import Clock
+from agent.collect.faults import FaultTracker
 from agent.config.model import AgentConfig
+from agent.config.reader import InvalidValueError, integer
 from agent.core.runtime import Companion, Runtime
 from agent.fleet.intake import Intake
 from agent.fleet.link import MqttLink
@@ -25,7 +27,7 @@ from agent.metrics.registry import AgentMetrics, AgentState
 from agent.metrics.server import MetricsServer
 from agent.policy.admission import Admission
 from agent.store.recovery import open_store
-from agent.store.sqlite import Entry, Outgoing, StoreError
+from agent.store.sqlite import Batch, Entry, Outgoing, StoreError
 from agent.system.audit import AuditTrail
 from agent.wire import messages as m
 from agent.wire.command import Command, ErrorCode, Outcome, Result, Status, command_fields
@@ -58,6 +60,11 @@ class Service:
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
+        self.fault_problems = Counter("sovd_fault_tracking_problems", "Fault reading entries the fault-change "
+                                      "tracker skipped: unreadable, or DTCs over its bound.", ["reason"],
+                                      registry=self.registry)
+        for reason in ("unreadable", "over_bound"):
+            self.fault_problems.labels(reason)
         self.metrics = AgentMetrics(self.registry, config.vehicle, [e.name for e in config.ecus],
                                     state=self._metrics_state)
         self._outbox_seen: tuple[int, float | None] = (0, None)  # the last outbox figures the store gave
@@ -65,6 +72,8 @@ class Service:
                                                      now=self.clock.agent_now)
         if self.store_recovery is not None:
             self.metrics.store_recoveries.labels(self.store_recovery.reason).inc()
+        self.faults = FaultTracker(self.store, {e.name: dict(e.dtc_texts) for e in config.ecus}, clock=self.clock.wall,
+                                   on_problem=lambda reason: self.fault_problems.labels(reason).inc())
         self.runtime = Runtime(config, sink=self._on_result, on_start=self._on_start,
                                bus_factory=bus_factory, companions=companions,
                                on_bus_change=self._on_bus_change, on_probe=self._on_probe, wall=self.clock.wall)
@@ -284,7 +293,8 @@ class Service:
         pieces = m.split_result(final, min(largest, broker) if broker is not None else largest)
         messages = [Outgoing(entry.reply_topic, m.encode(message), entry.correlation, entry.id) for message in pieces]
         batch = self.store.batch()
-        for message in messages:
+        events = self._observe_faults(entry, result, batch)  # ahead of the response: a backend that has the
+        for message in messages:                             # answer has heard of the changes it shows
             batch.publish(message)
         self.audit.finished(entry, result, batch)
         error = result.outcome.error
@@ -297,13 +307,37 @@ class Service:
         except StoreError as err:
             log.error("final response not stored (%s): sent without the outbox; stored when the store works again",
                       err, extra=command_fields(entry.id, result.component, result.command))
-            for message in messages:
+            for message in [*events, *messages]:
                 self.link.publish(message)
         self.outbox.wake()
         duration = result.finished_at - result.started_at if result.started_at is not None else None
         self._count_final(final, duration)
         if len(pieces) > 1:
             self.metrics.chunks.inc(len(pieces) - 1)
+
+    def _observe_faults(self, entry: Entry, result: Result, batch: Batch) -> list[Outgoing]:
+        """A completed `read_faults`: its fault_changed Events and the component's new fault set into `batch`
+        (a store that fails defers both together). A failure here is logged and leaves the response alone."""
+        faults = result.outcome.result.get("faults") if result.outcome.result else None
+        if result.command != "read_faults" or result.status is not Status.COMPLETED or not isinstance(faults, list):
+            return []
+        params = entry.body.get("params")
+        raw_mask = params.get("status_mask", 0xFF) if isinstance(params, dict) else 0xFF
+        try:
+            mask = integer(0, 0xFF)(raw_mask)
+        except InvalidValueError:
+            mask = 0x00  # cannot happen for a parsed command; and a reading of unknown mask clears nothing
+        mark = m.clock_mark(self.clock.synchronized())
+        try:
+            events = [Outgoing(self.topics.events, m.encode({**event, **mark}))
+                      for event in self.faults.observe(result.component, faults, status_mask=mask, batch=batch)]
+        except Exception:
+            log.exception("fault changes of %s not compared", result.component,
+                          extra=command_fields(result.command_id, result.component, result.command))
+            return []
+        for event in events:
+            batch.publish(event)
+        return events
 
     def _on_bus_change(self, up: bool, reason: str) -> None:
         self.bus_monitor.poke()

@@ -9,6 +9,7 @@ from typing import Any
 
 from agent import __version__
 from agent.wire.command import ErrorCode, Outcome, Result, Status
+from agent.wire.dtc import format_code, status_dict
 from agent.wire.timefmt import format_rfc3339
 
 
@@ -109,6 +110,29 @@ def clock_mark(synchronized: bool) -> dict[str, Any]:
     """What a message says about its timestamps: nothing while the device clock is synchronized,
     `"clock": "unsynchronized"` while it is not (they may be far off, e.g. in 1970)."""
     return {} if synchronized else {"clock": "unsynchronized"}
+
+
+FAULT_EVIDENCE = ("snapshots", "extended_data", "snapshots_error", "extended_data_error")
+
+
+def fault_changed(component: str, dtc: int, change: str, status: int, previous: int, at: float,
+                  text: str | None = None, evidence: dict[str, Any] | None = None,
+                  status_mask: int = 0xFF) -> dict[str, Any]:
+    """The `fault_changed` Event: `change` is `new`, `status` or `cleared`; `status` and `previous` are
+    the status bytes after and before (0x00: not stored). `evidence` is the reading's fault entry, whose
+    snapshot and extended data (or their errors) are carried over; `status_mask` is given when the
+    reading was masked (then the bits outside it are the last known ones)."""
+    event = event_message("fault_changed", at, component=component, code=format_code(dtc),
+                          failure_type=f"0x{dtc & 0xFF:02X}", dtc=f"0x{dtc:06X}", change=change,
+                          status=status_dict(status), previous=status_dict(previous))
+    if text is not None:
+        event["text"] = text
+    for key in FAULT_EVIDENCE:
+        if evidence is not None and key in evidence:
+            event[key] = evidence[key]
+    if status_mask != 0xFF:
+        event["status_mask"] = f"0x{status_mask:02X}"
+    return event
 
 
 def encode(message: dict[str, Any]) -> bytes:

@@ -10,6 +10,7 @@ from agent.config.ecu import BYTE, NAME, key_algorithm, parse_addressing, parse_
 from agent.config.model import Addressing, BusConfig, IsoTpConfig
 from agent.config.parse import load_yaml
 from agent.config.reader import InvalidValueError, Node, Problems, boolean, hex_bytes, integer, text
+from agent.devtools.sim.dynamics import Schedule, Wave, parse_schedule, parse_wave
 from agent.devtools.sim.obd import SimObd, parse_obd
 from agent.errors import ConfigError
 from agent.wire.dtc import parse_code
@@ -37,6 +38,7 @@ class SimDid:
     value: bytes
     writable: bool = False
     io: bool = False
+    wave: Wave | None = None  # the value moves over time (agent/devtools/sim/dynamics.py)
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class SimDtc:
     status: int
     snapshots: tuple[tuple[int, tuple[tuple[int, bytes], ...]], ...] = ()
     extended: tuple[tuple[int, bytes], ...] = ()
+    schedule: Schedule | None = None  # the status changes over time (agent/devtools/sim/dynamics.py)
 
 
 @dataclass(frozen=True)
@@ -123,10 +126,10 @@ def _ecu(node: Node, bus: BusConfig) -> SimEcu | None:
 
 
 def _value(node: Node) -> bytes:
-    """A DID value given as exactly one of ascii / hex / fill {length, byte}."""
+    """A DID value given as exactly one of ascii / hex / fill {length, byte} (a wave is taken by _did)."""
     given = [k for k in ("ascii", "hex", "fill") if node.has(k)]
     if len(given) != 1:
-        node.problems.add(node.path, "give exactly one of ascii, hex or fill")
+        node.problems.add(node.path, "give exactly one of ascii, hex, fill or wave")
         for key in given:
             node.raw(key)
         return b""
@@ -144,8 +147,19 @@ def _value(node: Node) -> bytes:
 
 
 def _did(node: Node) -> SimDid:
-    did = SimDid(id=node.get("id", U16), value=_value(node), writable=node.get("writable", boolean, False),
-                 io=node.get("io", boolean, False))
+    did_id = node.get("id", U16)
+    wave_node = node.child("wave")
+    wave = parse_wave(wave_node, did_id or 0) if wave_node is not None and wave_node.ok else None
+    others = [k for k in ("ascii", "hex", "fill") if node.has(k)]
+    if wave_node is not None and others:
+        node.problems.add(node.path, f"give exactly one of ascii, hex, fill or wave, not wave and {others[0]}")
+        for key in others:
+            node.raw(key)
+    value = wave.at(0.0) if wave is not None else b"" if wave_node is not None else _value(node)
+    did = SimDid(id=did_id, value=value, writable=node.get("writable", boolean, False),
+                 io=node.get("io", boolean, False), wave=wave)
+    if wave_node is not None and (did.writable or did.io):
+        node.problems.add(node.path, "a moving (wave) DID cannot be writable or io-controlled")
     node.finish()
     return did
 
@@ -176,8 +190,10 @@ def _dtc(node: Node) -> SimDtc:
         e = Node(item, path, node.problems)
         extended.append((e.get("record", integer(1, 0xFE)), e.get("hex", hex_bytes)))
         e.finish()
-    dtc = SimDtc(dtc=node.get("code", code), status=node.get("status", BYTE), snapshots=tuple(snapshots),
-                 extended=tuple(extended))
+    schedule = parse_schedule(node)
+    status = node.get("status", BYTE, 0) if schedule is not None else node.get("status", BYTE)
+    dtc = SimDtc(dtc=node.get("code", code), status=status, snapshots=tuple(snapshots),
+                 extended=tuple(extended), schedule=schedule)
     node.finish()
     return dtc
 

@@ -19,6 +19,7 @@ from agent.config.transport import isotp_address, rx_ids
 from agent.devtools.sim.config import Fault, SimEcu
 from agent.devtools.sim.server import UdsServer
 from agent.errors import BusDownError, TransportTimeoutError
+from agent.wire.dtc import parse_code
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,8 @@ class SimulatedEcu:
         self.config = config
         self._journal = journal
         self.name = config.name
-        self.server = UdsServer(config)
+        self.server = UdsServer(config, epoch=time.monotonic())
+        self._state = threading.Lock()  # the server's state: requests here, injections from other threads
         self.received: Counter[int] = Counter()
         self._faults = list(config.faults)
         self._busy_left: dict[int, int] = {}
@@ -89,6 +91,26 @@ class SimulatedEcu:
         with self._lock:
             self._faults = list(faults)
             self._busy_left.clear()
+
+    def set_dtc(self, code: str | int, status: int) -> None:
+        """Gives a DTC a status from now on, as if the ECU's diagnostics had changed it; 0 clears it.
+
+        `code` is a 24-bit DTC or its J2012 text ("P0301", "U0100-87"). A schedule step that comes later
+        overrides it.
+        """
+        dtc = parse_code(code) if isinstance(code, str) else code
+        if not 0 <= dtc <= 0xFFFFFF or not 0 <= status <= 0xFF:
+            raise ValueError(f"DTC 0x{dtc:X} / status 0x{status:X} out of range")
+        with self._state:
+            self.server.advance(time.monotonic())  # schedule steps already due do not override the injection
+            self.server.set_dtc(dtc, status)
+        log.info("simulated %s: DTC 0x%06X status 0x%02X", self.name, dtc, status)
+
+    def dtc_statuses(self) -> dict[int, int]:
+        """The DTCs the ECU stores now, with their status bytes."""
+        with self._state:
+            self.server.advance(time.monotonic())
+            return {dtc: d.status for dtc, d in self.server.dtcs.items()}
 
     def start(self) -> None:
         self._thread.start()
@@ -148,7 +170,8 @@ class SimulatedEcu:
             if fault.reply is not None:
                 self._send(fault.reply)
                 return
-        response = self.server.handle(request, time.monotonic())
+        with self._state:
+            response = self.server.handle(request, time.monotonic())
         if self._journal is not None:
             self._journal(f"{self.name} {request.hex()}")
         if functional and response is not None and response[0] == 0x7F and response[2] in FUNCTIONAL_SILENT_NRCS:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections import Counter
 from collections.abc import Callable
 
 from agent.config.ecu import resolve_callable
-from agent.devtools.sim.config import SimEcu
+from agent.devtools.sim.config import SimDtc, SimEcu
 from agent.devtools.sim.obd import SERVICES as OBD_SERVICES
 from agent.devtools.sim.obd import ObdServer
 
@@ -32,13 +33,18 @@ class _NrcError(Exception):
 class UdsServer:
     """State and answers of one simulated ECU. `executed` counts every request handled, by service."""
 
-    def __init__(self, ecu: SimEcu, seed_source: Callable[[int], bytes] = os.urandom) -> None:
+    def __init__(self, ecu: SimEcu, seed_source: Callable[[int], bytes] = os.urandom, epoch: float = 0.0) -> None:
+        """`epoch` is the `now` (as `handle` gets it) that waves and DTC schedules count from."""
         self.ecu = ecu
+        self.epoch = epoch
         self.values = {d.id: d.value for d in ecu.dids}
+        self.waves = {d.id: d.wave for d in ecu.dids if d.wave is not None}
         self.defaults = dict(self.values)
         self.writable = {d.id for d in ecu.dids if d.writable}
         self.io = {d.id for d in ecu.dids if d.io}
-        self.dtcs = {d.dtc: d for d in ecu.dtcs}
+        self.dtcs = {d.dtc: d for d in ecu.dtcs if d.status}  # status 0: not stored (yet)
+        self._scheduled = {d.dtc: d for d in ecu.dtcs if d.schedule is not None}
+        self._steps_applied: dict[int, int] = {}  # DTC -> number of the schedule step last applied
         self.routines = {r.id: r.result for r in ecu.routines}
         self.security = {s.level: s for s in ecu.security}
         self.session = 1
@@ -64,6 +70,7 @@ class UdsServer:
         if self.session != 1 and now - self._last > self.ecu.s3_ms / 1000:
             self.session, self.unlocked, self._seed = 1, 0, None  # S3 expired
         self._last = self.now = now
+        self.advance(now)
         sid = request[0]
         self.executed[sid] += 1
         handler = self._handlers.get(sid)
@@ -73,6 +80,26 @@ class UdsServer:
             return handler(request)
         except _NrcError as nrc:
             return bytes([0x7F, sid, nrc.code])
+
+    def advance(self, now: float) -> None:
+        """Moves waves and applies every DTC schedule step whose time has come since the last call."""
+        t = now - self.epoch
+        for did, wave in self.waves.items():
+            self.values[did] = wave.at(t)
+        for dtc, spec in self._scheduled.items():
+            assert spec.schedule is not None
+            current = spec.schedule.current(t)
+            if current is not None and self._steps_applied.get(dtc) != current[0]:
+                self._steps_applied[dtc] = current[0]
+                self.set_dtc(dtc, current[1])
+
+    def set_dtc(self, dtc: int, status: int) -> None:
+        """Gives a DTC this status (0: the ECU no longer stores it); a known DTC keeps its snapshots."""
+        if not status:
+            self.dtcs.pop(dtc, None)
+            return
+        known = self.dtcs.get(dtc) or next((d for d in self.ecu.dtcs if d.dtc == dtc), None)
+        self.dtcs[dtc] = dataclasses.replace(known, status=status) if known else SimDtc(dtc, status)
 
     @property
     def total_executed(self) -> int:
