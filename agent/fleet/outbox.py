@@ -88,6 +88,7 @@ class Outbox:
         self._thread: threading.Thread | None = None
         self._acks_this_connection = 0
         self._strikes: tuple[int, int] = (0, 0)  # (row, connections cut while it led without any PUBACK)
+        self._struck: list[int] = []  # rows forgotten by the link for good, to be set aside by the outbox thread
         self.heartbeat = time.monotonic()
         self.dropped = 0
         self.ledger_dropped = 0  # ids forgotten early by the ledger's byte bound
@@ -121,6 +122,7 @@ class Outbox:
         take (e.g. larger than a `message_size_limit` it does not announce): it is set aside instead of
         resent for ever. (When the cut comes while the packet is still being written, the broker's
         reason code never arrives: hence the short-lived connection as the other sign.)"""
+        struck: list[int] = []
         with self._lock:
             if up:
                 self._acks_this_connection = 0
@@ -130,6 +132,16 @@ class Outbox:
                 head = min(self._by_mid.values())
                 row, count = self._strikes
                 self._strikes = (head, count + 1 if row == head else 1)
+                if self._strikes[1] >= STRIKES:
+                    struck = [mid for mid, n in self._by_mid.items() if n == head]
+                    for mid in struck:
+                        del self._by_mid[mid]
+                    self._struck.append(head)
+                    self._strikes = (0, 0)
+        # Dropped from paho's session here, on the link's own thread before it reconnects: paho resends its
+        # unacknowledged messages first thing on a new connection, and this one would cut it again.
+        for mid in struck:
+            self._forget(mid)
         self._wake.set()
 
     def stop(self, timeout: float = 3.0) -> None:
@@ -214,19 +226,13 @@ class Outbox:
                            "attempts": retry.attempts})
 
     def _judge_strikes(self) -> None:
+        """Sets aside the messages the link dropped after STRIKES cut connections (see `connection`)."""
         with self._lock:
-            row_n, count = self._strikes
-            if count < STRIKES:
-                return
-            self._strikes = (0, 0)
-            mids = [mid for mid, n in self._by_mid.items() if n == row_n]
-            for mid in mids:
-                del self._by_mid[mid]
-        for mid in mids:
-            self._forget(mid)
-        row = self._row(row_n)
-        if row is not None:
-            self._set_aside(row, CONNECTION_DROPPED, None)
+            struck, self._struck = self._struck, []
+        for n in struck:
+            row = self._row(n)
+            if row is not None:
+                self._set_aside(row, CONNECTION_DROPPED, None)
 
     def _set_aside(self, row: Pending, reason: str, code: int | None) -> None:
         forgotten = self._store.set_aside(row.n, reason)
