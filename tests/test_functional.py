@@ -12,6 +12,8 @@ import json
 import time
 import uuid
 
+import can
+import isotp
 import pytest
 from conftest import DATA
 from mqtt_support import VALIDATORS
@@ -217,3 +219,118 @@ def test_obd_supported_walk_is_physical_only(vehicle):
     with pytest.raises(InvalidCommandError) as info:
         parse_command(body, vehicle, 0)
     assert "physical only" in dict(info.value.problems)["params.supported"]
+
+
+# ---- multi-frame answers to functional requests ------------------------------------------------
+
+CAL_IDS = ["ISOTP-ECU-CAL-01", "ISOTP-ECU-CAL-2"]
+
+
+def _calibration_answer(ids):
+    return bytes([0x49, 0x04, len(ids)]) + b"".join(i.encode().ljust(16, b"\0") for i in ids)
+
+
+class CanIsotpEcu:
+    """An ECU built directly on can-isotp (its NotifierBasedCanStack), not on our simulator, on the test's
+    virtual channel: it hears single frames on the functional id and answers physically on its response
+    id from `answers` (request -> response bytes), segmenting and waiting for flow control the way
+    can-isotp does. `stmin_s` makes it send consecutive frames that far apart whatever our FC says."""
+
+    def __init__(self, channel, request_id, response_id, answers, stmin_s=None, functional_id=0x7DF):
+        self.answers = answers
+        self.functional_id = functional_id
+        self.heard = []
+        self.bus = can.Bus(interface="virtual", channel=channel)
+        self.notifier = can.Notifier(self.bus, [], timeout=0.1)
+        params = {"tx_padding": 0x55, "blocking_send": False}
+        if stmin_s is not None:
+            params["override_receiver_stmin"] = stmin_s
+        self.stack = isotp.NotifierBasedCanStack(
+            self.bus, self.notifier, params=params,
+            address=isotp.Address(isotp.AddressingMode.Normal_11bits, txid=response_id, rxid=request_id))
+        self.notifier.add_listener(self._on_frame)
+        self.stack.start()
+
+    def _on_frame(self, msg):
+        if msg.arbitration_id != self.functional_id or msg.data[0] >> 4 != 0:  # a functional single frame only
+            return
+        request = bytes(msg.data[1:1 + (msg.data[0] & 0x0F)])
+        self.heard.append(request)
+        if request in self.answers:
+            self.stack.send(self.answers[request])
+
+    def close(self):
+        self.stack.stop()
+        self.notifier.stop()
+        self.bus.shutdown()
+
+
+@pytest.fixture
+def isotp_ecus(vehicle):
+    ecus = []
+
+    def make(*args, **kwargs):
+        ecus.append(CanIsotpEcu(vehicle.bus.channel, *args, **kwargs))
+        return ecus[-1]
+
+    yield make
+    for ecu in ecus:
+        ecu.close()
+
+
+def test_obd_pids_then_multi_frame_calibration_ids(agent):
+    """The reported defect: the command's second request (0x09 0x04) gets a multi-frame answer."""
+    for _ in range(3):  # and again: each functional command starts from a clean collector
+        result = _run(agent, "engine", "obd", {"pids": ["vehicle_speed"], "info": ["calibration_ids"]})
+        assert result.status is Status.COMPLETED, result.outcome
+        assert result.outcome.result == {"responses": {"engine": {
+            "values": {"vehicle_speed": {"pid": "0x0D", "value": 50, "unit": "km/h"}},
+            "info": {"calibration_ids": ["TEST-CAL-1", "TEST-CAL-2"]}}}}
+    assert agent.runtime.owner.taps == ()  # every collection let go of the bus when it ended
+
+
+def test_multi_frame_functional_reads_one_after_another(agent):
+    for _ in range(3):
+        result = _run(agent, "engine", "read_data", {"data": "vin"})
+        assert result.outcome.result["responses"]["engine"] == {"values": {"vin": VIN}}, result.outcome
+        assert result.outcome.result["responses"]["0x7E9"] == {"values": {"vin": "STRANGER000000011"}}
+
+
+def test_multi_frame_answer_from_an_ecu_built_on_can_isotp(agent, isotp_ecus):
+    ecu = isotp_ecus(0x7E2, 0x7EA, {bytes.fromhex("010d"): bytes.fromhex("410d28"),
+                                     bytes.fromhex("0904"): _calibration_answer(CAL_IDS)})
+    for _ in range(2):
+        result = _run(agent, "engine", "obd", {"pids": ["vehicle_speed"], "info": ["calibration_ids"]})
+        assert result.status is Status.COMPLETED, result.outcome
+        assert result.outcome.result["responses"]["0x7EA"] == {
+            "values": {"vehicle_speed": {"pid": "0x0D", "value": 40, "unit": "km/h"}},
+            "info": {"calibration_ids": CAL_IDS}}
+        assert result.outcome.result["responses"]["engine"]["info"] == {"calibration_ids": ["TEST-CAL-1", "TEST-CAL-2"]}
+    assert ecu.heard == [bytes.fromhex("010d"), bytes.fromhex("0904")] * 2
+
+
+def test_answers_under_way_when_p2_ends_are_received_to_their_end(vehicle, isotp_ecus):
+    """Two ECUs start their 100-byte answers at once (within P2, 150 ms) and send a consecutive frame
+    every 30 ms: both end well after P2, and both count."""
+    slow = bytes.fromhex("62f190") + bytes(range(97))  # a first frame and 14 consecutive frames
+    for request_id in (0x7E2, 0x7E3):
+        isotp_ecus(request_id, request_id + 8, {bytes.fromhex("22f190"): slow}, stmin_s=0.03)
+    with LocalSession(vehicle) as agent:  # no simulator: only the two can-isotp ECUs answer
+        result = _run(agent, "engine", "raw", {"request": "22F190"})
+    assert result.status is Status.COMPLETED, result.outcome
+    assert result.outcome.result == {"responses": {"0x7EA": {"response": slow.hex()},
+                                                   "0x7EB": {"response": slow.hex()}}}
+    assert result.duration_ms >= 14 * 30
+
+
+def test_a_tapped_bound_method_is_untapped_and_never_tapped_twice():
+    from agent.bus.owner import BusOwner
+    from agent.config.model import BusConfig
+
+    owner = BusOwner(BusConfig(interface="virtual", channel="never-opened"))
+    frames = []
+    owner.tap(frames.append)
+    owner.tap(frames.append)  # `frames.append` is a new object each time, equal to the last one
+    assert len(owner.taps) == 1
+    owner.untap(frames.append)
+    assert owner.taps == ()

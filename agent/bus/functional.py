@@ -170,9 +170,10 @@ class FunctionalLink:
         """The next whole answer as (responder key, PDU), or None when none has started within `timeout`.
 
         Answers under way when `timeout` passes are received to their end (each frame bounded by
-        N_Cr, the whole by `limit`)."""
+        N_Cr, the whole by `limit`); `recv(0, limit)` returns the next of those, None once none is left."""
         deadline = time.monotonic() + timeout
         while True:
+            self._take_queued()
             for assembly in self._rx.values():
                 data = assembly.logic.recv(block=False)
                 if data is not None:
@@ -194,6 +195,18 @@ class FunctionalLink:
                 self._dispatch(frame)
             for assembly in self._rx.values():
                 assembly.logic.process(rx_timeout=0)  # timers, and flow control for a fresh first frame
+
+    def _take_queued(self) -> None:
+        """Every frame that has already arrived into its responder's state machine, without waiting: an
+        answer whose first frame came in time counts as under way even if it still sits in the queue."""
+        while True:
+            try:
+                frame = self._frames.get_nowait()
+            except queue.Empty:
+                break
+            self._dispatch(frame)
+        for assembly in self._rx.values():
+            assembly.logic.process(rx_timeout=0)
 
     def _dispatch(self, msg: can.Message) -> None:
         key = (msg.arbitration_id, msg.is_extended_id)

@@ -188,8 +188,9 @@ class FunctionalLink(Protocol):
 def collect(link: FunctionalLink, request: bytes, timing: Timing, deadline: float) -> dict[str, bytes]:
     """Sends a functional request and returns every ECU's final answer (positive or negative), by responder.
 
-    Answers count within P2 of the request; an ECU that answered NRC 0x78 gets P2* from then on for
-    its final answer. Answers that do not echo the request are discarded (DEBUG), as in `transact`;
+    Answers count when they start within P2 of the request (one under way when P2 ends is received to
+    its end, within `deadline`); an ECU that answered NRC 0x78 gets P2* from then on for its final
+    answer. Answers that do not echo the request are discarded (DEBUG), as in `transact`;
     an ECU's first final answer is its answer. An empty result means nobody answered in time.
     """
     final: dict[str, bytes] = {}
@@ -201,11 +202,14 @@ def collect(link: FunctionalLink, request: bytes, timing: Timing, deadline: floa
         while True:
             now = time.monotonic()
             end = min(max(window_end, *pending.values()) if pending else window_end, deadline)
-            if now >= end:
-                break
-            got = link.recv(end - now, deadline)
-            if got is None:
-                continue
+            if now < end:
+                got = link.recv(end - now, deadline)
+                if got is None:
+                    continue
+            else:  # the window is closed, but answers that started in it are received to their end
+                got = link.recv(0, deadline)
+                if got is None:
+                    break
             key, data = got
             if not answers(request, data) or key in final:
                 log.debug("discarding an answer from %s that is not for request %s: %s", key, request[:4].hex(),
