@@ -240,6 +240,7 @@ class CanIsotpEcu:
         self.answers = answers
         self.functional_id = functional_id
         self.heard = []
+        self.seen = []  # every frame this ECU's bus received
         self.bus = can.Bus(interface="virtual", channel=channel)
         self.notifier = can.Notifier(self.bus, [], timeout=0.1)
         params = {"tx_padding": 0x55, "blocking_send": False}
@@ -252,6 +253,7 @@ class CanIsotpEcu:
         self.stack.start()
 
     def _on_frame(self, msg):
+        self.seen.append(msg)
         if msg.arbitration_id != self.functional_id or msg.data[0] >> 4 != 0:  # a functional single frame only
             return
         request = bytes(msg.data[1:1 + (msg.data[0] & 0x0F)])
@@ -334,3 +336,42 @@ def test_a_tapped_bound_method_is_untapped_and_never_tapped_twice():
     assert len(owner.taps) == 1
     owner.untap(frames.append)
     assert owner.taps == ()
+
+
+@pytest.mark.parametrize("kernel_bound", [False, True])
+def test_flow_control_comes_from_one_stack_only(vehicle, isotp_ecus, kernel_bound):
+    """With kernel ISO-TP, a bound CAN_ISOTP socket of a configured ECU answers that ECU's first frames
+    with flow control itself, and the functional collector only listens (can-isotp's listen_mode); an
+    unbound one leaves the flow control to the collector. Either way the ECU gets exactly one FC.
+    This kernel has no CAN: the bound kernel socket is played by a can-isotp stack with the tester's
+    address on the virtual bus (the one stand-in here; tests/test_vcan.py runs the real thing)."""
+    from agent.bus.functional import FunctionalLink, known_responders
+    from agent.bus.owner import BusOwner
+    from agent.uds.transaction import Timing, collect
+
+    engine = next(e for e in vehicle.ecus if e.name == "engine")
+    answer = bytes.fromhex("62f190") + VIN.encode()
+    ecu = isotp_ecus(0x7E0, 0x7E8, {bytes.fromhex("22f190"): answer})
+    owner = BusOwner(vehicle.bus)
+    assert owner.start(5)
+    kernel = None
+    if kernel_bound:
+        kernel_bus = can.Bus(interface="virtual", channel=vehicle.bus.channel)
+        kernel_notifier = can.Notifier(kernel_bus, [], timeout=0.1)
+        kernel = isotp.NotifierBasedCanStack(kernel_bus, kernel_notifier, params={"tx_padding": 0xCC},
+                                             address=isotp.Address(isotp.AddressingMode.Normal_11bits,
+                                                                   txid=0x7E0, rxid=0x7E8))
+        kernel.start()
+    try:
+        link = FunctionalLink(owner, engine, known_responders([engine], lambda name: kernel_bound))
+        for _ in range(2):
+            assert collect(link, bytes.fromhex("22f190"), Timing(0.15, 1.0, 0), time.monotonic() + 5) == {
+                "engine": answer}
+    finally:
+        owner.stop()
+        if kernel is not None:
+            kernel.stop()
+            kernel_notifier.stop()
+            kernel_bus.shutdown()
+    flow_controls = [m for m in ecu.seen if m.arbitration_id == 0x7E0 and m.data[0] >> 4 == 3]
+    assert len(flow_controls) == 2  # one per answer
