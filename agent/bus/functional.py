@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import queue
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from dataclasses import dataclass
 import can
 import isotp
 
+from agent.bus.frames import FrameQueue, to_can, to_isotp
 from agent.bus.owner import BusOwner, RxFilter
 from agent.config.model import EcuConfig, IsoTpConfig
 from agent.config.transport import isotp_address, isotp_params, rx_ids
@@ -95,9 +95,7 @@ class _Reassembly:
         params = {**isotp_params(responder.config), "listen_mode": responder.passive()}
         self.logic = isotp.TransportLayerLogic(
             rxfn=lambda timeout: self.frames.popleft() if self.frames else None,
-            txfn=lambda frame: owner.send(can.Message(
-                arbitration_id=frame.arbitration_id, data=frame.data, is_extended_id=frame.is_extended_id,
-                is_fd=frame.is_fd, bitrate_switch=frame.bitrate_switch, check=False)),
+            txfn=lambda frame: owner.send(to_can(frame)),
             address=responder.address, params=params,
             error_handler=lambda error: log.debug("functional answer from %s: %s", responder.key, error))
 
@@ -122,7 +120,7 @@ class FunctionalLink:
             owner.listen(RxFilter(can_id, extended))
         if rx_filter is not None:
             owner.listen(rx_filter)
-        self._frames: queue.Queue[can.Message] = queue.Queue(maxsize=4096)
+        self._frames: FrameQueue[can.Message] = FrameQueue(owner.counters, f"{ecu.name} (functional)")
         self._rx: dict[tuple[int, bool], _Reassembly] = {}
 
     @property
@@ -132,10 +130,7 @@ class FunctionalLink:
 
     # ---- notifier thread -------------------------------------------------------------------------
     def _on_frame(self, msg: can.Message) -> None:
-        try:
-            self._frames.put_nowait(msg)
-        except queue.Full:
-            self._owner.counters.dropped += 1
+        self._frames.put(msg)
 
     # ---- worker thread ---------------------------------------------------------------------------
     def open(self) -> None:
@@ -147,11 +142,7 @@ class FunctionalLink:
         self.flush()
 
     def flush(self) -> None:
-        while True:
-            try:
-                self._frames.get_nowait()
-            except queue.Empty:
-                break
+        self._frames.drain()
         self._rx.clear()
 
     def send(self, payload: bytes, timeout: float) -> None:
@@ -187,10 +178,7 @@ class FunctionalLink:
                     assembly.logic.stop_receiving()
                 raise TransportTimeoutError(f"{self.name}: functional answers not complete by the deadline")
             wait = min(_SLICE if receiving else deadline - now, limit - now)
-            try:
-                frame: can.Message | None = self._frames.get(timeout=max(wait, 0))
-            except queue.Empty:
-                frame = None
+            frame = self._frames.get(max(wait, 0))
             if frame is not None:
                 self._dispatch(frame)
             for assembly in self._rx.values():
@@ -199,12 +187,7 @@ class FunctionalLink:
     def _take_queued(self) -> None:
         """Every frame that has already arrived into its responder's state machine, without waiting: an
         answer whose first frame came in time counts as under way even if it still sits in the queue."""
-        while True:
-            try:
-                frame = self._frames.get_nowait()
-            except queue.Empty:
-                break
-            self._dispatch(frame)
+        self._frames.drain(self._dispatch)
         for assembly in self._rx.values():
             assembly.logic.process(rx_timeout=0)
 
@@ -219,6 +202,4 @@ class FunctionalLink:
                     return  # not an answer: other traffic on the bus
                 responder = Responder(can_id_key(*key), address, self._config)
             assembly = self._rx[key] = _Reassembly(self._owner, responder)
-        assembly.frames.append(isotp.CanMessage(
-            arbitration_id=msg.arbitration_id, data=bytes(msg.data), dlc=msg.dlc, extended_id=msg.is_extended_id,
-            is_fd=msg.is_fd, bitrate_switch=msg.bitrate_switch))
+        assembly.frames.append(to_isotp(msg))
