@@ -175,6 +175,9 @@ class ScriptedFunctionalLink:
     def send(self, payload, timeout):
         self.sent_at = time.monotonic()
 
+    def lost(self):
+        return {}
+
     def recv(self, timeout, limit):
         if not self.script or self.sent_at + self.script[0][0] > time.monotonic() + timeout:
             time.sleep(timeout)
@@ -195,7 +198,7 @@ def test_collect_keeps_first_final_answers_and_discards_garbage():
         (0.06, "d", "7f2231"),
         (0.5, "e", "62f190dd"),  # after P2: too late
     )
-    answers = collect(link, bytes.fromhex("22f190"), Timing(0.1, 1.0, 0), time.monotonic() + 5)
+    answers = collect(link, bytes.fromhex("22f190"), Timing(0.1, 1.0, 0), time.monotonic() + 5).answers
     assert answers == {"a": bytes.fromhex("62f190aa"), "b": bytes.fromhex("62f190cc"), "d": bytes.fromhex("7f2231")}
     assert link.opened == link.closed == 1
 
@@ -237,7 +240,7 @@ class CanIsotpEcu:
     can-isotp does. `stmin_s` makes it send consecutive frames that far apart whatever our FC says."""
 
     def __init__(self, channel, request_id, response_id, answers, stmin_s=None, functional_id=0x7DF):
-        self.answers = answers
+        self.answers = answers  # request -> whole answer (can-isotp segments it), or -> callable(bus)
         self.functional_id = functional_id
         self.heard = []
         self.seen = []  # every frame this ECU's bus received
@@ -258,8 +261,11 @@ class CanIsotpEcu:
             return
         request = bytes(msg.data[1:1 + (msg.data[0] & 0x0F)])
         self.heard.append(request)
-        if request in self.answers:
-            self.stack.send(self.answers[request])
+        answer = self.answers.get(request)
+        if callable(answer):
+            answer(self.bus)  # frames written by hand, e.g. a first frame and nothing after it
+        elif answer is not None:
+            self.stack.send(answer)
 
     def close(self):
         self.stack.stop()
@@ -365,7 +371,7 @@ def test_flow_control_comes_from_one_stack_only(vehicle, isotp_ecus, kernel_boun
     try:
         link = FunctionalLink(owner, engine, known_responders([engine], lambda name: kernel_bound))
         for _ in range(2):
-            assert collect(link, bytes.fromhex("22f190"), Timing(0.15, 1.0, 0), time.monotonic() + 5) == {
+            assert collect(link, bytes.fromhex("22f190"), Timing(0.15, 1.0, 0), time.monotonic() + 5).answers == {
                 "engine": answer}
     finally:
         owner.stop()
@@ -375,3 +381,34 @@ def test_flow_control_comes_from_one_stack_only(vehicle, isotp_ecus, kernel_boun
             kernel_bus.shutdown()
     flow_controls = [m for m in ecu.seen if m.arbitration_id == 0x7E0 and m.data[0] >> 4 == 3]
     assert len(flow_controls) == 2  # one per answer
+
+
+def test_an_answer_that_breaks_off_is_that_ecus_error_and_the_others_stand(agent, isotp_ecus):
+    """An ECU sends the first frame of its VIN and then nothing: N_Cr (1 s) gives up on it. Its entry
+    is a timeout error; the simulated ECUs' answers are the result as usual (completed)."""
+    def first_frame_only(bus):
+        bus.send(can.Message(arbitration_id=0x7EB, data=bytes.fromhex("1014") + b"b\xf1\x90ABC", is_extended_id=False))
+
+    isotp_ecus(0x7E3, 0x7EB, {bytes.fromhex("22f190"): first_frame_only})
+    result = _run(agent, "engine", "read_data", {"data": "vin"})
+    assert result.status is Status.COMPLETED, result.outcome
+    responses = result.outcome.result["responses"]
+    assert responses["engine"] == {"values": {"vin": VIN}} and responses["0x7E9"] == {
+        "values": {"vin": "STRANGER000000011"}}
+    assert responses["0x7EB"]["error"]["code"] == "timeout"
+    assert "broke off under way: ConsecutiveFrameTimeoutError" in responses["0x7EB"]["error"]["message"]
+    assert set(responses["0x7EB"]) == {"error"}
+
+
+def test_an_answer_still_under_way_at_the_deadline_costs_only_that_ecu(agent, isotp_ecus):
+    """A 100-byte answer at one consecutive frame per 100 ms needs 1.4 s; the command has 1 s. That
+    ECU's entry is a timeout error, every other ECU's answer stands."""
+    slow = bytes.fromhex("62f190") + bytes(range(97))
+    isotp_ecus(0x7E3, 0x7EB, {bytes.fromhex("22f190"): slow}, stmin_s=0.1)
+    command_id, _ = agent.submit("engine", "raw", {"request": "22F190"}, addressing=FUNCTIONAL, timeout_ms=1000)
+    result = agent.wait(command_id, 10)
+    assert result.status is Status.COMPLETED, result.outcome
+    responses = result.outcome.result["responses"]
+    assert responses["engine"] == {"response": (b"b\xf1\x90" + VIN.encode()).hex()}
+    assert responses["0x7EB"]["error"] == {
+        "code": "timeout", "message": "answer to 0x22 broke off under way: answer not complete by the command deadline"}

@@ -24,13 +24,16 @@ from agent.bus.frames import FrameQueue, to_can, to_isotp
 from agent.bus.owner import BusOwner, RxFilter
 from agent.config.model import EcuConfig, IsoTpConfig
 from agent.config.transport import isotp_address, isotp_params, rx_ids
-from agent.errors import TransportTimeoutError
 
 log = logging.getLogger(__name__)
 
 _SLICE = 0.05
 OBD_RESPONSES = RxFilter(0x7E8, False, mask=0x7F8)  # 0x7E8..0x7EF
 _PHYSICAL_29 = 0x18DA0000
+# can-isotp errors after which the answer a responder had under way is lost
+_RX_ABORTS = (isotp.errors.ConsecutiveFrameTimeoutError, isotp.errors.WrongSequenceNumberError,
+              isotp.errors.ChangingInvalidRXDLError, isotp.errors.FrameTooLongError,
+              isotp.errors.InvalidCanFdFirstFrameRXDL)
 
 
 @dataclass(frozen=True)
@@ -89,7 +92,7 @@ def known_responders(ecus: list[EcuConfig], passive: Callable[[str], bool]) -> d
 class _Reassembly:
     """One responder's can-isotp state machine, fed frame by frame by the worker thread."""
 
-    def __init__(self, owner: BusOwner, responder: Responder) -> None:
+    def __init__(self, owner: BusOwner, responder: Responder, on_lost: Callable[[str, str], None]) -> None:
         self.responder = responder
         self.frames: collections.deque[isotp.CanMessage] = collections.deque()
         params = {**isotp_params(responder.config), "listen_mode": responder.passive()}
@@ -97,7 +100,13 @@ class _Reassembly:
             rxfn=lambda timeout: self.frames.popleft() if self.frames else None,
             txfn=lambda frame: owner.send(to_can(frame)),
             address=responder.address, params=params,
-            error_handler=lambda error: log.debug("functional answer from %s: %s", responder.key, error))
+            error_handler=self._on_error)
+        self._on_lost = on_lost
+
+    def _on_error(self, error: isotp.IsoTpError) -> None:
+        log.debug("functional answer from %s: %s", self.responder.key, error)
+        if isinstance(error, _RX_ABORTS):
+            self._on_lost(self.responder.key, f"{type(error).__name__}: {error}")
 
 
 class FunctionalLink:
@@ -122,6 +131,7 @@ class FunctionalLink:
             owner.listen(rx_filter)
         self._frames: FrameQueue[can.Message] = FrameQueue(owner.counters, f"{ecu.name} (functional)")
         self._rx: dict[tuple[int, bool], _Reassembly] = {}
+        self._lost: dict[str, str] = {}
 
     @property
     def single_frame_max(self) -> int:
@@ -135,6 +145,7 @@ class FunctionalLink:
     # ---- worker thread ---------------------------------------------------------------------------
     def open(self) -> None:
         self.flush()
+        self._lost.clear()
         self._owner.tap(self._on_frame)
 
     def close(self) -> None:
@@ -144,6 +155,14 @@ class FunctionalLink:
     def flush(self) -> None:
         self._frames.drain()
         self._rx.clear()
+
+    def lost(self) -> dict[str, str]:
+        """Responders whose answer broke off under way since `open` (N_Cr passed between two frames, a
+        wrong sequence number, the deadline), with why; kept after `close` until the next `open`."""
+        return dict(self._lost)
+
+    def _note_lost(self, key: str, why: str) -> None:
+        self._lost[key] = why
 
     def send(self, payload: bytes, timeout: float) -> None:
         """The request as one single frame on the functional id (padded like the component's frames)."""
@@ -161,7 +180,9 @@ class FunctionalLink:
         """The next whole answer as (responder key, PDU), or None when none has started within `timeout`.
 
         Answers under way when `timeout` passes are received to their end (each frame bounded by
-        N_Cr, the whole by `limit`); `recv(0, limit)` returns the next of those, None once none is left."""
+        N_Cr, the whole by `limit`); `recv(0, limit)` returns the next of those, None once none is left.
+        An answer that breaks off, or is still under way at `limit`, is given up and listed in `lost`:
+        one responder's failure never costs the others' answers."""
         deadline = time.monotonic() + timeout
         while True:
             self._take_queued()
@@ -175,8 +196,10 @@ class FunctionalLink:
                 return None
             if now >= limit:
                 for assembly in self._rx.values():
-                    assembly.logic.stop_receiving()
-                raise TransportTimeoutError(f"{self.name}: functional answers not complete by the deadline")
+                    if assembly.logic.is_rx_active():
+                        assembly.logic.stop_receiving()
+                        self._note_lost(assembly.responder.key, "answer not complete by the command deadline")
+                return None
             wait = min(_SLICE if receiving else deadline - now, limit - now)
             frame = self._frames.get(max(wait, 0))
             if frame is not None:
@@ -201,5 +224,5 @@ class FunctionalLink:
                 if address is None:
                     return  # not an answer: other traffic on the bus
                 responder = Responder(can_id_key(*key), address, self._config)
-            assembly = self._rx[key] = _Reassembly(self._owner, responder)
+            assembly = self._rx[key] = _Reassembly(self._owner, responder, self._note_lost)
         assembly.frames.append(to_isotp(msg))

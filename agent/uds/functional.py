@@ -49,21 +49,27 @@ class FunctionalRequests:
             request = p.request
         else:
             raise InvalidResponseError(f"{type(p).__name__} cannot be sent functionally")
-        answers = self._collect(request, timing, deadline)
-        entries = {}
-        for key, data in answers.items():
+        entries: dict[str, dict[str, Any]] = {}
+        for key, data in self._collect(request, timing, deadline, entries).items():
             if data[0] == NEGATIVE_RESPONSE:
                 entries[key] = {"error": error_fields(NegativeResponseError(request[0], data[2]))}
             else:
                 entries[key] = {"response": data.hex()} if isinstance(p, c.Raw) else {}
         return {"responses": entries}
 
-    def _collect(self, request: bytes, timing: Timing, deadline: float) -> dict[str, bytes]:
+    def _collect(self, request: bytes, timing: Timing, deadline: float,
+                 entries: dict[str, dict[str, Any]]) -> dict[str, bytes]:
+        """Every ECU's final answer; an ECU whose answer broke off under way gets a `timeout` error in
+        `entries` (unless an earlier request of the same command already gave it one)."""
         assert self.link is not None
-        answers = collect(self.link, request, timing, deadline)
-        if not answers and not suppresses_positive(request):
+        collected = collect(self.link, request, timing, deadline)
+        answers = collected.answers
+        if not answers and not collected.lost and not suppresses_positive(request):
             raise UdsTimeoutError(f"no ECU answered functional request 0x{request[0]:02X} within P2 "
                                   f"({timing.p2 * 1000:.0f} ms)")
+        for key, why in collected.lost.items():
+            entries.setdefault(key, {}).setdefault("error", error_fields(
+                UdsTimeoutError(f"answer to 0x{request[0]:02X} broke off under way: {why}")))
         for key, data in answers.items():
             if data[0] == NEGATIVE_RESPONSE and len(data) < 3:
                 answers[key] = bytes([NEGATIVE_RESPONSE, request[0], 0x10])  # truncated NRC: general reject
@@ -75,8 +81,9 @@ class FunctionalRequests:
             config = {d.id: codecs.UdsoncanCodec(d) for d in group}
             ids = [d.id for d in group]
             request = services.ReadDataByIdentifier.make_request(ids, config).get_payload()
-            for key, data in self._collect(request, timing, deadline).items():
-                entry = entries.setdefault(key, {"values": {}})
+            for key, data in self._collect(request, timing, deadline, entries).items():
+                entry = entries.setdefault(key, {})
+                entry.setdefault("values", {})
                 try:
                     if data[0] == NEGATIVE_RESPONSE:
                         raise NegativeResponseError(request[0], data[2])
@@ -90,7 +97,8 @@ class FunctionalRequests:
                 by_id = {d.id: d for d in group}
                 entry["values"].update({by_id[did].name: value for did, value in parsed.values.items()})
         for entry in entries.values():
-            entry["values"] = {d.name: entry["values"][d.name] for d in p.dids if d.name in entry["values"]}
+            got = entry.get("values", {})
+            entry["values"] = {d.name: got[d.name] for d in p.dids if d.name in got}
             if "error" in entry and not entry["values"]:
                 del entry["values"]
         return entries
@@ -99,7 +107,7 @@ class FunctionalRequests:
         """Each request of the `obd` command once, functionally; every answering ECU gets its own result."""
         entries: dict[str, dict[str, Any]] = {}
         for part, request in obd.plan(p.pids, p.info, p.dtcs):
-            for key, data in self._collect(request, timing, deadline).items():
+            for key, data in self._collect(request, timing, deadline, entries).items():
                 entry = entries.setdefault(key, {})
                 if "error" in entry:
                     continue
