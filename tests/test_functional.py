@@ -166,7 +166,7 @@ class ScriptedFunctionalLink:
         self.script = sorted(script, key=lambda item: item[0])
         self.opened = self.closed = 0
 
-    def open(self):
+    def open(self, timeout):
         self.opened += 1
 
     def close(self):
@@ -239,9 +239,9 @@ class CanIsotpEcu:
     id from `answers` (request -> response bytes), segmenting and waiting for flow control the way
     can-isotp does. `stmin_s` makes it send consecutive frames that far apart whatever our FC says."""
 
-    def __init__(self, channel, request_id, response_id, answers, stmin_s=None, functional_id=0x7DF):
+    def __init__(self, channel, request_id, response_id, answers, stmin_s=None, functional_ids=((0x7DF, False),)):
         self.answers = answers  # request -> whole answer (can-isotp segments it), or -> callable(bus)
-        self.functional_id = functional_id
+        self.functional_ids = functional_ids
         self.heard = []
         self.seen = []  # every frame this ECU's bus received
         self.bus = can.Bus(interface="virtual", channel=channel)
@@ -257,7 +257,7 @@ class CanIsotpEcu:
 
     def _on_frame(self, msg):
         self.seen.append(msg)
-        if msg.arbitration_id != self.functional_id or msg.data[0] >> 4 != 0:  # a functional single frame only
+        if (msg.arbitration_id, msg.is_extended_id) not in self.functional_ids or msg.data[0] >> 4 != 0:
             return
         request = bytes(msg.data[1:1 + (msg.data[0] & 0x0F)])
         self.heard.append(request)
@@ -412,3 +412,63 @@ def test_an_answer_still_under_way_at_the_deadline_costs_only_that_ecu(agent, is
     assert responses["engine"] == {"response": (b"b\xf1\x90" + VIN.encode()).hex()}
     assert responses["0x7EB"]["error"] == {
         "code": "timeout", "message": "answer to 0x22 broke off under way: answer not complete by the command deadline"}
+
+
+def test_garbage_frames_from_one_responder_cost_nobody_anything(agent, isotp_ecus):
+    """Empty and malformed frames, a stray flow control and consecutive frame, a first frame too short
+    to be one: all discarded by that responder's state machine; its later single frame is its answer."""
+    garbage = ["", "ff", "1000", "300000", "21414243", "1005620000", "3f", "0362f190"]
+
+    def junk_then_answer(bus):
+        for data in garbage:
+            bus.send(can.Message(arbitration_id=0x7EB, data=bytes.fromhex(data), is_extended_id=False))
+
+    isotp_ecus(0x7E3, 0x7EB, {bytes.fromhex("22f190"): junk_then_answer})
+    result = _run(agent, "engine", "raw", {"request": "22F190"})
+    assert result.status is Status.COMPLETED, result.outcome
+    responses = result.outcome.result["responses"]
+    assert responses["0x7EB"] == {"response": "62f190"}
+    assert responses["engine"] == {"response": (b"b\xf1\x90" + VIN.encode()).hex()}
+
+
+def test_one_functional_collection_at_a_time(vehicle):
+    """Two at once would both send flow control to every multi-frame answer: a second collection
+    waits for the first to end, within its own deadline."""
+    from agent.bus.functional import FunctionalLink, known_responders
+    from agent.bus.owner import BusOwner
+    from agent.errors import TransportTimeoutError
+
+    ecus = {e.name: e for e in vehicle.ecus}
+    owner = BusOwner(vehicle.bus)  # not started: the lock needs no bus
+    known = known_responders(list(vehicle.ecus), lambda name: False)
+    engine, gateway = FunctionalLink(owner, ecus["engine"], known), FunctionalLink(owner, ecus["gateway"], known)
+    engine.open(1)
+    started = time.monotonic()
+    with pytest.raises(TransportTimeoutError, match="another functional request was still collecting"):
+        gateway.open(0.1)
+    assert time.monotonic() - started >= 0.1
+    gateway.close()  # a close after a failed open lets go of nothing it does not hold
+    assert owner.collecting.locked()
+    engine.close()
+    gateway.open(0.1)
+    gateway.close()
+    assert not owner.collecting.locked() and owner.taps == ()
+
+
+def test_concurrent_functional_commands_flow_control_each_answer_once(vehicle, isotp_ecus):
+    """Functional commands on engine (0x7DF) and gateway (0x18DB33F1) at once. Each collector hears
+    every configured ECU's response id, so an ECU that answers both (here one on engine's ids, built on
+    can-isotp, taking 0.3 s per answer) would get two flow controls per answer from two collections at
+    once; one after the other it gets exactly one per answer."""
+    ecu = isotp_ecus(0x7E0, 0x7E8, {bytes.fromhex("22f190"): b"b\xf1\x90" + VIN.encode()}, stmin_s=0.15,
+                     functional_ids=((0x7DF, False), (0x18DB33F1, True)))
+    with LocalSession(vehicle) as agent:
+        ids = [agent.submit(name, "read_data", {"data": "vin"}, addressing=FUNCTIONAL)[0]
+               for name in ("engine", "gateway")]
+        results = [agent.wait(command_id, 10) for command_id in ids]
+    for result in results:
+        assert result.status is Status.COMPLETED, result.outcome
+        assert result.outcome.result == {"responses": {"engine": {"values": {"vin": VIN}}}}
+    assert len(ecu.heard) == 2
+    flow_controls = [m for m in ecu.seen if m.arbitration_id == 0x7E0 and m.data[0] >> 4 == 3]
+    assert len(flow_controls) == 2

@@ -24,6 +24,7 @@ from agent.bus.frames import FrameQueue, to_can, to_isotp
 from agent.bus.owner import BusOwner, RxFilter
 from agent.config.model import EcuConfig, IsoTpConfig
 from agent.config.transport import isotp_address, isotp_params, rx_ids
+from agent.errors import TransportTimeoutError
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,8 @@ class FunctionalLink:
     """Sends single-frame requests on one functional id and receives whole PDUs from every responder.
 
     Used by the one worker thread of its component; `open` starts listening (a tap on the bus owner),
-    `close` stops it, so that an idle agent pays nothing for functional addressing.
+    `close` stops it, so that an idle agent pays nothing for functional addressing. Between the two it
+    holds the owner's `collecting` lock: one functional collection on the bus at a time.
     """
 
     def __init__(self, owner: BusOwner, ecu: EcuConfig, known: dict[tuple[int, bool], Responder]) -> None:
@@ -132,6 +134,7 @@ class FunctionalLink:
         self._frames: FrameQueue[can.Message] = FrameQueue(owner.counters, f"{ecu.name} (functional)")
         self._rx: dict[tuple[int, bool], _Reassembly] = {}
         self._lost: dict[str, str] = {}
+        self._open = False
 
     @property
     def single_frame_max(self) -> int:
@@ -143,7 +146,11 @@ class FunctionalLink:
         self._frames.put(msg)
 
     # ---- worker thread ---------------------------------------------------------------------------
-    def open(self) -> None:
+    def open(self, timeout: float) -> None:
+        """Starts a collection, waiting up to `timeout` seconds for one of another component to end."""
+        if not self._owner.collecting.acquire(timeout=max(timeout, 0)):
+            raise TransportTimeoutError(f"{self.name}: another functional request was still collecting answers")
+        self._open = True
         self.flush()
         self._lost.clear()
         self._owner.tap(self._on_frame)
@@ -151,6 +158,9 @@ class FunctionalLink:
     def close(self) -> None:
         self._owner.untap(self._on_frame)
         self.flush()
+        if self._open:
+            self._open = False
+            self._owner.collecting.release()
 
     def flush(self) -> None:
         self._frames.drain()

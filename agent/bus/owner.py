@@ -112,6 +112,9 @@ class BusOwner:
         self.counters = BusCounters()
         self.sinks: dict[tuple[int, bool], FrameSink] = {}
         self.taps: tuple[FrameSink, ...] = ()  # see every frame the filters let through, while tapped
+        # One functional collection at a time: two at once would each send flow control to every
+        # multi-frame answer (and each take the other's answers for its own).
+        self.collecting = threading.Lock()
         self._filters = list(filters or [])
         self._factory = factory or (lambda: open_bus(config))
         self._on_change = on_change

@@ -180,7 +180,7 @@ class FunctionalLink(Protocol):
     """What a functional collection needs: one-frame requests out, (responder, PDU) pairs in, and the
     responders whose answer broke off under way (`lost`: responder -> why)."""
 
-    def open(self) -> None: ...
+    def open(self, timeout: float) -> None: ...
     def close(self) -> None: ...
     def send(self, payload: bytes, timeout: float) -> None: ...
     def recv(self, timeout: float, limit: float) -> tuple[str, bytes] | None: ...
@@ -206,7 +206,7 @@ def collect(link: FunctionalLink, request: bytes, timing: Timing, deadline: floa
     """
     final: dict[str, bytes] = {}
     pending: dict[str, float] = {}  # responders that sent 0x78: until when their final answer counts
-    link.open()
+    link.open(deadline - time.monotonic())
     try:
         link.send(request, timeout=max(0.001, min(deadline - time.monotonic(), timing.p2_star)))
         window_end = time.monotonic() + timing.p2
