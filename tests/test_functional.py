@@ -2,7 +2,10 @@
 after 0x78), keyed by component name where the response id is configured, else by CAN id.
 
 The simulated vehicle answers on 0x7DF with engine and camera (configured) and an ECU the agent does
-not know at 0x7E1/0x7E9; on 0x18DB33F1 with gateway and an unknown ECU at 0x18DAF120.
+not know at 0x7E1/0x7E9; on 0x18DB33F1 with gateway and an unknown ECU at 0x18DAF120. Multi-frame
+answers are also checked against ECUs built directly on can-isotp in this file (CanIsotpEcu), so the
+collector is not only checked against our own simulator. The one stand-in: a bound kernel ISO-TP
+socket (no CAN in this kernel) is played by a can-isotp stack; tests/test_vcan.py runs the real one.
 """
 
 from __future__ import annotations
