@@ -121,3 +121,22 @@ def service(mqtt_vehicle: AgentConfig, sim: Simulator, backend: Caller) -> Itera
     backend.wait_status("online", 10)
     yield svc
     svc.stop()
+
+
+@pytest.fixture
+def legacy(mqtt_vehicle: AgentConfig, sim: Simulator) -> Iterator[tuple[AgentConfig, Caller]]:
+    """The agent on MQTT 3.1.1 (no Response Topic: commands name their reply topic in `reply_to`)."""
+    from mqtt_support import validate_published
+
+    config = dataclasses.replace(mqtt_vehicle, mqtt=dataclasses.replace(mqtt_vehicle.mqtt, protocol="3.1.1"))
+    svc = Service(config)
+    svc.start()
+    try:
+        with Caller(config.mqtt, config.vehicle) as backend:
+            backend.subscribe(f"{backend.topics.base}/#")
+            backend.subscribe("legacy/#")
+            backend.wait_status("online", 10)
+            yield config, backend
+            validate_published(backend.seen, backend.topics.base)
+    finally:
+        svc.stop()

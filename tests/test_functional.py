@@ -2,7 +2,10 @@
 after 0x78), keyed by component name where the response id is configured, else by CAN id.
 
 The simulated vehicle answers on 0x7DF with engine and camera (configured) and an ECU the agent does
-not know at 0x7E1/0x7E9; on 0x18DB33F1 with gateway and an unknown ECU at 0x18DAF120.
+not know at 0x7E1/0x7E9; on 0x18DB33F1 with gateway and an unknown ECU at 0x18DAF120. Multi-frame
+answers are also checked against ECUs built directly on can-isotp in this file (CanIsotpEcu), so the
+collector is not only checked against our own simulator. The one stand-in: a bound kernel ISO-TP
+socket (no CAN in this kernel) is played by a can-isotp stack; tests/test_vcan.py runs the real one.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import json
 import time
 import uuid
 
+import can
+import isotp
 import pytest
 from conftest import DATA
 from mqtt_support import VALIDATORS
@@ -164,7 +169,7 @@ class ScriptedFunctionalLink:
         self.script = sorted(script, key=lambda item: item[0])
         self.opened = self.closed = 0
 
-    def open(self):
+    def open(self, timeout):
         self.opened += 1
 
     def close(self):
@@ -172,6 +177,9 @@ class ScriptedFunctionalLink:
 
     def send(self, payload, timeout):
         self.sent_at = time.monotonic()
+
+    def lost(self):
+        return {}
 
     def recv(self, timeout, limit):
         if not self.script or self.sent_at + self.script[0][0] > time.monotonic() + timeout:
@@ -193,7 +201,7 @@ def test_collect_keeps_first_final_answers_and_discards_garbage():
         (0.06, "d", "7f2231"),
         (0.5, "e", "62f190dd"),  # after P2: too late
     )
-    answers = collect(link, bytes.fromhex("22f190"), Timing(0.1, 1.0, 0), time.monotonic() + 5)
+    answers = collect(link, bytes.fromhex("22f190"), Timing(0.1, 1.0, 0), time.monotonic() + 5).answers
     assert answers == {"a": bytes.fromhex("62f190aa"), "b": bytes.fromhex("62f190cc"), "d": bytes.fromhex("7f2231")}
     assert link.opened == link.closed == 1
 
@@ -217,3 +225,253 @@ def test_obd_supported_walk_is_physical_only(vehicle):
     with pytest.raises(InvalidCommandError) as info:
         parse_command(body, vehicle, 0)
     assert "physical only" in dict(info.value.problems)["params.supported"]
+
+
+# ---- multi-frame answers to functional requests ------------------------------------------------
+
+CAL_IDS = ["ISOTP-ECU-CAL-01", "ISOTP-ECU-CAL-2"]
+
+
+def _calibration_answer(ids):
+    return bytes([0x49, 0x04, len(ids)]) + b"".join(i.encode().ljust(16, b"\0") for i in ids)
+
+
+class CanIsotpEcu:
+    """An ECU built directly on can-isotp (its NotifierBasedCanStack), not on our simulator, on the test's
+    virtual channel: it hears single frames on the functional id and answers physically on its response
+    id from `answers` (request -> response bytes), segmenting and waiting for flow control the way
+    can-isotp does. `stmin_s` makes it send consecutive frames that far apart whatever our FC says."""
+
+    def __init__(self, channel, request_id, response_id, answers, stmin_s=None, functional_ids=((0x7DF, False),)):
+        self.answers = answers  # request -> whole answer (can-isotp segments it), or -> callable(bus)
+        self.functional_ids = functional_ids
+        self.heard = []
+        self.seen = []  # every frame this ECU's bus received
+        self.bus = can.Bus(interface="virtual", channel=channel)
+        self.notifier = can.Notifier(self.bus, [], timeout=0.1)
+        params = {"tx_padding": 0x55, "blocking_send": False}
+        if stmin_s is not None:
+            params["override_receiver_stmin"] = stmin_s
+        self.stack = isotp.NotifierBasedCanStack(
+            self.bus, self.notifier, params=params,
+            address=isotp.Address(isotp.AddressingMode.Normal_11bits, txid=response_id, rxid=request_id))
+        self.notifier.add_listener(self._on_frame)
+        self.stack.start()
+
+    def _on_frame(self, msg):
+        self.seen.append(msg)
+        if (msg.arbitration_id, msg.is_extended_id) not in self.functional_ids or msg.data[0] >> 4 != 0:
+            return
+        request = bytes(msg.data[1:1 + (msg.data[0] & 0x0F)])
+        self.heard.append(request)
+        answer = self.answers.get(request)
+        if callable(answer):
+            answer(self.bus)  # frames written by hand, e.g. a first frame and nothing after it
+        elif answer is not None:
+            self.stack.send(answer)
+
+    def close(self):
+        self.stack.stop()
+        self.notifier.stop()
+        self.bus.shutdown()
+
+
+@pytest.fixture
+def isotp_ecus(vehicle):
+    ecus = []
+
+    def make(*args, **kwargs):
+        ecus.append(CanIsotpEcu(vehicle.bus.channel, *args, **kwargs))
+        return ecus[-1]
+
+    yield make
+    for ecu in ecus:
+        ecu.close()
+
+
+def test_obd_pids_then_multi_frame_calibration_ids(agent):
+    """The reported defect: the command's second request (0x09 0x04) gets a multi-frame answer."""
+    for _ in range(3):  # and again: each functional command starts from a clean collector
+        result = _run(agent, "engine", "obd", {"pids": ["vehicle_speed"], "info": ["calibration_ids"]})
+        assert result.status is Status.COMPLETED, result.outcome
+        assert result.outcome.result == {"responses": {"engine": {
+            "values": {"vehicle_speed": {"pid": "0x0D", "value": 50, "unit": "km/h"}},
+            "info": {"calibration_ids": ["TEST-CAL-1", "TEST-CAL-2"]}}}}
+    assert agent.runtime.owner.taps == ()  # every collection let go of the bus when it ended
+
+
+def test_multi_frame_functional_reads_one_after_another(agent):
+    for _ in range(3):
+        result = _run(agent, "engine", "read_data", {"data": "vin"})
+        assert result.outcome.result["responses"]["engine"] == {"values": {"vin": VIN}}, result.outcome
+        assert result.outcome.result["responses"]["0x7E9"] == {"values": {"vin": "STRANGER000000011"}}
+
+
+def test_multi_frame_answer_from_an_ecu_built_on_can_isotp(agent, isotp_ecus):
+    ecu = isotp_ecus(0x7E2, 0x7EA, {bytes.fromhex("010d"): bytes.fromhex("410d28"),
+                                     bytes.fromhex("0904"): _calibration_answer(CAL_IDS)})
+    for _ in range(2):
+        result = _run(agent, "engine", "obd", {"pids": ["vehicle_speed"], "info": ["calibration_ids"]})
+        assert result.status is Status.COMPLETED, result.outcome
+        assert result.outcome.result["responses"]["0x7EA"] == {
+            "values": {"vehicle_speed": {"pid": "0x0D", "value": 40, "unit": "km/h"}},
+            "info": {"calibration_ids": CAL_IDS}}
+        assert result.outcome.result["responses"]["engine"]["info"] == {"calibration_ids": ["TEST-CAL-1", "TEST-CAL-2"]}
+    assert ecu.heard == [bytes.fromhex("010d"), bytes.fromhex("0904")] * 2
+
+
+def test_answers_under_way_when_p2_ends_are_received_to_their_end(vehicle, isotp_ecus):
+    """Two ECUs start their 100-byte answers at once (within P2, 150 ms) and send a consecutive frame
+    every 30 ms: both end well after P2, and both count."""
+    slow = bytes.fromhex("62f190") + bytes(range(97))  # a first frame and 14 consecutive frames
+    for request_id in (0x7E2, 0x7E3):
+        isotp_ecus(request_id, request_id + 8, {bytes.fromhex("22f190"): slow}, stmin_s=0.03)
+    with LocalSession(vehicle) as agent:  # no simulator: only the two can-isotp ECUs answer
+        result = _run(agent, "engine", "raw", {"request": "22F190"})
+    assert result.status is Status.COMPLETED, result.outcome
+    assert result.outcome.result == {"responses": {"0x7EA": {"response": slow.hex()},
+                                                   "0x7EB": {"response": slow.hex()}}}
+    assert result.duration_ms >= 14 * 30
+
+
+def test_a_tapped_bound_method_is_untapped_and_never_tapped_twice():
+    from agent.bus.owner import BusOwner
+    from agent.config.model import BusConfig
+
+    owner = BusOwner(BusConfig(interface="virtual", channel="never-opened"))
+    frames = []
+    owner.tap(frames.append)
+    owner.tap(frames.append)  # `frames.append` is a new object each time, equal to the last one
+    assert len(owner.taps) == 1
+    owner.untap(frames.append)
+    assert owner.taps == ()
+
+
+@pytest.mark.parametrize("kernel_bound", [False, True])
+def test_flow_control_comes_from_one_stack_only(vehicle, isotp_ecus, kernel_bound):
+    """With kernel ISO-TP, a bound CAN_ISOTP socket of a configured ECU answers that ECU's first frames
+    with flow control itself, and the functional collector only listens (can-isotp's listen_mode); an
+    unbound one leaves the flow control to the collector. Either way the ECU gets exactly one FC.
+    This kernel has no CAN: the bound kernel socket is played by a can-isotp stack with the tester's
+    address on the virtual bus (the one stand-in here; tests/test_vcan.py runs the real thing)."""
+    from agent.bus.functional import FunctionalLink, known_responders
+    from agent.bus.owner import BusOwner
+    from agent.uds.transaction import Timing, collect
+
+    engine = next(e for e in vehicle.ecus if e.name == "engine")
+    answer = bytes.fromhex("62f190") + VIN.encode()
+    ecu = isotp_ecus(0x7E0, 0x7E8, {bytes.fromhex("22f190"): answer})
+    owner = BusOwner(vehicle.bus)
+    assert owner.start(5)
+    kernel = None
+    if kernel_bound:
+        kernel_bus = can.Bus(interface="virtual", channel=vehicle.bus.channel)
+        kernel_notifier = can.Notifier(kernel_bus, [], timeout=0.1)
+        kernel = isotp.NotifierBasedCanStack(kernel_bus, kernel_notifier, params={"tx_padding": 0xCC},
+                                             address=isotp.Address(isotp.AddressingMode.Normal_11bits,
+                                                                   txid=0x7E0, rxid=0x7E8))
+        kernel.start()
+    try:
+        link = FunctionalLink(owner, engine, known_responders([engine], lambda name: kernel_bound))
+        for _ in range(2):
+            assert collect(link, bytes.fromhex("22f190"), Timing(0.15, 1.0, 0), time.monotonic() + 5).answers == {
+                "engine": answer}
+    finally:
+        owner.stop()
+        if kernel is not None:
+            kernel.stop()
+            kernel_notifier.stop()
+            kernel_bus.shutdown()
+    flow_controls = [m for m in ecu.seen if m.arbitration_id == 0x7E0 and m.data[0] >> 4 == 3]
+    assert len(flow_controls) == 2  # one per answer
+
+
+def test_an_answer_that_breaks_off_is_that_ecus_error_and_the_others_stand(agent, isotp_ecus):
+    """An ECU sends the first frame of its VIN and then nothing: N_Cr (1 s) gives up on it. Its entry
+    is a timeout error; the simulated ECUs' answers are the result as usual (completed)."""
+    def first_frame_only(bus):
+        bus.send(can.Message(arbitration_id=0x7EB, data=bytes.fromhex("1014") + b"b\xf1\x90ABC", is_extended_id=False))
+
+    isotp_ecus(0x7E3, 0x7EB, {bytes.fromhex("22f190"): first_frame_only})
+    result = _run(agent, "engine", "read_data", {"data": "vin"})
+    assert result.status is Status.COMPLETED, result.outcome
+    responses = result.outcome.result["responses"]
+    assert responses["engine"] == {"values": {"vin": VIN}} and responses["0x7E9"] == {
+        "values": {"vin": "STRANGER000000011"}}
+    assert responses["0x7EB"]["error"]["code"] == "timeout"
+    assert "broke off under way: ConsecutiveFrameTimeoutError" in responses["0x7EB"]["error"]["message"]
+    assert set(responses["0x7EB"]) == {"error"}
+
+
+def test_an_answer_still_under_way_at_the_deadline_costs_only_that_ecu(agent, isotp_ecus):
+    """A 100-byte answer at one consecutive frame per 100 ms needs 1.4 s; the command has 1 s. That
+    ECU's entry is a timeout error, every other ECU's answer stands."""
+    slow = bytes.fromhex("62f190") + bytes(range(97))
+    isotp_ecus(0x7E3, 0x7EB, {bytes.fromhex("22f190"): slow}, stmin_s=0.1)
+    command_id, _ = agent.submit("engine", "raw", {"request": "22F190"}, addressing=FUNCTIONAL, timeout_ms=1000)
+    result = agent.wait(command_id, 10)
+    assert result.status is Status.COMPLETED, result.outcome
+    responses = result.outcome.result["responses"]
+    assert responses["engine"] == {"response": (b"b\xf1\x90" + VIN.encode()).hex()}
+    assert responses["0x7EB"]["error"] == {
+        "code": "timeout", "message": "answer to 0x22 broke off under way: answer not complete by the command deadline"}
+
+
+def test_garbage_frames_from_one_responder_cost_nobody_anything(agent, isotp_ecus):
+    """Empty and malformed frames, a stray flow control and consecutive frame, a first frame too short
+    to be one: all discarded by that responder's state machine; its later single frame is its answer."""
+    garbage = ["", "ff", "1000", "300000", "21414243", "1005620000", "3f", "0362f190"]
+
+    def junk_then_answer(bus):
+        for data in garbage:
+            bus.send(can.Message(arbitration_id=0x7EB, data=bytes.fromhex(data), is_extended_id=False))
+
+    isotp_ecus(0x7E3, 0x7EB, {bytes.fromhex("22f190"): junk_then_answer})
+    result = _run(agent, "engine", "raw", {"request": "22F190"})
+    assert result.status is Status.COMPLETED, result.outcome
+    responses = result.outcome.result["responses"]
+    assert responses["0x7EB"] == {"response": "62f190"}
+    assert responses["engine"] == {"response": (b"b\xf1\x90" + VIN.encode()).hex()}
+
+
+def test_one_functional_collection_at_a_time(vehicle):
+    """Two at once would both send flow control to every multi-frame answer: a second collection
+    waits for the first to end, within its own deadline."""
+    from agent.bus.functional import FunctionalLink, known_responders
+    from agent.bus.owner import BusOwner
+    from agent.errors import TransportTimeoutError
+
+    ecus = {e.name: e for e in vehicle.ecus}
+    owner = BusOwner(vehicle.bus)  # not started: the lock needs no bus
+    known = known_responders(list(vehicle.ecus), lambda name: False)
+    engine, gateway = FunctionalLink(owner, ecus["engine"], known), FunctionalLink(owner, ecus["gateway"], known)
+    engine.open(1)
+    started = time.monotonic()
+    with pytest.raises(TransportTimeoutError, match="another functional request was still collecting"):
+        gateway.open(0.1)
+    assert time.monotonic() - started >= 0.1
+    gateway.close()  # a close after a failed open lets go of nothing it does not hold
+    assert owner.collecting.locked()
+    engine.close()
+    gateway.open(0.1)
+    gateway.close()
+    assert not owner.collecting.locked() and owner.taps == ()
+
+
+def test_concurrent_functional_commands_flow_control_each_answer_once(vehicle, isotp_ecus):
+    """Functional commands on engine (0x7DF) and gateway (0x18DB33F1) at once. Each collector hears
+    every configured ECU's response id, so an ECU that answers both (here one on engine's ids, built on
+    can-isotp, taking 0.3 s per answer) would get two flow controls per answer from two collections at
+    once; one after the other it gets exactly one per answer."""
+    ecu = isotp_ecus(0x7E0, 0x7E8, {bytes.fromhex("22f190"): b"b\xf1\x90" + VIN.encode()}, stmin_s=0.15,
+                     functional_ids=((0x7DF, False), (0x18DB33F1, True)))
+    with LocalSession(vehicle) as agent:
+        ids = [agent.submit(name, "read_data", {"data": "vin"}, addressing=FUNCTIONAL)[0]
+               for name in ("engine", "gateway")]
+        results = [agent.wait(command_id, 10) for command_id in ids]
+    for result in results:
+        assert result.status is Status.COMPLETED, result.outcome
+        assert result.outcome.result == {"responses": {"engine": {"values": {"vin": VIN}}}}
+    assert len(ecu.heard) == 2
+    flow_controls = [m for m in ecu.seen if m.arbitration_id == 0x7E0 and m.data[0] >> 4 == 3]
+    assert len(flow_controls) == 2

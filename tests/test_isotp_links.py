@@ -355,3 +355,21 @@ def test_bitrate_switch_when_the_bus_has_a_data_bitrate(channel):
         spy.shutdown()
         owner.stop()
 
+
+
+def test_frame_queue_counts_what_it_drops_and_drains_for_both_links():
+    """The one queue and drain both links use (flush before a request; the functional collector's
+    take-what-has-arrived): a full queue drops and counts, a wake-up marker is not counted."""
+    from agent.bus.frames import FrameQueue
+    from agent.bus.owner import BusCounters
+
+    counters = BusCounters()
+    frames: FrameQueue[int] = FrameQueue(counters, "test", size=3)
+    assert [frames.put(i) for i in range(4)] == [True, True, True, False]
+    assert counters.dropped == 1
+    assert frames.put(-1, counted=False) is False and counters.dropped == 1
+    taken: list[int] = []
+    assert frames.drain(taken.append) == 3 and taken == [0, 1, 2]
+    assert frames.get(0) is None and frames.get(0.01) is None
+    frames.put(7)
+    assert frames.drain() == 1 and frames.drain() == 0

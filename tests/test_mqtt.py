@@ -242,32 +242,15 @@ def test_clean_stop_publishes_offline(mqtt_vehicle, sim, backend):
     assert before - 0.001 <= parse_rfc3339(offline["since"]) <= time.time()
 
 
-def test_mqtt_3_1_1_with_reply_to(mqtt_vehicle, sim):
-    import dataclasses
-
-    from mqtt_support import validate_published
-
-    from agent.fleet.caller import Caller
-    from agent.system.service import Service
-
-    config = dataclasses.replace(mqtt_vehicle, mqtt=dataclasses.replace(mqtt_vehicle.mqtt, protocol="3.1.1"))
-    svc = Service(config)
-    svc.start()
-    try:
-        with Caller(config.mqtt, config.vehicle) as backend:
-            backend.subscribe(f"{backend.topics.base}/#")
-            backend.subscribe("legacy/#")
-            backend.wait_status("online", 10)
-            body = command(reply_to="legacy/replies/42")
-            backend.send(body)
-            final = backend.final(body["id"], topic="legacy/replies/42")
-            assert final["result"] == {"values": {"vin": "TEST0VEHICLE00001"}}
-            plain = command(params={"data": "oil_temp"})
-            backend.send(plain)
-            assert backend.final(plain["id"])["status"] == "completed"
-            validate_published(backend.seen, backend.topics.base)
-    finally:
-        svc.stop()
+def test_mqtt_3_1_1_with_reply_to(legacy):
+    _, backend = legacy
+    body = command(reply_to="legacy/replies/42")
+    backend.send(body)
+    final = backend.final(body["id"], topic="legacy/replies/42")
+    assert final["result"] == {"values": {"vin": "TEST0VEHICLE00001"}}
+    plain = command(params={"data": "oil_temp"})
+    backend.send(plain)
+    assert backend.final(plain["id"])["status"] == "completed"
 
 
 def test_bus_failure_publishes_bus_state_events_and_bus_error(mqtt_vehicle, sim, backend):

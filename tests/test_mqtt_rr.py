@@ -22,10 +22,8 @@ import pytest
 from conftest import DATA, ROOT
 
 from agent.bus.owner import wait_until
-from agent.config import AgentConfig
 from agent.devtools.local_broker import LocalBroker
 from agent.devtools.sim.simulator import Simulator
-from agent.fleet.caller import Caller
 from agent.system.service import Service
 
 RR = shutil.which("mosquitto_rr") or "/usr/bin/mosquitto_rr"  # hw/dev-setup installs mosquitto-clients
@@ -186,25 +184,6 @@ def test_repeated_id_in_flight_gets_its_accepted_again_only_where_non_final_mess
 
 
 # ---- MQTT 3.1.1 with reply_to --------------------------------------------------------------------
-
-@pytest.fixture
-def legacy(mqtt_vehicle: AgentConfig, sim: Simulator) -> Iterator[tuple[AgentConfig, Caller]]:
-    """The agent on MQTT 3.1.1 (no Response Topic: commands name their reply topic in `reply_to`)."""
-    from mqtt_support import validate_published
-
-    config = dataclasses.replace(mqtt_vehicle, mqtt=dataclasses.replace(mqtt_vehicle.mqtt, protocol="3.1.1"))
-    svc = Service(config)
-    svc.start()
-    try:
-        with Caller(config.mqtt, config.vehicle) as backend:
-            backend.subscribe(f"{backend.topics.base}/#")
-            backend.subscribe("legacy/#")
-            backend.wait_status("online", 10)
-            yield config, backend
-            validate_published(backend.seen, backend.topics.base)
-    finally:
-        svc.stop()
-
 
 def test_mqtt_3_1_1_reply_to_gets_the_final_only_unless_progress(legacy, broker):
     config, backend = legacy

@@ -117,6 +117,23 @@ def test_commands_over_socketcan(agent):
     assert call(backend, "engine", "read_data", {"data": "0x1234"})["error"]["nrc"] == "0x31"
 
 
+def test_functional_multi_frame_answers_over_socketcan(agent):
+    """The 20-byte VIN answer to a functional read is multi-frame. With kernel ISO-TP the engine's
+    CAN_ISOTP socket, once bound by a physical command, sends the flow control itself and the functional
+    collector only listens; before that (and on the userspace path) the collector sends it. Each
+    functional command after the first used to time out (every frame reached the collector twice)."""
+    _, backend, _ = agent
+    for physical_before in (False, True, False):
+        if physical_before:
+            assert call(backend, "engine", "read_data", {"data": "vin"})["status"] == "completed"
+        body = {"id": f"v-{uuid.uuid4().hex[:8]}", "component": "engine", "command": "read_data",
+                "params": {"data": "vin"}, "addressing": "functional"}
+        backend.send(body)
+        final = backend.final(body["id"], timeout=60)
+        assert final["status"] == "completed", final
+        assert final["result"] == {"responses": {"engine": {"values": {"vin": "VCAN0DEVVEHICLE01"}}}}
+
+
 def test_4095_byte_did(agent):
     process, backend, _ = agent
     log = process.log.read_text()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import queue
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from dataclasses import dataclass
 import can
 import isotp
 
+from agent.bus.frames import FrameQueue, to_can, to_isotp
 from agent.bus.owner import BusOwner, RxFilter
 from agent.config.model import EcuConfig, IsoTpConfig
 from agent.config.transport import isotp_address, isotp_params, rx_ids
@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 _SLICE = 0.05
 OBD_RESPONSES = RxFilter(0x7E8, False, mask=0x7F8)  # 0x7E8..0x7EF
 _PHYSICAL_29 = 0x18DA0000
+# can-isotp errors after which the answer a responder had under way is lost
+_RX_ABORTS = (isotp.errors.ConsecutiveFrameTimeoutError, isotp.errors.WrongSequenceNumberError,
+              isotp.errors.ChangingInvalidRXDLError, isotp.errors.FrameTooLongError,
+              isotp.errors.InvalidCanFdFirstFrameRXDL)
 
 
 @dataclass(frozen=True)
@@ -89,24 +93,29 @@ def known_responders(ecus: list[EcuConfig], passive: Callable[[str], bool]) -> d
 class _Reassembly:
     """One responder's can-isotp state machine, fed frame by frame by the worker thread."""
 
-    def __init__(self, owner: BusOwner, responder: Responder) -> None:
+    def __init__(self, owner: BusOwner, responder: Responder, on_lost: Callable[[str, str], None]) -> None:
         self.responder = responder
         self.frames: collections.deque[isotp.CanMessage] = collections.deque()
         params = {**isotp_params(responder.config), "listen_mode": responder.passive()}
         self.logic = isotp.TransportLayerLogic(
             rxfn=lambda timeout: self.frames.popleft() if self.frames else None,
-            txfn=lambda frame: owner.send(can.Message(
-                arbitration_id=frame.arbitration_id, data=frame.data, is_extended_id=frame.is_extended_id,
-                is_fd=frame.is_fd, bitrate_switch=frame.bitrate_switch, check=False)),
+            txfn=lambda frame: owner.send(to_can(frame)),
             address=responder.address, params=params,
-            error_handler=lambda error: log.debug("functional answer from %s: %s", responder.key, error))
+            error_handler=self._on_error)
+        self._on_lost = on_lost
+
+    def _on_error(self, error: isotp.IsoTpError) -> None:
+        log.debug("functional answer from %s: %s", self.responder.key, error)
+        if isinstance(error, _RX_ABORTS):
+            self._on_lost(self.responder.key, f"{type(error).__name__}: {error}")
 
 
 class FunctionalLink:
     """Sends single-frame requests on one functional id and receives whole PDUs from every responder.
 
     Used by the one worker thread of its component; `open` starts listening (a tap on the bus owner),
-    `close` stops it, so that an idle agent pays nothing for functional addressing.
+    `close` stops it, so that an idle agent pays nothing for functional addressing. Between the two it
+    holds the owner's `collecting` lock: one functional collection on the bus at a time.
     """
 
     def __init__(self, owner: BusOwner, ecu: EcuConfig, known: dict[tuple[int, bool], Responder]) -> None:
@@ -122,8 +131,10 @@ class FunctionalLink:
             owner.listen(RxFilter(can_id, extended))
         if rx_filter is not None:
             owner.listen(rx_filter)
-        self._frames: queue.Queue[can.Message] = queue.Queue(maxsize=4096)
+        self._frames: FrameQueue[can.Message] = FrameQueue(owner.counters, f"{ecu.name} (functional)")
         self._rx: dict[tuple[int, bool], _Reassembly] = {}
+        self._lost: dict[str, str] = {}
+        self._open = False
 
     @property
     def single_frame_max(self) -> int:
@@ -132,27 +143,36 @@ class FunctionalLink:
 
     # ---- notifier thread -------------------------------------------------------------------------
     def _on_frame(self, msg: can.Message) -> None:
-        try:
-            self._frames.put_nowait(msg)
-        except queue.Full:
-            self._owner.counters.dropped += 1
+        self._frames.put(msg)
 
     # ---- worker thread ---------------------------------------------------------------------------
-    def open(self) -> None:
+    def open(self, timeout: float) -> None:
+        """Starts a collection, waiting up to `timeout` seconds for one of another component to end."""
+        if not self._owner.collecting.acquire(timeout=max(timeout, 0)):
+            raise TransportTimeoutError(f"{self.name}: another functional request was still collecting answers")
+        self._open = True
         self.flush()
+        self._lost.clear()
         self._owner.tap(self._on_frame)
 
     def close(self) -> None:
         self._owner.untap(self._on_frame)
         self.flush()
+        if self._open:
+            self._open = False
+            self._owner.collecting.release()
 
     def flush(self) -> None:
-        while True:
-            try:
-                self._frames.get_nowait()
-            except queue.Empty:
-                break
+        self._frames.drain()
         self._rx.clear()
+
+    def lost(self) -> dict[str, str]:
+        """Responders whose answer broke off under way since `open` (N_Cr passed between two frames, a
+        wrong sequence number, the deadline), with why; kept after `close` until the next `open`."""
+        return dict(self._lost)
+
+    def _note_lost(self, key: str, why: str) -> None:
+        self._lost[key] = why
 
     def send(self, payload: bytes, timeout: float) -> None:
         """The request as one single frame on the functional id (padded like the component's frames)."""
@@ -170,9 +190,12 @@ class FunctionalLink:
         """The next whole answer as (responder key, PDU), or None when none has started within `timeout`.
 
         Answers under way when `timeout` passes are received to their end (each frame bounded by
-        N_Cr, the whole by `limit`)."""
+        N_Cr, the whole by `limit`); `recv(0, limit)` returns the next of those, None once none is left.
+        An answer that breaks off, or is still under way at `limit`, is given up and listed in `lost`:
+        one responder's failure never costs the others' answers."""
         deadline = time.monotonic() + timeout
         while True:
+            self._take_queued()
             for assembly in self._rx.values():
                 data = assembly.logic.recv(block=False)
                 if data is not None:
@@ -183,17 +206,23 @@ class FunctionalLink:
                 return None
             if now >= limit:
                 for assembly in self._rx.values():
-                    assembly.logic.stop_receiving()
-                raise TransportTimeoutError(f"{self.name}: functional answers not complete by the deadline")
+                    if assembly.logic.is_rx_active():
+                        assembly.logic.stop_receiving()
+                        self._note_lost(assembly.responder.key, "answer not complete by the command deadline")
+                return None
             wait = min(_SLICE if receiving else deadline - now, limit - now)
-            try:
-                frame: can.Message | None = self._frames.get(timeout=max(wait, 0))
-            except queue.Empty:
-                frame = None
+            frame = self._frames.get(max(wait, 0))
             if frame is not None:
                 self._dispatch(frame)
             for assembly in self._rx.values():
                 assembly.logic.process(rx_timeout=0)  # timers, and flow control for a fresh first frame
+
+    def _take_queued(self) -> None:
+        """Every frame that has already arrived into its responder's state machine, without waiting: an
+        answer whose first frame came in time counts as under way even if it still sits in the queue."""
+        self._frames.drain(self._dispatch)
+        for assembly in self._rx.values():
+            assembly.logic.process(rx_timeout=0)
 
     def _dispatch(self, msg: can.Message) -> None:
         key = (msg.arbitration_id, msg.is_extended_id)
@@ -205,7 +234,5 @@ class FunctionalLink:
                 if address is None:
                     return  # not an answer: other traffic on the bus
                 responder = Responder(can_id_key(*key), address, self._config)
-            assembly = self._rx[key] = _Reassembly(self._owner, responder)
-        assembly.frames.append(isotp.CanMessage(
-            arbitration_id=msg.arbitration_id, data=bytes(msg.data), dlc=msg.dlc, extended_id=msg.is_extended_id,
-            is_fd=msg.is_fd, bitrate_switch=msg.bitrate_switch))
+            assembly = self._rx[key] = _Reassembly(self._owner, responder, self._note_lost)
+        assembly.frames.append(to_isotp(msg))

@@ -7,14 +7,13 @@ arrive through the bus owner's router into a bounded queue.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import queue
 import time
 
 import can
 import isotp
 
+from agent.bus.frames import FrameQueue, to_can, to_isotp
 from agent.bus.owner import BusOwner
 from agent.config.model import IsoTpConfig
 from agent.config.transport import isotp_params, rx_ids
@@ -36,7 +35,7 @@ class IsoTpLink:
         self.name = name
         self._owner = owner
         self._fd = config.fd
-        self._frames: queue.Queue[isotp.CanMessage | object] = queue.Queue(maxsize=4096)
+        self._frames: FrameQueue[isotp.CanMessage | object] = FrameQueue(owner.counters, name)
         self._error: str | None = None
         self._send_aborted: str | None = None
         self._woken = False
@@ -50,13 +49,7 @@ class IsoTpLink:
 
     # ---- fed by the notifier thread ------------------------------------------------------------
     def _on_frame(self, msg: can.Message) -> None:
-        frame = isotp.CanMessage(arbitration_id=msg.arbitration_id, data=bytes(msg.data), dlc=msg.dlc,
-                                 extended_id=msg.is_extended_id, is_fd=msg.is_fd,
-                                 bitrate_switch=msg.bitrate_switch)
-        try:
-            self._frames.put_nowait(frame)
-        except queue.Full:
-            self._owner.counters.dropped += 1
+        self._frames.put(to_isotp(msg))
 
     # ---- callables for the state machine -------------------------------------------------------
     def _rxfn(self, timeout: float) -> isotp.CanMessage | None:
@@ -65,10 +58,7 @@ class IsoTpLink:
         # would sit out the timeout after each frame; never blocking would spin.)
         block = self._block and timeout > 0 and not self._woken
         self._block = False
-        try:
-            frame = self._frames.get(timeout=timeout) if block else self._frames.get_nowait()
-        except queue.Empty:
-            return None
+        frame = self._frames.get(timeout if block else 0)
         return None if frame is _WAKE else frame  # type: ignore[return-value]
 
     def _process(self, rx_timeout: float) -> isotp.TransportLayerLogic.ProcessStats:
@@ -77,10 +67,7 @@ class IsoTpLink:
         return self._logic.process(rx_timeout=rx_timeout)
 
     def _txfn(self, frame: isotp.CanMessage) -> None:
-        self._owner.send(can.Message(
-            arbitration_id=frame.arbitration_id, data=frame.data, is_extended_id=frame.is_extended_id,
-            is_fd=frame.is_fd, bitrate_switch=frame.bitrate_switch, check=False,
-        ))
+        self._owner.send(to_can(frame))
 
     def _on_error(self, error: isotp.IsoTpError) -> None:
         self._error = f"{type(error).__name__}: {error}"
@@ -150,18 +137,13 @@ class IsoTpLink:
 
     def flush(self) -> None:
         """Forgets stale frames and half-done transfers before a new request."""
-        while True:
-            try:
-                self._frames.get_nowait()
-            except queue.Empty:
-                break
+        self._frames.drain()
         self._logic.reset()
 
     def wake(self) -> None:
         """Makes a blocked send/recv return now, and every later one at once (used to stop)."""
         self._woken = True
-        with contextlib.suppress(queue.Full):  # a full queue wakes the reader anyway
-            self._frames.put_nowait(_WAKE)
+        self._frames.put(_WAKE, counted=False)  # a full queue wakes the reader anyway
 
     def close(self) -> None:
         self.wake()

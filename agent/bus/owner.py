@@ -119,6 +119,9 @@ class BusOwner:
         self.counters = BusCounters()
         self.sinks: dict[tuple[int, bool], FrameSink] = {}
         self.taps: tuple[FrameSink, ...] = ()  # see every frame the filters let through, while tapped
+        # One functional collection at a time: two at once would each send flow control to every
+        # multi-frame answer (and each take the other's answers for its own).
+        self.collecting = threading.Lock()
         self._filters = list(filters or [])
         self._factory = factory or (lambda: open_bus(config))
         self._on_change = on_change
@@ -151,13 +154,17 @@ class BusOwner:
                 bus.set_filters(self._can_filters())
 
     def tap(self, sink: FrameSink) -> None:
-        """Also hands every frame that passes the filters to `sink`, until `untap` (notifier thread)."""
+        """Also hands every frame that passes the filters to `sink`, until `untap` (notifier thread).
+        Tapping a sink that is already tapped changes nothing (a frame is never handed over twice)."""
         with self._lock:
-            self.taps = (*self.taps, sink)
+            if sink not in self.taps:
+                self.taps = (*self.taps, sink)
 
     def untap(self, sink: FrameSink) -> None:
+        """Stops handing frames to `sink`. Compared by equality, not identity: each `obj.method` is a
+        new bound-method object, so `is` would never match one and every tap would stay for good."""
         with self._lock:
-            self.taps = tuple(t for t in self.taps if t is not sink)
+            self.taps = tuple(t for t in self.taps if t != sink)
 
     def _can_filters(self) -> list[can.typechecking.CanFilter]:
         return [

@@ -10,6 +10,7 @@ compared once more here. Hand-built bytes remain only where udsoncan has no help
   DIDs the config does not describe could not be read at all; `wire.dtc` splits them instead (the
   requests themselves come from udsoncan);
 - the session/security bookkeeping that follows a raw 0x10/0x11/0x27, read from the raw bytes.
+A command sent functionally (one request, every ECU's answer) is handed to `uds.functional`.
 """
 
 from __future__ import annotations
@@ -24,17 +25,16 @@ from udsoncan import Request, Response, services
 
 from agent.config.model import EcuConfig
 from agent.errors import BusDownError, TransportTimeoutError
+from agent.uds.answers import did_groups, error_fields, expect_echo, interpret
+from agent.uds.functional import FunctionalRequests
 from agent.uds.keys import load_algorithm
 from agent.uds.transaction import (
-    NEGATIVE_RESPONSE,
     FunctionalLink,
     InvalidResponseError,
     Link,
     NegativeResponseError,
     Timing,
     UdsTimeoutError,
-    collect,
-    suppresses_positive,
     transact,
 )
 from agent.wire import codecs, obd
@@ -63,30 +63,6 @@ class _Encoded(udsoncan.DidCodec):
         raise udsoncan.DidCodec.ReadAllRemainingData
 
 
-def interpret(reader: Callable[..., Any], response: Response, *args: Any, **kwargs: Any) -> Any:
-    """udsoncan's `interpret_response`, its complaints turned into InvalidResponseError."""
-    try:
-        return reader(response, *args, **kwargs).service_data
-    except (udsoncan.exceptions.InvalidResponseException, udsoncan.exceptions.ConfigError, ValueError,
-            IndexError) as err:  # IndexError: udsoncan's 0x2F reader on an answer without the control echo
-        raise InvalidResponseError(str(err)) from err
-
-
-def expect_echo(what: str, got: int, wanted: int) -> None:
-    if got != wanted:
-        raise InvalidResponseError(f"response echoes {what} 0x{got:02X}, asked for 0x{wanted:02X}")
-
-
-def error_fields(err: Exception) -> dict[str, Any]:
-    """The `error` object of a per-item failure inside a result (e.g. one DTC's snapshot)."""
-    if isinstance(err, NegativeResponseError):
-        return {"code": str(ErrorCode.NEGATIVE_RESPONSE), "message": str(err), "nrc": f"0x{err.code:02X}",
-                "nrc_name": err.name}
-    if isinstance(err, UdsTimeoutError | TransportTimeoutError):
-        return {"code": str(ErrorCode.TIMEOUT), "message": str(err)}
-    return {"code": str(ErrorCode.INTERNAL), "message": f"invalid response from ECU: {err}"}
-
-
 class Executor:
     """Owns the UDS view of one ECU (session, security level, timing) and turns commands into outcomes.
 
@@ -97,6 +73,7 @@ class Executor:
         self.ecu = ecu
         self.link = link
         self.functional = functional
+        self._functional = FunctionalRequests(ecu, functional)
         self.session = DEFAULT_SESSION
         self.security_level = LOCKED
         self._base = Timing(ecu.timing.p2_ms / 1000, ecu.timing.p2_star_ms / 1000, ecu.timing.busy_retries)
@@ -114,7 +91,7 @@ class Executor:
         """Runs the command until done or `deadline` (monotonic seconds), physically or functionally."""
         try:
             if addressing == c.FUNCTIONAL:
-                return Outcome.completed(self._functional_request(params, deadline))
+                return Outcome.completed(self._functional.run(params, self.timing, deadline))
             return Outcome.completed(self._handlers[type(params)](params, deadline))
         except NegativeResponseError as nrc:
             return Outcome.failure(Status.FAILED, ErrorCode.NEGATIVE_RESPONSE, str(nrc),
@@ -188,9 +165,7 @@ class Executor:
     # ---- one handler per command ---------------------------------------------------------------
     def _read_data(self, p: c.ReadData, deadline: float) -> dict[str, Any]:
         values: dict[str, Any] = {}
-        fixed = [d for d in p.dids if d.length is not None]
-        groups = ([fixed] if fixed else []) + [[d] for d in p.dids if d.length is None]
-        for group in groups:
+        for group in did_groups(p.dids):
             config = {d.id: codecs.UdsoncanCodec(d) for d in group}
             ids = [d.id for d in group]
             response = self._ask(services.ReadDataByIdentifier.make_request(ids, config), deadline)
@@ -353,83 +328,3 @@ class Executor:
         response = transact(self.link, request, self.timing, deadline)
         assert response is not None  # OBD-II requests have no suppressPosRspMsgIndicationBit
         return response
-
-    # ---- functional requests: one request, every ECU's answer ----------------------------------
-    def _functional_request(self, p: c.Params, deadline: float) -> dict[str, Any]:
-        if self.functional is None:
-            raise InvalidResponseError(f"{self.ecu.name} has no functional_id: functional requests cannot go out")
-        if isinstance(p, c.ReadData):
-            return {"responses": self._functional_read(p, deadline)}
-        if isinstance(p, c.Obd):
-            return {"responses": self._functional_obd(p, deadline)}
-        if isinstance(p, c.TesterPresent):
-            request = services.TesterPresent.make_request().get_payload()
-        elif isinstance(p, c.Raw):
-            request = p.request
-        else:
-            raise InvalidResponseError(f"{type(p).__name__} cannot be sent functionally")
-        answers = self._collect(request, deadline)
-        entries = {}
-        for key, data in answers.items():
-            if data[0] == NEGATIVE_RESPONSE:
-                entries[key] = {"error": error_fields(NegativeResponseError(request[0], data[2]))}
-            else:
-                entries[key] = {"response": data.hex()} if isinstance(p, c.Raw) else {}
-        return {"responses": entries}
-
-    def _collect(self, request: bytes, deadline: float) -> dict[str, bytes]:
-        assert self.functional is not None
-        answers = collect(self.functional, request, self.timing, deadline)
-        if not answers and not suppresses_positive(request):
-            raise UdsTimeoutError(f"no ECU answered functional request 0x{request[0]:02X} within P2 "
-                                  f"({self.timing.p2 * 1000:.0f} ms)")
-        for key, data in answers.items():
-            if data[0] == NEGATIVE_RESPONSE and len(data) < 3:
-                answers[key] = bytes([NEGATIVE_RESPONSE, request[0], 0x10])  # truncated NRC: general reject
-        return answers
-
-    def _functional_read(self, p: c.ReadData, deadline: float) -> dict[str, Any]:
-        entries: dict[str, dict[str, Any]] = {}
-        fixed = [d for d in p.dids if d.length is not None]
-        for group in ([fixed] if fixed else []) + [[d] for d in p.dids if d.length is None]:
-            config = {d.id: codecs.UdsoncanCodec(d) for d in group}
-            ids = [d.id for d in group]
-            request = services.ReadDataByIdentifier.make_request(ids, config).get_payload()
-            for key, data in self._collect(request, deadline).items():
-                entry = entries.setdefault(key, {"values": {}})
-                try:
-                    if data[0] == NEGATIVE_RESPONSE:
-                        raise NegativeResponseError(request[0], data[2])
-                    parsed = interpret(services.ReadDataByIdentifier.interpret_response,
-                                       Response.from_payload(data), ids, config)
-                    if set(parsed.values) != set(ids):
-                        raise InvalidResponseError("the answer does not carry every DID asked for")
-                except (NegativeResponseError, InvalidResponseError) as err:
-                    entry.setdefault("error", error_fields(err))
-                    continue
-                by_id = {d.id: d for d in group}
-                entry["values"].update({by_id[did].name: value for did, value in parsed.values.items()})
-        for entry in entries.values():
-            entry["values"] = {d.name: entry["values"][d.name] for d in p.dids if d.name in entry["values"]}
-            if "error" in entry and not entry["values"]:
-                del entry["values"]
-        return entries
-
-    def _functional_obd(self, p: c.Obd, deadline: float) -> dict[str, Any]:
-        """Each request of the `obd` command once, functionally; every answering ECU gets its own result."""
-        entries: dict[str, dict[str, Any]] = {}
-        for part, request in obd.plan(p.pids, p.info, p.dtcs):
-            for key, data in self._collect(request, deadline).items():
-                entry = entries.setdefault(key, {})
-                if "error" in entry:
-                    continue
-                try:
-                    if data[0] == NEGATIVE_RESPONSE:
-                        raise NegativeResponseError(request[0], data[2])
-                    obd.interpret(part, request, data, entry, self.ecu.dtc_texts)
-                except NegativeResponseError as err:
-                    entry["error"] = error_fields(err)
-                except obd.ObdResponseError as err:
-                    entry["error"] = error_fields(InvalidResponseError(str(err)))
-        return {key: {k: entry[k] for k in ("values", "unsupported", "info", "dtcs", "error") if k in entry}
-                for key, entry in entries.items()}

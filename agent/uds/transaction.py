@@ -177,35 +177,50 @@ def _exchange(link: Link, request: bytes, timing: Timing, deadline: float, wait_
 
 
 class FunctionalLink(Protocol):
-    """What a functional collection needs: one-frame requests out, (responder, PDU) pairs in."""
+    """What a functional collection needs: one-frame requests out, (responder, PDU) pairs in, and the
+    responders whose answer broke off under way (`lost`: responder -> why)."""
 
-    def open(self) -> None: ...
+    def open(self, timeout: float) -> None: ...
     def close(self) -> None: ...
     def send(self, payload: bytes, timeout: float) -> None: ...
     def recv(self, timeout: float, limit: float) -> tuple[str, bytes] | None: ...
+    def lost(self) -> dict[str, str]: ...
 
 
-def collect(link: FunctionalLink, request: bytes, timing: Timing, deadline: float) -> dict[str, bytes]:
+@dataclass(frozen=True)
+class Collected:
+    """Every ECU's final answer by responder, and the responders whose answer broke off (with why)."""
+
+    answers: dict[str, bytes]
+    lost: dict[str, str]
+
+
+def collect(link: FunctionalLink, request: bytes, timing: Timing, deadline: float) -> Collected:
     """Sends a functional request and returns every ECU's final answer (positive or negative), by responder.
 
-    Answers count within P2 of the request; an ECU that answered NRC 0x78 gets P2* from then on for
-    its final answer. Answers that do not echo the request are discarded (DEBUG), as in `transact`;
-    an ECU's first final answer is its answer. An empty result means nobody answered in time.
+    Answers count when they start within P2 of the request (one under way when P2 ends is received to
+    its end, within `deadline`); an ECU that answered NRC 0x78 gets P2* from then on for its final
+    answer. Answers that do not echo the request are discarded (DEBUG), as in `transact`; an ECU's
+    first final answer is its answer. An answer that broke off under way (N_Cr, the deadline) is in
+    `lost` unless that ECU answered in full after all. Nothing in either: nobody answered in time.
     """
     final: dict[str, bytes] = {}
     pending: dict[str, float] = {}  # responders that sent 0x78: until when their final answer counts
-    link.open()
+    link.open(deadline - time.monotonic())
     try:
         link.send(request, timeout=max(0.001, min(deadline - time.monotonic(), timing.p2_star)))
         window_end = time.monotonic() + timing.p2
         while True:
             now = time.monotonic()
             end = min(max(window_end, *pending.values()) if pending else window_end, deadline)
-            if now >= end:
-                break
-            got = link.recv(end - now, deadline)
-            if got is None:
-                continue
+            if now < end:
+                got = link.recv(end - now, deadline)
+                if got is None:
+                    continue
+            else:  # the window is closed, but answers that started in it are received to their end
+                got = link.recv(0, deadline)
+                if got is None:
+                    break
             key, data = got
             if not answers(request, data) or key in final:
                 log.debug("discarding an answer from %s that is not for request %s: %s", key, request[:4].hex(),
@@ -220,4 +235,7 @@ def collect(link: FunctionalLink, request: bytes, timing: Timing, deadline: floa
         link.close()
     for key in pending:
         log.info("no final answer from %s to functional request %s within P2*", key, request[:4].hex())
-    return final
+    lost = {key: why for key, why in link.lost().items() if key not in final}
+    for key, why in lost.items():
+        log.warning("answer from %s to functional request %s lost under way: %s", key, request[:4].hex(), why)
+    return Collected(final, lost)
