@@ -194,6 +194,53 @@ def test_replay_of_a_captured_envelope(signed, backend, sim, keys):
     assert sim.ecu("engine").server.executed[0x14] == 1
 
 
+def test_a_flood_of_plain_messages_cannot_evict_a_signed_id_before_its_expiry(signed_vehicle, sim, backend, keys):
+    """Review defect: unsigned messages (reads allowed plain under `mutating`, invalid ones remembered as
+    rejected) pushed the ledger over store.ledger_max_bytes, its bound forgot the signed command's id inside
+    its expires_at window, and the captured envelope ran again. The bound forgets the flood, not that id."""
+    config = dataclasses.replace(signed_vehicle, store=dataclasses.replace(signed_vehicle.store,
+                                                                           ledger_max_bytes=64 * 1024))
+    svc = start(config, backend)
+    try:
+        body = command(expires=600)
+        captured = keys["backend-1"].sign(body)
+        backend.send(captured)
+        assert backend.final(body["id"])["status"] == "completed"
+        for _ in range(12):  # each remembers an 8 KiB result: together over the bound
+            read = command("read_data", {"data": "big_block"}, expires=None)
+            backend.send(read)
+            assert backend.final(read["id"])["status"] == "completed"
+        invalid = [json.dumps({"id": f"f-{i:04d}-{uuid.uuid4().hex[:8]}", "component": "engine",
+                               "command": "read_data", "timeout_ms": "z" * 3000}).encode() for i in range(100)]
+        backend.send_all(invalid)
+        backend.final(json.loads(invalid[-1])["id"])
+        svc.outbox.maintain()  # what the outbox thread does every minute
+        assert svc.outbox.ledger_dropped >= 100 and svc.store.ledger_bytes() <= 64 * 1024
+        assert svc.store.get(body["id"]) is not None
+        backend.send(captured)  # the replay, well inside expires_at: the first final again, nothing run
+        topic = backend.topics.responses(body["id"])
+        backend.wait_for(lambda s: s.topic == topic and b'"duplicate"' in s.payload, 10)
+        assert sim.ecu("engine").server.executed[0x14] == 1
+        assert svc.registry.get_sample_value("sovd_ledger_over_bound") == 0
+    finally:
+        svc.stop()
+
+
+def test_how_long_the_ledger_holds_an_id_that_ran(signed, backend, keys):
+    """A signed command's id is held until its expires_at; a plain command's for at most
+    security.max_expiry_ahead_s (else plain commands with far expiries could hold the ledger past its bound)."""
+    signed_body, plain, forever = command(expires=600), command("read_data", {"data": "vin"}, expires=600), \
+        command("read_data", {"data": "vin"}, expires=None, expires_at="9999-12-31T23:59:59Z")
+    for payload, body in ((keys["backend-1"].sign(signed_body), signed_body), (plain, plain), (forever, forever)):
+        backend.send(payload)
+        assert backend.final(body["id"])["status"] == "completed"
+    held = {b["id"]: signed.store.get(b["id"]) for b in (signed_body, plain, forever)}
+    assert held[signed_body["id"]].keep_until == held[signed_body["id"]].expires_at
+    assert held[plain["id"]].keep_until == held[plain["id"]].expires_at
+    entry = held[forever["id"]]
+    assert entry.keep_until == entry.received_at + signed.config.security.max_expiry_ahead_s
+
+
 # ---- rotation -------------------------------------------------------------------------------------------
 
 def test_rotation_old_and_new_key_then_old_removed(mqtt_vehicle, keys, sim, backend):

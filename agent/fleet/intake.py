@@ -391,13 +391,26 @@ class Intake:
         expiry = item.received_at + item.expiry_interval
         return min(command.expires_at or expiry, expiry)
 
+    def _keep_until(self, command: Command, item: Incoming, signer: str | None) -> float | None:
+        """Until when the ledger's bounds keep this command's id once it ran: a resend before its `expires_at`
+        would be accepted, so forgetting it earlier would run a captured signed envelope twice (the MQTT
+        Message Expiry Interval is outside the signature and does not count). An unsigned command's hold is
+        capped at security.max_expiry_ahead_s after receipt, as a signed one's is by the signature check:
+        otherwise plain commands with far expiries could grow the ledger past its bound for good."""
+        if command.expires_at is None:
+            return None
+        if signer is not None:
+            return command.expires_at
+        return min(command.expires_at, item.received_at + self._config.security.max_expiry_ahead_s)
+
     def _accept(self, d: Decision, command: Command, waits: bool = False, signer: str | None = None) -> None:
         """Recorded as queued; with `waits`, it waits for room in its component's queue, its PUBACK held.
         `signer` is the key id of a signed command (the audit log's "who")."""
         item = d.item
         send_accepted = self._config.mqtt.send_accepted and self._takes_progress(item, d.body, d.reply_topic)
         entry = Entry(command.id, "queued", d.body, d.reply_topic, item.correlation, item.received_at,
-                      self._ledger_expiry(command, item), 1 if send_accepted else 0, None, signer)
+                      self._ledger_expiry(command, item), 1 if send_accepted else 0, None, signer,
+                      self._keep_until(command, item, signer))
         d.remember(entry)
         if send_accepted:
             d.publish(self._out(d.reply_topic, accepted_message(command.id, command.component, command.command,

@@ -61,6 +61,8 @@ class AgentState:
     outbox_oldest_age_s: float = 0.0
     outbox_dropped: int = 0
     ledger_dropped: int = 0
+    ledger_held_bytes: int = 0
+    ledger_max_bytes: int = 0
     store_available: bool = True
     store_deferred: int = 0
     bus: BusReading | None = None
@@ -186,6 +188,13 @@ class StateCollector(Collector):
         yield CounterMetricFamily("sovd_ledger_dropped",
                                   "Finished command ids forgotten before their retention time (ledger byte bound).",
                                   value=s.ledger_dropped)
+        yield GaugeMetricFamily("sovd_ledger_held_bytes",
+                                "Ledger bytes the byte bound may not forget at its last pass: unfinished commands "
+                                "and commands that ran and could still be accepted (before their expires_at).",
+                                value=s.ledger_held_bytes)
+        yield GaugeMetricFamily("sovd_ledger_over_bound",
+                                "1 while what the ledger must hold alone exceeds store.ledger_max_bytes.",
+                                value=int(s.ledger_held_bytes > s.ledger_max_bytes > 0))
         yield GaugeMetricFamily("sovd_store_available", "1 while the durable store takes writes.",
                                 value=int(s.store_available))
         yield GaugeMetricFamily("sovd_store_deferred_writes",

@@ -85,7 +85,8 @@ class Service:
                              on_connection=self._on_connection, wall=self.clock.wall)
         self.outbox = Outbox(self.store, config.store, self.link.publish, lambda: self.link.connected,
                              now=self.clock.agent_now, forget=self.link.forget, on_refused=self._on_refused,
-                             window=lambda: self.link.broker_receive_maximum)
+                             window=lambda: self.link.broker_receive_maximum,
+                             wall=lambda: self.clock.wall() if self.clock.synchronized() else None)
         self.audit = AuditTrail(config, self.topics, self.store.get, on_error=self.metrics.audit_errors.inc,
                                 on_damage=lambda damage: self.metrics.audit_damaged.inc())
         self.intake = Intake(config, self.store, self.topics, self.link.ack, self._admit, self.outbox.wake,
@@ -242,6 +243,7 @@ class Service:
             outbox_pending=pending,
             outbox_oldest_age_s=max(0.0, self.clock.agent_now() - oldest) if oldest else 0.0,
             outbox_dropped=self.outbox.dropped, ledger_dropped=self.outbox.ledger_dropped,
+            ledger_held_bytes=self.outbox.ledger_held_bytes, ledger_max_bytes=self.config.store.ledger_max_bytes,
             store_available=self.store.trouble is None, store_deferred=self.store.deferred,
             bus=self.bus_monitor.reading,
         )
