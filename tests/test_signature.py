@@ -407,3 +407,10 @@ def test_gate_leaves_freshness_to_the_clock_rule_while_the_clock_is_not_trusted(
                               clock_trusted=lambda: False)
     assert untrusted(incoming(b"{}"), far, store.batch().publish) == (body(expires=NOW + 86400), "backend-1")
     store.close()
+
+
+@pytest.mark.parametrize("instant", ["0001-01-01T00:00:00+23:59", "9999-12-31T23:59:59-23:59"])
+def test_an_expires_at_that_cannot_be_represented_is_left_to_the_invalid_command_path(auth, keys, instant):
+    """Review defect: the freshness check raised ValueError (year 0) formatting such an instant."""
+    raw = json.dumps({**body(expires=None), "expires_at": instant}).encode()
+    assert check(auth, envelope_of(keys, "backend-1", raw)) == Passed(json.loads(raw), "backend-1")

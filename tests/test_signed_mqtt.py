@@ -241,6 +241,23 @@ def test_how_long_the_ledger_holds_an_id_that_ran(signed, backend, keys):
     assert entry.keep_until == entry.received_at + signed.config.security.max_expiry_ahead_s
 
 
+def test_an_expires_at_that_cannot_be_represented_is_an_invalid_command_signed_or_not(signed, backend, sim, keys):
+    """Review defect: a validly signed command with expires_at "0001-01-01T00:00:00+23:59" (valid RFC 3339,
+    before year 1 in UTC) raised in the signature check: an `internal` invalid_message event and no answer
+    for its readable id. Signed and plain, it is answered invalid_command naming the field."""
+    cases = []
+    for instant in ("0001-01-01T00:00:00+23:59", "9999-12-31T23:59:59-23:59"):
+        cases.append((lambda b: keys["backend-1"].sign(b), command(expires=None, expires_at=instant)))
+        cases.append((lambda b: b, command("read_data", {"data": "vin"}, expires=None, expires_at=instant)))
+    for wrap, body in cases:
+        backend.send(wrap(body))
+        final = backend.final(body["id"])
+        assert (final["status"], final["error"]["code"], final["error"]["field"]) == \
+            ("rejected", "invalid_command", "expires_at"), final
+    assert not signed.intake.stats.errors and sim.ecu("engine").received[0x14] == 0
+    assert not [s for s in backend.seen if s.topic == backend.topics.events and b"invalid_message" in s.payload]
+
+
 # ---- rotation -------------------------------------------------------------------------------------------
 
 def test_rotation_old_and_new_key_then_old_removed(mqtt_vehicle, keys, sim, backend):
