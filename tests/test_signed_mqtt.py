@@ -2,6 +2,7 @@
 counters prove what ran), keys made at test time. Every message the agent publishes is validated against
 docs/asyncapi.yaml by the `backend` fixture."""
 
+import base64
 import dataclasses
 import json
 import logging
@@ -256,6 +257,46 @@ def test_an_expires_at_that_cannot_be_represented_is_an_invalid_command_signed_o
             ("rejected", "invalid_command", "expires_at"), final
     assert not signed.intake.stats.errors and sim.ecu("engine").received[0x14] == 0
     assert not [s for s in backend.seen if s.topic == backend.topics.events and b"invalid_message" in s.payload]
+
+
+@pytest.mark.parametrize("mode", ["mutating", "all"])
+def test_garbage_is_answered_as_without_signatures(signed_vehicle, sim, backend, keys, mode):
+    """Review defect: with signatures required, undecodable input was an authentication failure `missing`:
+    no invalid_message event for garbage without an id, and a plain read with NaN or a lone surrogate got
+    unauthenticated instead of invalid_command. Now as with signatures off; a malformed envelope whose id can
+    be read is still unauthenticated. An unverified message's id is not remembered: the genuine command with
+    that id runs afterwards."""
+    svc = start(dataclasses.replace(signed_vehicle, security=dataclasses.replace(signed_vehicle.security,
+                                                                                 require_signature=mode)), backend)
+    try:
+        inner = json.dumps(command()).encode()
+        garbage = [b"\xff not json", b"[1, 2]", json.dumps({"signed": "!!!", "key_id": "k", "sig": "AA=="}).encode(),
+                   json.dumps({"signed": "e30=", "key_id": "k", "sig": "AA==", "pad": "x" * 70_000}).encode(),
+                   b'{"signed": "' + base64.b64encode(inner) + b'", "key_id": "\\ud800", "sig": "AA=="}']
+        backend.send_all(garbage)
+        nan, surrogate = command("read_data", {"data": "vin"}, expires=None), command()
+        backend.send(json.dumps(nan)[:-1].encode() + b', "x": NaN}')
+        backend.send(json.dumps(surrogate)[:-1].encode() + b', "x": "\\ud800"}')
+        malformed = command()
+        backend.send(json.dumps({"signed": base64.b64encode(json.dumps(malformed).encode()).decode(),
+                                 "key_id": "backend-1", "sig": "@@"}).encode())
+        for body, field in ((nan, "x"), (surrogate, "x")):
+            final = backend.final(body["id"])
+            assert (final["status"], final["error"]["code"], final["error"]["field"]) == \
+                ("rejected", "invalid_command", field), final
+            assert svc.store.get(body["id"]) is None  # unverified: it claims no id
+        final = backend.final(malformed["id"])
+        assert (final["error"]["code"], final["error"]["reason"]) == ("unauthenticated", "bad_signature")
+        events = backend.wait_for(lambda s: s.topic == backend.topics.events and b"invalid_message" in s.payload,
+                                  10, count=len(garbage))
+        assert {e.json()["reason"] for e in events} == {"undecodable"}
+        assert svc.registry.get_sample_value("sovd_authentication_failures_total", {"reason": "missing"}) == 0
+        backend.send(keys["backend-1"].sign(surrogate))  # the genuine command with the garbage's id runs
+        topic = backend.topics.responses(surrogate["id"])
+        backend.wait_for(lambda s: s.topic == topic and b'"completed"' in s.payload, 10)
+        assert sim.ecu("engine").server.executed[0x14] == 1 and not svc.intake.stats.errors
+    finally:
+        svc.stop()
 
 
 # ---- rotation -------------------------------------------------------------------------------------------

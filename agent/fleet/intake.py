@@ -326,7 +326,9 @@ class Intake:
                 return
             self._identify(d, body.command_id, {})
             if not self._repeated(d):
-                self._reject_invalid(d, body.reason, body.field)
+                # unverified input where signatures are required must not claim an id a genuine command may carry
+                claims_id = signer is not None or self._config.security.require_signature == "none"
+                self._reject_invalid(d, body.reason, body.field, remember=claims_id)
             return
         command_id = decode.readable_id(body)
         if command_id is None:
@@ -502,12 +504,14 @@ class Intake:
             del self._seen[d.command_id]
 
     # ---- finals --------------------------------------------------------------------------------
-    def _reject_invalid(self, d: Decision, reason: str, field: str) -> None:
+    def _reject_invalid(self, d: Decision, reason: str, field: str, remember: bool = True) -> None:
         assert d.command_id is not None
         self._count_invalid("invalid_command")
         message = refusal_message(d.command_id, d.body, Status.REJECTED, ErrorCode.INVALID_COMMAND, reason,
                                   d.item.received_at, **({"field": field} if field else {}))
-        self._final(d, message)
+        if not remember:  # the same id, even later in this group, is decided afresh
+            self._forget_seen(d)
+        self._final(d, message, remember=remember)
         log.info("invalid command rejected: %s", message["error"]["message"], extra=self._fields(d))
 
     def _refusal(self, d: Decision, admission: Admission, component: str, command: str) -> None:
