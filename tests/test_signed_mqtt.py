@@ -374,8 +374,30 @@ def test_no_audit_record_no_run(mqtt_vehicle, sim, backend):
         assert backend.final(read["id"])["status"] == "completed"
         assert sim.ecu("engine").received[0x14] == 0
         assert svc.registry.get_sample_value("sovd_audit_log_write_errors_total") == 1
+        # an operator sees it where store trouble shows (systemd STATUS=), until a record is written again
+        assert any("audit log unavailable" in p and "storage_unavailable" in p for p in svc.health())
+        assert "audit log unavailable" in svc.status_line()
+        (mqtt_vehicle.state_dir / AUDIT_FILE).unlink()  # room again: the next mutating command is recorded
+        again = command(expires=None)
+        backend.send(again)
+        assert backend.final(again["id"])["status"] == "completed"
+        assert svc.health() == [] and "audit" not in svc.status_line()
     finally:
         svc.stop()
+
+
+def test_an_audit_file_deleted_while_running_is_noticed_and_written_again(signed, signed_vehicle, backend, keys):
+    """Review defect: after `rm audit.jsonl` the records of later commands went to the unlinked file."""
+    path = signed_vehicle.state_dir / AUDIT_FILE
+    first, second = command(), command()
+    backend.send(keys["backend-1"].sign(first))
+    assert backend.final(first["id"])["status"] == "completed"
+    path.unlink()
+    backend.send(keys["backend-1"].sign(second))
+    assert backend.final(second["id"])["status"] == "completed"
+    assert [(r["phase"], r["id"]) for r in read_records(path)] == [("started", second["id"]),
+                                                                   ("finished", second["id"])]
+    assert signed.registry.get_sample_value("sovd_audit_log_lost_total", {"how": "deleted"}) == 1
 
 
 def test_a_damaged_last_line_is_reported_at_start(mqtt_vehicle, sim, backend):

@@ -99,6 +99,10 @@ class AgentMetrics:
                                      registry=registry)
         self.audit_errors = Counter("sovd_audit_log_write_errors", "Audit records that could not be written.",
                                     registry=registry)
+        self.audit_lost = Counter("sovd_audit_log_lost", "Audit files found deleted or replaced while the agent "
+                                  "had them open (a fresh file was opened), by how.", ["how"], registry=registry)
+        for how in ("deleted", "replaced"):
+            self.audit_lost.labels(how)
         self.publish_refused = Counter("sovd_publish_refused",
                                        "Messages the broker refused for good (PUBACK reason code), set aside.",
                                        ["reason"], registry=registry)

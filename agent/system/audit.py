@@ -38,13 +38,17 @@ class AuditTrail:
 
     def __init__(self, config: AgentConfig, topics: Topics, lookup: Callable[[str], Entry | None],
                  on_damage: Callable[[Damage], None] | None = None,
-                 on_error: Callable[[], None] | None = None) -> None:
+                 on_error: Callable[[], None] | None = None,
+                 on_lost: Callable[[str], None] | None = None) -> None:
         audit = config.security.audit
-        self.log = AuditLog(config.state_dir, audit.max_bytes, audit.keep)
+        self.log = AuditLog(config.state_dir, audit.max_bytes, audit.keep, on_lost=on_lost)
         self._topics = topics
         self._lookup = lookup
         self._on_damage = on_damage or (lambda damage: None)
         self._on_error = on_error or (lambda: None)
+        # Why the file cannot be written, since the last attempt that failed; None once a record is written
+        # again. Mutating commands are refused `storage_unavailable` meanwhile (the service reports it).
+        self.trouble: str | None = None
 
     def open(self, batch: Batch) -> Damage | None:
         """Opens the file; damage left by a power loss is logged, counted, recorded and evented."""
@@ -52,6 +56,7 @@ class AuditTrail:
             damage = self.log.open()
         except OSError as err:  # mutating commands are refused until it can be written (see `started`)
             self._on_error()
+            self.trouble = str(err)
             log.error("the audit log cannot be opened: %s", err, extra={"file": str(self.log.path)})
             return None
         if damage is None:
@@ -100,11 +105,16 @@ class AuditTrail:
             self.log.append(record)
         except OSError as err:
             self._on_error()
+            self.trouble = str(err)
             log.error("audit record not written: %s", err, extra={
                 **command_fields(str(record.get("id", "")), record.get("component"), record.get("command")),
                 "phase": record.get("phase"), "file": str(self.log.path)})
             if must:
                 raise AuditUnavailableError(f"the audit log cannot be written: {err}") from err
+            return
+        if self.trouble is not None:
+            log.warning("the audit log takes records again", extra={"file": str(self.log.path)})
+            self.trouble = None
 
 
 def _who(entry: Entry | None) -> str:
