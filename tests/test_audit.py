@@ -101,6 +101,22 @@ def test_a_file_deleted_or_replaced_while_open_is_noticed_and_a_fresh_one_writte
     log.close()
 
 
+def test_a_rotation_by_another_writer_is_followed_quietly(tmp_path):
+    """`sovd-edge uds` may rotate the file the daemon has open: not a loss, the daemon follows it."""
+    lost = []
+    daemon = AuditLog(tmp_path, max_bytes=200, keep=2, on_lost=lost.append)
+    daemon.open()
+    daemon.append({"n": 0, "pad": "x" * 100})
+    local = AuditLog(tmp_path, max_bytes=200, keep=2)
+    local.open()
+    local.append({"n": 1, "pad": "x" * 100})  # over 200 bytes: rotates
+    local.close()
+    daemon.append({"n": 2})
+    daemon.close()
+    assert lost == [] and [r["n"] for r in read_records(tmp_path / AUDIT_FILE)] == [1, 2]
+    assert [r["n"] for r in read_records(tmp_path / f"{AUDIT_FILE}.1")] == [0]
+
+
 # ---- the trail: what each mutating command leaves, in the file and in the outbox ------------------------
 
 @pytest.fixture

@@ -105,6 +105,11 @@ class AuditLog:
             if (there.st_dev, there.st_ino) == (mine.st_dev, mine.st_ino):
                 return
             how = "replaced"
+            if _same_file(self.path.with_name(f"{AUDIT_FILE}.1"), mine):  # rotated by another writer (`uds`)
+                log.info("the audit log was rotated by another process; writing the new file",
+                         extra={"file": str(self.path)})
+                self._reopen()
+                return
         log.error("the audit log file was %s while the agent had it open; a fresh file is written at %s from "
                   "now on (records written since the change went with the old file)", how, self.path,
                   extra={"file": str(self.path), "how": how})
@@ -138,6 +143,14 @@ class AuditLog:
         _fsync_dir(self.path.parent)
         log.info("audit log rotated", extra={"file": str(self.path), "keep": self._keep})
         self._reopen()
+
+
+def _same_file(path: Path, mine: os.stat_result) -> bool:
+    try:
+        found = os.stat(path)
+    except OSError:
+        return False
+    return (found.st_dev, found.st_ino) == (mine.st_dev, mine.st_ino)
 
 
 def _inspect(path: Path) -> Damage | None:
