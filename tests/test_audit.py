@@ -78,6 +78,45 @@ def test_a_disk_that_refuses_writes_raises(tmp_path):
     log.close()
 
 
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_a_file_deleted_or_replaced_while_open_is_noticed_and_a_fresh_one_written(tmp_path, caplog, how):
+    """Review defect: after `rm audit.jsonl` the records went to the unlinked inode, silently. Before each
+    record the open file is compared with the path; a file gone or replaced is reopened, logged, counted."""
+    lost = []
+    log = AuditLog(tmp_path, max_bytes=1 << 20, keep=2, on_lost=lost.append)
+    log.open()
+    log.append({"n": 0})
+    path = tmp_path / AUDIT_FILE
+    if how == "deleted":
+        path.unlink()
+    else:  # moved away by hand (or a logrotate that is not told) and a new file put in its place
+        path.rename(tmp_path / "moved")
+        path.write_bytes(b'{"n": "other"}\n')
+    with caplog.at_level("ERROR", logger="agent.store.audit"):
+        log.append({"n": 1})  # on the disk, in the file the path names, before append returns
+    assert read_records(path)[-1] == {"n": 1} and {"n": 0} not in read_records(path)
+    assert lost == [how] and [r.levelname for r in caplog.records] == ["ERROR"]
+    log.append({"n": 2})
+    assert lost == [how] and read_records(path)[-2:] == [{"n": 1}, {"n": 2}]
+    log.close()
+
+
+def test_a_rotation_by_another_writer_is_followed_quietly(tmp_path):
+    """`sovd-edge uds` may rotate the file the daemon has open: not a loss, the daemon follows it."""
+    lost = []
+    daemon = AuditLog(tmp_path, max_bytes=200, keep=2, on_lost=lost.append)
+    daemon.open()
+    daemon.append({"n": 0, "pad": "x" * 100})
+    local = AuditLog(tmp_path, max_bytes=200, keep=2)
+    local.open()
+    local.append({"n": 1, "pad": "x" * 100})  # over 200 bytes: rotates
+    local.close()
+    daemon.append({"n": 2})
+    daemon.close()
+    assert lost == [] and [r["n"] for r in read_records(tmp_path / AUDIT_FILE)] == [1, 2]
+    assert [r["n"] for r in read_records(tmp_path / f"{AUDIT_FILE}.1")] == [0]
+
+
 # ---- the trail: what each mutating command leaves, in the file and in the outbox ------------------------
 
 @pytest.fixture

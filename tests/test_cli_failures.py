@@ -135,6 +135,66 @@ def test_keygen_with_a_bad_key_id_exits_2(tmp_path):
     assert line.startswith("sovd-edge keygen: --key-id: ") and not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize(("flag", "value", "says"), [
+    ("--id", "x/y#", "--id: "),
+    ("--id", "i" * 70_000, "--id: "),
+    ("--vehicle", "a/+", "--vehicle: "),
+])
+def test_call_with_an_id_or_vehicle_that_cannot_be_a_topic_level_exits_2(broker, flag, value, says):
+    """Review defect: with a broker up, these reached the topic builder and paho: exit 70 with a traceback."""
+    result = cli("call", "-c", DEMO, "--broker", broker.url, flag, value, "--wait", "1",
+                 "engine", "clear_faults")
+    line = one_line(result, 2, call)
+    assert line.startswith(f"sovd-edge call: {says}") and len(line) < 300
+
+
+@pytest.mark.parametrize("problem", ["a private key", "a directory"])
+def test_check_config_loads_the_signing_keys_as_run_does(tmp_path, problem):
+    """Review defect: check-config said OK to a public_key that was a private key or a directory; run exits 78."""
+    from agent.policy import ed25519
+
+    ed25519.generate(tmp_path / "k.key", tmp_path / "k.pub")
+    wrong = tmp_path / "k.key" if problem == "a private key" else tmp_path
+    config = yaml.safe_load((ROOT / DEMO).read_text())
+    config.update(simulate=[str(ROOT / "config/sim/demo-vehicle.yaml")],
+                  security={"require_signature": "mutating", "keys": {"k": {"public_key": str(wrong)}}})
+    bad = tmp_path / "agent.yaml"
+    bad.write_text(yaml.safe_dump(config))
+    line = one_line(cli("check-config", "-c", str(bad)), 78, check_config)
+    assert line.startswith(f"sovd-edge check-config: invalid configuration: {bad}: security.keys.k.public_key: ")
+    config["security"]["keys"]["k"]["public_key"] = str(tmp_path / "k.pub")
+    bad.write_text(yaml.safe_dump(config))
+    assert cli("check-config", "-c", str(bad)).returncode == 0
+
+
+def test_uds_under_required_signatures_writes_the_audit_record_or_does_not_run(tmp_path):
+    """Review defect: `uds` ran mutating commands with no audit record where the config requires signatures.
+    It records them in the config's audit log like the daemon (who: local) and, where it cannot, runs nothing."""
+    from agent.policy import ed25519
+    from agent.store.audit import AUDIT_FILE, read_records
+
+    ed25519.generate(tmp_path / "k.key", tmp_path / "k.pub")
+    config = yaml.safe_load((ROOT / DEMO).read_text())
+    config.update(simulate=[str(ROOT / "config/sim/demo-vehicle.yaml")], state_dir=str(tmp_path / "state"),
+                  bus={**config["bus"], "channel": f"uds-{uuid.uuid4().hex[:8]}"},
+                  security={"require_signature": "all", "keys": {"k": {"public_key": str(tmp_path / "k.pub")}}})
+    path = tmp_path / "agent.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = cli("uds", "-c", str(path), "engine", "clear_faults")
+    assert result.returncode == 0, result.stderr
+    started, finished = read_records(tmp_path / "state" / AUDIT_FILE)
+    assert (started["phase"], started["who"], started["command"]) == ("started", "local", "clear_faults")
+    assert (finished["phase"], finished["status"], finished["id"]) == ("finished", "completed", started["id"])
+    assert cli("uds", "-c", str(path), "engine", "read_data", "data=vin").returncode == 0  # reads: no record
+    assert len(read_records(tmp_path / "state" / AUDIT_FILE)) == 2
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    config["state_dir"] = str(blocker / "state")
+    path.write_text(yaml.safe_dump(config))
+    line = one_line(cli("uds", "-c", str(path), "engine", "clear_faults"), 73, uds)
+    assert line.startswith("sovd-edge uds: not run: the audit log cannot be written") and "/state" in line
+
+
 def test_every_subcommand_has_a_broken_input_test_here():
     tested = {name for name, _ in inspect.getmembers(sys.modules[__name__], inspect.isfunction)
               if name.startswith("test_")}

@@ -127,3 +127,12 @@ def test_progress_is_a_strict_boolean_defaulting_to_false(vehicle):
     for bad, shown in (("true", "string 'true'"), (1, "int 1"), (0, "int 0"), ([], "a list"), ({}, "a mapping")):
         found, command_id = problems(vehicle, progress=bad)
         assert command_id == "c-1" and found == {"progress": f"expected true or false, got {shown}"}
+
+
+@pytest.mark.parametrize("instant", ["0001-01-01T00:00:00+23:59", "9999-12-31T23:59:59-23:59"])
+def test_an_expires_at_outside_the_years_1_to_9999_in_utc_is_invalid_not_a_crash(vehicle, instant):
+    """Review defect: valid RFC 3339 with an offset that takes the instant out of datetime's range parsed to
+    a number nothing could format again (ValueError 'year 0 is out of range' in the signature check)."""
+    found, _ = problems(vehicle, expires_at=instant)
+    assert "cannot be represented" in found["expires_at"]
+    assert parse(vehicle, expires_at="0001-01-01T00:00:00-00:01").expires_at < 0  # in range: an old instant

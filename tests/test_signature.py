@@ -71,7 +71,9 @@ def test_mutating_is_everything_but_the_reads():
     ("mutating", {"command": "tester_present"}, False),
     ("mutating", {"command": "reset"}, True),
     ("mutating", {"command": ["read_data"]}, True),
-    ("mutating", Undecodable("not JSON", "", "x-1"), True),
+    # undecodable input is invalid input, answered as without signatures (review defect: it was `missing`)
+    ("mutating", Undecodable("not JSON", "", "x-1"), False),
+    ("all", Undecodable("not JSON", "", None), False),
     ("all", {"command": "read_data"}, True),
 ])
 def test_needs_signature(mode, message, needed):
@@ -407,3 +409,37 @@ def test_gate_leaves_freshness_to_the_clock_rule_while_the_clock_is_not_trusted(
                               clock_trusted=lambda: False)
     assert untrusted(incoming(b"{}"), far, store.batch().publish) == (body(expires=NOW + 86400), "backend-1")
     store.close()
+
+
+@pytest.mark.parametrize("instant", ["0001-01-01T00:00:00+23:59", "9999-12-31T23:59:59-23:59"])
+def test_an_expires_at_that_cannot_be_represented_is_left_to_the_invalid_command_path(auth, keys, instant):
+    """Review defect: the freshness check raised ValueError (year 0) formatting such an instant."""
+    raw = json.dumps({**body(expires=None), "expires_at": instant}).encode()
+    assert check(auth, envelope_of(keys, "backend-1", raw)) == Passed(json.loads(raw), "backend-1")
+
+
+@pytest.mark.parametrize("message", [
+    {"signed": "!!!", "key_id": "k", "sig": "AA=="},  # bad base64, nothing readable inside
+    {"signed": base64.b64encode(b"[1, 2]").decode(), "key_id": "backend-1", "sig": "AA=="},
+    {"command": "reset"},  # plain, needs a signature under `all`, and has no id
+])
+def test_gate_hands_a_refusal_without_a_readable_id_to_the_invalid_message_path(auth, keys, tmp_path, message):
+    """Review defect: such a message was counted and logged only; without signatures it gets an invalid_message
+    event. The gate counts the failure and hands intake an id-less Undecodable (intake publishes the event)."""
+    failures = []
+    everything = load_authenticator(security(keys["backend-1"].config(), mode="all"))
+    gate = SignatureGate(everything, Topics("sovd", "V1"), failures.append, lambda command_id: False, 10)
+    published = []
+    passed = gate(incoming(b"{}"), message, published.append)
+    assert passed is not None and passed[1] is None
+    assert isinstance(passed[0], Undecodable) and passed[0].command_id is None
+    assert "not authenticated" in passed[0].reason and failures and not published
+
+
+def test_gate_passes_undecodable_plain_input_on_to_the_usual_invalid_path(keys, tmp_path):
+    everything = load_authenticator(security(keys["backend-1"].config(), mode="all"))
+    failures = []
+    gate = SignatureGate(everything, Topics("sovd", "V1"), failures.append, lambda command_id: False, 10)
+    garbage = Undecodable("params.x: NaN is not a number JSON allows", "params.x", "c-1")
+    assert gate(incoming(b"{}"), garbage, lambda message: None) == (garbage, None)
+    assert failures == []

@@ -2,6 +2,7 @@
 counters prove what ran), keys made at test time. Every message the agent publishes is validated against
 docs/asyncapi.yaml by the `backend` fixture."""
 
+import base64
 import dataclasses
 import json
 import logging
@@ -194,6 +195,110 @@ def test_replay_of_a_captured_envelope(signed, backend, sim, keys):
     assert sim.ecu("engine").server.executed[0x14] == 1
 
 
+def test_a_flood_of_plain_messages_cannot_evict_a_signed_id_before_its_expiry(signed_vehicle, sim, backend, keys):
+    """Review defect: unsigned messages (reads allowed plain under `mutating`, invalid ones remembered as
+    rejected) pushed the ledger over store.ledger_max_bytes, its bound forgot the signed command's id inside
+    its expires_at window, and the captured envelope ran again. The bound forgets the flood, not that id."""
+    config = dataclasses.replace(signed_vehicle, store=dataclasses.replace(signed_vehicle.store,
+                                                                           ledger_max_bytes=64 * 1024))
+    svc = start(config, backend)
+    try:
+        body = command(expires=600)
+        captured = keys["backend-1"].sign(body)
+        backend.send(captured)
+        assert backend.final(body["id"])["status"] == "completed"
+        for _ in range(12):  # each remembers an 8 KiB result: together over the bound
+            read = command("read_data", {"data": "big_block"}, expires=None)
+            backend.send(read)
+            assert backend.final(read["id"])["status"] == "completed"
+        invalid = [json.dumps({"id": f"f-{i:04d}-{uuid.uuid4().hex[:8]}", "component": "engine",
+                               "command": "read_data", "timeout_ms": "z" * 3000}).encode() for i in range(100)]
+        backend.send_all(invalid)
+        backend.final(json.loads(invalid[-1])["id"])
+        svc.outbox.maintain()  # what the outbox thread does every minute
+        assert svc.outbox.ledger_dropped >= 100 and svc.store.ledger_bytes() <= 64 * 1024
+        assert svc.store.get(body["id"]) is not None
+        backend.send(captured)  # the replay, well inside expires_at: the first final again, nothing run
+        topic = backend.topics.responses(body["id"])
+        backend.wait_for(lambda s: s.topic == topic and b'"duplicate"' in s.payload, 10)
+        assert sim.ecu("engine").server.executed[0x14] == 1
+        assert svc.registry.get_sample_value("sovd_ledger_over_bound") == 0
+    finally:
+        svc.stop()
+
+
+def test_how_long_the_ledger_holds_an_id_that_ran(signed, backend, keys):
+    """A signed command's id is held until its expires_at; a plain command's for at most
+    security.max_expiry_ahead_s (else plain commands with far expiries could hold the ledger past its bound)."""
+    signed_body, plain, forever = command(expires=600), command("read_data", {"data": "vin"}, expires=600), \
+        command("read_data", {"data": "vin"}, expires=None, expires_at="9999-12-31T23:59:59Z")
+    for payload, body in ((keys["backend-1"].sign(signed_body), signed_body), (plain, plain), (forever, forever)):
+        backend.send(payload)
+        assert backend.final(body["id"])["status"] == "completed"
+    held = {b["id"]: signed.store.get(b["id"]) for b in (signed_body, plain, forever)}
+    assert held[signed_body["id"]].keep_until == held[signed_body["id"]].expires_at
+    assert held[plain["id"]].keep_until == held[plain["id"]].expires_at
+    entry = held[forever["id"]]
+    assert entry.keep_until == entry.received_at + signed.config.security.max_expiry_ahead_s
+
+
+def test_an_expires_at_that_cannot_be_represented_is_an_invalid_command_signed_or_not(signed, backend, sim, keys):
+    """Review defect: a validly signed command with expires_at "0001-01-01T00:00:00+23:59" (valid RFC 3339,
+    before year 1 in UTC) raised in the signature check: an `internal` invalid_message event and no answer
+    for its readable id. Signed and plain, it is answered invalid_command naming the field."""
+    cases = []
+    for instant in ("0001-01-01T00:00:00+23:59", "9999-12-31T23:59:59-23:59"):
+        cases.append((lambda b: keys["backend-1"].sign(b), command(expires=None, expires_at=instant)))
+        cases.append((lambda b: b, command("read_data", {"data": "vin"}, expires=None, expires_at=instant)))
+    for wrap, body in cases:
+        backend.send(wrap(body))
+        final = backend.final(body["id"])
+        assert (final["status"], final["error"]["code"], final["error"]["field"]) == \
+            ("rejected", "invalid_command", "expires_at"), final
+    assert not signed.intake.stats.errors and sim.ecu("engine").received[0x14] == 0
+    assert not [s for s in backend.seen if s.topic == backend.topics.events and b"invalid_message" in s.payload]
+
+
+@pytest.mark.parametrize("mode", ["mutating", "all"])
+def test_garbage_is_answered_as_without_signatures(signed_vehicle, sim, backend, keys, mode):
+    """Review defect: with signatures required, undecodable input was an authentication failure `missing`:
+    no invalid_message event for garbage without an id, and a plain read with NaN or a lone surrogate got
+    unauthenticated instead of invalid_command. Now as with signatures off; a malformed envelope whose id can
+    be read is still unauthenticated. An unverified message's id is not remembered: the genuine command with
+    that id runs afterwards."""
+    svc = start(dataclasses.replace(signed_vehicle, security=dataclasses.replace(signed_vehicle.security,
+                                                                                 require_signature=mode)), backend)
+    try:
+        inner = json.dumps(command()).encode()
+        garbage = [b"\xff not json", b"[1, 2]", json.dumps({"signed": "!!!", "key_id": "k", "sig": "AA=="}).encode(),
+                   json.dumps({"signed": "e30=", "key_id": "k", "sig": "AA==", "pad": "x" * 70_000}).encode(),
+                   b'{"signed": "' + base64.b64encode(inner) + b'", "key_id": "\\ud800", "sig": "AA=="}']
+        backend.send_all(garbage)
+        nan, surrogate = command("read_data", {"data": "vin"}, expires=None), command()
+        backend.send(json.dumps(nan)[:-1].encode() + b', "x": NaN}')
+        backend.send(json.dumps(surrogate)[:-1].encode() + b', "x": "\\ud800"}')
+        malformed = command()
+        backend.send(json.dumps({"signed": base64.b64encode(json.dumps(malformed).encode()).decode(),
+                                 "key_id": "backend-1", "sig": "@@"}).encode())
+        for body, field in ((nan, "x"), (surrogate, "x")):
+            final = backend.final(body["id"])
+            assert (final["status"], final["error"]["code"], final["error"]["field"]) == \
+                ("rejected", "invalid_command", field), final
+            assert svc.store.get(body["id"]) is None  # unverified: it claims no id
+        final = backend.final(malformed["id"])
+        assert (final["error"]["code"], final["error"]["reason"]) == ("unauthenticated", "bad_signature")
+        events = backend.wait_for(lambda s: s.topic == backend.topics.events and b"invalid_message" in s.payload,
+                                  10, count=len(garbage))
+        assert {e.json()["reason"] for e in events} == {"undecodable"}
+        assert svc.registry.get_sample_value("sovd_authentication_failures_total", {"reason": "missing"}) == 0
+        backend.send(keys["backend-1"].sign(surrogate))  # the genuine command with the garbage's id runs
+        topic = backend.topics.responses(surrogate["id"])
+        backend.wait_for(lambda s: s.topic == topic and b'"completed"' in s.payload, 10)
+        assert sim.ecu("engine").server.executed[0x14] == 1 and not svc.intake.stats.errors
+    finally:
+        svc.stop()
+
+
 # ---- rotation -------------------------------------------------------------------------------------------
 
 def test_rotation_old_and_new_key_then_old_removed(mqtt_vehicle, keys, sim, backend):
@@ -269,8 +374,30 @@ def test_no_audit_record_no_run(mqtt_vehicle, sim, backend):
         assert backend.final(read["id"])["status"] == "completed"
         assert sim.ecu("engine").received[0x14] == 0
         assert svc.registry.get_sample_value("sovd_audit_log_write_errors_total") == 1
+        # an operator sees it where store trouble shows (systemd STATUS=), until a record is written again
+        assert any("audit log unavailable" in p and "storage_unavailable" in p for p in svc.health())
+        assert "audit log unavailable" in svc.status_line()
+        (mqtt_vehicle.state_dir / AUDIT_FILE).unlink()  # room again: the next mutating command is recorded
+        again = command(expires=None)
+        backend.send(again)
+        assert backend.final(again["id"])["status"] == "completed"
+        assert svc.health() == [] and "audit" not in svc.status_line()
     finally:
         svc.stop()
+
+
+def test_an_audit_file_deleted_while_running_is_noticed_and_written_again(signed, signed_vehicle, backend, keys):
+    """Review defect: after `rm audit.jsonl` the records of later commands went to the unlinked file."""
+    path = signed_vehicle.state_dir / AUDIT_FILE
+    first, second = command(), command()
+    backend.send(keys["backend-1"].sign(first))
+    assert backend.final(first["id"])["status"] == "completed"
+    path.unlink()
+    backend.send(keys["backend-1"].sign(second))
+    assert backend.final(second["id"])["status"] == "completed"
+    assert [(r["phase"], r["id"]) for r in read_records(path)] == [("started", second["id"]),
+                                                                   ("finished", second["id"])]
+    assert signed.registry.get_sample_value("sovd_audit_log_lost_total", {"how": "deleted"}) == 1
 
 
 def test_a_damaged_last_line_is_reported_at_start(mqtt_vehicle, sim, backend):

@@ -117,11 +117,13 @@ def test_ledger_byte_bound_forgets_the_oldest_finished_ids_never_unfinished_ones
     batch.commit()
     total = store.ledger_bytes()
     assert total > 70_000
-    forgotten = store.trim_ledger_bytes(40_000)
+    forgotten = store.trim_ledger_bytes(40_000, time.time()).forgotten
     assert store.ledger_bytes() <= 40_000 and forgotten >= 30
     assert store.get("running") is not None  # unfinished: never forgotten
     assert store.get("f-39") is not None and store.get("f-00") is None  # the oldest went first
-    assert store.trim_ledger_bytes(10) == 40 - forgotten and store.get("running") is not None
+    trimmed = store.trim_ledger_bytes(10, time.time())
+    assert trimmed.forgotten == 40 - forgotten and store.get("running") is not None
+    assert trimmed.over_bound  # what it must hold alone is over the bound: said so
     store.close()
 
 
@@ -134,4 +136,64 @@ def test_outbox_byte_bound_drops_the_oldest(tmp_path):
     assert store.trim_outbox_bytes(55_000) == 15
     assert [p.message.payload[0] for p in store.pending(0, 100)] == [15, 16, 17, 18, 19]
     assert store.trim_outbox_bytes(55_000) == 0
+    store.close()
+
+
+def finished(store: Store, command_id: str, status: str, keep_until: float | None = None, pad: int = 1000) -> None:
+    """A command recorded (with how long a resend could still be accepted) and then finished with `status`."""
+    batch = store.batch()
+    batch.add_command(Entry(command_id, "queued", {"id": command_id}, f"r/{command_id}", None, 1.0, keep_until, 1,
+                            None, keep_until=keep_until))
+    batch.set_state(command_id, "final", seq=2, final_message={"status": status, "pad": "x" * pad})
+    batch.commit()
+    time.sleep(0.001)  # distinct updated_at: an order to forget in
+
+
+def test_ledger_byte_bound_never_forgets_a_command_that_ran_and_could_still_be_accepted(tmp_path):
+    """Review defect: flooding the ledger forgot a signed command's id inside its expires_at window, and the
+    captured envelope ran again. What ran and could still be accepted is held until its expiry has passed."""
+    store = Store(tmp_path / "agent.db")
+    wall = 1_000_000.0
+    finished(store, "signed-ran", "completed", keep_until=wall + 600)
+    finished(store, "signed-ran-expired", "completed", keep_until=wall - 1)
+    finished(store, "signed-rejected", "rejected", keep_until=wall + 600)  # never ran: nothing to replay
+    for i in range(60):
+        finished(store, f"flood-{i:02d}", "rejected")
+    trimmed = store.trim_ledger_bytes(64 * 1024 // 4, wall)
+    assert trimmed.forgotten >= 45 and store.ledger_bytes() <= 64 * 1024 // 4 and not trimmed.over_bound
+    assert store.get("signed-rejected") is None  # the oldest that never ran went first
+    assert store.get("signed-ran") is not None and store.get("signed-ran-expired") is not None
+    trimmed = store.trim_ledger_bytes(10, wall)
+    assert trimmed.over_bound and store.get("signed-ran") is not None  # held, and said so
+    assert store.get("signed-ran-expired") is None  # its expiry has passed: an ordinary finished id
+    assert store.trim_ledger_bytes(10, None).forgotten == 0  # a clock that cannot be trusted judges no expiry
+    assert store.trim_ledger_bytes(10, wall + 601).forgotten == 1 and store.get("signed-ran") is None
+    store.close()
+
+
+def test_ledger_byte_bound_forgets_ids_that_never_ran_before_ids_that_ran(tmp_path):
+    store = Store(tmp_path / "agent.db")
+    finished(store, "ran-old", "completed")
+    finished(store, "ran-failed", "failed")
+    finished(store, "rejected-new", "rejected")
+    finished(store, "expired-new", "expired")  # never started either
+    finished(store, "ran-new", "completed")
+    per_row = store.ledger_bytes() // 5
+    trimmed = store.trim_ledger_bytes(per_row * 3 + per_row // 2, 0.0)
+    assert trimmed.forgotten == 2
+    assert [cid for cid in ("ran-old", "ran-failed", "rejected-new", "expired-new", "ran-new")
+            if store.get(cid) is not None] == ["ran-old", "ran-failed", "ran-new"]
+    assert store.trim_ledger_bytes(per_row * 2 + per_row // 2, 0.0).forgotten == 1
+    assert store.get("ran-old") is None and store.get("ran-failed") is not None  # then the oldest that ran
+    store.close()
+
+
+def test_what_the_bound_must_hold_beyond_it_is_reported_not_forgotten(tmp_path):
+    store = Store(tmp_path / "agent.db")
+    for i in range(10):
+        finished(store, f"held-{i}", "completed", keep_until=500.0)
+    trimmed = store.trim_ledger_bytes(1000, 100.0)
+    assert trimmed.forgotten == 0 and trimmed.over_bound and trimmed.held_bytes == store.ledger_bytes() > 1000
+    assert store.prune_ledger(0, time.time() + 10, 100.0) == 0  # retention does not forget them either
+    assert store.prune_ledger(0, time.time() + 10, 501.0) == 10
     store.close()

@@ -13,9 +13,13 @@ from typing import Any
 from agent.cli import common as c
 from agent.cli.commands import summary
 from agent.config.model import ALL_COMMANDS, AgentConfig
+from agent.config.parse import VEHICLE
+from agent.config.reader import InvalidValueError
 from agent.fleet.caller import BrokerUnreachableError, Caller, Seen
 from agent.fleet.topics import is_publishable
 from agent.wire.catalog import params_from_words
+from agent.wire.command import COMMAND_ID
+from agent.wire.messages import clip
 from agent.wire.timefmt import format_rfc3339
 
 SIGNED_EXPIRY_S = 300.0  # a signed command must carry expires_at; --sign-key without one gets this
@@ -65,6 +69,10 @@ def handle(args: argparse.Namespace, config: AgentConfig) -> int:
     if not args.status and (not args.component or not args.command):
         c.fail(args, "give COMPONENT and COMMAND (or --status)")
         return c.EXIT_USAGE
+    problem = _topic_level_problem(args)
+    if problem:
+        c.fail(args, problem)
+        return c.EXIT_USAGE
     if args.reply_topic is not None and not is_publishable(args.reply_topic):
         c.fail(args, f"--reply-topic {args.reply_topic!r} is not a topic one can publish to (empty, or has + # or NUL)")
         return c.EXIT_USAGE
@@ -99,6 +107,18 @@ def handle(args: argparse.Namespace, config: AgentConfig) -> int:
     except (OSError, RuntimeError) as err:  # connected, then the broker stopped answering (paho raises these)
         c.fail(args, f"the broker {config.mqtt.broker} stopped answering: {err}")
         return c.EXIT_UNAVAILABLE
+
+
+def _topic_level_problem(args: argparse.Namespace) -> str | None:
+    """--id and --vehicle become topic levels (`{prefix}/{vehicle}/responses/{id}`): what is wrong with them."""
+    if args.id is not None and not COMMAND_ID.fullmatch(args.id):
+        return f"--id: {clip(args.id, 60)!r} is not a command id (1 to 128 of A-Z a-z 0-9 . _ : -)"
+    if args.vehicle is not None:
+        try:
+            VEHICLE(args.vehicle)  # the config's own rule for `vehicle`
+        except InvalidValueError as err:
+            return f"--vehicle: {clip(str(err))}"
+    return None
 
 
 def _body(args: argparse.Namespace, ecu: Any) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from typing import Any
 
 from agent.cli import common as c
 from agent.config.model import AgentConfig
+from agent.errors import ConfigError
 
 EXITS = {**c.ALWAYS, c.EXIT_OK: "the file is valid", c.EXIT_CONFIG: c.CONFIG_EXIT}
 
@@ -18,6 +19,14 @@ def add_parser(sub: Any) -> None:
 
 
 def handle(args: argparse.Namespace, config: AgentConfig) -> int:
+    if config.security.signatures_configured:  # the keys are read as `run` reads them (cryptography only then)
+        from agent.policy.signature import load_authenticator
+
+        try:
+            load_authenticator(config.security, str(config.source or args.config))
+        except ConfigError as err:
+            c.fail(args, f"invalid configuration: {err}")
+            return c.EXIT_CONFIG
     names = ", ".join(e.name for e in config.ecus)
     print(f"{args.config}: OK (vehicle {config.vehicle}, bus {config.bus.interface}:{config.bus.channel}, "
           f"{len(config.ecus)} ECUs: {names})")

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import time
 from typing import Any
 
 from agent.cli import common as c
 from agent.cli.commands import summary
 from agent.config.model import ALL_COMMANDS, AgentConfig
 from agent.devtools.sim.simulator import simulators_for
+from agent.policy.mutating import is_mutating
+from agent.system.audit import LocalAudit
 from agent.system.local import BusUnavailableError, LocalSession, validate
 from agent.wire.catalog import params_from_words
-from agent.wire.command import Status
+from agent.wire.command import ErrorCode, Outcome, Result, Status
 from agent.wire.messages import response_message
 from agent.wire.parse import InvalidCommandError, UnknownComponentError
 
@@ -21,6 +24,8 @@ EXITS = {
     c.EXIT_NOT_COMPLETED: "failed, timeout or rejected (the Response says why)",
     c.EXIT_USAGE: "unknown or missing arguments, unreadable params, an unknown component, an invalid command",
     c.EXIT_UNAVAILABLE: "the CAN bus could not be opened",
+    c.EXIT_CANTCREAT: "the config requires signed commands and the audit log in its state_dir cannot be written "
+                      "(a mutating command is recorded there before it runs, else not run)",
     c.EXIT_CONFIG: c.CONFIG_EXIT,
 }
 
@@ -49,12 +54,30 @@ def handle(args: argparse.Namespace, config: AgentConfig) -> int:
     except (InvalidCommandError, UnknownComponentError) as err:
         c.fail(args, f"invalid command: {err}")
         return c.EXIT_USAGE
+    audit, audit_id = None, None
+    if config.security.require_signature != "none" and is_mutating(args.command):
+        # The daemon audits every mutating command; on a vehicle that requires signatures the audit log is
+        # what shows who changed it, so a local run is recorded there too, or not run.
+        audit = LocalAudit(config)
+        try:
+            audit_id = audit.started(args.component, args.command, params)
+        except OSError as err:
+            c.fail(args, f"not run: the audit log cannot be written ({err}); this config requires signed "
+                         f"commands (security.require_signature), so mutating commands are recorded in "
+                         f"{audit.log.path} first")
+            return c.EXIT_CANTCREAT
     try:
         with LocalSession(config, companions=simulators_for(config)) as session:
             result = session.run(args.component, args.command, params, args.timeout_ms)
     except BusUnavailableError as err:
+        if audit is not None and audit_id is not None:  # recorded as started: its end is recorded too
+            now = time.time()
+            audit.finished(audit_id, Result(audit_id, args.component, args.command, Outcome.failure(
+                Status.FAILED, ErrorCode.BUS_ERROR, f"not run: CAN bus unavailable: {err}"), now, None, now))
         c.fail(args, f"CAN bus unavailable: {err}{_hub_hint(config)}")
         return c.EXIT_UNAVAILABLE
+    if audit is not None and audit_id is not None:
+        audit.finished(audit_id, result)
     c.print_json(response_message(result, seq=1))
     return c.EXIT_OK if result.status is Status.COMPLETED else c.EXIT_NOT_COMPLETED
 

@@ -326,7 +326,9 @@ class Intake:
                 return
             self._identify(d, body.command_id, {})
             if not self._repeated(d):
-                self._reject_invalid(d, body.reason, body.field)
+                # unverified input where signatures are required must not claim an id a genuine command may carry
+                claims_id = signer is not None or self._config.security.require_signature == "none"
+                self._reject_invalid(d, body.reason, body.field, remember=claims_id)
             return
         command_id = decode.readable_id(body)
         if command_id is None:
@@ -391,13 +393,26 @@ class Intake:
         expiry = item.received_at + item.expiry_interval
         return min(command.expires_at or expiry, expiry)
 
+    def _keep_until(self, command: Command, item: Incoming, signer: str | None) -> float | None:
+        """Until when the ledger's bounds keep this command's id once it ran: a resend before its `expires_at`
+        would be accepted, so forgetting it earlier would run a captured signed envelope twice (the MQTT
+        Message Expiry Interval is outside the signature and does not count). An unsigned command's hold is
+        capped at security.max_expiry_ahead_s after receipt, as a signed one's is by the signature check:
+        otherwise plain commands with far expiries could grow the ledger past its bound for good."""
+        if command.expires_at is None:
+            return None
+        if signer is not None:
+            return command.expires_at
+        return min(command.expires_at, item.received_at + self._config.security.max_expiry_ahead_s)
+
     def _accept(self, d: Decision, command: Command, waits: bool = False, signer: str | None = None) -> None:
         """Recorded as queued; with `waits`, it waits for room in its component's queue, its PUBACK held.
         `signer` is the key id of a signed command (the audit log's "who")."""
         item = d.item
         send_accepted = self._config.mqtt.send_accepted and self._takes_progress(item, d.body, d.reply_topic)
         entry = Entry(command.id, "queued", d.body, d.reply_topic, item.correlation, item.received_at,
-                      self._ledger_expiry(command, item), 1 if send_accepted else 0, None, signer)
+                      self._ledger_expiry(command, item), 1 if send_accepted else 0, None, signer,
+                      self._keep_until(command, item, signer))
         d.remember(entry)
         if send_accepted:
             d.publish(self._out(d.reply_topic, accepted_message(command.id, command.component, command.command,
@@ -489,12 +504,14 @@ class Intake:
             del self._seen[d.command_id]
 
     # ---- finals --------------------------------------------------------------------------------
-    def _reject_invalid(self, d: Decision, reason: str, field: str) -> None:
+    def _reject_invalid(self, d: Decision, reason: str, field: str, remember: bool = True) -> None:
         assert d.command_id is not None
         self._count_invalid("invalid_command")
         message = refusal_message(d.command_id, d.body, Status.REJECTED, ErrorCode.INVALID_COMMAND, reason,
                                   d.item.received_at, **({"field": field} if field else {}))
-        self._final(d, message)
+        if not remember:  # the same id, even later in this group, is decided afresh
+            self._forget_seen(d)
+        self._final(d, message, remember=remember)
         log.info("invalid command rejected: %s", message["error"]["message"], extra=self._fields(d))
 
     def _refusal(self, d: Decision, admission: Admission, component: str, command: str) -> None:

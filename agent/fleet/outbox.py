@@ -69,7 +69,8 @@ class Outbox:
                  connected: Callable[[], bool], now: Callable[[], float] | None = None,
                  forget: Callable[[int], None] = lambda mid: None,
                  on_refused: Callable[[Refusal], None] = lambda refusal: None,
-                 window: Callable[[], int] = lambda: MAX_IN_FLIGHT) -> None:
+                 window: Callable[[], int] = lambda: MAX_IN_FLIGHT,
+                 wall: Callable[[], float | None] = time.time) -> None:
         self._store = store
         self._config = config
         self._publish = publish
@@ -78,6 +79,7 @@ class Outbox:
         self._forget = forget
         self._on_refused = on_refused
         self._window = window
+        self._wall = wall  # the wall clock while it can be trusted, else None: when commands' expiries pass
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._acked: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()
@@ -92,6 +94,7 @@ class Outbox:
         self.heartbeat = time.monotonic()
         self.dropped = 0
         self.ledger_dropped = 0  # ids forgotten early by the ledger's byte bound
+        self.ledger_held_bytes = 0  # what the byte bound had to hold at its last pass (may exceed the bound)
         self.acknowledged = 0
         self.refused: dict[str, int] = {}
 
@@ -315,7 +318,7 @@ class Outbox:
             log.warning("outbox over its bounds: dropped %d oldest messages", dropped,
                         extra={"max_messages": self._config.outbox_max_messages})
         self._bound_bytes()
-        pruned = self._store.prune_ledger(self._config.ledger_retention_s, now)
+        pruned = self._store.prune_ledger(self._config.ledger_retention_s, now, self._wall())
         if pruned:
             log.info("forgot %d old command ids", pruned)
 
@@ -326,11 +329,17 @@ class Outbox:
             self.dropped += dropped
             log.warning("outbox over its byte bound: dropped %d oldest messages", dropped,
                         extra={"max_bytes": self._config.outbox_max_bytes})
-        forgotten = self._store.trim_ledger_bytes(self._config.ledger_max_bytes)
-        if forgotten:
-            self.ledger_dropped += forgotten
+        trimmed = self._store.trim_ledger_bytes(self._config.ledger_max_bytes, self._wall())
+        self.ledger_held_bytes = trimmed.held_bytes
+        if trimmed.forgotten:
+            self.ledger_dropped += trimmed.forgotten
             log.warning("ledger over its byte bound: forgot %d finished command ids before their retention time",
-                        forgotten, extra={"max_bytes": self._config.ledger_max_bytes})
+                        trimmed.forgotten, extra={"max_bytes": self._config.ledger_max_bytes})
+        if trimmed.over_bound:
+            log.error("ledger over its byte bound with ids it must keep: %d bytes of unfinished commands and "
+                      "of commands that ran and could still be accepted before their expires_at; kept",
+                      trimmed.held_bytes, extra={"max_bytes": self._config.ledger_max_bytes,
+                                                 "held_bytes": trimmed.held_bytes})
 
     def maintain(self) -> None:
         """One retention pass now (tests; the outbox thread runs one every MAINTENANCE_S)."""

@@ -4,7 +4,9 @@ A message that fails authentication is answered `rejected`/`unauthenticated` on
 `{prefix}/{vehicle}/responses/{id}` (never on a Response Topic or `reply_to` it chose), runs nothing
 and is not recorded in the ledger: an unverified message must not claim an id that a genuine
 command may carry later. Nor is it answered when its id is one the agent already holds: that answer
-would contradict the genuine command's. Every failure is counted; WARNING log lines are rate-limited.
+would contradict the genuine command's. A failure without a readable id goes on to intake as an id-less
+Undecodable, so it gets the invalid_message event any such message gets. Every failure is counted;
+WARNING log lines are rate-limited.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from agent.policy.signature import Authenticator, Body, Passed, Refused
 from agent.store.sqlite import Outgoing
 from agent.wire import messages as m
 from agent.wire.command import ErrorCode, Status, command_fields
-from agent.wire.decode import readable_id
+from agent.wire.decode import Undecodable, readable_id
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,8 @@ class SignatureGate:
                     self._passed.popitem(last=False)
             return verdict.body, verdict.key_id
         self._refuse(item, verdict, publish)
+        if verdict.command_id is None:  # no id to answer: the invalid_message event, as without signatures
+            return Undecodable(f"not authenticated ({verdict.reason}): {verdict.message}", "", None), None
         return None
 
     def _refuse(self, item: Incoming, refused: Refused, publish: Callable[[Outgoing], None]) -> None:

@@ -61,6 +61,8 @@ class AgentState:
     outbox_oldest_age_s: float = 0.0
     outbox_dropped: int = 0
     ledger_dropped: int = 0
+    ledger_held_bytes: int = 0
+    ledger_max_bytes: int = 0
     store_available: bool = True
     store_deferred: int = 0
     bus: BusReading | None = None
@@ -97,6 +99,10 @@ class AgentMetrics:
                                      registry=registry)
         self.audit_errors = Counter("sovd_audit_log_write_errors", "Audit records that could not be written.",
                                     registry=registry)
+        self.audit_lost = Counter("sovd_audit_log_lost", "Audit files found deleted or replaced while the agent "
+                                  "had them open (a fresh file was opened), by how.", ["how"], registry=registry)
+        for how in ("deleted", "replaced"):
+            self.audit_lost.labels(how)
         self.publish_refused = Counter("sovd_publish_refused",
                                        "Messages the broker refused for good (PUBACK reason code), set aside.",
                                        ["reason"], registry=registry)
@@ -186,6 +192,13 @@ class StateCollector(Collector):
         yield CounterMetricFamily("sovd_ledger_dropped",
                                   "Finished command ids forgotten before their retention time (ledger byte bound).",
                                   value=s.ledger_dropped)
+        yield GaugeMetricFamily("sovd_ledger_held_bytes",
+                                "Ledger bytes the byte bound may not forget at its last pass: unfinished commands "
+                                "and commands that ran and could still be accepted (before their expires_at).",
+                                value=s.ledger_held_bytes)
+        yield GaugeMetricFamily("sovd_ledger_over_bound",
+                                "1 while what the ledger must hold alone exceeds store.ledger_max_bytes.",
+                                value=int(s.ledger_held_bytes > s.ledger_max_bytes > 0))
         yield GaugeMetricFamily("sovd_store_available", "1 while the durable store takes writes.",
                                 value=int(s.store_available))
         yield GaugeMetricFamily("sovd_store_deferred_writes",

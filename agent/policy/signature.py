@@ -116,12 +116,17 @@ class Signer:
 
 
 def needs_signature(mode: str, body: Body) -> bool:
-    """Whether a plain (unsigned) message is refused under `security.require_signature: mode`."""
+    """Whether a plain (unsigned) message is refused under `security.require_signature: mode`.
+
+    Input that does not decode (not JSON, not an object, oversize, non-finite numbers, lone surrogates)
+    is not a command that lacks a signature but invalid input: it goes the usual way (invalid_command
+    with the field, or an invalid_message event without an id), exactly as with signatures off.
+    """
+    if isinstance(body, Undecodable) or mode == "none":
+        return False
     if mode == "all":
         return True
-    if mode == "mutating":  # only a well-formed read-only command goes without a signature
-        return not isinstance(body, dict) or is_mutating(body.get("command"))
-    return False
+    return is_mutating(body.get("command"))  # `mutating`: only a read-only command goes without a signature
 
 
 def _readable_id(body: Body) -> str | None:

@@ -5,6 +5,11 @@ last line without its newline (or a line that is not JSON): `open` finds it, rep
 `Damage`, and ends it with a newline so that every later record starts a line of its own (the
 caller then appends a record of the damage, so the next start does not report it again). The
 damaged line itself stays as it was: an audit log is never rewritten.
+
+Before each record the open file is compared with what the path names (device and inode): a file
+deleted or replaced behind the agent's back (`rm`, a logrotate that does not tell it) would take the
+records to an inode no one can read. Such a file is reported (ERROR log line, `on_lost`) and a fresh
+one is opened at the path, its directory entry fsynced, before the record is written.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,8 +41,10 @@ class Damage:
 class AuditLog:
     """One writer for `{directory}/audit.jsonl` and its rotations `audit.jsonl.1` .. `.{keep}` (oldest last)."""
 
-    def __init__(self, directory: Path, max_bytes: int, keep: int) -> None:
+    def __init__(self, directory: Path, max_bytes: int, keep: int,
+                 on_lost: Callable[[str], None] | None = None) -> None:
         self.path = directory / AUDIT_FILE
+        self._on_lost = on_lost or (lambda how: None)  # "deleted" or "replaced": the open file was
         self._max_bytes = max_bytes
         self._keep = keep
         self._lock = threading.Lock()
@@ -59,6 +67,8 @@ class AuditLog:
         with self._lock:
             if self._fd is None:
                 self._reopen()
+            else:
+                self._check_path()
             if self._size > 0 and self._size + len(line) > self._max_bytes:
                 self._rotate()
             self._write(line)
@@ -83,6 +93,33 @@ class AuditLog:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
         self._size = os.fstat(self._fd).st_size
 
+    def _check_path(self) -> None:
+        """Reopens the path when the open file is no longer the one it names (deleted, or replaced)."""
+        assert self._fd is not None
+        mine = os.fstat(self._fd)
+        try:
+            there = os.stat(self.path)
+        except FileNotFoundError:
+            how = "deleted"
+        else:
+            if (there.st_dev, there.st_ino) == (mine.st_dev, mine.st_ino):
+                return
+            how = "replaced"
+            if _same_file(self.path.with_name(f"{AUDIT_FILE}.1"), mine):  # rotated by another writer (`uds`)
+                log.info("the audit log was rotated by another process; writing the new file",
+                         extra={"file": str(self.path)})
+                self._reopen()
+                return
+        log.error("the audit log file was %s while the agent had it open; a fresh file is written at %s from "
+                  "now on (records written since the change went with the old file)", how, self.path,
+                  extra={"file": str(self.path), "how": how})
+        try:
+            self._on_lost(how)
+        except Exception:
+            log.exception("audit log loss callback failed")
+        self._reopen()
+        _fsync_dir(self.path.parent)  # the new file's directory entry survives a power loss too
+
     def _write(self, data: bytes) -> None:
         assert self._fd is not None
         try:
@@ -106,6 +143,14 @@ class AuditLog:
         _fsync_dir(self.path.parent)
         log.info("audit log rotated", extra={"file": str(self.path), "keep": self._keep})
         self._reopen()
+
+
+def _same_file(path: Path, mine: os.stat_result) -> bool:
+    try:
+        found = os.stat(path)
+    except OSError:
+        return False
+    return (found.st_dev, found.st_ino) == (mine.st_dev, mine.st_ino)
 
 
 def _inspect(path: Path) -> Damage | None:

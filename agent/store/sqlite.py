@@ -7,7 +7,15 @@ response is in the outbox before the ledger calls it final.
 Every SQLite failure leaves here as a StoreError carrying SQLite's own error (never one from a
 ROLLBACK after it), is counted per operation, and is handed to `on_error`; `trouble` says whether
 the store works right now.
+
+The ledger's byte bound (`trim_ledger_bytes`) never forgets an id whose command could be accepted
+again: an unfinished command, or one that ran and whose `keep_until` (its `expires_at`, wall-clock
+epoch seconds, set by intake) has not passed. Forgetting such an id would let a captured signed
+envelope run a second time. Of the rest it forgets ids that never ran (`rejected`, `expired`)
+first, then the least recently finished. What it must hold is never forgotten, even when it alone
+exceeds the bound: `LedgerTrim.over_bound` says so (the caller logs and counts it).
 """
+
 
 from __future__ import annotations
 
@@ -40,7 +48,8 @@ CREATE TABLE IF NOT EXISTS ledger (
     seq INTEGER NOT NULL DEFAULT 0,
     final_message TEXT,
     updated_at REAL NOT NULL,
-    signer TEXT
+    signer TEXT,
+    keep_until REAL
 );
 CREATE INDEX IF NOT EXISTS ledger_state ON ledger (state, updated_at);
 CREATE TABLE IF NOT EXISTS outbox (
@@ -81,6 +90,13 @@ WAL_SIZE_LIMIT = 4 * 1024 * 1024  # the WAL file is cut back to this after a che
 LEDGER_ROW_BYTES = ("(length(id) + length(body) + length(reply_topic) + IFNULL(length(correlation), 0)"
                     " + IFNULL(length(final_message), 0) + 48)")
 OUTBOX_ROW_BYTES = "(length(payload) + length(topic) + IFNULL(length(correlation), 0) + 32)"
+# A finished command that never ran (refused, or expired before it started): a resend can do no more than
+# run it once. The rest of the finished ones ran.
+_NEVER_RAN = "(IFNULL(json_extract(final_message, '$.status'), '') IN ('rejected', 'expired'))"
+# Ledger rows the bounds may forget (two parameters: the wall clock twice, None when it cannot be trusted):
+# finished, and not a command that ran and could still be accepted again.
+_FORGETTABLE = (f"(state = 'final' AND (keep_until IS NULL OR {_NEVER_RAN}"
+                " OR (? IS NOT NULL AND keep_until <= ?)))")
 
 
 class StoreError(Exception):
@@ -126,6 +142,23 @@ class Entry:
     seq: int
     final_message: dict[str, Any] | None
     signer: str | None = None  # the key id that signed the command; None for an unsigned one
+    # Wall-clock epoch seconds until which a resend could still be accepted (the command's expires_at):
+    # once it ran, the byte bound and retention keep its id at least that long. None: no such limit.
+    keep_until: float | None = None
+
+
+@dataclass(frozen=True)
+class LedgerTrim:
+    """What a pass of the ledger's byte bound did: ids forgotten, and the bytes it had to hold (unfinished
+    commands, and ones that ran and could still be accepted); `over_bound` when those alone exceed it."""
+
+    forgotten: int
+    held_bytes: int
+    max_bytes: int
+
+    @property
+    def over_bound(self) -> bool:
+        return self.held_bytes > self.max_bytes
 
 
 @dataclass(frozen=True)
@@ -175,6 +208,8 @@ class Store:
             columns = {row[1] for row in self._db.execute("PRAGMA table_info(ledger)")}
             if "signer" not in columns:  # a store written before signed commands existed
                 self._db.execute("ALTER TABLE ledger ADD COLUMN signer TEXT")
+            if "keep_until" not in columns:  # a store written before the byte bound held unexpired ids
+                self._db.execute("ALTER TABLE ledger ADD COLUMN keep_until REAL")
         except sqlite3.Error as err:
             self._db.close()
             raise StoreError("open", err) from err
@@ -307,16 +342,20 @@ class Store:
         with self._lock, self._guard("read"):
             return self._db.execute(f"SELECT IFNULL(SUM({LEDGER_ROW_BYTES}), 0) FROM ledger").fetchone()[0]
 
-    def trim_ledger_bytes(self, max_bytes: int) -> int:
-        """Forgets the least recently finished commands while the ledger holds more than `max_bytes`;
-        unfinished ones are never forgotten. Returns how many ids were forgotten."""
-        def work(db: sqlite3.Connection) -> int:
-            return db.execute(
+    def trim_ledger_bytes(self, max_bytes: int, wall: float | None) -> LedgerTrim:
+        """Forgets finished commands while the ledger holds more than `max_bytes`: first those that never
+        ran, then the least recently finished. Never an unfinished one, nor one that ran whose `keep_until`
+        is after `wall` (wall-clock epoch seconds; None: the clock cannot be trusted, every `keep_until`
+        holds). What it must hold is reported, never forgotten (see the module docstring)."""
+        def work(db: sqlite3.Connection) -> LedgerTrim:
+            held = db.execute(f"SELECT IFNULL(SUM({LEDGER_ROW_BYTES}), 0) FROM ledger WHERE NOT ({_FORGETTABLE})",
+                              (wall, wall)).fetchone()[0]
+            forgotten = db.execute(
                 "DELETE FROM ledger WHERE rowid IN (SELECT rowid FROM ("
-                f" SELECT rowid, SUM({LEDGER_ROW_BYTES}) OVER (ORDER BY updated_at DESC, rowid DESC) AS total"
-                " FROM ledger WHERE state = 'final')"
-                f" WHERE total > ? - (SELECT IFNULL(SUM({LEDGER_ROW_BYTES}), 0) FROM ledger WHERE state != 'final'))",
-                (max_bytes,)).rowcount
+                f" SELECT rowid, SUM({LEDGER_ROW_BYTES}) OVER (ORDER BY {_NEVER_RAN} ASC, updated_at DESC,"
+                f" rowid DESC) AS total FROM ledger WHERE {_FORGETTABLE})"
+                " WHERE total > ? - ?)", (wall, wall, max_bytes, held)).rowcount
+            return LedgerTrim(forgotten, held, max_bytes)
 
         return self._transaction("maintain", work)
 
@@ -393,10 +432,11 @@ class Store:
             rows = self._db.execute("SELECT dtc, status FROM fault_sets WHERE component = ?", (component,)).fetchall()
         return {dtc: status for dtc, status in rows}
 
-    def prune_ledger(self, retention_s: float, now: float) -> int:
-        """Forgets final commands older than the retention time; returns how many."""
+    def prune_ledger(self, retention_s: float, now: float, wall: float | None = None) -> int:
+        """Forgets final commands older than the retention time (`now` in the store's time), except those
+        the byte bound holds too (ran, `keep_until` after `wall`); returns how many."""
         return self._transaction("maintain", lambda db: db.execute(
-            "DELETE FROM ledger WHERE state = 'final' AND updated_at < ?", (now - retention_s,)).rowcount)
+            f"DELETE FROM ledger WHERE {_FORGETTABLE} AND updated_at < ?", (wall, wall, now - retention_s)).rowcount)
 
 
 class Batch:
@@ -409,10 +449,11 @@ class Batch:
     def add_command(self, entry: Entry) -> None:
         self.statements.append((
             "INSERT INTO ledger (id, state, body, reply_topic, correlation, received_at, expires_at, seq, "
-            "final_message, updated_at, signer) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "final_message, updated_at, signer, keep_until) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (entry.id, entry.state, json.dumps(entry.body), entry.reply_topic, entry.correlation,
              entry.received_at, entry.expires_at, entry.seq,
-             json.dumps(entry.final_message) if entry.final_message else None, self._store.now(), entry.signer)))
+             json.dumps(entry.final_message) if entry.final_message else None, self._store.now(), entry.signer,
+             entry.keep_until)))
 
     def set_state(self, command_id: str, state: str, seq: int | None = None,
                   final_message: dict[str, Any] | None = None) -> None:
@@ -456,6 +497,6 @@ def _execute_all(db: sqlite3.Connection, statements: Statements) -> None:
 
 
 def _entry(row: tuple[Any, ...]) -> Entry:
-    cid, state, body, reply_topic, correlation, received_at, expires_at, seq, final_message, _, signer = row
+    cid, state, body, reply_topic, correlation, received_at, expires_at, seq, final_message, _, signer, keep = row
     return Entry(cid, state, json.loads(body), reply_topic, correlation, received_at, expires_at, seq,
-                 json.loads(final_message) if final_message else None, signer)
+                 json.loads(final_message) if final_message else None, signer, keep)

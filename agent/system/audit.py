@@ -10,7 +10,10 @@ subscriber which broker account published a message, so the agent cannot name on
 from __future__ import annotations
 
 import logging
+import os
+import pwd
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +30,7 @@ from agent.wire.timefmt import format_rfc3339
 log = logging.getLogger(__name__)
 
 UNSIGNED = "unsigned"
+LOCAL = "local"  # run on the device with `sovd-edge uds`, not through MQTT
 
 
 class AuditUnavailableError(AgentError, OSError):
@@ -38,13 +42,17 @@ class AuditTrail:
 
     def __init__(self, config: AgentConfig, topics: Topics, lookup: Callable[[str], Entry | None],
                  on_damage: Callable[[Damage], None] | None = None,
-                 on_error: Callable[[], None] | None = None) -> None:
+                 on_error: Callable[[], None] | None = None,
+                 on_lost: Callable[[str], None] | None = None) -> None:
         audit = config.security.audit
-        self.log = AuditLog(config.state_dir, audit.max_bytes, audit.keep)
+        self.log = AuditLog(config.state_dir, audit.max_bytes, audit.keep, on_lost=on_lost)
         self._topics = topics
         self._lookup = lookup
         self._on_damage = on_damage or (lambda damage: None)
         self._on_error = on_error or (lambda: None)
+        # Why the file cannot be written, since the last attempt that failed; None once a record is written
+        # again. Mutating commands are refused `storage_unavailable` meanwhile (the service reports it).
+        self.trouble: str | None = None
 
     def open(self, batch: Batch) -> Damage | None:
         """Opens the file; damage left by a power loss is logged, counted, recorded and evented."""
@@ -52,6 +60,7 @@ class AuditTrail:
             damage = self.log.open()
         except OSError as err:  # mutating commands are refused until it can be written (see `started`)
             self._on_error()
+            self.trouble = str(err)
             log.error("the audit log cannot be opened: %s", err, extra={"file": str(self.log.path)})
             return None
         if damage is None:
@@ -82,14 +91,7 @@ class AuditTrail:
         """The outcome of a mutating command that started (a failure to write it is logged, never raised)."""
         if entry.state != "started" or not is_mutating(result.command):
             return
-        record: dict[str, Any] = {"phase": "finished", "id": entry.id, "who": _who(entry),
-                                  "component": result.component, "command": result.command,
-                                  "status": str(result.status)}
-        if result.outcome.error is not None:
-            record["error"] = {"code": str(result.outcome.error.code), "message": result.outcome.error.message}
-        if result.duration_ms is not None:
-            record["duration_ms"] = result.duration_ms
-        self._record(batch, result.finished_at, record, must=False)
+        self._record(batch, result.finished_at, _finished(entry.id, _who(entry), result), must=False)
 
     def _record(self, batch: Batch, at: float, record: dict[str, Any], must: bool) -> None:
         self._write({"at": format_rfc3339(at), **record}, must)
@@ -100,11 +102,61 @@ class AuditTrail:
             self.log.append(record)
         except OSError as err:
             self._on_error()
+            self.trouble = str(err)
             log.error("audit record not written: %s", err, extra={
                 **command_fields(str(record.get("id", "")), record.get("component"), record.get("command")),
                 "phase": record.get("phase"), "file": str(self.log.path)})
             if must:
                 raise AuditUnavailableError(f"the audit log cannot be written: {err}") from err
+            return
+        if self.trouble is not None:
+            log.warning("the audit log takes records again", extra={"file": str(self.log.path)})
+            self.trouble = None
+
+
+class LocalAudit:
+    """The audit records of `sovd-edge uds` (a command run on the device itself, not through the daemon):
+    the same file and record shapes, `who` "local" with the OS user; no Events (no broker, no outbox)."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        audit = config.security.audit
+        self.log = AuditLog(config.state_dir, audit.max_bytes, audit.keep)
+
+    def started(self, component: str, command: str, params: dict[str, Any]) -> str:
+        """Writes the `started` record (OSError when it cannot: the command must not run); returns its id."""
+        command_id = f"local-{uuid.uuid4()}"
+        self.log.open()
+        self.log.append({"at": format_rfc3339(time.time()), "phase": "started", "id": command_id, "who": LOCAL,
+                         "user": _os_user(), "component": component, "command": command, "params": params})
+        return command_id
+
+    def finished(self, command_id: str, result: Result) -> None:
+        """The outcome; a failure to write it is logged (the command has run), never raised."""
+        try:
+            self.log.append({"at": format_rfc3339(result.finished_at), **_finished(command_id, LOCAL, result),
+                             "user": _os_user()})
+        except OSError as err:
+            log.error("audit record of the outcome not written: %s", err, extra={
+                **command_fields(command_id, result.component, result.command), "file": str(self.log.path)})
+        finally:
+            self.log.close()
+
+
+def _finished(command_id: str, who: str, result: Result) -> dict[str, Any]:
+    record: dict[str, Any] = {"phase": "finished", "id": command_id, "who": who, "component": result.component,
+                              "command": result.command, "status": str(result.status)}
+    if result.outcome.error is not None:
+        record["error"] = {"code": str(result.outcome.error.code), "message": result.outcome.error.message}
+    if result.duration_ms is not None:
+        record["duration_ms"] = result.duration_ms
+    return record
+
+
+def _os_user() -> str:
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return f"uid {os.getuid()}"
 
 
 def _who(entry: Entry | None) -> str:

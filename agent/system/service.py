@@ -85,9 +85,11 @@ class Service:
                              on_connection=self._on_connection, wall=self.clock.wall)
         self.outbox = Outbox(self.store, config.store, self.link.publish, lambda: self.link.connected,
                              now=self.clock.agent_now, forget=self.link.forget, on_refused=self._on_refused,
-                             window=lambda: self.link.broker_receive_maximum)
+                             window=lambda: self.link.broker_receive_maximum,
+                             wall=lambda: self.clock.wall() if self.clock.synchronized() else None)
         self.audit = AuditTrail(config, self.topics, self.store.get, on_error=self.metrics.audit_errors.inc,
-                                on_damage=lambda damage: self.metrics.audit_damaged.inc())
+                                on_damage=lambda damage: self.metrics.audit_damaged.inc(),
+                                on_lost=lambda how: self.metrics.audit_lost.labels(how).inc())
         self.intake = Intake(config, self.store, self.topics, self.link.ack, self._admit, self.outbox.wake,
                              self.runtime.check, on_final=self._count_final,
                              on_rejected=lambda reason: self.metrics.rejected.labels(reason).inc(),
@@ -136,12 +138,16 @@ class Service:
         self.store.close()
 
     def health(self) -> list[str]:
-        """What is wrong right now (empty: healthy): what `wedged` finds, and a store that fails."""
+        """What is wrong right now (empty: healthy): what `wedged` finds, a store that fails, and an audit
+        log that cannot be written (neither is cured by a restart, so neither is in `wedged`)."""
         problems = self.wedged()
         trouble = self.store.trouble
         if trouble is not None:  # no running duration in the text: STATUS= changes only when health does
             problems.append(f"store unavailable ({trouble.operation}: {trouble.error}); "
                             "commands are refused storage_unavailable")
+        if self.audit.trouble is not None:
+            problems.append(f"audit log unavailable ({self.audit.trouble}); mutating commands are refused "
+                            "storage_unavailable")
         return problems
 
     def wedged(self) -> list[str]:
@@ -178,7 +184,8 @@ class Service:
         link = "connected to broker" if self.link.connected else f"broker unreachable ({self.link.last_error})"
         bus = "bus up" if self.runtime.owner.is_up else f"bus down ({self.runtime.owner.last_error})"
         store = "" if self.store.trouble is None else "; store unavailable"
-        return f"{link}; {bus}; {queued} queued; outbox {pending}{store}"
+        audit = "" if self.audit.trouble is None else "; audit log unavailable"
+        return f"{link}; {bus}; {queued} queued; outbox {pending}{store}{audit}"
 
     def _outbox_stats(self) -> tuple[int, float | None]:
         """The outbox figures; while the store fails, the last ones it gave."""
@@ -242,6 +249,7 @@ class Service:
             outbox_pending=pending,
             outbox_oldest_age_s=max(0.0, self.clock.agent_now() - oldest) if oldest else 0.0,
             outbox_dropped=self.outbox.dropped, ledger_dropped=self.outbox.ledger_dropped,
+            ledger_held_bytes=self.outbox.ledger_held_bytes, ledger_max_bytes=self.config.store.ledger_max_bytes,
             store_available=self.store.trouble is None, store_deferred=self.store.deferred,
             bus=self.bus_monitor.reading,
         )
