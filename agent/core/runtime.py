@@ -107,6 +107,11 @@ class Runtime:
             return Admission.denied(reason)
         return Admission.QUEUED if worker.depth + reserved < worker.ecu.queue_size else Admission.BUSY
 
+    def idle(self, component: str) -> bool:
+        """`component`'s worker has nothing submitted and unfinished: a command submitted now runs next."""
+        worker = self.workers.get(component)
+        return worker is not None and worker.idle and not self._stopping.is_set()
+
     def submit(self, command: Command) -> Admission:
         admission = self.check(command)
         if admission is not Admission.QUEUED:

@@ -40,18 +40,32 @@ class ComponentWorker:
         self.busy_since: float | None = None  # monotonic start of the command in flight
         self._probe_interval = probe_interval_s
         self._on_probe = on_probe
+        self._outstanding = 0  # submitted and not yet finished (queued, or being taken, or running)
+        self._count = threading.Lock()
 
     @property
     def depth(self) -> int:
         return self._queue.qsize()
 
+    @property
+    def idle(self) -> bool:
+        """No command submitted and unfinished: the next one submitted is the next to run."""
+        return self._outstanding == 0
+
     def submit(self, command: Command) -> bool:
         """Queues a command; False when the queue is full (the caller answers `busy`)."""
+        with self._count:
+            self._outstanding += 1
         try:
             self._queue.put_nowait(command)
         except queue.Full:
+            self._finished()
             return False
         return True
+
+    def _finished(self) -> None:
+        with self._count:
+            self._outstanding -= 1
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name=f"worker-{self.ecu.name}", daemon=True)
@@ -84,6 +98,7 @@ class ComponentWorker:
                 return left
             if item is not None:
                 left.append(item)
+                self._finished()
 
     def _run(self) -> None:
         keepalive_s = self.ecu.timing.s3_keepalive_ms / 1000
@@ -104,6 +119,8 @@ class ComponentWorker:
             except Exception:  # never let one command end the worker
                 log.exception("worker %s failed on a command", self.ecu.name,
                               extra=command_fields(command.id, command.component, command.command))
+            finally:
+                self._finished()
 
     def _idle(self) -> None:
         """Nothing to do for a while: hold a non-default session (S3), or probe reachability."""

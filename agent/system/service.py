@@ -61,6 +61,7 @@ class Service:
         self.metrics = AgentMetrics(self.registry, config.vehicle, [e.name for e in config.ecus],
                                     state=self._metrics_state)
         self._outbox_seen: tuple[int, float | None] = (0, None)  # the last outbox figures the store gave
+        self._started_at_intake: set[str] = set()  # ids whose start mark shared the intake's commit
         self.store, self.store_recovery = open_store(config.state_dir / STORE_FILE, on_error=self._on_store_error,
                                                      now=self.clock.agent_now)
         if self.store_recovery is not None:
@@ -80,7 +81,7 @@ class Service:
         self.audit = AuditTrail(config, self.topics, self.store.get, on_error=self.metrics.audit_errors.inc,
                                 on_damage=lambda damage: self.metrics.audit_damaged.inc())
         self.intake = Intake(config, self.store, self.topics, self.link.ack, self._admit, self.outbox.wake,
-                             self.runtime.check, on_final=self._count_final,
+                             self.runtime.check, on_final=self._count_final, idle=self.runtime.idle,
                              on_rejected=lambda reason: self.metrics.rejected.labels(reason).inc(),
                              publish_now=self.link.publish,
                              on_error=lambda stage: self.metrics.intake_errors.labels(stage).inc(), clock=self.clock,
@@ -115,6 +116,7 @@ class Service:
         self.stopped_at = self.clock.wall()
         self.intake.stop()
         self.runtime.stop(grace)  # queued-but-unrun commands stay 'queued' and run after a restart
+        self.store.flush()  # the finals handed over without waiting are in the outbox before it is flushed
         if self.link.connected:
             self.outbox.flush(min(grace, 3.0))
         self.outbox.stop()
@@ -241,9 +243,13 @@ class Service:
         self.metrics.store_errors.labels(error.operation).inc()
 
     def _admit(self, command: Command, entry: Entry) -> None:
+        started = entry.state == "started"  # intake's commit marked it started: its worker was idle
+        if started:
+            self._started_at_intake.add(command.id)
         admission = self.runtime.submit(command)
         if admission is Admission.QUEUED:
             return
+        self._started_at_intake.discard(command.id)
         outcome = admission.refusal(command.component, command.command)
         assert outcome.error is not None
         log.warning("command refused: %s", outcome.error.message,
@@ -252,7 +258,12 @@ class Service:
                                    command.received_at, None, self.clock.wall()))
 
     def _on_start(self, command: Command) -> None:
-        """Marks the command started before it runs; a StoreError here keeps it from running at all."""
+        """Marks the command started before it runs (unless the intake's commit did); a StoreError here
+        keeps it from running at all."""
+        if command.id in self._started_at_intake:
+            self._started_at_intake.discard(command.id)
+            self.intake.room()
+            return
         batch = self.store.batch()
         self.audit.started(command, batch)  # a mutating command's record is on the disk before it runs
         batch.set_state(command.id, "started")
@@ -275,8 +286,10 @@ class Service:
     def _finish(self, entry: Entry, result: Result) -> None:
         """Stores the final response and its ledger state together; a transient refusal is forgotten instead.
 
-        When the store fails, the response goes straight to the link, and the write waits in memory
-        until the store takes writes again (then the outbox sends it once more: at least once).
+        The caller (a worker) does not wait for the commit: the outbox sends the response once it is
+        stored (synced), and the worker's next start mark shares that fsync. When the store fails, the
+        response goes straight to the link, and the write waits in memory until the store takes writes
+        again (then the outbox sends it once more: at least once).
         """
         final = {**response_message(result, seq=entry.seq + 1), **m.clock_mark(self.clock.synchronized())}
         largest = self.config.mqtt.max_payload_bytes
@@ -292,14 +305,19 @@ class Service:
             batch.forget(entry.id)  # "not now": the same id sent again is a fresh attempt
         else:
             batch.set_state(entry.id, "final", seq=pieces[-1]["seq"], final_message=final)
+
+        def stored(error: BaseException | None) -> None:
+            if error is not None:
+                log.error("final response not stored (%s): sent without the outbox; stored when the store works "
+                          "again", error, extra=command_fields(entry.id, result.component, result.command))
+                for message in messages:
+                    self.link.publish(message)
+            self.outbox.wake()
+
         try:
-            batch.commit(defer=True)
-        except StoreError as err:
-            log.error("final response not stored (%s): sent without the outbox; stored when the store works again",
-                      err, extra=command_fields(entry.id, result.component, result.command))
-            for message in messages:
-                self.link.publish(message)
-        self.outbox.wake()
+            batch.commit_later(stored, defer=True)
+        except StoreError as err:  # the store is closing
+            stored(err)
         duration = result.finished_at - result.started_at if result.started_at is not None else None
         self._count_final(final, duration)
         if len(pieces) > 1:
