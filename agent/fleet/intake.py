@@ -213,9 +213,16 @@ class Intake:
             return self._failed(item)
 
     def _record(self, decisions: list[Decision]) -> None:
-        """One commit for the group; if that fails, one commit per message, each failing alone."""
+        """One commit for the group; if that fails, one commit per message, each failing alone.
+
+        When every command of the group waits behind another in its component's queue, the commit
+        waits a moment for a worker's commit to carry it (one fsync for both): none of them would run
+        sooner, only their PUBACKs wait."""
+        runs = [d.run for d in decisions if d.run is not None]
+        company = bool(runs) and all(entry.state == "queued" and not self._idle(command.component)
+                                     for command, entry in runs)
         try:
-            self._store.commit_group([d.batch for d in decisions])
+            self._store.commit_group([d.batch for d in decisions], company=company)
             return
         except Exception as err:
             if len(decisions) > 1:

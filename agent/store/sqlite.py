@@ -94,6 +94,7 @@ REFUSED_KEEP = 100  # messages the broker refused for good, kept for inspection 
 
 MAX_DEFERRED = 1000  # writes kept in memory while the storage is unavailable
 WAL_SIZE_LIMIT = 4 * 1024 * 1024  # the WAL file is cut back to this after a checkpoint
+COMPANY_WAIT_S = 0.02  # a write handed over to share a commit expected soon waits at most this long alone
 
 # Bytes of a ledger row and of an outbox row, as the byte bounds count them.
 LEDGER_ROW_BYTES = ("(length(id) + length(body) + length(reply_topic) + IFNULL(length(correlation), 0)"
@@ -175,12 +176,15 @@ class Store:
         self._waiting = threading.Condition(threading.Lock())  # guards _pending, wakes the writer thread
         self._pending: list[Write] = []
         self._writer: threading.Thread | None = None  # commits what nobody waits for; started on first use
+        self._urgent = False  # a write nobody waits for is to be committed now
+        self._alone_due: float | None = None  # when the writer commits writes that wait for company
         self._closing = False
         self._deferred: list[Statements] = []
         self.errors: dict[str, int] = {}
         self.trouble: Trouble | None = None
         self.deferred_dropped = 0
-        self.commits = 0  # transactions committed, and writes they carried (group commit's figures)
+        self.commits = 0  # commit rounds, how many were synced, and the writes they carried (group commit)
+        self.synced = 0
         self.writes = 0
         try:
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
@@ -208,6 +212,8 @@ class Store:
         if self._writer is not None:
             self._writer.join(10.0)
         self.flush()
+        log.info("store closed: %d writes in %d commits, %d of them synced", self.writes, self.commits, self.synced,
+                 extra={"writes": self.writes, "commits": self.commits, "synced": self.synced})
         with self._lock:
             self._db.close()
         with self._read_lock:
@@ -250,25 +256,33 @@ class Store:
 
     # ---- writes: group commit ------------------------------------------------------------------
     def _transaction(self, operation: str, work: Callable[[sqlite3.Connection], T], durable: bool = True,
-                     defer: Statements | None = None) -> T:
+                     defer: Statements | None = None, company: bool = False) -> T:
         """Runs `work` in a transaction shared with whatever else waits to be written (after any writes
-        deferred while the storage failed), and returns its result once committed (synced if `durable`)."""
+        deferred while the storage failed), and returns its result once committed (synced if `durable`).
+        With `company` (a commit by another thread is expected within moments), it first waits up to
+        COMPANY_WAIT_S for that commit to carry it, then commits alone."""
         write = Write(operation, work, durable, defer)
         with self._waiting:
             self._pending.append(write)
-        with self._lock:  # the leader commits everything waiting; a follower finds its write done
-            committed = [] if write.finished.is_set() else self._commit_round()
-        self._settle(committed)
+        if not company or not write.finished.wait(COMPANY_WAIT_S):
+            with self._lock:  # the leader commits everything waiting; a follower finds its write done
+                committed = [] if write.finished.is_set() else self._commit_round()
+            self._settle(committed)
         if write.error is not None:
             raise write.error
         return write.result  # type: ignore[no-any-return]
 
-    def _later(self, write: Write) -> None:
-        """Queues a write nobody waits for: the next commit takes it, or the writer thread does."""
+    def _later(self, write: Write, company: bool = False) -> None:
+        """Queues a write nobody waits for: the next commit takes it, or the writer thread does, at once,
+        or with `company` (another commit is expected soon) after at most COMPANY_WAIT_S."""
         with self._waiting:
             if self._closing:
                 raise StoreError(write.operation, sqlite3.ProgrammingError("the store is closing"))
             self._pending.append(write)
+            if not company:
+                self._urgent = True
+            elif self._alone_due is None:
+                self._alone_due = time.monotonic() + COMPANY_WAIT_S
             if self._writer is None:
                 self._writer = threading.Thread(target=self._write_loop, name="store-writer", daemon=True)
                 self._writer.start()
@@ -277,10 +291,16 @@ class Store:
     def _write_loop(self) -> None:
         while True:
             with self._waiting:
-                while not self._pending and not self._closing:
-                    self._waiting.wait()
-                if not self._pending:
-                    return
+                while True:
+                    if not self._pending:
+                        if self._closing:
+                            return
+                        self._waiting.wait()
+                        continue
+                    due = self._alone_due
+                    if self._urgent or self._closing or due is None or time.monotonic() >= due:
+                        break
+                    self._waiting.wait(due - time.monotonic())
             try:
                 self.flush()
             except Exception:  # never lose the thread: the writes themselves carry their errors
@@ -297,6 +317,7 @@ class Store:
         """Under the write lock: every waiting write in one transaction (one fsync when any must be durable)."""
         with self._waiting:
             writes, self._pending = self._pending, []
+            self._urgent, self._alone_due = False, None
         if not writes:
             return []
         try:
@@ -307,6 +328,7 @@ class Store:
         else:
             commit_writes(self._db, self._sync, writes)
             self.commits += 1
+            self.synced += any(w.durable for w in writes)
             self.writes += len(writes)
         worked = False
         for write in writes:
@@ -332,9 +354,10 @@ class Store:
                 except Exception:
                     log.exception("callback after a store write failed", extra={"operation": write.operation})
 
-    def _write(self, statements: Statements, defer: bool = False, durable: bool = True) -> None:
+    def _write(self, statements: Statements, defer: bool = False, durable: bool = True,
+               company: bool = False) -> None:
         self._transaction("write", functools.partial(_execute_all, statements=statements), durable,
-                          statements if defer else None)
+                          statements if defer else None, company)
 
     def _defer(self, statements: Statements) -> None:
         """Under the write lock."""
@@ -364,12 +387,12 @@ class Store:
         """Writes waiting in memory for the storage to work again."""
         return len(self._deferred)
 
-    def commit_group(self, batches: list[Batch]) -> None:
+    def commit_group(self, batches: list[Batch], company: bool = False) -> None:
         """Commits several batches in one transaction (one fsync); all of them or none. Synced only if
-        one of them holds a write that must be durable."""
+        one of them holds a write that must be durable. `company`: as in `_transaction`."""
         statements = [s for batch in batches for s in batch.statements]
         if statements:
-            self._write(statements, durable=any(batch.durable for batch in batches))
+            self._write(statements, durable=any(batch.durable for batch in batches), company=company)
         for batch in batches:
             batch.statements = []
 
@@ -530,18 +553,21 @@ class Batch:
                 self.statements = [] if defer else statements
                 raise
 
-    def commit_later(self, on_done: Callable[[BaseException | None], None], defer: bool = False) -> None:
+    def commit_later(self, on_done: Callable[[BaseException | None], None], defer: bool = False,
+                     company: bool = False) -> None:
         """Hands the statements over without waiting for the commit: `on_done(None)` once they are
         stored (synced if `durable`), or `on_done(error)` (a StoreError when SQLite failed); it runs on
         whichever thread committed them, outside the store's locks. With `defer`, as in `commit`.
-        Raises StoreError only when the store is closing."""
+        With `company`, the caller knows another commit follows at once (its worker's next start
+        mark): the statements go with it, or alone after COMPANY_WAIT_S. Raises StoreError only when
+        the store is closing."""
         if not self.statements:
             on_done(None)
             return
         statements, self.statements = self.statements, []
 
         self._store._later(Write("write", functools.partial(_execute_all, statements=statements), self.durable,
-                                 statements if defer else None, lambda write: on_done(write.error)))
+                                 statements if defer else None, lambda write: on_done(write.error)), company)
 
 
 def _execute_all(db: sqlite3.Connection, statements: Statements) -> None:

@@ -314,8 +314,10 @@ class Service:
                     self.link.publish(message)
             self.outbox.wake()
 
+        worker = self.runtime.workers.get(result.component)
+        company = worker is not None and worker.depth > 0  # its next start mark is about to be committed
         try:
-            batch.commit_later(stored, defer=True)
+            batch.commit_later(stored, defer=True, company=company)
         except StoreError as err:  # the store is closing
             stored(err)
         duration = result.finished_at - result.started_at if result.started_at is not None else None
