@@ -12,6 +12,7 @@ import uuid
 
 from agent.clock import Clock
 from agent.devtools.sim.config import fault_from_dict
+from agent.store.sqlite import Store
 from agent.system.service import Service
 
 
@@ -90,3 +91,43 @@ def test_a_transient_refusal_is_not_synced_nor_remembered(mqtt_vehicle, sim, bac
         assert service.store.get(refused["id"]) is None
     finally:
         service.stop()
+
+
+def test_the_next_command_is_marked_started_while_one_runs_and_queued_again_at_a_clean_stop(
+        mqtt_vehicle, sim, backend):
+    """Pipelined start marks: while a command runs, its worker takes the next one and has its start
+    mark written. A clean stop puts that one back to `queued`, so it runs after the restart instead
+    of being reported `interrupted`."""
+    sim.ecu("engine").set_faults([fault_from_dict({"service": 0x22, "match": "F190", "pending": 15})])
+    service = Service(mqtt_vehicle)
+    service.start()
+    try:
+        assert service.link.wait_connected(10), service.link.last_error
+        backend.wait_status("online", 10)
+        worker = service.runtime.workers["engine"]
+        blocker, first, second, third = command(), command(), command(), command()
+        backend.send(blocker)
+        wait_for(lambda: worker.in_flight is not None and worker.in_flight.id == blocker["id"])
+        for sent in (first, second, third):
+            backend.send(sent)
+        wait_for(lambda: worker.depth == 3)  # all three queued while the blocker runs
+        wait_for(lambda: worker.in_flight is not None and worker.in_flight.id == first["id"])
+        wait_for(lambda: service.store.get(second["id"]).state == "started")  # marked ahead, not running
+        assert worker.in_flight.id == first["id"] and service.store.get(third["id"]).state == "queued"
+    finally:
+        service.stop()
+    assert backend.final(blocker["id"])["status"] == "completed"
+    assert backend.final(first["id"])["status"] == "completed"
+    reopened = Store(mqtt_vehicle.state_dir / "agent.db")
+    try:
+        assert reopened.get(second["id"]).state == "queued" and reopened.get(third["id"]).state == "queued"
+    finally:
+        reopened.close()
+    sim.ecu("engine").set_faults([])
+    again = Service(mqtt_vehicle)
+    again.start()
+    try:
+        assert backend.final(second["id"])["status"] == "completed"
+        assert backend.final(third["id"])["status"] == "completed"
+    finally:
+        again.stop()

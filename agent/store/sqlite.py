@@ -529,6 +529,11 @@ class Batch:
             "body = CASE WHEN ? = 'final' THEN '{}' ELSE body END, updated_at = ? WHERE id = ?",
             (state, seq, json.dumps(final_message) if final_message else None, state, self._store.now(), command_id)))
 
+    def requeue(self, command_id: str) -> None:
+        """A command marked started that never ran is queued again (a clean stop)."""
+        self.durable = True
+        self.statements.append(("UPDATE ledger SET state = 'queued' WHERE id = ? AND state = 'started'", (command_id,)))
+
     def forget(self, command_id: str) -> None:
         """Removes a command from the ledger: its refusal was transient, the same id may come again."""
         self.durable = True

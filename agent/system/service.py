@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,7 @@ from agent.metrics.busmonitor import BusMonitor
 from agent.metrics.registry import AgentMetrics, AgentState
 from agent.metrics.server import MetricsServer
 from agent.policy.admission import Admission
+from agent.policy.mutating import is_mutating
 from agent.store.recovery import open_store
 from agent.store.sqlite import Entry, Outgoing, StoreError
 from agent.system.audit import AuditTrail
@@ -62,13 +64,15 @@ class Service:
                                     state=self._metrics_state)
         self._outbox_seen: tuple[int, float | None] = (0, None)  # the last outbox figures the store gave
         self._started_at_intake: set[str] = set()  # ids whose start mark shared the intake's commit
+        self._marked_ahead: set[str] = set()  # ids marked started ahead of their turn, not yet run
         self.store, self.store_recovery = open_store(config.state_dir / STORE_FILE, on_error=self._on_store_error,
                                                      now=self.clock.agent_now)
         if self.store_recovery is not None:
             self.metrics.store_recoveries.labels(self.store_recovery.reason).inc()
         self.runtime = Runtime(config, sink=self._on_result, on_start=self._on_start,
                                bus_factory=bus_factory, companions=companions,
-                               on_bus_change=self._on_bus_change, on_probe=self._on_probe, wall=self.clock.wall)
+                               on_bus_change=self._on_bus_change, on_probe=self._on_probe, wall=self.clock.wall,
+                               on_ahead=self._mark_ahead)
         self.metrics_server = MetricsServer(config.metrics, self.registry) if config.metrics.enabled else None
         self.bus_monitor = BusMonitor(config.bus, self.runtime.owner, config.metrics.bus_state_interval_s,
                                       on_change=self._publish_bus_state)
@@ -116,6 +120,7 @@ class Service:
         self.stopped_at = self.clock.wall()
         self.intake.stop()
         self.runtime.stop(grace)  # queued-but-unrun commands stay 'queued' and run after a restart
+        self._unmark_ahead()
         self.store.flush()  # the finals handed over without waiting are in the outbox before it is flushed
         if self.link.connected:
             self.outbox.flush(min(grace, 3.0))
@@ -270,6 +275,51 @@ class Service:
         batch.commit()
         self.intake.room()  # its place in the queue is free: a waiting command may take it
 
+    def _mark_ahead(self, command: Command) -> Callable[[], BaseException | None] | None:
+        """A worker took `command` ahead of its turn: its start mark is written while the command before
+        it runs (store docstring: a crash before it runs reports it `interrupted`). Not for a mutating
+        command (its audit record is written when it starts) nor one whose mark the intake wrote."""
+        if is_mutating(command.command) or command.id in self._started_at_intake:
+            return None
+        stored = threading.Event()
+        outcome: list[BaseException | None] = []
+
+        def done(error: BaseException | None) -> None:
+            outcome.append(error)
+            stored.set()
+
+        batch = self.store.batch()
+        batch.set_state(command.id, "started")
+        try:
+            batch.commit_later(done)
+        except StoreError:  # the store is closing: marked in its turn, or not run
+            return None
+        self._marked_ahead.add(command.id)
+        self.intake.room()  # its place in the queue is free
+
+        def wait() -> BaseException | None:
+            stored.wait()
+            self._marked_ahead.discard(command.id)
+            return outcome[0]
+
+        return wait
+
+    def _unmark_ahead(self) -> None:
+        """A clean stop: commands marked started ahead that never ran are queued again (they run after
+        the restart, like any other queued command, instead of being reported `interrupted`)."""
+        ids = list(self._marked_ahead)
+        if not ids:
+            return
+        batch = self.store.batch()
+        for command_id in ids:
+            batch.requeue(command_id)
+        try:
+            batch.commit(defer=True)
+        except StoreError as err:
+            log.error("commands marked started ahead could not be queued again (%s): they are reported "
+                      "interrupted after the restart", err, extra={"ids": ids})
+        self._marked_ahead.clear()
+
     def _on_result(self, result: Result) -> None:
         try:
             entry = self.store.get(result.command_id)
@@ -291,6 +341,8 @@ class Service:
         response goes straight to the link, and the write waits in memory until the store takes writes
         again (then the outbox sends it once more: at least once).
         """
+        self._started_at_intake.discard(entry.id)  # ended without running (expired, refused) or ran
+        self._marked_ahead.discard(entry.id)
         final = {**response_message(result, seq=entry.seq + 1), **m.clock_mark(self.clock.synchronized())}
         largest = self.config.mqtt.max_payload_bytes
         broker = self.link.payload_limit(entry.reply_topic, entry.correlation)  # when the broker announced one
