@@ -346,8 +346,9 @@ class Service:
         final = {**response_message(result, seq=entry.seq + 1), **m.clock_mark(self.clock.synchronized())}
         largest = self.config.mqtt.max_payload_bytes
         broker = self.link.payload_limit(entry.reply_topic, entry.correlation)  # when the broker announced one
-        pieces = m.split_result(final, min(largest, broker) if broker is not None else largest)
-        messages = [Outgoing(entry.reply_topic, m.encode(message), entry.correlation, entry.id) for message in pieces]
+        encoded = m.encode_final(final, min(largest, broker) if broker is not None else largest)
+        pieces = [message for message, _ in encoded]
+        messages = [Outgoing(entry.reply_topic, payload, entry.correlation, entry.id) for _, payload in encoded]
         batch = self.store.batch()
         for message in messages:
             batch.publish(message)

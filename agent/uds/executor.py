@@ -25,6 +25,7 @@ from udsoncan import Request, Response, services
 from agent.config.model import EcuConfig
 from agent.errors import BusDownError, TransportTimeoutError
 from agent.uds.keys import load_algorithm
+from agent.uds.response import parse as parse_response
 from agent.uds.transaction import (
     NEGATIVE_RESPONSE,
     FunctionalLink,
@@ -180,7 +181,7 @@ class Executor:
     def _ask(self, request: Request, deadline: float) -> Response:
         data = transact(self.link, request.get_payload(), self.timing, deadline)
         assert data is not None  # named commands never suppress the positive response
-        response = Response.from_payload(data)
+        response = parse_response(data)
         if not response.valid:
             raise InvalidResponseError(response.invalid_reason)
         return response
@@ -318,7 +319,7 @@ class Executor:
             self._enter_session(sub)
             if response is not None:
                 try:
-                    self._apply_session_timing(Response.from_payload(response))
+                    self._apply_session_timing(parse_response(response))
                 except InvalidResponseError as err:
                     log.warning("session response of %s without usable timing (uds_standard %d): %s",
                                 self.ecu.name, self.ecu.uds_standard, err, extra={"component": self.ecu.name})
@@ -401,7 +402,7 @@ class Executor:
                     if data[0] == NEGATIVE_RESPONSE:
                         raise NegativeResponseError(request[0], data[2])
                     parsed = interpret(services.ReadDataByIdentifier.interpret_response,
-                                       Response.from_payload(data), ids, config)
+                                       parse_response(data), ids, config)
                     if set(parsed.values) != set(ids):
                         raise InvalidResponseError("the answer does not carry every DID asked for")
                 except (NegativeResponseError, InvalidResponseError) as err:

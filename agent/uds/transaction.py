@@ -18,9 +18,8 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-from udsoncan import Response
-
 from agent.errors import AgentError
+from agent.uds.response import code_name
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +56,7 @@ class NegativeResponseError(AgentError):
     def __init__(self, service: int, code: int) -> None:
         self.service = service
         self.code = code
-        name = Response.Code.get_name(code)
+        name = code_name(code)
         self.name = name if isinstance(name, str) else "Unknown"
         super().__init__(f"ECU refused service 0x{service:02X}: NRC 0x{code:02X} {self.name}")
 
