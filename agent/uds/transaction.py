@@ -162,7 +162,8 @@ def _exchange(link: Link, request: bytes, timing: Timing, deadline: float, wait_
         if data is None:
             continue
         if not answers(request, data):
-            log.debug("discarding an answer that is not for request %s: %s", request[:4].hex(), data[:8].hex())
+            if log.isEnabledFor(logging.DEBUG):  # hex dumps only built when they are logged
+                log.debug("discarding an answer that is not for request %s: %s", request[:4].hex(), data[:8].hex())
             continue
         if data[0] == NEGATIVE_RESPONSE:
             if len(data) < 3:
@@ -207,8 +208,9 @@ def collect(link: FunctionalLink, request: bytes, timing: Timing, deadline: floa
                 continue
             key, data = got
             if not answers(request, data) or key in final:
-                log.debug("discarding an answer from %s that is not for request %s: %s", key, request[:4].hex(),
-                          data[:8].hex())
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("discarding an answer from %s that is not for request %s: %s", key, request[:4].hex(),
+                              data[:8].hex())
                 continue
             if data[0] == NEGATIVE_RESPONSE and len(data) >= 3 and data[2] == NRC_RESPONSE_PENDING:
                 pending[key] = time.monotonic() + timing.p2_star
