@@ -14,7 +14,7 @@ from agent.bus.kernel_isotp import KernelIsoTpLink, kernel_isotp_available, kern
 from agent.bus.owner import BusFactory, BusOwner
 from agent.config.model import AgentConfig, BusConfig, EcuConfig
 from agent.config.transport import isotp_address
-from agent.core.worker import ComponentWorker, ResultSink, StartHook
+from agent.core.worker import AheadHook, ComponentWorker, ResultSink, StartHook
 from agent.policy.admission import Admission, refusal_reason
 from agent.uds.executor import Executor
 from agent.uds.transaction import Link
@@ -47,7 +47,7 @@ class Runtime:
                  bus_factory: BusFactory | None = None, companions: Sequence[Companion] = (),
                  on_bus_change: Callable[[bool, str], None] | None = None,
                  on_probe: Callable[[str, bool], None] | None = None,
-                 wall: Callable[[], float] = time.time) -> None:
+                 wall: Callable[[], float] = time.time, on_ahead: AheadHook | None = None) -> None:
         self.config = config
         self.transport = choose_transport(config.bus)
         self.owner = BusOwner(config.bus, factory=bus_factory, on_change=on_bus_change)
@@ -66,7 +66,7 @@ class Runtime:
             functional = FunctionalLink(self.owner, ecu, responders) if ecu.addressing.functional_id is not None \
                 else None
             executor = Executor(ecu, links[ecu.name], functional)
-            self.workers[ecu.name] = ComponentWorker(ecu, executor, sink, on_start, clock=wall,
+            self.workers[ecu.name] = ComponentWorker(ecu, executor, sink, on_start, clock=wall, on_ahead=on_ahead,
                                                      probe_interval_s=config.metrics.reachability_interval_s,
                                                      on_probe=on_probe)
         log.info("runtime assembled", extra={"ecus": len(config.ecus), "transport": self.transport,
@@ -106,6 +106,11 @@ class Runtime:
         if reason is not None:
             return Admission.denied(reason)
         return Admission.QUEUED if worker.depth + reserved < worker.ecu.queue_size else Admission.BUSY
+
+    def idle(self, component: str) -> bool:
+        """`component`'s worker has nothing submitted and unfinished: a command submitted now runs next."""
+        worker = self.workers.get(component)
+        return worker is not None and worker.idle and not self._stopping.is_set()
 
     def submit(self, command: Command) -> Admission:
         admission = self.check(command)

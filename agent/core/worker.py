@@ -16,6 +16,9 @@ log = logging.getLogger(__name__)
 
 ResultSink = Callable[[Result], None]
 StartHook = Callable[[Command], None]
+# Marks a command started ahead of its turn, without waiting; returns a wait for that mark (which returns
+# the error that kept it from being stored, or None), or None when this command cannot be marked ahead.
+AheadHook = Callable[[Command], "Callable[[], BaseException | None] | None"]
 
 
 class ComponentWorker:
@@ -23,11 +26,16 @@ class ComponentWorker:
 
     `on_start` runs just before a command executes (the durable ledger hooks in there); `sink`
     receives every final Result. Both are guarded: a failing callback is logged, never fatal.
+
+    With `on_ahead`, while a command runs the worker takes the next one from its queue and has its
+    start mark written meanwhile (pipelined: the fsync overlaps the ECU exchange instead of preceding
+    the next command); when its turn comes the worker waits for that mark, not for a commit of its own.
     """
 
     def __init__(self, ecu: EcuConfig, executor: Executor, sink: ResultSink,
                  on_start: StartHook | None = None, clock: Callable[[], float] = time.time,
-                 probe_interval_s: float = 0.0, on_probe: Callable[[str, bool], None] | None = None) -> None:
+                 probe_interval_s: float = 0.0, on_probe: Callable[[str, bool], None] | None = None,
+                 on_ahead: AheadHook | None = None) -> None:
         self.ecu = ecu
         self.executor = executor
         self._sink = sink
@@ -40,18 +48,36 @@ class ComponentWorker:
         self.busy_since: float | None = None  # monotonic start of the command in flight
         self._probe_interval = probe_interval_s
         self._on_probe = on_probe
+        self._outstanding = 0  # submitted and not yet finished (queued, or being taken, or running)
+        self._count = threading.Lock()
+        self._on_ahead = on_ahead
+        self._next: tuple[Command, Callable[[], BaseException | None] | None] | None = None  # taken ahead
+        self._halting = False  # stop() was called: a command taken ahead is not run
+        self._stop_next = False  # the stop marker was taken ahead
 
     @property
     def depth(self) -> int:
-        return self._queue.qsize()
+        return self._queue.qsize() + (self._next is not None)
+
+    @property
+    def idle(self) -> bool:
+        """No command submitted and unfinished: the next one submitted is the next to run."""
+        return self._outstanding == 0
 
     def submit(self, command: Command) -> bool:
         """Queues a command; False when the queue is full (the caller answers `busy`)."""
+        with self._count:
+            self._outstanding += 1
         try:
             self._queue.put_nowait(command)
         except queue.Full:
+            self._finished()
             return False
         return True
+
+    def _finished(self) -> None:
+        with self._count:
+            self._outstanding -= 1
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name=f"worker-{self.ecu.name}", daemon=True)
@@ -65,6 +91,7 @@ class ComponentWorker:
         """Lets the command in flight finish (up to `timeout`); queued ones stay unrun. True if joined."""
         if self._thread is None:
             return True
+        self._halting = True
         while True:  # make room for the stop marker without blocking on a full queue
             try:
                 self._queue.put_nowait(None)
@@ -84,26 +111,37 @@ class ComponentWorker:
                 return left
             if item is not None:
                 left.append(item)
+                self._finished()
 
     def _run(self) -> None:
         keepalive_s = self.ecu.timing.s3_keepalive_ms / 1000
-        while True:
+        while not self._stop_next:
             self.heartbeat = time.monotonic()
             waits = [keepalive_s] if self.executor.session != DEFAULT_SESSION else []
             if self._probe_interval > 0:
                 waits.append(self._probe_interval)
+            ahead, self._next = self._next, None
+            if ahead is not None and self._halting:  # stopping: it stays unrun (the owner puts it back)
+                self._finished()
+                ahead = None
+            if ahead is not None:
+                command, mark = ahead
+            else:
+                mark = None
+                try:
+                    command = self._queue.get(timeout=min(waits) if waits else None)  # type: ignore[assignment]
+                except queue.Empty:
+                    self._idle()
+                    continue
+                if command is None:
+                    return
             try:
-                command = self._queue.get(timeout=min(waits) if waits else None)
-            except queue.Empty:
-                self._idle()
-                continue
-            if command is None:
-                return
-            try:
-                self._execute(command)
+                self._execute(command, mark)
             except Exception:  # never let one command end the worker
                 log.exception("worker %s failed on a command", self.ecu.name,
                               extra=command_fields(command.id, command.component, command.command))
+            finally:
+                self._finished()
 
     def _idle(self) -> None:
         """Nothing to do for a while: hold a non-default session (S3), or probe reachability."""
@@ -112,14 +150,39 @@ class ComponentWorker:
         elif self._probe_interval > 0 and self._on_probe is not None:
             self._guard(lambda answered: self._on_probe(self.ecu.name, answered), self.executor.probe())
 
-    def _execute(self, command: Command) -> None:
+    def _take_ahead(self) -> None:
+        """Takes the next queued command and has its start mark written while the current one runs."""
+        try:
+            command = self._queue.get_nowait()
+        except queue.Empty:
+            return
+        if command is None:  # the stop marker: the worker ends after the command in flight
+            self._stop_next = True
+            return
+        mark = None
+        try:
+            mark = self._on_ahead(command) if self._on_ahead is not None else None
+        except Exception:
+            log.exception("marking a command started ahead failed; it is marked in its turn",
+                          extra=command_fields(command.id, command.component, command.command))
+        self._next = (command, mark)
+
+    def _execute(self, command: Command, mark: Callable[[], BaseException | None] | None = None) -> None:
         now = self._clock()
         if (command.expires_at is not None and now > command.expires_at) or (
                 command.deadline is not None and time.monotonic() > command.deadline):
             self._emit(command, Outcome.failure(Status.EXPIRED, ErrorCode.EXPIRED,
                                                 "not started before expires_at"), None)
             return
-        if self._on_start is not None:
+        if mark is not None:
+            error = mark()
+            if error is not None:  # unrecorded start: never run
+                log.error("could not record the start of %s: %s", command.id, error,
+                          extra=command_fields(command.id, command.component, command.command))
+                self._emit(command, Outcome.failure(Status.REJECTED, ErrorCode.STORAGE_UNAVAILABLE,
+                                                    f"could not record the start durably, not run: {error}"), None)
+                return
+        elif self._on_start is not None:
             try:
                 self._on_start(command)
             except Exception as err:  # unrecorded start: running it could break exactly-once, so it never runs
@@ -131,6 +194,8 @@ class ComponentWorker:
         self.in_flight, self.busy_since = command, time.monotonic()
         started = self._clock()
         budget_ms = command.timeout_ms or self.ecu.timing.request_ms
+        if self._on_ahead is not None and self._next is None and not self._halting:
+            self._take_ahead()
         outcome = self.executor.execute(command.params, time.monotonic() + budget_ms / 1000, command.addressing)
         self.in_flight, self.busy_since = None, None
         self._emit(command, outcome, started)

@@ -28,6 +28,7 @@ from agent.fleet.flow import Parking
 from agent.fleet.link import Incoming
 from agent.fleet.topics import Topics, is_publishable
 from agent.policy.admission import Admission, allows
+from agent.policy.mutating import is_mutating
 from agent.store.sqlite import Batch, Entry, Outgoing, Store, StoreError
 from agent.wire import decode
 from agent.wire import messages as m
@@ -74,8 +75,8 @@ class Decision:
         self.batch.add_command(entry)
         self.remembered = True
 
-    def publish(self, message: Outgoing) -> None:
-        self.batch.publish(message)
+    def publish(self, message: Outgoing, durable: bool = True) -> None:
+        self.batch.publish(message, durable)
         self.messages.append(message)
 
 
@@ -89,7 +90,7 @@ class Intake:
                  on_rejected: Callable[[str], None] | None = None,
                  publish_now: Callable[[Outgoing], int | None] | None = None,
                  on_error: Callable[[str], None] | None = None, clock: Clock | None = None,
-                 authenticate: Authenticate | None = None) -> None:
+                 authenticate: Authenticate | None = None, idle: Callable[[str], bool] | None = None) -> None:
         self._config = config
         self._authenticate = authenticate
         self._store = store
@@ -97,6 +98,7 @@ class Intake:
         self._ack = ack
         self._submit = submit
         self._check = check
+        self._idle = idle or (lambda component: False)  # its worker has nothing to do: the command runs next
         self._on_final = on_final or (lambda message: None)
         self._on_rejected = on_rejected or (lambda reason: None)
         self._publish_now = publish_now or (lambda message: None)  # around the outbox, when the store fails
@@ -211,9 +213,16 @@ class Intake:
             return self._failed(item)
 
     def _record(self, decisions: list[Decision]) -> None:
-        """One commit for the group; if that fails, one commit per message, each failing alone."""
+        """One commit for the group; if that fails, one commit per message, each failing alone.
+
+        When every command of the group waits behind another in its component's queue, the commit
+        waits a moment for a worker's commit to carry it (one fsync for both): none of them would run
+        sooner, only their PUBACKs wait."""
+        runs = [d.run for d in decisions if d.run is not None]
+        company = bool(runs) and all(entry.state == "queued" and not self._idle(command.component)
+                                     for command, entry in runs)
         try:
-            self._store.commit_group([d.batch for d in decisions])
+            self._store.commit_group([d.batch for d in decisions], company=company)
             return
         except Exception as err:
             if len(decisions) > 1:
@@ -406,11 +415,13 @@ class Intake:
         return min(command.expires_at, item.received_at + self._config.security.max_expiry_ahead_s)
 
     def _accept(self, d: Decision, command: Command, waits: bool = False, signer: str | None = None) -> None:
-        """Recorded as queued; with `waits`, it waits for room in its component's queue, its PUBACK held.
+        """Recorded as queued (as started when it goes straight to an idle worker: `_starts_now`); with
+        `waits`, it waits for room in its component's queue, its PUBACK held.
         `signer` is the key id of a signed command (the audit log's "who")."""
         item = d.item
         send_accepted = self._config.mqtt.send_accepted and self._takes_progress(item, d.body, d.reply_topic)
-        entry = Entry(command.id, "queued", d.body, d.reply_topic, item.correlation, item.received_at,
+        state = "started" if self._starts_now(command, waits) else "queued"
+        entry = Entry(command.id, state, d.body, d.reply_topic, item.correlation, item.received_at,
                       self._ledger_expiry(command, item), 1 if send_accepted else 0, None, signer,
                       self._keep_until(command, item, signer))
         d.remember(entry)
@@ -424,6 +435,13 @@ class Intake:
             return
         self._promised[command.component] = self._promised.get(command.component, 0) + 1
         d.run = (command, entry)
+
+    def _starts_now(self, command: Command, waits: bool) -> bool:
+        """Whether the command's start mark can share this commit (store docstring): it goes straight
+        to an idle worker, nothing else of its component is in this group, and it is not mutating (a
+        mutating command's audit record is written when it starts)."""
+        return (not waits and not self._promised.get(command.component) and not is_mutating(command.command)
+                and self._idle(command.component))
 
     def _reply_topic(self, item: Incoming, body: dict[str, Any], command_id: str) -> str:
         for candidate in (item.response_topic, body.get("reply_to")):
@@ -524,14 +542,15 @@ class Intake:
         message = refusal_message(d.command_id, d.body, status, code, text, d.item.received_at)
         if code.transient:  # "not now": the same id sent again, even in this group, is a fresh attempt
             self._forget_seen(d)
-        self._final(d, message, remember=not code.transient)
+        self._final(d, message, remember=not code.transient, durable=not code.transient)
         log.info("command refused: %s", message["error"]["message"], extra=self._fields(d))
 
-    def _final(self, d: Decision, message: dict[str, Any], remember: bool = True) -> None:
-        """A final answer decided at intake: published, and remembered (its id and outcome, never its body)."""
+    def _final(self, d: Decision, message: dict[str, Any], remember: bool = True, durable: bool = True) -> None:
+        """A final answer decided at intake: published, and remembered (its id and outcome, never its body).
+        A transient refusal is neither remembered nor synced (`durable=False`: store docstring)."""
         item, command_id = d.item, d.command_id
         assert command_id is not None
-        d.publish(self._out(d.reply_topic, message, item.correlation, command_id))  # marks the clock first
+        d.publish(self._out(d.reply_topic, message, item.correlation, command_id), durable)  # marks the clock first
         if remember:
             d.remember(Entry(command_id, "final", {}, d.reply_topic, item.correlation, item.received_at, None,
                              message["seq"], message))

@@ -177,7 +177,9 @@ class MqttLink:
             protocol=mqtt.MQTTv5 if self._v5 else mqtt.MQTTv311,
             clean_session=None if self._v5 else False, manual_ack=True,
         )
-        self._client.enable_logger(logging.getLogger("paho"))
+        # paho formats every packet's debug line for an `on_log` callback whatever the level; its logger is
+        # asked only through Logger.log, which checks the level first: errors are caught there instead
+        self._client.enable_logger(_PahoLog(logging.getLogger("paho"), self._paho_log))  # type: ignore[arg-type]
         self._client.max_queued_messages_set(0)
         self._client.will_set(topics.status, status("offline"), qos=1, retain=True)
         password = password_of(config)
@@ -189,7 +191,6 @@ class MqttLink:
         self._client.on_disconnect = self._disconnected
         self._client.on_message = self._message
         self._client.on_publish = self._published
-        self._client.on_log = self._paho_log
         self._client.on_socket_open = _no_delay
         self._paho_error: str | None = None  # paho's last error line: the real cause behind a disconnect
         self._refusal: str | None = None
@@ -429,9 +430,8 @@ class MqttLink:
                       "more", self.client_id, TAKEOVER_BACKOFF_S,
                       extra={"broker": self.config.broker, "takeovers": self._taken_over})
 
-    def _paho_log(self, client: mqtt.Client, userdata: Any, level: int, text: str) -> None:
-        if level == mqtt.MQTT_LOG_ERR:
-            self._paho_error = text
+    def _paho_log(self, text: str) -> None:
+        self._paho_error = text
 
     @_guarded
     def _message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
@@ -451,3 +451,18 @@ class MqttLink:
         """PUBACK: the reason code (MQTT 5; 0 for 3.1.1) says whether the broker took the message."""
         self._unacked.discard(mid)
         self._on_published(mid, int(getattr(reason, "value", 0) or 0))
+
+
+class _PahoLog:
+    """What paho's `_logger` needs (`log`): passes a line on to `logger` when its level is on, and hands
+    error lines (formatted only then) to `on_error`."""
+
+    def __init__(self, logger: logging.Logger, on_error: Callable[[str], None]) -> None:
+        self._logger = logger
+        self._on_error = on_error
+
+    def log(self, level: int, fmt: str, *args: Any) -> None:
+        if level >= logging.ERROR:
+            self._on_error(fmt % args)
+        if self._logger.isEnabledFor(level):
+            self._logger.log(level, fmt, *args)

@@ -1,8 +1,34 @@
 """The durable store (SQLite, WAL): the ledger of command ids and the outbox of unacknowledged messages.
 
-Every write that a guarantee rests on is committed with synchronous=FULL before the agent acts
-on it: a command is in the ledger before its PUBACK, marked started before it runs, and its final
-response is in the outbox before the ledger calls it final.
+Which write is on the disk before which acknowledgement, and why:
+- A command's ledger row (and its `accepted` message) before its PUBACK: a crash before the commit
+  makes the broker redeliver the command, never lose it (intake's group commit).
+- Its `started` mark before it runs: after a crash a started command is reported `interrupted` and never
+  run again (exactly-once). When the command goes straight to an idle worker (and is not mutating: a
+  mutating command's audit record is written when it starts), the mark shares the intake's commit: a
+  crash between that commit and the run then reports `interrupted` for a command that never ran,
+  which the protocol allows ("started but the agent stopped before it finished").
+- Its final response in the outbox, with the ledger's `final` state, before that response is
+  published: the outbox reads only committed rows, and a synced commit becomes visible to readers only
+  after its fsync. The worker does not wait for this commit (`Batch.commit_later`): its next command's
+  start mark, or another component's, shares the same fsync.
+- Not synced (synchronous=NORMAL, see agent/store/writer.py): outbox deletes after a PUBACK (a lost
+  delete only means a resend: responses are at least once, the backend dedups by id + seq), retention
+  and bound trims, set-asides, and transient refusals (`busy`, `storage_unavailable`,
+  `clock_unsynchronized`), which are not remembered: a power loss may lose such a refusal before it
+  was published; the backend resends an id that got no final answer, and a resend is a fresh attempt.
+  A SIGKILL loses none of them: they are in the WAL in the OS page cache.
+
+Why two fsyncs per command is the floor one at a time: the start mark must be durable before the run
+begins, and the final response durable after the run ends and before it is published; the final's
+content does not exist before the run ends, so one fsync cannot do both, and with one command at a
+time there is no other command's commit to share. Holding the PUBACK until the final instead would
+run a command that is not recorded anywhere: a crash would make the broker redeliver it and run it
+twice. Under load the two fsyncs are shared: every write that waits while one commit syncs goes into
+the next (group commit, agent/store/writer.py), across the intake and every component's worker.
+
+Writers are serialised on one connection (whoever holds the write lock commits everything waiting);
+readers (`get`, `pending`, stats) use a connection of their own and never wait behind an fsync.
 
 Every SQLite failure leaves here as a StoreError carrying SQLite's own error (never one from a
 ROLLBACK after it), is counted per operation, and is handed to `on_error`; `trouble` says whether
@@ -30,6 +56,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+
+from agent.store.writer import Synchronous, Write, commit_writes, is_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +108,9 @@ CREATE TABLE IF NOT EXISTS fault_sets (
 REFUSED_KEEP = 100  # messages the broker refused for good, kept for inspection (oldest dropped; at most
 # 100 x max_payload_bytes on the card)
 
-# SQLite primary result codes that mean the storage is the trouble, not the data written:
-# BUSY, LOCKED, NOMEM, READONLY, IOERR, CORRUPT, FULL, CANTOPEN, PROTOCOL, NOTADB.
-UNAVAILABLE_CODES = frozenset({5, 6, 7, 8, 10, 11, 13, 14, 15, 26})
 MAX_DEFERRED = 1000  # writes kept in memory while the storage is unavailable
 WAL_SIZE_LIMIT = 4 * 1024 * 1024  # the WAL file is cut back to this after a checkpoint
+COMPANY_WAIT_S = 0.02  # a write handed over to share a commit expected soon waits at most this long alone
 
 # Bytes of a ledger row and of an outbox row, as the byte bounds count them.
 LEDGER_ROW_BYTES = ("(length(id) + length(body) + length(reply_topic) + IFNULL(length(correlation), 0)"
@@ -109,14 +135,6 @@ class StoreError(Exception):
         self.code = getattr(cause, "sqlite_errorname", None) or type(cause).__name__
         self.unavailable = is_unavailable(cause)
         super().__init__(f"{operation}: {cause} ({self.code})")
-
-
-def is_unavailable(err: sqlite3.Error) -> bool:
-    code = getattr(err, "sqlite_errorcode", None)
-    if code is not None:
-        return code & 0xFF in UNAVAILABLE_CODES
-    # no code: Python's own checks (misuse) are the data's fault; SQLite's operational errors are not
-    return isinstance(err, sqlite3.OperationalError)
 
 
 @dataclass(frozen=True)
@@ -179,7 +197,8 @@ class Pending:
 
 
 class Store:
-    """One SQLite connection shared by the agent's threads behind a lock; short transactions only.
+    """The ledger and the outbox. Writes from any thread are group-committed on one connection (see the
+    module docstring); reads run on a second connection and never wait behind a commit's fsync.
 
     `now` stamps rows (`updated_at`, `created_at`) and is what retention and outbox age are measured
     in: the service passes agent time, which no wall-clock step moves (agent/clock.py).
@@ -191,18 +210,30 @@ class Store:
         self.path = path
         self.now = now
         self._on_error = on_error or (lambda error: None)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the write connection: held by whoever commits
+        self._read_lock = threading.Lock()  # the read connection
+        self._count_lock = threading.Lock()  # error counts and trouble, touched from any thread
+        self._waiting = threading.Condition(threading.Lock())  # guards _pending, wakes the writer thread
+        self._pending: list[Write] = []
+        self._writer: threading.Thread | None = None  # commits what nobody waits for; started on first use
+        self._urgent = False  # a write nobody waits for is to be committed now
+        self._alone_due: float | None = None  # when the writer commits writes that wait for company
+        self._closing = False
         self._deferred: list[Statements] = []
         self.errors: dict[str, int] = {}
         self.trouble: Trouble | None = None
         self.deferred_dropped = 0
+        self.commits = 0  # commit rounds, how many were synced, and the writes they carried (group commit)
+        self.synced = 0
+        self.writes = 0
         try:
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
         except sqlite3.Error as err:
             raise StoreError("open", err) from err
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
+            self._sync = Synchronous(self._db)
+            self._sync.set(True)
             self._db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
             self._db.executescript(SCHEMA)
             columns = {row[1] for row in self._db.execute("PRAGMA table_info(ledger)")}
@@ -210,18 +241,29 @@ class Store:
                 self._db.execute("ALTER TABLE ledger ADD COLUMN signer TEXT")
             if "keep_until" not in columns:  # a store written before the byte bound held unexpired ids
                 self._db.execute("ALTER TABLE ledger ADD COLUMN keep_until REAL")
+            self._reader = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
         except sqlite3.Error as err:
             self._db.close()
             raise StoreError("open", err) from err
 
     def close(self) -> None:
+        """Commits what still waits (a final response handed over without waiting), then closes."""
+        with self._waiting:
+            self._closing = True
+            self._waiting.notify()
+        if self._writer is not None:
+            self._writer.join(10.0)
+        self.flush()
+        log.info("store closed: %d writes in %d commits, %d of them synced", self.writes, self.commits, self.synced,
+                 extra={"writes": self.writes, "commits": self.commits, "synced": self.synced})
         with self._lock:
             self._db.close()
+        with self._read_lock:
+            self._reader.close()
 
     def quick_check(self) -> list[str]:
         """SQLite's PRAGMA quick_check: ["ok"] for a sound database, else what it found (at most 10)."""
-        with self._lock, self._guard("open"):
-            return [row[0] for row in self._db.execute("PRAGMA quick_check(10)").fetchall()]
+        return self._read(lambda db: [row[0] for row in db.execute("PRAGMA quick_check(10)").fetchall()], "open")
 
     # ---- errors --------------------------------------------------------------------------------
     @contextmanager
@@ -229,79 +271,156 @@ class Store:
         try:
             yield
         except sqlite3.Error as err:
-            error = StoreError(operation, err)
+            raise self._failed(operation, err) from err
+
+    def _failed(self, operation: str, err: sqlite3.Error) -> StoreError:
+        """Counts a failure, notes trouble when the storage fails, tells `on_error`; the error to raise."""
+        error = StoreError(operation, err)
+        with self._count_lock:
             self.errors[operation] = self.errors.get(operation, 0) + 1
             if error.unavailable:  # the storage fails, not just this write's data
                 if self.trouble is None:
                     log.error("store failing: %s", error, extra={"operation": operation, "sqlite_error": error.code})
                 since = self.trouble.since if self.trouble is not None else time.monotonic()
                 self.trouble = Trouble(operation, f"{err} ({error.code})", since)
-            try:
-                self._on_error(error)
-            except Exception:
-                log.exception("store error callback failed")
-            raise error from err
+        try:
+            self._on_error(error)
+        except Exception:
+            log.exception("store error callback failed")
+        return error
 
     def _worked(self) -> None:
-        if self.trouble is not None:
-            log.warning("store works again after %.0f s of errors", time.monotonic() - self.trouble.since,
-                        extra={"operation": self.trouble.operation})
-            self.trouble = None
+        with self._count_lock:
+            trouble, self.trouble = self.trouble, None
+        if trouble is not None:
+            log.warning("store works again after %.0f s of errors", time.monotonic() - trouble.since,
+                        extra={"operation": trouble.operation})
 
-    # ---- transactions --------------------------------------------------------------------------
-    def _transaction(self, operation: str, work: Callable[[sqlite3.Connection], T]) -> T:
-        """Runs `work` in one IMMEDIATE transaction, after any writes deferred while the storage failed."""
-        with self._lock, self._guard(operation):
+    # ---- writes: group commit ------------------------------------------------------------------
+    def _transaction(self, operation: str, work: Callable[[sqlite3.Connection], T], durable: bool = True,
+                     defer: Statements | None = None, company: bool = False) -> T:
+        """Runs `work` in a transaction shared with whatever else waits to be written (after any writes
+        deferred while the storage failed), and returns its result once committed (synced if `durable`).
+        With `company` (a commit by another thread is expected within moments), it first waits up to
+        COMPANY_WAIT_S for that commit to carry it, then commits alone."""
+        write = Write(operation, work, durable, defer)
+        with self._waiting:
+            self._pending.append(write)
+        if not company or not write.finished.wait(COMPANY_WAIT_S):
+            with self._lock:  # the leader commits everything waiting; a follower finds its write done
+                committed = [] if write.finished.is_set() else self._commit_round()
+            self._settle(committed)
+        if write.error is not None:
+            raise write.error
+        return write.result  # type: ignore[no-any-return]
+
+    def _later(self, write: Write, company: bool = False) -> None:
+        """Queues a write nobody waits for: the next commit takes it, or the writer thread does, at once,
+        or with `company` (another commit is expected soon) after at most COMPANY_WAIT_S."""
+        with self._waiting:
+            if self._closing:
+                raise StoreError(write.operation, sqlite3.ProgrammingError("the store is closing"))
+            self._pending.append(write)
+            if not company:
+                self._urgent = True
+            elif self._alone_due is None:
+                self._alone_due = time.monotonic() + COMPANY_WAIT_S
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_loop, name="store-writer", daemon=True)
+                self._writer.start()
+            self._waiting.notify()
+
+    def _write_loop(self) -> None:
+        while True:
+            with self._waiting:
+                while True:
+                    if not self._pending:
+                        if self._closing:
+                            return
+                        self._waiting.wait()
+                        continue
+                    due = self._alone_due
+                    if self._urgent or self._closing or due is None or time.monotonic() >= due:
+                        break
+                    self._waiting.wait(due - time.monotonic())
+            try:
+                self.flush()
+            except Exception:  # never lose the thread: the writes themselves carry their errors
+                log.exception("store writer failed; retrying")
+                time.sleep(0.1)
+
+    def flush(self) -> None:
+        """Commits everything waiting now."""
+        with self._lock:
+            committed = self._commit_round()
+        self._settle(committed)
+
+    def _commit_round(self) -> list[Write]:
+        """Under the write lock: every waiting write in one transaction (one fsync when any must be durable)."""
+        with self._waiting:
+            writes, self._pending = self._pending, []
+            self._urgent, self._alone_due = False, None
+        if not writes:
+            return []
+        try:
             self._flush_deferred()
-            result = self._run(work)
-        self._worked()
-        return result
-
-    def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            result = work(self._db)
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._rollback()
-            raise  # SQLite's own error, never one from the ROLLBACK
-        return result
-
-    def _rollback(self) -> None:
-        if not self._db.in_transaction:  # SQLite already rolled back (SQLITE_FULL, I/O errors do)
-            return
-        try:
-            self._db.execute("ROLLBACK")
         except sqlite3.Error as err:
-            log.warning("ROLLBACK after a failed write failed too: %s", err)
+            for write in writes:
+                write.error = err
+        else:
+            commit_writes(self._db, self._sync, writes)
+            self.commits += 1
+            self.synced += any(w.durable for w in writes)
+            self.writes += len(writes)
+        worked = False
+        for write in writes:
+            err = write.error
+            if isinstance(err, sqlite3.Error):
+                write.error = self._failed(write.operation, err)
+                write.error.__cause__ = err
+                if write.defer is not None and is_unavailable(err):
+                    self._defer(write.defer)
+            elif err is None:
+                worked = True
+            write.finished.set()
+        if worked:
+            self._worked()
+        return writes
 
-    def _write(self, statements: Statements, defer: bool = False) -> None:
-        try:
-            self._transaction("write", lambda db: _execute_all(db, statements))
-        except StoreError as err:
-            if defer and err.unavailable:
-                self._defer(statements)
-            raise
+    def _settle(self, writes: list[Write]) -> None:
+        """Outside the locks: the callbacks of writes nobody waits for."""
+        for write in writes:
+            if write.on_done is not None:
+                try:
+                    write.on_done(write)
+                except Exception:
+                    log.exception("callback after a store write failed", extra={"operation": write.operation})
+
+    def _write(self, statements: Statements, defer: bool = False, durable: bool = True,
+               company: bool = False) -> None:
+        self._transaction("write", functools.partial(_execute_all, statements=statements), durable,
+                          statements if defer else None, company)
 
     def _defer(self, statements: Statements) -> None:
-        with self._lock:
-            self._deferred.append(statements)
-            if len(self._deferred) > MAX_DEFERRED:
-                self._deferred.pop(0)
-                self.deferred_dropped += 1
-                log.error("store unavailable: a deferred write was dropped (more than %d waiting)", MAX_DEFERRED)
+        """Under the write lock."""
+        self._deferred.append(statements)
+        if len(self._deferred) > MAX_DEFERRED:
+            self._deferred.pop(0)
+            self.deferred_dropped += 1
+            log.error("store unavailable: a deferred write was dropped (more than %d waiting)", MAX_DEFERRED)
 
     def _flush_deferred(self) -> None:
         """Writes kept while the storage failed, in order; raises while the storage still fails."""
         while self._deferred:
-            statements = self._deferred[0]
-            try:
-                self._run(functools.partial(_execute_all, statements=statements))
-            except sqlite3.Error as err:
-                if is_unavailable(err):
-                    raise
+            write = Write("write", functools.partial(_execute_all, statements=self._deferred[0]))
+            commit_writes(self._db, self._sync, [write])
+            if isinstance(write.error, sqlite3.Error):
+                if is_unavailable(write.error):
+                    raise write.error
                 self.deferred_dropped += 1
-                log.error("a deferred write cannot be stored and is dropped: %s", err)
+                log.error("a deferred write cannot be stored and is dropped: %s", write.error)
+            elif write.error is not None:
+                raise write.error
             self._deferred.pop(0)
             log.info("a write deferred while the store failed is stored now", extra={"left": len(self._deferred)})
 
@@ -310,11 +429,12 @@ class Store:
         """Writes waiting in memory for the storage to work again."""
         return len(self._deferred)
 
-    def commit_group(self, batches: list[Batch]) -> None:
-        """Commits several batches in one transaction (one fsync); all of them or none."""
+    def commit_group(self, batches: list[Batch], company: bool = False) -> None:
+        """Commits several batches in one transaction (one fsync); all of them or none. Synced only if
+        one of them holds a write that must be durable. `company`: as in `_transaction`."""
         statements = [s for batch in batches for s in batch.statements]
         if statements:
-            self._write(statements)
+            self._write(statements, durable=any(batch.durable for batch in batches), company=company)
         for batch in batches:
             batch.statements = []
 
@@ -323,30 +443,33 @@ class Store:
         if self._deferred:
             self._transaction("write", lambda db: None)
 
+    # ---- reads: their own connection -----------------------------------------------------------
+    def _read(self, work: Callable[[sqlite3.Connection], T], operation: str = "read") -> T:
+        with self._read_lock, self._guard(operation):
+            return work(self._reader)
+
     # ---- ledger --------------------------------------------------------------------------------
     def get(self, command_id: str) -> Entry | None:
-        with self._lock, self._guard("read"):
-            row = self._db.execute("SELECT * FROM ledger WHERE id = ?", (command_id,)).fetchone()
+        row = self._read(lambda db: db.execute("SELECT * FROM ledger WHERE id = ?", (command_id,)).fetchone())
         return _entry(row) if row else None
 
     def entries(self, state: str) -> list[Entry]:
-        with self._lock, self._guard("read"):
-            rows = self._db.execute("SELECT * FROM ledger WHERE state = ? ORDER BY received_at, rowid",
-                                    (state,)).fetchall()
+        rows = self._read(lambda db: db.execute(
+            "SELECT * FROM ledger WHERE state = ? ORDER BY received_at, rowid", (state,)).fetchall())
         return [_entry(r) for r in rows]
 
     def batch(self) -> Batch:
         return Batch(self)
 
     def ledger_bytes(self) -> int:
-        with self._lock, self._guard("read"):
-            return self._db.execute(f"SELECT IFNULL(SUM({LEDGER_ROW_BYTES}), 0) FROM ledger").fetchone()[0]
+        return self._read(lambda db: db.execute(f"SELECT IFNULL(SUM({LEDGER_ROW_BYTES}), 0) FROM ledger").fetchone()[0])
 
     def trim_ledger_bytes(self, max_bytes: int, wall: float | None) -> LedgerTrim:
         """Forgets finished commands while the ledger holds more than `max_bytes`: first those that never
         ran, then the least recently finished. Never an unfinished one, nor one that ran whose `keep_until`
         is after `wall` (wall-clock epoch seconds; None: the clock cannot be trusted, every `keep_until`
-        holds). What it must hold is reported, never forgotten (see the module docstring)."""
+        holds). What it must hold is reported, never forgotten (see the module docstring). Not synced: an
+        id remembered a little longer after a power loss harms nothing."""
         def work(db: sqlite3.Connection) -> LedgerTrim:
             held = db.execute(f"SELECT IFNULL(SUM({LEDGER_ROW_BYTES}), 0) FROM ledger WHERE NOT ({_FORGETTABLE})",
                               (wall, wall)).fetchone()[0]
@@ -357,26 +480,26 @@ class Store:
                 " WHERE total > ? - ?)", (wall, wall, max_bytes, held)).rowcount
             return LedgerTrim(forgotten, held, max_bytes)
 
-        return self._transaction("maintain", work)
+        return self._transaction("maintain", work, durable=False)
 
     # ---- outbox --------------------------------------------------------------------------------
     def pending(self, after: int, limit: int) -> list[Pending]:
-        with self._lock, self._guard("read"):
-            rows = self._db.execute(
-                "SELECT n, command_id, topic, payload, correlation, created_at FROM outbox WHERE n > ? "
-                "ORDER BY n LIMIT ?", (after, limit)).fetchall()
+        rows = self._read(lambda db: db.execute(
+            "SELECT n, command_id, topic, payload, correlation, created_at FROM outbox WHERE n > ? "
+            "ORDER BY n LIMIT ?", (after, limit)).fetchall())
         return [Pending(n, Outgoing(topic, bytes(payload), correlation, cid), created)
                 for n, cid, topic, payload, correlation, created in rows]
 
     def acknowledge(self, numbers: list[int]) -> None:
+        """Deletes delivered messages. Not synced: a delete a power loss undoes only means a resend
+        (at least once), and the next synced commit makes it durable anyway."""
         if numbers:
             self._transaction("acknowledge", lambda db: _execute_all(
-                db, [("DELETE FROM outbox WHERE n = ?", (n,)) for n in numbers]))
+                db, [("DELETE FROM outbox WHERE n = ?", (n,)) for n in numbers]), durable=False)
 
     def outbox_stats(self) -> tuple[int, float | None]:
         """(messages pending, created_at of the oldest)."""
-        with self._lock, self._guard("read"):
-            count, oldest = self._db.execute("SELECT COUNT(*), MIN(created_at) FROM outbox").fetchone()
+        count, oldest = self._read(lambda db: db.execute("SELECT COUNT(*), MIN(created_at) FROM outbox").fetchone())
         return count, oldest
 
     def trim_outbox(self, max_messages: int, max_age_s: float, now: float) -> int:
@@ -388,7 +511,7 @@ class Store:
                 (max_messages,)).rowcount
             return aged + over
 
-        return self._transaction("maintain", work)
+        return self._transaction("maintain", work, durable=False)
 
     def trim_outbox_bytes(self, max_bytes: int) -> int:
         """Drops the oldest messages while the outbox holds more than `max_bytes`; returns how many."""
@@ -398,55 +521,52 @@ class Store:
                 f" SELECT n, SUM({OUTBOX_ROW_BYTES}) OVER (ORDER BY n DESC) AS total FROM outbox)"
                 " WHERE total > ?)", (max_bytes,)).rowcount
 
-        return self._transaction("maintain", work)
+        return self._transaction("maintain", work, durable=False)
 
     def set_aside(self, n: int, reason: str) -> int:
         """Moves an outbox message the broker will never take into `refused` (never deleted as delivered);
         returns how many older refused messages were dropped to keep REFUSED_KEEP."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.execute("INSERT OR REPLACE INTO refused SELECT n, command_id, topic, payload, correlation, "
-                                 "created_at, ? FROM outbox WHERE n = ?", (reason, n))
-                self._db.execute("DELETE FROM outbox WHERE n = ?", (n,))
-                dropped = self._db.execute(
-                    "DELETE FROM refused WHERE n IN (SELECT n FROM refused ORDER BY n DESC LIMIT -1 OFFSET ?)",
-                    (REFUSED_KEEP,)).rowcount
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-        return dropped
+        def work(db: sqlite3.Connection) -> int:
+            db.execute("INSERT OR REPLACE INTO refused SELECT n, command_id, topic, payload, correlation, "
+                       "created_at, ? FROM outbox WHERE n = ?", (reason, n))
+            db.execute("DELETE FROM outbox WHERE n = ?", (n,))
+            return db.execute("DELETE FROM refused WHERE n IN (SELECT n FROM refused ORDER BY n DESC "
+                              "LIMIT -1 OFFSET ?)", (REFUSED_KEEP,)).rowcount
+
+        return self._transaction("acknowledge", work)
 
     def refused_messages(self) -> list[tuple[Pending, str]]:
         """What was set aside, oldest first, with the reason."""
-        with self._lock:
-            rows = self._db.execute("SELECT n, command_id, topic, payload, correlation, created_at, reason "
-                                    "FROM refused ORDER BY n").fetchall()
+        rows = self._read(lambda db: db.execute("SELECT n, command_id, topic, payload, correlation, created_at, "
+                                                "reason FROM refused ORDER BY n").fetchall())
         return [(Pending(n, Outgoing(topic, bytes(payload), correlation, cid), created), reason)
                 for n, cid, topic, payload, correlation, created, reason in rows]
 
     def fault_set(self, component: str) -> dict[int, int]:
         """The last known faults of a component: 24-bit DTC -> status byte (agent/collect/faults.py)."""
-        with self._lock, self._guard("read"):
-            rows = self._db.execute("SELECT dtc, status FROM fault_sets WHERE component = ?", (component,)).fetchall()
+        rows = self._read(lambda db: db.execute(
+            "SELECT dtc, status FROM fault_sets WHERE component = ?", (component,)).fetchall())
         return {dtc: status for dtc, status in rows}
 
     def prune_ledger(self, retention_s: float, now: float, wall: float | None = None) -> int:
         """Forgets final commands older than the retention time (`now` in the store's time), except those
         the byte bound holds too (ran, `keep_until` after `wall`); returns how many."""
         return self._transaction("maintain", lambda db: db.execute(
-            f"DELETE FROM ledger WHERE {_FORGETTABLE} AND updated_at < ?", (wall, wall, now - retention_s)).rowcount)
+            f"DELETE FROM ledger WHERE {_FORGETTABLE} AND updated_at < ?", (wall, wall, now - retention_s)).rowcount,
+            durable=False)
 
 
 class Batch:
-    """Statements committed together (one fsync for a group of messages)."""
+    """Statements committed together (one fsync for a group of messages). `durable` says whether the
+    commit must be synced: every ledger change and every message is, unless published `durable=False`."""
 
     def __init__(self, store: Store) -> None:
         self._store = store
         self.statements: Statements = []
+        self.durable = False
 
     def add_command(self, entry: Entry) -> None:
+        self.durable = True
         self.statements.append((
             "INSERT INTO ledger (id, state, body, reply_topic, correlation, received_at, expires_at, seq, "
             "final_message, updated_at, signer, keep_until) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -458,16 +578,26 @@ class Batch:
     def set_state(self, command_id: str, state: str, seq: int | None = None,
                   final_message: dict[str, Any] | None = None) -> None:
         """A finished command keeps its id and final message, not its body (the ledger stays small)."""
+        self.durable = True
         self.statements.append((
             "UPDATE ledger SET state = ?, seq = COALESCE(?, seq), final_message = COALESCE(?, final_message), "
             "body = CASE WHEN ? = 'final' THEN '{}' ELSE body END, updated_at = ? WHERE id = ?",
             (state, seq, json.dumps(final_message) if final_message else None, state, self._store.now(), command_id)))
 
+    def requeue(self, command_id: str) -> None:
+        """A command marked started that never ran is queued again (a clean stop)."""
+        self.durable = True
+        self.statements.append(("UPDATE ledger SET state = 'queued' WHERE id = ? AND state = 'started'", (command_id,)))
+
     def forget(self, command_id: str) -> None:
         """Removes a command from the ledger: its refusal was transient, the same id may come again."""
+        self.durable = True
         self.statements.append(("DELETE FROM ledger WHERE id = ?", (command_id,)))
 
-    def publish(self, message: Outgoing) -> None:
+    def publish(self, message: Outgoing, durable: bool = True) -> None:
+        """Into the outbox. `durable=False` for a message a power loss may lose (a transient refusal,
+        not remembered: the backend sends the id again); a SIGKILL loses it all the same never."""
+        self.durable = self.durable or durable
         self.statements.append((
             "INSERT INTO outbox (command_id, topic, payload, correlation, created_at) VALUES (?, ?, ?, ?, ?)",
             (message.command_id, message.topic, message.payload, message.correlation, self._store.now())))
@@ -485,10 +615,26 @@ class Batch:
         if self.statements:
             statements, self.statements = self.statements, []
             try:
-                self._store._write(statements, defer=defer)
+                self._store._write(statements, defer=defer, durable=self.durable)
             except StoreError:
                 self.statements = [] if defer else statements
                 raise
+
+    def commit_later(self, on_done: Callable[[BaseException | None], None], defer: bool = False,
+                     company: bool = False) -> None:
+        """Hands the statements over without waiting for the commit: `on_done(None)` once they are
+        stored (synced if `durable`), or `on_done(error)` (a StoreError when SQLite failed); it runs on
+        whichever thread committed them, outside the store's locks. With `defer`, as in `commit`.
+        With `company`, the caller knows another commit follows at once (its worker's next start
+        mark): the statements go with it, or alone after COMPANY_WAIT_S. Raises StoreError only when
+        the store is closing."""
+        if not self.statements:
+            on_done(None)
+            return
+        statements, self.statements = self.statements, []
+
+        self._store._later(Write("write", functools.partial(_execute_all, statements=statements), self.durable,
+                                 statements if defer else None, lambda write: on_done(write.error)), company)
 
 
 def _execute_all(db: sqlite3.Connection, statements: Statements) -> None:

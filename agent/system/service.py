@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,7 @@ from agent.metrics.busmonitor import BusMonitor
 from agent.metrics.registry import AgentMetrics, AgentState
 from agent.metrics.server import MetricsServer
 from agent.policy.admission import Admission
+from agent.policy.mutating import is_mutating
 from agent.store.recovery import open_store
 from agent.store.sqlite import Batch, Entry, Outgoing, StoreError
 from agent.system.audit import AuditTrail
@@ -68,6 +70,8 @@ class Service:
         self.metrics = AgentMetrics(self.registry, config.vehicle, [e.name for e in config.ecus],
                                     state=self._metrics_state)
         self._outbox_seen: tuple[int, float | None] = (0, None)  # the last outbox figures the store gave
+        self._started_at_intake: set[str] = set()  # ids whose start mark shared the intake's commit
+        self._marked_ahead: set[str] = set()  # ids marked started ahead of their turn, not yet run
         self.store, self.store_recovery = open_store(config.state_dir / STORE_FILE, on_error=self._on_store_error,
                                                      now=self.clock.agent_now)
         if self.store_recovery is not None:
@@ -76,7 +80,8 @@ class Service:
                                    on_problem=lambda reason: self.fault_problems.labels(reason).inc())
         self.runtime = Runtime(config, sink=self._on_result, on_start=self._on_start,
                                bus_factory=bus_factory, companions=companions,
-                               on_bus_change=self._on_bus_change, on_probe=self._on_probe, wall=self.clock.wall)
+                               on_bus_change=self._on_bus_change, on_probe=self._on_probe, wall=self.clock.wall,
+                               on_ahead=self._mark_ahead)
         self.metrics_server = MetricsServer(config.metrics, self.registry) if config.metrics.enabled else None
         self.bus_monitor = BusMonitor(config.bus, self.runtime.owner, config.metrics.bus_state_interval_s,
                                       on_change=self._publish_bus_state)
@@ -91,7 +96,7 @@ class Service:
                                 on_damage=lambda damage: self.metrics.audit_damaged.inc(),
                                 on_lost=lambda how: self.metrics.audit_lost.labels(how).inc())
         self.intake = Intake(config, self.store, self.topics, self.link.ack, self._admit, self.outbox.wake,
-                             self.runtime.check, on_final=self._count_final,
+                             self.runtime.check, on_final=self._count_final, idle=self.runtime.idle,
                              on_rejected=lambda reason: self.metrics.rejected.labels(reason).inc(),
                              publish_now=self.link.publish,
                              on_error=lambda stage: self.metrics.intake_errors.labels(stage).inc(), clock=self.clock,
@@ -126,6 +131,8 @@ class Service:
         self.stopped_at = self.clock.wall()
         self.intake.stop()
         self.runtime.stop(grace)  # queued-but-unrun commands stay 'queued' and run after a restart
+        self._unmark_ahead()
+        self.store.flush()  # the finals handed over without waiting are in the outbox before it is flushed
         if self.link.connected:
             self.outbox.flush(min(grace, 3.0))
         self.outbox.stop()
@@ -258,9 +265,13 @@ class Service:
         self.metrics.store_errors.labels(error.operation).inc()
 
     def _admit(self, command: Command, entry: Entry) -> None:
+        started = entry.state == "started"  # intake's commit marked it started: its worker was idle
+        if started:
+            self._started_at_intake.add(command.id)
         admission = self.runtime.submit(command)
         if admission is Admission.QUEUED:
             return
+        self._started_at_intake.discard(command.id)
         outcome = admission.refusal(command.component, command.command)
         assert outcome.error is not None
         log.warning("command refused: %s", outcome.error.message,
@@ -269,12 +280,62 @@ class Service:
                                    command.received_at, None, self.clock.wall()))
 
     def _on_start(self, command: Command) -> None:
-        """Marks the command started before it runs; a StoreError here keeps it from running at all."""
+        """Marks the command started before it runs (unless the intake's commit did); a StoreError here
+        keeps it from running at all."""
+        if command.id in self._started_at_intake:
+            self._started_at_intake.discard(command.id)
+            self.intake.room()
+            return
         batch = self.store.batch()
         self.audit.started(command, batch)  # a mutating command's record is on the disk before it runs
         batch.set_state(command.id, "started")
         batch.commit()
         self.intake.room()  # its place in the queue is free: a waiting command may take it
+
+    def _mark_ahead(self, command: Command) -> Callable[[], BaseException | None] | None:
+        """A worker took `command` ahead of its turn: its start mark is written while the command before
+        it runs (store docstring: a crash before it runs reports it `interrupted`). Not for a mutating
+        command (its audit record is written when it starts) nor one whose mark the intake wrote."""
+        if is_mutating(command.command) or command.id in self._started_at_intake:
+            return None
+        stored = threading.Event()
+        outcome: list[BaseException | None] = []
+
+        def done(error: BaseException | None) -> None:
+            outcome.append(error)
+            stored.set()
+
+        batch = self.store.batch()
+        batch.set_state(command.id, "started")
+        try:
+            batch.commit_later(done)
+        except StoreError:  # the store is closing: marked in its turn, or not run
+            return None
+        self._marked_ahead.add(command.id)
+        self.intake.room()  # its place in the queue is free
+
+        def wait() -> BaseException | None:
+            stored.wait()
+            self._marked_ahead.discard(command.id)
+            return outcome[0]
+
+        return wait
+
+    def _unmark_ahead(self) -> None:
+        """A clean stop: commands marked started ahead that never ran are queued again (they run after
+        the restart, like any other queued command, instead of being reported `interrupted`)."""
+        ids = list(self._marked_ahead)
+        if not ids:
+            return
+        batch = self.store.batch()
+        for command_id in ids:
+            batch.requeue(command_id)
+        try:
+            batch.commit(defer=True)
+        except StoreError as err:
+            log.error("commands marked started ahead could not be queued again (%s): they are reported "
+                      "interrupted after the restart", err, extra={"ids": ids})
+        self._marked_ahead.clear()
 
     def _on_result(self, result: Result) -> None:
         try:
@@ -292,14 +353,19 @@ class Service:
     def _finish(self, entry: Entry, result: Result) -> None:
         """Stores the final response and its ledger state together; a transient refusal is forgotten instead.
 
-        When the store fails, the response goes straight to the link, and the write waits in memory
-        until the store takes writes again (then the outbox sends it once more: at least once).
+        The caller (a worker) does not wait for the commit: the outbox sends the response once it is
+        stored (synced), and the worker's next start mark shares that fsync. When the store fails, the
+        response goes straight to the link, and the write waits in memory until the store takes writes
+        again (then the outbox sends it once more: at least once).
         """
+        self._started_at_intake.discard(entry.id)  # ended without running (expired, refused) or ran
+        self._marked_ahead.discard(entry.id)
         final = {**response_message(result, seq=entry.seq + 1), **m.clock_mark(self.clock.synchronized())}
         largest = self.config.mqtt.max_payload_bytes
         broker = self.link.payload_limit(entry.reply_topic, entry.correlation)  # when the broker announced one
-        pieces = m.split_result(final, min(largest, broker) if broker is not None else largest)
-        messages = [Outgoing(entry.reply_topic, m.encode(message), entry.correlation, entry.id) for message in pieces]
+        encoded = m.encode_final(final, min(largest, broker) if broker is not None else largest)
+        pieces = [message for message, _ in encoded]
+        messages = [Outgoing(entry.reply_topic, payload, entry.correlation, entry.id) for _, payload in encoded]
         batch = self.store.batch()
         events = self._observe_faults(entry, result, batch)  # ahead of the response: a backend that has the
         for message in messages:                             # answer has heard of the changes it shows
@@ -310,14 +376,21 @@ class Service:
             batch.forget(entry.id)  # "not now": the same id sent again is a fresh attempt
         else:
             batch.set_state(entry.id, "final", seq=pieces[-1]["seq"], final_message=final)
+
+        def stored(error: BaseException | None) -> None:
+            if error is not None:
+                log.error("final response not stored (%s): sent without the outbox; stored when the store works "
+                          "again", error, extra=command_fields(entry.id, result.component, result.command))
+                for message in [*events, *messages]:
+                    self.link.publish(message)
+            self.outbox.wake()
+
+        worker = self.runtime.workers.get(result.component)
+        company = worker is not None and worker.depth > 0  # its next start mark is about to be committed
         try:
-            batch.commit(defer=True)
-        except StoreError as err:
-            log.error("final response not stored (%s): sent without the outbox; stored when the store works again",
-                      err, extra=command_fields(entry.id, result.component, result.command))
-            for message in [*events, *messages]:
-                self.link.publish(message)
-        self.outbox.wake()
+            batch.commit_later(stored, defer=True, company=company)
+        except StoreError as err:  # the store is closing
+            stored(err)
         duration = result.finished_at - result.started_at if result.started_at is not None else None
         self._count_final(final, duration)
         if len(pieces) > 1:

@@ -28,6 +28,7 @@ from agent.errors import BusDownError, TransportTimeoutError
 from agent.uds.answers import did_groups, error_fields, expect_echo, interpret
 from agent.uds.functional import FunctionalRequests
 from agent.uds.keys import load_algorithm
+from agent.uds.response import parse as parse_response
 from agent.uds.transaction import (
     FunctionalLink,
     InvalidResponseError,
@@ -157,7 +158,7 @@ class Executor:
     def _ask(self, request: Request, deadline: float) -> Response:
         data = transact(self.link, request.get_payload(), self.timing, deadline)
         assert data is not None  # named commands never suppress the positive response
-        response = Response.from_payload(data)
+        response = parse_response(data)
         if not response.valid:
             raise InvalidResponseError(response.invalid_reason)
         return response
@@ -293,7 +294,7 @@ class Executor:
             self._enter_session(sub)
             if response is not None:
                 try:
-                    self._apply_session_timing(Response.from_payload(response))
+                    self._apply_session_timing(parse_response(response))
                 except InvalidResponseError as err:
                     log.warning("session response of %s without usable timing (uds_standard %d): %s",
                                 self.ecu.name, self.ecu.uds_standard, err, extra={"component": self.ecu.name})

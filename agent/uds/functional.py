@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from udsoncan import Response, services
+from udsoncan import services
 
 from agent.config.model import EcuConfig
 from agent.uds.answers import did_groups, error_fields, interpret
+from agent.uds.response import parse as parse_response
 from agent.uds.transaction import (
     NEGATIVE_RESPONSE,
     FunctionalLink,
@@ -88,7 +89,7 @@ class FunctionalRequests:
                     if data[0] == NEGATIVE_RESPONSE:
                         raise NegativeResponseError(request[0], data[2])
                     parsed = interpret(services.ReadDataByIdentifier.interpret_response,
-                                       Response.from_payload(data), ids, config)
+                                       parse_response(data), ids, config)
                     if set(parsed.values) != set(ids):
                         raise InvalidResponseError("the answer does not carry every DID asked for")
                 except (NegativeResponseError, InvalidResponseError) as err:

@@ -18,9 +18,8 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-from udsoncan import Response
-
 from agent.errors import AgentError
+from agent.uds.response import code_name
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +56,7 @@ class NegativeResponseError(AgentError):
     def __init__(self, service: int, code: int) -> None:
         self.service = service
         self.code = code
-        name = Response.Code.get_name(code)
+        name = code_name(code)
         self.name = name if isinstance(name, str) else "Unknown"
         super().__init__(f"ECU refused service 0x{service:02X}: NRC 0x{code:02X} {self.name}")
 
@@ -163,7 +162,8 @@ def _exchange(link: Link, request: bytes, timing: Timing, deadline: float, wait_
         if data is None:
             continue
         if not answers(request, data):
-            log.debug("discarding an answer that is not for request %s: %s", request[:4].hex(), data[:8].hex())
+            if log.isEnabledFor(logging.DEBUG):  # hex dumps only built when they are logged
+                log.debug("discarding an answer that is not for request %s: %s", request[:4].hex(), data[:8].hex())
             continue
         if data[0] == NEGATIVE_RESPONSE:
             if len(data) < 3:
@@ -223,8 +223,9 @@ def collect(link: FunctionalLink, request: bytes, timing: Timing, deadline: floa
                     break
             key, data = got
             if not answers(request, data) or key in final:
-                log.debug("discarding an answer from %s that is not for request %s: %s", key, request[:4].hex(),
-                          data[:8].hex())
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("discarding an answer from %s that is not for request %s: %s", key, request[:4].hex(),
+                              data[:8].hex())
                 continue
             if data[0] == NEGATIVE_RESPONSE and len(data) >= 3 and data[2] == NRC_RESPONSE_PENDING:
                 pending[key] = time.monotonic() + timing.p2_star

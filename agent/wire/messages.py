@@ -140,6 +140,14 @@ def encode(message: dict[str, Any]) -> bytes:
     return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
+def encode_final(final: dict[str, Any], max_bytes: int) -> list[tuple[dict[str, Any], bytes]]:
+    """`split_result`'s messages with their encodings, each message encoded once."""
+    whole = encode(final)
+    if len(whole) <= max_bytes or "result" not in final:
+        return [(final, whole)]
+    return [(message, encode(message)) for message in split_result(final, max_bytes)]
+
+
 def split_result(final: dict[str, Any], max_bytes: int) -> list[dict[str, Any]]:
     """The messages that carry a final response: itself, or `running` chunks and a closing message.
 

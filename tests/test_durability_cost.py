@@ -1,0 +1,133 @@
+"""What durability costs per command, counted in synced store commits (each one fdatasync of the WAL),
+end to end: real Mosquitto, the simulator on the virtual bus, the real service. Nothing is mocked.
+
+The fsync figures themselves (syscalls counted by the kernel) are bench/'s job; here the store's own
+count of synced commits pins down which writes are synced.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from agent.clock import Clock
+from agent.devtools.sim.config import fault_from_dict
+from agent.store.sqlite import Store
+from agent.system.service import Service
+
+
+def command(**fields):
+    return {"id": f"d-{uuid.uuid4().hex[:10]}", "component": "engine", "command": "read_data",
+            "params": {"data": "vin"}, **fields}
+
+
+def wait_for(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met"
+        time.sleep(0.01)
+
+
+def settled(service: Service) -> bool:
+    """The worker is idle, nothing waits to be written, the outbox is empty (its deletes are done)."""
+    return (service.runtime.workers["engine"].idle and not service.store._pending
+            and service.store.outbox_stats()[0] == 0)
+
+
+def test_one_command_at_a_time_costs_two_synced_commits(service, backend):
+    """The ledger row, its start mark and `accepted` in one commit before the PUBACK; the final in a
+    second before it is published; the deletes after the PUBACKs unsynced (store docstring: 2 is the
+    floor one at a time)."""
+    first = command()
+    backend.send(first)
+    assert backend.final(first["id"])["status"] == "completed"
+    wait_for(lambda: settled(service))
+    for _ in range(3):
+        before = service.store.synced
+        sent = command()
+        backend.send(sent)
+        final = backend.final(sent["id"])
+        assert final["status"] == "completed"
+        wait_for(lambda: settled(service))
+        assert service.store.synced - before == 2
+        assert service.store.get(sent["id"]).state == "final"
+
+
+def test_a_command_for_an_idle_worker_is_recorded_started_before_its_puback(service, backend, sim):
+    """Seen while it runs: its ledger row says started, and one synced commit was made for it (the
+    intake's): its worker wrote no start mark of its own."""
+    # time enough to look at the ledger while it runs
+    sim.ecu("engine").set_faults([fault_from_dict({"service": 0x22, "match": "F190", "pending": 20})])
+    try:
+        wait_for(lambda: settled(service))
+        before = service.store.synced
+        sent = command()
+        backend.send(sent)
+        wait_for(lambda: service.runtime.workers["engine"].in_flight is not None)
+        assert service.store.get(sent["id"]).state == "started"
+        assert service.store.synced - before == 1
+        assert backend.final(sent["id"])["status"] == "completed"
+    finally:
+        sim.ecu("engine").set_faults([])
+
+
+def test_a_transient_refusal_is_not_synced_nor_remembered(mqtt_vehicle, sim, backend, tmp_path):
+    timesync = tmp_path / "timesync"
+    timesync.mkdir()  # systemd-timesyncd is there, not yet synchronized
+    clock = Clock(mqtt_vehicle.state_dir / "clock.json", kernel=lambda: False, timesync_dir=timesync)
+    service = Service(mqtt_vehicle, clock=clock)
+    service.start()
+    try:
+        assert service.link.wait_connected(10), service.link.last_error
+        backend.wait_status("online", 10)
+        wait_for(lambda: not service.store._pending and service.store.outbox_stats()[0] == 0)
+        before = service.store.synced
+        refused = command(expires_at="2099-01-01T00:00:00Z")
+        backend.send(refused)
+        final = backend.final(refused["id"])
+        assert final["status"] == "rejected" and final["error"]["code"] == "clock_unsynchronized"
+        wait_for(lambda: service.store.outbox_stats()[0] == 0)
+        assert service.store.synced == before
+        assert service.store.get(refused["id"]) is None
+    finally:
+        service.stop()
+
+
+def test_the_next_command_is_marked_started_while_one_runs_and_queued_again_at_a_clean_stop(
+        mqtt_vehicle, sim, backend):
+    """Pipelined start marks: while a command runs, its worker takes the next one and has its start
+    mark written. A clean stop puts that one back to `queued`, so it runs after the restart instead
+    of being reported `interrupted`."""
+    sim.ecu("engine").set_faults([fault_from_dict({"service": 0x22, "match": "F190", "pending": 15})])
+    service = Service(mqtt_vehicle)
+    service.start()
+    try:
+        assert service.link.wait_connected(10), service.link.last_error
+        backend.wait_status("online", 10)
+        worker = service.runtime.workers["engine"]
+        blocker, first, second, third = command(), command(), command(), command()
+        backend.send(blocker)
+        wait_for(lambda: worker.in_flight is not None and worker.in_flight.id == blocker["id"])
+        for sent in (first, second, third):
+            backend.send(sent)
+        wait_for(lambda: worker.depth == 3)  # all three queued while the blocker runs
+        wait_for(lambda: worker.in_flight is not None and worker.in_flight.id == first["id"])
+        wait_for(lambda: service.store.get(second["id"]).state == "started")  # marked ahead, not running
+        assert worker.in_flight.id == first["id"] and service.store.get(third["id"]).state == "queued"
+    finally:
+        service.stop()
+    assert backend.final(blocker["id"])["status"] == "completed"
+    assert backend.final(first["id"])["status"] == "completed"
+    reopened = Store(mqtt_vehicle.state_dir / "agent.db")
+    try:
+        assert reopened.get(second["id"]).state == "queued" and reopened.get(third["id"]).state == "queued"
+    finally:
+        reopened.close()
+    sim.ecu("engine").set_faults([])
+    again = Service(mqtt_vehicle)
+    again.start()
+    try:
+        assert backend.final(second["id"])["status"] == "completed"
+        assert backend.final(third["id"])["status"] == "completed"
+    finally:
+        again.stop()

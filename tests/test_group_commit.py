@@ -1,0 +1,226 @@
+"""The store's group commit, its unsynced writes and its read connection, on a real SQLite file.
+
+Nothing is mocked. Determinism: a test that needs writes to pile up holds the store's write lock (what
+a commit in progress holds during its fsync) and waits until the writes are queued behind it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.store.sqlite import COMPANY_WAIT_S, Entry, Outgoing, Store, StoreError
+
+
+def entry(command_id: str, state: str = "queued") -> Entry:
+    return Entry(command_id, state, {"id": command_id}, f"r/{command_id}", None, 1.0, None, 0, None)
+
+
+def wait_for(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met"
+        time.sleep(0.005)
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    store = Store(tmp_path / "agent.db")
+    yield store
+    store.close()
+
+
+def record_in_threads(store: Store, ids: list[str]) -> tuple[list[threading.Thread], dict[str, BaseException]]:
+    failures: dict[str, BaseException] = {}
+
+    def record(command_id: str) -> None:
+        batch = store.batch()
+        batch.add_command(entry(command_id))
+        try:
+            batch.commit()
+        except BaseException as err:  # the test reports which write failed
+            failures[command_id] = err
+
+    threads = [threading.Thread(target=record, args=(i,), name=f"writer-{i}") for i in ids]
+    return threads, failures
+
+
+def piled_up(store: Store, ids: list[str]) -> dict[str, BaseException]:
+    """Starts one writer thread per id while a commit holds the write lock, lets them pile up, releases."""
+    threads, failures = record_in_threads(store, ids)
+    with store._lock:
+        for thread in threads:
+            thread.start()
+        wait_for(lambda: len(store._pending) == len(ids))
+    for thread in threads:
+        thread.join(10)
+    return failures
+
+
+def test_writes_waiting_behind_a_commit_share_the_next_one(store):
+    before = (store.commits, store.synced)
+    ids = [f"c{i}" for i in range(8)]
+    assert piled_up(store, ids) == {}
+    assert (store.commits - before[0], store.synced - before[1]) == (1, 1)  # eight writers, one fsync
+    assert all(store.get(i) is not None for i in ids)
+
+
+def test_a_write_failing_for_its_own_data_fails_alone_in_a_shared_commit(store):
+    with store._lock:
+        store._db.execute("CREATE TEMP TRIGGER poison BEFORE INSERT ON main.ledger WHEN NEW.id = 'poison' "
+                          "BEGIN SELECT RAISE(ABORT, 'poisoned row'); END")
+    failures = piled_up(store, ["a", "poison", "b"])
+    assert list(failures) == ["poison"]
+    assert isinstance(failures["poison"], StoreError) and "poisoned row" in str(failures["poison"])
+    assert not failures["poison"].unavailable
+    assert store.get("a") is not None and store.get("b") is not None and store.get("poison") is None
+    assert store.errors == {"write": 1} and store.trouble is None
+
+
+def test_a_write_that_rolls_back_the_whole_transaction_does_not_take_the_others_with_it(store):
+    with store._lock:
+        store._db.execute("CREATE TEMP TRIGGER poison BEFORE INSERT ON main.ledger WHEN NEW.id = 'poison' "
+                          "BEGIN SELECT RAISE(ROLLBACK, 'everything goes'); END")
+    failures = piled_up(store, ["a", "poison", "b"])
+    assert list(failures) == ["poison"]
+    assert store.get("a") is not None and store.get("b") is not None and store.get("poison") is None
+
+
+def test_readers_do_not_wait_for_a_commit_in_progress(store):
+    batch = store.batch()
+    batch.add_command(entry("known"))
+    batch.publish(Outgoing("t", b"{}"))
+    batch.commit()
+    got: dict[str, object] = {}
+
+    def read() -> None:
+        got["entry"] = store.get("known")
+        got["pending"] = store.pending(0, 10)
+        got["stats"] = store.outbox_stats()
+        got["queued"] = store.entries("queued")
+
+    with store._lock:  # a commit holds this through its fsync
+        reader = threading.Thread(target=read, name="reader")
+        reader.start()
+        reader.join(10)
+        assert not reader.is_alive(), "a read waited for the write lock"
+    assert got["entry"] is not None and len(got["pending"]) == 1 and got["stats"][0] == 1  # type: ignore[arg-type]
+
+
+def test_deletes_after_a_puback_and_transient_refusals_are_not_synced(store):
+    batch = store.batch()
+    batch.publish(Outgoing("responses/x", b'{"status": "rejected"}'), durable=False)  # a transient refusal
+    batch.commit()
+    assert store.synced == 0 and store.commits == 1
+    [row] = store.pending(0, 10)
+    store.acknowledge([row.n])
+    store.trim_outbox(10, 3600, time.time())
+    store.prune_ledger(3600, time.time())
+    assert store.synced == 0 and store.commits == 4
+    batch.add_command(entry("c"))  # a ledger row is always synced, whatever rides with it
+    batch.publish(Outgoing("t", b"{}"), durable=False)
+    batch.commit()
+    assert store.synced == 1
+
+
+def test_an_unsynced_commit_survives_the_process_and_the_next_synced_one(tmp_path):
+    store = Store(tmp_path / "agent.db")
+    batch = store.batch()
+    batch.publish(Outgoing("t", b"cheap"), durable=False)
+    batch.commit()
+    batch.add_command(entry("c"))
+    batch.commit()
+    store.close()
+    reopened = Store(tmp_path / "agent.db")
+    try:
+        assert [p.message.payload for p in reopened.pending(0, 10)] == [b"cheap"]
+        assert reopened.get("c") is not None
+    finally:
+        reopened.close()
+
+
+def test_a_write_handed_over_is_committed_and_reported_without_a_waiter(store):
+    done: list[BaseException | None] = []
+    stored = threading.Event()
+    batch = store.batch()
+    batch.publish(Outgoing("t", b"final"))
+
+    def on_done(error: BaseException | None) -> None:
+        done.append(error)
+        stored.set()
+
+    batch.commit_later(on_done)
+    assert stored.wait(10)
+    assert done == [None] and len(store.pending(0, 10)) == 1 and store.synced == 1
+
+
+def test_a_write_waiting_for_company_goes_with_the_next_commit(store):
+    done = threading.Event()
+    with store._lock:  # whichever thread commits next takes both
+        later = store.batch()
+        later.publish(Outgoing("t", b"final"))
+        later.commit_later(lambda error: done.set(), company=True)
+        threads, failures = record_in_threads(store, ["start"])
+        threads[0].start()
+        wait_for(lambda: len(store._pending) == 2)
+    threads[0].join(10)
+    assert done.wait(10) and failures == {}
+    assert (store.commits, store.synced, store.writes) == (1, 1, 2)
+
+
+def test_a_write_waiting_for_company_is_committed_alone_when_none_comes(store):
+    done = threading.Event()
+    batch = store.batch()
+    batch.publish(Outgoing("t", b"final"))
+    started = time.monotonic()
+    batch.commit_later(lambda error: done.set(), company=True)
+    assert done.wait(10)
+    assert time.monotonic() - started >= COMPANY_WAIT_S * 0.9 and store.commits == 1
+
+
+def test_close_commits_what_was_handed_over(tmp_path):
+    store = Store(tmp_path / "agent.db")
+    with store._lock:  # nothing can be committed before close() runs
+        batch = store.batch()
+        batch.publish(Outgoing("t", b"last words"))
+        batch.commit_later(lambda error: None, company=True)
+    store.close()
+    reopened = Store(tmp_path / "agent.db")
+    try:
+        assert [p.message.payload for p in reopened.pending(0, 10)] == [b"last words"]
+    finally:
+        reopened.close()
+
+
+def test_a_write_handed_over_to_a_closed_store_is_refused(tmp_path):
+    store = Store(tmp_path / "agent.db")
+    store.close()
+    batch = store.batch()
+    batch.publish(Outgoing("t", b"late"))
+    with pytest.raises(StoreError):
+        batch.commit_later(lambda error: None)
+
+
+def test_a_handed_over_write_the_storage_refuses_is_deferred_and_reported(store):
+    errors: list[BaseException | None] = []
+    done = threading.Event()
+    with store._lock:
+        pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+        store._db.execute(f"PRAGMA max_page_count = {pages}")
+    batch = store.batch()
+    batch.publish(Outgoing("t", b"x" * 200_000))
+
+    def on_done(error: BaseException | None) -> None:
+        errors.append(error)
+        done.set()
+
+    batch.commit_later(on_done, defer=True)
+    assert done.wait(10)
+    assert isinstance(errors[0], StoreError) and errors[0].unavailable and store.deferred == 1
+    with store._lock:
+        store._db.execute("PRAGMA max_page_count = 1073741823")
+    store.retry_deferred()
+    assert store.deferred == 0 and len(store.pending(0, 10)) == 1
