@@ -3,19 +3,31 @@
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from agent.config.model import EcuConfig
 from agent.uds.executor import DEFAULT_SESSION, Executor
-from agent.wire.command import Command, ErrorCode, Outcome, Result, Status, command_fields
+from agent.wire.command import Command, ErrorCode, Outcome, Params, Result, Status, command_fields
 
 log = logging.getLogger(__name__)
 
 ResultSink = Callable[[Result], None]
 StartHook = Callable[[Command], None]
+
+
+@dataclass(frozen=True)
+class Job:
+    """One collection reading for a worker: the request's params, and where its outcome goes.
+
+    `done(outcome, seconds)` runs on the worker thread: it must only hand the outcome over.
+    """
+
+    params: Params
+    done: Callable[[Outcome, float], None]
 
 
 class ComponentWorker:
@@ -33,7 +45,9 @@ class ComponentWorker:
         self._sink = sink
         self._on_start = on_start
         self._clock = clock
-        self._queue: queue.Queue[Command | None] = queue.Queue(maxsize=ecu.queue_size)
+        self._commands: deque[Command | None] = deque()  # None: the stop marker
+        self._job: Job | None = None  # at most one collection reading waits, behind every command
+        self._ready = threading.Condition()
         self._thread: threading.Thread | None = None
         self.heartbeat = time.monotonic()
         self.in_flight: Command | None = None
@@ -43,15 +57,40 @@ class ComponentWorker:
 
     @property
     def depth(self) -> int:
-        return self._queue.qsize()
+        with self._ready:
+            return sum(1 for c in self._commands if c is not None)
 
     def submit(self, command: Command) -> bool:
         """Queues a command; False when the queue is full (the caller answers `busy`)."""
-        try:
-            self._queue.put_nowait(command)
-        except queue.Full:
-            return False
+        with self._ready:
+            if sum(1 for c in self._commands if c is not None) >= self.ecu.queue_size:
+                return False
+            self._commands.append(command)
+            self._ready.notify()
         return True
+
+    def offer(self, job: Job) -> bool:
+        """Hands over one collection reading; False while another one still waits.
+
+        The worker runs it only when no command waits and the component is in its default session, so
+        a command waits at most for the one exchange already on the bus.
+        """
+        with self._ready:
+            if self._job is not None:
+                return False
+            self._job = job
+            self._ready.notify()
+        return True
+
+    def withdraw(self) -> Job | None:
+        """Takes back the reading not yet started (collection paused, plan removed)."""
+        with self._ready:
+            job, self._job = self._job, None
+        return job
+
+    @property
+    def job_waiting(self) -> bool:
+        return self._job is not None
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name=f"worker-{self.ecu.name}", daemon=True)
@@ -65,25 +104,37 @@ class ComponentWorker:
         """Lets the command in flight finish (up to `timeout`); queued ones stay unrun. True if joined."""
         if self._thread is None:
             return True
-        while True:  # make room for the stop marker without blocking on a full queue
-            try:
-                self._queue.put_nowait(None)
-                break
-            except queue.Full:
-                self.drain()
+        with self._ready:
+            self._commands.append(None)
+            self._job = None
+            self._ready.notify()
         self._thread.join(timeout)
         return not self._thread.is_alive()
 
     def drain(self) -> list[Command]:
         """Removes and returns the commands still waiting (for an orderly shutdown)."""
-        left: list[Command] = []
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                return left
-            if item is not None:
-                left.append(item)
+        with self._ready:
+            left = [c for c in self._commands if c is not None]
+            stop = any(c is None for c in self._commands)
+            self._commands.clear()
+            if stop:
+                self._commands.append(None)
+        return left
+
+    def _take(self, timeout: float | None) -> Command | Job | bool | None:
+        """The next command, else a collection job (default session only); None: stop; False: timed out."""
+        with self._ready:
+            end = None if timeout is None else time.monotonic() + timeout
+            while True:
+                if self._commands:
+                    return self._commands.popleft()
+                if self._job is not None and self.executor.session == DEFAULT_SESSION:
+                    job, self._job = self._job, None
+                    return job
+                left = None if end is None else end - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._ready.wait(left)
 
     def _run(self) -> None:
         keepalive_s = self.ecu.timing.s3_keepalive_ms / 1000
@@ -92,18 +143,34 @@ class ComponentWorker:
             waits = [keepalive_s] if self.executor.session != DEFAULT_SESSION else []
             if self._probe_interval > 0:
                 waits.append(self._probe_interval)
-            try:
-                command = self._queue.get(timeout=min(waits) if waits else None)
-            except queue.Empty:
+            item = self._take(min(waits) if waits else None)
+            if item is False:
                 self._idle()
                 continue
-            if command is None:
+            if item is None:
                 return
+            if isinstance(item, Job):
+                self._collect(item)
+                continue
+            assert isinstance(item, Command)
             try:
-                self._execute(command)
+                self._execute(item)
             except Exception:  # never let one command end the worker
                 log.exception("worker %s failed on a command", self.ecu.name,
-                              extra=command_fields(command.id, command.component, command.command))
+                              extra=command_fields(item.id, item.component, item.command))
+
+    def _collect(self, job: Job) -> None:
+        """One collection reading: one request (at most), its outcome to the job's callback."""
+        started = time.monotonic()
+        self.busy_since = started
+        try:
+            outcome = self.executor.execute(job.params, started + self.ecu.timing.request_ms / 1000)
+        except Exception as err:  # the executor promises not to raise; a reading still never ends the worker
+            log.exception("collection reading on %s failed", self.ecu.name, extra={"component": self.ecu.name})
+            outcome = Outcome.failure(Status.FAILED, ErrorCode.INTERNAL, f"{type(err).__name__}: {err}")
+        finally:
+            self.busy_since = None
+        self._guard(lambda o: job.done(o, time.monotonic() - started), outcome)
 
     def _idle(self) -> None:
         """Nothing to do for a while: hold a non-default session (S3), or probe reachability."""
