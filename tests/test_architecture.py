@@ -21,11 +21,13 @@ ALLOWED: dict[str, set[str]] = {
     "core": {"uds", "bus", "policy", "wire", "config", "errors"},
     "fleet": {"wire", "policy", "store", "config", "errors"},
     "metrics": {"bus", "wire", "config", "errors"},
-    "system": {"core", "fleet", "metrics", "store", "uds", "bus", "policy", "wire", "config", "errors", "discover"},
+    "collect": {"config", "wire", "policy", "store", "bus", "uds", "core", "metrics", "errors"},
+    "system": {"collect", "core", "fleet", "metrics", "store", "uds", "bus", "policy", "wire", "config", "errors",
+               "discover"},
     "devtools": {"core", "uds", "bus", "wire", "config", "errors"},
     "discover": {"bus", "uds", "metrics", "wire", "config", "errors"},
     "odx": {"config", "errors"},
-    "cli": {"system", "devtools", "core", "fleet", "metrics", "store", "uds", "bus", "policy", "wire",
+    "cli": {"system", "collect", "devtools", "core", "fleet", "metrics", "store", "uds", "bus", "policy", "wire",
             "config", "errors", "discover", "odx"},
 }
 TOP = {"", "__init__", "__main__"}  # agent/__init__.py (the version) may be imported by anyone

@@ -33,13 +33,15 @@ class _Open:
     max_samples: int
     seq: int
     samples: list[dict[str, Any]] = field(default_factory=list)
+    size: int = 0  # encoded bytes of the samples so far
     opened: float | None = None  # monotonic time of its first sample
 
 
 class Telemetry:
     """Holds each plan's open batch, the last published value of each on-change signal, and the state."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_bytes: int = 256 * 1024) -> None:
+        self.max_bytes = max_bytes  # a batch is sent once its samples reach this size (the broker's limit)
         self._open: dict[str, _Open] = {}
         self._last: dict[tuple[str, str, str], Any] = {}
         self._values: dict[str, StateValues] = {}
@@ -85,7 +87,9 @@ class Telemetry:
         self._last[key] = value
         if batch.opened is None:
             batch.opened = now
-        batch.samples.append(m.sample(signal.component, item.name, value, at))
+        entry = m.sample(signal.component, item.name, value, at)
+        batch.samples.append(entry)
+        batch.size += len(m.encode(entry)) + 1
         return True
 
     def faults(self, component: str, faults: list[dict[str, Any]], at: float) -> None:
@@ -103,7 +107,8 @@ class Telemetry:
     def due(self, now: float) -> list[dict[str, Any]]:
         """The batches to send now: full (max_samples) or old enough (max_age_ms)."""
         ready = [name for name, b in self._open.items()
-                 if b.samples and (len(b.samples) >= b.max_samples or now >= (b.opened or now) + b.max_age_s)]
+                 if b.samples and (len(b.samples) >= b.max_samples or b.size >= self.max_bytes
+                                   or (b.opened is not None and now >= b.opened + b.max_age_s))]
         return [batch for name in ready if (batch := self.take(name)) is not None]
 
     def take(self, name: str) -> dict[str, Any] | None:
@@ -113,7 +118,7 @@ class Telemetry:
             return None
         batch.seq += 1
         message = m.telemetry_message(name, batch.version, batch.seq, batch.samples)
-        batch.samples, batch.opened = [], None
+        batch.samples, batch.opened, batch.size = [], None, 0
         return message
 
     def states(self) -> list[tuple[str, dict[str, Any]]]:

@@ -195,8 +195,7 @@ def _signal(node: Node, config: AgentConfig, seen: dict[tuple[str, str], str]) -
     elif ecu is not None and node.has("pids"):
         items = _listed(node, "pids", _pid)
         _allowed(node, ecu, "obd", "pids")
-    else:
-        node.raw("data"), node.raw("pids")
+    node.raw("data"), node.raw("pids")  # both taken: "not both" was said above, not "unknown key" as well
     if deadband and not on_change:
         node.problems.add(join(node.path, "deadband"), "only used with on_change: true")
     key = "data" if node.has("data") else "pids"
