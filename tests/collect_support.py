@@ -47,9 +47,14 @@ class Recorder:
             self._changed.notify_all()
 
     def wait(self, predicate: Callable[[], Any], timeout: float = 10.0) -> Any:
+        """Waits for a condition on what was recorded or on other parts (counters, workers): woken by each
+        recorded message, and looking again every 20 ms for changes that record nothing."""
+        end = time.monotonic() + timeout
         with self._changed:
-            result = self._changed.wait_for(predicate, timeout)
-        assert result, "condition not reached"
+            while not (result := predicate()):
+                left = end - time.monotonic()
+                assert left > 0, "condition not reached"
+                self._changed.wait(min(left, 0.02))
         return result
 
     def of_type(self, kind: str) -> list[dict[str, Any]]:
@@ -82,7 +87,8 @@ class Rig:
         self.metrics = CollectionMetrics(self.registry, [e.name for e in config.ecus])
         self.reachable: list[tuple[str, bool]] = []
         self.collector = Collector(config, self.runtime.workers, self.out, self.metrics, self.book,
-                                   fault_sink=fault_sink, on_reachable=lambda c, up: self.reachable.append((c, up)))
+                                   fault_sink=fault_sink, on_reachable=lambda c, up: self.reachable.append((c, up)),
+                                   bus=self.runtime.owner)
 
     def _sink(self, result: Result) -> None:
         with self._done:

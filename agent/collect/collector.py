@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
+from agent.bus.owner import BusOwner, RxFilter
 from agent.collect.schedule import Backoff, Budget, Schedule, Task, TaskKey, plan_tasks
 from agent.collect.sleep import TrafficWatch, diagnostic_ids
 from agent.collect.telemetry import Telemetry
@@ -77,7 +78,7 @@ class Collector:
 
     def __init__(self, config: AgentConfig, workers: Mapping[str, ComponentWorker], out: Output,
                  metrics: CollectionMetrics, book: PlanBook, fault_sink: FaultSink | None = None,
-                 on_reachable: Callable[[str, bool], None] | None = None,
+                 on_reachable: Callable[[str, bool], None] | None = None, bus: BusOwner | None = None,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
         self.config = config
         self._settings = config.collect
@@ -107,12 +108,17 @@ class Collector:
         if sleep.silence_ms > 0:
             self.traffic = TrafficWatch(diagnostic_ids(config.ecus), clock,
                                         on_traffic=lambda: self._events.put(("wake",)))
+        self._bus = bus
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.heartbeat = clock()
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
+        if self.traffic is not None and self._bus is not None:  # every frame, to tell the vehicle's from ours
+            self._bus.listen(RxFilter(0, False, mask=0))
+            self._bus.listen(RxFilter(0, True, mask=0))
+            self._bus.tap(self.traffic.frame)
         self._events.put(("load",))
         self._thread = threading.Thread(target=self._run, name="collector", daemon=True)
         self._thread.start()
@@ -126,6 +132,8 @@ class Collector:
         self._events.put(("stop",))
         if self._thread is not None:
             self._thread.join(timeout)
+        if self.traffic is not None and self._bus is not None:
+            self._bus.untap(self.traffic.frame)
         for worker in self._workers.values():
             worker.withdraw()
 
@@ -165,6 +173,9 @@ class Collector:
     def _handle(self, event: tuple[Any, ...]) -> bool:
         kind = event[0]
         if kind == "stop":
+            for name in list(self.plans):  # what was collected so far goes out (the lane is durable)
+                if (batch := self.telemetry.take(name)) is not None:
+                    self._send_batch(batch)
             return False
         if kind == "load":
             self._load()
