@@ -27,6 +27,17 @@ def test_dids_of_one_signal_are_grouped_up_to_the_limit_and_unknown_lengths_go_a
         ["engine_speed", "oil_temp", "idle_mode"], ["0x1234"]]
 
 
+def test_signals_of_one_component_and_interval_share_requests():
+    plan = make({"signals": [{"component": "engine", "data": ["engine_speed"], "every_ms": 1000, "export": True},
+                             {"component": "engine", "data": ["oil_temp"], "every_ms": 1000, "on_change": True},
+                             {"component": "engine", "data": ["idle_mode"], "every_ms": 500},
+                             {"component": "body", "data": ["vin"], "every_ms": 1000}]})
+    tasks = plan_tasks(plan, max_dids=8)
+    assert [(t.component, t.every_s, [d.name for d in t.params.dids]) for t in tasks] == [
+        ("engine", 1.0, ["engine_speed", "oil_temp"]), ("engine", 0.5, ["idle_mode"]), ("body", 1.0, ["vin"])]
+    assert [s.on_change for s, _ in tasks[0].items] == [False, True]  # each value keeps its own signal
+
+
 def test_obd_pids_go_six_to_a_request_and_faults_are_one_task():
     pids = ["0x04", "0x05", "0x0C", "0x0D", "0x0F", "0x10", "0x11"]
     plan = make({"signals": [{"component": "engine", "pids": pids, "every_ms": 1000}],

@@ -30,7 +30,7 @@ from agent.wire import messages as m
 from agent.wire import obd
 from agent.wire.command import ErrorCode, Outcome, Status
 from agent.wire.decode import Undecodable, decode_command
-from agent.wire.plan import InvalidPlanError, Plan, parse_plan, plan_identity
+from agent.wire.plan import InvalidPlanError, Item, Plan, Signal, parse_plan, plan_identity
 
 log = logging.getLogger(__name__)
 
@@ -377,13 +377,13 @@ class Collector:
             if outcome.status is Status.COMPLETED and outcome.result is not None and current:
                 self._faults(component, list(outcome.result.get("faults", [])), at)
             return
-        for item, value, result in _values(task, outcome):
+        for signal, item, value, result in _values(task, outcome):
             self.metrics.reading(component, result)
-            if result != "ok" or not current or task.signal is None:
+            if result != "ok" or not current:
                 continue
-            self.telemetry.reading(task.plan, task.signal, item, value, at, now)
+            self.telemetry.reading(task.plan, signal, item, value, at, now)
             numeric = isinstance(value, int | float) and not isinstance(value, bool)
-            if task.signal.export and item.numeric and numeric:
+            if signal.export and item.numeric and numeric:
                 self.metrics.set_value(component, item.name, item.unit, float(value))
             self._condition(component, item.name, value)
 
@@ -490,20 +490,20 @@ class Collector:
         self._condition(condition.component, condition.data, value)
 
 
-def _values(task: Task, outcome: Outcome) -> list[tuple[Any, Any, str]]:
-    """(item, value, result label) for each item of a signal task."""
+def _values(task: Task, outcome: Outcome) -> list[tuple[Signal, Item, Any, str]]:
+    """(signal, item, value, result label) for each value of a signal task."""
     if outcome.status is not Status.COMPLETED or outcome.result is None:
         result = reading_result(outcome)
-        return [(item, None, result) for item in task.items]
+        return [(signal, item, None, result) for signal, item in task.items]
     values = outcome.result.get("values", {})
-    out: list[tuple[Any, Any, str]] = []
-    for item in task.items:
+    out: list[tuple[Signal, Item, Any, str]] = []
+    for signal, item in task.items:
         if item.pid is not None:
             entry = values.get(obd.pid_name(item.pid))
             value = entry.get("value") if isinstance(entry, dict) else None
-            out.append((item, value, "ok" if entry is not None else "error"))
+            out.append((signal, item, value, "ok" if entry is not None else "error"))
             continue
         value = values.get(item.name)
         bad = item.name not in values or (isinstance(value, dict) and "error" in value)
-        out.append((item, value, "error" if bad else "ok"))
+        out.append((signal, item, value, "error" if bad else "ok"))
     return out

@@ -1,9 +1,10 @@
 """When each reading is due: one heap of due times for every plan, request budgets, backoff. Pure.
 
-A plan becomes tasks: one task per request it needs. A signal's DIDs of known length are grouped into
-ReadDataByIdentifier requests of at most `max_dids` each (a DID of unknown length goes alone: only the
-ECU knows where it ends); its OBD-II PIDs into service 0x01 requests of at most six; a fault watch is one
-ReadDTCInformation request (plus one per DTC when it asks for snapshots).
+A plan becomes tasks: one task per request it needs. The DIDs of known length that one component reads
+at one interval (across the plan's signals) are grouped into ReadDataByIdentifier requests of at most
+`max_dids` each (a DID of unknown length goes alone: only the ECU knows where it ends); OBD-II PIDs into
+service 0x01 requests of at most six; a fault watch is one ReadDTCInformation request (plus one per DTC
+when it asks for snapshots).
 """
 
 from __future__ import annotations
@@ -25,8 +26,7 @@ class Task:
     key: TaskKey
     every_s: float
     params: c.Params
-    signal: Signal | None = None
-    items: tuple[Item, ...] = ()
+    items: tuple[tuple[Signal, Item], ...] = ()  # each value read, with the signal that asked for it
     watch: FaultWatch | None = None
 
     @property
@@ -38,27 +38,29 @@ class Task:
         return self.key[1]
 
 
-def _chunks(items: list[Item], size: int) -> Iterator[list[Item]]:
+def _chunks(items: list[tuple[Signal, Item]], size: int) -> Iterator[list[tuple[Signal, Item]]]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
 
 
 def plan_tasks(plan: Plan, max_dids: int) -> list[Task]:
-    """Every request of a plan, each a Task."""
+    """Every request of a plan, each a Task: the values one component reads at one interval share requests."""
     tasks: list[Task] = []
     index = itertools.count()
+    groups: dict[tuple[str, int], list[tuple[Signal, Item]]] = {}
     for signal in plan.signals:
-        every = signal.every_ms / 1000
-        dids = [i for i in signal.items if i.did is not None]
-        fixed = [i for i in dids if i.did is not None and i.did.length is not None]
-        groups = list(_chunks(fixed, max_dids)) + [[i] for i in dids if i not in fixed]
-        pids = [i for i in signal.items if i.pid is not None]
-        for group in groups:
-            params = c.ReadData(tuple(i.did for i in group if i.did is not None))
-            tasks.append(Task((plan.name, signal.component, "data", next(index)), every, params, signal, tuple(group)))
+        groups.setdefault((signal.component, signal.every_ms), []).extend((signal, i) for i in signal.items)
+    for (component, every_ms), pairs in groups.items():
+        every = every_ms / 1000
+        fixed = [(s, i) for s, i in pairs if i.did is not None and i.did.length is not None]
+        alone = [[(s, i)] for s, i in pairs if i.did is not None and i.did.length is None]
+        for group in [*_chunks(fixed, max_dids), *alone]:
+            params: c.Params = c.ReadData(tuple(i.did for _, i in group if i.did is not None))
+            tasks.append(Task((plan.name, component, "data", next(index)), every, params, tuple(group)))
+        pids = [(s, i) for s, i in pairs if i.pid is not None]
         for group in _chunks(pids, obd.MAX_PIDS_PER_REQUEST):
-            params = c.Obd(pids=tuple(i.pid for i in group if i.pid is not None))
-            tasks.append(Task((plan.name, signal.component, "data", next(index)), every, params, signal, tuple(group)))
+            params = c.Obd(pids=tuple(i.pid for _, i in group if i.pid is not None))
+            tasks.append(Task((plan.name, component, "data", next(index)), every, params, tuple(group)))
     for watch in plan.faults:
         params = c.ReadFaults(status_mask=watch.status_mask, snapshots=watch.snapshots)
         tasks.append(Task((plan.name, watch.component, "faults", next(index)), watch.every_ms / 1000, params,

@@ -1,0 +1,61 @@
+"""Collection wired to the daemon: plans from MQTT and config, telemetry into its durable lane, state,
+events through the outbox, metrics, and the fault tracker's events."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from agent.collect.collector import Collector, FaultSink
+from agent.config.model import AgentConfig
+from agent.core.runtime import Runtime
+from agent.fleet.topics import Topics
+from agent.metrics.collection import CollectionMetrics
+from agent.store.collection import CollectionStore
+from agent.store.sqlite import Outgoing, Store
+from agent.wire import messages as m
+
+log = logging.getLogger(__name__)
+
+
+class CollectionOutput:
+    """Collection's Output: telemetry into the bounded lane, state into its table, events into the outbox."""
+
+    def __init__(self, config: AgentConfig, store: Store, tables: CollectionStore, topics: Topics,
+                 metrics: CollectionMetrics, wake_lane: Callable[[], None], wake_outbox: Callable[[], None]) -> None:
+        self._config = config
+        self._store = store
+        self._tables = tables
+        self._topics = topics
+        self._metrics = metrics
+        self._wake_lane = wake_lane
+        self._wake_outbox = wake_outbox
+        self.dropped = 0
+
+    def telemetry(self, plan: str, seq: int, message: dict[str, Any]) -> None:
+        limit = self._config.collect.telemetry_max_bytes
+        dropped = self._tables.add_telemetry(self._topics.telemetry, m.encode(message), plan, seq, limit)
+        if dropped:
+            self.dropped += dropped
+            self._metrics.telemetry_dropped.inc(dropped)
+            log.warning("telemetry over its byte bound: dropped the %d oldest batches", dropped,
+                        extra={"max_bytes": limit, "plan": plan})
+        self._wake_lane()
+
+    def state(self, component: str, message: dict[str, Any]) -> None:
+        self._tables.put_state(component, self._topics.state(component), m.encode(message))
+        self._wake_lane()
+
+    def event(self, message: dict[str, Any]) -> None:
+        batch = self._store.batch()
+        batch.publish(Outgoing(self._topics.events, m.encode(message)))
+        batch.commit()
+        self._wake_outbox()
+
+
+def make_collector(config: AgentConfig, runtime: Runtime, output: CollectionOutput, tables: CollectionStore,
+                   metrics: CollectionMetrics, on_reachable: Callable[[str, bool], None],
+                   fault_sink: FaultSink | None = None) -> Collector:
+    return Collector(config, runtime.workers, output, metrics, tables, fault_sink=fault_sink,
+                     on_reachable=on_reachable, bus=runtime.owner)
