@@ -286,3 +286,21 @@ def _batch(node: Node | None) -> Batch:
                   node.get("max_samples", integer(1, 10_000, "a count of 1..10000 samples"), 500))
     node.finish()
     return batch
+
+
+def local_plan_problems(config: AgentConfig) -> list[tuple[str, str]]:
+    """Every problem of the config's `collect.plans`, each path under collect.plans[i] (for check-config)."""
+    found: list[tuple[str, str]] = []
+    names: dict[str, int] = {}
+    for index, body in enumerate(config.collect.plans):
+        where = f"collect.plans[{index}]"
+        try:
+            plan = parse_plan(body, config)
+        except InvalidPlanError as err:
+            found += [(f"{where}.{path}" if path and not path.startswith("(") else where, message)
+                      for path, message in err.problems]
+            continue
+        if plan.name in names:
+            found.append((f"{where}.name", f"plan {plan.name!r} is also collect.plans[{names[plan.name]}]"))
+        names.setdefault(plan.name, index)
+    return found
