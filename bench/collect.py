@@ -188,7 +188,7 @@ def run_latency(settings: Settings, workdir: Path, every_ms: int) -> dict[str, A
                 sent = time.perf_counter()
                 runtime.submit(command)
                 with finished:
-                    finished.wait_for(lambda i=command.id: i in done, 10)
+                    finished.wait_for(lambda i=command.id, d=done: i in d, 10)
                 latencies.append((done[command.id] - sent) * 1000)
             out[label] = summary(latencies, 3)
         finally:
