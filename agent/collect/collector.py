@@ -296,7 +296,7 @@ class Collector:
         self._plans_changed()
         log.info("collection plan %s version %d applied", plan.name, plan.version,
                  extra={"plan": plan.name, "version": plan.version, "source": source})
-        self._out.event(m.event_message("plan_applied", self._wall(), name=plan.name, version=plan.version))
+        self._event(m.event_message("plan_applied", self._wall(), name=plan.name, version=plan.version))
 
     def _remove(self, name: str) -> None:
         plan = self.plans.pop(name, None)
@@ -315,12 +315,12 @@ class Collector:
         self._budgets.pop(name, None)
         self._plans_changed()
         log.info("collection plan %s removed", name, extra={"plan": name, "version": plan.version})
-        self._out.event(m.event_message("plan_removed", self._wall(), name=name, version=plan.version))
+        self._event(m.event_message("plan_removed", self._wall(), name=name, version=plan.version))
 
     def _rejected(self, name: str | None, version: int | None, errors: list[dict[str, str]], source: str) -> None:
         log.warning("collection plan %s rejected: %s", name, "; ".join(f"{e['path']}: {e['message']}" for e in errors),
                     extra={"plan": name, "version": version, "source": source})
-        self._out.event(m.event_message("plan_rejected", self._wall(), name=name, version=version, errors=errors))
+        self._event(m.event_message("plan_rejected", self._wall(), name=name, version=version, errors=errors))
 
     def _plans_changed(self) -> None:
         self.metrics.plans.set(len(self.plans))
@@ -397,7 +397,7 @@ class Collector:
             log.exception("fault tracker failed on a reading of %s", component, extra={"component": component})
             return
         for event in events:
-            self._out.event(event)
+            self._event(event)
 
     def _reachability(self, component: str, outcome: Outcome, now: float) -> None:
         if answered(outcome):
@@ -413,6 +413,12 @@ class Collector:
                     extra={"component": component, "failures": self.backoff.failures(component)})
 
     # ---- telemetry and state -------------------------------------------------------------------
+    def _event(self, message: dict[str, Any]) -> None:
+        try:
+            self._out.event(message)
+        except Exception:  # e.g. the store fails: logged and counted there; collection carries on
+            log.exception("collection event %s could not be queued", message.get("type"))
+
     def _state_period(self) -> float:
         return min((p.batch.max_age_ms for p in self.plans.values()), default=10_000) / 1000
 
@@ -450,14 +456,14 @@ class Collector:
                 self._send_batch(batch)
         self.metrics.paused.set(1)
         log.warning("collection paused: %s", reason, extra={"reason": reason, **details})
-        self._out.event(m.event_message("collection_paused", self._wall(), reason=reason, **details))
+        self._event(m.event_message("collection_paused", self._wall(), reason=reason, **details))
 
     def _resume(self, reason: str) -> None:
         self.paused = None
         self._recheck_at = None
         self.metrics.paused.set(0)
         log.info("collection resumed: %s", reason, extra={"reason": reason})
-        self._out.event(m.event_message("collection_resumed", self._wall(), reason=reason))
+        self._event(m.event_message("collection_resumed", self._wall(), reason=reason))
 
     def _condition(self, component: str, data: str, value: Any) -> None:
         condition = self._settings.sleep.condition

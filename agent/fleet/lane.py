@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 
 STEP = 2  # telemetry batches moved into the outbox at once: at most this many ahead of a new response
 IDLE_S = 1.0  # how often the lane looks again while batches wait behind responses
+QUIET_S = 30.0  # how often it looks when nothing waits (it is woken when something comes)
 
 
 class TelemetryLane:
@@ -51,25 +52,29 @@ class TelemetryLane:
             self._thread.join(timeout)
 
     def _run(self) -> None:
+        waiting = True
         while not self._stop.is_set():
             self.heartbeat = time.monotonic()
-            self._wake.wait(IDLE_S)
+            self._wake.wait(IDLE_S if waiting else QUIET_S)
             self._wake.clear()
             if not self._connected():
+                waiting = True
                 continue
             try:
-                self.pass_once()
+                waiting = self.pass_once()
             except Exception:  # a store or link failure: logged, tried again on the next pass
                 log.exception("telemetry lane pass failed; retrying")
                 self._stop.wait(IDLE_S)
 
-    def pass_once(self) -> None:
-        moved = self._tables.promote_telemetry(STEP)
+    def pass_once(self) -> bool:
+        """Moves what may go now; True while something still waits (behind responses, or unsent)."""
+        moved, left = self._tables.promote_telemetry(STEP)
         if moved:
             self.promoted += moved
             self._wake_outbox()
         for row in self._tables.unsent_states():
             if self._publish(Outgoing(row.topic, row.payload, retain=True)) is None:
-                return
+                return True
             self._tables.state_sent(row.component, row.generation)
             self.states_sent += 1
+        return left > 0

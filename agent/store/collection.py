@@ -117,17 +117,26 @@ class CollectionStore:
 
         return self._tx("queue telemetry", work)
 
-    def promote_telemetry(self, limit: int) -> int:
-        """Moves up to `limit` of the oldest batches into the outbox, if no other message waits there."""
-        def work(db: sqlite3.Connection) -> int:
+    def promote_telemetry(self, limit: int) -> tuple[int, int]:
+        """Moves up to `limit` of the oldest batches into the outbox, if no other message waits there.
+
+        Returns (batches moved, batches still in the lane). Reads first: nothing is written (no fsync)
+        when there is nothing to move.
+        """
+        with self._store._lock:
+            waiting = self._store._db.execute("SELECT COUNT(*) FROM telemetry").fetchone()[0]
+        if not waiting:
+            return 0, 0
+
+        def work(db: sqlite3.Connection) -> tuple[int, int]:
             if db.execute("SELECT 1 FROM outbox LIMIT 1").fetchone() is not None:
-                return 0
+                return 0, waiting
             rows = db.execute("SELECT n, topic, payload FROM telemetry ORDER BY n LIMIT ?", (limit,)).fetchall()
             for n, topic, payload in rows:
                 db.execute("INSERT INTO outbox (command_id, topic, payload, correlation, created_at) "
                            "VALUES (NULL, ?, ?, NULL, ?)", (topic, payload, self._now()))
                 db.execute("DELETE FROM telemetry WHERE n = ?", (n,))
-            return len(rows)
+            return len(rows), waiting - len(rows)
 
         return self._tx("promote telemetry", work)
 

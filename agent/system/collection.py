@@ -10,6 +10,7 @@ from typing import Any
 from agent.collect.collector import Collector, FaultSink
 from agent.config.model import AgentConfig
 from agent.core.runtime import Runtime
+from agent.fleet.lane import TelemetryLane
 from agent.fleet.topics import Topics
 from agent.metrics.collection import CollectionMetrics
 from agent.store.collection import CollectionStore
@@ -59,3 +60,32 @@ def make_collector(config: AgentConfig, runtime: Runtime, output: CollectionOutp
                    fault_sink: FaultSink | None = None) -> Collector:
     return Collector(config, runtime.workers, output, metrics, tables, fault_sink=fault_sink,
                      on_reachable=on_reachable, bus=runtime.owner)
+
+
+class Collection:
+    """Collection's parts as the daemon runs them: metrics, tables, output, the telemetry lane, the collector."""
+
+    def __init__(self, config: AgentConfig, store: Store, runtime: Runtime, topics: Topics, registry: Any,
+                 publish: Callable[[Outgoing], int | None], connected: Callable[[], bool],
+                 wake_outbox: Callable[[], None], on_reachable: Callable[[str, bool], None],
+                 fault_sink: FaultSink | None = None) -> None:
+        self.metrics = CollectionMetrics(registry, [e.name for e in config.ecus])
+        self.tables = CollectionStore(store)
+        self.lane = TelemetryLane(self.tables, publish, connected, wake_outbox)
+        self.output = CollectionOutput(config, store, self.tables, topics, self.metrics, self.lane.wake, wake_outbox)
+        self.collector = make_collector(config, runtime, self.output, self.tables, self.metrics, on_reachable,
+                                        fault_sink)
+
+    def start(self) -> None:
+        self.lane.start()
+        self.collector.start()
+
+    def stop(self) -> None:
+        self.collector.stop()  # its last open batches go into the lane, which keeps them for the next start
+        self.lane.stop()
+
+    def submit_plan(self, name: str, payload: bytes) -> None:
+        self.collector.submit_plan(name, payload)
+
+    def threads_alive(self) -> dict[str, bool]:
+        return {"collector": self.collector.alive, "telemetry-lane": self.lane.alive}
