@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 import time
 import uuid
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import can.interfaces.virtual as virtual
 import pytest
+from hypothesis import HealthCheck, settings
 
 from agent.config import AgentConfig, load_config
 from agent.devtools.local_broker import LocalBroker
@@ -21,6 +23,15 @@ from agent.system.local import LocalSession
 from agent.system.service import Service
 
 pytest_plugins = ("pki",)  # the test-time PKI fixture
+
+# Property-based fuzzing: a modest example count by default (CI); SOVD_FUZZ=deep or
+# `--hypothesis-profile deep` for a long run. Examples share one agent and one broker, hence the
+# function-scoped fixtures; the agent's own timing is not what is measured, hence no deadline.
+_FUZZ = {"deadline": None, "suppress_health_check": [HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+         "derandomize": False, "print_blob": True}
+settings.register_profile("ci", max_examples=25, **_FUZZ)
+settings.register_profile("deep", max_examples=1500, **_FUZZ)
+settings.load_profile(os.environ.get("SOVD_FUZZ", "ci"))
 
 DATA = Path(__file__).parent / "data"
 ROOT = Path(__file__).parent.parent

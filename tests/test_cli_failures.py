@@ -223,8 +223,9 @@ def test_uds_through_a_hub_that_is_not_running_says_how_to_start_it(tmp_path):
     assert result.returncode == 69 and 69 in uds.EXITS
     assert "Failed to connect to server" not in result.stderr  # python-can's busy-loop warnings are held back
     assert result.stderr.strip().splitlines()[-1] == (
-        f"sovd-edge uds: CAN bus unavailable: socketcand:{config['bus']['channel']} did not come up within 3 s; "
-        f"is the hub running? sovd-edge simulate -c config/sim/demo-vehicle.yaml --hub 127.0.0.1:{port}")
+        f"sovd-edge uds: CAN bus unavailable: cannot open socketcand:{config['bus']['channel']}: socketcand hub "
+        f"127.0.0.1:{port} unreachable: Connection refused; is the hub running? "
+        f"sovd-edge simulate -c config/sim/demo-vehicle.yaml --hub 127.0.0.1:{port}")
 
 
 def test_demo_local_transcript_shows_what_a_reader_can_reproduce():

@@ -152,3 +152,13 @@ def test_check_config_cli_exit_codes(tmp_path):
     assert result.returncode == 78
     assert "ecus[0].addressing.request_id: 2048 is not an 11-bit CAN id" in result.stderr
     assert "ecus[0].timing.p2_ms: 0 is out of range 1..600000" in result.stderr
+
+
+def test_flow_control_defaults_and_receive_maximum_within_what_can_wait():
+    config = parse_config(MINIMAL)
+    assert (config.mqtt.receive_maximum, config.mqtt.max_waiting_commands) == (32, 1000)
+    assert config.mqtt.max_payload_bytes == 256 * 1024  # docs/protocol.md says 256 KiB
+    data = {**MINIMAL, "mqtt": {"receive_maximum": 50, "max_waiting_commands": 10}}
+    assert "must not exceed max_waiting_commands (10)" in problems_of(data)["mqtt.receive_maximum"]
+    zero = problems_of({**MINIMAL, "mqtt": {"receive_maximum": 0}})
+    assert zero["mqtt.receive_maximum"] == "0 is out of range 1..65535"

@@ -58,7 +58,8 @@ def test_required_names_and_edge_metrics(service, backend, sim):
     assert found[("commands_executed_total", (("command", "clear_faults"), ("component", "body"),
                                               ("status", "rejected")))] == 1
     assert found[("commands_executed_total", (("command", "read_data"), ("component", "unknown"),
-                                              ("status", "failed")))] == 1
+                                              ("status", "rejected")))] == 1  # protocol 1.1: nothing ran
+    assert found[("sovd_rejected_messages_total", (("reason", "unknown_component"),))] == 1
     assert found[("sovd_command_timeout_total", (("component", "engine"),))] == 1
     assert found[("sovd_negative_responses_total", (("component", "engine"), ("nrc", "0x31"),
                                                     ("service", "0x22")))] == 1
@@ -72,6 +73,10 @@ def test_required_names_and_edge_metrics(service, backend, sim):
     assert found[("sovd_mqtt_connected", ())] == 1
     assert found[("sovd_outbox_pending_messages", ())] >= 0
     assert ("sovd_outbox_oldest_pending_age_seconds", ()) in found and ("sovd_outbox_dropped_total", ()) in found
+    assert found[("sovd_store_available", ())] == 1 and found[("sovd_ledger_dropped_total", ())] == 0
+    assert found[("sovd_store_errors_total", (("operation", "write"),))] == 0
+    assert found[("sovd_intake_errors_total", (("stage", "decide"),))] == 0
+    assert found[("sovd_store_recoveries_total", (("reason", "torn_wal"),))] == 0
     assert found[("sovd_command_queue_depth", (("component", "engine"),))] == 0
     assert found[("sovd_commands_in_flight", ())] == 0
     assert found[("sovd_mqtt_messages_received_total", ())] >= 6 and ("sovd_mqtt_reconnects_total", ()) in found

@@ -24,7 +24,7 @@ def test_shipped_configs_and_rules_are_valid():
         result = promtool("check", "config", str(PROM / name))
         assert result.returncode == 0, result.stdout + result.stderr
     result = promtool("check", "rules", str(PROM / "alerts.yml"))
-    assert result.returncode == 0 and "SUCCESS: 8 rules found" in result.stdout, result.stdout + result.stderr
+    assert result.returncode == 0 and "SUCCESS: 10 rules found" in result.stdout, result.stdout + result.stderr
 
 
 def test_alert_rules_unit_tests():
@@ -36,7 +36,8 @@ def test_every_alert_has_summary_and_runbook():
     rules = [r for g in yaml.safe_load((PROM / "alerts.yml").read_text())["groups"] for r in g["rules"]]
     assert {r["alert"] for r in rules} == {
         "SovdCommandSuccessRateLow", "SovdCommandLatencyHigh", "SovdCommandTimeoutsRising", "SovdCanBusOff",
-        "SovdCanErrorPassive", "SovdMqttDisconnected", "SovdOutboxBackingUp", "SovdAgentDown"}
+        "SovdCanErrorPassive", "SovdMqttDisconnected", "SovdOutboxBackingUp", "SovdAgentDown",
+        "SovdStoreUnavailable", "SovdStoreRecovered"}
     for rule in rules:
         assert rule["annotations"]["summary"] and rule["annotations"]["runbook"], rule["alert"]
 

@@ -13,6 +13,7 @@ import pytest
 from signing_support import expires_in, make_keys, security
 
 from agent.bus.owner import wait_until
+from agent.clock import Clock
 from agent.store.audit import AUDIT_FILE, read_records
 from agent.system.service import Service
 
@@ -252,7 +253,8 @@ def test_unsigned_commands_are_audited_as_unsigned(service, mqtt_vehicle, backen
 
 
 def test_no_audit_record_no_run(mqtt_vehicle, sim, backend):
-    """A full disk (a real /dev/full under the audit file): mutating commands fail `internal` and never run,
+    """A full disk (a real /dev/full under the audit file): mutating commands are refused
+    `storage_unavailable` (transient: the same id may be sent again once there is room) and never run;
     reads go on."""
     mqtt_vehicle.state_dir.mkdir(parents=True)
     os.symlink("/dev/full", mqtt_vehicle.state_dir / AUDIT_FILE)
@@ -261,7 +263,8 @@ def test_no_audit_record_no_run(mqtt_vehicle, sim, backend):
         clear, read = command(expires=None), command("read_data", {"data": "vin"}, expires=None)
         backend.send(clear)
         final = backend.final(clear["id"])
-        assert final["status"] == "failed" and "audit log" in final["error"]["message"]
+        assert (final["status"], final["error"]["code"]) == ("rejected", "storage_unavailable")
+        assert "audit log" in final["error"]["message"]
         backend.send(read)
         assert backend.final(read["id"])["status"] == "completed"
         assert sim.ecu("engine").received[0x14] == 0
@@ -287,3 +290,27 @@ def test_a_damaged_last_line_is_reported_at_start(mqtt_vehicle, sim, backend):
     records = read_records(mqtt_vehicle.state_dir / AUDIT_FILE)
     assert records[1] is None and records[2]["phase"] == "damaged"
     assert [r["phase"] for r in records[3:]] == ["started", "finished"]
+
+
+def test_a_signed_command_with_expires_at_on_an_unsynchronized_clock_is_clock_unsynchronized(
+        signed_vehicle, keys, sim, backend):
+    """Issue 15 meets issue 10's clock: while the device clock is not known to be right (no time sync yet,
+    as after a boot without RTC), `expires_at` cannot be judged, so a signed command carrying one is
+    refused `clock_unsynchronized` like any other: not `expired` (the freshness window is not trusted
+    either), not an authentication failure, nothing run. The clock's sync source is injected (no
+    timesyncd/NTP state can be set here); the wall clock is the real one, so signatures stay valid."""
+    clock = Clock(signed_vehicle.state_dir / "clock.json", kernel=lambda: False, daemon_present=lambda: True)
+    svc = Service(signed_vehicle, clock=clock)
+    svc.start()
+    try:
+        assert svc.link.wait_connected(10), svc.link.last_error
+        far, near = command(expires=7 * 24 * 3600), command()  # far: beyond max_expiry_ahead_s on a right clock
+        for body in (far, near):
+            backend.send(keys["backend-1"].sign(body))
+            final = backend.final(body["id"])
+            assert (final["status"], final["error"]["code"]) == ("rejected", "clock_unsynchronized")
+        assert sim.ecu("engine").received[0x14] == 0
+        assert all(not failures(svc, reason) for reason in ("expired", "bad_signature", "missing"))
+        assert read_records(svc.config.state_dir / AUDIT_FILE) == []  # nothing ran, nothing audited
+    finally:
+        svc.stop()

@@ -21,6 +21,7 @@ FrameSink = Callable[[can.Message], None]
 # How long the notifier's recv blocks: bounds how fast stop() returns; idle cost is one wake-up per poll.
 NOTIFIER_POLL_S = 0.25
 RECEIVE_BUFFER_BYTES = 1 << 20
+OPEN_LOG_EVERY_S = 60.0  # a bus that stays unopenable is logged again at most this often
 BusFactory = Callable[[], can.BusABC]
 SEND_TIMEOUT_S = 0.2
 SEND_RETRY_PAUSE_S = 0.005
@@ -55,6 +56,12 @@ class BusCounters:
 def open_bus(config: BusConfig) -> can.BusABC:
     """Opens the configured python-can bus, ignoring any python-can config files on the machine."""
     kwargs: dict[str, object] = {"fd": config.fd, **dict(config.options)}
+    if config.interface == "socketcand":  # python-can would retry for 10 s in a busy loop, logging each try
+        address = (str(kwargs.get("host", "")), int(str(kwargs.get("port", 29536))))
+        try:
+            socket.create_connection(address, timeout=2.0).close()
+        except OSError as err:
+            raise OSError(f"socketcand hub {address[0]}:{address[1]} unreachable: {err.strerror or err}") from err
     if config.interface != "virtual":
         kwargs["bitrate"] = config.bitrate
         if config.data_bitrate:
@@ -126,6 +133,8 @@ class BusOwner:
         self._supervisor: threading.Thread | None = None
         self.last_error: str | None = None
         self.heartbeat = time.monotonic()
+        self._failures = 0  # open attempts failed in a row
+        self._logged_at = 0.0
 
     # ---- wiring --------------------------------------------------------------------------------
     def subscribe(self, can_id: int, extended: bool, sink: FrameSink) -> None:
@@ -254,9 +263,16 @@ class BusOwner:
             bus.set_filters(self._can_filters())
             notifier = can.Notifier(bus, [_Router(self)], timeout=NOTIFIER_POLL_S)
         except (can.CanError, OSError, ValueError, ImportError) as err:
-            self.last_error = f"cannot open {self.config.interface}:{self.config.channel}: {err}"
-            log.warning("%s", self.last_error, extra={"interface": self.config.channel})
+            error = f"cannot open {self.config.interface}:{self.config.channel}: {err}"
+            self._failures += 1
+            now = time.monotonic()
+            if error != self.last_error or now - self._logged_at >= OPEN_LOG_EVERY_S:  # bounded log rate
+                log.warning("%s (attempt %d; retrying with backoff)", error, self._failures,
+                            extra={"interface": self.config.channel, "kind": self.config.interface})
+                self._logged_at = now
+            self.last_error = error
             return False
+        self._failures = 0
         with self._lock:
             self._bus, self._notifier, self._fault = bus, notifier, None
         self._up.set()

@@ -15,8 +15,10 @@ from agent.devtools.sim.simulator import simulators_for
 from agent.errors import ConfigError
 from agent.fleet.link import LinkSetupError
 from agent.metrics.server import MetricsServerError
+from agent.store.sqlite import StoreError
 from agent.system.daemon import run_until_stopped
 from agent.system.service import Service
+from agent.system.statelock import StateLock, StateLockedError
 
 log = logging.getLogger("agent.run")
 
@@ -25,7 +27,8 @@ EXITS = {
     c.EXIT_OK: "stopped cleanly by SIGTERM/SIGINT",
     c.EXIT_UNAVAILABLE: "the metrics endpoint cannot listen (the CAN bus and the broker are retried instead)",
     c.EXIT_SOFTWARE: "an essential thread died, or a bug raised; systemd restarts the agent",
-    c.EXIT_CANTCREAT: "the state directory cannot be created or written",
+    c.EXIT_CANTCREAT: "the state directory cannot be created or written, or no store can be created in it",
+    c.EXIT_TEMPFAIL: "another agent holds the state directory (the message names its pid)",
     c.EXIT_CONFIG: "the config file is invalid, or a credential or TLS file is unusable; systemd does not "
                    "restart on it",
 }
@@ -53,6 +56,22 @@ def handle(args: argparse.Namespace, config: AgentConfig) -> int:
     except OSError as err:
         log.error("cannot use state directory: %s", err, extra={"state_dir": str(config.state_dir)})
         return c.EXIT_CANTCREAT
+    lock = StateLock(config.state_dir)
+    try:
+        lock.acquire()
+    except StateLockedError as err:
+        log.error("%s", err, extra={"state_dir": str(config.state_dir), "holder_pid": err.holder})
+        return c.EXIT_TEMPFAIL
+    except OSError as err:
+        log.error("cannot lock the state directory: %s", err, extra={"state_dir": str(config.state_dir)})
+        return c.EXIT_CANTCREAT
+    try:
+        return _run(args, config)
+    finally:
+        lock.release()
+
+
+def _run(args: argparse.Namespace, config: AgentConfig) -> int:
     stop = c.stop_on_signals()
     try:
         service = Service(config, companions=simulators_for(config, journal=args.sim_journal))
@@ -62,10 +81,13 @@ def handle(args: argparse.Namespace, config: AgentConfig) -> int:
     except ConfigError as err:  # e.g. a signing key file that cannot be read
         log.error("invalid configuration: %s", err)
         return c.EXIT_CONFIG
+    except StoreError as err:  # not even a fresh store can be created: the state dir is unusable
+        log.error("cannot open the store in %s: %s", config.state_dir, err)
+        return c.EXIT_CANTCREAT
     try:
         started = service.start(wait=1.0)
-    except MetricsServerError as err:
-        log.error("%s", err)
+    except MetricsServerError as err:  # nothing else was started: one line, no traceback
+        log.error("%s (is another agent or exporter using it? set metrics.listen_port)", err)
         service.stop(0)
         return c.EXIT_UNAVAILABLE
     log.info("sovd-edge %s starting", __version__, extra={"vehicle": config.vehicle, "config": args.config,

@@ -63,6 +63,13 @@ class MqttConfig:
     send_accepted: bool = True
     max_payload_bytes: int = 256 * 1024
     invalid_events_per_minute: int = 10
+    # MQTT 5 Receive Maximum: commands the broker may have sent without our PUBACK. A command whose
+    # component queue is full waits, recorded but unacknowledged, for room; the broker holds back the rest.
+    receive_maximum: int = 32
+    # Commands that may wait for room at once (a few hundred bytes of memory each; the command itself is
+    # in the ledger). Beyond it: `busy`. Larger than receive_maximum because some brokers (Mosquitto
+    # 2.0.11) send past the Receive Maximum after a PUBACK.
+    max_waiting_commands: int = 1000
 
     @property
     def host_port_tls(self) -> tuple[str, int, bool]:
@@ -81,6 +88,8 @@ class StoreConfig:
     ledger_retention_s: int = 7 * 24 * 3600
     outbox_max_messages: int = 10_000
     outbox_max_age_s: int = 7 * 24 * 3600
+    ledger_max_bytes: int = 16 * 1024 * 1024  # beyond it the least recently finished ids are forgotten early
+    outbox_max_bytes: int = 32 * 1024 * 1024  # beyond it the oldest messages are dropped
 
 
 @dataclass(frozen=True)

@@ -76,6 +76,9 @@ def parse_config(data: Any, source: Path | None = None) -> m.AgentConfig:
         p for p in (root.check(path, item, _existing_file(base)) for path, item in root.items_of("simulate"))
         if p is not None
     )
+    if store.outbox_max_bytes < 4 * mqtt.max_payload_bytes:
+        problems.add("store.outbox_max_bytes", f"{store.outbox_max_bytes} is less than four messages of "
+                     f"mqtt.max_payload_bytes ({mqtt.max_payload_bytes})")
     root.finish()
     if problems:
         raise ConfigError(str(source or "config"), problems.items)
@@ -175,7 +178,14 @@ def _mqtt(node: Node | None, base: Path) -> m.MqttConfig:
         send_accepted=node.get("send_accepted", boolean, True),
         max_payload_bytes=node.get("max_payload_bytes", integer(1024, 256 * 1024 * 1024), 256 * 1024),
         invalid_events_per_minute=node.get("invalid_events_per_minute", integer(0, 10_000), 10),
+        receive_maximum=node.get("receive_maximum", integer(1, 65535), m.MqttConfig.receive_maximum),
+        max_waiting_commands=node.get("max_waiting_commands", integer(0, 1_000_000),
+                                      m.MqttConfig.max_waiting_commands),
     )
+    if config.receive_maximum > max(1, config.max_waiting_commands):
+        node.problems.add(join(node.path, "receive_maximum"),
+                          f"must not exceed max_waiting_commands ({config.max_waiting_commands}): the agent "
+                          "announces only what it can hold without refusing `busy`")
     if config.password_file and config.password_credential:
         node.problems.add(join(node.path, "password_credential"), "give password_file or password_credential, not both")
     node.finish()
@@ -189,6 +199,10 @@ def _store(node: Node | None) -> m.StoreConfig:
         ledger_retention_s=node.get("ledger_retention_s", integer(60, 10 * 365 * 86400), 7 * 86400),
         outbox_max_messages=node.get("outbox_max_messages", integer(10, 10_000_000), 10_000),
         outbox_max_age_s=node.get("outbox_max_age_s", integer(60, 10 * 365 * 86400), 7 * 86400),
+        ledger_max_bytes=node.get("ledger_max_bytes", integer(64 * 1024, 1 << 40, "a byte count (64 KiB or more)"),
+                                  m.StoreConfig.ledger_max_bytes),
+        outbox_max_bytes=node.get("outbox_max_bytes", integer(1024 * 1024, 1 << 40, "a byte count (1 MiB or more)"),
+                                  m.StoreConfig.outbox_max_bytes),
     )
     node.finish()
     return config

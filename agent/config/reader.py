@@ -102,7 +102,8 @@ class Node:
     def finish(self) -> None:
         for key in self.data:
             if key not in self._taken:
-                self.problems.add(join(self.path, str(key)), "unknown key")
+                name = str(key)
+                self.problems.add(join(self.path, name if len(name) <= 64 else f"{name[:64]}..."), "unknown key")
 
 
 def describe(value: Any) -> str:
@@ -115,8 +116,19 @@ def describe(value: Any) -> str:
     if isinstance(value, list):
         return "a list"
     if isinstance(value, str):
-        return f"string {value!r}"
-    return f"{type(value).__name__} {value!r}"
+        return f"string {shown(value)}"
+    return f"{type(value).__name__} {shown(value)}"
+
+
+SHOWN_MAX = 40
+
+
+def shown(value: Any) -> str:
+    """repr(value) for an error message, cut short: a message never repeats a huge bad value."""
+    if isinstance(value, str) and len(value) > SHOWN_MAX:
+        return f"{value[:SHOWN_MAX]!r}... ({len(value)} characters)"
+    text = repr(value)
+    return text if len(text) <= SHOWN_MAX else f"{text[:SHOWN_MAX]}... ({len(text)} characters)"
 
 
 # ---- converters: each takes the raw value and returns the typed one or raises InvalidValueError ----------
@@ -170,7 +182,7 @@ def text(pattern: str | None = None, what: str = "", max_len: int = 256) -> Call
         if not value or len(value) > max_len:
             raise InvalidValueError(f"expected 1 to {max_len} characters, got {len(value)}")
         if compiled and not compiled.fullmatch(value):
-            raise InvalidValueError(f"{value!r} is not {what or 'valid'}")
+            raise InvalidValueError(f"{shown(value)} is not {what or 'valid'}")
         return value
 
     return convert
@@ -195,4 +207,4 @@ def hex_bytes(value: Any) -> bytes:
     try:
         return bytes.fromhex(cleaned)
     except ValueError:
-        raise InvalidValueError(f"{value!r} is not a hex string of whole bytes") from None
+        raise InvalidValueError(f"{shown(value)} is not a hex string of whole bytes") from None

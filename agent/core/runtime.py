@@ -46,7 +46,8 @@ class Runtime:
     def __init__(self, config: AgentConfig, sink: ResultSink, on_start: StartHook | None = None,
                  bus_factory: BusFactory | None = None, companions: Sequence[Companion] = (),
                  on_bus_change: Callable[[bool, str], None] | None = None,
-                 on_probe: Callable[[str, bool], None] | None = None) -> None:
+                 on_probe: Callable[[str, bool], None] | None = None,
+                 wall: Callable[[], float] = time.time) -> None:
         self.config = config
         self.transport = choose_transport(config.bus)
         self.owner = BusOwner(config.bus, factory=bus_factory, on_change=on_bus_change)
@@ -65,7 +66,7 @@ class Runtime:
             functional = FunctionalLink(self.owner, ecu, responders) if ecu.addressing.functional_id is not None \
                 else None
             executor = Executor(ecu, links[ecu.name], functional)
-            self.workers[ecu.name] = ComponentWorker(ecu, executor, sink, on_start,
+            self.workers[ecu.name] = ComponentWorker(ecu, executor, sink, on_start, clock=wall,
                                                      probe_interval_s=config.metrics.reachability_interval_s,
                                                      on_probe=on_probe)
         log.info("runtime assembled", extra={"ecus": len(config.ecus), "transport": self.transport,

@@ -181,18 +181,19 @@ class ComponentWorker:
 
     def _execute(self, command: Command) -> None:
         now = self._clock()
-        if command.expires_at is not None and now > command.expires_at:
+        if (command.expires_at is not None and now > command.expires_at) or (
+                command.deadline is not None and time.monotonic() > command.deadline):
             self._emit(command, Outcome.failure(Status.EXPIRED, ErrorCode.EXPIRED,
                                                 "not started before expires_at"), None)
             return
         if self._on_start is not None:
             try:
                 self._on_start(command)
-            except Exception as err:  # unrecorded start: running it could break exactly-once
-                log.exception("could not record the start of %s", command.id,
-                              extra=command_fields(command.id, command.component, command.command))
-                self._emit(command, Outcome.failure(Status.FAILED, ErrorCode.INTERNAL,
-                                                    f"could not record the start durably: {err}"), None)
+            except Exception as err:  # unrecorded start: running it could break exactly-once, so it never runs
+                log.error("could not record the start of %s: %s", command.id, err,
+                          extra=command_fields(command.id, command.component, command.command))
+                self._emit(command, Outcome.failure(Status.REJECTED, ErrorCode.STORAGE_UNAVAILABLE,
+                                                    f"could not record the start durably, not run: {err}"), None)
                 return
         self.in_flight, self.busy_since = command, time.monotonic()
         started = self._clock()

@@ -106,6 +106,13 @@ class LocalBroker:
                 self._proc.wait(5)
         self._proc = None
 
+    def kill(self) -> None:
+        """SIGKILL: no clean save; what `persistence` with `autosave_on_changes` must survive (chaos runs)."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait(5)
+        self._proc = None
+
     def restart(self) -> None:
         self.stop()
         self.start()

@@ -1,2 +1,3 @@
 """The fleet link over MQTT: intake of commands (decode, record, acknowledge, admit), the outbox pump,
-the paho connection, and the backend-side caller. May import: wire, policy, store, config, errors."""
+the paho connection, flow control, and the backend-side caller. May import: wire, policy, store, config,
+clock, errors."""

@@ -156,6 +156,12 @@ class Caller:
             self.send({**body, "reply_to": reply_topic}, expiry_s=expiry_s)
         return topic
 
+    def send_all(self, payloads: list[bytes], timeout: float = 10.0) -> None:
+        """Publishes raw command payloads back to back (QoS 1), then waits for every PUBACK: a burst."""
+        infos = [self._client.publish(self.topics.commands, payload, qos=1) for payload in payloads]
+        for info in infos:
+            info.wait_for_publish(timeout)
+
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         props = message.properties if self._v5 else None
         seen = Seen(message.topic, bytes(message.payload), bool(message.retain),

@@ -23,20 +23,49 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent.config.model import MqttConfig
 from agent.errors import AgentError
 from agent.fleet.topics import Topics
 from agent.store.sqlite import Outgoing
+from agent.wire.decode import MAX_COMMAND_BYTES
 
 log = logging.getLogger(__name__)
 
 BACKOFF_MIN_S = 0.5
 BACKOFF_MAX_S = 60.0
+TAKEOVER_BACKOFF_S = 10.0  # at least this long before reconnecting after our session was taken over
+# Announced Maximum Packet Size: the largest command plus room for its topic and properties
+# (Response Topic, Correlation Data). The broker drops anything larger instead of sending it to us.
+PACKET_HEADROOM = 16 * 1024
+MAX_PACKET_IN = MAX_COMMAND_BYTES + PACKET_HEADROOM
+SESSION_TAKEN_OVER = 0x8E
+FLAP_S = 5.0  # a connection cut this soon after it was accepted counts as a flap
+FLAPS = 3  # flaps in a row that are reported (as a likely takeover) and slow the reconnects down
+# DISCONNECT reasons a broker gives when it cannot take what we sent (malformed, protocol error, too large):
+# Mosquitto answers a message over its `message_size_limit` this way; a resend would do it again.
+CUT_FOR_A_MESSAGE = frozenset({0x81, 0x82, 0x95})
 
 
 class LinkSetupError(AgentError, ValueError):
     """Credentials or TLS files are unusable; the agent must not start (exit 78)."""
+
+
+class PacketTooLargeError(AgentError, ValueError):
+    """A message larger than the broker's Maximum Packet Size (from CONNACK): sending it would only
+    make the broker drop the connection."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        self.size = size
+        self.limit = limit
+        super().__init__(f"a {size}-byte packet is larger than the broker's maximum packet size {limit}")
+
+
+def packet_size(topic: str, payload: bytes, correlation: bytes | None) -> int:
+    """Bytes of a QoS 1 PUBLISH packet carrying this message (an upper bound for MQTT 5)."""
+    properties = 3 + len(correlation) if correlation is not None else 0
+    return 1 + 4 + 2 + len(topic.encode()) + 2 + 4 + properties + len(payload)
 
 
 @dataclass(frozen=True)
@@ -51,6 +80,9 @@ class Incoming:
     response_topic: str | None = None
     correlation: bytes | None = None
     expiry_interval: int | None = None
+    retain: bool = False
+    generation: int = 0  # which connection brought it: a PUBACK is only owed on that connection
+    received_mono: float = 0.0  # time.monotonic() at receipt: relative expiry does not follow wall-clock steps
 
 
 @dataclass
@@ -61,6 +93,7 @@ class LinkStats:
     messages_out: int = 0
     callback_errors: int = 0
     refused: int = 0
+    taken_over: int = 0
 
 
 def read_secret(path: Path) -> str:
@@ -126,10 +159,12 @@ class MqttLink:
     """Connects, keeps connecting, subscribes to commands and publishes what it is given."""
 
     def __init__(self, config: MqttConfig, topics: Topics, client_id: str, status: Callable[[str], bytes],
-                 on_command: Callable[[Incoming], None], on_published: Callable[[int], None],
-                 on_connection: Callable[[bool], None]) -> None:
+                 on_command: Callable[[Incoming], None], on_published: Callable[[int, int], None],
+                 on_connection: Callable[[bool], None], wall: Callable[[], float] = time.time) -> None:
         self.config = config
         self.topics = topics
+        self.client_id = client_id
+        self._wall = wall
         self.stats = LinkStats()
         self._status = status
         self._on_command = on_command
@@ -163,6 +198,15 @@ class MqttLink:
         self._thread: threading.Thread | None = None
         self.heartbeat = time.monotonic()
         self.last_error: str | None = None
+        self.broker_max_packet: int | None = None  # from CONNACK; None: the broker announced none
+        self.broker_receive_maximum = 65535  # from CONNACK: QoS 1 messages it takes unacknowledged
+        self.last_disconnect_code: int | None = None  # reason code of the last lost connection (MQTT 5)
+        self.last_cut_short = False  # the last connection was lost within FLAP_S of being accepted
+        self._unacked: set[int] = set()  # mids of our publishes without a PUBACK yet
+        self._taken_over = 0  # consecutive connections that ended in a session takeover
+        self._flaps = 0  # consecutive connections cut within FLAP_S of being accepted
+        self._up_since: float | None = None
+        self._generation = 0  # counts connections
 
     def _setup_tls(self) -> None:
         tls = self.config.tls
@@ -195,7 +239,11 @@ class MqttLink:
         return self._thread is not None and self._thread.is_alive()
 
     def publish(self, message: Outgoing) -> int | None:
-        """Hands a QoS 1 message to paho; returns its mid (PUBACK comes to on_published)."""
+        """Hands a QoS 1 message to paho; returns its mid (PUBACK comes to on_published with its reason
+        code). Raises PacketTooLargeError when the broker announced a smaller Maximum Packet Size."""
+        limit = self.broker_max_packet
+        if limit is not None and (size := packet_size(message.topic, message.payload, message.correlation)) > limit:
+            raise PacketTooLargeError(size, limit)
         properties = None
         if self._v5 and message.correlation is not None:
             properties = Properties(PacketTypes.PUBLISH)
@@ -205,11 +253,34 @@ class MqttLink:
             log.warning("publish refused by the client: %s", mqtt.error_string(info.rc))
             return None
         self.stats.messages_out += 1
+        if not info.is_published():  # its PUBACK may already have come on the loop thread
+            self._unacked.add(info.mid)
         return info.mid
 
-    def ack(self, mid: int, qos: int) -> None:
-        """PUBACK for a command, sent only once it is recorded durably."""
-        if qos > 0:
+    def payload_limit(self, topic: str, correlation: bytes | None = None) -> int | None:
+        """The largest payload the broker takes on `topic` (None: no announced limit)."""
+        if self.broker_max_packet is None:
+            return None
+        return self.broker_max_packet - packet_size(topic, b"", correlation)
+
+    def forget(self, mid: int) -> None:
+        """Drops an unacknowledged message from paho's session state, so that it is not resent on the next
+        connection (one the broker will never take: it would cut every connection that carries it).
+        paho has no public call for this; its queue is touched under its own lock."""
+        self._unacked.discard(mid)
+        try:
+            with self._client._out_message_mutex:
+                message = self._client._out_messages.pop(mid, None)
+                if message is not None and message.qos > 0 and self._client._inflight_messages > 0:
+                    self._client._inflight_messages -= 1
+        except AttributeError as err:  # a paho without these internals: it will resend; the outbox copes
+            log.error("cannot drop a message from paho's session state (%s); it may be resent", err)
+
+    def ack(self, mid: int, qos: int, generation: int | None = None) -> None:
+        """PUBACK for a command, sent only once it is recorded durably. A PUBACK held across a reconnect
+        is not sent (`generation` is the connection the command came on): the broker redelivers it on
+        the new connection, and the same packet id may by then name another message."""
+        if qos > 0 and (generation is None or generation == self._generation):
             self._client.ack(mid, qos)
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -248,6 +319,8 @@ class MqttLink:
             if rc != mqtt.MQTT_ERR_SUCCESS and not self._stop.is_set():
                 opened = False
                 self._mark(False)
+                if self._taken_over:  # another client with our id: do not fight it every half second
+                    delay = max(delay, min(BACKOFF_MAX_S, TAKEOVER_BACKOFF_S * 2 ** (self._taken_over - 1)))
                 self._pause(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, BACKOFF_MAX_S)
             elif self.connected:
@@ -267,6 +340,8 @@ class MqttLink:
         if self._v5:
             properties = Properties(PacketTypes.CONNECT)
             properties.SessionExpiryInterval = self.config.session_expiry_s
+            properties.ReceiveMaximum = self.config.receive_maximum
+            properties.MaximumPacketSize = MAX_PACKET_IN
             kwargs = {"clean_start": False, "properties": properties}
         self._client.connect(self._host, self._port, keepalive=self.config.keepalive_s, **kwargs)
 
@@ -300,20 +375,59 @@ class MqttLink:
             self._fail(self._refusal)
             return
         self.stats.connects += 1
+        self._generation += 1
+        self._up_since = time.monotonic()
+        self.last_disconnect_code, self.last_cut_short = None, False
+        mutex, held = getattr(client, "_out_message_mutex", None), getattr(client, "_out_messages", None)
+        if mutex is not None and held is not None:  # what paho still holds (and resends now) is in flight
+            with mutex:
+                self._unacked &= set(held)
         self.last_error = self._refusal = self._paho_error = None
-        client.subscribe(self.topics.commands, qos=1)
+        self.broker_max_packet = getattr(properties, "MaximumPacketSize", None) if self._v5 else None
+        receive_maximum = getattr(properties, "ReceiveMaximum", None) if self._v5 else None
+        self.broker_receive_maximum = receive_maximum or 65535
+        if self._v5:  # retain-as-published: a retained command keeps its flag, so that it is never run
+            client.subscribe(self.topics.commands, options=SubscribeOptions(qos=1, retainAsPublished=True))
+        else:
+            client.subscribe(self.topics.commands, qos=1)
         client.publish(self.topics.status, self._status("online"), qos=1, retain=True)
         log.info("connected to broker", extra={"broker": self.config.broker,
-                                               "session_present": bool(getattr(flags, "session_present", False))})
+                                               "session_present": bool(getattr(flags, "session_present", False)),
+                                               "broker_max_packet": self.broker_max_packet,
+                                               "broker_receive_maximum": receive_maximum})
         self._mark(True)
 
     @_guarded
     def _disconnected(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        if self._up_since is not None:  # once per connection: paho may report a loss twice (packet, socket)
+            self._count_loss(reason)
         if not self._stop.is_set():
             detail = f" ({self._paho_error})" if self._paho_error else ""
             self._fail(self._refusal or f"disconnected from broker: {reason}{detail}")
             self._refusal = self._paho_error = None
         self._mark(False)
+
+    def _count_loss(self, reason: Any) -> None:
+        """Why and how soon an accepted connection was lost: takeovers, flaps, cuts for a message."""
+        assert self._up_since is not None
+        self.last_disconnect_code = getattr(reason, "value", None)
+        self.last_cut_short = time.monotonic() - self._up_since < FLAP_S
+        self._up_since = None
+        taken_over = self._v5 and self.last_disconnect_code == SESSION_TAKEN_OVER
+        # Some brokers (Mosquitto 2.0.11) close the old connection without saying why: a connection
+        # accepted and then cut within seconds, again and again, with nothing of ours in flight (a
+        # message the broker will not take is the outbox's to settle), is most likely the same thing.
+        flap = self.last_cut_short and not self._unacked and self.last_disconnect_code not in CUT_FOR_A_MESSAGE
+        self._flaps = self._flaps + 1 if flap and not self._stop.is_set() else 0
+        self._taken_over = self._taken_over + 1 if taken_over or self._flaps >= FLAPS else 0
+        if taken_over or self._flaps == FLAPS:
+            self.stats.taken_over += 1
+            why = "the broker says another connection with our client id %r took over the session" if taken_over \
+                else f"the broker closed our connection {FLAPS} times in a row within {FLAP_S:.0f} s of accepting " \
+                     "it: most likely another connection with our client id %r takes over the session"
+            log.error(why + ": is a second agent running with this vehicle's config? reconnecting in %.0f s or "
+                      "more", self.client_id, TAKEOVER_BACKOFF_S,
+                      extra={"broker": self.config.broker, "takeovers": self._taken_over})
 
     def _paho_log(self, client: mqtt.Client, userdata: Any, level: int, text: str) -> None:
         if level == mqtt.MQTT_LOG_ERR:
@@ -325,12 +439,15 @@ class MqttLink:
         props = message.properties if self._v5 else None
         self._on_command(Incoming(
             payload=bytes(message.payload), mid=message.mid, qos=message.qos, dup=bool(message.dup),
-            received_at=time.time(),
+            received_at=self._wall(),
             response_topic=getattr(props, "ResponseTopic", None),
             correlation=getattr(props, "CorrelationData", None),
             expiry_interval=getattr(props, "MessageExpiryInterval", None),
+            retain=bool(message.retain), generation=self._generation, received_mono=time.monotonic(),
         ))
 
     @_guarded
     def _published(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
-        self._on_published(mid)
+        """PUBACK: the reason code (MQTT 5; 0 for 3.1.1) says whether the broker took the message."""
+        self._unacked.discard(mid)
+        self._on_published(mid, int(getattr(reason, "value", 0) or 0))

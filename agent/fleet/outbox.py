@@ -1,42 +1,98 @@
-"""Publishes the durable outbox in order; a message leaves the store only after the broker's PUBACK."""
+"""Publishes the durable outbox in order; a message leaves the store only after the broker took it.
+
+A PUBACK with a reason code below 0x80 is delivery. One of 0x80 or above is not: the message stays
+and is retried with backoff when the code can pass later (quota exceeded, unspecified), or is set
+aside in the store's `refused` table when it never can (not authorized, topic name invalid, packet
+too large, payload format invalid): never deleted as if delivered, always logged and reported.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from agent.config.model import StoreConfig
-from agent.store.sqlite import Outgoing, Store
+from agent.fleet.link import CUT_FOR_A_MESSAGE, PacketTooLargeError
+from agent.store.sqlite import Outgoing, Pending, Store, StoreError
+from agent.wire import messages as m
 
 log = logging.getLogger(__name__)
 
 MAX_IN_FLIGHT = 100  # messages handed to paho and not yet acknowledged
 MAINTENANCE_S = 60.0
+RETRY_MIN_S = 1.0
+RETRY_MAX_S = 60.0
+MAX_ATTEMPTS = 5  # for refusals that may pass but keep failing (quota exceeded is retried for ever)
+STRIKES = 3  # connections in a row cut before any PUBACK while the same message led the queue
+
+# PUBACK reason codes (MQTT 5, 3.3.4) and the bounded label values the agent reports them as.
+REASONS = {0x80: "unspecified_error", 0x83: "implementation_specific_error", 0x87: "not_authorized",
+           0x90: "topic_name_invalid", 0x91: "packet_identifier_in_use", 0x97: "quota_exceeded",
+           0x99: "payload_format_invalid", 0x95: "packet_too_large"}
+NEVER_PASSES = frozenset({0x87, 0x90, 0x95, 0x99})
+QUOTA_EXCEEDED = 0x97
+CONNECTION_DROPPED = "connection_dropped"  # not a PUBACK code: the broker cut the link on this message
+
+
+def reason_name(code: int) -> str:
+    return REASONS.get(code, "other")
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A message the broker would not take, reported once it is set aside."""
+
+    row: Pending
+    reason: str
+    code: int | None
+
+
+@dataclass
+class _Retry:
+    attempts: int
+    due: float  # monotonic
 
 
 class Outbox:
     """Hands stored messages to the link while connected; paho resends its unacknowledged ones itself
-    after a reconnect, and after a restart everything still stored is sent again (at least once)."""
+    after a reconnect, and after a restart everything still stored is sent again (at least once).
+
+    `now` is agent time (the store's stamps): the age bound does not follow wall-clock steps.
+    """
 
     def __init__(self, store: Store, config: StoreConfig, publish: Callable[[Outgoing], int | None],
-                 connected: Callable[[], bool]) -> None:
+                 connected: Callable[[], bool], now: Callable[[], float] | None = None,
+                 forget: Callable[[int], None] = lambda mid: None,
+                 on_refused: Callable[[Refusal], None] = lambda refusal: None,
+                 window: Callable[[], int] = lambda: MAX_IN_FLIGHT) -> None:
         self._store = store
         self._config = config
         self._publish = publish
         self._connected = connected
+        self._now = now or store.now
+        self._forget = forget
+        self._on_refused = on_refused
+        self._window = window
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._acked: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._acked: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()
         self._by_mid: dict[int, int] = {}
         self._handed = 0  # highest outbox row handed to paho in this process
+        self._retries: dict[int, _Retry] = {}  # row -> when to hand it over again
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._acks_this_connection = 0
+        self._strikes: tuple[int, int] = (0, 0)  # (row, connections cut while it led without any PUBACK)
         self.heartbeat = time.monotonic()
         self.dropped = 0
+        self.ledger_dropped = 0  # ids forgotten early by the ledger's byte bound
         self.acknowledged = 0
+        self.refused: dict[str, int] = {}
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="outbox", daemon=True)
@@ -49,9 +105,31 @@ class Outbox:
     def wake(self, *_: object) -> None:
         self._wake.set()
 
-    def published(self, mid: int) -> None:
+    def published(self, mid: int, code: int = 0) -> None:
         """PUBACK for `mid` (called on the MQTT loop thread: only hands over, never touches SQLite)."""
-        self._acked.put(mid)
+        with self._lock:
+            if mid in self._by_mid:  # one of ours went through on this connection: no message is poison
+                self._acks_this_connection += 1
+                self._strikes = (0, 0)
+        self._acked.put((mid, code))
+        self._wake.set()
+
+    def connection(self, up: bool, reason: int | None = None, short: bool = False) -> None:
+        """The link went up or down (MQTT loop thread). A connection the broker cut (for a protocol
+        error or an oversize packet, or within seconds of accepting it) before any PUBACK while the same
+        message led the queue, STRIKES times in a row, marks that message as one the broker will not
+        take (e.g. larger than a `message_size_limit` it does not announce): it is set aside instead of
+        resent for ever. (When the cut comes while the packet is still being written, the broker's
+        reason code never arrives: hence the short-lived connection as the other sign.)"""
+        with self._lock:
+            if up:
+                self._acks_this_connection = 0
+            elif reason not in CUT_FOR_A_MESSAGE and not short:
+                self._strikes = (0, 0)
+            elif self._by_mid and self._acks_this_connection == 0:
+                head = min(self._by_mid.values())
+                row, count = self._strikes
+                self._strikes = (head, count + 1 if row == head else 1)
         self._wake.set()
 
     def stop(self, timeout: float = 3.0) -> None:
@@ -74,54 +152,195 @@ class Outbox:
         next_maintenance = time.monotonic()
         while not self._stop.is_set():
             self.heartbeat = time.monotonic()
-            self._wake.wait(1.0)
+            self._wake.wait(self._next_wait())
             self._wake.clear()
             try:
                 self._settle_acks()
+                self._judge_strikes()
                 if self._connected():
                     self._hand_over()
                 if time.monotonic() >= next_maintenance:
                     self._maintain()
                     next_maintenance = time.monotonic() + MAINTENANCE_S
+            except StoreError as err:  # counted and reported by the store; health says so
+                log.warning("outbox pass failed, store unavailable: %s", err)
+                self._stop.wait(1.0)
             except Exception:
                 log.exception("outbox pass failed; retrying")
                 self._stop.wait(1.0)
         self._settle_acks()
 
+    def _next_wait(self) -> float:
+        with self._lock:
+            due = min((r.due for r in self._retries.values()), default=None)
+        return 1.0 if due is None else max(0.01, min(1.0, due - time.monotonic()))
+
+    # ---- PUBACKs -------------------------------------------------------------------------------
     def _settle_acks(self) -> None:
         done: list[int] = []
         while True:
             try:
-                mid = self._acked.get_nowait()
+                mid, code = self._acked.get_nowait()
             except queue.Empty:
                 break
             with self._lock:
                 n = self._by_mid.pop(mid, None)
-            if n is not None:
+            if n is None:
+                continue
+            if code < 0x80:
                 done.append(n)
+                self._retries.pop(n, None)
+            else:
+                self._not_delivered(n, code)
         if done:
             self._store.acknowledge(done)
             self.acknowledged += len(done)
 
-    def _hand_over(self) -> None:
+    def _not_delivered(self, n: int, code: int) -> None:
+        row = self._row(n)
+        if row is None:
+            return
+        retry = self._retries.get(n, _Retry(0, 0.0))
+        retry.attempts += 1
+        if code in NEVER_PASSES or (code != QUOTA_EXCEEDED and retry.attempts >= MAX_ATTEMPTS):
+            self._retries.pop(n, None)
+            self._set_aside(row, reason_name(code), code)
+            return
+        retry.due = time.monotonic() + min(RETRY_MAX_S, RETRY_MIN_S * 2 ** (retry.attempts - 1))
+        self._retries[n] = retry
+        log.warning("broker refused a message for now (reason 0x%02X %s); retrying in %.0f s", code,
+                    reason_name(code), retry.due - time.monotonic(),
+                    extra={"topic": row.message.topic, "command_id": row.message.command_id,
+                           "attempts": retry.attempts})
+
+    def _judge_strikes(self) -> None:
         with self._lock:
-            room = MAX_IN_FLIGHT - len(self._by_mid)
+            row_n, count = self._strikes
+            if count < STRIKES:
+                return
+            self._strikes = (0, 0)
+            mids = [mid for mid, n in self._by_mid.items() if n == row_n]
+            for mid in mids:
+                del self._by_mid[mid]
+        for mid in mids:
+            self._forget(mid)
+        row = self._row(row_n)
+        if row is not None:
+            self._set_aside(row, CONNECTION_DROPPED, None)
+
+    def _set_aside(self, row: Pending, reason: str, code: int | None) -> None:
+        forgotten = self._store.set_aside(row.n, reason)
+        if forgotten:
+            log.warning("refused messages kept for inspection over their bound: forgot the %d oldest", forgotten)
+        self.refused[reason] = self.refused.get(reason, 0) + 1
+        log.error("the broker will not take this message: set aside, not delivered (%s%s)", reason,
+                  f", reason code 0x{code:02X}" if code is not None else "",
+                  extra={"topic": row.message.topic, "command_id": row.message.command_id,
+                         "bytes": len(row.message.payload), "reason": reason})
+        self._on_refused(Refusal(row, reason, code))
+
+    def _row(self, n: int) -> Pending | None:
+        rows = self._store.pending(n - 1, 1)
+        return rows[0] if rows and rows[0].n == n else None
+
+    # ---- handing over --------------------------------------------------------------------------
+    def _hand_over(self) -> None:
+        with self._lock:  # the broker's Receive Maximum, less one for the link's own status message
+            room = min(MAX_IN_FLIGHT, self._window() - 1) - len(self._by_mid)
+        now = time.monotonic()
+        for n in sorted(n for n, r in self._retries.items() if r.due <= now):
+            if room <= 0:
+                return
+            row = self._row(n)
+            if row is None:
+                self._retries.pop(n, None)
+                continue
+            self._retries[n].due = float("inf")  # in flight again; its PUBACK decides
+            if not self._send(row):
+                return
+            room -= 1
         if room <= 0:
             return
         for row in self._store.pending(self._handed, room):
-            mid = self._publish(row.message)
-            if mid is None:
-                return  # try again on the next pass
+            if row.n in self._retries:
+                continue
+            if not self._send(row):
+                return
             with self._lock:
-                self._by_mid[mid] = row.n
-                self._handed = row.n
+                self._handed = max(self._handed, row.n)
 
+    def _send(self, row: Pending) -> bool:
+        """Hands one row to the link; False when the link cannot take more now."""
+        try:
+            mid = self._publish(row.message)
+        except PacketTooLargeError as err:
+            self._too_large(row, err)
+            with self._lock:
+                self._handed = max(self._handed, row.n)
+            return True
+        if mid is None:
+            return False  # try again on the next pass
+        with self._lock:
+            self._by_mid[mid] = row.n
+        return True
+
+    def _too_large(self, row: Pending, err: PacketTooLargeError) -> None:
+        """Splits a response into chunks the broker takes, or sets aside what cannot be split."""
+        pieces = _rechunk(row.message, err.limit - (err.size - len(row.message.payload)))
+        if pieces is None:
+            self._set_aside(row, "packet_too_large", 0x95)
+            return
+        batch = self._store.batch()
+        for piece in pieces:
+            batch.publish(Outgoing(row.message.topic, m.encode(piece), row.message.correlation,
+                                   row.message.command_id))
+        batch.commit()
+        self._store.acknowledge([row.n])  # the chunks replace it (a crash in between sends both: at least once)
+        log.info("response split into %d chunks for the broker's maximum packet size %d", len(pieces), err.limit,
+                 extra={"command_id": row.message.command_id, "bytes": len(row.message.payload)})
+        self._wake.set()
+
+    # ---- bounds --------------------------------------------------------------------------------
     def _maintain(self) -> None:
-        dropped = self._store.trim_outbox(self._config.outbox_max_messages, self._config.outbox_max_age_s, time.time())
+        now = self._now()
+        dropped = self._store.trim_outbox(self._config.outbox_max_messages, self._config.outbox_max_age_s, now)
         if dropped:
             self.dropped += dropped
             log.warning("outbox over its bounds: dropped %d oldest messages", dropped,
                         extra={"max_messages": self._config.outbox_max_messages})
-        pruned = self._store.prune_ledger(self._config.ledger_retention_s, time.time())
+        self._bound_bytes()
+        pruned = self._store.prune_ledger(self._config.ledger_retention_s, now)
         if pruned:
             log.info("forgot %d old command ids", pruned)
+
+    def _bound_bytes(self) -> None:
+        """The byte bounds of the outbox and the ledger (an SD card's budget); drops counted and logged."""
+        dropped = self._store.trim_outbox_bytes(self._config.outbox_max_bytes)
+        if dropped:
+            self.dropped += dropped
+            log.warning("outbox over its byte bound: dropped %d oldest messages", dropped,
+                        extra={"max_bytes": self._config.outbox_max_bytes})
+        forgotten = self._store.trim_ledger_bytes(self._config.ledger_max_bytes)
+        if forgotten:
+            self.ledger_dropped += forgotten
+            log.warning("ledger over its byte bound: forgot %d finished command ids before their retention time",
+                        forgotten, extra={"max_bytes": self._config.ledger_max_bytes})
+
+    def maintain(self) -> None:
+        """One retention pass now (tests; the outbox thread runs one every MAINTENANCE_S)."""
+        self._maintain()
+
+
+def _rechunk(message: Outgoing, max_payload: int) -> list[dict] | None:
+    """The chunk messages for a final response with a `result`, each within `max_payload`; None if the
+    message is not such a response or cannot be made small enough."""
+    try:
+        body = json.loads(message.payload)
+    except ValueError:
+        return None
+    if not isinstance(body, dict) or "result" not in body or body.get("final") is not True or max_payload < 1024:
+        return None
+    pieces = m.split_result(body, max_payload)
+    if len(pieces) < 2 or any(len(m.encode(p)) > max_payload for p in pieces):
+        return None
+    return pieces

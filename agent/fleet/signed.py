@@ -17,7 +17,7 @@ from collections.abc import Callable
 from agent.fleet.link import Incoming
 from agent.fleet.topics import Topics
 from agent.policy.signature import Authenticator, Body, Passed, Refused
-from agent.store.sqlite import Batch, Outgoing
+from agent.store.sqlite import Outgoing
 from agent.wire import messages as m
 from agent.wire.command import ErrorCode, Status, command_fields
 from agent.wire.decode import readable_id
@@ -48,7 +48,8 @@ class SignatureGate:
         self._passed: OrderedDict[str, None] = OrderedDict()
         self.suppressed = 0  # failures not logged since the last line that was
 
-    def __call__(self, item: Incoming, body: Body, batch: Batch) -> tuple[Body, str | None] | None:
+    def __call__(self, item: Incoming, body: Body,
+                 publish: Callable[[Outgoing], None]) -> tuple[Body, str | None] | None:
         verdict = self._authenticator.check(body, item.received_at, self._clock_trusted())
         if isinstance(verdict, Passed):
             if isinstance(verdict.body, dict) and (command_id := readable_id(verdict.body)) is not None:
@@ -57,17 +58,17 @@ class SignatureGate:
                 if len(self._passed) > RECENT_IDS:
                     self._passed.popitem(last=False)
             return verdict.body, verdict.key_id
-        self._refuse(item, verdict, batch)
+        self._refuse(item, verdict, publish)
         return None
 
-    def _refuse(self, item: Incoming, refused: Refused, batch: Batch) -> None:
+    def _refuse(self, item: Incoming, refused: Refused, publish: Callable[[Outgoing], None]) -> None:
         self._on_failure(str(refused.reason))
         command_id = refused.command_id
         answered = command_id is not None and command_id not in self._passed and not self._known(command_id)
         if command_id is not None and answered:
             message = m.refusal_message(command_id, refused.shown(), Status.REJECTED, ErrorCode.UNAUTHENTICATED,
                                         refused.message, item.received_at, **refused.details())
-            batch.publish(Outgoing(self._topics.responses(command_id), m.encode(message), None, command_id))
+            publish(Outgoing(self._topics.responses(command_id), m.encode(message), None, command_id))
         self._log(refused, len(item.payload), answered)
 
     def _log(self, refused: Refused, size: int, answered: bool) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from agent.wire.command import topic_name_problem
+
 
 @dataclass(frozen=True)
 class Topics:
@@ -29,7 +31,18 @@ class Topics:
     def responses(self, command_id: str) -> str:
         return f"{self.base}/responses/{command_id}"
 
+    def reply_problem(self, topic: str) -> str | None:
+        """Why `topic` may not be a reply topic (one of this vehicle's own topics), or None."""
+        own = (self.commands, self.status, self.events, f"{self.base}/telemetry")
+        if topic in own:
+            return f"it is this vehicle's own {topic.rsplit('/', 1)[1]} topic"
+        for folder in ("plans", "state"):
+            if topic == f"{self.base}/{folder}" or topic.startswith(f"{self.base}/{folder}/"):
+                return f"it is under this vehicle's own {folder} topics"
+        return None
+
 
 def is_publishable(topic: str) -> bool:
-    """A topic one may publish to: non-empty, no wildcards, no NUL, at most 65535 bytes."""
-    return bool(topic) and not any(c in topic for c in "+#\x00") and len(topic.encode()) <= 65535
+    """A topic one may publish to: non-empty, no wildcards, nothing a broker refuses as malformed (a
+    control character drops the connection, and the outbox would resend it forever), at most 65535 bytes."""
+    return topic_name_problem(topic) is None

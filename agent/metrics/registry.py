@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 # UDS round trips: 1 ms (a local read) to 30 s (long routines behind NRC 0x78).
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 STATUSES = ("completed", "failed", "rejected", "timeout", "expired", "interrupted")
+STORE_OPERATIONS = ("open", "read", "write", "acknowledge", "maintain")
+STORE_RECOVERY_REASONS = ("unreadable", "damaged", "torn_wal", "vanished")
+INTAKE_STAGES = ("decide", "record", "acknowledge", "settle", "group")
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,9 @@ class AgentState:
     outbox_pending: int = 0
     outbox_oldest_age_s: float = 0.0
     outbox_dropped: int = 0
+    ledger_dropped: int = 0
+    store_available: bool = True
+    store_deferred: int = 0
     bus: BusReading | None = None
 
 
@@ -91,8 +97,25 @@ class AgentMetrics:
                                      registry=registry)
         self.audit_errors = Counter("sovd_audit_log_write_errors", "Audit records that could not be written.",
                                     registry=registry)
+        self.publish_refused = Counter("sovd_publish_refused",
+                                       "Messages the broker refused for good (PUBACK reason code), set aside.",
+                                       ["reason"], registry=registry)
         self.reachable = Gauge("sovd_ecu_reachable", "1 if the component answered its last request or probe.",
                                ["component"], registry=registry)
+        self.store_errors = Counter("sovd_store_errors", "Failed operations on the durable store (SQLite).",
+                                    ["operation"], registry=registry)
+        self.store_recoveries = Counter("sovd_store_recoveries",
+                                        "Damaged stores found at start, moved aside and replaced by empty ones.",
+                                        ["reason"], registry=registry)
+        self.intake_errors = Counter("sovd_intake_errors",
+                                     "Unexpected exceptions on one command message (each refused alone), by stage.",
+                                     ["stage"], registry=registry)
+        for operation in STORE_OPERATIONS:
+            self.store_errors.labels(operation)
+        for reason in STORE_RECOVERY_REASONS:
+            self.store_recoveries.labels(reason)
+        for stage in INTAKE_STAGES:
+            self.intake_errors.labels(stage)
         Info("sovd_build", "Agent version and vehicle.", registry=registry).info(
             {"version": __version__, "vehicle": vehicle})
         for component in components:
@@ -160,6 +183,13 @@ class StateCollector(Collector):
                                 value=s.outbox_oldest_age_s)
         yield CounterMetricFamily("sovd_outbox_dropped", "Messages dropped from the outbox by its bounds.",
                                   value=s.outbox_dropped)
+        yield CounterMetricFamily("sovd_ledger_dropped",
+                                  "Finished command ids forgotten before their retention time (ledger byte bound).",
+                                  value=s.ledger_dropped)
+        yield GaugeMetricFamily("sovd_store_available", "1 while the durable store takes writes.",
+                                value=int(s.store_available))
+        yield GaugeMetricFamily("sovd_store_deferred_writes",
+                                "Writes held in memory until the store takes writes again.", value=s.store_deferred)
         if s.bus is not None:
             yield from _bus_metrics(s.bus)
 

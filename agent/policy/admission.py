@@ -42,6 +42,11 @@ def permitted(ecu: EcuConfig, command: Command) -> bool:
     return refusal_reason(ecu, command) is None
 
 
+def allows(ecu: EcuConfig, command: str) -> bool:
+    """The component's `allow` list admits the command named `command` (checked before its params are read)."""
+    return command in ecu.allow
+
+
 def _writable(ecu: EcuConfig, did: int) -> str | None:
     spec = ecu.did_by_id(did)
     if spec is None:
@@ -106,7 +111,8 @@ class Admission:
     def refusal(self, component: str, command: str) -> Outcome:
         """The final outcome a command gets when it was not queued."""
         if self.kind == "unknown_component":
-            return Outcome.failure(Status.FAILED, ErrorCode.UNKNOWN_COMPONENT, f"no component named {component!r}")
+            return Outcome.failure(Status.REJECTED, ErrorCode.UNKNOWN_COMPONENT,
+                                   f"no component named {component!r}")
         if self.kind == "not_permitted":
             return Outcome.failure(Status.REJECTED, ErrorCode.NOT_PERMITTED,
                                    self.reason or f"{command} is not enabled for {component} (config: allow)")

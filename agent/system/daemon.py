@@ -34,8 +34,8 @@ def run_until_stopped(service: Service, stop: threading.Event, grace: float,
             log.info("ready", extra={"version": __version__, "bus": service.config.bus.channel})
         problems = service.health()
         if notify.watchdog_s and ready and now - last_ping >= notify.watchdog_s / 2:
-            if problems:
-                log.error("not feeding the watchdog: %s", "; ".join(problems))
+            if wedged := service.wedged():  # only what a restart cures: not a full disk
+                log.error("not feeding the watchdog: %s", "; ".join(wedged))
             else:
                 notify.watchdog()
                 last_ping = now

@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 import threading
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -44,11 +45,50 @@ class HumanFormatter(logging.Formatter):
         return f"{text}  {' '.join(f'{k}={v}' for k, v in extra.items())}" if extra else text
 
 
+class LibraryRateLimit(logging.Filter):
+    """At most `burst` records per message per `window_s` from third-party libraries (python-can retries
+    a connection in a loop and logs each try): the first ones pass, the rest are counted, and the
+    next one that passes says how many were suppressed. The agent's own loggers are never limited."""
+
+    def __init__(self, prefixes: tuple[str, ...] = ("can", "isotp", "udsoncan", "paho"), burst: int = 3,
+                 window_s: float = 60.0) -> None:
+        super().__init__()
+        self._prefixes = prefixes
+        self._burst = burst
+        self._window_s = window_s
+        self._seen: dict[tuple[str, str], tuple[float, int, int]] = {}  # key -> (window start, passed, dropped)
+        self._lock = threading.Lock()
+        self.suppressed = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        root = record.name.split(".", 1)[0]
+        if root not in self._prefixes:
+            return True
+        key = (record.name, str(record.msg)[:200])
+        now = time.monotonic()
+        with self._lock:
+            start, passed, dropped = self._seen.get(key, (now, 0, 0))
+            if now - start >= self._window_s:
+                start, passed = now, 0
+            if passed >= self._burst:
+                self._seen[key] = (start, passed, dropped + 1)
+                self.suppressed += 1
+                return False
+            self._seen[key] = (start, passed + 1, 0)
+            if len(self._seen) > 1000:  # bounded: forget the oldest windows
+                for old in sorted(self._seen, key=lambda k: self._seen[k][0])[:500]:
+                    del self._seen[old]
+        if dropped:
+            record.suppressed = dropped
+        return True
+
+
 def setup_logging(level: str = "INFO", fmt: str = "auto") -> None:
     """Configures the root logger once; fmt is 'json', 'human' or 'auto' (human on a terminal)."""
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if use_json else HumanFormatter())
+    handler.addFilter(LibraryRateLimit())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -12,17 +13,19 @@ from prometheus_client import CollectorRegistry, PlatformCollector, ProcessColle
 
 from agent import __version__
 from agent.bus.owner import BusFactory
+from agent.clock import Clock
 from agent.config.model import AgentConfig
 from agent.core.runtime import Companion, Runtime
 from agent.fleet.intake import Intake
 from agent.fleet.link import MqttLink
-from agent.fleet.outbox import Outbox
+from agent.fleet.outbox import Outbox, Refusal
 from agent.fleet.topics import Topics
 from agent.metrics.busmonitor import BusMonitor
 from agent.metrics.registry import AgentMetrics, AgentState
 from agent.metrics.server import MetricsServer
 from agent.policy.admission import Admission
-from agent.store.sqlite import Entry, Outgoing, Store
+from agent.store.recovery import open_store
+from agent.store.sqlite import Entry, Outgoing, StoreError
 from agent.system.audit import AuditTrail
 from agent.wire import messages as m
 from agent.wire.command import Command, ErrorCode, Outcome, Result, Status, command_fields
@@ -35,63 +38,81 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STORE_FILE = "agent.db"
+CLOCK_FILE = "clock.json"
 
 
 class Service:
     """Everything `sovd-edge run` runs. Construct, `start()`, and `stop()` on SIGTERM."""
 
     def __init__(self, config: AgentConfig, bus_factory: BusFactory | None = None,
-                 companions: Sequence[Companion] = ()) -> None:
+                 companions: Sequence[Companion] = (), clock: Clock | None = None) -> None:
         self.config = config
-        self.started_at = time.time()
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        self.clock = clock or Clock(config.state_dir / CLOCK_FILE)
+        self.started_at = self.clock.wall()
         self.stopped_at: float | None = None  # set when a clean stop begins: the offline status's `since`
         self.topics = Topics(config.mqtt.prefix, config.vehicle)
         gate = signature_gate(config, self.topics, lambda reason: self.metrics.auth_failure(reason),
-                              known=lambda command_id: self.store.get(command_id) is not None)  # first: may refuse
-        self.store = Store(config.state_dir / STORE_FILE)
-        self.runtime = Runtime(config, sink=self._on_result, on_start=self._on_start,
-                               bus_factory=bus_factory, companions=companions,
-                               on_bus_change=self._on_bus_change, on_probe=self._on_probe)
+                              known=lambda command_id: self.store.get(command_id) is not None,
+                              clock_trusted=self.clock.synchronized)  # before the store: it may refuse the config
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         self.metrics = AgentMetrics(self.registry, config.vehicle, [e.name for e in config.ecus],
                                     state=self._metrics_state)
+        self._outbox_seen: tuple[int, float | None] = (0, None)  # the last outbox figures the store gave
+        self.store, self.store_recovery = open_store(config.state_dir / STORE_FILE, on_error=self._on_store_error,
+                                                     now=self.clock.agent_now)
+        if self.store_recovery is not None:
+            self.metrics.store_recoveries.labels(self.store_recovery.reason).inc()
+        self.runtime = Runtime(config, sink=self._on_result, on_start=self._on_start,
+                               bus_factory=bus_factory, companions=companions,
+                               on_bus_change=self._on_bus_change, on_probe=self._on_probe, wall=self.clock.wall)
         self.metrics_server = MetricsServer(config.metrics, self.registry) if config.metrics.enabled else None
         self.bus_monitor = BusMonitor(config.bus, self.runtime.owner, config.metrics.bus_state_interval_s,
                                       on_change=self._publish_bus_state)
         self.link = MqttLink(config.mqtt, self.topics, config.mqtt.client_id or f"sovd-edge-{config.vehicle}",
                              status=self._status, on_command=self._on_incoming, on_published=self._on_published,
-                             on_connection=self._on_connection)
-        self.outbox = Outbox(self.store, config.store, self.link.publish, lambda: self.link.connected)
+                             on_connection=self._on_connection, wall=self.clock.wall)
+        self.outbox = Outbox(self.store, config.store, self.link.publish, lambda: self.link.connected,
+                             now=self.clock.agent_now, forget=self.link.forget, on_refused=self._on_refused,
+                             window=lambda: self.link.broker_receive_maximum)
         self.audit = AuditTrail(config, self.topics, self.store.get, on_error=self.metrics.audit_errors.inc,
                                 on_damage=lambda damage: self.metrics.audit_damaged.inc())
         self.intake = Intake(config, self.store, self.topics, self.link.ack, self._admit, self.outbox.wake,
                              self.runtime.check, on_final=self._count_final,
                              on_rejected=lambda reason: self.metrics.rejected.labels(reason).inc(),
+                             publish_now=self.link.publish,
+                             on_error=lambda stage: self.metrics.intake_errors.labels(stage).inc(), clock=self.clock,
                              authenticate=gate)
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def start(self, wait: float = 1.0) -> bool:
         """Starts every part; True when the CAN bus is up (the broker may still be unreachable)."""
         if self.metrics_server is not None:
-            self.metrics_server.start()
+            try:
+                self.metrics_server.start()
+            except Exception:  # nothing else runs yet: close what the constructor opened
+                self.store.close()
+                raise
         batch = self.store.batch()
         self.audit.open(batch)
-        batch.commit()
+        try:
+            batch.commit(defer=True)
+        except StoreError as err:
+            log.error("audit log check not stored (%s)", err)
         requeue = self._recover()
         bus_up = self.runtime.start(wait)
         self.bus_monitor.start()
         self.outbox.start()
+        self.intake.resume(requeue)  # queued before the stop: they wait for room, never refused `busy`
         self.intake.start()
-        for command, entry in requeue:
-            self._admit(command, entry)
         self.link.start()
         return bus_up
 
     def stop(self, grace: float = 5.0) -> None:
         """Stop taking commands, let in-flight ones finish, flush what the broker takes, go offline."""
-        self.stopped_at = time.time()
+        self.stopped_at = self.clock.wall()
         self.intake.stop()
         self.runtime.stop(grace)  # queued-but-unrun commands stay 'queued' and run after a restart
         if self.link.connected:
@@ -102,10 +123,21 @@ class Service:
         if self.metrics_server is not None:
             self.metrics_server.stop()
         self.audit.close()
+        self.clock.save()
         self.store.close()
 
     def health(self) -> list[str]:
-        """What is wrong right now (empty: healthy). The watchdog pings only while this is empty.
+        """What is wrong right now (empty: healthy): what `wedged` finds, and a store that fails."""
+        problems = self.wedged()
+        trouble = self.store.trouble
+        if trouble is not None:  # no running duration in the text: STATUS= changes only when health does
+            problems.append(f"store unavailable ({trouble.operation}: {trouble.error}); "
+                            "commands are refused storage_unavailable")
+        return problems
+
+    def wedged(self) -> list[str]:
+        """What a restart would cure. The watchdog pings only while this is empty; a failing store is not
+        in it (a restart would not free the disk: commands are refused `storage_unavailable` meanwhile).
 
         A worker counts as wedged once its command runs past the longest deadline any command can
         have, plus the waits a transaction may add after it (P2*, a flow-control timeout).
@@ -132,11 +164,18 @@ class Service:
 
     def status_line(self) -> str:
         """The one-line STATUS= systemd shows."""
-        pending, _ = self.store.outbox_stats()
+        pending, _ = self._outbox_stats()
         queued = sum(w.depth for w in self.runtime.workers.values())
         link = "connected to broker" if self.link.connected else f"broker unreachable ({self.link.last_error})"
         bus = "bus up" if self.runtime.owner.is_up else f"bus down ({self.runtime.owner.last_error})"
-        return f"{link}; {bus}; {queued} queued; outbox {pending}"
+        store = "" if self.store.trouble is None else "; store unavailable"
+        return f"{link}; {bus}; {queued} queued; outbox {pending}{store}"
+
+    def _outbox_stats(self) -> tuple[int, float | None]:
+        """The outbox figures; while the store fails, the last ones it gave."""
+        with contextlib.suppress(StoreError):
+            self._outbox_seen = self.store.outbox_stats()
+        return self._outbox_seen
 
     def threads_alive(self) -> dict[str, bool]:
         return {"intake": self.intake.alive, "outbox": self.outbox.alive, "mqtt": self.link.alive,
@@ -156,11 +195,24 @@ class Service:
     def _on_incoming(self, incoming: Any) -> None:
         self.intake.put(incoming)
 
-    def _on_published(self, mid: int) -> None:
-        self.outbox.published(mid)
+    def _on_published(self, mid: int, code: int = 0) -> None:
+        self.outbox.published(mid, code)
 
     def _on_connection(self, up: bool) -> None:
-        self.outbox.wake()
+        self.outbox.connection(up, self.link.last_disconnect_code, self.link.last_cut_short)
+
+    def _on_refused(self, refusal: Refusal) -> None:
+        """A message the broker will never take was set aside: counted, and reported as an Event
+        (unless it was an event itself: that could only be refused again)."""
+        self.metrics.publish_refused.labels(refusal.reason).inc()
+        message = refusal.row.message
+        if message.topic == self.topics.events:
+            return
+        details = {"reason_code": f"0x{refusal.code:02X}"} if refusal.code is not None else {}
+        if message.command_id is not None:
+            details["command_id"] = message.command_id
+        self._publish_event("publish_refused", topic=message.topic, reason=refusal.reason,
+                            bytes=len(message.payload), **details)
 
     def _on_probe(self, component: str, answered: bool) -> None:
         self.metrics.reachable.labels(component).set(int(answered))
@@ -170,7 +222,7 @@ class Service:
                            str(message["status"]), duration_s, message.get("error"))
 
     def _metrics_state(self) -> AgentState:
-        pending, oldest = self.store.outbox_stats()
+        pending, oldest = self._outbox_stats()
         stats = self.link.stats
         workers = self.runtime.workers.values()
         return AgentState(
@@ -178,26 +230,42 @@ class Service:
             in_flight=sum(1 for w in workers if w.in_flight is not None),
             mqtt_connected=self.link.connected, mqtt_reconnects=stats.reconnects, mqtt_received=stats.messages_in,
             mqtt_sent=stats.messages_out, mqtt_callback_errors=stats.callback_errors,
-            outbox_pending=pending, outbox_oldest_age_s=max(0.0, time.time() - oldest) if oldest else 0.0,
-            outbox_dropped=self.outbox.dropped, bus=self.bus_monitor.reading,
+            outbox_pending=pending,
+            outbox_oldest_age_s=max(0.0, self.clock.agent_now() - oldest) if oldest else 0.0,
+            outbox_dropped=self.outbox.dropped, ledger_dropped=self.outbox.ledger_dropped,
+            store_available=self.store.trouble is None, store_deferred=self.store.deferred,
+            bus=self.bus_monitor.reading,
         )
+
+    def _on_store_error(self, error: StoreError) -> None:
+        self.metrics.store_errors.labels(error.operation).inc()
 
     def _admit(self, command: Command, entry: Entry) -> None:
         admission = self.runtime.submit(command)
         if admission is Admission.QUEUED:
             return
         outcome = admission.refusal(command.component, command.command)
+        assert outcome.error is not None
+        log.warning("command refused: %s", outcome.error.message,
+                    extra=command_fields(command.id, command.component, command.command))
         self._finish(entry, Result(command.id, command.component, command.command, outcome,
-                                   command.received_at, None, time.time()))
+                                   command.received_at, None, self.clock.wall()))
 
     def _on_start(self, command: Command) -> None:
+        """Marks the command started before it runs; a StoreError here keeps it from running at all."""
         batch = self.store.batch()
         self.audit.started(command, batch)  # a mutating command's record is on the disk before it runs
         batch.set_state(command.id, "started")
         batch.commit()
+        self.intake.room()  # its place in the queue is free: a waiting command may take it
 
     def _on_result(self, result: Result) -> None:
-        entry = self.store.get(result.command_id)
+        try:
+            entry = self.store.get(result.command_id)
+        except StoreError as err:
+            log.error("the final response cannot be sent: its ledger entry cannot be read (%s)", err,
+                      extra=command_fields(result.command_id, result.component, result.command))
+            return
         if entry is None:
             log.error("result for a command missing from the ledger",
                       extra=command_fields(result.command_id, result.component, result.command))
@@ -205,14 +273,32 @@ class Service:
         self._finish(entry, result)
 
     def _finish(self, entry: Entry, result: Result) -> None:
-        final = response_message(result, seq=entry.seq + 1)
-        pieces = m.split_result(final, self.config.mqtt.max_payload_bytes)
+        """Stores the final response and its ledger state together; a transient refusal is forgotten instead.
+
+        When the store fails, the response goes straight to the link, and the write waits in memory
+        until the store takes writes again (then the outbox sends it once more: at least once).
+        """
+        final = {**response_message(result, seq=entry.seq + 1), **m.clock_mark(self.clock.synchronized())}
+        largest = self.config.mqtt.max_payload_bytes
+        broker = self.link.payload_limit(entry.reply_topic, entry.correlation)  # when the broker announced one
+        pieces = m.split_result(final, min(largest, broker) if broker is not None else largest)
+        messages = [Outgoing(entry.reply_topic, m.encode(message), entry.correlation, entry.id) for message in pieces]
         batch = self.store.batch()
-        for message in pieces:
-            batch.publish(Outgoing(entry.reply_topic, m.encode(message), entry.correlation, entry.id))
+        for message in messages:
+            batch.publish(message)
         self.audit.finished(entry, result, batch)
-        batch.set_state(entry.id, "final", seq=pieces[-1]["seq"], final_message=final)
-        batch.commit()
+        error = result.outcome.error
+        if error is not None and error.code.transient:
+            batch.forget(entry.id)  # "not now": the same id sent again is a fresh attempt
+        else:
+            batch.set_state(entry.id, "final", seq=pieces[-1]["seq"], final_message=final)
+        try:
+            batch.commit(defer=True)
+        except StoreError as err:
+            log.error("final response not stored (%s): sent without the outbox; stored when the store works again",
+                      err, extra=command_fields(entry.id, result.component, result.command))
+            for message in messages:
+                self.link.publish(message)
         self.outbox.wake()
         duration = result.finished_at - result.started_at if result.started_at is not None else None
         self._count_final(final, duration)
@@ -224,40 +310,69 @@ class Service:
 
     def _publish_bus_state(self, interface: str, state: str, previous: str) -> None:
         """A `bus_state` event for every change the bus monitor sees (kernel state, or the bus lost)."""
-        event = m.event_message("bus_state", time.time(), interface=interface, state=state, previous=previous)
+        self._publish_event("bus_state", interface=interface, state=state, previous=previous)
+
+    def _publish_event(self, kind: str, **fields: Any) -> None:
+        """An event through the outbox; straight through the link while the store fails."""
+        event = m.event_message(kind, self.clock.wall(), **fields, **m.clock_mark(self.clock.synchronized()))
+        message = Outgoing(self.topics.events, m.encode(event))
         batch = self.store.batch()
-        batch.publish(Outgoing(self.topics.events, m.encode(event)))
-        batch.commit()
+        batch.publish(message)
+        try:
+            batch.commit(defer=True)
+        except StoreError as err:
+            log.warning("%s event not stored (%s): sent without the outbox", event["type"], err)
+            self.link.publish(message)
         self.outbox.wake()
 
     # ---- restart recovery ----------------------------------------------------------------------
     def _recover(self) -> list[tuple[Command, Entry]]:
         """Started-but-unfinished commands get `interrupted` (never re-run); queued ones run again."""
-        interrupted = self.store.entries("started")
+        if self.store_recovery is not None:
+            recovery = self.store_recovery
+            self._publish_event("store_recovered", reason=recovery.reason, detail=recovery.detail,
+                                moved_to=list(recovery.moved))
+        try:
+            interrupted = self.store.entries("started")
+        except StoreError as err:
+            log.error("cannot read the ledger at start (%s): unfinished commands wait for the next start", err)
+            interrupted = []
         for entry in interrupted:
-            self._finish(entry, _never_ran(entry, Outcome.failure(
+            self._finish(entry, self._never_ran(entry, Outcome.failure(
                 Status.INTERRUPTED, ErrorCode.INTERRUPTED,
                 "the agent stopped while this command ran; it was not run again")))
         ids = [e.id for e in interrupted]
-        event = m.event_message("agent_started", time.time(), interrupted=ids, agent_version=__version__)
-        batch = self.store.batch()
-        batch.publish(Outgoing(self.topics.events, m.encode(event)))
-        batch.commit()
+        self._publish_event("agent_started", interrupted=ids, agent_version=__version__)
         if ids:
             log.warning("%d commands were interrupted by the last stop", len(ids), extra={"ids": ids})
-        return [pair for pair in (self._reparse(e) for e in self.store.entries("queued")) if pair is not None]
+        try:
+            queued = self.store.entries("queued")
+        except StoreError:
+            return []
+        return [pair for pair in (self._reparse(e) for e in queued) if pair is not None]
+
+    def _never_ran(self, entry: Entry, outcome: Outcome) -> Result:
+        """The result of a recorded command that ends without running, as its final response reports it."""
+        return Result(entry.id, str(entry.body.get("component", "")), str(entry.body.get("command", "")),
+                      outcome, entry.received_at, None, self.clock.wall())
 
     def _reparse(self, entry: Entry) -> tuple[Command, Entry] | None:
         try:
             command = parse_command(entry.body, self.config, entry.received_at)
         except (InvalidCommandError, UnknownComponentError) as err:
-            self._finish(entry, _never_ran(entry, refusal_outcome(err)))
+            self._finish(entry, self._never_ran(entry, refusal_outcome(err)))
+            return None
+        if entry.expires_at is not None and not self.clock.synchronized():
+            self._finish(entry, self._never_ran(entry, Outcome.failure(
+                Status.REJECTED, ErrorCode.CLOCK_UNSYNCHRONIZED,
+                "not run after the restart: it has an expiry and the device clock is not synchronized, so "
+                "whether it expired cannot be judged")))
             return None
         return dataclasses.replace(command, expires_at=entry.expires_at, correlation_data=entry.correlation), entry
 
 
 def signature_gate(config: AgentConfig, topics: Topics, on_failure: Callable[[str], None],
-                   known: Callable[[str], bool]) -> SignatureGate | None:
+                   known: Callable[[str], bool], clock_trusted: Callable[[], bool]) -> SignatureGate | None:
     """Intake's check of signed commands; None (and `cryptography` never imported) when none are configured.
 
     Raises ConfigError when a configured key cannot be loaded (or `cryptography` is missing).
@@ -268,16 +383,11 @@ def signature_gate(config: AgentConfig, topics: Topics, on_failure: Callable[[st
     from agent.policy.signature import load_authenticator
 
     authenticator = load_authenticator(config.security, str(config.source or "config"))
-    return SignatureGate(authenticator, topics, on_failure, known, config.security.failure_logs_per_minute)
-
-
-def _never_ran(entry: Entry, outcome: Outcome) -> Result:
-    """The result of a recorded command that ends without running, as its final response reports it."""
-    return Result(entry.id, str(entry.body.get("component", "")), str(entry.body.get("command", "")),
-                  outcome, entry.received_at, None, time.time())
+    return SignatureGate(authenticator, topics, on_failure, known, config.security.failure_logs_per_minute,
+                         clock_trusted=clock_trusted)
 
 
 def refusal_outcome(err: Exception) -> Outcome:
     if isinstance(err, UnknownComponentError):
-        return Outcome.failure(Status.FAILED, ErrorCode.UNKNOWN_COMPONENT, str(err))
+        return Outcome.failure(Status.REJECTED, ErrorCode.UNKNOWN_COMPONENT, str(err))
     return Outcome.failure(Status.REJECTED, ErrorCode.INVALID_COMMAND, f"invalid after a config change: {err}")

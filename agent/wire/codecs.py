@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import udsoncan
@@ -53,14 +54,25 @@ def _encode_number(spec: DidSpec, value: JsonValue) -> bytes:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError("expected a number")
     assert spec.length is not None
-    raw = round((value - spec.offset) / spec.scale)
     signed = spec.codec == "signed"
     bits = spec.length * 8
     lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+    low, high = lo * spec.scale + spec.offset, hi * spec.scale + spec.offset
+    try:
+        scaled = (value - spec.offset) / spec.scale
+    except OverflowError:  # an int too large for a float
+        scaled = math.inf
+    if not math.isfinite(scaled):  # NaN, an infinity, or a finite value that overflows when scaled
+        raise ValueError(f"{_number(value)} is outside {low:g}..{high:g}")
+    raw = round(scaled)
     if not lo <= raw <= hi:
-        low, high = lo * spec.scale + spec.offset, hi * spec.scale + spec.offset
-        raise ValueError(f"{value} is outside {low:g}..{high:g}")
+        raise ValueError(f"{_number(value)} is outside {low:g}..{high:g}")
     return raw.to_bytes(spec.length, "big", signed=signed)
+
+
+def _number(value: int | float) -> str:
+    text = f"{value:g}" if isinstance(value, float) else str(value)
+    return text if len(text) <= 24 else f"{text[:12]}...({len(text)} digits)"
 
 
 def _encode_enum(spec: DidSpec, value: JsonValue) -> bytes:

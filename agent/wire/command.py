@@ -13,6 +13,26 @@ from agent.config.model import DidSpec
 COMMAND_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 PHYSICAL, FUNCTIONAL = "physical", "functional"  # a command's `addressing`
 
+# What a topic name to publish to may not hold: wildcards, and what brokers refuse as malformed UTF-8
+# (Mosquitto drops the connection of a client that publishes it): NUL and other control characters,
+# surrogates and noncharacters.
+_NOT_IN_TOPIC = re.compile("[+#\x00-\x1f\x7f-\x9f\ud800-\udfff\ufdd0-\ufdef\ufffe\uffff]")
+
+
+def topic_name_problem(topic: str) -> str | None:
+    """Why `topic` cannot be published to (a reply topic from a command), or None when it can."""
+    if not topic:
+        return "an empty topic"
+    found = _NOT_IN_TOPIC.search(topic)
+    if found is not None:
+        char = found.group()
+        return f"a wildcard {char!r}" if char in "+#" else f"a character brokers refuse (U+{ord(char):04X})"
+    if any(ord(c) > 0xFFFF and ord(c) & 0xFFFE == 0xFFFE for c in topic):
+        return "a noncharacter brokers refuse"
+    if len(topic.encode("utf-8")) > 65535:
+        return "more than 65535 bytes"
+    return None
+
 
 class Status(enum.StrEnum):
     ACCEPTED = "accepted"
@@ -37,10 +57,18 @@ class ErrorCode(enum.StrEnum):
     INVALID_COMMAND = "invalid_command"
     NOT_PERMITTED = "not_permitted"
     BUSY = "busy"
+    STORAGE_UNAVAILABLE = "storage_unavailable"
     TIMEOUT = "timeout"
     EXPIRED = "expired"
     INTERRUPTED = "interrupted"
     UNAUTHENTICATED = "unauthenticated"
+    CLOCK_UNSYNCHRONIZED = "clock_unsynchronized"
+
+    @property
+    def transient(self) -> bool:
+        """A refusal that says "not now" (protocol 1.1): the ledger does not remember it, so the same id
+        sent again later is a fresh attempt."""
+        return self in TRANSIENT_CODES
 
 
 class AuthFailure(enum.StrEnum):
@@ -51,6 +79,9 @@ class AuthFailure(enum.StrEnum):
     BAD_SIGNATURE = "bad_signature"
     EXPIRED = "expired"
     NOT_ALLOWED = "not_allowed"
+
+
+TRANSIENT_CODES = frozenset({ErrorCode.BUSY, ErrorCode.STORAGE_UNAVAILABLE, ErrorCode.CLOCK_UNSYNCHRONIZED})
 
 
 # ---- per-command parameters (validated, resolved against the component's config) -----------------
@@ -147,6 +178,7 @@ class Command:
     correlation_data: bytes | None = None
     progress: bool = False  # non-final messages also to a Response Topic / `reply_to` (protocol 1.1)
     addressing: str = PHYSICAL  # FUNCTIONAL: to every ECU on the component's functional id
+    deadline: float | None = None  # time.monotonic() instant from an MQTT 5 Message Expiry (in-process only)
 
 
 @dataclass(frozen=True)

@@ -44,27 +44,39 @@ def accepted_message(command_id: str, component: str, command: str, received_at:
             "final": False, "seq": 1, "received_at": format_rfc3339(received_at)}
 
 
+MAX_ERROR_TEXT = 512  # characters of an error message or detail: never a huge bad value repeated
+
+
 def refusal_message(command_id: str, body: dict[str, Any], status: Status, code: ErrorCode, message: str,
                     received_at: float, seq: int = 1, **details: Any) -> dict[str, Any]:
     """A final response for a command that never ran (invalid, unknown component, busy, interrupted...)."""
-    component = body.get("component") if isinstance(body.get("component"), str) else ""
-    command = body.get("command") if isinstance(body.get("command"), str) else ""
-    result = Result(command_id, component, command, Outcome.failure(status, code, message, **details),
+    component = _short_text(body.get("component"))
+    command = _short_text(body.get("command"))
+    details = {k: clip(v) if isinstance(v, str) else v for k, v in details.items()}
+    result = Result(command_id, component, command, Outcome.failure(status, code, clip(message), **details),
                     received_at, None, time.time())
     reply = response_message(result, seq)
     return {k: v for k, v in reply.items() if v != "" or k not in ("component", "command")}
 
 
 def in_flight_duplicate(command_id: str, body: dict[str, Any], received_at: float) -> dict[str, Any]:
-    """The reply to a repeated id still in progress (revision 1.1): its latest non-final message again.
+    """The reply to a repeated id still in progress (protocol 1.1): its latest non-final message again,
+    `accepted` (nothing else non-final is sent before a command ends), with `"duplicate": true`. Not final:
+    the one final follows when the command ends (a final refusal here misled a backend that takes the
+    first final as the answer)."""
+    component, command = _short_text(body.get("component")), _short_text(body.get("command"))
+    reply = {**accepted_message(command_id, component, command, received_at), "duplicate": True}
+    return {k: v for k, v in reply.items() if v != "" or k not in ("component", "command")}
 
-    That is always `accepted`: a command's `running` chunks are recorded together with its final
-    response, so a command still in progress has sent nothing after `accepted`. `body` and
-    `received_at` are the first copy's.
-    """
-    component = body.get("component") if isinstance(body.get("component"), str) else ""
-    command = body.get("command") if isinstance(body.get("command"), str) else ""
-    return {**accepted_message(command_id, component, command, received_at), "duplicate": True}
+
+def clip(text: str, limit: int = MAX_ERROR_TEXT) -> str:
+    """`text` cut to `limit` characters, saying how long it was."""
+    return text if len(text) <= limit else f"{text[:limit]}... (cut: {len(text)} characters)"
+
+
+def _short_text(value: Any) -> str:
+    """A component or command name as received, when it is a string of sensible length (else "")."""
+    return value if isinstance(value, str) and len(value) <= 128 else ""
 
 
 def status_message(state: str, vehicle: str, components: list[str], since: float) -> dict[str, Any]:
@@ -91,6 +103,12 @@ def last_will(vehicle: str, components: list[str], started_at: float) -> dict[st
 
 def event_message(kind: str, at: float, **fields: Any) -> dict[str, Any]:
     return {"type": kind, "at": format_rfc3339(at), **fields}
+
+
+def clock_mark(synchronized: bool) -> dict[str, Any]:
+    """What a message says about its timestamps: nothing while the device clock is synchronized,
+    `"clock": "unsynchronized"` while it is not (they may be far off, e.g. in 1970)."""
+    return {} if synchronized else {"clock": "unsynchronized"}
 
 
 def encode(message: dict[str, Any]) -> bytes:

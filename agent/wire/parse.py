@@ -4,10 +4,21 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from agent.config.model import ALL_COMMANDS, AgentConfig, DidSpec, EcuConfig
-from agent.config.reader import InvalidValueError, Node, Problems, boolean, describe, hex_bytes, integer, text
+from agent.config.reader import (
+    InvalidValueError,
+    Node,
+    Problems,
+    boolean,
+    describe,
+    hex_bytes,
+    integer,
+    shown,
+    text,
+)
 from agent.errors import AgentError
 from agent.wire import codecs, obd
 from agent.wire import command as c
@@ -16,10 +27,19 @@ from agent.wire.dtc import parse_code
 from agent.wire.timefmt import parse_rfc3339
 
 ID = text(c.COMMAND_ID.pattern, "1-128 of A-Z a-z 0-9 . _ : -", max_len=128)
-TOPIC = text(r"[^+#\x00]+", "a topic without wildcards", max_len=65535)
+def _topic(value: Any) -> str:
+    topic = text(max_len=65535)(value)
+    problem = c.topic_name_problem(topic)
+    if problem is not None:
+        raise InvalidValueError(f"not a topic one can publish to: it holds {problem}")
+    return topic
+
+
+TOPIC = _topic
 SESSIONS = {"default": 1, "programming": 2, "extended": 3, "safety": 4}
 RESETS = {"hard": 1, "key_off_on": 2, "soft": 3}
 ACTIONS = {"start": 1, "stop": 2, "results": 3}
+MAX_PROBLEMS_SHOWN = 5  # in an error message; every problem stays in `problems`
 IO_CONTROLS = {"return_control": 0, "reset_default": 1, "freeze": 2, "adjust": 3}
 
 
@@ -29,19 +49,46 @@ class InvalidCommandError(AgentError, ValueError):
     def __init__(self, problems: list[tuple[str, str]], command_id: str | None) -> None:
         self.problems = problems
         self.command_id = command_id
-        super().__init__("; ".join(f"{p}: {m}" if p else m for p, m in problems))
+        shown_problems = "; ".join(f"{p}: {m}" if p else m for p, m in problems[:MAX_PROBLEMS_SHOWN])
+        more = f" (and {len(problems) - MAX_PROBLEMS_SHOWN} more)" if len(problems) > MAX_PROBLEMS_SHOWN else ""
+        super().__init__(shown_problems + more)
 
 
 class UnknownComponentError(AgentError, LookupError):
     def __init__(self, component: str, command_id: str, known: tuple[str, ...] = ()) -> None:
         self.component = component
         self.command_id = command_id
-        super().__init__(f"no component named {component!r} in this vehicle's config"
+        super().__init__(f"no component named {shown(component)} in this vehicle's config"
                          f" (known: {', '.join(known) or 'none'})")
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """A command whose top-level fields are valid and whose component exists; its params not yet read.
+
+    Policy looks at this (component, command) before any param is parsed: a command the component
+    does not allow is refused as such, whatever its params hold.
+    """
+
+    id: str
+    component: str
+    command: str
+    ecu: EcuConfig
+    params: Any  # as received: parse_body reads it
+    timeout_ms: int | None
+    expires_at: float | None
+    reply_to: str | None
+    progress: bool = False
+    addressing: str = c.PHYSICAL
 
 
 def parse_command(obj: Any, config: AgentConfig, received_at: float) -> c.Command:
     """A Command from a decoded JSON object; raises InvalidCommandError or UnknownComponentError."""
+    return parse_body(parse_envelope(obj, config), received_at)
+
+
+def parse_envelope(obj: Any, config: AgentConfig) -> Envelope:
+    """The top-level fields of a command; raises InvalidCommandError or UnknownComponentError."""
     problems = Problems()
     node = Node(obj, "", problems)
     command_id = node.get("id", ID)
@@ -54,24 +101,31 @@ def parse_command(obj: Any, config: AgentConfig, received_at: float) -> c.Comman
     reply_to = node.get("reply_to", TOPIC, None)
     progress = node.get("progress", boolean, False)
     addressing = node.get("addressing", _addressing, c.PHYSICAL)
-    params_node = Node(node.raw("params", {}), "params", problems)
+    params = node.raw("params", {})
     node.finish()
     if problems:
         raise InvalidCommandError(problems.items, command_id)
     ecu = config.ecu(component)
     if ecu is None:
         raise UnknownComponentError(component, command_id, tuple(e.name for e in config.ecus))
-    params = parse_params(name, params_node, ecu)
-    if addressing == c.FUNCTIONAL and not problems:
-        _check_functional(name, params, ecu, problems)
-    if problems:
-        raise InvalidCommandError(problems.items, command_id)
     if timeout_ms is not None:
         timeout_ms = min(timeout_ms, config.max_command_timeout_ms)
+    return Envelope(command_id, component, name, ecu, params, timeout_ms, expires_at, reply_to, progress,
+                    addressing)
+
+
+def parse_body(envelope: Envelope, received_at: float) -> c.Command:
+    """The Command with its typed params; raises InvalidCommandError naming each bad param."""
+    problems = Problems()
+    params = parse_params(envelope.command, Node(envelope.params, "params", problems), envelope.ecu)
+    if envelope.addressing == c.FUNCTIONAL and not problems:
+        _check_functional(envelope.command, params, envelope.ecu, problems)
+    if problems:
+        raise InvalidCommandError(problems.items, envelope.id)
     return c.Command(
-        id=command_id, component=component, command=name, params=params, received_at=received_at,
-        timeout_ms=timeout_ms, expires_at=expires_at, reply_to=reply_to, progress=progress,
-        addressing=addressing,
+        id=envelope.id, component=envelope.component, command=envelope.command, params=params,
+        received_at=received_at, timeout_ms=envelope.timeout_ms, expires_at=envelope.expires_at,
+        reply_to=envelope.reply_to, progress=envelope.progress, addressing=envelope.addressing,
     )
 
 
@@ -152,7 +206,7 @@ def _did(ecu: EcuConfig) -> Callable[[Any], DidSpec]:
             spec = ecu.did_by_name(value)
             if spec is None:
                 hint = f"; a DID id is written 0x{value}" if re.fullmatch(r"[0-9A-Fa-f]{4}", value) else ""
-                raise InvalidValueError(f"{ecu.name} has no DID named {value!r} (known: {known}){hint}")
+                raise InvalidValueError(f"{ecu.name} has no DID named {shown(value)} (known: {known}){hint}")
             return spec
         raise InvalidValueError(f"expected a DID name or \"0xNNNN\", got {describe(value)}")
 
@@ -198,8 +252,8 @@ def _dtc_group(value: Any) -> int:
     if isinstance(value, str) and value[:1].upper() in "PCBU" and not value.lower().startswith("0x"):
         try:
             return parse_code(value)
-        except ValueError as err:
-            raise InvalidValueError(str(err)) from None
+        except ValueError:
+            raise InvalidValueError(f"{shown(value)} is not a J2012 code like P0301 or P0301-1A") from None
     try:
         return integer(0, 0xFFFFFF, "a 24-bit DTC group")(value)
     except InvalidValueError:
@@ -251,7 +305,7 @@ def _operation(p: Node, ecu: EcuConfig) -> c.Operation:
             match = next((r for r in ecu.routines if r.name == value), None)
             if match is None:
                 known = ", ".join(r.name for r in ecu.routines) or "none"
-                raise InvalidValueError(f"{ecu.name} has no routine named {value!r} (known: {known})")
+                raise InvalidValueError(f"{ecu.name} has no routine named {shown(value)} (known: {known})")
             return match.id
         return integer(0, 0xFFFF, "a 16-bit routine id")(value)
 
@@ -262,7 +316,7 @@ def _operation(p: Node, ecu: EcuConfig) -> c.Operation:
 
 def _choice_of(names: dict[str, int]) -> Callable[[Any], int]:
     def convert(value: Any) -> int:
-        if value not in names:
+        if not isinstance(value, str) or value not in names:  # a list or an object is not hashable
             raise InvalidValueError(f"expected one of {', '.join(names)}, got {describe(value)}")
         return names[value]
 

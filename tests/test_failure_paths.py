@@ -1,0 +1,132 @@
+"""Failure paths a newcomer hits: a second agent on the same state dir, the metrics port taken, two agents
+sharing one client id, an unreachable socketcand hub, and library loggers that repeat themselves."""
+
+import dataclasses
+import logging
+import socket
+import subprocess
+import sys
+import time
+import uuid
+
+import yaml
+from conftest import DATA, ROOT
+from mqtt_support import AgentProcess
+
+from agent.bus.owner import BusOwner, wait_until
+from agent.config.model import BusConfig
+from agent.devtools.local_broker import free_port
+from agent.system.logs import LibraryRateLimit
+from agent.system.service import Service
+
+
+def agent_config(tmp_path, broker_url, metrics_port=None):
+    config = yaml.safe_load((DATA / "vehicle.yaml").read_text())
+    config.update(vehicle=f"VF{uuid.uuid4().hex[:10].upper()}", state_dir=str(tmp_path / "state"))
+    config["bus"]["channel"] = f"fail-{uuid.uuid4().hex[:8]}"
+    config["mqtt"] = {"broker": broker_url}
+    config["metrics"] = {"listen": f"127.0.0.1:{metrics_port}"} if metrics_port else {"enabled": False}
+    path = tmp_path / "agent.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=60)
+
+
+def test_second_agent_on_the_same_state_dir_exits_75_naming_the_holder(tmp_path, broker):
+    path = agent_config(tmp_path, broker.url)
+    first = AgentProcess(path, broker.url, tmp_path / "state").start()
+    try:
+        second = run_cli("run", "-c", str(path), "--state-dir", str(tmp_path / "state"), "--log-format", "json")
+        assert second.returncode == 75, second.stderr
+        assert f"pid {first.proc.pid}" in second.stderr and "Traceback" not in second.stderr
+        assert first.proc.poll() is None  # the first one is untouched
+    finally:
+        assert first.terminate() == 0
+    # once it is gone, the directory is free again (the kernel drops the lock even after SIGKILL)
+    again = AgentProcess(path, broker.url, tmp_path / "state").start()
+    again.kill()
+    again.start()
+    assert again.terminate() == 0
+
+
+def test_metrics_port_in_use_is_one_line_and_exit_69(tmp_path, broker):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = agent_config(tmp_path, broker.url, metrics_port=port)
+        result = run_cli("run", "-c", str(path), "--log-format", "json")
+    assert result.returncode == 69, result.stderr
+    errors = [line for line in result.stderr.splitlines() if '"level": "ERROR"' in line]
+    assert len(errors) == 1 and f"127.0.0.1:{port}" in errors[0] and "in use" in errors[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_session_taken_over_by_a_second_client_is_said_plainly(mqtt_vehicle, tmp_path, caplog):
+    """Two agents with one config (one client id) keep taking the session from each other. An MQTT 5
+    broker may say so (DISCONNECT 0x8E); Mosquitto 2.0.11 just closes the older connection, so the
+    agent recognises connections cut again and again right after they were accepted."""
+    one = Service(mqtt_vehicle)
+    two = Service(dataclasses.replace(mqtt_vehicle, state_dir=tmp_path / "other"))
+    one.start()
+    try:
+        assert one.link.wait_connected(10), one.link.last_error
+        two.start()
+        assert wait_until(lambda: one.link.stats.taken_over + two.link.stats.taken_over >= 1, 10)
+    finally:
+        two.stop()
+        one.stop()
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "ERROR" and r.name == "agent.fleet.link"]
+    assert any("over the session" in line and one.link.client_id in line and "second agent" in line
+               for line in lines), lines
+
+
+def test_unreachable_socketcand_hub_backs_off_with_one_clear_line(caplog):
+    caplog.set_level(logging.DEBUG)
+    port = free_port()  # nothing listens there
+    owner = BusOwner(BusConfig(interface="socketcand", channel="can0",
+                               options=(("host", "127.0.0.1"), ("port", port))))
+    assert not owner.start(wait=0.0)
+    try:
+        assert wait_until(lambda: owner._failures >= 4, 10)
+    finally:
+        owner.stop()
+    ours = [r.getMessage() for r in caplog.records if r.name == "agent.bus.owner" and r.levelno >= logging.WARNING]
+    assert len(ours) == 1, ours  # the cause does not change: said once (again after OPEN_LOG_EVERY_S)
+    assert "socketcand:can0" in ours[0] and f"127.0.0.1:{port} unreachable" in ours[0] and "refused" in ours[0]
+    assert not [r for r in caplog.records if r.name.startswith("can.")]  # python-can's own retry loop not entered
+
+
+def test_library_log_lines_are_rate_bounded():
+    limit = LibraryRateLimit(burst=3, window_s=60.0)
+    records = [logging.LogRecord("can.interfaces.socketcand.socketcand", logging.WARNING, "", 0,
+                                 "Failed to connect to server: %s", ("refused",), None) for _ in range(1000)]
+    passed = [r for r in records if limit.filter(r)]
+    assert len(passed) == 3 and limit.suppressed == 997
+    ours = logging.LogRecord("agent.bus.owner", logging.WARNING, "", 0, "x", (), None)
+    assert all(limit.filter(ours) for _ in range(100))  # the agent's own lines are never limited
+    limit._seen = {k: (v[0] - 61.0, v[1], v[2]) for k, v in limit._seen.items()}  # the window has passed
+    after = records[0]
+    assert limit.filter(after) and after.suppressed == 997
+
+
+def test_disconnect_reason_0x8e_is_logged_as_a_takeover_and_slows_reconnects(mqtt_vehicle, caplog):
+    """A broker that says why (DISCONNECT 0x8E, e.g. EMQX, HiveMQ): the callback alone, no broker needed."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    from agent.fleet.link import MqttLink
+    from agent.fleet.topics import Topics
+
+    link = MqttLink(mqtt_vehicle.mqtt, Topics("sovd", "V"), "sovd-edge-V", status=lambda state: b"{}",
+                    on_command=lambda item: None, on_published=lambda mid, code: None,
+                    on_connection=lambda up: None)
+    link._up_since = time.monotonic()  # it was connected
+    link._disconnected(link._client, None, None, ReasonCode(PacketTypes.DISCONNECT, identifier=0x8E), None)
+    assert link.stats.taken_over == 1 and link._taken_over == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any("says another connection with our client id 'sovd-edge-V' took over the session" in e for e in errors)

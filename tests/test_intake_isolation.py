@@ -1,0 +1,358 @@
+"""One bad message never takes its neighbours down: every payload of issue 10 item 1, sent in the same
+burst as valid commands through a real Mosquitto, gets its own answer and every valid command is
+answered; an unexpected exception, a failing group commit and a full store each fail alone.
+
+Faults are injected only where the real thing cannot be had on demand: an exception raised by the
+admission check for one id, a SQLite trigger that refuses one row (SQLite's own ABORT), and a full
+store (SQLite's max_page_count, or a real full tmpfs where the test may mount one).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from conftest import DATA  # noqa: F401  (fixtures come from conftest)
+
+from agent.bus.owner import wait_until
+from agent.fleet.link import Incoming
+
+VALID_TARGETS = [("engine", "vin"), ("body", "vin"), ("gateway", "vin"), ("camera", "vin")]
+
+
+def uid(name: str) -> str:
+    return f"{name}-{uuid.uuid4().hex[:8]}"
+
+
+def valid(component: str = "engine", data: str = "vin") -> tuple[str, bytes]:
+    command_id = uid("ok")
+    body = {"id": command_id, "component": component, "command": "read_data", "params": {"data": data}}
+    return command_id, json.dumps(body).encode()
+
+
+def text(command_id: str, rest: str, component: str = "engine", command: str = "read_data") -> bytes:
+    """A command written as JSON text, for what json.dumps cannot write (Infinity, 4400-digit integers)."""
+    return (f'{{"id": "{command_id}", "component": "{component}", "command": "{command}", {rest}}}').encode()
+
+
+# name -> (payload for an id, expected (status, code, field) of its final; field None: not checked)
+HOSTILE = {
+    "digits_4400": (lambda i: text(i, '"params": {"data": "vin"}, "timeout_ms": ' + "1" * 4400),
+                    ("rejected", "invalid_command", "timeout_ms")),
+    "int_beyond_64_bits": (lambda i: text(i, '"params": {"data": "vin"}, "timeout_ms": ' + "9" * 30),
+                           ("rejected", "invalid_command", "timeout_ms")),
+    "surrogate_command": (lambda i: text(i, '"params": {}', command="\\ud800"),
+                          ("rejected", "invalid_command", "command")),
+    "surrogate_component": (lambda i: text(i, '"params": {}', component="\\ud800"),
+                            ("rejected", "invalid_command", "component")),
+    "surrogate_reply_to": (lambda i: text(i, '"params": {"data": "vin"}, "reply_to": "r/\\ud800"'),
+                           ("rejected", "invalid_command", "reply_to")),
+    # a broker drops the connection of a client publishing there: answering there would loop forever
+    "control_char_reply_to": (lambda i: text(i, '"params": {"data": "vin"}, "reply_to": "r/\\u0001"'),
+                              ("rejected", "invalid_command", "reply_to")),
+    "infinity_value": (lambda i: text(i, '"params": {"data": "engine_speed", "value": Infinity}',
+                                      command="write_data"), ("rejected", "invalid_command", "params.value")),
+    "nan_value": (lambda i: text(i, '"params": {"data": "engine_speed", "value": NaN}', command="write_data"),
+                  ("rejected", "invalid_command", "params.value")),
+    "1e999_value": (lambda i: text(i, '"params": {"data": "engine_speed", "value": 1e999}', command="write_data"),
+                    ("rejected", "invalid_command", "params.value")),
+    "1e308_value": (lambda i: text(i, '"params": {"data": "engine_speed", "value": 1e308}', command="write_data"),
+                    ("rejected", "invalid_command", "params.value")),
+    # body does not allow write_data: policy answers before any param is read
+    "disallowed_write_1e308": (lambda i: text(i, '"params": {"data": "vin", "value": 1e308}', component="body",
+                                              command="write_data"), ("rejected", "not_permitted", None)),
+    "disallowed_write_bad_type": (lambda i: text(i, '"params": {"data": [], "value": {"x": []}}',
+                                                 component="body", command="write_data"),
+                                  ("rejected", "not_permitted", None)),
+    # a number no field can hold is refused at decode, before policy: invalid, never a crash
+    "disallowed_write_infinity": (lambda i: text(i, '"params": {"data": "vin", "value": Infinity}',
+                                                 component="body", command="write_data"),
+                                  ("rejected", "invalid_command", "params.value")),
+    "action_list": (lambda i: text(i, '"params": {"routine": "self_test", "action": []}', command="operation"),
+                    ("rejected", "invalid_command", "params.action")),
+    "nesting_990": (lambda i: text(i, '"params": {"data": ' + "[" * 990 + "]" * 990 + "}"),
+                    ("rejected", "invalid_command", "params.data[0][0][0][0][0][0][0][0][0][0][0][0][0][0]")),
+    "unknown_component": (lambda i: text(i, '"params": {"data": "vin"}', component="warp_core"),
+                          ("rejected", "unknown_component", None)),
+}
+NO_ID = {"surrogate_id": b'{"id": "\\ud800", "component": "engine", "command": "read_data"}',
+         "not_json": b'{"id": "x", "component": ',
+         "not_utf8": b'{"id": "\xff\xfe"}'}
+
+
+def hostile_burst() -> tuple[list[bytes], dict[str, tuple], list[str]]:
+    """Payloads: every hostile one, each between valid commands; what each id must get; the valid ids."""
+    payloads, expected, valid_ids = [], {}, []
+    targets = iter(VALID_TARGETS * 10)
+    for name, (make, outcome) in HOSTILE.items():
+        command_id = uid(name)
+        expected[command_id] = outcome
+        valid_id, payload = valid(*next(targets))
+        payloads += [make(command_id), payload]
+        valid_ids.append(valid_id)
+    payloads += list(NO_ID.values())
+    return payloads, expected, valid_ids
+
+
+def check_answers(backend, expected: dict[str, tuple], valid_ids: list[str], timeout: float = 20) -> None:
+    for command_id, (status, code, field) in expected.items():
+        final = backend.final(command_id, timeout=timeout)
+        assert (final["status"], final["error"]["code"]) == (status, code), (command_id, final)
+        if field is not None:
+            assert final["error"]["field"] == field and field in final["error"]["message"], final
+        assert len(json.dumps(final)) < 2048  # no bad value repeated in full
+        assert [r["final"] for r in backend.replies(command_id)] == [True]  # exactly one answer, no `accepted`
+    for command_id in valid_ids:
+        assert backend.final(command_id, timeout=timeout)["status"] == "completed"
+
+
+def test_every_hostile_payload_in_a_burst_with_valid_commands(service, backend, caplog):
+    payloads, expected, valid_ids = hostile_burst()
+    backend.send_all(payloads)
+    check_answers(backend, expected, valid_ids)
+    events = backend.wait_for(lambda s: s.topic == backend.topics.events and b"invalid_message" in s.payload, 10,
+                              count=len(NO_ID))
+    assert {e.json()["reason"] for e in events} == {"undecodable"}
+    assert service.intake.stats.errors == {}  # all of it foreseen: refused by design, not by accident
+    assert [r.getMessage() for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")] == []
+    assert service.link.stats.reconnects == 0  # nothing it answered made the broker drop it
+    after_id, after = valid()
+    backend.send_all([after])
+    assert backend.final(after_id)["status"] == "completed"
+
+
+def test_every_hostile_payload_in_one_intake_group(service, backend):
+    """The same payloads handed to the intake as one group (the burst above may be split in several)."""
+    payloads, expected, valid_ids = hostile_burst()
+    group = [Incoming(payload, mid=0, qos=0, dup=False, received_at=time.time()) for payload in payloads]
+    service.intake._process(group)
+    check_answers(backend, expected, valid_ids)
+
+
+def test_an_unexpected_exception_on_one_message_fails_alone(service, backend, caplog):
+    poison = uid("poison")
+    real_check = service.intake._check
+
+    def check(command, reserved):
+        if command.id == poison:
+            raise RuntimeError("injected: admission blew up")
+        return real_check(command, reserved)
+
+    service.intake._check = check
+    before_id, before = valid()
+    after_id, after = valid("body")
+    backend.send_all([before, json.dumps({"id": poison, "component": "engine", "command": "read_data",
+                                          "params": {"data": "vin"}}).encode(), after])
+    final = backend.final(poison)
+    assert (final["status"], final["error"]["code"]) == ("rejected", "invalid_command")
+    assert backend.final(before_id)["status"] == backend.final(after_id)["status"] == "completed"
+    assert service.intake.stats.errors == {"decide": 1}
+    assert any("injected: admission blew up" in (r.exc_text or "") or
+               (r.exc_info and "injected" in str(r.exc_info[1])) for r in caplog.records)
+    samples = service.registry.get_sample_value("sovd_intake_errors_total", {"stage": "decide"})
+    assert samples == 1.0
+
+
+def test_an_exception_where_no_id_can_be_read_becomes_an_event(service, backend, monkeypatch):
+    from agent.fleet import intake as intake_module
+
+    real = intake_module.decode.decode_command
+
+    def decode(payload):
+        if b"boom" in payload:
+            raise MemoryError("injected: decode blew up")
+        return real(payload)
+
+    monkeypatch.setattr(intake_module.decode, "decode_command", decode)
+    after_id, after = valid()
+    backend.send_all([b'{"id": "boom-1"}', after])
+    event = backend.wait_for(lambda s: s.topic == backend.topics.events and b'"internal"' in s.payload, 10)[0]
+    assert event.json()["type"] == "invalid_message"
+    assert backend.final(after_id)["status"] == "completed"
+    assert service.intake.stats.errors == {"decide": 1}
+
+
+def test_a_failing_group_commit_is_retried_message_by_message(service, backend):
+    """SQLite itself refuses one ledger row (a trigger's ABORT): the group's commit fails, the others are
+    recorded one by one and run; the refused one is answered without a ledger row."""
+    with service.store._lock:
+        service.store._db.execute("CREATE TEMP TRIGGER refuse_poison BEFORE INSERT ON main.ledger "
+                                  "WHEN NEW.id LIKE 'poison-%' BEGIN SELECT RAISE(ABORT, 'injected'); END")
+    poison = uid("poison")
+    payloads, ids = [], []
+    for component, data in VALID_TARGETS:
+        command_id, payload = valid(component, data)
+        ids.append(command_id)
+        payloads.append(payload)
+    payloads.insert(2, json.dumps({"id": poison, "component": "engine", "command": "read_data",
+                                   "params": {"data": "vin"}}).encode())
+    group = [Incoming(payload, mid=0, qos=0, dup=False, received_at=time.time()) for payload in payloads]
+    service.intake._process(group)
+    assert backend.final(poison)["error"]["code"] == "invalid_command"
+    assert all(backend.final(command_id)["status"] == "completed" for command_id in ids)
+    assert service.intake.stats.errors == {"record": 1} and service.store.get(poison) is None
+
+
+# ---- a full store ------------------------------------------------------------------------------
+
+def fill_store(service) -> None:
+    """Fills the database up to a page limit SQLite enforces itself (SQLITE_FULL from SQLite's own code):
+    free pages with blobs, then the ledger's last page with tiny rows, so a new ledger row finds no room."""
+    assert wait_until(lambda: service.store.outbox_stats()[0] == 0, 10), "outbox did not drain"
+    with service.store._lock:
+        db = service.store._db
+        db.execute("CREATE TABLE IF NOT EXISTS filler (blob BLOB)")
+        pages = db.execute("PRAGMA page_count").fetchone()[0]
+        db.execute(f"PRAGMA max_page_count = {pages + 4}")
+        fills = [("INSERT INTO filler VALUES (zeroblob(?))", size) for size in (8192, 1024, 64, 1)]
+        fills.append(("INSERT INTO ledger (id, state, body, reply_topic, received_at, updated_at) "
+                      "VALUES ('filler-' || ?, 'final', '{}', '', 0, 0)", None))
+        n = 0
+        for sql, size in fills:
+            with pytest.raises(Exception, match="full"):
+                while True:
+                    n += 1
+                    db.execute(sql, (size if size is not None else n,))
+
+
+def free_store(service) -> None:
+    with service.store._lock:
+        service.store._db.execute("PRAGMA max_page_count = 1073741823")
+        service.store._db.execute("DELETE FROM filler")
+        service.store._db.execute("DELETE FROM ledger WHERE id LIKE 'filler-%'")
+
+
+def test_a_full_store_refuses_storage_unavailable_and_intake_resumes(service, backend):
+    fill_store(service)
+    first, payload = valid()
+    busy_body, busy_payload = valid("body")
+    backend.send_all([payload, busy_payload])
+    for command_id in (first, busy_body):
+        final = backend.final(command_id)
+        assert (final["status"], final["error"]["code"]) == ("rejected", "storage_unavailable")
+    assert any("store unavailable" in p for p in service.health())
+    assert service.wedged() == []  # the watchdog is still fed: a restart would not free the disk
+    assert service.registry.get_sample_value("sovd_store_errors_total", {"operation": "write"}) >= 1
+    assert service.registry.get_sample_value("sovd_store_available", {}) == 0
+    free_store(service)
+    backend.send_all([payload])  # the same id again: a transient refusal was not remembered
+    backend.wait_for(lambda s: s.topic == backend.topics.responses(first) and b'"completed"' in s.payload, 10)
+    assert service.health() == [] and service.registry.get_sample_value("sovd_store_available", {}) == 1
+
+
+def test_transient_busy_is_not_remembered(mqtt_vehicle, backend, sim):
+    """With no room to keep commands waiting (max_waiting_commands 0: no held PUBACKs), a full queue
+    answers `busy`, and a busy id is not remembered: the same id sent again runs."""
+    import dataclasses
+
+    from agent.devtools.sim.config import fault_from_dict
+    from agent.system.service import Service
+
+    config = dataclasses.replace(mqtt_vehicle, mqtt=dataclasses.replace(mqtt_vehicle.mqtt, receive_maximum=1,
+                                                                        max_waiting_commands=0))
+    svc = Service(config)
+    svc.start()
+    try:
+        backend.wait_status("online", 10)
+        # Slow enough that a burst of 8 fills the queue, but under the ECU's 150 ms P2: at P2 exactly, a
+        # late answer left the simulator waiting a second for a flow control, and the resend timed out.
+        sim.ecu("engine").set_faults([fault_from_dict({"service": 0x22, "delay_ms": 60})])
+        bodies = [valid() for _ in range(8)]
+        backend.send_all([payload for _, payload in bodies])
+        finals = {command_id: backend.final(command_id, timeout=15) for command_id, _ in bodies}
+        refused = [command_id for command_id, final in finals.items() if final["status"] == "rejected"]
+        assert refused and all(finals[c]["error"]["code"] == "busy" for c in refused)
+        assert all(svc.store.get(c) is None for c in refused)
+        sim.ecu("engine").set_faults([])
+        again = dict(bodies)[refused[0]]
+        backend.send_all([again])
+        backend.wait_for(lambda s: s.topic == backend.topics.responses(refused[0]) and b'"completed"' in s.payload,
+                         10)
+    finally:
+        svc.stop()
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path):
+    """A 2 MiB tmpfs for the state dir, where the test may mount one (root with CAP_SYS_ADMIN)."""
+    mountpoint = tmp_path / "tmpfs"
+    mountpoint.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(mountpoint)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    yield mountpoint
+    subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+def test_a_really_full_disk_refuses_then_resumes(small_tmpfs, mqtt_vehicle, sim, backend):
+    import dataclasses
+
+    from agent.system.service import Service
+
+    config = dataclasses.replace(mqtt_vehicle, state_dir=small_tmpfs / "state")
+    svc = Service(config)
+    svc.start()
+    filler = small_tmpfs / "filler"
+    try:
+        backend.wait_status("online", 10)
+        warm_id, warm = valid()
+        backend.send_all([warm])
+        assert backend.final(warm_id)["status"] == "completed"
+        assert wait_until(lambda: svc.store.outbox_stats()[0] == 0, 10)
+        with filler.open("wb") as out, pytest.raises(OSError, match="No space left"):
+            while True:
+                out.write(b"\0" * 65536)
+                out.flush()
+        refused = []
+        for _ in range(3):
+            command_id, payload = valid()
+            refused.append((command_id, payload))
+            backend.send_all([payload])
+        codes = [backend.final(command_id)["error"]["code"] for command_id, _ in refused]
+        assert codes == ["storage_unavailable"] * 3
+        assert svc.store.trouble is not None and "SQLITE_FULL" in svc.store.trouble.error
+        filler.unlink()
+        for command_id, payload in refused:
+            backend.send_all([payload])
+            backend.wait_for(lambda s, c=command_id: s.topic == backend.topics.responses(c)
+                             and b'"completed"' in s.payload, 10)
+        assert svc.store.trouble is None
+    finally:
+        svc.stop()
+
+
+def test_finals_while_the_store_is_full_are_sent_and_stored_later(service, backend, sim):
+    """A command running when the disk fills up: its final goes straight to the link and is stored once
+    the store takes writes again (then the outbox sends it once more: at least once). The command
+    queued behind it cannot be marked started, so it is refused storage_unavailable and never runs."""
+    from agent.devtools.sim.config import fault_from_dict
+
+    sim.ecu("engine").set_faults([fault_from_dict({"service": 0x22, "match": "F190", "pending": 100})])
+    slow = {"id": uid("slow"), "component": "engine", "command": "read_data", "params": {"data": "vin"},
+            "timeout_ms": 20_000}
+    behind = {"id": uid("behind"), "component": "engine", "command": "tester_present"}
+    backend.send_all([json.dumps(slow).encode(), json.dumps(behind).encode()])
+    assert wait_until(lambda: (e := service.store.get(slow["id"])) is not None and e.state == "started", 10)
+    fill_store(service)
+    refused = backend.final(behind["id"], timeout=20)
+    assert (refused["status"], refused["error"]["code"]) == ("rejected", "storage_unavailable")
+    assert backend.final(slow["id"], timeout=20)["status"] == "completed"
+    assert sim.ecu("engine").server.executed[0x3E] == 0  # never ran
+    assert service.store.deferred == 2 and service.store.get(slow["id"]).state == "started"
+    assert service.registry.get_sample_value("sovd_store_deferred_writes", {}) == 2
+    free_store(service)
+    after_id, after = valid("body")
+    backend.send_all([after])  # the next write stores what waited first
+    assert backend.final(after_id)["status"] == "completed"
+    assert service.store.deferred == 0 and service.store.get(slow["id"]).state == "final"
+    assert service.store.get(behind["id"]) is None  # transient: not remembered
+    topic = backend.topics.responses(slow["id"])
+    backend.wait_for(lambda s: s.topic == topic and b'"completed"' in s.payload, 10, count=2)  # via the outbox too

@@ -1,0 +1,166 @@
+"""The outbox pump against a link that answers with PUBACK reason codes or a broker packet limit: a
+temp-dir SQLite store and the real Outbox thread; the link is a stand-in that records what it is
+handed (the broker's side of these cases runs against real Mosquitto in test_broker_limits.py)."""
+
+import json
+import threading
+
+from agent.bus.owner import wait_until
+from agent.config.model import StoreConfig
+from agent.fleet.link import PacketTooLargeError, packet_size
+from agent.fleet.outbox import Outbox
+from agent.store.sqlite import Outgoing, Store
+from agent.wire import messages as m
+
+
+class Link:
+    """Hands out mids; `answer(code)` PUBACKs everything handed so far with that reason code."""
+
+    def __init__(self, max_packet: int | None = None) -> None:
+        self.max_packet = max_packet
+        self.handed: list[tuple[int, Outgoing]] = []
+        self.outbox: Outbox | None = None
+        self._lock = threading.Lock()
+
+    def publish(self, message: Outgoing) -> int:
+        size = packet_size(message.topic, message.payload, message.correlation)
+        if self.max_packet is not None and size > self.max_packet:
+            raise PacketTooLargeError(size, self.max_packet)
+        with self._lock:
+            mid = len(self.handed) + 1
+            self.handed.append((mid, message))
+        return mid
+
+    def answer(self, code: int, after: int = 0) -> None:
+        assert self.outbox is not None
+        with self._lock:
+            mids = [mid for mid, _ in self.handed[after:]]
+        for mid in mids:
+            self.outbox.published(mid, code)
+
+
+def pump(tmp_path, link, refused):
+    store = Store(tmp_path / "agent.db")
+    outbox = Outbox(store, StoreConfig(), link.publish, connected=lambda: True, on_refused=refused.append)
+    link.outbox = outbox
+    return store, outbox
+
+
+def test_quota_exceeded_is_retried_with_backoff_then_delivered(tmp_path):
+    link, refused = Link(), []
+    store, outbox = pump(tmp_path, link, refused)
+    batch = store.batch()
+    batch.publish(Outgoing("sovd/V/responses/a", b'{"id":"a"}', None, "a"))
+    batch.commit()
+    outbox.start()
+    try:
+        assert wait_until(lambda: len(link.handed) == 1, 5)
+        link.answer(0x97)  # quota exceeded: not delivered, still stored
+        assert wait_until(lambda: len(link.handed) == 2, 5)  # handed again after the backoff
+        assert store.outbox_stats()[0] == 1 and not refused
+        link.answer(0x00, after=1)
+        assert wait_until(lambda: store.outbox_stats()[0] == 0, 5)
+        assert outbox.acknowledged == 1 and not refused
+    finally:
+        outbox.stop()
+        store.close()
+
+
+def test_not_authorized_is_set_aside_never_deleted_as_delivered(tmp_path):
+    link, refused = Link(), []
+    store, outbox = pump(tmp_path, link, refused)
+    batch = store.batch()
+    batch.publish(Outgoing("sovd/V/responses/a", b'{"id":"a"}', None, "a"))
+    batch.commit()
+    outbox.start()
+    try:
+        assert wait_until(lambda: len(link.handed) == 1, 5)
+        link.answer(0x87)
+        assert wait_until(lambda: len(refused) == 1, 5)
+    finally:
+        outbox.stop()
+    assert (refused[0].reason, refused[0].code) == ("not_authorized", 0x87)
+    assert store.outbox_stats()[0] == 0 and outbox.acknowledged == 0
+    [(kept, reason)] = store.refused_messages()
+    assert kept.message.payload == b'{"id":"a"}' and reason == "not_authorized"
+    store.close()
+
+
+def test_a_stored_response_larger_than_the_broker_takes_is_sent_in_chunks(tmp_path):
+    """Stored before the broker's limit was known (e.g. while offline): split when it is handed over."""
+    link, refused = Link(max_packet=1500), []
+    store, outbox = pump(tmp_path, link, refused)
+    final = {"id": "big", "component": "engine", "command": "read_data", "status": "completed", "final": True,
+             "seq": 2, "result": {"values": {"blob": {"raw": "ab" * 3000}}}}
+    batch = store.batch()
+    batch.publish(Outgoing("sovd/V/responses/big", m.encode(final), None, "big"))
+    batch.commit()
+    outbox.start()
+    try:
+        assert wait_until(lambda: link.handed and json.loads(link.handed[-1][1].payload).get("final") is True, 5)
+        link.answer(0x00)
+        assert wait_until(lambda: store.outbox_stats()[0] == 0, 5)
+    finally:
+        outbox.stop()
+        store.close()
+    pieces = [json.loads(message.payload) for _, message in link.handed]
+    assert all(packet_size(message.topic, message.payload, None) <= 1500 for _, message in link.handed)
+    chunks = [p for p in pieces if p["status"] == "running"]
+    assert pieces[-1]["chunks"] == len(chunks) > 1 and "result" not in pieces[-1]
+    assert [p["seq"] for p in pieces] == list(range(2, 2 + len(pieces)))
+    assert json.loads("".join(c["chunk"]["data"] for c in chunks)) == final["result"]
+    assert not refused
+
+
+def test_a_message_that_cannot_be_split_is_set_aside_as_too_large(tmp_path):
+    link, refused = Link(max_packet=200), []
+    store, outbox = pump(tmp_path, link, refused)
+    batch = store.batch()
+    batch.publish(Outgoing("sovd/V/events", json.dumps({"type": "x", "pad": "y" * 500}).encode()))
+    batch.commit()
+    outbox.start()
+    try:
+        assert wait_until(lambda: len(refused) == 1, 5)
+    finally:
+        outbox.stop()
+    assert refused[0].reason == "packet_too_large" and not link.handed
+    assert store.outbox_stats()[0] == 0 and len(store.refused_messages()) == 1
+    store.close()
+
+
+def test_refused_messages_are_bounded_oldest_forgotten_and_counted(tmp_path):
+    from agent.store.sqlite import REFUSED_KEEP
+
+    store = Store(tmp_path / "agent.db")
+    batch = store.batch()
+    for n in range(REFUSED_KEEP + 5):
+        batch.publish(Outgoing("sovd/V/events", f'{{"n":{n}}}'.encode()))
+    batch.commit()
+    forgotten = sum(store.set_aside(row.n, "not_authorized") for row in store.pending(0, REFUSED_KEEP + 5))
+    kept = store.refused_messages()
+    assert forgotten == 5 and len(kept) == REFUSED_KEEP
+    assert json.loads(kept[0][0].message.payload) == {"n": 5}  # the oldest went first
+    assert store.outbox_stats()[0] == 0
+    store.close()
+
+
+def test_never_more_in_flight_than_the_broker_receive_maximum(tmp_path):
+    """CONNACK said Receive Maximum 3: at most 2 of ours in flight (one place stays for the status)."""
+    link = Link()
+    store = Store(tmp_path / "agent.db")
+    outbox = Outbox(store, StoreConfig(), link.publish, connected=lambda: True, window=lambda: 3)
+    link.outbox = outbox
+    batch = store.batch()
+    for n in range(10):
+        batch.publish(Outgoing("sovd/V/events", f'{{"n":{n}}}'.encode()))
+    batch.commit()
+    outbox.start()
+    try:
+        assert wait_until(lambda: len(link.handed) == 2, 5)
+        outbox.wake()
+        assert not wait_until(lambda: len(link.handed) > 2, 0.3)  # nothing more without a PUBACK
+        link.answer(0x00)
+        assert wait_until(lambda: len(link.handed) == 4, 5)
+    finally:
+        outbox.stop()
+        store.close()

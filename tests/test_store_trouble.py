@@ -1,0 +1,137 @@
+"""The store under storage trouble, on a real SQLite file: SQLite's own error comes out (never one from
+a ROLLBACK after it), it is counted, `trouble` says so until a write works again, deferred writes land
+then; and the byte bounds of the ledger and the outbox.
+
+A full disk is made two ways: `PRAGMA max_page_count` lets SQLite itself answer SQLITE_FULL (a real
+error from SQLite's own code path, no mock), and a small tmpfs (in test_intake_isolation.py).
+"""
+
+import time
+
+import pytest
+
+from agent.store.sqlite import Entry, Outgoing, Store, StoreError
+
+
+def entry(command_id, state="queued", body=None, final=None):
+    return Entry(command_id, state, body if body is not None else {"id": command_id, "pad": "x" * 200},
+                 f"r/{command_id}", None, 1.0, None, 1, final)
+
+
+def fill_up(store: Store) -> None:
+    """No page beyond the ones the database has now: the next write that needs one gets SQLITE_FULL."""
+    pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+    store._db.execute(f"PRAGMA max_page_count = {pages}")
+
+
+def free_up(store: Store) -> None:
+    store._db.execute("PRAGMA max_page_count = 1073741823")
+
+
+def big_batch(store: Store, prefix: str, n: int = 50):
+    batch = store.batch()
+    for i in range(n):
+        batch.add_command(entry(f"{prefix}-{i}"))
+        batch.publish(Outgoing("t", b"y" * 2000, None, f"{prefix}-{i}"))
+    return batch
+
+
+def test_a_full_disk_is_reported_as_sqlite_full_and_counted(tmp_path):
+    errors = []
+    store = Store(tmp_path / "agent.db", on_error=errors.append)
+    fill_up(store)
+    with pytest.raises(StoreError) as info:
+        big_batch(store, "a").commit()
+    err = info.value
+    assert err.code == "SQLITE_FULL" and err.unavailable and err.operation == "write"
+    assert "database or disk is full" in str(err)  # SQLite's error, not "cannot rollback"
+    assert errors == [err] and store.errors == {"write": 1}
+    assert store.trouble is not None and "SQLITE_FULL" in store.trouble.error
+    assert store.get("a-0") is None  # nothing of the failed batch landed
+    free_up(store)
+    big_batch(store, "b").commit()
+    assert store.trouble is None and store.get("b-49") is not None
+    store.close()
+
+
+def test_a_bad_row_fails_alone_and_is_not_storage_trouble(tmp_path):
+    store = Store(tmp_path / "agent.db")
+    batch = store.batch()
+    batch.add_command(entry("same"))
+    batch.add_command(entry("same"))
+    with pytest.raises(StoreError) as info:
+        batch.commit()
+    assert not info.value.unavailable and info.value.code.startswith("SQLITE_CONSTRAINT")
+    assert store.trouble is None and store.errors == {"write": 1}
+    store.close()
+
+
+def test_deferred_writes_land_once_the_store_takes_writes_again(tmp_path):
+    store = Store(tmp_path / "agent.db")
+    seeded = store.batch()
+    seeded.add_command(entry("c-1"))
+    seeded.commit()
+    fill_up(store)
+    final = store.batch()
+    final.publish(Outgoing("r/c-1", b"z" * 20_000, None, "c-1"))
+    final.set_state("c-1", "final", seq=2, final_message={"status": "completed"})
+    with pytest.raises(StoreError):
+        final.commit(defer=True)
+    assert store.deferred == 1 and store.get("c-1").state == "queued"
+    with pytest.raises(StoreError):
+        store.retry_deferred()  # still full: still waiting
+    assert store.deferred == 1
+    free_up(store)
+    store.acknowledge([12345])  # any write stores what waited first
+    assert store.deferred == 0 and store.get("c-1").state == "final"
+    assert [p.message.payload[:1] for p in store.pending(0, 10)] == [b"z"]
+    store.close()
+
+
+def test_a_finished_command_keeps_its_id_and_outcome_not_its_body(tmp_path):
+    store = Store(tmp_path / "agent.db")
+    batch = store.batch()
+    batch.add_command(entry("c-1", body={"id": "c-1", "params": {"pad": "x" * 50_000}}))
+    batch.commit()
+    before = store.ledger_bytes()
+    batch.set_state("c-1", "final", seq=2, final_message={"status": "rejected"})
+    batch.commit()
+    kept = store.get("c-1")
+    assert kept.body == {} and kept.final_message == {"status": "rejected"} and kept.seq == 2
+    assert before > 50_000 > store.ledger_bytes()
+    batch.forget("c-1")
+    batch.commit()
+    assert store.get("c-1") is None
+    store.close()
+
+
+def test_ledger_byte_bound_forgets_the_oldest_finished_ids_never_unfinished_ones(tmp_path):
+    store = Store(tmp_path / "agent.db")
+    for i in range(40):
+        batch = store.batch()
+        batch.add_command(entry(f"f-{i:02d}", state="final", body={}, final={"r": "x" * 1000}))
+        batch.commit()
+        time.sleep(0.001)  # distinct updated_at: an order to forget in
+    batch = store.batch()
+    batch.add_command(entry("running", state="started", body={"pad": "y" * 30_000}))
+    batch.commit()
+    total = store.ledger_bytes()
+    assert total > 70_000
+    forgotten = store.trim_ledger_bytes(40_000)
+    assert store.ledger_bytes() <= 40_000 and forgotten >= 30
+    assert store.get("running") is not None  # unfinished: never forgotten
+    assert store.get("f-39") is not None and store.get("f-00") is None  # the oldest went first
+    assert store.trim_ledger_bytes(10) == 40 - forgotten and store.get("running") is not None
+    store.close()
+
+
+def test_outbox_byte_bound_drops_the_oldest(tmp_path):
+    store = Store(tmp_path / "agent.db")
+    batch = store.batch()
+    for i in range(20):
+        batch.publish(Outgoing("t", bytes([i]) * 10_000))
+    batch.commit()
+    assert store.trim_outbox_bytes(55_000) == 15
+    assert [p.message.payload[0] for p in store.pending(0, 100)] == [15, 16, 17, 18, 19]
+    assert store.trim_outbox_bytes(55_000) == 0
+    store.close()
