@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -64,7 +63,7 @@ class CollectionStore:
 
     def __init__(self, store: Store) -> None:
         self._store = store
-        self._now: Callable[[], float] = getattr(store, "now", time.time)
+        self._now: Callable[[], float] = store.now  # agent time, as the outbox's own rows are stamped
 
         def create(db: sqlite3.Connection) -> None:
             for statement in SCHEMA:
@@ -73,24 +72,12 @@ class CollectionStore:
         self._tx("collection tables", create)
 
     def _tx(self, operation: str, work: Callable[[sqlite3.Connection], T]) -> T:
-        transaction = getattr(self._store, "_transaction", None)
-        if transaction is not None:
-            return transaction(operation, work)
-        with self._store._lock:  # a store without _transaction (before issue 10's store)
-            db = self._store._db
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                result = work(db)
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
-            return result
+        """One IMMEDIATE transaction through the store: its lock, its error accounting (StoreError)."""
+        return self._store._transaction(operation, work)
 
     # ---- plans ---------------------------------------------------------------------------------
     def load_plans(self) -> list[PlanRow]:
-        rows = self._tx("load plans", lambda db: db.execute(
+        rows = self._store.read("load plans", lambda db: db.execute(
             "SELECT name, version, body, seq FROM plans ORDER BY name").fetchall())
         return [PlanRow(name, version, json.loads(body) if body is not None else None, seq)
                 for name, version, body, seq in rows]
@@ -123,8 +110,8 @@ class CollectionStore:
         Returns (batches moved, batches still in the lane). Reads first: nothing is written (no fsync)
         when there is nothing to move.
         """
-        with self._store._lock:
-            waiting = self._store._db.execute("SELECT COUNT(*) FROM telemetry").fetchone()[0]
+        waiting = self._store.read("telemetry waiting", lambda db: db.execute(
+            "SELECT COUNT(*) FROM telemetry").fetchone()[0])
         if not waiting:
             return 0, 0
 
@@ -142,7 +129,7 @@ class CollectionStore:
 
     def telemetry_stats(self) -> tuple[int, int]:
         """(batches waiting in the lane, their bytes)."""
-        count, size = self._tx("telemetry stats", lambda db: db.execute(
+        count, size = self._store.read("telemetry stats", lambda db: db.execute(
             "SELECT COUNT(*), IFNULL(SUM(length(payload) + length(topic)), 0) FROM telemetry").fetchone())
         return count, size
 
@@ -154,7 +141,7 @@ class CollectionStore:
             "generation = state.generation + 1, sent = 0", (component, topic, payload)))
 
     def unsent_states(self) -> list[StateRow]:
-        rows = self._tx("unsent states", lambda db: db.execute(
+        rows = self._store.read("unsent states", lambda db: db.execute(
             "SELECT component, topic, payload, generation FROM state WHERE sent = 0 ORDER BY component").fetchall())
         return [StateRow(c, t, bytes(p), g) for c, t, p, g in rows]
 

@@ -123,12 +123,14 @@ class Entry:
 
 @dataclass(frozen=True)
 class Outgoing:
-    """One message to publish (QoS 1, not retained)."""
+    """One message to publish (QoS 1; retained only for collection's state, which the lane publishes itself:
+    the outbox table keeps no retain flag)."""
 
     topic: str
     payload: bytes
     correlation: bytes | None = None
     command_id: str | None = None
+    retain: bool = False
 
 
 @dataclass(frozen=True)
@@ -282,6 +284,11 @@ class Store:
             self._transaction("write", lambda db: None)
 
     # ---- ledger --------------------------------------------------------------------------------
+    def read(self, operation: str, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Runs a read outside any transaction (no write lock, nothing to fsync), errors accounted as usual."""
+        with self._lock, self._guard(operation):
+            return work(self._db)
+
     def get(self, command_id: str) -> Entry | None:
         with self._lock, self._guard("read"):
             row = self._db.execute("SELECT * FROM ledger WHERE id = ?", (command_id,)).fetchone()

@@ -4,6 +4,7 @@ events through the outbox, metrics, and the fault tracker's events."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -55,26 +56,19 @@ class CollectionOutput:
         self._wake_outbox()
 
 
-def make_collector(config: AgentConfig, runtime: Runtime, output: CollectionOutput, tables: CollectionStore,
-                   metrics: CollectionMetrics, on_reachable: Callable[[str, bool], None],
-                   fault_sink: FaultSink | None = None) -> Collector:
-    return Collector(config, runtime.workers, output, metrics, tables, fault_sink=fault_sink,
-                     on_reachable=on_reachable, bus=runtime.owner)
-
-
 class Collection:
     """Collection's parts as the daemon runs them: metrics, tables, output, the telemetry lane, the collector."""
 
     def __init__(self, config: AgentConfig, store: Store, runtime: Runtime, topics: Topics, registry: Any,
                  publish: Callable[[Outgoing], int | None], connected: Callable[[], bool],
                  wake_outbox: Callable[[], None], on_reachable: Callable[[str, bool], None],
-                 fault_sink: FaultSink | None = None) -> None:
+                 fault_sink: FaultSink | None = None, wall: Callable[[], float] = time.time) -> None:
         self.metrics = CollectionMetrics(registry, [e.name for e in config.ecus])
         self.tables = CollectionStore(store)
         self.lane = TelemetryLane(self.tables, publish, connected, wake_outbox)
         self.output = CollectionOutput(config, store, self.tables, topics, self.metrics, self.lane.wake, wake_outbox)
-        self.collector = make_collector(config, runtime, self.output, self.tables, self.metrics, on_reachable,
-                                        fault_sink)
+        self.collector = Collector(config, runtime.workers, self.output, self.metrics, self.tables,
+                                   fault_sink=fault_sink, on_reachable=on_reachable, bus=runtime.owner, wall=wall)
 
     def start(self) -> None:
         self.lane.start()
