@@ -116,8 +116,7 @@ def _over_mqtt(args: argparse.Namespace, config: AgentConfig, broker: LocalBroke
             shown = " ".join([step.component, step.command, *(shlex.quote(w) for w in words)])
             rc = _show([*call, step.component, step.command, *words], f"sovd-edge call {shown}")
             failures += rc != (c.EXIT_OK if step.expect is Status.COMPLETED else c.EXIT_NOT_COMPLETED)
-        failures += _show_collection(config, broker)
-        _show_metrics(metrics_port)
+        failures += _show_collection(config, broker, call, metrics_port)
     finally:
         agent.send_signal(signal.SIGTERM)
         agent.wait(15)
@@ -137,7 +136,7 @@ DEMO_PLAN = {
 BATCHES_SHOWN = 3
 
 
-def _show_collection(config: AgentConfig, broker: LocalBroker) -> int:
+def _show_collection(config: AgentConfig, broker: LocalBroker, call: list[str], metrics_port: int) -> int:
     """A retained plan applied, then a few telemetry batches as the backend receives them; 1 if they do not come."""
     demo = dataclasses.replace(config.mqtt, broker=broker.url)
     with Caller(demo, config.vehicle) as backend:
@@ -145,7 +144,11 @@ def _show_collection(config: AgentConfig, broker: LocalBroker) -> int:
         backend.subscribe(f"{base}/events")
         backend.subscribe(f"{base}/telemetry")
         backend.subscribe(f"{base}/state/+")
-        print("# collection: the backend publishes a retained plan; the agent reads on its own from now on")
+        print("# collection: the backend publishes a retained plan; the agent reads on its own from now on.")
+        print("# Collection waits while a command holds a component in a non-default session: engine goes back")
+        print("# to the default session first (its extended session above would otherwise hold collection off)")
+        reset = _show([*call, "engine", "set_session", "session=default"], "sovd-edge call engine set_session "
+                                                                             "session=default")
         print(f"$ mosquitto_pub -q 1 -r -t {backend.topics.plans('demo')} -m '{json.dumps(DEMO_PLAN)}'")
         backend.publish_plan("demo", DEMO_PLAN)
         try:
@@ -155,9 +158,8 @@ def _show_collection(config: AgentConfig, broker: LocalBroker) -> int:
             batches = backend.wait_for(lambda s: s.topic.endswith("/telemetry"), 15, BATCHES_SHOWN)
         except TimeoutError as err:
             print(f"  no telemetry: {err}\n")
+            backend.publish_plan("demo", None)
             return 1
-        finally:
-            backend.publish_plan("demo", None)  # the demo leaves no retained plan behind
         print(f"$ mosquitto_sub -t {base}/telemetry   # {BATCHES_SHOWN} batches, one every max_age_ms")
         for batch in batches:
             body = batch.json()
@@ -170,7 +172,9 @@ def _show_collection(config: AgentConfig, broker: LocalBroker) -> int:
             print("  " + json.dumps(_brief(states[-1].json()))[:300])
         # fault_changed Events (from the plan's fault readings) are shown here once the fault tracker is in.
         print()
-    return 0
+        _show_metrics(metrics_port)  # with the plan's exported gauges, before the plan goes
+        backend.publish_plan("demo", None)  # the demo leaves no retained plan behind
+    return 0 if reset == c.EXIT_OK else 1
 
 
 def _show_metrics(port: int) -> None:
