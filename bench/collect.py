@@ -53,7 +53,7 @@ class Settings:
     settle_s: float = 5.0
     windows: int = 5
     window_s: float = 10.0
-    commands: int = 400
+    commands: int = 300
 
 
 SMOKE = Settings(settle_s=1.0, windows=1, window_s=2.0, commands=30)
@@ -136,7 +136,7 @@ def run_idle(settings: Settings, workdir: Path, broker: LocalBroker, with_plan: 
                 state_bytes_per_hour=round(sum(len(s.payload) for s in window if s.topic.startswith(state))
                                            * per_hour),
                 samples_per_hour=round(samples * per_hour), batches_per_hour=round(len(batches) * per_hour),
-                readings_ok=service.collection_metrics.readings.labels("ecu0", "ok")._value.get())
+                readings_ok=service.collection.metrics.readings.labels("ecu0", "ok")._value.get())
         return result
 
 
@@ -146,8 +146,9 @@ class _Discard:
     def telemetry(self, plan: str, seq: int, message: dict[str, Any]) -> None:
         m.encode(message)
 
-    def state(self, component: str, message: dict[str, Any]) -> None:
-        m.encode(message)
+    def states(self, states: list[tuple[str, dict[str, Any]]]) -> None:
+        for _, message in states:
+            m.encode(message)
 
     def event(self, message: dict[str, Any]) -> None:
         m.encode(message)
@@ -181,7 +182,7 @@ def run_latency(settings: Settings, workdir: Path, every_ms: int) -> dict[str, A
             rng = random.Random(7)
             latencies = []
             for n in range(settings.commands):
-                time.sleep(rng.uniform(0, every_ms / 1000))  # land at any phase of the collection cycle
+                time.sleep(rng.uniform(0, 0.1))  # commands land at every phase of the collection cycle
                 body = {"id": f"{label}-{n}", "component": "ecu0", "command": "read_data",
                         "params": {"data": "signal_0"}}
                 command = parse_command(body, config, time.time())

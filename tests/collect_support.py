@@ -27,7 +27,7 @@ class Recorder:
 
     def __init__(self) -> None:
         self.batches: list[dict[str, Any]] = []
-        self.states: list[tuple[str, dict[str, Any]]] = []
+        self.state_log: list[tuple[str, dict[str, Any]]] = []
         self.events: list[dict[str, Any]] = []
         self._changed = threading.Condition()
 
@@ -36,9 +36,9 @@ class Recorder:
             self.batches.append(message)
             self._changed.notify_all()
 
-    def state(self, component: str, message: dict[str, Any]) -> None:
+    def states(self, states: list[tuple[str, dict[str, Any]]]) -> None:
         with self._changed:
-            self.states.append((component, message))
+            self.state_log.extend(states)
             self._changed.notify_all()
 
     def event(self, message: dict[str, Any]) -> None:

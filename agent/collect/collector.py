@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 FaultSink = Callable[[str, list[dict[str, Any]]], list[dict[str, Any]]]
 MAX_WAIT_S = 5.0  # the scheduler looks around at least this often (heartbeat)
+SESSION_POLL_S = 0.25  # how often it looks whether a component is back in its default session
 
 
 class Output(Protocol):
@@ -43,7 +44,8 @@ class Output(Protocol):
 
     def telemetry(self, plan: str, seq: int, message: dict[str, Any]) -> None: ...
 
-    def state(self, component: str, message: dict[str, Any]) -> None: ...
+    def states(self, states: list[tuple[str, dict[str, Any]]]) -> None:
+        """The new state of each (component, state): all stored at once."""
 
     def event(self, message: dict[str, Any]) -> None: ...
 
@@ -112,6 +114,7 @@ class Collector:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.heartbeat = clock()
+        self.passes = 0  # scheduler passes: tests check that waiting is not spinning
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -199,9 +202,13 @@ class Collector:
             if (due := self.schedule.next_due()) is not None:
                 times.append(due)
             for component, ready in self._ready.items():
-                if ready and component not in self._outstanding:
-                    blocked = self.backoff.blocked_until(component, now)
-                    times.append(blocked if blocked is not None else self._budgets[ready[0].plan].ready_at(now))
+                if not ready or component in self._outstanding:
+                    continue  # its result wakes the collector
+                if not self._may_read(component):
+                    times.append(now + SESSION_POLL_S)  # a command holds another session: look again later
+                    continue
+                blocked = self.backoff.blocked_until(component, now)
+                times.append(blocked if blocked is not None else self._budgets[ready[0].plan].ready_at(now))
             if self.traffic is not None:
                 times.append(self.traffic.last_seen + self._settings.sleep.silence_ms / 1000)
         elif self._recheck_at is not None:
@@ -211,6 +218,7 @@ class Collector:
         return max(0.0, min(times) - now)
 
     def _tick(self) -> None:
+        self.passes += 1
         now = self._clock()
         if self.paused is None and self.traffic is not None and \
                 self.traffic.silent_for() >= self._settings.sleep.silence_ms / 1000:
@@ -347,15 +355,19 @@ class Collector:
         for component, ready in self._ready.items():
             if not ready or component in self._outstanding or self.backoff.blocked_until(component, now):
                 continue
-            worker = self._workers.get(component)
-            if worker is None or worker.executor.session != DEFAULT_SESSION:
+            if not self._may_read(component):
                 continue  # a command holds the component in another session: collection waits
+            worker = self._workers[component]
             task = ready[0]
             if not self._budgets[task.plan].take(now):
                 continue
             if worker.offer(self._job(task)):
                 ready.popleft()
                 self._outstanding[component] = task.key
+
+    def _may_read(self, component: str) -> bool:
+        worker = self._workers.get(component)
+        return worker is not None and worker.executor.session == DEFAULT_SESSION
 
     def _job(self, task: Task) -> Job:
         version = self.plans[task.plan].version
@@ -377,8 +389,13 @@ class Collector:
             if outcome.status is Status.COMPLETED and outcome.result is not None and current:
                 self._faults(component, list(outcome.result.get("faults", [])), at)
             return
-        for signal, item, value, result in _values(task, outcome):
-            self.metrics.reading(component, result)
+        values = _values(task, outcome)
+        counts: dict[str, int] = {}
+        for _, _, _, result in values:
+            counts[result] = counts.get(result, 0) + 1
+        for result, count in counts.items():
+            self.metrics.reading(component, result, count)
+        for signal, item, value, result in values:
             if result != "ok" or not current:
                 continue
             self.telemetry.reading(task.plan, signal, item, value, at, now)
@@ -431,11 +448,13 @@ class Collector:
 
     def _send_states(self, now: float) -> None:
         self._last_states = now
-        for component, state in self.telemetry.states():
-            try:
-                self._out.state(component, state)
-            except Exception:
-                log.exception("state of %s could not be queued", component, extra={"component": component})
+        states = self.telemetry.states()
+        if not states:
+            return
+        try:
+            self._out.states(states)
+        except Exception:
+            log.exception("state of %s could not be queued", ", ".join(c for c, _ in states))
 
     # ---- sleep ---------------------------------------------------------------------------------
     def _pause(self, reason: str, **details: Any) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 from agent.wire import messages as m
 from agent.wire.plan import Item, Plan, Signal
+from agent.wire.timefmt import format_rfc3339
 
 StateValues = dict[str, tuple[Any, float]]
 
@@ -48,6 +49,7 @@ class Telemetry:
         self._faults: dict[str, list[dict[str, Any]]] = {}
         self._read_at: dict[str, float] = {}
         self._dirty: set[str] = set()
+        self._stamp: tuple[float, str] = (-1.0, "")  # the last `at` formatted: the values of one request share it
         self.suppressed = 0  # on-change readings that were not news
 
     # ---- plans ---------------------------------------------------------------------------------
@@ -87,9 +89,11 @@ class Telemetry:
         self._last[key] = value
         if batch.opened is None:
             batch.opened = now
-        entry = m.sample(signal.component, item.name, value, at)
+        if self._stamp[0] != at:
+            self._stamp = (at, format_rfc3339(at))
+        entry = m.sample(signal.component, item.name, value, self._stamp[1])
         batch.samples.append(entry)
-        batch.size += len(m.encode(entry)) + 1
+        batch.size += _size(entry)
         return True
 
     def faults(self, component: str, faults: list[dict[str, Any]], at: float) -> None:
@@ -135,3 +139,12 @@ class Telemetry:
                 del values[name]
                 self._dirty.add(component)
                 self._read_at.setdefault(component, 0.0)
+
+
+def _size(sample: dict[str, Any]) -> int:
+    """The encoded size of a sample, closely enough to close a batch below the payload limit (which keeps a
+    margin): JSON encoding every sample would cost more than the rest of a reading."""
+    value = sample["value"]
+    shown = len(value) * 2 + 2 if isinstance(value, str) else len(m.encode(value)) if isinstance(value, dict | list) \
+        else len(str(value))
+    return 48 + len(sample["component"]) + len(sample["data"]) + len(sample["at"]) + shown

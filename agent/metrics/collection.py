@@ -34,7 +34,7 @@ class CollectionMetrics:
             self.overruns.labels(component)
             for result in READING_RESULTS:
                 self.readings.labels(component, result)
-        self._exported: set[tuple[str, str, str]] = set()
+        self._exported: dict[tuple[str, str, str], Gauge] = {}  # the series, kept: labels() is a lookup per call
         self._lock = threading.Lock()
 
     def reading(self, component: str, result: str, count: int = 1) -> None:
@@ -43,14 +43,17 @@ class CollectionMetrics:
     def set_value(self, component: str, data: str, unit: str | None, value: float) -> None:
         key = (component, data, unit or "")
         with self._lock:
-            self._exported.add(key)
-        self.value.labels(*key).set(value)
+            series = self._exported.get(key)
+            if series is None:
+                series = self._exported[key] = self.value.labels(*key)
+        series.set(value)
 
     def keep_values(self, wanted: set[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
         """Removes every exported series not in `wanted` (after a plan changed); returns the removed ones."""
         with self._lock:
-            stale = sorted(self._exported - wanted)
-            self._exported -= set(stale)
+            stale = sorted(set(self._exported) - wanted)
+            for key in stale:
+                del self._exported[key]
         for key in stale:
             with contextlib.suppress(KeyError):  # never set since it was wanted
                 self.value.remove(*key)

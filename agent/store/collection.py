@@ -134,11 +134,12 @@ class CollectionStore:
         return count, size
 
     # ---- state ---------------------------------------------------------------------------------
-    def put_state(self, component: str, topic: str, payload: bytes) -> None:
-        self._tx("put state", lambda db: db.execute(
+    def put_states(self, states: list[tuple[str, str, bytes]]) -> None:
+        """The newest state of each (component, topic, payload), in one transaction (one fsync)."""
+        self._tx("put states", lambda db: db.executemany(
             "INSERT INTO state (component, topic, payload, generation, sent) VALUES (?, ?, ?, 1, 0) "
             "ON CONFLICT(component) DO UPDATE SET topic = excluded.topic, payload = excluded.payload, "
-            "generation = state.generation + 1, sent = 0", (component, topic, payload)))
+            "generation = state.generation + 1, sent = 0", states))
 
     def unsent_states(self) -> list[StateRow]:
         rows = self._store.read("unsent states", lambda db: db.execute(

@@ -45,8 +45,8 @@ class CollectionOutput:
                         extra={"max_bytes": limit, "plan": plan})
         self._wake_lane()
 
-    def state(self, component: str, message: dict[str, Any]) -> None:
-        self._tables.put_state(component, self._topics.state(component), m.encode(message))
+    def states(self, states: list[tuple[str, dict[str, Any]]]) -> None:
+        self._tables.put_states([(c, self._topics.state(c), m.encode(message)) for c, message in states])
         self._wake_lane()
 
     def event(self, message: dict[str, Any]) -> None:

@@ -155,9 +155,10 @@ def _split_text(text: str, room: int) -> list[str]:
 
 # ---- collection (revision 1.1) -----------------------------------------------------------------
 
-def sample(component: str, data: str, value: Any, at: float) -> dict[str, Any]:
-    """One sample of a telemetry batch."""
-    return {"component": component, "data": data, "value": value, "at": format_rfc3339(at)}
+def sample(component: str, data: str, value: Any, at: float | str) -> dict[str, Any]:
+    """One sample of a telemetry batch (`at` in epoch seconds, or already formatted)."""
+    stamp = at if isinstance(at, str) else format_rfc3339(at)
+    return {"component": component, "data": data, "value": value, "at": stamp}
 
 
 def telemetry_message(plan: str, version: int, seq: int, samples: list[dict[str, Any]]) -> dict[str, Any]:
