@@ -257,3 +257,40 @@ def _json(body: dict) -> bytes:
     import json
 
     return json.dumps(body).encode()
+
+
+HOSTILE = [
+    b"[" * 5000 + b"]" * 5000,  # deeper than any plan
+    b'{"name": "p", "version": 1' + b"9" * 400 + b"}",  # a number no field can hold
+    b'{"name": "p", "version": NaN}',
+    b'{"name": "p", "version": 1, "signals": [{"component": "engine", "data": ["oil_temp"], "every_ms": 1e999}]}',
+    b"\xff\xfe\x00garbage",
+    b"x" * (70 * 1024),  # over the size limit
+    b"null",
+    b'"a string"',
+    b'{"name": "other", "version": 1, "faults": [{"component": "engine", "every_ms": 1000}]}',  # not its topic
+    b'{"name": "p", "version": 1, "signals": [{"component": {"$ne": 1}, "data": [[]], "every_ms": [1]}]}',
+    b'{"name": "p", "version": true, "signals": "all"}',
+]
+
+
+def test_hostile_plans_are_each_rejected_and_the_collector_carries_on(vehicle, sim, tmp_path):
+    with rig(vehicle, tmp_path) as r:
+        for payload in HOSTILE:
+            r.collector.submit_plan("p", payload)
+        r.collector.submit_plan("p", _json(plan(signals=[SPEED], batch={"max_age_ms": 200})))
+        r.out.wait(lambda: r.out.of_type("plan_applied"))
+        r.collector.idle(5)
+        rejected = r.out.of_type("plan_rejected")
+        assert len(rejected) == len(HOSTILE)
+        assert all(e["errors"] and all(x["message"] for x in e["errors"]) for e in rejected)
+        assert all(e["name"] in ("p", "other", None) for e in rejected)
+        assert r.collector.alive
+        r.out.wait(lambda: r.out.batches)  # the valid plan after them runs
+
+
+def test_removing_a_plan_that_was_never_applied_changes_nothing(vehicle, sim, tmp_path):
+    with rig(vehicle, tmp_path) as r:
+        r.collector.submit_plan("never-applied", b"")
+        r.collector.idle(5)
+        assert r.out.events == [] and r.collector.alive
