@@ -174,6 +174,15 @@ def run_latency(settings: Settings, workdir: Path, every_ms: int) -> dict[str, A
         store = Store(workdir / f"latency-{label}.db")
         collector = Collector(config, runtime.workers, _Discard(), CollectionMetrics(_registry(), ["ecu0"]),
                               CollectionStore(store))
+        exchanges: list[float] = []  # how long each reading's request took, under the same load
+        make_job = collector._job
+
+        def timed_job(task: Any, make_job: Any = make_job, exchanges: list[float] = exchanges) -> Any:
+            job = make_job(task)
+            return dataclasses.replace(job, done=lambda outcome, seconds: (exchanges.append(seconds * 1000),
+                                                                           job.done(outcome, seconds)))
+
+        collector._job = timed_job  # type: ignore[method-assign]
         try:
             runtime.start(3.0)
             if collecting:
@@ -192,14 +201,18 @@ def run_latency(settings: Settings, workdir: Path, every_ms: int) -> dict[str, A
                     finished.wait_for(lambda i=command.id, d=done: i in d, 10)
                 latencies.append((done[command.id] - sent) * 1000)
             out[label] = summary(latencies, 3)
+            if collecting:
+                out["reading_exchange_ms"] = summary(exchanges, 3)
         finally:
             collector.stop()
             runtime.stop(2.0)
             simulator.stop()
             store.close()
-    out["one_exchange_ms"] = out["idle"]["p50"]
+    out["one_exchange_ms"] = out["idle"]["p50"]  # a command is one exchange: its idle median
     out["added_p99_ms"] = round(out["collecting"]["p99"] - out["idle"]["p99"], 3)
     out["goal_met"] = out["added_p99_ms"] <= out["one_exchange_ms"]
+    # the same goal against one exchange as long as it takes under this load (the readings' own p99)
+    out["goal_met_under_load"] = out["added_p99_ms"] <= out["reading_exchange_ms"]["p99"]
     return out
 
 
@@ -230,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         "telemetry_bytes_per_hour": idle["telemetry_bytes_per_hour"],
         "added_command_p99_ms_busy": result["latency_busy_100ms"]["added_p99_ms"],
         "one_uds_exchange_ms": result["latency_busy_100ms"]["one_exchange_ms"],
+        "reading_exchange_p99_ms_busy": result["latency_busy_100ms"]["reading_exchange_ms"]["p99"],
     }
     text = json.dumps(result, indent=2)
     print(text)
