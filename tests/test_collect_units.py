@@ -49,16 +49,18 @@ def test_obd_pids_go_six_to_a_request_and_faults_are_one_task():
 
 def test_the_heap_runs_each_task_once_per_interval_and_does_not_catch_up_after_a_gap():
     plan = make({"signals": [{"component": "engine", "data": ["oil_temp"], "every_ms": 1000},
+                             {"component": "engine", "data": ["idle_mode"], "every_ms": 500},
                              {"component": "body", "data": ["vin"], "every_ms": 500}]})
     schedule = Schedule()
     schedule.set_plan("p", plan_tasks(plan, 8), now=100.0)
-    assert [t.component for t in schedule.due(100.0)] == ["engine"]
-    assert [t.component for t in schedule.due(100.25)] == ["body"]  # spread over the first interval
-    assert schedule.due(100.5) == []
-    assert [t.component for t in schedule.due(100.75)] == ["body"]
-    assert sorted(t.component for t in schedule.due(101.0)) == ["engine"]
-    ran = schedule.due(160.0)  # a minute later (paused): each once, not 60 times
-    assert sorted(t.component for t in ran) == ["body", "engine"]
+    first = schedule.due(100.0)  # components start together; one component's requests are spread
+    assert sorted((t.component, t.every_s) for t in first) == [("body", 0.5), ("engine", 1.0)]
+    assert [(t.component, t.every_s) for t in schedule.due(100.25)] == [("engine", 0.5)]
+    assert [t.component for t in schedule.due(100.5)] == ["body"]
+    assert [(t.component, t.every_s) for t in schedule.due(100.75)] == [("engine", 0.5)]
+    assert sorted(t.component for t in schedule.due(101.0)) == ["body", "engine"]
+    ran = schedule.due(160.0)  # a minute later (paused): each once, not 120 times
+    assert sorted((t.component, t.every_s) for t in ran) == [("body", 0.5), ("engine", 0.5), ("engine", 1.0)]
     assert schedule.next_due() == 160.5
     schedule.remove_plan("p")
     assert schedule.next_due() is None and schedule.due(1000.0) == []

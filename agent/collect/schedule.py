@@ -85,12 +85,17 @@ class Schedule:
         return len(self._tasks)
 
     def set_plan(self, name: str, tasks: list[Task], now: float) -> None:
-        """Replaces the tasks of plan `name`; new tasks are due at once (spread over their first interval)."""
+        """Replaces the tasks of plan `name`. One component's tasks are spread over their first interval (its
+        requests queue behind each other anyway); different components start together, since their workers
+        run in parallel and one scheduler pass serves them all (fewer wake-ups when idle)."""
         self.remove_plan(name)
-        for n, task in enumerate(tasks):
-            self._tasks[task.key] = task
-            first = now + (task.every_s * n / max(1, len(tasks)) if len(tasks) > 1 else 0.0)
-            self._push(task.key, first)
+        per_component: dict[str, list[Task]] = {}
+        for task in tasks:
+            per_component.setdefault(task.component, []).append(task)
+        for mine in per_component.values():
+            for n, task in enumerate(mine):
+                self._tasks[task.key] = task
+                self._push(task.key, now + task.every_s * n / len(mine))
 
     def remove_plan(self, name: str) -> None:
         for key in [k for k in self._tasks if k[0] == name]:
