@@ -171,7 +171,7 @@ def run_latency(settings: Settings, workdir: Path, every_ms: int) -> dict[str, A
 
         simulator = _sim(sim_raw, config, workdir)
         runtime = Runtime(config, sink)
-        store = Store(workdir / f"latency-{label}.db")
+        store = Store(workdir / f"latency-{every_ms}ms-{label}.db")  # its own: a stored plan would win
         collector = Collector(config, runtime.workers, _Discard(), CollectionMetrics(_registry(), ["ecu0"]),
                               CollectionStore(store))
         exchanges: list[float] = []  # how long each reading's request took, under the same load
