@@ -56,6 +56,8 @@ def test_demo_over_mqtt_shows_vin_faults_session_and_status():
     assert '"code": "not_permitted"' in out  # abs's policy is read-only
     assert '"state": "online"' in out and '"state": "offline"' in out
     assert 'commands_executed_total{command="read_data",component="engine",status="completed"} 1.0' in out
+    assert '"type": "plan_applied"' in out and out.count("plan demo v1 seq ") == 3  # collection: issue 13
+    assert 'sovd_ecu_value{component="engine",data="engine_speed",unit="rpm"} 750.0' in out
 
 
 def test_demo_local_needs_no_broker():

@@ -8,6 +8,7 @@ from typing import Any
 from agent.cli import common as c
 from agent.config.model import AgentConfig
 from agent.errors import ConfigError
+from agent.wire.plan import local_plan_problems
 
 EXITS = {**c.ALWAYS, c.EXIT_OK: "the file is valid", c.EXIT_CONFIG: c.CONFIG_EXIT}
 
@@ -19,6 +20,10 @@ def add_parser(sub: Any) -> None:
 
 
 def handle(args: argparse.Namespace, config: AgentConfig) -> int:
+    problems = local_plan_problems(config)  # plans are checked by the wire layer, as strictly as from MQTT
+    if problems:
+        c.fail(args, f"invalid configuration: {ConfigError(str(args.config), problems)}")
+        return c.EXIT_CONFIG
     if config.security.signatures_configured:  # the keys are read as `run` reads them (cryptography only then)
         from agent.policy.signature import load_authenticator
 
@@ -29,5 +34,5 @@ def handle(args: argparse.Namespace, config: AgentConfig) -> int:
             return c.EXIT_CONFIG
     names = ", ".join(e.name for e in config.ecus)
     print(f"{args.config}: OK (vehicle {config.vehicle}, bus {config.bus.interface}:{config.bus.channel}, "
-          f"{len(config.ecus)} ECUs: {names})")
+          f"{len(config.ecus)} ECUs: {names}; {len(config.collect.plans)} collection plans)")
     return c.EXIT_OK

@@ -4,6 +4,7 @@ with simulated ECUs, and a few `sovd-edge call` round trips as a backend would m
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import signal
@@ -20,6 +21,7 @@ from agent.cli import common as c
 from agent.config.model import AgentConfig
 from agent.devtools.local_broker import BrokerUnavailableError, LocalBroker, free_port
 from agent.devtools.sim.simulator import simulators_for
+from agent.fleet.caller import Caller
 from agent.system.local import BusUnavailableError, LocalSession
 from agent.wire.command import Status
 from agent.wire.messages import response_message
@@ -77,7 +79,7 @@ def handle(args: argparse.Namespace, config: AgentConfig) -> int:
             c.fail(args, f"{err}. Run hw/dev-setup, or use --local.")
             return c.EXIT_UNAVAILABLE
         try:
-            return _over_mqtt(args, broker, Path(tmp))
+            return _over_mqtt(args, config, broker, Path(tmp))
         finally:
             broker.stop()
 
@@ -90,7 +92,7 @@ def _unfit(config: AgentConfig) -> str:
     return f"has no component {', '.join(missing)}" if missing else ""
 
 
-def _over_mqtt(args: argparse.Namespace, broker: LocalBroker, tmp: Path) -> int:
+def _over_mqtt(args: argparse.Namespace, config: AgentConfig, broker: LocalBroker, tmp: Path) -> int:
     me = [sys.executable, "-m", "agent"]
     log = tmp / "agent.log"
     print(f"# a private Mosquitto on {broker.url}; the agent runs with {args.config} (simulated ECUs)")
@@ -114,7 +116,7 @@ def _over_mqtt(args: argparse.Namespace, broker: LocalBroker, tmp: Path) -> int:
             shown = " ".join([step.component, step.command, *(shlex.quote(w) for w in words)])
             rc = _show([*call, step.component, step.command, *words], f"sovd-edge call {shown}")
             failures += rc != (c.EXIT_OK if step.expect is Status.COMPLETED else c.EXIT_NOT_COMPLETED)
-        _show_metrics(metrics_port)
+        failures += _show_collection(config, broker, call, metrics_port)
     finally:
         agent.send_signal(signal.SIGTERM)
         agent.wait(15)
@@ -123,13 +125,66 @@ def _over_mqtt(args: argparse.Namespace, broker: LocalBroker, tmp: Path) -> int:
     return c.EXIT_OK if failures == 0 else c.EXIT_NOT_COMPLETED
 
 
+DEMO_PLAN = {
+    "name": "demo", "version": 1,
+    "signals": [{"component": "engine", "data": ["engine_speed", "coolant_temperature"], "every_ms": 500,
+                 "export": True},
+                {"component": "abs", "data": ["wheel_speeds"], "every_ms": 1000, "on_change": True}],
+    "faults": [{"component": "engine", "every_ms": 2000}],
+    "batch": {"max_age_ms": 1500, "max_samples": 100},
+}
+BATCHES_SHOWN = 3
+
+
+def _show_collection(config: AgentConfig, broker: LocalBroker, call: list[str], metrics_port: int) -> int:
+    """A retained plan applied, then a few telemetry batches as the backend receives them; 1 if they do not come."""
+    demo = dataclasses.replace(config.mqtt, broker=broker.url)
+    with Caller(demo, config.vehicle) as backend:
+        base = backend.topics.base
+        backend.subscribe(f"{base}/events")
+        backend.subscribe(f"{base}/telemetry")
+        backend.subscribe(f"{base}/state/+")
+        print("# collection: the backend publishes a retained plan; the agent reads on its own from now on.")
+        print("# Collection waits while a command holds a component in a non-default session: engine goes back")
+        print("# to the default session first (its extended session above would otherwise hold collection off)")
+        reset = _show([*call, "engine", "set_session", "session=default"], "sovd-edge call engine set_session "
+                                                                             "session=default")
+        print(f"$ mosquitto_pub -q 1 -r -t {backend.topics.plans('demo')} -m '{json.dumps(DEMO_PLAN)}'")
+        backend.publish_plan("demo", DEMO_PLAN)
+        try:
+            applied = backend.wait_for(lambda s: s.topic.endswith("/events") and s.json()["type"] in (
+                "plan_applied", "plan_rejected"), 10)[0]
+            print("  " + json.dumps(_brief(applied.json())))
+            batches = backend.wait_for(lambda s: s.topic.endswith("/telemetry"), 15, BATCHES_SHOWN)
+        except TimeoutError as err:
+            print(f"  no telemetry: {err}\n")
+            backend.publish_plan("demo", None)
+            return 1
+        print(f"$ mosquitto_sub -t {base}/telemetry   # {BATCHES_SHOWN} batches, one every max_age_ms")
+        for batch in batches:
+            body = batch.json()
+            print(f"  plan {body['plan']} v{body['version']} seq {body['seq']}: " + ", ".join(
+                f"{s['component']}.{s['data']}={json.dumps(_brief(s['value']))}" for s in body["samples"][:6])
+                + (f" (+{len(body['samples']) - 6} more)" if len(body["samples"]) > 6 else ""))
+        states = [s for s in backend.seen if "/state/" in s.topic]
+        if states:
+            print(f"$ mosquitto_sub -t '{base}/state/+'   # retained last-known state, per component")
+            print("  " + json.dumps(_brief(states[-1].json()))[:300])
+        # fault_changed Events (from the plan's fault readings) are shown here once the fault tracker is in.
+        print()
+        _show_metrics(metrics_port)  # with the plan's exported gauges, before the plan goes
+        backend.publish_plan("demo", None)  # the demo leaves no retained plan behind
+    return 0 if reset == c.EXIT_OK else 1
+
+
 def _show_metrics(port: int) -> None:
     """A few lines of what Prometheus scrapes from the agent."""
-    print(f"$ curl -s http://127.0.0.1:{port}/metrics | grep -E '^(commands_executed_total|sovd_mqtt_connected)'")
+    shown = ("commands_executed_total", "sovd_mqtt_connected", "sovd_ecu_value", "sovd_collection_readings_total")
+    print(f"$ curl -s http://127.0.0.1:{port}/metrics | grep -E '^({'|'.join(shown)})'")
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         text = response.read().decode()
     for line in text.splitlines():
-        if line.startswith(("commands_executed_total", "sovd_mqtt_connected")) and not line.endswith(" 0.0"):
+        if line.startswith(shown) and not line.endswith(" 0.0"):
             print("  " + line)
     print()
 

@@ -1,2 +1,3 @@
 """Collection: plans, scheduler, telemetry batches, last-known state, fault changes.
-May import: config, wire, policy, store, bus, uds, core, metrics, errors. Never the fleet link or the system face."""
+May import: config, wire, policy, store, bus, uds, core, metrics, errors. The system layer wires it to the
+outbox and MQTT."""

@@ -223,6 +223,34 @@ class EcuConfig:
 
 
 @dataclass(frozen=True)
+class SleepCondition:
+    """Pause collection while this numeric DID reads below `below` (e.g. the 12 V supply voltage)."""
+
+    component: str
+    data: str
+    below: float
+    recheck_ms: int = 600_000  # while paused by it, read this one DID again this often (0: only on a bus wake)
+
+
+@dataclass(frozen=True)
+class SleepConfig:
+    silence_ms: int = 0  # pause when no vehicle frame was seen for this long (0: never)
+    condition: SleepCondition | None = None
+
+
+@dataclass(frozen=True)
+class CollectConfig:
+    """`collect:`: local plans (validated by agent.wire.plan: the config layer keeps them as written) and bounds."""
+
+    plans: tuple[dict[str, object], ...] = ()
+    max_dids_per_request: int = 8
+    telemetry_max_bytes: int = 4 * 1024 * 1024
+    backoff_s: float = 1.0
+    backoff_max_s: float = 300.0
+    sleep: SleepConfig = field(default_factory=SleepConfig)
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     vehicle: str
     bus: BusConfig
@@ -231,6 +259,7 @@ class AgentConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    collect: CollectConfig = field(default_factory=CollectConfig)
     state_dir: Path = Path("/var/lib/sovd-edge")
     max_command_timeout_ms: int = 60_000
     log_level: str = "INFO"

@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 
 from agent.config import model as m
+from agent.config.collect import parse_collect
 from agent.config.ecu import parse_ecu
 from agent.config.model import ALL_COMMANDS
 from agent.config.reader import (
@@ -67,6 +68,7 @@ def parse_config(data: Any, source: Path | None = None) -> m.AgentConfig:
     metrics = _metrics(root.child("metrics"), base)
     store = _store(root.child("store"))
     security = _security(root.child("security"), base, {e.name for e in ecus})
+    collect = parse_collect(root.child("collect"), ecus)
     state_dir = root.get("state_dir", _path(base), m.AgentConfig.state_dir)
     max_timeout = root.get("max_command_timeout_ms", integer(1, 3_600_000), 60_000)
     log_level = root.get("log_level", choice("DEBUG", "INFO", "WARNING", "ERROR"), "INFO")
@@ -82,6 +84,7 @@ def parse_config(data: Any, source: Path | None = None) -> m.AgentConfig:
         raise ConfigError(str(source or "config"), problems.items)
     return m.AgentConfig(
         vehicle=vehicle, bus=bus, ecus=ecus, mqtt=mqtt, metrics=metrics, store=store, security=security,
+        collect=collect,
         state_dir=state_dir,
         max_command_timeout_ms=max_timeout, log_level=log_level, simulate=simulate, source=source,
     )

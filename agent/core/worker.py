@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from agent.config.model import EcuConfig
 from agent.uds.executor import DEFAULT_SESSION, Executor
-from agent.wire.command import Command, ErrorCode, Outcome, Result, Status, command_fields
+from agent.wire.command import Command, ErrorCode, Outcome, Params, Result, Status, command_fields
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +20,17 @@ StartHook = Callable[[Command], None]
 # Marks a command started ahead of its turn, without waiting; returns a wait for that mark (which returns
 # the error that kept it from being stored, or None), or None when this command cannot be marked ahead.
 AheadHook = Callable[[Command], "Callable[[], BaseException | None] | None"]
+
+
+@dataclass(frozen=True)
+class Job:
+    """One collection reading for a worker: the request's params, and where its outcome goes.
+
+    `done(outcome, seconds)` runs on the worker thread: it must only hand the outcome over.
+    """
+
+    params: Params
+    done: Callable[[Outcome, float], None]
 
 
 class ComponentWorker:
@@ -30,6 +42,10 @@ class ComponentWorker:
     With `on_ahead`, while a command runs the worker takes the next one from its queue and has its
     start mark written meanwhile (pipelined: the fsync overlaps the ECU exchange instead of preceding
     the next command); when its turn comes the worker waits for that mark, not for a commit of its own.
+
+    Collection readings (`offer`) wait behind every command: one runs only when no command is queued or
+    taken ahead and the component is in its default session, so a command waits at most for the one
+    reading already on the bus.
     """
 
     def __init__(self, ecu: EcuConfig, executor: Executor, sink: ResultSink,
@@ -41,7 +57,9 @@ class ComponentWorker:
         self._sink = sink
         self._on_start = on_start
         self._clock = clock
-        self._queue: queue.Queue[Command | None] = queue.Queue(maxsize=ecu.queue_size)
+        self._commands: deque[Command | None] = deque()  # None: the stop marker
+        self._job: Job | None = None  # at most one collection reading waits, behind every command
+        self._ready = threading.Condition()
         self._thread: threading.Thread | None = None
         self.heartbeat = time.monotonic()
         self.in_flight: Command | None = None
@@ -49,7 +67,6 @@ class ComponentWorker:
         self._probe_interval = probe_interval_s
         self._on_probe = on_probe
         self._outstanding = 0  # submitted and not yet finished (queued, or being taken, or running)
-        self._count = threading.Lock()
         self._on_ahead = on_ahead
         self._next: tuple[Command, Callable[[], BaseException | None] | None] | None = None  # taken ahead
         self._halting = False  # stop() was called: a command taken ahead is not run
@@ -57,7 +74,11 @@ class ComponentWorker:
 
     @property
     def depth(self) -> int:
-        return self._queue.qsize() + (self._next is not None)
+        with self._ready:
+            return self._queued() + (self._next is not None)
+
+    def _queued(self) -> int:
+        return sum(1 for c in self._commands if c is not None)
 
     @property
     def idle(self) -> bool:
@@ -66,18 +87,36 @@ class ComponentWorker:
 
     def submit(self, command: Command) -> bool:
         """Queues a command; False when the queue is full (the caller answers `busy`)."""
-        with self._count:
+        with self._ready:
+            if self._queued() >= self.ecu.queue_size:
+                return False
+            self._commands.append(command)
             self._outstanding += 1
-        try:
-            self._queue.put_nowait(command)
-        except queue.Full:
-            self._finished()
-            return False
+            self._ready.notify()
         return True
 
     def _finished(self) -> None:
-        with self._count:
+        with self._ready:
             self._outstanding -= 1
+
+    def offer(self, job: Job) -> bool:
+        """Hands over one collection reading; False while another one still waits."""
+        with self._ready:
+            if self._job is not None:
+                return False
+            self._job = job
+            self._ready.notify()
+        return True
+
+    def withdraw(self) -> Job | None:
+        """Takes back the reading not yet started (collection paused, plan removed)."""
+        with self._ready:
+            job, self._job = self._job, None
+        return job
+
+    @property
+    def job_waiting(self) -> bool:
+        return self._job is not None
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name=f"worker-{self.ecu.name}", daemon=True)
@@ -92,26 +131,38 @@ class ComponentWorker:
         if self._thread is None:
             return True
         self._halting = True
-        while True:  # make room for the stop marker without blocking on a full queue
-            try:
-                self._queue.put_nowait(None)
-                break
-            except queue.Full:
-                self.drain()
+        with self._ready:
+            self._commands.append(None)
+            self._job = None
+            self._ready.notify()
         self._thread.join(timeout)
         return not self._thread.is_alive()
 
     def drain(self) -> list[Command]:
         """Removes and returns the commands still waiting (for an orderly shutdown)."""
-        left: list[Command] = []
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                return left
-            if item is not None:
-                left.append(item)
-                self._finished()
+        with self._ready:
+            left = [c for c in self._commands if c is not None]
+            stop = any(c is None for c in self._commands)
+            self._commands.clear()
+            if stop:
+                self._commands.append(None)
+            self._outstanding -= len(left)
+        return left
+
+    def _take(self, timeout: float | None) -> Command | Job | bool | None:
+        """The next command, else a collection job (default session only); None: stop; False: timed out."""
+        with self._ready:
+            end = None if timeout is None else time.monotonic() + timeout
+            while True:
+                if self._commands:
+                    return self._commands.popleft()
+                if self._job is not None and self.executor.session == DEFAULT_SESSION:
+                    job, self._job = self._job, None
+                    return job
+                left = None if end is None else end - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._ready.wait(left)
 
     def _run(self) -> None:
         keepalive_s = self.ecu.timing.s3_keepalive_ms / 1000
@@ -128,13 +179,17 @@ class ComponentWorker:
                 command, mark = ahead
             else:
                 mark = None
-                try:
-                    command = self._queue.get(timeout=min(waits) if waits else None)  # type: ignore[assignment]
-                except queue.Empty:
+                item = self._take(min(waits) if waits else None)
+                if item is False:
                     self._idle()
                     continue
-                if command is None:
+                if item is None:
                     return
+                if isinstance(item, Job):
+                    self._collect(item)
+                    continue
+                assert isinstance(item, Command)
+                command = item
             try:
                 self._execute(command, mark)
             except Exception:  # never let one command end the worker
@@ -142,6 +197,19 @@ class ComponentWorker:
                               extra=command_fields(command.id, command.component, command.command))
             finally:
                 self._finished()
+
+    def _collect(self, job: Job) -> None:
+        """One collection reading: one request (at most), its outcome to the job's callback."""
+        started = time.monotonic()
+        self.busy_since = started
+        try:
+            outcome = self.executor.execute(job.params, started + self.ecu.timing.request_ms / 1000)
+        except Exception as err:  # the executor promises not to raise; a reading still never ends the worker
+            log.exception("collection reading on %s failed", self.ecu.name, extra={"component": self.ecu.name})
+            outcome = Outcome.failure(Status.FAILED, ErrorCode.INTERNAL, f"{type(err).__name__}: {err}")
+        finally:
+            self.busy_since = None
+        self._guard(lambda o: job.done(o, time.monotonic() - started), outcome)
 
     def _idle(self) -> None:
         """Nothing to do for a while: hold a non-default session (S3), or probe reachability."""
@@ -152,10 +220,10 @@ class ComponentWorker:
 
     def _take_ahead(self) -> None:
         """Takes the next queued command and has its start mark written while the current one runs."""
-        try:
-            command = self._queue.get_nowait()
-        except queue.Empty:
-            return
+        with self._ready:
+            if not self._commands:
+                return
+            command = self._commands.popleft()
         if command is None:  # the stop marker: the worker ends after the command in flight
             self._stop_next = True
             return

@@ -132,6 +132,12 @@ class Caller:
         info = self._client.publish(self.topics.commands, payload, qos=1, properties=properties)
         info.wait_for_publish(10)
 
+    def publish_plan(self, name: str, plan: dict[str, Any] | bytes | None) -> None:
+        """Publishes a collection plan, retained, on `plans/{name}` (None: the empty message that removes it);
+        waits for the broker's PUBACK."""
+        payload = b"" if plan is None else plan if isinstance(plan, bytes) else json.dumps(plan).encode()
+        self._client.publish(self.topics.plans(name), payload, qos=1, retain=True).wait_for_publish(10)
+
     def request(self, body: dict[str, Any], reply_topic: str | None = None, expiry_s: int | None = None) -> str:
         """Subscribes to where the command's responses will come, sends it, and returns that topic.
 

@@ -160,7 +160,8 @@ class MqttLink:
 
     def __init__(self, config: MqttConfig, topics: Topics, client_id: str, status: Callable[[str], bytes],
                  on_command: Callable[[Incoming], None], on_published: Callable[[int, int], None],
-                 on_connection: Callable[[bool], None], wall: Callable[[], float] = time.time) -> None:
+                 on_connection: Callable[[bool], None], wall: Callable[[], float] = time.time,
+                 on_plan: Callable[[str, bytes], None] | None = None) -> None:
         self.config = config
         self.topics = topics
         self.client_id = client_id
@@ -170,6 +171,7 @@ class MqttLink:
         self._on_command = on_command
         self._on_published = on_published
         self._on_connection = on_connection
+        self._on_plan = on_plan  # collection plans (retained, on plans/+): only when collection is wired in
         self._v5 = config.protocol == "5"
         self._host, self._port, tls = config.host_port_tls
         self._client = mqtt.Client(
@@ -249,7 +251,8 @@ class MqttLink:
         if self._v5 and message.correlation is not None:
             properties = Properties(PacketTypes.PUBLISH)
             properties.CorrelationData = message.correlation
-        info = self._client.publish(message.topic, message.payload, qos=1, properties=properties)
+        info = self._client.publish(message.topic, message.payload, qos=1, retain=message.retain,
+                                    properties=properties)
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
             log.warning("publish refused by the client: %s", mqtt.error_string(info.rc))
             return None
@@ -391,6 +394,8 @@ class MqttLink:
             client.subscribe(self.topics.commands, options=SubscribeOptions(qos=1, retainAsPublished=True))
         else:
             client.subscribe(self.topics.commands, qos=1)
+        if self._on_plan is not None:
+            client.subscribe(self.topics.plans_filter, qos=1)
         client.publish(self.topics.status, self._status("online"), qos=1, retain=True)
         log.info("connected to broker", extra={"broker": self.config.broker,
                                                "session_present": bool(getattr(flags, "session_present", False)),
@@ -436,6 +441,14 @@ class MqttLink:
     @_guarded
     def _message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         self.stats.messages_in += 1
+        name = self.topics.plan_name(message.topic)
+        if name is not None and self._on_plan is not None:
+            # A plan is not a command: acknowledged at once (the broker keeps the retained copy and sends it
+            # again on the next connection); the collector decides it on its own thread.
+            if message.qos > 0:
+                client.ack(message.mid, message.qos)
+            self._on_plan(name, bytes(message.payload))
+            return
         props = message.properties if self._v5 else None
         self._on_command(Incoming(
             payload=bytes(message.payload), mid=message.mid, qos=message.qos, dup=bool(message.dup),

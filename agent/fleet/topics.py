@@ -31,9 +31,31 @@ class Topics:
     def responses(self, command_id: str) -> str:
         return f"{self.base}/responses/{command_id}"
 
+    @property
+    def telemetry(self) -> str:
+        return f"{self.base}/telemetry"
+
+    def state(self, component: str) -> str:
+        return f"{self.base}/state/{component}"
+
+    def plans(self, name: str) -> str:
+        return f"{self.base}/plans/{name}"
+
+    @property
+    def plans_filter(self) -> str:
+        """The subscription that takes every plan of this vehicle."""
+        return f"{self.base}/plans/+"
+
+    def plan_name(self, topic: str) -> str | None:
+        """The plan name of a `plans/{name}` topic, else None."""
+        head = f"{self.base}/plans/"
+        if topic.startswith(head) and "/" not in topic[len(head):] and len(topic) > len(head):
+            return topic[len(head):]
+        return None
+
     def reply_problem(self, topic: str) -> str | None:
         """Why `topic` may not be a reply topic (one of this vehicle's own topics), or None."""
-        own = (self.commands, self.status, self.events, f"{self.base}/telemetry")
+        own = (self.commands, self.status, self.events, self.telemetry)
         if topic in own:
             return f"it is this vehicle's own {topic.rsplit('/', 1)[1]} topic"
         for folder in ("plans", "state"):

@@ -181,12 +181,14 @@ class LedgerTrim:
 
 @dataclass(frozen=True)
 class Outgoing:
-    """One message to publish (QoS 1, not retained)."""
+    """One message to publish (QoS 1; retained only for collection's state, which the lane publishes itself:
+    the outbox table keeps no retain flag)."""
 
     topic: str
     payload: bytes
     correlation: bytes | None = None
     command_id: str | None = None
+    retain: bool = False
 
 
 @dataclass(frozen=True)
@@ -449,6 +451,11 @@ class Store:
             return work(self._reader)
 
     # ---- ledger --------------------------------------------------------------------------------
+    def read(self, operation: str, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Runs a read outside any transaction (no write lock, nothing to fsync), errors accounted as usual."""
+        with self._lock, self._guard(operation):
+            return work(self._db)
+
     def get(self, command_id: str) -> Entry | None:
         row = self._read(lambda db: db.execute("SELECT * FROM ledger WHERE id = ?", (command_id,)).fetchone())
         return _entry(row) if row else None

@@ -31,6 +31,7 @@ from agent.policy.mutating import is_mutating
 from agent.store.recovery import open_store
 from agent.store.sqlite import Batch, Entry, Outgoing, StoreError
 from agent.system.audit import AuditTrail
+from agent.system.collection import Collection
 from agent.wire import messages as m
 from agent.wire.command import Command, ErrorCode, Outcome, Result, Status, command_fields
 from agent.wire.messages import response_message
@@ -87,11 +88,15 @@ class Service:
                                       on_change=self._publish_bus_state)
         self.link = MqttLink(config.mqtt, self.topics, config.mqtt.client_id or f"sovd-edge-{config.vehicle}",
                              status=self._status, on_command=self._on_incoming, on_published=self._on_published,
-                             on_connection=self._on_connection, wall=self.clock.wall)
+                             on_connection=self._on_connection, wall=self.clock.wall, on_plan=self._on_plan)
         self.outbox = Outbox(self.store, config.store, self.link.publish, lambda: self.link.connected,
                              now=self.clock.agent_now, forget=self.link.forget, on_refused=self._on_refused,
                              window=lambda: self.link.broker_receive_maximum,
                              wall=lambda: self.clock.wall() if self.clock.synchronized() else None)
+        self.collection = Collection(config, self.store, self.runtime, self.topics, self.registry, self.link.publish,
+                                     lambda: self.link.connected, self.outbox.wake, on_reachable=self._on_probe,
+                                     faults=self.faults, clock_mark=lambda: m.clock_mark(self.clock.synchronized()),
+                                     wall=self.clock.wall)
         self.audit = AuditTrail(config, self.topics, self.store.get, on_error=self.metrics.audit_errors.inc,
                                 on_damage=lambda damage: self.metrics.audit_damaged.inc(),
                                 on_lost=lambda how: self.metrics.audit_lost.labels(how).inc())
@@ -119,6 +124,7 @@ class Service:
             log.error("audit log check not stored (%s)", err)
         requeue = self._recover()
         bus_up = self.runtime.start(wait)
+        self.collection.start()
         self.bus_monitor.start()
         self.outbox.start()
         self.intake.resume(requeue)  # queued before the stop: they wait for room, never refused `busy`
@@ -130,6 +136,7 @@ class Service:
         """Stop taking commands, let in-flight ones finish, flush what the broker takes, go offline."""
         self.stopped_at = self.clock.wall()
         self.intake.stop()
+        self.collection.stop()
         self.runtime.stop(grace)  # queued-but-unrun commands stay 'queued' and run after a restart
         self._unmark_ahead()
         self.store.flush()  # the finals handed over without waiting are in the outbox before it is flushed
@@ -168,7 +175,8 @@ class Service:
         problems = [f"{name} thread died" for name, alive in self.threads_alive().items() if not alive]
         beats = {"mqtt": (self.link.heartbeat, 10.0), "intake": (self.intake.heartbeat, 15.0),
                  "outbox": (self.outbox.heartbeat, 10.0), "can-supervisor": (self.runtime.owner.heartbeat, 10.0),
-                 "bus-monitor": (self.bus_monitor.heartbeat, self.config.metrics.bus_state_interval_s + 10.0)}
+                 "bus-monitor": (self.bus_monitor.heartbeat, self.config.metrics.bus_state_interval_s + 10.0),
+                 "collector": (self.collection.collector.heartbeat, 15.0)}
         problems += [f"{name} silent for {now - beat:.0f} s" for name, (beat, limit) in beats.items()
                      if now - beat > limit]
         for name, worker in self.runtime.workers.items():
@@ -202,7 +210,8 @@ class Service:
 
     def threads_alive(self) -> dict[str, bool]:
         return {"intake": self.intake.alive, "outbox": self.outbox.alive, "mqtt": self.link.alive,
-                "bus-monitor": self.bus_monitor.alive, "can-supervisor": self.runtime.owner.supervisor_alive}
+                "bus-monitor": self.bus_monitor.alive, "can-supervisor": self.runtime.owner.supervisor_alive,
+                **self.collection.threads_alive()}
 
     # ---- callbacks -----------------------------------------------------------------------------
     def _status(self, state: str) -> bytes:
@@ -223,6 +232,10 @@ class Service:
 
     def _on_connection(self, up: bool) -> None:
         self.outbox.connection(up, self.link.last_disconnect_code, self.link.last_cut_short)
+        self.collection.lane.wake()
+
+    def _on_plan(self, name: str, payload: bytes) -> None:
+        self.collection.submit_plan(name, payload)
 
     def _on_refused(self, refusal: Refusal) -> None:
         """A message the broker will never take was set aside: counted, and reported as an Event

@@ -183,3 +183,26 @@ def _split_text(text: str, room: int) -> list[str]:
         pieces.append(text[start:end])
         start = end
     return pieces
+
+
+# ---- collection (revision 1.1) -----------------------------------------------------------------
+
+def sample(component: str, data: str, value: Any, at: float | str) -> dict[str, Any]:
+    """One sample of a telemetry batch (`at` in epoch seconds, or already formatted)."""
+    stamp = at if isinstance(at, str) else format_rfc3339(at)
+    return {"component": component, "data": data, "value": value, "at": stamp}
+
+
+def telemetry_message(plan: str, version: int, seq: int, samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """A telemetry batch: the samples one plan collected since its previous batch."""
+    return {"plan": plan, "version": version, "seq": seq, "samples": samples}
+
+
+def state_message(component: str, at: float, values: dict[str, tuple[Any, float]],
+                  faults: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """The retained last-known state of one component: each value with the time it was read."""
+    shown = {name: {"value": v, "at": format_rfc3339(t)} for name, (v, t) in values.items()}
+    message: dict[str, Any] = {"component": component, "at": format_rfc3339(at), "values": shown}
+    if faults is not None:
+        message["faults"] = [{"code": f.get("code"), "status": f.get("status")} for f in faults]
+    return message

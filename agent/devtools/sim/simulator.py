@@ -9,6 +9,7 @@ from agent.bus.owner import BusFactory, BusOwner
 from agent.config.model import AgentConfig, BusConfig
 from agent.devtools.sim.config import SimConfig, load_sim_config
 from agent.devtools.sim.ecu import SimulatedEcu
+from agent.devtools.sim.traffic import DEFAULT_FRAMES, VehicleTraffic
 
 
 class Simulator:
@@ -24,6 +25,7 @@ class Simulator:
         self._journal_lock = threading.Lock()
         record = self._record if self._journal else None
         self.ecus = {ecu.name: SimulatedEcu(ecu, self.owner, record) for ecu in config.ecus}
+        self.traffic: VehicleTraffic | None = None  # the vehicle's periodic frames, once asked for
         functional: dict[tuple[int, bool], list[SimulatedEcu]] = {}
         for ecu in self.ecus.values():
             addressing = ecu.config.addressing
@@ -46,7 +48,17 @@ class Simulator:
             ecu.start()
         return up
 
+    def vehicle_traffic(self, period_s: float = 0.1,
+                        frames: tuple[tuple[int, bytes], ...] = DEFAULT_FRAMES) -> VehicleTraffic:
+        """Starts the vehicle's own periodic frames (awake); `.sleep()` / `.wake()` switch them off and on."""
+        if self.traffic is None:
+            self.traffic = VehicleTraffic(self.owner, frames, period_s)
+            self.traffic.start()
+        return self.traffic
+
     def stop(self) -> None:
+        if self.traffic is not None:
+            self.traffic.stop()
         for ecu in self.ecus.values():
             ecu.request_stop()
         for ecu in self.ecus.values():

@@ -1,0 +1,60 @@
+"""Collection metrics: readings by result, exported ECU values as gauges, pauses and telemetry drops.
+
+`sovd_ecu_value` series exist only for signals a plan exports (bounded by the plans) and are removed
+when their plan no longer exports them. Label values are component names from the config, DID names
+from the config, OBD-II PID names from the agent's table and units from either: bounded sets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+READING_RESULTS = ("ok", "timeout", "negative_response", "error")
+
+
+class CollectionMetrics:
+    def __init__(self, registry: CollectorRegistry, components: list[str]) -> None:
+        self.readings = Counter("sovd_collection_readings", "Values read by collection plans, by result.",
+                                ["component", "result"], registry=registry)
+        self.value = Gauge("sovd_ecu_value", "Last value of a signal a collection plan exports, in the unit the "
+                                             "`unit` label names (empty: unitless).",
+                           ["component", "data", "unit"], registry=registry)
+        self.paused = Gauge("sovd_collection_paused", "1 while collection is paused (vehicle asleep or a "
+                                                      "configured condition).", registry=registry)
+        self.telemetry_dropped = Counter("sovd_telemetry_dropped", "Telemetry batches dropped, oldest first, by the "
+                                                                   "telemetry byte bound.", registry=registry)
+        self.overruns = Counter("sovd_collection_overruns", "Readings skipped because the previous one of the same "
+                                                            "signal group had not run yet.", ["component"],
+                                registry=registry)
+        self.plans = Gauge("sovd_collection_plans", "Collection plans applied.", registry=registry)
+        for component in components:
+            self.overruns.labels(component)
+            for result in READING_RESULTS:
+                self.readings.labels(component, result)
+        self._exported: dict[tuple[str, str, str], Gauge] = {}  # the series, kept: labels() is a lookup per call
+        self._lock = threading.Lock()
+
+    def reading(self, component: str, result: str, count: int = 1) -> None:
+        self.readings.labels(component, result).inc(count)
+
+    def set_value(self, component: str, data: str, unit: str | None, value: float) -> None:
+        key = (component, data, unit or "")
+        with self._lock:
+            series = self._exported.get(key)
+            if series is None:
+                series = self._exported[key] = self.value.labels(*key)
+        series.set(value)
+
+    def keep_values(self, wanted: set[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
+        """Removes every exported series not in `wanted` (after a plan changed); returns the removed ones."""
+        with self._lock:
+            stale = sorted(set(self._exported) - wanted)
+            for key in stale:
+                del self._exported[key]
+        for key in stale:
+            with contextlib.suppress(KeyError):  # never set since it was wanted
+                self.value.remove(*key)
+        return stale
