@@ -202,3 +202,23 @@ def _scrape(service) -> str:
 
     with urllib.request.urlopen(f"http://127.0.0.1:{service.metrics_server.port}/metrics", timeout=5) as response:
         return response.read().decode()
+
+
+def test_collection_messages_carry_the_clock_mark_while_the_clock_is_unsynchronized(mqtt_vehicle, sim, backend):
+    """Like responses (issue 10), telemetry, state and collection events say `"clock": "unsynchronized"`
+    while the device clock is not known to be right (their timestamps may be far off). The sync source is
+    injected: no timesyncd/NTP state can be set here."""
+    from agent.clock import Clock
+
+    clock = Clock(mqtt_vehicle.state_dir / "clock.json", kernel=lambda: False, daemon_present=lambda: True)
+    svc = Service(mqtt_vehicle, clock=clock)
+    svc.start()
+    try:
+        assert svc.link.wait_connected(10), svc.link.last_error
+        backend.publish_plan("pt", plan("pt", 1, signals=[SPEED], batch=FAST))
+        assert events(backend, "plan_applied")[0]["clock"] == "unsynchronized"
+        assert batches(backend)[0]["clock"] == "unsynchronized"
+        state = backend.wait_for(lambda s: s.topic == f"{backend.topics.base}/state/engine", 15)[0].json()
+        assert state["clock"] == "unsynchronized"
+    finally:
+        svc.stop()

@@ -23,10 +23,14 @@ log = logging.getLogger(__name__)
 
 
 class CollectionOutput:
-    """Collection's Output: telemetry into the bounded lane, state into its table, events into the outbox."""
+    """Collection's Output: telemetry into the bounded lane, state into its table, events into the outbox.
+    Each message carries the clock mark (`"clock": "unsynchronized"` while the device clock is not known
+    to be right), as responses do: its sample timestamps may then be far off."""
 
     def __init__(self, config: AgentConfig, store: Store, tables: CollectionStore, topics: Topics,
-                 metrics: CollectionMetrics, wake_lane: Callable[[], None], wake_outbox: Callable[[], None]) -> None:
+                 metrics: CollectionMetrics, wake_lane: Callable[[], None], wake_outbox: Callable[[], None],
+                 clock_mark: Callable[[], dict[str, Any]] = dict) -> None:
+        self._clock_mark = clock_mark
         self._config = config
         self._store = store
         self._tables = tables
@@ -38,7 +42,8 @@ class CollectionOutput:
 
     def telemetry(self, plan: str, seq: int, message: dict[str, Any]) -> None:
         limit = self._config.collect.telemetry_max_bytes
-        dropped = self._tables.add_telemetry(self._topics.telemetry, m.encode(message), plan, seq, limit)
+        dropped = self._tables.add_telemetry(self._topics.telemetry, m.encode({**message, **self._clock_mark()}),
+                                             plan, seq, limit)
         if dropped:
             self.dropped += dropped
             self._metrics.telemetry_dropped.inc(dropped)
@@ -47,7 +52,8 @@ class CollectionOutput:
         self._wake_lane()
 
     def states(self, states: list[tuple[str, dict[str, Any]]]) -> None:
-        self._tables.put_states([(c, self._topics.state(c), m.encode(message)) for c, message in states])
+        mark = self._clock_mark()
+        self._tables.put_states([(c, self._topics.state(c), m.encode({**message, **mark})) for c, message in states])
         self._wake_lane()
 
     def fault_events(self, tracker: FaultTracker, clock_mark: Callable[[], dict[str, Any]]) -> FaultSink:
@@ -65,7 +71,7 @@ class CollectionOutput:
 
     def event(self, message: dict[str, Any]) -> None:
         batch = self._store.batch()
-        batch.publish(Outgoing(self._topics.events, m.encode(message)))
+        batch.publish(Outgoing(self._topics.events, m.encode({**message, **self._clock_mark()})))
         batch.commit()
         self._wake_outbox()
 
@@ -81,7 +87,8 @@ class Collection:
         self.metrics = CollectionMetrics(registry, [e.name for e in config.ecus])
         self.tables = CollectionStore(store)
         self.lane = TelemetryLane(self.tables, publish, connected, wake_outbox)
-        self.output = CollectionOutput(config, store, self.tables, topics, self.metrics, self.lane.wake, wake_outbox)
+        self.output = CollectionOutput(config, store, self.tables, topics, self.metrics, self.lane.wake, wake_outbox,
+                                       clock_mark)
         fault_sink = self.output.fault_events(faults, clock_mark) if faults is not None else None
         self.collector = Collector(config, runtime.workers, self.output, self.metrics, self.tables,
                                    fault_sink=fault_sink, on_reachable=on_reachable, bus=runtime.owner, wall=wall)
