@@ -58,6 +58,7 @@ def test_demo_over_mqtt_shows_vin_faults_session_and_status():
     assert 'commands_executed_total{command="read_data",component="engine",status="completed"} 1.0' in out
     assert '"type": "plan_applied"' in out and out.count("plan demo v1 seq ") == 3  # collection: issue 13
     assert 'sovd_ecu_value{component="engine",data="engine_speed",unit="rpm"} 750.0' in out
+    assert "engine P0301 cleared: status 0x2F -> 0x00" in out  # fault_changed from the plan's fault readings
 
 
 def test_demo_local_needs_no_broker():

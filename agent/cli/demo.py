@@ -170,11 +170,31 @@ def _show_collection(config: AgentConfig, broker: LocalBroker, call: list[str], 
         if states:
             print(f"$ mosquitto_sub -t '{base}/state/+'   # retained last-known state, per component")
             print("  " + json.dumps(_brief(states[-1].json()))[:300])
-        # fault_changed Events (from the plan's fault readings) are shown here once the fault tracker is in.
+        faults_ok = _show_fault_changes(backend, call)
         print()
         _show_metrics(metrics_port)  # with the plan's exported gauges, before the plan goes
         backend.publish_plan("demo", None)  # the demo leaves no retained plan behind
-    return 0 if reset == c.EXIT_OK else 1
+    return 0 if reset == c.EXIT_OK and faults_ok else 1
+
+
+def _show_fault_changes(backend: Caller, call: list[str]) -> bool:
+    """The engine's faults cleared by a command; the plan's next fault reading reports each one `cleared`
+    as a fault_changed Event (the backend hears of it without polling). False if the Events do not come."""
+    print("# the workshop clears the engine's faults; the plan's next fault reading (every 2 s) reports each change")
+    if _show([*call, "engine", "clear_faults"], "sovd-edge call engine clear_faults") != c.EXIT_OK:
+        return False
+    print(f"$ mosquitto_sub -t {backend.topics.events}   # fault_changed Events")
+    try:
+        changes = backend.wait_for(lambda s: s.topic.endswith("/events") and s.json()["type"] == "fault_changed"
+                                   and s.json()["change"] == "cleared", 15, 3)
+    except TimeoutError as err:
+        print(f"  no fault_changed Events: {err}")
+        return False
+    for change in changes:
+        body = change.json()
+        print(f"  {body['component']} {body['code']} {body['change']}: status {body['previous']['raw']} -> "
+              f"{body['status']['raw']}" + (f" ({body['text']})" if body.get("text") else ""))
+    return True
 
 
 def _show_metrics(port: int) -> None:
