@@ -103,8 +103,18 @@ def test_install_places_every_file_with_its_mode_and_owner(installed):
     assert os.readlink(link) == "/etc/systemd/system/sovd-edge.service"
     tool = root / "opt/sovd-edge/venv/bin/sovd-edge"
     assert subprocess.run([str(tool), "--version"], capture_output=True, text=True).stdout.startswith("sovd-edge 0.")
-    check = subprocess.run([str(tool), "check-config", "-c", str(root / "etc/sovd-edge/agent.yaml")],
-                           capture_output=True, text=True)
+    # Fresh from the installer the example config names the backend's public keys, which only the operator
+    # can put there: check-config says exactly that (as `run` would), then passes once they are in place.
+    config = root / "etc/sovd-edge/agent.yaml"
+    check = subprocess.run([str(tool), "check-config", "-c", str(config)], capture_output=True, text=True)
+    assert check.returncode == 78 and "cannot read public key /etc/sovd-edge/keys/backend-2026.pub" in check.stderr
+    keys = root / "etc/sovd-edge/keys"
+    assert (keys.stat().st_mode & 0o7777, keys.stat().st_gid) == (0o750, gid)
+    for key_id in ("backend-2026", "workshop"):
+        subprocess.run([str(tool), "keygen", "--key-id", key_id, "--dir", str(keys)], check=True, capture_output=True)
+    local = config.with_name("agent.local.yaml")  # the key paths as seen from this root, not from /
+    local.write_text(config.read_text().replace("/etc/sovd-edge/keys/", f"{keys}/"))
+    check = subprocess.run([str(tool), "check-config", "-c", str(local)], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
 
 
@@ -204,6 +214,9 @@ def test_install_in_a_clean_debian_12_chroot(tmp_path_factory):
         run = ["chroot", str(root), "/opt/sovd-edge/venv/bin/sovd-edge"]
         version = subprocess.run([*run, "--version"], capture_output=True, text=True, timeout=60)
         assert version.returncode == 0 and version.stdout.startswith("sovd-edge 0."), version.stderr
+        for key_id in ("backend-2026", "workshop"):  # the operator's step: the backend's public keys
+            subprocess.run([*run, "keygen", "--key-id", key_id, "--dir", "/etc/sovd-edge/keys"], check=True,
+                           capture_output=True, timeout=60)
         check = subprocess.run([*run, "check-config", "-c", "/etc/sovd-edge/agent.yaml"], capture_output=True,
                                text=True, timeout=60)
         assert check.returncode == 0, check.stdout + check.stderr
