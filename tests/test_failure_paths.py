@@ -130,3 +130,22 @@ def test_disconnect_reason_0x8e_is_logged_as_a_takeover_and_slows_reconnects(mqt
     assert link.stats.taken_over == 1 and link._taken_over == 1
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert any("says another connection with our client id 'sovd-edge-V' took over the session" in e for e in errors)
+
+
+def test_a_message_handed_over_while_disconnected_is_tracked_not_raised(mqtt_vehicle):
+    """paho keeps a QoS 1 message published while there is no connection and sends it on the next one; the
+    link must return its mid like any other (it once raised from is_published(), so the outbox handed the same
+    row over again and paho's orphan copy was resent on every reconnect: a message too large for the broker
+    then kept cutting connections after it was set aside). The link is never started: no broker needed."""
+    from agent.fleet.link import MqttLink
+    from agent.fleet.topics import Topics
+    from agent.store.sqlite import Outgoing
+
+    link = MqttLink(mqtt_vehicle.mqtt, Topics("sovd", "V"), "sovd-edge-V", status=lambda state: b"{}",
+                    on_command=lambda item: None, on_published=lambda mid, code: None,
+                    on_connection=lambda up: None)
+    mid = link.publish(Outgoing("sovd/V/events", b'{"type":"x"}'))
+    assert isinstance(mid, int) and mid in link._unacked
+    assert mid in link._client._out_messages  # queued by paho for the next connection
+    link.forget(mid)
+    assert mid not in link._client._out_messages and mid not in link._unacked

@@ -51,8 +51,9 @@ def signed_vehicle(mqtt_vehicle, keys):
     return signed_config(dataclasses.replace(mqtt_vehicle, ecus=ecus), keys, "backend-1", "backend-2", "workshop")
 
 
-def start(config, backend):
-    svc = Service(config)
+def start(config, backend, clock=None):
+    """The agent, once its subscription is in place (it subscribes before it publishes `online`)."""
+    svc = Service(config, clock=clock)
     svc.start()
     assert svc.link.wait_connected(10), svc.link.last_error
     backend.wait_for(lambda s: s.topic == backend.topics.status and s.json().get("state") == "online"
@@ -427,10 +428,8 @@ def test_a_signed_command_with_expires_at_on_an_unsynchronized_clock_is_clock_un
     either), not an authentication failure, nothing run. The clock's sync source is injected (no
     timesyncd/NTP state can be set here); the wall clock is the real one, so signatures stay valid."""
     clock = Clock(signed_vehicle.state_dir / "clock.json", kernel=lambda: False, daemon_present=lambda: True)
-    svc = Service(signed_vehicle, clock=clock)
-    svc.start()
+    svc = start(signed_vehicle, backend, clock)
     try:
-        assert svc.link.wait_connected(10), svc.link.last_error
         far, near = command(expires=7 * 24 * 3600), command()  # far: beyond max_expiry_ahead_s on a right clock
         for body in (far, near):
             backend.send(keys["backend-1"].sign(body))

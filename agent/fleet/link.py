@@ -257,7 +257,10 @@ class MqttLink:
             log.warning("publish refused by the client: %s", mqtt.error_string(info.rc))
             return None
         self.stats.messages_out += 1
-        if not info.is_published():  # its PUBACK may already have come on the loop thread
+        # Not connected (NO_CONN): paho keeps the message and sends it on the next connection, so it is ours
+        # to track like any other. (is_published() raises in that state: a raise here once made the outbox
+        # hand the same row over again, and paho's orphan copy was resent on every reconnect.)
+        if info.rc == mqtt.MQTT_ERR_NO_CONN or not info.is_published():  # its PUBACK may already have come
             self._unacked.add(info.mid)
         return info.mid
 
