@@ -332,20 +332,22 @@ def test_a_really_full_disk_refuses_then_resumes(small_tmpfs, mqtt_vehicle, sim,
 def test_finals_while_the_store_is_full_are_sent_and_stored_later(service, backend, sim):
     """A command running when the disk fills up: its final goes straight to the link and is stored once
     the store takes writes again (then the outbox sends it once more: at least once). The command
-    queued behind it cannot be marked started, so it is refused storage_unavailable and never runs."""
+    queued behind it cannot be marked started, so it is refused storage_unavailable and never runs. It is a
+    mutating one (clear_faults): those are marked started only in their turn, never ahead while the one
+    before runs (a read could be marked ahead before the disk fills, and then rightly run)."""
     from agent.devtools.sim.config import fault_from_dict
 
     sim.ecu("engine").set_faults([fault_from_dict({"service": 0x22, "match": "F190", "pending": 100})])
     slow = {"id": uid("slow"), "component": "engine", "command": "read_data", "params": {"data": "vin"},
             "timeout_ms": 20_000}
-    behind = {"id": uid("behind"), "component": "engine", "command": "tester_present"}
+    behind = {"id": uid("behind"), "component": "engine", "command": "clear_faults"}
     backend.send_all([json.dumps(slow).encode(), json.dumps(behind).encode()])
     assert wait_until(lambda: (e := service.store.get(slow["id"])) is not None and e.state == "started", 10)
     fill_store(service)
     refused = backend.final(behind["id"], timeout=20)
     assert (refused["status"], refused["error"]["code"]) == ("rejected", "storage_unavailable")
     assert backend.final(slow["id"], timeout=20)["status"] == "completed"
-    assert sim.ecu("engine").server.executed[0x3E] == 0  # never ran
+    assert sim.ecu("engine").server.executed[0x14] == 0  # never ran
     assert service.store.deferred == 2 and service.store.get(slow["id"]).state == "started"
     assert service.registry.get_sample_value("sovd_store_deferred_writes", {}) == 2
     free_store(service)
