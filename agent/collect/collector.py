@@ -82,7 +82,8 @@ class Collector:
     def __init__(self, config: AgentConfig, workers: Mapping[str, ComponentWorker], out: Output,
                  metrics: CollectionMetrics, book: PlanBook, fault_sink: FaultSink | None = None,
                  on_reachable: Callable[[str, bool], None] | None = None, bus: BusOwner | None = None,
-                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
+                 payload_limit: Callable[[], int] | None = None) -> None:
         self.config = config
         self._settings = config.collect
         self._workers = workers
@@ -95,7 +96,10 @@ class Collector:
         self._wall = wall
         self._events: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self.schedule = Schedule()
-        self.telemetry = Telemetry(max(4096, config.mqtt.max_payload_bytes - 1024))
+        # the largest telemetry batch payload: the system layer knows the broker's limit and the topic
+        self._payload_limit = payload_limit or (lambda: config.mqtt.max_payload_bytes - m.MARK_BYTES)
+        self.telemetry = Telemetry(self._payload_limit())
+        self._too_large_logged: set[tuple[str, str, str]] = set()
         self.backoff = Backoff(self._settings.backoff_s, self._settings.backoff_max_s)
         self.plans: dict[str, Plan] = {}
         self._versions: dict[str, int] = {}
@@ -177,9 +181,8 @@ class Collector:
     def _handle(self, event: tuple[Any, ...]) -> bool:
         kind = event[0]
         if kind == "stop":
-            for name in list(self.plans):  # what was collected so far goes out (the lane is durable)
-                if (batch := self.telemetry.take(name)) is not None:
-                    self._send_batch(batch)
+            for batch in self.telemetry.flush():  # what was collected so far goes out (the lane is durable)
+                self._send_batch(batch)
             return False
         if kind == "load":
             self._load()
@@ -302,6 +305,7 @@ class Collector:
         self._budgets[plan.name] = Budget(plan.requests_per_s, now)
         self.plans[plan.name] = plan
         self._versions[plan.name] = plan.version
+        self._too_large_logged = {k for k in self._too_large_logged if k[0] != plan.name}
         self._plans_changed()
         log.info("collection plan %s version %d applied", plan.name, plan.version,
                  extra={"plan": plan.name, "version": plan.version, "source": source})
@@ -396,14 +400,48 @@ class Collector:
             counts[result] = counts.get(result, 0) + 1
         for result, count in counts.items():
             self.metrics.reading(component, result, count)
+        self._refresh_limit(now)
         for signal, item, value, result in values:
             if result != "ok" or not current:
                 continue
+            dropped = self.telemetry.too_large
             self.telemetry.reading(task.plan, signal, item, value, at, now)
+            if self.telemetry.too_large != dropped:
+                self._sample_too_large(task.plan, component, item.name, value)
             numeric = isinstance(value, int | float) and not isinstance(value, bool)
             if signal.export and item.numeric and numeric:
                 self.metrics.set_value(component, item.name, item.unit, float(value))
             self._condition(component, item.name, value)
+        for batch in self.telemetry.cut():  # a batch the next sample would have taken past the limit
+            self._send_batch(batch)
+
+    def _refresh_limit(self, now: float) -> None:
+        try:
+            limit = self._payload_limit()
+        except Exception:
+            log.exception("the telemetry payload limit is unknown: %d bytes kept", self.telemetry.max_bytes)
+            return
+        if limit != self.telemetry.max_bytes:
+            log.info("telemetry payload limit: %d bytes", limit, extra={"max_bytes": limit})
+            dropped = self.telemetry.set_limit(limit, now)
+            for entry in dropped:
+                self.metrics.too_large.labels(entry["component"]).inc()
+            if dropped:
+                log.warning("telemetry payload limit now %d bytes: %d samples no longer fit in any batch and are "
+                            "left out", limit, len(dropped), extra={"max_bytes": limit})
+            for batch in self.telemetry.cut():
+                self._send_batch(batch)
+
+    def _sample_too_large(self, plan: str, component: str, data: str, value: Any) -> None:
+        """A sample that alone exceeds the payload limit: never sent; counted, logged once per plan and value."""
+        self.metrics.too_large.labels(component).inc()
+        key = (plan, component, data)
+        level = logging.DEBUG if key in self._too_large_logged else logging.WARNING
+        self._too_large_logged.add(key)
+        log.log(level, "sample %s of %s left out of plan %s's telemetry: larger than the payload limit of %d bytes "
+                "on its own", data, component, plan, self.telemetry.max_bytes,
+                extra={"plan": plan, "component": component, "data": data, "max_bytes": self.telemetry.max_bytes,
+                       "bytes": len(m.encode(m.sample(component, data, value, 0.0)))})
 
     def _faults(self, component: str, faults: list[dict[str, Any]], status_mask: int, at: float) -> None:
         self.telemetry.faults(component, faults, at)
@@ -471,9 +509,8 @@ class Collector:
         condition = self._settings.sleep.condition
         if reason == "condition" and condition is not None and condition.recheck_ms > 0:
             self._recheck_at = self._clock() + condition.recheck_ms / 1000
-        for name in list(self.plans):
-            if (batch := self.telemetry.take(name)) is not None:
-                self._send_batch(batch)
+        for batch in self.telemetry.flush():
+            self._send_batch(batch)
         self.metrics.paused.set(1)
         log.warning("collection paused: %s", reason, extra={"reason": reason, **details})
         self._event(m.event_message("collection_paused", self._wall(), reason=reason, **details))

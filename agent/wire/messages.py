@@ -140,6 +140,9 @@ def encode(message: dict[str, Any]) -> bytes:
     return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
+MARK_BYTES = len(encode(clock_mark(False)))  # at least what the clock mark adds to a message
+
+
 def encode_final(final: dict[str, Any], max_bytes: int) -> list[tuple[dict[str, Any], bytes]]:
     """`split_result`'s messages with their encodings, each message encoded once."""
     whole = encode(final)
