@@ -19,7 +19,11 @@ from mqtt_support import validate_published
 
 from agent.devtools.local_broker import LocalBroker
 from agent.fleet.caller import Caller
+from agent.fleet.lane import TelemetryLane
+from agent.store.collection import CollectionStore
+from agent.store.sqlite import Outgoing, Store
 from agent.system.service import Service
+from agent.wire import messages as m
 
 BIG = {"component": "engine", "data": ["big_block"], "every_ms": 100}  # 4095 bytes: ~8 KiB as hex
 
@@ -84,3 +88,51 @@ def test_a_sample_alone_over_the_limit_is_left_out_counted_and_logged_once(limit
     warned = [r for r in caplog.records if "left out of plan mixed" in r.getMessage()]
     assert [r.levelno for r in warned[:2]] == [logging.WARNING, logging.DEBUG]
     assert warned[0].data == "big_block" and warned[0].bytes > 8192
+
+
+def states(backend: Caller, component: str, count: int, timeout: float = 30.0) -> list[dict]:
+    topic = f"{backend.topics.base}/state/{component}"
+    return [s.json() for s in backend.wait_for(lambda s: s.topic == topic, timeout, count)]
+
+
+def test_a_state_over_the_limit_goes_without_what_does_not_fit_and_the_others_still_go(limited, caplog):
+    """Two components whose state exceeds the broker's 8 KiB (an ~8 KiB raw value each) sort before one
+    whose state fits: every state arrives, the large ones without that value, and one log line each."""
+    with limited(8192) as (svc, backend):
+        backend.publish_plan("three", plan("three", 1, signals=[
+            {"component": "camera", "data": ["calibration", "vin"], "every_ms": 200},
+            {**BIG, "data": ["big_block", "engine_speed"], "every_ms": 200},
+            {"component": "gateway", "data": ["vin"], "every_ms": 200}], batch={"max_age_ms": 300, "max_samples": 1}))
+        camera, engine = states(backend, "camera", 3)[-1], states(backend, "engine", 3)[-1]
+        gateway = states(backend, "gateway", 1)[0]
+        trimmed = svc.collection.metrics.state_oversize
+        assert trimmed.labels("engine", "trimmed")._value.get() >= 3
+        assert svc.collection.lane.states_set_aside == 0
+    assert (camera["truncated"], sorted(camera["values"])) == (["calibration"], ["vin"])
+    assert (engine["truncated"], sorted(engine["values"])) == (["big_block"], ["engine_speed"])
+    assert "truncated" not in gateway and sorted(gateway["values"]) == ["vin"]
+    assert not [r for r in caplog.records if "telemetry lane pass failed" in r.getMessage()]
+    warned = [r.component for r in caplog.records if "is larger than the payload limit" in r.getMessage()]
+    assert sorted(warned) == ["camera", "engine"]  # once each, however often their state was trimmed
+
+
+def test_a_state_that_cannot_fit_at_all_is_set_aside_once_and_the_next_goes(tmp_path):
+    """The lane alone, on a real store: its publish callable records instead of a link (the other tests
+    here run it on Mosquitto). A state whose faults alone exceed the limit is set aside, counted, logged
+    once; the component after it is published, and the lane does not retry the set-aside one."""
+    store = Store(tmp_path / "agent.db")
+    sent: list[Outgoing] = []
+    counted: list[tuple[str, str]] = []
+    try:
+        tables = CollectionStore(store)
+        faults = [{"code": f"P{n:04d}", "status": {"raw": "0x09"}} for n in range(200)]
+        tables.put_states([("body", "s/body", m.encode(m.state_message("body", 1.0, {}, faults))),
+                           ("engine", "s/engine", m.encode(m.state_message("engine", 1.0, {"x": (1, 1.0)}, None)))])
+        lane = TelemetryLane(tables, lambda out: sent.append(out) or len(sent), lambda: True, lambda: None,
+                             limit=lambda topic: 4096, on_oversize=lambda c, how: counted.append((c, how)))
+        assert lane.pass_once() is False
+        assert [o.topic for o in sent] == ["s/engine"] and counted == [("body", "set_aside")]
+        assert tables.unsent_states() == [] and lane.states_set_aside == 1
+        assert lane.pass_once() is False and len(sent) == 1
+    finally:
+        store.close()

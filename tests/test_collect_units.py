@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from conftest import DATA
 
 from agent.collect.schedule import Backoff, Budget, Schedule, plan_tasks
@@ -192,3 +194,16 @@ def test_a_smaller_limit_cuts_open_batches_again():
     assert t.too_large == 1 and t.next_due() == 6.0  # the open batch keeps its age
     sent = t.cut() + t.flush()
     assert _sizes_fit(sent, 4_000) and sum(len(b["samples"]) for b in sent) == 9
+
+
+def test_a_state_too_large_is_trimmed_largest_value_first_or_refused_when_nothing_fits():
+    state = m.state_message("engine", 10.0, {"big": ("ab" * 3000, 10.0), "mid": ("x" * 500, 10.0),
+                                             "speed": (812.5, 10.0)}, [{"code": "P0301", "status": {}}])
+    whole = m.encode(state)
+    assert m.trim_state(whole, len(whole)) is whole
+    trimmed = json.loads(m.trim_state(whole, 1000))
+    assert trimmed["truncated"] == ["big"] and sorted(trimmed["values"]) == ["mid", "speed"]
+    assert trimmed["faults"] == state["faults"]
+    assert json.loads(m.trim_state(whole, 300))["truncated"] == ["big", "mid"]
+    assert m.trim_state(whole, 100) is None  # not even its faults and time fit
+    assert m.trim_state(b"not json", 5) is None

@@ -22,13 +22,15 @@ from agent.wire import messages as m
 log = logging.getLogger(__name__)
 
 
-def payload_limit(config: AgentConfig, broker_limit: Callable[[str], int | None], topic: str) -> int:
+def payload_limit(config: AgentConfig, broker_limit: Callable[[str], int | None], topic: str,
+                  reserve: int = m.MARK_BYTES) -> int:
     """The largest payload collection may hand over for `topic`: the configured limit, or the broker's
-    announced maximum packet size less the topic and properties when that is smaller, less the clock mark."""
+    announced maximum packet size less the topic and properties when that is smaller, less `reserve`
+    (by default room for the clock mark, which is added afterwards)."""
     limits = [config.mqtt.max_payload_bytes]
     if (broker := broker_limit(topic)) is not None:
         limits.append(broker)
-    return min(limits) - m.MARK_BYTES
+    return min(limits) - reserve
 
 
 class CollectionOutput:
@@ -96,7 +98,10 @@ class Collection:
                  broker_limit: Callable[[str], int | None] = lambda topic: None) -> None:
         self.metrics = CollectionMetrics(registry, [e.name for e in config.ecus])
         self.tables = CollectionStore(store)
-        self.lane = TelemetryLane(self.tables, publish, connected, wake_outbox)
+        self.lane = TelemetryLane(self.tables, publish, connected, wake_outbox,
+                                  limit=lambda topic: payload_limit(config, broker_limit, topic, reserve=0),
+                                  on_oversize=lambda component, how: self.metrics.state_oversize.labels(
+                                      component, how).inc())
         self.output = CollectionOutput(config, store, self.tables, topics, self.metrics, self.lane.wake, wake_outbox,
                                        clock_mark)
         fault_sink = self.output.fault_events(faults, clock_mark) if faults is not None else None

@@ -201,6 +201,27 @@ def telemetry_message(plan: str, version: int, seq: int, samples: list[dict[str,
     return {"plan": plan, "version": version, "seq": seq, "samples": samples}
 
 
+def trim_state(payload: bytes, max_bytes: int) -> bytes | None:
+    """An encoded state message made to fit `max_bytes`: its largest values left out first and named in
+    `truncated`; None when even without any value it does not fit (or `payload` is not a state)."""
+    if len(payload) <= max_bytes:
+        return payload
+    try:
+        message = json.loads(payload)
+        values = message["values"]
+        sizes = {name: len(encode({name: value})) for name, value in values.items()}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+    left_out: list[str] = []
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        del values[name]
+        left_out.append(name)
+        message["truncated"] = left_out
+        if len(encoded := encode(message)) <= max_bytes:
+            return encoded
+    return None
+
+
 def state_message(component: str, at: float, values: dict[str, tuple[Any, float]],
                   faults: list[dict[str, Any]] | None) -> dict[str, Any]:
     """The retained last-known state of one component: each value with the time it was read."""
