@@ -295,3 +295,31 @@ def test_removing_a_plan_that_was_never_applied_changes_nothing(vehicle, sim, tm
         r.collector.submit_plan("never-applied", b"")
         r.collector.idle(5)
         assert r.out.events == [] and r.collector.alive
+
+
+def _slow(name: str, version: int = 1, dids: int = 1) -> bytes:
+    """A plan of `dids` DIDs of unknown length (one request each), read once a day: only its bounds matter."""
+    return _json(plan(name, version, signals=[{"component": "engine", "every_ms": 86_400_000,
+                                               "data": [f"0x{i:04X}" for i in range(0x1000, 0x1000 + dids)]}]))
+
+
+def test_plans_beyond_the_configured_bounds_are_rejected_with_a_path(vehicle, sim, tmp_path):
+    config = with_collect(vehicle, max_plans=2, max_scheduled_requests=100)
+    with rig(config, tmp_path) as r:
+        r.collector.submit_plan("a", _slow("a", dids=40))
+        r.collector.submit_plan("b", _slow("b", dids=40))
+        r.collector.submit_plan("c", _slow("c"))  # a third plan
+        r.collector.submit_plan("b", _slow("b", 2, dids=60))  # its own older version does not count
+        r.collector.submit_plan("b", _slow("b", 3, dids=61))  # 40 + 61 requests
+        r.collector.idle(5)
+        assert [(e["name"], e["version"]) for e in r.out.of_type("plan_applied")] == [("a", 1), ("b", 1), ("b", 2)]
+        rejected = r.out.of_type("plan_rejected")
+        assert [(e["name"], e["errors"][0]["path"]) for e in rejected] == [("c", "name"), ("b", "signals")]
+        assert "collect.max_plans (2)" in rejected[0]["errors"][0]["message"]
+        assert "collect.max_scheduled_requests (100)" in rejected[1]["errors"][0]["message"]
+        assert len(r.collector.schedule) == 100 and sorted(r.collector.plans) == ["a", "b"]
+        assert r.book.load_plans()[-1].version == 2  # the rejected ones were never stored
+        r.collector.submit_plan("a", b"")
+        r.collector.submit_plan("c", _slow("c"))  # room again
+        r.collector.idle(5)
+        assert sorted(r.collector.plans) == ["b", "c"] and len(r.collector.schedule) == 61

@@ -103,6 +103,7 @@ class Collector:
         self.backoff = Backoff(self._settings.backoff_s, self._settings.backoff_max_s)
         self.plans: dict[str, Plan] = {}
         self._versions: dict[str, int] = {}
+        self._requests: dict[str, int] = {}  # scheduled requests of each applied plan
         self._seqs: dict[str, int] = {}
         self._budgets: dict[str, Budget] = {}
         self._ready: dict[str, deque[Task]] = {}
@@ -286,6 +287,10 @@ class Collector:
                 self._rejected(plan.name, plan.version, [{"path": "version", "message":
                                f"version {plan.version} is not above version {known}, already applied"}], source)
                 return
+        tasks = plan_tasks(plan, self._settings.max_dids_per_request)
+        if (bound := self._over_bounds(plan, len(tasks))) is not None:
+            self._rejected(plan.name, plan.version, [bound], source)
+            return
         if store:
             try:
                 self._book.save_plan(plan.name, plan.version, plan.body)
@@ -293,15 +298,30 @@ class Collector:
                 self._rejected(plan.name, plan.version, [{"path": "", "message": f"cannot store the plan: {err}"}],
                                source)
                 return
-        self._apply(plan, source)
+        self._apply(plan, tasks, source)
 
-    def _apply(self, plan: Plan, source: str) -> None:
+    def _over_bounds(self, plan: Plan, requests: int) -> dict[str, str] | None:
+        """Whether applying `plan` (replacing its own older version) would pass collect.max_plans or
+        collect.max_scheduled_requests: the error, with its path, that rejects it."""
+        others = [name for name in self.plans if name != plan.name]
+        if len(others) >= self._settings.max_plans:
+            return {"path": "name", "message": f"{len(others)} other plans are applied: at most collect.max_plans "
+                                               f"({self._settings.max_plans}) at once; remove one first"}
+        scheduled = sum(self._requests.get(name, 0) for name in others)
+        if scheduled + requests > self._settings.max_scheduled_requests:
+            return {"path": "signals", "message": f"the plan needs {requests} requests and the other plans "
+                                                  f"{scheduled}: more than collect.max_scheduled_requests "
+                                                  f"({self._settings.max_scheduled_requests})"}
+        return None
+
+    def _apply(self, plan: Plan, tasks: list[Task], source: str) -> None:
         now = self._clock()
         last = self.telemetry.set_plan(plan, self._seqs.get(plan.name, self.telemetry.seq(plan.name)))
         if last is not None:
             self._send_batch(last)
         self._drop_ready(plan.name)
-        self.schedule.set_plan(plan.name, plan_tasks(plan, self._settings.max_dids_per_request), now)
+        self.schedule.set_plan(plan.name, tasks, now)
+        self._requests[plan.name] = len(tasks)
         self._budgets[plan.name] = Budget(plan.requests_per_s, now)
         self.plans[plan.name] = plan
         self._versions[plan.name] = plan.version
@@ -324,6 +344,7 @@ class Collector:
         if last is not None:
             self._send_batch(last)
         self.schedule.remove_plan(name)
+        self._requests.pop(name, None)
         self._drop_ready(name)
         self._budgets.pop(name, None)
         self._plans_changed()
