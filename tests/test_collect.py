@@ -209,6 +209,51 @@ def test_a_condition_below_its_threshold_pauses_collection(vehicle, sim, tmp_pat
         assert r.collector.paused == "condition"
 
 
+def test_bus_silence_wins_over_a_condition_pause_and_stops_its_recheck(vehicle, sim, tmp_path):
+    """Paused for the condition (rechecked every 200 ms), then the vehicle falls asleep: the pause becomes
+    bus_silent and nothing at all goes on the bus; when the vehicle wakes with the condition cleared,
+    collection resumes and stays running."""
+    traffic = sim.vehicle_traffic(period_s=0.05)
+    engine = sim.ecu("engine")
+    condition = SleepCondition("engine", "oil_temp", below=0.0, recheck_ms=200)  # the sim reads -10
+    config = with_collect(vehicle, sleep=SleepConfig(silence_ms=400, condition=condition),
+                          plans=(plan(signals=[SPEED], batch={"max_age_ms": 200}),))
+    with rig(config, tmp_path) as r:
+        r.out.wait(lambda: r.out.of_type("collection_paused"))
+        asked = engine.received[0x22]
+        r.out.wait(lambda: engine.received[0x22] >= asked + 2)  # the recheck runs while the vehicle is awake
+        traffic.sleep()
+        r.out.wait(lambda: len(r.out.of_type("collection_paused")) == 2)
+        r.collector.idle(5)
+        assert [e["reason"] for e in r.out.of_type("collection_paused")] == ["condition", "bus_silent"]
+        assert r.collector.paused == "bus_silent" and not r.out.of_type("collection_resumed")
+        asked, sent = engine.received[0x22], r.runtime.owner.counters.frames_tx
+        time.sleep(1.0)  # five recheck periods of a sleeping vehicle (silence is the point: nothing to wait for)
+        assert engine.received[0x22] == asked and r.runtime.owner.counters.frames_tx == sent
+        engine.server.values[0xF40D] = bytes([20])  # the supply recovered while the vehicle slept
+        traffic.wake()
+        r.out.wait(lambda: r.out.of_type("collection_resumed"))
+        r.out.wait(lambda: r.out.samples("oil_temp") and r.out.samples("oil_temp")[-1]["value"] == 20)
+        assert r.out.of_type("collection_resumed")[0]["reason"] == "bus_traffic"
+        assert r.collector.paused is None and len(r.out.of_type("collection_paused")) == 2
+
+
+def test_the_condition_still_below_after_a_wake_pauses_again_for_the_condition(vehicle, sim, tmp_path):
+    traffic = sim.vehicle_traffic(period_s=0.05)
+    condition = SleepCondition("engine", "oil_temp", below=0.0, recheck_ms=0)
+    config = with_collect(vehicle, sleep=SleepConfig(silence_ms=400, condition=condition),
+                          plans=(plan(signals=[SPEED]),))
+    with rig(config, tmp_path) as r:
+        r.out.wait(lambda: r.out.of_type("collection_paused"))
+        traffic.sleep()
+        r.out.wait(lambda: len(r.out.of_type("collection_paused")) == 2)
+        traffic.wake()
+        r.out.wait(lambda: len(r.out.of_type("collection_paused")) == 3)
+        assert [e["reason"] for e in r.out.of_type("collection_paused")] == ["condition", "bus_silent", "condition"]
+        assert [e["reason"] for e in r.out.of_type("collection_resumed")] == ["bus_traffic"]
+        assert r.collector.paused == "condition"
+
+
 def test_the_budget_bounds_requests_per_second(vehicle, sim, tmp_path):
     many = [{"component": "engine", "data": [name], "every_ms": 100} for name in ("engine_speed", "oil_temp",
                                                                                  "idle_mode")]

@@ -214,10 +214,10 @@ class Collector:
                     continue
                 blocked = self.backoff.blocked_until(component, now)
                 times.append(blocked if blocked is not None else self._budgets[ready[0].plan].ready_at(now))
-            if self.traffic is not None:
-                times.append(self.traffic.last_seen + self._settings.sleep.silence_ms / 1000)
         elif self._recheck_at is not None:
             times.append(self._recheck_at)
+        if self.traffic is not None and self.paused != "bus_silent":
+            times.append(self.traffic.last_seen + self._settings.sleep.silence_ms / 1000)
         if self.plans:
             times.append(self._last_states + self._state_period())
         return max(0.0, min(times) - now)
@@ -225,8 +225,10 @@ class Collector:
     def _tick(self) -> None:
         self.passes += 1
         now = self._clock()
-        if self.paused is None and self.traffic is not None and \
+        if self.paused != "bus_silent" and self.traffic is not None and \
                 self.traffic.silent_for() >= self._settings.sleep.silence_ms / 1000:
+            # bus silence always wins, a pause for the condition too: nothing goes on the bus, not even its
+            # recheck, until a vehicle frame resumes collection (the condition is then read again by the plan)
             self._pause("bus_silent", silent_ms=round(self.traffic.silent_for() * 1000))
         if self.paused is None:
             for task in self.schedule.due(now):
@@ -528,6 +530,7 @@ class Collector:
         if self.traffic is not None:
             self.traffic.mark_asleep()
         condition = self._settings.sleep.condition
+        self._recheck_at = None
         if reason == "condition" and condition is not None and condition.recheck_ms > 0:
             self._recheck_at = self._clock() + condition.recheck_ms / 1000
         for batch in self.telemetry.flush():
