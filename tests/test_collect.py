@@ -142,6 +142,55 @@ def test_commands_go_before_waiting_readings(vehicle, jsim, tmp_path, journal):
     assert all(line.startswith("engine 22") for line in served[:first])
 
 
+def test_a_command_waits_for_at_most_one_snapshot_request_of_a_fault_watch(vehicle, jsim, tmp_path, journal):
+    """A fault watch with snapshots on 12 DTCs: each DTC's snapshots are a job of their own, so a command
+    sent in the middle of a reading runs after the one request on the bus, and the reading still
+    completes with every DTC's snapshots."""
+    engine = jsim.ecu("engine")
+    for n in range(10):
+        engine.set_dtc(0x010100 + n, 0x09)
+    seen: list[list] = []
+    watch = {"component": "engine", "every_ms": 100, "snapshots": True}
+    config = with_collect(vehicle, plans=(plan(faults=[watch], budget={"requests_per_s": 100}),))
+    with rig(config, tmp_path, fault_sink=lambda c, faults, mask: seen.append(faults) or []) as r:
+        def mid_reading() -> bool:  # 2 to 11 of the 12 snapshot requests after the last 0x19 0x02 were served
+            served = lines(journal)
+            starts = [i for i, x in enumerate(served) if x.startswith("engine 1902")]
+            return bool(starts) and 2 <= sum(1 for x in served[starts[-1]:] if x.startswith("engine 1904")) < 12
+
+        for k in range(3):
+            r.out.wait(mid_reading, 20)
+            mark = len(lines(journal))
+            assert r.result(r.command("engine", "tester_present", ident=f"c{k}")).status == "completed"
+            served = lines(journal)
+            assert served.index("engine 3e00", mark) - mark <= 1, served[mark:]
+        r.out.wait(lambda: seen, 20)
+    faults = seen[0]
+    assert len(faults) == 12 and all("snapshots" in f for f in faults), faults
+    assert lines(journal).count("engine 3e00") == 3
+
+
+def test_a_fault_reading_whose_plan_changes_before_its_snapshots_are_read_is_dropped(vehicle, jsim, tmp_path,
+                                                                                     journal):
+    engine = jsim.ecu("engine")
+    for n in range(10):
+        engine.set_dtc(0x010100 + n, 0x09)
+    engine.set_faults([fault_from_dict({"service": 0x19, "delay_ms": 50})])
+    seen: list[list] = []
+    watch = {"component": "engine", "every_ms": 60_000, "snapshots": True}
+    with rig(vehicle, tmp_path, fault_sink=lambda c, faults, mask: seen.append(faults) or []) as r:
+        r.collector.submit_plan("p", _json(plan(faults=[watch], budget={"requests_per_s": 100})))
+        r.out.wait(lambda: sum(1 for x in lines(journal) if x.startswith("engine 1904")) >= 2)
+        r.collector.submit_plan("p", _json(plan(version=2, signals=[SPEED])))
+        r.out.wait(lambda: any(x.startswith("engine 22") for x in lines(journal)))  # version 2 reads
+        r.out.wait(lambda: r.readings("engine", "ok") >= 4)
+        served = lines(journal)
+        first = next(i for i, x in enumerate(served) if x.startswith("engine 22"))
+        assert not any(x.startswith("engine 19") for x in served[first:])  # the rest of the reading was dropped
+        assert seen == []  # no partial fault reading reached the tracker
+        assert r.collector._assembling == {}
+
+
 def test_collection_waits_while_a_command_holds_a_non_default_session(vehicle, jsim, tmp_path, journal):
     config = with_collect(vehicle, plans=(plan(signals=[SPEED]),))
     with rig(config, tmp_path) as r:

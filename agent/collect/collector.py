@@ -14,10 +14,11 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from agent.bus.owner import BusOwner, RxFilter
-from agent.collect.schedule import Backoff, Budget, Schedule, Task, TaskKey, plan_tasks
+from agent.collect.schedule import Backoff, Budget, Schedule, Task, TaskKey, plan_tasks, snapshot_task
 from agent.collect.sleep import TrafficWatch, diagnostic_ids
 from agent.collect.telemetry import Telemetry
 from agent.config.model import AgentConfig
@@ -38,6 +39,16 @@ log = logging.getLogger(__name__)
 FaultSink = Callable[[str, list[dict[str, Any]], int], list[dict[str, Any]]]
 MAX_WAIT_S = 5.0  # the scheduler looks around at least this often (heartbeat)
 SESSION_POLL_S = 0.25  # how often it looks whether a component is back in its default session
+
+
+@dataclass
+class _Assembly:
+    """A fault reading whose DTCs' snapshots are still being read, one job each."""
+
+    version: int
+    faults: list[dict[str, Any]]
+    at: float
+    next: int = 0  # index in `faults` of the DTC whose snapshots are read next
 
 
 class Output(Protocol):
@@ -108,6 +119,7 @@ class Collector:
         self._budgets: dict[str, Budget] = {}
         self._ready: dict[str, deque[Task]] = {}
         self._outstanding: dict[str, TaskKey] = {}
+        self._assembling: dict[TaskKey, _Assembly] = {}  # fault readings waiting for their snapshots
         self._last_states = clock()
         self.paused: str | None = None
         self._recheck_at: float | None = None
@@ -370,11 +382,14 @@ class Collector:
         for ready in self._ready.values():
             for task in [t for t in ready if t.plan == plan]:
                 ready.remove(task)
+        for key in [k for k in self._assembling if k[0] == plan]:
+            del self._assembling[key]  # its snapshot reading still on the bus is dropped when it comes
 
     # ---- readings ------------------------------------------------------------------------------
     def _queue(self, task: Task) -> None:
         ready = self._ready.setdefault(task.component, deque())
-        if any(t.key == task.key for t in ready) or self._outstanding.get(task.component) == task.key:
+        if any(t.key == task.key for t in ready) or self._outstanding.get(task.component) == task.key \
+                or task.key in self._assembling:
             self.metrics.overruns.labels(task.component).inc()
             return
         ready.append(task)
@@ -414,8 +429,15 @@ class Collector:
         current = task.plan in self.plans and self.plans[task.plan].version == version and self.paused is None
         if task.watch is not None:
             self.metrics.reading(component, reading_result(outcome))
-            if outcome.status is Status.COMPLETED and outcome.result is not None and current:
-                self._faults(component, list(outcome.result.get("faults", [])), task.watch.status_mask, at)
+            if task.key[2] == "snapshot":
+                self._snapshot_read(task, version, outcome, current)
+            elif outcome.status is Status.COMPLETED and outcome.result is not None and current:
+                faults = list(outcome.result.get("faults", []))
+                if task.watch.snapshots and faults:
+                    self._assembling[task.key] = _Assembly(version, faults, at)
+                    self._next_snapshot(task)
+                else:
+                    self._faults(component, faults, task.watch.status_mask, at)
             return
         values = _values(task, outcome)
         counts: dict[str, int] = {}
@@ -465,6 +487,39 @@ class Collector:
                 "on its own", data, component, plan, self.telemetry.max_bytes,
                 extra={"plan": plan, "component": component, "data": data, "max_bytes": self.telemetry.max_bytes,
                        "bytes": len(m.encode(m.sample(component, data, value, 0.0)))})
+
+    def _next_snapshot(self, watch_task: Task) -> None:
+        """Queues the next DTC's snapshot reading first in its component's line (a command still goes
+        before it), or completes the fault reading when every DTC's snapshots were read."""
+        assembly = self._assembling[watch_task.key]
+        if assembly.next < len(assembly.faults):
+            dtc = int(assembly.faults[assembly.next]["dtc"], 16)
+            self._ready.setdefault(watch_task.component, deque()).appendleft(snapshot_task(watch_task, dtc))
+            return
+        del self._assembling[watch_task.key]
+        assert watch_task.watch is not None
+        self._faults(watch_task.component, assembly.faults, watch_task.watch.status_mask, assembly.at)
+
+    def _snapshot_read(self, task: Task, version: int, outcome: Outcome, current: bool) -> None:
+        """One DTC's snapshots: into its fault entry (a failure stays in that entry, as in `read_faults`).
+        A reading whose plan changed or paused meanwhile is dropped."""
+        plan, component, _, index = task.key
+        watch_key = (plan, component, "faults", index)
+        assembly = self._assembling.get(watch_key)
+        if assembly is None or not current or assembly.version != version:
+            self._assembling.pop(watch_key, None)
+            return
+        entry = assembly.faults[assembly.next]
+        if outcome.status is Status.COMPLETED and outcome.result is not None:
+            entry.update(outcome.result)
+        elif outcome.error is not None:
+            entry["snapshots_error"] = outcome.error.as_dict()
+        assembly.next += 1
+        watch_task = self.schedule.task(watch_key)
+        if watch_task is None:
+            self._assembling.pop(watch_key, None)
+            return
+        self._next_snapshot(watch_task)
 
     def _faults(self, component: str, faults: list[dict[str, Any]], status_mask: int, at: float) -> None:
         self.telemetry.faults(component, faults, at)
@@ -527,6 +582,7 @@ class Collector:
                 self._outstanding.pop(worker.ecu.name, None)
         for ready in self._ready.values():
             ready.clear()
+        self._assembling.clear()
         if self.traffic is not None:
             self.traffic.mark_asleep()
         condition = self._settings.sleep.condition
