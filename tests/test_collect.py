@@ -142,6 +142,55 @@ def test_commands_go_before_waiting_readings(vehicle, jsim, tmp_path, journal):
     assert all(line.startswith("engine 22") for line in served[:first])
 
 
+def test_a_command_waits_for_at_most_one_snapshot_request_of_a_fault_watch(vehicle, jsim, tmp_path, journal):
+    """A fault watch with snapshots on 12 DTCs: each DTC's snapshots are a job of their own, so a command
+    sent in the middle of a reading runs after the one request on the bus, and the reading still
+    completes with every DTC's snapshots."""
+    engine = jsim.ecu("engine")
+    for n in range(10):
+        engine.set_dtc(0x010100 + n, 0x09)
+    seen: list[list] = []
+    watch = {"component": "engine", "every_ms": 100, "snapshots": True}
+    config = with_collect(vehicle, plans=(plan(faults=[watch], budget={"requests_per_s": 100}),))
+    with rig(config, tmp_path, fault_sink=lambda c, faults, mask: seen.append(faults) or []) as r:
+        def mid_reading() -> bool:  # 2 to 11 of the 12 snapshot requests after the last 0x19 0x02 were served
+            served = lines(journal)
+            starts = [i for i, x in enumerate(served) if x.startswith("engine 1902")]
+            return bool(starts) and 2 <= sum(1 for x in served[starts[-1]:] if x.startswith("engine 1904")) < 12
+
+        for k in range(3):
+            r.out.wait(mid_reading, 20)
+            mark = len(lines(journal))
+            assert r.result(r.command("engine", "tester_present", ident=f"c{k}")).status == "completed"
+            served = lines(journal)
+            assert served.index("engine 3e00", mark) - mark <= 1, served[mark:]
+        r.out.wait(lambda: seen, 20)
+    faults = seen[0]
+    assert len(faults) == 12 and all("snapshots" in f for f in faults), faults
+    assert lines(journal).count("engine 3e00") == 3
+
+
+def test_a_fault_reading_whose_plan_changes_before_its_snapshots_are_read_is_dropped(vehicle, jsim, tmp_path,
+                                                                                     journal):
+    engine = jsim.ecu("engine")
+    for n in range(10):
+        engine.set_dtc(0x010100 + n, 0x09)
+    engine.set_faults([fault_from_dict({"service": 0x19, "delay_ms": 50})])
+    seen: list[list] = []
+    watch = {"component": "engine", "every_ms": 60_000, "snapshots": True}
+    with rig(vehicle, tmp_path, fault_sink=lambda c, faults, mask: seen.append(faults) or []) as r:
+        r.collector.submit_plan("p", _json(plan(faults=[watch], budget={"requests_per_s": 100})))
+        r.out.wait(lambda: sum(1 for x in lines(journal) if x.startswith("engine 1904")) >= 2)
+        r.collector.submit_plan("p", _json(plan(version=2, signals=[SPEED])))
+        r.out.wait(lambda: any(x.startswith("engine 22") for x in lines(journal)))  # version 2 reads
+        r.out.wait(lambda: r.readings("engine", "ok") >= 4)
+        served = lines(journal)
+        first = next(i for i, x in enumerate(served) if x.startswith("engine 22"))
+        assert not any(x.startswith("engine 19") for x in served[first:])  # the rest of the reading was dropped
+        assert seen == []  # no partial fault reading reached the tracker
+        assert r.collector._assembling == {}
+
+
 def test_collection_waits_while_a_command_holds_a_non_default_session(vehicle, jsim, tmp_path, journal):
     config = with_collect(vehicle, plans=(plan(signals=[SPEED]),))
     with rig(config, tmp_path) as r:
@@ -206,6 +255,51 @@ def test_a_condition_below_its_threshold_pauses_collection(vehicle, sim, tmp_pat
     with rig(config, tmp_path) as r:
         paused = r.out.wait(lambda: r.out.of_type("collection_paused"))[0]
         assert (paused["reason"], paused["value"], paused["below"]) == ("condition", -10, 0.0)
+        assert r.collector.paused == "condition"
+
+
+def test_bus_silence_wins_over_a_condition_pause_and_stops_its_recheck(vehicle, sim, tmp_path):
+    """Paused for the condition (rechecked every 200 ms), then the vehicle falls asleep: the pause becomes
+    bus_silent and nothing at all goes on the bus; when the vehicle wakes with the condition cleared,
+    collection resumes and stays running."""
+    traffic = sim.vehicle_traffic(period_s=0.05)
+    engine = sim.ecu("engine")
+    condition = SleepCondition("engine", "oil_temp", below=0.0, recheck_ms=200)  # the sim reads -10
+    config = with_collect(vehicle, sleep=SleepConfig(silence_ms=400, condition=condition),
+                          plans=(plan(signals=[SPEED], batch={"max_age_ms": 200}),))
+    with rig(config, tmp_path) as r:
+        r.out.wait(lambda: r.out.of_type("collection_paused"))
+        asked = engine.received[0x22]
+        r.out.wait(lambda: engine.received[0x22] >= asked + 2)  # the recheck runs while the vehicle is awake
+        traffic.sleep()
+        r.out.wait(lambda: len(r.out.of_type("collection_paused")) == 2)
+        r.collector.idle(5)
+        assert [e["reason"] for e in r.out.of_type("collection_paused")] == ["condition", "bus_silent"]
+        assert r.collector.paused == "bus_silent" and not r.out.of_type("collection_resumed")
+        asked, sent = engine.received[0x22], r.runtime.owner.counters.frames_tx
+        time.sleep(1.0)  # five recheck periods of a sleeping vehicle (silence is the point: nothing to wait for)
+        assert engine.received[0x22] == asked and r.runtime.owner.counters.frames_tx == sent
+        engine.server.values[0xF40D] = bytes([20])  # the supply recovered while the vehicle slept
+        traffic.wake()
+        r.out.wait(lambda: r.out.of_type("collection_resumed"))
+        r.out.wait(lambda: r.out.samples("oil_temp") and r.out.samples("oil_temp")[-1]["value"] == 20)
+        assert r.out.of_type("collection_resumed")[0]["reason"] == "bus_traffic"
+        assert r.collector.paused is None and len(r.out.of_type("collection_paused")) == 2
+
+
+def test_the_condition_still_below_after_a_wake_pauses_again_for_the_condition(vehicle, sim, tmp_path):
+    traffic = sim.vehicle_traffic(period_s=0.05)
+    condition = SleepCondition("engine", "oil_temp", below=0.0, recheck_ms=0)
+    config = with_collect(vehicle, sleep=SleepConfig(silence_ms=400, condition=condition),
+                          plans=(plan(signals=[SPEED]),))
+    with rig(config, tmp_path) as r:
+        r.out.wait(lambda: r.out.of_type("collection_paused"))
+        traffic.sleep()
+        r.out.wait(lambda: len(r.out.of_type("collection_paused")) == 2)
+        traffic.wake()
+        r.out.wait(lambda: len(r.out.of_type("collection_paused")) == 3)
+        assert [e["reason"] for e in r.out.of_type("collection_paused")] == ["condition", "bus_silent", "condition"]
+        assert [e["reason"] for e in r.out.of_type("collection_resumed")] == ["bus_traffic"]
         assert r.collector.paused == "condition"
 
 
@@ -295,3 +389,31 @@ def test_removing_a_plan_that_was_never_applied_changes_nothing(vehicle, sim, tm
         r.collector.submit_plan("never-applied", b"")
         r.collector.idle(5)
         assert r.out.events == [] and r.collector.alive
+
+
+def _slow(name: str, version: int = 1, dids: int = 1) -> bytes:
+    """A plan of `dids` DIDs of unknown length (one request each), read once a day: only its bounds matter."""
+    return _json(plan(name, version, signals=[{"component": "engine", "every_ms": 86_400_000,
+                                               "data": [f"0x{i:04X}" for i in range(0x1000, 0x1000 + dids)]}]))
+
+
+def test_plans_beyond_the_configured_bounds_are_rejected_with_a_path(vehicle, sim, tmp_path):
+    config = with_collect(vehicle, max_plans=2, max_scheduled_requests=100)
+    with rig(config, tmp_path) as r:
+        r.collector.submit_plan("a", _slow("a", dids=40))
+        r.collector.submit_plan("b", _slow("b", dids=40))
+        r.collector.submit_plan("c", _slow("c"))  # a third plan
+        r.collector.submit_plan("b", _slow("b", 2, dids=60))  # its own older version does not count
+        r.collector.submit_plan("b", _slow("b", 3, dids=61))  # 40 + 61 requests
+        r.collector.idle(5)
+        assert [(e["name"], e["version"]) for e in r.out.of_type("plan_applied")] == [("a", 1), ("b", 1), ("b", 2)]
+        rejected = r.out.of_type("plan_rejected")
+        assert [(e["name"], e["errors"][0]["path"]) for e in rejected] == [("c", "name"), ("b", "signals")]
+        assert "collect.max_plans (2)" in rejected[0]["errors"][0]["message"]
+        assert "collect.max_scheduled_requests (100)" in rejected[1]["errors"][0]["message"]
+        assert len(r.collector.schedule) == 100 and sorted(r.collector.plans) == ["a", "b"]
+        assert r.book.load_plans()[-1].version == 2  # the rejected ones were never stored
+        r.collector.submit_plan("a", b"")
+        r.collector.submit_plan("c", _slow("c"))  # room again
+        r.collector.idle(5)
+        assert sorted(r.collector.plans) == ["b", "c"] and len(r.collector.schedule) == 61

@@ -11,6 +11,7 @@ import yaml
 from conftest import DATA, ROOT
 
 from agent.config import load_config, parse_config
+from agent.config.model import CollectConfig
 from agent.errors import ConfigError
 from agent.wire.plan import local_plan_problems
 
@@ -81,3 +82,15 @@ def test_check_config_fails_with_78_on_a_bad_local_plan(tmp_path):
     done = subprocess.run([sys.executable, "-m", "agent", "check-config", "-c", str(path)], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "1 collection plans" in done.stdout
+
+
+def test_plan_bounds_have_small_defaults_and_local_plans_beyond_them_are_a_problem():
+    assert (CollectConfig().max_plans, CollectConfig().max_scheduled_requests) == (16, 1024)
+    config = parse_config(vehicle_with({"max_plans": 1, "max_scheduled_requests": 50}))
+    assert (config.collect.max_plans, config.collect.max_scheduled_requests) == (1, 50)
+    with pytest.raises(ConfigError) as err:
+        parse_config(vehicle_with({"max_plans": 1, "max_scheduled_requests": 0,
+                                   "plans": [{"name": "a", "version": 1}, {"name": "b", "version": 1}]}))
+    assert dict(err.value.problems) == {
+        "collect.plans": "2 local plans: at most collect.max_plans (1) are applied at once",
+        "collect.max_scheduled_requests": "0 is out of range 1..65536"}

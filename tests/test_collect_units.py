@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 from conftest import DATA
 
 from agent.collect.schedule import Backoff, Budget, Schedule, plan_tasks
 from agent.collect.telemetry import Telemetry, changed
 from agent.config import load_config
 from agent.wire import command as c
+from agent.wire import messages as m
 from agent.wire.plan import parse_plan
 
 CONFIG = load_config(DATA / "vehicle.yaml")
@@ -134,3 +137,73 @@ def test_a_batch_closes_before_it_outgrows_the_message_size():
         t.reading("p", plan.signals[0], plan.signals[0].items[0], n, at=10.0, now=0.0)
         n += 1
     assert 5 < n < 20
+
+
+def _sizes_fit(batches: list[dict], limit: int) -> bool:
+    return all(len(m.encode(b)) <= limit for b in batches)
+
+
+def test_a_batch_is_cut_before_a_sample_would_take_it_past_the_limit():
+    """Samples of very different sizes (one reading can add ~8 KiB): every batch stays within the limit,
+    exactly, and no sample is lost or reordered."""
+    plan = make({"signals": [{"component": "engine", "data": ["oil_temp", "big_block"], "every_ms": 1000}],
+                 "batch": {"max_age_ms": 3_600_000, "max_samples": 10_000}})
+    small, big = plan.signals[0].items
+    limit = 12_000
+    t = Telemetry(max_bytes=limit)
+    t.set_plan(plan, 0)
+    sent: list[dict] = []
+    values = []
+    for n in range(40):
+        item, value = (big, "ab" * (1000 + 97 * n)) if n % 3 == 0 else (small, n)
+        values.append(value)
+        assert t.reading("p", plan.signals[0], item, value, at=10.0, now=0.0)
+        sent += t.cut()
+    sent += t.flush()
+    assert len(sent) > 3 and _sizes_fit(sent, limit)
+    assert [s["value"] for b in sent for s in b["samples"]] == values
+    assert [b["seq"] for b in sent] == list(range(1, len(sent) + 1))
+    assert max(len(m.encode(b)) for b in sent) > limit - 2_000  # batches are filled, not cut early
+
+
+def test_a_sample_that_alone_exceeds_the_limit_is_left_out_and_counted():
+    plan = make({"signals": [{"component": "engine", "data": ["oil_temp", "big_block"], "every_ms": 1000,
+                              "on_change": True}]})
+    small, big = plan.signals[0].items
+    t = Telemetry(max_bytes=2_000)
+    t.set_plan(plan, 0)
+    assert t.reading("p", plan.signals[0], small, 1, at=10.0, now=0.0)
+    assert not t.reading("p", plan.signals[0], big, "ff" * 4095, at=10.0, now=0.0)
+    assert t.too_large == 1
+    assert t.reading("p", plan.signals[0], small, 2, at=10.0, now=0.0)
+    [batch] = t.flush()
+    assert [s["data"] for s in batch["samples"]] == ["oil_temp", "oil_temp"] and t.cut() == []
+
+
+def test_a_smaller_limit_cuts_open_batches_again():
+    plan = make({"signals": [{"component": "engine", "data": ["big_block"], "every_ms": 1000}],
+                 "batch": {"max_age_ms": 5000, "max_samples": 10_000}})
+    [item] = plan.signals[0].items
+    t = Telemetry(max_bytes=50_000)
+    t.set_plan(plan, 0)
+    for n in range(10):
+        t.reading("p", plan.signals[0], item, f"{n:02x}" * (600 if n < 9 else 3000), at=10.0, now=1.0)
+    assert t.cut() == []
+    dropped = t.set_limit(4_000, now=2.0)
+    assert [len(e["value"]) for e in dropped] == [6000]  # alone too large now: left out
+    assert t.too_large == 1 and t.next_due() == 6.0  # the open batch keeps its age
+    sent = t.cut() + t.flush()
+    assert _sizes_fit(sent, 4_000) and sum(len(b["samples"]) for b in sent) == 9
+
+
+def test_a_state_too_large_is_trimmed_largest_value_first_or_refused_when_nothing_fits():
+    state = m.state_message("engine", 10.0, {"big": ("ab" * 3000, 10.0), "mid": ("x" * 500, 10.0),
+                                             "speed": (812.5, 10.0)}, [{"code": "P0301", "status": {}}])
+    whole = m.encode(state)
+    assert m.trim_state(whole, len(whole)) is whole
+    trimmed = json.loads(m.trim_state(whole, 1000))
+    assert trimmed["truncated"] == ["big"] and sorted(trimmed["values"]) == ["mid", "speed"]
+    assert trimmed["faults"] == state["faults"]
+    assert json.loads(m.trim_state(whole, 300))["truncated"] == ["big", "mid"]
+    assert m.trim_state(whole, 100) is None  # not even its faults and time fit
+    assert m.trim_state(b"not json", 5) is None

@@ -55,6 +55,21 @@ def test_read_faults_with_snapshots_and_extended(vehicle):
     assert fault["extended_data"] == "0105"
 
 
+def test_one_dtcs_snapshots_are_one_request_and_a_refusal_stays_in_the_result(vehicle):
+    """Collection's part of a fault watch with snapshots: 0x19 0x04 for one DTC, nothing else."""
+    import time
+
+    from agent.uds.executor import Executor
+
+    link = ScriptedLink("59040301002f0101f40c0c80", "7f1931")
+    executor = Executor(vehicle.ecu("engine"), link)
+    first = executor.execute(c.ReadFaultSnapshot(0x030100), time.monotonic() + 2)
+    refused = executor.execute(c.ReadFaultSnapshot(0x030100), time.monotonic() + 2)
+    assert [s.hex() for s in link.sent] == ["1904030100ff", "1904030100ff"]
+    assert first.result == {"snapshots": [{"record": 1, "values": {"engine_speed": 800.0}}]}
+    assert refused.status is Status.COMPLETED and refused.result["snapshots_error"]["nrc"] == "0x31"
+
+
 def test_security_access_seed_key(vehicle):
     sent, outcome = run(vehicle, "security_access", {"level": 1}, "670111223344", "6702")
     key = bytes(b ^ (0x5A + 1) for b in bytes.fromhex("11223344")).hex()

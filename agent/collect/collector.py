@@ -14,10 +14,11 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from agent.bus.owner import BusOwner, RxFilter
-from agent.collect.schedule import Backoff, Budget, Schedule, Task, TaskKey, plan_tasks
+from agent.collect.schedule import Backoff, Budget, Schedule, Task, TaskKey, plan_tasks, snapshot_task
 from agent.collect.sleep import TrafficWatch, diagnostic_ids
 from agent.collect.telemetry import Telemetry
 from agent.config.model import AgentConfig
@@ -38,6 +39,16 @@ log = logging.getLogger(__name__)
 FaultSink = Callable[[str, list[dict[str, Any]], int], list[dict[str, Any]]]
 MAX_WAIT_S = 5.0  # the scheduler looks around at least this often (heartbeat)
 SESSION_POLL_S = 0.25  # how often it looks whether a component is back in its default session
+
+
+@dataclass
+class _Assembly:
+    """A fault reading whose DTCs' snapshots are still being read, one job each."""
+
+    version: int
+    faults: list[dict[str, Any]]
+    at: float
+    next: int = 0  # index in `faults` of the DTC whose snapshots are read next
 
 
 class Output(Protocol):
@@ -82,7 +93,8 @@ class Collector:
     def __init__(self, config: AgentConfig, workers: Mapping[str, ComponentWorker], out: Output,
                  metrics: CollectionMetrics, book: PlanBook, fault_sink: FaultSink | None = None,
                  on_reachable: Callable[[str, bool], None] | None = None, bus: BusOwner | None = None,
-                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
+                 payload_limit: Callable[[], int] | None = None) -> None:
         self.config = config
         self._settings = config.collect
         self._workers = workers
@@ -95,14 +107,19 @@ class Collector:
         self._wall = wall
         self._events: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self.schedule = Schedule()
-        self.telemetry = Telemetry(max(4096, config.mqtt.max_payload_bytes - 1024))
+        # the largest telemetry batch payload: the system layer knows the broker's limit and the topic
+        self._payload_limit = payload_limit or (lambda: config.mqtt.max_payload_bytes - m.MARK_BYTES)
+        self.telemetry = Telemetry(self._payload_limit())
+        self._too_large_logged: set[tuple[str, str, str]] = set()
         self.backoff = Backoff(self._settings.backoff_s, self._settings.backoff_max_s)
         self.plans: dict[str, Plan] = {}
         self._versions: dict[str, int] = {}
+        self._requests: dict[str, int] = {}  # scheduled requests of each applied plan
         self._seqs: dict[str, int] = {}
         self._budgets: dict[str, Budget] = {}
         self._ready: dict[str, deque[Task]] = {}
         self._outstanding: dict[str, TaskKey] = {}
+        self._assembling: dict[TaskKey, _Assembly] = {}  # fault readings waiting for their snapshots
         self._last_states = clock()
         self.paused: str | None = None
         self._recheck_at: float | None = None
@@ -177,9 +194,8 @@ class Collector:
     def _handle(self, event: tuple[Any, ...]) -> bool:
         kind = event[0]
         if kind == "stop":
-            for name in list(self.plans):  # what was collected so far goes out (the lane is durable)
-                if (batch := self.telemetry.take(name)) is not None:
-                    self._send_batch(batch)
+            for batch in self.telemetry.flush():  # what was collected so far goes out (the lane is durable)
+                self._send_batch(batch)
             return False
         if kind == "load":
             self._load()
@@ -210,10 +226,10 @@ class Collector:
                     continue
                 blocked = self.backoff.blocked_until(component, now)
                 times.append(blocked if blocked is not None else self._budgets[ready[0].plan].ready_at(now))
-            if self.traffic is not None:
-                times.append(self.traffic.last_seen + self._settings.sleep.silence_ms / 1000)
         elif self._recheck_at is not None:
             times.append(self._recheck_at)
+        if self.traffic is not None and self.paused != "bus_silent":
+            times.append(self.traffic.last_seen + self._settings.sleep.silence_ms / 1000)
         if self.plans:
             times.append(self._last_states + self._state_period())
         return max(0.0, min(times) - now)
@@ -221,8 +237,10 @@ class Collector:
     def _tick(self) -> None:
         self.passes += 1
         now = self._clock()
-        if self.paused is None and self.traffic is not None and \
+        if self.paused != "bus_silent" and self.traffic is not None and \
                 self.traffic.silent_for() >= self._settings.sleep.silence_ms / 1000:
+            # bus silence always wins, a pause for the condition too: nothing goes on the bus, not even its
+            # recheck, until a vehicle frame resumes collection (the condition is then read again by the plan)
             self._pause("bus_silent", silent_ms=round(self.traffic.silent_for() * 1000))
         if self.paused is None:
             for task in self.schedule.due(now):
@@ -283,6 +301,10 @@ class Collector:
                 self._rejected(plan.name, plan.version, [{"path": "version", "message":
                                f"version {plan.version} is not above version {known}, already applied"}], source)
                 return
+        tasks = plan_tasks(plan, self._settings.max_dids_per_request)
+        if (bound := self._over_bounds(plan, len(tasks))) is not None:
+            self._rejected(plan.name, plan.version, [bound], source)
+            return
         if store:
             try:
                 self._book.save_plan(plan.name, plan.version, plan.body)
@@ -290,18 +312,34 @@ class Collector:
                 self._rejected(plan.name, plan.version, [{"path": "", "message": f"cannot store the plan: {err}"}],
                                source)
                 return
-        self._apply(plan, source)
+        self._apply(plan, tasks, source)
 
-    def _apply(self, plan: Plan, source: str) -> None:
+    def _over_bounds(self, plan: Plan, requests: int) -> dict[str, str] | None:
+        """Whether applying `plan` (replacing its own older version) would pass collect.max_plans or
+        collect.max_scheduled_requests: the error, with its path, that rejects it."""
+        others = [name for name in self.plans if name != plan.name]
+        if len(others) >= self._settings.max_plans:
+            return {"path": "name", "message": f"{len(others)} other plans are applied: at most collect.max_plans "
+                                               f"({self._settings.max_plans}) at once; remove one first"}
+        scheduled = sum(self._requests.get(name, 0) for name in others)
+        if scheduled + requests > self._settings.max_scheduled_requests:
+            return {"path": "signals", "message": f"the plan needs {requests} requests and the other plans "
+                                                  f"{scheduled}: more than collect.max_scheduled_requests "
+                                                  f"({self._settings.max_scheduled_requests})"}
+        return None
+
+    def _apply(self, plan: Plan, tasks: list[Task], source: str) -> None:
         now = self._clock()
         last = self.telemetry.set_plan(plan, self._seqs.get(plan.name, self.telemetry.seq(plan.name)))
         if last is not None:
             self._send_batch(last)
         self._drop_ready(plan.name)
-        self.schedule.set_plan(plan.name, plan_tasks(plan, self._settings.max_dids_per_request), now)
+        self.schedule.set_plan(plan.name, tasks, now)
+        self._requests[plan.name] = len(tasks)
         self._budgets[plan.name] = Budget(plan.requests_per_s, now)
         self.plans[plan.name] = plan
         self._versions[plan.name] = plan.version
+        self._too_large_logged = {k for k in self._too_large_logged if k[0] != plan.name}
         self._plans_changed()
         log.info("collection plan %s version %d applied", plan.name, plan.version,
                  extra={"plan": plan.name, "version": plan.version, "source": source})
@@ -320,6 +358,7 @@ class Collector:
         if last is not None:
             self._send_batch(last)
         self.schedule.remove_plan(name)
+        self._requests.pop(name, None)
         self._drop_ready(name)
         self._budgets.pop(name, None)
         self._plans_changed()
@@ -343,11 +382,14 @@ class Collector:
         for ready in self._ready.values():
             for task in [t for t in ready if t.plan == plan]:
                 ready.remove(task)
+        for key in [k for k in self._assembling if k[0] == plan]:
+            del self._assembling[key]  # its snapshot reading still on the bus is dropped when it comes
 
     # ---- readings ------------------------------------------------------------------------------
     def _queue(self, task: Task) -> None:
         ready = self._ready.setdefault(task.component, deque())
-        if any(t.key == task.key for t in ready) or self._outstanding.get(task.component) == task.key:
+        if any(t.key == task.key for t in ready) or self._outstanding.get(task.component) == task.key \
+                or task.key in self._assembling:
             self.metrics.overruns.labels(task.component).inc()
             return
         ready.append(task)
@@ -387,8 +429,15 @@ class Collector:
         current = task.plan in self.plans and self.plans[task.plan].version == version and self.paused is None
         if task.watch is not None:
             self.metrics.reading(component, reading_result(outcome))
-            if outcome.status is Status.COMPLETED and outcome.result is not None and current:
-                self._faults(component, list(outcome.result.get("faults", [])), task.watch.status_mask, at)
+            if task.key[2] == "snapshot":
+                self._snapshot_read(task, version, outcome, current)
+            elif outcome.status is Status.COMPLETED and outcome.result is not None and current:
+                faults = list(outcome.result.get("faults", []))
+                if task.watch.snapshots and faults:
+                    self._assembling[task.key] = _Assembly(version, faults, at)
+                    self._next_snapshot(task)
+                else:
+                    self._faults(component, faults, task.watch.status_mask, at)
             return
         values = _values(task, outcome)
         counts: dict[str, int] = {}
@@ -396,14 +445,81 @@ class Collector:
             counts[result] = counts.get(result, 0) + 1
         for result, count in counts.items():
             self.metrics.reading(component, result, count)
+        self._refresh_limit(now)
         for signal, item, value, result in values:
             if result != "ok" or not current:
                 continue
+            dropped = self.telemetry.too_large
             self.telemetry.reading(task.plan, signal, item, value, at, now)
+            if self.telemetry.too_large != dropped:
+                self._sample_too_large(task.plan, component, item.name, value)
             numeric = isinstance(value, int | float) and not isinstance(value, bool)
             if signal.export and item.numeric and numeric:
                 self.metrics.set_value(component, item.name, item.unit, float(value))
             self._condition(component, item.name, value)
+        for batch in self.telemetry.cut():  # a batch the next sample would have taken past the limit
+            self._send_batch(batch)
+
+    def _refresh_limit(self, now: float) -> None:
+        try:
+            limit = self._payload_limit()
+        except Exception:
+            log.exception("the telemetry payload limit is unknown: %d bytes kept", self.telemetry.max_bytes)
+            return
+        if limit != self.telemetry.max_bytes:
+            log.info("telemetry payload limit: %d bytes", limit, extra={"max_bytes": limit})
+            dropped = self.telemetry.set_limit(limit, now)
+            for entry in dropped:
+                self.metrics.too_large.labels(entry["component"]).inc()
+            if dropped:
+                log.warning("telemetry payload limit now %d bytes: %d samples no longer fit in any batch and are "
+                            "left out", limit, len(dropped), extra={"max_bytes": limit})
+            for batch in self.telemetry.cut():
+                self._send_batch(batch)
+
+    def _sample_too_large(self, plan: str, component: str, data: str, value: Any) -> None:
+        """A sample that alone exceeds the payload limit: never sent; counted, logged once per plan and value."""
+        self.metrics.too_large.labels(component).inc()
+        key = (plan, component, data)
+        level = logging.DEBUG if key in self._too_large_logged else logging.WARNING
+        self._too_large_logged.add(key)
+        log.log(level, "sample %s of %s left out of plan %s's telemetry: larger than the payload limit of %d bytes "
+                "on its own", data, component, plan, self.telemetry.max_bytes,
+                extra={"plan": plan, "component": component, "data": data, "max_bytes": self.telemetry.max_bytes,
+                       "bytes": len(m.encode(m.sample(component, data, value, 0.0)))})
+
+    def _next_snapshot(self, watch_task: Task) -> None:
+        """Queues the next DTC's snapshot reading first in its component's line (a command still goes
+        before it), or completes the fault reading when every DTC's snapshots were read."""
+        assembly = self._assembling[watch_task.key]
+        if assembly.next < len(assembly.faults):
+            dtc = int(assembly.faults[assembly.next]["dtc"], 16)
+            self._ready.setdefault(watch_task.component, deque()).appendleft(snapshot_task(watch_task, dtc))
+            return
+        del self._assembling[watch_task.key]
+        assert watch_task.watch is not None
+        self._faults(watch_task.component, assembly.faults, watch_task.watch.status_mask, assembly.at)
+
+    def _snapshot_read(self, task: Task, version: int, outcome: Outcome, current: bool) -> None:
+        """One DTC's snapshots: into its fault entry (a failure stays in that entry, as in `read_faults`).
+        A reading whose plan changed or paused meanwhile is dropped."""
+        plan, component, _, index = task.key
+        watch_key = (plan, component, "faults", index)
+        assembly = self._assembling.get(watch_key)
+        if assembly is None or not current or assembly.version != version:
+            self._assembling.pop(watch_key, None)
+            return
+        entry = assembly.faults[assembly.next]
+        if outcome.status is Status.COMPLETED and outcome.result is not None:
+            entry.update(outcome.result)
+        elif outcome.error is not None:
+            entry["snapshots_error"] = outcome.error.as_dict()
+        assembly.next += 1
+        watch_task = self.schedule.task(watch_key)
+        if watch_task is None:
+            self._assembling.pop(watch_key, None)
+            return
+        self._next_snapshot(watch_task)
 
     def _faults(self, component: str, faults: list[dict[str, Any]], status_mask: int, at: float) -> None:
         self.telemetry.faults(component, faults, at)
@@ -466,14 +582,15 @@ class Collector:
                 self._outstanding.pop(worker.ecu.name, None)
         for ready in self._ready.values():
             ready.clear()
+        self._assembling.clear()
         if self.traffic is not None:
             self.traffic.mark_asleep()
         condition = self._settings.sleep.condition
+        self._recheck_at = None
         if reason == "condition" and condition is not None and condition.recheck_ms > 0:
             self._recheck_at = self._clock() + condition.recheck_ms / 1000
-        for name in list(self.plans):
-            if (batch := self.telemetry.take(name)) is not None:
-                self._send_batch(batch)
+        for batch in self.telemetry.flush():
+            self._send_batch(batch)
         self.metrics.paused.set(1)
         log.warning("collection paused: %s", reason, extra={"reason": reason, **details})
         self._event(m.event_message("collection_paused", self._wall(), reason=reason, **details))

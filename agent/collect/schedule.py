@@ -3,8 +3,8 @@
 A plan becomes tasks: one task per request it needs. The DIDs of known length that one component reads
 at one interval (across the plan's signals) are grouped into ReadDataByIdentifier requests of at most
 `max_dids` each (a DID of unknown length goes alone: only the ECU knows where it ends); OBD-II PIDs into
-service 0x01 requests of at most six; a fault watch is one ReadDTCInformation request (plus one per DTC
-when it asks for snapshots).
+service 0x01 requests of at most six; a fault watch is one ReadDTCInformation request (when it asks
+for snapshots, the collector follows it with one job per DTC found: see `snapshot_task`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from agent.wire import command as c
 from agent.wire import obd
 from agent.wire.plan import FaultWatch, Item, Plan, Signal
 
-TaskKey = tuple[str, str, str, int]  # plan, component, "data" | "faults", index
+TaskKey = tuple[str, str, str, int]  # plan, component, "data" | "faults" | "snapshot", index
 
 
 @dataclass(frozen=True)
@@ -62,10 +62,17 @@ def plan_tasks(plan: Plan, max_dids: int) -> list[Task]:
             params = c.Obd(pids=tuple(i.pid for _, i in group if i.pid is not None))
             tasks.append(Task((plan.name, component, "data", next(index)), every, params, tuple(group)))
     for watch in plan.faults:
-        params = c.ReadFaults(status_mask=watch.status_mask, snapshots=watch.snapshots)
+        params = c.ReadFaults(status_mask=watch.status_mask)  # snapshots: one job per DTC afterwards
         tasks.append(Task((plan.name, watch.component, "faults", next(index)), watch.every_ms / 1000, params,
                           watch=watch))
     return tasks
+
+
+def snapshot_task(watch_task: Task, dtc: int) -> Task:
+    """The one-request reading of one DTC's snapshots that a fault watch's reading is followed by."""
+    plan, component, _, index = watch_task.key
+    return Task((plan, component, "snapshot", index), watch_task.every_s, c.ReadFaultSnapshot(dtc),
+                watch=watch_task.watch)
 
 
 class Schedule:

@@ -14,6 +14,7 @@ from agent.wire.plan import Item, Plan, Signal
 from agent.wire.timefmt import format_rfc3339
 
 StateValues = dict[str, tuple[Any, float]]
+SEQ_ROOM = 10**15  # a batch's size is counted with a seq this long: the seq never makes it outgrow the limit
 
 
 def changed(previous: Any, value: Any, deadband: float) -> bool:
@@ -33,8 +34,9 @@ class _Open:
     max_age_s: float
     max_samples: int
     seq: int
+    base: int  # encoded bytes of the batch message without samples (with room for any seq)
     samples: list[dict[str, Any]] = field(default_factory=list)
-    size: int = 0  # encoded bytes of the samples so far
+    size: int = 0  # encoded bytes of the batch message as it stands
     opened: float | None = None  # monotonic time of its first sample
 
 
@@ -42,7 +44,9 @@ class Telemetry:
     """Holds each plan's open batch, the last published value of each on-change signal, and the state."""
 
     def __init__(self, max_bytes: int = 256 * 1024) -> None:
-        self.max_bytes = max_bytes  # a batch is sent once its samples reach this size (the broker's limit)
+        self.max_bytes = max_bytes  # no batch message is larger (the payload limit); see `set_limit`
+        self.too_large = 0  # samples left out: alone they make a batch larger than max_bytes
+        self._full: list[dict[str, Any]] = []  # batches cut because the next sample would not fit
         self._open: dict[str, _Open] = {}
         self._last: dict[tuple[str, str, str], Any] = {}
         self._values: dict[str, StateValues] = {}
@@ -56,7 +60,9 @@ class Telemetry:
     def set_plan(self, plan: Plan, seq: int) -> dict[str, Any] | None:
         """Starts (or restarts) a plan's batches after batch `seq`; returns the old version's last batch."""
         last = self.close(plan.name)
-        self._open[plan.name] = _Open(plan.version, plan.batch.max_age_ms / 1000, plan.batch.max_samples, seq)
+        base = len(m.encode(m.telemetry_message(plan.name, plan.version, SEQ_ROOM, [])))
+        self._open[plan.name] = _Open(plan.version, plan.batch.max_age_ms / 1000, plan.batch.max_samples, seq, base,
+                                      size=base)
         for key in [k for k in self._last if k[0] == plan.name]:
             del self._last[key]  # a new version starts with fresh on-change baselines
         return last
@@ -74,7 +80,9 @@ class Telemetry:
 
     # ---- readings ------------------------------------------------------------------------------
     def reading(self, plan: str, signal: Signal, item: Item, value: Any, at: float, now: float) -> bool:
-        """One value read; True when it became a sample (on_change may leave it out)."""
+        """One value read; True when it became a sample (on_change may leave it out, and a sample too large
+        for any batch is left out and counted in `too_large`). A batch the sample would take past `max_bytes`
+        is cut first: `cut()` hands it over."""
         values = self._values.setdefault(signal.component, {})
         values[item.name] = (value, at)
         self._read_at[signal.component] = at
@@ -86,15 +94,58 @@ class Telemetry:
         if signal.on_change and key in self._last and not changed(self._last[key], value, signal.deadband):
             self.suppressed += 1
             return False
-        self._last[key] = value
-        if batch.opened is None:
-            batch.opened = now
         if self._stamp[0] != at:
             self._stamp = (at, format_rfc3339(at))
         entry = m.sample(signal.component, item.name, value, self._stamp[1])
-        batch.samples.append(entry)
-        batch.size += _size(entry)
+        size = len(m.encode(entry))
+        if batch.base + size > self.max_bytes:
+            self.too_large += 1
+            return False
+        self._last[key] = value
+        self._add(plan, batch, entry, size, now)
         return True
+
+    def _add(self, name: str, batch: _Open, entry: dict[str, Any], size: int, now: float) -> None:
+        """Appends a sample that fits in an empty batch, cutting the batch first if it would not fit now."""
+        if batch.samples and batch.size + 1 + size > self.max_bytes and (full := self.take(name)) is not None:
+            self._full.append(full)
+        if batch.opened is None:
+            batch.opened = now
+        batch.size += size + (1 if batch.samples else 0)
+        batch.samples.append(entry)
+
+    def set_limit(self, max_bytes: int, now: float) -> list[dict[str, Any]]:
+        """A new payload limit (the broker announced another maximum packet size): open batches that no
+        longer fit are cut again; the samples that alone no longer fit are left out, counted and returned."""
+        shrunk = max_bytes < self.max_bytes
+        self.max_bytes = max_bytes
+        dropped: list[dict[str, Any]] = []
+        if not shrunk:
+            return dropped
+        for name, batch in self._open.items():
+            if batch.size <= max_bytes:
+                continue
+            samples, opened = batch.samples, batch.opened
+            batch.samples, batch.opened, batch.size = [], None, batch.base
+            for entry in samples:
+                size = len(m.encode(entry))
+                if batch.base + size > max_bytes:
+                    self.too_large += 1
+                    dropped.append(entry)
+                    continue
+                self._add(name, batch, entry, size, now)
+            if batch.samples and opened is not None:
+                batch.opened = opened  # the batch's age is that of its oldest sample
+        return dropped
+
+    def flush(self) -> list[dict[str, Any]]:
+        """Every batch holding samples, cut ones first (collection pauses or stops)."""
+        return [*self.cut(), *(batch for name in list(self._open) if (batch := self.take(name)) is not None)]
+
+    def cut(self) -> list[dict[str, Any]]:
+        """The batches cut since the last call (in seq order): to be sent before anything else of their plan."""
+        out, self._full = self._full, []
+        return out
 
     def faults(self, component: str, faults: list[dict[str, Any]], at: float) -> None:
         """A fault reading: it becomes part of the component's state."""
@@ -109,11 +160,11 @@ class Telemetry:
         return min(ages) if ages else None
 
     def due(self, now: float) -> list[dict[str, Any]]:
-        """The batches to send now: full (max_samples) or old enough (max_age_ms)."""
+        """The batches to send now: cut by size, full (max_samples) or old enough (max_age_ms)."""
         ready = [name for name, b in self._open.items()
-                 if b.samples and (len(b.samples) >= b.max_samples or b.size >= self.max_bytes
+                 if b.samples and (len(b.samples) >= b.max_samples
                                    or (b.opened is not None and now >= b.opened + b.max_age_s))]
-        return [batch for name in ready if (batch := self.take(name)) is not None]
+        return [*self.cut(), *(batch for name in ready if (batch := self.take(name)) is not None)]
 
     def take(self, name: str) -> dict[str, Any] | None:
         """A plan's open batch as a message (emptied, seq advanced); None if it holds no samples."""
@@ -122,7 +173,7 @@ class Telemetry:
             return None
         batch.seq += 1
         message = m.telemetry_message(name, batch.version, batch.seq, batch.samples)
-        batch.samples, batch.opened, batch.size = [], None, 0
+        batch.samples, batch.opened, batch.size = [], None, batch.base
         return message
 
     def states(self) -> list[tuple[str, dict[str, Any]]]:
@@ -140,11 +191,3 @@ class Telemetry:
                 self._dirty.add(component)
                 self._read_at.setdefault(component, 0.0)
 
-
-def _size(sample: dict[str, Any]) -> int:
-    """The encoded size of a sample, closely enough to close a batch below the payload limit (which keeps a
-    margin): JSON encoding every sample would cost more than the rest of a reading."""
-    value = sample["value"]
-    shown = len(value) * 2 + 2 if isinstance(value, str) else len(m.encode(value)) if isinstance(value, dict | list) \
-        else len(str(value))
-    return 48 + len(sample["component"]) + len(sample["data"]) + len(sample["at"]) + shown

@@ -17,8 +17,14 @@ def parse_collect(node: Node | None, ecus: tuple[m.EcuConfig, ...]) -> m.Collect
         return m.CollectConfig()
     plans = tuple(dict(raw) for path, raw in node.items_of("plans") if _mapping(node, path, raw))
     sleep = node.child("sleep")
+    max_plans = node.get("max_plans", integer(1, 256), 16)
+    if max_plans is not None and len(plans) > max_plans:
+        node.problems.add(join(node.path, "plans"), f"{len(plans)} local plans: at most collect.max_plans "
+                                                    f"({max_plans}) are applied at once")
     config = m.CollectConfig(
         plans=plans,
+        max_plans=max_plans,
+        max_scheduled_requests=node.get("max_scheduled_requests", integer(1, 65_536), 1024),
         max_dids_per_request=node.get("max_dids_per_request", integer(1, 64), 8),
         telemetry_max_bytes=node.get("telemetry_max_bytes", integer(16 * 1024, 1024**3), 4 * 1024 * 1024),
         backoff_s=node.get("backoff_s", number(0.1, 3600), 1.0),

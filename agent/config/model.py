@@ -243,6 +243,8 @@ class CollectConfig:
     """`collect:`: local plans (validated by agent.wire.plan: the config layer keeps them as written) and bounds."""
 
     plans: tuple[dict[str, object], ...] = ()
+    max_plans: int = 16  # plans applied at once (local and from MQTT)
+    max_scheduled_requests: int = 1024  # requests scheduled across all plans (~1 KiB of memory each)
     max_dids_per_request: int = 8
     telemetry_max_bytes: int = 4 * 1024 * 1024
     backoff_s: float = 1.0

@@ -26,12 +26,22 @@ class CollectionMetrics:
                                                       "configured condition).", registry=registry)
         self.telemetry_dropped = Counter("sovd_telemetry_dropped", "Telemetry batches dropped, oldest first, by the "
                                                                    "telemetry byte bound.", registry=registry)
+        self.too_large = Counter("sovd_telemetry_too_large", "Samples left out of telemetry: on its own, the sample "
+                                                             "makes a batch larger than the payload limit.",
+                                 ["component"], registry=registry)
+        self.state_oversize = Counter("sovd_state_oversize", "States larger than the payload limit: published "
+                                                             "without the values that do not fit (trimmed) or not "
+                                                             "at all (set_aside).", ["component", "outcome"],
+                                      registry=registry)
         self.overruns = Counter("sovd_collection_overruns", "Readings skipped because the previous one of the same "
                                                             "signal group had not run yet.", ["component"],
                                 registry=registry)
         self.plans = Gauge("sovd_collection_plans", "Collection plans applied.", registry=registry)
         for component in components:
             self.overruns.labels(component)
+            self.too_large.labels(component)
+            for outcome in ("trimmed", "set_aside"):
+                self.state_oversize.labels(component, outcome)
             for result in READING_RESULTS:
                 self.readings.labels(component, result)
         self._exported: dict[tuple[str, str, str], Gauge] = {}  # the series, kept: labels() is a lookup per call

@@ -22,6 +22,17 @@ from agent.wire import messages as m
 log = logging.getLogger(__name__)
 
 
+def payload_limit(config: AgentConfig, broker_limit: Callable[[str], int | None], topic: str,
+                  reserve: int = m.MARK_BYTES) -> int:
+    """The largest payload collection may hand over for `topic`: the configured limit, or the broker's
+    announced maximum packet size less the topic and properties when that is smaller, less `reserve`
+    (by default room for the clock mark, which is added afterwards)."""
+    limits = [config.mqtt.max_payload_bytes]
+    if (broker := broker_limit(topic)) is not None:
+        limits.append(broker)
+    return min(limits) - reserve
+
+
 class CollectionOutput:
     """Collection's Output: telemetry into the bounded lane, state into its table, events into the outbox.
     Each message carries the clock mark (`"clock": "unsynchronized"` while the device clock is not known
@@ -83,15 +94,20 @@ class Collection:
                  publish: Callable[[Outgoing], int | None], connected: Callable[[], bool],
                  wake_outbox: Callable[[], None], on_reachable: Callable[[str, bool], None],
                  faults: FaultTracker | None = None, clock_mark: Callable[[], dict[str, Any]] = dict,
-                 wall: Callable[[], float] = time.time) -> None:
+                 wall: Callable[[], float] = time.time,
+                 broker_limit: Callable[[str], int | None] = lambda topic: None) -> None:
         self.metrics = CollectionMetrics(registry, [e.name for e in config.ecus])
         self.tables = CollectionStore(store)
-        self.lane = TelemetryLane(self.tables, publish, connected, wake_outbox)
+        self.lane = TelemetryLane(self.tables, publish, connected, wake_outbox,
+                                  limit=lambda topic: payload_limit(config, broker_limit, topic, reserve=0),
+                                  on_oversize=lambda component, how: self.metrics.state_oversize.labels(
+                                      component, how).inc())
         self.output = CollectionOutput(config, store, self.tables, topics, self.metrics, self.lane.wake, wake_outbox,
                                        clock_mark)
         fault_sink = self.output.fault_events(faults, clock_mark) if faults is not None else None
         self.collector = Collector(config, runtime.workers, self.output, self.metrics, self.tables,
-                                   fault_sink=fault_sink, on_reachable=on_reachable, bus=runtime.owner, wall=wall)
+                                   fault_sink=fault_sink, on_reachable=on_reachable, bus=runtime.owner, wall=wall,
+                                   payload_limit=lambda: payload_limit(config, broker_limit, topics.telemetry))
 
     def start(self) -> None:
         self.lane.start()

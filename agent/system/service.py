@@ -96,7 +96,7 @@ class Service:
         self.collection = Collection(config, self.store, self.runtime, self.topics, self.registry, self.link.publish,
                                      lambda: self.link.connected, self.outbox.wake, on_reachable=self._on_probe,
                                      faults=self.faults, clock_mark=lambda: m.clock_mark(self.clock.synchronized()),
-                                     wall=self.clock.wall)
+                                     wall=self.clock.wall, broker_limit=self.link.payload_limit)
         self.audit = AuditTrail(config, self.topics, self.store.get, on_error=self.metrics.audit_errors.inc,
                                 on_damage=lambda damage: self.metrics.audit_damaged.inc(),
                                 on_lost=lambda how: self.metrics.audit_lost.labels(how).inc())

@@ -82,6 +82,7 @@ class Executor:
         self._algorithms = {s.level: (load_algorithm(s.algorithm), dict(s.params)) for s in ecu.security}
         self._handlers: dict[type, Callable[[Any, float], dict[str, Any]]] = {
             c.ReadData: self._read_data, c.WriteData: self._write_data, c.ReadFaults: self._read_faults,
+            c.ReadFaultSnapshot: self._read_fault_snapshot,
             c.ClearFaults: self._clear_faults, c.SetSession: self._set_session, c.Reset: self._reset,
             c.SecurityAccess: self._security_access, c.Operation: self._operation,
             c.IoControl: self._io_control, c.TesterPresent: self._tester_present, c.Raw: self._raw,
@@ -194,12 +195,21 @@ class Executor:
         for dtc in parsed.dtcs:
             entry = with_text(fault_dict(dtc.id, dtc.status.get_byte_as_int()), self.ecu.dtc_texts, dtc.id)
             if p.snapshots:
-                self._fault_part(entry, "snapshots", dtc.id, lambda d: split_snapshot_records(
-                    d, {s.id: s for s in self.ecu.dids}), deadline)
+                self._snapshots(entry, dtc.id, deadline)
             if p.extended:
                 self._fault_part(entry, "extended_data", dtc.id, lambda d: d.hex(), deadline)
             faults.append(entry)
         return {"faults": faults}
+
+    def _read_fault_snapshot(self, p: c.ReadFaultSnapshot, deadline: float) -> dict[str, Any]:
+        """`{"snapshots": ...}` or `{"snapshots_error": ...}` of one DTC: collection's one-request part."""
+        entry: dict[str, Any] = {}
+        self._snapshots(entry, p.dtc, deadline)
+        return entry
+
+    def _snapshots(self, entry: dict[str, Any], dtc: int, deadline: float) -> None:
+        self._fault_part(entry, "snapshots", dtc, lambda d: split_snapshot_records(
+            d, {s.id: s for s in self.ecu.dids}), deadline)
 
     def _fault_part(self, entry: dict[str, Any], key: str, dtc: int, read: Callable[[bytes], Any],
                     deadline: float) -> None:

@@ -105,6 +105,14 @@ class ReadFaults:
 
 
 @dataclass(frozen=True)
+class ReadFaultSnapshot:
+    """The snapshot records of one DTC, one request (0x19 0x04). Not a command: collection reads the
+    snapshots of a fault watch one DTC per job, so that a command runs between them."""
+
+    dtc: int
+
+
+@dataclass(frozen=True)
 class ClearFaults:
     group: int = 0xFFFFFF
 
@@ -159,7 +167,7 @@ class Obd:
     dtcs: tuple[str, ...] = ()  # stored, pending, permanent
 
 
-Params = (ReadData | WriteData | ReadFaults | ClearFaults | SetSession | Reset | SecurityAccess
+Params = (ReadData | WriteData | ReadFaults | ReadFaultSnapshot | ClearFaults | SetSession | Reset | SecurityAccess
           | Operation | IoControl | TesterPresent | Raw | Obd)
 
 

@@ -140,6 +140,9 @@ def encode(message: dict[str, Any]) -> bytes:
     return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
+MARK_BYTES = len(encode(clock_mark(False)))  # at least what the clock mark adds to a message
+
+
 def encode_final(final: dict[str, Any], max_bytes: int) -> list[tuple[dict[str, Any], bytes]]:
     """`split_result`'s messages with their encodings, each message encoded once."""
     whole = encode(final)
@@ -196,6 +199,27 @@ def sample(component: str, data: str, value: Any, at: float | str) -> dict[str, 
 def telemetry_message(plan: str, version: int, seq: int, samples: list[dict[str, Any]]) -> dict[str, Any]:
     """A telemetry batch: the samples one plan collected since its previous batch."""
     return {"plan": plan, "version": version, "seq": seq, "samples": samples}
+
+
+def trim_state(payload: bytes, max_bytes: int) -> bytes | None:
+    """An encoded state message made to fit `max_bytes`: its largest values left out first and named in
+    `truncated`; None when even without any value it does not fit (or `payload` is not a state)."""
+    if len(payload) <= max_bytes:
+        return payload
+    try:
+        message = json.loads(payload)
+        values = message["values"]
+        sizes = {name: len(encode({name: value})) for name, value in values.items()}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+    left_out: list[str] = []
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        del values[name]
+        left_out.append(name)
+        message["truncated"] = left_out
+        if len(encoded := encode(message)) <= max_bytes:
+            return encoded
+    return None
 
 
 def state_message(component: str, at: float, values: dict[str, tuple[Any, float]],
