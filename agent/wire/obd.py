@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from agent.config.reader import InvalidValueError, describe
 from agent.wire.dtc import format_code, with_text
 
 CURRENT_DATA, VEHICLE_INFO = 0x01, 0x09
@@ -167,6 +168,17 @@ def lookup_pid(text: str) -> Pid | int:
     if pid is None:
         raise ValueError(f"no OBD-II PID named {text!r}")
     return pid
+
+
+def parse_pid(value: Any) -> int:
+    """The PID number a command or plan names (a name or "0xNN"); InvalidValueError for a field error."""
+    if not isinstance(value, str):
+        raise InvalidValueError(f"expected a PID name or \"0xNN\", got {describe(value)}")
+    try:
+        found = lookup_pid(value)
+    except ValueError as err:
+        raise InvalidValueError(str(err)) from None
+    return found if isinstance(found, int) else found.pid
 
 
 # ---- decoding ----------------------------------------------------------------------------------

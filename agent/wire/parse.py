@@ -361,15 +361,6 @@ def _obd(p: Node, ecu: EcuConfig) -> c.Obd:
 
         return convert
 
-    def pid(value: Any) -> int:
-        if not isinstance(value, str):
-            raise InvalidValueError(f"expected a PID name or \"0xNN\", got {describe(value)}")
-        try:
-            found = obd.lookup_pid(value)
-        except ValueError as err:
-            raise InvalidValueError(str(err)) from None
-        return found if isinstance(found, int) else found.pid
-
     def listed(key: str, convert: Callable[[Any], Any]) -> tuple[Any, ...]:
         raw = p.raw(key)
         items = raw if isinstance(raw, list) else [] if raw is None else [raw]
@@ -379,7 +370,7 @@ def _obd(p: Node, ecu: EcuConfig) -> c.Obd:
             p.problems.add(f"params.{key}", "names an item twice")
         return tuple(values)
 
-    params = c.Obd(pids=listed("pids", pid), supported=p.get("supported", boolean, False),
+    params = c.Obd(pids=listed("pids", obd.parse_pid), supported=p.get("supported", boolean, False),
                    info=listed("info", one_of(obd.INFO_TYPES, "an info type")),
                    dtcs=listed("dtcs", one_of(tuple(obd.DTC_SERVICES), "a DTC list")))
     if len(params.pids) > obd.MAX_PIDS_PER_REQUEST:

@@ -252,13 +252,7 @@ def _did(ecu: EcuConfig) -> Callable[[Any], Item]:
 
 
 def _pid(value: Any) -> Item:
-    if not isinstance(value, str):
-        raise InvalidValueError(f"expected a PID name or \"0xNN\", got {describe(value)}")
-    try:
-        found = obd.lookup_pid(value)
-    except ValueError as err:
-        raise InvalidValueError(str(err)) from None
-    number = found if isinstance(found, int) else found.pid
+    number = obd.parse_pid(value)
     if number in obd.BITMAP_PIDS:
         raise InvalidValueError(f"{value} is a supported-PID bitmap, not a measurement")
     if number not in obd.PIDS:
