@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
@@ -13,7 +14,8 @@ import jsonschema
 import yaml
 from conftest import ROOT
 
-from agent.fleet.caller import Seen
+from agent.config.model import AgentConfig
+from agent.fleet.caller import Caller, Seen
 
 _DOC = yaml.safe_load((ROOT / "docs/asyncapi.yaml").read_text())
 
@@ -94,3 +96,23 @@ class AgentProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+
+
+@contextlib.contextmanager
+def agent_and_backend(config: AgentConfig):
+    """The agent in-process and a backend watching every topic of the vehicle, once the agent's subscription
+    is in place (it subscribes before it publishes `online`); every message published is validated against
+    the schemas afterwards."""
+    from agent.system.service import Service
+
+    with Caller(config.mqtt, config.vehicle) as backend:
+        backend.subscribe(f"{backend.topics.base}/#")
+        svc = Service(config)
+        svc.start()
+        try:
+            assert svc.link.wait_connected(10), svc.link.last_error
+            backend.wait_status("online", 10)
+            yield svc, backend
+        finally:
+            svc.stop()
+        validate_published(backend.seen, backend.topics.base)

@@ -3,7 +3,6 @@ Packet Size both ways, PUBACK reason codes (an ACL that denies the response topi
 `message_size_limit` it does not announce, retained commands, reply topics. Real Mosquitto throughout.
 """
 
-import contextlib
 import dataclasses
 import json
 import uuid
@@ -11,11 +10,10 @@ from pathlib import Path
 
 import pytest
 from conftest import DATA
-from mqtt_support import validate_published
+from mqtt_support import agent_and_backend
 
 from agent.bus.owner import wait_until
 from agent.devtools.local_broker import LocalBroker
-from agent.fleet.caller import Caller
 from agent.system.service import Service
 
 
@@ -43,22 +41,9 @@ def on_broker(config, broker):
     return dataclasses.replace(config, mqtt=dataclasses.replace(config.mqtt, broker=broker.url))
 
 
-@contextlib.contextmanager
-def agent_and_backend(special_broker, mqtt_vehicle, extra):
-    """The agent in-process and a backend watching every topic, on a broker with `extra` settings;
-    every message published is validated against the schemas afterwards."""
-    config = on_broker(mqtt_vehicle, special_broker(extra))
-    with Caller(config.mqtt, config.vehicle) as backend:
-        backend.subscribe(f"{backend.topics.base}/#")
-        svc = Service(config)
-        svc.start()
-        try:
-            assert svc.link.wait_connected(10), svc.link.last_error
-            backend.wait_status("online", 10)  # its subscription is in place (SUBSCRIBE goes before the status)
-            yield svc, backend
-        finally:
-            svc.stop()
-        validate_published(backend.seen, backend.topics.base)
+def on_special_broker(special_broker, mqtt_vehicle, extra):
+    """The agent and a backend (mqtt_support.agent_and_backend) on a broker with `extra` settings."""
+    return agent_and_backend(on_broker(mqtt_vehicle, special_broker(extra)))
 
 
 def test_backlog_queued_while_away_is_drained_not_refused(mqtt_vehicle, sim, backend):
@@ -152,7 +137,7 @@ def test_agent_announces_its_limits_and_a_100_mb_command_never_reaches_it(broker
 
 
 def test_broker_maximum_packet_size_is_honoured_by_chunking(special_broker, mqtt_vehicle, sim):
-    with agent_and_backend(special_broker, mqtt_vehicle, "max_packet_size 4096\n") as (svc, backend):
+    with on_special_broker(special_broker, mqtt_vehicle, "max_packet_size 4096\n") as (svc, backend):
         assert svc.link.broker_max_packet == 4096
         body = command(params={"data": "big_block"})
         backend.send(body)
@@ -169,7 +154,7 @@ def test_puback_not_authorized_is_set_aside_counted_and_reported(special_broker,
     acl = tmp_path / "acl"
     acl.write_text("topic readwrite sovd/+/commands\ntopic readwrite sovd/+/status\n"
                    "topic readwrite sovd/+/events\ntopic read sovd/+/responses/#\n")
-    with agent_and_backend(special_broker, mqtt_vehicle, f"acl_file {acl}\n") as (svc, backend):
+    with on_special_broker(special_broker, mqtt_vehicle, f"acl_file {acl}\n") as (svc, backend):
         body = command()
         backend.send(body)
         events = backend.wait_for(lambda s: s.topic == backend.topics.events
@@ -193,7 +178,7 @@ def test_puback_not_authorized_is_set_aside_counted_and_reported(special_broker,
 def test_message_over_an_unannounced_size_limit_does_not_loop_reconnecting(special_broker, mqtt_vehicle, sim):
     """Mosquitto's `message_size_limit` is not announced in CONNACK: the broker cuts the connection on
     the big response. After a few cuts on the same message it is set aside; the link settles."""
-    with agent_and_backend(special_broker, mqtt_vehicle, "message_size_limit 4096\n") as (svc, backend):
+    with on_special_broker(special_broker, mqtt_vehicle, "message_size_limit 4096\n") as (svc, backend):
         big = command(params={"data": "big_block"})
         backend.send(big)
         event = backend.wait_for(lambda s: s.topic == backend.topics.events and b"publish_refused" in s.payload,

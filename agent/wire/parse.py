@@ -190,7 +190,9 @@ def parse_params(name: str, p: Node, ecu: EcuConfig) -> c.Params:
     return params
 
 
-def _did(ecu: EcuConfig) -> Callable[[Any], DidSpec]:
+def did_spec(ecu: EcuConfig) -> Callable[[Any], DidSpec]:
+    """A converter from a DID name or "0xNNNN" to the component's DidSpec (an anonymous one for an id the
+    config does not declare), for commands and collection plans alike."""
     def convert(value: Any) -> DidSpec:
         known = ", ".join(d.name for d in ecu.dids) or "none"
         if isinstance(value, str) and value.lower().startswith("0x"):
@@ -222,12 +224,12 @@ def _read_data(p: Node, ecu: EcuConfig) -> c.ReadData:
     if not items:
         p.problems.add("params.data", "name at least one DID")
     where = (lambda i: f"data[{i}]") if isinstance(raw, list) else (lambda i: "data")
-    dids = [p.convert(where(i), item, _did(ecu)) for i, item in enumerate(items)]
+    dids = [p.convert(where(i), item, did_spec(ecu)) for i, item in enumerate(items)]
     return c.ReadData(tuple(d for d in dids if d is not None))
 
 
 def _write_data(p: Node, ecu: EcuConfig) -> c.WriteData:
-    did = p.get("data", _did(ecu))
+    did = p.get("data", did_spec(ecu))
     if not p.has("value"):
         p.problems.add("params.value", "required field is missing")
     value = p.raw("value")
@@ -324,7 +326,7 @@ def _choice_of(names: dict[str, int]) -> Callable[[Any], int]:
 
 
 def _io_control(p: Node, ecu: EcuConfig) -> c.IoControl:
-    did = p.get("data", _did(ecu))
+    did = p.get("data", did_spec(ecu))
     control = p.get("control", _choice_of(IO_CONTROLS))
     payload = b""
     if control == IO_CONTROLS["adjust"]:

@@ -16,7 +16,8 @@ from typing import Any
 from agent.config.model import AgentConfig, DidSpec, EcuConfig
 from agent.config.reader import InvalidValueError, Node, Problems, boolean, describe, integer, join, text
 from agent.errors import AgentError
-from agent.wire import codecs, obd
+from agent.wire import obd
+from agent.wire.parse import did_spec
 
 PLAN_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 NAME = text(PLAN_NAME.pattern, "a plan name of 1-64 of A-Z a-z 0-9 . _ -", max_len=64)
@@ -229,23 +230,10 @@ def _listed(node: Node, key: str, convert: Callable[[Any], Item]) -> list[Item]:
 
 
 def _did(ecu: EcuConfig) -> Callable[[Any], Item]:
+    named = did_spec(ecu)
+
     def convert(value: Any) -> Item:
-        known = ", ".join(d.name for d in ecu.dids) or "none"
-        if isinstance(value, str) and value.lower().startswith("0x"):
-            try:
-                did = int(value, 16)
-            except ValueError:
-                did = -1
-            if not 0 <= did <= 0xFFFF:
-                raise InvalidValueError(f"{value!r} is neither a DID id (0x0000..0xFFFF) nor a DID name")
-            spec = ecu.did_by_id(did) or codecs.anonymous(did)
-        elif isinstance(value, str):
-            found = ecu.did_by_name(value)
-            if found is None:
-                raise InvalidValueError(f"{ecu.name} has no DID named {value!r} (known: {known})")
-            spec = found
-        else:
-            raise InvalidValueError(f"expected a DID name or \"0xNNNN\", got {describe(value)}")
+        spec = named(value)
         return Item(spec.name, did=spec, unit=spec.unit)
 
     return convert
