@@ -67,7 +67,7 @@ def test_batches_of_large_readings_fit_the_payload_limit_and_none_is_refused(lim
 
 
 def test_a_sample_alone_over_the_limit_is_left_out_counted_and_logged_once(limited, caplog):
-    caplog.set_level(logging.DEBUG, logger="agent.collect.collector")
+    caplog.set_level(logging.DEBUG, logger="agent.collect.results")
     with limited(8192) as (svc, backend):
         backend.publish_plan("mixed", plan("mixed", 1, signals=[{**BIG, "data": ["big_block", "engine_speed"]}],
                                            batch={"max_age_ms": 300, "max_samples": 500}))

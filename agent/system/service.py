@@ -1,18 +1,17 @@
-"""The daemon's parts wired together: intake -> runtime -> results -> store/outbox -> link, and recovery."""
+"""The daemon's parts wired together: intake -> runtime -> results -> store/outbox -> link.
+
+Restart recovery (agent.system.restart), the start marks (agent.system.startmarks) and the health and
+status views (agent.system.health) are parts of the one Service kept in modules of their own.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import logging
-import threading
-import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, PlatformCollector, ProcessCollector
 
-from agent import __version__
 from agent.bus.owner import BusFactory
 from agent.clock import Clock
 from agent.collect.faults import FaultTracker
@@ -24,18 +23,19 @@ from agent.fleet.link import MqttLink
 from agent.fleet.outbox import Outbox, Refusal
 from agent.fleet.topics import Topics
 from agent.metrics.busmonitor import BusMonitor
-from agent.metrics.registry import AgentMetrics, AgentState
+from agent.metrics.registry import AgentMetrics
 from agent.metrics.server import MetricsServer
 from agent.policy.admission import Admission
-from agent.policy.mutating import is_mutating
 from agent.store.recovery import open_store
 from agent.store.sqlite import Batch, Entry, Outgoing, StoreError
 from agent.system.audit import AuditTrail
 from agent.system.collection import Collection
+from agent.system.health import ServiceHealth
+from agent.system.restart import RestartRecovery
+from agent.system.startmarks import StartMarks
 from agent.wire import messages as m
-from agent.wire.command import Command, ErrorCode, Outcome, Result, Status, command_fields
+from agent.wire.command import Command, Result, Status, command_fields
 from agent.wire.messages import response_message
-from agent.wire.parse import InvalidCommandError, UnknownComponentError, parse_command
 
 if TYPE_CHECKING:
     from agent.fleet.signed import SignatureGate
@@ -46,7 +46,7 @@ STORE_FILE = "agent.db"
 CLOCK_FILE = "clock.json"
 
 
-class Service:
+class Service(ServiceHealth, StartMarks, RestartRecovery):
     """Everything `sovd-edge run` runs. Construct, `start()`, and `stop()` on SIGTERM."""
 
     def __init__(self, config: AgentConfig, bus_factory: BusFactory | None = None,
@@ -151,79 +151,7 @@ class Service:
         self.clock.save()
         self.store.close()
 
-    def health(self) -> list[str]:
-        """What is wrong right now (empty: healthy): what `wedged` finds, a store that fails, and an audit
-        log that cannot be written (neither is cured by a restart, so neither is in `wedged`)."""
-        problems = self.wedged()
-        trouble = self.store.trouble
-        if trouble is not None:  # no running duration in the text: STATUS= changes only when health does
-            problems.append(f"store unavailable ({trouble.operation}: {trouble.error}); "
-                            "commands are refused storage_unavailable")
-        if self.audit.trouble is not None:
-            problems.append(f"audit log unavailable ({self.audit.trouble}); mutating commands are refused "
-                            "storage_unavailable")
-        return problems
-
-    def wedged(self) -> list[str]:
-        """What a restart would cure. The watchdog pings only while this is empty; a failing store is not
-        in it (a restart would not free the disk: commands are refused `storage_unavailable` meanwhile).
-
-        A worker counts as wedged once its command runs past the longest deadline any command can
-        have, plus the waits a transaction may add after it (P2*, a flow-control timeout).
-        """
-        now = time.monotonic()
-        problems = [f"{name} thread died" for name, alive in self.threads_alive().items() if not alive]
-        beats = {"mqtt": (self.link.heartbeat, 10.0), "intake": (self.intake.heartbeat, 15.0),
-                 "outbox": (self.outbox.heartbeat, 10.0), "can-supervisor": (self.runtime.owner.heartbeat, 10.0),
-                 "bus-monitor": (self.bus_monitor.heartbeat, self.config.metrics.bus_state_interval_s + 10.0),
-                 "collector": (self.collection.collector.heartbeat, 15.0)}
-        problems += [f"{name} silent for {now - beat:.0f} s" for name, (beat, limit) in beats.items()
-                     if now - beat > limit]
-        for name, worker in self.runtime.workers.items():
-            if not worker.alive:
-                problems.append(f"worker {name} died")
-            elif worker.busy_since is not None and now - worker.busy_since > self.wedge_limit_s(worker.ecu.name):
-                problems.append(f"worker {name} wedged for {now - worker.busy_since:.0f} s")
-        return problems
-
-    def wedge_limit_s(self, component: str) -> float:
-        ecu = self.config.ecu(component)
-        assert ecu is not None
-        longest = max(self.config.max_command_timeout_ms, ecu.timing.request_ms) / 1000
-        return longest + ecu.timing.p2_star_ms / 1000 + 5.0
-
-    def status_line(self) -> str:
-        """The one-line STATUS= systemd shows."""
-        pending, _ = self._outbox_stats()
-        queued = sum(w.depth for w in self.runtime.workers.values())
-        link = "connected to broker" if self.link.connected else f"broker unreachable ({self.link.last_error})"
-        bus = "bus up" if self.runtime.owner.is_up else f"bus down ({self.runtime.owner.last_error})"
-        store = "" if self.store.trouble is None else "; store unavailable"
-        audit = "" if self.audit.trouble is None else "; audit log unavailable"
-        return f"{link}; {bus}; {queued} queued; outbox {pending}{store}{audit}"
-
-    def _outbox_stats(self) -> tuple[int, float | None]:
-        """The outbox figures; while the store fails, the last ones it gave."""
-        with contextlib.suppress(StoreError):
-            self._outbox_seen = self.store.outbox_stats()
-        return self._outbox_seen
-
-    def threads_alive(self) -> dict[str, bool]:
-        return {"intake": self.intake.alive, "outbox": self.outbox.alive, "mqtt": self.link.alive,
-                "bus-monitor": self.bus_monitor.alive, "can-supervisor": self.runtime.owner.supervisor_alive,
-                **self.collection.threads_alive()}
-
     # ---- callbacks -----------------------------------------------------------------------------
-    def _status(self, state: str) -> bytes:
-        """The status the link publishes: online, the offline one of a clean stop, or the Last Will (built
-        when the link is made, before any stop: it can only carry the start time)."""
-        names = [e.name for e in self.config.ecus]
-        if state == "online":
-            return m.encode(m.online_status(self.config.vehicle, names, self.started_at))
-        if self.stopped_at is None:
-            return m.encode(m.last_will(self.config.vehicle, names, self.started_at))
-        return m.encode(m.offline_status(self.config.vehicle, names, self.stopped_at))
-
     def _on_incoming(self, incoming: Any) -> None:
         self.intake.put(incoming)
 
@@ -257,23 +185,6 @@ class Service:
         self.metrics.final(str(message.get("component", "")), str(message.get("command", "")),
                            str(message["status"]), duration_s, message.get("error"))
 
-    def _metrics_state(self) -> AgentState:
-        pending, oldest = self._outbox_stats()
-        stats = self.link.stats
-        workers = self.runtime.workers.values()
-        return AgentState(
-            queue_depth={w.ecu.name: w.depth for w in workers},
-            in_flight=sum(1 for w in workers if w.in_flight is not None),
-            mqtt_connected=self.link.connected, mqtt_reconnects=stats.reconnects, mqtt_received=stats.messages_in,
-            mqtt_sent=stats.messages_out, mqtt_callback_errors=stats.callback_errors,
-            outbox_pending=pending,
-            outbox_oldest_age_s=max(0.0, self.clock.agent_now() - oldest) if oldest else 0.0,
-            outbox_dropped=self.outbox.dropped, ledger_dropped=self.outbox.ledger_dropped,
-            ledger_held_bytes=self.outbox.ledger_held_bytes, ledger_max_bytes=self.config.store.ledger_max_bytes,
-            store_available=self.store.trouble is None, store_deferred=self.store.deferred,
-            bus=self.bus_monitor.reading,
-        )
-
     def _on_store_error(self, error: StoreError) -> None:
         self.metrics.store_errors.labels(error.operation).inc()
 
@@ -291,64 +202,6 @@ class Service:
                     extra=command_fields(command.id, command.component, command.command))
         self._finish(entry, Result(command.id, command.component, command.command, outcome,
                                    command.received_at, None, self.clock.wall()))
-
-    def _on_start(self, command: Command) -> None:
-        """Marks the command started before it runs (unless the intake's commit did); a StoreError here
-        keeps it from running at all."""
-        if command.id in self._started_at_intake:
-            self._started_at_intake.discard(command.id)
-            self.intake.room()
-            return
-        batch = self.store.batch()
-        self.audit.started(command, batch)  # a mutating command's record is on the disk before it runs
-        batch.set_state(command.id, "started")
-        batch.commit()
-        self.intake.room()  # its place in the queue is free: a waiting command may take it
-
-    def _mark_ahead(self, command: Command) -> Callable[[], BaseException | None] | None:
-        """A worker took `command` ahead of its turn: its start mark is written while the command before
-        it runs (store docstring: a crash before it runs reports it `interrupted`). Not for a mutating
-        command (its audit record is written when it starts) nor one whose mark the intake wrote."""
-        if is_mutating(command.command) or command.id in self._started_at_intake:
-            return None
-        stored = threading.Event()
-        outcome: list[BaseException | None] = []
-
-        def done(error: BaseException | None) -> None:
-            outcome.append(error)
-            stored.set()
-
-        batch = self.store.batch()
-        batch.set_state(command.id, "started")
-        try:
-            batch.commit_later(done)
-        except StoreError:  # the store is closing: marked in its turn, or not run
-            return None
-        self._marked_ahead.add(command.id)
-        self.intake.room()  # its place in the queue is free
-
-        def wait() -> BaseException | None:
-            stored.wait()
-            self._marked_ahead.discard(command.id)
-            return outcome[0]
-
-        return wait
-
-    def _unmark_ahead(self) -> None:
-        """A clean stop: commands marked started ahead that never ran are queued again (they run after
-        the restart, like any other queued command, instead of being reported `interrupted`)."""
-        ids = list(self._marked_ahead)
-        if not ids:
-            return
-        batch = self.store.batch()
-        for command_id in ids:
-            batch.requeue(command_id)
-        try:
-            batch.commit(defer=True)
-        except StoreError as err:
-            log.error("commands marked started ahead could not be queued again (%s): they are reported "
-                      "interrupted after the restart", err, extra={"ids": ids})
-        self._marked_ahead.clear()
 
     def _on_result(self, result: Result) -> None:
         try:
@@ -453,51 +306,6 @@ class Service:
             self.link.publish(message)
         self.outbox.wake()
 
-    # ---- restart recovery ----------------------------------------------------------------------
-    def _recover(self) -> list[tuple[Command, Entry]]:
-        """Started-but-unfinished commands get `interrupted` (never re-run); queued ones run again."""
-        if self.store_recovery is not None:
-            recovery = self.store_recovery
-            self._publish_event("store_recovered", reason=recovery.reason, detail=recovery.detail,
-                                moved_to=list(recovery.moved))
-        try:
-            interrupted = self.store.entries("started")
-        except StoreError as err:
-            log.error("cannot read the ledger at start (%s): unfinished commands wait for the next start", err)
-            interrupted = []
-        for entry in interrupted:
-            self._finish(entry, self._never_ran(entry, Outcome.failure(
-                Status.INTERRUPTED, ErrorCode.INTERRUPTED,
-                "the agent stopped while this command ran; it was not run again")))
-        ids = [e.id for e in interrupted]
-        self._publish_event("agent_started", interrupted=ids, agent_version=__version__)
-        if ids:
-            log.warning("%d commands were interrupted by the last stop", len(ids), extra={"ids": ids})
-        try:
-            queued = self.store.entries("queued")
-        except StoreError:
-            return []
-        return [pair for pair in (self._reparse(e) for e in queued) if pair is not None]
-
-    def _never_ran(self, entry: Entry, outcome: Outcome) -> Result:
-        """The result of a recorded command that ends without running, as its final response reports it."""
-        return Result(entry.id, str(entry.body.get("component", "")), str(entry.body.get("command", "")),
-                      outcome, entry.received_at, None, self.clock.wall())
-
-    def _reparse(self, entry: Entry) -> tuple[Command, Entry] | None:
-        try:
-            command = parse_command(entry.body, self.config, entry.received_at)
-        except (InvalidCommandError, UnknownComponentError) as err:
-            self._finish(entry, self._never_ran(entry, refusal_outcome(err)))
-            return None
-        if entry.expires_at is not None and not self.clock.synchronized():
-            self._finish(entry, self._never_ran(entry, Outcome.failure(
-                Status.REJECTED, ErrorCode.CLOCK_UNSYNCHRONIZED,
-                "not run after the restart: it has an expiry and the device clock is not synchronized, so "
-                "whether it expired cannot be judged")))
-            return None
-        return dataclasses.replace(command, expires_at=entry.expires_at, correlation_data=entry.correlation), entry
-
 
 def signature_gate(config: AgentConfig, topics: Topics, on_failure: Callable[[str], None],
                    known: Callable[[str], bool], clock_trusted: Callable[[], bool]) -> SignatureGate | None:
@@ -513,9 +321,3 @@ def signature_gate(config: AgentConfig, topics: Topics, on_failure: Callable[[st
     authenticator = load_authenticator(config.security, str(config.source or "config"))
     return SignatureGate(authenticator, topics, on_failure, known, config.security.failure_logs_per_minute,
                          clock_trusted=clock_trusted)
-
-
-def refusal_outcome(err: Exception) -> Outcome:
-    if isinstance(err, UnknownComponentError):
-        return Outcome.failure(Status.REJECTED, ErrorCode.UNKNOWN_COMPONENT, str(err))
-    return Outcome.failure(Status.REJECTED, ErrorCode.INVALID_COMMAND, f"invalid after a config change: {err}")

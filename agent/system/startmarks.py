@@ -1,0 +1,80 @@
+"""Start marks: a command is marked `started` in the ledger before it runs (by the intake's commit, at its
+turn, or ahead of its turn while the command before it runs), and a clean stop queues again what was marked
+ahead but never ran. Part of `Service` (it inherits this and owns the store, audit trail and intake these
+use, and the two id sets in its constructor); kept apart because the started mark is what restart recovery
+trusts, and it deserves one place.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+from agent.policy.mutating import is_mutating
+from agent.store.sqlite import StoreError
+from agent.wire.command import Command
+
+log = logging.getLogger(__name__)
+
+
+class StartMarks:
+    """The runtime's on_start and on_ahead hooks, and the stop's undoing of marks ahead."""
+
+    def _on_start(self, command: Command) -> None:
+        """Marks the command started before it runs (unless the intake's commit did); a StoreError here
+        keeps it from running at all."""
+        if command.id in self._started_at_intake:
+            self._started_at_intake.discard(command.id)
+            self.intake.room()
+            return
+        batch = self.store.batch()
+        self.audit.started(command, batch)  # a mutating command's record is on the disk before it runs
+        batch.set_state(command.id, "started")
+        batch.commit()
+        self.intake.room()  # its place in the queue is free: a waiting command may take it
+
+    def _mark_ahead(self, command: Command) -> Callable[[], BaseException | None] | None:
+        """A worker took `command` ahead of its turn: its start mark is written while the command before
+        it runs (store docstring: a crash before it runs reports it `interrupted`). Not for a mutating
+        command (its audit record is written when it starts) nor one whose mark the intake wrote."""
+        if is_mutating(command.command) or command.id in self._started_at_intake:
+            return None
+        stored = threading.Event()
+        outcome: list[BaseException | None] = []
+
+        def done(error: BaseException | None) -> None:
+            outcome.append(error)
+            stored.set()
+
+        batch = self.store.batch()
+        batch.set_state(command.id, "started")
+        try:
+            batch.commit_later(done)
+        except StoreError:  # the store is closing: marked in its turn, or not run
+            return None
+        self._marked_ahead.add(command.id)
+        self.intake.room()  # its place in the queue is free
+
+        def wait() -> BaseException | None:
+            stored.wait()
+            self._marked_ahead.discard(command.id)
+            return outcome[0]
+
+        return wait
+
+    def _unmark_ahead(self) -> None:
+        """A clean stop: commands marked started ahead that never ran are queued again (they run after
+        the restart, like any other queued command, instead of being reported `interrupted`)."""
+        ids = list(self._marked_ahead)
+        if not ids:
+            return
+        batch = self.store.batch()
+        for command_id in ids:
+            batch.requeue(command_id)
+        try:
+            batch.commit(defer=True)
+        except StoreError as err:
+            log.error("commands marked started ahead could not be queued again (%s): they are reported "
+                      "interrupted after the restart", err, extra={"ids": ids})
+        self._marked_ahead.clear()
