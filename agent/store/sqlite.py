@@ -32,14 +32,7 @@ readers (`get`, `pending`, stats) use a connection of their own and never wait b
 
 Every SQLite failure leaves here as a StoreError carrying SQLite's own error (never one from a
 ROLLBACK after it), is counted per operation, and is handed to `on_error`; `trouble` says whether
-the store works right now.
-
-The ledger's byte bound (`trim_ledger_bytes`) never forgets an id whose command could be accepted
-again: an unfinished command, or one that ran and whose `keep_until` (its `expires_at`, wall-clock
-epoch seconds, set by intake) has not passed. Forgetting such an id would let a captured signed
-envelope run a second time. Of the rest it forgets ids that never ran (`rejected`, `expired`)
-first, then the least recently finished. What it must hold is never forgotten, even when it alone
-exceeds the bound: `LedgerTrim.over_bound` says so (the caller logs and counts it).
+the store works right now. What the bounds forget, and must hold: agent/store/bounds.py.
 """
 
 
@@ -56,7 +49,8 @@ from pathlib import Path
 from typing import TypeVar
 
 from agent.store.batch import Batch, execute_all
-from agent.store.records import Entry, LedgerTrim, Outgoing, Pending, Statements, StoreError, Trouble, entry_from_row
+from agent.store.bounds import Bounds
+from agent.store.records import Entry, Outgoing, Pending, Statements, StoreError, Trouble, entry_from_row
 from agent.store.writer import Synchronous, Write, commit_writes, is_unavailable
 
 log = logging.getLogger(__name__)
@@ -111,20 +105,7 @@ MAX_DEFERRED = 1000  # writes kept in memory while the storage is unavailable
 WAL_SIZE_LIMIT = 4 * 1024 * 1024  # the WAL file is cut back to this after a checkpoint
 COMPANY_WAIT_S = 0.02  # a write handed over to share a commit expected soon waits at most this long alone
 
-# Bytes of a ledger row and of an outbox row, as the byte bounds count them.
-LEDGER_ROW_BYTES = ("(length(id) + length(body) + length(reply_topic) + IFNULL(length(correlation), 0)"
-                    " + IFNULL(length(final_message), 0) + 48)")
-OUTBOX_ROW_BYTES = "(length(payload) + length(topic) + IFNULL(length(correlation), 0) + 32)"
-# A finished command that never ran (refused, or expired before it started): a resend can do no more than
-# run it once. The rest of the finished ones ran.
-_NEVER_RAN = "(IFNULL(json_extract(final_message, '$.status'), '') IN ('rejected', 'expired'))"
-# Ledger rows the bounds may forget (two parameters: the wall clock twice, None when it cannot be trusted):
-# finished, and not a command that ran and could still be accepted again.
-_FORGETTABLE = (f"(state = 'final' AND (keep_until IS NULL OR {_NEVER_RAN}"
-                " OR (? IS NOT NULL AND keep_until <= ?)))")
-
-
-class Store:
+class Store(Bounds):
     """The ledger and the outbox. Writes from any thread are group-committed on one connection (see the
     module docstring); reads run on a second connection and never wait behind a commit's fsync.
 
@@ -394,27 +375,6 @@ class Store:
     def batch(self) -> Batch:
         return Batch(self)
 
-    def ledger_bytes(self) -> int:
-        return self._read(lambda db: db.execute(f"SELECT IFNULL(SUM({LEDGER_ROW_BYTES}), 0) FROM ledger").fetchone()[0])
-
-    def trim_ledger_bytes(self, max_bytes: int, wall: float | None) -> LedgerTrim:
-        """Forgets finished commands while the ledger holds more than `max_bytes`: first those that never
-        ran, then the least recently finished. Never an unfinished one, nor one that ran whose `keep_until`
-        is after `wall` (wall-clock epoch seconds; None: the clock cannot be trusted, every `keep_until`
-        holds). What it must hold is reported, never forgotten (see the module docstring). Not synced: an
-        id remembered a little longer after a power loss harms nothing."""
-        def work(db: sqlite3.Connection) -> LedgerTrim:
-            held = db.execute(f"SELECT IFNULL(SUM({LEDGER_ROW_BYTES}), 0) FROM ledger WHERE NOT ({_FORGETTABLE})",
-                              (wall, wall)).fetchone()[0]
-            forgotten = db.execute(
-                "DELETE FROM ledger WHERE rowid IN (SELECT rowid FROM ("
-                f" SELECT rowid, SUM({LEDGER_ROW_BYTES}) OVER (ORDER BY {_NEVER_RAN} ASC, updated_at DESC,"
-                f" rowid DESC) AS total FROM ledger WHERE {_FORGETTABLE})"
-                " WHERE total > ? - ?)", (wall, wall, max_bytes, held)).rowcount
-            return LedgerTrim(forgotten, held, max_bytes)
-
-        return self._transaction("maintain", work, durable=False)
-
     # ---- outbox --------------------------------------------------------------------------------
     def pending(self, after: int, limit: int) -> list[Pending]:
         rows = self._read(lambda db: db.execute(
@@ -434,27 +394,6 @@ class Store:
         """(messages pending, created_at of the oldest)."""
         count, oldest = self._read(lambda db: db.execute("SELECT COUNT(*), MIN(created_at) FROM outbox").fetchone())
         return count, oldest
-
-    def trim_outbox(self, max_messages: int, max_age_s: float, now: float) -> int:
-        """Drops the oldest messages beyond the bounds; returns how many were dropped."""
-        def work(db: sqlite3.Connection) -> int:
-            aged = db.execute("DELETE FROM outbox WHERE created_at < ?", (now - max_age_s,)).rowcount
-            over = db.execute(
-                "DELETE FROM outbox WHERE n IN (SELECT n FROM outbox ORDER BY n DESC LIMIT -1 OFFSET ?)",
-                (max_messages,)).rowcount
-            return aged + over
-
-        return self._transaction("maintain", work, durable=False)
-
-    def trim_outbox_bytes(self, max_bytes: int) -> int:
-        """Drops the oldest messages while the outbox holds more than `max_bytes`; returns how many."""
-        def work(db: sqlite3.Connection) -> int:
-            return db.execute(
-                "DELETE FROM outbox WHERE n IN (SELECT n FROM ("
-                f" SELECT n, SUM({OUTBOX_ROW_BYTES}) OVER (ORDER BY n DESC) AS total FROM outbox)"
-                " WHERE total > ?)", (max_bytes,)).rowcount
-
-        return self._transaction("maintain", work, durable=False)
 
     def set_aside(self, n: int, reason: str) -> int:
         """Moves an outbox message the broker will never take into `refused` (never deleted as delivered);
@@ -480,10 +419,3 @@ class Store:
         rows = self._read(lambda db: db.execute(
             "SELECT dtc, status FROM fault_sets WHERE component = ?", (component,)).fetchall())
         return {dtc: status for dtc, status in rows}
-
-    def prune_ledger(self, retention_s: float, now: float, wall: float | None = None) -> int:
-        """Forgets final commands older than the retention time (`now` in the store's time), except those
-        the byte bound holds too (ran, `keep_until` after `wall`); returns how many."""
-        return self._transaction("maintain", lambda db: db.execute(
-            f"DELETE FROM ledger WHERE {_FORGETTABLE} AND updated_at < ?", (wall, wall, now - retention_s)).rowcount,
-            durable=False)
