@@ -50,6 +50,7 @@ from agent.store.batch import Batch, execute_all
 from agent.store.bounds import Bounds
 from agent.store.group import COMPANY_WAIT_S, GroupCommit
 from agent.store.records import Entry, Outgoing, Pending, StoreError, entry_from_row
+from agent.store.schema import migrate
 from agent.store.writer import Synchronous
 
 # Importers of the store take these from here (their modules: records, batch, group).
@@ -59,47 +60,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS ledger (
-    id TEXT PRIMARY KEY,
-    state TEXT NOT NULL CHECK (state IN ('queued', 'started', 'final')),
-    body TEXT NOT NULL,
-    reply_topic TEXT NOT NULL,
-    correlation BLOB,
-    received_at REAL NOT NULL,
-    expires_at REAL,
-    seq INTEGER NOT NULL DEFAULT 0,
-    final_message TEXT,
-    updated_at REAL NOT NULL,
-    signer TEXT,
-    keep_until REAL
-);
-CREATE INDEX IF NOT EXISTS ledger_state ON ledger (state, updated_at);
-CREATE TABLE IF NOT EXISTS outbox (
-    n INTEGER PRIMARY KEY AUTOINCREMENT,
-    command_id TEXT,
-    topic TEXT NOT NULL,
-    payload BLOB NOT NULL,
-    correlation BLOB,
-    created_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS refused (
-    n INTEGER PRIMARY KEY,
-    command_id TEXT,
-    topic TEXT NOT NULL,
-    payload BLOB NOT NULL,
-    correlation BLOB,
-    created_at REAL NOT NULL,
-    reason TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS fault_sets (
-    component TEXT NOT NULL,
-    dtc INTEGER NOT NULL,
-    status INTEGER NOT NULL,
-    updated_at REAL NOT NULL,
-    PRIMARY KEY (component, dtc)
-);
-"""
 REFUSED_KEEP = 100  # messages the broker refused for good, kept for inspection (oldest dropped; at most
 # 100 x max_payload_bytes on the card)
 
@@ -130,12 +90,7 @@ class Store(Bounds, GroupCommit):
             self._sync = Synchronous(self._db)
             self._sync.set(True)
             self._db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
-            self._db.executescript(SCHEMA)
-            columns = {row[1] for row in self._db.execute("PRAGMA table_info(ledger)")}
-            if "signer" not in columns:  # a store written before signed commands existed
-                self._db.execute("ALTER TABLE ledger ADD COLUMN signer TEXT")
-            if "keep_until" not in columns:  # a store written before the byte bound held unexpired ids
-                self._db.execute("ALTER TABLE ledger ADD COLUMN keep_until REAL")
+            migrate(self._db)
             self._reader = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
         except sqlite3.Error as err:
             self._db.close()
