@@ -24,63 +24,28 @@ from typing import Any
 
 from agent.clock import Clock
 from agent.config.model import AgentConfig
+from agent.fleet.decision import Authenticate, Decision, IntakeStats
+from agent.fleet.fallback import Fallbacks
 from agent.fleet.flow import Parking
 from agent.fleet.link import Incoming
-from agent.fleet.topics import Topics, is_publishable
+from agent.fleet.repeats import Repeats
+from agent.fleet.replies import check_reply_topics, choose_reply_topic, takes_progress
+from agent.fleet.topics import Topics
 from agent.policy.admission import Admission, allows
 from agent.policy.mutating import is_mutating
-from agent.store.sqlite import Batch, Entry, Outgoing, Store, StoreError
+from agent.store.sqlite import Entry, Outgoing, Store, StoreError
 from agent.wire import decode
-from agent.wire import messages as m
 from agent.wire.command import Command, ErrorCode, Status, command_fields
-from agent.wire.messages import accepted_message, clip, in_flight_duplicate, refusal_message
+from agent.wire.messages import accepted_message
 from agent.wire.parse import InvalidCommandError, UnknownComponentError, parse_body, parse_envelope
 
 log = logging.getLogger(__name__)
 
 GROUP_MAX = 64
 _ROOM = object()  # put on the queue when a component's queue has room again
-# (incoming, decoded body, publish) -> (body to process, signing key id or None), or None when refused
-Authenticate = Callable[[Incoming, dict[str, Any] | decode.Undecodable, Callable[[Outgoing], None]],
-                        tuple[dict[str, Any] | decode.Undecodable, str | None] | None]
 
 
-@dataclasses.dataclass
-class IntakeStats:
-    received: int = 0
-    invalid: dict[str, int] = dataclasses.field(default_factory=dict)
-    duplicates: int = 0
-    redeliveries: int = 0
-    events_suppressed: int = 0
-    errors: dict[str, int] = dataclasses.field(default_factory=dict)  # unexpected exceptions, by stage
-    storage_refusals: int = 0
-
-
-@dataclasses.dataclass
-class Decision:
-    """What one message comes to: what to record (its batch), what to run, which finals to count."""
-
-    item: Incoming
-    batch: Batch
-    command_id: str | None = None
-    body: dict[str, Any] = dataclasses.field(default_factory=dict)
-    reply_topic: str = ""
-    remembered: bool = False  # it writes a ledger row
-    messages: list[Outgoing] = dataclasses.field(default_factory=list)  # what it publishes
-    finals: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    run: tuple[Command, Entry] | None = None
-    parked: bool = False  # waits for room in its component's queue, its PUBACK held (fleet/flow.py)
-
-    def remember(self, entry: Entry) -> None:
-        self.batch.add_command(entry)
-        self.remembered = True
-
-    def publish(self, message: Outgoing, durable: bool = True) -> None:
-        self.batch.publish(message, durable)
-        self.messages.append(message)
-
-
-class Intake:
+class Intake(Repeats, Fallbacks):
     """Owns the intake thread. `submit(command, entry)` hands accepted commands to execution."""
 
     def __init__(self, config: AgentConfig, store: Store, topics: Topics, ack: Callable[..., None],
@@ -265,57 +230,6 @@ class Intake:
             self._error("settle")
             log.exception("intake failed handing over a recorded command", extra=self._fields(decision))
 
-    # ---- when a message cannot be decided or recorded --------------------------------------------
-    def _failed(self, item: Incoming) -> Decision:
-        """An unexpected exception on this message: `rejected`/`invalid_command`, or an event without an id."""
-        decision = Decision(item, self._store.batch())
-        command_id = _salvage_id(item.payload)
-        if command_id is None:
-            self._invalid_event(decision, "internal", "the agent could not process this message")
-            return decision
-        decision.command_id = command_id
-        decision.reply_topic = self._reply_topic(item, {}, command_id)
-        message = refusal_message(command_id, {}, Status.REJECTED, ErrorCode.INVALID_COMMAND,
-                                  "the agent could not process this command", item.received_at)
-        self._count_invalid("invalid_command")
-        self._final(decision, message, remember=False)  # not remembered: nothing about it is trusted
-        return decision
-
-    def _unrecorded(self, decision: Decision) -> Decision:
-        """Recording this message failed for a reason of its own (not the storage): refuse it alone."""
-        self._error("record")
-        log.exception("recording one message failed; it is refused alone", extra=self._fields(decision))
-        fallback = self._failed(decision.item)
-        try:
-            self._store.commit_group([fallback.batch])
-        except Exception as err:
-            return self._unrecordable(fallback, err)
-        return fallback
-
-    def _unrecordable(self, decision: Decision, err: Exception) -> Decision:
-        """The store cannot take this message now: refuse a new command `storage_unavailable` (not
-        remembered: the same id may be sent again), send anything else straight through the link."""
-        item = decision.item
-        direct = Decision(item, self._store.batch(), decision.command_id, decision.body, decision.reply_topic)
-        if decision.command_id is not None and (decision.remembered or not decision.messages):
-            self.stats.storage_refusals += 1
-            message = refusal_message(decision.command_id, decision.body, Status.REJECTED,
-                                      ErrorCode.STORAGE_UNAVAILABLE,
-                                      "the agent cannot record commands now (its storage fails); send it again "
-                                      "later", item.received_at)
-            reply_topic = decision.reply_topic or self._topics.responses(decision.command_id)
-            direct.messages = [self._out(reply_topic, message, item.correlation, decision.command_id)]
-            direct.finals = [message]
-            log.warning("command refused: storage unavailable (%s)", err, extra=self._fields(decision))
-        else:
-            direct.messages = decision.messages
-            log.warning("store unavailable: %d messages sent without the outbox (%s)", len(direct.messages), err,
-                        extra=self._fields(decision))
-        for message in direct.messages:
-            if self._publish_now(message) is None:
-                log.error("could not send a message without the outbox either", extra=self._fields(decision))
-        return direct
-
     # ---- one message ---------------------------------------------------------------------------
     def _decide(self, d: Decision) -> None:
         item = d.item
@@ -348,7 +262,7 @@ class Intake:
             return
         try:
             envelope = parse_envelope(body, self._config)
-            self._check_reply_topics(item, body)
+            check_reply_topics(self._topics, item, body)
         except InvalidCommandError as err:
             self._reject_invalid(d, str(err), err.problems[0][0] if err.problems else "")
             return
@@ -383,7 +297,7 @@ class Intake:
 
     def _identify(self, d: Decision, command_id: str, body: dict[str, Any]) -> None:
         d.command_id, d.body = command_id, body
-        d.reply_topic = self._reply_topic(d.item, body, command_id)
+        d.reply_topic = choose_reply_topic(self._topics, d.item, body, command_id)
 
     def _with_properties(self, command: Command, item: Incoming) -> Command:
         """The MQTT 5 properties of the message that carried the command: expiry and correlation data.
@@ -419,7 +333,7 @@ class Intake:
         `waits`, it waits for room in its component's queue, its PUBACK held.
         `signer` is the key id of a signed command (the audit log's "who")."""
         item = d.item
-        send_accepted = self._config.mqtt.send_accepted and self._takes_progress(item, d.body, d.reply_topic)
+        send_accepted = self._config.mqtt.send_accepted and takes_progress(item, d.body, d.reply_topic)
         state = "started" if self._starts_now(command, waits) else "queued"
         entry = Entry(command.id, state, d.body, d.reply_topic, item.correlation, item.received_at,
                       self._ledger_expiry(command, item), 1 if send_accepted else 0, None, signer,
@@ -442,163 +356,3 @@ class Intake:
         mutating command's audit record is written when it starts)."""
         return (not waits and not self._promised.get(command.component) and not is_mutating(command.command)
                 and self._idle(command.component))
-
-    def _reply_topic(self, item: Incoming, body: dict[str, Any], command_id: str) -> str:
-        for candidate in (item.response_topic, body.get("reply_to")):
-            usable = isinstance(candidate, str) and is_publishable(candidate)
-            if usable and self._topics.reply_problem(candidate) is None:
-                return candidate
-        return self._topics.responses(command_id)
-
-    def _check_reply_topics(self, item: Incoming, body: dict[str, Any]) -> None:
-        """A Response Topic or `reply_to` must be a topic one may publish to, and not this vehicle's own."""
-        problems = []
-        for field, candidate in (("response_topic", item.response_topic), ("reply_to", body.get("reply_to"))):
-            if isinstance(candidate, str):
-                problem = "contains a wildcard or NUL" if not is_publishable(candidate) \
-                    else self._topics.reply_problem(candidate)
-                if problem:
-                    problems.append((field, f"{candidate!r} cannot be a reply topic: {problem}"))
-        if problems:
-            raise InvalidCommandError(problems, body.get("id"))
-
-    def _takes_progress(self, item: Incoming, body: dict[str, Any], reply_topic: str) -> bool:
-        """Whether non-final messages (`accepted`, an in-flight duplicate's reply) go to `reply_topic`.
-
-        Protocol revision 1.1: always on the default `responses/{id}`; on a Response Topic or `reply_to`
-        the command gave, only with `"progress": true`, because request/response clients take the
-        first message there as the answer. Final responses and the `running` chunks of a large
-        result go everywhere.
-        """
-        chosen = reply_topic in (item.response_topic, body.get("reply_to"))
-        return not chosen or body.get("progress") is True
-
-    # ---- repeated ids --------------------------------------------------------------------------
-    def _repeated(self, d: Decision) -> bool:
-        """A message whose id is known (in the ledger, or earlier in this group) is answered as a duplicate."""
-        assert d.command_id is not None
-        twin = self._seen.get(d.command_id)
-        existing = None if twin is not None else self._store.get(d.command_id)
-        if twin is None and existing is None:
-            self._seen[d.command_id] = d
-            return False
-        self._duplicate(d, twin, existing)
-        return True
-
-    def _duplicate(self, d: Decision, twin: Decision | None, existing: Entry | None) -> None:
-        """A repeated id: its final again when there is one, else its latest non-final message again."""
-        item, command_id = d.item, d.command_id
-        assert command_id is not None
-        fields = self._fields(d)
-        if item.dup and existing is not None:
-            if existing.state == "queued" and self.parking.rebind(command_id, item):
-                self._hold.add(id(item))  # still waiting for room: its PUBACK is owed on this delivery
-            self.stats.redeliveries += 1  # the broker resending what we already recorded
-            log.debug("redelivered command %s ignored", command_id, extra=fields)
-            return
-        self.stats.duplicates += 1
-        final = existing.final_message if existing is not None and existing.state == "final" else None
-        if twin is not None and twin.finals:
-            final = twin.finals[-1]
-        if final is not None:
-            self._on_rejected("duplicate")
-            for message in m.split_result({**final, "duplicate": True}, self._config.mqtt.max_payload_bytes):
-                d.publish(self._out(d.reply_topic, message, item.correlation, command_id))
-            log.info("duplicate of a finished command: final response sent again", extra=fields)
-            return
-        self._on_rejected("duplicate_in_flight")
-        if not (self._config.mqtt.send_accepted and self._takes_progress(item, d.body, d.reply_topic)):
-            log.info("duplicate of a command in flight: no non-final message goes to %s; the final follows "
-                     "where the first copy asked for it", d.reply_topic, extra=fields)
-            return
-        body, received_at = (existing.body, existing.received_at) if existing is not None else \
-            (twin.body if twin is not None else {}, twin.item.received_at if twin is not None else item.received_at)
-        d.publish(self._out(d.reply_topic, in_flight_duplicate(command_id, body, received_at), item.correlation,
-                            command_id))
-        log.info("duplicate of a command in progress: its accepted message sent again", extra=fields)
-
-    def _forget_seen(self, d: Decision) -> None:
-        if d.command_id is not None and self._seen.get(d.command_id) is d:
-            del self._seen[d.command_id]
-
-    # ---- finals --------------------------------------------------------------------------------
-    def _reject_invalid(self, d: Decision, reason: str, field: str, remember: bool = True) -> None:
-        assert d.command_id is not None
-        self._count_invalid("invalid_command")
-        message = refusal_message(d.command_id, d.body, Status.REJECTED, ErrorCode.INVALID_COMMAND, reason,
-                                  d.item.received_at, **({"field": field} if field else {}))
-        if not remember:  # the same id, even later in this group, is decided afresh
-            self._forget_seen(d)
-        self._final(d, message, remember=remember)
-        log.info("invalid command rejected: %s", message["error"]["message"], extra=self._fields(d))
-
-    def _refusal(self, d: Decision, admission: Admission, component: str, command: str) -> None:
-        outcome = admission.refusal(component, command)
-        assert outcome.error is not None
-        self._refuse(d, outcome.status, outcome.error.code, outcome.error.message)
-
-    def _refuse(self, d: Decision, status: Status, code: ErrorCode, text: str) -> None:
-        assert d.command_id is not None
-        message = refusal_message(d.command_id, d.body, status, code, text, d.item.received_at)
-        if code.transient:  # "not now": the same id sent again, even in this group, is a fresh attempt
-            self._forget_seen(d)
-        self._final(d, message, remember=not code.transient, durable=not code.transient)
-        log.info("command refused: %s", message["error"]["message"], extra=self._fields(d))
-
-    def _final(self, d: Decision, message: dict[str, Any], remember: bool = True, durable: bool = True) -> None:
-        """A final answer decided at intake: published, and remembered (its id and outcome, never its body).
-        A transient refusal is neither remembered nor synced (`durable=False`: store docstring)."""
-        item, command_id = d.item, d.command_id
-        assert command_id is not None
-        d.publish(self._out(d.reply_topic, message, item.correlation, command_id), durable)  # marks the clock first
-        if remember:
-            d.remember(Entry(command_id, "final", {}, d.reply_topic, item.correlation, item.received_at, None,
-                             message["seq"], message))
-        d.finals.append(message)
-
-    # ---- invalid messages, counting ------------------------------------------------------------
-    def _out(self, topic: str, message: dict[str, Any], correlation: bytes | None, command_id: str) -> Outgoing:
-        if not message.get("duplicate"):  # a repeat keeps the mark of the time it was made
-            message.update(m.clock_mark(self._clock.synchronized()))
-        return Outgoing(topic, m.encode(message), correlation, command_id)
-
-    def _count_invalid(self, reason: str) -> None:
-        self.stats.invalid[reason] = self.stats.invalid.get(reason, 0) + 1
-        if reason != "invalid_command":  # that one is counted with its final `rejected` response
-            self._on_rejected(reason)
-
-    def _error(self, stage: str) -> None:
-        self.stats.errors[stage] = self.stats.errors.get(stage, 0) + 1
-        try:
-            self._on_error(stage)
-        except Exception:
-            log.exception("intake error callback failed")
-
-    def _invalid_event(self, d: Decision, reason: str, detail: str) -> None:
-        """Counts every invalid message; publishes an event for at most N a minute."""
-        self._count_invalid(reason)
-        log.warning("invalid message on the command topic: %s", clip(detail), extra={"bytes": len(d.item.payload)})
-        now = time.monotonic()
-        self._event_times = [t for t in self._event_times if now - t < 60]
-        if len(self._event_times) >= self._config.mqtt.invalid_events_per_minute:
-            self.stats.events_suppressed += 1
-            return
-        self._event_times.append(now)
-        event = m.event_message("invalid_message", self._clock.wall(), reason=reason, detail=clip(detail),
-                                bytes=len(d.item.payload), **m.clock_mark(self._clock.synchronized()))
-        d.publish(Outgoing(self._topics.events, m.encode(event)))
-
-    @staticmethod
-    def _fields(d: Decision) -> dict[str, Any]:
-        if d.command_id is None:
-            return {"bytes": len(d.item.payload)}
-        return command_fields(d.command_id, d.body.get("component"), d.body.get("command"))
-
-
-def _salvage_id(payload: bytes) -> str | None:
-    """The id of a message, if one can be read at all (used after something unexpected went wrong)."""
-    try:
-        body = decode.decode_command(payload)
-        return body.command_id if isinstance(body, decode.Undecodable) else decode.readable_id(body)
-    except Exception:
-        return None

@@ -32,173 +32,41 @@ readers (`get`, `pending`, stats) use a connection of their own and never wait b
 
 Every SQLite failure leaves here as a StoreError carrying SQLite's own error (never one from a
 ROLLBACK after it), is counted per operation, and is handed to `on_error`; `trouble` says whether
-the store works right now.
-
-The ledger's byte bound (`trim_ledger_bytes`) never forgets an id whose command could be accepted
-again: an unfinished command, or one that ran and whose `keep_until` (its `expires_at`, wall-clock
-epoch seconds, set by intake) has not passed. Forgetting such an id would let a captured signed
-envelope run a second time. Of the rest it forgets ids that never ran (`rejected`, `expired`)
-first, then the least recently finished. What it must hold is never forgotten, even when it alone
-exceeds the bound: `LedgerTrim.over_bound` says so (the caller logs and counts it).
+the store works right now. What the bounds forget, and must hold: agent/store/bounds.py.
 """
 
 
 from __future__ import annotations
 
-import functools
-import json
 import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
-from agent.store.writer import Synchronous, Write, commit_writes, is_unavailable
+from agent.store.batch import Batch, execute_all
+from agent.store.bounds import Bounds
+from agent.store.group import COMPANY_WAIT_S, GroupCommit
+from agent.store.records import Entry, Outgoing, Pending, StoreError, entry_from_row
+from agent.store.schema import migrate
+from agent.store.writer import Synchronous
+
+# Importers of the store take these from here (their modules: records, batch, group).
+__all__ = ["COMPANY_WAIT_S", "REFUSED_KEEP", "Batch", "Entry", "Outgoing", "Pending", "Store", "StoreError"]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Statements = list[tuple[str, tuple[Any, ...]]]
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS ledger (
-    id TEXT PRIMARY KEY,
-    state TEXT NOT NULL CHECK (state IN ('queued', 'started', 'final')),
-    body TEXT NOT NULL,
-    reply_topic TEXT NOT NULL,
-    correlation BLOB,
-    received_at REAL NOT NULL,
-    expires_at REAL,
-    seq INTEGER NOT NULL DEFAULT 0,
-    final_message TEXT,
-    updated_at REAL NOT NULL,
-    signer TEXT,
-    keep_until REAL
-);
-CREATE INDEX IF NOT EXISTS ledger_state ON ledger (state, updated_at);
-CREATE TABLE IF NOT EXISTS outbox (
-    n INTEGER PRIMARY KEY AUTOINCREMENT,
-    command_id TEXT,
-    topic TEXT NOT NULL,
-    payload BLOB NOT NULL,
-    correlation BLOB,
-    created_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS refused (
-    n INTEGER PRIMARY KEY,
-    command_id TEXT,
-    topic TEXT NOT NULL,
-    payload BLOB NOT NULL,
-    correlation BLOB,
-    created_at REAL NOT NULL,
-    reason TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS fault_sets (
-    component TEXT NOT NULL,
-    dtc INTEGER NOT NULL,
-    status INTEGER NOT NULL,
-    updated_at REAL NOT NULL,
-    PRIMARY KEY (component, dtc)
-);
-"""
 REFUSED_KEEP = 100  # messages the broker refused for good, kept for inspection (oldest dropped; at most
 # 100 x max_payload_bytes on the card)
 
-MAX_DEFERRED = 1000  # writes kept in memory while the storage is unavailable
 WAL_SIZE_LIMIT = 4 * 1024 * 1024  # the WAL file is cut back to this after a checkpoint
-COMPANY_WAIT_S = 0.02  # a write handed over to share a commit expected soon waits at most this long alone
-
-# Bytes of a ledger row and of an outbox row, as the byte bounds count them.
-LEDGER_ROW_BYTES = ("(length(id) + length(body) + length(reply_topic) + IFNULL(length(correlation), 0)"
-                    " + IFNULL(length(final_message), 0) + 48)")
-OUTBOX_ROW_BYTES = "(length(payload) + length(topic) + IFNULL(length(correlation), 0) + 32)"
-# A finished command that never ran (refused, or expired before it started): a resend can do no more than
-# run it once. The rest of the finished ones ran.
-_NEVER_RAN = "(IFNULL(json_extract(final_message, '$.status'), '') IN ('rejected', 'expired'))"
-# Ledger rows the bounds may forget (two parameters: the wall clock twice, None when it cannot be trusted):
-# finished, and not a command that ran and could still be accepted again.
-_FORGETTABLE = (f"(state = 'final' AND (keep_until IS NULL OR {_NEVER_RAN}"
-                " OR (? IS NOT NULL AND keep_until <= ?)))")
 
 
-class StoreError(Exception):
-    """A store operation failed. `cause` is SQLite's error; `unavailable` when the storage itself is the
-    trouble (disk full, I/O error, corruption, locked), not the data that was written."""
-
-    def __init__(self, operation: str, cause: sqlite3.Error) -> None:
-        self.operation = operation
-        self.cause = cause
-        self.code = getattr(cause, "sqlite_errorname", None) or type(cause).__name__
-        self.unavailable = is_unavailable(cause)
-        super().__init__(f"{operation}: {cause} ({self.code})")
-
-
-@dataclass(frozen=True)
-class Trouble:
-    """The store has been failing since `since` (monotonic): the latest error and the operation."""
-
-    operation: str
-    error: str
-    since: float
-
-
-@dataclass(frozen=True)
-class Entry:
-    """A ledger row."""
-
-    id: str
-    state: str
-    body: dict[str, Any]
-    reply_topic: str
-    correlation: bytes | None
-    received_at: float
-    expires_at: float | None
-    seq: int
-    final_message: dict[str, Any] | None
-    signer: str | None = None  # the key id that signed the command; None for an unsigned one
-    # Wall-clock epoch seconds until which a resend could still be accepted (the command's expires_at):
-    # once it ran, the byte bound and retention keep its id at least that long. None: no such limit.
-    keep_until: float | None = None
-
-
-@dataclass(frozen=True)
-class LedgerTrim:
-    """What a pass of the ledger's byte bound did: ids forgotten, and the bytes it had to hold (unfinished
-    commands, and ones that ran and could still be accepted); `over_bound` when those alone exceed it."""
-
-    forgotten: int
-    held_bytes: int
-    max_bytes: int
-
-    @property
-    def over_bound(self) -> bool:
-        return self.held_bytes > self.max_bytes
-
-
-@dataclass(frozen=True)
-class Outgoing:
-    """One message to publish (QoS 1; retained only for collection's state, which the lane publishes itself:
-    the outbox table keeps no retain flag)."""
-
-    topic: str
-    payload: bytes
-    correlation: bytes | None = None
-    command_id: str | None = None
-    retain: bool = False
-
-
-@dataclass(frozen=True)
-class Pending:
-    n: int
-    message: Outgoing
-    created_at: float
-
-
-class Store:
+class Store(Bounds, GroupCommit):
     """The ledger and the outbox. Writes from any thread are group-committed on one connection (see the
     module docstring); reads run on a second connection and never wait behind a commit's fsync.
 
@@ -211,23 +79,8 @@ class Store:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.now = now
-        self._on_error = on_error or (lambda error: None)
-        self._lock = threading.Lock()  # the write connection: held by whoever commits
+        super().__init__(on_error)
         self._read_lock = threading.Lock()  # the read connection
-        self._count_lock = threading.Lock()  # error counts and trouble, touched from any thread
-        self._waiting = threading.Condition(threading.Lock())  # guards _pending, wakes the writer thread
-        self._pending: list[Write] = []
-        self._writer: threading.Thread | None = None  # commits what nobody waits for; started on first use
-        self._urgent = False  # a write nobody waits for is to be committed now
-        self._alone_due: float | None = None  # when the writer commits writes that wait for company
-        self._closing = False
-        self._deferred: list[Statements] = []
-        self.errors: dict[str, int] = {}
-        self.trouble: Trouble | None = None
-        self.deferred_dropped = 0
-        self.commits = 0  # commit rounds, how many were synced, and the writes they carried (group commit)
-        self.synced = 0
-        self.writes = 0
         try:
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
         except sqlite3.Error as err:
@@ -237,12 +90,7 @@ class Store:
             self._sync = Synchronous(self._db)
             self._sync.set(True)
             self._db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
-            self._db.executescript(SCHEMA)
-            columns = {row[1] for row in self._db.execute("PRAGMA table_info(ledger)")}
-            if "signer" not in columns:  # a store written before signed commands existed
-                self._db.execute("ALTER TABLE ledger ADD COLUMN signer TEXT")
-            if "keep_until" not in columns:  # a store written before the byte bound held unexpired ids
-                self._db.execute("ALTER TABLE ledger ADD COLUMN keep_until REAL")
+            migrate(self._db)
             self._reader = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
         except sqlite3.Error as err:
             self._db.close()
@@ -267,184 +115,6 @@ class Store:
         """SQLite's PRAGMA quick_check: ["ok"] for a sound database, else what it found (at most 10)."""
         return self._read(lambda db: [row[0] for row in db.execute("PRAGMA quick_check(10)").fetchall()], "open")
 
-    # ---- errors --------------------------------------------------------------------------------
-    @contextmanager
-    def _guard(self, operation: str) -> Iterator[None]:
-        try:
-            yield
-        except sqlite3.Error as err:
-            raise self._failed(operation, err) from err
-
-    def _failed(self, operation: str, err: sqlite3.Error) -> StoreError:
-        """Counts a failure, notes trouble when the storage fails, tells `on_error`; the error to raise."""
-        error = StoreError(operation, err)
-        with self._count_lock:
-            self.errors[operation] = self.errors.get(operation, 0) + 1
-            if error.unavailable:  # the storage fails, not just this write's data
-                if self.trouble is None:
-                    log.error("store failing: %s", error, extra={"operation": operation, "sqlite_error": error.code})
-                since = self.trouble.since if self.trouble is not None else time.monotonic()
-                self.trouble = Trouble(operation, f"{err} ({error.code})", since)
-        try:
-            self._on_error(error)
-        except Exception:
-            log.exception("store error callback failed")
-        return error
-
-    def _worked(self) -> None:
-        with self._count_lock:
-            trouble, self.trouble = self.trouble, None
-        if trouble is not None:
-            log.warning("store works again after %.0f s of errors", time.monotonic() - trouble.since,
-                        extra={"operation": trouble.operation})
-
-    # ---- writes: group commit ------------------------------------------------------------------
-    def _transaction(self, operation: str, work: Callable[[sqlite3.Connection], T], durable: bool = True,
-                     defer: Statements | None = None, company: bool = False) -> T:
-        """Runs `work` in a transaction shared with whatever else waits to be written (after any writes
-        deferred while the storage failed), and returns its result once committed (synced if `durable`).
-        With `company` (a commit by another thread is expected within moments), it first waits up to
-        COMPANY_WAIT_S for that commit to carry it, then commits alone."""
-        write = Write(operation, work, durable, defer)
-        with self._waiting:
-            self._pending.append(write)
-        if not company or not write.finished.wait(COMPANY_WAIT_S):
-            with self._lock:  # the leader commits everything waiting; a follower finds its write done
-                committed = [] if write.finished.is_set() else self._commit_round()
-            self._settle(committed)
-        if write.error is not None:
-            raise write.error
-        return write.result  # type: ignore[no-any-return]
-
-    def _later(self, write: Write, company: bool = False) -> None:
-        """Queues a write nobody waits for: the next commit takes it, or the writer thread does, at once,
-        or with `company` (another commit is expected soon) after at most COMPANY_WAIT_S."""
-        with self._waiting:
-            if self._closing:
-                raise StoreError(write.operation, sqlite3.ProgrammingError("the store is closing"))
-            self._pending.append(write)
-            if not company:
-                self._urgent = True
-            elif self._alone_due is None:
-                self._alone_due = time.monotonic() + COMPANY_WAIT_S
-            if self._writer is None:
-                self._writer = threading.Thread(target=self._write_loop, name="store-writer", daemon=True)
-                self._writer.start()
-            self._waiting.notify()
-
-    def _write_loop(self) -> None:
-        while True:
-            with self._waiting:
-                while True:
-                    if not self._pending:
-                        if self._closing:
-                            return
-                        self._waiting.wait()
-                        continue
-                    due = self._alone_due
-                    if self._urgent or self._closing or due is None or time.monotonic() >= due:
-                        break
-                    self._waiting.wait(due - time.monotonic())
-            try:
-                self.flush()
-            except Exception:  # never lose the thread: the writes themselves carry their errors
-                log.exception("store writer failed; retrying")
-                time.sleep(0.1)
-
-    def flush(self) -> None:
-        """Commits everything waiting now."""
-        with self._lock:
-            committed = self._commit_round()
-        self._settle(committed)
-
-    def _commit_round(self) -> list[Write]:
-        """Under the write lock: every waiting write in one transaction (one fsync when any must be durable)."""
-        with self._waiting:
-            writes, self._pending = self._pending, []
-            self._urgent, self._alone_due = False, None
-        if not writes:
-            return []
-        try:
-            self._flush_deferred()
-        except sqlite3.Error as err:
-            for write in writes:
-                write.error = err
-        else:
-            commit_writes(self._db, self._sync, writes)
-            self.commits += 1
-            self.synced += any(w.durable for w in writes)
-            self.writes += len(writes)
-        worked = False
-        for write in writes:
-            err = write.error
-            if isinstance(err, sqlite3.Error):
-                write.error = self._failed(write.operation, err)
-                write.error.__cause__ = err
-                if write.defer is not None and is_unavailable(err):
-                    self._defer(write.defer)
-            elif err is None:
-                worked = True
-            write.finished.set()
-        if worked:
-            self._worked()
-        return writes
-
-    def _settle(self, writes: list[Write]) -> None:
-        """Outside the locks: the callbacks of writes nobody waits for."""
-        for write in writes:
-            if write.on_done is not None:
-                try:
-                    write.on_done(write)
-                except Exception:
-                    log.exception("callback after a store write failed", extra={"operation": write.operation})
-
-    def _write(self, statements: Statements, defer: bool = False, durable: bool = True,
-               company: bool = False) -> None:
-        self._transaction("write", functools.partial(_execute_all, statements=statements), durable,
-                          statements if defer else None, company)
-
-    def _defer(self, statements: Statements) -> None:
-        """Under the write lock."""
-        self._deferred.append(statements)
-        if len(self._deferred) > MAX_DEFERRED:
-            self._deferred.pop(0)
-            self.deferred_dropped += 1
-            log.error("store unavailable: a deferred write was dropped (more than %d waiting)", MAX_DEFERRED)
-
-    def _flush_deferred(self) -> None:
-        """Writes kept while the storage failed, in order; raises while the storage still fails."""
-        while self._deferred:
-            write = Write("write", functools.partial(_execute_all, statements=self._deferred[0]))
-            commit_writes(self._db, self._sync, [write])
-            if isinstance(write.error, sqlite3.Error):
-                if is_unavailable(write.error):
-                    raise write.error
-                self.deferred_dropped += 1
-                log.error("a deferred write cannot be stored and is dropped: %s", write.error)
-            elif write.error is not None:
-                raise write.error
-            self._deferred.pop(0)
-            log.info("a write deferred while the store failed is stored now", extra={"left": len(self._deferred)})
-
-    @property
-    def deferred(self) -> int:
-        """Writes waiting in memory for the storage to work again."""
-        return len(self._deferred)
-
-    def commit_group(self, batches: list[Batch], company: bool = False) -> None:
-        """Commits several batches in one transaction (one fsync); all of them or none. Synced only if
-        one of them holds a write that must be durable. `company`: as in `_transaction`."""
-        statements = [s for batch in batches for s in batch.statements]
-        if statements:
-            self._write(statements, durable=any(batch.durable for batch in batches), company=company)
-        for batch in batches:
-            batch.statements = []
-
-    def retry_deferred(self) -> None:
-        """Stores what was deferred, if the storage works again (raises StoreError while it does not)."""
-        if self._deferred:
-            self._transaction("write", lambda db: None)
-
     # ---- reads: their own connection -----------------------------------------------------------
     def _read(self, work: Callable[[sqlite3.Connection], T], operation: str = "read") -> T:
         with self._read_lock, self._guard(operation):
@@ -458,36 +128,15 @@ class Store:
 
     def get(self, command_id: str) -> Entry | None:
         row = self._read(lambda db: db.execute("SELECT * FROM ledger WHERE id = ?", (command_id,)).fetchone())
-        return _entry(row) if row else None
+        return entry_from_row(row) if row else None
 
     def entries(self, state: str) -> list[Entry]:
         rows = self._read(lambda db: db.execute(
             "SELECT * FROM ledger WHERE state = ? ORDER BY received_at, rowid", (state,)).fetchall())
-        return [_entry(r) for r in rows]
+        return [entry_from_row(r) for r in rows]
 
     def batch(self) -> Batch:
         return Batch(self)
-
-    def ledger_bytes(self) -> int:
-        return self._read(lambda db: db.execute(f"SELECT IFNULL(SUM({LEDGER_ROW_BYTES}), 0) FROM ledger").fetchone()[0])
-
-    def trim_ledger_bytes(self, max_bytes: int, wall: float | None) -> LedgerTrim:
-        """Forgets finished commands while the ledger holds more than `max_bytes`: first those that never
-        ran, then the least recently finished. Never an unfinished one, nor one that ran whose `keep_until`
-        is after `wall` (wall-clock epoch seconds; None: the clock cannot be trusted, every `keep_until`
-        holds). What it must hold is reported, never forgotten (see the module docstring). Not synced: an
-        id remembered a little longer after a power loss harms nothing."""
-        def work(db: sqlite3.Connection) -> LedgerTrim:
-            held = db.execute(f"SELECT IFNULL(SUM({LEDGER_ROW_BYTES}), 0) FROM ledger WHERE NOT ({_FORGETTABLE})",
-                              (wall, wall)).fetchone()[0]
-            forgotten = db.execute(
-                "DELETE FROM ledger WHERE rowid IN (SELECT rowid FROM ("
-                f" SELECT rowid, SUM({LEDGER_ROW_BYTES}) OVER (ORDER BY {_NEVER_RAN} ASC, updated_at DESC,"
-                f" rowid DESC) AS total FROM ledger WHERE {_FORGETTABLE})"
-                " WHERE total > ? - ?)", (wall, wall, max_bytes, held)).rowcount
-            return LedgerTrim(forgotten, held, max_bytes)
-
-        return self._transaction("maintain", work, durable=False)
 
     # ---- outbox --------------------------------------------------------------------------------
     def pending(self, after: int, limit: int) -> list[Pending]:
@@ -501,34 +150,13 @@ class Store:
         """Deletes delivered messages. Not synced: a delete a power loss undoes only means a resend
         (at least once), and the next synced commit makes it durable anyway."""
         if numbers:
-            self._transaction("acknowledge", lambda db: _execute_all(
+            self._transaction("acknowledge", lambda db: execute_all(
                 db, [("DELETE FROM outbox WHERE n = ?", (n,)) for n in numbers]), durable=False)
 
     def outbox_stats(self) -> tuple[int, float | None]:
         """(messages pending, created_at of the oldest)."""
         count, oldest = self._read(lambda db: db.execute("SELECT COUNT(*), MIN(created_at) FROM outbox").fetchone())
         return count, oldest
-
-    def trim_outbox(self, max_messages: int, max_age_s: float, now: float) -> int:
-        """Drops the oldest messages beyond the bounds; returns how many were dropped."""
-        def work(db: sqlite3.Connection) -> int:
-            aged = db.execute("DELETE FROM outbox WHERE created_at < ?", (now - max_age_s,)).rowcount
-            over = db.execute(
-                "DELETE FROM outbox WHERE n IN (SELECT n FROM outbox ORDER BY n DESC LIMIT -1 OFFSET ?)",
-                (max_messages,)).rowcount
-            return aged + over
-
-        return self._transaction("maintain", work, durable=False)
-
-    def trim_outbox_bytes(self, max_bytes: int) -> int:
-        """Drops the oldest messages while the outbox holds more than `max_bytes`; returns how many."""
-        def work(db: sqlite3.Connection) -> int:
-            return db.execute(
-                "DELETE FROM outbox WHERE n IN (SELECT n FROM ("
-                f" SELECT n, SUM({OUTBOX_ROW_BYTES}) OVER (ORDER BY n DESC) AS total FROM outbox)"
-                " WHERE total > ?)", (max_bytes,)).rowcount
-
-        return self._transaction("maintain", work, durable=False)
 
     def set_aside(self, n: int, reason: str) -> int:
         """Moves an outbox message the broker will never take into `refused` (never deleted as delivered);
@@ -554,102 +182,3 @@ class Store:
         rows = self._read(lambda db: db.execute(
             "SELECT dtc, status FROM fault_sets WHERE component = ?", (component,)).fetchall())
         return {dtc: status for dtc, status in rows}
-
-    def prune_ledger(self, retention_s: float, now: float, wall: float | None = None) -> int:
-        """Forgets final commands older than the retention time (`now` in the store's time), except those
-        the byte bound holds too (ran, `keep_until` after `wall`); returns how many."""
-        return self._transaction("maintain", lambda db: db.execute(
-            f"DELETE FROM ledger WHERE {_FORGETTABLE} AND updated_at < ?", (wall, wall, now - retention_s)).rowcount,
-            durable=False)
-
-
-class Batch:
-    """Statements committed together (one fsync for a group of messages). `durable` says whether the
-    commit must be synced: every ledger change and every message is, unless published `durable=False`."""
-
-    def __init__(self, store: Store) -> None:
-        self._store = store
-        self.statements: Statements = []
-        self.durable = False
-
-    def add_command(self, entry: Entry) -> None:
-        self.durable = True
-        self.statements.append((
-            "INSERT INTO ledger (id, state, body, reply_topic, correlation, received_at, expires_at, seq, "
-            "final_message, updated_at, signer, keep_until) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (entry.id, entry.state, json.dumps(entry.body), entry.reply_topic, entry.correlation,
-             entry.received_at, entry.expires_at, entry.seq,
-             json.dumps(entry.final_message) if entry.final_message else None, self._store.now(), entry.signer,
-             entry.keep_until)))
-
-    def set_state(self, command_id: str, state: str, seq: int | None = None,
-                  final_message: dict[str, Any] | None = None) -> None:
-        """A finished command keeps its id and final message, not its body (the ledger stays small)."""
-        self.durable = True
-        self.statements.append((
-            "UPDATE ledger SET state = ?, seq = COALESCE(?, seq), final_message = COALESCE(?, final_message), "
-            "body = CASE WHEN ? = 'final' THEN '{}' ELSE body END, updated_at = ? WHERE id = ?",
-            (state, seq, json.dumps(final_message) if final_message else None, state, self._store.now(), command_id)))
-
-    def requeue(self, command_id: str) -> None:
-        """A command marked started that never ran is queued again (a clean stop)."""
-        self.durable = True
-        self.statements.append(("UPDATE ledger SET state = 'queued' WHERE id = ? AND state = 'started'", (command_id,)))
-
-    def forget(self, command_id: str) -> None:
-        """Removes a command from the ledger: its refusal was transient, the same id may come again."""
-        self.durable = True
-        self.statements.append(("DELETE FROM ledger WHERE id = ?", (command_id,)))
-
-    def publish(self, message: Outgoing, durable: bool = True) -> None:
-        """Into the outbox. `durable=False` for a message a power loss may lose (a transient refusal,
-        not remembered: the backend sends the id again); a SIGKILL loses it all the same never."""
-        self.durable = self.durable or durable
-        self.statements.append((
-            "INSERT INTO outbox (command_id, topic, payload, correlation, created_at) VALUES (?, ?, ?, ?, ?)",
-            (message.command_id, message.topic, message.payload, message.correlation, self._store.now())))
-
-    def save_fault_set(self, component: str, faults: dict[int, int]) -> None:
-        """Replaces a component's last known faults (DTC -> status byte)."""
-        self.statements.append(("DELETE FROM fault_sets WHERE component = ?", (component,)))
-        now = self._store.now()
-        self.statements += [("INSERT INTO fault_sets (component, dtc, status, updated_at) VALUES (?, ?, ?, ?)",
-                             (component, dtc, status, now)) for dtc, status in sorted(faults.items())]
-
-    def commit(self, defer: bool = False) -> None:
-        """Commits the statements. With `defer`, a write the storage cannot take now is kept in memory
-        and stored before the next write that succeeds (StoreError is still raised)."""
-        if self.statements:
-            statements, self.statements = self.statements, []
-            try:
-                self._store._write(statements, defer=defer, durable=self.durable)
-            except StoreError:
-                self.statements = [] if defer else statements
-                raise
-
-    def commit_later(self, on_done: Callable[[BaseException | None], None], defer: bool = False,
-                     company: bool = False) -> None:
-        """Hands the statements over without waiting for the commit: `on_done(None)` once they are
-        stored (synced if `durable`), or `on_done(error)` (a StoreError when SQLite failed); it runs on
-        whichever thread committed them, outside the store's locks. With `defer`, as in `commit`.
-        With `company`, the caller knows another commit follows at once (its worker's next start
-        mark): the statements go with it, or alone after COMPANY_WAIT_S. Raises StoreError only when
-        the store is closing."""
-        if not self.statements:
-            on_done(None)
-            return
-        statements, self.statements = self.statements, []
-
-        self._store._later(Write("write", functools.partial(_execute_all, statements=statements), self.durable,
-                                 statements if defer else None, lambda write: on_done(write.error)), company)
-
-
-def _execute_all(db: sqlite3.Connection, statements: Statements) -> None:
-    for sql, args in statements:
-        db.execute(sql, args)
-
-
-def _entry(row: tuple[Any, ...]) -> Entry:
-    cid, state, body, reply_topic, correlation, received_at, expires_at, seq, final_message, _, signer, keep = row
-    return Entry(cid, state, json.loads(body), reply_topic, correlation, received_at, expires_at, seq,
-                 json.loads(final_message) if final_message else None, signer, keep)

@@ -1,0 +1,51 @@
+"""What intake decides for one message (Decision), its counters (IntakeStats), and the signature hook's type."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from agent.fleet.link import Incoming
+from agent.store.sqlite import Batch, Entry, Outgoing
+from agent.wire import decode
+from agent.wire.command import Command
+
+# (incoming, decoded body, publish) -> (body to process, signing key id or None), or None when refused
+Authenticate = Callable[[Incoming, dict[str, Any] | decode.Undecodable, Callable[[Outgoing], None]],
+                        tuple[dict[str, Any] | decode.Undecodable, str | None] | None]
+
+
+@dataclasses.dataclass
+class IntakeStats:
+    received: int = 0
+    invalid: dict[str, int] = dataclasses.field(default_factory=dict)
+    duplicates: int = 0
+    redeliveries: int = 0
+    events_suppressed: int = 0
+    errors: dict[str, int] = dataclasses.field(default_factory=dict)  # unexpected exceptions, by stage
+    storage_refusals: int = 0
+
+
+@dataclasses.dataclass
+class Decision:
+    """What one message comes to: what to record (its batch), what to run, which finals to count."""
+
+    item: Incoming
+    batch: Batch
+    command_id: str | None = None
+    body: dict[str, Any] = dataclasses.field(default_factory=dict)
+    reply_topic: str = ""
+    remembered: bool = False  # it writes a ledger row
+    messages: list[Outgoing] = dataclasses.field(default_factory=list)  # what it publishes
+    finals: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    run: tuple[Command, Entry] | None = None
+    parked: bool = False  # waits for room in its component's queue, its PUBACK held (fleet/flow.py)
+
+    def remember(self, entry: Entry) -> None:
+        self.batch.add_command(entry)
+        self.remembered = True
+
+    def publish(self, message: Outgoing, durable: bool = True) -> None:
+        self.batch.publish(message, durable)
+        self.messages.append(message)
