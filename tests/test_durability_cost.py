@@ -131,3 +131,43 @@ def test_the_next_command_is_marked_started_while_one_runs_and_queued_again_at_a
         assert backend.final(third["id"])["status"] == "completed"
     finally:
         again.stop()
+
+
+def test_a_command_marked_started_by_the_intake_that_never_ran_is_queued_again_at_a_clean_stop(
+        mqtt_vehicle, sim, backend):
+    """A collection reading holds the worker, which counts as idle (no command outstanding), so a read that
+    arrives is marked started in the intake's commit and waits behind the reading. A clean stop before it
+    runs puts it back to `queued`: it runs after the restart, not reported `interrupted` (only a crash may
+    do that). Found by an outside review; failed before the fix (its final was `interrupted`)."""
+    from agent.core.worker import Job
+    from agent.wire.command import ReadData
+
+    sim.ecu("engine").set_faults([fault_from_dict({"service": 0x22, "match": "F190", "pending": 15})])
+    service = Service(mqtt_vehicle)
+    service.start()
+    try:
+        assert service.link.wait_connected(10), service.link.last_error
+        backend.wait_status("online", 10)
+        worker = service.runtime.workers["engine"]
+        ecu = service.config.ecu("engine")
+        assert worker.offer(Job(ReadData((ecu.did_by_name("vin"),)), lambda outcome, seconds: None))
+        wait_for(lambda: worker.busy_since is not None and worker.in_flight is None)  # the reading runs
+        waiting = command(command="tester_present", params={})
+        backend.send(waiting)
+        wait_for(lambda: (e := service.store.get(waiting["id"])) is not None and e.state == "started")
+        assert sim.ecu("engine").server.executed[0x3E] == 0
+    finally:
+        service.stop(grace=0.5)
+    reopened = Store(mqtt_vehicle.state_dir / "agent.db")
+    try:
+        assert reopened.get(waiting["id"]).state == "queued"
+    finally:
+        reopened.close()
+    sim.ecu("engine").set_faults([])
+    again = Service(mqtt_vehicle)
+    again.start()
+    try:
+        assert backend.final(waiting["id"])["status"] == "completed"
+        assert sim.ecu("engine").server.executed[0x3E] == 1
+    finally:
+        again.stop()

@@ -7,7 +7,9 @@ Which write is on the disk before which acknowledgement, and why:
   run again (exactly-once). When the command goes straight to an idle worker (and is not mutating: a
   mutating command's audit record is written when it starts), the mark shares the intake's commit: a
   crash between that commit and the run then reports `interrupted` for a command that never ran,
-  which the protocol allows ("started but the agent stopped before it finished").
+  which the protocol allows ("started but the agent stopped before it finished"). The same holds for
+  a read marked started ahead of its turn while the command before it runs. A clean stop (SIGTERM)
+  queues both kinds again when they never ran (agent/system/startmarks.py): only a crash reports them.
 - Its final response in the outbox, with the ledger's `final` state, before that response is
   published: the outbox reads only committed rows, and a synced commit becomes visible to readers only
   after its fsync. The worker does not wait for this commit (`Batch.commit_later`): its next command's

@@ -1,8 +1,8 @@
 """Start marks: a command is marked `started` in the ledger before it runs (by the intake's commit, at its
 turn, or ahead of its turn while the command before it runs), and a clean stop queues again what was marked
-ahead but never ran. Part of `Service` (it inherits this and owns the store, audit trail and intake these
-use, and the two id sets in its constructor); kept apart because the started mark is what restart recovery
-trusts, and it deserves one place.
+(by the intake or ahead) but never ran. Part of `Service` (it inherits this and owns the store, audit trail
+and intake these use, and the two id sets in its constructor); kept apart because the started mark is what
+restart recovery trusts, and it deserves one place.
 """
 
 from __future__ import annotations
@@ -64,9 +64,11 @@ class StartMarks:
         return wait
 
     def _unmark_ahead(self) -> None:
-        """A clean stop: commands marked started ahead that never ran are queued again (they run after
-        the restart, like any other queued command, instead of being reported `interrupted`)."""
-        ids = list(self._marked_ahead)
+        """A clean stop: commands marked started that never ran — ahead of their turn, or by the intake's
+        commit while a collection reading held their worker — are queued again: they run after the restart,
+        like any other queued command, instead of being reported `interrupted` (only a crash may do that).
+        Call once the workers have stopped: a command that started running has left both sets."""
+        ids = sorted(self._marked_ahead | self._started_at_intake)
         if not ids:
             return
         batch = self.store.batch()
@@ -75,6 +77,7 @@ class StartMarks:
         try:
             batch.commit(defer=True)
         except StoreError as err:
-            log.error("commands marked started ahead could not be queued again (%s): they are reported "
-                      "interrupted after the restart", err, extra={"ids": ids})
+            log.error("commands marked started that never ran could not be queued again (%s): they are "
+                      "reported interrupted after the restart", err, extra={"ids": ids})
         self._marked_ahead.clear()
+        self._started_at_intake.clear()
