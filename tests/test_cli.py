@@ -1,15 +1,18 @@
 """The sovd-edge command line, run as a real subprocess the way engineers and systemd run it."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 from conftest import ROOT
 
 from agent.cli import SUBCOMMANDS, build_parser
+from agent.system.stopsignal import StopSignal
 
 DEMO = str(ROOT / "config/demo.yaml")
 
@@ -130,3 +133,28 @@ def test_every_subcommand_help_has_an_example_and_exit_codes(module, capsys):
 def test_version():
     result = cli("--version")
     assert result.returncode == 0 and result.stdout.startswith("sovd-edge 0.")
+
+
+def test_a_stop_signal_landing_anywhere_wakes_the_main_loop():
+    """The SIGTERM handler used to call threading.Event.set(); landing while the main thread held that
+    Event's own lock inside Event.wait(), it deadlocked and the agent ignored SIGTERM (this file's
+    test_run_starts_and_stops_cleanly_on_sigterm hung about once in a few full runs). Setting the stop
+    request now takes no lock: it is set re-entrantly here while a wait is in progress on this very thread
+    (a real SIGTERM to this process), and from another thread."""
+    from agent.cli import common
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        stop = common.stop_on_signals()
+        assert not isinstance(stop, threading.Event) and not stop.wait(0.01)
+        timer = threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGTERM))
+        timer.start()
+        begun = time.monotonic()
+        assert stop.wait(10) and time.monotonic() - begun < 5
+        timer.join()
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    other = StopSignal()
+    threading.Timer(0.05, other.set).start()
+    assert other.wait(10) and other.is_set()

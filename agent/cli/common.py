@@ -8,7 +8,6 @@ import dataclasses
 import json
 import signal
 import sys
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from agent.config.parse import broker_url, host_port
 from agent.config.reader import InvalidValueError
 from agent.errors import ConfigError
 from agent.system.logs import setup_logging
+from agent.system.stopsignal import StopSignal
 
 EXIT_OK = 0
 EXIT_NOT_COMPLETED = 1
@@ -152,9 +152,10 @@ def print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, ensure_ascii=False))
 
 
-def stop_on_signals() -> threading.Event:
-    """An event set by SIGTERM/SIGINT; the handler only sets it (all work stays on the main thread)."""
-    stop = threading.Event()
+def stop_on_signals() -> StopSignal:
+    """A stop request set by SIGTERM/SIGINT; the handler only sets it, taking no lock (all work stays on
+    the main thread; see agent/system/stopsignal.py for the deadlock a threading.Event allowed)."""
+    stop = StopSignal()
 
     def handler(signum: int, frame: object) -> None:
         stop.set()

@@ -9,13 +9,14 @@ import time
 from agent import __version__
 from agent.system.sdnotify import SystemdNotifier
 from agent.system.service import Service
+from agent.system.stopsignal import StopSignal
 
 log = logging.getLogger("agent.run")
 
 STATUS_EVERY_S = 5.0
 
 
-def run_until_stopped(service: Service, stop: threading.Event, grace: float,
+def run_until_stopped(service: Service, stop: StopSignal | threading.Event, grace: float,
                       notifier: SystemdNotifier | None = None) -> bool:
     """Runs a started service until `stop` is set (SIGTERM/SIGINT): True when it stopped cleanly,
     False when it stopped because an essential thread died (the CLI turns that into an exit code)."""
