@@ -7,6 +7,7 @@ count of synced commits pins down which writes are synced.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 
@@ -26,6 +27,30 @@ def wait_for(condition, timeout: float = 10.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not met"
         time.sleep(0.01)
+
+
+@contextlib.contextmanager
+def slow_engine(mqtt_vehicle, sim, backend, grace: float = 5.0):
+    """The agent, subscribed, with the engine answering ReadDataByIdentifier F190 slowly (15 x NRC 0x78);
+    stopped cleanly (SIGTERM's path) with `grace` when the block ends."""
+    sim.ecu("engine").set_faults([fault_from_dict({"service": 0x22, "match": "F190", "pending": 15})])
+    service = Service(mqtt_vehicle)
+    service.start()
+    try:
+        assert service.link.wait_connected(10), service.link.last_error
+        backend.wait_status("online", 10)
+        yield service
+    finally:
+        service.stop(grace)
+
+
+def ledger_states(mqtt_vehicle, *ids: str) -> list[str]:
+    """The ledger state of each id, as the next start will find it."""
+    reopened = Store(mqtt_vehicle.state_dir / "agent.db")
+    try:
+        return [reopened.get(command_id).state for command_id in ids]
+    finally:
+        reopened.close()
 
 
 def settled(service: Service) -> bool:
@@ -98,12 +123,7 @@ def test_the_next_command_is_marked_started_while_one_runs_and_queued_again_at_a
     """Pipelined start marks: while a command runs, its worker takes the next one and has its start
     mark written. A clean stop puts that one back to `queued`, so it runs after the restart instead
     of being reported `interrupted`."""
-    sim.ecu("engine").set_faults([fault_from_dict({"service": 0x22, "match": "F190", "pending": 15})])
-    service = Service(mqtt_vehicle)
-    service.start()
-    try:
-        assert service.link.wait_connected(10), service.link.last_error
-        backend.wait_status("online", 10)
+    with slow_engine(mqtt_vehicle, sim, backend) as service:
         worker = service.runtime.workers["engine"]
         blocker, first, second, third = command(), command(), command(), command()
         backend.send(blocker)
@@ -114,15 +134,9 @@ def test_the_next_command_is_marked_started_while_one_runs_and_queued_again_at_a
         wait_for(lambda: worker.in_flight is not None and worker.in_flight.id == first["id"])
         wait_for(lambda: service.store.get(second["id"]).state == "started")  # marked ahead, not running
         assert worker.in_flight.id == first["id"] and service.store.get(third["id"]).state == "queued"
-    finally:
-        service.stop()
     assert backend.final(blocker["id"])["status"] == "completed"
     assert backend.final(first["id"])["status"] == "completed"
-    reopened = Store(mqtt_vehicle.state_dir / "agent.db")
-    try:
-        assert reopened.get(second["id"]).state == "queued" and reopened.get(third["id"]).state == "queued"
-    finally:
-        reopened.close()
+    assert ledger_states(mqtt_vehicle, second["id"], third["id"]) == ["queued", "queued"]
     sim.ecu("engine").set_faults([])
     again = Service(mqtt_vehicle)
     again.start()
@@ -142,12 +156,7 @@ def test_a_command_marked_started_by_the_intake_that_never_ran_is_queued_again_a
     from agent.core.worker import Job
     from agent.wire.command import ReadData
 
-    sim.ecu("engine").set_faults([fault_from_dict({"service": 0x22, "match": "F190", "pending": 15})])
-    service = Service(mqtt_vehicle)
-    service.start()
-    try:
-        assert service.link.wait_connected(10), service.link.last_error
-        backend.wait_status("online", 10)
+    with slow_engine(mqtt_vehicle, sim, backend, grace=0.5) as service:
         worker = service.runtime.workers["engine"]
         ecu = service.config.ecu("engine")
         assert worker.offer(Job(ReadData((ecu.did_by_name("vin"),)), lambda outcome, seconds: None))
@@ -156,13 +165,7 @@ def test_a_command_marked_started_by_the_intake_that_never_ran_is_queued_again_a
         backend.send(waiting)
         wait_for(lambda: (e := service.store.get(waiting["id"])) is not None and e.state == "started")
         assert sim.ecu("engine").server.executed[0x3E] == 0
-    finally:
-        service.stop(grace=0.5)
-    reopened = Store(mqtt_vehicle.state_dir / "agent.db")
-    try:
-        assert reopened.get(waiting["id"]).state == "queued"
-    finally:
-        reopened.close()
+    assert ledger_states(mqtt_vehicle, waiting["id"]) == ["queued"]
     sim.ecu("engine").set_faults([])
     again = Service(mqtt_vehicle)
     again.start()
