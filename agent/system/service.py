@@ -138,7 +138,7 @@ class Service(ServiceHealth, StartMarks, RestartRecovery):
         self.intake.stop()
         self.collection.stop()
         self.runtime.stop(grace)  # queued-but-unrun commands stay 'queued' and run after a restart
-        self._unmark_ahead()
+        self._requeue_unrun()
         self.store.flush()  # the finals handed over without waiting are in the outbox before it is flushed
         if self.link.connected:
             self.outbox.flush(min(grace, 3.0))

@@ -63,7 +63,7 @@ class StartMarks:
 
         return wait
 
-    def _unmark_ahead(self) -> None:
+    def _requeue_unrun(self) -> None:
         """A clean stop: commands marked started that never ran — ahead of their turn, or by the intake's
         commit while a collection reading held their worker — are queued again: they run after the restart,
         like any other queued command, instead of being reported `interrupted` (only a crash may do that).
