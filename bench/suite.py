@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.devtools.local_broker import LocalBroker
-from bench import e2e
+from bench import durability, e2e
 from bench.configs import demo_config, fleet_config, write
 from bench.probe import rss_mib
 from bench.procs import Subject, agent_argv, bridge_argv, spawn
@@ -35,10 +35,12 @@ class Settings:
     idle_window_s: float = 5.0
     idle_settle_s: float = 3.0
     startup_runs: int = 3
+    commit_probes: int = 200  # synced SQLite commits timed on the agent's disk (the latency floor)
 
 
 SMOKE = Settings(rounds=1, latency_commands=3, load_s=0.3, window=4, executor_commands=5, frames_transfers=2,
-                 idle_windows=1, idle_window_s=0.5, idle_settle_s=0.2, startup_runs=1)
+                 idle_windows=1, idle_window_s=0.5, idle_settle_s=0.2, startup_runs=1,
+                 commit_probes=5)
 
 
 def _start_subject(kind: str, workdir: Path, broker: LocalBroker, tag: str) -> Subject:
@@ -84,6 +86,7 @@ def run_e2e(settings: Settings, workdir: Path, log: Any) -> dict[str, Any]:
                 "rss_mib": rss_mib(subject.pid),
             }
         result["unmatched_responses"] = sum(b.foreign for b in backends.values())
+        result["synced_commit_ms"] = durability.synced_commits(workdir, settings.commit_probes)
         return result
     finally:
         for backend in backends.values():

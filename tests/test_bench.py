@@ -27,7 +27,9 @@ OTHER_FIGURES = [
     *(f"idle.{c}.{f}" for c in ("agent_8_ecus", "can_isotp_8_stacks")
       for f in ("cpu_percent_of_a_core", "context_switches_per_s", "rss_mib.rss")),
     *(f"startup.{k}.ready_ms.p50" for k in ("agent", "bridge")),
-    *(f"headline.e2e.{b}.{f}" for b in BROKERS for f in ("p50", "p99", "throughput", "cpu_per_command_under_load")),
+    *(f"headline.e2e.{b}.{f}" for b in BROKERS
+      for f in ("p50", "p99", "p50_floor", "throughput", "cpu_per_command_under_load")),
+    "e2e.synced_commit_ms.p50",
     *(f"headline.{f}" for f in ("executor_p50", "executor_cpu", "isotp_cpu_per_frame", "idle_cpu_8_ecus",
                                 "idle_context_switches_8_ecus", "rss_demo_after_load", "exec_to_ready")),
 ]
