@@ -40,6 +40,7 @@ the store works right now. What the bounds forget, and must hold: agent/store/bo
 
 from __future__ import annotations
 
+import functools
 import logging
 import sqlite3
 import threading
@@ -53,7 +54,7 @@ from agent.store.bounds import Bounds
 from agent.store.group import COMPANY_WAIT_S, GroupCommit
 from agent.store.records import Entry, Outgoing, Pending, StoreError, entry_from_row
 from agent.store.schema import migrate
-from agent.store.writer import Synchronous
+from agent.store.writer import Synchronous, Write
 
 # Importers of the store take these from here (their modules: records, batch, group).
 __all__ = ["COMPANY_WAIT_S", "REFUSED_KEEP", "Batch", "Entry", "Outgoing", "Pending", "Store", "StoreError"]
@@ -149,11 +150,16 @@ class Store(Bounds, GroupCommit):
                 for n, cid, topic, payload, correlation, created in rows]
 
     def acknowledge(self, numbers: list[int]) -> None:
-        """Deletes delivered messages. Not synced: a delete a power loss undoes only means a resend
-        (at least once), and the next synced commit makes it durable anyway."""
+        """Deletes delivered messages, without waiting: the deletes ride the next commit (the next
+        command's, or a final's), or the writer thread commits them alone after COMPANY_WAIT_S. Not
+        synced: a delete a power loss (or a store failure) undoes only means a resend (at least once),
+        and the next synced commit makes it durable anyway. Rows already handed over are never read
+        again by the outbox (it reads past the highest it handed), so a delete not yet committed resends
+        nothing; a failed delete is counted and logged by the store like any write."""
         if numbers:
-            self._transaction("acknowledge", lambda db: execute_all(
-                db, [("DELETE FROM outbox WHERE n = ?", (n,)) for n in numbers]), durable=False)
+            statements = [("DELETE FROM outbox WHERE n = ?", (n,)) for n in numbers]
+            self._later(Write("acknowledge", functools.partial(execute_all, statements=statements), durable=False),
+                        company=True)
 
     def outbox_stats(self) -> tuple[int, float | None]:
         """(messages pending, created_at of the oldest)."""
