@@ -148,12 +148,12 @@ class Intake(Repeats, Fallbacks):
             self.stats.received += 1
             decisions.append(self._decide_safely(item))
         self._record(decisions)
+        for decision in decisions:  # recorded: the workers may start now, before the PUBACKs are written
+            self._settle(decision)
         for decision in decisions:
             if id(decision.item) not in self._hold:  # a waiting command's PUBACK is sent when it is queued
                 self._acknowledge(decision.item)
         self._wake_outbox()
-        for decision in decisions:
-            self._settle(decision)
         self._release()
 
     def _release(self) -> None:

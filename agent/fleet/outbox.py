@@ -87,6 +87,7 @@ class Outbox:
         self._handed = 0  # highest outbox row handed to paho in this process
         self._retries: dict[int, _Retry] = {}  # row -> when to hand it over again
         self._lock = threading.Lock()
+        self._pass = threading.Lock()  # one pass over acks and the stored messages at a time (any thread)
         self._thread: threading.Thread | None = None
         self._acks_this_connection = 0
         self._strikes: tuple[int, int] = (0, 0)  # (row, connections cut while it led without any PUBACK)
@@ -108,6 +109,25 @@ class Outbox:
 
     def wake(self, *_: object) -> None:
         self._wake.set()
+
+    def send_now(self, *_: object) -> None:
+        """Called by the thread that just committed messages: hands them to the link itself, in order
+        (everything stored and not yet handed over goes, the oldest first), instead of waking the outbox
+        thread and waiting for it to be scheduled. When the outbox thread is in a pass of its own, or
+        the link is down, it is woken instead (its pass reads what is stored after it began)."""
+        if not self._pass.acquire(blocking=False):
+            self._wake.set()
+            return
+        try:
+            if self._stop.is_set() or not self._connected():
+                self._wake.set()
+                return
+            self._hand_over()
+        except Exception:  # the outbox thread tries again (and logs what fails there)
+            log.debug("handing over on the committing thread failed; the outbox thread tries", exc_info=True)
+            self._wake.set()
+        finally:
+            self._pass.release()
 
     def published(self, mid: int, code: int = 0) -> None:
         """PUBACK for `mid` (called on the MQTT loop thread: only hands over, never touches SQLite)."""
@@ -170,20 +190,22 @@ class Outbox:
             self._wake.wait(self._next_wait())
             self._wake.clear()
             try:
-                self._settle_acks()
-                self._judge_strikes()
-                if self._connected():
-                    self._hand_over()
-                if time.monotonic() >= next_maintenance:
-                    self._maintain()
-                    next_maintenance = time.monotonic() + MAINTENANCE_S
+                with self._pass:
+                    self._settle_acks()
+                    self._judge_strikes()
+                    if self._connected():
+                        self._hand_over()
+                    if time.monotonic() >= next_maintenance:
+                        self._maintain()
+                        next_maintenance = time.monotonic() + MAINTENANCE_S
             except StoreError as err:  # counted and reported by the store; health says so
                 log.warning("outbox pass failed, store unavailable: %s", err)
                 self._stop.wait(1.0)
             except Exception:
                 log.exception("outbox pass failed; retrying")
                 self._stop.wait(1.0)
-        self._settle_acks()
+        with self._pass:
+            self._settle_acks()
 
     def _next_wait(self) -> float:
         with self._lock:

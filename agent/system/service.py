@@ -73,6 +73,10 @@ class Service(ServiceHealth, StartMarks, RestartRecovery):
         self._outbox_seen: tuple[int, float | None] = (0, None)  # the last outbox figures the store gave
         self._started_at_intake: set[str] = set()  # ids whose start mark shared the intake's commit
         self._marked_ahead: set[str] = set()  # ids marked started ahead of their turn, not yet run
+        # The ledger entry of every command handed to a worker, until its result: the final response is
+        # built from it without reading the ledger back. Bounded by the components' queues (plus one in
+        # flight each); an entry is dropped when its command ends in any way (`_finish`).
+        self._entries: dict[str, Entry] = {}
         self.store, self.store_recovery = open_store(config.state_dir / STORE_FILE, on_error=self._on_store_error,
                                                      now=self.clock.agent_now)
         if self.store_recovery is not None:
@@ -100,7 +104,7 @@ class Service(ServiceHealth, StartMarks, RestartRecovery):
         self.audit = AuditTrail(config, self.topics, self.store.get, on_error=self.metrics.audit_errors.inc,
                                 on_damage=lambda damage: self.metrics.audit_damaged.inc(),
                                 on_lost=lambda how: self.metrics.audit_lost.labels(how).inc())
-        self.intake = Intake(config, self.store, self.topics, self.link.ack, self._admit, self.outbox.wake,
+        self.intake = Intake(config, self.store, self.topics, self.link.ack, self._admit, self.outbox.send_now,
                              self.runtime.check, on_final=self._count_final, idle=self.runtime.idle,
                              on_rejected=lambda reason: self.metrics.rejected.labels(reason).inc(),
                              publish_now=self.link.publish,
@@ -192,6 +196,7 @@ class Service(ServiceHealth, StartMarks, RestartRecovery):
         started = entry.state == "started"  # intake's commit marked it started: its worker was idle
         if started:
             self._started_at_intake.add(command.id)
+        self._entries[command.id] = entry
         admission = self.runtime.submit(command)
         if admission is Admission.QUEUED:
             return
@@ -204,7 +209,11 @@ class Service(ServiceHealth, StartMarks, RestartRecovery):
                                    command.received_at, None, self.clock.wall()))
 
     def _on_result(self, result: Result) -> None:
-        try:
+        entry = self._entries.get(result.command_id)
+        if entry is not None:
+            self._finish(entry, result)
+            return
+        try:  # not handed over by `_admit` (cannot happen today): the ledger has it
             entry = self.store.get(result.command_id)
         except StoreError as err:
             log.error("the final response cannot be sent: its ledger entry cannot be read (%s)", err,
@@ -225,6 +234,7 @@ class Service(ServiceHealth, StartMarks, RestartRecovery):
         again (then the outbox sends it once more: at least once).
         """
         self._started_at_intake.discard(entry.id)  # ended without running (expired, refused) or ran
+        self._entries.pop(entry.id, None)
         self._marked_ahead.discard(entry.id)
         final = {**response_message(result, seq=entry.seq + 1), **m.clock_mark(self.clock.synchronized())}
         largest = self.config.mqtt.max_payload_bytes
@@ -249,14 +259,21 @@ class Service(ServiceHealth, StartMarks, RestartRecovery):
                           "again", error, extra=command_fields(entry.id, result.component, result.command))
                 for message in [*events, *messages]:
                     self.link.publish(message)
-            self.outbox.wake()
+            self.outbox.send_now()  # published by the thread that committed it, when nothing older waits
 
         worker = self.runtime.workers.get(result.component)
-        company = worker is not None and worker.depth > 0  # its next start mark is about to be committed
-        try:
-            batch.commit_later(stored, defer=True, company=company)
-        except StoreError as err:  # the store is closing
-            stored(err)
+        if worker is not None and worker.depth > 0:  # its next start mark is about to be committed: shares it
+            try:
+                batch.commit_later(stored, defer=True, company=True)
+            except StoreError as err:  # the store is closing
+                stored(err)
+        else:  # nothing waits for this worker: it commits (and publishes) itself, no hand-over to a thread
+            try:
+                batch.commit(defer=True)
+            except StoreError as err:
+                stored(err)
+            else:
+                stored(None)
         duration = result.finished_at - result.started_at if result.started_at is not None else None
         self._count_final(final, duration)
         if len(pieces) > 1:
