@@ -155,3 +155,49 @@ def test_never_more_in_flight_than_the_broker_receive_maximum(tmp_path):
     finally:
         outbox.stop()
         store.close()
+
+
+def test_send_now_hands_stored_messages_over_on_the_calling_thread_in_order(tmp_path):
+    """The thread that committed messages publishes them itself (no outbox thread here at all), the
+    older stored ones first; with the link down nothing is handed over and nothing is lost."""
+    link, threads = Link(), []
+    publish = link.publish
+    link.publish = lambda message: threads.append(threading.current_thread().name) or publish(message)
+    store = Store(tmp_path / "agent.db")
+    up = [False]
+    outbox = Outbox(store, StoreConfig(), link.publish, connected=lambda: up[0])
+    link.outbox = outbox
+    try:
+        for payload in (b"1", b"2"):
+            batch = store.batch()
+            batch.publish(Outgoing("t", payload))
+            batch.commit()
+            outbox.send_now()
+        assert link.handed == []  # the link is down: they wait in the store
+        up[0] = True
+        batch = store.batch()
+        batch.publish(Outgoing("t", b"3"))
+        batch.commit()
+        outbox.send_now()
+        assert [message.payload for _, message in link.handed] == [b"1", b"2", b"3"]
+        assert set(threads) == {threading.current_thread().name}
+        outbox.send_now()  # nothing new: nothing handed twice
+        assert len(link.handed) == 3
+    finally:
+        store.close()
+
+
+def test_send_now_while_the_outbox_thread_is_in_a_pass_leaves_the_message_to_it(tmp_path):
+    link, refused = Link(), []
+    store, outbox = pump(tmp_path, link, refused)
+    try:
+        with outbox._pass:  # the outbox thread's pass, as it holds it
+            batch = store.batch()
+            batch.publish(Outgoing("t", b"later"))
+            batch.commit()
+            outbox.send_now()
+            assert link.handed == []  # not handed over behind the pass's back
+        assert wait_until(lambda: len(link.handed) == 1, 5)  # the outbox thread was woken and took it
+    finally:
+        outbox.stop()
+        store.close()
