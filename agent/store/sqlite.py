@@ -12,10 +12,13 @@ Which write is on the disk before which acknowledgement, and why:
   queues both kinds again when they never ran (agent/system/startmarks.py): only a crash reports them.
 - Its final response in the outbox, with the ledger's `final` state, before that response is
   published: the outbox reads only committed rows, and a synced commit becomes visible to readers only
-  after its fsync. The worker does not wait for this commit (`Batch.commit_later`): its next command's
-  start mark, or another component's, shares the same fsync.
+  after its fsync. A worker with more commands queued does not wait for this commit
+  (`Batch.commit_later`): its next command's start mark, or another component's, shares the same
+  fsync. A worker with nothing queued commits it itself and, the commit done, hands it to the link on
+  the same thread (`Outbox.send_now`), saving two thread wake-ups on the one-at-a-time path.
 - Not synced (synchronous=NORMAL, see agent/store/writer.py): outbox deletes after a PUBACK (a lost
-  delete only means a resend: responses are at least once, the backend dedups by id + seq), retention
+  delete only means a resend: responses are at least once, the backend dedups by id + seq; they are
+  not even a commit of their own, but ride the next one, or the writer's after COMPANY_WAIT_S), retention
   and bound trims, set-asides, and transient refusals (`busy`, `storage_unavailable`,
   `clock_unsynchronized`), which are not remembered: a power loss may lose such a refusal before it
   was published; the backend resends an id that got no final answer, and a resend is a fresh attempt.
