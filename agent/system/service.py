@@ -210,8 +210,9 @@ class Service(ServiceHealth, StartMarks, RestartRecovery):
 
     def _on_result(self, result: Result) -> None:
         entry = self._entries.get(result.command_id)
-        if entry is not None:
-            self._finish(entry, result)
+        if entry is not None:  # admitted as queued or started; a command that ran had its start mark stored
+            self._finish(dataclasses.replace(entry, state="started") if result.started_at is not None else entry,
+                         result)
             return
         try:  # not handed over by `_admit` (cannot happen today): the ledger has it
             entry = self.store.get(result.command_id)
