@@ -201,3 +201,37 @@ def test_send_now_while_the_outbox_thread_is_in_a_pass_leaves_the_message_to_it(
     finally:
         outbox.stop()
         store.close()
+
+
+def test_pubacks_alone_are_settled_without_reading_the_outbox_again(tmp_path):
+    """A pass woken only by PUBACKs deletes the delivered rows; it reads the outbox only when something
+    may have been stored since (a wake), when the last hand-over was cut short by the window, or when
+    its wait times out."""
+    link = Link()
+    store = Store(tmp_path / "agent.db")
+    outbox = Outbox(store, StoreConfig(), link.publish, connected=lambda: True)
+    outbox._next_wait = lambda: 60.0  # no timed-out pass during the test: only wakes count
+    link.outbox = outbox
+    batch = store.batch()
+    for i in range(3):
+        batch.publish(Outgoing("t", b"%d" % i))
+    batch.commit()
+    reads = []
+    pending = store.pending
+    store.pending = lambda after, limit: reads.append(after) or pending(after, limit)
+    outbox.start()
+    outbox.wake()
+    try:
+        assert wait_until(lambda: len(link.handed) == 3, 5)
+        before = len(reads)
+        link.answer(0)
+        assert wait_until(lambda: store.outbox_stats()[0] == 0, 5)  # settled and deleted
+        assert len(reads) == before
+        batch = store.batch()
+        batch.publish(Outgoing("t", b"next"))
+        batch.commit()
+        outbox.wake()
+        assert wait_until(lambda: len(link.handed) == 4, 5)
+    finally:
+        outbox.stop()
+        store.close()

@@ -88,6 +88,11 @@ class Outbox:
         self._retries: dict[int, _Retry] = {}  # row -> when to hand it over again
         self._lock = threading.Lock()
         self._pass = threading.Lock()  # one pass over acks and the stored messages at a time (any thread)
+        # Something may have been stored (or the link changed) since the last pass read the outbox. A pass
+        # woken by PUBACKs alone only settles them: no read of the outbox, unless the last hand-over
+        # stopped for want of room (`_room_limited`). A pass that timed out reads it anyway (safety net).
+        self._fresh = True
+        self._room_limited = False
         self._thread: threading.Thread | None = None
         self._acks_this_connection = 0
         self._strikes: tuple[int, int] = (0, 0)  # (row, connections cut while it led without any PUBACK)
@@ -108,6 +113,7 @@ class Outbox:
         return self._thread is not None and self._thread.is_alive()
 
     def wake(self, *_: object) -> None:
+        self._fresh = True
         self._wake.set()
 
     def send_now(self, *_: object) -> None:
@@ -116,16 +122,16 @@ class Outbox:
         thread and waiting for it to be scheduled. When the outbox thread is in a pass of its own, or
         the link is down, it is woken instead (its pass reads what is stored after it began)."""
         if not self._pass.acquire(blocking=False):
-            self._wake.set()
+            self.wake()
             return
         try:
             if self._stop.is_set() or not self._connected():
-                self._wake.set()
+                self.wake()
                 return
             self._hand_over()
         except Exception:  # the outbox thread tries again (and logs what fails there)
             log.debug("handing over on the committing thread failed; the outbox thread tries", exc_info=True)
-            self._wake.set()
+            self.wake()
         finally:
             self._pass.release()
 
@@ -165,7 +171,7 @@ class Outbox:
         # unacknowledged messages first thing on a new connection, and this one would cut it again.
         for mid in struck:
             self._forget(mid)
-        self._wake.set()
+        self.wake()
 
     def stop(self, timeout: float = 3.0) -> None:
         self._stop.set()
@@ -187,13 +193,14 @@ class Outbox:
         next_maintenance = time.monotonic()
         while not self._stop.is_set():
             self.heartbeat = time.monotonic()
-            self._wake.wait(self._next_wait())
+            woken = self._wake.wait(self._next_wait())
             self._wake.clear()
+            fresh, self._fresh = self._fresh or not woken, False
             try:
                 with self._pass:
                     self._settle_acks()
                     self._judge_strikes()
-                    if self._connected():
+                    if self._connected() and (fresh or self._room_limited):
                         self._hand_over()
                     if time.monotonic() >= next_maintenance:
                         self._maintain()
@@ -276,6 +283,7 @@ class Outbox:
 
     # ---- handing over --------------------------------------------------------------------------
     def _hand_over(self) -> None:
+        self._room_limited = True  # until it gets through: an exception or a full window leaves it set
         with self._lock:  # the broker's Receive Maximum, less one for the link's own status message
             room = min(MAX_IN_FLIGHT, self._window() - 1) - len(self._by_mid)
         now = time.monotonic()
@@ -292,13 +300,15 @@ class Outbox:
             room -= 1
         if room <= 0:
             return
-        for row in self._store.pending(self._handed, room):
+        rows = self._store.pending(self._handed, room)
+        for row in rows:
             if row.n in self._retries:
                 continue
             if not self._send(row):
                 return
             with self._lock:
                 self._handed = max(self._handed, row.n)
+        self._room_limited = len(rows) >= room  # it read as many as there was room for: there may be more
 
     def _send(self, row: Pending) -> bool:
         """Hands one row to the link; False when the link cannot take more now."""
@@ -329,7 +339,7 @@ class Outbox:
         self._store.acknowledge([row.n])  # the chunks replace it (a crash in between sends both: at least once)
         log.info("response split into %d chunks for the broker's maximum packet size %d", len(pieces), err.limit,
                  extra={"command_id": row.message.command_id, "bytes": len(row.message.payload)})
-        self._wake.set()
+        self.wake()
 
     # ---- bounds --------------------------------------------------------------------------------
     def _maintain(self) -> None:
