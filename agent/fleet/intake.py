@@ -224,7 +224,8 @@ class Intake(Repeats, Fallbacks):
                 self._on_final(message)
             if decision.run is not None:
                 command, entry = decision.run
-                log.info("command accepted", extra=command_fields(command.id, command.component, command.command))
+                # DEBUG: one INFO line per command on the hot path, its outcome (the worker's "command <status>")
+                log.debug("command accepted", extra=command_fields(command.id, command.component, command.command))
                 self._submit(command, entry)
         except Exception:
             self._error("settle")
