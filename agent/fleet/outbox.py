@@ -215,7 +215,7 @@ class Outbox:
             self._settle_acks()
 
     def _next_wait(self) -> float:
-        with self._lock:
+        with self._pass:  # `_retries` changes in passes, and a pass may run on a committing thread (send_now)
             due = min((r.due for r in self._retries.values()), default=None)
         return 1.0 if due is None else max(0.01, min(1.0, due - time.monotonic()))
 
