@@ -194,6 +194,7 @@ def test_full_queue_answers_busy(mqtt_vehicle, sim, backend):
         for body in bodies:
             backend.send(body)
         finals = [backend.final(b["id"], timeout=15) for b in bodies]
+        assert svc._entries == {}  # the entries kept from admission for the finals: none outlives its command
     finally:
         svc.stop()
     statuses = [f["status"] for f in finals]
