@@ -6,6 +6,7 @@ status views (agent.system.health) are parts of the one Service kept in modules 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
