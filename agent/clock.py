@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import json
 import logging
 import os
@@ -51,13 +52,19 @@ class _Timex(ctypes.Structure):
                 ("padding", ctypes.c_int * 11)]
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    """The C library, looked up once: find_library runs `ldconfig -p` in a subprocess each time, and the
+    clock is asked about its synchronization every SYNC_CACHE_S."""
+    return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
 def kernel_synchronized() -> bool | None:
     """What the kernel's NTP state says (adjtimex(2), read-only; what `timedatectl` shows as "NTP
     synchronized"): True when an NTP daemon (timesyncd, chrony, ntpd) disciplines the clock, False
     when it is marked unsynchronized, None when it cannot be asked."""
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name, use_errno=True)
+        libc = _libc()
         timex = _Timex()  # modes = 0: read only
         state = libc.adjtimex(ctypes.byref(timex))
     except (OSError, AttributeError):
