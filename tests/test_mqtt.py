@@ -59,6 +59,18 @@ def test_every_command_end_to_end(service, backend, sim):
     assert sim.ecu("engine").server.resets == 1
 
 
+def test_a_long_command_gets_its_accepted_while_it_runs(service, backend, sim):
+    """The `accepted` of a command that starts at once may wait for its final (intake.ACCEPTED_GRACE_S),
+    but no longer: a command still running seconds later has had it long before its final."""
+    sim.ecu("engine").set_faults([fault_from_dict({"service": 0x22, "match": "F190", "pending": 150})])  # ~3 s
+    body = command(params={"data": "vin"})
+    backend.send(body)
+    (accepted,) = backend.wait_replies(body["id"], 1, timeout=10)
+    assert accepted["status"] == "accepted" and accepted["seq"] == 1
+    assert [r["status"] for r in backend.replies(body["id"])] == ["accepted"]  # its final is seconds away
+    assert backend.final(body["id"], timeout=15)["seq"] == 2
+
+
 def test_mqtt5_response_topic_and_correlation(service, backend):
     body = command()
     backend.send(body, response_topic="replies/backend-7", correlation=b"\x01corr")

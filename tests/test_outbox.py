@@ -235,3 +235,47 @@ def test_pubacks_alone_are_settled_without_reading_the_outbox_again(tmp_path):
     finally:
         outbox.stop()
         store.close()
+
+
+def test_send_soon_messages_go_with_the_next_send_now_in_order(tmp_path):
+    """Messages allowed to wait (the `accepted` of a command that starts at once) are taken along by the
+    next hand-over on a committing thread, before what that thread stored, and never handed twice."""
+    link = Link()
+    store = Store(tmp_path / "agent.db")
+    outbox = Outbox(store, StoreConfig(), link.publish, connected=lambda: True)  # no outbox thread at all
+    link.outbox = outbox
+    try:
+        batch = store.batch()
+        batch.publish(Outgoing("t", b"accepted"))
+        batch.commit()
+        outbox.send_soon(60.0)
+        assert link.handed == []  # it waits
+        batch = store.batch()
+        batch.publish(Outgoing("t", b"final"))
+        batch.commit()
+        outbox.send_now()
+        assert [message.payload for _, message in link.handed] == [b"accepted", b"final"]
+        outbox.send_now()
+        assert len(link.handed) == 2
+    finally:
+        store.close()
+
+
+def test_send_soon_messages_go_by_themselves_when_their_time_comes(tmp_path, monkeypatch):
+    """With no final to take it along, the outbox thread hands a held message over at its due time; its
+    own idle wait is made long here, so only the due time can be what sends it."""
+    monkeypatch.setattr("agent.fleet.outbox.IDLE_WAIT_S", 60.0)
+    link, refused = Link(), []
+    store, outbox = pump(tmp_path, link, refused, Outgoing("t", b"first"))
+    try:
+        outbox.wake()
+        assert wait_until(lambda: len(link.handed) == 1, 5)
+        batch = store.batch()
+        batch.publish(Outgoing("t", b"held"))
+        batch.commit()
+        outbox.send_soon(0.05)
+        assert wait_until(lambda: len(link.handed) == 2, 5)
+        assert link.handed[1][1].payload == b"held"
+    finally:
+        outbox.stop()
+        store.close()

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 MAX_IN_FLIGHT = 100  # messages handed to paho and not yet acknowledged
 MAINTENANCE_S = 60.0
+IDLE_WAIT_S = 1.0  # the longest the outbox thread waits without a wake (a pass that times out reads the outbox)
 RETRY_MIN_S = 1.0
 RETRY_MAX_S = 60.0
 MAX_ATTEMPTS = 5  # for refusals that may pass but keep failing (quota exceeded is retried for ever)
@@ -93,6 +94,7 @@ class Outbox:
         # stopped for want of room (`_room_limited`). A pass that timed out reads it anyway (safety net).
         self._fresh = True
         self._room_limited = False
+        self._send_due: float | None = None  # stored messages allowed to wait until then (send_soon)
         self._thread: threading.Thread | None = None
         self._acks_this_connection = 0
         self._strikes: tuple[int, int] = (0, 0)  # (row, connections cut while it led without any PUBACK)
@@ -134,6 +136,16 @@ class Outbox:
             self.wake()
         finally:
             self._pass.release()
+
+    def send_soon(self, within: float) -> None:
+        """Messages were stored that may wait up to `within` seconds: whatever hands over before then
+        (a final's `send_now`) takes them along, else the outbox thread hands them over at that time."""
+        due = time.monotonic() + within
+        with self._lock:
+            if self._send_due is not None and self._send_due <= due:
+                return
+            self._send_due = due
+        self._wake.set()  # the outbox thread waits for the new due time (a pass that only settles PUBACKs)
 
     def published(self, mid: int, code: int = 0) -> None:
         """PUBACK for `mid` (called on the MQTT loop thread: only hands over, never touches SQLite)."""
@@ -195,7 +207,11 @@ class Outbox:
             self.heartbeat = time.monotonic()
             woken = self._wake.wait(self._next_wait())
             self._wake.clear()
-            fresh, self._fresh = self._fresh or not woken, False
+            with self._lock:  # held-back messages whose time has come: this pass reads the outbox
+                due = self._send_due is not None and time.monotonic() >= self._send_due
+                if due:
+                    self._send_due = None
+            fresh, self._fresh = self._fresh or not woken or due, False
             try:
                 with self._pass:
                     self._settle_acks()
@@ -217,7 +233,10 @@ class Outbox:
     def _next_wait(self) -> float:
         with self._pass:  # `_retries` changes in passes, and a pass may run on a committing thread (send_now)
             due = min((r.due for r in self._retries.values()), default=None)
-        return 1.0 if due is None else max(0.01, min(1.0, due - time.monotonic()))
+        with self._lock:
+            if self._send_due is not None:
+                due = self._send_due if due is None else min(due, self._send_due)
+        return IDLE_WAIT_S if due is None else max(0.01, min(IDLE_WAIT_S, due - time.monotonic()))
 
     # ---- PUBACKs -------------------------------------------------------------------------------
     def _settle_acks(self) -> None:
@@ -283,6 +302,8 @@ class Outbox:
 
     # ---- handing over --------------------------------------------------------------------------
     def _hand_over(self) -> None:
+        with self._lock:  # everything stored until now is read here (or waits for room, `_room_limited`)
+            self._send_due = None
         self._room_limited = True  # until it gets through: an exception or a full window leaves it set
         with self._lock:  # the broker's Receive Maximum, less one for the link's own status message
             room = min(MAX_IN_FLIGHT, self._window() - 1) - len(self._by_mid)

@@ -110,7 +110,7 @@ class Service(ServiceHealth, StartMarks, RestartRecovery):
                              on_rejected=lambda reason: self.metrics.rejected.labels(reason).inc(),
                              publish_now=self.link.publish,
                              on_error=lambda stage: self.metrics.intake_errors.labels(stage).inc(), clock=self.clock,
-                             authenticate=gate)
+                             authenticate=gate, send_soon=self.outbox.send_soon)
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def start(self, wait: float = 1.0) -> bool:
@@ -259,6 +259,7 @@ class Service(ServiceHealth, StartMarks, RestartRecovery):
             if error is not None:
                 log.error("final response not stored (%s): sent without the outbox; stored when the store works "
                           "again", error, extra=command_fields(entry.id, result.component, result.command))
+                self.outbox.send_now()  # what is stored goes first: the command's `accepted` may still wait
                 for message in [*events, *messages]:
                     self.link.publish(message)
             self.outbox.send_now()  # published by the thread that committed it, when nothing older waits
