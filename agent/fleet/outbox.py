@@ -92,6 +92,7 @@ class Outbox:
         # woken by PUBACKs alone only settles them: no read of the outbox, unless the last hand-over
         # stopped for want of room (`_room_limited`). A pass that timed out reads it anyway (safety net).
         self._fresh = True
+        self._fresh_lock = threading.Lock()  # a wake's flag is never reset unread by a pass taking it
         self._room_limited = False
         self._thread: threading.Thread | None = None
         self._acks_this_connection = 0
@@ -113,7 +114,8 @@ class Outbox:
         return self._thread is not None and self._thread.is_alive()
 
     def wake(self, *_: object) -> None:
-        self._fresh = True
+        with self._fresh_lock:
+            self._fresh = True
         self._wake.set()
 
     def send_now(self, *_: object) -> None:
@@ -195,7 +197,8 @@ class Outbox:
             self.heartbeat = time.monotonic()
             woken = self._wake.wait(self._next_wait())
             self._wake.clear()
-            fresh, self._fresh = self._fresh or not woken, False
+            with self._fresh_lock:
+                fresh, self._fresh = self._fresh or not woken, False
             try:
                 with self._pass:
                     self._settle_acks()
