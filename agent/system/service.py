@@ -262,12 +262,14 @@ class Service(ServiceHealth, StartMarks, RestartRecovery):
             batch.set_state(entry.id, "final", seq=pieces[-1]["seq"], final_message=final)
 
         def stored(error: BaseException | None) -> None:
+            # published by the thread that committed it; when it went around the store, what this command
+            # stored before it (its `accepted`) is handed over first (unless the outbox thread is mid-pass)
+            self.outbox.send_now()
             if error is not None:
                 log.error("final response not stored (%s): sent without the outbox; stored when the store works "
                           "again", error, extra=command_fields(entry.id, result.component, result.command))
                 for message in [*events, *messages]:
                     self.link.publish(message)
-            self.outbox.send_now()  # published by the thread that committed it, when nothing older waits
 
         worker = self.runtime.workers.get(result.component)
         if worker is not None and worker.depth > 0:  # its next start mark is about to be committed: shares it
