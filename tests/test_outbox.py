@@ -279,3 +279,63 @@ def test_send_soon_messages_go_by_themselves_when_their_time_comes(tmp_path, mon
     finally:
         outbox.stop()
         store.close()
+
+
+class _WakeDuringTake(Outbox):
+    """An Outbox whose thread, the first time it takes the `_fresh` flag once armed, meets a wake from
+    another thread right after reading it (the interleaving a preemption between the read and the
+    reset of the flag gives)."""
+
+    armed: threading.Event | None = None
+    on_take: object = None
+
+    @property
+    def _fresh(self) -> bool:
+        value = self.__dict__["fresh"]
+        armed = self.armed
+        if armed is not None and armed.is_set() and threading.current_thread().name == "outbox":
+            armed.clear()
+            waker = threading.Thread(target=self.on_take)
+            waker.start()
+            waker.join(0.3)  # a wake that waits for the take to end is as good as one after it
+        return value
+
+    @_fresh.setter
+    def _fresh(self, value: bool) -> None:
+        self.__dict__["fresh"] = value
+
+
+def test_a_wake_between_reading_and_resetting_the_stored_flag_is_not_lost(tmp_path):
+    """A message committed and woken for while the outbox thread takes the 'something was stored' flag
+    (in a pass woken by a PUBACK alone) is handed over on the next pass: the flag a waker sets is never
+    reset unread. Once, the reset overwrote it, the pass skipped the store and the message waited for
+    a timed-out pass (none comes while PUBACKs keep waking it)."""
+    link = Link()
+    store = Store(tmp_path / "agent.db")
+    outbox = _WakeDuringTake(store, StoreConfig(), link.publish, connected=lambda: True)
+    outbox._next_wait = lambda: 60.0  # no timed-out pass during the test: only wakes count
+    link.outbox = outbox
+
+    def store_and_wake() -> None:
+        batch = store.batch()
+        batch.publish(Outgoing("t", b"second"))
+        batch.commit()
+        outbox.wake()
+
+    outbox.on_take = store_and_wake
+    outbox.armed = threading.Event()
+    batch = store.batch()
+    batch.publish(Outgoing("t", b"first"))
+    batch.commit()
+    outbox.start()
+    outbox.wake()
+    try:
+        assert wait_until(lambda: len(link.handed) == 1, 5)
+        outbox.armed.set()
+        link.answer(0)  # a PUBACK alone wakes the next pass
+        assert wait_until(lambda: not outbox.armed.is_set(), 5)
+        assert wait_until(lambda: len(link.handed) == 2, 5)
+        assert link.handed[1][1].payload == b"second"
+    finally:
+        outbox.stop()
+        store.close()

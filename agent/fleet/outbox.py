@@ -93,6 +93,7 @@ class Outbox:
         # woken by PUBACKs alone only settles them: no read of the outbox, unless the last hand-over
         # stopped for want of room (`_room_limited`). A pass that timed out reads it anyway (safety net).
         self._fresh = True
+        self._fresh_lock = threading.Lock()  # a wake's flag is never reset unread by a pass taking it
         self._room_limited = False
         self._send_due: float | None = None  # stored messages allowed to wait until then (send_soon)
         self._thread: threading.Thread | None = None
@@ -115,7 +116,8 @@ class Outbox:
         return self._thread is not None and self._thread.is_alive()
 
     def wake(self, *_: object) -> None:
-        self._fresh = True
+        with self._fresh_lock:
+            self._fresh = True
         self._wake.set()
 
     def send_now(self, *_: object) -> None:
@@ -211,7 +213,8 @@ class Outbox:
                 due = self._send_due is not None and time.monotonic() >= self._send_due
                 if due:
                     self._send_due = None
-            fresh, self._fresh = self._fresh or not woken or due, False
+            with self._fresh_lock:
+                fresh, self._fresh = self._fresh or not woken or due, False
             try:
                 with self._pass:
                     self._settle_acks()

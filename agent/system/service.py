@@ -210,17 +210,23 @@ class Service(ServiceHealth, StartMarks, RestartRecovery):
                                    command.received_at, None, self.clock.wall()))
 
     def _on_result(self, result: Result) -> None:
-        entry = self._entries.get(result.command_id)
-        if entry is not None:  # admitted as queued or started; a command that ran had its start mark stored
-            self._finish(dataclasses.replace(entry, state="started") if result.started_at is not None else entry,
+        kept = self._entries.get(result.command_id)
+        if kept is not None and kept.body:  # admitted as queued or started; one that ran had its start mark stored
+            self._finish(dataclasses.replace(kept, state="started") if result.started_at is not None else kept,
                          result)
             return
-        try:  # not handed over by `_admit` (cannot happen today): the ledger has it
+        # Not kept, or kept without its body: a command that waited for room (flow.Parking keeps none) or
+        # was queued again at a restart; the body holds what the final depends on (read_faults' status_mask).
+        try:
             entry = self.store.get(result.command_id)
         except StoreError as err:
-            log.error("the final response cannot be sent: its ledger entry cannot be read (%s)", err,
-                      extra=command_fields(result.command_id, result.component, result.command))
-            return
+            if kept is None:
+                log.error("the final response cannot be sent: its ledger entry cannot be read (%s)", err,
+                          extra=command_fields(result.command_id, result.component, result.command))
+                return
+            entry = None
+        if entry is None and kept is not None:  # the final still goes; a fault reading of unknown mask clears nothing
+            entry = dataclasses.replace(kept, state="started") if result.started_at is not None else kept
         if entry is None:
             log.error("result for a command missing from the ledger",
                       extra=command_fields(result.command_id, result.component, result.command))
@@ -256,13 +262,14 @@ class Service(ServiceHealth, StartMarks, RestartRecovery):
             batch.set_state(entry.id, "final", seq=pieces[-1]["seq"], final_message=final)
 
         def stored(error: BaseException | None) -> None:
+            # published by the thread that committed it; when it went around the store, what this command
+            # stored before it (its `accepted`) is handed over first (unless the outbox thread is mid-pass)
+            self.outbox.send_now()
             if error is not None:
                 log.error("final response not stored (%s): sent without the outbox; stored when the store works "
                           "again", error, extra=command_fields(entry.id, result.component, result.command))
-                self.outbox.send_now()  # what is stored goes first: the command's `accepted` may still wait
                 for message in [*events, *messages]:
                     self.link.publish(message)
-            self.outbox.send_now()  # published by the thread that committed it, when nothing older waits
 
         worker = self.runtime.workers.get(result.component)
         if worker is not None and worker.depth > 0:  # its next start mark is about to be committed: shares it
@@ -289,7 +296,7 @@ class Service(ServiceHealth, StartMarks, RestartRecovery):
         if result.command != "read_faults" or result.status is not Status.COMPLETED or not isinstance(faults, list):
             return []
         params = entry.body.get("params")
-        raw_mask = params.get("status_mask", 0xFF) if isinstance(params, dict) else 0xFF
+        raw_mask = params.get("status_mask", 0xFF) if isinstance(params, dict) else 0xFF if entry.body else 0x00
         try:
             mask = integer(0, 0xFF)(raw_mask)
         except InvalidValueError:
