@@ -5,6 +5,7 @@ Every message the agent publishes is also validated against docs/asyncapi.yaml b
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any
 
@@ -105,3 +106,49 @@ def test_the_set_survives_a_restart(mqtt_vehicle: AgentConfig, sim: Simulator, b
         assert summary(events[2:]) == {("P0420", "new", "0x00", "0x08")}
     finally:
         second.stop()
+
+
+def test_a_reading_that_waited_for_room_is_judged_with_its_own_mask(mqtt_vehicle: AgentConfig, sim: Simulator,
+                                                                    backend: Caller) -> None:
+    """A read_faults whose component queue was full waits (its PUBACK held) and runs later. Its reading
+    with status_mask 0x01 lists neither fault (P0301 no longer has bit 0); it clears that bit of each and
+    nothing else. A waiting command's entry is kept without its body (flow.Parking), so the final, when
+    built from the entry kept at admission, once judged the reading with the default mask 0xFF and told
+    the backend that P0301 and U0100 were gone."""
+    import dataclasses
+
+    engine = next(e for e in mqtt_vehicle.ecus if e.name == "engine")
+    config = dataclasses.replace(mqtt_vehicle, ecus=tuple(dataclasses.replace(e, queue_size=1) if e is engine else e
+                                                         for e in mqtt_vehicle.ecus))
+    svc = Service(config)
+    svc.start()
+    try:
+        assert svc.link.wait_connected(10), svc.link.last_error
+        read_faults(backend)
+        wait_events(backend, 2)  # P0301 0x2F and U0100 0x09 are known
+        ecu = sim.ecu("engine")
+        ecu.set_dtc("P0301", 0x2E)
+        ecu.set_dtc("U0100-87", 0x08)
+        ecu.set_faults([fault_from_dict({"service": 0x22, "pending": 40})])
+        parked: list[str] = []
+        park = svc.intake.parking.park
+        svc.intake.parking.park = lambda item, command, entry: parked.append(command.id) or park(item, command, entry)
+        slow = [{"id": f"slow-{i}-{uuid.uuid4().hex[:6]}", "component": "engine", "command": "read_data",
+                 "params": {"data": "vin"}} for i in range(4)]
+        for body in slow:  # 0.8 s each: one runs, one is taken ahead, one fills the queue of 1, one waits
+            backend.send(body)
+        deadline = time.monotonic() + 10
+        while not parked and time.monotonic() < deadline:
+            time.sleep(0.01)
+        waiting = f"rf-{uuid.uuid4().hex[:8]}"
+        backend.send({"id": waiting, "component": "engine", "command": "read_faults",
+                      "params": {"status_mask": "0x01"}})
+        for body in slow:
+            assert backend.final(body["id"], 15)["status"] == "completed"
+        assert backend.final(waiting, 15)["status"] == "completed"
+        assert waiting in parked  # it did wait for room
+        events = wait_events(backend, 4)
+        assert summary(events[2:]) == {("P0301", "status", "0x2F", "0x2E"), ("U0100", "status", "0x09", "0x08")}
+        assert svc._entries == {}
+    finally:
+        svc.stop()

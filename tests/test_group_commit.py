@@ -116,10 +116,11 @@ def test_deletes_after_a_puback_and_transient_refusals_are_not_synced(store):
     batch.commit()
     assert store.synced == 0 and store.commits == 1
     [row] = store.pending(0, 10)
-    store.acknowledge([row.n])
+    store.acknowledge([row.n])  # not a commit of its own: it rides the next one
     store.trim_outbox(10, 3600, time.time())
+    assert store.pending(0, 10) == []
     store.prune_ledger(3600, time.time())
-    assert store.synced == 0 and store.commits == 4
+    assert store.synced == 0 and store.commits == 3
     batch.add_command(entry("c"))  # a ledger row is always synced, whatever rides with it
     batch.publish(Outgoing("t", b"{}"), durable=False)
     batch.commit()
@@ -224,3 +225,17 @@ def test_a_handed_over_write_the_storage_refuses_is_deferred_and_reported(store)
         store._db.execute("PRAGMA max_page_count = 1073741823")
     store.retry_deferred()
     assert store.deferred == 0 and len(store.pending(0, 10)) == 1
+
+
+def test_a_delete_after_a_puback_with_no_commit_to_ride_is_committed_alone_unsynced(store):
+    """No other write follows: the writer thread commits the delete by itself (after COMPANY_WAIT_S)."""
+    batch = store.batch()
+    batch.publish(Outgoing("responses/x", b"{}"))
+    batch.commit()
+    [row] = store.pending(0, 10)
+    store.acknowledge([row.n])
+    deadline = time.monotonic() + 30
+    while store.commits < 2 and time.monotonic() < deadline:  # counted once the commit returned
+        time.sleep(0.005)
+    assert store.pending(0, 10) == []
+    assert (store.commits, store.synced) == (2, 1)

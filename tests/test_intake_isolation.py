@@ -259,10 +259,12 @@ def test_transient_busy_is_not_remembered(mqtt_vehicle, backend, sim):
     svc.start()
     try:
         backend.wait_status("online", 10)
-        # Slow enough that a burst of 8 fills the queue, but under the ECU's 150 ms P2: at P2 exactly, a
-        # late answer left the simulator waiting a second for a flow control, and the resend timed out.
-        sim.ecu("engine").set_faults([fault_from_dict({"service": 0x22, "delay_ms": 60})])
-        bodies = [valid() for _ in range(8)]
+        # The first command holds the engine ~1.5 s (NRC 0x78 pending, each within P2*), and the burst of 8
+        # arrives long before it ends (with Receive Maximum 1, one PUBACK round trip each): one runs, one
+        # is taken ahead, 4 wait in the queue, the rest are `busy` however slowly the machine runs. (A 60 ms
+        # delay for every command made the burst race the engine: on a loaded machine it drained in time.)
+        sim.ecu("engine").set_faults([fault_from_dict({"service": 0x22, "match": "F190", "pending": 75})])
+        bodies = [valid()] + [valid(data="oil_temp") for _ in range(7)]
         backend.send_all([payload for _, payload in bodies])
         finals = {command_id: backend.final(command_id, timeout=15) for command_id, _ in bodies}
         refused = [command_id for command_id, final in finals.items() if final["status"] == "rejected"]

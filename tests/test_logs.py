@@ -58,6 +58,6 @@ def test_agent_log_lines_about_commands_carry_id_component_and_command(tmp_path,
     for record in about_commands:
         assert record["component"] and record["command"], record
     messages = {r["message"] for r in about_commands}
-    assert {"command accepted", "command completed"} <= messages
+    assert "command completed" in messages  # one INFO line per command that ran: its outcome
     assert not [r for r in records if r["level"] == "DEBUG"]
     assert not [r for r in records if r["logger"].startswith(("can", "isotp", "udsoncan", "Connection"))]

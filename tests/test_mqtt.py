@@ -6,6 +6,7 @@ import uuid
 
 import pytest
 
+from agent.bus.owner import wait_until
 from agent.devtools.sim.config import fault_from_dict
 from agent.fleet.caller import Caller
 
@@ -57,6 +58,18 @@ def test_every_command_end_to_end(service, backend, sim):
         replies = backend.replies(body["id"])
         assert [r["seq"] for r in replies] == [1, 2] and replies[0]["status"] == "accepted"
     assert sim.ecu("engine").server.resets == 1
+
+
+def test_a_long_command_gets_its_accepted_while_it_runs(service, backend, sim):
+    """The `accepted` of a command that starts at once may wait for its final (intake.ACCEPTED_GRACE_S),
+    but no longer: a command still running seconds later has had it long before its final."""
+    sim.ecu("engine").set_faults([fault_from_dict({"service": 0x22, "match": "F190", "pending": 150})])  # ~3 s
+    body = command(params={"data": "vin"})
+    backend.send(body)
+    (accepted,) = backend.wait_replies(body["id"], 1, timeout=10)
+    assert accepted["status"] == "accepted" and accepted["seq"] == 1
+    assert [r["status"] for r in backend.replies(body["id"])] == ["accepted"]  # its final is seconds away
+    assert backend.final(body["id"], timeout=15)["seq"] == 2
 
 
 def test_mqtt5_response_topic_and_correlation(service, backend):
@@ -194,6 +207,7 @@ def test_full_queue_answers_busy(mqtt_vehicle, sim, backend):
         for body in bodies:
             backend.send(body)
         finals = [backend.final(b["id"], timeout=15) for b in bodies]
+        assert svc._entries == {}  # the entries kept from admission for the finals: none outlives its command
     finally:
         svc.stop()
     statuses = [f["status"] for f in finals]
@@ -276,3 +290,40 @@ def test_bus_failure_publishes_bus_state_events_and_bus_error(mqtt_vehicle, sim,
         assert backend.final(again["id"])["status"] == "completed"
     finally:
         svc.stop()
+
+
+def test_a_final_the_store_refuses_goes_out_after_what_was_stored_before_it(service, backend):
+    """A final whose commit fails (SQLITE_FULL) goes straight to the link; what its command stored
+    earlier and no thread has handed over yet (its `accepted`: the intake now hands the command to its
+    worker before it wakes the outbox) goes first. Once, the final went out ahead of its `accepted`."""
+    from agent.store.sqlite import Entry, Outgoing
+    from agent.wire.command import Outcome, Result
+    from agent.wire.messages import accepted_message, encode
+
+    assert service.link.wait_connected(10)
+    service.outbox._next_wait = lambda: 60.0  # the outbox thread reads the store only when woken
+    passed = service.outbox.heartbeat
+    service.outbox.wake()
+    assert wait_until(lambda: service.outbox.heartbeat != passed, 5)  # it is back in its (now long) wait
+    command_id = new_id()
+    reply_topic = backend.topics.responses(command_id)
+    body = {"id": command_id, "component": "engine", "command": "read_data", "params": {"data": "vin"}}
+    entry = Entry(command_id, "started", body, reply_topic, None, time.time(), None, 1, None)
+    batch = service.store.batch()  # as the intake's commit leaves it: recorded, `accepted` stored, not yet sent
+    batch.add_command(entry)
+    batch.publish(Outgoing(reply_topic, encode(accepted_message(command_id, "engine", "read_data", entry.received_at)),
+                          None, command_id))
+    batch.commit()
+    pages = service.store._db.execute("PRAGMA page_count").fetchone()[0]
+    service.store._db.execute(f"PRAGMA max_page_count = {pages}")  # the next write that needs a page: SQLITE_FULL
+    try:
+        now = time.time()
+        service._finish(entry, Result(command_id, "engine", "read_data", Outcome.completed({"vin": "x" * 60_000}),
+                                      entry.received_at, now, now))
+        assert service.store.deferred == 1  # the final's commit failed: it went around the outbox
+        backend.final(command_id, 10)
+        statuses = [r["status"] for r in backend.wait_replies(command_id, 2, 10)]
+        assert statuses == ["accepted", "completed"]
+    finally:
+        service.store._db.execute("PRAGMA max_page_count = 1073741823")
+

@@ -155,3 +155,187 @@ def test_never_more_in_flight_than_the_broker_receive_maximum(tmp_path):
     finally:
         outbox.stop()
         store.close()
+
+
+def test_send_now_hands_stored_messages_over_on_the_calling_thread_in_order(tmp_path):
+    """The thread that committed messages publishes them itself (no outbox thread here at all), the
+    older stored ones first; with the link down nothing is handed over and nothing is lost."""
+    link, threads = Link(), []
+    publish = link.publish
+    link.publish = lambda message: threads.append(threading.current_thread().name) or publish(message)
+    store = Store(tmp_path / "agent.db")
+    up = [False]
+    outbox = Outbox(store, StoreConfig(), link.publish, connected=lambda: up[0])
+    link.outbox = outbox
+    try:
+        for payload in (b"1", b"2"):
+            batch = store.batch()
+            batch.publish(Outgoing("t", payload))
+            batch.commit()
+            outbox.send_now()
+        assert link.handed == []  # the link is down: they wait in the store
+        up[0] = True
+        batch = store.batch()
+        batch.publish(Outgoing("t", b"3"))
+        batch.commit()
+        outbox.send_now()
+        assert [message.payload for _, message in link.handed] == [b"1", b"2", b"3"]
+        assert set(threads) == {threading.current_thread().name}
+        outbox.send_now()  # nothing new: nothing handed twice
+        assert len(link.handed) == 3
+    finally:
+        store.close()
+
+
+def test_send_now_while_the_outbox_thread_is_in_a_pass_leaves_the_message_to_it(tmp_path):
+    link, refused = Link(), []
+    store, outbox = pump(tmp_path, link, refused)
+    try:
+        with outbox._pass:  # the outbox thread's pass, as it holds it
+            batch = store.batch()
+            batch.publish(Outgoing("t", b"later"))
+            batch.commit()
+            outbox.send_now()
+            assert link.handed == []  # not handed over behind the pass's back
+        assert wait_until(lambda: len(link.handed) == 1, 5)  # the outbox thread was woken and took it
+    finally:
+        outbox.stop()
+        store.close()
+
+
+def test_pubacks_alone_are_settled_without_reading_the_outbox_again(tmp_path):
+    """A pass woken only by PUBACKs deletes the delivered rows; it reads the outbox only when something
+    may have been stored since (a wake), when the last hand-over was cut short by the window, or when
+    its wait times out."""
+    link = Link()
+    store = Store(tmp_path / "agent.db")
+    outbox = Outbox(store, StoreConfig(), link.publish, connected=lambda: True)
+    outbox._next_wait = lambda: 60.0  # no timed-out pass during the test: only wakes count
+    link.outbox = outbox
+    batch = store.batch()
+    for i in range(3):
+        batch.publish(Outgoing("t", b"%d" % i))
+    batch.commit()
+    reads = []
+    pending = store.pending
+    store.pending = lambda after, limit: reads.append(after) or pending(after, limit)
+    outbox.start()
+    outbox.wake()
+    try:
+        assert wait_until(lambda: len(link.handed) == 3, 5)
+        before = len(reads)
+        link.answer(0)
+        assert wait_until(lambda: store.outbox_stats()[0] == 0, 5)  # settled and deleted
+        assert len(reads) == before
+        batch = store.batch()
+        batch.publish(Outgoing("t", b"next"))
+        batch.commit()
+        outbox.wake()
+        assert wait_until(lambda: len(link.handed) == 4, 5)
+    finally:
+        outbox.stop()
+        store.close()
+
+
+def test_send_soon_messages_go_with_the_next_send_now_in_order(tmp_path):
+    """Messages allowed to wait (the `accepted` of a command that starts at once) are taken along by the
+    next hand-over on a committing thread, before what that thread stored, and never handed twice."""
+    link = Link()
+    store = Store(tmp_path / "agent.db")
+    outbox = Outbox(store, StoreConfig(), link.publish, connected=lambda: True)  # no outbox thread at all
+    link.outbox = outbox
+    try:
+        batch = store.batch()
+        batch.publish(Outgoing("t", b"accepted"))
+        batch.commit()
+        outbox.send_soon(60.0)
+        assert link.handed == []  # it waits
+        batch = store.batch()
+        batch.publish(Outgoing("t", b"final"))
+        batch.commit()
+        outbox.send_now()
+        assert [message.payload for _, message in link.handed] == [b"accepted", b"final"]
+        outbox.send_now()
+        assert len(link.handed) == 2
+    finally:
+        store.close()
+
+
+def test_send_soon_messages_go_by_themselves_when_their_time_comes(tmp_path, monkeypatch):
+    """With no final to take it along, the outbox thread hands a held message over at its due time; its
+    own idle wait is made long here, so only the due time can be what sends it."""
+    monkeypatch.setattr("agent.fleet.outbox.IDLE_WAIT_S", 60.0)
+    link, refused = Link(), []
+    store, outbox = pump(tmp_path, link, refused, Outgoing("t", b"first"))
+    try:
+        outbox.wake()
+        assert wait_until(lambda: len(link.handed) == 1, 5)
+        batch = store.batch()
+        batch.publish(Outgoing("t", b"held"))
+        batch.commit()
+        outbox.send_soon(0.05)
+        assert wait_until(lambda: len(link.handed) == 2, 5)
+        assert link.handed[1][1].payload == b"held"
+    finally:
+        outbox.stop()
+        store.close()
+
+
+class _WakeDuringTake(Outbox):
+    """An Outbox whose thread, the first time it takes the `_fresh` flag once armed, meets a wake from
+    another thread right after reading it (the interleaving a preemption between the read and the
+    reset of the flag gives)."""
+
+    armed: threading.Event | None = None
+    on_take: object = None
+
+    @property
+    def _fresh(self) -> bool:
+        value = self.__dict__["fresh"]
+        armed = self.armed
+        if armed is not None and armed.is_set() and threading.current_thread().name == "outbox":
+            armed.clear()
+            waker = threading.Thread(target=self.on_take)
+            waker.start()
+            waker.join(0.3)  # a wake that waits for the take to end is as good as one after it
+        return value
+
+    @_fresh.setter
+    def _fresh(self, value: bool) -> None:
+        self.__dict__["fresh"] = value
+
+
+def test_a_wake_between_reading_and_resetting_the_stored_flag_is_not_lost(tmp_path):
+    """A message committed and woken for while the outbox thread takes the 'something was stored' flag
+    (in a pass woken by a PUBACK alone) is handed over on the next pass: the flag a waker sets is never
+    reset unread. Once, the reset overwrote it, the pass skipped the store and the message waited for
+    a timed-out pass (none comes while PUBACKs keep waking it)."""
+    link = Link()
+    store = Store(tmp_path / "agent.db")
+    outbox = _WakeDuringTake(store, StoreConfig(), link.publish, connected=lambda: True)
+    outbox._next_wait = lambda: 60.0  # no timed-out pass during the test: only wakes count
+    link.outbox = outbox
+
+    def store_and_wake() -> None:
+        batch = store.batch()
+        batch.publish(Outgoing("t", b"second"))
+        batch.commit()
+        outbox.wake()
+
+    outbox.on_take = store_and_wake
+    outbox.armed = threading.Event()
+    batch = store.batch()
+    batch.publish(Outgoing("t", b"first"))
+    batch.commit()
+    outbox.start()
+    outbox.wake()
+    try:
+        assert wait_until(lambda: len(link.handed) == 1, 5)
+        outbox.armed.set()
+        link.answer(0)  # a PUBACK alone wakes the next pass
+        assert wait_until(lambda: not outbox.armed.is_set(), 5)
+        assert wait_until(lambda: len(link.handed) == 2, 5)
+        assert link.handed[1][1].payload == b"second"
+    finally:
+        outbox.stop()
+        store.close()

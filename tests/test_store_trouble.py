@@ -82,7 +82,8 @@ def test_deferred_writes_land_once_the_store_takes_writes_again(tmp_path):
         store.retry_deferred()  # still full: still waiting
     assert store.deferred == 1
     free_up(store)
-    store.acknowledge([12345])  # any write stores what waited first
+    store.acknowledge([12345])  # any write stores what waited first (a delete rides the next commit:
+    store.flush()               # this one, made now)
     assert store.deferred == 0 and store.get("c-1").state == "final"
     assert [p.message.payload[:1] for p in store.pending(0, 10)] == [b"z"]
     store.close()

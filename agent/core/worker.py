@@ -272,11 +272,11 @@ class ComponentWorker:
         result = Result(command_id=command.id, component=command.component, command=command.command,
                         outcome=outcome, received_at=command.received_at, started_at=started,
                         finished_at=self._clock())
+        self._guard(self._sink, result)  # the final on its way first: the log line is not on its path
         log.info("command %s", result.status, extra={
             **command_fields(command.id, command.component, command.command),
             "status": str(result.status), "duration_ms": result.duration_ms,
         })
-        self._guard(self._sink, result)
 
     def _guard(self, callback: Callable | None, arg: object) -> None:
         if callback is None:

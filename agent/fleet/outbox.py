@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 MAX_IN_FLIGHT = 100  # messages handed to paho and not yet acknowledged
 MAINTENANCE_S = 60.0
+IDLE_WAIT_S = 1.0  # the longest the outbox thread waits without a wake (a pass that times out reads the outbox)
 RETRY_MIN_S = 1.0
 RETRY_MAX_S = 60.0
 MAX_ATTEMPTS = 5  # for refusals that may pass but keep failing (quota exceeded is retried for ever)
@@ -87,6 +88,14 @@ class Outbox:
         self._handed = 0  # highest outbox row handed to paho in this process
         self._retries: dict[int, _Retry] = {}  # row -> when to hand it over again
         self._lock = threading.Lock()
+        self._pass = threading.Lock()  # one pass over acks and the stored messages at a time (any thread)
+        # Something may have been stored (or the link changed) since the last pass read the outbox. A pass
+        # woken by PUBACKs alone only settles them: no read of the outbox, unless the last hand-over
+        # stopped for want of room (`_room_limited`). A pass that timed out reads it anyway (safety net).
+        self._fresh = True
+        self._fresh_lock = threading.Lock()  # a wake's flag is never reset unread by a pass taking it
+        self._room_limited = False
+        self._send_due: float | None = None  # stored messages allowed to wait until then (send_soon)
         self._thread: threading.Thread | None = None
         self._acks_this_connection = 0
         self._strikes: tuple[int, int] = (0, 0)  # (row, connections cut while it led without any PUBACK)
@@ -107,7 +116,38 @@ class Outbox:
         return self._thread is not None and self._thread.is_alive()
 
     def wake(self, *_: object) -> None:
+        with self._fresh_lock:
+            self._fresh = True
         self._wake.set()
+
+    def send_now(self, *_: object) -> None:
+        """Called by the thread that just committed messages: hands them to the link itself, in order
+        (everything stored and not yet handed over goes, the oldest first), instead of waking the outbox
+        thread and waiting for it to be scheduled. When the outbox thread is in a pass of its own, or
+        the link is down, it is woken instead (its pass reads what is stored after it began)."""
+        if not self._pass.acquire(blocking=False):
+            self.wake()
+            return
+        try:
+            if self._stop.is_set() or not self._connected():
+                self.wake()
+                return
+            self._hand_over()
+        except Exception:  # the outbox thread tries again (and logs what fails there)
+            log.debug("handing over on the committing thread failed; the outbox thread tries", exc_info=True)
+            self.wake()
+        finally:
+            self._pass.release()
+
+    def send_soon(self, within: float) -> None:
+        """Messages were stored that may wait up to `within` seconds: whatever hands over before then
+        (a final's `send_now`) takes them along, else the outbox thread hands them over at that time."""
+        due = time.monotonic() + within
+        with self._lock:
+            if self._send_due is not None and self._send_due <= due:
+                return
+            self._send_due = due
+        self._wake.set()  # the outbox thread waits for the new due time (a pass that only settles PUBACKs)
 
     def published(self, mid: int, code: int = 0) -> None:
         """PUBACK for `mid` (called on the MQTT loop thread: only hands over, never touches SQLite)."""
@@ -145,7 +185,7 @@ class Outbox:
         # unacknowledged messages first thing on a new connection, and this one would cut it again.
         for mid in struck:
             self._forget(mid)
-        self._wake.set()
+        self.wake()
 
     def stop(self, timeout: float = 3.0) -> None:
         self._stop.set()
@@ -167,28 +207,39 @@ class Outbox:
         next_maintenance = time.monotonic()
         while not self._stop.is_set():
             self.heartbeat = time.monotonic()
-            self._wake.wait(self._next_wait())
+            woken = self._wake.wait(self._next_wait())
             self._wake.clear()
+            with self._lock:  # held-back messages whose time has come: this pass reads the outbox
+                due = self._send_due is not None and time.monotonic() >= self._send_due
+                if due:
+                    self._send_due = None
+            with self._fresh_lock:
+                fresh, self._fresh = self._fresh or not woken or due, False
             try:
-                self._settle_acks()
-                self._judge_strikes()
-                if self._connected():
-                    self._hand_over()
-                if time.monotonic() >= next_maintenance:
-                    self._maintain()
-                    next_maintenance = time.monotonic() + MAINTENANCE_S
+                with self._pass:
+                    self._settle_acks()
+                    self._judge_strikes()
+                    if self._connected() and (fresh or self._room_limited):
+                        self._hand_over()
+                    if time.monotonic() >= next_maintenance:
+                        self._maintain()
+                        next_maintenance = time.monotonic() + MAINTENANCE_S
             except StoreError as err:  # counted and reported by the store; health says so
                 log.warning("outbox pass failed, store unavailable: %s", err)
                 self._stop.wait(1.0)
             except Exception:
                 log.exception("outbox pass failed; retrying")
                 self._stop.wait(1.0)
-        self._settle_acks()
+        with self._pass:
+            self._settle_acks()
 
     def _next_wait(self) -> float:
-        with self._lock:
+        with self._pass:  # `_retries` changes in passes, and a pass may run on a committing thread (send_now)
             due = min((r.due for r in self._retries.values()), default=None)
-        return 1.0 if due is None else max(0.01, min(1.0, due - time.monotonic()))
+        with self._lock:
+            if self._send_due is not None:
+                due = self._send_due if due is None else min(due, self._send_due)
+        return IDLE_WAIT_S if due is None else max(0.01, min(IDLE_WAIT_S, due - time.monotonic()))
 
     # ---- PUBACKs -------------------------------------------------------------------------------
     def _settle_acks(self) -> None:
@@ -254,6 +305,9 @@ class Outbox:
 
     # ---- handing over --------------------------------------------------------------------------
     def _hand_over(self) -> None:
+        with self._lock:  # everything stored until now is read here (or waits for room, `_room_limited`)
+            self._send_due = None
+        self._room_limited = True  # until it gets through: an exception or a full window leaves it set
         with self._lock:  # the broker's Receive Maximum, less one for the link's own status message
             room = min(MAX_IN_FLIGHT, self._window() - 1) - len(self._by_mid)
         now = time.monotonic()
@@ -270,13 +324,15 @@ class Outbox:
             room -= 1
         if room <= 0:
             return
-        for row in self._store.pending(self._handed, room):
+        rows = self._store.pending(self._handed, room)
+        for row in rows:
             if row.n in self._retries:
                 continue
             if not self._send(row):
                 return
             with self._lock:
                 self._handed = max(self._handed, row.n)
+        self._room_limited = len(rows) >= room  # it read as many as there was room for: there may be more
 
     def _send(self, row: Pending) -> bool:
         """Hands one row to the link; False when the link cannot take more now."""
@@ -307,7 +363,7 @@ class Outbox:
         self._store.acknowledge([row.n])  # the chunks replace it (a crash in between sends both: at least once)
         log.info("response split into %d chunks for the broker's maximum packet size %d", len(pieces), err.limit,
                  extra={"command_id": row.message.command_id, "bytes": len(row.message.payload)})
-        self._wake.set()
+        self.wake()
 
     # ---- bounds --------------------------------------------------------------------------------
     def _maintain(self) -> None:

@@ -114,13 +114,17 @@ class GroupCommit:
                 raise StoreError(write.operation, sqlite3.ProgrammingError("the store is closing"))
             self._pending.append(write)
             if not company:
+                wake = not self._urgent
                 self._urgent = True
-            elif self._alone_due is None:
-                self._alone_due = time.monotonic() + COMPANY_WAIT_S
+            else:  # the writer need not wake when it already waits for an earlier due time (or is urgent)
+                wake = self._alone_due is None and not self._urgent
+                if self._alone_due is None:
+                    self._alone_due = time.monotonic() + COMPANY_WAIT_S
             if self._writer is None:
                 self._writer = threading.Thread(target=self._write_loop, name="store-writer", daemon=True)
                 self._writer.start()
-            self._waiting.notify()
+            if wake:
+                self._waiting.notify()
 
     def _write_loop(self) -> None:
         while True:

@@ -12,10 +12,13 @@ Which write is on the disk before which acknowledgement, and why:
   queues both kinds again when they never ran (agent/system/startmarks.py): only a crash reports them.
 - Its final response in the outbox, with the ledger's `final` state, before that response is
   published: the outbox reads only committed rows, and a synced commit becomes visible to readers only
-  after its fsync. The worker does not wait for this commit (`Batch.commit_later`): its next command's
-  start mark, or another component's, shares the same fsync.
+  after its fsync. A worker with more commands queued does not wait for this commit
+  (`Batch.commit_later`): its next command's start mark, or another component's, shares the same
+  fsync. A worker with nothing queued commits it itself and, the commit done, hands it to the link on
+  the same thread (`Outbox.send_now`), saving two thread wake-ups on the one-at-a-time path.
 - Not synced (synchronous=NORMAL, see agent/store/writer.py): outbox deletes after a PUBACK (a lost
-  delete only means a resend: responses are at least once, the backend dedups by id + seq), retention
+  delete only means a resend: responses are at least once, the backend dedups by id + seq; they are
+  not even a commit of their own, but ride the next one, or the writer's after COMPANY_WAIT_S), retention
   and bound trims, set-asides, and transient refusals (`busy`, `storage_unavailable`,
   `clock_unsynchronized`), which are not remembered: a power loss may lose such a refusal before it
   was published; the backend resends an id that got no final answer, and a resend is a fresh attempt.
@@ -40,6 +43,7 @@ the store works right now. What the bounds forget, and must hold: agent/store/bo
 
 from __future__ import annotations
 
+import functools
 import logging
 import sqlite3
 import threading
@@ -53,7 +57,7 @@ from agent.store.bounds import Bounds
 from agent.store.group import COMPANY_WAIT_S, GroupCommit
 from agent.store.records import Entry, Outgoing, Pending, StoreError, entry_from_row
 from agent.store.schema import migrate
-from agent.store.writer import Synchronous
+from agent.store.writer import Synchronous, Write
 
 # Importers of the store take these from here (their modules: records, batch, group).
 __all__ = ["COMPANY_WAIT_S", "REFUSED_KEEP", "Batch", "Entry", "Outgoing", "Pending", "Store", "StoreError"]
@@ -149,11 +153,16 @@ class Store(Bounds, GroupCommit):
                 for n, cid, topic, payload, correlation, created in rows]
 
     def acknowledge(self, numbers: list[int]) -> None:
-        """Deletes delivered messages. Not synced: a delete a power loss undoes only means a resend
-        (at least once), and the next synced commit makes it durable anyway."""
+        """Deletes delivered messages, without waiting: the deletes ride the next commit (the next
+        command's, or a final's), or the writer thread commits them alone after COMPANY_WAIT_S. Not
+        synced: a delete a power loss (or a store failure) undoes only means a resend (at least once),
+        and the next synced commit makes it durable anyway. Rows already handed over are never read
+        again by the outbox (it reads past the highest it handed), so a delete not yet committed resends
+        nothing; a failed delete is counted and logged by the store like any write."""
         if numbers:
-            self._transaction("acknowledge", lambda db: execute_all(
-                db, [("DELETE FROM outbox WHERE n = ?", (n,)) for n in numbers]), durable=False)
+            statements = [("DELETE FROM outbox WHERE n = ?", (n,)) for n in numbers]
+            self._later(Write("acknowledge", functools.partial(execute_all, statements=statements), durable=False),
+                        company=True)
 
     def outbox_stats(self) -> tuple[int, float | None]:
         """(messages pending, created_at of the oldest)."""

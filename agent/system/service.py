@@ -6,6 +6,7 @@ status views (agent.system.health) are parts of the one Service kept in modules 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -73,6 +74,10 @@ class Service(ServiceHealth, StartMarks, RestartRecovery):
         self._outbox_seen: tuple[int, float | None] = (0, None)  # the last outbox figures the store gave
         self._started_at_intake: set[str] = set()  # ids whose start mark shared the intake's commit
         self._marked_ahead: set[str] = set()  # ids marked started ahead of their turn, not yet run
+        # The ledger entry of every command handed to a worker, until its result: the final response is
+        # built from it without reading the ledger back. Bounded by the components' queues (plus one in
+        # flight each); an entry is dropped when its command ends in any way (`_finish`).
+        self._entries: dict[str, Entry] = {}
         self.store, self.store_recovery = open_store(config.state_dir / STORE_FILE, on_error=self._on_store_error,
                                                      now=self.clock.agent_now)
         if self.store_recovery is not None:
@@ -100,12 +105,12 @@ class Service(ServiceHealth, StartMarks, RestartRecovery):
         self.audit = AuditTrail(config, self.topics, self.store.get, on_error=self.metrics.audit_errors.inc,
                                 on_damage=lambda damage: self.metrics.audit_damaged.inc(),
                                 on_lost=lambda how: self.metrics.audit_lost.labels(how).inc())
-        self.intake = Intake(config, self.store, self.topics, self.link.ack, self._admit, self.outbox.wake,
+        self.intake = Intake(config, self.store, self.topics, self.link.ack, self._admit, self.outbox.send_now,
                              self.runtime.check, on_final=self._count_final, idle=self.runtime.idle,
                              on_rejected=lambda reason: self.metrics.rejected.labels(reason).inc(),
                              publish_now=self.link.publish,
                              on_error=lambda stage: self.metrics.intake_errors.labels(stage).inc(), clock=self.clock,
-                             authenticate=gate)
+                             authenticate=gate, send_soon=self.outbox.send_soon)
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def start(self, wait: float = 1.0) -> bool:
@@ -192,6 +197,7 @@ class Service(ServiceHealth, StartMarks, RestartRecovery):
         started = entry.state == "started"  # intake's commit marked it started: its worker was idle
         if started:
             self._started_at_intake.add(command.id)
+        self._entries[command.id] = entry
         admission = self.runtime.submit(command)
         if admission is Admission.QUEUED:
             return
@@ -204,12 +210,23 @@ class Service(ServiceHealth, StartMarks, RestartRecovery):
                                    command.received_at, None, self.clock.wall()))
 
     def _on_result(self, result: Result) -> None:
+        kept = self._entries.get(result.command_id)
+        if kept is not None and kept.body:  # admitted as queued or started; one that ran had its start mark stored
+            self._finish(dataclasses.replace(kept, state="started") if result.started_at is not None else kept,
+                         result)
+            return
+        # Not kept, or kept without its body: a command that waited for room (flow.Parking keeps none) or
+        # was queued again at a restart; the body holds what the final depends on (read_faults' status_mask).
         try:
             entry = self.store.get(result.command_id)
         except StoreError as err:
-            log.error("the final response cannot be sent: its ledger entry cannot be read (%s)", err,
-                      extra=command_fields(result.command_id, result.component, result.command))
-            return
+            if kept is None:
+                log.error("the final response cannot be sent: its ledger entry cannot be read (%s)", err,
+                          extra=command_fields(result.command_id, result.component, result.command))
+                return
+            entry = None
+        if entry is None and kept is not None:  # the final still goes; a fault reading of unknown mask clears nothing
+            entry = dataclasses.replace(kept, state="started") if result.started_at is not None else kept
         if entry is None:
             log.error("result for a command missing from the ledger",
                       extra=command_fields(result.command_id, result.component, result.command))
@@ -225,6 +242,7 @@ class Service(ServiceHealth, StartMarks, RestartRecovery):
         again (then the outbox sends it once more: at least once).
         """
         self._started_at_intake.discard(entry.id)  # ended without running (expired, refused) or ran
+        self._entries.pop(entry.id, None)
         self._marked_ahead.discard(entry.id)
         final = {**response_message(result, seq=entry.seq + 1), **m.clock_mark(self.clock.synchronized())}
         largest = self.config.mqtt.max_payload_bytes
@@ -244,19 +262,28 @@ class Service(ServiceHealth, StartMarks, RestartRecovery):
             batch.set_state(entry.id, "final", seq=pieces[-1]["seq"], final_message=final)
 
         def stored(error: BaseException | None) -> None:
+            # published by the thread that committed it; when it went around the store, what this command
+            # stored before it (its `accepted`) is handed over first (unless the outbox thread is mid-pass)
+            self.outbox.send_now()
             if error is not None:
                 log.error("final response not stored (%s): sent without the outbox; stored when the store works "
                           "again", error, extra=command_fields(entry.id, result.component, result.command))
                 for message in [*events, *messages]:
                     self.link.publish(message)
-            self.outbox.wake()
 
         worker = self.runtime.workers.get(result.component)
-        company = worker is not None and worker.depth > 0  # its next start mark is about to be committed
-        try:
-            batch.commit_later(stored, defer=True, company=company)
-        except StoreError as err:  # the store is closing
-            stored(err)
+        if worker is not None and worker.depth > 0:  # its next start mark is about to be committed: shares it
+            try:
+                batch.commit_later(stored, defer=True, company=True)
+            except StoreError as err:  # the store is closing
+                stored(err)
+        else:  # nothing waits for this worker: it commits (and publishes) itself, no hand-over to a thread
+            try:
+                batch.commit(defer=True)
+            except StoreError as err:
+                stored(err)
+            else:
+                stored(None)
         duration = result.finished_at - result.started_at if result.started_at is not None else None
         self._count_final(final, duration)
         if len(pieces) > 1:
@@ -269,7 +296,7 @@ class Service(ServiceHealth, StartMarks, RestartRecovery):
         if result.command != "read_faults" or result.status is not Status.COMPLETED or not isinstance(faults, list):
             return []
         params = entry.body.get("params")
-        raw_mask = params.get("status_mask", 0xFF) if isinstance(params, dict) else 0xFF
+        raw_mask = params.get("status_mask", 0xFF) if isinstance(params, dict) else 0xFF if entry.body else 0x00
         try:
             mask = integer(0, 0xFF)(raw_mask)
         except InvalidValueError:
