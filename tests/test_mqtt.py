@@ -327,3 +327,56 @@ def test_a_final_the_store_refuses_goes_out_after_what_was_stored_before_it(serv
     finally:
         service.store._db.execute("PRAGMA max_page_count = 1073741823")
 
+
+
+def test_a_final_the_store_refuses_waits_for_an_outbox_pass_under_way(service, backend):
+    """As above, but the outbox thread is mid-pass (here: settling PUBACKs, held up by the test as a slow
+    SD card would) when the final's commit fails. The final's hand-over cannot take the pass at once: it
+    waits for it, then hands over the held `accepted`, then publishes the final. Once, it only woke the
+    outbox thread and published the final straight away: the backend had the final before its `accepted`."""
+    import threading
+
+    from agent.store.sqlite import Entry, Outgoing
+    from agent.wire.command import Outcome, Result
+    from agent.wire.messages import accepted_message, encode
+
+    assert service.link.wait_connected(10)
+    outbox = service.outbox
+    inside, go = threading.Event(), threading.Event()
+    settle = outbox._settle_acks
+
+    def slow_settle():
+        inside.set()
+        go.wait(10)
+        settle()
+
+    command_id = new_id()
+    reply_topic = backend.topics.responses(command_id)
+    body = {"id": command_id, "component": "engine", "command": "read_data", "params": {"data": "vin"}}
+    entry = Entry(command_id, "started", body, reply_topic, None, time.time(), None, 1, None)
+    batch = service.store.batch()  # as the intake's commit leaves it when the command starts at once
+    batch.add_command(entry)
+    batch.publish(Outgoing(reply_topic, encode(accepted_message(command_id, "engine", "read_data", entry.received_at)),
+                          None, command_id))
+    batch.commit()
+    outbox.send_soon(60.0)  # held: only a hand-over takes it
+    outbox._settle_acks = slow_settle
+    outbox.published(-1)  # a PUBACK (of nothing of ours) wakes the outbox thread into a pass that settles it
+    assert inside.wait(5)
+    pages = service.store._db.execute("PRAGMA page_count").fetchone()[0]
+    service.store._db.execute(f"PRAGMA max_page_count = {pages}")  # the next write that needs a page: SQLITE_FULL
+    try:
+        now = time.time()
+        finishing = threading.Thread(target=service._finish, args=(entry, Result(
+            command_id, "engine", "read_data", Outcome.completed({"vin": "x" * 60_000}), entry.received_at, now, now)))
+        finishing.start()
+        assert wait_until(lambda: service.store.deferred == 1, 5)  # the final's commit failed: it goes around
+        go.set()
+        finishing.join(10)
+        assert not finishing.is_alive()
+        statuses = [r["status"] for r in backend.wait_replies(command_id, 2, 10)]
+        assert statuses == ["accepted", "completed"]
+    finally:
+        go.set()
+        outbox._settle_acks = settle
+        service.store._db.execute("PRAGMA max_page_count = 1073741823")

@@ -89,6 +89,7 @@ class Outbox:
         self._retries: dict[int, _Retry] = {}  # row -> when to hand it over again
         self._lock = threading.Lock()
         self._pass = threading.Lock()  # one pass over acks and the stored messages at a time (any thread)
+        self._pass_owner: int | None = None  # the thread in a pass (a commit it leads may call send_now)
         # Something may have been stored (or the link changed) since the last pass read the outbox. A pass
         # woken by PUBACKs alone only settles them: no read of the outbox, unless the last hand-over
         # stopped for want of room (`_room_limited`). A pass that timed out reads it anyway (safety net).
@@ -120,14 +121,18 @@ class Outbox:
             self._fresh = True
         self._wake.set()
 
-    def send_now(self, *_: object) -> None:
+    def send_now(self, *_: object, wait: bool = False) -> None:
         """Called by the thread that just committed messages: hands them to the link itself, in order
         (everything stored and not yet handed over goes, the oldest first), instead of waking the outbox
         thread and waiting for it to be scheduled. When the outbox thread is in a pass of its own, or
-        the link is down, it is woken instead (its pass reads what is stored after it began)."""
-        if not self._pass.acquire(blocking=False):
+        the link is down, it is woken instead (its pass reads what is stored after it began).
+        With `wait` (the caller publishes something around the store next, which must go after what is
+        stored), a pass under way on another thread is waited for and the hand-over done here after it;
+        a pass of the calling thread itself (a commit it leads runs this as a callback) only wakes."""
+        if not self._pass.acquire(blocking=wait and self._pass_owner != threading.get_ident()):
             self.wake()
             return
+        self._pass_owner = threading.get_ident()
         try:
             if self._stop.is_set() or not self._connected():
                 self.wake()
@@ -137,6 +142,7 @@ class Outbox:
             log.debug("handing over on the committing thread failed; the outbox thread tries", exc_info=True)
             self.wake()
         finally:
+            self._pass_owner = None
             self._pass.release()
 
     def send_soon(self, within: float) -> None:
@@ -217,13 +223,17 @@ class Outbox:
                 fresh, self._fresh = self._fresh or not woken or due, False
             try:
                 with self._pass:
-                    self._settle_acks()
-                    self._judge_strikes()
-                    if self._connected() and (fresh or self._room_limited):
-                        self._hand_over()
-                    if time.monotonic() >= next_maintenance:
-                        self._maintain()
-                        next_maintenance = time.monotonic() + MAINTENANCE_S
+                    self._pass_owner = threading.get_ident()
+                    try:
+                        self._settle_acks()
+                        self._judge_strikes()
+                        if self._connected() and (fresh or self._room_limited):
+                            self._hand_over()
+                        if time.monotonic() >= next_maintenance:
+                            self._maintain()
+                            next_maintenance = time.monotonic() + MAINTENANCE_S
+                    finally:
+                        self._pass_owner = None
             except StoreError as err:  # counted and reported by the store; health says so
                 log.warning("outbox pass failed, store unavailable: %s", err)
                 self._stop.wait(1.0)

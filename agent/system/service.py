@@ -263,8 +263,8 @@ class Service(ServiceHealth, StartMarks, RestartRecovery):
 
         def stored(error: BaseException | None) -> None:
             # published by the thread that committed it; when it went around the store, what this command
-            # stored before it (its `accepted`) is handed over first (unless the outbox thread is mid-pass)
-            self.outbox.send_now()
+            # stored before it (its `accepted`) is handed over first (after a pass the outbox thread has under way)
+            self.outbox.send_now(wait=error is not None)
             if error is not None:
                 log.error("final response not stored (%s): sent without the outbox; stored when the store works "
                           "again", error, extra=command_fields(entry.id, result.component, result.command))
