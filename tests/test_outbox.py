@@ -7,6 +7,7 @@ import threading
 
 from agent.bus.owner import wait_until
 from agent.config.model import StoreConfig
+from agent.fleet import outbox as outbox_module
 from agent.fleet.link import PacketTooLargeError, packet_size
 from agent.fleet.outbox import Outbox
 from agent.store.sqlite import Outgoing, Store
@@ -338,4 +339,30 @@ def test_a_wake_between_reading_and_resetting_the_stored_flag_is_not_lost(tmp_pa
         assert link.handed[1][1].payload == b"second"
     finally:
         outbox.stop()
+        store.close()
+
+
+def test_a_retry_due_while_the_link_is_down_does_not_spin_the_outbox_thread(tmp_path, monkeypatch):
+    """A refused message's retry falls due while the link is down: no pass can hand it over, so its due
+    time stays in the past. The outbox thread then waits its idle time (the link coming up wakes it),
+    where it once waited the 10 ms floor again and again for as long as the link stayed down."""
+    monkeypatch.setattr("agent.fleet.outbox.RETRY_MIN_S", 0.0)  # the retry is due at once
+    link, up = Link(), [True]
+    store = Store(tmp_path / "agent.db")
+    outbox = Outbox(store, StoreConfig(), link.publish, connected=lambda: up[0])  # no outbox thread: passes by hand
+    link.outbox = outbox
+    try:
+        batch = store.batch()
+        batch.publish(Outgoing("t", b"refused for now"))
+        batch.commit()
+        outbox.send_now()
+        link.answer(0x97)  # quota exceeded: retried after the backoff
+        with outbox._pass:
+            outbox._settle_acks()
+        assert store.outbox_stats()[0] == 1
+        up[0] = False
+        assert outbox._next_wait() == outbox_module.IDLE_WAIT_S
+        up[0] = True
+        assert outbox._next_wait() < outbox_module.IDLE_WAIT_S  # connected: the due retry is handed over soon
+    finally:
         store.close()

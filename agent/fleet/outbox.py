@@ -244,6 +244,8 @@ class Outbox:
             self._settle_acks()
 
     def _next_wait(self) -> float:
+        if not self._connected():  # nothing due can be handed over; the link coming up wakes the thread
+            return IDLE_WAIT_S
         with self._pass:  # `_retries` changes in passes, and a pass may run on a committing thread (send_now)
             due = min((r.due for r in self._retries.values()), default=None)
         with self._lock:
