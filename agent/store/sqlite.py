@@ -29,8 +29,10 @@ begins, and the final response durable after the run ends and before it is publi
 content does not exist before the run ends, so one fsync cannot do both, and with one command at a
 time there is no other command's commit to share. Holding the PUBACK until the final instead would
 run a command that is not recorded anywhere: a crash would make the broker redeliver it and run it
-twice. Under load the two fsyncs are shared: every write that waits while one commit syncs goes into
-the next (group commit, agent/store/writer.py), across the intake and every component's worker.
+twice. (`python -m bench` times one synced commit on the agent's disk and reports the latency floor
+this sets: bench/durability.py.) Under load the two fsyncs are shared: every write that waits while
+one commit syncs goes into the next (group commit, agent/store/writer.py), across the intake and every
+component's worker.
 
 Writers are serialised on one connection (whoever holds the write lock commits everything waiting);
 readers (`get`, `pending`, stats) use a connection of their own and never wait behind an fsync.
