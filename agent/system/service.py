@@ -211,27 +211,26 @@ class Service(ServiceHealth, StartMarks, RestartRecovery):
 
     def _on_result(self, result: Result) -> None:
         kept = self._entries.get(result.command_id)
-        if kept is not None and kept.body:  # admitted as queued or started; one that ran had its start mark stored
-            self._finish(dataclasses.replace(kept, state="started") if result.started_at is not None else kept,
-                         result)
-            return
-        # Not kept, or kept without its body: a command that waited for room (flow.Parking keeps none) or
-        # was queued again at a restart; the body holds what the final depends on (read_faults' status_mask).
-        try:
-            entry = self.store.get(result.command_id)
-        except StoreError as err:
+        if kept is None or not kept.body:
+            # Not kept, or kept without its body: a command that waited for room (flow.Parking keeps none) or
+            # was queued again at a restart; the body holds what the final depends on (read_faults' status_mask).
+            try:
+                stored = self.store.get(result.command_id)
+            except StoreError as err:
+                if kept is None:
+                    log.error("the final response cannot be sent: its ledger entry cannot be read (%s)", err,
+                              extra=command_fields(result.command_id, result.component, result.command))
+                    return
+                stored = None  # the final still goes from what was kept: a fault reading of unknown mask clears nothing
+            if stored is not None:
+                self._finish(stored, result)
+                return
             if kept is None:
-                log.error("the final response cannot be sent: its ledger entry cannot be read (%s)", err,
+                log.error("result for a command missing from the ledger",
                           extra=command_fields(result.command_id, result.component, result.command))
                 return
-            entry = None
-        if entry is None and kept is not None:  # the final still goes; a fault reading of unknown mask clears nothing
-            entry = dataclasses.replace(kept, state="started") if result.started_at is not None else kept
-        if entry is None:
-            log.error("result for a command missing from the ledger",
-                      extra=command_fields(result.command_id, result.component, result.command))
-            return
-        self._finish(entry, result)
+        # admitted as queued or started: one that ran had its start mark stored
+        self._finish(dataclasses.replace(kept, state="started") if result.started_at is not None else kept, result)
 
     def _finish(self, entry: Entry, result: Result) -> None:
         """Stores the final response and its ledger state together; a transient refusal is forgotten instead.
