@@ -13,7 +13,8 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from agent.config.model import StoreConfig
@@ -129,18 +130,26 @@ class Outbox:
         With `wait` (the caller publishes something around the store next, which must go after what is
         stored), a pass under way on another thread is waited for and the hand-over done here after it;
         a pass of the calling thread itself (a commit it leads runs this as a callback) only wakes."""
-        if not self._pass.acquire(blocking=wait and self._pass_owner != threading.get_ident()):
-            self.wake()
+        with self._in_pass(blocking=wait and self._pass_owner != threading.get_ident()) as held:
+            if not held or self._stop.is_set() or not self._connected():
+                self.wake()
+                return
+            try:
+                self._hand_over()
+            except Exception:  # the outbox thread tries again (and logs what fails there)
+                log.debug("handing over on the committing thread failed; the outbox thread tries", exc_info=True)
+                self.wake()
+
+    @contextmanager
+    def _in_pass(self, blocking: bool = True) -> Iterator[bool]:
+        """Holds the pass (yields False when `blocking` is off and another thread has it), noting which
+        thread holds it: a commit that thread leads may call send_now, which must not wait for itself."""
+        if not self._pass.acquire(blocking=blocking):
+            yield False
             return
         self._pass_owner = threading.get_ident()
         try:
-            if self._stop.is_set() or not self._connected():
-                self.wake()
-                return
-            self._hand_over()
-        except Exception:  # the outbox thread tries again (and logs what fails there)
-            log.debug("handing over on the committing thread failed; the outbox thread tries", exc_info=True)
-            self.wake()
+            yield True
         finally:
             self._pass_owner = None
             self._pass.release()
@@ -215,25 +224,19 @@ class Outbox:
             self.heartbeat = time.monotonic()
             woken = self._wake.wait(self._next_wait())
             self._wake.clear()
-            with self._lock:  # held-back messages whose time has come: this pass reads the outbox
+            with self._lock:  # held-back messages whose time has come: this pass reads the outbox (`_hand_over`)
                 due = self._send_due is not None and time.monotonic() >= self._send_due
-                if due:
-                    self._send_due = None
             with self._fresh_lock:
                 fresh, self._fresh = self._fresh or not woken or due, False
             try:
-                with self._pass:
-                    self._pass_owner = threading.get_ident()
-                    try:
-                        self._settle_acks()
-                        self._judge_strikes()
-                        if self._connected() and (fresh or self._room_limited):
-                            self._hand_over()
-                        if time.monotonic() >= next_maintenance:
-                            self._maintain()
-                            next_maintenance = time.monotonic() + MAINTENANCE_S
-                    finally:
-                        self._pass_owner = None
+                with self._in_pass():
+                    self._settle_acks()
+                    self._judge_strikes()
+                    if self._connected() and (fresh or self._room_limited):
+                        self._hand_over()
+                    if time.monotonic() >= next_maintenance:
+                        self._maintain()
+                        next_maintenance = time.monotonic() + MAINTENANCE_S
             except StoreError as err:  # counted and reported by the store; health says so
                 log.warning("outbox pass failed, store unavailable: %s", err)
                 self._stop.wait(1.0)
@@ -317,10 +320,9 @@ class Outbox:
 
     # ---- handing over --------------------------------------------------------------------------
     def _hand_over(self) -> None:
-        with self._lock:  # everything stored until now is read here (or waits for room, `_room_limited`)
-            self._send_due = None
         self._room_limited = True  # until it gets through: an exception or a full window leaves it set
-        with self._lock:  # the broker's Receive Maximum, less one for the link's own status message
+        with self._lock:  # everything stored until now is read here (or waits for room, `_room_limited`);
+            self._send_due = None  # room: the broker's Receive Maximum, less one for the link's status message
             room = min(MAX_IN_FLIGHT, self._window() - 1) - len(self._by_mid)
         now = time.monotonic()
         for n in sorted(n for n, r in self._retries.items() if r.due <= now):
