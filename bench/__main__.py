@@ -146,7 +146,7 @@ def headline(r: dict[str, Any]) -> dict[str, Any]:
                                 _get(bridge, "under_load", "throughput_per_s")),
             "cpu_per_command_under_load": ratio(_get(agent, "under_load", "cpu_ms_per_command"),
                                                 _get(bridge, "under_load", "cpu_ms_per_command")),
-            "p50_floor": _floor(r, bridge),
+            "p50_floor": ratio(_floor_ms(r, bridge), _get(bridge, "one_at_a_time", "latency_ms", "p50")),
             "agent_fsyncs_per_command": {"one_at_a_time": _get(agent, "one_at_a_time", "fsyncs_per_command"),
                                          "under_load": _get(agent, "under_load", "fsyncs_per_command")},
         }
@@ -167,12 +167,12 @@ def headline(r: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _floor(r: dict[str, Any], bridge: dict[str, Any] | None) -> float | None:
-    """The lowest one-at-a-time p50 ratio exactly-once allows here: the bridge's round trip plus the two
-    synced commits on a command's path (bench/durability.py), over the bridge's round trip."""
+def _floor_ms(r: dict[str, Any], bridge: dict[str, Any] | None) -> float | None:
+    """The lowest one-at-a-time p50 exactly-once allows here: the bridge's round trip plus the two synced
+    commits on a command's path (bench/durability.py)."""
     commit = _get(r, "e2e", "synced_commit_ms", "p50")
     base = _get(bridge, "one_at_a_time", "latency_ms", "p50")
-    return None if commit is None or base is None else ratio(base + 2 * commit, base)
+    return None if commit is None or base is None else round(base + 2 * commit, 2)
 
 
 def table(r: dict[str, Any]) -> str:
@@ -188,11 +188,10 @@ def table(r: dict[str, Any]) -> str:
             rows.append((f"one at a time {q} ms, {label}", a, b, ratio(a, b)))
         a, b = _get(agent, "one_at_a_time", "latency_ms", "p50"), _get(nagle, "one_at_a_time", "latency_ms", "p50")
         rows.append((f"  same p50, bridge without TCP_NODELAY, {label}", a, b, ratio(a, b)))
-        floor = _floor(r, bridge)
+        floor = _floor_ms(r, bridge)
         if floor is not None:
             b = _get(bridge, "one_at_a_time", "latency_ms", "p50")
-            rows.append((f"  floor p50 ms: bridge + 2 synced commits, {label}",
-                         round(b + 2 * _get(r, "e2e", "synced_commit_ms", "p50"), 2), b, floor))
+            rows.append((f"  floor p50 ms: bridge + 2 synced commits, {label}", floor, b, ratio(floor, b)))
         a, b = _get(agent, "under_load", "throughput_per_s"), _get(bridge, "under_load", "throughput_per_s")
         rows.append((f"throughput /s, {r['settings']['window']} outstanding per component, {label}", a, b,
                      ratio(a, b)))
