@@ -147,6 +147,33 @@ def test_the_next_command_is_marked_started_while_one_runs_and_queued_again_at_a
         again.stop()
 
 
+def test_a_start_mark_ahead_waits_for_company_and_its_worker_commits_it_when_its_turn_comes(
+        mqtt_vehicle, sim, backend, monkeypatch):
+    """A mark written ahead waits for another commit to carry it (under load, another component's or the
+    intake's: one fsync for several commands), so it is not committed alone while the command before it
+    runs. When its turn comes and no commit carried it, the worker commits it at once, with the final
+    before it, instead of waiting out the company timer (made 30 s here)."""
+    from agent.store import group
+
+    with slow_engine(mqtt_vehicle, sim, backend) as service:
+        sim.ecu("engine").set_faults([fault_from_dict({"service": 0x22, "match": "F190", "pending": 100})])  # 2 s
+        worker = service.runtime.workers["engine"]
+        blocker, first, second = command(), command(), command(params={"data": "oil_temp"})
+        backend.send(blocker)
+        wait_for(lambda: worker.in_flight is not None and worker.in_flight.id == blocker["id"])
+        backend.send(first)
+        backend.send(second)
+        wait_for(lambda: worker.depth == 2)  # both queued behind the blocker: second is taken ahead at first's start
+        monkeypatch.setattr(group, "COMPANY_WAIT_S", 30.0)
+        wait_for(lambda: second["id"] in service._marked_ahead)
+        time.sleep(0.3)
+        assert worker.in_flight.id == first["id"]  # first runs for 2 s
+        assert service.store.get(second["id"]).state == "queued"  # its mark waits for company
+        assert backend.final(first["id"])["status"] == "completed"
+        assert backend.final(second["id"], timeout=10)["status"] == "completed"  # not 30 s later
+        assert service.store.get(second["id"]).state == "final"
+
+
 def test_a_command_marked_started_by_the_intake_that_never_ran_is_queued_again_at_a_clean_stop(
         mqtt_vehicle, sim, backend):
     """A collection reading holds the worker, which counts as idle (no command outstanding), so a read that

@@ -182,6 +182,54 @@ def test_a_write_waiting_for_company_is_committed_alone_when_none_comes(store):
     assert time.monotonic() - started >= COMPANY_WAIT_S * 0.9 and store.commits == 1
 
 
+def test_hurry_commits_a_write_waiting_for_company_at_once_on_the_calling_thread(store):
+    """A worker whose start mark ahead no other commit carried commits it itself when its turn comes,
+    with what else waits, instead of waiting out COMPANY_WAIT_S."""
+    threads: list[str] = []
+    mark, final = store.batch(), store.batch()
+    final.publish(Outgoing("t", b"final"))
+    final.commit_later(lambda error: None, company=True)
+    mark.publish(Outgoing("t", b"mark"))
+    write = mark.commit_later(lambda error: threads.append(threading.current_thread().name), company=True)
+    assert write is not None and store.commits == 0
+    store.hurry(write)
+    assert threads == [threading.current_thread().name]
+    assert (store.commits, store.synced, store.writes) == (1, 1, 2)
+    assert [p.message.payload for p in store.pending(0, 10)] == [b"final", b"mark"]
+
+
+def test_hurry_commits_nothing_more_when_another_commit_carried_the_write(store):
+    mark = store.batch()
+    mark.publish(Outgoing("t", b"mark"))
+    write = mark.commit_later(lambda error: None, company=True)
+    other = store.batch()
+    other.add_command(entry("other"))
+    other.commit()  # another component's commit takes the waiting mark along
+    assert store.commits == 1 and write.finished.is_set()
+    store.hurry(write)
+    assert store.commits == 1
+
+
+def test_hurry_waits_for_a_commit_under_way_that_carries_the_write(store):
+    """The write is already in a commit holding the write lock (its fsync): hurry waits for that commit
+    and does not start one of its own."""
+    mark = store.batch()
+    mark.publish(Outgoing("t", b"mark"))
+    threads, failures = record_in_threads(store, ["other"])
+    with store._lock:
+        write = mark.commit_later(lambda error: None, company=True)
+        threads[0].start()
+        wait_for(lambda: len(store._pending) == 2)
+        hurried = threading.Thread(target=store.hurry, args=(write,), name="hurry")
+        hurried.start()
+        time.sleep(0.05)
+        assert hurried.is_alive()  # behind the lock
+    threads[0].join(10)
+    hurried.join(10)
+    assert failures == {} and write.finished.is_set()
+    assert (store.commits, store.writes) == (1, 2)
+
+
 def test_close_commits_what_was_handed_over(tmp_path):
     store = Store(tmp_path / "agent.db")
     with store._lock:  # nothing can be committed before close() runs

@@ -39,9 +39,9 @@ class ComponentWorker:
     `on_start` runs just before a command executes (the durable ledger hooks in there); `sink`
     receives every final Result. Both are guarded: a failing callback is logged, never fatal.
 
-    With `on_ahead`, while a command runs the worker takes the next one from its queue and has its
-    start mark written meanwhile (pipelined: the fsync overlaps the ECU exchange instead of preceding
-    the next command); when its turn comes the worker waits for that mark, not for a commit of its own.
+    With `on_ahead`, while a command runs the worker takes the next one from its queue and hands its
+    start mark to the store meanwhile, to ride a commit made for other reasons (another component's, the
+    intake's); when its turn comes the worker waits for that mark (committing it then if none carried it).
 
     Collection readings (`offer`) wait behind every command: one runs only when no command is queued or
     taken ahead and the component is in its default session, so a command waits at most for the one

@@ -80,20 +80,22 @@ class Batch:
                 raise
 
     def commit_later(self, on_done: Callable[[BaseException | None], None], defer: bool = False,
-                     company: bool = False) -> None:
+                     company: bool = False) -> Write | None:
         """Hands the statements over without waiting for the commit: `on_done(None)` once they are
         stored (synced if `durable`), or `on_done(error)` (a StoreError when SQLite failed); it runs on
         whichever thread committed them, outside the store's locks. With `defer`, as in `commit`.
-        With `company`, the caller knows another commit follows at once (its worker's next start
-        mark): the statements go with it, or alone after COMPANY_WAIT_S. Raises StoreError only when
-        the store is closing."""
+        With `company`, the caller knows another commit follows soon (another worker's, or one it
+        asks for with `Store.hurry` when it needs this one): the statements go with it, or alone after
+        COMPANY_WAIT_S. Returns the write handed over (for `Store.hurry`), None when there was nothing
+        to write. Raises StoreError only when the store is closing."""
         if not self.statements:
             on_done(None)
-            return
+            return None
         statements, self.statements = self.statements, []
-
-        self._store._later(Write("write", functools.partial(execute_all, statements=statements), self.durable,
-                                 statements if defer else None, lambda write: on_done(write.error)), company)
+        write = Write("write", functools.partial(execute_all, statements=statements), self.durable,
+                      statements if defer else None, lambda write: on_done(write.error))
+        self._store._later(write, company)
+        return write
 
 
 def execute_all(db: sqlite3.Connection, statements: Statements) -> None:

@@ -145,6 +145,13 @@ class GroupCommit:
                 log.exception("store writer failed; retrying")
                 time.sleep(0.1)
 
+    def hurry(self, write: Write) -> None:
+        """Commits `write` now on the calling thread, with everything else waiting, unless a commit has
+        taken it already (then it returns once that commit is done; its callback may still be running)."""
+        with self._lock:
+            committed = [] if write.finished.is_set() else self._commit_round()
+        self._settle(committed)
+
     def flush(self) -> None:
         """Commits everything waiting now."""
         with self._lock:

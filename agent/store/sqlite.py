@@ -8,14 +8,19 @@ Which write is on the disk before which acknowledgement, and why:
   mutating command's audit record is written when it starts), the mark shares the intake's commit: a
   crash between that commit and the run then reports `interrupted` for a command that never ran,
   which the protocol allows ("started but the agent stopped before it finished"). The same holds for
-  a read marked started ahead of its turn while the command before it runs. A clean stop (SIGTERM)
-  queues both kinds again when they never ran (agent/system/startmarks.py): only a crash reports them.
+  a read marked started ahead of its turn while the command before it runs; that mark waits for another
+  commit to carry it (another component's, the intake's), and when its turn comes and none did, its
+  worker commits it then (`hurry`), with its previous final: under load one fsync carries a mark and a
+  final for each busy component, and the worker still never runs a command before its mark is on the
+  disk. A clean stop (SIGTERM) queues both kinds again when they never ran (agent/system/startmarks.py):
+  only a crash reports them.
 - Its final response in the outbox, with the ledger's `final` state, before that response is
   published: the outbox reads only committed rows, and a synced commit becomes visible to readers only
   after its fsync. A worker with more commands queued does not wait for this commit
-  (`Batch.commit_later`): its next command's start mark, or another component's, shares the same
-  fsync. A worker with nothing queued commits it itself and, the commit done, hands it to the link on
-  the same thread (`Outbox.send_now`), saving two thread wake-ups on the one-at-a-time path.
+  (`Batch.commit_later`): it goes with its next command's start mark, or with another component's
+  commit, whichever comes first. A worker with nothing queued commits it itself and, the commit done,
+  hands it to the link on the same thread (`Outbox.send_now`), saving two thread wake-ups on the
+  one-at-a-time path.
 - Not synced (synchronous=NORMAL, see agent/store/writer.py): outbox deletes after a PUBACK (a lost
   delete only means a resend: responses are at least once, the backend dedups by id + seq; they are
   not even a commit of their own, but ride the next one, or the writer's after COMPANY_WAIT_S), retention

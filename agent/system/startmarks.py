@@ -35,9 +35,10 @@ class StartMarks:
         self.intake.room()  # its place in the queue is free: a waiting command may take it
 
     def _mark_ahead(self, command: Command) -> Callable[[], BaseException | None] | None:
-        """A worker took `command` ahead of its turn: its start mark is written while the command before
-        it runs (store docstring: a crash before it runs reports it `interrupted`). Not for a mutating
-        command (its audit record is written when it starts) nor one whose mark the intake wrote."""
+        """A worker took `command` ahead of its turn: its start mark waits for a commit made meanwhile to
+        carry it, and the returned wait commits it if none did (store docstring: a crash before it runs
+        reports it `interrupted`). Not for a mutating command (its audit record is written when it
+        starts) nor one whose mark the intake wrote."""
         if is_mutating(command.command) or command.id in self._started_at_intake:
             return None
         stored = threading.Event()
@@ -50,13 +51,15 @@ class StartMarks:
         batch = self.store.batch()
         batch.set_state(command.id, "started")
         try:
-            batch.commit_later(done)
+            write = batch.commit_later(done, company=True)
         except StoreError:  # the store is closing: marked in its turn, or not run
             return None
         self._marked_ahead.add(command.id)
         self.intake.room()  # its place in the queue is free
 
         def wait() -> BaseException | None:
+            if write is not None and not stored.is_set():  # no other commit carried it meanwhile: commit now
+                self.store.hurry(write)
             stored.wait()
             self._marked_ahead.discard(command.id)
             return outcome[0]
