@@ -174,6 +174,34 @@ def test_a_start_mark_ahead_waits_for_company_and_its_worker_commits_it_when_its
         assert service.store.get(second["id"]).state == "final"
 
 
+def test_a_final_waiting_for_its_workers_next_mark_is_not_held_when_that_mark_was_carried_already(
+        mqtt_vehicle, sim, backend, monkeypatch):
+    """A final handed over with more commands queued waits for company: its worker's next start mark.
+    When that mark is on the disk already (the command before it ran longer than COMPANY_WAIT_S, or
+    another commit carried it), no mark of this worker comes before the next command ends, and with no
+    other component busy no other commit comes either: the final is committed when the next command
+    starts, not after it (the company timer made 30 s here; with the real 20 ms every final of a lone
+    busy component with commands over 20 ms was 20 ms late). Found by an outside review; failed before
+    the fix (the final came with the next command's end)."""
+    from agent.store import group
+
+    with slow_engine(mqtt_vehicle, sim, backend) as service:
+        sim.ecu("engine").set_faults([fault_from_dict({"service": 0x22, "match": "F190", "pending": 100})])  # 2 s
+        worker = service.runtime.workers["engine"]
+        blocker, first, second, third = command(), command(), command(), command()
+        backend.send(blocker)
+        wait_for(lambda: worker.in_flight is not None and worker.in_flight.id == blocker["id"])
+        for sent in (first, second, third):
+            backend.send(sent)
+        wait_for(lambda: worker.depth == 3)
+        wait_for(lambda: worker.in_flight is not None and worker.in_flight.id == first["id"])
+        wait_for(lambda: service.store.get(second["id"]).state == "started")  # carried while first runs
+        monkeypatch.setattr(group, "COMPANY_WAIT_S", 30.0)
+        assert backend.final(first["id"], timeout=10)["status"] == "completed"
+        assert worker.in_flight is not None and worker.in_flight.id == second["id"]  # before second ends
+        assert backend.final(second["id"], timeout=10)["status"] == "completed"
+
+
 def test_a_command_marked_started_by_the_intake_that_never_ran_is_queued_again_at_a_clean_stop(
         mqtt_vehicle, sim, backend):
     """A collection reading holds the worker, which counts as idle (no command outstanding), so a read that

@@ -230,6 +230,26 @@ def test_hurry_waits_for_a_commit_under_way_that_carries_the_write(store):
     assert (store.commits, store.writes) == (1, 2)
 
 
+def test_soon_has_the_writer_thread_commit_a_write_waiting_for_company_without_waiting_for_it(store, monkeypatch):
+    """A worker whose next start mark was carried already tells the store that the final waiting for that
+    mark's company will get none: the writer thread commits it now (the timer made 30 s here), and the
+    caller does not wait for that commit."""
+    from agent.store import group
+
+    monkeypatch.setattr(group, "COMPANY_WAIT_S", 30.0)
+    threads: list[str] = []
+    final = store.batch()
+    final.publish(Outgoing("t", b"final"))
+    with store._lock:  # no commit can happen before soon() has returned
+        final.commit_later(lambda error: threads.append(threading.current_thread().name), company=True)
+        store.soon()
+        assert store.commits == 0
+    wait_for(lambda: threads == ["store-writer"])
+    assert (store.commits, store.synced, store.writes) == (1, 1, 1)
+    store.soon()  # nothing waits: nothing to commit
+    assert store.commits == 1
+
+
 def test_close_commits_what_was_handed_over(tmp_path):
     store = Store(tmp_path / "agent.db")
     with store._lock:  # nothing can be committed before close() runs

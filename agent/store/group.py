@@ -152,6 +152,14 @@ class GroupCommit:
             committed = [] if write.finished.is_set() else self._commit_round()
         self._settle(committed)
 
+    def soon(self) -> None:
+        """Has the writer thread commit what waits now, without waiting for it: writes waiting for a
+        company that the caller knows is not coming (the next start mark of a worker, stored already)."""
+        with self._waiting:
+            if self._pending and not self._urgent and self._writer is not None:
+                self._urgent = True
+                self._waiting.notify()
+
     def flush(self) -> None:
         """Commits everything waiting now."""
         with self._lock:

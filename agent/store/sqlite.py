@@ -18,9 +18,10 @@ Which write is on the disk before which acknowledgement, and why:
   published: the outbox reads only committed rows, and a synced commit becomes visible to readers only
   after its fsync. A worker with more commands queued does not wait for this commit
   (`Batch.commit_later`): it goes with its next command's start mark, or with another component's
-  commit, whichever comes first. A worker with nothing queued commits it itself and, the commit done,
-  hands it to the link on the same thread (`Outbox.send_now`), saving two thread wake-ups on the
-  one-at-a-time path.
+  commit, whichever comes first; when that mark was carried already and no other component is busy,
+  the writer thread commits it as the next command starts (`soon`), not after COMPANY_WAIT_S. A
+  worker with nothing queued commits it itself and, the commit done, hands it to the link on the same
+  thread (`Outbox.send_now`), saving two thread wake-ups on the one-at-a-time path.
 - Not synced (synchronous=NORMAL, see agent/store/writer.py): outbox deletes after a PUBACK (a lost
   delete only means a resend: responses are at least once, the backend dedups by id + seq; they are
   not even a commit of their own, but ride the next one, or the writer's after COMPANY_WAIT_S), retention

@@ -60,11 +60,19 @@ class StartMarks:
         def wait() -> BaseException | None:
             if write is not None and not stored.is_set():  # no other commit carried it meanwhile: commit now
                 self.store.hurry(write)
+            elif not self._others_busy(command.component):
+                # carried already, and no other component's commit is coming: the final before it, which
+                # waited for this mark's company, is committed now instead of after COMPANY_WAIT_S
+                self.store.soon()
             stored.wait()
             self._marked_ahead.discard(command.id)
             return outcome[0]
 
         return wait
+
+    def _others_busy(self, component: str) -> bool:
+        """A worker other than `component`'s has commands to run: its commits are company to wait for."""
+        return any(not worker.idle for name, worker in self.runtime.workers.items() if name != component)
 
     def _requeue_unrun(self) -> None:
         """A clean stop: commands marked started that never ran — ahead of their turn, or by the intake's
