@@ -202,6 +202,48 @@ def test_a_final_waiting_for_its_workers_next_mark_is_not_held_when_that_mark_wa
         assert backend.final(second["id"], timeout=10)["status"] == "completed"
 
 
+def test_a_command_whose_mark_ahead_is_stored_only_after_the_stop_gave_up_waiting_never_runs(
+        mqtt_vehicle, sim, backend, monkeypatch):
+    """The store hangs (its write lock held, as a stuck fsync holds it) while a worker waits for the mark
+    of the command it took ahead, past the stop's grace: the stop queues that command again. When the
+    store comes back, the mark and then the re-queue are committed, and the worker must not run the
+    command, or it would run again after the restart (exactly-once). Found by an outside review."""
+    import threading
+
+    from agent.store import group
+
+    with slow_engine(mqtt_vehicle, sim, backend, grace=0.3) as service:
+        store, worker = service.store, service.runtime.workers["engine"]
+        blocker, first = command(), command()
+        ahead = command(command="tester_present", params={})
+        backend.send(blocker)
+        wait_for(lambda: worker.in_flight is not None and worker.in_flight.id == blocker["id"])
+        backend.send(first)
+        backend.send(ahead)
+        wait_for(lambda: worker.depth == 2)
+        monkeypatch.setattr(group, "COMPANY_WAIT_S", 30.0)  # ahead's mark waits for its worker's turn
+        wait_for(lambda: worker.in_flight is not None and worker.in_flight.id == first["id"])
+        wait_for(lambda: ahead["id"] in service._marked_ahead)
+        store._lock.acquire()  # the store hangs from here on
+        wait_for(lambda: worker.in_flight is None)  # first ended: its worker waits for ahead's mark
+        released = threading.Event()
+
+        def requeue_waits() -> bool:
+            with store._waiting:
+                return any("state = 'queued'" in repr(w.work) for w in store._pending)
+
+        def release_when_the_stop_queues_it_again() -> None:
+            wait_for(requeue_waits, 30)
+            store._lock.release()
+            released.set()
+
+        threading.Thread(target=release_when_the_stop_queues_it_again, name="release-store", daemon=True).start()
+    assert released.is_set()
+    assert backend.final(first["id"])["status"] == "completed"
+    assert sim.ecu("engine").server.executed[0x3E] == 0
+    assert ledger_states(mqtt_vehicle, ahead["id"]) == ["queued"]
+
+
 def test_a_command_marked_started_by_the_intake_that_never_ran_is_queued_again_at_a_clean_stop(
         mqtt_vehicle, sim, backend):
     """A collection reading holds the worker, which counts as idle (no command outstanding), so a read that

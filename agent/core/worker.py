@@ -18,8 +18,13 @@ log = logging.getLogger(__name__)
 ResultSink = Callable[[Result], None]
 StartHook = Callable[[Command], None]
 # Marks a command started ahead of its turn, without waiting; returns a wait for that mark (which returns
-# the error that kept it from being stored, or None), or None when this command cannot be marked ahead.
+# the error that kept it from being stored, TakenBackError, or None), or None when this command cannot be marked ahead.
 AheadHook = Callable[[Command], "Callable[[], BaseException | None] | None"]
+
+
+class TakenBackError(Exception):
+    """What a mark's wait returns when the command's owner took it back meanwhile (a stop that gave up
+    waiting for the worker queued it again): the worker neither runs it nor answers it."""
 
 
 @dataclass(frozen=True)
@@ -244,6 +249,10 @@ class ComponentWorker:
             return
         if mark is not None:
             error = mark()
+            if isinstance(error, TakenBackError):
+                log.warning("%s was queued again by the stop while its start mark was being stored: not run",
+                            command.id, extra=command_fields(command.id, command.component, command.command))
+                return
             if error is not None:  # unrecorded start: never run
                 log.error("could not record the start of %s: %s", command.id, error,
                           extra=command_fields(command.id, command.component, command.command))

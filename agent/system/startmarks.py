@@ -1,8 +1,8 @@
 """Start marks: a command is marked `started` in the ledger before it runs (by the intake's commit, at its
 turn, or ahead of its turn while the command before it runs), and a clean stop queues again what was marked
 (by the intake or ahead) but never ran. Part of `Service` (it inherits this and owns the store, audit trail
-and intake these use, and the two id sets in its constructor); kept apart because the started mark is what
-restart recovery trusts, and it deserves one place.
+and intake these use, and the two id sets and their lock in its constructor); kept apart because the
+started mark is what restart recovery trusts, and it deserves one place.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import logging
 import threading
 from collections.abc import Callable
 
+from agent.core.worker import TakenBackError
 from agent.policy.mutating import is_mutating
 from agent.store.sqlite import StoreError
 from agent.wire.command import Command
@@ -65,7 +66,10 @@ class StartMarks:
                 # waited for this mark's company, is committed now instead of after COMPANY_WAIT_S
                 self.store.soon()
             stored.wait()
-            self._marked_ahead.discard(command.id)
+            with self._marks_lock:  # a stop that gave up waiting may have queued it again meanwhile
+                if command.id not in self._marked_ahead:
+                    return TakenBackError(command.id)
+                self._marked_ahead.discard(command.id)  # from here on it runs: a stop leaves it alone
             return outcome[0]
 
         return wait
@@ -78,8 +82,12 @@ class StartMarks:
         """A clean stop: commands marked started that never ran — ahead of their turn, or by the intake's
         commit while a collection reading held their worker — are queued again: they run after the restart,
         like any other queued command, instead of being reported `interrupted` (only a crash may do that).
-        Call once the workers have stopped: a command that started running has left both sets."""
-        ids = sorted(self._marked_ahead | self._started_at_intake)
+        Call once the workers have stopped, or gave up waiting for them: a command that started running
+        has left both sets, and one whose mark ahead is still being stored will not run (`TakenBackError`)."""
+        with self._marks_lock:
+            ids = sorted(self._marked_ahead | self._started_at_intake)
+            self._marked_ahead.clear()
+            self._started_at_intake.clear()
         if not ids:
             return
         batch = self.store.batch()
@@ -90,5 +98,3 @@ class StartMarks:
         except StoreError as err:
             log.error("commands marked started that never ran could not be queued again (%s): they are "
                       "reported interrupted after the restart", err, extra={"ids": ids})
-        self._marked_ahead.clear()
-        self._started_at_intake.clear()
