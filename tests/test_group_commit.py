@@ -250,6 +250,23 @@ def test_soon_has_the_writer_thread_commit_a_write_waiting_for_company_without_w
     assert store.commits == 1
 
 
+def test_a_deferred_write_failing_for_a_reason_other_than_sqlite_is_dropped_and_the_others_still_commit(store):
+    """A write kept in memory while the storage failed, whose replay raises something other than an SQLite
+    error, is dropped and counted like one SQLite refuses for its data; it neither escapes the commit round
+    (which would leave the round's other writes unfinished: a start mark's waiter hanging for ever) nor
+    blocks every later commit. Found by an outside review."""
+    store._deferred.append([("SELECT 1",)])  # malformed: not (sql, args)
+    done = threading.Event()
+    handed = store.batch()
+    handed.publish(Outgoing("t", b"handed"))
+    handed.commit_later(lambda error: done.set() if error is None else None, company=True)
+    batch = store.batch()
+    batch.add_command(entry("after"))
+    batch.commit()
+    assert done.is_set() and store.deferred == 0 and store.deferred_dropped == 1
+    assert store.get("after") is not None and len(store.pending(0, 10)) == 1
+
+
 def test_close_commits_what_was_handed_over(tmp_path):
     store = Store(tmp_path / "agent.db")
     with store._lock:  # nothing can be committed before close() runs

@@ -175,7 +175,7 @@ class GroupCommit:
             return []
         try:
             self._flush_deferred()
-        except sqlite3.Error as err:
+        except Exception as err:  # every write taken here ends with its error: none is left unfinished
             for write in writes:
                 write.error = err
         else:
@@ -225,13 +225,11 @@ class GroupCommit:
         while self._deferred:
             write = Write("write", functools.partial(execute_all, statements=self._deferred[0]))
             commit_writes(self._db, self._sync, [write])
-            if isinstance(write.error, sqlite3.Error):
-                if is_unavailable(write.error):
-                    raise write.error
+            if is_unavailable(write.error):
+                raise write.error
+            if write.error is not None:  # its own data fails (SQLite or not): it never will be stored
                 self.deferred_dropped += 1
                 log.error("a deferred write cannot be stored and is dropped: %s", write.error)
-            elif write.error is not None:
-                raise write.error
             self._deferred.pop(0)
             log.info("a write deferred while the store failed is stored now", extra={"left": len(self._deferred)})
 
