@@ -20,7 +20,7 @@ import pytest
 from conftest import DATA  # noqa: F401  (fixtures come from conftest)
 
 from agent.bus.owner import wait_until
-from agent.fleet.link import Incoming
+from agent.fleet.packets import Incoming
 
 VALID_TARGETS = [("engine", "vin"), ("body", "vin"), ("gateway", "vin"), ("camera", "vin")]
 

@@ -14,7 +14,7 @@ from conftest import DATA, ROOT
 
 from agent.config.model import TlsConfig
 from agent.devtools.local_broker import BrokerTls, LocalBroker
-from agent.fleet.link import LinkSetupError, password_of
+from agent.fleet.credentials import LinkSetupError, password_of
 from agent.system.service import Service
 
 

@@ -8,8 +8,8 @@ import threading
 from agent.bus.owner import wait_until
 from agent.config.model import StoreConfig
 from agent.fleet import outbox as outbox_module
-from agent.fleet.link import PacketTooLargeError, packet_size
 from agent.fleet.outbox import Outbox
+from agent.fleet.packets import PacketTooLargeError, packet_size
 from agent.store.sqlite import Outgoing, Store
 from agent.wire import messages as m
 

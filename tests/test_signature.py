@@ -15,7 +15,7 @@ from signing_support import make_keys, security
 from agent.config import parse_config
 from agent.config.model import SigningKey
 from agent.errors import ConfigError
-from agent.fleet.link import Incoming
+from agent.fleet.packets import Incoming
 from agent.fleet.signed import SignatureGate
 from agent.fleet.topics import Topics
 from agent.policy import ed25519

@@ -13,7 +13,7 @@ from agent.cli import common as c
 from agent.config.model import AgentConfig
 from agent.devtools.sim.simulator import simulators_for
 from agent.errors import ConfigError
-from agent.fleet.link import LinkSetupError
+from agent.fleet.credentials import LinkSetupError
 from agent.metrics.server import MetricsServerError
 from agent.store.sqlite import StoreError
 from agent.system.daemon import run_until_stopped

@@ -16,7 +16,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.config.model import MqttConfig
-from agent.fleet.link import password_of
+from agent.fleet.credentials import password_of
 from agent.fleet.topics import Topics
 
 if TYPE_CHECKING:

@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from agent.fleet.link import Incoming
+from agent.fleet.packets import Incoming
 from agent.store.sqlite import Batch, Entry, Outgoing
 from agent.wire import decode
 from agent.wire.command import Command

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from agent.fleet.answers import Answers
 from agent.fleet.decision import Decision
-from agent.fleet.link import Incoming
+from agent.fleet.packets import Incoming
 from agent.fleet.replies import choose_reply_topic
 from agent.store.sqlite import Outgoing
 from agent.wire import decode

@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from agent.fleet.link import Incoming
+from agent.fleet.packets import Incoming
 from agent.policy.admission import Admission
 from agent.store.sqlite import Entry
 from agent.wire.command import Command, command_fields

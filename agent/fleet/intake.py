@@ -27,7 +27,7 @@ from agent.config.model import AgentConfig
 from agent.fleet.decision import Authenticate, Decision, IntakeStats
 from agent.fleet.fallback import Fallbacks
 from agent.fleet.flow import Parking
-from agent.fleet.link import Incoming
+from agent.fleet.packets import Incoming
 from agent.fleet.repeats import Repeats
 from agent.fleet.replies import check_reply_topics, choose_reply_topic, takes_progress
 from agent.fleet.topics import Topics

@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from agent.fleet.link import PacketTooLargeError
+from agent.fleet.packets import PacketTooLargeError
 from agent.store.collection import CollectionStore, StateRow
 from agent.store.sqlite import Outgoing
 from agent.wire import messages as m

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import random
 import socket
 import ssl
@@ -17,7 +16,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -26,7 +24,9 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent.config.model import MqttConfig
-from agent.errors import AgentError
+from agent.fleet.causes import _PahoLog, _uninformative
+from agent.fleet.credentials import LinkSetupError, check_key_file, password_of
+from agent.fleet.packets import CUT_FOR_A_MESSAGE, Incoming, PacketTooLargeError, packet_size
 from agent.fleet.topics import Topics
 from agent.store.sqlite import Outgoing
 from agent.wire.decode import MAX_COMMAND_BYTES
@@ -43,46 +43,6 @@ MAX_PACKET_IN = MAX_COMMAND_BYTES + PACKET_HEADROOM
 SESSION_TAKEN_OVER = 0x8E
 FLAP_S = 5.0  # a connection cut this soon after it was accepted counts as a flap
 FLAPS = 3  # flaps in a row that are reported (as a likely takeover) and slow the reconnects down
-# DISCONNECT reasons a broker gives when it cannot take what we sent (malformed, protocol error, too large):
-# Mosquitto answers a message over its `message_size_limit` this way; a resend would do it again.
-CUT_FOR_A_MESSAGE = frozenset({0x81, 0x82, 0x95})
-
-
-class LinkSetupError(AgentError, ValueError):
-    """Credentials or TLS files are unusable; the agent must not start (exit 78)."""
-
-
-class PacketTooLargeError(AgentError, ValueError):
-    """A message larger than the broker's Maximum Packet Size (from CONNACK): sending it would only
-    make the broker drop the connection."""
-
-    def __init__(self, size: int, limit: int) -> None:
-        self.size = size
-        self.limit = limit
-        super().__init__(f"a {size}-byte packet is larger than the broker's maximum packet size {limit}")
-
-
-def packet_size(topic: str, payload: bytes, correlation: bytes | None) -> int:
-    """Bytes of a QoS 1 PUBLISH packet carrying this message (an upper bound for MQTT 5)."""
-    properties = 3 + len(correlation) if correlation is not None else 0
-    return 1 + 4 + 2 + len(topic.encode()) + 2 + 4 + properties + len(payload)
-
-
-@dataclass(frozen=True)
-class Incoming:
-    """A command message as received, before any validation."""
-
-    payload: bytes
-    mid: int
-    qos: int
-    dup: bool
-    received_at: float
-    response_topic: str | None = None
-    correlation: bytes | None = None
-    expiry_interval: int | None = None
-    retain: bool = False
-    generation: int = 0  # which connection brought it: a PUBACK is only owed on that connection
-    received_mono: float = 0.0  # time.monotonic() at receipt: relative expiry does not follow wall-clock steps
 
 
 @dataclass
@@ -96,35 +56,6 @@ class LinkStats:
     taken_over: int = 0
 
 
-def read_secret(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8").rstrip("\n")
-    except OSError as err:
-        raise LinkSetupError(f"cannot read {path}: {err.strerror or err}") from err
-
-
-def check_key_file(path: Path) -> None:
-    """Refuses a private key that other users can read."""
-    try:
-        mode = path.stat().st_mode
-    except OSError as err:
-        raise LinkSetupError(f"cannot read client key {path}: {err.strerror or err}") from err
-    if mode & 0o004:
-        raise LinkSetupError(f"client key {path} is world-readable (mode {mode & 0o777:o}); chmod 600 it")
-
-
-def password_of(config: MqttConfig, environ: dict[str, str] | None = None) -> str | None:
-    env = os.environ if environ is None else environ
-    if config.password_file is not None:
-        return read_secret(config.password_file)
-    if config.password_credential is not None:
-        directory = env.get("CREDENTIALS_DIRECTORY")
-        if not directory:
-            raise LinkSetupError("password_credential is set but $CREDENTIALS_DIRECTORY is not (use LoadCredential=)")
-        return read_secret(Path(directory) / config.password_credential)
-    return None
-
-
 def _no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
     """TCP_NODELAY on every new broker socket: the PUBACK, `accepted` and final response are small
     writes in a row, and with Nagle's algorithm each waits for the broker's delayed ACK (~40 ms)."""
@@ -132,15 +63,6 @@ def _no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except OSError as err:
         log.warning("cannot set TCP_NODELAY on the broker connection: %s", err)
-
-
-_UNINFORMATIVE = ("eof occurred", "connection reset", "broken pipe", "connection lost")
-
-
-def _uninformative(reason: str) -> bool:
-    """A cause that says only that the connection went away, not why."""
-    low = reason.lower()
-    return any(text in low for text in _UNINFORMATIVE) or low.endswith("unspecified error")
 
 
 def _guarded(method: Callable[..., None]) -> Callable[..., None]:
@@ -467,18 +389,3 @@ class MqttLink:
         """PUBACK: the reason code (MQTT 5; 0 for 3.1.1) says whether the broker took the message."""
         self._unacked.discard(mid)
         self._on_published(mid, int(getattr(reason, "value", 0) or 0))
-
-
-class _PahoLog:
-    """What paho's `_logger` needs (`log`): passes a line on to `logger` when its level is on, and hands
-    error lines (formatted only then) to `on_error`."""
-
-    def __init__(self, logger: logging.Logger, on_error: Callable[[str], None]) -> None:
-        self._logger = logger
-        self._on_error = on_error
-
-    def log(self, level: int, fmt: str, *args: Any) -> None:
-        if level >= logging.ERROR:
-            self._on_error(fmt % args)
-        if self._logger.isEnabledFor(level):
-            self._logger.log(level, fmt, *args)

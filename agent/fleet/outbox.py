@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from agent.config.model import StoreConfig
-from agent.fleet.link import CUT_FOR_A_MESSAGE, PacketTooLargeError
+from agent.fleet.packets import CUT_FOR_A_MESSAGE, PacketTooLargeError
 from agent.store.sqlite import Outgoing, Pending, Store, StoreError
 from agent.wire import messages as m
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from agent.fleet.link import Incoming
+from agent.fleet.packets import Incoming
 from agent.fleet.topics import Topics, is_publishable
 from agent.wire.parse import InvalidCommandError
 

@@ -16,7 +16,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from agent.fleet.link import Incoming
+from agent.fleet.packets import Incoming
 from agent.fleet.topics import Topics
 from agent.policy.signature import Authenticator, Body, Passed, Refused
 from agent.store.sqlite import Outgoing
