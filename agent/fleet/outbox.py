@@ -8,7 +8,6 @@ too large, payload format invalid): never deleted as if delivered, always logged
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 
 from agent.config.model import StoreConfig
 from agent.fleet.packets import CUT_FOR_A_MESSAGE, PacketTooLargeError
+from agent.fleet.refusals import CONNECTION_DROPPED, NEVER_PASSES, QUOTA_EXCEEDED, Refusal, _rechunk, reason_name
 from agent.store.sqlite import Outgoing, Pending, Store, StoreError
 from agent.wire import messages as m
 
@@ -31,27 +31,6 @@ RETRY_MIN_S = 1.0
 RETRY_MAX_S = 60.0
 MAX_ATTEMPTS = 5  # for refusals that may pass but keep failing (quota exceeded is retried for ever)
 STRIKES = 3  # connections in a row cut before any PUBACK while the same message led the queue
-
-# PUBACK reason codes (MQTT 5, 3.3.4) and the bounded label values the agent reports them as.
-REASONS = {0x80: "unspecified_error", 0x83: "implementation_specific_error", 0x87: "not_authorized",
-           0x90: "topic_name_invalid", 0x91: "packet_identifier_in_use", 0x97: "quota_exceeded",
-           0x99: "payload_format_invalid", 0x95: "packet_too_large"}
-NEVER_PASSES = frozenset({0x87, 0x90, 0x95, 0x99})
-QUOTA_EXCEEDED = 0x97
-CONNECTION_DROPPED = "connection_dropped"  # not a PUBACK code: the broker cut the link on this message
-
-
-def reason_name(code: int) -> str:
-    return REASONS.get(code, "other")
-
-
-@dataclass(frozen=True)
-class Refusal:
-    """A message the broker would not take, reported once it is set aside."""
-
-    row: Pending
-    reason: str
-    code: int | None
 
 
 @dataclass
@@ -414,18 +393,3 @@ class Outbox:
     def maintain(self) -> None:
         """One retention pass now (tests; the outbox thread runs one every MAINTENANCE_S)."""
         self._maintain()
-
-
-def _rechunk(message: Outgoing, max_payload: int) -> list[dict] | None:
-    """The chunk messages for a final response with a `result`, each within `max_payload`; None if the
-    message is not such a response or cannot be made small enough."""
-    try:
-        body = json.loads(message.payload)
-    except ValueError:
-        return None
-    if not isinstance(body, dict) or "result" not in body or body.get("final") is not True or max_payload < 1024:
-        return None
-    pieces = m.split_result(body, max_payload)
-    if len(pieces) < 2 or any(len(m.encode(p)) > max_payload for p in pieces):
-        return None
-    return pieces

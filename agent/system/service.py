@@ -22,7 +22,8 @@ from agent.config.reader import InvalidValueError, integer
 from agent.core.runtime import Companion, Runtime
 from agent.fleet.intake import Intake
 from agent.fleet.link import MqttLink
-from agent.fleet.outbox import Outbox, Refusal
+from agent.fleet.outbox import Outbox
+from agent.fleet.refusals import Refusal
 from agent.fleet.topics import Topics
 from agent.metrics.busmonitor import BusMonitor
 from agent.metrics.registry import AgentMetrics
