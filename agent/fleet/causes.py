@@ -11,13 +11,13 @@ from typing import Any
 _UNINFORMATIVE = ("eof occurred", "connection reset", "broken pipe", "connection lost")
 
 
-def _uninformative(reason: str) -> bool:
+def uninformative(reason: str) -> bool:
     """A cause that says only that the connection went away, not why."""
     low = reason.lower()
     return any(text in low for text in _UNINFORMATIVE) or low.endswith("unspecified error")
 
 
-class _PahoLog:
+class PahoLog:
     """What paho's `_logger` needs (`log`): passes a line on to `logger` when its level is on, and hands
     error lines (formatted only then) to `on_error`."""
 

@@ -24,7 +24,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent.config.model import MqttConfig
-from agent.fleet.causes import _PahoLog, _uninformative
+from agent.fleet.causes import PahoLog, uninformative
 from agent.fleet.credentials import LinkSetupError, check_key_file, password_of
 from agent.fleet.packets import CUT_FOR_A_MESSAGE, Incoming, PacketTooLargeError, packet_size
 from agent.fleet.topics import Topics
@@ -103,7 +103,7 @@ class MqttLink:
         )
         # paho formats every packet's debug line for an `on_log` callback whatever the level; its logger is
         # asked only through Logger.log, which checks the level first: errors are caught there instead
-        self._client.enable_logger(_PahoLog(logging.getLogger("paho"), self._paho_log))  # type: ignore[arg-type]
+        self._client.enable_logger(PahoLog(logging.getLogger("paho"), self._paho_log))  # type: ignore[arg-type]
         self._client.max_queued_messages_set(0)
         self._client.will_set(topics.status, status("offline"), qos=1, retain=True)
         password = password_of(config)
@@ -280,7 +280,7 @@ class MqttLink:
         refusal that explains it."""
         if reason == self.last_error:
             return
-        if self.last_error is not None and _uninformative(reason) and not _uninformative(self.last_error):
+        if self.last_error is not None and uninformative(reason) and not uninformative(self.last_error):
             log.debug("%s (still down: %s)", reason, self.last_error, extra={"broker": self.config.broker})
             return
         log.warning("%s", reason, extra={"broker": self.config.broker})

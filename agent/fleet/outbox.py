@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from agent.config.model import StoreConfig
 from agent.fleet.packets import CUT_FOR_A_MESSAGE, PacketTooLargeError
-from agent.fleet.refusals import CONNECTION_DROPPED, NEVER_PASSES, QUOTA_EXCEEDED, Refusal, _rechunk, reason_name
+from agent.fleet.refusals import CONNECTION_DROPPED, NEVER_PASSES, QUOTA_EXCEEDED, Refusal, reason_name, rechunk
 from agent.store.sqlite import Outgoing, Pending, Store, StoreError
 from agent.wire import messages as m
 
@@ -344,7 +344,7 @@ class Outbox:
 
     def _too_large(self, row: Pending, err: PacketTooLargeError) -> None:
         """Splits a response into chunks the broker takes, or sets aside what cannot be split."""
-        pieces = _rechunk(row.message, err.limit - (err.size - len(row.message.payload)))
+        pieces = rechunk(row.message, err.limit - (err.size - len(row.message.payload)))
         if pieces is None:
             self._set_aside(row, "packet_too_large", 0x95)
             return

@@ -32,7 +32,7 @@ class Refusal:
     code: int | None
 
 
-def _rechunk(message: Outgoing, max_payload: int) -> list[dict] | None:
+def rechunk(message: Outgoing, max_payload: int) -> list[dict] | None:
     """The chunk messages for a final response with a `result`, each within `max_payload`; None if the
     message is not such a response or cannot be made small enough."""
     try:
