@@ -44,6 +44,19 @@ def slow_engine(mqtt_vehicle, sim, backend, grace: float = 5.0):
         service.stop(grace)
 
 
+def running(worker, sent) -> bool:
+    return worker.in_flight is not None and worker.in_flight.id == sent["id"]
+
+
+def queue_behind(backend, worker, blocker, *queued) -> None:
+    """Sends `blocker` and, once it runs, `queued`: they wait in its worker's queue behind it."""
+    backend.send(blocker)
+    wait_for(lambda: running(worker, blocker))
+    for sent in queued:
+        backend.send(sent)
+    wait_for(lambda: worker.depth == len(queued))
+
+
 def ledger_states(mqtt_vehicle, *ids: str) -> list[str]:
     """The ledger state of each id, as the next start will find it."""
     reopened = Store(mqtt_vehicle.state_dir / "agent.db")
@@ -126,12 +139,8 @@ def test_the_next_command_is_marked_started_while_one_runs_and_queued_again_at_a
     with slow_engine(mqtt_vehicle, sim, backend) as service:
         worker = service.runtime.workers["engine"]
         blocker, first, second, third = command(), command(), command(), command()
-        backend.send(blocker)
-        wait_for(lambda: worker.in_flight is not None and worker.in_flight.id == blocker["id"])
-        for sent in (first, second, third):
-            backend.send(sent)
-        wait_for(lambda: worker.depth == 3)  # all three queued while the blocker runs
-        wait_for(lambda: worker.in_flight is not None and worker.in_flight.id == first["id"])
+        queue_behind(backend, worker, blocker, first, second, third)
+        wait_for(lambda: running(worker, first))
         wait_for(lambda: service.store.get(second["id"]).state == "started")  # marked ahead, not running
         assert worker.in_flight.id == first["id"] and service.store.get(third["id"]).state == "queued"
     assert backend.final(blocker["id"])["status"] == "completed"
@@ -159,11 +168,7 @@ def test_a_start_mark_ahead_waits_for_company_and_its_worker_commits_it_when_its
         sim.ecu("engine").set_faults([fault_from_dict({"service": 0x22, "match": "F190", "pending": 100})])  # 2 s
         worker = service.runtime.workers["engine"]
         blocker, first, second = command(), command(), command(params={"data": "oil_temp"})
-        backend.send(blocker)
-        wait_for(lambda: worker.in_flight is not None and worker.in_flight.id == blocker["id"])
-        backend.send(first)
-        backend.send(second)
-        wait_for(lambda: worker.depth == 2)  # both queued behind the blocker: second is taken ahead at first's start
+        queue_behind(backend, worker, blocker, first, second)  # second is taken ahead at first's start
         monkeypatch.setattr(group, "COMPANY_WAIT_S", 30.0)
         wait_for(lambda: second["id"] in service._marked_ahead)
         time.sleep(0.3)
@@ -189,16 +194,12 @@ def test_a_final_waiting_for_its_workers_next_mark_is_not_held_when_that_mark_wa
         sim.ecu("engine").set_faults([fault_from_dict({"service": 0x22, "match": "F190", "pending": 100})])  # 2 s
         worker = service.runtime.workers["engine"]
         blocker, first, second, third = command(), command(), command(), command()
-        backend.send(blocker)
-        wait_for(lambda: worker.in_flight is not None and worker.in_flight.id == blocker["id"])
-        for sent in (first, second, third):
-            backend.send(sent)
-        wait_for(lambda: worker.depth == 3)
-        wait_for(lambda: worker.in_flight is not None and worker.in_flight.id == first["id"])
+        queue_behind(backend, worker, blocker, first, second, third)
+        wait_for(lambda: running(worker, first))
         wait_for(lambda: service.store.get(second["id"]).state == "started")  # carried while first runs
         monkeypatch.setattr(group, "COMPANY_WAIT_S", 30.0)
         assert backend.final(first["id"], timeout=10)["status"] == "completed"
-        assert worker.in_flight is not None and worker.in_flight.id == second["id"]  # before second ends
+        assert running(worker, second)  # before second ends
         assert backend.final(second["id"], timeout=10)["status"] == "completed"
 
 
@@ -216,13 +217,9 @@ def test_a_command_whose_mark_ahead_is_stored_only_after_the_stop_gave_up_waitin
         store, worker = service.store, service.runtime.workers["engine"]
         blocker, first = command(), command()
         ahead = command(command="tester_present", params={})
-        backend.send(blocker)
-        wait_for(lambda: worker.in_flight is not None and worker.in_flight.id == blocker["id"])
-        backend.send(first)
-        backend.send(ahead)
-        wait_for(lambda: worker.depth == 2)
+        queue_behind(backend, worker, blocker, first, ahead)
         monkeypatch.setattr(group, "COMPANY_WAIT_S", 30.0)  # ahead's mark waits for its worker's turn
-        wait_for(lambda: worker.in_flight is not None and worker.in_flight.id == first["id"])
+        wait_for(lambda: running(worker, first))
         wait_for(lambda: ahead["id"] in service._marked_ahead)
         store._lock.acquire()  # the store hangs from here on
         wait_for(lambda: worker.in_flight is None)  # first ended: its worker waits for ahead's mark
