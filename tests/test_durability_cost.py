@@ -57,6 +57,16 @@ def queue_behind(backend, worker, blocker, *queued) -> None:
     wait_for(lambda: worker.depth == len(queued))
 
 
+def busy_elsewhere(sim, backend, service) -> dict:
+    """Another component (`body`) kept busy for about 5 s by one slow read: its commits are the company a
+    start mark ahead waits for."""
+    sim.ecu("body").set_faults([fault_from_dict({"service": 0x22, "match": "F190", "pending": 250})])
+    read = command(component="body")
+    backend.send(read)
+    wait_for(lambda: running(service.runtime.workers["body"], read))
+    return read
+
+
 def ledger_states(mqtt_vehicle, *ids: str) -> list[str]:
     """The ledger state of each id, as the next start will find it."""
     reopened = Store(mqtt_vehicle.state_dir / "agent.db")
@@ -158,14 +168,15 @@ def test_the_next_command_is_marked_started_while_one_runs_and_queued_again_at_a
 
 def test_a_start_mark_ahead_waits_for_company_and_its_worker_commits_it_when_its_turn_comes(
         mqtt_vehicle, sim, backend, monkeypatch):
-    """A mark written ahead waits for another commit to carry it (under load, another component's or the
-    intake's: one fsync for several commands), so it is not committed alone while the command before it
-    runs. When its turn comes and no commit carried it, the worker commits it at once, with the final
-    before it, instead of waiting out the company timer (made 30 s here)."""
+    """While another component is busy, a mark written ahead waits for another commit to carry it (under
+    load, that component's or the intake's: one fsync for several commands), so it is not committed alone
+    while the command before it runs. When its turn comes and no commit carried it, the worker commits it
+    at once, with the final before it, instead of waiting out the company timer (made 30 s here)."""
     from agent.store import group
 
     with slow_engine(mqtt_vehicle, sim, backend) as service:
         sim.ecu("engine").set_faults([fault_from_dict({"service": 0x22, "match": "F190", "pending": 100})])  # 2 s
+        busy_elsewhere(sim, backend, service)
         worker = service.runtime.workers["engine"]
         blocker, first, second = command(), command(), command(params={"data": "oil_temp"})
         queue_behind(backend, worker, blocker, first, second)  # second is taken ahead at first's start
@@ -177,6 +188,25 @@ def test_a_start_mark_ahead_waits_for_company_and_its_worker_commits_it_when_its
         assert backend.final(first["id"])["status"] == "completed"
         assert backend.final(second["id"], timeout=10)["status"] == "completed"  # not 30 s later
         assert service.store.get(second["id"]).state == "final"
+
+
+def test_a_lone_busy_components_mark_ahead_is_committed_at_once_overlapping_the_command_before_it(
+        mqtt_vehicle, sim, backend, monkeypatch):
+    """With no other component busy there is no company to wait for: the mark of the command taken ahead
+    is committed while the command before it runs (its fsync overlaps that exchange, as it must on an SD
+    card where an fsync takes milliseconds), not when its turn comes (the company timer made 30 s here)."""
+    from agent.store import group
+
+    with slow_engine(mqtt_vehicle, sim, backend) as service:
+        sim.ecu("engine").set_faults([fault_from_dict({"service": 0x22, "match": "F190", "pending": 100})])  # 2 s
+        worker = service.runtime.workers["engine"]
+        blocker, first, second = command(), command(), command(params={"data": "oil_temp"})
+        queue_behind(backend, worker, blocker, first, second)
+        monkeypatch.setattr(group, "COMPANY_WAIT_S", 30.0)
+        wait_for(lambda: running(worker, first))
+        wait_for(lambda: service.store.get(second["id"]).state == "started")
+        assert running(worker, first)  # stored while first runs
+        assert backend.final(second["id"])["status"] == "completed"
 
 
 def test_a_final_waiting_for_its_workers_next_mark_is_not_held_when_that_mark_was_carried_already(
@@ -214,6 +244,7 @@ def test_a_command_whose_mark_ahead_is_stored_only_after_the_stop_gave_up_waitin
     from agent.store import group
 
     with slow_engine(mqtt_vehicle, sim, backend, grace=0.3) as service:
+        busy_elsewhere(sim, backend, service)  # so that ahead's mark waits for company, not committed at once
         store, worker = service.store, service.runtime.workers["engine"]
         blocker, first = command(), command()
         ahead = command(command="tester_present", params={})

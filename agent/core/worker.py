@@ -45,8 +45,8 @@ class ComponentWorker:
     receives every final Result. Both are guarded: a failing callback is logged, never fatal.
 
     With `on_ahead`, while a command runs the worker takes the next one from its queue and hands its
-    start mark to the store meanwhile, to ride a commit made for other reasons (another component's, the
-    intake's); when its turn comes the worker waits for that mark (committing it then if none carried it).
+    start mark to the store meanwhile (to ride another component's commit while one is busy); when its
+    turn comes the worker waits for that mark (committing it then if no commit carried it).
 
     Collection readings (`offer`) wait behind every command: one runs only when no command is queued or
     taken ahead and the component is in its default session, so a command waits at most for the one

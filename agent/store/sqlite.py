@@ -8,12 +8,13 @@ Which write is on the disk before which acknowledgement, and why:
   mutating command's audit record is written when it starts), the mark shares the intake's commit: a
   crash between that commit and the run then reports `interrupted` for a command that never ran,
   which the protocol allows ("started but the agent stopped before it finished"). The same holds for
-  a read marked started ahead of its turn while the command before it runs; that mark waits for another
-  commit to carry it (another component's, the intake's), and when its turn comes and none did, its
-  worker commits it then (`hurry`), with its previous final: under load one fsync carries a mark and a
-  final for each busy component, and the worker still never runs a command before its mark is on the
-  disk. A clean stop (SIGTERM) queues both kinds again when they never ran (agent/system/startmarks.py):
-  only a crash reports them.
+  a read marked started ahead of its turn while the command before it runs. While another component is
+  busy, that mark waits for another commit to carry it (another component's, the intake's), and when
+  its turn comes and none did, its worker commits it then (`hurry`), with its previous final: under
+  load one fsync carries a mark and a final for each busy component. With no other component busy it
+  is committed at once, its fsync overlapping the exchange before it. Either way the worker never runs
+  a command before its mark is on the disk. A clean stop (SIGTERM) queues both kinds again when they
+  never ran (agent/system/startmarks.py): only a crash reports them.
 - Its final response in the outbox, with the ledger's `final` state, before that response is
   published: the outbox reads only committed rows, and a synced commit becomes visible to readers only
   after its fsync. A worker with more commands queued does not wait for this commit

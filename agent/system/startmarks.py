@@ -36,10 +36,11 @@ class StartMarks:
         self.intake.room()  # its place in the queue is free: a waiting command may take it
 
     def _mark_ahead(self, command: Command) -> Callable[[], BaseException | None] | None:
-        """A worker took `command` ahead of its turn: its start mark waits for a commit made meanwhile to
-        carry it, and the returned wait commits it if none did (store docstring: a crash before it runs
-        reports it `interrupted`). Not for a mutating command (its audit record is written when it
-        starts) nor one whose mark the intake wrote."""
+        """A worker took `command` ahead of its turn: while another component is busy, its start mark
+        waits for a commit made meanwhile to carry it, and the returned wait commits it if none did;
+        otherwise it is committed at once, its fsync overlapping the exchange of the command before it
+        (store docstring: a crash before it runs reports it `interrupted`). Not for a mutating command
+        (its audit record is written when it starts) nor one whose mark the intake wrote."""
         if is_mutating(command.command) or command.id in self._started_at_intake:
             return None
         stored = threading.Event()
@@ -52,7 +53,7 @@ class StartMarks:
         batch = self.store.batch()
         batch.set_state(command.id, "started")
         try:
-            write = batch.commit_later(done, company=True)
+            write = batch.commit_later(done, company=self._others_busy(command.component))
         except StoreError:  # the store is closing: marked in its turn, or not run
             return None
         self._marked_ahead.add(command.id)
