@@ -60,11 +60,13 @@ class StartMarks:
         self.intake.room()  # its place in the queue is free
 
         def wait() -> BaseException | None:
-            if write is not None and not stored.is_set():  # no other commit carried it meanwhile: commit now
-                self.store.hurry(write)
-            elif not self._others_busy(command.component):
-                # carried already, and no other component's commit is coming: the final before it, which
-                # waited for this mark's company, is committed now instead of after COMPANY_WAIT_S
+            # no other commit carried it meanwhile: commit it now, with what waits (the final before it)
+            hurried = write is not None and not stored.is_set() and self.store.hurry(write)
+            if not hurried and not self._others_busy(command.component):
+                # carried already, or by a commit still under way when the command before it ended (its
+                # final was handed over after that commit began), and no other component's commit is
+                # coming: that final, waiting for this mark's company, is committed now, not after
+                # COMPANY_WAIT_S
                 self.store.soon()
             stored.wait()
             with self._marks_lock:  # a stop that gave up waiting may have queued it again meanwhile
