@@ -349,3 +349,38 @@ def test_a_final_is_not_held_when_its_workers_next_mark_is_in_a_commit_still_und
         assert backend.final(first["id"], timeout=10)["status"] == "completed"
         assert running(worker, second)  # before second ends
         assert backend.final(second["id"], timeout=10)["status"] == "completed"
+
+
+def test_a_command_a_worker_takes_ahead_after_the_stop_queued_the_unrun_again_is_not_marked_started(
+        mqtt_vehicle, sim, backend, monkeypatch):
+    """A stop that gave up waiting for a worker queues again what was marked ahead; a worker that had
+    decided to take the next command ahead just before the stop began (held here on its way to the
+    mark, as a thread the scheduler leaves aside would be) must not mark it started after that: nothing
+    would queue it again, it never runs (the worker is halting), and the restart would report it
+    `interrupted` after a clean stop. Found by an outside review; failed before the fix (`started`)."""
+    import threading
+
+    with slow_engine(mqtt_vehicle, sim, backend, grace=0.3) as service:
+        worker = service.runtime.workers["engine"]
+        blocker, first, second = command(), command(), command(command="tester_present", params={})
+        entered, release = threading.Event(), threading.Event()
+        others_busy, requeue = service._others_busy, service._requeue_unrun
+
+        def held_on_the_way(component):  # on the way to marking `second` ahead, as `first` starts
+            if running(worker, first) and not entered.is_set():
+                entered.set()
+                assert release.wait(30)
+            return others_busy(component)
+
+        def requeue_then_release():
+            requeue()
+            release.set()
+            wait_for(lambda: not worker.alive)  # it took `second` ahead, then left it unrun (halting)
+
+        monkeypatch.setattr(service, "_others_busy", held_on_the_way)
+        monkeypatch.setattr(service, "_requeue_unrun", requeue_then_release)
+        queue_behind(backend, worker, blocker, first, second)
+        assert entered.wait(10)
+    assert release.is_set()
+    assert sim.ecu("engine").server.executed[0x3E] == 0
+    assert ledger_states(mqtt_vehicle, second["id"]) == ["queued"]
