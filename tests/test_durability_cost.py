@@ -299,3 +299,88 @@ def test_a_command_marked_started_by_the_intake_that_never_ran_is_queued_again_a
         assert sim.ecu("engine").server.executed[0x3E] == 1
     finally:
         again.stop()
+
+
+def test_a_final_is_not_held_when_its_workers_next_mark_is_in_a_commit_still_under_way_at_its_turn(
+        mqtt_vehicle, sim, backend, monkeypatch):
+    """The next command's mark ahead is committed (no other component busy: at once, by the writer
+    thread), and that commit is still under way (its fsync, or its callbacks) when the command before
+    it ends: its final is handed over after that commit took what waited, and the worker, at the next
+    command's turn, finds the mark taken and waits for that commit instead of making its own. No mark
+    of this worker comes before the next command ends, and no other component is busy: the final must
+    be committed as the next command starts, not after it (the company timer made 30 s here; with the
+    real 20 ms the final was 20 ms late whenever an exchange was shorter than an fsync). Found by an
+    outside review; failed before the fix (the final came with the next command's end)."""
+    import threading
+
+    from agent.store import group
+
+    with slow_engine(mqtt_vehicle, sim, backend) as service:
+        sim.ecu("engine").set_faults([fault_from_dict({"service": 0x22, "match": "F190", "pending": 100})])  # 2 s
+        store, worker = service.store, service.runtime.workers["engine"]
+        blocker, first, second = command(), command(), command()
+        held, release, hurried = threading.Event(), threading.Event(), threading.Event()
+        settle, hurry = store._settle, store.hurry
+
+        def settle_slowly(writes):  # the commit carrying second's mark is not done before first ends
+            if any(is_mark(w, second["id"]) for w in writes):
+                held.set()
+                assert release.wait(30)
+            settle(writes)
+
+        def is_mark(write, command_id):
+            statements = getattr(write.work, "keywords", {}).get("statements", [])
+            return [args[0] for _, args in statements] == ["started"] and command_id in repr(statements)
+
+        def hurry_noted(write):
+            try:
+                return hurry(write)
+            finally:
+                hurried.set()
+
+        monkeypatch.setattr(store, "_settle", settle_slowly)
+        monkeypatch.setattr(store, "hurry", hurry_noted)
+        queue_behind(backend, worker, blocker, first, second)
+        monkeypatch.setattr(group, "COMPANY_WAIT_S", 30.0)
+        assert held.wait(10)  # second's mark committed while first runs, its commit not finished
+        wait_for(lambda: first["id"] in str([w.work for w in store._pending]))  # first ended: its final waits
+        assert hurried.wait(10)  # second's turn: its worker found the mark taken by that commit
+        release.set()
+        assert backend.final(first["id"], timeout=10)["status"] == "completed"
+        assert running(worker, second)  # before second ends
+        assert backend.final(second["id"], timeout=10)["status"] == "completed"
+
+
+def test_a_command_a_worker_takes_ahead_after_the_stop_queued_the_unrun_again_is_not_marked_started(
+        mqtt_vehicle, sim, backend, monkeypatch):
+    """A stop that gave up waiting for a worker queues again what was marked ahead; a worker that had
+    decided to take the next command ahead just before the stop began (held here on its way to the
+    mark, as a thread the scheduler leaves aside would be) must not mark it started after that: nothing
+    would queue it again, it never runs (the worker is halting), and the restart would report it
+    `interrupted` after a clean stop. Found by an outside review; failed before the fix (`started`)."""
+    import threading
+
+    with slow_engine(mqtt_vehicle, sim, backend, grace=0.3) as service:
+        worker = service.runtime.workers["engine"]
+        blocker, first, second = command(), command(), command(command="tester_present", params={})
+        entered, release = threading.Event(), threading.Event()
+        others_busy, requeue = service._others_busy, service._requeue_unrun
+
+        def held_on_the_way(component):  # on the way to marking `second` ahead, as `first` starts
+            if running(worker, first) and not entered.is_set():
+                entered.set()
+                assert release.wait(30)
+            return others_busy(component)
+
+        def requeue_then_release():
+            requeue()
+            release.set()
+            wait_for(lambda: not worker.alive)  # it took `second` ahead, then left it unrun (halting)
+
+        monkeypatch.setattr(service, "_others_busy", held_on_the_way)
+        monkeypatch.setattr(service, "_requeue_unrun", requeue_then_release)
+        queue_behind(backend, worker, blocker, first, second)
+        assert entered.wait(10)
+    assert release.is_set()
+    assert sim.ecu("engine").server.executed[0x3E] == 0
+    assert ledger_states(mqtt_vehicle, second["id"]) == ["queued"]

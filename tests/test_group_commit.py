@@ -192,7 +192,7 @@ def test_hurry_commits_a_write_waiting_for_company_at_once_on_the_calling_thread
     mark.publish(Outgoing("t", b"mark"))
     write = mark.commit_later(lambda error: threads.append(threading.current_thread().name), company=True)
     assert write is not None and store.commits == 0
-    store.hurry(write)
+    assert store.hurry(write)  # committed by this call
     assert threads == [threading.current_thread().name]
     assert (store.commits, store.synced, store.writes) == (1, 1, 2)
     assert [p.message.payload for p in store.pending(0, 10)] == [b"final", b"mark"]
@@ -206,7 +206,7 @@ def test_hurry_commits_nothing_more_when_another_commit_carried_the_write(store)
     other.add_command(entry("other"))
     other.commit()  # another component's commit takes the waiting mark along
     assert store.commits == 1 and write.finished.is_set()
-    store.hurry(write)
+    assert not store.hurry(write)  # another commit carried it: what waits now is not committed by hurry
     assert store.commits == 1
 
 

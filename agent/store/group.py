@@ -145,12 +145,15 @@ class GroupCommit:
                 log.exception("store writer failed; retrying")
                 time.sleep(0.1)
 
-    def hurry(self, write: Write) -> None:
+    def hurry(self, write: Write) -> bool:
         """Commits `write` now on the calling thread, with everything else waiting, unless a commit has
-        taken it already (then it returns once that commit is done; its callback may still be running)."""
+        taken it already (then it returns once that commit is done; its callback may still be running).
+        True when this call committed it (and so everything that waited with it), False when another
+        commit had: what was handed over after that commit began still waits."""
         with self._lock:
             committed = [] if write.finished.is_set() else self._commit_round()
         self._settle(committed)
+        return bool(committed)
 
     def soon(self) -> None:
         """Has the writer thread commit what waits now, without waiting for it: writes waiting for a

@@ -1,8 +1,8 @@
 """Start marks: a command is marked `started` in the ledger before it runs (by the intake's commit, at its
 turn, or ahead of its turn while the command before it runs), and a clean stop queues again what was marked
 (by the intake or ahead) but never ran. Part of `Service` (it inherits this and owns the store, audit trail
-and intake these use, and the two id sets and their lock in its constructor); kept apart because the
-started mark is what restart recovery trusts, and it deserves one place.
+and intake these use, and the two id sets, their lock and the `_requeued` flag in its constructor); kept
+apart because the started mark is what restart recovery trusts, and it deserves one place.
 """
 
 from __future__ import annotations
@@ -17,6 +17,10 @@ from agent.store.sqlite import StoreError
 from agent.wire.command import Command
 
 log = logging.getLogger(__name__)
+
+
+def _taken_back() -> BaseException:
+    return TakenBackError("queued again by the stop")
 
 
 class StartMarks:
@@ -52,19 +56,25 @@ class StartMarks:
 
         batch = self.store.batch()
         batch.set_state(command.id, "started")
-        try:
-            write = batch.commit_later(done, company=self._others_busy(command.component))
-        except StoreError:  # the store is closing: marked in its turn, or not run
-            return None
-        self._marked_ahead.add(command.id)
+        company = self._others_busy(command.component)
+        with self._marks_lock:
+            if self._requeued:  # a stop that gave up waiting for this worker queued the unrun again already:
+                return _taken_back  # nothing would queue this one again, and it is not to run
+            try:
+                write = batch.commit_later(done, company=company)
+            except StoreError:  # the store is closing: marked in its turn, or not run
+                return None
+            self._marked_ahead.add(command.id)
         self.intake.room()  # its place in the queue is free
 
         def wait() -> BaseException | None:
-            if write is not None and not stored.is_set():  # no other commit carried it meanwhile: commit now
-                self.store.hurry(write)
-            elif not self._others_busy(command.component):
-                # carried already, and no other component's commit is coming: the final before it, which
-                # waited for this mark's company, is committed now instead of after COMPANY_WAIT_S
+            # no other commit carried it meanwhile: commit it now, with what waits (the final before it)
+            hurried = write is not None and not stored.is_set() and self.store.hurry(write)
+            if not hurried and not self._others_busy(command.component):
+                # carried already, or by a commit still under way when the command before it ended (its
+                # final was handed over after that commit began), and no other component's commit is
+                # coming: that final, waiting for this mark's company, is committed now, not after
+                # COMPANY_WAIT_S
                 self.store.soon()
             stored.wait()
             with self._marks_lock:  # a stop that gave up waiting may have queued it again meanwhile
@@ -86,6 +96,7 @@ class StartMarks:
         Call once the workers have stopped, or gave up waiting for them: a command that started running
         has left both sets, and one whose mark ahead is still being stored will not run (`TakenBackError`)."""
         with self._marks_lock:
+            self._requeued = True  # a worker the stop gave up waiting for marks nothing ahead from here on
             ids = sorted(self._marked_ahead | self._started_at_intake)
             self._marked_ahead.clear()
             self._started_at_intake.clear()
