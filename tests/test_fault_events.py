@@ -91,6 +91,7 @@ def test_the_set_survives_a_restart(mqtt_vehicle: AgentConfig, sim: Simulator, b
     first.start()
     try:
         assert first.link.wait_connected(10), first.link.last_error
+        backend.wait_status("online", 10)  # subscribed: a command sent before would find no session to queue it
         read_faults(backend)
         wait_events(backend, 2)
     finally:
@@ -124,6 +125,7 @@ def test_a_reading_that_waited_for_room_is_judged_with_its_own_mask(mqtt_vehicle
     svc.start()
     try:
         assert svc.link.wait_connected(10), svc.link.last_error
+        backend.wait_status("online", 10)
         read_faults(backend)
         wait_events(backend, 2)  # P0301 0x2F and U0100 0x09 are known
         ecu = sim.ecu("engine")

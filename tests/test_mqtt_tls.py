@@ -42,6 +42,7 @@ def test_mutual_tls_round_trip(vehicle, sim, tls_broker, pki, tmp_path):
         assert svc.link.wait_connected(10), svc.link.last_error
         with Caller(config.mqtt, config.vehicle) as backend:
             backend.subscribe(f"{backend.topics.base}/#")
+            backend.wait_status("online", 10)  # the agent has subscribed: the command is not sent into a void
             body = {"id": "tls-1", "component": "engine", "command": "read_data", "params": {"data": "vin"}}
             backend.send(body)
             assert backend.final("tls-1")["status"] == "completed"
