@@ -384,3 +384,44 @@ def test_a_command_a_worker_takes_ahead_after_the_stop_queued_the_unrun_again_is
     assert release.is_set()
     assert sim.ecu("engine").server.executed[0x3E] == 0
     assert ledger_states(mqtt_vehicle, second["id"]) == ["queued"]
+
+
+def test_a_command_marked_started_by_the_intake_that_the_stop_queued_again_before_its_turn_never_runs(
+        mqtt_vehicle, sim, backend, monkeypatch):
+    """A read marked started in the intake's commit (its worker counted as idle: a collection reading held
+    it) is taken by its worker when the reading ends; the worker is held on its way to starting it (as a
+    thread the scheduler leaves aside would be) while a stop gives up waiting and queues it again. It must
+    not run then: the ledger says `queued`, so a crash before its final would run it again after the
+    restart. Found by an outside review; failed before the fix (it ran, into the closed bus: `final`)."""
+    import threading
+
+    from agent.core.worker import Job
+    from agent.wire.command import ReadData
+
+    with slow_engine(mqtt_vehicle, sim, backend, grace=0.3) as service:
+        worker = service.runtime.workers["engine"]
+        entered, release = threading.Event(), threading.Event()
+        on_start, requeue = worker._on_start, service._requeue_unrun
+
+        def held_on_the_way(started):
+            entered.set()
+            assert release.wait(30)
+            on_start(started)
+
+        def requeue_then_release():
+            requeue()
+            release.set()
+            wait_for(lambda: not worker.alive)
+
+        monkeypatch.setattr(worker, "_on_start", held_on_the_way)
+        monkeypatch.setattr(service, "_requeue_unrun", requeue_then_release)
+        ecu = service.config.ecu("engine")
+        assert worker.offer(Job(ReadData((ecu.did_by_name("vin"),)), lambda outcome, seconds: None))
+        wait_for(lambda: worker.busy_since is not None and worker.in_flight is None)  # the reading runs
+        waiting = command(command="tester_present", params={})
+        backend.send(waiting)
+        assert entered.wait(10)  # the reading ended; the worker took `waiting` and is on its way to start it
+        assert waiting["id"] in service._started_at_intake
+    assert release.is_set()
+    assert sim.ecu("engine").server.executed[0x3E] == 0
+    assert ledger_states(mqtt_vehicle, waiting["id"]) == ["queued"]

@@ -23,8 +23,8 @@ AheadHook = Callable[[Command], "Callable[[], BaseException | None] | None"]
 
 
 class TakenBackError(Exception):
-    """What a mark's wait returns when the command's owner took it back meanwhile (a stop that gave up
-    waiting for the worker queued it again): the worker neither runs it nor answers it."""
+    """What a mark's wait returns, or `on_start` raises, when the command's owner took it back meanwhile
+    (a stop that gave up waiting for the worker queued it again): the worker neither runs nor answers it."""
 
 
 @dataclass(frozen=True)
@@ -262,6 +262,10 @@ class ComponentWorker:
         elif self._on_start is not None:
             try:
                 self._on_start(command)
+            except TakenBackError:
+                log.warning("%s was queued again by the stop before it started: not run", command.id,
+                            extra=command_fields(command.id, command.component, command.command))
+                return
             except Exception as err:  # unrecorded start: running it could break exactly-once, so it never runs
                 log.error("could not record the start of %s: %s", command.id, err,
                           extra=command_fields(command.id, command.component, command.command))

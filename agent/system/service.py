@@ -77,7 +77,7 @@ class Service(ServiceHealth, StartMarks, RestartRecovery):
         self._started_at_intake: set[str] = set()  # ids whose start mark shared the intake's commit
         self._marked_ahead: set[str] = set()  # ids marked started ahead of their turn, not yet run
         self._marks_lock = threading.Lock()  # a worker about to run a command marked ahead vs a stop re-queuing it
-        self._requeued = False  # the stop queued again what was marked and never ran: no more marks ahead
+        self._requeued = False  # the stop queued again what was marked and never ran: nothing starts any more
         # The ledger entry of every command handed to a worker, until its result: the final response is
         # built from it without reading the ledger back. Bounded by the components' queues (plus one in
         # flight each); an entry is dropped when its command ends in any way (`_finish`).

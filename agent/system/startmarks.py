@@ -28,9 +28,14 @@ class StartMarks:
 
     def _on_start(self, command: Command) -> None:
         """Marks the command started before it runs (unless the intake's commit did); a StoreError here
-        keeps it from running at all."""
-        if command.id in self._started_at_intake:
+        keeps it from running at all, and so does a stop that gave up waiting for its worker and queued
+        the unrun again (TakenBackError: the worker neither runs nor answers it; it runs after the restart)."""
+        with self._marks_lock:
+            if self._requeued:
+                raise TakenBackError(command.id)
+            at_intake = command.id in self._started_at_intake
             self._started_at_intake.discard(command.id)
+        if at_intake:
             self.intake.room()
             return
         batch = self.store.batch()
@@ -96,7 +101,7 @@ class StartMarks:
         Call once the workers have stopped, or gave up waiting for them: a command that started running
         has left both sets, and one whose mark ahead is still being stored will not run (`TakenBackError`)."""
         with self._marks_lock:
-            self._requeued = True  # a worker the stop gave up waiting for marks nothing ahead from here on
+            self._requeued = True  # a worker the stop gave up waiting for starts nothing from here on
             ids = sorted(self._marked_ahead | self._started_at_intake)
             self._marked_ahead.clear()
             self._started_at_intake.clear()
