@@ -247,31 +247,17 @@ class ComponentWorker:
             self._emit(command, Outcome.failure(Status.EXPIRED, ErrorCode.EXPIRED,
                                                 "not started before expires_at"), None)
             return
-        if mark is not None:
-            error = mark()
-            if isinstance(error, TakenBackError):
-                log.warning("%s was queued again by the stop while its start mark was being stored: not run",
-                            command.id, extra=command_fields(command.id, command.component, command.command))
-                return
-            if error is not None:  # unrecorded start: never run
-                log.error("could not record the start of %s: %s", command.id, error,
-                          extra=command_fields(command.id, command.component, command.command))
-                self._emit(command, Outcome.failure(Status.REJECTED, ErrorCode.STORAGE_UNAVAILABLE,
-                                                    f"could not record the start durably, not run: {error}"), None)
-                return
-        elif self._on_start is not None:
-            try:
-                self._on_start(command)
-            except TakenBackError:
-                log.warning("%s was queued again by the stop before it started: not run", command.id,
-                            extra=command_fields(command.id, command.component, command.command))
-                return
-            except Exception as err:  # unrecorded start: running it could break exactly-once, so it never runs
-                log.error("could not record the start of %s: %s", command.id, err,
-                          extra=command_fields(command.id, command.component, command.command))
-                self._emit(command, Outcome.failure(Status.REJECTED, ErrorCode.STORAGE_UNAVAILABLE,
-                                                    f"could not record the start durably, not run: {err}"), None)
-                return
+        error = self._record_start(command, mark)
+        if isinstance(error, TakenBackError):
+            log.warning("%s was queued again by the stop before it started: not run", command.id,
+                        extra=command_fields(command.id, command.component, command.command))
+            return
+        if error is not None:  # unrecorded start: running it could break exactly-once, so it never runs
+            log.error("could not record the start of %s: %s", command.id, error,
+                      extra=command_fields(command.id, command.component, command.command))
+            self._emit(command, Outcome.failure(Status.REJECTED, ErrorCode.STORAGE_UNAVAILABLE,
+                                                f"could not record the start durably, not run: {error}"), None)
+            return
         self.in_flight, self.busy_since = command, time.monotonic()
         started = self._clock()
         budget_ms = command.timeout_ms or self.ecu.timing.request_ms
@@ -280,6 +266,18 @@ class ComponentWorker:
         outcome = self.executor.execute(command.params, time.monotonic() + budget_ms / 1000, command.addressing)
         self.in_flight, self.busy_since = None, None
         self._emit(command, outcome, started)
+
+    def _record_start(self, command: Command, mark: Callable[[], BaseException | None] | None) -> BaseException | None:
+        """Its start on the disk (the mark written ahead, waited for; else `on_start`): None, or what kept it
+        from being recorded (TakenBackError: its owner took it back)."""
+        if mark is not None:
+            return mark()
+        if self._on_start is not None:
+            try:
+                self._on_start(command)
+            except Exception as err:
+                return err
+        return None
 
     def _emit(self, command: Command, outcome: Outcome, started: float | None) -> None:
         result = Result(command_id=command.id, component=command.component, command=command.command,

@@ -19,10 +19,6 @@ from agent.wire.command import Command
 log = logging.getLogger(__name__)
 
 
-def _taken_back() -> BaseException:
-    return TakenBackError("queued again by the stop")
-
-
 class StartMarks:
     """The runtime's on_start and on_ahead hooks, and the stop's undoing of marks ahead."""
 
@@ -64,7 +60,7 @@ class StartMarks:
         company = self._others_busy(command.component)
         with self._marks_lock:
             if self._requeued:  # a stop that gave up waiting for this worker queued the unrun again already:
-                return _taken_back  # nothing would queue this one again, and it is not to run
+                return lambda: TakenBackError(command.id)  # nothing would queue it again, and it is not to run
             try:
                 write = batch.commit_later(done, company=company)
             except StoreError:  # the store is closing: marked in its turn, or not run
