@@ -222,7 +222,7 @@ class Outbox:
             except Exception:
                 log.exception("outbox pass failed; retrying")
                 self._stop.wait(1.0)
-        with self._pass:
+        with self._in_pass():
             self._settle_acks()
 
     def _next_wait(self) -> float:
