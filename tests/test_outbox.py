@@ -238,6 +238,76 @@ def test_pubacks_alone_are_settled_without_reading_the_outbox_again(tmp_path):
         store.close()
 
 
+def test_the_callbacks_of_one_commit_read_the_outbox_once_and_a_later_commit_is_read_again(tmp_path):
+    """Under load one commit carries several finals, and each one's callback hands over (`send_now`):
+    the first reads the outbox and hands over everything, the others find nothing committed since and
+    do not read it again. Any commit after that read, even one that stores no message, makes the next
+    hand-over read again, so nothing committed is left behind."""
+    link = Link()
+    store = Store(tmp_path / "agent.db")
+    outbox = Outbox(store, StoreConfig(), link.publish, connected=lambda: True)
+    link.outbox = outbox
+    reads = []
+    pending = store.pending
+    store.pending = lambda after, limit: reads.append(after) or pending(after, limit)
+    try:
+        done = threading.Event()
+        for i in range(3):  # three finals in one commit, each with its callback
+            batch = store.batch()
+            batch.publish(Outgoing("t", b"%d" % i))
+            batch.commit_later(lambda error: outbox.send_now(), company=True)
+        store.flush()
+        assert [message.payload for _, message in link.handed] == [b"0", b"1", b"2"]
+        assert len(reads) == 1
+        outbox.send_now()
+        assert len(reads) == 1  # still nothing new
+        store.acknowledge([1])  # a commit without a message: read again, find nothing, hand over nothing
+        store.flush()
+        outbox.send_now()
+        assert len(reads) == 2 and len(link.handed) == 3
+        batch = store.batch()
+        batch.publish(Outgoing("t", b"3"))
+        batch.commit_later(lambda error: done.set(), company=True)  # no callback of its own hands over
+        store.flush()
+        assert done.is_set()
+        outbox.send_now()
+        assert [message.payload for _, message in link.handed][-1] == b"3"
+    finally:
+        store.close()
+
+
+def test_a_commit_landing_while_the_outbox_is_read_is_read_by_the_next_hand_over(tmp_path):
+    """Another thread commits a message just after the outbox was read (the read did not see it): the
+    generation is noted before the read, so the next hand-over reads again instead of skipping."""
+    link = Link()
+    store = Store(tmp_path / "agent.db")
+    outbox = Outbox(store, StoreConfig(), link.publish, connected=lambda: True)
+    link.outbox = outbox
+    pending = store.pending
+
+    def read_then_another_commit(after, limit):
+        rows = pending(after, limit)
+        if not rows:
+            return rows
+        store.pending = pending  # once
+        batch = store.batch()
+        batch.publish(Outgoing("t", b"late"))
+        batch.commit()
+        return rows
+
+    try:
+        batch = store.batch()
+        batch.publish(Outgoing("t", b"first"))
+        batch.commit()
+        store.pending = read_then_another_commit
+        outbox.send_now()
+        assert [message.payload for _, message in link.handed] == [b"first"]
+        outbox.send_now()
+        assert [message.payload for _, message in link.handed] == [b"first", b"late"]
+    finally:
+        store.close()
+
+
 def test_send_soon_messages_go_with_the_next_send_now_in_order(tmp_path):
     """Messages allowed to wait (the `accepted` of a command that starts at once) are taken along by the
     next hand-over on a committing thread, before what that thread stored, and never handed twice."""

@@ -76,6 +76,9 @@ class Outbox:
         self._fresh = True
         self._fresh_lock = threading.Lock()  # a wake's flag is never reset unread by a pass taking it
         self._room_limited = False
+        # (store generation, `_handed`) after a read that handed over all it found: while both stay the
+        # same nothing new is stored, and the read is skipped (a commit's callbacks each hand over).
+        self._read_through: tuple[int, int] | None = None
         self._send_due: float | None = None  # stored messages allowed to wait until then (send_soon)
         self._thread: threading.Thread | None = None
         self._acks_this_connection = 0
@@ -317,6 +320,11 @@ class Outbox:
             room -= 1
         if room <= 0:
             return
+        generation = self._store.generation  # noted before the read: a commit after it makes the next call read
+        if self._read_through == (generation, self._handed):
+            self._room_limited = False
+            return
+        self._read_through = None
         rows = self._store.pending(self._handed, room)
         for row in rows:
             if row.n in self._retries:
@@ -326,6 +334,7 @@ class Outbox:
             with self._lock:
                 self._handed = max(self._handed, row.n)
         self._room_limited = len(rows) >= room  # it read as many as there was room for: there may be more
+        self._read_through = None if self._room_limited else (generation, self._handed)
 
     def _send(self, row: Pending) -> bool:
         """Hands one row to the link; False when the link cannot take more now."""

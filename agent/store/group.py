@@ -54,6 +54,9 @@ class GroupCommit:
         self.trouble: Trouble | None = None
         self.deferred_dropped = 0
         self.commits = 0  # commit rounds, how many were synced, and the writes they carried (group commit)
+        # Rises after every transaction, deferred writes' included, under the write lock and before any
+        # callback: a reader that noted it before reading and finds it unchanged has seen every commit.
+        self.generation = 0
         self.synced = 0
         self.writes = 0
 
@@ -183,6 +186,7 @@ class GroupCommit:
                 write.error = err
         else:
             commit_writes(self._db, self._sync, writes)
+            self.generation += 1
             self.commits += 1
             self.synced += any(w.durable for w in writes)
             self.writes += len(writes)
@@ -228,6 +232,7 @@ class GroupCommit:
         while self._deferred:
             write = Write("write", functools.partial(execute_all, statements=self._deferred[0]))
             commit_writes(self._db, self._sync, [write])
+            self.generation += 1
             if is_unavailable(write.error):
                 raise write.error
             if write.error is not None:  # its own data fails (SQLite or not): it never will be stored
