@@ -5,12 +5,14 @@ handed (the broker's side of these cases runs against real Mosquitto in test_bro
 import json
 import threading
 
+import pytest
+
 from agent.bus.owner import wait_until
 from agent.config.model import StoreConfig
 from agent.fleet import outbox as outbox_module
 from agent.fleet.outbox import Outbox
 from agent.fleet.packets import PacketTooLargeError, packet_size
-from agent.store.sqlite import Outgoing, Store
+from agent.store.sqlite import Outgoing, Store, StoreError
 from agent.wire import messages as m
 
 
@@ -434,5 +436,43 @@ def test_a_retry_due_while_the_link_is_down_does_not_spin_the_outbox_thread(tmp_
         assert outbox._next_wait() == outbox_module.IDLE_WAIT_S
         up[0] = True
         assert outbox._next_wait() < outbox_module.IDLE_WAIT_S  # connected: the due retry is handed over soon
+    finally:
+        store.close()
+
+
+def test_a_deferred_message_stored_by_a_commit_round_that_fails_half_way_is_read(tmp_path):
+    """Writes deferred while the storage failed are stored at the start of the next commit round; when
+    the storage fails again half-way through them, the round ends in error, yet what was stored before
+    the failure is in the outbox: the store's generation rose for it, so the next hand-over reads the
+    outbox instead of skipping the read as if nothing had been committed since its last one."""
+    link = Link()
+    store = Store(tmp_path / "agent.db")
+    outbox = Outbox(store, StoreConfig(), link.publish, connected=lambda: True)  # no outbox thread
+    link.outbox = outbox
+    try:
+        batch = store.batch()
+        batch.publish(Outgoing("t", b"first"))
+        batch.commit()
+        outbox.send_now()
+        assert [message.payload for _, message in link.handed] == [b"first"]
+        with store._lock:  # two writes deferred while the storage failed; it still has no page to spare
+            for payload in (b"small", b"x" * 200_000):
+                deferred = store.batch()
+                deferred.publish(Outgoing("t", payload))
+                store._deferred.append(deferred.statements)
+            pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+            store._db.execute(f"PRAGMA max_page_count = {pages}")
+        unrelated = store.batch()
+        unrelated.forget("nothing")
+        with pytest.raises(StoreError):
+            unrelated.commit()  # the round stores the small one, then fails on the large one
+        assert store.deferred == 1
+        outbox.send_now()
+        assert [message.payload for _, message in link.handed] == [b"first", b"small"]
+        with store._lock:
+            store._db.execute("PRAGMA max_page_count = 1073741823")
+        store.retry_deferred()
+        outbox.send_now()
+        assert [len(message.payload) for _, message in link.handed] == [5, 5, 200_000]
     finally:
         store.close()
