@@ -440,6 +440,35 @@ def test_a_retry_due_while_the_link_is_down_does_not_spin_the_outbox_thread(tmp_
         store.close()
 
 
+def test_a_retry_the_link_cannot_take_now_is_handed_over_on_a_later_pass(tmp_path, monkeypatch):
+    """A message refused for now (quota exceeded) falls due for its retry while the link cannot take
+    more (`publish` returns None): it is due again on the next pass and handed over once the link takes
+    it. Once, it was marked in flight before the link was asked, stayed so with no PUBACK to come, and
+    was never handed over again in this process."""
+    monkeypatch.setattr("agent.fleet.outbox.RETRY_MIN_S", 0.0)  # the retry is due at once
+    link, full = Link(), [False]
+    store = Store(tmp_path / "agent.db")
+    outbox = Outbox(store, StoreConfig(), lambda message: None if full[0] else link.publish(message),
+                    connected=lambda: True)  # no outbox thread: passes by hand
+    link.outbox = outbox
+    try:
+        batch = store.batch()
+        batch.publish(Outgoing("t", b"refused for now"))
+        batch.commit()
+        outbox.send_now()
+        link.answer(0x97)  # quota exceeded: retried after the backoff
+        with outbox._pass:
+            outbox._settle_acks()
+        full[0] = True
+        outbox.send_now()  # the retry is due; the link cannot take it now
+        assert len(link.handed) == 1
+        full[0] = False
+        outbox.send_now()
+        assert [message.payload for _, message in link.handed] == [b"refused for now"] * 2
+    finally:
+        store.close()
+
+
 def test_a_deferred_message_stored_by_a_commit_round_that_fails_half_way_is_read(tmp_path):
     """Writes deferred while the storage failed are stored at the start of the next commit round; when
     the storage fails again half-way through them, the round ends in error, yet what was stored before

@@ -314,9 +314,10 @@ class Outbox:
             if row is None:
                 self._retries.pop(n, None)
                 continue
-            self._retries[n].due = float("inf")  # in flight again; its PUBACK decides
-            if not self._send(row):
+            if not self._send(row):  # the link cannot take it now: due again after a while, never left
+                self._retries[n].due = now + RETRY_MIN_S  # marked in flight with no PUBACK to come
                 return
+            self._retries[n].due = float("inf")  # in flight again; its PUBACK decides
             room -= 1
         if room <= 0:
             return
