@@ -334,6 +334,65 @@ def test_send_soon_messages_go_with_the_next_send_now_in_order(tmp_path):
         store.close()
 
 
+class _Wakes:
+    """PUBACKs for messages the outbox never handed over (the status, telemetry states): each wakes the
+    outbox thread, every `every` seconds, until stopped."""
+
+    def __init__(self, outbox: Outbox, every: float = 0.002) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(outbox, every), daemon=True)
+        self._thread.start()
+
+    def _run(self, outbox: Outbox, every: float) -> None:
+        while not self._stop.wait(every):
+            outbox.published(10_000_000, 0)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def test_a_due_retry_is_handed_over_while_pubacks_keep_waking_the_outbox(tmp_path):
+    """A message the broker refused for now (quota exceeded) is handed over again at its due time even
+    when PUBACKs of other messages wake the outbox thread more often than that: the due time is a
+    deadline, not a wait that each wake starts again."""
+    link, refused = Link(), []
+    store, outbox = pump(tmp_path, link, refused, Outgoing("sovd/V/responses/a", b'{"id":"a"}', None, "a"))
+    wakes = None
+    try:
+        assert wait_until(lambda: len(link.handed) == 1, 5)
+        wakes = _Wakes(outbox)
+        link.answer(0x97)
+        assert wait_until(lambda: len(link.handed) == 2, 5)  # RETRY_MIN_S after the refusal
+    finally:
+        if wakes is not None:
+            wakes.stop()
+        outbox.stop()
+        store.close()
+
+
+def test_the_timed_read_of_the_outbox_is_not_put_off_by_pubacks_waking_it(tmp_path, monkeypatch):
+    """The outbox thread reads the outbox at least every IDLE_WAIT_S (the safety net for a message stored
+    with no wake, e.g. a deferred write stored by a round without a hand-over of its own), however often
+    PUBACKs of other messages wake it in between."""
+    monkeypatch.setattr("agent.fleet.outbox.IDLE_WAIT_S", 0.3)
+    link, refused = Link(), []
+    store, outbox = pump(tmp_path, link, refused, Outgoing("t", b"first"))
+    wakes = None
+    try:
+        assert wait_until(lambda: len(link.handed) == 1, 5)  # the first pass is over
+        wakes = _Wakes(outbox)
+        batch = store.batch()
+        batch.publish(Outgoing("t", b"stored without a wake"))
+        batch.commit()
+        assert wait_until(lambda: len(link.handed) == 2, 5)
+    finally:
+        if wakes is not None:
+            wakes.stop()
+        outbox.stop()
+        store.close()
+
+
 def test_send_soon_messages_go_by_themselves_when_their_time_comes(tmp_path, monkeypatch):
     """With no final to take it along, the outbox thread hands a held message over at its due time; its
     own idle wait is made long here, so only the due time can be what sends it."""

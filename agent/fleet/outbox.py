@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 MAX_IN_FLIGHT = 100  # messages handed to paho and not yet acknowledged
 MAINTENANCE_S = 60.0
-IDLE_WAIT_S = 1.0  # the longest the outbox thread waits without a wake (a pass that times out reads the outbox)
+IDLE_WAIT_S = 1.0  # the outbox thread reads the outbox at least this often, however often woken (safety net)
 RETRY_MIN_S = 1.0
 RETRY_MAX_S = 60.0
 MAX_ATTEMPTS = 5  # for refusals that may pass but keep failing (quota exceeded is retried for ever)
@@ -72,7 +72,8 @@ class Outbox:
         self._pass_owner: int | None = None  # the thread in a pass (a commit it leads may call send_now)
         # Something may have been stored (or the link changed) since the last pass read the outbox. A pass
         # woken by PUBACKs alone only settles them: no read of the outbox, unless the last hand-over
-        # stopped for want of room (`_room_limited`). A pass that timed out reads it anyway (safety net).
+        # stopped for want of room (`_room_limited`), or a deadline has come (`_next_wait`: a due retry,
+        # or IDLE_WAIT_S since the last read, the safety net), however often PUBACKs woke the thread.
         self._fresh = True
         self._fresh_lock = threading.Lock()  # a wake's flag is never reset unread by a pass taking it
         self._room_limited = False
@@ -80,6 +81,7 @@ class Outbox:
         # same nothing new is stored, and the read is skipped (a commit's callbacks each hand over).
         self._read_through: tuple[int, int] | None = None
         self._send_due: float | None = None  # stored messages allowed to wait until then (send_soon)
+        self._safety_due = time.monotonic() + IDLE_WAIT_S  # the outbox thread reads the outbox by then
         self._thread: threading.Thread | None = None
         self._acks_this_connection = 0
         self._strikes: tuple[int, int] = (0, 0)  # (row, connections cut while it led without any PUBACK)
@@ -203,13 +205,15 @@ class Outbox:
     def _run(self) -> None:
         next_maintenance = time.monotonic()
         while not self._stop.is_set():
-            self.heartbeat = time.monotonic()
-            woken = self._wake.wait(self._next_wait())
+            self.heartbeat = waited_from = time.monotonic()
+            wait = self._next_wait()  # <= 0 when a deadline has passed already
+            self._wake.wait(max(0.01, wait))  # never a spin (a due retry may find no room in the window)
             self._wake.clear()
-            with self._lock:  # held-back messages whose time has come: this pass reads the outbox (`_hand_over`)
-                due = self._send_due is not None and time.monotonic() >= self._send_due
+            overdue = time.monotonic() - waited_from >= wait  # a deadline came, whatever woke the thread
             with self._fresh_lock:
-                fresh, self._fresh = self._fresh or not woken or due, False
+                fresh, self._fresh = self._fresh or overdue, False
+            if fresh:
+                self._safety_due = time.monotonic() + IDLE_WAIT_S
             try:
                 with self._in_pass():
                     self._settle_acks()
@@ -229,14 +233,17 @@ class Outbox:
             self._settle_acks()
 
     def _next_wait(self) -> float:
+        """Until the next pass must read the outbox though nothing stored woke it: a retry or a held-back
+        message falling due, or IDLE_WAIT_S after the last such read (the safety net). Deadlines, not
+        waits: PUBACK wakes in between (a pass that only settles them) never put them off."""
         if not self._connected():  # nothing due can be handed over; the link coming up wakes the thread
             return IDLE_WAIT_S
         with self._pass:  # `_retries` changes in passes, and a pass may run on a committing thread (send_now)
-            due = min((r.due for r in self._retries.values()), default=None)
+            due = min([self._safety_due, *(r.due for r in self._retries.values())])
         with self._lock:
             if self._send_due is not None:
-                due = self._send_due if due is None else min(due, self._send_due)
-        return IDLE_WAIT_S if due is None else max(0.01, min(IDLE_WAIT_S, due - time.monotonic()))
+                due = min(due, self._send_due)
+        return min(IDLE_WAIT_S, due - time.monotonic())
 
     # ---- PUBACKs -------------------------------------------------------------------------------
     def _settle_acks(self) -> None:
