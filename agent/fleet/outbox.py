@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from agent.config.model import StoreConfig
 from agent.fleet.packets import CUT_FOR_A_MESSAGE, PacketTooLargeError
 from agent.fleet.refusals import CONNECTION_DROPPED, NEVER_PASSES, QUOTA_EXCEEDED, Refusal, reason_name, rechunk
+from agent.fleet.retention import Retention
 from agent.store.sqlite import Outgoing, Pending, Store, StoreError
 from agent.wire import messages as m
 
@@ -39,7 +40,7 @@ class _Retry:
     due: float  # monotonic
 
 
-class Outbox:
+class Outbox(Retention):
     """Hands stored messages to the link while connected; paho resends its unacknowledged ones itself
     after a reconnect, and after a restart everything still stored is sent again (at least once).
 
@@ -374,39 +375,3 @@ class Outbox:
         log.info("response split into %d chunks for the broker's maximum packet size %d", len(pieces), err.limit,
                  extra={"command_id": row.message.command_id, "bytes": len(row.message.payload)})
         self.wake()
-
-    # ---- bounds --------------------------------------------------------------------------------
-    def _maintain(self) -> None:
-        now = self._now()
-        dropped = self._store.trim_outbox(self._config.outbox_max_messages, self._config.outbox_max_age_s, now)
-        if dropped:
-            self.dropped += dropped
-            log.warning("outbox over its bounds: dropped %d oldest messages", dropped,
-                        extra={"max_messages": self._config.outbox_max_messages})
-        self._bound_bytes()
-        pruned = self._store.prune_ledger(self._config.ledger_retention_s, now, self._wall())
-        if pruned:
-            log.info("forgot %d old command ids", pruned)
-
-    def _bound_bytes(self) -> None:
-        """The byte bounds of the outbox and the ledger (an SD card's budget); drops counted and logged."""
-        dropped = self._store.trim_outbox_bytes(self._config.outbox_max_bytes)
-        if dropped:
-            self.dropped += dropped
-            log.warning("outbox over its byte bound: dropped %d oldest messages", dropped,
-                        extra={"max_bytes": self._config.outbox_max_bytes})
-        trimmed = self._store.trim_ledger_bytes(self._config.ledger_max_bytes, self._wall())
-        self.ledger_held_bytes = trimmed.held_bytes
-        if trimmed.forgotten:
-            self.ledger_dropped += trimmed.forgotten
-            log.warning("ledger over its byte bound: forgot %d finished command ids before their retention time",
-                        trimmed.forgotten, extra={"max_bytes": self._config.ledger_max_bytes})
-        if trimmed.over_bound:
-            log.error("ledger over its byte bound with ids it must keep: %d bytes of unfinished commands and "
-                      "of commands that ran and could still be accepted before their expires_at; kept",
-                      trimmed.held_bytes, extra={"max_bytes": self._config.ledger_max_bytes,
-                                                 "held_bytes": trimmed.held_bytes})
-
-    def maintain(self) -> None:
-        """One retention pass now (tests; the outbox thread runs one every MAINTENANCE_S)."""
-        self._maintain()
