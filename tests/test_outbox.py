@@ -109,6 +109,27 @@ def test_a_stored_response_larger_than_the_broker_takes_is_sent_in_chunks(tmp_pa
     assert not refused
 
 
+def test_a_retried_message_re_cut_for_the_broker_leaves_no_retry_behind(tmp_path):
+    """A response refused for now (quota exceeded) that the broker's packet limit, learnt meanwhile, makes
+    too large when it is retried is re-cut into chunks; the retry entry of the row that left the outbox
+    goes with it (it used to stay, marked in flight for ever, one per such message for the process's life)."""
+    link, refused = Link(), []
+    final = {"id": "big", "component": "engine", "command": "read_data", "status": "completed", "final": True,
+             "seq": 2, "result": {"values": {"blob": {"raw": "ab" * 3000}}}}
+    store, outbox = pump(tmp_path, link, refused, Outgoing("sovd/V/responses/big", m.encode(final), None, "big"))
+    try:
+        assert wait_until(lambda: len(link.handed) == 1, 5)
+        link.max_packet = 1500  # the broker's limit, e.g. from the CONNACK of a new connection
+        link.answer(0x97)
+        assert wait_until(lambda: len(link.handed) > 2 and json.loads(link.handed[-1][1].payload)["final"], 5)
+        link.answer(0x00, after=1)
+        assert wait_until(lambda: store.outbox_stats()[0] == 0, 5)
+        assert outbox._retries == {} and not refused
+    finally:
+        outbox.stop()
+        store.close()
+
+
 def test_a_message_that_cannot_be_split_is_set_aside_as_too_large(tmp_path):
     link, refused = Link(max_packet=200), []
     unsplittable = Outgoing("sovd/V/events", json.dumps({"type": "x", "pad": "y" * 500}).encode())

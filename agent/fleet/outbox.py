@@ -325,7 +325,9 @@ class Outbox(Retention):
             if not self._send(row):  # the link cannot take it now: due again after a while, never left
                 self._retries[n].due = now + RETRY_MIN_S  # marked in flight with no PUBACK to come
                 return
-            self._retries[n].due = float("inf")  # in flight again; its PUBACK decides
+            retry = self._retries.get(n)  # gone when the row left the outbox instead (re-cut or set aside)
+            if retry is not None:
+                retry.due = float("inf")  # in flight again; its PUBACK decides
             room -= 1
         if room <= 0:
             return
@@ -351,6 +353,7 @@ class Outbox(Retention):
             mid = self._publish(row.message)
         except PacketTooLargeError as err:
             self._too_large(row, err)
+            self._retries.pop(row.n, None)  # it left the outbox (re-cut into chunks, or set aside)
             with self._lock:
                 self._handed = max(self._handed, row.n)
             return True
