@@ -585,3 +585,50 @@ def test_a_deferred_message_stored_by_a_commit_round_that_fails_half_way_is_read
         assert [len(message.payload) for _, message in link.handed] == [5, 5, 200_000]
     finally:
         store.close()
+
+
+def settle(outbox: Outbox) -> None:
+    """What the outbox thread's pass does before it hands over: PUBACKs and connection strikes."""
+    with outbox._pass:
+        outbox._settle_acks()
+        outbox._judge_strikes()
+
+
+def test_the_message_the_broker_cuts_the_connection_on_is_set_aside_not_an_older_retried_one(tmp_path, monkeypatch):
+    """paho resends what it holds in the order it was handed over, so a retried row (refused for now,
+    handed again later) comes after newer rows on every new connection. When one of those newer rows
+    makes the broker cut each connection before any PUBACK, that row is the one set aside; the retried
+    row, older but read by the broker after it, stays to be delivered. Once, the oldest row in flight
+    was blamed: the retry was set aside as `connection_dropped` and the poison kept cutting."""
+    monkeypatch.setattr("agent.fleet.outbox.RETRY_MIN_S", 0.0)  # the retry is due at once
+    link, refused, forgotten = Link(), [], []
+    store = Store(tmp_path / "agent.db")
+    outbox = Outbox(store, StoreConfig(), link.publish, connected=lambda: True, forget=forgotten.append,
+                    on_refused=refused.append)  # no outbox thread: passes by hand
+    link.outbox = outbox
+    try:
+        batch = store.batch()
+        batch.publish(Outgoing("t", b"refused for now"))
+        batch.publish(Outgoing("t", b"poison"))
+        batch.commit()
+        outbox.connection(True)
+        outbox.send_now()  # mid 1: refused for now, mid 2: poison
+        outbox.published(1, 0x97)
+        settle(outbox)
+        outbox.connection(False, 0x82)  # cut on the poison, after a PUBACK: no strike
+        outbox.connection(True)
+        outbox.send_now()  # the retry: mid 3, behind mid 2 in paho's session
+        assert [message.payload for _, message in link.handed] == [b"refused for now", b"poison", b"refused for now"]
+        for _ in range(outbox_module.STRIKES):  # paho resends mid 2 first: cut before any PUBACK
+            outbox.connection(False, 0x82)
+            settle(outbox)
+            outbox.connection(True)
+        assert forgotten == [2]
+        assert [r.row.message.payload for r in refused] == [b"poison"]
+        assert [row.message.payload for row in store.pending(0, 10)] == [b"refused for now"]
+        outbox.published(3, 0x00)
+        settle(outbox)
+        store.flush()
+        assert store.outbox_stats()[0] == 0 and outbox._retries == {}
+    finally:
+        store.close()

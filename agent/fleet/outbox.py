@@ -172,7 +172,9 @@ class Outbox(Retention):
             elif reason not in CUT_FOR_A_MESSAGE and not short:
                 self._strikes = (0, 0)
             elif self._by_mid and self._acks_this_connection == 0:
-                head = min(self._by_mid.values())
+                # The first of ours the broker reads on a new connection: paho resends what it holds in
+                # the order it was handed over (a retried row comes after newer rows handed before it).
+                head = next(iter(self._by_mid.values()))
                 row, count = self._strikes
                 self._strikes = (head, count + 1 if row == head else 1)
                 if self._strikes[1] >= STRIKES:
