@@ -632,3 +632,30 @@ def test_the_message_the_broker_cuts_the_connection_on_is_set_aside_not_an_older
         assert store.outbox_stats()[0] == 0 and outbox._retries == {}
     finally:
         store.close()
+
+
+def test_quota_exceeded_for_ever_keeps_retrying_past_a_thousand_refusals(tmp_path, monkeypatch):
+    """0x97 is retried for as long as it takes (a broker's daily quota may refuse for a day: over a
+    thousand retries a minute apart). The backoff stays at RETRY_MAX_S; once, 2 ** attempts overflowed
+    a float at the 1025th refusal, the pass failed, and the message was never handed over again."""
+    monkeypatch.setattr("agent.fleet.outbox.RETRY_MIN_S", 0.0)  # every retry is due at once
+    link = Link()
+    store = Store(tmp_path / "agent.db")
+    outbox = Outbox(store, StoreConfig(), link.publish, connected=lambda: True)  # no outbox thread
+    link.outbox = outbox
+    try:
+        batch = store.batch()
+        batch.publish(Outgoing("t", b"over quota"))
+        batch.commit()
+        outbox.send_now()
+        for refusals in range(1, 1100):
+            assert len(link.handed) == refusals
+            outbox.published(link.handed[-1][0], 0x97)
+            settle(outbox)
+            outbox.send_now()
+        outbox.published(link.handed[-1][0], 0x00)
+        settle(outbox)
+        store.flush()
+        assert store.outbox_stats()[0] == 0 and outbox.acknowledged == 1
+    finally:
+        store.close()

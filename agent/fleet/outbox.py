@@ -279,7 +279,8 @@ class Outbox(Retention):
             self._retries.pop(n, None)
             self._set_aside(row, reason_name(code), code)
             return
-        retry.due = time.monotonic() + min(RETRY_MAX_S, RETRY_MIN_S * 2 ** (retry.attempts - 1))
+        # (the exponent is capped: quota exceeded is retried for ever, and 2.0 ** 1024 overflows)
+        retry.due = time.monotonic() + min(RETRY_MAX_S, RETRY_MIN_S * 2.0 ** min(retry.attempts - 1, 32))
         self._retries[n] = retry
         log.warning("broker refused a message for now (reason 0x%02X %s); retrying in %.0f s", code,
                     reason_name(code), retry.due - time.monotonic(),
