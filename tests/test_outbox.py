@@ -659,3 +659,61 @@ def test_quota_exceeded_for_ever_keeps_retrying_past_a_thousand_refusals(tmp_pat
         assert store.outbox_stats()[0] == 0 and outbox.acknowledged == 1
     finally:
         store.close()
+
+
+def test_a_retried_row_the_bounds_dropped_leaves_no_retry_behind(tmp_path, monkeypatch):
+    """A row refused for now and handed over again is dropped by the bounds pass while in flight; when
+    the broker refuses it again, its retry entry goes with it (it used to stay, marked in flight for
+    ever: one per such row for the life of the process)."""
+    monkeypatch.setattr("agent.fleet.outbox.RETRY_MIN_S", 0.0)
+    link = Link()
+    store = Store(tmp_path / "agent.db")
+    outbox = Outbox(store, StoreConfig(outbox_max_messages=1), link.publish, connected=lambda: True)
+    link.outbox = outbox
+    try:
+        batch = store.batch()
+        batch.publish(Outgoing("t", b"old"))
+        batch.commit()
+        outbox.send_now()
+        outbox.published(1, 0x97)
+        settle(outbox)
+        outbox.send_now()  # the retry, in flight as mid 2
+        batch = store.batch()
+        batch.publish(Outgoing("t", b"new"))  # the count bound now drops the old one
+        batch.commit()
+        outbox.maintain()
+        assert outbox.dropped == 1
+        outbox.published(2, 0x97)
+        settle(outbox)
+        assert outbox._retries == {}
+    finally:
+        store.close()
+
+
+def test_a_struck_row_that_was_a_retry_leaves_no_retry_behind(tmp_path, monkeypatch):
+    """A row refused for now, handed over again, then set aside after STRIKES connections cut on it:
+    its retry entry goes with it."""
+    monkeypatch.setattr("agent.fleet.outbox.RETRY_MIN_S", 0.0)
+    link, refused = Link(), []
+    store = Store(tmp_path / "agent.db")
+    outbox = Outbox(store, StoreConfig(), link.publish, connected=lambda: True, on_refused=refused.append)
+    link.outbox = outbox
+    try:
+        batch = store.batch()
+        batch.publish(Outgoing("t", b"refused, then cut on"))
+        batch.commit()
+        outbox.connection(True)
+        outbox.send_now()
+        outbox.published(1, 0x97)
+        settle(outbox)
+        outbox.send_now()  # the retry, in flight as mid 2
+        outbox.connection(False, 0x95)  # cut on it, after the PUBACK of the refusal: no strike yet
+        outbox.connection(True)
+        for _ in range(outbox_module.STRIKES):
+            outbox.connection(False, 0x95)
+            outbox.connection(True)
+        settle(outbox)
+        assert [r.reason for r in refused] == ["connection_dropped"]
+        assert outbox._retries == {}
+    finally:
+        store.close()

@@ -271,7 +271,8 @@ class Outbox(Retention):
 
     def _not_delivered(self, n: int, code: int) -> None:
         row = self._row(n)
-        if row is None:
+        if row is None:  # the bounds dropped it meanwhile
+            self._retries.pop(n, None)
             return
         retry = self._retries.get(n, _Retry(0, 0.0))
         retry.attempts += 1
@@ -292,6 +293,7 @@ class Outbox(Retention):
         with self._lock:
             struck, self._struck = self._struck, []
         for n in struck:
+            self._retries.pop(n, None)  # a retried row cut on: no PUBACK will come for it
             row = self._row(n)
             if row is not None:
                 self._set_aside(row, CONNECTION_DROPPED, None)
