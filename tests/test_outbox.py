@@ -717,3 +717,39 @@ def test_a_struck_row_that_was_a_retry_leaves_no_retry_behind(tmp_path, monkeypa
         assert outbox._retries == {}
     finally:
         store.close()
+
+
+def test_a_response_re_cut_into_chunks_is_never_stored_beside_them(tmp_path):
+    """The chunks and the deletion of the response they replace are one commit: whenever the process
+    dies, the outbox holds the original or its chunks, never both. Once, the chunks were committed
+    first and the original deleted by a later, unsynced write: a crash or power loss in between sent
+    both after the restart, the original re-cut for whatever limit the broker then had, so the backend
+    could get two sets of chunks whose `seq` numbers mean different pieces (or an old set it cannot
+    take any more, set aside piece by piece, beside a complete new one)."""
+    import sqlite3
+
+    link, refused = Link(max_packet=1500), []
+    final = {"id": "big", "component": "engine", "command": "read_data", "status": "completed", "final": True,
+             "seq": 2, "result": {"values": {"blob": {"raw": "ab" * 3000}}}}
+    store = Store(tmp_path / "agent.db")
+    outbox = Outbox(store, StoreConfig(), link.publish, connected=lambda: True, on_refused=refused.append)
+    link.outbox = outbox
+    batch = store.batch()
+    batch.publish(Outgoing("sovd/V/responses/big", m.encode(final), None, "big"))
+    batch.commit()
+    committed: list[list[bool]] = []  # after each commit: for every stored row, is it a chunk's message
+    write = store._write
+
+    def write_and_look(*args, **kwargs):
+        write(*args, **kwargs)
+        with sqlite3.connect(tmp_path / "agent.db") as db:  # what a crash right now would leave
+            committed.append([b'"result"' not in payload for payload, in db.execute("SELECT payload FROM outbox")])
+
+    store._write = write_and_look
+    try:
+        outbox.send_now()  # re-cuts it
+        outbox.send_now()  # hands the chunks over
+        assert len(link.handed) > 2 and not refused
+        assert committed and all(all(chunks) or not any(chunks) for chunks in committed), committed
+    finally:
+        store.close()

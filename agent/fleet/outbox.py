@@ -378,8 +378,8 @@ class Outbox(Retention):
         for piece in pieces:
             batch.publish(Outgoing(row.message.topic, m.encode(piece), row.message.correlation,
                                    row.message.command_id))
+        batch.replace(row.n)  # in the same commit: a crash never leaves both (two sets of chunks after it)
         batch.commit()
-        self._store.acknowledge([row.n])  # the chunks replace it (a crash in between sends both: at least once)
         log.info("response split into %d chunks for the broker's maximum packet size %d", len(pieces), err.limit,
                  extra={"command_id": row.message.command_id, "bytes": len(row.message.payload)})
         self.wake()

@@ -61,6 +61,11 @@ class Batch:
             "INSERT INTO outbox (command_id, topic, payload, correlation, created_at) VALUES (?, ?, ?, ?, ?)",
             (message.command_id, message.topic, message.payload, message.correlation, self._store.now())))
 
+    def replace(self, n: int) -> None:
+        """Deletes outbox message `n` in this batch's commit: what the batch publishes replaces it (a
+        response re-cut into chunks), so a crash leaves the one or the other, never both."""
+        self.statements.append(("DELETE FROM outbox WHERE n = ?", (n,)))
+
     def save_fault_set(self, component: str, faults: dict[int, int]) -> None:
         """Replaces a component's last known faults (DTC -> status byte)."""
         self.statements.append(("DELETE FROM fault_sets WHERE component = ?", (component,)))
