@@ -3,9 +3,13 @@ Packet Size both ways, PUBACK reason codes (an ACL that denies the response topi
 `message_size_limit` it does not announce, retained commands, reply topics. Real Mosquitto throughout.
 """
 
+import contextlib
 import dataclasses
 import json
+import socket
+import threading
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,6 +18,9 @@ from mqtt_support import agent_and_backend
 
 from agent.bus.owner import wait_until
 from agent.devtools.local_broker import LocalBroker
+from agent.fleet.link import MqttLink
+from agent.fleet.topics import Topics
+from agent.store.sqlite import Outgoing
 from agent.system.service import Service
 
 
@@ -215,3 +222,180 @@ def test_commands_left_queued_by_a_crash_wait_for_room_after_the_restart(mqtt_ve
     assert [f["status"] for f in finals] == ["completed"] * 20
     assert [f["seq"] for f in finals] == [2] * 20
     assert sim.ecu("engine").server.executed[0x22] == 20
+
+
+def _packets(buffer: bytearray) -> Iterator[bytes]:
+    """The whole MQTT packets at the front of `buffer`, taken out of it."""
+    while len(buffer) >= 2:
+        length, shift, i = 0, 0, 1
+        while True:
+            if i >= len(buffer):
+                return
+            length |= (buffer[i] & 0x7F) << shift
+            shift, i = shift + 7, i + 1
+            if not buffer[i - 1] & 0x80:
+                break
+        if len(buffer) < i + length:
+            return
+        packet = bytes(buffer[:i + length])
+        del buffer[:i + length]
+        yield packet
+
+
+def _close(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)  # wakes a recv() on it in another thread
+    sock.close()
+
+
+class AckHoldingRelay:
+    """A TCP relay between the agent and Mosquitto that can hold the broker's PUBACKs back (a slow way
+    home: Mosquitto itself answers at once, and does not enforce its own Receive Maximum on QoS 1),
+    and counts on the wire what the Receive Maximum bounds: the agent's QoS 1 PUBLISHes on this
+    connection whose PUBACK it has not been given. One connection at a time; `cut` drops it."""
+
+    def __init__(self, broker_port: int) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._broker_port = broker_port
+        self._lock = threading.Lock()
+        self._holding = False
+        self._held: list[bytes] = []
+        self._sockets: tuple[socket.socket, socket.socket] | None = None
+        self.connections = 0
+        self.in_flight = 0
+        self.peak = 0
+        self._threads = [threading.Thread(target=self._accept, name="relay", daemon=True)]
+        self._threads[0].start()
+
+    def hold(self) -> None:
+        with self._lock:
+            self._holding = True
+
+    def release(self) -> None:
+        with self._lock:
+            held, self._held, self._holding = self._held, [], False
+            self.in_flight -= len(held)
+            agent = self._sockets[0] if self._sockets else None
+        for packet in held:
+            if agent is not None:
+                agent.sendall(packet)
+
+    def cut(self) -> None:
+        with self._lock:
+            sockets, self._sockets = self._sockets, None
+        for sock in sockets or ():
+            _close(sock)
+
+    def close(self) -> None:
+        self._listener.shutdown(socket.SHUT_RDWR)  # wakes accept()
+        self._listener.close()
+        self.cut()
+        for thread in self._threads:
+            thread.join(5)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                agent, _ = self._listener.accept()
+            except OSError:
+                return
+            broker = socket.create_connection(("127.0.0.1", self._broker_port))
+            with self._lock:
+                self.connections += 1
+                self.in_flight, self._held, self._sockets = 0, [], (agent, broker)
+            for pump in ((agent, broker, self._up), (broker, agent, self._down)):
+                self._threads.append(threading.Thread(target=self._pump, args=pump, name="relay", daemon=True))
+                self._threads[-1].start()
+
+    def _pump(self, source: socket.socket, target: socket.socket, each) -> None:
+        buffer = bytearray()
+        try:
+            while chunk := source.recv(65536):
+                buffer += chunk
+                for packet in _packets(buffer):
+                    each(packet, target)
+        except OSError:
+            pass
+        finally:
+            _close(source)
+            _close(target)
+
+    def _up(self, packet: bytes, broker: socket.socket) -> None:
+        if packet[0] >> 4 == 3 and (packet[0] >> 1) & 3:  # a PUBLISH with QoS 1 or 2
+            with self._lock:
+                self.in_flight += 1
+                self.peak = max(self.peak, self.in_flight)
+        broker.sendall(packet)
+
+    def _down(self, packet: bytes, agent: socket.socket) -> None:
+        with self._lock:
+            if packet[0] >> 4 == 4:  # PUBACK
+                if self._holding:
+                    self._held.append(packet)
+                    return
+                self.in_flight -= 1
+        agent.sendall(packet)
+
+
+@pytest.fixture
+def held_acks(special_broker, mqtt_vehicle):
+    """A link (the agent's, alone) to a Mosquitto announcing Receive Maximum 3, through AckHoldingRelay;
+    yields (link, relay, topics, PUBACKs the link reported) once the status's PUBACK came back."""
+    broker = special_broker("max_inflight_messages 3\n")  # announced in CONNACK as Receive Maximum 3
+    relay = AckHoldingRelay(broker.port)
+    mqtt = dataclasses.replace(mqtt_vehicle.mqtt, broker=f"mqtt://127.0.0.1:{relay.port}")
+    topics = Topics(mqtt.prefix, mqtt_vehicle.vehicle)
+    acks: list[int] = []
+    link = MqttLink(mqtt, topics, f"rm-{uuid.uuid4().hex[:8]}",
+                    status=lambda state: json.dumps({"state": state}).encode(), on_command=lambda incoming: None,
+                    on_published=lambda mid, code: acks.append(mid), on_connection=lambda up: None)
+    link.start()
+    try:
+        assert link.wait_connected(10), link.last_error
+        assert link.broker_receive_maximum == 3
+        assert wait_until(lambda: acks, 5)  # the status: nothing of ours in flight now
+        yield link, relay, topics, acks
+    finally:
+        link.stop()
+        relay.close()
+
+
+def _as_the_agent_publishes(link: MqttLink, topics: Topics) -> None:
+    """What the outbox fills the window with (Receive Maximum less one for the status), and the states
+    the telemetry lane publishes beside it, straight to the link."""
+    for n in range(2):
+        assert link.publish(Outgoing(topics.responses(f"r{n}"), b'{"n": %d}' % n)) is not None
+    for n in range(4):
+        assert link.publish(Outgoing(topics.state(f"c{n}"), b'{"n": %d}' % n, retain=True)) is not None
+
+
+def test_the_link_keeps_within_the_broker_receive_maximum_whoever_publishes(held_acks):
+    """The broker's Receive Maximum bounds every QoS 1 message of the connection, not just the outbox's:
+    the telemetry lane's states (and the status, a refusal sent around a failing store) share it. What
+    exceeds it waits in the link, in order, until PUBACKs make room. Once, the outbox kept within it
+    and the lane's states went on top (a broker that enforces it cuts the connection, 0x93)."""
+    link, relay, topics, acks = held_acks
+    relay.hold()
+    _as_the_agent_publishes(link, topics)
+    assert wait_until(lambda: relay.in_flight >= 3, 5)
+    assert not wait_until(lambda: relay.in_flight > 3, 0.5), relay.in_flight
+    relay.release()
+    assert wait_until(lambda: len(acks) == 7 and not link._unacked, 10)
+    assert relay.peak == 3
+
+
+def test_what_the_link_resends_on_a_new_connection_keeps_within_the_receive_maximum(held_acks):
+    """paho resends everything it holds at once on a new connection; the messages beyond the broker's
+    Receive Maximum wait for PUBACKs there too, in order, and all get through."""
+    link, relay, topics, _ = held_acks
+    relay.hold()
+    _as_the_agent_publishes(link, topics)
+    assert wait_until(lambda: relay.in_flight >= 3, 5)
+    relay.cut()  # the PUBACKs held are lost with the connection
+    assert wait_until(lambda: relay.connections == 2 and link.connected, 10)
+    assert wait_until(lambda: relay.in_flight >= 3, 5)  # the new status and two of the six resent
+    assert not wait_until(lambda: relay.in_flight > 3, 0.5), relay.in_flight
+    relay.release()
+    assert wait_until(lambda: not link._unacked, 10)
+    assert relay.peak == 3
