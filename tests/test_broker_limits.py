@@ -224,6 +224,19 @@ def test_commands_left_queued_by_a_crash_wait_for_room_after_the_restart(mqtt_ve
     assert sim.ecu("engine").server.executed[0x22] == 20
 
 
+def test_a_broker_receive_maximum_of_one_still_gets_every_response(special_broker, mqtt_vehicle, sim):
+    """Mosquitto's `max_inflight_messages 1` (an operator's way to have messages delivered in order) is
+    announced as Receive Maximum 1: one message of ours at a time, never none. The outbox once kept
+    that one place for the link's status message and so had none: no response ever left the store."""
+    with on_special_broker(special_broker, mqtt_vehicle, "max_inflight_messages 1\n") as (svc, backend):
+        assert svc.link.broker_receive_maximum == 1
+        bodies = [command() for _ in range(3)]
+        for body in bodies:
+            backend.send(body)
+        assert [backend.final(b["id"], timeout=15)["status"] for b in bodies] == ["completed"] * 3
+        assert wait_until(lambda: svc.store.outbox_stats()[0] == 0, 5)
+
+
 def _packets(buffer: bytearray) -> Iterator[bytes]:
     """The whole MQTT packets at the front of `buffer`, taken out of it."""
     while len(buffer) >= 2:

@@ -318,7 +318,8 @@ class Outbox(Retention):
         self._room_limited = True  # until it gets through: an exception or a full window leaves it set
         with self._lock:  # everything stored until now is read here (or waits for room, `_room_limited`);
             self._send_due = None  # room: the broker's Receive Maximum, less one for the link's status message
-            room = min(MAX_IN_FLIGHT, self._window() - 1) - len(self._by_mid)
+            # unless it is 1 (the link's window holds back whatever exceeds it: one at a time, never none)
+            room = min(MAX_IN_FLIGHT, max(1, self._window() - 1)) - len(self._by_mid)
         now = time.monotonic()
         for n in sorted(n for n, r in self._retries.items() if r.due <= now):
             if room <= 0:
