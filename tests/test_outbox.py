@@ -753,3 +753,32 @@ def test_a_response_re_cut_into_chunks_is_never_stored_beside_them(tmp_path):
         assert committed and all(all(chunks) or not any(chunks) for chunks in committed), committed
     finally:
         store.close()
+
+
+def test_a_message_acknowledged_but_not_yet_settled_is_never_struck(tmp_path):
+    """A PUBACK arrived, but the outbox thread has not settled it yet (busy in a long pass) while the
+    next connections are cut short: that message is no longer on the wire, so no cut is its doing. It
+    is settled as delivered, never set aside as `connection_dropped` (an ERROR, a metric and an Event
+    saying a delivered message was not) with its delete lost."""
+    link, refused, forgotten = Link(), [], []
+    store = Store(tmp_path / "agent.db")
+    outbox = Outbox(store, StoreConfig(), link.publish, connected=lambda: True, forget=forgotten.append,
+                    on_refused=refused.append)  # no outbox thread: passes by hand
+    link.outbox = outbox
+    try:
+        batch = store.batch()
+        batch.publish(Outgoing("t", b"delivered"))
+        batch.commit()
+        outbox.connection(True)
+        outbox.send_now()
+        outbox.published(1, 0x00)  # not settled yet
+        outbox.connection(False, 0x82)
+        for _ in range(outbox_module.STRIKES):  # connections cut short before any PUBACK
+            outbox.connection(True)
+            outbox.connection(False, None, short=True)
+        settle(outbox)
+        store.flush()
+        assert forgotten == [] and refused == []
+        assert outbox.acknowledged == 1 and store.outbox_stats()[0] == 0
+    finally:
+        store.close()

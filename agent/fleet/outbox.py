@@ -66,6 +66,7 @@ class Outbox(Retention):
         self._stop = threading.Event()
         self._acked: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()
         self._by_mid: dict[int, int] = {}
+        self._answered: set[int] = set()  # mids in `_by_mid` whose PUBACK came, not yet settled: off the wire
         self._handed = 0  # highest outbox row handed to paho in this process
         self._retries: dict[int, _Retry] = {}  # row -> when to hand it over again
         self._lock = threading.Lock()
@@ -153,6 +154,7 @@ class Outbox(Retention):
         """PUBACK for `mid` (called on the MQTT loop thread: only hands over, never touches SQLite)."""
         with self._lock:
             if mid in self._by_mid:  # one of ours went through on this connection: no message is poison
+                self._answered.add(mid)
                 self._acks_this_connection += 1
                 self._strikes = (0, 0)
         self._acked.put((mid, code))
@@ -171,10 +173,8 @@ class Outbox(Retention):
                 self._acks_this_connection = 0
             elif reason not in CUT_FOR_A_MESSAGE and not short:
                 self._strikes = (0, 0)
-            elif self._by_mid and self._acks_this_connection == 0:
-                # The first of ours the broker reads on a new connection: paho resends what it holds in
-                # the order it was handed over (a retried row comes after newer rows handed before it).
-                head = next(iter(self._by_mid.values()))
+            elif self._acks_this_connection == 0 and (wire := self._on_the_wire()):
+                head = wire[0]
                 row, count = self._strikes
                 self._strikes = (head, count + 1 if row == head else 1)
                 if self._strikes[1] >= STRIKES:
@@ -188,6 +188,12 @@ class Outbox(Retention):
         for mid in struck:
             self._forget(mid)
         self.wake()
+
+    def _on_the_wire(self) -> list[int]:
+        """Under `_lock`: our rows paho holds without a PUBACK, in the order the broker reads them on a
+        new connection: paho resends in the order it was handed them (a retried row comes after newer
+        rows handed before it). Not one whose PUBACK came already (the pass settling it may lag behind)."""
+        return [n for mid, n in self._by_mid.items() if mid not in self._answered]
 
     def stop(self, timeout: float = 3.0) -> None:
         self._stop.set()
@@ -258,6 +264,7 @@ class Outbox(Retention):
                 break
             with self._lock:
                 n = self._by_mid.pop(mid, None)
+                self._answered.discard(mid)
             if n is None:
                 continue
             if code < 0x80:
