@@ -782,3 +782,33 @@ def test_a_message_acknowledged_but_not_yet_settled_is_never_struck(tmp_path):
         assert outbox.acknowledged == 1 and store.outbox_stats()[0] == 0
     finally:
         store.close()
+
+
+def test_refusals_for_quota_do_not_count_towards_setting_a_message_aside(tmp_path, monkeypatch):
+    """Quota exceeded is retried for as long as it takes; MAX_ATTEMPTS bounds the other refusals that may
+    pass (0x80 unspecified, ...). A message refused for quota again and again, then once for another
+    such reason, is retried; it is set aside at its MAX_ATTEMPTS-th refusal of that other kind. Once,
+    the quota refusals counted too: a broker under load answering 0x97 a few times and then 0x80 once
+    had a deliverable response set aside at once."""
+    monkeypatch.setattr("agent.fleet.outbox.RETRY_MIN_S", 0.0)  # every retry is due at once
+    link, refused = Link(), []
+    store = Store(tmp_path / "agent.db")
+    outbox = Outbox(store, StoreConfig(), link.publish, connected=lambda: True, on_refused=refused.append)
+    link.outbox = outbox
+    try:
+        batch = store.batch()
+        batch.publish(Outgoing("t", b"refused for now"))
+        batch.commit()
+        outbox.send_now()
+        codes = [0x97] * outbox_module.MAX_ATTEMPTS + [0x80] * (outbox_module.MAX_ATTEMPTS - 1)
+        for code in codes:
+            outbox.published(link.handed[-1][0], code)
+            settle(outbox)
+            outbox.send_now()
+        assert refused == [] and len(link.handed) == len(codes) + 1  # still retried
+        outbox.published(link.handed[-1][0], 0x80)
+        settle(outbox)
+        assert [(r.reason, r.code) for r in refused] == [("unspecified_error", 0x80)]
+        assert outbox._retries == {}
+    finally:
+        store.close()

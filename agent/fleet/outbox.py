@@ -36,8 +36,9 @@ STRIKES = 3  # connections in a row cut before any PUBACK while the same message
 
 @dataclass
 class _Retry:
-    attempts: int
+    attempts: int  # refusals so far (the backoff)
     due: float  # monotonic
+    failed: int = 0  # of them refusals other than quota exceeded (MAX_ATTEMPTS)
 
 
 class Outbox(Retention):
@@ -283,7 +284,8 @@ class Outbox(Retention):
             return
         retry = self._retries.get(n, _Retry(0, 0.0))
         retry.attempts += 1
-        if code in NEVER_PASSES or (code != QUOTA_EXCEEDED and retry.attempts >= MAX_ATTEMPTS):
+        retry.failed += code != QUOTA_EXCEEDED
+        if code in NEVER_PASSES or retry.failed >= MAX_ATTEMPTS:
             self._retries.pop(n, None)
             self._set_aside(row, reason_name(code), code)
             return
