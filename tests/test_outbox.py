@@ -21,11 +21,14 @@ class Link:
 
     def __init__(self, max_packet: int | None = None) -> None:
         self.max_packet = max_packet
+        self.full = False
         self.handed: list[tuple[int, Outgoing]] = []
         self.outbox: Outbox | None = None
         self._lock = threading.Lock()
 
-    def publish(self, message: Outgoing) -> int:
+    def publish(self, message: Outgoing) -> int | None:
+        if self.full:  # paho cannot take more now
+            return None
         size = packet_size(message.topic, message.payload, message.correlation)
         if self.max_packet is not None and size > self.max_packet:
             raise PacketTooLargeError(size, self.max_packet)
@@ -53,6 +56,21 @@ def pump(tmp_path, link, refused, *messages):
     batch.commit()
     outbox.start()
     return store, outbox
+
+
+def threadless(tmp_path, *payloads, connected=lambda: True):
+    """A store and its outbox without a thread of its own (every hand-over runs on the test's thread):
+    `payloads` stored and handed over. Returns (link, store, outbox)."""
+    link = Link()
+    store = Store(tmp_path / "agent.db")
+    outbox = Outbox(store, StoreConfig(), link.publish, connected=connected)
+    link.outbox = outbox
+    for payload in payloads:
+        batch = store.batch()
+        batch.publish(Outgoing("t", payload))
+        batch.commit()
+    outbox.send_now()
+    return link, store, outbox
 
 
 def test_quota_exceeded_is_retried_with_backoff_then_delivered(tmp_path):
@@ -357,7 +375,7 @@ def test_send_soon_messages_go_with_the_next_send_now_in_order(tmp_path):
 
 class _Wakes:
     """PUBACKs for messages the outbox never handed over (the status, telemetry states): each wakes the
-    outbox thread, every `every` seconds, until stopped."""
+    outbox thread, every `every` seconds, while the `with` block runs."""
 
     def __init__(self, outbox: Outbox, every: float = 0.002) -> None:
         self._stop = threading.Event()
@@ -368,7 +386,10 @@ class _Wakes:
         while not self._stop.wait(every):
             outbox.published(10_000_000, 0)
 
-    def stop(self) -> None:
+    def __enter__(self) -> "_Wakes":
+        return self
+
+    def __exit__(self, *_: object) -> None:
         self._stop.set()
         self._thread.join()
 
@@ -379,15 +400,12 @@ def test_a_due_retry_is_handed_over_while_pubacks_keep_waking_the_outbox(tmp_pat
     deadline, not a wait that each wake starts again."""
     link, refused = Link(), []
     store, outbox = pump(tmp_path, link, refused, Outgoing("sovd/V/responses/a", b'{"id":"a"}', None, "a"))
-    wakes = None
     try:
         assert wait_until(lambda: len(link.handed) == 1, 5)
-        wakes = _Wakes(outbox)
-        link.answer(0x97)
-        assert wait_until(lambda: len(link.handed) == 2, 5)  # RETRY_MIN_S after the refusal
+        with _Wakes(outbox):
+            link.answer(0x97)
+            assert wait_until(lambda: len(link.handed) == 2, 5)  # RETRY_MIN_S after the refusal
     finally:
-        if wakes is not None:
-            wakes.stop()
         outbox.stop()
         store.close()
 
@@ -399,17 +417,14 @@ def test_the_timed_read_of_the_outbox_is_not_put_off_by_pubacks_waking_it(tmp_pa
     monkeypatch.setattr("agent.fleet.outbox.IDLE_WAIT_S", 0.3)
     link, refused = Link(), []
     store, outbox = pump(tmp_path, link, refused, Outgoing("t", b"first"))
-    wakes = None
     try:
         assert wait_until(lambda: len(link.handed) == 1, 5)  # the first pass is over
-        wakes = _Wakes(outbox)
-        batch = store.batch()
-        batch.publish(Outgoing("t", b"stored without a wake"))
-        batch.commit()
-        assert wait_until(lambda: len(link.handed) == 2, 5)
+        with _Wakes(outbox):
+            batch = store.batch()
+            batch.publish(Outgoing("t", b"stored without a wake"))
+            batch.commit()
+            assert wait_until(lambda: len(link.handed) == 2, 5)
     finally:
-        if wakes is not None:
-            wakes.stop()
         outbox.stop()
         store.close()
 
@@ -499,15 +514,9 @@ def test_a_retry_due_while_the_link_is_down_does_not_spin_the_outbox_thread(tmp_
     time stays in the past. The outbox thread then waits its idle time (the link coming up wakes it),
     where it once waited the 10 ms floor again and again for as long as the link stayed down."""
     monkeypatch.setattr("agent.fleet.outbox.RETRY_MIN_S", 0.0)  # the retry is due at once
-    link, up = Link(), [True]
-    store = Store(tmp_path / "agent.db")
-    outbox = Outbox(store, StoreConfig(), link.publish, connected=lambda: up[0])  # no outbox thread: passes by hand
-    link.outbox = outbox
+    up = [True]
+    link, store, outbox = threadless(tmp_path, b"refused for now", connected=lambda: up[0])  # passes by hand
     try:
-        batch = store.batch()
-        batch.publish(Outgoing("t", b"refused for now"))
-        batch.commit()
-        outbox.send_now()
         link.answer(0x97)  # quota exceeded: retried after the backoff
         with outbox._pass:
             outbox._settle_acks()
@@ -526,23 +535,15 @@ def test_a_retry_the_link_cannot_take_now_is_handed_over_on_a_later_pass(tmp_pat
     it. Once, it was marked in flight before the link was asked, stayed so with no PUBACK to come, and
     was never handed over again in this process."""
     monkeypatch.setattr("agent.fleet.outbox.RETRY_MIN_S", 0.0)  # the retry is due at once
-    link, full = Link(), [False]
-    store = Store(tmp_path / "agent.db")
-    outbox = Outbox(store, StoreConfig(), lambda message: None if full[0] else link.publish(message),
-                    connected=lambda: True)  # no outbox thread: passes by hand
-    link.outbox = outbox
+    link, store, outbox = threadless(tmp_path, b"refused for now")  # passes by hand
     try:
-        batch = store.batch()
-        batch.publish(Outgoing("t", b"refused for now"))
-        batch.commit()
-        outbox.send_now()
         link.answer(0x97)  # quota exceeded: retried after the backoff
         with outbox._pass:
             outbox._settle_acks()
-        full[0] = True
+        link.full = True
         outbox.send_now()  # the retry is due; the link cannot take it now
         assert len(link.handed) == 1
-        full[0] = False
+        link.full = False
         outbox.send_now()
         assert [message.payload for _, message in link.handed] == [b"refused for now"] * 2
     finally:
@@ -554,15 +555,8 @@ def test_a_deferred_message_stored_by_a_commit_round_that_fails_half_way_is_read
     the storage fails again half-way through them, the round ends in error, yet what was stored before
     the failure is in the outbox: the store's generation rose for it, so the next hand-over reads the
     outbox instead of skipping the read as if nothing had been committed since its last one."""
-    link = Link()
-    store = Store(tmp_path / "agent.db")
-    outbox = Outbox(store, StoreConfig(), link.publish, connected=lambda: True)  # no outbox thread
-    link.outbox = outbox
+    link, store, outbox = threadless(tmp_path, b"first")
     try:
-        batch = store.batch()
-        batch.publish(Outgoing("t", b"first"))
-        batch.commit()
-        outbox.send_now()
         assert [message.payload for _, message in link.handed] == [b"first"]
         with store._lock:  # two writes deferred while the storage failed; it still has no page to spare
             for payload in (b"small", b"x" * 200_000):
@@ -639,15 +633,8 @@ def test_quota_exceeded_for_ever_keeps_retrying_past_a_thousand_refusals(tmp_pat
     thousand retries a minute apart). The backoff stays at RETRY_MAX_S; once, 2 ** attempts overflowed
     a float at the 1025th refusal, the pass failed, and the message was never handed over again."""
     monkeypatch.setattr("agent.fleet.outbox.RETRY_MIN_S", 0.0)  # every retry is due at once
-    link = Link()
-    store = Store(tmp_path / "agent.db")
-    outbox = Outbox(store, StoreConfig(), link.publish, connected=lambda: True)  # no outbox thread
-    link.outbox = outbox
+    link, store, outbox = threadless(tmp_path, b"over quota")
     try:
-        batch = store.batch()
-        batch.publish(Outgoing("t", b"over quota"))
-        batch.commit()
-        outbox.send_now()
         for refusals in range(1, 1100):
             assert len(link.handed) == refusals
             outbox.published(link.handed[-1][0], 0x97)

@@ -26,6 +26,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from agent.config.model import MqttConfig
 from agent.fleet.causes import PahoLog, uninformative
 from agent.fleet.credentials import LinkSetupError, check_key_file, password_of
+from agent.fleet.inflight import keep_within_receive_maximum
 from agent.fleet.packets import CUT_FOR_A_MESSAGE, Incoming, PacketTooLargeError, packet_size
 from agent.fleet.topics import Topics
 from agent.store.sqlite import Outgoing
@@ -43,7 +44,6 @@ MAX_PACKET_IN = MAX_COMMAND_BYTES + PACKET_HEADROOM
 SESSION_TAKEN_OVER = 0x8E
 FLAP_S = 5.0  # a connection cut this soon after it was accepted counts as a flap
 FLAPS = 3  # flaps in a row that are reported (as a likely takeover) and slow the reconnects down
-PAHO_IN_FLIGHT = 20  # paho's own default: at most this many of our QoS 1 messages on the wire at once
 
 
 @dataclass
@@ -316,7 +316,7 @@ class MqttLink:
         self.broker_max_packet = getattr(properties, "MaximumPacketSize", None) if self._v5 else None
         receive_maximum = getattr(properties, "ReceiveMaximum", None) if self._v5 else None
         self.broker_receive_maximum = receive_maximum or 65535
-        self._keep_window(client)
+        keep_within_receive_maximum(client, self.broker_receive_maximum)
         if self._v5:  # retain-as-published: a retained command keeps its flag, so that it is never run
             client.subscribe(self.topics.commands, options=SubscribeOptions(qos=1, retainAsPublished=True))
         else:
@@ -329,31 +329,6 @@ class MqttLink:
                                                "broker_max_packet": self.broker_max_packet,
                                                "broker_receive_maximum": receive_maximum})
         self._mark(True)
-
-    def _keep_window(self, client: mqtt.Client) -> None:
-        """Our QoS 1 messages without a PUBACK stay within the broker's Receive Maximum on this connection,
-        whoever published them: the outbox, the telemetry lane's states, the status, a refusal sent around
-        the store (the outbox alone keeps within it for its own). paho is told the window for the
-        connection (it has no public call for this once connected), and of what it is about to resend
-        (everything it holds, at once) what exceeds the window waits, in order, until PUBACKs make room:
-        paho sends it then. Its state is touched under its own lock, before it resends (on CONNACK)."""
-        limit = min(PAHO_IN_FLIGHT, self.broker_receive_maximum)
-        try:
-            with client._out_message_mutex:
-                client._max_inflight_messages = limit
-                room = limit - 1  # the status, published next, goes first
-                waiting = False  # once one waits, all after it wait: paho sends waiting ones in order
-                for message in client._out_messages.values():
-                    if message.qos == 0:
-                        continue
-                    if message.state == mqtt.mqtt_ms_queued or (message.state == mqtt.mqtt_ms_publish
-                                                                and (waiting or room <= 0)):
-                        message.state = mqtt.mqtt_ms_queued
-                        waiting = True
-                    else:  # resent now, or sent already (published while the CONNACK was on its way)
-                        room -= 1
-        except AttributeError as err:  # a paho without these internals: its own window (PAHO_IN_FLIGHT) holds
-            log.error("cannot set the broker's Receive Maximum in paho (%s); messages may exceed it", err)
 
     @_guarded
     def _disconnected(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
