@@ -58,17 +58,19 @@ def pump(tmp_path, link, refused, *messages):
     return store, outbox
 
 
-def threadless(tmp_path, *payloads, connected=lambda: True):
-    """A store and its outbox without a thread of its own (every hand-over runs on the test's thread):
-    `payloads` stored and handed over. Returns (link, store, outbox)."""
+def threadless(tmp_path, *payloads, connected=lambda: True, **options):
+    """A store and its outbox without a thread of its own (every hand-over runs on the test's thread;
+    `options` go to Outbox): `payloads` stored and handed over on a connection just up.
+    Returns (link, store, outbox)."""
     link = Link()
     store = Store(tmp_path / "agent.db")
-    outbox = Outbox(store, StoreConfig(), link.publish, connected=connected)
+    outbox = Outbox(store, StoreConfig(), link.publish, connected=connected, **options)
     link.outbox = outbox
     for payload in payloads:
         batch = store.batch()
         batch.publish(Outgoing("t", payload))
         batch.commit()
+    outbox.connection(True)
     outbox.send_now()
     return link, store, outbox
 
@@ -595,18 +597,10 @@ def test_the_message_the_broker_cuts_the_connection_on_is_set_aside_not_an_older
     row, older but read by the broker after it, stays to be delivered. Once, the oldest row in flight
     was blamed: the retry was set aside as `connection_dropped` and the poison kept cutting."""
     monkeypatch.setattr("agent.fleet.outbox.RETRY_MIN_S", 0.0)  # the retry is due at once
-    link, refused, forgotten = Link(), [], []
-    store = Store(tmp_path / "agent.db")
-    outbox = Outbox(store, StoreConfig(), link.publish, connected=lambda: True, forget=forgotten.append,
-                    on_refused=refused.append)  # no outbox thread: passes by hand
-    link.outbox = outbox
+    refused, forgotten = [], []
+    link, store, outbox = threadless(tmp_path, b"refused for now", b"poison", forget=forgotten.append,
+                                     on_refused=refused.append)  # mid 1: refused for now, mid 2: poison
     try:
-        batch = store.batch()
-        batch.publish(Outgoing("t", b"refused for now"))
-        batch.publish(Outgoing("t", b"poison"))
-        batch.commit()
-        outbox.connection(True)
-        outbox.send_now()  # mid 1: refused for now, mid 2: poison
         outbox.published(1, 0x97)
         settle(outbox)
         outbox.connection(False, 0x82)  # cut on the poison, after a PUBACK: no strike
@@ -681,16 +675,9 @@ def test_a_struck_row_that_was_a_retry_leaves_no_retry_behind(tmp_path, monkeypa
     """A row refused for now, handed over again, then set aside after STRIKES connections cut on it:
     its retry entry goes with it."""
     monkeypatch.setattr("agent.fleet.outbox.RETRY_MIN_S", 0.0)
-    link, refused = Link(), []
-    store = Store(tmp_path / "agent.db")
-    outbox = Outbox(store, StoreConfig(), link.publish, connected=lambda: True, on_refused=refused.append)
-    link.outbox = outbox
+    refused = []
+    _, store, outbox = threadless(tmp_path, b"refused, then cut on", on_refused=refused.append)
     try:
-        batch = store.batch()
-        batch.publish(Outgoing("t", b"refused, then cut on"))
-        batch.commit()
-        outbox.connection(True)
-        outbox.send_now()
         outbox.published(1, 0x97)
         settle(outbox)
         outbox.send_now()  # the retry, in flight as mid 2
@@ -747,17 +734,9 @@ def test_a_message_acknowledged_but_not_yet_settled_is_never_struck(tmp_path):
     next connections are cut short: that message is no longer on the wire, so no cut is its doing. It
     is settled as delivered, never set aside as `connection_dropped` (an ERROR, a metric and an Event
     saying a delivered message was not) with its delete lost."""
-    link, refused, forgotten = Link(), [], []
-    store = Store(tmp_path / "agent.db")
-    outbox = Outbox(store, StoreConfig(), link.publish, connected=lambda: True, forget=forgotten.append,
-                    on_refused=refused.append)  # no outbox thread: passes by hand
-    link.outbox = outbox
+    refused, forgotten = [], []
+    _, store, outbox = threadless(tmp_path, b"delivered", forget=forgotten.append, on_refused=refused.append)
     try:
-        batch = store.batch()
-        batch.publish(Outgoing("t", b"delivered"))
-        batch.commit()
-        outbox.connection(True)
-        outbox.send_now()
         outbox.published(1, 0x00)  # not settled yet
         outbox.connection(False, 0x82)
         for _ in range(outbox_module.STRIKES):  # connections cut short before any PUBACK
@@ -778,15 +757,9 @@ def test_refusals_for_quota_do_not_count_towards_setting_a_message_aside(tmp_pat
     the quota refusals counted too: a broker under load answering 0x97 a few times and then 0x80 once
     had a deliverable response set aside at once."""
     monkeypatch.setattr("agent.fleet.outbox.RETRY_MIN_S", 0.0)  # every retry is due at once
-    link, refused = Link(), []
-    store = Store(tmp_path / "agent.db")
-    outbox = Outbox(store, StoreConfig(), link.publish, connected=lambda: True, on_refused=refused.append)
-    link.outbox = outbox
+    refused = []
+    link, store, outbox = threadless(tmp_path, b"refused for now", on_refused=refused.append)
     try:
-        batch = store.batch()
-        batch.publish(Outgoing("t", b"refused for now"))
-        batch.commit()
-        outbox.send_now()
         codes = [0x97] * outbox_module.MAX_ATTEMPTS + [0x80] * (outbox_module.MAX_ATTEMPTS - 1)
         for code in codes:
             outbox.published(link.handed[-1][0], code)
