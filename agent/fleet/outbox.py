@@ -65,9 +65,8 @@ class Outbox(Retention):
         self._wall = wall  # the wall clock while it can be trusted, else None: when commands' expiries pass
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._acked: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()
-        self._by_mid: dict[int, int] = {}
-        self._answered: set[int] = set()  # mids in `_by_mid` whose PUBACK came, not yet settled: off the wire
+        self._acked: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()  # (row, reason code) to settle
+        self._by_mid: dict[int, int] = {}  # on the wire: handed to paho, no PUBACK yet (in the order handed)
         self._handed = 0  # highest outbox row handed to paho in this process
         self._retries: dict[int, _Retry] = {}  # row -> when to hand it over again
         self._lock = threading.Lock()
@@ -154,11 +153,12 @@ class Outbox(Retention):
     def published(self, mid: int, code: int = 0) -> None:
         """PUBACK for `mid` (called on the MQTT loop thread: only hands over, never touches SQLite)."""
         with self._lock:
-            if mid in self._by_mid:  # one of ours went through on this connection: no message is poison
-                self._answered.add(mid)
+            n = self._by_mid.pop(mid, None)  # off the wire now, though the pass settling it may lag behind
+            if n is not None:  # one of ours went through on this connection: no message is poison
                 self._acks_this_connection += 1
                 self._strikes = (0, 0)
-        self._acked.put((mid, code))
+        if n is not None:
+            self._acked.put((n, code))
         self._wake.set()
 
     def connection(self, up: bool, reason: int | None = None, short: bool = False) -> None:
@@ -174,8 +174,10 @@ class Outbox(Retention):
                 self._acks_this_connection = 0
             elif reason not in CUT_FOR_A_MESSAGE and not short:
                 self._strikes = (0, 0)
-            elif self._acks_this_connection == 0 and (wire := self._on_the_wire()):
-                head = wire[0]
+            elif self._acks_this_connection == 0 and self._by_mid:
+                # the first row paho resends on a new connection: it resends in the order it was handed
+                # them (a retried row comes after newer rows handed before it)
+                head = next(iter(self._by_mid.values()))
                 row, count = self._strikes
                 self._strikes = (head, count + 1 if row == head else 1)
                 if self._strikes[1] >= STRIKES:
@@ -189,12 +191,6 @@ class Outbox(Retention):
         for mid in struck:
             self._forget(mid)
         self.wake()
-
-    def _on_the_wire(self) -> list[int]:
-        """Under `_lock`: our rows paho holds without a PUBACK, in the order the broker reads them on a
-        new connection: paho resends in the order it was handed them (a retried row comes after newer
-        rows handed before it). Not one whose PUBACK came already (the pass settling it may lag behind)."""
-        return [n for mid, n in self._by_mid.items() if mid not in self._answered]
 
     def stop(self, timeout: float = 3.0) -> None:
         self._stop.set()
@@ -260,14 +256,9 @@ class Outbox(Retention):
         done: list[int] = []
         while True:
             try:
-                mid, code = self._acked.get_nowait()
+                n, code = self._acked.get_nowait()
             except queue.Empty:
                 break
-            with self._lock:
-                n = self._by_mid.pop(mid, None)
-                self._answered.discard(mid)
-            if n is None:
-                continue
             if code < 0x80:
                 done.append(n)
                 self._retries.pop(n, None)
