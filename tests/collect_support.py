@@ -17,9 +17,25 @@ from agent.config.model import AgentConfig, CollectConfig
 from agent.core.runtime import Runtime
 from agent.metrics.collection import CollectionMetrics
 from agent.store.collection import CollectionStore
-from agent.store.sqlite import Store
+from agent.store.sqlite import Outgoing, Store
 from agent.wire.command import Result
 from agent.wire.parse import parse_command
+
+
+class RecordingLink:
+    """The link as the telemetry lane sees it: hands out mids (noted through `on_mid` first, as the real
+    link does under paho's lock) and records what it is handed. `full`: paho cannot take more now."""
+
+    def __init__(self) -> None:
+        self.sent: list[Outgoing] = []
+        self.full = False
+
+    def publish(self, message: Outgoing, on_mid: Callable[[int], None] = lambda mid: None) -> int | None:
+        if self.full:
+            return None
+        self.sent.append(message)
+        on_mid(len(self.sent))
+        return len(self.sent)
 
 
 class Recorder:

@@ -13,12 +13,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from collect_support import plan
 from conftest import DATA
 from mqtt_support import agent_and_backend
 
 from agent.bus.owner import wait_until
 from agent.devtools.local_broker import LocalBroker
 from agent.fleet.link import MqttLink
+from agent.fleet.packets import packet_size
 from agent.fleet.topics import Topics
 from agent.store.sqlite import Outgoing
 from agent.system.service import Service
@@ -198,6 +200,43 @@ def test_message_over_an_unannounced_size_limit_does_not_loop_reconnecting(speci
         assert svc.link.stats.reconnects == reconnects  # no loop once it is set aside
         assert svc.link.stats.taken_over == 0  # cuts explained by a message are not taken for a takeover
         assert svc.store.get(big["id"]).state == "final"
+
+
+def test_a_state_over_an_unannounced_size_limit_is_set_aside_and_the_states_after_it_fit(special_broker,
+                                                                                         mqtt_vehicle, sim):
+    """The telemetry lane publishes states straight to the link. A state carrying an ~8 KiB value over
+    the broker's unannounced `message_size_limit` cut every connection, and paho resent it first on the
+    next one: nothing was published any more, command responses included (the outbox judged cuts
+    only among its own messages). Now the link sets it aside after a few cuts, reported like any
+    message the broker will not take, keeps later messages under a size the broker takes (the next
+    states go without that value), and commands are answered."""
+    with on_special_broker(special_broker, mqtt_vehicle, "message_size_limit 4096\n") as (svc, backend):
+        backend.publish_plan("big", plan("big", 1, signals=[{"component": "engine", "every_ms": 300,
+                                                            "data": ["big_block", "engine_speed"]}],
+                                         batch={"max_age_ms": 300, "max_samples": 50}))
+        state = backend.topics.state("engine")
+        refused = backend.wait_for(lambda s: s.topic == backend.topics.events and b"publish_refused" in s.payload
+                                   and state.encode() in s.payload, 60)[0].json()
+        assert refused["reason"] == "connection_dropped" and refused["bytes"] > 8192
+        trimmed = backend.wait_for(lambda s: s.topic == state and b"truncated" in s.payload, 30)[0].json()
+        assert trimmed["truncated"] == ["big_block"] and "engine_speed" in trimmed["values"]
+        limit = svc.link.broker_max_packet
+        assert limit is not None and limit < refused["bytes"]
+        # Messages handed to paho before the limit was learned (a telemetry batch with that value) are
+        # struck in their turn (a state published as a connection opens may overtake them): wait for that.
+        assert wait_until(lambda: svc.link.connected and not oversize_in_flight(svc.link, limit), 30)
+        reconnects = svc.link.stats.reconnects
+        body = command()
+        backend.send(body)
+        assert backend.final(body["id"], timeout=15)["status"] == "completed"
+        assert svc.link.stats.reconnects == reconnects  # settled
+        assert svc.collection.lane.states_refused >= 1
+        assert svc.registry.get_sample_value("sovd_publish_refused_total", {"reason": "connection_dropped"}) >= 1
+
+
+def oversize_in_flight(link: MqttLink, limit: int) -> bool:
+    with link._client._out_message_mutex:
+        return any(packet_size(m.topic, m.payload, None) > limit for m in link._client._out_messages.values())
 
 
 def test_commands_left_queued_by_a_crash_wait_for_room_after_the_restart(mqtt_vehicle, sim, backend):

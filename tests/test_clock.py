@@ -98,7 +98,7 @@ def test_wall_clock_step_never_forgets_an_id_early_nor_drops_an_undelivered_resp
     clock = Clock(tmp_path / "clock.json", wall=hands.wall, monotonic=hands.mono)
     store = Store(tmp_path / "agent.db", now=clock.agent_now)
     config = StoreConfig(ledger_retention_s=7 * 86400, outbox_max_messages=100, outbox_max_age_s=7 * 86400)
-    outbox = Outbox(store, config, publish=lambda message: None, connected=lambda: False)
+    outbox = Outbox(store, config, publish=lambda message, on_mid: None, connected=lambda: False)
     batch = store.batch()
     batch.add_command(Entry("old-1", "final", {}, "t", None, hands.wall(), None, 2, {"id": "old-1"}))
     batch.publish(Outgoing("sovd/V/responses/old-1", b"{}", None, "old-1"))

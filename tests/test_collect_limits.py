@@ -14,7 +14,7 @@ import logging
 from collections.abc import Iterator
 
 import pytest
-from collect_support import plan
+from collect_support import RecordingLink, plan
 from mqtt_support import agent_and_backend
 
 from agent.bus.owner import wait_until
@@ -22,7 +22,7 @@ from agent.devtools.local_broker import LocalBroker
 from agent.fleet.caller import Caller
 from agent.fleet.lane import TelemetryLane
 from agent.store.collection import CollectionStore
-from agent.store.sqlite import Outgoing, Store
+from agent.store.sqlite import Store
 from agent.system.service import Service
 from agent.wire import messages as m
 
@@ -116,18 +116,20 @@ def test_a_state_that_cannot_fit_at_all_is_set_aside_once_and_the_next_goes(tmp_
     here run it on Mosquitto). A state whose faults alone exceed the limit is set aside, counted, logged
     once; the component after it is published, and the lane does not retry the set-aside one."""
     store = Store(tmp_path / "agent.db")
-    sent: list[Outgoing] = []
+    link = RecordingLink()
     counted: list[tuple[str, str]] = []
     try:
         tables = CollectionStore(store)
         faults = [{"code": f"P{n:04d}", "status": {"raw": "0x09"}} for n in range(200)]
         tables.put_states([("body", "s/body", m.encode(m.state_message("body", 1.0, {}, faults))),
                            ("engine", "s/engine", m.encode(m.state_message("engine", 1.0, {"x": (1, 1.0)}, None)))])
-        lane = TelemetryLane(tables, lambda out: sent.append(out) or len(sent), lambda: True, lambda: None,
+        lane = TelemetryLane(tables, link.publish, lambda: True, lambda: None,
                              limit=lambda topic: 4096, on_oversize=lambda c, how: counted.append((c, how)))
-        assert lane.pass_once() is False
-        assert [o.topic for o in sent] == ["s/engine"] and counted == [("body", "set_aside")]
-        assert tables.unsent_states() == [] and lane.states_set_aside == 1
-        assert lane.pass_once() is False and len(sent) == 1
+        assert lane.pass_once() is True  # the engine's state awaits its PUBACK
+        assert [o.topic for o in link.sent] == ["s/engine"] and counted == [("body", "set_aside")]
+        assert [row.component for row in tables.unsent_states()] == ["engine"] and lane.states_set_aside == 1
+        lane.published(1, 0x00)
+        assert lane.pass_once() is False and len(link.sent) == 1
+        assert tables.unsent_states() == []
     finally:
         store.close()

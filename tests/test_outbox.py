@@ -26,15 +26,16 @@ class Link:
         self.outbox: Outbox | None = None
         self._lock = threading.Lock()
 
-    def publish(self, message: Outgoing) -> int | None:
+    def publish(self, message: Outgoing, on_mid=lambda mid: None) -> int | None:
         if self.full:  # paho cannot take more now
             return None
         size = packet_size(message.topic, message.payload, message.correlation)
         if self.max_packet is not None and size > self.max_packet:
             raise PacketTooLargeError(size, self.max_packet)
-        with self._lock:
+        with self._lock:  # as the real link does under paho's lock: noted before any PUBACK can come
             mid = len(self.handed) + 1
             self.handed.append((mid, message))
+            on_mid(mid)
         return mid
 
     def answer(self, code: int, after: int = 0) -> None:
@@ -70,7 +71,6 @@ def threadless(tmp_path, *payloads, connected=lambda: True, **options):
         batch = store.batch()
         batch.publish(Outgoing("t", payload))
         batch.commit()
-    outbox.connection(True)
     outbox.send_now()
     return link, store, outbox
 
@@ -206,7 +206,7 @@ def test_send_now_hands_stored_messages_over_on_the_calling_thread_in_order(tmp_
     older stored ones first; with the link down nothing is handed over and nothing is lost."""
     link, threads = Link(), []
     publish = link.publish
-    link.publish = lambda message: threads.append(threading.current_thread().name) or publish(message)
+    link.publish = lambda message, on_mid: threads.append(threading.current_thread().name) or publish(message, on_mid)
     store = Store(tmp_path / "agent.db")
     up = [False]
     outbox = Outbox(store, StoreConfig(), link.publish, connected=lambda: up[0])
@@ -584,35 +584,29 @@ def test_a_deferred_message_stored_by_a_commit_round_that_fails_half_way_is_read
 
 
 def settle(outbox: Outbox) -> None:
-    """What the outbox thread's pass does before it hands over: PUBACKs and connection strikes."""
+    """What the outbox thread's pass does before it hands over: PUBACKs and messages the link struck."""
     with outbox._pass:
         outbox._settle_acks()
         outbox._judge_strikes()
 
 
-def test_the_message_the_broker_cuts_the_connection_on_is_set_aside_not_an_older_retried_one(tmp_path, monkeypatch):
-    """paho resends what it holds in the order it was handed over, so a retried row (refused for now,
-    handed again later) comes after newer rows on every new connection. When one of those newer rows
-    makes the broker cut each connection before any PUBACK, that row is the one set aside; the retried
-    row, older but read by the broker after it, stays to be delivered. Once, the oldest row in flight
-    was blamed: the retry was set aside as `connection_dropped` and the poison kept cutting."""
+def test_a_message_the_link_struck_is_set_aside_and_a_retried_one_stays(tmp_path, monkeypatch):
+    """The link judges which message the broker cuts connections on (test_cuts.py: the first paho
+    resends, whoever published it). The outbox sets that row aside as `connection_dropped`; its other
+    rows, a retried one included, stay to be delivered."""
     monkeypatch.setattr("agent.fleet.outbox.RETRY_MIN_S", 0.0)  # the retry is due at once
-    refused, forgotten = [], []
-    link, store, outbox = threadless(tmp_path, b"refused for now", b"poison", forget=forgotten.append,
-                                     on_refused=refused.append)  # mid 1: refused for now, mid 2: poison
+    refused = []
+    link, store, outbox = threadless(tmp_path, b"refused for now", b"poison", on_refused=refused.append)
     try:
         outbox.published(1, 0x97)
         settle(outbox)
-        outbox.connection(False, 0x82)  # cut on the poison, after a PUBACK: no strike
-        outbox.connection(True)
-        outbox.send_now()  # the retry: mid 3, behind mid 2 in paho's session
+        outbox.send_now()  # the retry: mid 3
         assert [message.payload for _, message in link.handed] == [b"refused for now", b"poison", b"refused for now"]
-        for _ in range(outbox_module.STRIKES):  # paho resends mid 2 first: cut before any PUBACK
-            outbox.connection(False, 0x82)
-            settle(outbox)
-            outbox.connection(True)
-        assert forgotten == [2]
-        assert [r.row.message.payload for r in refused] == [b"poison"]
+        outbox.struck(2)
+        outbox.struck(99)  # not the outbox's: nothing happens
+        settle(outbox)
+        assert [r.message.payload for r in refused] == [b"poison"]
+        assert [r.reason for r in refused] == ["connection_dropped"]
         assert [row.message.payload for row in store.pending(0, 10)] == [b"refused for now"]
         outbox.published(3, 0x00)
         settle(outbox)
@@ -672,8 +666,7 @@ def test_a_retried_row_the_bounds_dropped_leaves_no_retry_behind(tmp_path, monke
 
 
 def test_a_struck_row_that_was_a_retry_leaves_no_retry_behind(tmp_path, monkeypatch):
-    """A row refused for now, handed over again, then set aside after STRIKES connections cut on it:
-    its retry entry goes with it."""
+    """A row refused for now, handed over again, then struck by the link: its retry entry goes with it."""
     monkeypatch.setattr("agent.fleet.outbox.RETRY_MIN_S", 0.0)
     refused = []
     _, store, outbox = threadless(tmp_path, b"refused, then cut on", on_refused=refused.append)
@@ -681,11 +674,7 @@ def test_a_struck_row_that_was_a_retry_leaves_no_retry_behind(tmp_path, monkeypa
         outbox.published(1, 0x97)
         settle(outbox)
         outbox.send_now()  # the retry, in flight as mid 2
-        outbox.connection(False, 0x95)  # cut on it, after the PUBACK of the refusal: no strike yet
-        outbox.connection(True)
-        for _ in range(outbox_module.STRIKES):
-            outbox.connection(False, 0x95)
-            outbox.connection(True)
+        outbox.struck(2)
         settle(outbox)
         assert [r.reason for r in refused] == ["connection_dropped"]
         assert outbox._retries == {}
@@ -730,21 +719,18 @@ def test_a_response_re_cut_into_chunks_is_never_stored_beside_them(tmp_path):
 
 
 def test_a_message_acknowledged_but_not_yet_settled_is_never_struck(tmp_path):
-    """A PUBACK arrived, but the outbox thread has not settled it yet (busy in a long pass) while the
-    next connections are cut short: that message is no longer on the wire, so no cut is its doing. It
-    is settled as delivered, never set aside as `connection_dropped` (an ERROR, a metric and an Event
-    saying a delivered message was not) with its delete lost."""
-    refused, forgotten = [], []
-    _, store, outbox = threadless(tmp_path, b"delivered", forget=forgotten.append, on_refused=refused.append)
+    """A PUBACK arrived, but the outbox thread has not settled it yet (busy in a long pass) when the link
+    strikes the same mid (paho may already have given it to another publisher's message): that message
+    is no longer on the wire, so no cut is its doing. It is settled as delivered, never set aside as
+    `connection_dropped` (an ERROR, a metric and an Event saying a delivered message was not)."""
+    refused = []
+    _, store, outbox = threadless(tmp_path, b"delivered", on_refused=refused.append)
     try:
         outbox.published(1, 0x00)  # not settled yet
-        outbox.connection(False, 0x82)
-        for _ in range(outbox_module.STRIKES):  # connections cut short before any PUBACK
-            outbox.connection(True)
-            outbox.connection(False, None, short=True)
+        outbox.struck(1)
         settle(outbox)
         store.flush()
-        assert forgotten == [] and refused == []
+        assert refused == []
         assert outbox.acknowledged == 1 and store.outbox_stats()[0] == 0
     finally:
         store.close()

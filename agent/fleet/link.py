@@ -7,6 +7,7 @@ kill the network loop.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import random
@@ -26,6 +27,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from agent.config.model import MqttConfig
 from agent.fleet.causes import PahoLog, uninformative
 from agent.fleet.credentials import LinkSetupError, check_key_file, password_of
+from agent.fleet.cuts import STRIKES, CutJudge, first_in_line, learned_limit
 from agent.fleet.inflight import keep_within_receive_maximum
 from agent.fleet.packets import CUT_FOR_A_MESSAGE, Incoming, PacketTooLargeError, packet_size
 from agent.fleet.topics import Topics
@@ -84,7 +86,10 @@ class MqttLink:
     def __init__(self, config: MqttConfig, topics: Topics, client_id: str, status: Callable[[str], bytes],
                  on_command: Callable[[Incoming], None], on_published: Callable[[int, int], None],
                  on_connection: Callable[[bool], None], wall: Callable[[], float] = time.time,
-                 on_plan: Callable[[str, bytes], None] | None = None) -> None:
+                 on_plan: Callable[[str, bytes], None] | None = None,
+                 on_struck: Callable[[int], None] = lambda mid: None) -> None:
+        """`on_published(mid, reason code)`: a PUBACK. `on_struck(mid)`: a message the broker cut
+        connections on (cuts.py), dropped from paho's session: never acknowledged, never resent."""
         self.config = config
         self.topics = topics
         self.client_id = client_id
@@ -95,6 +100,7 @@ class MqttLink:
         self._on_published = on_published
         self._on_connection = on_connection
         self._on_plan = on_plan  # collection plans (retained, on plans/+): only when collection is wired in
+        self._on_struck = on_struck
         self._v5 = config.protocol == "5"
         self._host, self._port, tls = config.host_port_tls
         self._client = mqtt.Client(
@@ -124,11 +130,14 @@ class MqttLink:
         self._thread: threading.Thread | None = None
         self.heartbeat = time.monotonic()
         self.last_error: str | None = None
-        self.broker_max_packet: int | None = None  # from CONNACK; None: the broker announced none
+        self._announced_max_packet: int | None = None  # from CONNACK; None: the broker announced none
+        self._learned_max_packet: int | None = None  # from messages the broker cut the connection on (cuts.py)
         self.broker_receive_maximum = 65535  # from CONNACK: QoS 1 messages it takes unacknowledged
         self.last_disconnect_code: int | None = None  # reason code of the last lost connection (MQTT 5)
         self.last_cut_short = False  # the last connection was lost within FLAP_S of being accepted
         self._unacked: set[int] = set()  # mids of our publishes without a PUBACK yet
+        self._status_mids: set[int] = set()  # the status messages among them (never judged poison)
+        self._cuts = CutJudge()
         self._taken_over = 0  # consecutive connections that ended in a session takeover
         self._flaps = 0  # consecutive connections cut within FLAP_S of being accepted
         self._up_since: float | None = None
@@ -153,6 +162,13 @@ class MqttLink:
     def connected(self) -> bool:
         return self._connected_event.is_set()
 
+    @property
+    def broker_max_packet(self) -> int | None:
+        """The largest packet the broker takes: what it announced, or less once it cut connections on
+        a message it did not take (cuts.py); None when neither says."""
+        known = [n for n in (self._announced_max_packet, self._learned_max_packet) if n is not None]
+        return min(known) if known else None
+
     def wait_connected(self, timeout: float) -> bool:
         return self._connected_event.wait(timeout)
 
@@ -164,9 +180,12 @@ class MqttLink:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def publish(self, message: Outgoing) -> int | None:
+    def publish(self, message: Outgoing, on_mid: Callable[[int], None] | None = None) -> int | None:
         """Hands a QoS 1 message to paho; returns its mid (PUBACK comes to on_published with its reason
-        code). Raises PacketTooLargeError when the broker announced a smaller Maximum Packet Size."""
+        code). `on_mid(mid)` is called before that PUBACK can be handled: paho calls on_published under
+        its own lock, held here until `on_mid` has noted the mid (a PUBACK may come back before paho's
+        publish returns; one for a mid not yet noted was once lost, and the message kept as in flight).
+        Raises PacketTooLargeError when the broker's Maximum Packet Size (announced or learned) is smaller."""
         limit = self.broker_max_packet
         if limit is not None and (size := packet_size(message.topic, message.payload, message.correlation)) > limit:
             raise PacketTooLargeError(size, limit)
@@ -174,11 +193,14 @@ class MqttLink:
         if self._v5 and message.correlation is not None:
             properties = Properties(PacketTypes.PUBLISH)
             properties.CorrelationData = message.correlation
-        info = self._client.publish(message.topic, message.payload, qos=1, retain=message.retain,
-                                    properties=properties)
-        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
-            log.warning("publish refused by the client: %s", mqtt.error_string(info.rc))
-            return None
+        with getattr(self._client, "_out_message_mutex", contextlib.nullcontext()):  # an RLock: paho takes it too
+            info = self._client.publish(message.topic, message.payload, qos=1, retain=message.retain,
+                                        properties=properties)
+            if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+                log.warning("publish refused by the client: %s", mqtt.error_string(info.rc))
+                return None
+            if on_mid is not None:
+                on_mid(info.mid)
         self.stats.messages_out += 1
         # Not connected (NO_CONN): paho keeps the message and sends it on the next connection, so it is ours
         # to track like any other. (is_published() raises in that state: a raise here once made the outbox
@@ -312,8 +334,10 @@ class MqttLink:
         if mutex is not None and held is not None:  # what paho still holds (and resends now) is in flight
             with mutex:
                 self._unacked &= set(held)
+                self._status_mids &= set(held)
         self.last_error = self._refusal = self._paho_error = None
-        self.broker_max_packet = getattr(properties, "MaximumPacketSize", None) if self._v5 else None
+        self._announced_max_packet = getattr(properties, "MaximumPacketSize", None) if self._v5 else None
+        self._cuts.connected()
         receive_maximum = getattr(properties, "ReceiveMaximum", None) if self._v5 else None
         self.broker_receive_maximum = receive_maximum or 65535
         keep_within_receive_maximum(client, self.broker_receive_maximum)
@@ -323,10 +347,10 @@ class MqttLink:
             client.subscribe(self.topics.commands, qos=1)
         if self._on_plan is not None:
             client.subscribe(self.topics.plans_filter, qos=1)
-        client.publish(self.topics.status, self._status("online"), qos=1, retain=True)
+        self._status_mids.add(client.publish(self.topics.status, self._status("online"), qos=1, retain=True).mid)
         log.info("connected to broker", extra={"broker": self.config.broker,
                                                "session_present": bool(getattr(flags, "session_present", False)),
-                                               "broker_max_packet": self.broker_max_packet,
+                                               "broker_max_packet": self._announced_max_packet,
                                                "broker_receive_maximum": receive_maximum})
         self._mark(True)
 
@@ -349,8 +373,10 @@ class MqttLink:
         taken_over = self._v5 and self.last_disconnect_code == SESSION_TAKEN_OVER
         # Some brokers (Mosquitto 2.0.11) close the old connection without saying why: a connection
         # accepted and then cut within seconds, again and again, with nothing of ours in flight (a
-        # message the broker will not take is the outbox's to settle), is most likely the same thing.
+        # message the broker will not take is judged by `_judge_cut`), is most likely the same thing.
         flap = self.last_cut_short and not self._unacked and self.last_disconnect_code not in CUT_FOR_A_MESSAGE
+        if not self._stop.is_set():  # our own disconnect, however soon after connecting, says nothing of a message
+            self._judge_cut()
         self._flaps = self._flaps + 1 if flap and not self._stop.is_set() else 0
         self._taken_over = self._taken_over + 1 if taken_over or self._flaps >= FLAPS else 0
         if taken_over or self._flaps == FLAPS:
@@ -361,6 +387,24 @@ class MqttLink:
             log.error(why + ": is a second agent running with this vehicle's config? reconnecting in %.0f s or "
                       "more", self.client_id, TAKEOVER_BACKOFF_S,
                       extra={"broker": self.config.broker, "takeovers": self._taken_over})
+
+    def _judge_cut(self) -> None:
+        """A message first in line when STRIKES connections in a row were cut on it is dropped from paho's
+        session before it reconnects (it would be resent first and cut the next one too), its publisher
+        is told, and later messages are kept under a size the broker takes (cuts.learned_limit)."""
+        first = first_in_line(self._client, self._status_mids)
+        struck = self._cuts.lost(first[0] if first else None, self.last_disconnect_code, self.last_cut_short)
+        if struck is None or first is None:
+            return
+        self.forget(struck)
+        limit = learned_limit(first[1], self._learned_max_packet)
+        if limit is not None:
+            self._learned_max_packet = limit
+            log.warning("the broker cut %d connections in a row on a %d-byte message without announcing a size "
+                        "limit: messages over %d bytes are made smaller or set aside from now on (announce "
+                        "the limit with the broker's max_packet_size)", STRIKES, first[1], limit,
+                        extra={"broker": self.config.broker, "bytes": first[1], "max_packet": limit})
+        self._on_struck(struck)
 
     def _paho_log(self, text: str) -> None:
         self._paho_error = text
@@ -390,4 +434,8 @@ class MqttLink:
     def _published(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
         """PUBACK: the reason code (MQTT 5; 0 for 3.1.1) says whether the broker took the message."""
         self._unacked.discard(mid)
+        if mid in self._status_mids:
+            self._status_mids.discard(mid)
+        else:
+            self._cuts.acknowledged()
         self._on_published(mid, int(getattr(reason, "value", 0) or 0))

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from agent.config.model import StoreConfig
-from agent.fleet.packets import CUT_FOR_A_MESSAGE, PacketTooLargeError
+from agent.fleet.packets import PacketTooLargeError
 from agent.fleet.refusals import CONNECTION_DROPPED, NEVER_PASSES, QUOTA_EXCEEDED, Refusal, reason_name, rechunk
 from agent.fleet.retention import Retention
 from agent.store.sqlite import Outgoing, Pending, Store, StoreError
@@ -31,7 +31,6 @@ IDLE_WAIT_S = 1.0  # the outbox thread reads the outbox at least this often, how
 RETRY_MIN_S = 1.0
 RETRY_MAX_S = 60.0
 MAX_ATTEMPTS = 5  # for refusals that may pass but keep failing (quota exceeded is retried for ever)
-STRIKES = 3  # connections in a row cut before any PUBACK while the same message led the queue
 
 
 @dataclass
@@ -48,7 +47,8 @@ class Outbox(Retention):
     `now` is agent time (the store's stamps): the age bound does not follow wall-clock steps.
     """
 
-    def __init__(self, store: Store, config: StoreConfig, publish: Callable[[Outgoing], int | None],
+    def __init__(self, store: Store, config: StoreConfig,
+                 publish: Callable[[Outgoing, Callable[[int], None]], int | None],
                  connected: Callable[[], bool], now: Callable[[], float] | None = None,
                  forget: Callable[[int], None] = lambda mid: None,
                  on_refused: Callable[[Refusal], None] = lambda refusal: None,
@@ -85,9 +85,7 @@ class Outbox(Retention):
         self._send_due: float | None = None  # stored messages allowed to wait until then (send_soon)
         self._safety_due = time.monotonic() + IDLE_WAIT_S  # the outbox thread reads the outbox by then
         self._thread: threading.Thread | None = None
-        self._acks_this_connection = 0
-        self._strikes: tuple[int, int] = (0, 0)  # (row, connections cut while it led without any PUBACK)
-        self._struck: list[int] = []  # rows forgotten by the link for good, to be set aside by the outbox thread
+        self._struck: list[int] = []  # rows the link dropped for good (cuts.py), to be set aside by the outbox thread
         self.heartbeat = time.monotonic()
         self.dropped = 0
         self.ledger_dropped = 0  # ids forgotten early by the ledger's byte bound
@@ -154,42 +152,18 @@ class Outbox(Retention):
         """PUBACK for `mid` (called on the MQTT loop thread: only hands over, never touches SQLite)."""
         with self._lock:
             n = self._by_mid.pop(mid, None)  # off the wire now, though the pass settling it may lag behind
-            if n is not None:  # one of ours went through on this connection: no message is poison
-                self._acks_this_connection += 1
-                self._strikes = (0, 0)
         if n is not None:
             self._acked.put((n, code))
         self._wake.set()
 
-    def connection(self, up: bool, reason: int | None = None, short: bool = False) -> None:
-        """The link went up or down (MQTT loop thread). A connection the broker cut (for a protocol
-        error or an oversize packet, or within seconds of accepting it) before any PUBACK while the same
-        message led the queue, STRIKES times in a row, marks that message as one the broker will not
-        take (e.g. larger than a `message_size_limit` it does not announce): it is set aside instead of
-        resent for ever. (When the cut comes while the packet is still being written, the broker's
-        reason code never arrives: hence the short-lived connection as the other sign.)"""
-        struck: list[int] = []
+    def struck(self, mid: int) -> None:
+        """The link dropped `mid` for good: the broker cut connection after connection on it (cuts.py).
+        If it is one of ours, its row is set aside by the outbox thread (MQTT loop thread: no SQLite)."""
         with self._lock:
-            if up:
-                self._acks_this_connection = 0
-            elif reason not in CUT_FOR_A_MESSAGE and not short:
-                self._strikes = (0, 0)
-            elif self._acks_this_connection == 0 and self._by_mid:
-                # the first row paho resends on a new connection: it resends in the order it was handed
-                # them (a retried row comes after newer rows handed before it)
-                head = next(iter(self._by_mid.values()))
-                row, count = self._strikes
-                self._strikes = (head, count + 1 if row == head else 1)
-                if self._strikes[1] >= STRIKES:
-                    struck = [mid for mid, n in self._by_mid.items() if n == head]
-                    for mid in struck:
-                        del self._by_mid[mid]
-                    self._struck.append(head)
-                    self._strikes = (0, 0)
-        # Dropped from paho's session here, on the link's own thread before it reconnects: paho resends its
-        # unacknowledged messages first thing on a new connection, and this one would cut it again.
-        for mid in struck:
-            self._forget(mid)
+            n = self._by_mid.pop(mid, None)
+            if n is None:
+                return
+            self._struck.append(n)
         self.wake()
 
     def stop(self, timeout: float = 3.0) -> None:
@@ -289,7 +263,7 @@ class Outbox(Retention):
                            "attempts": retry.attempts})
 
     def _judge_strikes(self) -> None:
-        """Sets aside the messages the link dropped after STRIKES cut connections (see `connection`)."""
+        """Sets aside the messages the link dropped after the broker cut connections on them (`struck`)."""
         with self._lock:
             struck, self._struck = self._struck, []
         for n in struck:
@@ -307,7 +281,7 @@ class Outbox(Retention):
                   f", reason code 0x{code:02X}" if code is not None else "",
                   extra={"topic": row.message.topic, "command_id": row.message.command_id,
                          "bytes": len(row.message.payload), "reason": reason})
-        self._on_refused(Refusal(row, reason, code))
+        self._on_refused(Refusal(row.message, reason, code))
 
     def _row(self, n: int) -> Pending | None:
         rows = self._store.pending(n - 1, 1)
@@ -356,18 +330,19 @@ class Outbox(Retention):
     def _send(self, row: Pending) -> bool:
         """Hands one row to the link; False when the link cannot take more now."""
         try:
-            mid = self._publish(row.message)
+            mid = self._publish(row.message, lambda mid: self._on_the_wire(mid, row.n))
         except PacketTooLargeError as err:
             self._too_large(row, err)
             self._retries.pop(row.n, None)  # it left the outbox (re-cut into chunks, or set aside)
             with self._lock:
                 self._handed = max(self._handed, row.n)
             return True
-        if mid is None:
-            return False  # try again on the next pass
+        return mid is not None  # None: try again on the next pass
+
+    def _on_the_wire(self, mid: int, n: int) -> None:
+        """Called by the link before any PUBACK for `mid` can be handled (under paho's lock)."""
         with self._lock:
-            self._by_mid[mid] = row.n
-        return True
+            self._by_mid[mid] = n
 
     def _too_large(self, row: Pending, err: PacketTooLargeError) -> None:
         """Splits a response into chunks the broker takes, or sets aside what cannot be split."""

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from agent.errors import AgentError
 
 # DISCONNECT reasons a broker gives when it cannot take what we sent (malformed, protocol error, too large):
-# Mosquitto answers a message over its `message_size_limit` this way; a resend would do it again.
+# Mosquitto answers a message over its `message_size_limit` this way; a resend would do it again (cuts.py).
 CUT_FOR_A_MESSAGE = frozenset({0x81, 0x82, 0x95})
 
 

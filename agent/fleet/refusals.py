@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from agent.store.sqlite import Outgoing, Pending
+from agent.store.sqlite import Outgoing
 from agent.wire import messages as m
 
 # PUBACK reason codes (MQTT 5, 3.3.4) and the bounded label values the agent reports them as.
@@ -25,9 +25,10 @@ def reason_name(code: int) -> str:
 
 @dataclass(frozen=True)
 class Refusal:
-    """A message the broker would not take, reported once it is set aside."""
+    """A message the broker would not take, reported once it is set aside (a response or event from the
+    outbox, or a component's state from the telemetry lane)."""
 
-    row: Pending
+    message: Outgoing
     reason: str
     code: int | None
 

@@ -13,6 +13,7 @@ from agent.collect.faults import FaultTracker
 from agent.config.model import AgentConfig
 from agent.core.runtime import Runtime
 from agent.fleet.lane import TelemetryLane
+from agent.fleet.refusals import Refusal
 from agent.fleet.topics import Topics
 from agent.metrics.collection import CollectionMetrics
 from agent.store.collection import CollectionStore
@@ -91,17 +92,18 @@ class Collection:
     """Collection's parts as the daemon runs them: metrics, tables, output, the telemetry lane, the collector."""
 
     def __init__(self, config: AgentConfig, store: Store, runtime: Runtime, topics: Topics, registry: Any,
-                 publish: Callable[[Outgoing], int | None], connected: Callable[[], bool],
+                 publish: Callable[[Outgoing, Callable[[int], None]], int | None], connected: Callable[[], bool],
                  wake_outbox: Callable[[], None], on_reachable: Callable[[str, bool], None],
                  faults: FaultTracker | None = None, clock_mark: Callable[[], dict[str, Any]] = dict,
                  wall: Callable[[], float] = time.time,
-                 broker_limit: Callable[[str], int | None] = lambda topic: None) -> None:
+                 broker_limit: Callable[[str], int | None] = lambda topic: None,
+                 on_refused: Callable[[Refusal], None] = lambda refusal: None) -> None:
         self.metrics = CollectionMetrics(registry, [e.name for e in config.ecus])
         self.tables = CollectionStore(store)
         self.lane = TelemetryLane(self.tables, publish, connected, wake_outbox,
                                   limit=lambda topic: payload_limit(config, broker_limit, topic, reserve=0),
                                   on_oversize=lambda component, how: self.metrics.state_oversize.labels(
-                                      component, how).inc())
+                                      component, how).inc(), on_refused=on_refused)
         self.output = CollectionOutput(config, store, self.tables, topics, self.metrics, self.lane.wake, wake_outbox,
                                        clock_mark)
         fault_sink = self.output.fault_events(faults, clock_mark) if faults is not None else None

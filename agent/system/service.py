@@ -97,7 +97,8 @@ class Service(ServiceHealth, StartMarks, RestartRecovery):
                                       on_change=self._publish_bus_state)
         self.link = MqttLink(config.mqtt, self.topics, config.mqtt.client_id or f"sovd-edge-{config.vehicle}",
                              status=self._status, on_command=self._on_incoming, on_published=self._on_published,
-                             on_connection=self._on_connection, wall=self.clock.wall, on_plan=self._on_plan)
+                             on_connection=self._on_connection, wall=self.clock.wall, on_plan=self._on_plan,
+                             on_struck=self._on_struck)
         self.outbox = Outbox(self.store, config.store, self.link.publish, lambda: self.link.connected,
                              now=self.clock.agent_now, forget=self.link.forget, on_refused=self._on_refused,
                              window=lambda: self.link.broker_receive_maximum,
@@ -105,7 +106,8 @@ class Service(ServiceHealth, StartMarks, RestartRecovery):
         self.collection = Collection(config, self.store, self.runtime, self.topics, self.registry, self.link.publish,
                                      lambda: self.link.connected, self.outbox.wake, on_reachable=self._on_probe,
                                      faults=self.faults, clock_mark=lambda: m.clock_mark(self.clock.synchronized()),
-                                     wall=self.clock.wall, broker_limit=self.link.payload_limit)
+                                     wall=self.clock.wall, broker_limit=self.link.payload_limit,
+                                     on_refused=self._on_refused)
         self.audit = AuditTrail(config, self.topics, self.store.get, on_error=self.metrics.audit_errors.inc,
                                 on_damage=lambda damage: self.metrics.audit_damaged.inc(),
                                 on_lost=lambda how: self.metrics.audit_lost.labels(how).inc())
@@ -166,9 +168,14 @@ class Service(ServiceHealth, StartMarks, RestartRecovery):
 
     def _on_published(self, mid: int, code: int = 0) -> None:
         self.outbox.published(mid, code)
+        self.collection.lane.published(mid, code)
+
+    def _on_struck(self, mid: int) -> None:
+        self.outbox.struck(mid)
+        self.collection.lane.struck(mid)
 
     def _on_connection(self, up: bool) -> None:
-        self.outbox.connection(up, self.link.last_disconnect_code, self.link.last_cut_short)
+        self.outbox.wake()
         self.collection.lane.wake()
 
     def _on_plan(self, name: str, payload: bytes) -> None:
@@ -178,7 +185,7 @@ class Service(ServiceHealth, StartMarks, RestartRecovery):
         """A message the broker will never take was set aside: counted, and reported as an Event
         (unless it was an event itself: that could only be refused again)."""
         self.metrics.publish_refused.labels(refusal.reason).inc()
-        message = refusal.row.message
+        message = refusal.message
         if message.topic == self.topics.events:
             return
         details = {"reason_code": f"0x{refusal.code:02X}"} if refusal.code is not None else {}

@@ -1,0 +1,85 @@
+"""Which message the broker cuts our connections on, and what that says about its size limit.
+
+A broker that will not take a message may close the connection instead of refusing it with a PUBACK
+(Mosquitto does so for a message over a `message_size_limit`, which it does not announce). paho resends
+its unacknowledged messages first thing on every new connection, so that one message would cut every
+connection for ever and silence everything behind it: responses, states, telemetry, whoever published
+it. Judged here, for all of them, from the order paho resends in.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection
+
+import paho.mqtt.client as mqtt
+
+from agent.fleet.packets import CUT_FOR_A_MESSAGE, packet_size
+
+log = logging.getLogger(__name__)
+
+STRIKES = 3  # connections in a row cut before any PUBACK while the same message led paho's resend queue
+MIN_LEARNED_PACKET = 1024  # a cut on a smaller message says nothing about size: never learn a limit below this
+
+
+class CutJudge:
+    """Counts connections cut on the same message. A connection the broker cut for a protocol error or an
+    oversize packet, or within seconds of accepting it, before any PUBACK of ours, while the same message
+    was first in line, is a strike against that message; STRIKES in a row mark it as one the broker will
+    never take. (When the cut comes while the packet is still being written, the broker's reason code
+    never arrives: hence the short-lived connection as the other sign.)"""
+
+    def __init__(self) -> None:
+        self._acked_this_connection = False
+        self._strikes: tuple[int | None, int] = (None, 0)  # (mid first in line, connections cut so far)
+
+    def connected(self) -> None:
+        self._acked_this_connection = False
+
+    def acknowledged(self) -> None:
+        """A PUBACK for one of our messages (not the link's own status): whatever led went through."""
+        self._acked_this_connection = True
+        self._strikes = (None, 0)
+
+    def lost(self, first_in_line: int | None, reason: int | None, short: bool) -> int | None:
+        """The connection was lost with `first_in_line` (a mid) first among the messages paho will resend;
+        returns that mid when this was its STRIKES-th cut in a row (the caller drops it), else None."""
+        if (reason not in CUT_FOR_A_MESSAGE and not short) or first_in_line is None:
+            self._strikes = (None, 0)
+            return None
+        if self._acked_this_connection:
+            return None
+        mid, count = self._strikes
+        count = count + 1 if mid == first_in_line else 1
+        if count >= STRIKES:
+            self._strikes = (None, 0)
+            return first_in_line
+        self._strikes = (first_in_line, count)
+        return None
+
+
+def learned_limit(struck_packet: int, known: int | None) -> int | None:
+    """The Maximum Packet Size to keep to after the broker would not take a `struck_packet`-byte packet
+    (`known`: the limit kept to so far, None for none); None when there is nothing to learn. Half the
+    struck size: the real limit is unknown, and halving finds one under it in a few strikes where one
+    byte less could take hundreds. Never below MIN_LEARNED_PACKET: a small message is not cut for size."""
+    if struck_packet <= MIN_LEARNED_PACKET:
+        return None
+    limit = max(MIN_LEARNED_PACKET, struck_packet // 2)
+    return limit if known is None or limit < known else None
+
+
+def first_in_line(client: mqtt.Client, skip: Collection[int]) -> tuple[int, int] | None:
+    """(mid, packet bytes) of the first QoS 1 message paho holds unacknowledged, other than `skip` (the
+    link's status messages: published after the resends on each connection, and small): the message
+    paho resends first on the next connection. paho has no public call for this; None without its
+    internals (then nothing is ever judged poison, and such a message keeps cutting: logged)."""
+    try:
+        with client._out_message_mutex:
+            for mid, message in client._out_messages.items():
+                if message.qos > 0 and mid not in skip:
+                    return mid, packet_size(message.topic, message.payload, None)
+    except AttributeError as err:
+        log.error("cannot see paho's unacknowledged messages (%s); a message the broker cuts the "
+                  "connection on is not recognised", err)
+    return None

@@ -1,0 +1,146 @@
+"""Which message the broker cuts our connections on (agent/fleet/cuts.py), and the link around it.
+
+The judge and the limit it learns are plain logic; `first_in_line` reads a real paho client's session
+(messages published while not connected wait there, in order, as they would be resent). The link's
+tests run against a real Mosquitto: one with an unannounced `message_size_limit` that cuts the
+connection on a message over it, as the failure happens in the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+import time
+import uuid
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from agent.bus.owner import wait_until
+from agent.devtools.local_broker import LocalBroker
+from agent.fleet.cuts import MIN_LEARNED_PACKET, STRIKES, CutJudge, first_in_line, learned_limit
+from agent.fleet.link import MqttLink
+from agent.fleet.packets import PacketTooLargeError, packet_size
+from agent.fleet.topics import Topics
+from agent.store.sqlite import Outgoing
+
+PROTOCOL_ERROR = 0x82
+
+
+def test_the_same_message_first_in_line_when_strikes_connections_are_cut_before_any_puback_is_struck():
+    judge = CutJudge()
+    for _ in range(STRIKES - 1):
+        judge.connected()
+        assert judge.lost(7, PROTOCOL_ERROR, short=False) is None
+    judge.connected()
+    assert judge.lost(7, PROTOCOL_ERROR, short=False) == 7
+    judge.connected()
+    assert judge.lost(7, PROTOCOL_ERROR, short=False) is None  # counted afresh after a strike
+
+
+def test_a_puback_another_message_first_or_a_cut_for_no_message_starts_the_count_again():
+    judge = CutJudge()
+    judge.connected()
+    judge.lost(7, PROTOCOL_ERROR, short=False)
+    judge.connected()
+    judge.acknowledged()  # something of ours went through on this connection: not a strike
+    assert judge.lost(7, PROTOCOL_ERROR, short=False) is None
+    for first in (7, 7, 8, 8):  # another message first in line counts from 1
+        judge.connected()
+        assert judge.lost(first, PROTOCOL_ERROR, short=False) is None
+    judge.connected()
+    assert judge.lost(8, None, short=False) is None  # a keepalive timeout, a network loss: not the message's doing
+    for _ in range(STRIKES - 1):
+        judge.connected()
+        assert judge.lost(8, None, short=True) is None  # cut within seconds, no reason code: a strike
+    judge.connected()
+    assert judge.lost(8, None, short=True) == 8
+    judge.connected()
+    assert judge.lost(None, PROTOCOL_ERROR, short=True) is None  # nothing in flight: nobody to blame
+
+
+def test_the_limit_learned_is_half_the_struck_size_never_below_the_floor_and_only_ever_lower():
+    assert learned_limit(8400, None) == 4200
+    assert learned_limit(8400, 4000) is None  # what is kept to already is lower
+    assert learned_limit(6000, 4200) == 3000
+    assert learned_limit(MIN_LEARNED_PACKET + 100, None) == MIN_LEARNED_PACKET
+    assert learned_limit(MIN_LEARNED_PACKET, None) is None  # a small message is not cut for its size
+
+
+def test_first_in_line_is_the_oldest_unacknowledged_qos1_message_paho_holds_skipping_the_status():
+    """paho (not connected) keeps what it is given and resends it in that order on the next connection."""
+    client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id="cuts-test",
+                         protocol=mqtt.MQTTv5)
+    status = client.publish("v/status", b"online", qos=1, retain=True).mid
+    first = client.publish("v/state/engine", b"x" * 5000, qos=1, retain=True).mid
+    client.publish("v/responses/a", b"{}", qos=1)
+    assert first_in_line(client, {status}) == (first, packet_size("v/state/engine", b"x" * 5000, None))
+    assert first_in_line(client, set()) == (status, packet_size("v/status", b"online", None))
+    assert first_in_line(object(), set()) is None  # a paho without these internals: logged, nobody struck
+
+
+@pytest.fixture
+def size_limited(tmp_path, mqtt_vehicle):
+    """A link (the agent's, alone) to a Mosquitto with an unannounced `message_size_limit` of 4096; yields
+    (link, topics, PUBACKs as (mid, code), struck mids)."""
+    broker = LocalBroker(tmp_path / "broker", extra="message_size_limit 4096\n").start()
+    mqtt_config = dataclasses.replace(mqtt_vehicle.mqtt, broker=broker.url)
+    topics = Topics(mqtt_config.prefix, mqtt_vehicle.vehicle)
+    acks: list[tuple[int, int]] = []
+    struck: list[int] = []
+    link = MqttLink(mqtt_config, topics, f"cuts-{uuid.uuid4().hex[:8]}",
+                    status=lambda state: json.dumps({"state": state}).encode(), on_command=lambda incoming: None,
+                    on_published=lambda mid, code: acks.append((mid, code)), on_connection=lambda up: None,
+                    on_struck=struck.append)
+    link.start()
+    try:
+        assert link.wait_connected(10), link.last_error
+        yield link, topics, acks, struck
+    finally:
+        link.stop()
+        broker.stop()
+
+
+def test_a_message_the_broker_cuts_every_connection_on_is_dropped_and_its_publisher_told(size_limited):
+    """Whoever published it (here: nobody but the test, as the telemetry lane publishes a state straight
+    to the link): after STRIKES cut connections it is dropped from paho's session, `on_struck` names it,
+    a limit under its size is kept to from then on, and the link settles. Once, only the outbox judged
+    cuts, and only among its own messages: a state over the limit cut every connection for ever."""
+    link, topics, acks, struck = size_limited
+    big = Outgoing(topics.state("engine"), b"x" * 8000, retain=True)
+    mid = link.publish(big)
+    assert wait_until(lambda: struck == [mid], 30)
+    assert link.broker_max_packet == packet_size(big.topic, big.payload, None) // 2
+    with pytest.raises(PacketTooLargeError):
+        link.publish(big)  # the same again is made smaller by its publisher, or set aside
+    assert link.wait_connected(10)
+    reconnects = link.stats.reconnects
+    small = link.publish(Outgoing(topics.state("engine"), b"y" * 1000, retain=True))
+    assert wait_until(lambda: small in [m for m, code in acks if code < 0x80], 10)  # 0x10: nobody subscribed
+    assert link.stats.reconnects == reconnects and mid not in [m for m, _ in acks]
+
+
+def test_the_publisher_notes_a_mid_before_its_puback_can_be_handled(size_limited):
+    """paho may have the PUBACK back before its publish returns to a descheduled thread (here: made to
+    wait 0.3 s right after paho wrote the packet). Once, a PUBACK for a mid the outbox had not noted yet
+    was dropped, and the message stayed in flight for the life of the process: it took a place in the
+    broker's Receive Maximum for good, and once all of them were taken nothing more was published."""
+    link, topics, acks, _ = size_limited
+    assert wait_until(lambda: acks, 5)  # the status's: nothing else in flight
+    noted: set[int] = set()
+    seen_noted: list[bool] = []
+    link._on_published = lambda mid, code: seen_noted.append(mid in noted)
+
+    def slow_note(mid: int) -> None:
+        time.sleep(0.3)
+        noted.add(mid)
+
+    threads = [threading.Thread(target=link.publish, args=(Outgoing(topics.responses(f"r{n}"), b"{}"), slow_note))
+               for n in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert wait_until(lambda: len(seen_noted) == 3, 10)
+    assert seen_noted == [True, True, True]
