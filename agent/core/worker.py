@@ -263,8 +263,14 @@ class ComponentWorker:
         budget_ms = command.timeout_ms or self.ecu.timing.request_ms
         if self._on_ahead is not None and self._next is None and not self._halting:
             self._take_ahead()
-        outcome = self.executor.execute(command.params, time.monotonic() + budget_ms / 1000, command.addressing)
-        self.in_flight, self.busy_since = None, None
+        try:
+            outcome = self.executor.execute(command.params, time.monotonic() + budget_ms / 1000, command.addressing)
+        except Exception as err:  # the executor promises not to raise: a bug still ends in a final, not in silence
+            log.exception("executing %s failed", command.id,
+                          extra=command_fields(command.id, command.component, command.command))
+            outcome = Outcome.failure(Status.FAILED, ErrorCode.INTERNAL, f"{type(err).__name__}: {err}")
+        finally:
+            self.in_flight, self.busy_since = None, None
         self._emit(command, outcome, started)
 
     def _record_start(self, command: Command, mark: Callable[[], BaseException | None] | None) -> BaseException | None:

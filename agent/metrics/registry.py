@@ -113,6 +113,9 @@ class AgentMetrics:
         self.store_recoveries = Counter("sovd_store_recoveries",
                                         "Damaged stores found at start, moved aside and replaced by empty ones.",
                                         ["reason"], registry=registry)
+        self.finish_errors = Counter("sovd_finish_errors",
+                                     "Unexpected exceptions building a command's final response; the command is "
+                                     "answered failed/internal instead.", registry=registry)
         self.intake_errors = Counter("sovd_intake_errors",
                                      "Unexpected exceptions on one command message (each refused alone), by stage.",
                                      ["stage"], registry=registry)

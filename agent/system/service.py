@@ -37,7 +37,7 @@ from agent.system.health import ServiceHealth
 from agent.system.restart import RestartRecovery
 from agent.system.startmarks import StartMarks
 from agent.wire import messages as m
-from agent.wire.command import Command, Result, Status, command_fields
+from agent.wire.command import Command, ErrorCode, Outcome, Result, Status, command_fields
 from agent.wire.messages import response_message
 
 if TYPE_CHECKING:
@@ -254,22 +254,15 @@ class Service(ServiceHealth, StartMarks, RestartRecovery):
         self._started_at_intake.discard(entry.id)  # ended without running (expired, refused) or ran
         self._entries.pop(entry.id, None)
         self._marked_ahead.discard(entry.id)
-        final = {**response_message(result, seq=entry.seq + 1), **m.clock_mark(self.clock.synchronized())}
-        largest = self.config.mqtt.max_payload_bytes
-        broker = self.link.payload_limit(entry.reply_topic, entry.correlation)  # when the broker announced one
-        encoded = m.encode_final(final, min(largest, broker) if broker is not None else largest)
-        pieces = [message for message, _ in encoded]
-        messages = [Outgoing(entry.reply_topic, payload, entry.correlation, entry.id) for _, payload in encoded]
-        batch = self.store.batch()
-        events = self._observe_faults(entry, result, batch)  # ahead of the response: a backend that has the
-        for message in messages:                             # answer has heard of the changes it shows
-            batch.publish(message)
-        self.audit.finished(entry, result, batch)
-        error = result.outcome.error
-        if error is not None and error.code.transient:
-            batch.forget(entry.id)  # "not now": the same id sent again is a fresh attempt
-        else:
-            batch.set_state(entry.id, "final", seq=pieces[-1]["seq"], final_message=final)
+        try:
+            batch, final, messages, events = self._final_batch(entry, result)
+        except Exception as err:  # a bug building this result (a value the encoder chokes on): still one final
+            log.exception("building the final response failed; answered failed/internal instead",
+                          extra=command_fields(entry.id, result.component, result.command))
+            self.metrics.finish_errors.inc()
+            result = dataclasses.replace(result, outcome=Outcome.failure(
+                Status.FAILED, ErrorCode.INTERNAL, f"the agent could not build this result: {type(err).__name__}"))
+            batch, final, messages, events = self._final_batch(entry, result)
 
         def stored(error: BaseException | None) -> None:
             # published by the thread that committed it; when it went around the store, what this command
@@ -296,8 +289,30 @@ class Service(ServiceHealth, StartMarks, RestartRecovery):
                 stored(None)
         duration = result.finished_at - result.started_at if result.started_at is not None else None
         self._count_final(final, duration)
-        if len(pieces) > 1:
-            self.metrics.chunks.inc(len(pieces) - 1)
+        if len(messages) > 1:
+            self.metrics.chunks.inc(len(messages) - 1)
+
+    def _final_batch(self, entry: Entry,
+                     result: Result) -> tuple[Batch, dict[str, Any], list[Outgoing], list[Outgoing]]:
+        """The final response's statements (response, fault events, audit record, ledger state), not committed:
+        (batch, final message, its messages, the events)."""
+        final = {**response_message(result, seq=entry.seq + 1), **m.clock_mark(self.clock.synchronized())}
+        largest = self.config.mqtt.max_payload_bytes
+        broker = self.link.payload_limit(entry.reply_topic, entry.correlation)  # when the broker announced one
+        encoded = m.encode_final(final, min(largest, broker) if broker is not None else largest)
+        pieces = [message for message, _ in encoded]
+        messages = [Outgoing(entry.reply_topic, payload, entry.correlation, entry.id) for _, payload in encoded]
+        batch = self.store.batch()
+        events = self._observe_faults(entry, result, batch)  # ahead of the response: a backend that has the
+        for message in messages:                             # answer has heard of the changes it shows
+            batch.publish(message)
+        self.audit.finished(entry, result, batch)
+        error = result.outcome.error
+        if error is not None and error.code.transient:
+            batch.forget(entry.id)  # "not now": the same id sent again is a fresh attempt
+        else:
+            batch.set_state(entry.id, "final", seq=pieces[-1]["seq"], final_message=final)
+        return batch, final, messages, events
 
     def _observe_faults(self, entry: Entry, result: Result, batch: Batch) -> list[Outgoing]:
         """A completed `read_faults`: its fault_changed Events and the component's new fault set into `batch`
