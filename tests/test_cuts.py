@@ -144,3 +144,64 @@ def test_the_publisher_notes_a_mid_before_its_puback_can_be_handled(size_limited
         thread.join(10)
     assert wait_until(lambda: len(seen_noted) == 3, 10)
     assert seen_noted == [True, True, True]
+
+
+@pytest.fixture
+def plain_link(tmp_path, mqtt_vehicle):
+    """A link (the agent's, alone) to a Mosquitto of the test's own, without limits; yields (link, topics,
+    PUBACKs as (mid, code), the broker)."""
+    broker = LocalBroker(tmp_path / "broker").start()
+    mqtt_config = dataclasses.replace(mqtt_vehicle.mqtt, broker=broker.url)
+    topics = Topics(mqtt_config.prefix, mqtt_vehicle.vehicle)
+    acks: list[tuple[int, int]] = []
+    link = MqttLink(mqtt_config, topics, f"writes-{uuid.uuid4().hex[:8]}",
+                    status=lambda state: json.dumps({"state": state}).encode(), on_command=lambda incoming: None,
+                    on_published=lambda mid, code: acks.append((mid, code)), on_connection=lambda up: None)
+    link.start()
+    try:
+        assert link.wait_connected(10), link.last_error
+        yield link, topics, acks, broker
+    finally:
+        link.stop()
+        broker.stop()
+
+
+def test_only_the_loop_thread_writes_to_the_broker_socket(plain_link):
+    """The outbox, the telemetry lane, intake and the workers publish from their own threads. paho (run by
+    our own `loop()` calls, not `loop_start()`) wrote each packet on the publishing thread, concurrently with
+    the loop thread writing what a partial write left: the bytes of two packets interleaved, and Mosquitto
+    cut the connection ("disconnected due to malformed packet", seen under load with large responses), which
+    the cut judge then counts against the innocent message first in line. A publisher whose write failed
+    also ran the disconnect callbacks holding paho's message lock while the loop thread, in its own
+    disconnect callback, waited for that lock (a deadlock). paho's socket write is spied on (the real write
+    still happens) to see which thread makes it: only the loop thread may."""
+    link, topics, acks, _ = plain_link
+    assert wait_until(lambda: acks, 5)  # the status's
+    writers: set[str] = set()
+    client = link._client
+    send = client._sock_send
+
+    def spy(buf: bytes) -> int:
+        writers.add(threading.current_thread().name)
+        return send(buf)
+
+    client._sock_send = spy
+    publishers = [threading.Thread(target=lambda k=k: [link.publish(Outgoing(topics.responses(f"r{k}-{n}"),
+                                                                             b"x" * 200_000)) for n in range(5)],
+                                   name=f"publisher-{k}") for k in range(3)]
+    for thread in publishers:
+        thread.start()
+    for thread in publishers:
+        thread.join(30)
+    assert wait_until(lambda: len(acks) == 16, 30), len(acks)
+    assert writers == {"mqtt-loop"}
+    assert link.stats.reconnects == 0
+
+
+def test_a_clean_stop_still_says_disconnect_to_the_broker(plain_link):
+    """The DISCONNECT of a clean stop is written by the loop thread, or by the stopping thread once the loop
+    thread is gone: the broker sees a clean disconnect, not a lost connection (its Last Will)."""
+    link, _, _, broker = plain_link
+    link.stop()
+    assert wait_until(lambda: f"Client {link.client_id} disconnected." in broker.log_file.read_text(), 5), \
+        broker.log_file.read_text()[-500:]

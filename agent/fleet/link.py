@@ -68,6 +68,16 @@ def _no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
         log.warning("cannot set TCP_NODELAY on the broker connection: %s", err)
 
 
+def _written_by_the_loop(client: mqtt.Client, userdata: Any, sock: Any) -> None:
+    """Set as paho's `on_socket_register_write`: with it, a publish (ack, disconnect) from another thread only
+    queues its packet and wakes the loop thread, which writes it. Without it paho writes to the socket on the
+    calling thread (we run `loop()` ourselves, not `loop_start()`), concurrently with the loop thread and the
+    other publishers: a partial write of a large packet interleaved with another packet's bytes, and the
+    broker cut the connection for a malformed packet (then judged the message's fault, cuts.py); and a
+    publisher whose write failed ran the disconnect callbacks holding paho's message lock, waiting for the
+    callback lock the loop thread held while it waited for that message lock (a deadlock)."""
+
+
 def _guarded(method: Callable[..., None]) -> Callable[..., None]:
     @functools.wraps(method)
     def wrapper(self: MqttLink, *args: Any) -> None:
@@ -123,6 +133,7 @@ class MqttLink:
         self._client.on_message = self._message
         self._client.on_publish = self._published
         self._client.on_socket_open = _no_delay
+        self._client.on_socket_register_write = _written_by_the_loop
         self._paho_error: str | None = None  # paho's last error line: the real cause behind a disconnect
         self._refusal: str | None = None
         self._connected_event = threading.Event()
@@ -243,9 +254,11 @@ class MqttLink:
             while not info.is_published() and time.monotonic() < deadline and self.connected:
                 time.sleep(0.02)
         self._stop.set()
-        self._client.disconnect()
+        self._client.disconnect()  # queued: the loop thread writes it, if it still runs
         if self._thread is not None:
             self._thread.join(timeout)
+        if not self.alive and self._client.want_write():  # it stopped first: the only writer now is this thread
+            self._client.loop_write()
 
     # ---- the loop ------------------------------------------------------------------------------
     def _run(self) -> None:
