@@ -205,3 +205,35 @@ def test_a_clean_stop_still_says_disconnect_to_the_broker(plain_link):
     link.stop()
     assert wait_until(lambda: f"Client {link.client_id} disconnected." in broker.log_file.read_text(), 5), \
         broker.log_file.read_text()[-500:]
+
+
+def test_messages_held_over_a_learned_limit_are_withdrawn_at_once_not_cut_on_one_by_one(size_limited):
+    """Two messages over the broker's unannounced limit were handed to paho before any cut (a response and
+    its neighbour, a state and a telemetry batch). Once the first is struck and a limit learned, the second
+    is over it too: it was kept in paho's session and cut STRIKES more connections before it was struck in
+    its turn (every response waited meanwhile). Now it is withdrawn with the first and handed back to its
+    publisher (here: nobody, so the link logs it), to be made smaller or set aside as if the broker had
+    announced the limit."""
+    link, topics, _, struck = size_limited
+    withdrawn: list[tuple[int, int, int]] = []
+    link._on_too_large = lambda mid, size, limit: bool(withdrawn.append((mid, size, limit)))
+    first = link.publish(Outgoing(topics.state("engine"), b"x" * 8000, retain=True))
+    second = link.publish(Outgoing(topics.responses("r1"), b"y" * 6000))
+    assert wait_until(lambda: struck == [first], 30)
+    limit = link.broker_max_packet
+    assert withdrawn == [(second, packet_size(topics.responses("r1"), b"y" * 6000, None), limit)]
+    assert link.wait_connected(10)
+    assert link.stats.reconnects == STRIKES
+    assert not wait_until(lambda: link.stats.reconnects > STRIKES, 2)
+
+
+def test_a_struck_message_nobody_tracks_is_logged_as_lost(size_limited, caplog):
+    """A message sent around the store (an event or response while the store fails) is tracked by neither
+    the outbox nor the lane: when the link struck it, nobody said it was lost (no log line, no count)."""
+    link, topics, _, struck = size_limited
+    big = Outgoing(topics.events, b"x" * 8000)
+    mid = link.publish(big)
+    with caplog.at_level("ERROR", logger="agent.fleet.link"):
+        assert wait_until(lambda: struck == [mid], 30)
+    lost = [r for r in caplog.records if r.levelname == "ERROR" and getattr(r, "topic", None) == topics.events]
+    assert len(lost) == 1 and lost[0].reason == "connection_dropped" and link.stats.dropped == 1

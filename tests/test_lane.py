@@ -118,3 +118,17 @@ def test_a_state_the_link_cannot_take_now_stays_unsent_for_the_next_pass(lane_on
     assert lane.pass_once() is True and link.sent == []
     link.full = False
     assert lane.pass_once() is True and values(link) == [1]
+
+
+def test_a_state_the_link_withdraws_as_over_a_limit_learned_later_goes_again_unsent_till_then(lane_on):
+    """The link learned the broker's limit from its cuts after this state was published and took it back
+    (`too_large`): it is neither acknowledged nor refused, stays unsent and goes again on the next pass
+    (made to fit the limit then); a mid not the lane's is not claimed."""
+    lane, link, tables, refused = lane_on()
+    put_state(tables, "engine", 1)
+    lane.pass_once()
+    assert lane.too_large(1, 9000, 4000) is True
+    assert lane.too_large(7, 9000, 4000) is False
+    assert lane.pass_once() is True and values(link) == [1, 1]
+    lane.published(2, 0x00)
+    assert lane.pass_once() is False and tables.unsent_states() == [] and not refused

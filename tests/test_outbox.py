@@ -758,3 +758,27 @@ def test_refusals_for_quota_do_not_count_towards_setting_a_message_aside(tmp_pat
         assert outbox._retries == {}
     finally:
         store.close()
+
+
+def test_a_response_the_link_withdraws_as_over_a_limit_learned_later_is_sent_in_chunks(tmp_path):
+    """Handed over before the link learned the broker's limit from its cuts (cuts.py), a response over that
+    limit is taken back by the link (`too_large`): it is re-cut into chunks and sent again, not left in
+    paho's session to cut STRIKES more connections and then be set aside."""
+    link, refused = Link(), []
+    final = {"id": "big", "component": "engine", "command": "read_data", "status": "completed", "final": True,
+             "seq": 2, "result": {"values": {"blob": {"raw": "ab" * 3000}}}}
+    message = Outgoing("sovd/V/responses/big", m.encode(final), None, "big")
+    store, outbox = pump(tmp_path, link, refused, message)
+    try:
+        assert wait_until(lambda: len(link.handed) == 1, 5)
+        link.max_packet = 1500  # learned by the link from the cuts on another message
+        assert outbox.too_large(1, packet_size(message.topic, message.payload, None), 1500)
+        assert not outbox.too_large(99, 5000, 1500)  # not one of the outbox's: the link says so itself
+        assert wait_until(lambda: len(link.handed) > 2 and json.loads(link.handed[-1][1].payload)["final"], 5)
+        link.answer(0x00, after=1)
+        assert wait_until(lambda: store.outbox_stats()[0] == 0, 5)
+        assert outbox._retries == {} and not refused
+    finally:
+        outbox.stop()
+        store.close()
+    assert all(packet_size(m_.topic, m_.payload, None) <= 1500 for _, m_ in link.handed[1:])

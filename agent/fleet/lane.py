@@ -78,16 +78,26 @@ class TelemetryLane:
         """PUBACK (MQTT loop thread: hands over, never touches SQLite)."""
         self._answer(mid, code)
 
-    def struck(self, mid: int) -> None:
-        """The link dropped `mid` for good: the broker cut connection after connection on it (cuts.py)."""
-        self._answer(mid, None)
+    def struck(self, mid: int) -> bool:
+        """The link dropped `mid` for good: the broker cut connection after connection on it (cuts.py).
+        True when it was one of the states in flight."""
+        return self._answer(mid, None)
 
-    def _answer(self, mid: int, code: int | None) -> None:
+    def too_large(self, mid: int, size: int = 0, limit: int = 0) -> bool:
+        """The link dropped `mid` as over a limit it learned after the state was published: the state stays
+        unsent and goes again, made to fit the limit (True when it was one of the states in flight)."""
+        with self._lock:
+            row = self._in_flight.pop(mid, None)
+        self._wake.set()
+        return row is not None
+
+    def _answer(self, mid: int, code: int | None) -> bool:
         with self._lock:  # off the wire now (paho may give the mid to another message at once)
             row = self._in_flight.pop(mid, None)
         if row is not None:
             self._answers.put((row, code))
             self._wake.set()
+        return row is not None
 
     def stop(self, timeout: float = 3.0) -> None:
         self._stop.set()

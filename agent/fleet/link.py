@@ -57,6 +57,7 @@ class LinkStats:
     callback_errors: int = 0
     refused: int = 0
     taken_over: int = 0
+    dropped: int = 0  # messages nobody tracks dropped from paho's session (struck, or over a learned limit)
 
 
 def _no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
@@ -97,9 +98,14 @@ class MqttLink:
                  on_command: Callable[[Incoming], None], on_published: Callable[[int, int], None],
                  on_connection: Callable[[bool], None], wall: Callable[[], float] = time.time,
                  on_plan: Callable[[str, bytes], None] | None = None,
-                 on_struck: Callable[[int], None] = lambda mid: None) -> None:
+                 on_struck: Callable[[int], bool] = lambda mid: False,
+                 on_too_large: Callable[[int, int, int], bool] = lambda mid, size, limit: False) -> None:
         """`on_published(mid, reason code)`: a PUBACK. `on_struck(mid)`: a message the broker cut
-        connections on (cuts.py), dropped from paho's session: never acknowledged, never resent."""
+        connections on (cuts.py), dropped from paho's session: never acknowledged, never resent.
+        `on_too_large(mid, packet bytes, limit)`: one held unacknowledged over the limit learned from such
+        cuts, dropped from paho's session to be made smaller or set aside, as if the broker had announced
+        the limit before it was published. Both return whether the mid was the callee's (else the link
+        logs the message as lost: one published around the store)."""
         self.config = config
         self.topics = topics
         self.client_id = client_id
@@ -111,6 +117,7 @@ class MqttLink:
         self._on_connection = on_connection
         self._on_plan = on_plan  # collection plans (retained, on plans/+): only when collection is wired in
         self._on_struck = on_struck
+        self._on_too_large = on_too_large
         self._v5 = config.protocol == "5"
         self._host, self._port, tls = config.host_port_tls
         self._client = mqtt.Client(
@@ -404,11 +411,13 @@ class MqttLink:
     def _judge_cut(self) -> None:
         """A message first in line when STRIKES connections in a row were cut on it is dropped from paho's
         session before it reconnects (it would be resent first and cut the next one too), its publisher
-        is told, and later messages are kept under a size the broker takes (cuts.learned_limit)."""
+        is told, and later messages are kept under a size the broker takes (cuts.learned_limit): those paho
+        holds already over it are handed back too (each would cut STRIKES more connections in its turn)."""
         first = first_in_line(self._client, self._status_mids)
         struck = self._cuts.lost(first[0] if first else None, self.last_disconnect_code, self.last_cut_short)
         if struck is None or first is None:
             return
+        topic = self._held_topic(struck)
         self.forget(struck)
         limit = learned_limit(first[1], self._learned_max_packet)
         if limit is not None:
@@ -417,7 +426,38 @@ class MqttLink:
                         "limit: messages over %d bytes are made smaller or set aside from now on (announce "
                         "the limit with the broker's max_packet_size)", STRIKES, first[1], limit,
                         extra={"broker": self.config.broker, "bytes": first[1], "max_packet": limit})
-        self._on_struck(struck)
+        if not self._on_struck(struck):
+            self._lost(topic, first[1], "connection_dropped")
+        if limit is not None:
+            self._withdraw_over(limit)
+
+    def _withdraw_over(self, limit: int) -> None:
+        """Drops from paho's session the messages it holds over `limit` and hands them back (on_too_large)."""
+        over: list[tuple[int, str, int]] = []
+        # (a paho without these internals: they are cut on in their turn)
+        with contextlib.suppress(AttributeError), self._client._out_message_mutex:
+            for mid, message in self._client._out_messages.items():
+                correlation = getattr(message.properties, "CorrelationData", None) if message.properties else None
+                size = packet_size(message.topic, message.payload, correlation)
+                if message.qos > 0 and mid not in self._status_mids and size > limit:
+                    over.append((mid, message.topic, size))
+        for mid, topic, size in over:
+            self.forget(mid)
+            if not self._on_too_large(mid, size, limit):
+                self._lost(topic, size, "packet_too_large")
+
+    def _held_topic(self, mid: int) -> str:
+        with contextlib.suppress(AttributeError), self._client._out_message_mutex:
+            message = self._client._out_messages.get(mid)
+            if message is not None:
+                return str(message.topic)
+        return "?"
+
+    def _lost(self, topic: str, size: int, reason: str) -> None:
+        """A message dropped from paho's session that no publisher tracks (sent around the store)."""
+        self.stats.dropped += 1
+        log.error("the broker will not take a message sent around the store: dropped, not delivered (%s)", reason,
+                  extra={"broker": self.config.broker, "topic": topic, "bytes": size, "reason": reason})
 
     def _paho_log(self, text: str) -> None:
         self._paho_error = text

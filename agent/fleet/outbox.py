@@ -86,6 +86,7 @@ class Outbox(Retention):
         self._safety_due = time.monotonic() + IDLE_WAIT_S  # the outbox thread reads the outbox by then
         self._thread: threading.Thread | None = None
         self._struck: list[int] = []  # rows the link dropped for good (cuts.py), to be set aside by the outbox thread
+        self._withdrawn: list[tuple[int, int, int]] = []  # (row, packet bytes, limit): over a limit learned later
         self.heartbeat = time.monotonic()
         self.dropped = 0
         self.ledger_dropped = 0  # ids forgotten early by the ledger's byte bound
@@ -156,15 +157,28 @@ class Outbox(Retention):
             self._acked.put((n, code))
         self._wake.set()
 
-    def struck(self, mid: int) -> None:
+    def struck(self, mid: int) -> bool:
         """The link dropped `mid` for good: the broker cut connection after connection on it (cuts.py).
-        If it is one of ours, its row is set aside by the outbox thread (MQTT loop thread: no SQLite)."""
+        If it is one of ours (True), its row is set aside by the outbox thread (MQTT loop thread: no SQLite)."""
         with self._lock:
             n = self._by_mid.pop(mid, None)
             if n is None:
-                return
+                return False
             self._struck.append(n)
         self.wake()
+        return True
+
+    def too_large(self, mid: int, size: int, limit: int) -> bool:
+        """The link dropped `mid` (a `size`-byte packet) as over the `limit` it learned from the broker's cuts
+        after it was handed over. If it is one of ours (True), the outbox thread makes it smaller or sets
+        it aside, as for a message the limit refuses when handed over (MQTT loop thread: no SQLite)."""
+        with self._lock:
+            n = self._by_mid.pop(mid, None)
+            if n is None:
+                return False
+            self._withdrawn.append((n, size, limit))
+        self.wake()
+        return True
 
     def stop(self, timeout: float = 3.0) -> None:
         self._stop.set()
@@ -266,11 +280,17 @@ class Outbox(Retention):
         """Sets aside the messages the link dropped after the broker cut connections on them (`struck`)."""
         with self._lock:
             struck, self._struck = self._struck, []
+            withdrawn, self._withdrawn = self._withdrawn, []
         for n in struck:
             self._retries.pop(n, None)  # a retried row cut on: no PUBACK will come for it
             row = self._row(n)
             if row is not None:
                 self._set_aside(row, CONNECTION_DROPPED, None)
+        for n, size, limit in withdrawn:
+            self._retries.pop(n, None)
+            row = self._row(n)
+            if row is not None:
+                self._too_large(row, PacketTooLargeError(size, limit))
 
     def _set_aside(self, row: Pending, reason: str, code: int | None) -> None:
         forgotten = self._store.set_aside(row.n, reason)

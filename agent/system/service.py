@@ -23,7 +23,7 @@ from agent.core.runtime import Companion, Runtime
 from agent.fleet.intake import Intake
 from agent.fleet.link import MqttLink
 from agent.fleet.outbox import Outbox
-from agent.fleet.refusals import Refusal
+from agent.fleet.refusals import CONNECTION_DROPPED, Refusal
 from agent.fleet.topics import Topics
 from agent.metrics.busmonitor import BusMonitor
 from agent.metrics.registry import AgentMetrics
@@ -98,7 +98,7 @@ class Service(ServiceHealth, StartMarks, RestartRecovery):
         self.link = MqttLink(config.mqtt, self.topics, config.mqtt.client_id or f"sovd-edge-{config.vehicle}",
                              status=self._status, on_command=self._on_incoming, on_published=self._on_published,
                              on_connection=self._on_connection, wall=self.clock.wall, on_plan=self._on_plan,
-                             on_struck=self._on_struck)
+                             on_struck=self._on_struck, on_too_large=self._on_too_large)
         self.outbox = Outbox(self.store, config.store, self.link.publish, lambda: self.link.connected,
                              now=self.clock.agent_now, forget=self.link.forget, on_refused=self._on_refused,
                              window=lambda: self.link.broker_receive_maximum,
@@ -170,9 +170,21 @@ class Service(ServiceHealth, StartMarks, RestartRecovery):
         self.outbox.published(mid, code)
         self.collection.lane.published(mid, code)
 
-    def _on_struck(self, mid: int) -> None:
-        self.outbox.struck(mid)
-        self.collection.lane.struck(mid)
+    def _on_struck(self, mid: int) -> bool:
+        """A message the broker cut connections on, dropped by the link: its publisher sets it aside and
+        reports it; one sent around the store is counted here (the link logs it)."""
+        if self.outbox.struck(mid) or self.collection.lane.struck(mid):
+            return True
+        self.metrics.publish_refused.labels(CONNECTION_DROPPED).inc()
+        return False
+
+    def _on_too_large(self, mid: int, size: int, limit: int) -> bool:
+        """A message held over the limit the link learned from the broker's cuts: made smaller or set aside
+        by its publisher; one sent around the store is counted here (the link logs it)."""
+        if self.outbox.too_large(mid, size, limit) or self.collection.lane.too_large(mid, size, limit):
+            return True
+        self.metrics.publish_refused.labels("packet_too_large").inc()
+        return False
 
     def _on_connection(self, up: bool) -> None:
         self.outbox.wake()
