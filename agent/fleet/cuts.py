@@ -19,7 +19,9 @@ from agent.fleet.packets import CUT_FOR_A_MESSAGE, packet_size
 log = logging.getLogger(__name__)
 
 STRIKES = 3  # connections in a row cut before any PUBACK while the same message led paho's resend queue
-MIN_LEARNED_PACKET = 1024  # a cut on a smaller message says nothing about size: never learn a limit below this
+# Never learn a limit below this: a cut on a smaller message is unlikely to be about its size, and under it a
+# response could no longer be cut into chunks (refusals.rechunk needs 1 KiB of payload per chunk).
+MIN_LEARNED_PACKET = 4096
 
 
 class CutJudge:

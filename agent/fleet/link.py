@@ -217,14 +217,12 @@ class MqttLink:
             if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
                 log.warning("publish refused by the client: %s", mqtt.error_string(info.rc))
                 return None
+            # Noted while no PUBACK can be handled. Not connected (NO_CONN): paho keeps the message and sends
+            # it on the next connection, so it is ours to track like any other.
+            self._unacked.add(info.mid)
             if on_mid is not None:
                 on_mid(info.mid)
         self.stats.messages_out += 1
-        # Not connected (NO_CONN): paho keeps the message and sends it on the next connection, so it is ours
-        # to track like any other. (is_published() raises in that state: a raise here once made the outbox
-        # hand the same row over again, and paho's orphan copy was resent on every reconnect.)
-        if info.rc == mqtt.MQTT_ERR_NO_CONN or not info.is_published():  # its PUBACK may already have come
-            self._unacked.add(info.mid)
         return info.mid
 
     def payload_limit(self, topic: str, correlation: bytes | None = None) -> int | None:

@@ -50,7 +50,6 @@ class Outbox(Retention):
     def __init__(self, store: Store, config: StoreConfig,
                  publish: Callable[[Outgoing, Callable[[int], None]], int | None],
                  connected: Callable[[], bool], now: Callable[[], float] | None = None,
-                 forget: Callable[[int], None] = lambda mid: None,
                  on_refused: Callable[[Refusal], None] = lambda refusal: None,
                  window: Callable[[], int] = lambda: MAX_IN_FLIGHT,
                  wall: Callable[[], float | None] = time.time) -> None:
@@ -59,7 +58,6 @@ class Outbox(Retention):
         self._publish = publish
         self._connected = connected
         self._now = now or store.now
-        self._forget = forget
         self._on_refused = on_refused
         self._window = window
         self._wall = wall  # the wall clock while it can be trusted, else None: when commands' expiries pass

@@ -100,7 +100,7 @@ class Service(ServiceHealth, StartMarks, RestartRecovery):
                              on_connection=self._on_connection, wall=self.clock.wall, on_plan=self._on_plan,
                              on_struck=self._on_struck, on_too_large=self._on_too_large)
         self.outbox = Outbox(self.store, config.store, self.link.publish, lambda: self.link.connected,
-                             now=self.clock.agent_now, forget=self.link.forget, on_refused=self._on_refused,
+                             now=self.clock.agent_now, on_refused=self._on_refused,
                              window=lambda: self.link.broker_receive_maximum,
                              wall=lambda: self.clock.wall() if self.clock.synchronized() else None)
         self.collection = Collection(config, self.store, self.runtime, self.topics, self.registry, self.link.publish,
