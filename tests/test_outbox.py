@@ -531,6 +531,28 @@ def test_a_retry_due_while_the_link_is_down_does_not_spin_the_outbox_thread(tmp_
         store.close()
 
 
+def test_a_retry_due_while_the_window_is_full_does_not_spin_the_outbox_thread(tmp_path, monkeypatch):
+    """A refused message's retry is due but the broker's Receive Maximum has no room: no pass can hand it
+    over until a PUBACK makes room, and that PUBACK wakes the thread. The thread waits its idle time
+    meanwhile, where it once passed every 10 ms for as long as the window stayed full."""
+    monkeypatch.setattr("agent.fleet.outbox.RETRY_MIN_S", 0.0)  # the retry is due at once
+    window = [3]  # room for 2 of ours
+    link, store, outbox = threadless(tmp_path, b"refused for now", b"in flight", window=lambda: window[0])
+    try:
+        assert len(link.handed) == 2
+        outbox.published(1, 0x97)
+        with outbox._pass:
+            outbox._settle_acks()
+        assert outbox._next_wait() <= 0  # room for one: the retry goes on the next pass
+        window[0] = 2  # room for 1 of ours, taken by the one in flight
+        assert outbox._next_wait() > outbox_module.IDLE_WAIT_S / 2
+        outbox.published(2, 0x00)  # room again: the wake's pass hands the retry over
+        outbox.send_now()
+        assert [message.payload for _, message in link.handed][2:] == [b"refused for now"]
+    finally:
+        store.close()
+
+
 def test_a_retry_the_link_cannot_take_now_is_handed_over_on_a_later_pass(tmp_path, monkeypatch):
     """A message refused for now (quota exceeded) falls due for its retry while the link cannot take
     more (`publish` returns None): it is due again on the next pass and handed over once the link takes

@@ -231,7 +231,9 @@ class Outbox(Retention):
         if not self._connected():  # nothing due can be handed over; the link coming up wakes the thread
             return IDLE_WAIT_S
         with self._pass:  # `_retries` changes in passes, and a pass may run on a committing thread (send_now)
-            due = min([self._safety_due, *(r.due for r in self._retries.values())])
+            # with no room in the window a due retry cannot go either: the PUBACK that makes room wakes the pass
+            retries = [r.due for r in self._retries.values()] if self._room() > 0 else []
+            due = min([self._safety_due, *retries])
         with self._lock:
             if self._send_due is not None:
                 due = min(due, self._send_due)
@@ -308,10 +310,9 @@ class Outbox(Retention):
     # ---- handing over --------------------------------------------------------------------------
     def _hand_over(self) -> None:
         self._room_limited = True  # until it gets through: an exception or a full window leaves it set
-        with self._lock:  # everything stored until now is read here (or waits for room, `_room_limited`);
-            self._send_due = None  # room: the broker's Receive Maximum, less one for the link's status message
-            # unless it is 1 (the link's window holds back whatever exceeds it: one at a time, never none)
-            room = min(MAX_IN_FLIGHT, max(1, self._window() - 1)) - len(self._by_mid)
+        with self._lock:  # everything stored until now is read here (or waits for room, `_room_limited`)
+            self._send_due = None
+            room = self._room()
         now = time.monotonic()
         for n in sorted(n for n, r in self._retries.items() if r.due <= now):
             if room <= 0:
@@ -344,6 +345,11 @@ class Outbox(Retention):
                 self._handed = max(self._handed, row.n)
         self._room_limited = len(rows) >= room  # it read as many as there was room for: there may be more
         self._read_through = None if self._room_limited else (generation, self._handed)
+
+    def _room(self) -> int:
+        """Messages the broker's Receive Maximum still takes, less one for the link's status message
+        unless it is 1 (the link's window holds back whatever exceeds it: one at a time, never none)."""
+        return min(MAX_IN_FLIGHT, max(1, self._window() - 1)) - len(self._by_mid)
 
     def _send(self, row: Pending) -> bool:
         """Hands one row to the link; False when the link cannot take more now."""
