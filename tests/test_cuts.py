@@ -8,6 +8,7 @@ connection on a message over it, as the failure happens in the field.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import threading
@@ -81,26 +82,35 @@ def test_first_in_line_is_the_oldest_unacknowledged_qos1_message_paho_holds_skip
     assert first_in_line(object(), set()) is None  # a paho without these internals: logged, nobody struck
 
 
-@pytest.fixture
-def size_limited(tmp_path, mqtt_vehicle):
-    """A link (the agent's, alone) to a Mosquitto with an unannounced `message_size_limit` of 4096; yields
-    (link, topics, PUBACKs as (mid, code), struck mids)."""
-    broker = LocalBroker(tmp_path / "broker", extra="message_size_limit 4096\n").start()
+@contextlib.contextmanager
+def own_link(tmp_path, mqtt_vehicle, extra: str = "", **callbacks):
+    """A link (the agent's, alone) to a Mosquitto of the test's own with `extra` settings, connected; yields
+    (link, topics, PUBACKs as (mid, code), the broker). `callbacks` go to MqttLink (on_struck, ...)."""
+    broker = LocalBroker(tmp_path / "broker", extra=extra).start()
     mqtt_config = dataclasses.replace(mqtt_vehicle.mqtt, broker=broker.url)
     topics = Topics(mqtt_config.prefix, mqtt_vehicle.vehicle)
     acks: list[tuple[int, int]] = []
-    struck: list[int] = []
     link = MqttLink(mqtt_config, topics, f"cuts-{uuid.uuid4().hex[:8]}",
                     status=lambda state: json.dumps({"state": state}).encode(), on_command=lambda incoming: None,
                     on_published=lambda mid, code: acks.append((mid, code)), on_connection=lambda up: None,
-                    on_struck=struck.append)
+                    **callbacks)
     link.start()
     try:
         assert link.wait_connected(10), link.last_error
-        yield link, topics, acks, struck
+        yield link, topics, acks, broker
     finally:
         link.stop()
         broker.stop()
+
+
+@pytest.fixture
+def size_limited(tmp_path, mqtt_vehicle):
+    """own_link on a Mosquitto with an unannounced `message_size_limit` of 4096; yields (link, topics,
+    PUBACKs as (mid, code), struck mids)."""
+    struck: list[int] = []
+    with own_link(tmp_path, mqtt_vehicle, "message_size_limit 4096\n", on_struck=struck.append) as (link, topics,
+                                                                                                   acks, _):
+        yield link, topics, acks, struck
 
 
 def test_a_message_the_broker_cuts_every_connection_on_is_dropped_and_its_publisher_told(size_limited):
@@ -149,22 +159,9 @@ def test_the_publisher_notes_a_mid_before_its_puback_can_be_handled(size_limited
 
 @pytest.fixture
 def plain_link(tmp_path, mqtt_vehicle):
-    """A link (the agent's, alone) to a Mosquitto of the test's own, without limits; yields (link, topics,
-    PUBACKs as (mid, code), the broker)."""
-    broker = LocalBroker(tmp_path / "broker").start()
-    mqtt_config = dataclasses.replace(mqtt_vehicle.mqtt, broker=broker.url)
-    topics = Topics(mqtt_config.prefix, mqtt_vehicle.vehicle)
-    acks: list[tuple[int, int]] = []
-    link = MqttLink(mqtt_config, topics, f"writes-{uuid.uuid4().hex[:8]}",
-                    status=lambda state: json.dumps({"state": state}).encode(), on_command=lambda incoming: None,
-                    on_published=lambda mid, code: acks.append((mid, code)), on_connection=lambda up: None)
-    link.start()
-    try:
-        assert link.wait_connected(10), link.last_error
-        yield link, topics, acks, broker
-    finally:
-        link.stop()
-        broker.stop()
+    """own_link on a Mosquitto without limits; yields (link, topics, PUBACKs as (mid, code), the broker)."""
+    with own_link(tmp_path, mqtt_vehicle) as parts:
+        yield parts
 
 
 def test_only_the_loop_thread_writes_to_the_broker_socket(plain_link):

@@ -107,12 +107,30 @@ def test_not_authorized_is_set_aside_never_deleted_as_delivered(tmp_path):
     store.close()
 
 
+def big_final() -> dict:
+    """A final response of about 6 KB, with a result that can be cut into chunks."""
+    return {"id": "big", "component": "engine", "command": "read_data", "status": "completed", "final": True,
+            "seq": 2, "result": {"values": {"blob": {"raw": "ab" * 3000}}}}
+
+
+def as_response(final: dict) -> Outgoing:
+    return Outgoing(f"sovd/V/responses/{final['id']}", m.encode(final), None, final["id"])
+
+
+def chunks_delivered(link: Link, store: Store, outbox: Outbox, refused: list) -> None:
+    """The re-cut chunks of the first message handed over are all handed over and acknowledged: the outbox
+    is empty, with no retry left behind and nothing set aside."""
+    assert wait_until(lambda: len(link.handed) > 2 and json.loads(link.handed[-1][1].payload)["final"], 5)
+    link.answer(0x00, after=1)
+    assert wait_until(lambda: store.outbox_stats()[0] == 0, 5)
+    assert outbox._retries == {} and not refused
+
+
 def test_a_stored_response_larger_than_the_broker_takes_is_sent_in_chunks(tmp_path):
     """Stored before the broker's limit was known (e.g. while offline): split when it is handed over."""
     link, refused = Link(max_packet=1500), []
-    final = {"id": "big", "component": "engine", "command": "read_data", "status": "completed", "final": True,
-             "seq": 2, "result": {"values": {"blob": {"raw": "ab" * 3000}}}}
-    store, outbox = pump(tmp_path, link, refused, Outgoing("sovd/V/responses/big", m.encode(final), None, "big"))
+    final = big_final()
+    store, outbox = pump(tmp_path, link, refused, as_response(final))
     try:
         assert wait_until(lambda: link.handed and json.loads(link.handed[-1][1].payload).get("final") is True, 5)
         link.answer(0x00)
@@ -134,17 +152,13 @@ def test_a_retried_message_re_cut_for_the_broker_leaves_no_retry_behind(tmp_path
     too large when it is retried is re-cut into chunks; the retry entry of the row that left the outbox
     goes with it (it used to stay, marked in flight for ever, one per such message for the process's life)."""
     link, refused = Link(), []
-    final = {"id": "big", "component": "engine", "command": "read_data", "status": "completed", "final": True,
-             "seq": 2, "result": {"values": {"blob": {"raw": "ab" * 3000}}}}
-    store, outbox = pump(tmp_path, link, refused, Outgoing("sovd/V/responses/big", m.encode(final), None, "big"))
+    final = big_final()
+    store, outbox = pump(tmp_path, link, refused, as_response(final))
     try:
         assert wait_until(lambda: len(link.handed) == 1, 5)
         link.max_packet = 1500  # the broker's limit, e.g. from the CONNACK of a new connection
         link.answer(0x97)
-        assert wait_until(lambda: len(link.handed) > 2 and json.loads(link.handed[-1][1].payload)["final"], 5)
-        link.answer(0x00, after=1)
-        assert wait_until(lambda: store.outbox_stats()[0] == 0, 5)
-        assert outbox._retries == {} and not refused
+        chunks_delivered(link, store, outbox, refused)
     finally:
         outbox.stop()
         store.close()
@@ -714,13 +728,12 @@ def test_a_response_re_cut_into_chunks_is_never_stored_beside_them(tmp_path):
     import sqlite3
 
     link, refused = Link(max_packet=1500), []
-    final = {"id": "big", "component": "engine", "command": "read_data", "status": "completed", "final": True,
-             "seq": 2, "result": {"values": {"blob": {"raw": "ab" * 3000}}}}
+    final = big_final()
     store = Store(tmp_path / "agent.db")
     outbox = Outbox(store, StoreConfig(), link.publish, connected=lambda: True, on_refused=refused.append)
     link.outbox = outbox
     batch = store.batch()
-    batch.publish(Outgoing("sovd/V/responses/big", m.encode(final), None, "big"))
+    batch.publish(as_response(final))
     batch.commit()
     committed: list[list[bool]] = []  # after each commit: for every stored row, is it a chunk's message
     write = store._write
@@ -787,19 +800,15 @@ def test_a_response_the_link_withdraws_as_over_a_limit_learned_later_is_sent_in_
     limit is taken back by the link (`too_large`): it is re-cut into chunks and sent again, not left in
     paho's session to cut STRIKES more connections and then be set aside."""
     link, refused = Link(), []
-    final = {"id": "big", "component": "engine", "command": "read_data", "status": "completed", "final": True,
-             "seq": 2, "result": {"values": {"blob": {"raw": "ab" * 3000}}}}
-    message = Outgoing("sovd/V/responses/big", m.encode(final), None, "big")
+    final = big_final()
+    message = as_response(final)
     store, outbox = pump(tmp_path, link, refused, message)
     try:
         assert wait_until(lambda: len(link.handed) == 1, 5)
         link.max_packet = 1500  # learned by the link from the cuts on another message
         assert outbox.too_large(1, packet_size(message.topic, message.payload, None), 1500)
         assert not outbox.too_large(99, 5000, 1500)  # not one of the outbox's: the link says so itself
-        assert wait_until(lambda: len(link.handed) > 2 and json.loads(link.handed[-1][1].payload)["final"], 5)
-        link.answer(0x00, after=1)
-        assert wait_until(lambda: store.outbox_stats()[0] == 0, 5)
-        assert outbox._retries == {} and not refused
+        chunks_delivered(link, store, outbox, refused)
     finally:
         outbox.stop()
         store.close()
