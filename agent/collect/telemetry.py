@@ -58,8 +58,13 @@ class Telemetry:
 
     # ---- plans ---------------------------------------------------------------------------------
     def set_plan(self, plan: Plan, seq: int) -> dict[str, Any] | None:
-        """Starts (or restarts) a plan's batches after batch `seq`; returns the old version's last batch."""
+        """Starts (or restarts) a plan's batches after batch `seq`; returns the old version's last batch.
+
+        That last batch takes the next number, so the new version carries on after it (never `seq` again:
+        the backend deduplicates by plan and seq, and would drop the new version's first batch)."""
         last = self.close(plan.name)
+        if last is not None:
+            seq = max(seq, last["seq"])
         base = len(m.encode(m.telemetry_message(plan.name, plan.version, SEQ_ROOM, [])))
         self._open[plan.name] = _Open(plan.version, plan.batch.max_age_ms / 1000, plan.batch.max_samples, seq, base,
                                       size=base)

@@ -1,0 +1,54 @@
+"""Collection attacked from outside: plans replaced mid-batch, storage that refuses writes, components that
+stay silent for days. End to end on a real Mosquitto with the simulator on a virtual CAN bus, except the
+pure parts (schedule.Backoff), tested on their own.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from collect_support import plan
+
+from agent.fleet.caller import Caller
+from agent.system.service import Service
+
+SPEED = {"component": "engine", "data": ["engine_speed", "oil_temp"], "every_ms": 100}
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 15.0) -> bool:
+    """Polls a condition that publishes nothing (a counter): True once it holds, False at the deadline."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def readings(service: Service, component: str = "engine") -> float:
+    return service.registry.get_sample_value("sovd_collection_readings_total",
+                                             {"component": component, "result": "ok"}) or 0.0
+
+
+def seen(backend: Caller, topic: str) -> list[dict]:
+    with backend._changed:
+        return [s.json() for s in backend.seen if s.topic == topic]
+
+
+def test_a_replaced_plan_never_numbers_two_batches_alike(service, backend):
+    """Batches are deduplicated by (plan, seq). A new version that arrives while the old one's batch is still
+    open sends that batch first; the new version's first batch must come after it, not reuse its number
+    (it did: the new batches started from the number before the flushed one, and the backend dropped them)."""
+    backend.publish_plan("seqs", plan("seqs", 1, signals=[SPEED], batch={"max_age_ms": 3_600_000,
+                                                                        "max_samples": 10_000}))
+    backend.wait_for(lambda s: s.topic == backend.topics.events and s.json()["type"] == "plan_applied", 15)
+    assert wait_until(lambda: readings(service) >= 4)  # samples wait in version 1's open batch
+    backend.publish_plan("seqs", plan("seqs", 2, signals=[SPEED], batch={"max_age_ms": 100, "max_samples": 1}))
+    topic = f"{backend.topics.base}/telemetry"
+    backend.wait_for(lambda s: s.topic == topic and s.json()["version"] == 2, 15, count=3)
+    batches = seen(backend, topic)
+    old = [b["seq"] for b in batches if b["version"] == 1]
+    new = [b["seq"] for b in batches if b["version"] == 2]
+    assert old and min(new) > max(old), (old, new)
+    assert len({b["seq"] for b in batches}) == len(batches)
