@@ -52,3 +52,29 @@ def test_a_replaced_plan_never_numbers_two_batches_alike(service, backend):
     new = [b["seq"] for b in batches if b["version"] == 2]
     assert old and min(new) > max(old), (old, new)
     assert len({b["seq"] for b in batches}) == len(batches)
+
+
+def test_a_fault_change_seen_while_the_store_refuses_writes_is_reported_once_it_takes_them(service, backend, sim):
+    """A fault reading's new set and its fault_changed Events are committed together. When that commit fails
+    (the SD card remounted read-only, or full), neither is stored: the next reading must find the change again.
+    It did not: the tracker had already taken the new set as known, so the change was never reported.
+    The storage failure is SQLite's own SQLITE_READONLY (`PRAGMA query_only` on the agent's connection)."""
+    events = backend.topics.events
+
+    def changes() -> list[tuple[str, str]]:
+        return [(e["code"], e["change"]) for e in seen(backend, events) if e["type"] == "fault_changed"]
+
+    backend.publish_plan("fw", plan("fw", 1, faults=[{"component": "engine", "every_ms": 200}]))
+    backend.wait_for(lambda s: s.topic == events and b'"fault_changed"' in s.payload, 15, count=2)
+    assert sorted(changes()) == [("P0301", "new"), ("U0100", "new")]
+    with service.store._lock:
+        service.store._db.execute("PRAGMA query_only = 1")
+    try:
+        sim.ecu("engine").set_dtc("P0420", 0x08)
+        start = readings(service)
+        assert wait_until(lambda: readings(service) >= start + 2)  # read (and not stored) at least once
+    finally:
+        with service.store._lock:
+            service.store._db.execute("PRAGMA query_only = 0")
+    backend.wait_for(lambda s: s.topic == events and b'"P0420"' in s.payload, 15)
+    assert changes().count(("P0420", "new")) == 1

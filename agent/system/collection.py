@@ -70,12 +70,18 @@ class CollectionOutput:
 
     def fault_events(self, tracker: FaultTracker, clock_mark: Callable[[], dict[str, Any]]) -> FaultSink:
         """The collector's fault sink: the tracker's new fault set and its `fault_changed` Events are
-        committed in one transaction (both or neither: a crash between them would lose the Events)."""
+        committed in one transaction (both or neither: a crash between them would lose the Events). When that
+        commit fails, the tracker forgets the set it took as known: the next reading is compared with the
+        stored one, and the changes not stored are reported then."""
         def sink(component: str, faults: list[dict[str, Any]], status_mask: int) -> list[dict[str, Any]]:
             batch = self._store.batch()
-            for event in tracker.observe(component, faults, status_mask=status_mask, batch=batch):
-                batch.publish(Outgoing(self._topics.events, m.encode({**event, **clock_mark()})))
-            batch.commit()
+            try:
+                for event in tracker.observe(component, faults, status_mask=status_mask, batch=batch):
+                    batch.publish(Outgoing(self._topics.events, m.encode({**event, **clock_mark()})))
+                batch.commit()
+            except Exception:
+                tracker.forget(component)
+                raise  # logged by the collector
             self._wake_outbox()
             return []  # published here, with the set
 
