@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from collect_support import plan
 
+from agent.collect.schedule import Backoff
 from agent.fleet.caller import Caller
 from agent.system.service import Service
 
@@ -78,3 +79,14 @@ def test_a_fault_change_seen_while_the_store_refuses_writes_is_reported_once_it_
             service.store._db.execute("PRAGMA query_only = 0")
     backend.wait_for(lambda s: s.topic == events and b'"P0420"' in s.payload, 15)
     assert changes().count(("P0420", "new")) == 1
+
+
+def test_backoff_stays_at_its_cap_however_long_a_component_is_silent():
+    """A component away for days (a trailer's ECU) fails reading after reading. Past 1024 failures in a row
+    the doubling overflowed a float: every later reading raised, was never backed off, and stalled the
+    collector for a second each time."""
+    backoff = Backoff(1.0, 300.0)
+    waits = [backoff.failed("trailer", float(n)) for n in range(5000)]
+    assert waits[:3] == [1.0, 2.0, 4.0] and set(waits[9:]) == {300.0}
+    assert backoff.blocked_until("trailer", 4999.0) == 4999.0 + 300.0
+    assert backoff.answered("trailer") and backoff.failed("trailer", 0.0) == 1.0

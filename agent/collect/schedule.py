@@ -170,7 +170,7 @@ class Backoff:
         """Records a reading without answer; returns the wait before the next one."""
         n = self._failures.get(component, 0) + 1
         self._failures[component] = n
-        wait = min(self.cap_s, self.base_s * 2 ** (n - 1))
+        wait = min(self.cap_s, self.base_s * 2.0 ** min(n - 1, 64))  # a float past 2**1023 overflows: capped
         self._until[component] = now + wait
         return wait
 
