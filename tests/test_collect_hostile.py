@@ -90,3 +90,22 @@ def test_backoff_stays_at_its_cap_however_long_a_component_is_silent():
     assert waits[:3] == [1.0, 2.0, 4.0] and set(waits[9:]) == {300.0}
     assert backoff.blocked_until("trailer", 4999.0) == 4999.0 + 300.0
     assert backoff.answered("trailer") and backoff.failed("trailer", 0.0) == 1.0
+
+
+def test_state_drops_its_faults_once_no_plan_watches_them(service, backend):
+    """The state carries a component's faults only while a plan watches them. A plan that stopped watching
+    the engine's faults (but still reads its values) kept publishing the last fault list it ever read, as if
+    current, in every later state of the engine."""
+    watched = plan("st", 1, signals=[SPEED], faults=[{"component": "engine", "every_ms": 200}],
+                   batch={"max_age_ms": 200, "max_samples": 50})
+    backend.publish_plan("st", watched)
+    topic = f"{backend.topics.base}/state/engine"
+    backend.wait_for(lambda s: s.topic == topic and "faults" in s.json(), 15)
+    backend.publish_plan("st", {**watched, "version": 2, "faults": []})
+    applied = backend.wait_for(lambda s: s.topic == backend.topics.events and s.json().get("version") == 2, 15)
+    assert applied[0].json()["type"] == "plan_applied"
+    with backend._changed:
+        before = sum(1 for s in backend.seen if s.topic == topic)
+    # two may have been on their way already (one in flight, one stored; only the newest is kept): the third is not
+    latest = backend.wait_for(lambda s: s.topic == topic, 15, count=before + 3)[-1].json()
+    assert "faults" not in latest and latest["values"], latest

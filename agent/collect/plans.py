@@ -141,6 +141,7 @@ class PlanIntake:
         self.metrics.keep_values(exported)
         self.telemetry.forget_values({(s.component, i.name) for p in self.plans.values() for s in p.signals
                                       for i in s.items})
+        self.telemetry.forget_faults({f.component for p in self.plans.values() for f in p.faults})
 
     def _drop_ready(self, plan: str) -> None:
         for ready in self._ready.values():

@@ -188,6 +188,13 @@ class Telemetry:
         self._dirty.clear()
         return out
 
+    def forget_faults(self, watched: set[str]) -> None:
+        """Drops the fault lists of components no plan watches any more: a state shows only watched faults."""
+        for component in [c for c in self._faults if c not in watched]:
+            del self._faults[component]
+            self._dirty.add(component)
+            self._read_at.setdefault(component, 0.0)
+
     def forget_values(self, keep: set[tuple[str, str]]) -> None:
         """Drops state values no plan reads any more ((component, data) pairs to keep)."""
         for component, values in self._values.items():
