@@ -348,6 +348,29 @@ def test_versions_only_grow_and_an_invalid_plan_leaves_the_old_one_running(vehic
         assert {s["data"] for s in r.out.batches[-1]["samples"]} == {"oil_temp"}
 
 
+def test_an_invalid_retained_plan_delivered_again_is_rejected_once_a_refusal_that_may_pass_every_time(vehicle, sim,
+                                                                                                     tmp_path):
+    """The broker delivers every retained plan again on each reconnect. An invalid one was answered with a
+    new plan_rejected Event every time (a flaky link: an Event per plan per reconnect, for ever). The same
+    invalid copy is now rejected once; a changed one is decided again; a plan refused by the bounds (which
+    may pass once another plan is removed) is decided afresh each time. Each message is acknowledged
+    once decided."""
+    config = with_collect(vehicle, max_plans=1)
+    acks: list[str] = []
+    with rig(config, tmp_path) as r:
+        invalid = _json(plan(version=3, signals=[{**SPEED, "every_ms": 1}]))
+        for payload in (invalid, invalid, b"{not json", b"{not json", invalid):
+            r.collector.submit_plan("p", payload, lambda: acks.append("p"))
+        r.collector.submit_plan("a", _slow("a"), lambda: acks.append("a"))
+        for _ in range(2):
+            r.collector.submit_plan("b", _slow("b"), lambda: acks.append("b"))  # over max_plans: refused each time
+        r.collector.idle(5)
+        rejected = [(e["name"], e["errors"][0]["path"]) for e in r.out.of_type("plan_rejected")]
+        assert rejected == [("p", "signals[0].every_ms"), ("p", ""), ("p", "signals[0].every_ms"), ("b", "name"),
+                            ("b", "name")]
+        assert acks == ["p"] * 5 + ["a", "b", "b"]
+
+
 def _json(body: dict) -> bytes:
     import json
 

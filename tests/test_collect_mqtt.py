@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 import time
 
 import pytest
@@ -17,6 +18,7 @@ from collect_support import plan
 from conftest import ROOT
 from prom_support import PrometheusServer
 
+from agent.bus.owner import wait_until
 from agent.config.model import CollectConfig
 from agent.fleet.caller import Caller
 from agent.store.collection import CollectionStore
@@ -92,6 +94,37 @@ def test_removing_a_plan_with_an_empty_retained_message(service, backend):
     backend.publish_plan("gone", None)
     assert events(backend, "plan_removed")[0]["name"] == "gone"
     assert "gone" not in service.collection.collector.plans
+
+
+def test_a_plan_removal_received_but_not_yet_decided_when_the_agent_died_comes_again(mqtt_vehicle, sim, backend):
+    """A removal is an empty message the broker does not retain. It was acknowledged on receipt: an agent
+    killed before its collector stored the removal ran the plan from its store after the restart, for
+    good. It is acknowledged once decided now, and the broker delivers it again. (The kill is stood in
+    for by holding the collector on that message while the agent stops: a SIGKILL cannot be aimed at
+    that instant.)"""
+    first = Service(mqtt_vehicle)
+    first.start()
+    hold = threading.Event()
+    try:
+        assert first.link.wait_connected(10)
+        backend.publish_plan("gone", plan("gone", 1, signals=[SPEED], batch=FAST))
+        events(backend, "plan_applied")
+        collector = first.collection.collector
+        decide = collector._plan_message
+        collector._plan_message = lambda name, payload: hold.wait(30) if not payload else decide(name, payload)
+        received = first.link.stats.messages_in
+        backend.publish_plan("gone", None)
+        assert wait_until(lambda: first.link.stats.messages_in > received, 10)
+    finally:
+        first.stop()
+        hold.set()
+    again = Service(mqtt_vehicle)
+    again.start()
+    try:
+        assert events(backend, "plan_removed")[0]["name"] == "gone"
+        assert "gone" not in again.collection.collector.plans
+    finally:
+        again.stop()
 
 
 def test_a_stored_plan_collects_after_a_restart_without_the_broker(mqtt_vehicle, sim, backend):

@@ -91,6 +91,7 @@ class Collector(PlanIntake, ResultAssembly, SleepHandling):
         self.backoff = Backoff(self._settings.backoff_s, self._settings.backoff_max_s)
         self.plans: dict[str, Plan] = {}
         self._versions: dict[str, int] = {}
+        self._refused_copies: dict[str, bytes] = {}  # plan name -> its last message, rejected as invalid
         self._requests: dict[str, int] = {}  # scheduled requests of each applied plan
         self._seqs: dict[str, int] = {}
         self._budgets: dict[str, Budget] = {}
@@ -135,9 +136,11 @@ class Collector(PlanIntake, ResultAssembly, SleepHandling):
         for worker in self._workers.values():
             worker.withdraw()
 
-    def submit_plan(self, name: str, payload: bytes) -> None:
-        """A message on `plans/{name}` (an empty payload removes the plan); decided on the collector thread."""
-        self._events.put(("plan", name, payload))
+    def submit_plan(self, name: str, payload: bytes, ack: Callable[[], None] = lambda: None) -> None:
+        """A message on `plans/{name}` (an empty payload removes the plan); decided on the collector thread,
+        then `ack` (its PUBACK): a kill before that makes the broker deliver it again, so a removal, which
+        the broker does not retain, is never lost."""
+        self._events.put(("plan", name, payload, ack))
 
     def idle(self, timeout: float) -> bool:
         """Waits until every event handed over so far has been handled (tests, the demo)."""
@@ -177,7 +180,10 @@ class Collector(PlanIntake, ResultAssembly, SleepHandling):
         if kind == "load":
             self._load()
         elif kind == "plan":
-            self._plan_message(event[1], event[2])
+            try:
+                self._plan_message(event[1], event[2])
+            finally:  # decided, stored, its Event in the outbox (or failed: logged; it would fail again)
+                self._acknowledge(event[3])
         elif kind == "result":
             self._result(*event[1:])
         elif kind == "wake":
@@ -188,6 +194,13 @@ class Collector(PlanIntake, ResultAssembly, SleepHandling):
         elif kind == "mark":
             event[1].set()
         return True
+
+    @staticmethod
+    def _acknowledge(ack: Callable[[], None]) -> None:
+        try:
+            ack()
+        except Exception:
+            log.exception("acknowledging a plan message failed; the broker delivers it again on reconnect")
 
     def _wait(self) -> float:
         now = self._clock()

@@ -15,6 +15,8 @@ from agent.wire.plan import InvalidPlanError, Plan, parse_plan, plan_identity
 
 log = logging.getLogger(__name__)
 
+REFUSED_COPIES = 64  # plan names whose last message was invalid, remembered to stay quiet on its redelivery
+
 
 class PlanIntake:
     """Which plans are applied, at which version. Runs on the collector thread only."""
@@ -40,43 +42,59 @@ class PlanIntake:
             self._decide(body, None, "config")
 
     def _plan_message(self, name: str, payload: bytes) -> None:
+        """A retained plan comes again on every reconnect: one already rejected as invalid is rejected once,
+        not with a new `plan_rejected` each time (a refusal that may pass later, bounds or storage, is not
+        remembered: the same plan is decided afresh)."""
         if not payload:
+            self._refused_copies.pop(name, None)
             self._remove(name)
+            return
+        if self._refused_copies.get(name) == payload:
+            log.debug("plan %s again, rejected already (retained copy)", name, extra={"plan": name})
             return
         body = decode_command(payload)
         if isinstance(body, Undecodable):
             self._rejected(name, None, [{"path": body.field, "message": body.reason}], "mqtt")
-            return
-        self._decide(body, name, "mqtt")
+            invalid = True
+        else:
+            invalid = self._decide(body, name, "mqtt") == "invalid"
+        self._refused_copies.pop(name, None)
+        if invalid:
+            self._refused_copies[name] = payload
+            while len(self._refused_copies) > REFUSED_COPIES:
+                del self._refused_copies[next(iter(self._refused_copies))]
 
-    def _decide(self, body: dict[str, Any], name: str | None, source: str, store: bool = True) -> None:
+    def _decide(self, body: dict[str, Any], name: str | None, source: str, store: bool = True) -> str:
+        """Applies the plan, or rejects it with an Event: "applied", "same" (the applied version again),
+        "invalid" (the same body will always be rejected) or "refused" (bounds or storage: may pass later)."""
         try:
             plan = parse_plan(body, self.config, name)
         except InvalidPlanError as err:
             self._rejected(err.name or name, err.version, err.errors, source)
-            return
+            return "invalid"
         known = self._versions.get(plan.name)
         if store and known is not None:
             current = self.plans.get(plan.name)
             if plan.version == known and current is not None and current.body == plan.body:
                 log.debug("plan %s version %d again (retained copy)", plan.name, plan.version)
-                return
+                return "same"
             if plan.version <= known:
                 self._rejected(plan.name, plan.version, [{"path": "version", "message":
                                f"version {plan.version} is not above version {known}, already applied"}], source)
-                return
+                return "invalid"
         tasks = plan_tasks(plan, self._settings.max_dids_per_request)
         if (bound := self._over_bounds(plan, len(tasks))) is not None:
             self._rejected(plan.name, plan.version, [bound], source)
-            return
+            return "refused"
         if store:
             try:
                 self._book.save_plan(plan.name, plan.version, plan.body)
             except Exception as err:
                 self._rejected(plan.name, plan.version, [{"path": "", "message": f"cannot store the plan: {err}"}],
                                source)
-                return
+                return "refused"
         self._apply(plan, tasks, source)
+        return "applied"
 
     def _over_bounds(self, plan: Plan, requests: int) -> dict[str, str] | None:
         """Whether applying `plan` (replacing its own older version) would pass collect.max_plans or

@@ -97,7 +97,7 @@ class MqttLink:
     def __init__(self, config: MqttConfig, topics: Topics, client_id: str, status: Callable[[str], bytes],
                  on_command: Callable[[Incoming], None], on_published: Callable[[int, int], None],
                  on_connection: Callable[[bool], None], wall: Callable[[], float] = time.time,
-                 on_plan: Callable[[str, bytes], None] | None = None,
+                 on_plan: Callable[[str, bytes, Callable[[], None]], None] | None = None,
                  on_struck: Callable[[int], bool] = lambda mid: False,
                  on_too_large: Callable[[int, int, int], bool] = lambda mid, size, limit: False) -> None:
         """`on_published(mid, reason code)`: a PUBACK. `on_struck(mid)`: a message the broker cut
@@ -465,11 +465,10 @@ class MqttLink:
         self.stats.messages_in += 1
         name = self.topics.plan_name(message.topic)
         if name is not None and self._on_plan is not None:
-            # A plan is not a command: acknowledged at once (the broker keeps the retained copy and sends it
-            # again on the next connection); the collector decides it on its own thread.
-            if message.qos > 0:
-                client.ack(message.mid, message.qos)
-            self._on_plan(name, bytes(message.payload))
+            # A plan is decided on the collector's thread, which acknowledges it then (`ack`): a removal is an
+            # empty message the broker does not retain, lost for good if acknowledged before it was stored.
+            ack = functools.partial(self.ack, message.mid, message.qos, self._generation)
+            self._on_plan(name, bytes(message.payload), ack)
             return
         props = message.properties if self._v5 else None
         self._on_command(Incoming(

@@ -125,8 +125,8 @@ class Collection:
         self.collector.stop()  # its last open batches go into the lane, which keeps them for the next start
         self.lane.stop()
 
-    def submit_plan(self, name: str, payload: bytes) -> None:
-        self.collector.submit_plan(name, payload)
+    def submit_plan(self, name: str, payload: bytes, ack: Callable[[], None] = lambda: None) -> None:
+        self.collector.submit_plan(name, payload, ack)
 
     def threads_alive(self) -> dict[str, bool]:
         return {"collector": self.collector.alive, "telemetry-lane": self.lane.alive}

@@ -190,8 +190,8 @@ class Service(ServiceHealth, StartMarks, RestartRecovery):
         self.outbox.wake()
         self.collection.lane.wake()
 
-    def _on_plan(self, name: str, payload: bytes) -> None:
-        self.collection.submit_plan(name, payload)
+    def _on_plan(self, name: str, payload: bytes, ack: Callable[[], None]) -> None:
+        self.collection.submit_plan(name, payload, ack)
 
     def _on_refused(self, refusal: Refusal) -> None:
         """A message the broker will never take was set aside: counted, and reported as an Event
