@@ -109,3 +109,20 @@ def test_state_drops_its_faults_once_no_plan_watches_them(service, backend):
     # two may have been on their way already (one in flight, one stored; only the newest is kept): the third is not
     latest = backend.wait_for(lambda s: s.topic == topic, 15, count=before + 3)[-1].json()
     assert "faults" not in latest and latest["values"], latest
+
+
+def test_a_telemetry_batch_the_store_cannot_take_is_counted_as_dropped(service, backend):
+    """A full or read-only disk: the batch is lost, and was counted only among the store's own errors; the
+    telemetry metric said nothing was dropped. It counts `not_stored` now. (SQLite's own SQLITE_READONLY,
+    `PRAGMA query_only` on the agent's connection, stands in for the failing disk.)"""
+    backend.publish_plan("t", plan("t", 1, signals=[SPEED], batch={"max_age_ms": 100, "max_samples": 1}))
+    backend.wait_for(lambda s: s.topic == f"{backend.topics.base}/telemetry", 15)
+    not_stored = service.collection.metrics.telemetry_dropped.labels("not_stored")
+    with service.store._lock:
+        service.store._db.execute("PRAGMA query_only = 1")
+    try:
+        assert wait_until(lambda: not_stored._value.get() >= 2, 10)
+    finally:
+        with service.store._lock:
+            service.store._db.execute("PRAGMA query_only = 0")
+    assert service.collection.metrics.telemetry_dropped.labels("bound")._value.get() == 0

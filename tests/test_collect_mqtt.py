@@ -171,7 +171,7 @@ def test_the_telemetry_lane_drops_its_oldest_batches_beyond_its_bound_and_counts
     service = Service(offline)
     service.start()
     try:
-        dropped = service.collection.metrics.telemetry_dropped
+        dropped = service.collection.metrics.telemetry_dropped.labels("bound")
         deadline = time.monotonic() + 20
         while dropped._value.get() < 3 and time.monotonic() < deadline:
             time.sleep(0.05)

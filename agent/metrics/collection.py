@@ -24,8 +24,12 @@ class CollectionMetrics:
                            ["component", "data", "unit"], registry=registry)
         self.paused = Gauge("sovd_collection_paused", "1 while collection is paused (vehicle asleep or a "
                                                       "configured condition).", registry=registry)
-        self.telemetry_dropped = Counter("sovd_telemetry_dropped", "Telemetry batches dropped, oldest first, by the "
-                                                                   "telemetry byte bound.", registry=registry)
+        self.telemetry_dropped = Counter("sovd_telemetry_dropped", "Telemetry batches dropped: the oldest by the "
+                                                                   "telemetry byte bound (bound), or one the store "
+                                                                   "could not take (not_stored).", ["reason"],
+                                         registry=registry)
+        for reason in ("bound", "not_stored"):
+            self.telemetry_dropped.labels(reason)
         self.too_large = Counter("sovd_telemetry_too_large", "Samples left out of telemetry: on its own, the sample "
                                                              "makes a batch larger than the payload limit.",
                                  ["component"], registry=registry)

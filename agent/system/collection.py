@@ -54,11 +54,15 @@ class CollectionOutput:
 
     def telemetry(self, plan: str, seq: int, message: dict[str, Any]) -> None:
         limit = self._config.collect.telemetry_max_bytes
-        dropped = self._tables.add_telemetry(self._topics.telemetry, m.encode({**message, **self._clock_mark()}),
-                                             plan, seq, limit)
+        try:
+            dropped = self._tables.add_telemetry(self._topics.telemetry, m.encode({**message, **self._clock_mark()}),
+                                                 plan, seq, limit)
+        except Exception:  # logged by the collector (the store also counts its own errors)
+            self._metrics.telemetry_dropped.labels("not_stored").inc()
+            raise
         if dropped:
             self.dropped += dropped
-            self._metrics.telemetry_dropped.inc(dropped)
+            self._metrics.telemetry_dropped.labels("bound").inc(dropped)
             log.warning("telemetry over its byte bound: dropped the %d oldest batches", dropped,
                         extra={"max_bytes": limit, "plan": plan})
         self._wake_lane()
