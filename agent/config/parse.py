@@ -30,19 +30,37 @@ from agent.errors import ConfigError
 VEHICLE = text(r"[^/+#\s]{1,64}", "a vehicle id without / + # or spaces", max_len=64)
 
 
+MAX_CONFIG_BYTES = 4 * 1024 * 1024  # far above any real config; /dev/zero or a disk image stops here, not in RAM
+
+
 def load_yaml(path: Path) -> Any:
-    """Reads YAML text; a syntax error becomes a ConfigError naming line and column."""
+    """Reads YAML text; a syntax error becomes a ConfigError naming line and column, and so does a file that
+    is not UTF-8 text, is larger than MAX_CONFIG_BYTES or nests too deeply to be a config."""
     try:
-        raw = path.read_text(encoding="utf-8")
+        with path.open("rb") as file:
+            raw = file.read(MAX_CONFIG_BYTES + 1)
     except OSError as err:
         raise ConfigError(str(path), [("", f"cannot read: {err.strerror or err}")]) from err
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(str(path), [("", f"larger than {MAX_CONFIG_BYTES // 1024 // 1024} MiB: not a config file "
+                                           "(wrong path?)")])
     try:
-        return yaml.safe_load(raw)
+        text_ = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise ConfigError(str(path), [("", f"line {line}: not UTF-8 text (byte 0x{raw[err.start]:02x}); "
+                                           "is it a YAML file?")]) from None
+    try:
+        return yaml.safe_load(text_)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(err, "problem", None) or str(err)
+        if isinstance(err, yaml.reader.ReaderError):  # a control character: no mark, a position instead
+            where = f"line {text_.count(chr(10), 0, err.position) + 1}: "
+        problem = (getattr(err, "problem", None) or str(err)).splitlines()[0]
         raise ConfigError(str(path), [("", f"{where}not valid YAML: {problem}")]) from err
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise ConfigError(str(path), [("", "not valid YAML: nested deeper than any config is")]) from None
 
 
 def load_config(path: str | Path) -> m.AgentConfig:

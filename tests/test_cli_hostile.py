@@ -1,0 +1,78 @@
+"""A hostile newcomer's review of `sovd-edge`: files that are not configs, configs with the wrong shapes, a
+full disk, Ctrl-C and SIGTERM mid-command. Each case is the real CLI in a subprocess; what it must do is
+one line on stderr that says what is wrong, a documented exit code, and nothing half-written left behind."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from conftest import ROOT
+
+from agent.cli import check_config
+
+DEMO = ROOT / "config/demo.yaml"
+SIM = ROOT / "config/sim/demo-vehicle.yaml"
+
+
+def cli(*args: str, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=timeout, env=env)
+
+
+def one_line(result: subprocess.CompletedProcess[str], code: int, module: object) -> str:
+    """The single line on stderr, after checking the exit code is `code` and that `module` documents it."""
+    assert result.returncode == code, result.stdout + result.stderr
+    assert code in module.EXITS  # type: ignore[attr-defined]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def demo_copy(tmp_path: Path, **changes: object) -> Path:
+    """config/demo.yaml with its state_dir in tmp_path and its simulator file by absolute path."""
+    config = yaml.safe_load(DEMO.read_text())
+    config.update(state_dir=str(tmp_path / "state"), simulate=[str(SIM)], **changes)
+    path = tmp_path / "agent.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+# ---- files that are not configs -----------------------------------------------------------------
+
+def test_check_config_of_a_binary_file_says_it_is_not_text(tmp_path):
+    blob = tmp_path / "firmware.bin"
+    blob.write_bytes(b"vehicle: V\n\x89PNG\r\n\x1a\n\xff\xfe")
+    line = one_line(cli("check-config", "-c", str(blob)), 78, check_config)
+    assert line == (f"sovd-edge check-config: invalid configuration: {blob}: line 2: not UTF-8 text (byte 0x89); "
+                    "is it a YAML file?")
+
+
+def test_check_config_of_deeply_nested_yaml_is_a_config_error_not_a_crash(tmp_path):
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("[" * 5000 + "]" * 5000 + "\n")
+    line = one_line(cli("check-config", "-c", str(deep)), 78, check_config)
+    assert line == (f"sovd-edge check-config: invalid configuration: {deep}: not valid YAML: "
+                    "nested deeper than any config is")
+
+
+def test_check_config_of_a_huge_file_stops_reading_at_the_limit(tmp_path):
+    """A wrong path to a disk image or a log must not be read whole into a 1 GB Pi's memory."""
+    huge = tmp_path / "huge.yaml"
+    with huge.open("w") as out:
+        line = "# " + "x" * 1000 + "\n"
+        for _ in range(4 * 1024 * 1024 // len(line) + 2):
+            out.write(line)
+    line = one_line(cli("check-config", "-c", str(huge)), 78, check_config)
+    assert line == (f"sovd-edge check-config: invalid configuration: {huge}: larger than 4 MiB: not a config "
+                    "file (wrong path?)")
+
+
+def test_check_config_with_a_control_character_names_its_line_in_one_line(tmp_path):
+    nul = tmp_path / "nul.yaml"
+    nul.write_text("vehicle: V\nbus: \x00\n")
+    line = one_line(cli("check-config", "-c", str(nul)), 78, check_config)
+    assert line == (f"sovd-edge check-config: invalid configuration: {nul}: line 2: not valid YAML: "
+                    "unacceptable character #x0000: special characters are not allowed")
