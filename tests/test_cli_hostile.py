@@ -76,3 +76,24 @@ def test_check_config_with_a_control_character_names_its_line_in_one_line(tmp_pa
     line = one_line(cli("check-config", "-c", str(nul)), 78, check_config)
     assert line == (f"sovd-edge check-config: invalid configuration: {nul}: line 2: not valid YAML: "
                     "unacceptable character #x0000: special characters are not allowed")
+
+
+# ---- wrong shapes where a list of names is expected ---------------------------------------------
+
+def test_check_config_with_a_list_in_a_keys_commands_list_reports_its_path(tmp_path):
+    config = demo_copy(tmp_path, security={"keys": {"workshop": {"public_key": "w.pub", "commands": [["read_data"]]}}})
+    line = one_line(cli("check-config", "-c", str(config)), 78, check_config)
+    assert line.startswith(f"sovd-edge check-config: invalid configuration: {config}: "
+                           "security.keys.workshop.commands[0]: a list is not a command (known: ")
+
+
+def test_check_config_with_a_nameless_ecu_and_a_key_limited_to_components_lists_both(tmp_path):
+    ecus = yaml.safe_load(DEMO.read_text())["ecus"]
+    ecus[2].pop("name")
+    config = demo_copy(tmp_path, ecus=ecus,
+                       security={"keys": {"workshop": {"public_key": "w.pub", "components": ["adas"]}}})
+    result = cli("check-config", "-c", str(config))
+    assert result.returncode == 78, result.stderr
+    assert "  ecus[2].name: required field is missing" in result.stderr
+    assert ("  security.keys.workshop.components[0]: string 'adas' is not a component of this config "
+            "(known: abs, engine)") in result.stderr

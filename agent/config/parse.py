@@ -283,8 +283,9 @@ def _names(node: Node, key: str, known: set[str], what: str) -> frozenset[str] |
     raw = node.data.get(key)
     if isinstance(raw, list) and not raw:
         node.problems.add(join(node.path, key), "an empty list allows nothing; leave the key out for no limit")
+    known = {name for name in known if isinstance(name, str)}  # an ECU without a valid name is reported already
     for path, item in node.items_of(key):
-        if item not in known:
+        if not isinstance(item, str) or item not in known:
             node.problems.add(path, f"{describe(item)} is not {what} (known: {', '.join(sorted(known))})")
         else:
             names.add(item)
