@@ -8,10 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from conftest import ROOT
 
-from agent.cli import check_config
+from agent.cli import check_config, simulate
 
 DEMO = ROOT / "config/demo.yaml"
 SIM = ROOT / "config/sim/demo-vehicle.yaml"
@@ -97,3 +98,15 @@ def test_check_config_with_a_nameless_ecu_and_a_key_limited_to_components_lists_
     assert "  ecus[2].name: required field is missing" in result.stderr
     assert ("  security.keys.workshop.components[0]: string 'adas' is not a component of this config "
             "(known: abs, engine)") in result.stderr
+
+
+@pytest.mark.parametrize("did, problem", [
+    ("{id: 0xF190, ascii: }", "ecus[0].dids[0].ascii: expected a string, got nothing"),
+    ("{id: 0x4000, fill: }", "ecus[0].dids[0].fill: expected a mapping {length, byte}, got nothing"),
+], ids=["ascii", "fill"])
+def test_simulate_with_an_empty_did_value_reports_its_path(tmp_path, did, problem):
+    sim = tmp_path / "sim.yaml"
+    sim.write_text("ecus:\n  - name: engine\n    addressing: {mode: normal_11bit, request_id: 0x7E0, "
+                   f"response_id: 0x7E8}}\n    dids:\n      - {did}\n")
+    result = cli("simulate", "-c", str(sim), "--interface", "virtual", "--channel", "hostile")
+    assert one_line(result, 78, simulate) == f"sovd-edge simulate: invalid simulator configuration: {sim}: {problem}"

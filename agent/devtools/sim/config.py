@@ -9,7 +9,7 @@ from typing import Any
 from agent.config.ecu import BYTE, NAME, key_algorithm, parse_addressing, parse_isotp
 from agent.config.model import Addressing, BusConfig, IsoTpConfig
 from agent.config.parse import load_yaml
-from agent.config.reader import InvalidValueError, Node, Problems, boolean, hex_bytes, integer, text
+from agent.config.reader import InvalidValueError, Node, Problems, boolean, hex_bytes, integer, join, text
 from agent.devtools.sim.dynamics import Schedule, Wave, parse_schedule, parse_wave
 from agent.devtools.sim.obd import SimObd, parse_obd
 from agent.errors import ConfigError
@@ -134,11 +134,14 @@ def _value(node: Node) -> bytes:
             node.raw(key)
         return b""
     if given[0] == "ascii":
-        return node.get("ascii", text(max_len=4092)).encode("ascii", errors="replace")
+        ascii_text = node.get("ascii", text(max_len=4092))  # None after a problem was recorded
+        return ascii_text.encode("ascii", errors="replace") if ascii_text is not None else b""
     if given[0] == "hex":
-        return node.get("hex", hex_bytes)
+        return node.get("hex", hex_bytes) or b""
     fill = node.child("fill")
-    assert fill is not None
+    if fill is None:  # `fill:` with nothing after it
+        node.problems.add(join(node.path, "fill"), "expected a mapping {length, byte}, got nothing")
+        return b""
     length = fill.get("length", integer(1, 65535))
     byte = fill.get("byte", BYTE, 0)
     counting = fill.get("counting", boolean, False)  # byte, byte+1, ... so truncation shows in tests
