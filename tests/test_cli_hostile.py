@@ -12,7 +12,7 @@ import pytest
 import yaml
 from conftest import ROOT
 
-from agent.cli import check_config, simulate
+from agent.cli import check_config, demo, simulate, uds
 
 DEMO = ROOT / "config/demo.yaml"
 SIM = ROOT / "config/sim/demo-vehicle.yaml"
@@ -35,7 +35,7 @@ def one_line(result: subprocess.CompletedProcess[str], code: int, module: object
 def demo_copy(tmp_path: Path, **changes: object) -> Path:
     """config/demo.yaml with its state_dir in tmp_path and its simulator file by absolute path."""
     config = yaml.safe_load(DEMO.read_text())
-    config.update(state_dir=str(tmp_path / "state"), simulate=[str(SIM)], **changes)
+    config.update({"state_dir": str(tmp_path / "state"), "simulate": [str(SIM)], **changes})
     path = tmp_path / "agent.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
@@ -110,3 +110,32 @@ def test_simulate_with_an_empty_did_value_reports_its_path(tmp_path, did, proble
                    f"response_id: 0x7E8}}\n    dids:\n      - {did}\n")
     result = cli("simulate", "-c", str(sim), "--interface", "virtual", "--channel", "hostile")
     assert one_line(result, 78, simulate) == f"sovd-edge simulate: invalid simulator configuration: {sim}: {problem}"
+
+
+# ---- the simulated-ECU files a config names ------------------------------------------------------
+
+@pytest.fixture
+def broken_sim_config(tmp_path: Path) -> tuple[Path, Path]:
+    """A valid agent config whose `simulate:` file has an unknown key (run refuses it with 78)."""
+    sim = tmp_path / "sim.yaml"
+    sim.write_text(SIM.read_text() + "bogus: 1\n")
+    config = demo_copy(tmp_path, simulate=[str(sim)])
+    return config, sim
+
+
+def test_uds_with_an_invalid_simulator_file_is_a_config_error(broken_sim_config):
+    config, sim = broken_sim_config
+    line = one_line(cli("uds", "-c", str(config), "engine", "read_data", "data=vin"), 78, uds)
+    assert line == f"sovd-edge uds: invalid configuration: {sim}: bogus: unknown key"
+
+
+def test_demo_local_with_an_invalid_simulator_file_is_a_config_error(broken_sim_config):
+    config, sim = broken_sim_config
+    line = one_line(cli("demo", "--local", "-c", str(config)), 78, demo)
+    assert line == f"sovd-edge demo: invalid configuration: {sim}: bogus: unknown key"
+
+
+def test_check_config_reads_the_simulator_files_as_run_does(broken_sim_config):
+    config, sim = broken_sim_config
+    line = one_line(cli("check-config", "-c", str(config)), 78, check_config)
+    assert line == f"sovd-edge check-config: invalid configuration: {sim}: bogus: unknown key"

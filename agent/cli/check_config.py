@@ -7,6 +7,7 @@ from typing import Any
 
 from agent.cli import common as c
 from agent.config.model import AgentConfig
+from agent.devtools.sim.config import load_sim_config
 from agent.errors import ConfigError
 from agent.wire.plan import local_plan_problems
 
@@ -24,6 +25,12 @@ def handle(args: argparse.Namespace, config: AgentConfig) -> int:
     if problems:
         c.fail(args, f"invalid configuration: {ConfigError(str(args.config), problems)}")
         return c.EXIT_CONFIG
+    for sim_file in config.simulate:  # read as `run` and `uds` read them, so that OK here means they start
+        try:
+            load_sim_config(sim_file)
+        except ConfigError as err:
+            c.fail(args, f"invalid configuration: {err}")
+            return c.EXIT_CONFIG
     if config.security.signatures_configured:  # the keys are read as `run` reads them (cryptography only then)
         from agent.policy.signature import load_authenticator
 

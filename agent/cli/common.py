@@ -15,6 +15,7 @@ from typing import Any
 from agent.config import AgentConfig, load_config
 from agent.config.parse import broker_url, host_port
 from agent.config.reader import InvalidValueError
+from agent.devtools.sim.simulator import Simulator, simulators_for
 from agent.errors import ConfigError
 from agent.system.logs import setup_logging
 from agent.system.stopsignal import StopSignal
@@ -122,6 +123,15 @@ def agent_config(args: argparse.Namespace) -> AgentConfig | None:
     if hasattr(args, "log_format"):
         configure_logging(args, config.log_level)
     return config
+
+
+def simulated_ecus(args: argparse.Namespace, config: AgentConfig) -> list[Simulator] | None:
+    """The simulators of the config's `simulate:` files; None after saying which file is invalid (exit 78)."""
+    try:
+        return simulators_for(config)
+    except ConfigError as err:
+        fail(args, f"invalid configuration: {err}")
+        return None
 
 
 def configure_logging(args: argparse.Namespace, fallback: str) -> None:

@@ -20,7 +20,6 @@ from typing import Any
 from agent.cli import common as c
 from agent.config.model import AgentConfig
 from agent.devtools.local_broker import BrokerUnavailableError, LocalBroker, free_port
-from agent.devtools.sim.simulator import simulators_for
 from agent.fleet.caller import Caller
 from agent.system.local import BusUnavailableError, LocalSession
 from agent.wire.command import Status
@@ -250,8 +249,11 @@ def _wait_for(log: Path, text: str, timeout: float) -> bool:
 
 def _local(args: argparse.Namespace, config: AgentConfig) -> int:
     failures = 0
+    companions = c.simulated_ecus(args, config)
+    if companions is None:
+        return c.EXIT_CONFIG
     try:
-        with LocalSession(config, companions=simulators_for(config)) as session:
+        with LocalSession(config, companions=companions) as session:
             for step in STEPS:
                 result = session.run(step.component, step.command, step.params)
                 if step.relies_on:

@@ -9,7 +9,6 @@ from typing import Any
 from agent.cli import common as c
 from agent.cli.commands import summary
 from agent.config.model import ALL_COMMANDS, AgentConfig
-from agent.devtools.sim.simulator import simulators_for
 from agent.policy.mutating import is_mutating
 from agent.system.audit import LocalAudit
 from agent.system.local import BusUnavailableError, LocalSession, validate
@@ -54,6 +53,9 @@ def handle(args: argparse.Namespace, config: AgentConfig) -> int:
     except (InvalidCommandError, UnknownComponentError) as err:
         c.fail(args, f"invalid command: {err}")
         return c.EXIT_USAGE
+    companions = c.simulated_ecus(args, config)
+    if companions is None:
+        return c.EXIT_CONFIG
     audit, audit_id = None, None
     if config.security.require_signature != "none" and is_mutating(args.command):
         # The daemon audits every mutating command; on a vehicle that requires signatures the audit log is
@@ -67,7 +69,7 @@ def handle(args: argparse.Namespace, config: AgentConfig) -> int:
                          f"{audit.log.path} first")
             return c.EXIT_CANTCREAT
     try:
-        with LocalSession(config, companions=simulators_for(config)) as session:
+        with LocalSession(config, companions=companions) as session:
             result = session.run(args.component, args.command, params, args.timeout_ms)
     except BusUnavailableError as err:
         if audit is not None and audit_id is not None:  # recorded as started: its end is recorded too
