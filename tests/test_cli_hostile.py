@@ -4,8 +4,11 @@ one line on stderr that says what is wrong, a documented exit code, and nothing 
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -139,3 +142,73 @@ def test_check_config_reads_the_simulator_files_as_run_does(broken_sim_config):
     config, sim = broken_sim_config
     line = one_line(cli("check-config", "-c", str(config)), 78, check_config)
     assert line == f"sovd-edge check-config: invalid configuration: {sim}: bogus: unknown key"
+
+
+# ---- Ctrl-C and SIGTERM in the middle of a one-shot subcommand --------------------------------
+
+def _wait_until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_call_interrupted_by_ctrl_c_says_so_in_one_line_and_ends_by_the_signal(broker):
+    from agent.config.model import MqttConfig
+    from agent.fleet.caller import Caller
+
+    vehicle = f"CTRLC{os.getpid()}"
+    with Caller(MqttConfig(broker=broker.url), vehicle) as watcher:
+        watcher.subscribe(watcher.topics.commands)
+        call = subprocess.Popen([sys.executable, "-m", "agent", "call", "-c", str(DEMO), "--broker", broker.url,
+                                 "--vehicle", vehicle, "--wait", "60", "engine", "read_data", "data=vin"],
+                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            watcher.wait_for(lambda s: s.topic == watcher.topics.commands, 30)  # it waits for the answer now
+            call.send_signal(signal.SIGINT)
+            out, err = call.communicate(timeout=30)
+        finally:
+            call.kill()
+    assert call.returncode == -signal.SIGINT, err
+    assert (out, err) == ("", "sovd-edge call: interrupted by SIGINT (Ctrl-C)\n")
+
+
+def test_demo_stopped_by_sigterm_leaves_no_broker_agent_or_temp_dir_behind(tmp_path):
+    """systemd, a CI job's timeout or `kill` sends SIGTERM to the demo alone: it must stop its Mosquitto
+    and its agent and remove its temporary directory, not orphan them."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    demo_run = subprocess.Popen([sys.executable, "-m", "agent", "demo"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True, env={**os.environ, "TMPDIR": str(tmp)})
+    try:
+        _wait_until(lambda: list(tmp.glob("sovd-demo-*/state/agent.lock")), 60, "the demo's agent to start")
+        children = _children(demo_run.pid)
+        assert len(children) >= 2, children  # its Mosquitto and its agent
+        demo_run.send_signal(signal.SIGTERM)
+        _, err = demo_run.communicate(timeout=60)
+    finally:
+        demo_run.kill()
+    assert demo_run.returncode == -signal.SIGTERM, err
+    assert err.splitlines() == ["sovd-edge demo: interrupted by SIGTERM"]
+    assert [pid for pid in children if _alive(pid)] == []
+    assert list(tmp.iterdir()) == []

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import traceback
+from typing import NoReturn
 
 from agent import __version__
 from agent.cli import call, check_config, commands, demo, discover, doctor, import_odx, keygen, run, simulate, uds
@@ -18,7 +20,22 @@ SUBCOMMANDS = (run, call, uds, commands, demo, simulate, check_config, doctor, d
 
 
 _EXIT_CODES = "exit codes (each subcommand's --help lists its own and what they mean there):\n" + "\n".join(
-    f"  {code:<3} {meaning}" + (f" ({name})" if name else "") for code, (name, meaning) in EXIT_CODES.items())
+    f"  {code:<3} {meaning}" + (f" ({name})" if name else "") for code, (name, meaning) in EXIT_CODES.items()) + (
+    "\nCtrl-C or SIGTERM: run and simulate stop cleanly (0); any other subcommand stops what it started,\n"
+    "says so in one line and ends by that signal (a shell shows 130 or 143).")
+
+
+class Interrupted(BaseException):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt, so that `finally` blocks and
+    context managers stop what a subcommand started (demo's broker and agent, a bus) before it ends."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _interrupt(signum: int, frame: object) -> NoReturn:
+    raise Interrupted(signum)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,9 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `sovd-edge uds ... | head` ends quietly
+    signal.signal(signal.SIGTERM, _interrupt)  # run and simulate put their stop request in its place
     args = build_parser().parse_args(argv)
     try:
         return int(args.handler(args))
+    except KeyboardInterrupt:
+        _end_by_signal(args, signal.SIGINT)
+    except Interrupted as stop:
+        _end_by_signal(args, stop.signum)
     except Exception as err:  # a bug: say so and exit 70, not Python's 1 (which means "did not complete")
         if hasattr(args, "log_format"):  # a subcommand that logs (run: JSON lines for journald)
             log.exception("internal error: %s: %s", type(err).__name__, err)
@@ -46,6 +68,17 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             fail(args, f"internal error (a bug): {type(err).__name__}: {err}")
         return EXIT_SOFTWARE
+
+
+def _end_by_signal(args: argparse.Namespace, signum: int) -> NoReturn:
+    """One line instead of a KeyboardInterrupt traceback, then the end a shell or systemd expects of a
+    process stopped by `signum` (a shell script's loop stops on Ctrl-C; systemd counts SIGTERM as clean)."""
+    name = signal.Signals(signum).name
+    fail(args, f"interrupted by {name}" + (" (Ctrl-C)" if signum == signal.SIGINT else ""))
+    sys.stderr.flush()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+    sys.exit(128 + signum)  # only if the signal is blocked
 
 
 if __name__ == "__main__":
