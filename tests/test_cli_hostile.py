@@ -15,7 +15,7 @@ import pytest
 import yaml
 from conftest import ROOT
 
-from agent.cli import check_config, demo, simulate, uds
+from agent.cli import check_config, demo, keygen, simulate, uds
 
 DEMO = ROOT / "config/demo.yaml"
 SIM = ROOT / "config/sim/demo-vehicle.yaml"
@@ -212,3 +212,28 @@ def test_demo_stopped_by_sigterm_leaves_no_broker_agent_or_temp_dir_behind(tmp_p
     assert err.splitlines() == ["sovd-edge demo: interrupted by SIGTERM"]
     assert [pid for pid in children if _alive(pid)] == []
     assert list(tmp.iterdir()) == []
+
+
+# ---- a full disk ----------------------------------------------------------------------------
+
+def _disk_full_after(limit: int):
+    """A file-size limit stands in for a full disk (no filesystem of our own can be mounted here): a write
+    past `limit` bytes fails with EFBIG, as one fails with ENOSPC on a full SD card."""
+    def preexec() -> None:
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return preexec
+
+
+def test_keygen_on_a_full_disk_leaves_no_half_written_key_and_can_be_run_again(tmp_path):
+    """The private key PEM is 119 bytes: at 64 its write is cut short, as on a disk that fills up."""
+    keys = tmp_path / "keys"
+    result = subprocess.run([sys.executable, "-m", "agent", "keygen", "--key-id", "k1", "--dir", str(keys)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=60, preexec_fn=_disk_full_after(64))
+    line = one_line(result, 73, keygen)
+    assert line.startswith(f"sovd-edge keygen: cannot write {keys}/k1.") and line.endswith(": File too large")
+    assert list(keys.iterdir()) == []
+    assert cli("keygen", "--key-id", "k1", "--dir", str(keys)).returncode == 0  # room again: it just works

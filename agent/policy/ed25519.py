@@ -110,16 +110,25 @@ def generate(private_path: Path, public_path: Path) -> None:
     private_pem = key.private_bytes(s.Encoding.PEM, s.PrivateFormat.PKCS8, s.NoEncryption())
     public_pem = key.public_key().public_bytes(s.Encoding.PEM, s.PublicFormat.SubjectPublicKeyInfo)
     _write_new(private_path, private_pem, 0o600)
-    _write_new(public_path, public_pem, 0o644)
+    try:
+        _write_new(public_path, public_pem, 0o644)
+    except KeyFileError:
+        private_path.unlink()  # half a pair is no use, and would block the next try ("exists")
+        raise
 
 
 def _write_new(path: Path, data: bytes, mode: int) -> None:
+    """Creates `path` (never over an existing file) with `data`; on a failure nothing is left behind."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     except OSError as err:
         raise KeyFileError(f"cannot create {path}: {err.strerror or err}") from err
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
-    os.chmod(path, mode)  # the umask may have narrowed the public key; the private one stays 0600
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(path, mode)  # the umask may have narrowed the public key; the private one stays 0600
+    except OSError as err:  # a full disk: the file we created is removed, not left half-written
+        path.unlink(missing_ok=True)
+        raise KeyFileError(f"cannot write {path}: {err.strerror or err}") from err
