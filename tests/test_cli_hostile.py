@@ -237,3 +237,22 @@ def test_keygen_on_a_full_disk_leaves_no_half_written_key_and_can_be_run_again(t
     assert line.startswith(f"sovd-edge keygen: cannot write {keys}/k1.") and line.endswith(": File too large")
     assert list(keys.iterdir()) == []
     assert cli("keygen", "--key-id", "k1", "--dir", str(keys)).returncode == 0  # room again: it just works
+
+
+# ---- numbers a flag cannot mean ------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, error", [
+    (["discover", "--interface", "virtual", "--channel", "hostile", "--obd-wait-ms", "-5"],
+     "argument --obd-wait-ms: '-5' is not a number of milliseconds (a whole number, 0 or more)"),
+    (["discover", "--interface", "virtual", "--channel", "hostile", "--listen", "nan"],
+     "argument --listen: 'nan' is not a number of seconds (0 or more)"),
+    (["call", "-c", str(DEMO), "--broker", "mqtt://127.0.0.1:1", "--wait", "nan", "--status"],
+     "argument --wait: 'nan' is not a number of seconds (0 or more)"),
+    (["run", "-c", str(DEMO), "--grace", "-1"], "argument --grace: '-1' is not a number of seconds (0 or more)"),
+], ids=["discover-negative-ms", "discover-nan-listen", "call-nan-wait", "run-negative-grace"])
+def test_a_time_flag_that_is_negative_or_nan_is_a_usage_error(args, error):
+    """Before: discover blamed the bus for -5 ms (69, "sleep length must be non-negative"), a nan listen
+    printed "--listen 0" in its report, and call --wait nan waited forever."""
+    result = cli(*args, timeout=30)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines()[-1] == f"sovd-edge {args[0]}: error: {error}"

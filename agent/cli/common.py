@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import signal
 import sys
 from collections.abc import Callable
@@ -78,6 +79,28 @@ def with_agent_config(handle: Callable[[argparse.Namespace, AgentConfig], int]) 
         return EXIT_CONFIG if config is None else handle(args, config)
 
     return handler
+
+
+def seconds(text: str) -> float:
+    """argparse type: a finite number of seconds, 0 or more (nan would wait forever, -1 is no wait)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0 or more)")
+    return value
+
+
+def milliseconds(text: str) -> int:
+    """argparse type: a whole number of milliseconds, 0 or more."""
+    try:
+        value = int(text, 0)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of milliseconds (a whole number, 0 or more)")
+    return value
 
 
 def add_config_flag(parser: argparse.ArgumentParser, help_text: str = "agent config (YAML)",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import sys
 from typing import Any
 
@@ -23,6 +24,8 @@ from agent.cli.common import (
     agent_config,
     configure_logging,
     fail,
+    milliseconds,
+    seconds,
 )
 from agent.config.model import BusConfig
 from agent.discover.report import as_json, render_yaml
@@ -58,20 +61,31 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--channel", help="channel, e.g. can0")
     p.add_argument("--bitrate", type=int, default=None, help="bit/s (default: the config's, else 500000)")
     p.add_argument("--fd", action=argparse.BooleanOptionalAction, default=None, help="open the bus for CAN FD")
-    p.add_argument("--listen", type=float, default=3.0, metavar="SECONDS", help="passive listening first (default 3)")
+    p.add_argument("--listen", type=seconds, default=3.0, metavar="SECONDS", help="passive listening first (default 3)")
     p.add_argument("--no-obd", action="store_true", help="skip the OBD-II functional request")
-    p.add_argument("--obd-wait-ms", type=int, default=300, help="how long answers to it are collected")
+    p.add_argument("--obd-wait-ms", type=milliseconds, default=300, help="how long answers to it are collected")
     p.add_argument("--scan", action="store_true", help="also send TesterPresent to each physical id (opt-in)")
     p.add_argument("--scan-11bit", type=_range, default=None, metavar="FROM-TO",
                    help="11-bit request ids to scan (default 0x700-0x7F7)")
     p.add_argument("--scan-29bit", type=_range, default=None, metavar="FROM-TO",
                    help="normal-fixed 29-bit target addresses to scan, 0x18DA<TA>F1 (default 0x00-0xFF)")
-    p.add_argument("--rate", type=float, default=20.0, help="scan requests per second at most (default 20)")
-    p.add_argument("--scan-wait-ms", type=int, default=50, help="wait for an answer per scanned id (default 50)")
-    p.add_argument("--p2-ms", type=int, default=500, help="wait for each identification answer (default 500)")
+    p.add_argument("--rate", type=_rate, default=20.0, help="scan requests per second at most (default 20)")
+    p.add_argument("--scan-wait-ms", type=milliseconds, default=50,
+                   help="wait for an answer per scanned id (default 50)")
+    p.add_argument("--p2-ms", type=milliseconds, default=500, help="wait for each identification answer (default 500)")
     p.add_argument("--padding", type=_byte, default=0xCC, help="pad request frames with this byte (default 0xCC)")
     p.add_argument("--json", action="store_true", help="print everything found as JSON instead of YAML")
     add_logging_flags(p, "WARNING")
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a rate (requests per second, more than 0)")
+    return value
 
 
 def _byte(text: str) -> int:
