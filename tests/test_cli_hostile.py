@@ -15,7 +15,7 @@ import pytest
 import yaml
 from conftest import ROOT
 
-from agent.cli import check_config, demo, keygen, simulate, uds
+from agent.cli import check_config, commands, demo, keygen, simulate, uds
 
 DEMO = ROOT / "config/demo.yaml"
 SIM = ROOT / "config/sim/demo-vehicle.yaml"
@@ -28,7 +28,7 @@ def cli(*args: str, timeout: float = 60, env: dict[str, str] | None = None) -> s
 
 def one_line(result: subprocess.CompletedProcess[str], code: int, module: object) -> str:
     """The single line on stderr, after checking the exit code is `code` and that `module` documents it."""
-    assert result.returncode == code, result.stdout + result.stderr
+    assert result.returncode == code, (result.stdout or "") + result.stderr
     assert code in module.EXITS  # type: ignore[attr-defined]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -256,3 +256,15 @@ def test_a_time_flag_that_is_negative_or_nan_is_a_usage_error(args, error):
     result = cli(*args, timeout=30)
     assert result.returncode == 2, result.stderr
     assert result.stderr.splitlines()[-1] == f"sovd-edge {args[0]}: error: {error}"
+
+
+@pytest.mark.parametrize("args", [["commands"], ["check-config", "-c", str(DEMO)]], ids=["commands", "check-config"])
+def test_output_redirected_to_a_full_disk_is_73_in_one_line_not_a_bug(tmp_path, args):
+    """`sovd-edge discover ... > discovered.yaml` on a full SD card: the write fails (here past a 64-byte
+    file-size limit, standing in for the full disk), in print() for a long output or in the final flush for
+    a short one. Before: 'internal error (a bug)' with a traceback (70)."""
+    with (tmp_path / "out.txt").open("w") as out:
+        result = subprocess.run([sys.executable, "-m", "agent", *args], stdout=out, stderr=subprocess.PIPE,
+                                text=True, cwd=ROOT, timeout=60, preexec_fn=_disk_full_after(64))
+    module = commands if args[0] == "commands" else check_config
+    assert one_line(result, 73, module) == f"sovd-edge {args[0]}: cannot write the output: File too large"

@@ -13,7 +13,7 @@ from typing import NoReturn
 
 from agent import __version__
 from agent.cli import call, check_config, commands, demo, discover, doctor, import_odx, keygen, run, simulate, uds
-from agent.cli.common import EXIT_CODES, EXIT_SOFTWARE, fail
+from agent.cli.common import EXIT_CANTCREAT, EXIT_CODES, EXIT_SOFTWARE, GuardedOutput, OutputError, fail
 
 log = logging.getLogger("agent.cli")
 SUBCOMMANDS = (run, call, uds, commands, demo, simulate, check_config, doctor, discover, import_odx, keygen)
@@ -55,8 +55,15 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `sovd-edge uds ... | head` ends quietly
     signal.signal(signal.SIGTERM, _interrupt)  # run and simulate put their stop request in its place
     args = build_parser().parse_args(argv)
+    stdout, sys.stdout = sys.stdout, GuardedOutput(sys.stdout) if sys.stdout is not None else None
     try:
-        return int(args.handler(args))
+        code = int(args.handler(args))
+        if sys.stdout is not None:  # None when started with stdout closed (>&-): print() then writes nothing
+            sys.stdout.flush()  # what is still buffered fails here, not as "Exception ignored" at exit
+        return code
+    except OutputError as err:
+        fail(args, f"cannot write the output: {err.strerror}")
+        return EXIT_CANTCREAT
     except KeyboardInterrupt:
         _end_by_signal(args, signal.SIGINT)
     except Interrupted as stop:
@@ -68,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             fail(args, f"internal error (a bug): {type(err).__name__}: {err}")
         return EXIT_SOFTWARE
+    finally:
+        sys.stdout = stdout
 
 
 def _end_by_signal(args: argparse.Namespace, signum: int) -> NoReturn:

@@ -48,7 +48,36 @@ EXIT_CODES: dict[int, tuple[str, str]] = {
 CONFIG_EXIT = "the config file is invalid (each problem with its path)"
 USAGE_EXIT = "unknown or missing arguments"
 # What any subcommand can return: argparse's usage error, and 70 when a bug raised (main() catches it).
-ALWAYS = {EXIT_USAGE: USAGE_EXIT, EXIT_SOFTWARE: "a bug raised an exception (the traceback says where)"}
+OUTPUT_EXIT = "stdout cannot be written (a full disk under a > redirect?)"
+ALWAYS = {EXIT_USAGE: USAGE_EXIT, EXIT_SOFTWARE: "a bug raised an exception (the traceback says where)",
+          EXIT_CANTCREAT: OUTPUT_EXIT}
+
+
+class OutputError(OSError):
+    """Writing the subcommand's output to stdout failed (a full disk, an I/O error): not a bug, exit 73."""
+
+
+class GuardedOutput:
+    """sys.stdout for the length of one subcommand: a failed write raises OutputError, so that main() can
+    tell "your > file's disk is full" from a bug."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError as err:
+            raise OutputError(err.errno, err.strerror) from err
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError as err:
+            raise OutputError(err.errno, err.strerror) from err
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 def exit_codes_text(exits: dict[int, str]) -> str:

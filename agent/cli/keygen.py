@@ -15,7 +15,7 @@ EXITS = {
     EXIT_OK: "the key pair was written",
     EXIT_USAGE: "unknown or missing arguments, or a --key-id that is not a valid key id",
     EXIT_UNAVAILABLE: "the cryptography package is not installed (pip install 'sovd-edge-agent[signing]')",
-    EXIT_CANTCREAT: "a key file exists already (never overwritten) or cannot be written",
+    EXIT_CANTCREAT: "a key file exists already (never overwritten) or cannot be written, or stdout cannot be written",
 }
 
 

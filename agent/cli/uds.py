@@ -24,7 +24,8 @@ EXITS = {
     c.EXIT_USAGE: "unknown or missing arguments, unreadable params, an unknown component, an invalid command",
     c.EXIT_UNAVAILABLE: "the CAN bus could not be opened",
     c.EXIT_CANTCREAT: "the config requires signed commands and the audit log in its state_dir cannot be written "
-                      "(a mutating command is recorded there before it runs, else not run)",
+                      "(a mutating command is recorded there before it runs, else not run), or stdout cannot "
+                      "be written",
     c.EXIT_CONFIG: c.CONFIG_EXIT,
 }
 
