@@ -15,7 +15,7 @@ import pytest
 import yaml
 from conftest import ROOT
 
-from agent.cli import check_config, commands, demo, keygen, simulate, uds
+from agent.cli import check_config, commands, demo, keygen, run, simulate, uds
 
 DEMO = ROOT / "config/demo.yaml"
 SIM = ROOT / "config/sim/demo-vehicle.yaml"
@@ -268,3 +268,11 @@ def test_output_redirected_to_a_full_disk_is_73_in_one_line_not_a_bug(tmp_path, 
                                 text=True, cwd=ROOT, timeout=60, preexec_fn=_disk_full_after(64))
     module = commands if args[0] == "commands" else check_config
     assert one_line(result, 73, module) == f"sovd-edge {args[0]}: cannot write the output: File too large"
+
+
+def test_run_with_a_sim_journal_it_cannot_open_is_73_in_one_log_line(tmp_path):
+    journal = tmp_path / "no-such-dir" / "journal.txt"
+    result = cli("run", "-c", str(demo_copy(tmp_path)), "--broker", "mqtt://127.0.0.1:1", "--metrics-listen",
+                 "127.0.0.1:0", "--sim-journal", str(journal), "--log-format", "human", timeout=60)
+    line = one_line(result, 73, run)
+    assert line.endswith(f"ERROR   agent.run: cannot open --sim-journal {journal}: No such file or directory"), line

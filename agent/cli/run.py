@@ -27,7 +27,8 @@ EXITS = {
     c.EXIT_OK: "stopped cleanly by SIGTERM/SIGINT",
     c.EXIT_UNAVAILABLE: "the metrics endpoint cannot listen (the CAN bus and the broker are retried instead)",
     c.EXIT_SOFTWARE: "an essential thread died, or a bug raised; systemd restarts the agent",
-    c.EXIT_CANTCREAT: "the state directory cannot be created or written, or no store can be created in it",
+    c.EXIT_CANTCREAT: "the state directory cannot be created or written, or no store can be created in it, or "
+                       "the --sim-journal file cannot be opened",
     c.EXIT_TEMPFAIL: "another agent holds the state directory (the message names its pid)",
     c.EXIT_CONFIG: "the config file is invalid, or a credential or TLS file is unusable; systemd does not "
                    "restart on it",
@@ -74,7 +75,15 @@ def handle(args: argparse.Namespace, config: AgentConfig) -> int:
 def _run(args: argparse.Namespace, config: AgentConfig) -> int:
     stop = c.stop_on_signals()
     try:
-        service = Service(config, companions=simulators_for(config, journal=args.sim_journal))
+        companions = simulators_for(config, journal=args.sim_journal)
+    except OSError as err:
+        log.error("cannot open --sim-journal %s: %s", args.sim_journal, err.strerror or err)
+        return c.EXIT_CANTCREAT
+    except ConfigError as err:  # a simulate: file
+        log.error("invalid configuration: %s", err)
+        return c.EXIT_CONFIG
+    try:
+        service = Service(config, companions=companions)
     except LinkSetupError as err:
         log.error("MQTT link cannot be set up: %s", err)
         return c.EXIT_CONFIG
