@@ -53,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `sovd-edge uds ... | head` ends quietly
-    signal.signal(signal.SIGTERM, _interrupt)  # run and simulate put their stop request in its place
     args = build_parser().parse_args(argv)
+    on_term = signal.signal(signal.SIGTERM, _interrupt)  # run and simulate put their stop request in its place
     stdout, sys.stdout = sys.stdout, GuardedOutput(sys.stdout) if sys.stdout is not None else None
     try:
         code = int(args.handler(args))
@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_SOFTWARE
     finally:
         sys.stdout = stdout
+        signal.signal(signal.SIGTERM, on_term)  # as it was, for a caller that runs main() in its own process
 
 
 def _end_by_signal(args: argparse.Namespace, signum: int) -> NoReturn:
