@@ -14,7 +14,7 @@ import pytest
 from agent.bus.owner import wait_until
 from agent.config.model import TlsConfig
 from agent.devtools.local_broker import BrokerTls, LocalBroker
-from agent.fleet.link import _no_delay
+from agent.fleet.sockethooks import no_delay
 from agent.system.service import Service
 
 
@@ -55,6 +55,6 @@ def test_set_under_tls(vehicle, tls_broker, pki, tmp_path):
 
 def test_a_socket_that_refuses_is_logged_not_raised(caplog):
     left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)  # no TCP options on a unix socket
-    with left, right, caplog.at_level(logging.WARNING, logger="agent.fleet.link"):
-        _no_delay(None, None, left)
+    with left, right, caplog.at_level(logging.WARNING, logger="agent.fleet.sockethooks"):
+        no_delay(None, None, left)
     assert "cannot set TCP_NODELAY" in caplog.text

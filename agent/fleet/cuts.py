@@ -4,13 +4,16 @@ A broker that will not take a message may close the connection instead of refusi
 (Mosquitto does so for a message over a `message_size_limit`, which it does not announce). paho resends
 its unacknowledged messages first thing on every new connection, so that one message would cut every
 connection for ever and silence everything behind it: responses, states, telemetry, whoever published
-it. Judged here, for all of them, from the order paho resends in.
+it. Judged here, for all of them, from the order paho resends in (`CutJudge`), and acted on by the link
+(`CutHandling`, which MqttLink inherits).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Collection
+from collections.abc import Callable, Collection
+from typing import Any
 
 import paho.mqtt.client as mqtt
 
@@ -85,3 +88,72 @@ def first_in_line(client: mqtt.Client, skip: Collection[int]) -> tuple[int, int]
         log.error("cannot see paho's unacknowledged messages (%s); a message the broker cuts the "
                   "connection on is not recognised", err)
     return None
+
+
+class CutHandling:
+    """The link's side of the judge (MqttLink inherits it): after each lost connection, the message the
+    broker would not take is dropped from paho's session and handed back to its publisher, and the size
+    it teaches is kept to. Runs on the MQTT loop thread, in the disconnect callback."""
+
+    _client: mqtt.Client
+    _cuts: CutJudge
+    _status_mids: set[int]
+    _learned_max_packet: int | None
+    _on_struck: Callable[[int], bool]
+    _on_too_large: Callable[[int, int, int], bool]
+    last_disconnect_code: int | None
+    last_cut_short: bool
+    stats: Any
+    config: Any
+    forget: Callable[[int], None]  # MqttLink.forget: drops a mid from paho's session
+
+    def _judge_cut(self) -> None:
+        """A message first in line when STRIKES connections in a row were cut on it is dropped from paho's
+        session before it reconnects (it would be resent first and cut the next one too), its publisher
+        is told, and later messages are kept under a size the broker takes (cuts.learned_limit): those paho
+        holds already over it are handed back too (each would cut STRIKES more connections in its turn)."""
+        first = first_in_line(self._client, self._status_mids)
+        struck = self._cuts.lost(first[0] if first else None, self.last_disconnect_code, self.last_cut_short)
+        if struck is None or first is None:
+            return
+        topic = self._held_topic(struck)
+        self.forget(struck)
+        limit = learned_limit(first[1], self._learned_max_packet)
+        if limit is not None:
+            self._learned_max_packet = limit
+            log.warning("the broker cut %d connections in a row on a %d-byte message without announcing a size "
+                        "limit: messages over %d bytes are made smaller or set aside from now on (announce "
+                        "the limit with the broker's max_packet_size)", STRIKES, first[1], limit,
+                        extra={"broker": self.config.broker, "bytes": first[1], "max_packet": limit})
+        if not self._on_struck(struck):
+            self._lost(topic, first[1], "connection_dropped")
+        if limit is not None:
+            self._withdraw_over(limit)
+
+    def _withdraw_over(self, limit: int) -> None:
+        """Drops from paho's session the messages it holds over `limit` and hands them back (on_too_large)."""
+        over: list[tuple[int, str, int]] = []
+        # (a paho without these internals: they are cut on in their turn)
+        with contextlib.suppress(AttributeError), self._client._out_message_mutex:
+            for mid, message in self._client._out_messages.items():
+                correlation = getattr(message.properties, "CorrelationData", None) if message.properties else None
+                size = packet_size(message.topic, message.payload, correlation)
+                if message.qos > 0 and mid not in self._status_mids and size > limit:
+                    over.append((mid, message.topic, size))
+        for mid, topic, size in over:
+            self.forget(mid)
+            if not self._on_too_large(mid, size, limit):
+                self._lost(topic, size, "packet_too_large")
+
+    def _held_topic(self, mid: int) -> str:
+        with contextlib.suppress(AttributeError), self._client._out_message_mutex:
+            message = self._client._out_messages.get(mid)
+            if message is not None:
+                return str(message.topic)
+        return "?"
+
+    def _lost(self, topic: str, size: int, reason: str) -> None:
+        """A message dropped from paho's session that no publisher tracks (sent around the store)."""
+        self.stats.dropped += 1
+        log.error("the broker will not take a message sent around the store: dropped, not delivered (%s)", reason,
+                  extra={"broker": self.config.broker, "topic": topic, "bytes": size, "reason": reason})

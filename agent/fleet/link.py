@@ -11,7 +11,6 @@ import contextlib
 import functools
 import logging
 import random
-import socket
 import ssl
 import threading
 import time
@@ -27,9 +26,10 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from agent.config.model import MqttConfig
 from agent.fleet.causes import PahoLog, uninformative
 from agent.fleet.credentials import LinkSetupError, check_key_file, password_of
-from agent.fleet.cuts import STRIKES, CutJudge, first_in_line, learned_limit
+from agent.fleet.cuts import CutHandling, CutJudge
 from agent.fleet.inflight import keep_within_receive_maximum
 from agent.fleet.packets import CUT_FOR_A_MESSAGE, Incoming, PacketTooLargeError, packet_size
+from agent.fleet.sockethooks import no_delay, written_by_the_loop
 from agent.fleet.topics import Topics
 from agent.store.sqlite import Outgoing
 from agent.wire.decode import MAX_COMMAND_BYTES
@@ -60,25 +60,6 @@ class LinkStats:
     dropped: int = 0  # messages nobody tracks dropped from paho's session (struck, or over a learned limit)
 
 
-def _no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
-    """TCP_NODELAY on every new broker socket: the PUBACK, `accepted` and final response are small
-    writes in a row, and with Nagle's algorithm each waits for the broker's delayed ACK (~40 ms)."""
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except OSError as err:
-        log.warning("cannot set TCP_NODELAY on the broker connection: %s", err)
-
-
-def _written_by_the_loop(client: mqtt.Client, userdata: Any, sock: Any) -> None:
-    """Set as paho's `on_socket_register_write`: with it, a publish (ack, disconnect) from another thread only
-    queues its packet and wakes the loop thread, which writes it. Without it paho writes to the socket on the
-    calling thread (we run `loop()` ourselves, not `loop_start()`), concurrently with the loop thread and the
-    other publishers: a partial write of a large packet interleaved with another packet's bytes, and the
-    broker cut the connection for a malformed packet (then judged the message's fault, cuts.py); and a
-    publisher whose write failed ran the disconnect callbacks holding paho's message lock, waiting for the
-    callback lock the loop thread held while it waited for that message lock (a deadlock)."""
-
-
 def _guarded(method: Callable[..., None]) -> Callable[..., None]:
     @functools.wraps(method)
     def wrapper(self: MqttLink, *args: Any) -> None:
@@ -91,7 +72,7 @@ def _guarded(method: Callable[..., None]) -> Callable[..., None]:
     return wrapper
 
 
-class MqttLink:
+class MqttLink(CutHandling):
     """Connects, keeps connecting, subscribes to commands and publishes what it is given."""
 
     def __init__(self, config: MqttConfig, topics: Topics, client_id: str, status: Callable[[str], bytes],
@@ -139,8 +120,8 @@ class MqttLink:
         self._client.on_disconnect = self._disconnected
         self._client.on_message = self._message
         self._client.on_publish = self._published
-        self._client.on_socket_open = _no_delay
-        self._client.on_socket_register_write = _written_by_the_loop
+        self._client.on_socket_open = no_delay
+        self._client.on_socket_register_write = written_by_the_loop
         self._paho_error: str | None = None  # paho's last error line: the real cause behind a disconnect
         self._refusal: str | None = None
         self._connected_event = threading.Event()
@@ -405,57 +386,6 @@ class MqttLink:
             log.error(why + ": is a second agent running with this vehicle's config? reconnecting in %.0f s or "
                       "more", self.client_id, TAKEOVER_BACKOFF_S,
                       extra={"broker": self.config.broker, "takeovers": self._taken_over})
-
-    def _judge_cut(self) -> None:
-        """A message first in line when STRIKES connections in a row were cut on it is dropped from paho's
-        session before it reconnects (it would be resent first and cut the next one too), its publisher
-        is told, and later messages are kept under a size the broker takes (cuts.learned_limit): those paho
-        holds already over it are handed back too (each would cut STRIKES more connections in its turn)."""
-        first = first_in_line(self._client, self._status_mids)
-        struck = self._cuts.lost(first[0] if first else None, self.last_disconnect_code, self.last_cut_short)
-        if struck is None or first is None:
-            return
-        topic = self._held_topic(struck)
-        self.forget(struck)
-        limit = learned_limit(first[1], self._learned_max_packet)
-        if limit is not None:
-            self._learned_max_packet = limit
-            log.warning("the broker cut %d connections in a row on a %d-byte message without announcing a size "
-                        "limit: messages over %d bytes are made smaller or set aside from now on (announce "
-                        "the limit with the broker's max_packet_size)", STRIKES, first[1], limit,
-                        extra={"broker": self.config.broker, "bytes": first[1], "max_packet": limit})
-        if not self._on_struck(struck):
-            self._lost(topic, first[1], "connection_dropped")
-        if limit is not None:
-            self._withdraw_over(limit)
-
-    def _withdraw_over(self, limit: int) -> None:
-        """Drops from paho's session the messages it holds over `limit` and hands them back (on_too_large)."""
-        over: list[tuple[int, str, int]] = []
-        # (a paho without these internals: they are cut on in their turn)
-        with contextlib.suppress(AttributeError), self._client._out_message_mutex:
-            for mid, message in self._client._out_messages.items():
-                correlation = getattr(message.properties, "CorrelationData", None) if message.properties else None
-                size = packet_size(message.topic, message.payload, correlation)
-                if message.qos > 0 and mid not in self._status_mids and size > limit:
-                    over.append((mid, message.topic, size))
-        for mid, topic, size in over:
-            self.forget(mid)
-            if not self._on_too_large(mid, size, limit):
-                self._lost(topic, size, "packet_too_large")
-
-    def _held_topic(self, mid: int) -> str:
-        with contextlib.suppress(AttributeError), self._client._out_message_mutex:
-            message = self._client._out_messages.get(mid)
-            if message is not None:
-                return str(message.topic)
-        return "?"
-
-    def _lost(self, topic: str, size: int, reason: str) -> None:
-        """A message dropped from paho's session that no publisher tracks (sent around the store)."""
-        self.stats.dropped += 1
-        log.error("the broker will not take a message sent around the store: dropped, not delivered (%s)", reason,
-                  extra={"broker": self.config.broker, "topic": topic, "bytes": size, "reason": reason})
 
     def _paho_log(self, text: str) -> None:
         self._paho_error = text
