@@ -276,3 +276,12 @@ def test_run_with_a_sim_journal_it_cannot_open_is_73_in_one_log_line(tmp_path):
                  "127.0.0.1:0", "--sim-journal", str(journal), "--log-format", "human", timeout=60)
     line = one_line(result, 73, run)
     assert line.endswith(f"ERROR   agent.run: cannot open --sim-journal {journal}: No such file or directory"), line
+
+
+@pytest.mark.parametrize("flag, value", [("--scan-29bit", "0x00-0x1FF"), ("--scan-11bit", "0x700-0x800")])
+def test_a_scan_range_past_its_addresses_is_a_usage_error_naming_the_right_bound(flag, value):
+    """A 29-bit normal-fixed target address is one byte: the flag said `<= 0x7FF` (the 11-bit bound) and then
+    dropped whatever was above 0xFF without a word."""
+    result = cli("discover", "--interface", "virtual", "--channel", "x", "--scan", flag, value)
+    assert result.returncode == 2
+    assert ("TO <= 0xFF" if flag == "--scan-29bit" else "TO <= 0x7FF") in result.stderr

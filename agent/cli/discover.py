@@ -7,6 +7,7 @@ import datetime
 import json
 import math
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import can
@@ -65,10 +66,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--no-obd", action="store_true", help="skip the OBD-II functional request")
     p.add_argument("--obd-wait-ms", type=milliseconds, default=300, help="how long answers to it are collected")
     p.add_argument("--scan", action="store_true", help="also send TesterPresent to each physical id (opt-in)")
-    p.add_argument("--scan-11bit", type=_range, default=None, metavar="FROM-TO",
+    p.add_argument("--scan-11bit", type=_range(0x7FF, "0x700-0x7F7"), default=None, metavar="FROM-TO",
                    help="11-bit request ids to scan (default 0x700-0x7F7)")
-    p.add_argument("--scan-29bit", type=_range, default=None, metavar="FROM-TO",
-                   help="normal-fixed 29-bit target addresses to scan, 0x18DA<TA>F1 (default 0x00-0xFF)")
+    p.add_argument("--scan-29bit", type=_range(0xFF, "0x00-0xFF"), default=None, metavar="FROM-TO",
+                   help="normal-fixed 29-bit target addresses to scan, 0x18DA<TA>F1 (default 0x00-0xFF; "
+                        "the tester 0xF1 and the functional 0x33 are never scanned)")
     p.add_argument("--rate", type=_rate, default=20.0, help="scan requests per second at most (default 20)")
     p.add_argument("--scan-wait-ms", type=milliseconds, default=50,
                    help="wait for an answer per scanned id (default 50)")
@@ -98,15 +100,18 @@ def _byte(text: str) -> int:
     return value
 
 
-def _range(text: str) -> tuple[int, ...]:
-    try:
-        low, _, high = text.partition("-")
-        start, end = int(low, 0), int(high or low, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not FROM-TO, e.g. 0x700-0x7F7") from None
-    if not 0 <= start <= end <= 0x7FF:
-        raise argparse.ArgumentTypeError(f"{text!r}: need 0 <= FROM <= TO <= 0x7FF")
-    return tuple(range(start, end + 1))
+def _range(highest: int, example: str) -> Callable[[str], tuple[int, ...]]:
+    """argparse type: FROM-TO (or one value), each within 0..`highest`."""
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            low, _, high = text.partition("-")
+            start, end = int(low, 0), int(high or low, 0)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not FROM-TO, e.g. {example}") from None
+        if not 0 <= start <= end <= highest:
+            raise argparse.ArgumentTypeError(f"{text!r}: need 0 <= FROM <= TO <= 0x{highest:X}")
+        return tuple(range(start, end + 1))
+    return parse
 
 
 def _bus(args: argparse.Namespace) -> BusConfig | int:
