@@ -285,3 +285,11 @@ def test_a_scan_range_past_its_addresses_is_a_usage_error_naming_the_right_bound
     result = cli("discover", "--interface", "virtual", "--channel", "x", "--scan", flag, value)
     assert result.returncode == 2
     assert ("TO <= 0xFF" if flag == "--scan-29bit" else "TO <= 0x7FF") in result.stderr
+
+
+def test_import_odx_of_a_directory_says_it_is_a_directory(tmp_path):
+    """It said "no such file" of a directory that plainly exists."""
+    pytest.importorskip("odxtools")
+    result = cli("import-odx", str(tmp_path))
+    assert result.returncode == 2
+    assert "a directory, not a .pdx file" in result.stderr and "no such file" not in result.stderr

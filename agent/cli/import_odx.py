@@ -40,7 +40,8 @@ def handle(args: argparse.Namespace) -> int:
     from agent.odx.entries import render
 
     if not args.pdx.is_file():
-        print(f"sovd-edge import-odx: no such file: {args.pdx}", file=sys.stderr)
+        what = "a directory, not a .pdx file" if args.pdx.is_dir() else "no such file"
+        print(f"sovd-edge import-odx: {what}: {args.pdx}", file=sys.stderr)
         return EXIT_USAGE
     try:
         ecus = import_pdx(args.pdx, args.ecu)
