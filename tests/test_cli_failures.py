@@ -61,6 +61,7 @@ def test_run_with_a_file_for_a_state_dir_exits_73(tmp_path):
     result = cli("run", "-c", DEMO, "--state-dir", str(blocker / "state"), "--log-format", "json")
     record = json.loads(one_line(result, 73, run))
     assert record["level"] == "ERROR" and record["message"].startswith("cannot use state directory: ")
+    assert "sovd-edge doctor" in record["message"]  # what to do, as doctor says it
     assert record["state_dir"] == str(blocker / "state")
 
 

@@ -149,3 +149,27 @@ def test_a_message_handed_over_while_disconnected_is_tracked_not_raised(mqtt_veh
     assert mid in link._client._out_messages  # queued by paho for the next connection
     link.forget(mid)
     assert mid not in link._client._out_messages and mid not in link._unacked
+
+
+def test_a_state_lock_whose_pid_cannot_be_written_is_not_kept_half_taken(tmp_path):
+    """A full disk when the pid is written: the lock's file descriptor was left open (the lock held) with
+    the error raised, so an in-process caller could never take it again. A file-size limit of 0 stands in
+    for the full disk (RLIMIT_FSIZE, in a child process: a disk cannot be filled here)."""
+    code = f"""
+import os, resource, signal
+from pathlib import Path
+from agent.system.statelock import StateLock
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+before = len(os.listdir("/proc/self/fd"))
+resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.RLIM_INFINITY))
+try:
+    StateLock(Path({str(tmp_path)!r})).acquire()
+except OSError as err:
+    print("raised", err.errno)
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+print("fds", len(os.listdir("/proc/self/fd")) - before)
+StateLock(Path({str(tmp_path)!r})).acquire()
+print("taken")
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert result.stdout.split("\n")[:3] == ["raised 27", "fds 0", "taken"], result.stdout + result.stderr

@@ -55,7 +55,9 @@ def handle(args: argparse.Namespace, config: AgentConfig) -> int:
         if not os.access(config.state_dir, os.W_OK):
             raise PermissionError(f"{config.state_dir} is not writable")
     except OSError as err:
-        log.error("cannot use state directory: %s", err, extra={"state_dir": str(config.state_dir)})
+        log.error("cannot use state directory: %s (it must be a directory this user can write: systemd creates "
+                  "it with StateDirectory=, by hand `install -d -o sovd-edge %s`; `sovd-edge doctor` checks it)",
+                  err, config.state_dir, extra={"state_dir": str(config.state_dir)})
         return c.EXIT_CANTCREAT
     lock = StateLock(config.state_dir)
     try:

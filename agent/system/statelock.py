@@ -38,8 +38,12 @@ class StateLock:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise StateLockedError(self.directory, holder) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:  # a full disk: the lock is not kept half-taken (closing the fd releases it)
+            os.close(fd)
+            raise
         self._fd = fd
 
     def release(self) -> None:
