@@ -94,3 +94,23 @@ def test_plan_bounds_have_small_defaults_and_local_plans_beyond_them_are_a_probl
     assert dict(err.value.problems) == {
         "collect.plans": "2 local plans: at most collect.max_plans (1) are applied at once",
         "collect.max_scheduled_requests": "0 is out of range 1..65536"}
+
+
+def test_check_config_counts_the_local_plans_requests_against_max_scheduled_requests(tmp_path):
+    """The collector rejects, at start, a local plan that takes the scheduled requests past their bound;
+    check-config said OK to such a config. It counts them as the collector does now: plans in order, one
+    request per DID of unknown length (collect.max_dids_per_request groups the others)."""
+    dids = [f"0x{i:04X}" for i in range(0x1000, 0x1000 + 30)]  # not in the config: one request each
+    plans = [{"name": name, "version": 1, "signals": [{"component": "engine", "data": dids, "every_ms": 60000}]}
+             for name in ("a", "b")]
+    path = tmp_path / "agent.yaml"
+    path.write_text(yaml.safe_dump(vehicle_with({"max_scheduled_requests": 50, "plans": plans})))
+    done = subprocess.run([sys.executable, "-m", "agent", "check-config", "-c", str(path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 78, done.stdout + done.stderr
+    assert ("collect.plans[1]: the plan needs 30 requests and the plans before it 30: more than "
+            "collect.max_scheduled_requests (50)") in done.stderr
+    path.write_text(yaml.safe_dump(vehicle_with({"max_scheduled_requests": 60, "plans": plans})))
+    done = subprocess.run([sys.executable, "-m", "agent", "check-config", "-c", str(path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr

@@ -6,10 +6,11 @@ import argparse
 from typing import Any
 
 from agent.cli import common as c
+from agent.collect.schedule import plan_tasks
 from agent.config.model import AgentConfig
 from agent.devtools.sim.config import load_sim_config
 from agent.errors import ConfigError
-from agent.wire.plan import local_plan_problems
+from agent.wire.plan import local_plan_problems, parse_plan
 
 EXITS = {**c.ALWAYS, c.EXIT_OK: "the file is valid", c.EXIT_CONFIG: c.CONFIG_EXIT}
 
@@ -22,6 +23,7 @@ def add_parser(sub: Any) -> None:
 
 def handle(args: argparse.Namespace, config: AgentConfig) -> int:
     problems = local_plan_problems(config)  # plans are checked by the wire layer, as strictly as from MQTT
+    problems += scheduled_request_problems(config) if not problems else []
     if problems:
         c.fail(args, f"invalid configuration: {ConfigError(str(args.config), problems)}")
         return c.EXIT_CONFIG
@@ -43,3 +45,20 @@ def handle(args: argparse.Namespace, config: AgentConfig) -> int:
     print(f"{args.config}: OK (vehicle {config.vehicle}, bus {config.bus.interface}:{config.bus.channel}, "
           f"{len(config.ecus)} ECUs: {names}; {len(config.collect.plans)} collection plans)")
     return c.EXIT_OK
+
+
+def scheduled_request_problems(config: AgentConfig) -> list[tuple[str, str]]:
+    """The local plans' requests against collect.max_scheduled_requests, counted as the collector counts
+    them when it applies them (the plans in order: one that would pass the bound is rejected at start)."""
+    settings = config.collect
+    scheduled = 0
+    found: list[tuple[str, str]] = []
+    for index, body in enumerate(settings.plans):
+        requests = len(plan_tasks(parse_plan(body, config), settings.max_dids_per_request))
+        if scheduled + requests > settings.max_scheduled_requests:
+            found.append((f"collect.plans[{index}]", f"the plan needs {requests} requests and the plans before it "
+                                                     f"{scheduled}: more than collect.max_scheduled_requests "
+                                                     f"({settings.max_scheduled_requests}); it would be rejected"))
+            continue
+        scheduled += requests
+    return found
