@@ -293,3 +293,13 @@ def test_import_odx_of_a_directory_says_it_is_a_directory(tmp_path):
     result = cli("import-odx", str(tmp_path))
     assert result.returncode == 2
     assert "a directory, not a .pdx file" in result.stderr and "no such file" not in result.stderr
+
+
+def test_keygen_with_a_file_for_its_dir_says_so(tmp_path):
+    """It said "File exists: '<the file>'", naming neither the flag nor what was wrong with it."""
+    pytest.importorskip("cryptography")
+    afile = tmp_path / "keys"
+    afile.write_text("")
+    result = cli("keygen", "--key-id", "k1", "--dir", str(afile))
+    assert result.returncode == 73
+    assert f"--dir {afile} is a file, not a directory" in result.stderr

@@ -37,6 +37,9 @@ def handle(args: argparse.Namespace) -> int:
         fail(args, f"--key-id: {err}")
         return EXIT_USAGE
     private, public = args.dir / f"{args.key_id}.key", args.dir / f"{args.key_id}.pub"
+    if args.dir.exists() and not args.dir.is_dir():
+        fail(args, f"--dir {args.dir} is a file, not a directory: give the directory to write the keys into")
+        return EXIT_CANTCREAT
     try:
         args.dir.mkdir(parents=True, exist_ok=True)
         generate(private, public)
