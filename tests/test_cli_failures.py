@@ -14,6 +14,7 @@ import yaml
 from conftest import ROOT
 from mqtt_support import AgentProcess
 
+from agent.bus.owner import wait_until
 from agent.cli import (
     SUBCOMMANDS,
     build_parser,
@@ -392,3 +393,40 @@ def test_doctor_creates_nothing_it_checks(tmp_path):
     assert re.search(rf"^state dir\s+FAIL\s+{where}/state does not exist and {where} is not a directory$",
                      result.stdout, re.M), result.stdout
     assert sorted(tmp_path.iterdir()) == [blocker]
+
+
+def test_uds_stopped_by_ctrl_c_while_a_mutating_command_runs_records_its_end_in_the_audit_log(tmp_path):
+    """Under required signatures `uds` writes a `started` audit record before a mutating command; a Ctrl-C
+    while it ran left that record without its end (the CLI review). It is recorded `interrupted` now: the
+    command may or may not have taken effect. The simulated engine answers clear_faults with response
+    pending, again and again, so that the command is still running when SIGINT comes."""
+    import signal
+
+    from agent.policy import ed25519
+    from agent.store.audit import AUDIT_FILE, read_records
+
+    ed25519.generate(tmp_path / "k.key", tmp_path / "k.pub")
+    sim = yaml.safe_load((ROOT / "config/sim/demo-vehicle.yaml").read_text())
+    engine = next(e for e in sim["ecus"] if e["name"] == "engine")
+    engine["faults"] = [{"service": 0x14, "pending": 1000}]
+    (tmp_path / "sim.yaml").write_text(yaml.safe_dump(sim))
+    config = yaml.safe_load((ROOT / DEMO).read_text())
+    config.update(simulate=[str(tmp_path / "sim.yaml")], state_dir=str(tmp_path / "state"),
+                  bus={**config["bus"], "channel": f"uds-{uuid.uuid4().hex[:8]}"},
+                  security={"require_signature": "all", "keys": {"k": {"public_key": str(tmp_path / "k.pub")}}})
+    path = tmp_path / "agent.yaml"
+    path.write_text(yaml.safe_dump(config))
+    audit = tmp_path / "state" / AUDIT_FILE
+    child = subprocess.Popen([sys.executable, "-m", "agent", "uds", "-c", str(path), "--timeout-ms", "60000",
+                              "engine", "clear_faults"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        assert wait_until(lambda: audit.exists() and len(read_records(audit)) == 1, 30)
+        child.send_signal(signal.SIGINT)
+        _, stderr = child.communicate(timeout=30)
+    finally:
+        child.kill()
+    assert child.returncode == -signal.SIGINT, stderr
+    started, finished = read_records(audit)
+    assert (finished["phase"], finished["status"], finished["id"]) == ("finished", "interrupted", started["id"])
+    assert finished["error"]["code"] == "interrupted"

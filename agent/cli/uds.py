@@ -58,18 +58,18 @@ def handle(args: argparse.Namespace, config: AgentConfig) -> int:
     if companions is None:
         return c.EXIT_CONFIG
     audit, audit_id = None, None
-    if config.security.require_signature != "none" and is_mutating(args.command):
-        # The daemon audits every mutating command; on a vehicle that requires signatures the audit log is
-        # what shows who changed it, so a local run is recorded there too, or not run.
-        audit = LocalAudit(config)
-        try:
-            audit_id = audit.started(args.component, args.command, params)
-        except OSError as err:
-            c.fail(args, f"not run: the audit log cannot be written ({err}); this config requires signed "
-                         f"commands (security.require_signature), so mutating commands are recorded in "
-                         f"{audit.log.path} first")
-            return c.EXIT_CANTCREAT
-    try:
+    try:  # from the audit record of its start on (a Ctrl-C may come at once), its end is recorded too
+        if config.security.require_signature != "none" and is_mutating(args.command):
+            # The daemon audits every mutating command; on a vehicle that requires signatures the audit log is
+            # what shows who changed it, so a local run is recorded there too, or not run.
+            audit = LocalAudit(config)
+            try:
+                audit_id = audit.started(args.component, args.command, params)
+            except OSError as err:
+                c.fail(args, f"not run: the audit log cannot be written ({err}); this config requires signed "
+                             f"commands (security.require_signature), so mutating commands are recorded in "
+                             f"{audit.log.path} first")
+                return c.EXIT_CANTCREAT
         with LocalSession(config, companions=companions) as session:
             result = session.run(args.component, args.command, params, args.timeout_ms)
     except BusUnavailableError as err:
@@ -79,6 +79,13 @@ def handle(args: argparse.Namespace, config: AgentConfig) -> int:
                 Status.FAILED, ErrorCode.BUS_ERROR, f"not run: CAN bus unavailable: {err}"), now, None, now))
         c.fail(args, f"CAN bus unavailable: {err}{_hub_hint(config)}")
         return c.EXIT_UNAVAILABLE
+    except BaseException:  # Ctrl-C or SIGTERM while it ran: the audit log says it may have run, not nothing
+        if audit is not None and audit_id is not None:
+            now = time.time()
+            audit.finished(audit_id, Result(audit_id, args.component, args.command, Outcome.failure(
+                Status.INTERRUPTED, ErrorCode.INTERRUPTED, "stopped (Ctrl-C or SIGTERM) while it ran: it may or "
+                "may not have taken effect"), now, now, now))
+        raise
     if audit is not None and audit_id is not None:
         audit.finished(audit_id, result)
     c.print_json(response_message(result, seq=1))
