@@ -475,3 +475,27 @@ def test_concurrent_functional_commands_flow_control_each_answer_once(vehicle, i
     assert len(ecu.heard) == 2
     flow_controls = [m for m in ecu.seen if m.arbitration_id == 0x7E0 and m.data[0] >> 4 == 3]
     assert len(flow_controls) == 2
+
+
+# ---- a hostile responder: what it says is its own entry, never more, never less ----------------------
+
+def _single_frame(can_id, hex_payload):
+    """A handler for CanIsotpEcu that answers with one hand-written single frame."""
+    def send(bus):
+        payload = bytes.fromhex(hex_payload)
+        bus.send(can.Message(arbitration_id=can_id, data=bytes([len(payload)]) + payload, is_extended_id=False))
+    return send
+
+
+def test_a_truncated_refusal_is_that_ecus_invalid_answer_not_an_nrc_it_never_sent(agent, isotp_ecus):
+    """0x7EB answers `7F 22` (no NRC byte). Physically that is an invalid response; functionally its entry
+    used to read NRC 0x10 GeneralReject, a refusal this ECU never sent. Every other ECU's answer stands."""
+    isotp_ecus(0x7E3, 0x7EB, {bytes.fromhex("22f190"): _single_frame(0x7EB, "7f22")})
+    for command, params in (("raw", {"request": "22F190"}), ("read_data", {"data": "vin"})):
+        result = _run(agent, "engine", command, params)
+        assert result.status is Status.COMPLETED, result.outcome
+        responses = result.outcome.result["responses"]
+        assert responses["0x7EB"] == {"error": {
+            "code": "internal", "message": "invalid response from ECU: truncated negative response 7f22"}}
+        assert "engine" in responses and "0x7E9" in responses and "error" not in responses["engine"]
+

@@ -61,7 +61,8 @@ class FunctionalRequests:
     def _collect(self, request: bytes, timing: Timing, deadline: float,
                  entries: dict[str, dict[str, Any]]) -> dict[str, bytes]:
         """Every ECU's final answer; an ECU whose answer broke off under way gets a `timeout` error in
-        `entries` (unless an earlier request of the same command already gave it one)."""
+        `entries`, one whose refusal has no NRC byte an invalid-response error (unless an earlier request
+        of the same command already gave it one)."""
         assert self.link is not None
         collected = collect(self.link, request, timing, deadline)
         answers = collected.answers
@@ -71,9 +72,11 @@ class FunctionalRequests:
         for key, why in collected.lost.items():
             entries.setdefault(key, {}).setdefault("error", error_fields(
                 UdsTimeoutError(f"answer to 0x{request[0]:02X} broke off under way: {why}")))
-        for key, data in answers.items():
-            if data[0] == NEGATIVE_RESPONSE and len(data) < 3:
-                answers[key] = bytes([NEGATIVE_RESPONSE, request[0], 0x10])  # truncated NRC: general reject
+        for key, data in list(answers.items()):
+            if data[0] == NEGATIVE_RESPONSE and len(data) < 3:  # no NRC byte: an invalid answer, as physically
+                del answers[key]
+                entries.setdefault(key, {}).setdefault("error", error_fields(
+                    InvalidResponseError(f"truncated negative response {data.hex()}")))
         return answers
 
     def _read(self, p: c.ReadData, timing: Timing, deadline: float) -> dict[str, Any]:
