@@ -499,3 +499,25 @@ def test_a_truncated_refusal_is_that_ecus_invalid_answer_not_an_nrc_it_never_sen
             "code": "internal", "message": "invalid response from ECU: truncated negative response 7f22"}}
         assert "engine" in responses and "0x7E9" in responses and "error" not in responses["engine"]
 
+
+def test_response_pending_then_silence_is_that_ecus_timeout_not_a_missing_entry(agent, isotp_ecus):
+    """0x7EB answers NRC 0x78 (response pending) and then nothing. It did answer: leaving it out of the
+    result would read as "this ECU did not hear the request"; its entry is a timeout error instead."""
+    isotp_ecus(0x7E3, 0x7EB, {bytes.fromhex("22f190"): _single_frame(0x7EB, "7f2278")})
+    result = _run(agent, "engine", "raw", {"request": "22F190"})
+    assert result.status is Status.COMPLETED, result.outcome
+    responses = result.outcome.result["responses"]
+    assert responses["0x7EB"]["error"]["code"] == "timeout"
+    assert "NRC 0x78" in responses["0x7EB"]["error"]["message"]
+    assert responses["engine"] == {"response": (b"b\xf1\x90" + VIN.encode()).hex()}
+
+
+def test_only_a_pending_answer_is_a_completed_result_with_that_ecus_timeout(vehicle, isotp_ecus):
+    """The only responder says 0x78 and then nothing: not "no ECU answered", but its own timeout entry."""
+    isotp_ecus(0x7E3, 0x7EB, {bytes.fromhex("22f190"): _single_frame(0x7EB, "7f2278")})
+    with LocalSession(vehicle) as agent:
+        command_id, _ = agent.submit("engine", "read_data", {"data": "vin"}, addressing=FUNCTIONAL, timeout_ms=2000)
+        result = agent.wait(command_id, 10)
+    assert result.status is Status.COMPLETED, result.outcome
+    assert list(result.outcome.result["responses"]) == ["0x7EB"]
+    assert result.outcome.result["responses"]["0x7EB"]["error"]["code"] == "timeout"

@@ -202,7 +202,8 @@ def collect(link: FunctionalLink, request: bytes, timing: Timing, deadline: floa
     its end, within `deadline`); an ECU that answered NRC 0x78 gets P2* from then on for its final
     answer. Answers that do not echo the request are discarded (DEBUG), as in `transact`; an ECU's
     first final answer is its answer. An answer that broke off under way (N_Cr, the deadline) is in
-    `lost` unless that ECU answered in full after all. Nothing in either: nobody answered in time.
+    `lost` unless that ECU answered in full after all, and so is an ECU that said 0x78 and then
+    nothing more. Nothing in either: nobody answered in time.
     """
     final: dict[str, bytes] = {}
     pending: dict[str, float] = {}  # responders that sent 0x78: until when their final answer counts
@@ -234,9 +235,10 @@ def collect(link: FunctionalLink, request: bytes, timing: Timing, deadline: floa
             final[key] = data
     finally:
         link.close()
-    for key in pending:
-        log.info("no final answer from %s to functional request %s within P2*", key, request[:4].hex())
     lost = {key: why for key, why in link.lost().items() if key not in final}
+    for key in pending:  # it did answer: its silence after 0x78 is its result, never a missing entry
+        lost.setdefault(key, f"NRC 0x78 (response pending), then no final answer within P2* "
+                             f"({timing.p2_star * 1000:.0f} ms) or the command deadline")
     for key, why in lost.items():
         log.warning("answer from %s to functional request %s lost under way: %s", key, request[:4].hex(), why)
     return Collected(final, lost)
