@@ -206,6 +206,33 @@ def test_collect_keeps_first_final_answers_and_discards_garbage():
     assert link.opened == link.closed == 1
 
 
+class BabblingFunctionalLink(ScriptedFunctionalLink):
+    """A responder that never falls silent (a babbling ECU, or a bus busier than the agent can read):
+    every `recv` has an answer ready at once, as the real link's has while its queue refills faster
+    than the worker empties it (seen on the virtual bus: a 1 s command ran 4 s)."""
+
+    def __init__(self):
+        super().__init__()
+        self.deadline = None
+        self.calls_after_deadline = 0
+
+    def recv(self, timeout, limit):
+        if time.monotonic() >= self.deadline:
+            self.calls_after_deadline += 1
+            assert self.calls_after_deadline < 1000, "still collecting long after the command's deadline"
+        return "a", bytes.fromhex("62f190aa")
+
+
+def test_a_babbling_responder_cannot_hold_a_collection_past_the_deadline():
+    from agent.uds.transaction import Timing, collect
+
+    link = BabblingFunctionalLink()
+    link.deadline = time.monotonic() + 0.3
+    collected = collect(link, bytes.fromhex("22f190"), Timing(0.1, 1.0, 0), link.deadline)
+    assert collected.answers == {"a": bytes.fromhex("62f190aa")}
+    assert link.calls_after_deadline == 0
+    assert link.opened == link.closed == 1
+
 def test_obd_functionally_each_answering_ecu_gets_its_own_result(agent):
     # engine answers OBD-II; camera and the stranger refuse with NRC 0x11, which stays silent functionally
     result = _run(agent, "engine", "obd", {"pids": ["vehicle_speed", "coolant_temperature"], "dtcs": "stored"})

@@ -156,7 +156,9 @@ class FunctionalLink:
         self._owner.tap(self._on_frame)
 
     def close(self) -> None:
+        """Ends the collection: an answer still under way is given up (in `lost`), the bus let go of."""
         self._owner.untap(self._on_frame)
+        self._give_up_under_way("answer not complete by the command deadline")
         self.flush()
         if self._open:
             self._open = False
@@ -205,10 +207,7 @@ class FunctionalLink:
             if not receiving and now >= min(deadline, limit):
                 return None
             if now >= limit:
-                for assembly in self._rx.values():
-                    if assembly.logic.is_rx_active():
-                        assembly.logic.stop_receiving()
-                        self._note_lost(assembly.responder.key, "answer not complete by the command deadline")
+                self._give_up_under_way("answer not complete by the command deadline")
                 return None
             wait = min(_SLICE if receiving else deadline - now, limit - now)
             frame = self._frames.get(max(wait, 0))
@@ -216,6 +215,12 @@ class FunctionalLink:
                 self._dispatch(frame)
             for assembly in self._rx.values():
                 assembly.logic.process(rx_timeout=0)  # timers, and flow control for a fresh first frame
+
+    def _give_up_under_way(self, why: str) -> None:
+        for assembly in self._rx.values():
+            if assembly.logic.is_rx_active():
+                assembly.logic.stop_receiving()
+                self._note_lost(assembly.responder.key, why)
 
     def _take_queued(self) -> None:
         """Every frame that has already arrived into its responder's state machine, without waiting: an

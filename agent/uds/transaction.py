@@ -199,11 +199,11 @@ def collect(link: FunctionalLink, request: bytes, timing: Timing, deadline: floa
     """Sends a functional request and returns every ECU's final answer (positive or negative), by responder.
 
     Answers count when they start within P2 of the request (one under way when P2 ends is received to
-    its end, within `deadline`); an ECU that answered NRC 0x78 gets P2* from then on for its final
-    answer. Answers that do not echo the request are discarded (DEBUG), as in `transact`; an ECU's
-    first final answer is its answer. An answer that broke off under way (N_Cr, the deadline) is in
-    `lost` unless that ECU answered in full after all, and so is an ECU that said 0x78 and then
-    nothing more. Nothing in either: nobody answered in time.
+    its end, within `deadline`; nothing is read after it, however much keeps arriving); an ECU that
+    answered NRC 0x78 gets P2* from then on for its final answer. Answers that do not echo the request
+    are discarded (DEBUG), as in `transact`; an ECU's first final answer is its answer. An answer that
+    broke off under way (N_Cr, the deadline) is in `lost` unless that ECU answered in full after all,
+    and so is an ECU that said 0x78 and then nothing more. Nothing in either: nobody answered in time.
     """
     final: dict[str, bytes] = {}
     pending: dict[str, float] = {}  # responders that sent 0x78: until when their final answer counts
@@ -213,6 +213,8 @@ def collect(link: FunctionalLink, request: bytes, timing: Timing, deadline: floa
         window_end = time.monotonic() + timing.p2
         while True:
             now = time.monotonic()
+            if now >= deadline:  # answers still under way are the link's to give up (`lost`) on close
+                break
             end = min(max(window_end, *pending.values()) if pending else window_end, deadline)
             if now < end:
                 got = link.recv(end - now, deadline)
