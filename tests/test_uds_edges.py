@@ -217,3 +217,21 @@ def test_one_dtc_snapshot_refused_the_rest_is_read(agent, sim):
                                         "message": "ECU refused service 0x19: NRC 0x31 RequestOutOfRange"}
     assert u0100["extended_data"] == ""  # its extended data was read: the simulator has none for it
     assert u0100["status"]["confirmed"] is True
+
+
+def test_no_request_goes_out_after_the_commands_deadline(agent, sim):
+    """62 stored DTCs, snapshots asked for, and an ECU that never answers a snapshot request: each waits
+    out P2 (150 ms), so a 1 s command has room for at most 7 of them. The rest used to go out anyway,
+    back to back after the deadline (each answered by the ECU into the next command's exchange); now
+    each of those DTCs gets its timeout error without a request on the bus."""
+    ecu = sim.ecu("engine")
+    for n in range(60):
+        ecu.set_dtc(0x100000 + n, 0x09)
+    ecu.set_faults([fault_from_dict({"service": 0x19, "match": "04", "no_answer": True})])
+    command_id, _ = agent.submit("engine", "read_faults", {"snapshots": True}, timeout_ms=1000)
+    result = agent.wait(command_id, 20)
+    assert result.status is Status.COMPLETED, result.outcome
+    faults = result.outcome.result["faults"]
+    assert len(faults) == 62 and all(f["snapshots_error"]["code"] == "timeout" for f in faults)
+    assert wait_until(lambda: ecu.received[0x19] >= 2, 2)
+    assert ecu.received[0x19] <= 1 + 1000 // 150 + 1  # the DTC list, then what fits before the deadline

@@ -122,7 +122,7 @@ def transact(link: Link, request: bytes, timing: Timing, deadline: float,
     response (`wait_negative=False`: at once, for S3 keepalives). NRC 0x78 extends the wait to P2*
     (any number of times, within `deadline`); after it the ECU owes a final answer even when
     suppression was asked. NRC 0x21 repeats the request after a bounded, doubling pause, at most
-    `timing.busy_retries` times.
+    `timing.busy_retries` times. Nothing is sent once `deadline` has passed (UdsTimeoutError).
     """
     pause = 0.02
     for attempt in range(timing.busy_retries + 1):
@@ -141,6 +141,8 @@ def transact(link: Link, request: bytes, timing: Timing, deadline: float,
 def _exchange(link: Link, request: bytes, timing: Timing, deadline: float, wait_negative: bool) -> bytes | None:
     sid = request[0]
     suppressed = suppresses_positive(request)
+    if time.monotonic() >= deadline:  # no request whose answer nobody waits for (it lands in the next exchange)
+        raise UdsTimeoutError(f"command deadline passed before service 0x{sid:02X} could be sent")
     link.flush()
     link.send(request, timeout=max(0.001, min(deadline - time.monotonic(), timing.p2_star)))
     if suppressed and not wait_negative:
@@ -207,6 +209,8 @@ def collect(link: FunctionalLink, request: bytes, timing: Timing, deadline: floa
     """
     final: dict[str, bytes] = {}
     pending: dict[str, float] = {}  # responders that sent 0x78: until when their final answer counts
+    if time.monotonic() >= deadline:
+        raise UdsTimeoutError(f"command deadline passed before functional request 0x{request[0]:02X} could be sent")
     link.open(deadline - time.monotonic())
     try:
         link.send(request, timeout=max(0.001, min(deadline - time.monotonic(), timing.p2_star)))
