@@ -73,10 +73,11 @@ def test_late_answer_from_the_simulator_is_discarded(vehicle, sim):
 class CanIsotpEcu:
     """An engine ECU on can-isotp's own threaded stack and its own virtual bus, scripted per request."""
 
-    def __init__(self, vehicle, script) -> None:
+    def __init__(self, vehicle, script, **params) -> None:
         self.bus = can.Bus(interface="virtual", channel=vehicle.bus.channel, fd=True)
         self.stack = isotp.CanStack(self.bus, address=isotp_address(vehicle.ecu("engine").addressing, server=True),
-                                    params={"blocking_send": True, "tx_padding": 0xCC, "tx_data_min_length": 8})
+                                    params={"blocking_send": True, "tx_padding": 0xCC, "tx_data_min_length": 8,
+                                            **params})
         self.script = script
         self.requests: list[str] = []
         self._stop = threading.Event()
@@ -235,3 +236,15 @@ def test_no_request_goes_out_after_the_commands_deadline(agent, sim):
     assert len(faults) == 62 and all(f["snapshots_error"]["code"] == "timeout" for f in faults)
     assert wait_until(lambda: ecu.received[0x19] >= 2, 2)
     assert ecu.received[0x19] <= 1 + 1000 // 150 + 1  # the DTC list, then what fits before the deadline
+
+
+def test_a_long_request_to_an_ecu_with_a_slow_flow_control_gets_the_whole_command_deadline(vehicle):
+    """ISO 15765-2 lets a receiver ask for up to 127 ms between consecutive frames. An 81-byte request is
+    11 consecutive frames: 1.4 s at STmin 127 ms. That is longer than P2* (1 s), which only bounds the
+    wait for an answer, and well within the command's 3 s; the send used to be cut off at P2* (an
+    `ISO-TP send timed out` timeout before the ECU had heard the request)."""
+    request = "22" + "F40C" * 40
+    with CanIsotpEcu(vehicle, {request.lower(): ["7f2231"]}, stmin=127) as ecu, LocalSession(vehicle) as agent:
+        result = agent.run("engine", "raw", {"request": request})
+    assert ecu.requests == [request.lower()]
+    assert (result.status, result.outcome.error.as_dict().get("nrc")) == (Status.FAILED, "0x31"), result.outcome

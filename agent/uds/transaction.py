@@ -144,7 +144,9 @@ def _exchange(link: Link, request: bytes, timing: Timing, deadline: float, wait_
     if time.monotonic() >= deadline:  # no request whose answer nobody waits for (it lands in the next exchange)
         raise UdsTimeoutError(f"command deadline passed before service 0x{sid:02X} could be sent")
     link.flush()
-    link.send(request, timeout=max(0.001, min(deadline - time.monotonic(), timing.p2_star)))
+    # The send has the command's time: P2/P2* bound the wait for an answer, not a transfer paced by the
+    # ECU's flow control (up to 127 ms a frame; each flow control itself is bounded by N_Bs).
+    link.send(request, timeout=max(0.001, deadline - time.monotonic()))
     if suppressed and not wait_negative:
         return None
     pending = False
@@ -213,7 +215,7 @@ def collect(link: FunctionalLink, request: bytes, timing: Timing, deadline: floa
         raise UdsTimeoutError(f"command deadline passed before functional request 0x{request[0]:02X} could be sent")
     link.open(deadline - time.monotonic())
     try:
-        link.send(request, timeout=max(0.001, min(deadline - time.monotonic(), timing.p2_star)))
+        link.send(request, timeout=max(0.001, deadline - time.monotonic()))
         window_end = time.monotonic() + timing.p2
         while True:
             now = time.monotonic()
