@@ -248,3 +248,17 @@ def test_a_long_request_to_an_ecu_with_a_slow_flow_control_gets_the_whole_comman
         result = agent.run("engine", "raw", {"request": request})
     assert ecu.requests == [request.lower()]
     assert (result.status, result.outcome.error.as_dict().get("nrc")) == (Status.FAILED, "0x31"), result.outcome
+
+
+@pytest.mark.parametrize("reply", ["410D", "410D280D28", "410D280528FF"])
+def test_a_malformed_obd_answer_is_an_invalid_response_not_an_agent_failure(agent, sim, caplog, reply):
+    """The ECU echoes PID 0x0D but its answer cannot be split (truncated, a PID twice, bytes left over).
+    That is the ECU's invalid answer, as for every UDS service; it used to leave the executor as an
+    unexpected exception: an ERROR with a traceback (an agent bug, one per command), and a result message
+    naming a Python class."""
+    sim.ecu("engine").set_faults([fault_from_dict({"service": 0x01, "reply": reply})])
+    result = agent.run("engine", "obd", {"pids": ["vehicle_speed", "coolant_temperature"]})
+    assert result.status is Status.FAILED, result.outcome
+    assert result.outcome.error.code is ErrorCode.INTERNAL
+    assert result.outcome.error.message.startswith("invalid response from ECU: "), result.outcome
+    assert not [r for r in caplog.records if r.name == "agent.uds.executor" and r.exc_info]

@@ -102,7 +102,7 @@ class Executor:
             return Outcome.failure(Status.TIMEOUT, ErrorCode.TIMEOUT, str(err))
         except BusDownError as err:
             return Outcome.failure(Status.FAILED, ErrorCode.BUS_ERROR, str(err))
-        except InvalidResponseError as err:
+        except (InvalidResponseError, obd.ObdResponseError) as err:  # the ECU's bad answer, not an agent bug
             return Outcome.failure(Status.FAILED, ErrorCode.INTERNAL, f"invalid response from ECU: {err}")
         except Exception as err:  # the executor's contract: a result, never an exception
             log.exception("executor failed on %s", self.ecu.name)
