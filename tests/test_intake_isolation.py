@@ -22,7 +22,9 @@ from conftest import DATA  # noqa: F401  (fixtures come from conftest)
 from agent.bus.owner import wait_until
 from agent.fleet.packets import Incoming
 
-VALID_TARGETS = [("engine", "vin"), ("body", "vin"), ("gateway", "vin"), ("camera", "vin")]
+# engine (queue_size 4) last, so that it gets the fewest valid commands of a burst: in one intake group of
+# QoS 0 messages (test_every_hostile_payload_in_one_intake_group) none can wait for room, a fifth would be `busy`
+VALID_TARGETS = [("body", "vin"), ("gateway", "vin"), ("camera", "vin"), ("engine", "vin")]
 
 
 def uid(name: str) -> str:
@@ -79,10 +81,16 @@ HOSTILE = {
                     ("rejected", "invalid_command", "params.data[0][0][0][0][0][0][0][0][0][0][0][0][0][0]")),
     "unknown_component": (lambda i: text(i, '"params": {"data": "vin"}', component="warp_core"),
                           ("rejected", "unknown_component", None)),
+    # a key twice: which one counts depends on the parser (json: the last), so the command is ambiguous
+    "duplicate_command_key": (lambda i: text(i, '"params": {"data": "vin"}, "command": "clear_faults"'),
+                              ("rejected", "invalid_command", "command")),
+    "duplicate_param_key": (lambda i: text(i, '"params": {"data": "vin", "data": "oil_temp"}'),
+                            ("rejected", "invalid_command", "params.data")),
 }
 NO_ID = {"surrogate_id": b'{"id": "\\ud800", "component": "engine", "command": "read_data"}',
          "not_json": b'{"id": "x", "component": ',
-         "not_utf8": b'{"id": "\xff\xfe"}'}
+         "not_utf8": b'{"id": "\xff\xfe"}',
+         "duplicate_id": b'{"id": "dup-a", "component": "engine", "command": "read_data", "id": "dup-b"}'}
 
 
 def hostile_burst() -> tuple[list[bytes], dict[str, tuple], list[str]]:

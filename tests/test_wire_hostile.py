@@ -38,6 +38,10 @@ DEEP = '{"id": "deep", "component": "engine", "command": "read_data", "params": 
     (raw('{"id": "a", "params": {"value": 1e999}}'), "params.value", "not a finite number", "a"),
     (raw('{"id": "a", "params": {"data": ["vin", -1e400]}}'), "params.data[1]", "not a finite number", "a"),
     (raw(DEEP), "params.data" + "[0]" * (MAX_DEPTH - 2), f"deeper than {MAX_DEPTH}", "deep"),
+    # a key twice is ambiguous (json keeps the last, other parsers the first): refused, never guessed
+    (raw('{"id": "a", "command": "read_data", "command": "reset"}'), "command", "more than once", "a"),
+    (raw('{"id": "a", "params": {"data": "vin", "data": "oil_temp"}}'), "params.data", "more than once", "a"),
+    (raw('{"id": "a", "id": "b"}'), "id", "more than once", None),
 ])
 def test_decode_refuses_what_no_field_can_hold(payload, field, why, command_id):
     result = decode_command(payload)

@@ -1,8 +1,8 @@
 """Takes a command payload off the wire: size, UTF-8, JSON and value checks before any field is read. Pure.
 
 What leaves here is safe for everything after it: no number that is not finite or does not fit 64
-bits, no string that cannot be encoded as UTF-8 (lone surrogates), no nesting deeper than any
-command needs. What does not pass is refused with the path of the first offending field.
+bits, no string that cannot be encoded as UTF-8 (lone surrogates), no key twice in one object, no
+nesting deeper than any command needs. What does not pass is refused with the path of the first offending field.
 """
 
 from __future__ import annotations
@@ -57,9 +57,24 @@ def _constant(name: str) -> _Refused:
     return _Refused(f"{name} is not a number JSON allows")
 
 
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object; a key that appears more than once is marked refused in place. Which of its values
+    counts depends on the parser (json keeps the last, others the first), so a backend, a signing service
+    and this agent could each read a different command from the same bytes: the command is refused."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                obj[key] = _Refused("the key appears more than once in its object")
+            seen.add(key)
+    return obj
+
+
 def loads(text: str | bytes) -> Any:
-    """json.loads with refused numbers marked in place; raises ValueError/RecursionError like json."""
-    return json.loads(text, parse_int=_int, parse_float=_float, parse_constant=_constant)
+    """json.loads with refused numbers and repeated keys marked in place; raises ValueError/RecursionError
+    like json."""
+    return json.loads(text, parse_int=_int, parse_float=_float, parse_constant=_constant, object_pairs_hook=_object)
 
 
 def decode_command(payload: bytes) -> dict[str, Any] | Undecodable:
