@@ -104,6 +104,22 @@ def test_progress_is_validated_strictly_with_its_field(service, backend, broker,
     assert sim.ecu("engine").received[0x22] == 0
 
 
+def test_a_reply_topic_reserved_for_the_broker_is_refused_before_anything_runs(service, backend, sim):
+    """A topic starting with `$` is the broker's (MQTT 5 section 4.7.2; Mosquitto answers a publish to
+    `$SYS/...` with 0x87): run there, a reset would happen and its final be set aside, never seen by the
+    backend. Refused on the default topic, like a wildcard, and nothing runs."""
+    for response_topic, reply_to in (("$SYS/agent/answers", None), (None, "$share/g/answers")):
+        body = read_vin(**({"reply_to": reply_to} if reply_to else {}))
+        backend.send(body, response_topic=response_topic, correlation=b"c" if response_topic else None)
+        final = backend.final(body["id"])
+        field = "response_topic" if response_topic else "reply_to"
+        assert (final["status"], final["error"]["code"], final["error"]["field"]) == \
+            ("rejected", "invalid_command", field), final
+        assert "$" in final["error"]["message"]
+    assert sim.ecu("engine").received[0x22] == 0
+    assert not [s for s in backend.seen if s.topic == backend.topics.events and b"publish_refused" in s.payload]
+
+
 def test_default_topic_still_gets_accepted_then_final(service, backend):
     for extra in ({}, {"progress": False}, {"progress": True}):
         body = read_vin(**extra)

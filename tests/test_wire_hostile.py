@@ -148,7 +148,7 @@ def test_in_flight_duplicate_is_the_accepted_message_again():
 
 
 @pytest.mark.parametrize("reply_to", ["r/\x01", "r/\x7f", "r/\u0085", "r/\ufdd0", "r/\uffff", "r/\U0010fffe",
-                                      "r/+", "r/#", "r/\x00", "x" * 65536])
+                                      "r/+", "r/#", "r/\x00", "x" * 65536, "$SYS/x", "$share/g/r"])
 def test_a_reply_topic_a_broker_would_refuse_is_invalid(vehicle, reply_to):
     """Mosquitto drops the connection of a client publishing to such a topic: answering there would
     make the outbox resend the answer forever, reconnecting each time (found by the fuzz run)."""

@@ -7,6 +7,7 @@ from typing import Any
 
 from agent.fleet.packets import Incoming
 from agent.fleet.topics import Topics, is_publishable
+from agent.wire.command import topic_name_problem
 from agent.wire.parse import InvalidCommandError
 
 
@@ -23,8 +24,7 @@ def check_reply_topics(topics: Topics, item: Incoming, body: dict[str, Any]) -> 
     problems = []
     for field, candidate in (("response_topic", item.response_topic), ("reply_to", body.get("reply_to"))):
         if isinstance(candidate, str):
-            problem = "contains a wildcard or NUL" if not is_publishable(candidate) \
-                else topics.reply_problem(candidate)
+            problem = topic_name_problem(candidate) or topics.reply_problem(candidate)
             if problem:
                 problems.append((field, f"{candidate!r} cannot be a reply topic: {problem}"))
     if problems:

@@ -23,6 +23,8 @@ def topic_name_problem(topic: str) -> str | None:
     """Why `topic` cannot be published to (a reply topic from a command), or None when it can."""
     if not topic:
         return "an empty topic"
+    if topic.startswith("$"):  # MQTT 5 section 4.7.2: the broker's own ($SYS/..., $share/...); brokers refuse it
+        return "a leading '$' (such topics are the broker's own)"
     found = _NOT_IN_TOPIC.search(topic)
     if found is not None:
         char = found.group()
