@@ -89,10 +89,16 @@ def payloads(draw: Any, command_id: str) -> bytes:
 
 
 def readable_id(payload: bytes) -> str | None:
-    """What a backend can know of a payload's id, read independently of the agent's decoder."""
+    """What a backend can know of a payload's id, read independently of the agent's decoder: the protocol
+    answers whenever an id can be read, so bytes that are not UTF-8 elsewhere or a leading byte order mark
+    do not hide it; an id given twice is no id."""
+    def unique(pairs: list) -> dict:
+        keys = [k for k, _ in pairs]
+        return {k: (None if k == "id" and keys.count(k) > 1 else v) for k, v in pairs}
+
     try:
-        body = json.loads(payload.decode("utf-8"), parse_int=lambda s: 0, parse_float=lambda s: 0.0,
-                          parse_constant=lambda s: 0.0)
+        body = json.loads(payload.decode("utf-8", "replace").removeprefix("\ufeff"), parse_int=lambda s: 0,
+                          parse_float=lambda s: 0.0, parse_constant=lambda s: 0.0, object_pairs_hook=unique)
     except (ValueError, RecursionError):
         return None
     command_id = body.get("id") if isinstance(body, dict) else None

@@ -22,9 +22,10 @@ from conftest import DATA  # noqa: F401  (fixtures come from conftest)
 from agent.bus.owner import wait_until
 from agent.fleet.packets import Incoming
 
-# engine (queue_size 4) last, so that it gets the fewest valid commands of a burst: in one intake group of
-# QoS 0 messages (test_every_hostile_payload_in_one_intake_group) none can wait for room, a fifth would be `busy`
-VALID_TARGETS = [("body", "vin"), ("gateway", "vin"), ("camera", "vin"), ("engine", "vin")]
+VALID_TARGETS = [("engine", "vin"), ("body", "vin"), ("gateway", "vin"), ("camera", "vin")]
+# valid engine commands in one burst at most: its queue_size (tests/data/vehicle.yaml). In one intake group of QoS 0
+# messages (test_every_hostile_payload_in_one_intake_group) none can wait for room: a fifth would be `busy`.
+ENGINE_ROOM = 4
 
 
 def uid(name: str) -> str:
@@ -86,6 +87,11 @@ HOSTILE = {
                               ("rejected", "invalid_command", "command")),
     "duplicate_param_key": (lambda i: text(i, '"params": {"data": "vin", "data": "oil_temp"}'),
                             ("rejected", "invalid_command", "params.data")),
+    # not UTF-8, or not JSON for its byte order mark, but the id can be read: it is answered (protocol spec)
+    "not_utf8_with_an_id": (lambda i: text(i, '"params": {"data": "vin"}, "note": "@"').replace(b"@", b"\xff"),
+                            ("rejected", "invalid_command", None)),
+    "byte_order_mark": (lambda i: b"\xef\xbb\xbf" + text(i, '"params": {"data": "vin"}'),
+                        ("rejected", "invalid_command", None)),
 }
 NO_ID = {"surrogate_id": b'{"id": "\\ud800", "component": "engine", "command": "read_data"}',
          "not_json": b'{"id": "x", "component": ',
@@ -96,7 +102,8 @@ NO_ID = {"surrogate_id": b'{"id": "\\ud800", "component": "engine", "command": "
 def hostile_burst() -> tuple[list[bytes], dict[str, tuple], list[str]]:
     """Payloads: every hostile one, each between valid commands; what each id must get; the valid ids."""
     payloads, expected, valid_ids = [], {}, []
-    targets = iter(VALID_TARGETS * 10)
+    targets = iter([t for i, t in enumerate(VALID_TARGETS * 10)
+                    if t[0] != "engine" or i < len(VALID_TARGETS) * ENGINE_ROOM])
     for name, (make, outcome) in HOSTILE.items():
         command_id = uid(name)
         expected[command_id] = outcome
@@ -116,7 +123,7 @@ def check_answers(backend, expected: dict[str, tuple], valid_ids: list[str], tim
         assert len(json.dumps(final)) < 2048  # no bad value repeated in full
         assert [r["final"] for r in backend.replies(command_id)] == [True]  # exactly one answer, no `accepted`
     for command_id in valid_ids:
-        assert backend.final(command_id, timeout=timeout)["status"] == "completed"
+        assert backend.final(command_id, timeout=timeout)["status"] == "completed", backend.final(command_id)
 
 
 def test_every_hostile_payload_in_a_burst_with_valid_commands(service, backend, caplog):

@@ -50,6 +50,16 @@ def test_decode_refuses_what_no_field_can_hold(payload, field, why, command_id):
     assert len(result.reason) < 400
 
 
+def test_an_id_is_read_from_a_payload_that_is_not_utf8_or_starts_with_a_byte_order_mark():
+    """The protocol answers `rejected`/`invalid_command` whenever an id can be read; these were events."""
+    not_utf8 = decode_command(b'{"id": "u-1", "component": "engine", "note": "\xff"}')
+    assert isinstance(not_utf8, Undecodable) and not_utf8.command_id == "u-1" and "not UTF-8" in not_utf8.reason
+    bom = decode_command(b'\xef\xbb\xbf{"id": "b-1", "component": "engine"}')
+    assert isinstance(bom, Undecodable) and bom.command_id == "b-1" and "byte order mark" in bom.reason
+    assert decode_command(b'{"id": "\xff\xfe"}').command_id is None  # the id itself is what is broken
+    assert decode_command(b'\xef\xbb\xbf[' * 3).command_id is None
+
+
 def test_decode_keeps_what_is_fine():
     body = decode_command(raw('{"id": "ok", "params": {"value": 1.5e300, "n": -9223372036854775808, '
                               '"s": "\\ud83d\\ude00 ä"}}'))

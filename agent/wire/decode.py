@@ -84,8 +84,12 @@ def decode_command(payload: bytes) -> dict[str, Any] | Undecodable:
                            _salvage_id(payload) if len(payload) <= 16 * MAX_COMMAND_BYTES else None)
     try:
         text = payload.decode("utf-8")
-    except UnicodeDecodeError as err:
-        return Undecodable(f"payload is not UTF-8 (byte {err.start})", "", None)
+    except UnicodeDecodeError as err:  # an id of ASCII letters can still be read: the command is answered
+        return Undecodable(f"payload is not UTF-8 (byte {err.start})", "",
+                           _salvage_id(payload.decode("utf-8", "replace")))
+    if text.startswith("\ufeff"):  # RFC 8259 section 8.1: JSON sent over a network has no byte order mark
+        return Undecodable("payload starts with a byte order mark (U+FEFF), which JSON sent over a network "
+                           "must not carry", "", _salvage_id(text[1:]))
     if text.count("[") + text.count("{") > MAX_DEPTH:  # else it cannot be too deep
         deep = too_deep(text)
         if deep is not None:
@@ -207,7 +211,7 @@ def _clip(text: str, limit: int = 40) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
-def _salvage_id(payload: bytes) -> str | None:
+def _salvage_id(payload: bytes | str) -> str | None:
     try:
         body = loads(payload)
     except (ValueError, RecursionError):
