@@ -375,3 +375,18 @@ def test_finals_while_the_store_is_full_are_sent_and_stored_later(service, backe
     assert service.store.get(behind["id"]) is None  # transient: not remembered
     topic = backend.topics.responses(slow["id"])
     backend.wait_for(lambda s: s.topic == topic and b'"completed"' in s.payload, 10, count=2)  # via the outbox too
+
+
+def test_a_command_is_acknowledged_naming_the_connection_it_came_on(service, backend):
+    """A PUBACK held across a reconnect must not go out on the new connection (the broker redelivers the
+    command there, and the same packet id may by then name another message); the link drops one whose
+    connection is not the current one. The intake named no connection when it acknowledged a command, so
+    the link could not tell (the hostile-backend review)."""
+    calls = []
+    ack = service.intake._ack
+    service.intake._ack = lambda *args: (calls.append(args), ack(*args))
+    body = {"id": f"ack-{uuid.uuid4().hex[:8]}", "component": "engine", "command": "read_data",
+            "params": {"data": "vin"}}
+    backend.send(body)
+    assert backend.final(body["id"], timeout=15)["status"] == "completed"
+    assert calls and all(len(args) == 3 and args[2] == service.link._generation for args in calls)

@@ -222,7 +222,7 @@ class Intake(Repeats, Fallbacks):
 
     def _acknowledge(self, item: Incoming) -> None:
         try:
-            self._ack(item.mid, item.qos)
+            self._ack(item.mid, item.qos, item.generation)  # not on a newer connection: the broker redelivers
         except Exception:
             self._error("acknowledge")
             log.exception("PUBACK failed", extra={"mid": item.mid})
