@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import pytest
 import yaml
@@ -169,19 +170,27 @@ def test_check_config_loads_the_signing_keys_as_run_does(tmp_path, problem):
     assert cli("check-config", "-c", str(bad)).returncode == 0
 
 
-def test_uds_under_required_signatures_writes_the_audit_record_or_does_not_run(tmp_path):
-    """Review defect: `uds` ran mutating commands with no audit record where the config requires signatures.
-    It records them in the config's audit log like the daemon (who: local) and, where it cannot, runs nothing."""
+def signed_vehicle(tmp_path: Path, sim_file: Path) -> dict:
+    """The demo config in tmp_path/agent.yaml, requiring signed commands (a key pair k.key/k.pub made
+    there), its state and its own bus in tmp_path, simulated by `sim_file`; returns the config written."""
     from agent.policy import ed25519
-    from agent.store.audit import AUDIT_FILE, read_records
 
     ed25519.generate(tmp_path / "k.key", tmp_path / "k.pub")
     config = yaml.safe_load((ROOT / DEMO).read_text())
-    config.update(simulate=[str(ROOT / "config/sim/demo-vehicle.yaml")], state_dir=str(tmp_path / "state"),
+    config.update(simulate=[str(sim_file)], state_dir=str(tmp_path / "state"),
                   bus={**config["bus"], "channel": f"uds-{uuid.uuid4().hex[:8]}"},
                   security={"require_signature": "all", "keys": {"k": {"public_key": str(tmp_path / "k.pub")}}})
+    (tmp_path / "agent.yaml").write_text(yaml.safe_dump(config))
+    return config
+
+
+def test_uds_under_required_signatures_writes_the_audit_record_or_does_not_run(tmp_path):
+    """Review defect: `uds` ran mutating commands with no audit record where the config requires signatures.
+    It records them in the config's audit log like the daemon (who: local) and, where it cannot, runs nothing."""
+    from agent.store.audit import AUDIT_FILE, read_records
+
+    config = signed_vehicle(tmp_path, ROOT / "config/sim/demo-vehicle.yaml")
     path = tmp_path / "agent.yaml"
-    path.write_text(yaml.safe_dump(config))
     result = cli("uds", "-c", str(path), "engine", "clear_faults")
     assert result.returncode == 0, result.stderr
     started, finished = read_records(tmp_path / "state" / AUDIT_FILE)
@@ -402,20 +411,14 @@ def test_uds_stopped_by_ctrl_c_while_a_mutating_command_runs_records_its_end_in_
     pending, again and again, so that the command is still running when SIGINT comes."""
     import signal
 
-    from agent.policy import ed25519
     from agent.store.audit import AUDIT_FILE, read_records
 
-    ed25519.generate(tmp_path / "k.key", tmp_path / "k.pub")
     sim = yaml.safe_load((ROOT / "config/sim/demo-vehicle.yaml").read_text())
     engine = next(e for e in sim["ecus"] if e["name"] == "engine")
     engine["faults"] = [{"service": 0x14, "pending": 1000}]
     (tmp_path / "sim.yaml").write_text(yaml.safe_dump(sim))
-    config = yaml.safe_load((ROOT / DEMO).read_text())
-    config.update(simulate=[str(tmp_path / "sim.yaml")], state_dir=str(tmp_path / "state"),
-                  bus={**config["bus"], "channel": f"uds-{uuid.uuid4().hex[:8]}"},
-                  security={"require_signature": "all", "keys": {"k": {"public_key": str(tmp_path / "k.pub")}}})
+    signed_vehicle(tmp_path, tmp_path / "sim.yaml")
     path = tmp_path / "agent.yaml"
-    path.write_text(yaml.safe_dump(config))
     audit = tmp_path / "state" / AUDIT_FILE
     child = subprocess.Popen([sys.executable, "-m", "agent", "uds", "-c", str(path), "--timeout-ms", "60000",
                               "engine", "clear_faults"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
