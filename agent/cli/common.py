@@ -121,15 +121,20 @@ def seconds(text: str) -> float:
     return value
 
 
-def milliseconds(text: str) -> int:
-    """argparse type: a whole number of milliseconds, 0 or more."""
+def whole_number(text: str, low: int, high: int | None, what: str) -> int:
+    """A whole number (decimal or 0x...) within low..high, else argparse's usage error saying `what` it must be."""
     try:
         value = int(text, 0)
     except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of milliseconds (a whole number, 0 or more)")
+        value = None
+    if value is None or value < low or (high is not None and value > high):
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
     return value
+
+
+def milliseconds(text: str) -> int:
+    """argparse type: a whole number of milliseconds, 0 or more."""
+    return whole_number(text, 0, None, "a number of milliseconds (a whole number, 0 or more)")
 
 
 def add_config_flag(parser: argparse.ArgumentParser, help_text: str = "agent config (YAML)",

@@ -27,6 +27,7 @@ from agent.cli.common import (
     fail,
     milliseconds,
     seconds,
+    whole_number,
 )
 from agent.config.model import BusConfig
 from agent.discover.report import as_json, render_yaml
@@ -91,13 +92,7 @@ def _rate(text: str) -> float:
 
 
 def _byte(text: str) -> int:
-    try:
-        value = int(text, 0)
-    except ValueError:
-        value = -1
-    if not 0 <= value <= 0xFF:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a byte (0x00..0xFF)")
-    return value
+    return whole_number(text, 0, 0xFF, "a byte (0x00..0xFF)")
 
 
 def _range(highest: int, example: str) -> Callable[[str], tuple[int, ...]]:
