@@ -235,3 +235,30 @@ def test_a_struck_message_nobody_tracks_is_logged_as_lost(size_limited, caplog):
         assert wait_until(lambda: struck == [mid], 30)
     lost = [r for r in caplog.records if r.levelname == "ERROR" and getattr(r, "topic", None) == topics.events]
     assert len(lost) == 1 and lost[0].reason == "connection_dropped" and link.stats.dropped == 1
+
+
+def test_a_message_held_over_the_limit_a_new_connection_announces_is_handed_back_not_resent(tmp_path,
+                                                                                           mqtt_vehicle):
+    """paho holds a message from before (published while disconnected, or in flight when the connection
+    dropped) that is larger than the Maximum Packet Size the broker announces on the new connection: paho
+    would resend it first thing, the broker would cut the connection (0x95), and after STRIKES cuts it was
+    set aside instead of being cut into chunks. It is handed back to its publisher before paho resends."""
+    broker = LocalBroker(tmp_path / "broker", extra="max_packet_size 4096\n").start()
+    mqtt_config = dataclasses.replace(mqtt_vehicle.mqtt, broker=broker.url)
+    topics = Topics(mqtt_config.prefix, mqtt_vehicle.vehicle)
+    withdrawn: list[tuple[int, int, int]] = []
+    link = MqttLink(mqtt_config, topics, f"cuts-{uuid.uuid4().hex[:8]}",
+                    status=lambda state: json.dumps({"state": state}).encode(), on_command=lambda incoming: None,
+                    on_published=lambda mid, code: None, on_connection=lambda up: None,
+                    on_too_large=lambda mid, size, limit: bool(withdrawn.append((mid, size, limit))))
+    big = Outgoing(topics.responses("big"), b"x" * 8000)
+    mid = link.publish(big)  # not connected yet: paho keeps it for the connection
+    link.start()
+    try:
+        assert link.wait_connected(10), link.last_error
+        assert wait_until(lambda: withdrawn, 5)
+        assert withdrawn == [(mid, packet_size(big.topic, big.payload, None), 4096)]
+        assert not wait_until(lambda: link.stats.reconnects > 0, 2)  # no cut: nothing over the limit was sent
+    finally:
+        link.stop()
+        broker.stop()

@@ -336,6 +336,8 @@ class MqttLink(CutHandling):
                 self._status_mids &= set(held)
         self.last_error = self._refusal = self._paho_error = None
         self._announced_max_packet = getattr(properties, "MaximumPacketSize", None) if self._v5 else None
+        if self.broker_max_packet is not None:  # paho resends what it holds next: what the broker now refuses
+            self._withdraw_over(self.broker_max_packet)  # (a lower limit than before) is made smaller first
         self._cuts.connected()
         receive_maximum = getattr(properties, "ReceiveMaximum", None) if self._v5 else None
         self.broker_receive_maximum = receive_maximum or 65535
