@@ -77,8 +77,9 @@ def test_first_in_line_is_the_oldest_unacknowledged_qos1_message_paho_holds_skip
     status = client.publish("v/status", b"online", qos=1, retain=True).mid
     first = client.publish("v/state/engine", b"x" * 5000, qos=1, retain=True).mid
     client.publish("v/responses/a", b"{}", qos=1)
-    assert first_in_line(client, {status}) == (first, packet_size("v/state/engine", b"x" * 5000, None))
-    assert first_in_line(client, set()) == (status, packet_size("v/status", b"online", None))
+    state = ("v/state/engine", b"x" * 5000)
+    assert first_in_line(client, {status}) == (first, packet_size(*state, None), "v/state/engine")
+    assert first_in_line(client, set()) == (status, packet_size("v/status", b"online", None), "v/status")
     assert first_in_line(object(), set()) is None  # a paho without these internals: logged, nobody struck
 
 

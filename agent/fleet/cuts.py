@@ -74,16 +74,22 @@ def learned_limit(struck_packet: int, known: int | None) -> int | None:
     return limit if known is None or limit < known else None
 
 
-def first_in_line(client: mqtt.Client, skip: Collection[int]) -> tuple[int, int] | None:
-    """(mid, packet bytes) of the first QoS 1 message paho holds unacknowledged, other than `skip` (the
-    link's status messages: published after the resends on each connection, and small): the message
+def held_packet_size(message: mqtt.MQTTMessage) -> int:
+    """Bytes of the PUBLISH packet paho sends for a message it holds (as the link's own check counts them)."""
+    correlation = getattr(message.properties, "CorrelationData", None) if message.properties else None
+    return packet_size(message.topic, message.payload, correlation)
+
+
+def first_in_line(client: mqtt.Client, skip: Collection[int]) -> tuple[int, int, str] | None:
+    """(mid, packet bytes, topic) of the first QoS 1 message paho holds unacknowledged, other than `skip`
+    (the link's status messages: published after the resends on each connection, and small): the message
     paho resends first on the next connection. paho has no public call for this; None without its
     internals (then nothing is ever judged poison, and such a message keeps cutting: logged)."""
     try:
         with client._out_message_mutex:
             for mid, message in client._out_messages.items():
                 if message.qos > 0 and mid not in skip:
-                    return mid, packet_size(message.topic, message.payload, None)
+                    return mid, held_packet_size(message), str(message.topic)
     except AttributeError as err:
         log.error("cannot see paho's unacknowledged messages (%s); a message the broker cuts the "
                   "connection on is not recognised", err)
@@ -116,17 +122,17 @@ class CutHandling:
         struck = self._cuts.lost(first[0] if first else None, self.last_disconnect_code, self.last_cut_short)
         if struck is None or first is None:
             return
-        topic = self._held_topic(struck)
+        _, size, topic = first
         self.forget(struck)
-        limit = learned_limit(first[1], self._learned_max_packet)
+        limit = learned_limit(size, self._learned_max_packet)
         if limit is not None:
             self._learned_max_packet = limit
             log.warning("the broker cut %d connections in a row on a %d-byte message without announcing a size "
                         "limit: messages over %d bytes are made smaller or set aside from now on (announce "
-                        "the limit with the broker's max_packet_size)", STRIKES, first[1], limit,
-                        extra={"broker": self.config.broker, "bytes": first[1], "max_packet": limit})
+                        "the limit with the broker's max_packet_size)", STRIKES, size, limit,
+                        extra={"broker": self.config.broker, "bytes": size, "max_packet": limit})
         if not self._on_struck(struck):
-            self._lost(topic, first[1], "connection_dropped")
+            self._lost(topic, size, "connection_dropped")
         if limit is not None:
             self._withdraw_over(limit)
 
@@ -136,21 +142,13 @@ class CutHandling:
         # (a paho without these internals: they are cut on in their turn)
         with contextlib.suppress(AttributeError), self._client._out_message_mutex:
             for mid, message in self._client._out_messages.items():
-                correlation = getattr(message.properties, "CorrelationData", None) if message.properties else None
-                size = packet_size(message.topic, message.payload, correlation)
+                size = held_packet_size(message)
                 if message.qos > 0 and mid not in self._status_mids and size > limit:
-                    over.append((mid, message.topic, size))
+                    over.append((mid, str(message.topic), size))
         for mid, topic, size in over:
             self.forget(mid)
             if not self._on_too_large(mid, size, limit):
                 self._lost(topic, size, "packet_too_large")
-
-    def _held_topic(self, mid: int) -> str:
-        with contextlib.suppress(AttributeError), self._client._out_message_mutex:
-            message = self._client._out_messages.get(mid)
-            if message is not None:
-                return str(message.topic)
-        return "?"
 
     def _lost(self, topic: str, size: int, reason: str) -> None:
         """A message dropped from paho's session that no publisher tracks (sent around the store)."""
