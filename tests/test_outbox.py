@@ -623,7 +623,7 @@ def settle(outbox: Outbox) -> None:
     """What the outbox thread's pass does before it hands over: PUBACKs and messages the link struck."""
     with outbox._pass:
         outbox._settle_acks()
-        outbox._judge_strikes()
+        outbox._settle_taken_back()
 
 
 def test_a_message_the_link_struck_is_set_aside_and_a_retried_one_stays(tmp_path, monkeypatch):

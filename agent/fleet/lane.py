@@ -86,18 +86,19 @@ class TelemetryLane:
     def too_large(self, mid: int, size: int = 0, limit: int = 0) -> bool:
         """The link dropped `mid` as over a limit it learned after the state was published: the state stays
         unsent and goes again, made to fit the limit (True when it was one of the states in flight)."""
+        return self._answer(mid, None, settle=False)
+
+    def _answer(self, mid: int, code: int | None, settle: bool = True) -> bool:
+        """Takes `mid` off the wire (paho may give the mid to another message at once) and, with `settle`,
+        hands its answer to the lane's pass (code None: struck); True when it was one of our states."""
         with self._lock:
             row = self._in_flight.pop(mid, None)
-        self._wake.set()
-        return row is not None
-
-    def _answer(self, mid: int, code: int | None) -> bool:
-        with self._lock:  # off the wire now (paho may give the mid to another message at once)
-            row = self._in_flight.pop(mid, None)
-        if row is not None:
+        if row is None:
+            return False
+        if settle:
             self._answers.put((row, code))
-            self._wake.set()
-        return row is not None
+        self._wake.set()
+        return True
 
     def stop(self, timeout: float = 3.0) -> None:
         self._stop.set()

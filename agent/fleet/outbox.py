@@ -83,8 +83,9 @@ class Outbox(Retention):
         self._send_due: float | None = None  # stored messages allowed to wait until then (send_soon)
         self._safety_due = time.monotonic() + IDLE_WAIT_S  # the outbox thread reads the outbox by then
         self._thread: threading.Thread | None = None
-        self._struck: list[int] = []  # rows the link dropped for good (cuts.py), to be set aside by the outbox thread
-        self._withdrawn: list[tuple[int, int, int]] = []  # (row, packet bytes, limit): over a limit learned later
+        # rows the link took back from paho (cuts.py), for the outbox thread: set aside (None: the broker cut
+        # connections on it) or made smaller (over a limit learned or announced after it was handed over)
+        self._taken_back: list[tuple[int, PacketTooLargeError | None]] = []
         self.heartbeat = time.monotonic()
         self.dropped = 0
         self.ledger_dropped = 0  # ids forgotten early by the ledger's byte bound
@@ -158,23 +159,20 @@ class Outbox(Retention):
     def struck(self, mid: int) -> bool:
         """The link dropped `mid` for good: the broker cut connection after connection on it (cuts.py).
         If it is one of ours (True), its row is set aside by the outbox thread (MQTT loop thread: no SQLite)."""
-        with self._lock:
-            n = self._by_mid.pop(mid, None)
-            if n is None:
-                return False
-            self._struck.append(n)
-        self.wake()
-        return True
+        return self._take_back(mid, None)
 
     def too_large(self, mid: int, size: int, limit: int) -> bool:
         """The link dropped `mid` (a `size`-byte packet) as over the `limit` it learned from the broker's cuts
         after it was handed over. If it is one of ours (True), the outbox thread makes it smaller or sets
         it aside, as for a message the limit refuses when handed over (MQTT loop thread: no SQLite)."""
+        return self._take_back(mid, PacketTooLargeError(size, limit))
+
+    def _take_back(self, mid: int, too_large: PacketTooLargeError | None) -> bool:
         with self._lock:
             n = self._by_mid.pop(mid, None)
             if n is None:
                 return False
-            self._withdrawn.append((n, size, limit))
+            self._taken_back.append((n, too_large))
         self.wake()
         return True
 
@@ -209,7 +207,7 @@ class Outbox(Retention):
             try:
                 with self._in_pass():
                     self._settle_acks()
-                    self._judge_strikes()
+                    self._settle_taken_back()
                     if self._connected() and (fresh or self._room_limited):
                         self._hand_over()
                     if time.monotonic() >= next_maintenance:
@@ -276,21 +274,19 @@ class Outbox(Retention):
                     extra={"topic": row.message.topic, "command_id": row.message.command_id,
                            "attempts": retry.attempts})
 
-    def _judge_strikes(self) -> None:
-        """Sets aside the messages the link dropped after the broker cut connections on them (`struck`)."""
+    def _settle_taken_back(self) -> None:
+        """Settles the rows the link took back from paho (`struck`, `too_large`): no PUBACK will come for them."""
         with self._lock:
-            struck, self._struck = self._struck, []
-            withdrawn, self._withdrawn = self._withdrawn, []
-        for n in struck:
-            self._retries.pop(n, None)  # a retried row cut on: no PUBACK will come for it
+            taken_back, self._taken_back = self._taken_back, []
+        for n, too_large in taken_back:
+            self._retries.pop(n, None)  # a retried row taken back: it leaves the outbox, or is re-cut
             row = self._row(n)
-            if row is not None:
+            if row is None:
+                continue
+            if too_large is None:
                 self._set_aside(row, CONNECTION_DROPPED, None)
-        for n, size, limit in withdrawn:
-            self._retries.pop(n, None)
-            row = self._row(n)
-            if row is not None:
-                self._too_large(row, PacketTooLargeError(size, limit))
+            else:
+                self._too_large(row, too_large)
 
     def _set_aside(self, row: Pending, reason: str, code: int | None) -> None:
         forgotten = self._store.set_aside(row.n, reason)
