@@ -318,12 +318,14 @@ class Service(ServiceHealth, StartMarks, RestartRecovery):
         events = self._observe_faults(entry, result, batch)  # ahead of the response: a backend that has the
         for message in messages:                             # answer has heard of the changes it shows
             batch.publish(message)
-        self.audit.finished(entry, result, batch)
         error = result.outcome.error
         if error is not None and error.code.transient:
             batch.forget(entry.id)  # "not now": the same id sent again is a fresh attempt
         else:
             batch.set_state(entry.id, "final", seq=pieces[-1]["seq"], final_message=final)
+        # last: it appends to the audit file at once, so a step above that raises (and is built again as
+        # failed/internal by `_finish`) never leaves a second `finished` record there
+        self.audit.finished(entry, result, batch)
         return batch, final, messages, events
 
     def _observe_faults(self, entry: Entry, result: Result, batch: Batch) -> list[Outgoing]:
