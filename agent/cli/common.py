@@ -110,15 +110,21 @@ def with_agent_config(handle: Callable[[argparse.Namespace, AgentConfig], int]) 
     return handler
 
 
-def seconds(text: str) -> float:
-    """argparse type: a finite number of seconds, 0 or more (nan would wait forever, -1 is no wait)."""
+def finite_number(text: str, low: float, what: str, low_included: bool = True) -> float:
+    """A finite number from `low` up (or above it), else argparse's usage error saying `what` it must be
+    (nan would wait for ever, inf never end, a negative wait is none)."""
     try:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0 or more)")
+    if not math.isfinite(value) or value < low or (value == low and not low_included):
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
     return value
+
+
+def seconds(text: str) -> float:
+    """argparse type: a finite number of seconds, 0 or more."""
+    return finite_number(text, 0, "a number of seconds (0 or more)")
 
 
 def whole_number(text: str, low: int, high: int | None, what: str) -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +24,7 @@ from agent.cli.common import (
     agent_config,
     configure_logging,
     fail,
+    finite_number,
     milliseconds,
     seconds,
     whole_number,
@@ -82,13 +82,7 @@ def add_parser(sub: Any) -> None:
 
 
 def _rate(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a rate (requests per second, more than 0)")
-    return value
+    return finite_number(text, 0, "a rate (requests per second, more than 0)", low_included=False)
 
 
 def _byte(text: str) -> int:
