@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+import types
 import uuid
 
 import can
@@ -209,25 +210,31 @@ def test_collect_keeps_first_final_answers_and_discards_garbage():
 class BabblingFunctionalLink(ScriptedFunctionalLink):
     """A responder that never falls silent (a babbling ECU, or a bus busier than the agent can read):
     every `recv` has an answer ready at once, as the real link's has while its queue refills faster
-    than the worker empties it (seen on the virtual bus: a 1 s command ran 4 s)."""
+    than the worker empties it (seen on the virtual bus: a 1 s command ran 4 s). Time is its own
+    `clock`, moved 10 ms by each answer, so that collect() and this link agree on when the deadline
+    passed (on the real clock a call could start just before it and be counted just after)."""
 
     def __init__(self):
         super().__init__()
+        self.clock = 1000.0
         self.deadline = None
         self.calls_after_deadline = 0
 
     def recv(self, timeout, limit):
-        if time.monotonic() >= self.deadline:
+        if self.clock >= self.deadline:
             self.calls_after_deadline += 1
             assert self.calls_after_deadline < 1000, "still collecting long after the command's deadline"
+        self.clock += 0.01
         return "a", bytes.fromhex("62f190aa")
 
 
-def test_a_babbling_responder_cannot_hold_a_collection_past_the_deadline():
+def test_a_babbling_responder_cannot_hold_a_collection_past_the_deadline(monkeypatch):
+    from agent.uds import transaction
     from agent.uds.transaction import Timing, collect
 
     link = BabblingFunctionalLink()
-    link.deadline = time.monotonic() + 0.3
+    monkeypatch.setattr(transaction, "time", types.SimpleNamespace(monotonic=lambda: link.clock, sleep=time.sleep))
+    link.deadline = link.clock + 0.3
     collected = collect(link, bytes.fromhex("22f190"), Timing(0.1, 1.0, 0), link.deadline)
     assert collected.answers == {"a": bytes.fromhex("62f190aa")}
     assert link.calls_after_deadline == 0
