@@ -13,7 +13,7 @@ from can.interfaces.virtual import VirtualBus
 
 from agent.bus.owner import wait_until
 from agent.system.local import LocalSession
-from agent.wire.command import ErrorCode, Status
+from agent.wire.command import FUNCTIONAL, ErrorCode, Status
 
 
 class Faults:
@@ -22,6 +22,7 @@ class Faults:
         self.recv = 0
         self.open = 0
         self.opened = 0
+        self.recv_after_send = 0  # sends after which the bus's next receive fails
         self.lock = threading.Lock()
 
     def take(self, kind):
@@ -39,16 +40,22 @@ class FaultyBus(VirtualBus):
         super().__init__(**kwargs)
         faults.opened += 1
         self.faults = faults
+        self.recv_fails = threading.Event()
 
     def send(self, msg, timeout=None):
         if self.faults.take("send"):
             raise can.CanOperationError("Failed to transmit: [Errno 100] Network is down")
+        if self.faults.take("recv_after_send"):
+            self.recv_fails.set()  # before the frame leaves: its answer can only meet a failing receive
         super().send(msg, timeout)
 
     def _recv_internal(self, timeout):
         if self.faults.take("recv"):
             raise can.CanOperationError("Error receiving: [Errno 100] Network is down")
-        return super()._recv_internal(timeout)
+        got = super()._recv_internal(timeout)
+        if self.recv_fails.is_set():  # checked after the wait, so a frame that came meanwhile is lost too
+            raise can.CanOperationError("Error receiving: [Errno 100] Network is down")
+        return got
 
 
 @pytest.fixture
@@ -107,6 +114,29 @@ def test_receive_failure_ends_notifier_and_is_rebuilt(faulty_agent, faults):
     assert wait_until(lambda: owner.counters.rebuilds >= 1 and owner.is_up, 5)
     assert read_vin(faulty_agent).status is Status.COMPLETED
     assert faults.opened == 2
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_bus_that_fails_while_an_answer_is_awaited_gives_bus_error_not_timeout(faulty_agent, faults):
+    """The answer was lost with the bus: the ECU may well have answered, so `timeout` would blame it."""
+    owner = faulty_agent.runtime.owner
+    faults.recv_after_send = 1
+    # a one-frame answer: a multi-frame one would leave the simulator waiting out N_Bs for flow control
+    failed = faulty_agent.run("engine", "read_data", {"data": "engine_speed"})
+    assert (failed.status, failed.outcome.error.code) == (Status.FAILED, ErrorCode.BUS_ERROR)
+    assert "Network is down" in failed.outcome.error.message
+    assert wait_until(lambda: owner.counters.rebuilds >= 1 and owner.is_up, 5)
+    assert read_vin(faulty_agent).status is Status.COMPLETED
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_bus_that_fails_while_functional_answers_are_collected_gives_bus_error(faulty_agent, faults):
+    """Answers went with the bus: neither "nobody answered" nor a short list of answers would be true."""
+    faults.recv_after_send = 1
+    command_id, _ = faulty_agent.submit("engine", "read_data", {"data": "engine_speed"}, addressing=FUNCTIONAL)
+    failed = faulty_agent.wait(command_id, 10)
+    assert (failed.status, failed.outcome.error.code) == (Status.FAILED, ErrorCode.BUS_ERROR), failed.outcome
+    assert "Network is down" in failed.outcome.error.message
 
 
 def test_bus_that_never_opens_reports_unavailable(vehicle):

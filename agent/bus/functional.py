@@ -24,11 +24,12 @@ from agent.bus.frames import FrameQueue, to_can, to_isotp
 from agent.bus.owner import BusOwner, RxFilter
 from agent.config.model import EcuConfig, IsoTpConfig
 from agent.config.transport import isotp_address, isotp_params, rx_ids
-from agent.errors import TransportTimeoutError
+from agent.errors import BusDownError, TransportTimeoutError
 
 log = logging.getLogger(__name__)
 
 _SLICE = 0.05
+_WAKE = can.Message(arbitration_id=0, check=False)  # put in the frame queue when the bus breaks
 OBD_RESPONSES = RxFilter(0x7E8, False, mask=0x7F8)  # 0x7E8..0x7EF
 _PHYSICAL_29 = 0x18DA0000
 # can-isotp errors after which the answer a responder had under way is lost
@@ -135,6 +136,8 @@ class FunctionalLink:
         self._rx: dict[tuple[int, bool], _Reassembly] = {}
         self._lost: dict[str, str] = {}
         self._open = False
+        self._breaks = owner.breaks
+        owner.watch_faults(lambda reason: self._frames.put(_WAKE, counted=False))
 
     @property
     def single_frame_max(self) -> int:
@@ -153,6 +156,7 @@ class FunctionalLink:
         self._open = True
         self.flush()
         self._lost.clear()
+        self._breaks = self._owner.breaks
         self._owner.tap(self._on_frame)
 
     def close(self) -> None:
@@ -194,7 +198,8 @@ class FunctionalLink:
         Answers under way when `timeout` passes are received to their end (each frame bounded by
         N_Cr, the whole by `limit`); `recv(0, limit)` returns the next of those, None once none is left.
         An answer that breaks off, or is still under way at `limit`, is given up and listed in `lost`:
-        one responder's failure never costs the others' answers."""
+        one responder's failure never costs the others' answers. The bus breaking raises BusDownError:
+        with answers gone with it, any list of the rest would be a wrong one."""
         deadline = time.monotonic() + timeout
         while True:
             self._take_queued()
@@ -202,6 +207,9 @@ class FunctionalLink:
                 data = assembly.logic.recv(block=False)
                 if data is not None:
                     return assembly.responder.key, bytes(data)
+            if self._owner.breaks != self._breaks:
+                raise BusDownError(f"{self.name}: CAN bus {self._owner.config.channel} broke while answers "
+                                   f"were collected: {self._owner.last_error}")
             receiving = any(a.logic.is_rx_active() for a in self._rx.values())
             now = time.monotonic()
             if not receiving and now >= min(deadline, limit):
@@ -230,6 +238,8 @@ class FunctionalLink:
             assembly.logic.process(rx_timeout=0)
 
     def _dispatch(self, msg: can.Message) -> None:
+        if msg is _WAKE:
+            return
         key = (msg.arbitration_id, msg.is_extended_id)
         assembly = self._rx.get(key)
         if assembly is None:

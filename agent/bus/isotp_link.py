@@ -44,12 +44,24 @@ class IsoTpLink:
             rxfn=self._rxfn, txfn=self._txfn, address=address,
             error_handler=self._on_error, params=isotp_params(config),
         )
+        self._breaks = owner.breaks  # the owner's count of bus faults when this exchange began
         for can_id, extended in rx_ids(address):
             owner.subscribe(can_id, extended, self._on_frame)
+        owner.watch_faults(self._on_bus_fault)
 
     # ---- fed by the notifier thread ------------------------------------------------------------
     def _on_frame(self, msg: can.Message) -> None:
         self._frames.put(to_isotp(msg))
+
+    def _on_bus_fault(self, reason: str) -> None:
+        self._frames.put(_WAKE, counted=False)  # a blocked wait looks at the bus again at once
+
+    def _check_bus(self) -> None:
+        """Raises BusDownError when the bus broke since this exchange began: frames went with it, so
+        waiting on would end as a timeout that blames an ECU which may well have answered."""
+        if self._owner.breaks != self._breaks:
+            raise BusDownError(f"{self.name}: CAN bus {self._owner.config.channel} broke during the exchange: "
+                               f"{self._owner.last_error}")
 
     # ---- callables for the state machine -------------------------------------------------------
     def _rxfn(self, timeout: float) -> isotp.CanMessage | None:
@@ -83,11 +95,13 @@ class IsoTpLink:
         consecutive frames for STmin (woken at once by any frame that arrives meanwhile).
         """
         self._error = self._send_aborted = None
+        self._breaks = self._owner.breaks
         self._logic.send(payload)
         deadline = time.monotonic() + timeout
         stalled = False
         try:
             while self._logic.transmitting():
+                self._check_bus()
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or self._woken:
                     self._logic.stop_sending()
@@ -121,6 +135,7 @@ class IsoTpLink:
                 data = self._logic.recv(block=False)
                 if data is not None:
                     return bytes(data)
+                self._check_bus()
                 receiving = self._logic.is_rx_active()
                 now = time.monotonic()
                 if self._woken or (not receiving and now >= min(deadline, limit)):
@@ -136,9 +151,10 @@ class IsoTpLink:
             raise
 
     def flush(self) -> None:
-        """Forgets stale frames and half-done transfers before a new request."""
+        """Forgets stale frames, half-done transfers and past bus faults before a new request."""
         self._frames.drain()
         self._logic.reset()
+        self._breaks = self._owner.breaks
 
     def wake(self) -> None:
         """Makes a blocked send/recv return now, and every later one at once (used to stop)."""

@@ -135,6 +135,8 @@ class BusOwner:
         self._fault: str | None = None
         self._supervisor: threading.Thread | None = None
         self.last_error: str | None = None
+        self.breaks = 0  # faults so far: a link that saw another number when it sent lost what came since
+        self._watchers: tuple[Callable[[str], None], ...] = ()
         self.heartbeat = time.monotonic()
         self._failures = 0  # open attempts failed in a row
         self._logged_at = 0.0
@@ -165,6 +167,12 @@ class BusOwner:
         new bound-method object, so `is` would never match one and every tap would stay for good."""
         with self._lock:
             self.taps = tuple(t for t in self.taps if t != sink)
+
+    def watch_faults(self, on_fault: Callable[[str], None]) -> None:
+        """Calls `on_fault(reason)` each time the bus breaks (on the thread that saw it; must not block),
+        so a link waiting for an answer that went with the bus stops waiting at once."""
+        with self._lock:
+            self._watchers = (*self._watchers, on_fault)
 
     def _can_filters(self) -> list[can.typechecking.CanFilter]:
         return [
@@ -236,9 +244,16 @@ class BusOwner:
         with self._lock:
             if self._fault is None:
                 self._fault = reason
+            self.breaks += 1
+            watchers = self._watchers
         self._up.clear()
         self.last_error = reason
         self._wake.set()
+        for on_fault in watchers:
+            try:
+                on_fault(reason)
+            except Exception:
+                log.exception("bus fault listener failed")
 
     # ---- supervision ---------------------------------------------------------------------------
     def _supervise(self) -> None:

@@ -53,7 +53,8 @@ def check_outgoing(data: bytes, prefix_size: int = 0) -> None:
 
 
 class BusTap(can.Listener):
-    """Opens its own python-can bus and notifier. `subscribe`/`send`/`counters` are what an IsoTpLink needs."""
+    """Opens its own python-can bus and notifier. `subscribe`/`send`/`counters`/`breaks`/`watch_faults`
+    are what an IsoTpLink needs."""
 
     def __init__(self, config: BusConfig, factory: Callable[[], can.BusABC] | None = None) -> None:
         self.config = config
@@ -63,6 +64,8 @@ class BusTap(can.Listener):
         self.stats: dict[tuple[int, bool], IdStats] = {}
         self.sent: list[can.Message] = []
         self.error_frames = 0
+        self.last_error: str | None = None
+        self._fault_watchers: list[Callable[[str], None]] = []
         self._lock = threading.Lock()
         self._bus = (factory or (lambda: open_bus(config)))()
         self._notifier = can.Notifier(self._bus, [self], timeout=0.1)
@@ -104,11 +107,23 @@ class BusTap(can.Listener):
 
     def on_error(self, exc: Exception) -> None:
         self.counters.recv_errors += 1
+        self.last_error = f"receive failed: {exc}"
         log.warning("receive failed on %s: %s", self.config.channel, exc)
+        for on_fault in list(self._fault_watchers):
+            on_fault(self.last_error)
 
     # ---- what an IsoTpLink and the probes use --------------------------------------------------
     def subscribe(self, can_id: int, extended: bool, sink: FrameSink) -> None:
         self.sinks[(can_id, extended)] = sink
+
+    @property
+    def breaks(self) -> int:
+        """Receive failures so far: a link waiting for an answer then knows it went with the bus."""
+        return self.counters.recv_errors
+
+    def watch_faults(self, on_fault: Callable[[str], None]) -> None:
+        """Calls `on_fault(reason)` on the notifier thread after each receive failure."""
+        self._fault_watchers.append(on_fault)
 
     def unsubscribe(self, can_id: int, extended: bool) -> None:
         self.sinks.pop((can_id, extended), None)
