@@ -303,3 +303,12 @@ def test_keygen_with_a_file_for_its_dir_says_so(tmp_path):
     result = cli("keygen", "--key-id", "k1", "--dir", str(afile))
     assert result.returncode == 73
     assert f"--dir {afile} is a file, not a directory" in result.stderr
+
+
+def test_output_a_plain_ascii_terminal_cannot_show_is_escaped_not_a_crash(tmp_path):
+    """A serial console or a service with LANG=C: a file name with an é must not turn an OK into exit 70."""
+    config = demo_copy(tmp_path)
+    odd = config.rename(tmp_path / "démo.yaml")
+    result = cli("check-config", "-c", str(odd), env={**os.environ, "PYTHONIOENCODING": "ascii"})
+    assert result.returncode == 0, result.stderr
+    assert "d\\xe9mo.yaml: OK" in result.stdout

@@ -4,6 +4,7 @@ May import: every layer, dev tools included; it is where simulated ECUs are wire
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import os
 import signal
@@ -55,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `sovd-edge uds ... | head` ends quietly
     args = build_parser().parse_args(argv)
     on_term = signal.signal(signal.SIGTERM, _interrupt)  # run and simulate put their stop request in its place
+    if isinstance(sys.stdout, io.TextIOWrapper):  # an ASCII-only console (LANG=C): escape, as stderr does
+        sys.stdout.reconfigure(errors="backslashreplace")
     stdout, sys.stdout = sys.stdout, GuardedOutput(sys.stdout) if sys.stdout is not None else None
     try:
         code = int(args.handler(args))
