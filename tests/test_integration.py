@@ -185,7 +185,7 @@ def test_tester_present_keeps_non_default_session_alive(agent, sim):
     completed(agent, "engine", "set_session", {"session": "extended"})
     time.sleep(1.6)  # longer than the simulated ECU's S3 (1000 ms)
     assert ecu.server.session == 3
-    assert ecu.received[0x3E] >= 3  # keepalives every 300 ms, positive response suppressed
+    assert ecu.server.reads[0xF186] >= 3  # keepalives every 300 ms: each reads the session the ECU holds
     completed(agent, "engine", "write_data", {"data": "idle_mode", "value": "normal"})  # still in extended
 
 

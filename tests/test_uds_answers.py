@@ -157,6 +157,45 @@ def test_keepalive_does_not_wait():
     assert link.sent == [bytes.fromhex("3e80")] and time.monotonic() - started < 0.5
 
 
+# ---- keepalives check the session the ECU reports (DID 0xF186) -----------------------------------------
+
+def in_extended(vehicle, link):
+    executor = Executor(vehicle.ecu("engine"), link)
+    run(vehicle, "raw", {"request": "1003"}, "5003003201f4", executor=executor)
+    executor.link = link
+    return executor
+
+
+def test_a_keepalive_that_finds_the_ecu_back_in_the_default_session_follows_it(vehicle, caplog):
+    """An ECU that reset on its own (power, watchdog) answers 0x3E in any session; only asking tells."""
+    link = ScriptedLink("62f18603", "62f18601")
+    executor = in_extended(vehicle, link)
+    executor.keepalive()
+    assert executor.session == 3
+    executor.keepalive()
+    assert [s.hex() for s in link.sent] == ["22f186", "22f186"]
+    assert executor.session == 1 and executor.security_level == 0
+    assert "reports session 0x01" in caplog.text
+
+
+def test_an_ecu_without_did_f186_is_kept_alive_with_tester_present_from_then_on(vehicle):
+    link = ScriptedLink("7f2231")
+    executor = in_extended(vehicle, link)
+    executor.keepalive()
+    executor.keepalive()
+    assert [s.hex() for s in link.sent] == ["22f186", "3e80", "3e80"]
+    assert executor.session == 3
+
+
+def test_an_ecu_that_does_not_answer_its_keepalive_is_taken_to_have_left_the_session(vehicle, caplog):
+    """Off or reset, it is in its default session when it comes back; collection waits for nothing."""
+    link = ScriptedLink(None)
+    executor = in_extended(vehicle, link)
+    executor.keepalive()
+    assert executor.session == 1
+    assert "did not answer" in caplog.text
+
+
 # ---- session and security state follow raw exchanges ------------------------------------------------
 
 def test_raw_session_change_sets_session_and_timing(vehicle):

@@ -141,14 +141,27 @@ def test_raw_session_change_is_kept_alive_and_raw_reset_ends_it(agent, sim):
     assert completed(agent, "engine", "raw", {"request": "1083"}) == {"response": "", "suppressed": True}
     assert worker.executor.session == 3 and ecu.server.session == 3
     # S3 keepalives every 300 ms; the simulated ECU drops the session after 1 s without them
-    assert wait_until(lambda: ecu.received[0x3E] >= 5, 10)
+    assert wait_until(lambda: ecu.server.reads[0xF186] >= 5, 10)  # each reads the session it holds (0xF186)
     assert ecu.server.session == 3
     completed(agent, "engine", "write_data", {"data": "idle_mode", "value": "high"})  # needs the extended session
     assert completed(agent, "engine", "raw", {"request": "1101"}) == {"response": "5101"}
     assert worker.executor.session == 1 and ecu.server.session == 1
-    keepalives = ecu.received[0x3E]
+    keepalives = ecu.server.reads[0xF186]
     assert completed(agent, "engine", "raw", {"request": "22F40D"}) == {"response": "62f40df6"}
-    assert ecu.received[0x3E] == keepalives  # default session: no more keepalives
+    assert ecu.server.reads[0xF186] == keepalives  # default session: no more keepalives
+
+
+def test_an_ecu_that_reset_on_its_own_is_noticed_and_collection_goes_on(agent, sim):
+    """Before, the worker kept believing in the extended session: keepalives for ever, no more readings."""
+    ecu = sim.ecu("engine")
+    worker = agent.runtime.workers["engine"]
+    completed(agent, "engine", "set_session", {"session": "extended"})
+    assert worker.executor.session == 3
+    ecu.server.restart()  # what a power cycle or a watchdog reset does to its state
+    assert wait_until(lambda: worker.executor.session == 1, 10)
+    keepalives = ecu.server.reads[0xF186]
+    assert completed(agent, "engine", "raw", {"request": "22F40D"}) == {"response": "62f40df6"}
+    assert ecu.server.reads[0xF186] == keepalives  # default session: no more keepalives
 
 
 # ---- ISO 14229:2006 ECUs ---------------------------------------------------------------------------------
@@ -158,7 +171,7 @@ def test_2006_ecu_with_uds_standard_2006(vehicle, custom_sim):
     with LocalSession(replace_ecu(vehicle, "engine", uds_standard=2006)) as agent:
         assert completed(agent, "engine", "set_session", {"session": "extended"}) == {
             "session": "extended", "p2_ms": 150, "p2_star_ms": 1000}
-        assert wait_until(lambda: sim.ecu("engine").received[0x3E] >= 5, 10)
+        assert wait_until(lambda: sim.ecu("engine").server.reads[0xF186] >= 5, 10)
         completed(agent, "engine", "write_data", {"data": "idle_mode", "value": "high"})
 
 
@@ -169,7 +182,7 @@ def test_2006_ecu_configured_2013_fails_but_its_session_is_kept_alive(vehicle, c
         result = agent.run("engine", "set_session", {"session": "extended"})
         assert (result.status, result.outcome.error.code) == (Status.FAILED, ErrorCode.INTERNAL)
         assert "uds_standard: 2006" in result.outcome.error.message
-        assert wait_until(lambda: ecu.received[0x3E] >= 5, 10)  # longer than the ECU's S3 (1 s)
+        assert wait_until(lambda: ecu.server.reads[0xF186] >= 5, 10)  # longer than the ECU's S3 (1 s)
         assert ecu.server.session == 3
         completed(agent, "engine", "write_data", {"data": "idle_mode", "value": "high"})
 

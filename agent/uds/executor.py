@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SESSION = 1
 LOCKED = 0
+ACTIVE_SESSION = b"\x22\xF1\x86"  # read activeDiagnosticSessionDataIdentifier (ISO 14229-1)
+# Answers to that read that mean the ECU will never report its session: keepalives are TesterPresent then.
+_NO_SESSION_DID = frozenset({0x11, 0x12, 0x13, 0x31, 0x33, 0x7F})
 _DTC = services.ReadDTCInformation.Subfunction
 _SEED, _KEY = services.SecurityAccess.Mode.RequestSeed, services.SecurityAccess.Mode.SendKey
 
@@ -77,6 +80,7 @@ class Executor:
         self._functional = FunctionalRequests(ecu, functional)
         self.session = DEFAULT_SESSION
         self.security_level = LOCKED
+        self._reports_session = True  # until the ECU refuses DID 0xF186
         self._base = Timing(ecu.timing.p2_ms / 1000, ecu.timing.p2_star_ms / 1000, ecu.timing.busy_retries)
         self.timing = Timing(self._base.p2, self._base.p2_star, self._base.busy_retries)
         self._algorithms = {s.level: (load_algorithm(s.algorithm), dict(s.params)) for s in ecu.security}
@@ -119,12 +123,44 @@ class Executor:
         return True
 
     def keepalive(self) -> None:
-        """TesterPresent with suppressed positive response, to hold a non-default session (S3)."""
+        """Holds a non-default session (S3), and checks that the ECU is still in it.
+
+        An ECU that reset on its own (power, watchdog) is back in its default session, and it answers
+        TesterPresent there too: believing otherwise, the agent would keep it "alive" and hold its
+        collection back for good. So the keepalive reads the session the ECU reports (DID 0xF186) and
+        follows it; an ECU that does not answer has left the session as well. An ECU without that DID
+        gets TesterPresent with suppressed positive response from then on.
+        """
+        fields = {"component": self.ecu.name, "session": self.session}
+        deadline = time.monotonic() + self.timing.p2
+        if self._reports_session:
+            try:
+                data = transact(self.link, ACTIVE_SESSION, self.timing, deadline)
+            except NegativeResponseError as nrc:
+                if nrc.code in _NO_SESSION_DID:
+                    self._reports_session = False
+                    log.info("ECU %s does not report its session (DID 0xF186: %s); keepalives are TesterPresent",
+                             self.ecu.name, nrc, extra=fields)
+            except (UdsTimeoutError, TransportTimeoutError) as err:
+                log.warning("ECU %s did not answer its keepalive (%s): taking it to be back in its default session",
+                            self.ecu.name, err, extra=fields)
+                self.session_lost()
+                return
+            except (BusDownError, InvalidResponseError) as err:
+                log.warning("keepalive to %s failed: %s", self.ecu.name, err, extra=fields)
+                return
+            else:
+                if data is not None and len(data) >= 4:
+                    if data[3] != self.session:
+                        log.warning("ECU %s reports session 0x%02X, not 0x%02X: it left the session on its own",
+                                    self.ecu.name, data[3], self.session, extra=fields)
+                        self._enter_session(data[3])
+                    return
         request = services.TesterPresent.make_request().get_payload(suppress_positive_response=True)
         try:
             transact(self.link, request, self.timing, time.monotonic() + self.timing.p2, wait_negative=False)
         except (BusDownError, TransportTimeoutError) as err:
-            log.warning("keepalive to %s failed: %s", self.ecu.name, err)
+            log.warning("keepalive to %s failed: %s", self.ecu.name, err, extra=fields)
 
     # ---- session and security state: the same after a named command or a raw one -------------
     def _enter_session(self, session: int) -> None:

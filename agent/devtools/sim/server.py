@@ -14,6 +14,7 @@ from agent.devtools.sim.obd import ObdServer
 
 P2_MS, P2_STAR_MS = 50, 5000
 SESSIONS = (1, 2, 3, 4)
+ACTIVE_SESSION_DID = 0xF186  # ISO 14229-1 activeDiagnosticSessionDataIdentifier, served from the session
 NRC_SERVICE_NOT_SUPPORTED = 0x11
 NRC_SUBFUNCTION_NOT_SUPPORTED = 0x12
 NRC_BAD_LENGTH = 0x13
@@ -50,6 +51,7 @@ class UdsServer:
         self.session = 1
         self.unlocked = 0
         self.executed: Counter[int] = Counter()
+        self.reads: Counter[int] = Counter()  # DIDs read, by DID
         self.resets = 0
         self._seed: tuple[int, bytes] | None = None
         self._seed_source = seed_source
@@ -80,6 +82,11 @@ class UdsServer:
             return handler(request)
         except _NrcError as nrc:
             return bytes([0x7F, sid, nrc.code])
+
+    def restart(self) -> None:
+        """What a power cycle or a watchdog reset does: the default session, locked, no ECUReset asked."""
+        self.session, self.unlocked, self._seed = 1, 0, None
+        self.resets += 1
 
     def advance(self, now: float) -> None:
         """Moves waves and applies every DTC schedule step whose time has come since the last call."""
@@ -169,6 +176,10 @@ class UdsServer:
         out = bytearray([0x62])
         for pos in range(1, len(request), 2):
             did = int.from_bytes(request[pos:pos + 2], "big")
+            self.reads[did] += 1
+            if did == ACTIVE_SESSION_DID and did not in self.values:
+                out += request[pos:pos + 2] + bytes([self.session])
+                continue
             if did not in self.values:
                 raise _NrcError(NRC_OUT_OF_RANGE)
             out += request[pos:pos + 2] + self.values[did]
