@@ -132,7 +132,7 @@ class Executor:
         gets TesterPresent with suppressed positive response from then on.
         """
         fields = {"component": self.ecu.name, "session": self.session}
-        deadline = time.monotonic() + self.timing.p2
+        deadline = time.monotonic() + self.timing.p2_star  # silence ends the wait after P2; 0x78 extends it
         if self._reports_session:
             try:
                 data = transact(self.link, ACTIVE_SESSION, self.timing, deadline)
