@@ -189,8 +189,13 @@ def test_an_ecu_without_did_f186_is_kept_alive_with_tester_present_from_then_on(
 
 def test_an_ecu_that_does_not_answer_its_keepalive_is_taken_to_have_left_the_session(vehicle, caplog):
     """Off or reset, it is in its default session when it comes back; collection waits for nothing."""
-    link = ScriptedLink(None)
+    link = ScriptedLink(None, "62f18603", None, None)
     executor = in_extended(vehicle, link)
+    executor.keepalive()
+    assert executor.session == 3  # one lost answer (a frame lost to an error) does not end a session
+    executor.keepalive()
+    executor.keepalive()
+    assert executor.session == 3  # an answer in between: the count starts again
     executor.keepalive()
     assert executor.session == 1
     assert "did not answer" in caplog.text

@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 DEFAULT_SESSION = 1
 LOCKED = 0
 ACTIVE_SESSION = b"\x22\xF1\x86"  # read activeDiagnosticSessionDataIdentifier (ISO 14229-1)
+KEEPALIVES_MISSED_LOST = 2  # unanswered keepalives in a row after which the ECU has left the session
 # Answers to that read that mean the ECU will never report its session: keepalives are TesterPresent then.
 _NO_SESSION_DID = frozenset({0x11, 0x12, 0x13, 0x31, 0x33, 0x7F})
 _DTC = services.ReadDTCInformation.Subfunction
@@ -81,6 +82,7 @@ class Executor:
         self.session = DEFAULT_SESSION
         self.security_level = LOCKED
         self._reports_session = True  # until the ECU refuses DID 0xF186
+        self._keepalives_missed = 0  # in a row
         self._base = Timing(ecu.timing.p2_ms / 1000, ecu.timing.p2_star_ms / 1000, ecu.timing.busy_retries)
         self.timing = Timing(self._base.p2, self._base.p2_star, self._base.busy_retries)
         self._algorithms = {s.level: (load_algorithm(s.algorithm), dict(s.params)) for s in ecu.security}
@@ -128,7 +130,7 @@ class Executor:
         An ECU that reset on its own (power, watchdog) is back in its default session, and it answers
         TesterPresent there too: believing otherwise, the agent would keep it "alive" and hold its
         collection back for good. So the keepalive reads the session the ECU reports (DID 0xF186) and
-        follows it; an ECU that does not answer has left the session as well. An ECU without that DID
+        follows it; an ECU that does not answer two in a row has left the session as well. An ECU without that DID
         gets TesterPresent with suppressed positive response from then on.
         """
         fields = {"component": self.ecu.name, "session": self.session}
@@ -142,14 +144,19 @@ class Executor:
                     log.info("ECU %s does not report its session (DID 0xF186: %s); keepalives are TesterPresent",
                              self.ecu.name, nrc, extra=fields)
             except (UdsTimeoutError, TransportTimeoutError) as err:
-                log.warning("ECU %s did not answer its keepalive (%s): taking it to be back in its default session",
-                            self.ecu.name, err, extra=fields)
+                self._keepalives_missed += 1
+                if self._keepalives_missed < KEEPALIVES_MISSED_LOST:  # one lost frame does not end a session
+                    log.info("ECU %s did not answer a keepalive: %s", self.ecu.name, err, extra=fields)
+                    return
+                log.warning("ECU %s did not answer %d keepalives in a row (%s): taking it to be back in its "
+                            "default session", self.ecu.name, self._keepalives_missed, err, extra=fields)
                 self.session_lost()
                 return
             except (BusDownError, InvalidResponseError) as err:
                 log.warning("keepalive to %s failed: %s", self.ecu.name, err, extra=fields)
                 return
             else:
+                self._keepalives_missed = 0
                 if data is not None and len(data) >= 4:
                     if data[3] != self.session:
                         log.warning("ECU %s reports session 0x%02X, not 0x%02X: it left the session on its own",
@@ -169,6 +176,7 @@ class Executor:
                      extra={"component": self.ecu.name, "session": session})
         self.session = session
         self.security_level = LOCKED  # a session change relocks the ECU (ISO 14229-1)
+        self._keepalives_missed = 0
         self.timing = Timing(self._base.p2, self._base.p2_star, self._base.busy_retries)
 
     def _apply_session_timing(self, response: Response) -> tuple[float, float]:
