@@ -99,6 +99,29 @@ def test_a_state_refused_for_now_is_retried_and_set_aside_only_after_repeated_re
     assert [r.reason for r in refused] == ["unspecified_error"] and tables.unsent_states() == []
 
 
+def test_a_newer_state_starts_its_own_count_of_refusals(lane_on, monkeypatch):
+    """Refusals of the state it replaced are not its own: it gets MAX_FAILED of them before it is set aside."""
+    monkeypatch.setattr("agent.fleet.lane.RETRY_MIN_S", 0.0)
+    lane, link, tables, refused = lane_on()
+    put_state(tables, "engine", 1)
+    lane.pass_once()
+    for _ in range(MAX_FAILED - 2):
+        lane.published(len(link.sent), 0x80)
+        lane.pass_once()
+    put_state(tables, "engine", 2)  # stored while state 1's retry is in flight
+    lane.published(len(link.sent), 0x80)  # state 1's refusal MAX_FAILED - 1: its retry is the newer state
+    lane.pass_once()
+    assert values(link)[-1] == 2
+    lane.published(len(link.sent), 0x80)
+    lane.pass_once()
+    assert refused == [] and values(link)[-1] == 2  # refused once only: it goes again
+    for _ in range(MAX_FAILED - 1):
+        lane.published(len(link.sent), 0x80)
+        lane.pass_once()
+    assert [r.reason for r in refused] == ["unspecified_error"] and json.loads(refused[0].message.payload)[
+        "values"]["x"]["value"] == 2
+
+
 def test_a_state_refused_for_now_waits_for_its_retry_and_holds_no_other_component(lane_on):
     lane, link, tables, _ = lane_on()
     put_state(tables, "body", 1)

@@ -48,7 +48,8 @@ class TelemetryLane:
         self._lock = threading.Lock()
         self._in_flight: dict[int, StateRow] = {}  # mid -> the state (as sent) awaiting its PUBACK
         self._answers: queue.SimpleQueue[tuple[StateRow, int | None]] = queue.SimpleQueue()  # code None: struck
-        self._refusals: dict[str, tuple[int, int, float]] = {}  # component -> (refusals, failed, retry due)
+        # component -> (refusals, failed, retry due, generation of the state they were of)
+        self._refusals: dict[str, tuple[int, int, float, int]] = {}
         self._oversize: set[str] = set()  # components whose state did not fit: logged once until it fits again
         self._publish = publish
         self._connected = connected
@@ -132,7 +133,7 @@ class TelemetryLane:
             busy = {row.component for row in self._in_flight.values()}
         now = time.monotonic()
         for row in self._tables.unsent_states():
-            if row.component in busy or self._refusals.get(row.component, (0, 0, now))[2] > now:
+            if row.component in busy or self._refusals.get(row.component, (0, 0, now, 0))[2] > now:
                 continue  # its last state awaits its PUBACK (one in flight each: in order), or a retry is due later
             sent = self._send_state(row)
             if sent is None:
@@ -155,7 +156,9 @@ class TelemetryLane:
                 self._refusals.pop(row.component, None)
                 self._tables.state_sent(row.component, row.generation)
                 continue
-            refusals, failed, _ = self._refusals.get(row.component, (0, 0, 0.0))
+            refusals, failed, _, generation = self._refusals.get(row.component, (0, 0, 0.0, row.generation))
+            if generation != row.generation:  # a newer state: the refusals counted were its predecessor's
+                refusals, failed = 0, 0
             refusals, failed = refusals + 1, failed + (code != QUOTA_EXCEEDED)
             if code is None or code in NEVER_PASSES or failed >= MAX_FAILED:
                 self._refusals.pop(row.component, None)
@@ -163,7 +166,7 @@ class TelemetryLane:
                 self._set_aside(row, CONNECTION_DROPPED if code is None else reason_name(code), code)
                 continue
             delay = min(RETRY_MAX_S, RETRY_MIN_S * 2.0 ** min(refusals - 1, 32))
-            self._refusals[row.component] = (refusals, failed, time.monotonic() + delay)
+            self._refusals[row.component] = (refusals, failed, time.monotonic() + delay, row.generation)
             log.warning("broker refused the state of %s for now (reason 0x%02X %s); retrying in %.0f s",
                         row.component, code, reason_name(code), delay,
                         extra={"component": row.component, "topic": row.topic, "attempts": refusals})
