@@ -178,6 +178,16 @@ def test_a_keepalive_that_finds_the_ecu_back_in_the_default_session_follows_it(v
     assert "reports session 0x01" in caplog.text
 
 
+def test_a_keepalive_that_reads_an_odd_session_keeps_the_one_the_agent_entered(vehicle):
+    """An OEM's own 0xF186 format must not invent a session; only a fall back to the default is followed."""
+    link = ScriptedLink("62f186ff00", "62f186")
+    executor = in_extended(vehicle, link)
+    executor.keepalive()
+    executor.keepalive()
+    # a short answer tells nothing: TesterPresent keeps the session for this round
+    assert executor.session == 3 and [s.hex() for s in link.sent] == ["22f186", "22f186", "3e80"]
+
+
 def test_an_ecu_without_did_f186_is_kept_alive_with_tester_present_from_then_on(vehicle):
     link = ScriptedLink("7f2231")
     executor = in_extended(vehicle, link)

@@ -158,10 +158,15 @@ class Executor:
             else:
                 self._keepalives_missed = 0
                 if data is not None and len(data) >= 4:
-                    if data[3] != self.session:
+                    # Only a fall back to the default session is followed: an OEM's odd 0xF186 format must
+                    # not put the agent into a session of its own invention (and hold collection for good).
+                    if data[3] == DEFAULT_SESSION:
                         log.warning("ECU %s reports session 0x%02X, not 0x%02X: it left the session on its own",
                                     self.ecu.name, data[3], self.session, extra=fields)
-                        self._enter_session(data[3])
+                        self.session_lost()
+                    elif data[3] != self.session:
+                        log.debug("ECU %s reports session 0x%02X for 0x%02X; kept", self.ecu.name, data[3],
+                                  self.session, extra=fields)
                     return
         request = services.TesterPresent.make_request().get_payload(suppress_positive_response=True)
         try:
