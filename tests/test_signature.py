@@ -4,9 +4,11 @@ the `security:` config, the gate's refusals and its rate-limited log, and the la
 import base64
 import json
 import logging
+import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import ROOT
@@ -204,6 +206,20 @@ def test_key_files_that_cannot_be_used_are_config_errors_with_paths(keys, tmp_pa
                              "security.keys.private.public_key"}
     assert "No such file" in problems["security.keys.missing.public_key"]
     assert "not a PEM public key" in problems["security.keys.garbage.public_key"]
+
+
+def test_a_key_path_that_is_not_a_regular_file_is_refused_without_reading_it(tmp_path):
+    """A device or FIFO given as a key would be read forever (/dev/zero) or block start-up (a FIFO)."""
+    with pytest.raises(ed25519.KeyFileError, match="not a regular file"):
+        ed25519.load_public_key(Path("/dev/zero"))
+    fifo = tmp_path / "key.pub"
+    os.mkfifo(fifo)
+    with pytest.raises(ed25519.KeyFileError, match="not a regular file"):
+        ed25519.load_public_key(fifo)
+    big = tmp_path / "big.pub"
+    big.write_bytes(b"-----BEGIN PUBLIC KEY-----\n" + b"A" * (ed25519.MAX_KEY_FILE_BYTES + 1))
+    with pytest.raises(ed25519.KeyFileError, match="too large"):
+        ed25519.load_public_key(big)
 
 
 def test_a_world_readable_private_key_is_refused(keys, tmp_path):

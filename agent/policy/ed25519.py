@@ -7,6 +7,7 @@ python3-cryptography) is an optional extra: an agent without signed commands nev
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 from agent.errors import AgentError
 
 SIGNATURE_BYTES = 64
+MAX_KEY_FILE_BYTES = 16 * 1024  # a PEM Ed25519 key is about 120 bytes; room for comments
 INSTALL_HINT = "pip install 'sovd-edge-agent[signing]' (Debian: apt install python3-cryptography)"
 
 
@@ -35,11 +37,33 @@ def _lib() -> SimpleNamespace:
     return SimpleNamespace(InvalidSignature=InvalidSignature, serialization=serialization, ed25519=ed25519)
 
 
-def _read(path: Path, what: str) -> bytes:
+def _read(path: Path, what: str) -> tuple[bytes, int]:
+    """The file's bytes and mode: a regular file of at most MAX_KEY_FILE_BYTES.
+
+    Opened without blocking and checked before it is read: a FIFO or a device (/dev/zero) given as a key
+    would stall start-up or be read until memory runs out.
+    """
     try:
-        return path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as err:
         raise KeyFileError(f"cannot read {what} {path}: {err.strerror or err}") from err
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            kind = "a directory" if stat.S_ISDIR(info.st_mode) else "a device, FIFO or socket"
+            raise KeyFileError(f"{what} {path} is {kind}, not a regular file")
+        if info.st_size > MAX_KEY_FILE_BYTES:
+            raise KeyFileError(f"{what} {path} is too large for a key ({info.st_size} bytes)")
+        data = b""
+        while len(data) <= MAX_KEY_FILE_BYTES and (chunk := os.read(fd, MAX_KEY_FILE_BYTES + 1 - len(data))):
+            data += chunk
+    except OSError as err:
+        raise KeyFileError(f"cannot read {what} {path}: {err.strerror or err}") from err
+    finally:
+        os.close(fd)
+    if len(data) > MAX_KEY_FILE_BYTES:
+        raise KeyFileError(f"{what} {path} is too large for a key (more than {MAX_KEY_FILE_BYTES} bytes)")
+    return data, info.st_mode
 
 
 class PublicKey:
@@ -73,7 +97,7 @@ class PrivateKey:
 def load_public_key(path: Path) -> PublicKey:
     """A PEM public key file (SubjectPublicKeyInfo), as `sovd-edge keygen` or `openssl pkey -pubout` write."""
     lib = _lib()
-    data = _read(path, "public key")
+    data, _ = _read(path, "public key")
     try:
         key = lib.serialization.load_pem_public_key(data)
     except ValueError as err:
@@ -86,8 +110,7 @@ def load_public_key(path: Path) -> PublicKey:
 def load_private_key(path: Path) -> PrivateKey:
     """An unencrypted PEM private key file (PKCS#8), as `sovd-edge keygen` or `openssl genpkey` write."""
     lib = _lib()
-    data = _read(path, "private key")
-    mode = path.stat().st_mode
+    data, mode = _read(path, "private key")
     if mode & 0o004:
         raise KeyFileError(f"private key {path} is world-readable (mode {mode & 0o777:o}); chmod 600 it")
     try:
