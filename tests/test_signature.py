@@ -208,6 +208,18 @@ def test_key_files_that_cannot_be_used_are_config_errors_with_paths(keys, tmp_pa
     assert "not a PEM public key" in problems["security.keys.garbage.public_key"]
 
 
+def test_a_public_key_file_with_several_keys_is_refused_not_cut_to_its_first(keys, tmp_path):
+    """Appending the new key to the old key's file (a rotation done by hand) must not leave the new key
+    silently unused: cryptography reads the first PEM block and ignores the rest."""
+    both = tmp_path / "both.pub"
+    both.write_bytes(keys["backend-1"].public.read_bytes() + keys["backend-2"].public.read_bytes())
+    with pytest.raises(ConfigError) as info:
+        load_authenticator(security(SigningKey("backend", both)), "agent.yaml")
+    (problem,) = info.value.problems
+    assert problem[0] == "security.keys.backend.public_key"
+    assert "2 PEM blocks" in problem[1] and "one key per file" in problem[1]
+
+
 def test_a_key_path_that_is_not_a_regular_file_is_refused_without_reading_it(tmp_path):
     """A device or FIFO given as a key would be read forever (/dev/zero) or block start-up (a FIFO)."""
     with pytest.raises(ed25519.KeyFileError, match="not a regular file"):

@@ -38,7 +38,7 @@ def _lib() -> SimpleNamespace:
 
 
 def _read(path: Path, what: str) -> tuple[bytes, int]:
-    """The file's bytes and mode: a regular file of at most MAX_KEY_FILE_BYTES.
+    """The file's bytes and mode: a regular file of at most MAX_KEY_FILE_BYTES, holding one PEM block.
 
     Opened without blocking and checked before it is read: a FIFO or a device (/dev/zero) given as a key
     would stall start-up or be read until memory runs out.
@@ -63,6 +63,10 @@ def _read(path: Path, what: str) -> tuple[bytes, int]:
         os.close(fd)
     if len(data) > MAX_KEY_FILE_BYTES:
         raise KeyFileError(f"{what} {path} is too large for a key (more than {MAX_KEY_FILE_BYTES} bytes)")
+    blocks = data.count(b"-----BEGIN ")
+    if blocks > 1:  # cryptography would read the first and ignore the rest without a word
+        raise KeyFileError(f"{path} holds {blocks} PEM blocks: one key per file (for a rotation, give each key "
+                           "its own entry under security.keys)")
     return data, info.st_mode
 
 
