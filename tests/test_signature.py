@@ -234,6 +234,20 @@ def test_a_key_path_that_is_not_a_regular_file_is_refused_without_reading_it(tmp
         ed25519.load_public_key(big)
 
 
+def test_a_public_key_file_others_may_write_is_refused(keys, tmp_path):
+    """The public key is what decides which commands run: a file any local user may replace is no anchor."""
+    for mode in (0o666, 0o646, 0o664):
+        loose = tmp_path / f"loose-{mode:o}.pub"
+        loose.write_bytes(keys["backend-1"].public.read_bytes())
+        loose.chmod(mode)
+        with pytest.raises(ed25519.KeyFileError, match="writable by"):
+            ed25519.load_public_key(loose)
+    fine = tmp_path / "fine.pub"
+    fine.write_bytes(keys["backend-1"].public.read_bytes())
+    fine.chmod(0o644)
+    assert ed25519.load_public_key(fine).verify(b"x", b"\0" * 64) is False
+
+
 def test_a_world_readable_private_key_is_refused(keys, tmp_path):
     leaked = tmp_path / "leaked.key"
     leaked.write_bytes(keys["backend-1"].private.read_bytes())

@@ -101,7 +101,10 @@ class PrivateKey:
 def load_public_key(path: Path) -> PublicKey:
     """A PEM public key file (SubjectPublicKeyInfo), as `sovd-edge keygen` or `openssl pkey -pubout` write."""
     lib = _lib()
-    data, _ = _read(path, "public key")
+    data, mode = _read(path, "public key")
+    if mode & 0o022:  # the key decides which commands run: nobody but its owner may replace it
+        raise KeyFileError(f"public key {path} is writable by {'others' if mode & 0o002 else 'its group'} "
+                           f"(mode {mode & 0o777:o}); chmod 644 it")
     try:
         key = lib.serialization.load_pem_public_key(data)
     except ValueError as err:
