@@ -266,3 +266,50 @@ def test_each_imported_did_decodes_like_odxtools(test_pdx):
         if did.dop is not None and did.codec != "raw":
             assert_same_values(did, did.dop)
             assert dataclasses.asdict(spec_of(did))["codec"] == did_entry(did)["codec"]
+
+
+# ---- odd data objects: each stays raw with a note, the rest of the file is imported ----------------------
+
+def write_pdx_with(path: Path, dops: dict) -> Path:
+    """Somersault's base variant plus one 16-bit read service per entry `name: (did, coded, compu, physical)`."""
+    database = odxtools.load_pdx_file(str(SOMERSAULT))
+    layer = database.diag_layers.somersault_base_variant
+    raw = layer.diag_layer_raw
+    dds = raw.diag_data_dictionary_spec
+    for name, (did_id, coded, compu, physical) in dops.items():
+        dop = DataObjectProperty(short_name=f"{name}_dop", odx_id=_id(layer, f"DOP.{name}"), compu_method=compu,
+                                 diag_coded_type=coded, physical_type=PhysicalType(base_data_type=physical))
+        dds.data_object_props.append(dop)
+        request = Request(short_name=f"read_{name}_rq", odx_id=_id(layer, f"RQ.{name}"),
+                          parameters=[_const("sid", 0x22, 8, 0), _const("did", did_id, 16, 1)])
+        response = Response(short_name=f"read_{name}_pr", odx_id=_id(layer, f"PR.{name}"),
+                            response_type=ResponseType.POSITIVE,
+                            parameters=[_const("sid", 0x62, 8, 0), _const("did", did_id, 16, 1),
+                                        ValueParameter(short_name="value", byte_position=3, dop_ref=_ref(dop.odx_id))])
+        raw.requests.append(request)
+        raw.positive_responses.append(response)
+        raw.diag_comms_raw.append(DiagService(short_name=f"Read_{name}", odx_id=_id(layer, f"service.{name}"),
+                                              request_ref=_ref(request.odx_id),
+                                              pos_response_refs=[_ref(response.odx_id)]))
+    database.refresh()
+    assert odxtools.write_pdx_file(str(path), database)
+    return path
+
+
+def imported(path):
+    result = cli(str(path))
+    assert result.returncode == 0, result.stderr
+    (ecu,) = parse_config(yaml.safe_load(result.stdout)).ecus  # what it prints passes the config check
+    return result.stdout, {d.name: d for d in ecu.dids}
+
+
+@needs_somersault
+def test_a_linear_method_with_a_zero_denominator_is_kept_raw_and_the_rest_imported(tmp_path):
+    """Review defect: a COMPU-DENOMINATOR of 0 in one data object ended the whole import in a traceback."""
+    path = write_pdx_with(tmp_path / "zero.pdx", {
+        "speed": (0xF40C, _uint(16), _linear(0, 1, 4), DataType.A_FLOAT64),
+        "broken": (0x1000, _uint(16), _linear(0, 1, 0), DataType.A_FLOAT64)})
+    text, dids = imported(path)
+    assert dids["speed"] == DidSpec("speed", 0xF40C, "unsigned", 2, scale=0.25)
+    assert dids["broken"].codec == "raw"
+    assert "# linear computation with a zero denominator: kept raw" in text

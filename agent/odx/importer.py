@@ -69,7 +69,10 @@ def import_layer(database: Any, layer: Any) -> Ecu:
             setattr(ecu, attr, None)
     writes: set[int] = set()
     for service in layer.services:
-        _service(ecu, service, writes)
+        try:
+            _service(ecu, service, writes)
+        except Exception as err:  # one service odxtools built but this importer cannot read fails alone
+            ecu.skipped.append((getattr(service, "short_name", "?"), f"cannot be read: {type(err).__name__}: {err}"))
     for did in ecu.dids:
         did.writable = did.id in writes
     ecu.dtcs = _dtcs(layer)
@@ -165,6 +168,9 @@ def _codec(did: Did, dop: Any) -> None:
         did.unit = _unit(dop)
     elif isinstance(cm, LinearCompuMethod):
         segment = cm.segment
+        if not segment.denominator:
+            did.note = "linear computation with a zero denominator: kept raw"
+            return
         did.codec = "signed" if base == DataType.A_INT32 else "unsigned"
         did.scale = segment.factor / segment.denominator
         did.offset = segment.offset / segment.denominator
