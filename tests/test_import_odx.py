@@ -313,3 +313,14 @@ def test_a_linear_method_with_a_zero_denominator_is_kept_raw_and_the_rest_import
     assert dids["speed"] == DidSpec("speed", 0xF40C, "unsigned", 2, scale=0.25)
     assert dids["broken"].codec == "raw"
     assert "# linear computation with a zero denominator: kept raw" in text
+
+
+@needs_somersault
+def test_a_non_finite_factor_is_kept_raw_not_printed_as_a_config_that_fails_its_check(tmp_path):
+    """Review defect: a factor of INF (or NaN) was printed as `scale: inf`, which check-config refuses."""
+    path = write_pdx_with(tmp_path / "inf.pdx", {
+        "huge": (0x1001, _uint(16), _linear(0, float("inf"), 1), DataType.A_FLOAT64),
+        "odd": (0x1002, _uint(16), _linear(float("nan"), 1, 1), DataType.A_FLOAT64)})
+    text, dids = imported(path)
+    assert dids["huge"].codec == dids["odd"].codec == "raw"
+    assert text.count("# linear computation with a factor or offset that is not a finite number: kept raw") == 2

@@ -3,6 +3,7 @@ odxtools at load time, so only `sovd-edge import-odx` imports it, and only when 
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -171,9 +172,12 @@ def _codec(did: Did, dop: Any) -> None:
         if not segment.denominator:
             did.note = "linear computation with a zero denominator: kept raw"
             return
+        scale, offset = segment.factor / segment.denominator, segment.offset / segment.denominator
+        if not (math.isfinite(scale) and math.isfinite(offset)):  # YAML would read `inf` back as a string
+            did.note = "linear computation with a factor or offset that is not a finite number: kept raw"
+            return
         did.codec = "signed" if base == DataType.A_INT32 else "unsigned"
-        did.scale = segment.factor / segment.denominator
-        did.offset = segment.offset / segment.denominator
+        did.scale, did.offset = scale, offset
         did.unit = _unit(dop)
     elif isinstance(cm, TexttableCompuMethod) and length <= 4:
         table: dict[int, str] = {}
