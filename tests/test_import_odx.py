@@ -324,3 +324,28 @@ def test_a_non_finite_factor_is_kept_raw_not_printed_as_a_config_that_fails_its_
     text, dids = imported(path)
     assert dids["huge"].codec == dids["odd"].codec == "raw"
     assert text.count("# linear computation with a factor or offset that is not a finite number: kept raw") == 2
+
+
+@needs_somersault
+def test_text_tables_the_enum_codec_cannot_hold_are_kept_raw(tmp_path):
+    """Review defect: a signed text table printed negative keys, which check-config refuses (and the enum
+    codec reads the bytes unsigned: -1 arrives as 255)."""
+    from odxtools.compumethods.compuconst import CompuConst
+    from odxtools.compumethods.texttablecompumethod import TexttableCompuMethod
+
+    def table(limits, internal):
+        scales = [CompuScale(lower_limit=Limit(value_raw=k, value_type=internal),
+                             upper_limit=Limit(value_raw=k, value_type=internal),
+                             compu_const=CompuConst(vt=v, data_type=DataType.A_UNICODE2STRING),
+                             domain_type=internal, range_type=DataType.A_UNICODE2STRING) for k, v in limits]
+        return TexttableCompuMethod(category=CompuCategory.TEXTTABLE, compu_internal_to_phys=CompuInternalToPhys(
+            compu_scales=scales), physical_type=DataType.A_UNICODE2STRING, internal_type=internal)
+
+    path = write_pdx_with(tmp_path / "tables.pdx", {
+        "gear": (0x1010, _uint(8, DataType.A_INT32), table([("-1", "reverse"), ("0", "neutral"), ("1", "first")],
+                                                              DataType.A_INT32), DataType.A_UNICODE2STRING),
+        "mode": (0x1012, _uint(8), _texttable({0: "normal", 1: "eco"}), DataType.A_UNICODE2STRING)})
+    text, dids = imported(path)
+    assert dids["mode"].enum == ((0, "normal"), (1, "eco"))
+    assert dids["gear"].codec == "raw"
+    assert "# text table with a negative value: kept raw" in text

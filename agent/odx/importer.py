@@ -181,14 +181,18 @@ def _codec(did: Did, dop: Any) -> None:
         did.unit = _unit(dop)
     elif isinstance(cm, TexttableCompuMethod) and length <= 4:
         table: dict[int, str] = {}
+        negative = False
         for scale in cm.compu_internal_to_phys.compu_scales if cm.compu_internal_to_phys else []:
             low, high = scale.lower_limit, scale.upper_limit
             label = scale.compu_const.vt if scale.compu_const is not None else None
             if low is None or (high is not None and high.value != low.value) or not label:
                 table = {}
                 break
+            negative = negative or int(low.value) < 0
             table[int(low.value)] = label
-        if table:
+        if negative:  # the enum codec reads the bytes unsigned, and the config takes no negative keys
+            did.note = "text table with a negative value: kept raw"
+        elif table:
             did.codec, did.values = "enum", table
         else:
             did.note = "text table with ranges: kept raw"
