@@ -349,3 +349,15 @@ def test_text_tables_the_enum_codec_cannot_hold_are_kept_raw(tmp_path):
     assert dids["mode"].enum == ((0, "normal"), (1, "eco"))
     assert dids["gear"].codec == "raw"
     assert "# text table with a negative value: kept raw" in text
+
+
+def test_text_beyond_the_basic_multilingual_plane_survives_the_yaml_it_is_written_in():
+    """Review defect: the emitter wrote JSON escapes, and a character above U+FFFF became a JSON surrogate pair
+    ("\\ud83d\\ude00") that YAML reads back as two lone surrogates: the label or DTC text was garbled, and
+    cannot even be encoded as UTF-8 when the agent publishes it."""
+    from agent.config.emit import flow, scalar
+
+    for text in ("Zündung 🔑 an", "\U0001d6fc > 3", 'quote " and \\ud83d backslash', "tab\tnewline\n°C", "plain"):
+        assert yaml.safe_load(f"k: {scalar('text', text)}")["k"] == text
+        assert yaml.safe_load(flow({"values": {1: text}, "unit": text})) == {"values": {1: text}, "unit": text}
+    assert scalar("unit", "°C") == '"\\u00b0C"'  # the rest is written as before

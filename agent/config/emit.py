@@ -21,10 +21,18 @@ def scalar(key: str, value: Any) -> str:
         return flow(value)
     if isinstance(value, str):
         return value if _BARE.fullmatch(value) and value not in ("true", "false", "null", "yes", "no", "on", "off") \
-            else json.dumps(value)
+            else _quoted(value)
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return str(value)
+
+
+def _quoted(text: str) -> str:
+    """A YAML double-quoted scalar in ASCII. JSON's escapes, except above U+FFFF: JSON writes a surrogate pair
+    there, which YAML reads back as two lone surrogates; YAML's own `\\U` escape keeps the character."""
+    if all(ord(ch) <= 0xFFFF for ch in text):
+        return json.dumps(text)
+    return '"' + "".join(json.dumps(ch)[1:-1] if ord(ch) <= 0xFFFF else f"\\U{ord(ch):08x}" for ch in text) + '"'
 
 
 def flow(mapping: dict[Any, Any]) -> str:
@@ -34,7 +42,7 @@ def flow(mapping: dict[Any, Any]) -> str:
 
 def _key(key: Any) -> str:
     return str(key) if isinstance(key, int) or (isinstance(key, str) and re.fullmatch(r"[A-Za-z0-9_]+", key)) \
-        else json.dumps(str(key))
+        else _quoted(str(key))
 
 
 def comment(text: str) -> str:
