@@ -140,11 +140,12 @@ def test_outbox_byte_bound_drops_the_oldest(tmp_path):
     store.close()
 
 
-def finished(store: Store, command_id: str, status: str, keep_until: float | None = None, pad: int = 1000) -> None:
+def finished(store: Store, command_id: str, status: str, keep_until: float | None = None, pad: int = 1000,
+             signer: str | None = None) -> None:
     """A command recorded (with how long a resend could still be accepted) and then finished with `status`."""
     batch = store.batch()
     batch.add_command(Entry(command_id, "queued", {"id": command_id}, f"r/{command_id}", None, 1.0, keep_until, 1,
-                            None, keep_until=keep_until))
+                            None, signer=signer, keep_until=keep_until))
     batch.set_state(command_id, "final", seq=2, final_message={"status": status, "pad": "x" * pad})
     batch.commit()
     time.sleep(0.001)  # distinct updated_at: an order to forget in
@@ -169,6 +170,30 @@ def test_ledger_byte_bound_never_forgets_a_command_that_ran_and_could_still_be_a
     assert store.get("signed-ran-expired") is None  # its expiry has passed: an ordinary finished id
     assert store.trim_ledger_bytes(10, None).forgotten == 0  # a clock that cannot be trusted judges no expiry
     assert store.trim_ledger_bytes(10, wall + 601).forgotten == 1 and store.get("signed-ran") is None
+    store.close()
+
+
+def test_a_signed_command_that_expired_before_it_ran_is_held_until_its_signed_expiry(tmp_path):
+    """Review defect: a signed command accepted with expires_at 10 min ahead and an MQTT Message Expiry
+    Interval of 30 s (outside the signature) waited in its component's queue and ended `expired`. As a
+    command that never ran, the byte bound forgot it first; a flood of plain reads (allowed unsigned under
+    `mutating`) pushes the ledger over its bound, and the captured envelope, replayed without the expiry
+    interval, then ran: after the backend was told it expired (and had likely sent it again under a new id).
+    A signed id is held until its signed expiry whatever its end; unsigned ones that never ran go first."""
+    store = Store(tmp_path / "agent.db")
+    wall = 1_000_000.0
+    finished(store, "signed-expired", "expired", keep_until=wall + 600, signer="backend-1")
+    finished(store, "signed-rejected", "rejected", keep_until=wall + 600, signer="backend-1")
+    finished(store, "plain-expired", "expired", keep_until=wall + 600)  # a replay is no attack: anyone may send it
+    for i in range(60):
+        finished(store, f"flood-{i:02d}", "completed")
+    trimmed = store.trim_ledger_bytes(64 * 1024 // 4, wall)
+    assert trimmed.forgotten >= 45 and not trimmed.over_bound
+    assert store.get("plain-expired") is None
+    assert store.get("signed-expired") is not None and store.get("signed-rejected") is not None
+    assert store.prune_ledger(0.0, time.time() + 10, wall) >= 1
+    assert store.get("signed-expired") is not None  # retention holds it too
+    assert store.trim_ledger_bytes(10, wall + 601).forgotten >= 2 and store.get("signed-expired") is None
     store.close()
 
 

@@ -2,11 +2,12 @@
 forget, and what they must hold.
 
 The ledger's byte bound (`trim_ledger_bytes`) never forgets an id whose command could be accepted
-again: an unfinished command, or one that ran and whose `keep_until` (its `expires_at`, wall-clock
-epoch seconds, set by intake) has not passed. Forgetting such an id would let a captured signed
-envelope run a second time. Of the rest it forgets ids that never ran (`rejected`, `expired`)
-first, then the least recently finished. What it must hold is never forgotten, even when it alone
-exceeds the bound: `LedgerTrim.over_bound` says so (the caller logs and counts it).
+again: an unfinished command, or one that ran (or was signed, however it ended) and whose `keep_until`
+(its `expires_at`, wall-clock epoch seconds, set by intake) has not passed. Forgetting such an id would
+let a captured signed envelope run a second time, or run after its final said it never would. Of the
+rest it forgets ids that never ran (`rejected`, `expired`) first, then the least recently finished.
+What it must hold is never forgotten, even when it alone exceeds the bound: `LedgerTrim.over_bound`
+says so (the caller logs and counts it).
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ OUTBOX_ROW_BYTES = "(length(payload) + length(topic) + IFNULL(length(correlation
 # run it once. The rest of the finished ones ran.
 _NEVER_RAN = "(IFNULL(json_extract(final_message, '$.status'), '') IN ('rejected', 'expired'))"
 # Ledger rows the bounds may forget (two parameters: the wall clock twice, None when it cannot be trusted):
-# finished, and not a command that ran and could still be accepted again.
-_FORGETTABLE = (f"(state = 'final' AND (keep_until IS NULL OR {_NEVER_RAN}"
+# finished, and not a command that could still be accepted again: one that ran, or a signed one whatever its
+# end. A signed command that `expired` before it ran (an MQTT Message Expiry Interval is outside the signature)
+# or was refused after it was accepted has had its final answer: its captured envelope must not run later.
+_FORGETTABLE = (f"(state = 'final' AND (keep_until IS NULL OR (signer IS NULL AND {_NEVER_RAN})"
                 " OR (? IS NOT NULL AND keep_until <= ?)))")
 
 
