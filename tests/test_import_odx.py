@@ -361,3 +361,16 @@ def test_text_beyond_the_basic_multilingual_plane_survives_the_yaml_it_is_writte
         assert yaml.safe_load(f"k: {scalar('text', text)}")["k"] == text
         assert yaml.safe_load(flow({"values": {1: text}, "unit": text})) == {"values": {1: text}, "unit": text}
     assert scalar("unit", "°C") == '"\\u00b0C"'  # the rest is written as before
+
+
+@needs_somersault
+def test_a_selection_that_cannot_make_one_valid_config_is_a_usage_error(tmp_path):
+    """Review defect: `--ecu X --ecu X`, or two variants of one ECU, printed two entries with the same CAN ids
+    and exit 0; the config it printed fails check-config (response_id already used)."""
+    twice = cli(str(SOMERSAULT), "--ecu", "somersault_lazy", "--ecu", "somersault_lazy")
+    assert twice.returncode == 0, twice.stderr
+    assert [e.name for e in parse_config(yaml.safe_load(twice.stdout)).ecus] == ["somersault_lazy"]
+    both = cli(str(SOMERSAULT), "--ecu", "somersault_lazy", "--ecu", "somersault_assiduous")
+    assert both.returncode == 2 and both.stdout == ""
+    assert ("somersault_lazy and somersault_assiduous answer on the same CAN id 0x1C8 (variants of one ECU?): "
+            "import one of them") in both.stderr

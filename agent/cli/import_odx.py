@@ -12,7 +12,8 @@ from agent.cli.common import ALWAYS, EXIT_DATAERR, EXIT_OK, EXIT_UNAVAILABLE, EX
 EXITS = {
     **ALWAYS,
     EXIT_OK: "the ecus: entries are on stdout",
-    EXIT_USAGE: "no such file, or no such ECU layer in it (the message lists them)",
+    EXIT_USAGE: "no such file, or no such ECU layer in it (the message lists them), or layers that answer on "
+                "one CAN id (variants of one ECU: import one)",
     EXIT_DATAERR: "the file is not a readable PDX",
     EXIT_UNAVAILABLE: "odxtools is not installed (pip install 'sovd-edge-agent[odx]')",
 }
@@ -32,7 +33,7 @@ def handle(args: argparse.Namespace) -> int:
     try:
         import odxtools
 
-        from agent.odx.importer import OdxImportError, import_pdx
+        from agent.odx.importer import OdxImportError, SelectionError, import_pdx
     except ImportError:
         print("sovd-edge import-odx needs odxtools: pip install 'sovd-edge-agent[odx]' (on a workstation; "
               "the device only needs the config it prints)", file=sys.stderr)
@@ -47,6 +48,6 @@ def handle(args: argparse.Namespace) -> int:
         ecus = import_pdx(args.pdx, args.ecu)
     except OdxImportError as err:
         print(f"sovd-edge import-odx: {err}", file=sys.stderr)
-        return EXIT_USAGE if "no ECU named" in str(err) else EXIT_DATAERR
+        return EXIT_USAGE if isinstance(err, SelectionError) else EXIT_DATAERR
     print(render(ecus, args.pdx.name, odxtools.__version__), end="")
     return EXIT_OK

@@ -31,6 +31,10 @@ class OdxImportError(ValueError):
     """The file cannot be read as a PDX, or names an ECU it does not have."""
 
 
+class SelectionError(OdxImportError):
+    """The layers asked for are not in the file, or cannot be one config together."""
+
+
 def load(path: Path) -> Any:
     try:
         return odxtools.load_pdx_file(str(path))
@@ -42,9 +46,10 @@ def layers(database: Any, names: list[str] | None) -> list[Any]:
     """The diag layers to import: the named ones, else each base variant (or its only ECU variant)."""
     by_name = {dl.short_name: dl for dl in database.diag_layers}
     if names:
+        names = list(dict.fromkeys(names))  # `--ecu X --ecu X` is X once
         unknown = [n for n in names if n not in by_name]
         if unknown:
-            raise OdxImportError(f"no ECU named {', '.join(unknown)} (has: {', '.join(sorted(by_name))})")
+            raise SelectionError(f"no ECU named {', '.join(unknown)} (has: {', '.join(sorted(by_name))})")
         return [by_name[n] for n in names]
     chosen = []
     for base in database.base_variants:
@@ -243,6 +248,14 @@ def import_pdx(path: Path, names: list[str] | None = None) -> list[Ecu]:
     """Every selected ECU of a PDX file as config material; OdxImportError for unreadable files or names."""
     database = load(path)
     ecus = [import_layer(database, layer) for layer in layers(database, names)]
+    answering: dict[int, Ecu] = {}
+    for ecu in ecus:  # the agent routes answers by CAN id alone: the config would refuse the second
+        if ecu.response_id is None:
+            continue
+        first = answering.setdefault(ecu.response_id, ecu)
+        if first is not ecu:
+            raise SelectionError(f"{first.layer} and {ecu.layer} answer on the same CAN id 0x{ecu.response_id:X} "
+                                 "(variants of one ECU?): import one of them")
     taken: set[str] = set()
     for ecu in ecus:
         ecu.name = _unique(ecu.name, taken)
