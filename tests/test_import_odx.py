@@ -374,3 +374,38 @@ def test_a_selection_that_cannot_make_one_valid_config_is_a_usage_error(tmp_path
     assert both.returncode == 2 and both.stdout == ""
     assert ("somersault_lazy and somersault_assiduous answer on the same CAN id 0x1C8 (variants of one ECU?): "
             "import one of them") in both.stderr
+
+
+def test_the_imported_config_reads_what_the_simulator_answers_as_odxtools_decodes_it(test_pdx, tmp_path):
+    """End to end: the printed config, completed only where the output says to (vehicle id, bus), runs
+    `sovd-edge uds read_data` against the simulator answering chosen bytes for each imported DID; every
+    value that comes back is odxtools' decoding of those bytes."""
+    import json
+    import uuid
+
+    result = cli(str(test_pdx))
+    assert result.returncode == 0, result.stderr
+    config = yaml.safe_load(result.stdout)
+    (entry,) = config["ecus"]
+    database = load(test_pdx)
+    (ecu,) = [import_layer(database, layer) for layer in layers(database, None)]
+    answered = {d.name: (d, (b"WVWZZZ1JZXW000001" if d.codec == "ascii" else samples(d.length)[-2]))
+                for d in ecu.dids if d.dop is not None and d.codec != "raw"}
+    answered["idle_mode"] = (answered["idle_mode"][0], b"\x02")  # a value its text table names
+    sim = {"ecus": [{"name": "odx", "addressing": entry["addressing"],
+                     "dids": [{"id": d.id, "hex": data.hex()} for d, data in answered.values()]}]}
+    (tmp_path / "sim.yaml").write_text(yaml.safe_dump(sim))
+    config.update(vehicle="ODX-TEST", bus={"interface": "virtual", "channel": f"odx-{uuid.uuid4().hex[:8]}"},
+                  simulate=[str(tmp_path / "sim.yaml")], state_dir=str(tmp_path / "state"))
+    (tmp_path / "agent.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
+    assert subprocess.run([sys.executable, "-m", "agent", "check-config", "-c", str(tmp_path / "agent.yaml")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120).returncode == 0
+    read = subprocess.run([sys.executable, "-m", "agent", "uds", "-c", str(tmp_path / "agent.yaml"), entry["name"],
+                           "read_data", f"data={','.join(answered)}"], capture_output=True, text=True, cwd=ROOT,
+                          timeout=120)
+    assert read.returncode == 0, read.stdout + read.stderr
+    values = json.loads(read.stdout)["result"]["values"]
+    assert set(values) == set(answered) >= {"vin", "engine_speed", "coolant", "oil_temp", "voltage", "idle_mode"}
+    for name, (did, data) in answered.items():
+        theirs = odx_decode(did.dop, data)
+        assert values[name] == (pytest.approx(theirs) if isinstance(theirs, float) else theirs), (name, data)
