@@ -248,6 +248,22 @@ def test_a_public_key_file_others_may_write_is_refused(keys, tmp_path):
     assert ed25519.load_public_key(fine).verify(b"x", b"\0" * 64) is False
 
 
+def test_one_public_key_under_two_key_ids_is_refused(keys, tmp_path):
+    """Review defect: the key_id of an envelope is outside the signature. With one key configured under two ids
+    (a copy of the file, or the same path) with different roles, an envelope signed for the limited id was
+    relabelled with the other id and passed: a workshop key that may only read could clear faults."""
+    copy = tmp_path / "fleet.pub"
+    copy.write_bytes(keys["workshop"].public.read_bytes())
+    copy.chmod(0o644)
+    config = security(keys["workshop"].config(commands=["read_data"]), SigningKey("fleet", copy),
+                      keys["backend-1"].config())
+    with pytest.raises(ConfigError) as info:
+        load_authenticator(config, "agent.yaml")
+    (problem,) = info.value.problems
+    assert problem[0] == "security.keys.fleet.public_key"
+    assert problem[1].startswith("the same public key as security.keys.workshop")
+
+
 def test_a_world_readable_private_key_is_refused(keys, tmp_path):
     leaked = tmp_path / "leaked.key"
     leaked.write_bytes(keys["backend-1"].private.read_bytes())

@@ -75,7 +75,9 @@ class PublicKey:
 
     def __init__(self, key: Any) -> None:
         self._key = key
-        self._invalid = _lib().InvalidSignature
+        lib = _lib()
+        self._invalid = lib.InvalidSignature
+        self.raw = key.public_bytes(lib.serialization.Encoding.Raw, lib.serialization.PublicFormat.Raw)
 
     def verify(self, data: bytes, signature: bytes) -> bool:
         """True when `signature` is this key's Ed25519 signature of exactly `data`."""

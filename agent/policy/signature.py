@@ -217,13 +217,22 @@ def load_authenticator(config: SecurityConfig, source: str = "config") -> Authen
 
     verifiers: dict[str, Verify] = {}
     problems: list[tuple[str, str]] = []
+    owners: dict[bytes, str] = {}  # each key under one id: the envelope's key_id is not signed
     for key in config.keys:
+        where = f"security.keys.{key.key_id}.public_key"
         try:
-            verifiers[key.key_id] = ed25519.load_public_key(key.public_key).verify
+            public = ed25519.load_public_key(key.public_key)
         except ed25519.SigningUnavailableError as err:
             raise ConfigError(source, [("security", str(err))]) from err
         except ed25519.KeyFileError as err:
-            problems.append((f"security.keys.{key.key_id}.public_key", str(err)))
+            problems.append((where, str(err)))
+            continue
+        first = owners.setdefault(public.raw, key.key_id)
+        if first != key.key_id:
+            problems.append((where, f"the same public key as security.keys.{first}.public_key: an envelope's key_id "
+                             "is not signed, so a command signed for either id would pass under the other's roles"))
+            continue
+        verifiers[key.key_id] = public.verify
     if problems:
         raise ConfigError(source, problems)
     return Authenticator(config, verifiers)
