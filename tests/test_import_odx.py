@@ -409,3 +409,24 @@ def test_the_imported_config_reads_what_the_simulator_answers_as_odxtools_decode
     for name, (did, data) in answered.items():
         theirs = odx_decode(did.dop, data)
         assert values[name] == (pytest.approx(theirs) if isinstance(theirs, float) else theirs), (name, data)
+
+
+@needs_somersault
+def test_output_file_is_replaced_whole_or_left_as_it_was(tmp_path):
+    """Review defect: the only way to keep the config was `> ecus.yaml`, which the shell empties before the
+    import runs: a file that is not a PDX (exit 65) left the user's previous ecus.yaml empty. `-o FILE`
+    writes the whole config beside FILE and renames it over FILE only after it is on the disk."""
+    out = tmp_path / "ecus.yaml"
+    out.write_text("previous: config\n")
+    bad = cli(str(ROOT / "README.md"), "-o", str(out))
+    assert bad.returncode == 65 and out.read_text() == "previous: config\n"
+    good = cli(str(SOMERSAULT), "-o", str(out))
+    assert good.returncode == 0 and good.stdout == "", good.stderr
+    assert out.read_text() == cli(str(SOMERSAULT)).stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ecus.yaml"]  # no temporary file left behind
+    for target, problem in ((tmp_path / "no" / "dir.yaml", "No such file or directory"),
+                            (tmp_path, "not a regular file"), (Path("/dev/null"), "not a regular file")):
+        result = cli(str(SOMERSAULT), "-o", str(target))
+        assert result.returncode == 73 and result.stdout == "", result.stderr
+        assert result.stderr.startswith(f"sovd-edge import-odx: cannot write {target}: ") and problem in result.stderr
+    assert Path("/dev/null").is_char_device()
