@@ -430,3 +430,21 @@ def test_output_file_is_replaced_whole_or_left_as_it_was(tmp_path):
         assert result.returncode == 73 and result.stdout == "", result.stderr
         assert result.stderr.startswith(f"sovd-edge import-odx: cannot write {target}: ") and problem in result.stderr
     assert Path("/dev/null").is_char_device()
+
+
+@needs_somersault
+def test_a_zip_without_an_ecu_layer_is_not_a_usable_pdx(tmp_path):
+    """Review defect: any zip file odxtools could open (a comparam-only PDX, a zip of photos) printed a config
+    with an empty `ecus:` and exit 0; check-config refuses that file."""
+    import zipfile
+
+    with zipfile.ZipFile(SOMERSAULT) as source, zipfile.ZipFile(tmp_path / "comparams.pdx", "w") as target:
+        for name in source.namelist():
+            if name != "somersault.odx-d":
+                target.writestr(name, source.read(name))
+    with zipfile.ZipFile(tmp_path / "photos.zip", "w") as target:
+        target.writestr("holiday.jpg", b"\xff\xd8\xff")
+    for path in (tmp_path / "comparams.pdx", tmp_path / "photos.zip"):
+        result = cli(str(path))
+        assert result.returncode == 65 and result.stdout == "", result.stdout
+        assert result.stderr == f"sovd-edge import-odx: {path}: no ECU in it (no base variant or ECU variant layer)\n"

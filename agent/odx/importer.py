@@ -247,7 +247,10 @@ def _unique(base: str, taken: set[str]) -> str:
 def import_pdx(path: Path, names: list[str] | None = None) -> list[Ecu]:
     """Every selected ECU of a PDX file as config material; OdxImportError for unreadable files or names."""
     database = load(path)
-    ecus = [import_layer(database, layer) for layer in layers(database, names)]
+    selected = layers(database, names)
+    if not selected:  # a comparam-only PDX, or any zip odxtools can open: an empty `ecus:` is not a config
+        raise OdxImportError(f"{path}: no ECU in it (no base variant or ECU variant layer)")
+    ecus = [import_layer(database, layer) for layer in selected]
     answering: dict[int, Ecu] = {}
     for ecu in ecus:  # the agent routes answers by CAN id alone: the config would refuse the second
         if ecu.response_id is None:
