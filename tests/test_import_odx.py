@@ -448,3 +448,17 @@ def test_a_zip_without_an_ecu_layer_is_not_a_usable_pdx(tmp_path):
         result = cli(str(path))
         assert result.returncode == 65 and result.stdout == "", result.stdout
         assert result.stderr == f"sovd-edge import-odx: {path}: no ECU in it (no base variant or ECU variant layer)\n"
+
+
+@needs_somersault
+def test_a_layer_that_is_not_an_ecu_is_not_imported_as_one():
+    """Review defect: `--ecu somersault_protocol` (the ISO 15765-3 protocol layer) printed an ECU entry for it
+    with exit 0, and the list of names offered on a typo mixed protocol layers in with the ECUs."""
+    result = cli(str(SOMERSAULT), "--ecu", "somersault_protocol")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == ("sovd-edge import-odx: somersault_protocol is a Protocol layer, not an ECU "
+                             "(ECUs: somersault_assiduous, somersault_base_variant, somersault_lazy)\n")
+    typo = cli(str(SOMERSAULT), "--ecu", "nope")
+    assert typo.returncode == 2
+    assert typo.stderr.endswith("no ECU named nope (has: somersault_assiduous, somersault_base_variant, "
+                                "somersault_lazy)\n")

@@ -44,9 +44,14 @@ def load(path: Path) -> Any:
 
 def layers(database: Any, names: list[str] | None) -> list[Any]:
     """The diag layers to import: the named ones, else each base variant (or its only ECU variant)."""
-    by_name = {dl.short_name: dl for dl in database.diag_layers}
+    by_name = {dl.short_name: dl for dl in [*database.base_variants, *database.ecu_variants]}
     if names:
         names = list(dict.fromkeys(names))  # `--ecu X --ecu X` is X once
+        others = {dl.short_name: dl for dl in database.diag_layers}  # protocols, functional groups, shared data
+        for name in names:
+            if name not in by_name and name in others:
+                raise SelectionError(f"{name} is a {type(others[name]).__name__} layer, not an ECU "
+                                     f"(ECUs: {', '.join(sorted(by_name))})")
         unknown = [n for n in names if n not in by_name]
         if unknown:
             raise SelectionError(f"no ECU named {', '.join(unknown)} (has: {', '.join(sorted(by_name))})")
