@@ -424,6 +424,13 @@ def test_output_file_is_replaced_whole_or_left_as_it_was(tmp_path):
     assert good.returncode == 0 and good.stdout == "", good.stderr
     assert out.read_text() == cli(str(SOMERSAULT)).stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ecus.yaml"]  # no temporary file left behind
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "linked.yaml").symlink_to(tmp_path / "repo" / "ecus.yaml")  # a config kept elsewhere
+    assert cli(str(SOMERSAULT), "-o", str(tmp_path / "linked.yaml")).returncode == 0
+    assert (tmp_path / "linked.yaml").is_symlink() and (tmp_path / "repo" / "ecus.yaml").read_text() == out.read_text()
+    (tmp_path / "linked.yaml").unlink()
+    (tmp_path / "repo" / "ecus.yaml").unlink()
+    (tmp_path / "repo").rmdir()
     for target, problem in ((tmp_path / "no" / "dir.yaml", "No such file or directory"),
                             (tmp_path, "not a regular file"), (Path("/dev/null"), "not a regular file")):
         result = cli(str(SOMERSAULT), "-o", str(target))

@@ -78,7 +78,9 @@ def handle(args: argparse.Namespace) -> int:
 
 
 def write_whole(path: Path, data: bytes) -> None:
-    """Replaces `path` with `data` in one step: written and synced beside it, then renamed over it."""
+    """Replaces `path` with `data` in one step: written and synced beside it, then renamed over it.
+    A symbolic link is followed, as a shell's > would: the file it points to is replaced, the link stays."""
+    path = Path(os.path.realpath(path))
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
