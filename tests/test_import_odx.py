@@ -469,3 +469,15 @@ def test_a_layer_that_is_not_an_ecu_is_not_imported_as_one():
     assert typo.returncode == 2
     assert typo.stderr.endswith("no ECU named nope (has: somersault_assiduous, somersault_base_variant, "
                                 "somersault_lazy)\n")
+
+
+@needs_somersault
+def test_a_data_object_of_zero_bits_is_kept_raw_without_a_length(tmp_path):
+    """Review defect: BIT-LENGTH 0 passed the whole-bytes check (0 % 8 == 0) and was printed as a DID of
+    length 0, which check-config refuses for every codec."""
+    path = write_pdx_with(tmp_path / "zero-bits.pdx", {
+        "empty": (0x1020, _uint(0), _identical(DataType.A_UINT32), DataType.A_UINT32),
+        "mode": (0x1021, _uint(8), _texttable({0: "normal", 1: "eco"}), DataType.A_UNICODE2STRING)})
+    text, dids = imported(path)
+    assert dids["empty"].codec == "raw" and dids["empty"].length is None
+    assert "# StandardLengthType of 0 bits: kept raw" in text

@@ -163,7 +163,8 @@ def _did(service: Any, did_id: int, taken: set[str]) -> Did:
 def _codec(did: Did, dop: Any) -> None:
     """Sets the agent's codec for an ODX data object property where one expresses it; else raw with a note."""
     dct, cm = dop.diag_coded_type, dop.compu_method
-    if not isinstance(dct, StandardLengthType) or dct.bit_mask is not None or dct.bit_length % 8:
+    if not isinstance(dct, StandardLengthType) or dct.bit_mask is not None or dct.bit_length % 8 \
+            or dct.bit_length <= 0:
         did.note = f"{type(dct).__name__} of {getattr(dct, 'bit_length', '?')} bits: kept raw"
         return
     length, base = dct.bit_length // 8, dct.base_data_type
