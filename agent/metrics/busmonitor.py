@@ -34,6 +34,7 @@ class BusMonitor:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_totals: tuple[float, int, int] | None = None  # (time, frames, bytes)
+        self._kernel_seen: CanLink | None = None  # the last link the kernel gave: its counters stay the source
         self.reading = BusReading(interface=config.channel)
         self.heartbeat = time.monotonic()
 
@@ -68,15 +69,21 @@ class BusMonitor:
                     log.exception("bus monitor poll failed")
 
     def poll(self) -> BusReading:
+        """Once the kernel has answered, its counters stay the source: a read that fails (`ip` timed out,
+        the adapter re-enumerating) keeps its last counters, says `unknown` and gives no load, rather than
+        switching to the agent's own far smaller counts (a fall Prometheus would take for a reset)."""
         counters = self._owner.counters
         link = self._reader(self._config.channel) if self._kernel else None
         if link is not None:
-            state = link.state
+            self._kernel_seen = link
+        known = link or self._kernel_seen
+        if known is not None:
             reading = BusReading(
-                interface=self._config.channel, state=state, tx_errors=link.tx_errors, rx_errors=link.rx_errors,
-                bus_off=link.bus_off, restarts=link.restarts, rx_frames=link.rx_frames, tx_frames=link.tx_frames,
-                rx_bytes=link.rx_bytes, tx_bytes=link.tx_bytes, rebuilds=counters.rebuilds)
-            bitrate = link.bitrate or self._config.bitrate
+                interface=self._config.channel, state=known.state if link else "unknown",
+                tx_errors=link.tx_errors if link else None, rx_errors=link.rx_errors if link else None,
+                bus_off=known.bus_off, restarts=known.restarts, rx_frames=known.rx_frames, tx_frames=known.tx_frames,
+                rx_bytes=known.rx_bytes, tx_bytes=known.tx_bytes, rebuilds=counters.rebuilds)
+            bitrate = known.bitrate or self._config.bitrate
         else:
             reading = BusReading(
                 interface=self._config.channel, state="unknown", rx_frames=counters.frames_rx,
@@ -85,7 +92,8 @@ class BusMonitor:
             bitrate = self._config.bitrate
         if not self._owner.is_up:
             reading = replace(reading, state="stopped")
-        reading = replace(reading, load=self._load(reading, bitrate))
+        load = self._load(reading, bitrate)
+        reading = replace(reading, load=load if link is not None or known is None else None)
         previous = self.reading.state
         self.reading = reading
         if reading.state != previous:
