@@ -3,8 +3,10 @@ what the agent exports, what the shipped rules and federation make of it. Each t
 the fix it names. Real prometheus-client, real promtool and Prometheus, real Mosquitto and simulator."""
 
 import itertools
+import subprocess
 
-from conftest import DATA
+import yaml
+from conftest import DATA, ROOT
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -63,3 +65,48 @@ def test_a_failed_kernel_read_never_sends_the_can_counters_backwards():
     samples = scrape_bus(failed)
     assert samples[("sovd_can_frames_total", (("direction", "rx"), ("interface", "can0")))] == 10154
     assert samples[("sovd_can_bus_off_total", (("interface", "can0"),))] == 3
+
+
+def promtool_unit(tmp_path, tests, rule_files=("alerts.yml",)):
+    """Runs `promtool test rules` on `tests` (unit-test groups) against the shipped rules."""
+    unit = {"rule_files": [str(ROOT / "config/prometheus" / name) for name in rule_files],
+            "evaluation_interval": "1m", "tests": tests}
+    path = tmp_path / "review_test.yml"
+    path.write_text(yaml.safe_dump(unit, sort_keys=False))
+    result = subprocess.run(["promtool", "test", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "SUCCESS" in result.stdout, result.stdout + result.stderr
+
+
+def series(name, values, **labels):
+    return {"series": name + "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}", "values": values}
+
+
+def test_bus_off_alert_fires_for_bus_offs_the_scrapes_never_see(tmp_path):
+    """hw/can-up sets restart-ms 100: the controller is back 100 ms after a bus-off, while the bus monitor
+    reads the state every 5 s, the edge scrapes every 15 s and the central federates every 30 s. The alert
+    watched only the state gauge (`bus-off` for 1 min): a vehicle going bus-off again and again never
+    showed it at an evaluation and never paged. The kernel's bus-off counter sees each one."""
+    state = {"vehicle": "V1", "interface": "can0"}
+    flapping = [series("sovd_can_bus_state", "0x20", sovd_can_bus_state="bus-off", **state),
+                series("sovd_can_bus_state", "1x20", sovd_can_bus_state="error-active", **state),
+                series("sovd_can_bus_off_total", "0 0 1 1 1 2 2 3 3 3 3 3 3 3 3 3 3 3 3 3 3", **state)]
+    old = {"vehicle": "V2", "interface": "can0"}  # bus-offs from before the agent started: nothing new
+    steady = [series("sovd_can_bus_state", "0x20", sovd_can_bus_state="bus-off", **old),
+              series("sovd_can_bus_off_total", "7x20", **old)]
+    summary = "V1: CAN interface can0 went bus-off in the last 10 min or is bus-off"
+    runbook = rule("SovdCanBusOff")["annotations"]["runbook"]
+    promtool_unit(tmp_path, [{
+        "interval": "1m", "input_series": flapping + steady,
+        "alert_rule_test": [
+            {"eval_time": "8m", "alertname": "SovdCanBusOff", "exp_alerts": [
+                {"exp_labels": {"severity": "critical", **state},
+                 "exp_annotations": {"summary": summary, "runbook": runbook}}]},
+            {"eval_time": "19m", "alertname": "SovdCanBusOff", "exp_alerts": []},  # 10 min without one: resolved
+        ]}])
+
+
+def rule(name):
+    rules = [r for g in yaml.safe_load((ROOT / "config/prometheus/alerts.yml").read_text())["groups"]
+             for r in g["rules"]]
+    (found,) = [r for r in rules if r.get("alert") == name]
+    return found
