@@ -4,6 +4,8 @@ the fix it names. Real prometheus-client, real promtool and Prometheus, real Mos
 
 import itertools
 import subprocess
+import urllib.request
+import uuid
 
 import yaml
 from conftest import DATA, ROOT
@@ -110,3 +112,43 @@ def rule(name):
              for r in g["rules"]]
     (found,) = [r for r in rules if r.get("alert") == name]
     return found
+
+
+def scrape(service):
+    with urllib.request.urlopen(f"http://127.0.0.1:{service.metrics_server.port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_writes_the_store_dropped_while_it_failed_are_exported(service, monkeypatch):
+    """While the disk is full, writes wait in memory (at most MAX_DEFERRED); beyond that one is dropped: a
+    final response or a ledger state lost for good. The store counted it (`deferred_dropped`) and logged
+    it, but no metric showed it: the fleet could not see which vehicles lost data. Made here with a full
+    database (SQLite's max_page_count: SQLite's own SQLITE_FULL) and a bound of 0."""
+    from agent.store import group
+    from agent.store.sqlite import Outgoing, StoreError
+
+    before = scrape(service)
+    assert before[("sovd_store_deferred_dropped_total", ())] == 0  # there before the first loss: increase() sees it
+    store = service.store
+    with store._lock:
+        pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+        store._db.execute(f"PRAGMA max_page_count = {pages}")
+    monkeypatch.setattr(group, "MAX_DEFERRED", 0)
+    try:
+        batch = store.batch()
+        batch.publish(Outgoing(f"review/{uuid.uuid4().hex}", b"z" * 50_000))  # a topic no one reads
+        try:
+            batch.commit(defer=True)
+        except StoreError:
+            pass
+        else:
+            raise AssertionError("the full database took a 50 kB write")
+        assert store.deferred_dropped == 1
+        found = scrape(service)
+        assert found[("sovd_store_deferred_dropped_total", ())] == 1
+        assert found[("sovd_store_available", ())] == 0
+    finally:
+        with store._lock:
+            store._db.execute("PRAGMA max_page_count = 1073741823")

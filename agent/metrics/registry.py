@@ -65,6 +65,7 @@ class AgentState:
     ledger_max_bytes: int = 0
     store_available: bool = True
     store_deferred: int = 0
+    store_deferred_dropped: int = 0
     bus: BusReading | None = None
 
 
@@ -206,6 +207,10 @@ class StateCollector(Collector):
                                 value=int(s.store_available))
         yield GaugeMetricFamily("sovd_store_deferred_writes",
                                 "Writes held in memory until the store takes writes again.", value=s.store_deferred)
+        yield CounterMetricFamily("sovd_store_deferred_dropped",
+                                  "Writes held in memory while the store failed that were dropped, lost for good: "
+                                  "beyond the in-memory bound, or refused for their own data when replayed.",
+                                  value=s.store_deferred_dropped)
         if s.bus is not None:
             yield from _bus_metrics(s.bus)
 

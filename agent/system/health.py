@@ -102,5 +102,6 @@ class ServiceHealth:
             outbox_dropped=self.outbox.dropped, ledger_dropped=self.outbox.ledger_dropped,
             ledger_held_bytes=self.outbox.ledger_held_bytes, ledger_max_bytes=self.config.store.ledger_max_bytes,
             store_available=self.store.trouble is None, store_deferred=self.store.deferred,
+            store_deferred_dropped=self.store.deferred_dropped,
             bus=self.bus_monitor.reading,
         )
