@@ -7,6 +7,7 @@ import subprocess
 import urllib.request
 import uuid
 
+import can
 import yaml
 from conftest import DATA, ROOT
 from prometheus_client import CollectorRegistry, generate_latest
@@ -152,3 +153,44 @@ def test_writes_the_store_dropped_while_it_failed_are_exported(service, monkeypa
     finally:
         with store._lock:
             store._db.execute("PRAGMA max_page_count = 1073741823")
+
+
+def test_can_send_and_receive_errors_and_dropped_frames_are_exported(mqtt_vehicle, sim, backend):
+    """The bus owner counts failed sends, failed receives and frames a full ISO-TP queue dropped (a
+    transfer broken under a command); none of the three was exported. A send error that is retried does
+    not rebuild the bus, so before this fix it left no trace in any metric. FaultyBus (a VirtualBus whose
+    send raises on demand, as socketcan's does with "Network is down") stands in for a failing interface."""
+    from test_bus_recovery import Faults, FaultyBus
+
+    from agent.bus.frames import FRAME_QUEUE_SIZE
+    from agent.bus.owner import wait_until
+    from agent.system.service import Service
+
+    faults = Faults()
+    svc = Service(mqtt_vehicle, bus_factory=lambda: FaultyBus(faults, channel=mqtt_vehicle.bus.channel, fd=True))
+    svc.start()
+    try:
+        channel = mqtt_vehicle.bus.channel
+        interface = (("interface", channel),)
+        found = scrape(svc)
+        for name in ("sovd_can_send_errors_total", "sovd_can_receive_errors_total", "sovd_can_frames_dropped_total"):
+            assert found[(name, interface)] == 0, name
+        faults.send = 1  # ENOBUFS for a moment: retried, no rebuild
+        body = {"id": f"r-{uuid.uuid4().hex[:8]}", "component": "engine", "command": "read_data",
+                "params": {"data": "vin"}}
+        backend.send(body)
+        assert backend.final(body["id"])["status"] == "completed"
+        owner = svc.runtime.owner
+        with can.Bus(interface="virtual", channel=channel, receive_own_messages=False) as other:
+            for _ in range(FRAME_QUEUE_SIZE + 5):  # the engine's response id, while its link reads nothing
+                other.send(can.Message(arbitration_id=0x7E8, is_extended_id=False, data=b"\x30\x00\x00"))
+            assert wait_until(lambda: owner.counters.frames_rx >= FRAME_QUEUE_SIZE + 5, 30)
+        svc.bus_monitor.poke()  # read now, not in bus_state_interval_s
+        dropped = ("sovd_can_frames_dropped_total", interface)
+        assert wait_until(lambda: scrape(svc).get(dropped) == owner.counters.dropped, 10), owner.counters
+        found = scrape(svc)
+        assert found[("sovd_can_send_errors_total", interface)] == 1
+        assert found[dropped] >= 5
+        assert found[("sovd_can_bus_rebuilds_total", interface)] == 0
+    finally:
+        svc.stop()

@@ -90,6 +90,8 @@ class BusMonitor:
                 tx_frames=counters.frames_tx, rx_bytes=counters.bytes_rx, tx_bytes=counters.bytes_tx,
                 rebuilds=counters.rebuilds)
             bitrate = self._config.bitrate
+        reading = replace(reading, send_errors=counters.send_errors, recv_errors=counters.recv_errors,
+                          frames_dropped=counters.dropped)
         if not self._owner.is_up:
             reading = replace(reading, state="stopped")
         load = self._load(reading, bitrate)

@@ -44,6 +44,9 @@ class BusReading:
     tx_bytes: int = 0
     load: float | None = None
     rebuilds: int = 0
+    send_errors: int = 0  # these three are the agent's own, whatever the interface
+    recv_errors: int = 0
+    frames_dropped: int = 0
 
 
 @dataclass(frozen=True)
@@ -228,6 +231,12 @@ def _bus_metrics(b: BusReading) -> Iterator[Metric]:
     yield _counter("sovd_can_bus_off", "Times the controller went bus-off.", b.interface, b.bus_off)
     yield _counter("sovd_can_restarts", "Controller restarts after bus-off.", b.interface, b.restarts)
     yield _counter("sovd_can_bus_rebuilds", "Times the agent rebuilt its bus connection.", b.interface, b.rebuilds)
+    yield _counter("sovd_can_send_errors", "Failed attempts to send a frame (one is retried; a second in a row "
+                   "rebuilds the bus).", b.interface, b.send_errors)
+    yield _counter("sovd_can_receive_errors", "Receive failures that stopped the agent's CAN reader (the bus is "
+                   "rebuilt).", b.interface, b.recv_errors)
+    yield _counter("sovd_can_frames_dropped", "Frames for an ISO-TP link dropped because its queue was full (a "
+                   "transfer broken under its command).", b.interface, b.frames_dropped)
     frames = CounterMetricFamily("sovd_can_frames", "CAN frames.", labels=["interface", "direction"])
     frames.add_metric([b.interface, "rx"], b.rx_frames)
     frames.add_metric([b.interface, "tx"], b.tx_frames)
