@@ -178,4 +178,4 @@ def test_edge_config_is_a_template_not_a_fixture():
     assert copy.deepcopy(config)["global"]["external_labels"]["vehicle"]
     federation = yaml.safe_load((PROM / "federation.yml").read_text())["scrape_configs"][0]
     assert federation["honor_labels"] is True and federation["metrics_path"] == "/federate"
-    assert federation["params"]["match[]"] == ['{job="sovd-edge"}']
+    assert federation["params"]["match[]"] == ['{job="sovd-edge",__name__!~".+_created"}']
