@@ -212,3 +212,24 @@ def test_federation_carries_no_created_series(chain, service):  # noqa: F811 (th
     for needed in ("commands_executed_total", "sovd_command_timeout_total", "sovd_build_info",
                    "sovd_can_bus_state", "sovd_store_recoveries_total", "sovd_collection_readings_total", "up"):
         assert needed in names, needed
+
+
+# The reasons README.md documents for these counters.
+REJECTION_REASONS = ("invalid_command", "unknown_component", "not_permitted", "busy", "storage_unavailable",
+                     "clock_unsynchronized", "unauthenticated", "undecodable", "bad_id", "internal", "retained",
+                     "duplicate", "duplicate_in_flight")
+REFUSAL_REASONS = ("unspecified_error", "implementation_specific_error", "not_authorized", "topic_name_invalid",
+                   "packet_identifier_in_use", "quota_exceeded", "payload_format_invalid", "packet_too_large",
+                   "other", "connection_dropped")
+
+
+def test_counters_of_known_reasons_are_there_at_zero_before_the_first_event(service):
+    """sovd_publish_refused_total (a response the broker will never take: lost) and
+    sovd_rejected_messages_total appeared only with their first event, at 1: increase() and rate() need
+    a sample before it, so the first refusal (often the only one) was invisible to any rule, and a
+    rule could not tell "none yet" from "not exported"."""
+    found = scrape(service)
+    for reason in REJECTION_REASONS:
+        assert found.get(("sovd_rejected_messages_total", (("reason", reason),))) == 0, reason
+    for reason in REFUSAL_REASONS:
+        assert found.get(("sovd_publish_refused_total", (("reason", reason),))) == 0, reason

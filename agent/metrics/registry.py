@@ -8,7 +8,7 @@ Never a command id, DTC or free text as a label.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
@@ -18,7 +18,7 @@ from prometheus_client.registry import Collector
 from agent import __version__
 from agent.config.model import ALL_COMMANDS
 from agent.metrics.canstate import STATES
-from agent.wire.command import AuthFailure
+from agent.wire.command import AuthFailure, ErrorCode
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,12 @@ STATUSES = ("completed", "failed", "rejected", "timeout", "expired", "interrupte
 STORE_OPERATIONS = ("open", "read", "write", "acknowledge", "maintain")
 STORE_RECOVERY_REASONS = ("unreadable", "damaged", "torn_wal", "vanished")
 INTAKE_STAGES = ("decide", "record", "acknowledge", "settle", "group")
+# Why a command message was refused before execution: the codes of a `rejected` final, and the intake's
+# own reasons for messages that never became a command (or repeated one).
+REJECTION_REASONS = (*(str(code) for code in (
+    ErrorCode.INVALID_COMMAND, ErrorCode.UNKNOWN_COMPONENT, ErrorCode.NOT_PERMITTED, ErrorCode.BUSY,
+    ErrorCode.STORAGE_UNAVAILABLE, ErrorCode.CLOCK_UNSYNCHRONIZED, ErrorCode.UNAUTHENTICATED, ErrorCode.INTERNAL)),
+    "undecodable", "bad_id", "retained", "duplicate", "duplicate_in_flight")
 
 
 @dataclass(frozen=True)
@@ -76,7 +82,9 @@ class AgentMetrics:
     """Creates every metric on `registry` (tests pass a fresh one) and records events."""
 
     def __init__(self, registry: CollectorRegistry, vehicle: str, components: list[str],
-                 state: Callable[[], AgentState] | None = None) -> None:
+                 state: Callable[[], AgentState] | None = None, refusal_reasons: Iterable[str] = ()) -> None:
+        """`refusal_reasons`: the label values of sovd_publish_refused_total, there at 0 from the start
+        (the fleet layer names them; this package does not import it)."""
         self.registry = registry
         self.components = set(components)
         self.executed = Counter("commands_executed", "Commands finished, by final protocol status.",
@@ -110,6 +118,10 @@ class AgentMetrics:
         self.publish_refused = Counter("sovd_publish_refused",
                                        "Messages the broker refused for good (PUBACK reason code), set aside.",
                                        ["reason"], registry=registry)
+        for reason in refusal_reasons:
+            self.publish_refused.labels(reason)
+        for reason in REJECTION_REASONS:
+            self.rejected.labels(reason)
         self.reachable = Gauge("sovd_ecu_reachable", "1 if the component answered its last request or probe.",
                                ["component"], registry=registry)
         self.store_errors = Counter("sovd_store_errors", "Failed operations on the durable store (SQLite).",

@@ -23,7 +23,7 @@ from agent.core.runtime import Companion, Runtime
 from agent.fleet.intake import Intake
 from agent.fleet.link import MqttLink
 from agent.fleet.outbox import Outbox
-from agent.fleet.refusals import CONNECTION_DROPPED, Refusal
+from agent.fleet.refusals import CONNECTION_DROPPED, REASONS, Refusal
 from agent.fleet.topics import Topics
 from agent.metrics.busmonitor import BusMonitor
 from agent.metrics.registry import AgentMetrics
@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STORE_FILE = "agent.db"
+REFUSAL_REASONS = (*REASONS.values(), "other", CONNECTION_DROPPED)  # every sovd_publish_refused_total reason
 CLOCK_FILE = "clock.json"
 
 
@@ -72,7 +73,7 @@ class Service(ServiceHealth, StartMarks, RestartRecovery):
         for reason in ("unreadable", "over_bound"):
             self.fault_problems.labels(reason)
         self.metrics = AgentMetrics(self.registry, config.vehicle, [e.name for e in config.ecus],
-                                    state=self._metrics_state)
+                                    state=self._metrics_state, refusal_reasons=REFUSAL_REASONS)
         self._outbox_seen: tuple[int, float | None] = (0, None)  # the last outbox figures the store gave
         self._started_at_intake: set[str] = set()  # ids whose start mark shared the intake's commit
         self._marked_ahead: set[str] = set()  # ids marked started ahead of their turn, not yet run
