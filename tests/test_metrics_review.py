@@ -233,3 +233,30 @@ def test_counters_of_known_reasons_are_there_at_zero_before_the_first_event(serv
         assert found.get(("sovd_rejected_messages_total", (("reason", reason),))) == 0, reason
     for reason in REFUSAL_REASONS:
         assert found.get(("sovd_publish_refused_total", (("reason", reason),))) == 0, reason
+
+
+def test_messages_lost_for_good_page_someone(tmp_path):
+    """Responses and events dropped by the outbox bounds, set aside because the broker will never take
+    them, or writes the failing store dropped from memory: each is a result the backend will never get,
+    and no alert watched any of them (SovdOutboxBackingUp only watches what still waits)."""
+    quiet = [series("sovd_outbox_dropped_total", "0x60", vehicle="V3"),
+             series("sovd_publish_refused_total", "0x60", vehicle="V3", reason="not_authorized"),
+             series("sovd_store_deferred_dropped_total", "0x60", vehicle="V3")]
+    lost = [series("sovd_outbox_dropped_total", "0x10 40x50", vehicle="V1"),
+            series("sovd_publish_refused_total", "0x10 1x50", vehicle="V2", reason="not_authorized"),
+            series("sovd_publish_refused_total", "0x60", vehicle="V2", reason="packet_too_large"),
+            series("sovd_store_deferred_dropped_total", "0x10 3x50", vehicle="V4")]
+    runbook = rule("SovdMessagesLost")["annotations"]["runbook"]
+
+    def fired(vehicle):
+        return {"exp_labels": {"severity": "warning", "vehicle": vehicle}, "exp_annotations": {
+            "summary": f"{vehicle}: the agent lost responses or events for good in the last hour",
+            "runbook": runbook}}
+
+    promtool_unit(tmp_path, [{
+        "interval": "1m", "input_series": quiet + lost,
+        "alert_rule_test": [
+            {"eval_time": "5m", "alertname": "SovdMessagesLost", "exp_alerts": []},
+            {"eval_time": "15m", "alertname": "SovdMessagesLost",
+             "exp_alerts": [fired("V1"), fired("V2"), fired("V4")]},
+        ]}])

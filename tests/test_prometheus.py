@@ -24,7 +24,7 @@ def test_shipped_configs_and_rules_are_valid():
         result = promtool("check", "config", str(PROM / name))
         assert result.returncode == 0, result.stdout + result.stderr
     result = promtool("check", "rules", str(PROM / "alerts.yml"))
-    assert result.returncode == 0 and "SUCCESS: 11 rules found" in result.stdout, result.stdout + result.stderr
+    assert result.returncode == 0 and "SUCCESS: 12 rules found" in result.stdout, result.stdout + result.stderr
 
 
 def test_alert_rules_unit_tests():
@@ -37,7 +37,7 @@ def test_every_alert_has_summary_and_runbook():
     assert {r["alert"] for r in rules} == {
         "SovdCommandSuccessRateLow", "SovdCommandLatencyHigh", "SovdCommandTimeoutsRising", "SovdCanBusOff",
         "SovdCanErrorPassive", "SovdMqttDisconnected", "SovdOutboxBackingUp", "SovdAgentDown",
-        "SovdStoreUnavailable", "SovdStoreRecovered", "SovdCollectionFailing"}
+        "SovdStoreUnavailable", "SovdStoreRecovered", "SovdCollectionFailing", "SovdMessagesLost"}
     for rule in rules:
         assert rule["annotations"]["summary"] and rule["annotations"]["runbook"], rule["alert"]
 
