@@ -260,3 +260,41 @@ def test_messages_lost_for_good_page_someone(tmp_path):
             {"eval_time": "15m", "alertname": "SovdMessagesLost",
              "exp_alerts": [fired("V1"), fired("V2"), fired("V4")]},
         ]}])
+
+
+def test_store_recovered_alert_fires_for_a_recovery_as_the_agent_exports_it(tmp_path, mqtt_vehicle, sim):
+    """A damaged store is found and replaced while the agent starts, before its endpoint serves a single
+    scrape: the first sample Prometheus ever gets from that process is already 1. The alert asked for
+    increase(...[1h]) > 0, which needs an earlier 0 from the same series within the hour: after a power
+    loss longer than that (the usual cause of the damage) it never fired. (Its unit test fed a 0 then a
+    1 from one process, which cannot happen.) The first scrape of a real recovered agent is checked
+    here, then the alert on series of that shape."""
+    from agent.system.service import STORE_FILE, Service
+
+    mqtt_vehicle.state_dir.mkdir(parents=True)
+    (mqtt_vehicle.state_dir / STORE_FILE).write_bytes(b"not a database, a torn write" * 100)
+    svc = Service(mqtt_vehicle)
+    svc.start()
+    try:
+        found = scrape(svc)
+        reason = svc.store_recovery.reason
+        assert found[("sovd_store_recoveries_total", (("reason", reason),))] == 1  # the very first sample
+        started = found[("process_start_time_seconds", ())]
+    finally:
+        svc.stop()
+    assert started > 0
+    # V1 was off for hours after the power loss: its agent's series start at 1 when it comes back at 1 min.
+    recovered = [series("sovd_store_recoveries_total", "_ 1x120", job="sovd-edge", vehicle="V1", reason=reason),
+                 series("process_start_time_seconds", "_ 60x120", job="sovd-edge", vehicle="V1")]
+    healthy = [series("sovd_store_recoveries_total", "0x120", job="sovd-edge", vehicle="V2", reason=reason),
+               series("process_start_time_seconds", "0x120", job="sovd-edge", vehicle="V2")]
+    rule_ = rule("SovdStoreRecovered")["annotations"]
+    promtool_unit(tmp_path, [{
+        "interval": "1m", "input_series": recovered + healthy,
+        "alert_rule_test": [
+            {"eval_time": "3m", "alertname": "SovdStoreRecovered", "exp_alerts": [
+                {"exp_labels": {"severity": "warning", "vehicle": "V1"},
+                 "exp_annotations": {"summary": "V1: the agent found its store damaged at start and began with an "
+                                                "empty one", "runbook": rule_["runbook"]}}]},
+            {"eval_time": "90m", "alertname": "SovdStoreRecovered", "exp_alerts": []},  # an hour after that start
+        ]}])
