@@ -298,3 +298,25 @@ def test_store_recovered_alert_fires_for_a_recovery_as_the_agent_exports_it(tmp_
                                                 "empty one", "runbook": rule_["runbook"]}}]},
             {"eval_time": "90m", "alertname": "SovdStoreRecovered", "exp_alerts": []},  # an hour after that start
         ]}])
+
+
+def test_one_failed_command_on_a_quiet_vehicle_does_not_page(tmp_path):
+    """SovdCommandSuccessRateLow had no `for:`: the ratio over 5 min is 0 from the first evaluation after
+    a quiet vehicle's only command failed (an NRC for a DID the ECU lacks, a policy refusal), so one
+    command fired it at once, and resolved it five minutes later. A low rate that lasts still fires."""
+    labels = {"command": "read_data", "component": "engine"}
+    one = [series("commands_executed_total", "0x3 1x30", vehicle="V1", status="failed", **labels),
+           series("commands_executed_total", "0x33", vehicle="V1", status="completed", **labels)]
+    poor = [series("commands_executed_total", "0+3x33", vehicle="V2", status="failed", **labels),
+            series("commands_executed_total", "0+3x33", vehicle="V2", status="completed", **labels)]
+    annotations = rule("SovdCommandSuccessRateLow")["annotations"]
+    promtool_unit(tmp_path, [{
+        "interval": "1m", "input_series": one + poor,
+        "alert_rule_test": [
+            {"eval_time": f"{minute}m", "alertname": "SovdCommandSuccessRateLow", "exp_alerts": []}
+            for minute in range(0, 10)] + [
+            {"eval_time": "30m", "alertname": "SovdCommandSuccessRateLow", "exp_alerts": [
+                {"exp_labels": {"severity": "warning", "vehicle": "V2"}, "exp_annotations": {
+                    "summary": "V2: only 50% of diagnostic commands completed over 5 min",
+                    "runbook": annotations["runbook"]}}]},
+        ]}])
