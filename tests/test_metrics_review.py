@@ -320,3 +320,36 @@ def test_one_failed_command_on_a_quiet_vehicle_does_not_page(tmp_path):
                     "summary": "V2: only 50% of diagnostic commands completed over 5 min",
                     "runbook": annotations["runbook"]}}]},
         ]}])
+
+
+def test_a_metrics_address_that_cannot_be_bound_names_the_setting_that_exists(tmp_path, broker):
+    """Every failure to open the endpoint ended "(is another agent or exporter using it? set
+    metrics.listen_port)": no such setting exists (it is `metrics.listen`, HOST:PORT, or --metrics-listen),
+    and for an address that is not this host's, or a name that does not resolve, nothing is "using it".
+    The on-call engineer was sent looking for a second exporter and a key the config refuses."""
+    import socket
+    import sys
+
+    from test_failure_paths import agent_config
+
+    def run(listen):
+        path = agent_config(tmp_path, broker.url, metrics_port=1)
+        config = yaml.safe_load(path.read_text())
+        config["metrics"] = {"listen": listen}
+        path.write_text(yaml.safe_dump(config))
+        result = subprocess.run([sys.executable, "-m", "agent", "run", "-c", str(path), "--log-format", "json"],
+                                capture_output=True, text=True, cwd=ROOT, timeout=60)
+        errors = [line for line in result.stderr.splitlines() if '"level": "ERROR"' in line]
+        assert result.returncode == 69 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+        return errors[0]
+
+    for listen in ("192.0.2.1:9469", "no-such-host.invalid:9469"):  # TEST-NET-1: never this host's
+        line = run(listen)
+        assert listen in line and "metrics.listen" in line, line
+        assert "listen_port" not in line and "using it" not in line, line
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        line = run(f"127.0.0.1:{port}")
+    assert "in use" in line and "using it" in line and "metrics.listen" in line and "listen_port" not in line, line

@@ -98,7 +98,7 @@ def _run(args: argparse.Namespace, config: AgentConfig) -> int:
     try:
         started = service.start(wait=1.0)
     except MetricsServerError as err:  # nothing else was started: one line, no traceback
-        log.error("%s (is another agent or exporter using it? set metrics.listen_port)", err)
+        log.error("%s", err)  # it says what to look at
         service.stop(0)
         return c.EXIT_UNAVAILABLE
     log.info("sovd-edge %s starting", __version__, extra={"vehicle": config.vehicle, "config": args.config,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import ssl
 import threading
 from wsgiref.simple_server import WSGIServer
 
@@ -41,7 +43,7 @@ class MetricsServer:
             )
         except (OSError, ValueError) as err:
             raise MetricsServerError(f"cannot serve metrics on {self.config.listen_host}:"
-                                     f"{self.config.listen_port}: {err}") from err
+                                     f"{self.config.listen_port}: {err} ({_hint(err)})") from err
         self._thread.name = "metrics-http"
         log.info("metrics endpoint up", extra={"listen": f"{self.config.listen_host}:{self.port}",
                                                "tls": tls is not None})
@@ -52,3 +54,14 @@ class MetricsServer:
             self._server.server_close()
         if self._thread is not None:
             self._thread.join(3)
+
+
+def _hint(err: Exception) -> str:
+    """What to look at, by what went wrong: the setting is `metrics.listen` (or --metrics-listen)."""
+    if isinstance(err, OSError) and err.errno == errno.EADDRINUSE:
+        return "is another agent or exporter using it? choose another port in metrics.listen"
+    if isinstance(err, OSError) and err.errno in (errno.EADDRNOTAVAIL, errno.EACCES):
+        return "metrics.listen must be an address of this host, and a port this user may bind"
+    if isinstance(err, OSError) and not isinstance(err, ssl.SSLError) and err.filename is None:
+        return "check the host in metrics.listen: a name that resolves or an address of this host"
+    return "check metrics.listen and metrics.tls"
