@@ -353,3 +353,27 @@ def test_a_metrics_address_that_cannot_be_bound_names_the_setting_that_exists(tm
         port = taken.getsockname()[1]
         line = run(f"127.0.0.1:{port}")
     assert "in use" in line and "using it" in line and "metrics.listen" in line and "listen_port" not in line, line
+
+
+def test_every_metric_the_alerts_read_is_one_the_agent_exports(service, backend):
+    """A renamed metric or label leaves an alert that can never fire, and promtool cannot tell: each
+    metric name in alerts.yml (and each label an alert selects on) is checked against a real scrape of
+    a running agent that has answered one command."""
+    import re
+
+    body = {"id": f"a-{uuid.uuid4().hex[:8]}", "component": "engine", "command": "read_data", "params": {"data": "vin"}}
+    backend.send(body)
+    backend.final(body["id"])
+    exported: dict[str, set[str]] = {}
+    for (name, labels) in scrape(service):
+        exported.setdefault(name, set()).update(key for key, _ in labels)
+    exported["up"] = {"job", "instance"}  # Prometheus' own, per target
+    checked = 0
+    for alert in [r for g in yaml.safe_load((ROOT / "config/prometheus/alerts.yml").read_text())["groups"]
+                  for r in g["rules"]]:
+        for name, selector in re.findall(r"\b((?:sovd|command|commands|process|up)\w*)\s*(\{[^}]*\})?", alert["expr"]):
+            assert name in exported, f"{alert['alert']}: {name} is not exported"
+            for label in re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", selector or ""):
+                assert label in exported[name] | {"vehicle", "job", "instance"}, f"{alert['alert']}: {name}{{{label}}}"
+            checked += 1
+    assert checked >= 19
