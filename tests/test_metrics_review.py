@@ -377,3 +377,46 @@ def test_every_metric_the_alerts_read_is_one_the_agent_exports(service, backend)
                 assert label in exported[name] | {"vehicle", "job", "instance"}, f"{alert['alert']}: {name}{{{label}}}"
             checked += 1
     assert checked >= 19
+
+
+SPEED = {"component": "engine", "data": ["engine_speed", "oil_temp"], "every_ms": 100, "export": True}
+RPM = {"component": "engine", "data": "engine_speed", "unit": "rpm"}
+
+
+def test_an_exported_value_the_ecu_no_longer_gives_is_not_shown_as_current(vehicle, sim, tmp_path):
+    """sovd_ecu_value kept the last value read for as long as the plan exported it: an engine ECU that
+    stopped answering went on showing 750 rpm on the fleet dashboard for hours. A reading that fails
+    removes the value's series (sovd_collection_readings_total says why); the next good one brings it
+    back. Real collector, simulator and virtual bus."""
+    from collect_support import plan, rig, with_collect
+
+    from agent.devtools.sim.config import fault_from_dict
+
+    with rig(with_collect(vehicle, plans=(plan(signals=[SPEED]),)), tmp_path) as r:
+        r.out.wait(lambda: r.registry.get_sample_value("sovd_ecu_value", RPM) == 750)
+        sim.ecu("engine").set_faults([fault_from_dict({"service": 0x22, "no_answer": True})])
+        r.out.wait(lambda: r.readings("engine", "timeout") >= 1, timeout=30)
+        assert r.collector.idle(5)  # the reading that timed out is handled in full
+        assert r.registry.get_sample_value("sovd_ecu_value", RPM) is None
+        sim.ecu("engine").set_faults([])
+        r.out.wait(lambda: r.registry.get_sample_value("sovd_ecu_value", RPM) == 750, timeout=30)
+
+
+def test_exported_values_are_not_shown_as_current_while_the_vehicle_sleeps(vehicle, sim, tmp_path):
+    """Paused collection (the vehicle asleep) reads nothing, yet sovd_ecu_value went on showing the last
+    engine speed of a parked car. The values go with the pause and come back with the readings."""
+    from collect_support import plan, rig, with_collect
+
+    from agent.config.model import SleepConfig
+
+    traffic = sim.vehicle_traffic(period_s=0.05)
+    config = with_collect(vehicle, sleep=SleepConfig(silence_ms=400), plans=(plan(signals=[SPEED]),))
+    with rig(config, tmp_path) as r:
+        r.out.wait(lambda: r.registry.get_sample_value("sovd_ecu_value", RPM) == 750)
+        traffic.sleep()
+        r.out.wait(lambda: r.out.of_type("collection_paused"))
+        assert r.collector.idle(5)
+        assert r.registry.get_sample_value("sovd_collection_paused") == 1
+        assert r.registry.get_sample_value("sovd_ecu_value", RPM) is None
+        traffic.wake()
+        r.out.wait(lambda: r.registry.get_sample_value("sovd_ecu_value", RPM) == 750, timeout=30)

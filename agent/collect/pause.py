@@ -37,6 +37,7 @@ class SleepHandling:
         for batch in self.telemetry.flush():
             self._send_batch(batch)
         self.metrics.paused.set(1)
+        self.metrics.drop_values()  # nothing is read while paused: no value is current
         log.warning("collection paused: %s", reason, extra={"reason": reason, **details})
         self._event(m.event_message("collection_paused", self._wall(), reason=reason, **details))
 

@@ -74,6 +74,8 @@ class ResultAssembly:
             self.metrics.reading(component, result, count)
         self._refresh_limit(now)
         for signal, item, value, result in values:
+            if result != "ok" and current and signal.export:
+                self.metrics.drop_value(component, item.name, item.unit)  # never a stale value as current
             if result != "ok" or not current:
                 continue
             dropped = self.telemetry.too_large

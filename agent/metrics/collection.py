@@ -1,7 +1,8 @@
 """Collection metrics: readings by result, exported ECU values as gauges, pauses and telemetry drops.
 
 `sovd_ecu_value` series exist only for signals a plan exports (bounded by the plans) and are removed
-when their plan no longer exports them. Label values are component names from the config, DID names
+when their plan no longer exports them, when a reading of the value fails and while collection is paused:
+a value shown is one read at the last reading. Label values are component names from the config, DID names
 from the config, OBD-II PID names from the agent's table and units from either: bounded sets.
 """
 
@@ -61,6 +62,25 @@ class CollectionMetrics:
             if series is None:
                 series = self._exported[key] = self.value.labels(*key)
         series.set(value)
+
+    def drop_value(self, component: str, data: str, unit: str | None) -> None:
+        """A value that could not be read: its series goes until a reading gives it again, rather than go
+        on showing the last value as if it were current."""
+        key = (component, data, unit or "")
+        with self._lock:
+            series = self._exported.pop(key, None)
+        if series is not None:
+            with contextlib.suppress(KeyError):
+                self.value.remove(*key)
+
+    def drop_values(self) -> None:
+        """Every value goes (collection paused: nothing is read, nothing is current)."""
+        with self._lock:
+            keys = list(self._exported)
+            self._exported.clear()
+        for key in keys:
+            with contextlib.suppress(KeyError):
+                self.value.remove(*key)
 
     def keep_values(self, wanted: set[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
         """Removes every exported series not in `wanted` (after a plan changed); returns the removed ones."""
