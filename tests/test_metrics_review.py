@@ -420,3 +420,20 @@ def test_exported_values_are_not_shown_as_current_while_the_vehicle_sleeps(vehic
         assert r.registry.get_sample_value("sovd_ecu_value", RPM) is None
         traffic.wake()
         r.out.wait(lambda: r.registry.get_sample_value("sovd_ecu_value", RPM) == 750, timeout=30)
+
+
+def test_a_rejected_collection_plan_is_counted(vehicle, sim, tmp_path):
+    """A plan the agent cannot apply is answered with a plan_rejected event and a WARNING line, and no
+    metric: a backend that publishes a broken plan to the whole fleet collects nothing anywhere, and
+    the fleet's Prometheus could not see it. Counted by where the plan came from, there at 0 before."""
+    import json
+
+    from collect_support import plan, rig, with_collect
+
+    with rig(with_collect(vehicle, plans=(plan(signals=[SPEED]),)), tmp_path) as r:
+        for source in ("mqtt", "config", "store"):
+            assert r.registry.get_sample_value("sovd_collection_plans_rejected_total", {"source": source}) == 0
+        r.collector.submit_plan("broken", json.dumps(plan("broken", signals=[{"component": "warp"}])).encode())
+        r.out.wait(lambda: r.out.of_type("plan_rejected"))
+        assert r.collector.idle(5)
+        assert r.registry.get_sample_value("sovd_collection_plans_rejected_total", {"source": "mqtt"}) == 1

@@ -148,6 +148,7 @@ class PlanIntake:
         self._event(m.event_message("plan_removed", self._wall(), name=name, version=plan.version))
 
     def _rejected(self, name: str | None, version: int | None, errors: list[dict[str, str]], source: str) -> None:
+        self.metrics.plans_rejected.labels(source).inc()
         log.warning("collection plan %s rejected: %s", name, "; ".join(f"{e['path']}: {e['message']}" for e in errors),
                     extra={"plan": name, "version": version, "source": source})
         self._event(m.event_message("plan_rejected", self._wall(), name=name, version=version, errors=errors))

@@ -14,6 +14,7 @@ import threading
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 READING_RESULTS = ("ok", "timeout", "negative_response", "error")
+PLAN_SOURCES = ("mqtt", "config", "store")  # a plan message, the agent's config, the plans stored at a restart
 
 
 class CollectionMetrics:
@@ -42,6 +43,11 @@ class CollectionMetrics:
                                                             "signal group had not run yet.", ["component"],
                                 registry=registry)
         self.plans = Gauge("sovd_collection_plans", "Collection plans applied.", registry=registry)
+        self.plans_rejected = Counter("sovd_collection_plans_rejected", "Collection plans that could not be applied "
+                                      "(a plan_rejected event says why), by where they came from.", ["source"],
+                                      registry=registry)
+        for source in PLAN_SOURCES:
+            self.plans_rejected.labels(source)
         for component in components:
             self.overruns.labels(component)
             self.too_large.labels(component)
