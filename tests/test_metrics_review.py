@@ -437,3 +437,28 @@ def test_a_rejected_collection_plan_is_counted(vehicle, sim, tmp_path):
         r.out.wait(lambda: r.out.of_type("plan_rejected"))
         assert r.collector.idle(5)
         assert r.registry.get_sample_value("sovd_collection_plans_rejected_total", {"source": "mqtt"}) == 1
+
+
+def test_every_warning_and_error_the_agent_logs_is_counted(service):
+    """Many error paths had a log line and no metric: an outbox, telemetry-lane, collection or store-writer
+    pass that failed on an unexpected exception and retries, a worker thread that died and was restarted,
+    a clock that could not be persisted, a keepalive that failed... The fleet saw nothing of a vehicle
+    logging a traceback every second. Every WARNING and ERROR line of the agent's loggers is counted by
+    level (the journal says which); shown with an outbox pass that fails once (the bug injected)."""
+    from agent.bus.owner import wait_until
+
+    key = ("sovd_log_messages_total", (("level", "error"),))
+    before = scrape(service)
+    for level in ("warning", "error", "critical"):
+        assert ("sovd_log_messages_total", (("level", level),)) in before, level
+    outbox = service.outbox
+    settle = outbox._settle_acks
+
+    def broken():
+        outbox._settle_acks = settle
+        raise RuntimeError("a bug")
+
+    outbox._settle_acks = broken
+    outbox.wake()
+    assert wait_until(lambda: outbox._settle_acks is settle, 10)  # the failing pass ran
+    assert wait_until(lambda: scrape(service)[key] >= before[key] + 1, 10)

@@ -26,6 +26,7 @@ from agent.fleet.outbox import Outbox
 from agent.fleet.refusals import CONNECTION_DROPPED, REASONS, Refusal
 from agent.fleet.topics import Topics
 from agent.metrics.busmonitor import BusMonitor
+from agent.metrics.logcount import LogCounter
 from agent.metrics.registry import AgentMetrics
 from agent.metrics.server import MetricsServer
 from agent.policy.admission import Admission
@@ -72,6 +73,7 @@ class Service(ServiceHealth, StartMarks, RestartRecovery):
                                       registry=self.registry)
         for reason in ("unreadable", "over_bound"):
             self.fault_problems.labels(reason)
+        self.log_counter = LogCounter(self.registry)
         self.metrics = AgentMetrics(self.registry, config.vehicle, [e.name for e in config.ecus],
                                     state=self._metrics_state, refusal_reasons=REFUSAL_REASONS)
         self._outbox_seen: tuple[int, float | None] = (0, None)  # the last outbox figures the store gave
@@ -122,11 +124,13 @@ class Service(ServiceHealth, StartMarks, RestartRecovery):
     # ---- lifecycle -----------------------------------------------------------------------------
     def start(self, wait: float = 1.0) -> bool:
         """Starts every part; True when the CAN bus is up (the broker may still be unreachable)."""
+        self.log_counter.attach()
         if self.metrics_server is not None:
             try:
                 self.metrics_server.start()
             except Exception:  # nothing else runs yet: close what the constructor opened
                 self.store.close()
+                self.log_counter.detach()
                 raise
         batch = self.store.batch()
         self.audit.open(batch)
@@ -162,6 +166,7 @@ class Service(ServiceHealth, StartMarks, RestartRecovery):
         self.audit.close()
         self.clock.save()
         self.store.close()
+        self.log_counter.detach()
 
     # ---- callbacks -----------------------------------------------------------------------------
     def _on_incoming(self, incoming: Any) -> None:
