@@ -462,3 +462,17 @@ def test_every_warning_and_error_the_agent_logs_is_counted(service):
     outbox.wake()
     assert wait_until(lambda: outbox._settle_acks is settle, 10)  # the failing pass ran
     assert wait_until(lambda: scrape(service)[key] >= before[key] + 1, 10)
+
+
+def test_the_dashboard_shows_what_is_lost_and_what_fails():
+    """No panel showed a message lost for good (outbox bounds, broker refusals, the store), a failed CAN
+    send or a dropped frame, or how much the agent logs: an on-call engineer paged by SovdMessagesLost
+    found nothing on the fleet dashboard. (test_prometheus checks that every query returns data.)"""
+    import json
+
+    dashboard = json.loads((ROOT / "config/grafana/edge-fleet.json").read_text())
+    exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p.get("targets", []))
+    for name in ("sovd_outbox_dropped_total", "sovd_publish_refused_total", "sovd_store_deferred_dropped_total",
+                 "sovd_log_messages_total", "sovd_can_send_errors_total", "sovd_can_receive_errors_total",
+                 "sovd_can_frames_dropped_total"):
+        assert name in exprs, name
