@@ -476,3 +476,28 @@ def test_the_dashboard_shows_what_is_lost_and_what_fails():
                  "sovd_log_messages_total", "sovd_can_send_errors_total", "sovd_can_receive_errors_total",
                  "sovd_can_frames_dropped_total"):
         assert name in exprs, name
+
+
+def test_the_load_after_a_failed_kernel_read_spans_the_time_since_the_last_good_one(monkeypatch):
+    """A failed read restarted the load interval with the held counters, so the next good read put two
+    intervals' frames into one: twice the bus load. The monitor's clock is a fake here (5 s per poll)."""
+    import json
+    import types
+
+    from agent.metrics import busmonitor
+    from agent.metrics.canstate import bus_load, frame_bits
+
+    clock = [0.0]
+    monkeypatch.setattr(busmonitor, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    first = (IPROUTE2 / "error-active.json").read_text()
+    later = json.loads(first)
+    later[0]["stats64"]["rx"]["packets"] += 1000
+    later[0]["stats64"]["rx"]["bytes"] += 8000
+    monitor, _ = kernel_monitor([])
+    links = iter([parse_ip_link(first, "can0"), None, parse_ip_link(json.dumps(later), "can0")])
+    monitor._reader = lambda interface: next(links)
+    monitor.poll()
+    clock[0] = 5.0
+    assert monitor.poll().load is None
+    clock[0] = 10.0
+    assert monitor.poll().load == bus_load(frame_bits(1000, 8000), 10.0, 500000)

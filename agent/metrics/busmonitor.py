@@ -94,8 +94,8 @@ class BusMonitor:
                           frames_dropped=counters.dropped)
         if not self._owner.is_up:
             reading = replace(reading, state="stopped")
-        load = self._load(reading, bitrate)
-        reading = replace(reading, load=load if link is not None or known is None else None)
+        held = link is None and known is not None  # the kernel did not answer: no new figures, no load
+        reading = replace(reading, load=None if held else self._load(reading, bitrate))
         previous = self.reading.state
         self.reading = reading
         if reading.state != previous:
