@@ -501,3 +501,25 @@ def test_the_load_after_a_failed_kernel_read_spans_the_time_since_the_last_good_
     assert monitor.poll().load is None
     clock[0] = 10.0
     assert monitor.poll().load == bus_load(frame_bits(1000, 8000), 10.0, 500000)
+
+
+def test_every_rule_evaluates_without_error_on_the_real_federated_series(chain, service, backend):  # noqa: F811
+    """promtool's unit tests feed series shaped by hand; a rule can still fail at evaluation on the real
+    ones (a many-to-many match, a label that makes two series out of one). The central Prometheus of the
+    live chain evaluates every shipped rule on what the agent really exports: each one must be healthy."""
+    from agent.bus.owner import wait_until
+
+    _, central = chain
+    body = {"id": f"e-{uuid.uuid4().hex[:8]}", "component": "engine", "command": "read_data", "params": {"data": "vin"}}
+    backend.send(body)
+    backend.final(body["id"])
+    vehicle = service.config.vehicle
+    wait_value(central, f'count(sovd_store_recoveries_total{{vehicle="{vehicle}"}})', lambda v: v > 0)
+
+    def rules():
+        return [r for g in central.api("rules")["groups"] for r in g["rules"]]
+
+    assert wait_until(lambda: rules() and all(r.get("lastEvaluation", "").startswith("20") for r in rules()), 30)
+    assert wait_until(lambda: all(r["health"] == "ok" for r in rules()), 5), \
+        [(r["name"], r["health"], r.get("lastError")) for r in rules()]
+    assert len(rules()) == 12
