@@ -523,3 +523,27 @@ def test_every_rule_evaluates_without_error_on_the_real_federated_series(chain, 
     assert wait_until(lambda: all(r["health"] == "ok" for r in rules()), 5), \
         [(r["name"], r["health"], r.get("lastError")) for r in rules()]
     assert len(rules()) == 12
+
+
+def test_no_can_figures_are_served_before_the_bus_monitor_has_read_them(mqtt_vehicle, sim):
+    """Service.start() opens the endpoint first and starts the bus monitor last (after the bus, restart
+    recovery and collection): a scrape in between got the monitor's empty reading, 0 for every CAN
+    counter. After an agent restart on a socketcan interface whose kernel had counted bus-offs, the
+    series went N (old process), 0, N: Prometheus takes the 0 for a reset and increase() for N new
+    bus-offs, so SovdCanBusOff (critical) fired for ten minutes; frames showed a spike of every frame
+    since the interface came up. Nothing is served until the first read."""
+    from agent.system.service import Service
+
+    svc = Service(mqtt_vehicle)
+    monitor, _ = kernel_monitor(["bus-off"])  # a socketcan interface whose kernel counted 3 bus-offs
+    svc.bus_monitor = monitor
+    svc.metrics_server.start()  # as Service.start() does first
+    try:
+        found = scrape(svc)
+        assert [key for key in found if key[0].startswith("sovd_can_")] == []
+        monitor.poll()  # as Service.start() does last
+        found = scrape(svc)
+        assert found[("sovd_can_bus_off_total", (("interface", "can0"),))] == 3
+    finally:
+        svc.metrics_server.stop()
+        svc.store.close()

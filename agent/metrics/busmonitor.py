@@ -36,12 +36,19 @@ class BusMonitor:
         self._last_totals: tuple[float, int, int] | None = None  # (time, frames, bytes)
         self._kernel_seen: CanLink | None = None  # the last link the kernel gave: its counters stay the source
         self.reading = BusReading(interface=config.channel)
+        self._polled = False
         self.heartbeat = time.monotonic()
 
     def start(self) -> None:
         self.poll()
         self._thread = threading.Thread(target=self._run, name="bus-monitor", daemon=True)
         self._thread.start()
+
+    @property
+    def current(self) -> BusReading | None:
+        """The last reading; None before the first poll, so that no empty reading (0 for every counter, a
+        fall Prometheus takes for a reset after an agent restart) is ever served."""
+        return self.reading if self._polled else None
 
     @property
     def alive(self) -> bool:
@@ -98,6 +105,7 @@ class BusMonitor:
         reading = replace(reading, load=None if held else self._load(reading, bitrate))
         previous = self.reading.state
         self.reading = reading
+        self._polled = True
         if reading.state != previous:
             log.info("CAN bus state %s -> %s", previous, reading.state, extra={"interface": reading.interface})
             try:

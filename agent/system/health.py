@@ -103,5 +103,5 @@ class ServiceHealth:
             ledger_held_bytes=self.outbox.ledger_held_bytes, ledger_max_bytes=self.config.store.ledger_max_bytes,
             store_available=self.store.trouble is None, store_deferred=self.store.deferred,
             store_deferred_dropped=self.store.deferred_dropped,
-            bus=self.bus_monitor.reading,
+            bus=self.bus_monitor.current,  # none before the monitor's first read
         )
