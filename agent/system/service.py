@@ -47,8 +47,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STORE_FILE = "agent.db"
-REFUSAL_REASONS = (*REASONS.values(), "other", CONNECTION_DROPPED)  # every sovd_publish_refused_total reason
 CLOCK_FILE = "clock.json"
+REFUSAL_REASONS = (*REASONS.values(), "other", CONNECTION_DROPPED)  # every sovd_publish_refused_total reason
 
 
 class Service(ServiceHealth, StartMarks, RestartRecovery):
