@@ -433,3 +433,22 @@ def test_uds_stopped_by_ctrl_c_while_a_mutating_command_runs_records_its_end_in_
     started, finished = read_records(audit)
     assert (finished["phase"], finished["status"], finished["id"]) == ("finished", "interrupted", started["id"])
     assert finished["error"]["code"] == "interrupted"
+
+
+def test_uds_ended_by_a_bug_while_a_mutating_command_ran_says_so_in_the_audit_log(tmp_path, monkeypatch, capsys):
+    """Its end used to read "stopped (Ctrl-C or SIGTERM)" whatever stopped it. The bug is made here by a
+    LocalSession.run that raises (mocked: a real one has no bug to raise on demand)."""
+    from agent.cli import main
+    from agent.store.audit import AUDIT_FILE, read_records
+    from agent.system.local import LocalSession
+
+    signed_vehicle(tmp_path, ROOT / "config/sim/demo-vehicle.yaml")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(LocalSession, "run", broken)
+    assert main(["uds", "-c", str(tmp_path / "agent.yaml"), "engine", "clear_faults"]) == 70
+    started, finished = read_records(tmp_path / "state" / AUDIT_FILE)
+    assert (finished["phase"], finished["status"], finished["id"]) == ("finished", "interrupted", started["id"])
+    assert finished["error"]["message"].startswith("stopped (RuntimeError: a bug) while it ran")

@@ -14,7 +14,7 @@ from typing import NoReturn
 
 from agent import __version__
 from agent.cli import call, check_config, commands, demo, discover, doctor, import_odx, keygen, run, simulate, uds
-from agent.cli.common import EXIT_CANTCREAT, EXIT_CODES, EXIT_SOFTWARE, GuardedOutput, OutputError, fail
+from agent.cli.common import EXIT_CANTCREAT, EXIT_CODES, EXIT_SOFTWARE, GuardedOutput, Interrupted, OutputError, fail
 
 log = logging.getLogger("agent.cli")
 SUBCOMMANDS = (run, call, uds, commands, demo, simulate, check_config, doctor, discover, import_odx, keygen)
@@ -24,15 +24,6 @@ _EXIT_CODES = "exit codes (each subcommand's --help lists its own and what they 
     f"  {code:<3} {meaning}" + (f" ({name})" if name else "") for code, (name, meaning) in EXIT_CODES.items()) + (
     "\nCtrl-C or SIGTERM: run and simulate stop cleanly (0); any other subcommand stops what it started,\n"
     "says so in one line and ends by that signal (a shell shows 130 or 143).")
-
-
-class Interrupted(BaseException):
-    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt, so that `finally` blocks and
-    context managers stop what a subcommand started (demo's broker and agent, a bus) before it ends."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
 
 
 def _interrupt(signum: int, frame: object) -> NoReturn:

@@ -53,6 +53,15 @@ ALWAYS = {EXIT_USAGE: USAGE_EXIT, EXIT_SOFTWARE: "a bug raised an exception (the
           EXIT_CANTCREAT: OUTPUT_EXIT}
 
 
+class Interrupted(BaseException):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt, so that `finally` blocks and
+    context managers stop what a subcommand started (demo's broker and agent, a bus) before it ends."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
 class OutputError(OSError):
     """Writing the subcommand's output to stdout failed (a full disk, an I/O error): not a bug, exit 73."""
 

@@ -79,11 +79,14 @@ def handle(args: argparse.Namespace, config: AgentConfig) -> int:
                 Status.FAILED, ErrorCode.BUS_ERROR, f"not run: CAN bus unavailable: {err}"), now, None, now))
         c.fail(args, f"CAN bus unavailable: {err}{_hub_hint(config)}")
         return c.EXIT_UNAVAILABLE
-    except BaseException:  # Ctrl-C or SIGTERM while it ran: the audit log says it may have run, not nothing
+    except BaseException as err:  # Ctrl-C, SIGTERM or a bug while it ran: the log says it may have run, not nothing
+        audit_id = audit_id or (audit.pending if audit is not None else None)  # a signal in started()'s fsync
         if audit is not None and audit_id is not None:
             now = time.time()
+            why = "Ctrl-C or SIGTERM" if isinstance(err, KeyboardInterrupt | c.Interrupted) \
+                else f"{type(err).__name__}: {err}"
             audit.finished(audit_id, Result(audit_id, args.component, args.command, Outcome.failure(
-                Status.INTERRUPTED, ErrorCode.INTERRUPTED, "stopped (Ctrl-C or SIGTERM) while it ran: it may or "
+                Status.INTERRUPTED, ErrorCode.INTERRUPTED, f"stopped ({why}) while it ran: it may or "
                 "may not have taken effect"), now, now, now))
         raise
     if audit is not None and audit_id is not None:

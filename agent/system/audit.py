@@ -121,13 +121,21 @@ class LocalAudit:
     def __init__(self, config: AgentConfig) -> None:
         audit = config.security.audit
         self.log = AuditLog(config.state_dir, audit.max_bytes, audit.keep)
+        # The id of a `started` record being written: a signal during its fsync leaves the caller without the
+        # return value, yet the record is on disk and its end must follow (at worst an end without a start).
+        self.pending: str | None = None
 
     def started(self, component: str, command: str, params: dict[str, Any]) -> str:
         """Writes the `started` record (OSError when it cannot: the command must not run); returns its id."""
         command_id = f"local-{uuid.uuid4()}"
         self.log.open()
-        self.log.append({"at": format_rfc3339(time.time()), "phase": "started", "id": command_id, "who": LOCAL,
-                         "user": _os_user(), "component": component, "command": command, "params": params})
+        self.pending = command_id
+        try:
+            self.log.append({"at": format_rfc3339(time.time()), "phase": "started", "id": command_id, "who": LOCAL,
+                             "user": _os_user(), "component": component, "command": command, "params": params})
+        except OSError:
+            self.pending = None
+            raise
         return command_id
 
     def finished(self, command_id: str, result: Result) -> None:
