@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import logging
 import threading
 import time
 
@@ -373,3 +374,18 @@ def test_frame_queue_counts_what_it_drops_and_drains_for_both_links():
     assert frames.get(0) is None and frames.get(0.01) is None
     frames.put(7)
     assert frames.drain() == 1 and frames.drain() == 0
+
+
+def test_frames_a_full_queue_drops_are_logged_not_only_counted(caplog):
+    """A dropped frame breaks the answer it belonged to: the log says so at once, then at most once a minute
+    (with the number dropped meanwhile), never a line per frame from the notifier thread."""
+    from agent.bus import frames as f
+    from agent.bus.owner import BusCounters
+
+    counters = BusCounters()
+    queue: f.FrameQueue[int] = f.FrameQueue(counters, "engine", size=1)
+    with caplog.at_level(logging.WARNING, logger="agent.bus.frames"):
+        for i in range(50):
+            queue.put(i)
+    lines = [r for r in caplog.records if "dropped" in r.getMessage()]
+    assert len(lines) == 1 and "engine" in lines[0].getMessage() and counters.dropped == 49

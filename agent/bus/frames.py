@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import time
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
@@ -17,6 +18,7 @@ from agent.bus.owner import BusCounters
 log = logging.getLogger(__name__)
 
 FRAME_QUEUE_SIZE = 4096  # frames; a 4095-byte PDU is 586 classic frames
+DROP_LOG_EVERY_S = 60.0
 T = TypeVar("T")
 
 
@@ -27,6 +29,8 @@ class FrameQueue(Generic[T]):
         self.name = name
         self._counters = counters
         self._queue: queue.Queue[T] = queue.Queue(maxsize=size)
+        self._drops_unlogged = 0
+        self._logged_at = -DROP_LOG_EVERY_S
 
     def put(self, item: T, counted: bool = True) -> bool:
         """Queues without blocking (notifier thread); False when full. A dropped frame is counted in
@@ -36,8 +40,18 @@ class FrameQueue(Generic[T]):
         except queue.Full:
             if counted:
                 self._counters.dropped += 1
+                self._log_drop()
             return False
         return True
+
+    def _log_drop(self) -> None:
+        """A dropped frame breaks the answer it belonged to: said at once, then at most once a minute."""
+        self._drops_unlogged += 1
+        now = time.monotonic()
+        if now - self._logged_at >= DROP_LOG_EVERY_S:
+            log.warning("%s: frame queue full, %d frame(s) dropped (the answers they belonged to are lost)",
+                        self.name, self._drops_unlogged, extra={"queue": self.name, "dropped": self._drops_unlogged})
+            self._logged_at, self._drops_unlogged = now, 0
 
     def get(self, timeout: float) -> T | None:
         """The next item, waiting up to `timeout` seconds (0: not at all); None when there is none."""
