@@ -17,6 +17,7 @@ from agent.bus.owner import wait_until
 from agent.clock import Clock
 from agent.store.audit import AUDIT_FILE, read_records
 from agent.system.service import Service
+from agent.wire.timefmt import parse_rfc3339
 
 MUTATING = [
     ("set_session", {"session": "extended"}),
@@ -241,6 +242,17 @@ def test_how_long_the_ledger_holds_an_id_that_ran(signed, backend, keys):
     assert held[plain["id"]].keep_until == held[plain["id"]].expires_at
     entry = held[forever["id"]]
     assert entry.keep_until == entry.received_at + signed.config.security.max_expiry_ahead_s
+
+
+def test_a_signed_command_the_policy_refuses_is_held_until_its_signed_expiry(signed, backend, keys):
+    """Review note: refused at intake, it was remembered without its signer or expiry, so the byte bound
+    forgot it first; after a policy change the captured envelope, replayed inside expires_at, would have
+    run though the backend was told it was refused. Held like any signed id now (store: bounds)."""
+    body = command("write_data", {"data": "vin", "value": "X" * 17}, component="body", expires=600)
+    backend.send(keys["backend-1"].sign(body))
+    assert backend.final(body["id"])["error"]["code"] == "not_permitted"
+    entry = signed.store.get(body["id"])
+    assert entry.signer == "backend-1" and entry.keep_until == pytest.approx(parse_rfc3339(body["expires_at"]))
 
 
 def test_an_expires_at_that_cannot_be_represented_is_an_invalid_command_signed_or_not(signed, backend, sim, keys):

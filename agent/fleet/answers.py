@@ -70,7 +70,7 @@ class Answers:
         d.publish(self._out(d.reply_topic, message, item.correlation, command_id), durable)  # marks the clock first
         if remember:
             d.remember(Entry(command_id, "final", {}, d.reply_topic, item.correlation, item.received_at, None,
-                             message["seq"], message))
+                             message["seq"], message, d.signer, d.signed_until))
         d.finals.append(message)
 
     # ---- invalid messages, counting ------------------------------------------------------------

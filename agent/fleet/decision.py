@@ -41,6 +41,10 @@ class Decision:
     finals: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     run: tuple[Command, Entry] | None = None
     parked: bool = False  # waits for room in its component's queue, its PUBACK held (fleet/flow.py)
+    # A signed command's key id and signed expiry: a final decided at intake keeps its id until then, so
+    # that the captured envelope cannot run after a policy change once the id would otherwise be forgotten.
+    signer: str | None = None
+    signed_until: float | None = None
 
     def remember(self, entry: Entry) -> None:
         self.batch.add_command(entry)

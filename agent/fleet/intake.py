@@ -38,6 +38,7 @@ from agent.wire import decode
 from agent.wire.command import Command, ErrorCode, Status, command_fields
 from agent.wire.messages import accepted_message
 from agent.wire.parse import InvalidCommandError, UnknownComponentError, parse_body, parse_envelope
+from agent.wire.timefmt import parse_rfc3339
 
 log = logging.getLogger(__name__)
 
@@ -254,6 +255,7 @@ class Intake(Repeats, Fallbacks):
             if passed is None:
                 return
             body, signer = passed
+            d.signer, d.signed_until = signer, _signed_expiry(body)
         if isinstance(body, decode.Undecodable):
             if body.command_id is None:
                 self._invalid_event(d, "undecodable", body.reason)
@@ -372,3 +374,12 @@ class Intake(Repeats, Fallbacks):
 def _starts_at_once(decision: Decision) -> bool:
     """The command was recorded as started (its worker was idle): all it stored to send is its `accepted`."""
     return decision.run is not None and decision.run[1].state == "started"
+
+
+def _signed_expiry(body: object) -> float | None:
+    """The `expires_at` of a verified signed command (the signature check read it already; None if unreadable)."""
+    raw = body.get("expires_at") if isinstance(body, dict) else None
+    try:
+        return parse_rfc3339(raw) if isinstance(raw, str) else None
+    except ValueError:
+        return None
