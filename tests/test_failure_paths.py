@@ -127,7 +127,7 @@ def test_disconnect_reason_0x8e_is_logged_as_a_takeover_and_slows_reconnects(mqt
                     on_connection=lambda up: None)
     link._up_since = time.monotonic()  # it was connected
     link._disconnected(link._client, None, None, ReasonCode(PacketTypes.DISCONNECT, identifier=0x8E), None)
-    assert link.stats.taken_over == 1 and link._taken_over == 1
+    assert link.stats.taken_over == 1 and link._takeover.in_a_row == 1
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert any("says another connection with our client id 'sovd-edge-V' took over the session" in e for e in errors)
 

@@ -28,8 +28,9 @@ from agent.fleet.causes import PahoLog, uninformative
 from agent.fleet.credentials import LinkSetupError, check_key_file, password_of
 from agent.fleet.cuts import CutHandling, CutJudge
 from agent.fleet.inflight import keep_within_receive_maximum
-from agent.fleet.packets import CUT_FOR_A_MESSAGE, Incoming, PacketTooLargeError, packet_size
+from agent.fleet.packets import Incoming, PacketTooLargeError, packet_size
 from agent.fleet.sockethooks import no_delay, written_by_the_loop
+from agent.fleet.takeover import FLAP_S, TAKEOVER_BACKOFF_S, TakeoverWatch
 from agent.fleet.topics import Topics
 from agent.store.sqlite import Outgoing
 from agent.wire.decode import MAX_COMMAND_BYTES
@@ -38,14 +39,10 @@ log = logging.getLogger(__name__)
 
 BACKOFF_MIN_S = 0.5
 BACKOFF_MAX_S = 60.0
-TAKEOVER_BACKOFF_S = 10.0  # at least this long before reconnecting after our session was taken over
 # Announced Maximum Packet Size: the largest command plus room for its topic and properties
 # (Response Topic, Correlation Data). The broker drops anything larger instead of sending it to us.
 PACKET_HEADROOM = 16 * 1024
 MAX_PACKET_IN = MAX_COMMAND_BYTES + PACKET_HEADROOM
-SESSION_TAKEN_OVER = 0x8E
-FLAP_S = 5.0  # a connection cut this soon after it was accepted counts as a flap
-FLAPS = 3  # flaps in a row that are reported (as a likely takeover) and slow the reconnects down
 
 
 @dataclass
@@ -137,8 +134,7 @@ class MqttLink(CutHandling):
         self._unacked: set[int] = set()  # mids of our publishes without a PUBACK yet
         self._status_mids: set[int] = set()  # the status messages among them (never judged poison)
         self._cuts = CutJudge()
-        self._taken_over = 0  # consecutive connections that ended in a session takeover
-        self._flaps = 0  # consecutive connections cut within FLAP_S of being accepted
+        self._takeover = TakeoverWatch(self._v5)
         self._up_since: float | None = None
         self._generation = 0  # counts connections
 
@@ -270,8 +266,8 @@ class MqttLink(CutHandling):
             if rc != mqtt.MQTT_ERR_SUCCESS and not self._stop.is_set():
                 opened = False
                 self._mark(False)
-                if self._taken_over:  # another client with our id: do not fight it every half second
-                    delay = max(delay, min(BACKOFF_MAX_S, TAKEOVER_BACKOFF_S * 2 ** (self._taken_over - 1)))
+                # another client with our id (takeover.py): do not fight it every half second
+                delay = max(delay, min(BACKOFF_MAX_S, self._takeover.least_delay()))
                 self._pause(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, BACKOFF_MAX_S)
             elif self.connected:
@@ -371,23 +367,14 @@ class MqttLink(CutHandling):
         self.last_disconnect_code = getattr(reason, "value", None)
         self.last_cut_short = time.monotonic() - self._up_since < FLAP_S
         self._up_since = None
-        taken_over = self._v5 and self.last_disconnect_code == SESSION_TAKEN_OVER
-        # Some brokers (Mosquitto 2.0.11) close the old connection without saying why: a connection
-        # accepted and then cut within seconds, again and again, with nothing of ours in flight (a
-        # message the broker will not take is judged by `_judge_cut`), is most likely the same thing.
-        flap = self.last_cut_short and not self._unacked and self.last_disconnect_code not in CUT_FOR_A_MESSAGE
+        in_flight = bool(self._unacked)  # as the cut was judged: before `_judge_cut` may drop a message
         if not self._stop.is_set():  # our own disconnect, however soon after connecting, says nothing of a message
             self._judge_cut()
-        self._flaps = self._flaps + 1 if flap and not self._stop.is_set() else 0
-        self._taken_over = self._taken_over + 1 if taken_over or self._flaps >= FLAPS else 0
-        if taken_over or self._flaps == FLAPS:
+        report = self._takeover.lost(self.last_disconnect_code, self.last_cut_short, in_flight, self._stop.is_set())
+        if report is not None:
             self.stats.taken_over += 1
-            why = "the broker says another connection with our client id %r took over the session" if taken_over \
-                else f"the broker closed our connection {FLAPS} times in a row within {FLAP_S:.0f} s of accepting " \
-                     "it: most likely another connection with our client id %r takes over the session"
-            log.error(why + ": is a second agent running with this vehicle's config? reconnecting in %.0f s or "
-                      "more", self.client_id, TAKEOVER_BACKOFF_S,
-                      extra={"broker": self.config.broker, "takeovers": self._taken_over})
+            log.error(report, self.client_id, TAKEOVER_BACKOFF_S,
+                      extra={"broker": self.config.broker, "takeovers": self._takeover.in_a_row})
 
     def _paho_log(self, text: str) -> None:
         self._paho_error = text
