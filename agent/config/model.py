@@ -23,9 +23,6 @@ COMMAND_OF_SERVICE = {
     0x10: "set_session", 0x11: "reset", 0x14: "clear_faults", 0x27: "security_access", 0x2E: "write_data",
     0x2F: "io_control", 0x31: "operation",
 }
-# Services that change the ECU and have no command in protocol v1 (communication control, transfers,
-# memory writes, DTC setting): `raw` may send them only where `raw_services` lists them by name.
-UNNAMED_WRITE_SERVICES = frozenset({0x28, 0x34, 0x35, 0x36, 0x37, 0x3D, 0x85})
 
 
 @dataclass(frozen=True)

@@ -119,10 +119,6 @@ class ComponentWorker:
             job, self._job = self._job, None
         return job
 
-    @property
-    def job_waiting(self) -> bool:
-        return self._job is not None
-
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name=f"worker-{self.ecu.name}", daemon=True)
         self._thread.start()

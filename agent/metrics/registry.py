@@ -24,7 +24,6 @@ log = logging.getLogger(__name__)
 
 # UDS round trips: 1 ms (a local read) to 30 s (long routines behind NRC 0x78).
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-STATUSES = ("completed", "failed", "rejected", "timeout", "expired", "interrupted")
 STORE_OPERATIONS = ("open", "read", "write", "acknowledge", "maintain")
 STORE_RECOVERY_REASONS = ("unreadable", "damaged", "torn_wal", "vanished")
 INTAKE_STAGES = ("decide", "record", "acknowledge", "settle", "group")

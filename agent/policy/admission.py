@@ -37,11 +37,6 @@ def refusal_reason(ecu: EcuConfig, command: Command) -> str | None:
     return None
 
 
-def permitted(ecu: EcuConfig, command: Command) -> bool:
-    """The component's policy admits this command."""
-    return refusal_reason(ecu, command) is None
-
-
 def allows(ecu: EcuConfig, command: str) -> bool:
     """The component's `allow` list admits the command named `command` (checked before its params are read)."""
     return command in ecu.allow
