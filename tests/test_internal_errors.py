@@ -5,7 +5,7 @@ Mosquitto and the simulated vehicle; the bugs are injected (monkeypatch: none is
 import logging
 import uuid
 
-from agent.system import service as service_module
+from agent.system import finals as finals_module
 from agent.wire.command import Status
 
 
@@ -37,7 +37,7 @@ def test_an_executor_that_raises_ends_the_command_failed_internal_and_the_worker
 def test_a_final_that_cannot_be_built_is_answered_failed_internal_once(service, backend, monkeypatch, caplog):
     """The response for this result raises while it is built (as an encoder bug would): the command is
     answered failed/internal, counted, logged; the same id sent again gets that final, not a second run."""
-    build = service_module.response_message
+    build = finals_module.response_message
     broken_id = command()
 
     def response_message(result, seq):
@@ -45,7 +45,7 @@ def test_a_final_that_cannot_be_built_is_answered_failed_internal_once(service, 
             raise ValueError("a bug")
         return build(result, seq=seq)
 
-    monkeypatch.setattr(service_module, "response_message", response_message)
+    monkeypatch.setattr(finals_module, "response_message", response_message)
     backend.send(broken_id)
     final = backend.final(broken_id["id"], timeout=15)
     assert (final["status"], final["error"]["code"]) == ("failed", "internal")
