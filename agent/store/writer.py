@@ -1,4 +1,5 @@
-"""Group commit: the writes waiting from every thread committed in one SQLite transaction, one fsync.
+"""One group commit's transaction: the writes waiting from every thread, in one SQLite transaction and one
+fsync (who commits them, and when: group.py).
 
 A `Write` is one caller's unit (an intake group, a start mark, a final response, an outbox delete).
 `commit_writes` runs a list of them in one transaction, each inside its own SAVEPOINT so that a write
