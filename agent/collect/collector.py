@@ -7,7 +7,8 @@ that stops answering, and a pause while the vehicle sleeps.
 
 This module is the thread and its dispatch; the class takes what a plan message does from
 agent.collect.plans, what a finished reading becomes from agent.collect.results, and the pause from
-agent.collect.pause (one object, one thread: they share its state).
+agent.collect.pause (one object, one thread: they share its state). Other threads reach it only through
+its inbox, with the frozen hand-offs of agent.collect.handoffs.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from agent.bus.owner import BusOwner, RxFilter
+from agent.collect.handoffs import Handoff, Load, Mark, PlanMessage, Reading, Recheck, Stop, Wake
 from agent.collect.pause import SleepHandling
 from agent.collect.plans import PlanIntake
 from agent.collect.results import Assembly, ResultAssembly
@@ -82,7 +84,7 @@ class Collector(PlanIntake, ResultAssembly, SleepHandling):
         self._on_reachable = on_reachable
         self._clock = clock
         self._wall = wall
-        self._events: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[Handoff] = queue.SimpleQueue()  # from other threads (handoffs.py)
         self.schedule = Schedule()
         # the largest telemetry batch payload: the system layer knows the broker's limit and the topic
         self._payload_limit = payload_limit or (lambda: config.mqtt.max_payload_bytes - m.MARK_BYTES)
@@ -105,7 +107,7 @@ class Collector(PlanIntake, ResultAssembly, SleepHandling):
         self.traffic: TrafficWatch | None = None
         if sleep.silence_ms > 0:
             self.traffic = TrafficWatch(diagnostic_ids(config.ecus), clock,
-                                        on_traffic=lambda: self._events.put(("wake",)))
+                                        on_traffic=lambda: self._inbox.put(Wake()))
         self._bus = bus
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -118,7 +120,7 @@ class Collector(PlanIntake, ResultAssembly, SleepHandling):
             self._bus.listen(RxFilter(0, False, mask=0))
             self._bus.listen(RxFilter(0, True, mask=0))
             self._bus.tap(self.traffic.frame)
-        self._events.put(("load",))
+        self._inbox.put(Load())
         self._thread = threading.Thread(target=self._run, name="collector", daemon=True)
         self._thread.start()
 
@@ -128,7 +130,7 @@ class Collector(PlanIntake, ResultAssembly, SleepHandling):
 
     def stop(self, timeout: float = 3.0) -> None:
         self._stop.set()
-        self._events.put(("stop",))
+        self._inbox.put(Stop())
         if self._thread is not None:
             self._thread.join(timeout)
         if self.traffic is not None and self._bus is not None:
@@ -140,12 +142,12 @@ class Collector(PlanIntake, ResultAssembly, SleepHandling):
         """A message on `plans/{name}` (an empty payload removes the plan); decided on the collector thread,
         then `ack` (its PUBACK): a kill before that makes the broker deliver it again, so a removal, which
         the broker does not retain, is never lost."""
-        self._events.put(("plan", name, payload, ack))
+        self._inbox.put(PlanMessage(name, payload, ack))
 
     def idle(self, timeout: float) -> bool:
         """Waits until every event handed over so far has been handled (tests, the demo)."""
         done = threading.Event()
-        self._events.put(("mark", done))
+        self._inbox.put(Mark(done))
         return done.wait(timeout)
 
     # ---- the thread ----------------------------------------------------------------------------
@@ -153,46 +155,46 @@ class Collector(PlanIntake, ResultAssembly, SleepHandling):
         while not self._stop.is_set():
             self.heartbeat = self._clock()
             try:
-                event = self._events.get(timeout=self._wait())
+                handoff: Handoff | None = self._inbox.get(timeout=self._wait())
             except queue.Empty:
-                event = None
+                handoff = None
             try:
-                if event is not None and not self._handle(event):
+                if handoff is not None and not self._handle(handoff):
                     return
                 while True:  # everything else already handed over, before looking at the clock again
                     try:
-                        event = self._events.get_nowait()
+                        handoff = self._inbox.get_nowait()
                     except queue.Empty:
                         break
-                    if not self._handle(event):
+                    if not self._handle(handoff):
                         return
                 self._tick()
             except Exception:  # one bad pass never ends collection
                 log.exception("collection pass failed")
                 self._stop.wait(1.0)
 
-    def _handle(self, event: tuple[Any, ...]) -> bool:
-        kind = event[0]
-        if kind == "stop":
+    def _handle(self, handoff: Handoff) -> bool:
+        """One hand-off from another thread; False for the stop."""
+        if isinstance(handoff, Stop):
             for batch in self.telemetry.flush():  # what was collected so far goes out (the lane is durable)
                 self._send_batch(batch)
             return False
-        if kind == "load":
+        if isinstance(handoff, Load):
             self._load()
-        elif kind == "plan":
+        elif isinstance(handoff, PlanMessage):
             try:
-                self._plan_message(event[1], event[2])
+                self._plan_message(handoff.name, handoff.payload)
             finally:  # decided, stored, its Event in the outbox (or failed: logged; it would fail again)
-                self._acknowledge(event[3])
-        elif kind == "result":
-            self._result(*event[1:])
-        elif kind == "wake":
+                self._acknowledge(handoff.ack)
+        elif isinstance(handoff, Reading):
+            self._result(handoff.task, handoff.version, handoff.outcome, handoff.at)
+        elif isinstance(handoff, Wake):
             if self.paused == "bus_silent":
                 self._resume("bus_traffic")
-        elif kind == "recheck":
-            self._rechecked(event[1])
-        elif kind == "mark":
-            event[1].set()
+        elif isinstance(handoff, Recheck):
+            self._rechecked(handoff.outcome)
+        elif isinstance(handoff, Mark):
+            handoff.done.set()
         return True
 
     @staticmethod
@@ -275,7 +277,7 @@ class Collector(PlanIntake, ResultAssembly, SleepHandling):
         version = self.plans[task.plan].version
 
         def done(outcome: Outcome, seconds: float) -> None:  # on the worker thread: hand over only
-            self._events.put(("result", task, version, outcome, self._wall()))
+            self._inbox.put(Reading(task, version, outcome, self._wall()))
 
         return Job(task.params, done)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from agent.collect.handoffs import Recheck
 from agent.core.worker import Job
 from agent.wire import command as c
 from agent.wire import messages as m
@@ -68,7 +69,7 @@ class SleepHandling:
         spec = worker.ecu.did_by_name(condition.data) if worker is not None else None
         if worker is None or spec is None:
             return
-        worker.offer(Job(c.ReadData((spec,)), lambda outcome, seconds: self._events.put(("recheck", outcome))))
+        worker.offer(Job(c.ReadData((spec,)), lambda outcome, seconds: self._inbox.put(Recheck(outcome))))
 
     def _rechecked(self, outcome: Outcome) -> None:
         condition = self._settings.sleep.condition
