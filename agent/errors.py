@@ -1,4 +1,6 @@
-"""The agent's exception hierarchy: one base, each subclass also a matching built-in."""
+"""The agent's exception hierarchy: one base, each subclass also a matching built-in.
+
+May import: nothing of the agent (standard library only)."""
 
 from __future__ import annotations
 

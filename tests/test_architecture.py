@@ -2,6 +2,7 @@
 and the daemon's code never imports dev tools. Reads the package with the stdlib `ast`, runs nothing."""
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "agent"
 
 # What each part of `agent` may import (besides itself and the standard library / third parties).
-# The same rules stand in each package's __init__ docstring.
+# The same rules stand in each package's __init__ docstring and in the README's package table (both checked below).
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "clock": set(),
@@ -94,6 +95,38 @@ def test_each_package_says_its_job_and_what_it_may_import(part):
     assert doc, f"agent/{part}/__init__.py has no docstring"
     if part != "cli":
         assert "May import" in doc or "may import" in doc.lower(), part
+
+
+def may_import(part: str) -> set[str]:
+    """The parts of `agent` that a part's docstring names after "May import", up to the first `.`, `;` or
+    "never" (what follows is prose about what it must not import)."""
+    path = PACKAGE / part / "__init__.py" if (PACKAGE / part).is_dir() else PACKAGE / f"{part}.py"
+    doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+    said = re.split(r"may import", doc, maxsplit=1, flags=re.IGNORECASE)[-1]
+    said = re.split(r"[.;]|\bnever\b", said, maxsplit=1, flags=re.IGNORECASE)[0]
+    return {other for other in ALLOWED if re.search(rf"\b{other}\b", said)}
+
+
+@pytest.mark.parametrize("part", sorted(p for p in ALLOWED if p != "cli"))
+def test_each_docstring_names_exactly_what_allowed_lets_it_import(part):
+    """The "May import" a newcomer reads is the rule enforced here, not an older one (the CLI: everything)."""
+    assert may_import(part) == ALLOWED[part]
+
+
+def readme_rows() -> dict[str, tuple[str, str]]:
+    """The README's package table: part -> (its one job, its may-import column)."""
+    readme = (PACKAGE.parent / "README.md").read_text()
+    return {m[1]: (m[2], m[3]) for m in re.finditer(r"^\| `agent/(\w+)/` \| (.*) \| (.*) \|$", readme, re.MULTILINE)}
+
+
+def test_the_readme_table_has_every_package_with_its_rule_and_only_modules_that_exist():
+    rows = readme_rows()
+    assert set(rows) == {p for p in ALLOWED if (PACKAGE / p).is_dir()}
+    for part, (job, imports) in rows.items():
+        if part != "cli":  # "everything"; what follows "never" is what it must not import
+            assert set(re.findall(r"`(\w+)`", re.split(r"\bnever\b", imports)[0])) == ALLOWED[part], part
+        for name in re.findall(r"`([\w/]+\.py|\w+/)`", job):
+            assert (PACKAGE / part / name).exists(), f"README names agent/{part}/{name}"
 
 
 def test_the_checker_catches_an_upward_import(tmp_path, monkeypatch):
