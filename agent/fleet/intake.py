@@ -244,6 +244,8 @@ class Intake(Repeats, Fallbacks):
 
     # ---- one message ---------------------------------------------------------------------------
     def _decide(self, d: Decision) -> None:
+        """Which message this is: never a retained one, decoded (and unwrapped when signed), its id read, a
+        repeat of a known id answered as such; a new command goes on to `_decide_command`."""
         item = d.item
         if item.retain:  # redelivered on every subscribe: it would run again once its id is forgotten
             self._invalid_event(d, "retained", "a retained message on the command topic is never executed")
@@ -273,6 +275,12 @@ class Intake(Repeats, Fallbacks):
         self._identify(d, command_id, body)
         if self._repeated(d):
             return
+        self._decide_command(d, body, signer)
+
+    def _decide_command(self, d: Decision, body: dict[str, Any], signer: str | None) -> None:
+        """A new command: validated, its component's policy first (params of a refused command are not
+        read), its expiry judged only on a synchronized clock, then accepted, to wait for room, or refused."""
+        item = d.item
         try:
             envelope = parse_envelope(body, self._config)
             check_reply_topics(self._topics, item, body)
