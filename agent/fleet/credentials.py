@@ -1,13 +1,17 @@
-"""The MQTT link's secrets, read before it connects: the password and a client key only we can read.
+"""The MQTT link's credentials, set up before it connects: the password, and TLS with a client key only we
+can read.
 
 Apart from link.py: the backend caller (caller.py) reads the password the same way."""
 
 from __future__ import annotations
 
 import os
+import ssl
 from pathlib import Path
 
-from agent.config.model import MqttConfig
+import paho.mqtt.client as mqtt
+
+from agent.config.model import MqttConfig, TlsConfig
 from agent.errors import AgentError
 
 
@@ -42,3 +46,19 @@ def password_of(config: MqttConfig, environ: dict[str, str] | None = None) -> st
             raise LinkSetupError("password_credential is set but $CREDENTIALS_DIRECTORY is not (use LoadCredential=)")
         return read_secret(Path(directory) / config.password_credential)
     return None
+
+
+def use_tls(client: mqtt.Client, tls: TlsConfig | None) -> None:
+    """TLS on the link's paho client: the CA, the client certificate and its key (refused when other users
+    can read it), the broker's hostname checked unless `verify_hostname: false`. Raises LinkSetupError."""
+    ca = str(tls.ca_file) if tls and tls.ca_file else None
+    cert = str(tls.cert_file) if tls and tls.cert_file else None
+    key = str(tls.key_file) if tls and tls.key_file else None
+    if tls and tls.key_file:
+        check_key_file(tls.key_file)
+    try:
+        client.tls_set(ca_certs=ca, certfile=cert, keyfile=key, cert_reqs=ssl.CERT_REQUIRED,
+                       tls_version=ssl.PROTOCOL_TLS_CLIENT)
+    except (OSError, ssl.SSLError) as err:
+        raise LinkSetupError(f"TLS setup failed: {err}") from err
+    client.tls_insecure_set(not (tls.verify_hostname if tls else True))

@@ -2,7 +2,8 @@
 
 paho runs on our own named thread (client.loop), so reconnects, backoff and heartbeats are ours
 to see. Every callback is guarded: an exception in one is logged and counted, never allowed to
-kill the network loop.
+kill the network loop. What a lost connection says is judged apart: a message the broker cuts our
+connections on (cuts.py), another agent with our client id taking the session (takeover.py).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent.config.model import MqttConfig
 from agent.fleet.causes import PahoLog, uninformative
-from agent.fleet.credentials import LinkSetupError, check_key_file, password_of
+from agent.fleet.credentials import password_of, use_tls
 from agent.fleet.cuts import CutHandling, CutJudge
 from agent.fleet.inflight import keep_within_receive_maximum
 from agent.fleet.packets import Incoming, PacketTooLargeError, packet_size
@@ -105,14 +106,14 @@ class MqttLink(CutHandling):
         )
         # paho formats every packet's debug line for an `on_log` callback whatever the level; its logger is
         # asked only through Logger.log, which checks the level first: errors are caught there instead
-        self._client.enable_logger(PahoLog(logging.getLogger("paho"), self._paho_log))  # type: ignore[arg-type]
+        self._client.enable_logger(PahoLog(logging.getLogger("paho"), self._note_paho_error))  # type: ignore[arg-type]
         self._client.max_queued_messages_set(0)
         self._client.will_set(topics.status, status("offline"), qos=1, retain=True)
         password = password_of(config)
         if config.username is not None or password is not None:
             self._client.username_pw_set(config.username or "", password)
         if tls or config.tls is not None:
-            self._setup_tls()
+            use_tls(self._client, config.tls)
         self._client.on_connect = self._connected
         self._client.on_disconnect = self._disconnected
         self._client.on_message = self._message
@@ -137,20 +138,6 @@ class MqttLink(CutHandling):
         self._takeover = TakeoverWatch(self._v5)
         self._up_since: float | None = None
         self._generation = 0  # counts connections
-
-    def _setup_tls(self) -> None:
-        tls = self.config.tls
-        ca = str(tls.ca_file) if tls and tls.ca_file else None
-        cert = str(tls.cert_file) if tls and tls.cert_file else None
-        key = str(tls.key_file) if tls and tls.key_file else None
-        if tls and tls.key_file:
-            check_key_file(tls.key_file)
-        try:
-            self._client.tls_set(ca_certs=ca, certfile=cert, keyfile=key, cert_reqs=ssl.CERT_REQUIRED,
-                                 tls_version=ssl.PROTOCOL_TLS_CLIENT)
-        except (OSError, ssl.SSLError) as err:
-            raise LinkSetupError(f"TLS setup failed: {err}") from err
-        self._client.tls_insecure_set(not (tls.verify_hostname if tls else True))
 
     # ---- public --------------------------------------------------------------------------------
     @property
@@ -265,7 +252,7 @@ class MqttLink(CutHandling):
                 self._fail(f"connection lost: {type(err).__name__}: {err}")
             if rc != mqtt.MQTT_ERR_SUCCESS and not self._stop.is_set():
                 opened = False
-                self._mark(False)
+                self._set_connected(False)
                 # another client with our id (takeover.py): do not fight it every half second
                 delay = max(delay, min(BACKOFF_MAX_S, self._takeover.least_delay()))
                 self._pause(delay * random.uniform(0.5, 1.0))
@@ -304,7 +291,8 @@ class MqttLink(CutHandling):
         log.warning("%s", reason, extra={"broker": self.config.broker})
         self.last_error = reason
 
-    def _mark(self, up: bool) -> None:
+    def _set_connected(self, up: bool) -> None:
+        """The connected flag; `on_connection` is told only when it changes."""
         was = self.connected
         if up:
             self._connected_event.set()
@@ -349,7 +337,7 @@ class MqttLink(CutHandling):
                                                "session_present": bool(getattr(flags, "session_present", False)),
                                                "broker_max_packet": self._announced_max_packet,
                                                "broker_receive_maximum": receive_maximum})
-        self._mark(True)
+        self._set_connected(True)
 
     @_guarded
     def _disconnected(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
@@ -359,7 +347,7 @@ class MqttLink(CutHandling):
             detail = f" ({self._paho_error})" if self._paho_error else ""
             self._fail(self._refusal or f"disconnected from broker: {reason}{detail}")
             self._refusal = self._paho_error = None
-        self._mark(False)
+        self._set_connected(False)
 
     def _count_loss(self, reason: Any) -> None:
         """Why and how soon an accepted connection was lost: takeovers, flaps, cuts for a message."""
@@ -376,7 +364,8 @@ class MqttLink(CutHandling):
             log.error(report, self.client_id, TAKEOVER_BACKOFF_S,
                       extra={"broker": self.config.broker, "takeovers": self._takeover.in_a_row})
 
-    def _paho_log(self, text: str) -> None:
+    def _note_paho_error(self, text: str) -> None:
+        """paho's last error line (causes.PahoLog): the cause reported with the next disconnect."""
         self._paho_error = text
 
     @_guarded
