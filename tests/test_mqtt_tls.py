@@ -92,6 +92,11 @@ def test_world_readable_key_refused_with_exit_78(pki, tls_broker, tmp_path):
                             capture_output=True, text=True, cwd=ROOT, timeout=30)
     assert result.returncode == 78
     assert "world-readable" in result.stderr and "chmod 600" in result.stderr
+    # `call` with the same config refuses it the same way (it used to send the key over TLS regardless)
+    result = subprocess.run([sys.executable, "-m", "agent", "call", "-c", str(path), "--status"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert result.returncode == 78, result.stderr
+    assert "world-readable" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
 def test_password_from_file_or_systemd_credential(tmp_path, vehicle):
@@ -144,3 +149,27 @@ def _no_anonymous(write, broker):
         broker.config_file.write_text(text)
 
     return wrapped
+
+
+def test_the_backend_client_uses_the_links_tls_rules(vehicle, pki, tmp_path):
+    """`sovd-edge call` with the agent's own config reached no broker the agent reached with
+    `verify_hostname: false` (its client set TLS up its own way), and took a key file others may read."""
+    import os
+
+    from pki import make_cert
+
+    from agent.fleet.caller import Caller
+
+    make_cert(pki, "ca", "elsewhere", "broker.fleet.invalid", san="DNS:broker.fleet.invalid")
+    tls = BrokerTls(pki / "ca.pem", pki / "elsewhere.pem", pki / "elsewhere.key", require_certificate=True)
+    with LocalBroker(tmp_path / "broker", tls=tls) as broker:
+        config = dataclasses.replace(tls_config(vehicle, broker, pki, tmp_path=tmp_path).mqtt)
+        unchecked = dataclasses.replace(config, tls=dataclasses.replace(config.tls, verify_hostname=False))
+        with Caller(unchecked, vehicle.vehicle) as backend:  # 127.0.0.1 is not the certificate's name
+            backend.subscribe(backend.topics.status)
+        key = tmp_path / "open.key"
+        key.write_bytes((pki / "client.key").read_bytes())
+        os.chmod(key, 0o644)
+        with pytest.raises(LinkSetupError, match=r"open\.key"):
+            Caller(dataclasses.replace(unchecked, tls=dataclasses.replace(unchecked.tls, key_file=key)),
+                   vehicle.vehicle)

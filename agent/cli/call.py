@@ -16,6 +16,7 @@ from agent.config.model import ALL_COMMANDS, AgentConfig
 from agent.config.parse import VEHICLE
 from agent.config.reader import InvalidValueError
 from agent.fleet.caller import BrokerUnreachableError, Caller, Seen
+from agent.fleet.credentials import LinkSetupError
 from agent.fleet.topics import is_publishable
 from agent.wire.catalog import params_from_words
 from agent.wire.command import COMMAND_ID
@@ -104,6 +105,9 @@ def handle(args: argparse.Namespace, config: AgentConfig) -> int:
     except BrokerUnreachableError as err:
         c.fail(args, str(err))
         return c.EXIT_UNAVAILABLE
+    except LinkSetupError as err:  # the config's TLS or credential files, as the agent would refuse them
+        c.fail(args, f"invalid configuration: {err}")
+        return c.EXIT_CONFIG
     except (OSError, RuntimeError) as err:  # connected, then the broker stopped answering (paho raises these)
         c.fail(args, f"the broker {config.mqtt.broker} stopped answering: {err}")
         return c.EXIT_UNAVAILABLE

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import ssl
 import threading
 import time
 import uuid
@@ -16,7 +15,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.config.model import MqttConfig
-from agent.fleet.credentials import password_of
+from agent.fleet.credentials import password_of, use_tls
 from agent.fleet.topics import Topics
 
 if TYPE_CHECKING:
@@ -66,12 +65,8 @@ class Caller:
         password = password_of(config)
         if config.username or password:
             self._client.username_pw_set(config.username or "", password)
-        if tls or config.tls:
-            t = config.tls
-            self._client.tls_set(ca_certs=str(t.ca_file) if t and t.ca_file else None,
-                                 certfile=str(t.cert_file) if t and t.cert_file else None,
-                                 keyfile=str(t.key_file) if t and t.key_file else None,
-                                 cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        if tls or config.tls:  # the link's own rules: verify_hostname, a key file others may not read
+            use_tls(self._client, config.tls)
         self._client.on_message = self._on_message
         self.seen: list[Seen] = []
         self._changed = threading.Condition()
