@@ -44,6 +44,51 @@ def test_unit_essentials():
         assert re.search(rf"^# - {omitted}=", text, re.M) or re.search(rf"^# .*{omitted}=", text, re.M), omitted
 
 
+def syscall_groups() -> dict[str, list[str]]:
+    """systemd's own syscall groups (`systemd-analyze syscall-filter`), each as its listed entries."""
+    out = subprocess.run(["systemd-analyze", "syscall-filter"], capture_output=True, text=True, timeout=60).stdout
+    groups: dict[str, list[str]] = {}
+    current: list[str] = []
+    for line in out.splitlines():
+        if line.startswith("@"):
+            current = groups.setdefault(line.strip(), [])
+        elif line.strip() and not line.strip().startswith("#"):
+            current.append(line.strip())
+    return groups
+
+
+def unit_allowed_syscalls(unit_text: str) -> set[str]:
+    """The syscalls the unit's SystemCallFilter= lines allow, merged as systemd.exec(5) says: the first line
+    makes it an allow list, later `~` lines take names out of it and later plain lines put names back."""
+    groups = syscall_groups()
+
+    def expand(name: str) -> set[str]:
+        return set().union(*(expand(n) for n in groups[name])) if name.startswith("@") else {name}
+
+    allowed: set[str] = set(groups["@default"])
+    lines = re.findall(r"^SystemCallFilter=(.*)$", unit_text, re.M)
+    assert lines and not lines[0].startswith("~")
+    for value in lines:
+        names = value.removeprefix("~").split()
+        names_set = set().union(*(expand(n) for n in names))
+        allowed = allowed - names_set if value.startswith("~") else allowed | names_set
+    return allowed
+
+
+def test_unit_lets_the_agent_read_whether_the_clock_is_synchronized():
+    # agent/clock.py asks adjtimex(2) (read-only: modes 0) whether NTP disciplines the clock, the only way to
+    # know it under chrony or ntpd. A seccomp filter that denies the call makes it EPERM, and the agent then
+    # never trusts its clock (signed commands refused, every message marked unsynchronized). ProtectClock=yes
+    # denies @clock whatever the arguments (systemd issue #26413); CapabilityBoundingSet= (no CAP_SYS_TIME)
+    # is what keeps the clock from being set.
+    text = UNIT.read_text()
+    assert not re.search(r"^ProtectClock=(yes|true|1|on)\s*$", text, re.M)
+    allowed = unit_allowed_syscalls(text)
+    assert {"adjtimex", "clock_adjtime", "clock_adjtime64"} <= allowed  # 64: glibc's call on 32-bit Pi OS
+    assert not {"settimeofday", "clock_settime", "reboot", "init_module"} & allowed
+    assert re.search(r"^CapabilityBoundingSet=\s*$", text, re.M)
+
+
 def test_networkd_files():
     for name, fd in (("80-can.network", False), ("80-can-fd.network", True)):
         config = configparser.ConfigParser()
