@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import DATA, ROOT
@@ -87,6 +88,54 @@ def test_unit_lets_the_agent_read_whether_the_clock_is_synchronized():
     assert {"adjtimex", "clock_adjtime", "clock_adjtime64"} <= allowed  # 64: glibc's call on 32-bit Pi OS
     assert not {"settimeofday", "clock_settime", "reboot", "init_module"} & allowed
     assert re.search(r"^CapabilityBoundingSet=\s*$", text, re.M)
+
+
+SERVICE_METRICS = """
+import dataclasses, sys, tempfile
+from pathlib import Path
+from prometheus_client import generate_latest
+from agent.config import load_config
+from agent.system.service import Service
+config = load_config(Path("config/demo.yaml"))
+config = dataclasses.replace(config, state_dir=Path(tempfile.mkdtemp()), simulate=(),
+                             metrics=dataclasses.replace(config.metrics, enabled=False))
+service = Service(config)
+try:
+    sys.stdout.write(generate_latest(service.registry).decode())
+finally:
+    service.store.close()
+"""
+
+
+def under_proc_subset_pid(*argv: str) -> subprocess.CompletedProcess:
+    """Runs argv with /proc as ProcSubset=pid mounts it (a private mount namespace: nothing else sees it)."""
+    script = 'mount -t proc -o subset=pid proc /proc && exec "$@"'
+    return subprocess.run(["unshare", "--mount", "--pid", "--fork", "--mount-proc", "sh", "-c", script, "sh", *argv],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+
+
+def proc_subset_pid_works() -> bool:
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        return False
+    probe = under_proc_subset_pid("sh", "-c", "test -e /proc/self/stat && test ! -e /proc/stat")
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not proc_subset_pid_works(), reason="needs root and a kernel that mounts /proc with subset=pid")
+def test_process_metrics_survive_the_units_proc_subset():
+    # The unit has ProcSubset=pid: /proc/stat (boot time) is hidden, /proc/self is not. prometheus-client's
+    # ProcessCollector reads the boot time from /proc/stat first and, failing that, exports nothing at all:
+    # the process_* metrics the README lists (memory, CPU, open fds) were missing on every installed agent.
+    assert re.search(r"^ProcSubset=pid$", UNIT.read_text(), re.M)
+    result = under_proc_subset_pid(sys.executable, "-c", SERVICE_METRICS)
+    assert result.returncode == 0, result.stderr
+    found = {line.split()[0] for line in result.stdout.splitlines() if line and not line.startswith("#")}
+    expected = {"process_resident_memory_bytes", "process_virtual_memory_bytes", "process_cpu_seconds_total",
+                "process_start_time_seconds", "process_open_fds", "process_max_fds"}
+    assert expected <= found, sorted(found)
+    start = next(float(line.split()[1]) for line in result.stdout.splitlines()
+                 if line.startswith("process_start_time_seconds "))
+    assert abs(start - time.time()) < 600  # the process started moments ago, not at the epoch
 
 
 def test_networkd_files():

@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, PlatformCollector, ProcessCollector
+from prometheus_client import CollectorRegistry, Counter, PlatformCollector
 
 from agent.bus.owner import BusFactory
 from agent.clock import Clock
@@ -35,6 +35,7 @@ from agent.system.audit import AuditTrail
 from agent.system.collection import Collection
 from agent.system.finals import Finals
 from agent.system.health import ServiceHealth
+from agent.system.procmetrics import ProcessMetrics
 from agent.system.restart import RestartRecovery
 from agent.system.startmarks import StartMarks
 from agent.wire import messages as m
@@ -65,7 +66,7 @@ class Service(ServiceHealth, StartMarks, RestartRecovery, Finals):
                               known=lambda command_id: self.store.get(command_id) is not None,
                               clock_trusted=self.clock.synchronized)  # before the store: it may refuse the config
         self.registry = CollectorRegistry()
-        ProcessCollector(registry=self.registry)
+        ProcessMetrics(registry=self.registry)  # also under the unit's ProcSubset=pid
         PlatformCollector(registry=self.registry)
         self.fault_problems = Counter("sovd_fault_tracking_problems", "Fault reading entries the fault-change "
                                       "tracker skipped: unreadable, or DTCs over its bound.", ["reason"],
