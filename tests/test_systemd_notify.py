@@ -1,5 +1,7 @@
 """The notify protocol against a real AF_UNIX datagram socket, with the agent as a real process."""
 
+import contextlib
+import dataclasses
 import itertools
 import os
 import signal
@@ -170,3 +172,62 @@ def test_graceful_stop_finishes_in_flight_and_goes_offline(tmp_path, broker, not
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+class StallingBroker:
+    """A TCP port that takes connections and never answers: a broker behind a middlebox, or one too busy to
+    finish a TLS handshake. The agent's connect attempt blocks in the handshake until `release()`."""
+
+    def __init__(self):
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.hello = threading.Event()  # the agent's ClientHello arrived: its link thread is in the handshake
+        self.conns = []
+        self._thread = threading.Thread(target=self._run, name="stalling-broker", daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            if conn.recv(1):
+                self.hello.set()
+
+    def release(self):
+        for sock in [self.sock, *self.conns]:  # shutdown wakes the accept and recv under way; close would not
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        self._thread.join(2)
+
+
+def test_a_connect_attempt_under_way_is_not_a_wedge(vehicle, sim, pki, tmp_path):
+    # The MQTT loop thread blocks inside one connect attempt: the name lookup (the resolver's own retries,
+    # 10 s per silent nameserver), 5 s per address that drops SYNs, 5 s of TLS handshake. A broker outage
+    # is no wedge: counting that wait against the loop's 10 s heartbeat stopped the watchdog pings of a
+    # healthy agent (ERROR "not feeding the watchdog", STATUS "unhealthy"), and systemd killed it, five
+    # times in ten minutes and then for good (StartLimitBurst=). A connect that outlasts any such wait is.
+    from agent.config.model import TlsConfig
+    from agent.fleet.link import CONNECT_LIMIT_S
+    from agent.system.service import Service
+
+    stall = StallingBroker()
+    config = dataclasses.replace(vehicle, state_dir=tmp_path / "state", mqtt=dataclasses.replace(
+        vehicle.mqtt, broker=f"mqtts://127.0.0.1:{stall.port}", tls=TlsConfig(ca_file=pki / "ca.pem")))
+    service = Service(config)
+    service.link._client.connect_timeout = 60  # paho's 5 s handshake timeout: here the test ends the wait
+    service.start()
+    try:
+        assert stall.hello.wait(20)
+        assert service.link.connecting_since is not None
+        service.link.heartbeat -= 11  # 11 s into this one handshake (its thread cannot beat meanwhile)
+        assert not [p for p in service.wedged() if p.startswith("mqtt")]
+        assert not [p for p in service.health() if p.startswith("mqtt")]
+        service.link.connecting_since -= CONNECT_LIMIT_S + 1  # longer than any connect can take
+        assert [p for p in service.wedged() if p.startswith("mqtt connecting for")]
+    finally:
+        stall.release()  # the handshake ends (EOF), the loop thread can stop
+        service.stop()

@@ -44,6 +44,10 @@ BACKOFF_MAX_S = 60.0
 # (Response Topic, Correlation Data). The broker drops anything larger instead of sending it to us.
 PACKET_HEADROOM = 16 * 1024
 MAX_PACKET_IN = MAX_COMMAND_BYTES + PACKET_HEADROOM
+# One connect attempt blocks the loop thread: the name lookup (the resolver's retries: 10 s per silent
+# nameserver, up to three), paho's 5 s per address that drops SYNs, 5 s of TLS handshake. Waiting that
+# long is no wedge (health.py); an attempt that outlasts this is.
+CONNECT_LIMIT_S = 120.0
 
 
 @dataclass
@@ -126,6 +130,7 @@ class MqttLink(CutHandling):
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.heartbeat = time.monotonic()
+        self.connecting_since: float | None = None  # a connect attempt blocks the loop thread since then
         self.last_error: str | None = None
         self._announced_max_packet: int | None = None  # from CONNACK; None: the broker announced none
         self._learned_max_packet: int | None = None  # from messages the broker cut the connection on (cuts.py)
@@ -237,11 +242,17 @@ class MqttLink(CutHandling):
         while not self._stop.is_set():
             self.heartbeat = time.monotonic()
             if not opened:
+                self.connecting_since = time.monotonic()
+                error: Exception | None = None
                 try:
                     self._open(first)
                     first, opened = False, True
                 except (OSError, ssl.SSLError, ValueError) as err:
-                    self._fail(f"cannot connect to {self._host}:{self._port}: {err}")
+                    error = err
+                self.heartbeat = time.monotonic()  # before the mark is cleared: health reads them the other way
+                self.connecting_since = None
+                if error is not None:
+                    self._fail(f"cannot connect to {self._host}:{self._port}: {error}")
                     self._pause(delay * random.uniform(0.5, 1.0))
                     delay = min(delay * 2, BACKOFF_MAX_S)
                     continue

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import time
 
+from agent.fleet.link import CONNECT_LIMIT_S
 from agent.metrics.registry import AgentState
 from agent.store.sqlite import StoreError
 from agent.wire import messages as m
@@ -34,11 +35,17 @@ class ServiceHealth:
         in it (a restart would not free the disk: commands are refused `storage_unavailable` meanwhile).
 
         A worker counts as wedged once its command runs past the longest deadline any command can
-        have, plus the waits a transaction may add after it (P2*, a flow-control timeout).
+        have, plus the waits a transaction may add after it (P2*, a flow-control timeout). The MQTT loop
+        thread blocked in one connect attempt (name lookup, TCP, TLS: a broker outage) is not silent; an
+        attempt longer than any of those can take (CONNECT_LIMIT_S) is a wedge.
         """
         now = time.monotonic()
         problems = [f"{name} thread died" for name, alive in self.threads_alive().items() if not alive]
-        beats = {"mqtt": (self.link.heartbeat, 10.0), "intake": (self.intake.heartbeat, 15.0),
+        connecting = self.link.connecting_since  # read before the heartbeat: the link writes them the other way
+        if connecting is not None and now - connecting > CONNECT_LIMIT_S:
+            problems.append(f"mqtt connecting for {now - connecting:.0f} s")
+        beats = {"mqtt": (self.link.heartbeat if connecting is None else now, 10.0),  # a connect is no silence
+                 "intake": (self.intake.heartbeat, 15.0),
                  "outbox": (self.outbox.heartbeat, 10.0), "can-supervisor": (self.runtime.owner.heartbeat, 10.0),
                  "bus-monitor": (self.bus_monitor.heartbeat, self.config.metrics.bus_state_interval_s + 10.0),
                  "collector": (self.collection.collector.heartbeat, 15.0)}
