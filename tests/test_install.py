@@ -339,3 +339,35 @@ def carry_package_index_settings(root):
         elif os.path.exists(config):
             shutil.copy(config, root / config.lstrip("/"))
     return env
+
+
+def unit_dependencies(unit_text: str, *drop_ins: str) -> dict[str, list[str]]:
+    """[Unit] BindsTo= and After= of the unit with its drop-ins applied as systemd does: a list setting adds
+    to what is there, an empty assignment clears it."""
+    found: dict[str, list[str]] = {"BindsTo": [], "After": []}
+    for text in (unit_text, *drop_ins):
+        section = ""
+        for line in text.splitlines():
+            line = line.strip()
+            if line.startswith("["):
+                section = line
+            elif section == "[Unit]" and "=" in line and not line.startswith("#"):
+                key, value = line.split("=", 1)
+                if key in found:
+                    found[key] = found[key] + value.split() if value.strip() else []
+    return found
+
+
+def test_the_vcan0_drop_ins_the_docs_give_drop_can0():
+    # Without the empty assignments the agent stays bound to can0 as well, and on a machine without can0
+    # (a development machine with vcan0) systemd never starts it.
+    unit = UNIT.read_text()
+    header = [line[len("#   "):] for line in unit[:unit.index("\n[Unit]")].splitlines() if line.startswith("#   ")]
+    hw_readme = (ROOT / "hw/README.md").read_text()
+    readme_drop_in = hw_readme[hw_readme.index("```ini", hw_readme.index("systemctl edit sovd-edge")) + 6:]
+    readme_drop_in = readme_drop_in[:readme_drop_in.index("```")]
+    for drop_in in ("\n".join(header), readme_drop_in):
+        deps = unit_dependencies(unit, drop_in)
+        assert deps["BindsTo"] == ["sys-subsystem-net-devices-vcan0.device"], drop_in
+        assert "sys-subsystem-net-devices-vcan0.device" in deps["After"] and "network-online.target" in deps["After"]
+        assert not [d for d in deps["After"] if "can0" in d and "vcan0" not in d], drop_in
