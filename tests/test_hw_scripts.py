@@ -8,6 +8,7 @@ script asks of iproute2 (and refuses settings when told to). The script itself r
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 from conftest import ROOT
@@ -88,3 +89,16 @@ def test_without_root_it_says_so_with_77():
     result = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
                              str(ROOT / "hw/can-up"), "can0", "500000"], capture_output=True, text=True, timeout=30)
     assert result.returncode == 77 and result.stderr == "can-up: needs root: sudo hw/can-up can0 500000\n"
+
+
+@needs_root
+def test_vcan_up_leaves_an_interface_that_is_not_a_vcan_alone():
+    # `sudo hw/vcan-up lo` (or eth0, or can0: a typo for can-up) set that interface's MTU to 72 where the kernel
+    # has vcan: the loopback or the SSH session's link cut to 72 bytes. It is refused before anything is
+    # looked up or loaded, so this runs on this kernel without vcan too.
+    mtu = (Path("/sys/class/net/lo/mtu")).read_text()
+    result = subprocess.run([str(ROOT / "hw/vcan-up"), "lo"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert result.stderr == ("vcan-up: lo exists and is not a vcan interface; nothing changed "
+                             "(a free name: sudo hw/vcan-up vcan0)\n")
+    assert Path("/sys/class/net/lo/mtu").read_text() == mtu
