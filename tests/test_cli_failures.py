@@ -151,6 +151,77 @@ def test_call_with_an_id_or_vehicle_that_cannot_be_a_topic_level_exits_2(broker,
     assert line.startswith(f"sovd-edge call: {says}") and len(line) < 300
 
 
+def tls_config_file(tmp_path, **tls):
+    config = yaml.safe_load((ROOT / DEMO).read_text())
+    config.update(simulate=[str(ROOT / "config/sim/demo-vehicle.yaml")], state_dir=str(tmp_path / "state"),
+                  mqtt={"broker": "mqtts://127.0.0.1:8883", "tls": {k: str(v) for k, v in tls.items()}})
+    path = tmp_path / "agent.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def error_record(result):
+    """The one ERROR line of a `run` that exited 78 (the lines before it are INFO about its start)."""
+    assert result.returncode == 78 and 78 in run.EXITS, result.stderr
+    errors = [json.loads(line) for line in result.stderr.splitlines() if '"level": "ERROR"' in line]
+    assert len(errors) == 1, result.stderr
+    return errors[0]
+
+
+def test_run_names_the_tls_file_it_cannot_use(tmp_path, pki):
+    """Review defect: `run` said only "TLS setup failed: [Errno 2] No such file or directory", not which of the
+    CA, certificate and key files, nor which field names it."""
+    config = tls_config_file(tmp_path, ca_file=tmp_path / "missing-ca.pem", cert_file=pki / "client.pem",
+                             key_file=pki / "client.key")
+    record = error_record(cli("run", "-c", str(config), "--log-format", "json"))
+    assert record["message"] == (f"MQTT link cannot be set up: mqtt.tls.ca_file: {tmp_path / 'missing-ca.pem'} is not "
+                                 "a readable PEM CA certificate: No such file or directory")
+    config = tls_config_file(tmp_path, ca_file=pki / "ca.pem", cert_file=pki / "client.pem",
+                             key_file=pki / "intruder.key")
+    record = error_record(cli("run", "-c", str(config), "--log-format", "json"))
+    assert record["message"].startswith(f"MQTT link cannot be set up: mqtt.tls.cert_file: {pki / 'client.pem'} with "
+                                        f"the key {pki / 'intruder.key'} cannot be loaded: ")
+
+
+@pytest.mark.parametrize(("problem", "field"), [("a missing CA", "mqtt.tls.ca_file"),
+                                                ("a key that is not the certificate's", "mqtt.tls.cert_file"),
+                                                ("a world-readable key", "mqtt.tls.key_file"),
+                                                ("a missing password file", "mqtt.password_file")])
+def test_check_config_reads_the_link_files_as_run_does(tmp_path, pki, problem, field):
+    """Review defect: check-config said OK to TLS and password files `run` cannot use (it exits 78): the
+    installer's next steps check the config with check-config before the first start."""
+    tls = {"ca_file": pki / "ca.pem", "cert_file": pki / "client.pem", "key_file": pki / "client.key"}
+    if problem == "a missing CA":
+        tls["ca_file"] = tmp_path / "ca.pem"
+    elif problem == "a key that is not the certificate's":
+        tls["key_file"] = pki / "intruder.key"
+    elif problem == "a world-readable key":
+        tls["key_file"] = tmp_path / "client.key"
+        tls["key_file"].write_bytes((pki / "client.key").read_bytes())
+        tls["key_file"].chmod(0o644)
+    config = tls_config_file(tmp_path, **tls)
+    if problem == "a missing password file":
+        body = yaml.safe_load(config.read_text())
+        body["mqtt"]["password_file"] = str(tmp_path / "password")
+        config.write_text(yaml.safe_dump(body))
+    line = one_line(cli("check-config", "-c", str(config)), 78, check_config)
+    assert line.startswith(f"sovd-edge check-config: invalid configuration: {config}: {field}: "), line
+
+
+def test_check_config_names_the_files_only_systemd_provides(tmp_path, pki):
+    credentials = Path("/run/credentials/sovd-edge.service")
+    config = tls_config_file(tmp_path, ca_file=pki / "ca.pem", cert_file=pki / "client.pem",
+                             key_file=credentials / "client-key")
+    result = cli("check-config", "-c", str(config))
+    assert result.returncode == 0, result.stderr
+    assert (f"  not checked here: mqtt.tls.key_file {credentials / 'client-key'} (systemd provides it when it "
+            "starts the agent: LoadCredential=)") in result.stdout.splitlines()
+    config = tls_config_file(tmp_path, ca_file=pki / "ca.pem", cert_file=pki / "client.pem",
+                             key_file=pki / "client.key")
+    result = cli("check-config", "-c", str(config))
+    assert result.returncode == 0 and "not checked here" not in result.stdout, result.stdout + result.stderr
+
+
 @pytest.mark.parametrize("problem", ["a private key", "a directory"])
 def test_check_config_loads_the_signing_keys_as_run_does(tmp_path, problem):
     """Review defect: check-config said OK to a public_key that was a private key or a directory; run exits 78."""

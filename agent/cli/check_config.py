@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from agent.cli import common as c
@@ -10,9 +11,11 @@ from agent.collect.schedule import plan_tasks
 from agent.config.model import AgentConfig
 from agent.devtools.sim.config import load_sim_config
 from agent.errors import ConfigError
+from agent.fleet.credentials import LinkSetupError, read_secret, tls_file_problems
 from agent.wire.plan import local_plan_problems, parse_plan
 
 EXITS = {**c.ALWAYS, c.EXIT_OK: "the file is valid", c.EXIT_CONFIG: c.CONFIG_EXIT}
+SYSTEMD_CREDENTIALS = Path("/run/credentials")  # LoadCredential= files: there only inside the service
 
 
 def add_parser(sub: Any) -> None:
@@ -41,10 +44,44 @@ def handle(args: argparse.Namespace, config: AgentConfig) -> int:
         except ConfigError as err:
             c.fail(args, f"invalid configuration: {err}")
             return c.EXIT_CONFIG
+    link_problems, provided = link_file_problems(config)
+    if link_problems:
+        c.fail(args, f"invalid configuration: {ConfigError(str(args.config), link_problems)}")
+        return c.EXIT_CONFIG
     names = ", ".join(e.name for e in config.ecus)
     print(f"{args.config}: OK (vehicle {config.vehicle}, bus {config.bus.interface}:{config.bus.channel}, "
           f"{len(config.ecus)} ECUs: {names}; {len(config.collect.plans)} collection plans)")
+    for line in provided:
+        print(f"  not checked here: {line} (systemd provides it when it starts the agent: LoadCredential=)")
     return c.EXIT_OK
+
+
+def link_file_problems(config: AgentConfig) -> tuple[list[tuple[str, str]], list[str]]:
+    """The MQTT link's files read as `run` reads them before it connects (password, CA, client certificate
+    and key), so that OK here means the link can be set up: (problems, files only systemd provides)."""
+    provided: list[str] = []
+
+    def systemd_provides(path: Path) -> bool:
+        return path.is_relative_to(SYSTEMD_CREDENTIALS)
+
+    mqtt = config.mqtt
+    problems: list[tuple[str, str]] = []
+    if mqtt.password_credential is not None:
+        provided.append(f"mqtt.password_credential {mqtt.password_credential}")
+    if mqtt.password_file is not None:
+        if systemd_provides(mqtt.password_file):
+            provided.append(f"mqtt.password_file {mqtt.password_file}")
+        else:
+            try:
+                read_secret(mqtt.password_file)
+            except LinkSetupError as err:
+                problems.append(("mqtt.password_file", str(err)))
+    tls = mqtt.tls
+    for field, path in (("mqtt.tls.ca_file", tls.ca_file), ("mqtt.tls.cert_file", tls.cert_file),
+                        ("mqtt.tls.key_file", tls.key_file)) if tls is not None else ():
+        if path is not None and systemd_provides(path):
+            provided.append(f"{field} {path}")
+    return problems + tls_file_problems(mqtt, skip=systemd_provides), provided
 
 
 def scheduled_request_problems(config: AgentConfig) -> list[tuple[str, str]]:

@@ -66,7 +66,7 @@ class Caller:
         if config.username or password:
             self._client.username_pw_set(config.username or "", password)
         if tls or config.tls:  # the link's own rules: verify_hostname, a key file others may not read
-            use_tls(self._client, config.tls)
+            use_tls(self._client, config)
         self._client.on_message = self._on_message
         self.seen: list[Seen] = []
         self._changed = threading.Condition()

@@ -117,7 +117,7 @@ class MqttLink(CutHandling):
         if config.username is not None or password is not None:
             self._client.username_pw_set(config.username or "", password)
         if tls or config.tls is not None:
-            use_tls(self._client, config.tls)
+            use_tls(self._client, config)
         self._client.on_connect = self._connected
         self._client.on_disconnect = self._disconnected
         self._client.on_message = self._message
