@@ -171,7 +171,7 @@ def ids(root, name):
 
 
 @needs_root
-def test_install_places_every_file_with_its_mode_and_owner(installed):
+def test_install_places_every_file_with_its_mode_and_owner(installed, pki):
     root = installed
     uid, gid = ids(root, "sovd-edge")
     assert uid < 1000  # a system user
@@ -206,10 +206,17 @@ def test_install_places_every_file_with_its_mode_and_owner(installed):
     assert (keys.stat().st_mode & 0o7777, keys.stat().st_gid) == (0o750, gid)
     for key_id in ("backend-2026", "workshop"):
         subprocess.run([str(tool), "keygen", "--key-id", key_id, "--dir", str(keys)], check=True, capture_output=True)
-    local = config.with_name("agent.local.yaml")  # the key paths as seen from this root, not from /
-    local.write_text(config.read_text().replace("/etc/sovd-edge/keys/", f"{keys}/"))
+    local = config.with_name("agent.local.yaml")  # the paths as seen from this root, not from /
+    local.write_text(config.read_text().replace("/etc/sovd-edge/", f"{root}/etc/sovd-edge/"))
+    check = subprocess.run([str(tool), "check-config", "-c", str(local)], capture_output=True, text=True)
+    # then the broker's CA and the vehicle's certificate, which `run` loads before it connects
+    assert check.returncode == 78 and f"mqtt.tls.ca_file: {root}/etc/sovd-edge/ca.pem is not a readable" in check.stderr
+    for name, source in (("ca.pem", "ca.pem"), ("client.pem", "client.pem")):
+        (root / "etc/sovd-edge" / name).write_bytes((pki / source).read_bytes())
     check = subprocess.run([str(tool), "check-config", "-c", str(local)], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
+    # the client key comes from systemd (LoadCredential=): named, not read
+    assert "not checked here: mqtt.tls.key_file /run/credentials/sovd-edge.service/client-key" in check.stdout
 
 
 @needs_root
