@@ -231,3 +231,22 @@ def test_a_connect_attempt_under_way_is_not_a_wedge(vehicle, sim, pki, tmp_path)
     finally:
         stall.release()  # the handshake ends (EOF), the loop thread can stop
         service.stop()
+
+
+def test_the_watchdogs_abort_leaves_every_threads_stack_in_the_journal(tmp_path, broker, notify):
+    # systemd ends a process that stopped pinging with SIGABRT (WatchdogSignal=). When the main loop itself
+    # is what hangs, no "not feeding the watchdog" line says why: the stacks written on the way out are the
+    # only trace of where each thread was stuck.
+    proc, _ = start_agent(tmp_path, broker, notify, watchdog_s=30.0)
+    try:
+        notify.wait_for("READY=1", 20)
+        proc.send_signal(signal.SIGABRT)
+        assert proc.wait(20) == -signal.SIGABRT
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log = (tmp_path / "agent.log").read_text()
+    assert "Fatal Python error: Aborted" in log
+    assert "in run_until_stopped" in log  # the main loop, where it waited
+    assert log.count("Thread 0x") + log.count("Current thread 0x") >= 5  # main, mqtt loop, intake, outbox, workers

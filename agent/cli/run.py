@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import faulthandler
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +79,10 @@ def handle(args: argparse.Namespace, config: AgentConfig) -> int:
 
 def _run(args: argparse.Namespace, config: AgentConfig) -> int:
     stop = c.stop_on_signals()
+    # systemd's watchdog ends a process that stopped pinging with SIGABRT: every thread's stack goes to
+    # the journal on the way out, the one trace of where a hung main loop waited (also on SIGSEGV & co.)
+    with contextlib.suppress(AttributeError, ValueError, OSError):  # a stderr without a file descriptor
+        faulthandler.enable(file=sys.stderr, all_threads=True)
     try:
         companions = simulators_for(config, journal=args.sim_journal)
     except OSError as err:
