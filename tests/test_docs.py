@@ -45,7 +45,8 @@ def test_dev_setup_installs_for_the_device_less_than_for_the_tests():
     tests = run("hw/dev-setup", "--list", "--tests")
     assert device.returncode == tests.returncode == 0
     assert device.stdout.split() == ["python3-venv", "mosquitto", "mosquitto-clients"]
-    heavy = {"prometheus", "qemu-system-x86", "busybox-static", "cpio", "file", "debootstrap", "openssl", "systemd"}
+    heavy = {"prometheus", "qemu-system-x86", "busybox-static", "cpio", "file", "debootstrap", "openssl", "systemd",
+             "shellcheck"}
     assert set(tests.stdout.split()) == set(device.stdout.split()) | heavy
     for package in tests.stdout.split():  # the README names every package it installs
         assert f"`{package}`" in README, package

@@ -1,5 +1,6 @@
-"""hw/can-up as a field engineer runs it: every mistake in its arguments is a usage error that touches
-nothing, and every run leaves the same interface state, whatever was set by hand before.
+"""The hw/ scripts as a field engineer runs them: every mistake in can-up's arguments is a usage error that
+touches nothing, every run leaves the same interface state, whatever was set by hand before; vcan-up never
+touches an interface that is not a vcan; and every script passes shellcheck.
 
 This kernel has no CAN, so no CAN interface can exist here: a stand-in `ip` on PATH records what the
 script asks of iproute2 (and refuses settings when told to). The script itself runs for real.
@@ -102,3 +103,12 @@ def test_vcan_up_leaves_an_interface_that_is_not_a_vcan_alone():
     assert result.stderr == ("vcan-up: lo exists and is not a vcan interface; nothing changed "
                              "(a free name: sudo hw/vcan-up vcan0)\n")
     assert Path("/sys/class/net/lo/mtu").read_text() == mtu
+
+
+SCRIPTS = ["hw/can-up", "hw/vcan-up", "hw/install", "hw/dev-setup", "tests/vm/run-vcan-suite", ".ci/run"]
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed (hw/dev-setup --tests)")
+def test_the_scripts_pass_shellcheck():
+    result = subprocess.run(["shellcheck", *SCRIPTS], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
