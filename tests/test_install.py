@@ -138,6 +138,24 @@ def test_process_metrics_survive_the_units_proc_subset():
     assert abs(start - time.time()) < 600  # the process started moments ago, not at the epoch
 
 
+def test_the_agent_starts_again_when_its_can_interface_comes_back(tmp_path):
+    # BindsTo= stops the agent when the interface's device goes away (a USB adapter re-enumerating after a
+    # brown-out); nothing started it again when the device came back, until the next boot.
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str
+    unit.read_string(UNIT.read_text())
+    bound = unit["Unit"]["BindsTo"].split()
+    assert bound == ["sys-subsystem-net-devices-can0.device"]
+    assert set(bound) <= set(unit["Install"]["WantedBy"].split())
+    # and systemctl makes the link from it, as `hw/install` enables the unit
+    (tmp_path / "etc/systemd/system").mkdir(parents=True)
+    shutil.copy(UNIT, tmp_path / "etc/systemd/system/sovd-edge.service")
+    result = subprocess.run(["systemctl", f"--root={tmp_path}", "enable", "sovd-edge.service"], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "etc/systemd/system/sys-subsystem-net-devices-can0.device.wants/sovd-edge.service").is_symlink()
+
+
 def test_networkd_files():
     for name, fd in (("80-can.network", False), ("80-can-fd.network", True)):
         config = configparser.ConfigParser()
@@ -195,6 +213,8 @@ def test_install_places_every_file_with_its_mode_and_owner(installed, pki):
     assert (root / "etc/sovd-edge/agent.yaml").read_text() == (ROOT / "config/agent.example.yaml").read_text()
     link = root / "etc/systemd/system/multi-user.target.wants/sovd-edge.service"
     assert os.readlink(link) == "/etc/systemd/system/sovd-edge.service"
+    link = root / "etc/systemd/system/sys-subsystem-net-devices-can0.device.wants/sovd-edge.service"
+    assert os.readlink(link) == "/etc/systemd/system/sovd-edge.service"  # started again when can0 comes back
     tool = root / "opt/sovd-edge/venv/bin/sovd-edge"
     assert subprocess.run([str(tool), "--version"], capture_output=True, text=True).stdout.startswith("sovd-edge 0.")
     # Fresh from the installer the example config names the backend's public keys, which only the operator
