@@ -4,7 +4,9 @@ exit code, and one line that says what is wrong (and what to do). Real subproces
 import ast
 import inspect
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 import uuid
@@ -206,6 +208,23 @@ def test_check_config_reads_the_link_files_as_run_does(tmp_path, pki, problem, f
         config.write_text(yaml.safe_dump(body))
     line = one_line(cli("check-config", "-c", str(config)), 78, check_config)
     assert line.startswith(f"sovd-edge check-config: invalid configuration: {config}: {field}: "), line
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="runs it as another user")
+def test_a_config_this_user_may_not_read_says_to_use_sudo(tmp_path):
+    """Review defect: the README's steps ran check-config and doctor on /etc/sovd-edge/agent.yaml (mode 0640,
+    root and the sovd-edge group) from the operator's shell, and got only "cannot read: Permission denied"."""
+    tmp_path.chmod(0o755)
+    config = tmp_path / "agent.yaml"
+    config.write_text((ROOT / DEMO).read_text())
+    config.chmod(0o640)
+    for subcommand, module in (("check-config", check_config), ("doctor", doctor)):
+        result = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
+                                 "-m", "agent", subcommand, "-c", str(config)], capture_output=True, text=True,
+                                cwd=ROOT, timeout=60)
+        assert one_line(result, 78, module) == (
+            f"sovd-edge {subcommand}: invalid configuration: {config}: cannot read: Permission denied "
+            "(this user may not read it: run the command with sudo)")
 
 
 def test_check_config_names_the_files_only_systemd_provides(tmp_path, pki):

@@ -185,7 +185,10 @@ def agent_config(args: argparse.Namespace) -> AgentConfig | None:
     try:
         config = load_config(args.config)
     except ConfigError as err:
-        fail(args, f"invalid configuration: {err}")
+        # /etc/sovd-edge/agent.yaml is root's and the sovd-edge group's: an operator's shell needs sudo
+        hint = " (this user may not read it: run the command with sudo)" if isinstance(err.__cause__,
+                                                                                         PermissionError) else ""
+        fail(args, f"invalid configuration: {err}{hint}")
         return None
     try:
         config = _overrides(config, args)
