@@ -163,7 +163,9 @@ def test_networkd_files():
         config.read(ROOT / "hw/networkd" / name)
         assert config["Match"]["Name"] == "can0"
         assert config["CAN"]["BitRate"] == "500K" and config["CAN"]["RestartSec"] == "100ms"
-        assert (config["CAN"].get("FDMode") == "yes") is fd and ("DataBitRate" in config["CAN"]) is fd
+        assert config["CAN"]["FDMode"] == ("yes" if fd else "no") and ("DataBitRate" in config["CAN"]) is fd
+        # networkd changes only what is given: a listen-only trial by hand would outlive its restart
+        assert config["CAN"]["ListenOnly"] == "no"
 
 
 @pytest.fixture(scope="module")
