@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -39,6 +40,15 @@ from agent.devtools.local_broker import free_port
 DEMO = "config/demo.yaml"
 
 
+@pytest.fixture
+def shared_tmp():
+    """A directory another user (nobody) can reach: pytest's own tmp_path is under a root-only directory."""
+    path = Path(tempfile.mkdtemp(prefix="sovd-shared-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path)
+
+
 def cli(*args, timeout=60):
     return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True, text=True, cwd=ROOT,
                           timeout=timeout)
@@ -67,6 +77,30 @@ def test_run_with_a_file_for_a_state_dir_exits_73(tmp_path):
     assert record["level"] == "ERROR" and record["message"].startswith("cannot use state directory: ")
     assert "sovd-edge doctor" in record["message"]  # what to do, as doctor says it
     assert record["state_dir"] == str(blocker / "state")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and another user")
+def test_root_leaves_the_services_state_dir_alone_and_a_locked_out_user_is_told_how(shared_tmp):
+    """Review defect: `sudo sovd-edge run -c /etc/sovd-edge/agent.yaml` (a field engineer's debugging run) created
+    the lock and the store as root in the service's state directory; the service (User=sovd-edge) then failed
+    to lock it, exit 73 at every restart until systemd gave up, and StateDirectory= does not chown what is inside
+    a directory it already owns."""
+    state = shared_tmp / "state"
+    state.mkdir()
+    os.chown(state, 65534, 65534)
+    result = cli("run", "-c", DEMO, "--state-dir", str(state), "--log-format", "json")
+    record = json.loads(one_line(result, 73, run))
+    assert record["message"].startswith(f"refusing to run as root with {state}, the state directory of user nobody")
+    assert "sudo -u nobody" in record["message"] and "--state-dir" in record["message"]
+    assert list(state.iterdir()) == []  # nothing created there
+    (state / "agent.lock").write_text("1\n")  # what an earlier run as root left
+    (state / "agent.lock").chmod(0o640)
+    result = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m",
+                             "agent", "run", "-c", DEMO, "--state-dir", str(state), "--log-format", "json"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=60)
+    record = json.loads(one_line(result, 73, run))
+    assert record["message"].endswith(f"(files in it belong to root, not to nobody: an agent run as another user? "
+                                      f"give them back: sudo chown -R nobody: {state})")
 
 
 def test_call_with_the_broker_down_names_the_broker_and_exits_69():
@@ -211,11 +245,10 @@ def test_check_config_reads_the_link_files_as_run_does(tmp_path, pki, problem, f
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="runs it as another user")
-def test_a_config_this_user_may_not_read_says_to_use_sudo(tmp_path):
+def test_a_config_this_user_may_not_read_says_to_use_sudo(shared_tmp):
     """Review defect: the README's steps ran check-config and doctor on /etc/sovd-edge/agent.yaml (mode 0640,
     root and the sovd-edge group) from the operator's shell, and got only "cannot read: Permission denied"."""
-    tmp_path.chmod(0o755)
-    config = tmp_path / "agent.yaml"
+    config = shared_tmp / "agent.yaml"
     config.write_text((ROOT / DEMO).read_text())
     config.chmod(0o640)
     for subcommand, module in (("check-config", check_config), ("doctor", doctor)):

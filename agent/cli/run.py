@@ -7,6 +7,7 @@ import contextlib
 import faulthandler
 import logging
 import os
+import pwd
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,8 @@ EXITS = {
     c.EXIT_UNAVAILABLE: "the metrics endpoint cannot listen (the CAN bus and the broker are retried instead)",
     c.EXIT_SOFTWARE: "an essential thread died, or a bug raised; systemd restarts the agent",
     c.EXIT_CANTCREAT: "the state directory cannot be created or written, or no store can be created in it, or "
-                       "the --sim-journal file cannot be opened",
+                       "it is another user's (the service's) and this is root, or the --sim-journal file cannot "
+                       "be opened",
     c.EXIT_TEMPFAIL: "another agent holds the state directory (the message names its pid)",
     c.EXIT_CONFIG: "the config file is invalid, or a credential or TLS file is unusable; systemd does not "
                    "restart on it",
@@ -62,6 +64,15 @@ def handle(args: argparse.Namespace, config: AgentConfig) -> int:
                   "it with StateDirectory=, by hand `install -d -o sovd-edge %s`; `sovd-edge doctor` checks it)",
                   err, config.state_dir, extra={"state_dir": str(config.state_dir)})
         return c.EXIT_CANTCREAT
+    owner = config.state_dir.stat().st_uid
+    if os.geteuid() == 0 and owner != 0:
+        # what root creates there (the lock, a fresh store, its WAL) the service's user cannot open afterwards,
+        # and systemd's StateDirectory= does not give back files inside a directory it already owns
+        log.error("refusing to run as root with %s, the state directory of user %s (the service's): the files "
+                  "root would create there lock that user out. Run it as that user (sudo -u %s ...), or give "
+                  "this run its own --state-dir", config.state_dir, _user(owner), _user(owner),
+                  extra={"state_dir": str(config.state_dir)})
+        return c.EXIT_CANTCREAT
     lock = StateLock(config.state_dir)
     try:
         lock.acquire()
@@ -69,7 +80,8 @@ def handle(args: argparse.Namespace, config: AgentConfig) -> int:
         log.error("%s", err, extra={"state_dir": str(config.state_dir), "holder_pid": err.holder})
         return c.EXIT_TEMPFAIL
     except OSError as err:
-        log.error("cannot lock the state directory: %s", err, extra={"state_dir": str(config.state_dir)})
+        log.error("cannot lock the state directory: %s%s", err, _foreign_files(config.state_dir),
+                  extra={"state_dir": str(config.state_dir)})
         return c.EXIT_CANTCREAT
     try:
         return _run(args, config)
@@ -115,3 +127,23 @@ def _run(args: argparse.Namespace, config: AgentConfig) -> int:
                     extra={"error": service.runtime.owner.last_error})
     clean = run_until_stopped(service, stop, args.grace)
     return c.EXIT_OK if clean else c.EXIT_SOFTWARE
+
+
+def _user(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _foreign_files(directory: Path) -> str:
+    """What to do when files in the state directory belong to another user (an agent once run as root)."""
+    me = os.geteuid()
+    try:
+        foreign = sorted({_user(p.stat().st_uid) for p in directory.iterdir() if p.stat().st_uid != me})
+    except OSError:
+        return ""
+    if not foreign:
+        return ""
+    return (f" (files in it belong to {', '.join(foreign)}, not to {_user(me)}: an agent run as another user? "
+            f"give them back: sudo chown -R {_user(me)}: {directory})")
