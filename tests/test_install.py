@@ -176,10 +176,25 @@ def installed(tmp_path_factory):
     (root / "etc/group").write_text("root:x:0:\n")
     (root / "etc/shadow").write_text("root:*:19000:0:99999:7:::\n")
     (root / "etc/gshadow").write_text("root:*::\n")
+    litter = [ROOT / "build", *ROOT.glob("*.egg-info")]
+    before = {path: path.stat().st_mtime_ns for path in litter if path.exists()}
     result = subprocess.run([str(ROOT / "hw/install"), "--root", str(root), "--no-apt"], capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
+    INSTALL_LEFT[:] = [path for path in [ROOT / "build", *ROOT.glob("*.egg-info")]
+                       if path.exists() and before.get(path) != path.stat().st_mtime_ns]
     return root
+
+
+INSTALL_LEFT: list = []  # what the installer's run made or changed in the checkout
+
+
+@needs_root
+def test_install_leaves_the_checkout_as_it_was(installed):
+    # `sudo hw/install` from the operator's clone built the package in it: root-owned build/ and
+    # sovd_edge_agent.egg-info that `hw/dev-setup` as that user could not write, and a build/ that kept
+    # modules deleted since and packaged them again at the next install
+    assert INSTALL_LEFT == []
 
 
 def ids(root, name):
