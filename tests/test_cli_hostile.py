@@ -312,3 +312,16 @@ def test_output_a_plain_ascii_terminal_cannot_show_is_escaped_not_a_crash(tmp_pa
     result = cli("check-config", "-c", str(odd), env={**os.environ, "PYTHONIOENCODING": "ascii"})
     assert result.returncode == 0, result.stderr
     assert "d\\xe9mo.yaml: OK" in result.stdout
+
+
+def test_a_closed_stdout_ends_quietly_by_sigpipe():
+    # `sovd-edge commands | head -1`: the reader goes away, the writer ends without a word, as a pipeline
+    # expects (the shell shows 141). Here the pipe has no reader from the start, so the first write fails.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run([sys.executable, "-m", "agent", "commands"], stdout=write_end, stderr=subprocess.PIPE,
+                                text=True, cwd=ROOT, timeout=60)
+    finally:
+        os.close(write_end)
+    assert result.returncode == -signal.SIGPIPE and result.stderr == ""

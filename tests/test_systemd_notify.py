@@ -250,3 +250,21 @@ def test_the_watchdogs_abort_leaves_every_threads_stack_in_the_journal(tmp_path,
     assert "Fatal Python error: Aborted" in log
     assert "in run_until_stopped" in log  # the main loop, where it waited
     assert log.count("Thread 0x") + log.count("Current thread 0x") >= 5  # main, mqtt loop, intake, outbox, workers
+
+
+def test_a_broken_pipe_does_not_end_the_daemon(tmp_path, broker, notify):
+    # The kernel sends SIGPIPE to a process that writes to a socket whose peer is gone: the broker's
+    # connection reset under paho, a Prometheus scrape that timed out mid-response. `sovd-edge` made SIGPIPE
+    # fatal for every subcommand (for `uds ... | head`), the daemon included, and systemd counts death by
+    # SIGPIPE as a clean exit: Restart=on-failure did not restart it. Python's own choice, ignored, makes it
+    # an EPIPE error the code handles.
+    proc, _ = start_agent(tmp_path, broker, notify, watchdog_s=30.0)
+    try:
+        notify.wait_for("READY=1", 20)
+        proc.send_signal(signal.SIGPIPE)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0  # stopped by the SIGTERM, cleanly: not ended by the SIGPIPE before it
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

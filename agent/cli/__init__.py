@@ -4,6 +4,7 @@ May import: every layer, dev tools included; it is where simulated ECUs are wire
 from __future__ import annotations
 
 import argparse
+import errno
 import io
 import logging
 import os
@@ -44,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `sovd-edge uds ... | head` ends quietly
+    # SIGPIPE stays ignored (Python's default): made fatal, a write to a socket whose peer is gone (the broker's
+    # reset, a scrape that timed out) ended the daemon, which systemd counts as a clean exit and never restarts.
+    # A closed stdout (`sovd-edge uds ... | head`) ends quietly below instead.
     args = build_parser().parse_args(argv)
     on_term = signal.signal(signal.SIGTERM, _interrupt)  # run and simulate put their stop request in its place
     if isinstance(sys.stdout, io.TextIOWrapper):  # an ASCII-only console (LANG=C): escape, as stderr does
@@ -56,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.flush()  # what is still buffered fails here, not as "Exception ignored" at exit
         return code
     except OutputError as err:
+        if err.errno == errno.EPIPE:  # the reader (`| head`) has what it wanted: the end a pipeline expects
+            _end_by_broken_pipe()
         fail(args, f"cannot write the output: {err.strerror}")
         return EXIT_CANTCREAT
     except KeyboardInterrupt:
@@ -72,6 +77,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         sys.stdout = stdout
         signal.signal(signal.SIGTERM, on_term)  # as it was, for a caller that runs main() in its own process
+
+
+def _end_by_broken_pipe() -> NoReturn:
+    """Ends as a process whose stdout reader went away ends by default: by SIGPIPE, without a word."""
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGPIPE)
+    sys.exit(128 + signal.SIGPIPE)  # only if the signal is blocked
 
 
 def _end_by_signal(args: argparse.Namespace, signum: int) -> NoReturn:
