@@ -318,6 +318,25 @@ def test_doctor_failures_each_with_a_fix(tmp_path):
     assert results(vcan)["bus state"] == SKIP
 
 
+@needs_root
+def test_doctor_finds_files_in_the_state_dir_that_lock_its_owner_out(tmp_path):
+    # what an agent run as root leaves in the service's state directory: the service cannot lock it (exit 73)
+    from agent.system.doctor import _state_dir
+
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "agent.lock").write_text("1\n")
+    (state / "clock.json").write_text("{}")
+    os.chown(state, 65534, 65534)
+    os.chown(state / "clock.json", 65534, 65534)
+    check = _state_dir(state)
+    assert check.result == FAIL and check.detail == f"agent.lock in {state} belong to another user than the " \
+                                                    "directory's (nobody)"
+    assert check.fix == f"sudo chown -R nobody: {state}"
+    os.chown(state / "agent.lock", 65534, 65534)
+    assert _state_dir(state).result == OK
+
+
 def test_doctor_cli(tmp_path, broker):
     def doctor(*args):
         return subprocess.run([sys.executable, "-m", "agent", "doctor", *args], capture_output=True, text=True,

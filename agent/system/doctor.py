@@ -4,6 +4,7 @@ It only looks: no check creates, writes or changes anything."""
 from __future__ import annotations
 
 import os
+import pwd
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -89,6 +90,15 @@ def _state_dir(path: Path) -> Check:
     fix = f"systemd creates it (StateDirectory=); by hand: install -d -o sovd-edge {path}"
     who = " (as root)" if os.geteuid() == 0 else ""
     if path.is_dir():
+        owner = path.stat().st_uid
+        try:
+            foreign = sorted(p.name for p in path.iterdir() if p.stat().st_uid != owner)
+        except OSError:
+            foreign = []
+        if foreign:  # e.g. an agent run as root: the lock and store it made lock the owner (the service) out
+            return Check("state dir", FAIL, f"{', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''} in {path} "
+                         f"belong to another user than the directory's ({_user(owner)})",
+                         f"sudo chown -R {_user(owner)}: {path}")
         if os.access(path, os.W_OK | os.X_OK):
             return Check("state dir", OK, f"{path} is writable{who}")
         return Check("state dir", FAIL, f"{path} is not writable{who}", fix)
@@ -100,6 +110,13 @@ def _state_dir(path: Path) -> Check:
     if os.access(parent, os.W_OK | os.X_OK):
         return Check("state dir", OK, f"{path} does not exist yet; the agent creates it in {parent}{who}")
     return Check("state dir", FAIL, f"{path} does not exist and {parent} is not writable{who}", fix)
+
+
+def _user(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
 
 
 def render(checks: list[Check]) -> str:
