@@ -103,6 +103,24 @@ def test_root_leaves_the_services_state_dir_alone_and_a_locked_out_user_is_told_
                                       f"give them back: sudo chown -R nobody: {state})")
 
 
+def test_run_with_the_metrics_port_taken_exits_69_and_names_the_setting(tmp_path):
+    """Review defect: with the port taken (another agent, an exporter) `run` on a config with simulated ECUs
+    ended in "internal error: RuntimeError: cannot join thread before it is started" and exit 70 (it stopped
+    parts that never started), and its hint named `metrics.listen_port`, which no config has."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = cli("run", "-c", DEMO, "--state-dir", str(tmp_path / "state"), "--metrics-listen",
+                     f"127.0.0.1:{port}", "--log-format", "json")
+    assert result.returncode == 69 and 69 in run.EXITS, result.stderr
+    errors = [json.loads(line) for line in result.stderr.splitlines() if '"level": "ERROR"' in line]
+    assert [e["message"] for e in errors] == [
+        f"cannot serve metrics on 127.0.0.1:{port}: [Errno 98] Address already in use (is another agent or "
+        "exporter using it? choose another port: metrics.listen in the config, or --metrics-listen)"]
+    assert "Traceback" not in result.stderr
+
+
 def test_call_with_the_broker_down_names_the_broker_and_exits_69():
     url = f"mqtt://127.0.0.1:{free_port()}"
     result = cli("call", "-c", DEMO, "--broker", url, "engine", "read_data", "data=vin")

@@ -116,9 +116,8 @@ def _run(args: argparse.Namespace, config: AgentConfig) -> int:
         return c.EXIT_CANTCREAT
     try:
         started = service.start(wait=1.0)
-    except MetricsServerError as err:  # nothing else was started: one line, no traceback
+    except MetricsServerError as err:  # nothing else was started, and start() closed the store: one line
         log.error("%s", err)  # it says what to look at
-        service.stop(0)
         return c.EXIT_UNAVAILABLE
     log.info("sovd-edge %s starting", __version__, extra={"vehicle": config.vehicle, "config": args.config,
                                                            "broker": config.mqtt.broker})
