@@ -354,7 +354,7 @@ def test_doctor_cli(tmp_path, broker):
 @pytest.mark.slow
 @needs_root
 @pytest.mark.skipif(shutil.which("debootstrap") is None, reason="debootstrap is not installed (hw/dev-setup --tests)")
-def test_install_in_a_clean_debian_12_chroot(tmp_path_factory):
+def test_install_in_a_clean_debian_12_chroot(tmp_path_factory, pki):
     """The installer inside a fresh Debian 12 made by debootstrap: apt, user, venv, unit; then the tool runs."""
     root = tmp_path_factory.mktemp("bookworm")
     boot = subprocess.run(["debootstrap", "--variant=minbase", "bookworm", str(root), "http://deb.debian.org/debian"],
@@ -374,10 +374,13 @@ def test_install_in_a_clean_debian_12_chroot(tmp_path_factory):
         for key_id in ("backend-2026", "workshop"):  # the operator's step: the backend's public keys
             subprocess.run([*run, "keygen", "--key-id", key_id, "--dir", "/etc/sovd-edge/keys"], check=True,
                            capture_output=True, timeout=60)
+        for name in ("ca.pem", "client.pem"):  # and the broker's CA and the vehicle's certificate
+            (root / "etc/sovd-edge" / name).write_bytes((pki / name).read_bytes())
         check = subprocess.run([*run, "check-config", "-c", "/etc/sovd-edge/agent.yaml"], capture_output=True,
                                text=True, timeout=60)
         assert check.returncode == 0, check.stdout + check.stderr
         assert (root / "etc/systemd/system/multi-user.target.wants/sovd-edge.service").is_symlink()
+        assert (root / "etc/systemd/system/sys-subsystem-net-devices-can0.device.wants/sovd-edge.service").is_symlink()
     finally:
         for mount in ("dev", "sys", "proc"):
             subprocess.run(["umount", "-l", str(root / mount)], check=False)
