@@ -268,3 +268,15 @@ def test_a_broken_pipe_does_not_end_the_daemon(tmp_path, broker, notify):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_the_metrics_thread_and_the_telemetry_lane_are_watched_too(service):
+    """The metrics endpoint's thread could die and the lane could hang without the watchdog noticing:
+    Prometheus saw the edge vanish, systemd saw a healthy agent (the deployment review's note)."""
+    assert service.wedged() == []
+    service.collection.lane.heartbeat -= 60  # the lane looks at least every 30 s when nothing waits
+    assert "telemetry-lane silent for 60 s" in service.wedged()
+    service.collection.lane.heartbeat += 60
+    service.metrics_server._server.shutdown()  # its serve_forever returns: the thread ends
+    service.metrics_server._thread.join(5)
+    assert "metrics-http thread died" in service.wedged()

@@ -48,6 +48,11 @@ class MetricsServer:
         log.info("metrics endpoint up", extra={"listen": f"{self.config.listen_host}:{self.port}",
                                                "tls": tls is not None})
 
+    @property
+    def alive(self) -> bool:
+        """The serving thread runs (the watchdog checks it: a dead endpoint is a silent edge)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def stop(self) -> None:
         if self._server is not None:
             self._server.shutdown()

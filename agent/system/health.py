@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import time
 
+from agent.fleet.lane import QUIET_S as LANE_QUIET_S
 from agent.fleet.link import CONNECT_LIMIT_S
 from agent.metrics.registry import AgentState
 from agent.store.sqlite import StoreError
@@ -48,7 +49,8 @@ class ServiceHealth:
                  "intake": (self.intake.heartbeat, 15.0),
                  "outbox": (self.outbox.heartbeat, 10.0), "can-supervisor": (self.runtime.owner.heartbeat, 10.0),
                  "bus-monitor": (self.bus_monitor.heartbeat, self.config.metrics.bus_state_interval_s + 10.0),
-                 "collector": (self.collection.collector.heartbeat, 15.0)}
+                 "collector": (self.collection.collector.heartbeat, 15.0),
+                 "telemetry-lane": (self.collection.lane.heartbeat, LANE_QUIET_S + 15.0)}
         problems += [f"{name} silent for {now - beat:.0f} s" for name, (beat, limit) in beats.items()
                      if now - beat > limit]
         for name, worker in self.runtime.workers.items():
@@ -81,9 +83,10 @@ class ServiceHealth:
         return self._outbox_seen
 
     def threads_alive(self) -> dict[str, bool]:
+        metrics = {} if self.metrics_server is None else {"metrics-http": self.metrics_server.alive}
         return {"intake": self.intake.alive, "outbox": self.outbox.alive, "mqtt": self.link.alive,
                 "bus-monitor": self.bus_monitor.alive, "can-supervisor": self.runtime.owner.supervisor_alive,
-                **self.collection.threads_alive()}
+                **self.collection.threads_alive(), **metrics}
 
     def _status(self, state: str) -> bytes:
         """The status the link publishes: online, the offline one of a clean stop, or the Last Will (built
