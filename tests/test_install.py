@@ -310,7 +310,12 @@ def test_doctor_failures_each_with_a_fix(tmp_path):
     assert set(failing) >= {"bitrate", "bus state", "broker"}
     assert all(c.fix for c in failing.values())
     missing = run_checks(config, reader=lambda interface: None)
-    assert results(missing)["interface"] == FAIL and "hw/vcan-up" in missing[1].fix
+    assert results(missing)["interface"] == FAIL and "dtoverlay" in missing[1].fix
+    # without a HAT, a vcan named like the config's can0 would look like a real bus: say to change the config
+    assert "sudo hw/vcan-up and bus.channel: vcan0" in missing[1].fix
+    missing_vcan = run_checks(dataclasses.replace(config, bus=dataclasses.replace(config.bus, channel="vcan3")),
+                              reader=lambda interface: None)
+    assert missing_vcan[1].fix == "sudo hw/vcan-up vcan3"
     down = run_checks(config, reader=recorded("stopped"))
     assert results(down)["interface"] == FAIL and "hw/can-up" in down[1].fix
     vcan = run_checks(dataclasses.replace(config, bus=dataclasses.replace(config.bus, channel="vcan0")),

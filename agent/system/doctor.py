@@ -45,9 +45,10 @@ def _bus_checks(config: AgentConfig, reader: object) -> list[Check]:
         return [Check("interface", SKIP, f"{bus.interface}:{bus.channel} is not a kernel interface")]
     link: CanLink | None = reader(bus.channel)  # type: ignore[operator]
     if link is None:
-        return [Check("interface", FAIL, f"{bus.channel} does not exist",
-                      "CAN HAT: check the dtoverlay in /boot/firmware/config.txt and `dmesg | grep -i mcp`; "
-                      "development: sudo hw/vcan-up")]
+        fix = f"sudo hw/vcan-up {bus.channel}" if bus.channel.startswith("vcan") else (
+            "CAN HAT: check the dtoverlay in /boot/firmware/config.txt and `dmesg | grep -i mcp`; "
+            "development without a HAT: sudo hw/vcan-up and bus.channel: vcan0 in the config")
+        return [Check("interface", FAIL, f"{bus.channel} does not exist", fix)]
     state = "up" if link.up else "down"
     checks = [Check("interface", OK if link.up else FAIL, f"{bus.channel} ({link.kind}) is {state}",
                     "" if link.up else f"sudo hw/can-up {bus.channel} {bus.bitrate} (or enable systemd-networkd)")]
