@@ -389,3 +389,14 @@ def test_frames_a_full_queue_drops_are_logged_not_only_counted(caplog):
             queue.put(i)
     lines = [r for r in caplog.records if "dropped" in r.getMessage()]
     assert len(lines) == 1 and "engine" in lines[0].getMessage() and counters.dropped == 49
+
+
+def test_a_bus_fault_is_raised_once_to_a_reader_that_never_sends(owner):
+    """A reader that only listens (the simulator's ECUs) got BusDownError from every recv after a fault, for
+    good: nothing reset the fault it had seen, and a simulator on vcan0 went deaf after `ip link set down/up`
+    (the VM lane found it). The exchange that saw the fault hears of it once."""
+    link = IsoTpLink(owner, isotp_address(ADDRESSING), IsoTpConfig(), name="listener")
+    owner.report_fault("receive failed: [Errno 100] Network is down")
+    with pytest.raises(BusDownError, match="Network is down"):
+        link.recv(0.01)
+    assert link.recv(0.01) is None

@@ -208,6 +208,7 @@ class FunctionalLink:
                 if data is not None:
                     return assembly.responder.key, bytes(data)
             if self._owner.breaks != self._breaks:
+                self._breaks = self._owner.breaks  # once per fault
                 raise BusDownError(f"{self.name}: CAN bus {self._owner.config.channel} broke while answers "
                                    f"were collected: {self._owner.last_error}")
             receiving = any(a.logic.is_rx_active() for a in self._rx.values())

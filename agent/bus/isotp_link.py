@@ -58,8 +58,10 @@ class IsoTpLink:
 
     def _check_bus(self) -> None:
         """Raises BusDownError when the bus broke since this exchange began: frames went with it, so
-        waiting on would end as a timeout that blames an ECU which may well have answered."""
+        waiting on would end as a timeout that blames an ECU which may well have answered. Once per fault:
+        a reader that only listens (a simulated ECU) is told, then listens again."""
         if self._owner.breaks != self._breaks:
+            self._breaks = self._owner.breaks
             raise BusDownError(f"{self.name}: CAN bus {self._owner.config.channel} broke during the exchange: "
                                f"{self._owner.last_error}")
 
