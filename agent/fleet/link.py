@@ -127,6 +127,7 @@ class MqttLink(CutHandling):
         self._paho_error: str | None = None  # paho's last error line: the real cause behind a disconnect
         self._refusal: str | None = None
         self._connected_event = threading.Event()
+        self._opening = threading.Lock()  # held while a connection is opened, and by `ack` (see there)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.heartbeat = time.monotonic()
@@ -216,9 +217,17 @@ class MqttLink(CutHandling):
     def ack(self, mid: int, qos: int, generation: int | None = None) -> None:
         """PUBACK for a command, sent only once it is recorded durably. A PUBACK held across a reconnect
         is not sent (`generation` is the connection the command came on): the broker redelivers it on
-        the new connection, and the same packet id may by then name another message."""
-        if qos > 0 and (generation is None or generation == self._generation):
-            self._client.ack(mid, qos)
+        the new connection, and the same packet id may by then name another message. Nor is one sent
+        while the link is down: paho would write it on the next connection as soon as its CONNECT (the
+        connection count only moves on at CONNACK), acknowledging whatever that packet id names there.
+        The check and paho's queueing of the packet are one step against the loop thread opening the
+        next connection (`_opening`): paho clears what it had queued when it does. (Checked first without
+        the lock: a caller never waits out a connection attempt to learn that the link is down.)"""
+        if qos <= 0 or not self.connected:
+            return
+        with self._opening:
+            if self.connected and (generation is None or generation == self._generation):
+                self._client.ack(mid, qos)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Publishes the offline status (when connected), disconnects and joins the loop thread."""
@@ -245,7 +254,8 @@ class MqttLink(CutHandling):
                 self.connecting_since = time.monotonic()
                 error: Exception | None = None
                 try:
-                    self._open(first)
+                    with self._opening:
+                        self._open(first)
                     first, opened = False, True
                 except (OSError, ssl.SSLError, ValueError) as err:
                     error = err
