@@ -13,6 +13,7 @@ import json
 import uuid
 from collections.abc import Iterator
 
+import paho.mqtt.client as mqtt
 import pytest
 from fake_broker import CONNECT, PUBACK, PUBLISH, SUBSCRIBE, FakeBroker
 
@@ -72,3 +73,62 @@ def test_a_puback_owed_on_a_lost_connection_is_never_written_on_the_next_one(fak
         link.ack(commands[0].mid, commands[0].qos, commands[0].generation)  # recorded only now
         second.connack(session_present=False)
         assert PUBACK not in until_status(second)
+
+
+@contextlib.contextmanager
+def mosquitto_link(broker, topics: Topics, client_id: str,
+                   with_plans: bool) -> Iterator[tuple[MqttLink, list[Incoming]]]:
+    """The agent's link on the real Mosquitto fixture, connected; yields it and the commands it hands on
+    (each acknowledged at once)."""
+    commands: list[Incoming] = []
+
+    def command(incoming: Incoming) -> None:
+        commands.append(incoming)
+        link.ack(incoming.mid, incoming.qos, incoming.generation)
+
+    link = MqttLink(MqttConfig(broker=broker.url), topics, client_id,
+                    status=lambda state: json.dumps({"state": state}).encode(), on_command=command,
+                    on_published=lambda mid, code: None, on_connection=lambda up: None,
+                    on_plan=(lambda name, payload, ack: ack()) if with_plans else None)
+    link.start()
+    try:
+        assert link.wait_connected(10), link.last_error
+        yield link, commands
+    finally:
+        link.stop(timeout=3.0)
+
+
+@pytest.mark.parametrize("change", ["prefix", "collection"])
+def test_only_the_commands_topic_is_taken_for_commands_whatever_the_session_still_subscribes(broker, change):
+    """A persistent session outlives the agent's config: after the prefix changed, or collection was turned
+    off, the broker still holds the old run's subscriptions (Session Present 1) and delivers on them. A
+    message on the old `commands` topic was run as a command, and a collection plan was taken for one
+    (answered, or reported as an invalid message, on the vehicle's topics). Only `commands` carries commands."""
+    vehicle = f"VS{uuid.uuid4().hex[:10].upper()}"
+    client_id = f"session-{uuid.uuid4().hex[:8]}"
+    before = Topics("old" if change == "prefix" else "sovd", vehicle)
+    now = Topics("sovd", vehicle)
+    with mosquitto_link(broker, before, client_id, with_plans=True):
+        pass  # subscribed to `before`'s commands and plans; the session stays at the broker
+    stray = before.commands if change == "prefix" else now.plans("p1")
+    command = b'{"id": "stray", "component": "engine", "command": "read_data", "params": {"data": "vin"}}'
+    for run in (1, 2):  # the first stray message drops the stale subscription: the next run gets none
+        with mosquitto_link(broker, now, client_id, with_plans=False) as (link, commands):
+            publish(broker, (stray, command), (now.commands, b'{"id": "real"}'))  # delivered in this order
+            assert wait_until(lambda: commands, 10)
+            assert [c.payload for c in commands] == [b'{"id": "real"}']  # only `commands` carries commands
+            assert link.stats.stray == (1 if run == 1 else 0)
+
+
+def publish(broker, *messages: tuple[str, bytes]) -> None:
+    """Publishes `messages` in order at QoS 1 from a client of their own, each acknowledged."""
+    sender = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    host, port, _ = MqttConfig(broker=broker.url).host_port_tls
+    sender.connect(host, port)
+    sender.loop_start()
+    try:
+        for topic, payload in messages:
+            sender.publish(topic, payload, qos=1).wait_for_publish(10)
+    finally:
+        sender.loop_stop()
+        sender.disconnect()

@@ -31,6 +31,7 @@ from agent.fleet.cuts import CutHandling, CutJudge
 from agent.fleet.inflight import keep_within_receive_maximum
 from agent.fleet.packets import Incoming, PacketTooLargeError, packet_size
 from agent.fleet.sockethooks import no_delay, written_by_the_loop
+from agent.fleet.stray import StrayHandling
 from agent.fleet.takeover import FLAP_S, TAKEOVER_BACKOFF_S, TakeoverWatch
 from agent.fleet.topics import Topics
 from agent.store.sqlite import Outgoing
@@ -59,6 +60,7 @@ class LinkStats:
     callback_errors: int = 0
     refused: int = 0
     taken_over: int = 0
+    stray: int = 0  # messages on topics not subscribed to now (left in the session by an earlier config)
     dropped: int = 0  # messages nobody tracks dropped from paho's session (struck, or over a learned limit)
 
 
@@ -74,7 +76,7 @@ def _guarded(method: Callable[..., None]) -> Callable[..., None]:
     return wrapper
 
 
-class MqttLink(CutHandling):
+class MqttLink(CutHandling, StrayHandling):
     """Connects, keeps connecting, subscribes to commands and publishes what it is given."""
 
     def __init__(self, config: MqttConfig, topics: Topics, client_id: str, status: Callable[[str], bytes],
@@ -144,6 +146,7 @@ class MqttLink(CutHandling):
         self._takeover = TakeoverWatch(self._v5)
         self._up_since: float | None = None
         self._generation = 0  # counts connections
+        self._stray_topics: set[str] = set()  # topics of stray messages logged so far (`_stray`)
 
     # ---- public --------------------------------------------------------------------------------
     @property
@@ -398,6 +401,9 @@ class MqttLink(CutHandling):
             # empty message the broker does not retain, lost for good if acknowledged before it was stored.
             ack = functools.partial(self.ack, message.mid, message.qos, self._generation)
             self._on_plan(name, bytes(message.payload), ack)
+            return
+        if message.topic != self.topics.commands:
+            self._stray(message, name is not None)
             return
         props = message.properties if self._v5 else None
         self._on_command(Incoming(
