@@ -138,6 +138,10 @@ def test_username_and_password_reach_the_broker(tmp_path_factory, tmp_path, vehi
         try:
             assert not bad.link.wait_connected(2)
             assert (bad.link.last_error or "").startswith("broker refused the connection: Not authorized")
+            # said where an operator looks: systemd's STATUS= line and the metrics, not only the log
+            assert "broker unreachable (broker refused the connection: Not authorized)" in bad.status_line()
+            assert bad.registry.get_sample_value("sovd_mqtt_connections_refused_total",
+                                                 {"reason": "not_authorized"}) >= 1
         finally:
             bad.stop()
 

@@ -8,6 +8,21 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+# CONNACK reason codes that refuse a connection (MQTT 5, 3.2.2.2; paho maps 3.1.1's return codes onto them)
+# and the bounded label values the agent counts them under.
+REFUSALS = {0x80: "unspecified_error", 0x81: "malformed_packet", 0x82: "protocol_error",
+            0x83: "implementation_specific_error", 0x84: "unsupported_protocol_version",
+            0x85: "client_identifier_not_valid", 0x86: "bad_username_or_password", 0x87: "not_authorized",
+            0x88: "server_unavailable", 0x89: "server_busy", 0x8A: "banned", 0x8C: "bad_authentication_method",
+            0x95: "packet_too_large", 0x97: "quota_exceeded", 0x9C: "use_another_server", 0x9D: "server_moved",
+            0x9F: "connection_rate_exceeded"}
+
+
+def refusal_name(code: int | None) -> str:
+    """The label of a CONNACK refusal code ("other" for one not in REFUSALS)."""
+    return REFUSALS.get(code, "other") if code is not None else "other"
+
+
 _UNINFORMATIVE = ("eof occurred", "connection reset", "broken pipe", "connection lost")
 
 

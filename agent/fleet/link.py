@@ -16,7 +16,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -25,7 +25,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent.config.model import MqttConfig
-from agent.fleet.causes import PahoLog, uninformative
+from agent.fleet.causes import PahoLog, refusal_name, uninformative
 from agent.fleet.credentials import password_of, use_tls
 from agent.fleet.cuts import CutHandling, CutJudge
 from agent.fleet.inflight import keep_within_receive_maximum
@@ -59,6 +59,7 @@ class LinkStats:
     messages_out: int = 0
     callback_errors: int = 0
     refused: int = 0
+    refusals: dict[str, int] = field(default_factory=dict)  # CONNACK refusals by reason (causes.REFUSALS)
     taken_over: int = 0
     stray: int = 0  # messages on topics not subscribed to now (left in the session by an earlier config)
     dropped: int = 0  # messages nobody tracks dropped from paho's session (struck, or over a learned limit)
@@ -330,6 +331,8 @@ class MqttLink(CutHandling, StrayHandling):
     def _connected(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         if reason.is_failure:
             self.stats.refused += 1
+            name = refusal_name(getattr(reason, "value", None))
+            self.stats.refusals[name] = self.stats.refusals.get(name, 0) + 1
             self._refusal = f"broker refused the connection: {reason}"
             self._fail(self._refusal)
             return

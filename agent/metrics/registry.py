@@ -65,6 +65,9 @@ class AgentState:
     mqtt_received: int = 0
     mqtt_sent: int = 0
     mqtt_callback_errors: int = 0
+    mqtt_refused: dict[str, int] = field(default_factory=dict)  # CONNACK refusals by reason
+    mqtt_takeovers: int = 0
+    mqtt_stray: int = 0
     outbox_pending: int = 0
     outbox_oldest_age_s: float = 0.0
     outbox_dropped: int = 0
@@ -201,6 +204,17 @@ class StateCollector(Collector):
         yield CounterMetricFamily("sovd_mqtt_messages_sent", "MQTT messages handed to the client.", value=s.mqtt_sent)
         yield CounterMetricFamily("sovd_mqtt_callback_errors", "Exceptions caught in MQTT callbacks.",
                                   value=s.mqtt_callback_errors)
+        refused = CounterMetricFamily("sovd_mqtt_connections_refused", "Connections the broker refused (CONNACK "
+                                      "reason code), by reason.", labels=["reason"])
+        for reason, value in sorted(s.mqtt_refused.items()):
+            refused.add_metric([reason], value)
+        yield refused
+        yield CounterMetricFamily("sovd_mqtt_session_takeovers", "Connections lost to another client with the "
+                                  "agent's client id (said by the broker, or judged from repeated early cuts).",
+                                  value=s.mqtt_takeovers)
+        yield CounterMetricFamily("sovd_mqtt_stray_messages", "Messages on topics the agent no longer subscribes "
+                                  "to (left in its session by an earlier configuration), ignored.",
+                                  value=s.mqtt_stray)
         yield GaugeMetricFamily("sovd_outbox_pending_messages", "Messages waiting for the broker's PUBACK.",
                                 value=s.outbox_pending)
         yield GaugeMetricFamily("sovd_outbox_oldest_pending_age_seconds", "Age of the oldest message in the outbox.",
