@@ -6,8 +6,10 @@ real paho client over a real socket. Only the few packets the link exchanges are
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
+import threading
 import time
 from dataclasses import dataclass
 
@@ -156,3 +158,78 @@ class FakeBroker:
         for connection in self._open:
             connection.close()
         self._server.close()
+
+
+class Gate:
+    """A TCP relay to a real broker that the test can close: `shut` cuts the connection through it and turns
+    new ones away (accepted and closed at once) until `open`. The network between a vehicle and its broker."""
+
+    def __init__(self, broker_port: int) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self.url = f"mqtt://127.0.0.1:{self.port}"
+        self._broker_port = broker_port
+        self._lock = threading.Lock()
+        self._shut = False
+        self._sockets: list[socket.socket] = []
+        self.connections = 0  # relayed to the broker
+        self._threads = [threading.Thread(target=self._accept, name="gate", daemon=True)]
+        self._threads[0].start()
+
+    def shut(self) -> None:
+        with self._lock:
+            self._shut = True
+            sockets, self._sockets = self._sockets, []
+        for sock in sockets:
+            _close(sock)
+
+    def open(self) -> None:
+        with self._lock:
+            self._shut = False
+
+    def close(self) -> None:
+        self._listener.shutdown(socket.SHUT_RDWR)  # wakes accept()
+        self._listener.close()
+        self.shut()
+        for thread in self._threads:
+            thread.join(5)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                shut = self._shut
+            if shut:
+                _close(client)
+                continue
+            try:
+                broker = socket.create_connection(("127.0.0.1", self._broker_port))
+            except OSError:
+                _close(client)
+                continue
+            with self._lock:
+                self.connections += 1
+                self._sockets += [client, broker]
+            for source, target in ((client, broker), (broker, client)):
+                self._threads.append(threading.Thread(target=_pump, args=(source, target), name="gate", daemon=True))
+                self._threads[-1].start()
+
+
+def _pump(source: socket.socket, target: socket.socket) -> None:
+    try:
+        while chunk := source.recv(65536):
+            target.sendall(chunk)
+    except OSError:
+        pass
+    finally:
+        _close(source)
+        _close(target)
+
+
+def _close(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)  # wakes a recv() on it in another thread
+    sock.close()
