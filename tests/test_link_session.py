@@ -9,6 +9,7 @@ connection with a chosen code. The agent's side is the real link and the real pa
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import uuid
 from collections.abc import Iterator
@@ -19,9 +20,11 @@ from fake_broker import CONNECT, PUBACK, PUBLISH, SUBSCRIBE, FakeBroker
 
 from agent.bus.owner import wait_until
 from agent.config.model import MqttConfig
+from agent.devtools.local_broker import LocalBroker
 from agent.fleet.link import MqttLink
 from agent.fleet.packets import Incoming
 from agent.fleet.topics import Topics
+from agent.system.service import Service
 
 
 @pytest.fixture
@@ -132,3 +135,27 @@ def publish(broker, *messages: tuple[str, bytes]) -> None:
     finally:
         sender.loop_stop()
         sender.disconnect()
+
+
+def test_a_status_the_broker_refuses_is_said_and_counted(tmp_path, mqtt_vehicle, sim, caplog):
+    """An ACL that lets the agent connect and take commands but not publish its status: the broker refuses
+    the retained `online` with PUBACK 0x87, and the fleet never sees the vehicle online. The link publishes
+    the status itself (not through the outbox), and that refusal went unsaid: no log line, no count."""
+    acl = tmp_path / "acl"
+    acl.write_text("topic readwrite sovd/+/commands\ntopic read sovd/+/status\n"
+                   "topic readwrite sovd/+/events\ntopic readwrite sovd/+/responses/#\n")
+    broker = LocalBroker(tmp_path / "broker", extra=f"acl_file {acl}\n").start()
+    try:
+        svc = Service(dataclasses.replace(mqtt_vehicle, mqtt=dataclasses.replace(mqtt_vehicle.mqtt,
+                                                                                 broker=broker.url)))
+        svc.start()
+        try:
+            assert svc.link.wait_connected(10), svc.link.last_error
+            assert wait_until(lambda: svc.registry.get_sample_value("sovd_publish_refused_total",
+                                                                    {"reason": "not_authorized"}) == 1, 10)
+        finally:
+            svc.stop()
+    finally:
+        broker.stop()
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR" and r.name == "agent.fleet.link"]
+    assert any("status" in e and "0x87" in e for e in errors), errors

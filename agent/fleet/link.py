@@ -29,7 +29,8 @@ from agent.fleet.causes import PahoLog, refusal_name, uninformative
 from agent.fleet.credentials import password_of, use_tls
 from agent.fleet.cuts import CutHandling, CutJudge
 from agent.fleet.inflight import keep_within_receive_maximum
-from agent.fleet.packets import Incoming, PacketTooLargeError, packet_size
+from agent.fleet.packets import CUT_FOR_A_MESSAGE, Incoming, PacketTooLargeError, packet_size
+from agent.fleet.refusals import reason_name
 from agent.fleet.sockethooks import no_delay, written_by_the_loop
 from agent.fleet.stray import StrayHandling
 from agent.fleet.takeover import FLAP_S, TAKEOVER_BACKOFF_S, TakeoverWatch
@@ -85,13 +86,15 @@ class MqttLink(CutHandling, StrayHandling):
                  on_connection: Callable[[bool], None], wall: Callable[[], float] = time.time,
                  on_plan: Callable[[str, bytes, Callable[[], None]], None] | None = None,
                  on_struck: Callable[[int], bool] = lambda mid: False,
-                 on_too_large: Callable[[int, int, int], bool] = lambda mid, size, limit: False) -> None:
+                 on_too_large: Callable[[int, int, int], bool] = lambda mid, size, limit: False,
+                 on_status_refused: Callable[[int], None] = lambda code: None) -> None:
         """`on_published(mid, reason code)`: a PUBACK. `on_struck(mid)`: a message the broker cut
         connections on (cuts.py), dropped from paho's session: never acknowledged, never resent.
         `on_too_large(mid, packet bytes, limit)`: one held unacknowledged over the limit learned from such
         cuts, dropped from paho's session to be made smaller or set aside, as if the broker had announced
         the limit before it was published. Both return whether the mid was the callee's (else the link
-        logs the message as lost: one published around the store)."""
+        logs the message as lost: one published around the store). `on_status_refused(code)`: the broker
+        refused the link's own status message (PUBACK reason code >= 0x80); the link logs it."""
         self.config = config
         self.topics = topics
         self.client_id = client_id
@@ -104,6 +107,7 @@ class MqttLink(CutHandling, StrayHandling):
         self._on_plan = on_plan  # collection plans (retained, on plans/+): only when collection is wired in
         self._on_struck = on_struck
         self._on_too_large = on_too_large
+        self._on_status_refused = on_status_refused
         self._v5 = config.protocol == "5"
         self._host, self._port, tls = config.host_port_tls
         self._client = mqtt.Client(
@@ -236,7 +240,10 @@ class MqttLink(CutHandling, StrayHandling):
     def stop(self, timeout: float = 5.0) -> None:
         """Publishes the offline status (when connected), disconnects and joins the loop thread."""
         if self.connected:
-            info = self._client.publish(self.topics.status, self._status("offline"), qos=1, retain=True)
+            # noted before its PUBACK can be handled (see `publish`)
+            with getattr(self._client, "_out_message_mutex", contextlib.nullcontext()):
+                info = self._client.publish(self.topics.status, self._status("offline"), qos=1, retain=True)
+                self._status_mids.add(info.mid)
             deadline = time.monotonic() + min(timeout, 3.0)
             while not info.is_published() and time.monotonic() < deadline and self.connected:
                 time.sleep(0.02)
@@ -422,8 +429,18 @@ class MqttLink(CutHandling, StrayHandling):
     def _published(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
         """PUBACK: the reason code (MQTT 5; 0 for 3.1.1) says whether the broker took the message."""
         self._unacked.discard(mid)
+        code = int(getattr(reason, "value", 0) or 0)
         if mid in self._status_mids:
             self._status_mids.discard(mid)
+            if code >= 0x80:  # nobody else tracks it: said here (a status refused for good would go unseen)
+                self._status_refused(code)
         else:
             self._cuts.acknowledged()
-        self._on_published(mid, int(getattr(reason, "value", 0) or 0))
+        self._on_published(mid, code)
+
+    def _status_refused(self, code: int) -> None:
+        log.error("the broker refused the agent's status message (reason code 0x%02X %s): the fleet does not "
+                  "see this vehicle online or offline; check the broker's access rules for %s", code,
+                  reason_name(code), self.topics.status,
+                  extra={"broker": self.config.broker, "topic": self.topics.status, "reason": reason_name(code)})
+        self._on_status_refused(code)

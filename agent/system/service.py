@@ -22,7 +22,7 @@ from agent.core.runtime import Companion, Runtime
 from agent.fleet.intake import Intake
 from agent.fleet.link import MqttLink
 from agent.fleet.outbox import Outbox
-from agent.fleet.refusals import CONNECTION_DROPPED, REASONS, Refusal
+from agent.fleet.refusals import CONNECTION_DROPPED, REASONS, Refusal, reason_name
 from agent.fleet.topics import Topics
 from agent.metrics.busmonitor import BusMonitor
 from agent.metrics.logcount import LogCounter
@@ -101,7 +101,8 @@ class Service(ServiceHealth, StartMarks, RestartRecovery, Finals):
         self.link = MqttLink(config.mqtt, self.topics, config.mqtt.client_id or f"sovd-edge-{config.vehicle}",
                              status=self._status, on_command=self._on_incoming, on_published=self._on_published,
                              on_connection=self._on_connection, wall=self.clock.wall, on_plan=self._on_plan,
-                             on_struck=self._on_struck, on_too_large=self._on_too_large)
+                             on_struck=self._on_struck, on_too_large=self._on_too_large,
+                             on_status_refused=self._on_status_refused)
         self.outbox = Outbox(self.store, config.store, self.link.publish, lambda: self.link.connected,
                              now=self.clock.agent_now, on_refused=self._on_refused,
                              window=lambda: self.link.broker_receive_maximum,
@@ -191,6 +192,10 @@ class Service(ServiceHealth, StartMarks, RestartRecovery, Finals):
             return True
         self.metrics.publish_refused.labels("packet_too_large").inc()
         return False
+
+    def _on_status_refused(self, code: int) -> None:
+        """The broker refused the link's status message (the link logs it): counted like any refusal."""
+        self.metrics.publish_refused.labels(reason_name(code)).inc()
 
     def _on_connection(self, up: bool) -> None:
         self.outbox.wake()
