@@ -24,6 +24,7 @@ from agent.devtools.local_broker import LocalBroker
 from agent.fleet.link import MqttLink
 from agent.fleet.packets import Incoming
 from agent.fleet.topics import Topics
+from agent.store.sqlite import Outgoing
 from agent.system.service import Service
 
 
@@ -159,3 +160,33 @@ def test_a_status_the_broker_refuses_is_said_and_counted(tmp_path, mqtt_vehicle,
         broker.stop()
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR" and r.name == "agent.fleet.link"]
     assert any("status" in e and "0x87" in e for e in errors), errors
+
+
+def test_a_puback_for_a_packet_id_never_sent_settles_nothing_and_keeps_the_link(fake):
+    """A rogue PUBACK (a packet id the agent never used): nothing is taken as delivered, the connection stays,
+    and the real PUBACK that follows settles the real message."""
+    with fake_link(fake) as (link, topics, _, acks):
+        connection = fake.accept()
+        connection.expect(CONNECT)
+        connection.connack()
+        status = connection.expect(PUBLISH)  # the online status, after the subscription
+        connection.puback(int.from_bytes(status.body[2 + len(status.topic):4 + len(status.topic)], "big"))
+        assert wait_until(lambda: acks, 5)
+        mid = link.publish(Outgoing(topics.responses("r1"), b"{}"))
+        sent = connection.expect(PUBLISH)
+        connection.puback(0x1234 if mid != 0x1234 else 0x4321)  # for nothing of ours
+        connection.puback(mid)
+        assert wait_until(lambda: len(acks) == 2, 5)
+        assert acks[1] == (mid, 0) and link.connected and link.stats.reconnects == 0
+        assert sent.topic == topics.responses("r1")
+
+
+@pytest.mark.parametrize("qos", [0, 2])
+def test_a_command_published_at_qos_0_or_2_runs_once(service, backend, sim, qos):
+    """The commands topic is QoS 1; a backend that publishes at QoS 0 is delivered at QoS 0 (no PUBACK to hold:
+    it runs, or is refused `busy`, at once), one at QoS 2 is delivered at the subscription's QoS 1."""
+    body = {"id": f"q{qos}-{uuid.uuid4().hex[:8]}", "component": "engine", "command": "read_data",
+            "params": {"data": "vin"}}
+    backend._client.publish(backend.topics.commands, json.dumps(body).encode(), qos=qos).wait_for_publish(10)
+    assert backend.final(body["id"], timeout=10)["status"] == "completed"
+    assert sim.ecu("engine").server.executed[0x22] == 1
