@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -21,7 +22,7 @@ from fake_broker import CONNECT, PUBACK, PUBLISH, SUBSCRIBE, FakeBroker
 from agent.bus.owner import wait_until
 from agent.config.model import MqttConfig
 from agent.devtools.local_broker import LocalBroker
-from agent.fleet.link import MqttLink
+from agent.fleet.link import KEEP_IN, MqttLink
 from agent.fleet.packets import Incoming
 from agent.fleet.topics import Topics
 from agent.store.sqlite import Outgoing
@@ -132,7 +133,9 @@ def publish(broker, *messages: tuple[str, bytes]) -> None:
     sender.loop_start()
     try:
         for topic, payload in messages:
-            sender.publish(topic, payload, qos=1).wait_for_publish(10)
+            info = sender.publish(topic, payload, qos=1)
+            info.wait_for_publish(30)
+            assert info.is_published(), f"the broker did not take a message for {topic}"
     finally:
         sender.loop_stop()
         sender.disconnect()
@@ -190,3 +193,96 @@ def test_a_command_published_at_qos_0_or_2_runs_once(service, backend, sim, qos)
     backend._client.publish(backend.topics.commands, json.dumps(body).encode(), qos=qos).wait_for_publish(10)
     assert backend.final(body["id"], timeout=10)["status"] == "completed"
     assert sim.ecu("engine").server.executed[0x22] == 1
+
+
+def test_a_command_larger_than_the_agent_takes_is_cut_to_its_head_as_it_is_read(broker):
+    """MQTT 3.1.1 has no Maximum Packet Size to announce, and Mosquitto forwards messages up to 256 MB: paho
+    read a huge command whole into memory (then copied it), enough to have a 1 GB Pi's agent killed, and
+    redelivered to it after each restart. The link keeps only the head of a packet over KEEP_IN (up to
+    which intake still reads the id of a command too large), reads the rest and drops it: the message is
+    still decided on its own (too large) and acknowledged. Real Mosquitto, the agent's link alone."""
+    topics = Topics("sovd", f"VB{uuid.uuid4().hex[:10].upper()}")
+    commands: list[Incoming] = []
+
+    def command(incoming: Incoming) -> None:
+        commands.append(incoming)
+        link.ack(incoming.mid, incoming.qos, incoming.generation)
+
+    link = MqttLink(MqttConfig(broker=broker.url, protocol="3.1.1"), topics, f"big-{uuid.uuid4().hex[:8]}",
+                    status=lambda state: json.dumps({"state": state}).encode(), on_command=command,
+                    on_published=lambda mid, code: None, on_connection=lambda up: None)
+    link.start()
+    try:
+        assert link.wait_connected(10), link.last_error
+        huge = b'{"id": "huge", "pad": "' + b"x" * (4 * 1024 * 1024) + b'"}'
+        publish(broker, (topics.commands, huge), (topics.commands, b'{"id": "next"}'))
+        assert wait_until(lambda: len(commands) == 2, 30), ([len(c.payload) for c in commands], link.stats)
+        head, after = commands
+        assert len(head.payload) <= KEEP_IN and huge.startswith(head.payload[:-1])
+        assert after.payload == b'{"id": "next"}' and link.connected and link.stats.reconnects == 0
+        assert link.stats.oversize == 1
+    finally:
+        link.stop(timeout=3.0)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 4096, 65536, 1 << 20])
+def test_the_head_of_an_oversized_packet_is_kept_and_the_next_packet_read_whole(chunk):
+    """keep_heads on a real paho client reading a real socket (a socketpair), the stream written in chunks of
+    every size: the oversized PUBLISH keeps exactly its head and last byte, and the one after it is intact."""
+    import select
+    import socket
+    import threading
+
+    from fake_broker import _string, _varint
+
+    from agent.fleet.inbound import keep_heads
+
+    def publish_packet(payload: bytes, mid: int) -> bytes:
+        body = _string("t") + mid.to_bytes(2, "big") + payload
+        return bytes([0x32]) + _varint(len(body)) + body
+
+    limit = 1000
+    big = bytes(range(256)) * 40  # 10240 bytes
+    stream = publish_packet(big, 1) + publish_packet(b"next", 2)
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311, manual_ack=True)
+    got: list[bytes] = []
+    sizes: list[int] = []
+    client.on_message = lambda c, u, message: got.append(bytes(message.payload))
+    keep_heads(client, limit, sizes.append)
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    client._sock = ours
+    pieces = [stream[i:i + chunk] for i in range(0, len(stream), chunk)]
+    writer = threading.Thread(target=lambda: [theirs.sendall(piece) for piece in pieces], name="writer")
+    writer.start()
+    try:
+        deadline = time.monotonic() + 10
+        while len(got) < 2 and time.monotonic() < deadline:
+            select.select([ours], [], [], 1)
+            client._packet_read()
+    finally:
+        writer.join(5)
+        ours.close()
+        theirs.close()
+    head = limit - 1 - len(_string("t")) - 2
+    assert got == [big[:head] + big[-1:], b"next"]
+    assert sizes == [len(_string("t")) + 2 + len(big)]
+
+
+def test_huge_commands_on_mqtt_3_1_1_are_refused_as_too_large_and_the_next_one_runs(legacy):
+    """End to end on 3.1.1: a 512 KiB command is answered `rejected`/`invalid_command` with its id (read whole:
+    under KEEP_IN), a 4 MiB one is reported as an `invalid_message` Event (its head only: no id readable, as
+    before), and the command after them runs."""
+    _, backend = legacy
+    pad = b'{"id": "%s", "component": "engine", "command": "read_data", "pad": "%s"}'
+    backend.send(pad % (b"big-1", b"x" * (512 << 10)))
+    backend.send(pad % (b"huge-1", b"x" * (4 << 20)))
+    refused = backend.final("big-1", timeout=15)
+    assert refused["status"] == "rejected" and refused["error"]["code"] == "invalid_command"
+    assert "limit is 65536" in refused["error"]["message"]
+    backend.wait_for(lambda s: s.topic == backend.topics.events and b"invalid_message" in s.payload
+                     and b"limit is 65536" in s.payload, 15)
+    body = {"id": f"after-{uuid.uuid4().hex[:6]}", "component": "engine", "command": "read_data",
+            "params": {"data": "vin"}}
+    backend.send(body)
+    assert backend.final(body["id"], timeout=15)["status"] == "completed"

@@ -28,6 +28,7 @@ from agent.config.model import MqttConfig
 from agent.fleet.causes import PahoLog, refusal_name, uninformative
 from agent.fleet.credentials import password_of, use_tls
 from agent.fleet.cuts import CutHandling, CutJudge
+from agent.fleet.inbound import keep_heads
 from agent.fleet.inflight import keep_within_receive_maximum
 from agent.fleet.packets import CUT_FOR_A_MESSAGE, Incoming, PacketTooLargeError, packet_size
 from agent.fleet.refusals import reason_name
@@ -36,7 +37,7 @@ from agent.fleet.stray import StrayHandling
 from agent.fleet.takeover import FLAP_S, TAKEOVER_BACKOFF_S, TakeoverWatch
 from agent.fleet.topics import Topics
 from agent.store.sqlite import Outgoing
-from agent.wire.decode import MAX_COMMAND_BYTES
+from agent.wire.decode import MAX_COMMAND_BYTES, SALVAGE_MAX_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,9 @@ MAX_PACKET_IN = MAX_COMMAND_BYTES + PACKET_HEADROOM
 # nameserver, up to three), paho's 5 s per address that drops SYNs, 5 s of TLS handshake. Waiting that
 # long is no wedge (health.py); an attempt that outlasts this is.
 CONNECT_LIMIT_S = 120.0
+# Kept of a larger packet (one MQTT 3.1.1 cannot refuse, or a broker ignoring MAX_PACKET_IN sends): whole up to
+# the size whose id intake still reads (to answer it as too large), its head only beyond (inbound.py).
+KEEP_IN = SALVAGE_MAX_BYTES + PACKET_HEADROOM
 
 
 @dataclass
@@ -62,6 +66,7 @@ class LinkStats:
     refused: int = 0
     refusals: dict[str, int] = field(default_factory=dict)  # CONNACK refusals by reason (causes.REFUSALS)
     taken_over: int = 0
+    oversize: int = 0  # incoming packets over MAX_PACKET_IN, cut to their head as they were read
     stray: int = 0  # messages on topics not subscribed to now (left in the session by an earlier config)
     dropped: int = 0  # messages nobody tracks dropped from paho's session (struck, or over a learned limit)
 
@@ -119,6 +124,7 @@ class MqttLink(CutHandling, StrayHandling):
         # asked only through Logger.log, which checks the level first: errors are caught there instead
         self._client.enable_logger(PahoLog(logging.getLogger("paho"), self._note_paho_error))  # type: ignore[arg-type]
         self._client.max_queued_messages_set(0)
+        keep_heads(self._client, KEEP_IN, self._oversize)
         self._client.will_set(topics.status, status("offline"), qos=1, retain=True)
         password = password_of(config)
         if config.username is not None or password is not None:
@@ -397,6 +403,13 @@ class MqttLink(CutHandling, StrayHandling):
             self.stats.taken_over += 1
             log.error(report, self.client_id, TAKEOVER_BACKOFF_S,
                       extra={"broker": self.config.broker, "takeovers": self._takeover.in_a_row})
+
+    def _oversize(self, size: int) -> None:
+        """An incoming packet over KEEP_IN (inbound.py): only its head is kept (the message is then decided as
+        too large, like any other over MAX_COMMAND_BYTES)."""
+        self.stats.oversize += 1
+        log.warning("a %d-byte packet from the broker, over the %d bytes the agent reads: its head kept, the rest "
+                    "dropped as it was read", size, KEEP_IN, extra={"broker": self.config.broker, "bytes": size})
 
     def _note_paho_error(self, text: str) -> None:
         """paho's last error line (causes.PahoLog): the cause reported with the next disconnect."""

@@ -68,6 +68,7 @@ class AgentState:
     mqtt_refused: dict[str, int] = field(default_factory=dict)  # CONNACK refusals by reason
     mqtt_takeovers: int = 0
     mqtt_stray: int = 0
+    mqtt_oversize: int = 0
     outbox_pending: int = 0
     outbox_oldest_age_s: float = 0.0
     outbox_dropped: int = 0
@@ -215,6 +216,8 @@ class StateCollector(Collector):
         yield CounterMetricFamily("sovd_mqtt_stray_messages", "Messages on topics the agent no longer subscribes "
                                   "to (left in its session by an earlier configuration), ignored.",
                                   value=s.mqtt_stray)
+        yield CounterMetricFamily("sovd_mqtt_oversize_packets", "Incoming packets over the size the agent takes, "
+                                  "cut to their head as they were read.", value=s.mqtt_oversize)
         yield GaugeMetricFamily("sovd_outbox_pending_messages", "Messages waiting for the broker's PUBACK.",
                                 value=s.outbox_pending)
         yield GaugeMetricFamily("sovd_outbox_oldest_pending_age_seconds", "Age of the oldest message in the outbox.",

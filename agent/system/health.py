@@ -108,6 +108,7 @@ class ServiceHealth:
             mqtt_connected=self.link.connected, mqtt_reconnects=stats.reconnects, mqtt_received=stats.messages_in,
             mqtt_sent=stats.messages_out, mqtt_callback_errors=stats.callback_errors,
             mqtt_refused=dict(stats.refusals), mqtt_takeovers=stats.taken_over, mqtt_stray=stats.stray,
+            mqtt_oversize=stats.oversize,
             outbox_pending=pending,
             outbox_oldest_age_s=max(0.0, self.clock.agent_now() - oldest) if oldest else 0.0,
             outbox_dropped=self.outbox.dropped, ledger_dropped=self.outbox.ledger_dropped,

@@ -17,6 +17,7 @@ from agent.config.reader import join
 from agent.wire.command import COMMAND_ID
 
 MAX_COMMAND_BYTES = 64 * 1024
+SALVAGE_MAX_BYTES = 16 * MAX_COMMAND_BYTES  # an oversize payload up to this size is parsed for its id
 MAX_DEPTH = 16  # levels of objects and lists inside the command object; commands need 3
 INT_MIN, INT_MAX = -(1 << 63), (1 << 63) - 1  # no field of any command holds more than 64 bits
 MAX_PROBLEMS = 3  # named in a refusal; the rest are counted
@@ -81,7 +82,7 @@ def decode_command(payload: bytes) -> dict[str, Any] | Undecodable:
     """The JSON object of a command payload, or why it is not one (with the id, if readable)."""
     if len(payload) > MAX_COMMAND_BYTES:
         return Undecodable(f"payload is {len(payload)} bytes, the limit is {MAX_COMMAND_BYTES}", "",
-                           _salvage_id(payload) if len(payload) <= 16 * MAX_COMMAND_BYTES else None)
+                           _salvage_id(payload) if len(payload) <= SALVAGE_MAX_BYTES else None)
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError as err:  # an id of ASCII letters can still be read: the command is answered
