@@ -22,7 +22,8 @@ from fake_broker import CONNECT, PUBACK, PUBLISH, SUBSCRIBE, FakeBroker
 from agent.bus.owner import wait_until
 from agent.config.model import MqttConfig
 from agent.devtools.local_broker import LocalBroker
-from agent.fleet.link import KEEP_IN, MqttLink
+from agent.fleet.inbound import KEEP_IN
+from agent.fleet.link import MqttLink
 from agent.fleet.packets import Incoming
 from agent.fleet.topics import Topics
 from agent.store.sqlite import Outgoing
@@ -161,7 +162,7 @@ def test_a_status_the_broker_refuses_is_said_and_counted(tmp_path, mqtt_vehicle,
             svc.stop()
     finally:
         broker.stop()
-    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR" and r.name == "agent.fleet.link"]
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR" and r.name.startswith("agent.fleet")]
     assert any("status" in e and "0x87" in e for e in errors), errors
 
 

@@ -16,9 +16,15 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
+from agent.wire.decode import SALVAGE_MAX_BYTES
+
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 64 * 1024  # bytes of an oversized packet read (and dropped) at a time
+# Read whole: packets up to the size whose id intake still reads (to answer a command too large), plus room
+# for the topic and properties; of a larger one (MQTT 3.1.1 cannot refuse it; with MQTT 5 a broker that
+# ignores the Maximum Packet Size announced sends it), only the head.
+KEEP_IN = SALVAGE_MAX_BYTES + 16 * 1024
 
 
 def keep_heads(client: mqtt.Client, limit: int, on_oversize: Callable[[int], None]) -> None:

@@ -28,16 +28,15 @@ from agent.config.model import MqttConfig
 from agent.fleet.causes import PahoLog, refusal_name, uninformative
 from agent.fleet.credentials import password_of, use_tls
 from agent.fleet.cuts import CutHandling, CutJudge
-from agent.fleet.inbound import keep_heads
+from agent.fleet.inbound import KEEP_IN, keep_heads
 from agent.fleet.inflight import keep_within_receive_maximum
 from agent.fleet.packets import CUT_FOR_A_MESSAGE, Incoming, PacketTooLargeError, packet_size
-from agent.fleet.refusals import reason_name
 from agent.fleet.sockethooks import no_delay, written_by_the_loop
-from agent.fleet.stray import StrayHandling
 from agent.fleet.takeover import FLAP_S, TAKEOVER_BACKOFF_S, TakeoverWatch
 from agent.fleet.topics import Topics
+from agent.fleet.unexpected import Unexpected
 from agent.store.sqlite import Outgoing
-from agent.wire.decode import MAX_COMMAND_BYTES, SALVAGE_MAX_BYTES
+from agent.wire.decode import MAX_COMMAND_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +50,6 @@ MAX_PACKET_IN = MAX_COMMAND_BYTES + PACKET_HEADROOM
 # nameserver, up to three), paho's 5 s per address that drops SYNs, 5 s of TLS handshake. Waiting that
 # long is no wedge (health.py); an attempt that outlasts this is.
 CONNECT_LIMIT_S = 120.0
-# Kept of a larger packet (one MQTT 3.1.1 cannot refuse, or a broker ignoring MAX_PACKET_IN sends): whole up to
-# the size whose id intake still reads (to answer it as too large), its head only beyond (inbound.py).
-KEEP_IN = SALVAGE_MAX_BYTES + PACKET_HEADROOM
 
 
 @dataclass
@@ -83,7 +79,7 @@ def _guarded(method: Callable[..., None]) -> Callable[..., None]:
     return wrapper
 
 
-class MqttLink(CutHandling, StrayHandling):
+class MqttLink(CutHandling, Unexpected):
     """Connects, keeps connecting, subscribes to commands and publishes what it is given."""
 
     def __init__(self, config: MqttConfig, topics: Topics, client_id: str, status: Callable[[str], bytes],
@@ -404,13 +400,6 @@ class MqttLink(CutHandling, StrayHandling):
             log.error(report, self.client_id, TAKEOVER_BACKOFF_S,
                       extra={"broker": self.config.broker, "takeovers": self._takeover.in_a_row})
 
-    def _oversize(self, size: int) -> None:
-        """An incoming packet over KEEP_IN (inbound.py): only its head is kept (the message is then decided as
-        too large, like any other over MAX_COMMAND_BYTES)."""
-        self.stats.oversize += 1
-        log.warning("a %d-byte packet from the broker, over the %d bytes the agent reads: its head kept, the rest "
-                    "dropped as it was read", size, KEEP_IN, extra={"broker": self.config.broker, "bytes": size})
-
     def _note_paho_error(self, text: str) -> None:
         """paho's last error line (causes.PahoLog): the cause reported with the next disconnect."""
         self._paho_error = text
@@ -450,10 +439,3 @@ class MqttLink(CutHandling, StrayHandling):
         else:
             self._cuts.acknowledged()
         self._on_published(mid, code)
-
-    def _status_refused(self, code: int) -> None:
-        log.error("the broker refused the agent's status message (reason code 0x%02X %s): the fleet does not "
-                  "see this vehicle online or offline; check the broker's access rules for %s", code,
-                  reason_name(code), self.topics.status,
-                  extra={"broker": self.config.broker, "topic": self.topics.status, "reason": reason_name(code)})
-        self._on_status_refused(code)

@@ -1,7 +1,6 @@
-"""Messages the broker delivers on topics the link no longer subscribes to (a part of MqttLink).
-
-The session is persistent: it outlives the agent's configuration, and with it the subscriptions of an
-earlier run (another prefix, collection since turned off). What comes on them is never a command.
+"""What the broker does that the link did not ask for, said and counted (a part of MqttLink): messages on
+subscriptions an earlier configuration left in the persistent session, packets larger than the agent
+reads, a refusal of the link's own status message.
 """
 
 from __future__ import annotations
@@ -12,6 +11,8 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
+from agent.fleet.inbound import KEEP_IN
+from agent.fleet.refusals import reason_name
 from agent.fleet.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -19,8 +20,8 @@ log = logging.getLogger(__name__)
 STRAY_TOPICS_LOGGED = 64  # topics of stray messages logged (once each); beyond it they are only counted
 
 
-class StrayHandling:
-    """MqttLink inherits it; `_stray` runs on the MQTT loop thread, in the message callback."""
+class Unexpected:
+    """MqttLink inherits it; each runs on the MQTT loop thread, in a paho callback."""
 
     _client: mqtt.Client
     _generation: int
@@ -29,6 +30,7 @@ class StrayHandling:
     stats: Any
     config: Any
     ack: Callable[[int, int, int | None], None]
+    _on_status_refused: Callable[[int], None]
 
     def _stray(self, message: mqtt.MQTTMessage, plan: bool) -> None:
         """A message on a topic the link does not subscribe to now: the persistent session still holds a
@@ -44,3 +46,17 @@ class StrayHandling:
             log.warning("message on a topic the agent does not subscribe to (a subscription left in the broker's "
                         "session by an earlier configuration): ignored, not a command",
                         extra={"broker": self.config.broker, "topic": topic})
+
+    def _oversize(self, size: int) -> None:
+        """An incoming packet over KEEP_IN (inbound.py): only its head is kept (the message is then decided as
+        too large, like any other over MAX_COMMAND_BYTES)."""
+        self.stats.oversize += 1
+        log.warning("a %d-byte packet from the broker, over the %d bytes the agent reads: its head kept, the rest "
+                    "dropped as it was read", size, KEEP_IN, extra={"broker": self.config.broker, "bytes": size})
+
+    def _status_refused(self, code: int) -> None:
+        log.error("the broker refused the agent's status message (reason code 0x%02X %s): the fleet does not "
+                  "see this vehicle online or offline; check the broker's access rules for %s", code,
+                  reason_name(code), self.topics.status,
+                  extra={"broker": self.config.broker, "topic": self.topics.status, "reason": reason_name(code)})
+        self._on_status_refused(code)
