@@ -287,3 +287,16 @@ def test_huge_commands_on_mqtt_3_1_1_are_refused_as_too_large_and_the_next_one_r
             "params": {"data": "vin"}}
     backend.send(body)
     assert backend.final(body["id"], timeout=15)["status"] == "completed"
+
+
+def test_a_publish_without_a_topic_is_a_stray_message_acknowledged_without_an_error(fake):
+    """A PUBLISH with an empty topic name (a broker using a Topic Alias the agent never allowed): not a command,
+    acknowledged, and nothing to unsubscribe from (paho refuses an empty filter: once a callback error)."""
+    with fake_link(fake) as (link, _topics, commands, _):
+        connection = fake.accept()
+        connection.expect(CONNECT)
+        connection.connack()
+        connection.expect(SUBSCRIBE)
+        connection.publish("", b'{"id": "x"}', mid=7)
+        assert connection.expect(PUBACK).mid == 7
+        assert commands == [] and link.stats.stray == 1 and link.stats.callback_errors == 0

@@ -40,7 +40,8 @@ class Unexpected:
         self.stats.stray += 1
         self.ack(message.mid, message.qos, self._generation)
         topic = str(message.topic)
-        self._client.unsubscribe(self.topics.plans_filter if plan else topic)
+        if plan or topic:  # an empty topic name (a Topic Alias never allowed) names no subscription
+            self._client.unsubscribe(self.topics.plans_filter if plan else topic)
         if topic not in self._stray_topics and len(self._stray_topics) < STRAY_TOPICS_LOGGED:
             self._stray_topics.add(topic)
             log.warning("message on a topic the agent does not subscribe to (a subscription left in the broker's "
