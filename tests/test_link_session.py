@@ -300,3 +300,19 @@ def test_a_publish_without_a_topic_is_a_stray_message_acknowledged_without_an_er
         connection.publish("", b'{"id": "x"}', mid=7)
         assert connection.expect(PUBACK).mid == 7
         assert commands == [] and link.stats.stray == 1 and link.stats.callback_errors == 0
+
+
+@pytest.mark.parametrize("server_keep_alive", [0, 3600])
+def test_a_dead_connection_is_noticed_whatever_keep_alive_the_broker_announces(fake, server_keep_alive):
+    """A broker may announce a Server Keep Alive of 0 (no keep-alive at all) or far longer than the agent's;
+    paho then pinged that rarely or never, and on a network that drops packets silently (a cellular NAT that
+    forgot the connection) the agent sat `connected` for hours or for ever while commands queued at the broker.
+    A client may ping whenever it likes (MQTT 5, 3.1.2.10): the agent keeps its own interval when it is shorter.
+    Scripted broker: it stops answering after the CONNACK."""
+    with fake_link(fake, keepalive_s=1) as (link, _, _, _):
+        connection = fake.accept()
+        connection.expect(CONNECT)
+        connection.connack(properties=bytes([0x13]) + server_keep_alive.to_bytes(2, "big"))
+        connection.expect(SUBSCRIBE, answer=False)
+        assert link.wait_connected(5)
+        assert wait_until(lambda: not link.connected, 10), "a silent broker was never noticed"
