@@ -376,22 +376,6 @@ class MqttLink(CutHandling, Unexpected):
                                                "broker_receive_maximum": receive_maximum})
         self._set_connected(True)
 
-    def _keep_own_keepalive(self, client: mqtt.Client, server: int | None) -> None:
-        """paho adopts a Server Keep Alive from CONNACK for its pings and for its judgement that the connection
-        is dead. One of 0 (none at all) or longer than ours would leave a connection dropped silently by the
-        network (a NAT that forgot it) unnoticed for hours or for ever. A client may ping whenever it likes
-        (MQTT 5, 3.1.2.10), and the broker only needs it no less often than it asked: ours is kept."""
-        ours = self.config.keepalive_s
-        if server is None or not ours or (server and server <= ours):
-            return
-        try:
-            client._keepalive = ours
-        except AttributeError as err:  # not expected: paho sets it itself; logged all the same
-            log.error("cannot keep our keep-alive over the broker's %d s (%s)", server, err)
-            return
-        log.info("the broker's keep-alive (%d s) is %s: the agent's (%d s) is kept to notice a dead connection",
-                 server, "none" if server == 0 else "longer", ours, extra={"broker": self.config.broker})
-
     @_guarded
     def _disconnected(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         if self._up_since is not None:  # once per connection: paho may report a loss twice (packet, socket)

@@ -1,6 +1,6 @@
 """What the broker does that the link did not ask for, said and counted (a part of MqttLink): messages on
 subscriptions an earlier configuration left in the persistent session, packets larger than the agent
-reads, a refusal of the link's own status message.
+reads, a refusal of the link's own status message, a keep-alive that would not notice a dead connection.
 """
 
 from __future__ import annotations
@@ -61,3 +61,19 @@ class Unexpected:
                   reason_name(code), self.topics.status,
                   extra={"broker": self.config.broker, "topic": self.topics.status, "reason": reason_name(code)})
         self._on_status_refused(code)
+
+    def _keep_own_keepalive(self, client: mqtt.Client, server: int | None) -> None:
+        """paho adopts a Server Keep Alive from CONNACK for its pings and for its judgement that the connection
+        is dead. One of 0 (none at all) or longer than ours would leave a connection dropped silently by the
+        network (a NAT that forgot it) unnoticed for hours or for ever. A client may ping whenever it likes
+        (MQTT 5, 3.1.2.10), and the broker only needs it no less often than it asked: ours is kept."""
+        ours = self.config.keepalive_s
+        if server is None or not ours or (server and server <= ours):
+            return
+        try:
+            client._keepalive = ours
+        except AttributeError as err:  # not expected: paho sets it itself; logged all the same
+            log.error("cannot keep our keep-alive over the broker's %d s (%s)", server, err)
+            return
+        log.info("the broker's keep-alive (%d s) is %s: the agent's (%d s) is kept to notice a dead connection",
+                 server, "none" if server == 0 else "longer", ours, extra={"broker": self.config.broker})
