@@ -62,7 +62,7 @@ class LinkStats:
     refused: int = 0
     refusals: dict[str, int] = field(default_factory=dict)  # CONNACK refusals by reason (causes.REFUSALS)
     taken_over: int = 0
-    oversize: int = 0  # incoming packets over MAX_PACKET_IN, cut to their head as they were read
+    oversize: int = 0  # incoming packets over KEEP_IN (inbound.py), cut to their head as they were read
     stray: int = 0  # messages on topics not subscribed to now (left in the session by an earlier config)
     dropped: int = 0  # messages nobody tracks dropped from paho's session (struck, or over a learned limit)
 
