@@ -30,7 +30,7 @@ from agent.fleet.credentials import password_of, use_tls
 from agent.fleet.cuts import CutHandling, CutJudge
 from agent.fleet.inbound import KEEP_IN, keep_heads
 from agent.fleet.inflight import keep_within_receive_maximum
-from agent.fleet.packets import CUT_FOR_A_MESSAGE, Incoming, PacketTooLargeError, packet_size
+from agent.fleet.packets import Incoming, PacketTooLargeError, packet_size
 from agent.fleet.sockethooks import no_delay, written_by_the_loop
 from agent.fleet.takeover import FLAP_S, TAKEOVER_BACKOFF_S, TakeoverWatch
 from agent.fleet.topics import Topics
