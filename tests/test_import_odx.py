@@ -190,17 +190,7 @@ def write_test_pdx(path: Path) -> Path:
                                  diag_coded_type=coded, physical_type=PhysicalType(base_data_type=physical),
                                  unit_ref=unit)
         dds.data_object_props.append(dop)
-        request = Request(short_name=f"read_{name}_rq", odx_id=_id(layer, f"RQ.{name}"),
-                          parameters=[_const("sid", 0x22, 8, 0), _const("did", ids[name], 16, 1)])
-        response = Response(short_name=f"read_{name}_pr", odx_id=_id(layer, f"PR.{name}"),
-                            response_type=ResponseType.POSITIVE,
-                            parameters=[_const("sid", 0x62, 8, 0), _const("did", ids[name], 16, 1),
-                                        ValueParameter(short_name="value", byte_position=3, dop_ref=_ref(dop.odx_id))])
-        raw.requests.append(request)
-        raw.positive_responses.append(response)
-        raw.diag_comms_raw.append(DiagService(short_name=f"Read_{name}", odx_id=_id(layer, f"service.{name}"),
-                                              request_ref=_ref(request.odx_id),
-                                              pos_response_refs=[_ref(response.odx_id)]))
+        _add_read_service(layer, name, ids[name], dop)
     extra = {"write_idle_mode": [_const("sid", 0x2E, 8, 0), _const("did", 0x0100, 16, 1),
                                  ValueParameter(short_name="value", byte_position=3,
                                                 dop_ref=_ref(dds.data_object_props.idle_mode_dop.odx_id))],
@@ -270,6 +260,21 @@ def test_each_imported_did_decodes_like_odxtools(test_pdx):
 
 # ---- odd data objects: each stays raw with a note, the rest of the file is imported ----------------------
 
+def _add_read_service(layer, name: str, did_id: int, dop) -> None:
+    """A ReadDataByIdentifier service `Read_{name}` for DID `did_id` whose value is `dop`, in `layer`."""
+    raw = layer.diag_layer_raw
+    request = Request(short_name=f"read_{name}_rq", odx_id=_id(layer, f"RQ.{name}"),
+                      parameters=[_const("sid", 0x22, 8, 0), _const("did", did_id, 16, 1)])
+    response = Response(short_name=f"read_{name}_pr", odx_id=_id(layer, f"PR.{name}"),
+                        response_type=ResponseType.POSITIVE,
+                        parameters=[_const("sid", 0x62, 8, 0), _const("did", did_id, 16, 1),
+                                    ValueParameter(short_name="value", byte_position=3, dop_ref=_ref(dop.odx_id))])
+    raw.requests.append(request)
+    raw.positive_responses.append(response)
+    raw.diag_comms_raw.append(DiagService(short_name=f"Read_{name}", odx_id=_id(layer, f"service.{name}"),
+                                          request_ref=_ref(request.odx_id), pos_response_refs=[_ref(response.odx_id)]))
+
+
 def write_pdx_with(path: Path, dops: dict) -> Path:
     """Somersault's base variant plus one 16-bit read service per entry `name: (did, coded, compu, physical)`."""
     database = odxtools.load_pdx_file(str(SOMERSAULT))
@@ -280,17 +285,7 @@ def write_pdx_with(path: Path, dops: dict) -> Path:
         dop = DataObjectProperty(short_name=f"{name}_dop", odx_id=_id(layer, f"DOP.{name}"), compu_method=compu,
                                  diag_coded_type=coded, physical_type=PhysicalType(base_data_type=physical))
         dds.data_object_props.append(dop)
-        request = Request(short_name=f"read_{name}_rq", odx_id=_id(layer, f"RQ.{name}"),
-                          parameters=[_const("sid", 0x22, 8, 0), _const("did", did_id, 16, 1)])
-        response = Response(short_name=f"read_{name}_pr", odx_id=_id(layer, f"PR.{name}"),
-                            response_type=ResponseType.POSITIVE,
-                            parameters=[_const("sid", 0x62, 8, 0), _const("did", did_id, 16, 1),
-                                        ValueParameter(short_name="value", byte_position=3, dop_ref=_ref(dop.odx_id))])
-        raw.requests.append(request)
-        raw.positive_responses.append(response)
-        raw.diag_comms_raw.append(DiagService(short_name=f"Read_{name}", odx_id=_id(layer, f"service.{name}"),
-                                              request_ref=_ref(request.odx_id),
-                                              pos_response_refs=[_ref(response.odx_id)]))
+        _add_read_service(layer, name, did_id, dop)
     database.refresh()
     assert odxtools.write_pdx_file(str(path), database)
     return path
