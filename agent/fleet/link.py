@@ -1,4 +1,4 @@
-"""The paho client: persistent session, TLS and credentials, LWT, reconnect with jittered backoff.
+"""The MQTT session on the paho client (made in pahoclient.py): persistent, reconnected with jittered backoff.
 
 paho runs on our own named thread (client.loop), so reconnects, backoff and heartbeats are ours
 to see. Every callback is guarded: an exception in one is logged and counted, never allowed to
@@ -25,13 +25,11 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent.config.model import MqttConfig
-from agent.fleet.causes import PahoLog, refusal_name, uninformative
-from agent.fleet.credentials import password_of, use_tls
+from agent.fleet.causes import refusal_name, uninformative
 from agent.fleet.cuts import CutHandling, CutJudge
-from agent.fleet.inbound import KEEP_IN, keep_heads
 from agent.fleet.inflight import keep_within_receive_maximum
 from agent.fleet.packets import Incoming, PacketTooLargeError, packet_size
-from agent.fleet.sockethooks import no_delay, written_by_the_loop
+from agent.fleet.pahoclient import new_client
 from agent.fleet.takeover import FLAP_S, TAKEOVER_BACKOFF_S, TakeoverWatch
 from agent.fleet.topics import Topics
 from agent.fleet.unexpected import Unexpected
@@ -110,29 +108,13 @@ class MqttLink(CutHandling, Unexpected):
         self._on_too_large = on_too_large
         self._on_status_refused = on_status_refused
         self._v5 = config.protocol == "5"
-        self._host, self._port, tls = config.host_port_tls
-        self._client = mqtt.Client(
-            callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
-            protocol=mqtt.MQTTv5 if self._v5 else mqtt.MQTTv311,
-            clean_session=None if self._v5 else False, manual_ack=True,
-        )
-        # paho formats every packet's debug line for an `on_log` callback whatever the level; its logger is
-        # asked only through Logger.log, which checks the level first: errors are caught there instead
-        self._client.enable_logger(PahoLog(logging.getLogger("paho"), self._note_paho_error))  # type: ignore[arg-type]
-        self._client.max_queued_messages_set(0)
-        keep_heads(self._client, KEEP_IN, self._oversize)
-        self._client.will_set(topics.status, status("offline"), qos=1, retain=True)
-        password = password_of(config)
-        if config.username is not None or password is not None:
-            self._client.username_pw_set(config.username or "", password)
-        if tls or config.tls is not None:
-            use_tls(self._client, config)
+        self._host, self._port, _ = config.host_port_tls
+        self._client = new_client(config, client_id, (topics.status, status("offline")), self._note_paho_error,
+                                  self._oversize)
         self._client.on_connect = self._connected
         self._client.on_disconnect = self._disconnected
         self._client.on_message = self._message
         self._client.on_publish = self._published
-        self._client.on_socket_open = no_delay
-        self._client.on_socket_register_write = written_by_the_loop
         self._paho_error: str | None = None  # paho's last error line: the real cause behind a disconnect
         self._refusal: str | None = None
         self._connected_event = threading.Event()
