@@ -218,7 +218,9 @@ def test_messages_held_over_a_learned_limit_are_withdrawn_at_once_not_cut_on_one
     link._on_too_large = lambda mid, size, limit: bool(withdrawn.append((mid, size, limit)))
     first = link.publish(Outgoing(topics.state("engine"), b"x" * 8000, retain=True))
     second = link.publish(Outgoing(topics.responses("r1"), b"y" * 6000))
-    assert wait_until(lambda: struck == [first], 30)
+    # struck, then withdrawn, both on the loop thread a few ms apart: wait for the second (a CI run once
+    # looked between the two and found nothing withdrawn yet)
+    assert wait_until(lambda: struck == [first] and withdrawn, 30)
     limit = link.broker_max_packet
     assert withdrawn == [(second, packet_size(topics.responses("r1"), b"y" * 6000, None), limit)]
     assert link.wait_connected(10)
