@@ -165,7 +165,7 @@ def fuzz_bursts(service, backend, everything) -> None:
         run = uuid.uuid4().hex[:8]
         sent, ids = [], []
         for _ in range(data.draw(st.integers(1, 6))):
-            payload = data.draw(payloads(f"fz-{run}-{next(counter)}"))
+            payload = data.draw(payloads(f"fz-{run}-{next(counter):06d}"))  # fixed width: same draws, same bounds
             command_id = readable_id(payload)
             if command_id is not None and (command_id in expected_finals or command_id in ids):
                 continue  # a repeated id is a duplicate, tested elsewhere: keep one answer per id here
