@@ -21,10 +21,10 @@ import can
 import isotp
 
 from agent.bus.frames import FrameQueue, to_can, to_isotp
-from agent.bus.owner import BusOwner, RxFilter
+from agent.bus.owner import BusOwner, FaultMark, RxFilter
 from agent.config.model import EcuConfig, IsoTpConfig
 from agent.config.transport import isotp_address, isotp_params, rx_ids
-from agent.errors import BusDownError, TransportTimeoutError
+from agent.errors import TransportTimeoutError
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ class FunctionalLink:
         self._rx: dict[tuple[int, bool], _Reassembly] = {}
         self._lost: dict[str, str] = {}
         self._open = False
-        self._breaks = owner.breaks
+        self._faults = FaultMark(owner)
         owner.watch_faults(lambda reason: self._frames.put(_WAKE, counted=False))
 
     @property
@@ -156,7 +156,7 @@ class FunctionalLink:
         self._open = True
         self.flush()
         self._lost.clear()
-        self._breaks = self._owner.breaks
+        self._faults.reset()
         self._owner.tap(self._on_frame)
 
     def close(self) -> None:
@@ -207,10 +207,7 @@ class FunctionalLink:
                 data = assembly.logic.recv(block=False)
                 if data is not None:
                     return assembly.responder.key, bytes(data)
-            if self._owner.breaks != self._breaks:
-                self._breaks = self._owner.breaks  # once per fault
-                raise BusDownError(f"{self.name}: CAN bus {self._owner.config.channel} broke while answers "
-                                   f"were collected: {self._owner.last_error}")
+            self._faults.check(self.name, "while answers were collected")
             receiving = any(a.logic.is_rx_active() for a in self._rx.values())
             now = time.monotonic()
             if not receiving and now >= min(deadline, limit):

@@ -14,7 +14,7 @@ import can
 import isotp
 
 from agent.bus.frames import FrameQueue, to_can, to_isotp
-from agent.bus.owner import BusOwner
+from agent.bus.owner import BusOwner, FaultMark
 from agent.config.model import IsoTpConfig
 from agent.config.transport import isotp_params, rx_ids
 from agent.errors import BusDownError, TransportTimeoutError
@@ -44,7 +44,7 @@ class IsoTpLink:
             rxfn=self._rxfn, txfn=self._txfn, address=address,
             error_handler=self._on_error, params=isotp_params(config),
         )
-        self._breaks = owner.breaks  # the owner's count of bus faults when this exchange began
+        self._faults = FaultMark(owner)
         for can_id, extended in rx_ids(address):
             owner.subscribe(can_id, extended, self._on_frame)
         owner.watch_faults(self._on_bus_fault)
@@ -55,15 +55,6 @@ class IsoTpLink:
 
     def _on_bus_fault(self, reason: str) -> None:
         self._frames.put(_WAKE, counted=False)  # a blocked wait looks at the bus again at once
-
-    def _check_bus(self) -> None:
-        """Raises BusDownError when the bus broke since this exchange began: frames went with it, so
-        waiting on would end as a timeout that blames an ECU which may well have answered. Once per fault:
-        a reader that only listens (a simulated ECU) is told, then listens again."""
-        if self._owner.breaks != self._breaks:
-            self._breaks = self._owner.breaks
-            raise BusDownError(f"{self.name}: CAN bus {self._owner.config.channel} broke during the exchange: "
-                               f"{self._owner.last_error}")
 
     # ---- callables for the state machine -------------------------------------------------------
     def _rxfn(self, timeout: float) -> isotp.CanMessage | None:
@@ -97,13 +88,13 @@ class IsoTpLink:
         consecutive frames for STmin (woken at once by any frame that arrives meanwhile).
         """
         self._error = self._send_aborted = None
-        self._breaks = self._owner.breaks
+        self._faults.reset()
         self._logic.send(payload)
         deadline = time.monotonic() + timeout
         stalled = False
         try:
             while self._logic.transmitting():
-                self._check_bus()
+                self._faults.check(self.name, "during the exchange")
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or self._woken:
                     self._logic.stop_sending()
@@ -137,7 +128,7 @@ class IsoTpLink:
                 data = self._logic.recv(block=False)
                 if data is not None:
                     return bytes(data)
-                self._check_bus()
+                self._faults.check(self.name, "during the exchange")
                 receiving = self._logic.is_rx_active()
                 now = time.monotonic()
                 if self._woken or (not receiving and now >= min(deadline, limit)):
@@ -156,7 +147,7 @@ class IsoTpLink:
         """Forgets stale frames, half-done transfers and past bus faults before a new request."""
         self._frames.drain()
         self._logic.reset()
-        self._breaks = self._owner.breaks
+        self._faults.reset()
 
     def wake(self) -> None:
         """Makes a blocked send/recv return now, and every later one at once (used to stop)."""

@@ -104,6 +104,29 @@ class _Router(can.Listener):
         raise exc
 
 
+class FaultMark:
+    """A reader's place in its bus owner's count of faults. Frames went with a broken bus, so a reader
+    waiting on would end in a timeout that blames an ECU which may well have answered: `check` raises
+    BusDownError instead, once per fault (a reader that only listens, like a simulated ECU, is told,
+    then listens again)."""
+
+    def __init__(self, owner: BusOwner) -> None:
+        self._owner = owner
+        self._seen = owner.breaks
+
+    def reset(self) -> None:
+        """Faults before now are not this reader's concern (a new exchange begins)."""
+        self._seen = self._owner.breaks
+
+    def check(self, reader: str, during: str) -> None:
+        """Raises BusDownError if the bus broke since the last check or reset."""
+        breaks = self._owner.breaks
+        if breaks != self._seen:
+            self._seen = breaks
+            raise BusDownError(f"{reader}: CAN bus {self._owner.config.channel} broke {during}: "
+                               f"{self._owner.last_error}")
+
+
 class BusOwner:
     """The single owner of the CAN bus. Nothing else calls bus.recv(); sends go through `send`.
 
@@ -135,7 +158,7 @@ class BusOwner:
         self._fault: str | None = None
         self._supervisor: threading.Thread | None = None
         self.last_error: str | None = None
-        self.breaks = 0  # faults so far: a link that saw another number when it sent lost what came since
+        self.breaks = 0  # faults so far (FaultMark: a reader that saw another number lost what came since)
         self._watchers: tuple[Callable[[str], None], ...] = ()
         self.heartbeat = time.monotonic()
         self._failures = 0  # open attempts failed in a row
