@@ -134,45 +134,51 @@ class Executor:
         gets TesterPresent with suppressed positive response from then on.
         """
         fields = {"component": self.ecu.name, "session": self.session}
-        deadline = time.monotonic() + self.timing.p2_star  # silence ends the wait after P2; 0x78 extends it
-        if self._reports_session:
-            try:
-                data = transact(self.link, ACTIVE_SESSION, self.timing, deadline)
-            except NegativeResponseError as nrc:
-                if nrc.code in _NO_SESSION_DID:
-                    self._reports_session = False
-                    log.info("ECU %s does not report its session (DID 0xF186: %s); keepalives are TesterPresent",
-                             self.ecu.name, nrc, extra=fields)
-            except (UdsTimeoutError, TransportTimeoutError) as err:
-                self._keepalives_missed += 1
-                if self._keepalives_missed < KEEPALIVES_MISSED_LOST:  # one lost frame does not end a session
-                    log.info("ECU %s did not answer a keepalive: %s", self.ecu.name, err, extra=fields)
-                    return
-                log.warning("ECU %s did not answer %d keepalives in a row (%s): taking it to be back in its "
-                            "default session", self.ecu.name, self._keepalives_missed, err, extra=fields)
-                self.session_lost()
-                return
-            except (BusDownError, InvalidResponseError) as err:
-                log.warning("keepalive to %s failed: %s", self.ecu.name, err, extra=fields)
-                return
-            else:
-                self._keepalives_missed = 0
-                if data is not None and len(data) >= 4:
-                    # Only a fall back to the default session is followed: an OEM's odd 0xF186 format must
-                    # not put the agent into a session of its own invention (and hold collection for good).
-                    if data[3] == DEFAULT_SESSION:
-                        log.warning("ECU %s reports session 0x%02X, not 0x%02X: it left the session on its own",
-                                    self.ecu.name, data[3], self.session, extra=fields)
-                        self.session_lost()
-                    elif data[3] != self.session:
-                        log.debug("ECU %s reports session 0x%02X for 0x%02X; kept", self.ecu.name, data[3],
-                                  self.session, extra=fields)
-                    return
+        if self._reports_session and self._keepalive_by_session_read(fields):
+            return
         request = services.TesterPresent.make_request().get_payload(suppress_positive_response=True)
         try:
             transact(self.link, request, self.timing, time.monotonic() + self.timing.p2, wait_negative=False)
         except (BusDownError, TransportTimeoutError) as err:
             log.warning("keepalive to %s failed: %s", self.ecu.name, err, extra=fields)
+
+    def _keepalive_by_session_read(self, fields: dict[str, object]) -> bool:
+        """A keepalive that reads DID 0xF186 and follows the ECU back to its default session. False when
+        TesterPresent must go out instead: the ECU answered it negatively, or too short to read."""
+        deadline = time.monotonic() + self.timing.p2_star  # silence ends the wait after P2; 0x78 extends it
+        try:
+            data = transact(self.link, ACTIVE_SESSION, self.timing, deadline)
+        except NegativeResponseError as nrc:
+            if nrc.code in _NO_SESSION_DID:
+                self._reports_session = False
+                log.info("ECU %s does not report its session (DID 0xF186: %s); keepalives are TesterPresent",
+                         self.ecu.name, nrc, extra=fields)
+        except (UdsTimeoutError, TransportTimeoutError) as err:
+            self._keepalives_missed += 1
+            if self._keepalives_missed < KEEPALIVES_MISSED_LOST:  # one lost frame does not end a session
+                log.info("ECU %s did not answer a keepalive: %s", self.ecu.name, err, extra=fields)
+                return True
+            log.warning("ECU %s did not answer %d keepalives in a row (%s): taking it to be back in its "
+                        "default session", self.ecu.name, self._keepalives_missed, err, extra=fields)
+            self.session_lost()
+            return True
+        except (BusDownError, InvalidResponseError) as err:
+            log.warning("keepalive to %s failed: %s", self.ecu.name, err, extra=fields)
+            return True
+        else:
+            self._keepalives_missed = 0
+            if data is not None and len(data) >= 4:
+                # Only a fall back to the default session is followed: an OEM's odd 0xF186 format must
+                # not put the agent into a session of its own invention (and hold collection for good).
+                if data[3] == DEFAULT_SESSION:
+                    log.warning("ECU %s reports session 0x%02X, not 0x%02X: it left the session on its own",
+                                self.ecu.name, data[3], self.session, extra=fields)
+                    self.session_lost()
+                elif data[3] != self.session:
+                    log.debug("ECU %s reports session 0x%02X for 0x%02X; kept", self.ecu.name, data[3],
+                              self.session, extra=fields)
+                return True
+        return False
 
     # ---- session and security state: the same after a named command or a raw one -------------
     def _enter_session(self, session: int) -> None:
