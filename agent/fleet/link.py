@@ -222,7 +222,9 @@ class MqttLink(CutHandling, Unexpected):
                 self._client.ack(mid, qos)
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Publishes the offline status (when connected), disconnects and joins the loop thread."""
+        """Publishes the offline status (when connected), disconnects and joins the loop thread: all in
+        `timeout` seconds."""
+        end = time.monotonic() + timeout
         if self.connected:
             # noted before its PUBACK can be handled (see `publish`)
             with getattr(self._client, "_out_message_mutex", contextlib.nullcontext()):
@@ -234,7 +236,7 @@ class MqttLink(CutHandling, Unexpected):
         self._stop.set()
         self._client.disconnect()  # queued: the loop thread writes it, if it still runs
         if self._thread is not None:
-            self._thread.join(timeout)
+            self._thread.join(max(0.0, end - time.monotonic()))
         if not self.alive and self._client.want_write():  # it stopped first: the only writer now is this thread
             self._client.loop_write()
 

@@ -53,12 +53,12 @@ class MetricsServer:
         """The serving thread runs (the watchdog checks it: a dead endpoint is a silent edge)."""
         return self._thread is not None and self._thread.is_alive()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 3.0) -> None:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
         if self._thread is not None:
-            self._thread.join(3)
+            self._thread.join(timeout)
 
 
 def _hint(err: Exception) -> str:

@@ -111,13 +111,14 @@ class Store(Bounds, GroupCommit):
             self._db.close()
             raise StoreError("open", err) from err
 
-    def close(self) -> None:
-        """Commits what still waits (a final response handed over without waiting), then closes."""
+    def close(self, timeout: float = 10.0) -> None:
+        """Commits what still waits (a final response handed over without waiting), then closes; waits at
+        most `timeout` seconds for the writer thread to end (the commit itself is never skipped)."""
         with self._waiting:
             self._closing = True
             self._waiting.notify()
         if self._writer is not None:
-            self._writer.join(10.0)
+            self._writer.join(timeout)
         self.flush()
         log.info("store closed: %d writes in %d commits, %d of them synced", self.writes, self.commits, self.synced,
                  extra={"writes": self.writes, "commits": self.commits, "synced": self.synced})

@@ -125,9 +125,11 @@ class Collection:
         self.lane.start()
         self.collector.start()
 
-    def stop(self) -> None:
-        self.collector.stop()  # its last open batches go into the lane, which keeps them for the next start
-        self.lane.stop()
+    def stop(self, timeout: float = 6.0) -> None:
+        """Stops the collector, then the lane; `timeout` bounds both joins together."""
+        end = time.monotonic() + timeout
+        self.collector.stop(timeout / 2)  # its last open batches go into the lane, which keeps them for the next start
+        self.lane.stop(max(0.0, end - time.monotonic()))
 
     def submit_plan(self, name: str, payload: bytes, ack: Callable[[], None] = lambda: None) -> None:
         self.collector.submit_plan(name, payload, ack)

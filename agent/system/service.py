@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +49,11 @@ log = logging.getLogger(__name__)
 
 STORE_FILE = "agent.db"
 CLOCK_FILE = "clock.json"
+# What a stop may take after the in-flight commands' grace: requeueing, the last commits, the outbox
+# flush and the offline status, and the joins of threads that are stopping. systemd kills a stop that
+# outlasts TimeoutStopSec (the unit's 20 s: the default grace of 5 s, this, and room for the interpreter's
+# exit), and a killed stop reports `interrupted` what a clean one would have queued again.
+STOP_AFTER_GRACE_S = 10.0
 REFUSAL_REASONS = (*REASONS.values(), "other", CONNECTION_DROPPED)  # every sovd_publish_refused_total reason
 
 
@@ -150,23 +156,30 @@ class Service(ServiceHealth, StartMarks, RestartRecovery, Finals):
         return bus_up
 
     def stop(self, grace: float = 5.0) -> None:
-        """Stop taking commands, let in-flight ones finish, flush what the broker takes, go offline."""
+        """Stop taking commands, let in-flight ones finish, flush what the broker takes, go offline: within
+        `grace` + STOP_AFTER_GRACE_S seconds, however many threads are stuck. Each step waits at most its
+        own share, and none past the end; the store's last commits are never skipped."""
+        end = time.monotonic() + grace + STOP_AFTER_GRACE_S
+
+        def left(share: float) -> float:
+            return max(0.0, min(share, end - time.monotonic()))
+
         self.stopped_at = self.clock.wall()
-        self.intake.stop()
-        self.collection.stop()
-        self.runtime.stop(grace)  # queued-but-unrun commands stay 'queued' and run after a restart
+        self.intake.stop(left(3.0))
+        self.collection.stop(left(3.0))
+        self.runtime.stop(left(grace))  # queued-but-unrun commands stay 'queued' and run after a restart
         self._requeue_unrun()
         self.store.flush()  # the finals handed over without waiting are in the outbox before it is flushed
         if self.link.connected:
-            self.outbox.flush(min(grace, 3.0))
-        self.outbox.stop()
-        self.link.stop()
-        self.bus_monitor.stop()
+            self.outbox.flush(left(min(grace, 3.0)))
+        self.outbox.stop(left(1.0))
+        self.link.stop(left(4.0))
+        self.bus_monitor.stop(left(1.0))
         if self.metrics_server is not None:
-            self.metrics_server.stop()
+            self.metrics_server.stop(left(1.0))
         self.audit.close()
         self.clock.save()
-        self.store.close()
+        self.store.close(left(3.0))
         self.log_counter.detach()
 
     # ---- callbacks -----------------------------------------------------------------------------
