@@ -24,7 +24,6 @@ class IntakeStats:
     redeliveries: int = 0
     events_suppressed: int = 0
     errors: dict[str, int] = dataclasses.field(default_factory=dict)  # unexpected exceptions, by stage
-    storage_refusals: int = 0
 
 
 @dataclasses.dataclass

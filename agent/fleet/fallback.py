@@ -56,7 +56,6 @@ class Fallbacks(Answers):
         item = decision.item
         direct = Decision(item, self._store.batch(), decision.command_id, decision.body, decision.reply_topic)
         if decision.command_id is not None and (decision.remembered or not decision.messages):
-            self.stats.storage_refusals += 1
             message = refusal_message(decision.command_id, decision.body, Status.REJECTED,
                                       ErrorCode.STORAGE_UNAVAILABLE,
                                       "the agent cannot record commands now (its storage fails); send it again "

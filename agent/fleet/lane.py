@@ -58,9 +58,6 @@ class TelemetryLane:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.heartbeat = time.monotonic()
-        self.promoted = 0
-        self.states_sent = 0
-        self.states_trimmed = 0
         self.states_set_aside = 0  # too large for the payload limit
         self.states_refused = 0  # refused by the broker, or cut on
 
@@ -126,7 +123,6 @@ class TelemetryLane:
         """Moves what may go now; True while something still waits (behind responses, unsent or unanswered)."""
         moved, left = self._tables.promote_telemetry(STEP)
         if moved:
-            self.promoted += moved
             self._wake_outbox()
         self._settle()
         with self._lock:
@@ -200,7 +196,6 @@ class TelemetryLane:
                 self._too_large(row, limit, payload)
             else:
                 self._oversize.discard(row.component)
-            self.states_sent += 1
             return True
         self._too_large(row, limit, None)
         return False
@@ -215,8 +210,6 @@ class TelemetryLane:
         outcome = "trimmed" if sent is not None else "set_aside"
         if sent is None:
             self.states_set_aside += 1
-        else:
-            self.states_trimmed += 1
         self._on_oversize(row.component, outcome)
         if row.component in self._oversize:
             return

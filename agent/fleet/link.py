@@ -52,7 +52,6 @@ CONNECT_LIMIT_S = 120.0
 
 @dataclass
 class LinkStats:
-    connects: int = 0
     reconnects: int = 0
     messages_in: int = 0
     messages_out: int = 0
@@ -329,7 +328,6 @@ class MqttLink(CutHandling, Unexpected):
             self._refusal = f"broker refused the connection: {reason}"
             self._fail(self._refusal)
             return
-        self.stats.connects += 1
         self._generation += 1
         self._up_since = time.monotonic()
         self.last_disconnect_code, self.last_cut_short = None, False
