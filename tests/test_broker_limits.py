@@ -96,6 +96,35 @@ def test_retained_command_is_never_executed(service, backend, sim):
         backend._client.publish(backend.topics.commands, b"", qos=1, retain=True).wait_for_publish(10)
 
 
+def test_a_retained_command_is_reported_once_not_again_on_every_reconnect(mqtt_vehicle, sim, broker, backend):
+    """The broker sends retained messages again with every SUBSCRIBE, and the agent subscribes on every
+    connection: without Retain Handling 1 each reconnect reported the same retained command again
+    (a new `invalid_message` event each time). The connection is cut by a relay in front of Mosquitto."""
+    relay = AckHoldingRelay(broker.port)
+    config = dataclasses.replace(mqtt_vehicle, mqtt=dataclasses.replace(
+        mqtt_vehicle.mqtt, broker=f"mqtt://127.0.0.1:{relay.port}"))
+    body = command()
+    backend._client.publish(backend.topics.commands, json.dumps(body).encode(), qos=1,
+                            retain=True).wait_for_publish(10)
+    svc = Service(config)
+    svc.start()
+    try:
+        assert svc.link.wait_connected(10), svc.link.last_error
+        backend.wait_for(lambda s: s.topic == backend.topics.events and b'"retained"' in s.payload, 10)
+        relay.cut()
+        assert wait_until(lambda: relay.connections == 2 and svc.link.connected, 15)
+        fresh = command()
+        backend.send(fresh)  # sent after the new SUBSCRIBE: anything retained it brought is handled before it
+        assert backend.final(fresh["id"])["status"] == "completed"
+        events = [s for s in backend.seen if s.topic == backend.topics.events and b'"retained"' in s.payload]
+        assert len(events) == 1 and svc.intake.stats.invalid["retained"] == 1
+        assert sim.ecu("engine").server.executed[0x22] == 1
+    finally:
+        svc.stop()
+        relay.close()
+        backend._client.publish(backend.topics.commands, b"", qos=1, retain=True).wait_for_publish(10)
+
+
 @pytest.mark.parametrize(("where", "topic"), [
     ("reply_to", "status"), ("reply_to", "commands"), ("response_topic", "events"),
     ("response_topic", "plans/powertrain"), ("reply_to", "state/engine"), ("reply_to", "replies/+"),

@@ -345,8 +345,10 @@ class MqttLink(CutHandling, Unexpected):
         receive_maximum = getattr(properties, "ReceiveMaximum", None) if self._v5 else None
         self.broker_receive_maximum = receive_maximum or 65535
         keep_within_receive_maximum(client, self.broker_receive_maximum)
-        if self._v5:  # retain-as-published: a retained command keeps its flag, so that it is never run
-            client.subscribe(self.topics.commands, options=SubscribeOptions(qos=1, retainAsPublished=True))
+        if self._v5:  # retain-as-published: a retained command keeps its flag, so that it is never run;
+            # retain handling 1: it is sent (and reported) once per subscription, not on every reconnect
+            client.subscribe(self.topics.commands, options=SubscribeOptions(
+                qos=1, retainAsPublished=True, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB))
         else:
             client.subscribe(self.topics.commands, qos=1)
         if self._on_plan is not None:
