@@ -261,6 +261,37 @@ def test_check_config_reads_the_link_files_as_run_does(tmp_path, pki, problem, f
     assert line.startswith(f"sovd-edge check-config: invalid configuration: {config}: {field}: "), line
 
 
+@pytest.mark.parametrize(("problem", "field"), [("a missing certificate", "metrics.tls.cert_file"),
+                                                ("a key that is not the certificate's", "metrics.tls.cert_file"),
+                                                ("a world-readable key", "metrics.tls.key_file"),
+                                                ("a missing client CA", "metrics.tls.client_ca_file")])
+def test_the_metrics_endpoints_tls_files_are_checked_as_a_config_not_found_at_bind(tmp_path, pki, problem, field):
+    """check-config said OK to metrics TLS files `run` could not use, and `run` found them only when it
+    bound the endpoint: exit 69 (unavailable), as for a port in use, not 78 (a bad config). Both now name
+    the field, and a key other users may read is refused as the MQTT link's key is."""
+    tls = {"cert_file": pki / "server.pem", "key_file": pki / "server.key", "client_ca_file": pki / "ca.pem"}
+    if problem == "a missing certificate":
+        tls["cert_file"] = tmp_path / "missing.pem"
+    elif problem == "a key that is not the certificate's":
+        tls["key_file"] = pki / "intruder.key"
+    elif problem == "a world-readable key":
+        tls["key_file"] = tmp_path / "server.key"
+        tls["key_file"].write_bytes((pki / "server.key").read_bytes())
+        tls["key_file"].chmod(0o644)
+    else:
+        tls["client_ca_file"] = tmp_path / "missing-ca.pem"
+    config = yaml.safe_load((ROOT / DEMO).read_text())
+    config.update(simulate=[str(ROOT / "config/sim/demo-vehicle.yaml")], state_dir=str(tmp_path / "state"))
+    config["metrics"] = {"listen": "127.0.0.1:0", "tls": {k: str(v) for k, v in tls.items()}}
+    path = tmp_path / "agent.yaml"
+    path.write_text(yaml.safe_dump(config))
+    line = one_line(cli("check-config", "-c", str(path)), 78, check_config)
+    assert line.startswith(f"sovd-edge check-config: invalid configuration: {path}: {field}: "), line
+    record = error_record(cli("run", "-c", str(path), "--log-format", "json"))
+    assert record["message"].startswith(f"invalid configuration: {path}: {field}: "), record["message"]
+    assert not (tmp_path / "state" / "agent.db").exists()  # refused before the store was made
+
+
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="runs it as another user")
 def test_a_config_this_user_may_not_read_says_to_use_sudo(shared_tmp):
     """Review defect: the README's steps ran check-config and doctor on /etc/sovd-edge/agent.yaml (mode 0640,

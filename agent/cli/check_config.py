@@ -12,6 +12,7 @@ from agent.config.model import AgentConfig
 from agent.devtools.sim.config import load_sim_config
 from agent.errors import ConfigError
 from agent.fleet.credentials import LinkSetupError, read_secret, tls_file_problems
+from agent.metrics.server import tls_file_problems as metrics_tls_problems
 from agent.wire.plan import local_plan_problems, parse_plan
 
 EXITS = {**c.ALWAYS, c.EXIT_OK: "the file is valid", c.EXIT_CONFIG: c.CONFIG_EXIT}
@@ -44,9 +45,9 @@ def handle(args: argparse.Namespace, config: AgentConfig) -> int:
         except ConfigError as err:
             c.fail(args, f"invalid configuration: {err}")
             return c.EXIT_CONFIG
-    link_problems, provided = link_file_problems(config)
-    if link_problems:
-        c.fail(args, f"invalid configuration: {ConfigError(str(args.config), link_problems)}")
+    file_problems, provided = credential_file_problems(config)
+    if file_problems:
+        c.fail(args, f"invalid configuration: {ConfigError(str(args.config), file_problems)}")
         return c.EXIT_CONFIG
     names = ", ".join(e.name for e in config.ecus)
     print(f"{args.config}: OK (vehicle {config.vehicle}, bus {config.bus.interface}:{config.bus.channel}, "
@@ -56,9 +57,10 @@ def handle(args: argparse.Namespace, config: AgentConfig) -> int:
     return c.EXIT_OK
 
 
-def link_file_problems(config: AgentConfig) -> tuple[list[tuple[str, str]], list[str]]:
-    """The MQTT link's files read as `run` reads them before it connects (password, CA, client certificate
-    and key), so that OK here means the link can be set up: (problems, files only systemd provides)."""
+def credential_file_problems(config: AgentConfig) -> tuple[list[tuple[str, str]], list[str]]:
+    """The files read as `run` reads them before it connects: the MQTT link's password, CA, client
+    certificate and key, and the metrics endpoint's certificate, key and client CA; so that OK here means
+    both can be set up: (problems, files only systemd provides)."""
     provided: list[str] = []
 
     def systemd_provides(path: Path) -> bool:
@@ -76,12 +78,14 @@ def link_file_problems(config: AgentConfig) -> tuple[list[tuple[str, str]], list
                 read_secret(mqtt.password_file)
             except LinkSetupError as err:
                 problems.append(("mqtt.password_file", str(err)))
-    tls = mqtt.tls
-    for field, path in (("mqtt.tls.ca_file", tls.ca_file), ("mqtt.tls.cert_file", tls.cert_file),
-                        ("mqtt.tls.key_file", tls.key_file)) if tls is not None else ():
-        if path is not None and systemd_provides(path):
-            provided.append(f"{field} {path}")
-    return problems + tls_file_problems(mqtt, skip=systemd_provides), provided
+    tls, metrics_tls = mqtt.tls, config.metrics.tls if config.metrics.enabled else None
+    files = [*((("mqtt.tls.ca_file", tls.ca_file), ("mqtt.tls.cert_file", tls.cert_file),
+                ("mqtt.tls.key_file", tls.key_file)) if tls is not None else ()),
+             *((("metrics.tls.cert_file", metrics_tls.cert_file), ("metrics.tls.key_file", metrics_tls.key_file),
+                ("metrics.tls.client_ca_file", metrics_tls.client_ca_file)) if metrics_tls is not None else ())]
+    provided += [f"{field} {path}" for field, path in files if path is not None and systemd_provides(path)]
+    return (problems + tls_file_problems(mqtt, skip=systemd_provides)
+            + metrics_tls_problems(metrics_tls, skip=systemd_provides)), provided
 
 
 def scheduled_request_problems(config: AgentConfig) -> list[tuple[str, str]]:

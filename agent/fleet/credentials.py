@@ -13,6 +13,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 
 from agent.config.model import MqttConfig
+from agent.config.tlsfiles import key_file_problem, load_failure
 from agent.errors import AgentError
 
 
@@ -29,12 +30,9 @@ def read_secret(path: Path) -> str:
 
 def check_key_file(path: Path) -> None:
     """Refuses a private key that other users can read."""
-    try:
-        mode = path.stat().st_mode
-    except OSError as err:
-        raise LinkSetupError(f"cannot read client key {path}: {err.strerror or err}") from err
-    if mode & 0o004:
-        raise LinkSetupError(f"client key {path} is world-readable (mode {mode & 0o777:o}); chmod 600 it")
+    problem = key_file_problem(path, "client key")
+    if problem is not None:
+        raise LinkSetupError(problem)
 
 
 def password_of(config: MqttConfig, environ: dict[str, str] | None = None) -> str | None:
@@ -83,7 +81,8 @@ def tls_file_problems(config: MqttConfig, skip: Callable[[Path], bool] = lambda 
         try:
             ssl.create_default_context(cafile=str(tls.ca_file))
         except (OSError, ssl.SSLError) as err:
-            problems.append(("mqtt.tls.ca_file", f"{tls.ca_file} is not a readable PEM CA certificate: {_why(err)}"))
+            problems.append(("mqtt.tls.ca_file",
+                             f"{tls.ca_file} is not a readable PEM CA certificate: {load_failure(err)}"))
     key = tls.key_file
     if key is not None and not skip(key):
         try:
@@ -95,11 +94,5 @@ def tls_file_problems(config: MqttConfig, skip: Callable[[Path], bool] = lambda 
             ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(str(tls.cert_file), str(key) if key else None)
         except (OSError, ssl.SSLError) as err:
             problems.append(("mqtt.tls.cert_file", f"{tls.cert_file} with the key {key or '(in the same file)'} "
-                                                   f"cannot be loaded: {_why(err)}"))
+                                                   f"cannot be loaded: {load_failure(err)}"))
     return problems
-
-
-def _why(err: OSError | ssl.SSLError) -> str:
-    if isinstance(err, ssl.SSLError):
-        return str(err.reason or err).replace("_", " ").lower()
-    return err.strerror or str(err)

@@ -6,11 +6,14 @@ import errno
 import logging
 import ssl
 import threading
+from collections.abc import Callable
+from pathlib import Path
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, start_http_server
 
-from agent.config.model import MetricsConfig
+from agent.config.model import MetricsConfig, MetricsTls
+from agent.config.tlsfiles import key_file_problem, load_failure
 from agent.errors import AgentError
 
 log = logging.getLogger(__name__)
@@ -18,6 +21,32 @@ log = logging.getLogger(__name__)
 
 class MetricsServerError(AgentError, OSError):
     """The endpoint could not be opened (port taken, bad certificate)."""
+
+
+def tls_file_problems(tls: MetricsTls | None, skip: Callable[[Path], bool] = lambda path: False,
+                      ) -> list[tuple[str, str]]:
+    """The endpoint's TLS files as `start` loads them: (field path, what is wrong) for each problem, so that
+    `run` refuses them as a bad config (exit 78) and check-config finds them first. Files `skip` returns
+    True for are not read (check-config: systemd's credentials exist only inside the service)."""
+    if tls is None:
+        return []
+    problems: list[tuple[str, str]] = []
+    key_ok = skip(tls.key_file) or (problem := key_file_problem(tls.key_file, "metrics key")) is None
+    if not key_ok:
+        problems.append(("metrics.tls.key_file", problem))
+    elif not skip(tls.cert_file) and not skip(tls.key_file):
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(str(tls.cert_file), str(tls.key_file))
+        except (OSError, ssl.SSLError) as err:
+            problems.append(("metrics.tls.cert_file", f"{tls.cert_file} with the key {tls.key_file} cannot be "
+                                                      f"loaded: {load_failure(err)}"))
+    if tls.client_ca_file is not None and not skip(tls.client_ca_file):
+        try:
+            ssl.create_default_context(cafile=str(tls.client_ca_file))
+        except (OSError, ssl.SSLError) as err:
+            problems.append(("metrics.tls.client_ca_file", f"{tls.client_ca_file} is not a readable PEM CA "
+                                                           f"certificate: {load_failure(err)}"))
+    return problems
 
 
 class MetricsServer:

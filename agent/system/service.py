@@ -20,6 +20,7 @@ from agent.clock import Clock
 from agent.collect.faults import FaultTracker
 from agent.config.model import AgentConfig
 from agent.core.runtime import Companion, Runtime
+from agent.errors import ConfigError
 from agent.fleet.intake import Intake
 from agent.fleet.link import MqttLink
 from agent.fleet.outbox import Outbox
@@ -28,7 +29,7 @@ from agent.fleet.topics import Topics
 from agent.metrics.busmonitor import BusMonitor
 from agent.metrics.logcount import LogCounter
 from agent.metrics.registry import AgentMetrics
-from agent.metrics.server import MetricsServer
+from agent.metrics.server import MetricsServer, tls_file_problems
 from agent.policy.admission import Admission
 from agent.store.recovery import open_store
 from agent.store.sqlite import Entry, Outgoing, StoreError
@@ -71,6 +72,8 @@ class Service(ServiceHealth, StartMarks, RestartRecovery, Finals):
         gate = signature_gate(config, self.topics, lambda reason: self.metrics.auth_failure(reason),
                               known=lambda command_id: self.store.get(command_id) is not None,
                               clock_trusted=self.clock.synchronized)  # before the store: it may refuse the config
+        if config.metrics.enabled and (problems := tls_file_problems(config.metrics.tls)):
+            raise ConfigError(str(config.source or "config"), problems)  # before the store, like the keys above
         self.registry = CollectorRegistry()
         ProcessMetrics(registry=self.registry)  # also under the unit's ProcSubset=pid
         PlatformCollector(registry=self.registry)
