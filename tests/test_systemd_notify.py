@@ -16,6 +16,7 @@ import pytest
 import yaml
 from conftest import DATA, ROOT
 
+from agent.bus.owner import wait_until
 from agent.fleet.caller import Caller
 from agent.system.sdnotify import SystemdNotifier
 
@@ -316,3 +317,30 @@ def test_the_metrics_thread_and_the_telemetry_lane_are_watched_too(service):
     service.metrics_server._server.shutdown()  # its serve_forever returns: the thread ends
     service.metrics_server._thread.join(5)
     assert "metrics-http thread died" in service.wedged()
+
+
+def test_a_frame_handler_that_never_returns_is_a_wedge(service, backend, monkeypatch):
+    """The notifier thread hands every frame to its handlers; one that never returns stops every frame
+    after it, and only timeouts showed it: the workers were not wedged, so the watchdog kept pinging.
+    A tap (what a functional collection adds) that blocks on an event is that handler, for real."""
+    from agent.system import health
+
+    monkeypatch.setattr(health, "DISPATCH_STUCK_S", 0.2)
+    owner = service.runtime.owner
+    release = threading.Event()
+    entered = threading.Event()
+
+    def stuck(msg):
+        entered.set()
+        release.wait(30)
+
+    owner.tap(stuck)
+    try:
+        backend.send({"id": f"stuck-{uuid.uuid4().hex[:8]}", "component": "engine", "command": "read_data",
+                      "params": {"data": "vin"}})
+        assert entered.wait(10)  # the ECU's answer reached the handler, which does not return
+        assert wait_until(lambda: any("CAN notifier stuck in a frame handler" in p for p in service.wedged()), 5)
+    finally:
+        owner.untap(stuck)
+        release.set()
+    assert wait_until(lambda: service.wedged() == [], 5)

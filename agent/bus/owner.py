@@ -92,11 +92,17 @@ class _Router(can.Listener):
         counters.bytes_rx += msg.dlc
         if msg.is_error_frame or msg.is_remote_frame:
             return
-        sink = self._owner.sinks.get((msg.arbitration_id, msg.is_extended_id))
-        if sink is not None:
-            sink(msg)
-        for tap in self._owner.taps:  # empty unless a functional request is collecting answers
-            tap(msg)
+        # A handler that never returns stops every frame after it, and nothing else would notice:
+        # the workers only see timeouts. The watchdog reads this (BusOwner.dispatch_stuck_s).
+        self._owner.dispatching_since = time.monotonic()
+        try:
+            sink = self._owner.sinks.get((msg.arbitration_id, msg.is_extended_id))
+            if sink is not None:
+                sink(msg)
+            for tap in self._owner.taps:  # empty unless a functional request is collecting answers
+                tap(msg)
+        finally:
+            self._owner.dispatching_since = None
 
     def on_error(self, exc: Exception) -> None:
         # Report, then re-raise: a handled error would make the Notifier spin on a broken bus.
@@ -158,6 +164,7 @@ class BusOwner:
         self._fault: str | None = None
         self._supervisor: threading.Thread | None = None
         self.last_error: str | None = None
+        self.dispatching_since: float | None = None  # the notifier thread is in a frame handler since then
         self.breaks = 0  # faults so far (FaultMark: a reader that saw another number lost what came since)
         self._watchers: tuple[Callable[[str], None], ...] = ()
         self.heartbeat = time.monotonic()
@@ -223,6 +230,11 @@ class BusOwner:
     @property
     def supervisor_alive(self) -> bool:
         return self._supervisor is not None and self._supervisor.is_alive()
+
+    def dispatch_stuck_s(self) -> float:
+        """How long the notifier thread has been inside one frame's handlers (0: not in one now)."""
+        since = self.dispatching_since
+        return 0.0 if since is None else time.monotonic() - since
 
     @property
     def is_up(self) -> bool:

@@ -14,6 +14,8 @@ from agent.metrics.registry import AgentState
 from agent.store.sqlite import StoreError
 from agent.wire import messages as m
 
+DISPATCH_STUCK_S = 5.0
+
 
 class ServiceHealth:
     """Read-only views of the service's parts; none of these changes what the agent does."""
@@ -38,7 +40,8 @@ class ServiceHealth:
         A worker counts as wedged once its command runs past the longest deadline any command can
         have, plus the waits a transaction may add after it (P2*, a flow-control timeout). The MQTT loop
         thread blocked in one connect attempt (name lookup, TCP, TLS: a broker outage) is not silent; an
-        attempt longer than any of those can take (CONNECT_LIMIT_S) is a wedge.
+        attempt longer than any of those can take (CONNECT_LIMIT_S) is a wedge. So is the CAN notifier
+        thread inside one frame's handlers for DISPATCH_STUCK_S: they only queue the frame.
         """
         now = time.monotonic()
         problems = [f"{name} thread died" for name, alive in self.threads_alive().items() if not alive]
@@ -53,6 +56,9 @@ class ServiceHealth:
                  "telemetry-lane": (self.collection.lane.heartbeat, LANE_QUIET_S + 15.0)}
         problems += [f"{name} silent for {now - beat:.0f} s" for name, (beat, limit) in beats.items()
                      if now - beat > limit]
+        stuck = self.runtime.owner.dispatch_stuck_s()
+        if stuck > DISPATCH_STUCK_S:  # handlers only queue a frame: seconds in one is a bug, and every frame waits
+            problems.append(f"CAN notifier stuck in a frame handler for {stuck:.0f} s")
         for name, worker in self.runtime.workers.items():
             if not worker.alive:
                 problems.append(f"worker {name} died")
