@@ -1,0 +1,191 @@
+"""Protocol v1 clauses that no other test pinned down: what the agent's CONNECT asks of the broker (section
+Session), and the QoS and retain flag of every kind of message it publishes (section Topics, Collection).
+
+The CONNECT is read from the real Service's paho client by a scripted broker on a real loopback socket
+(tests/fake_broker.py): Mosquitto does not show a client's CONNECT flags and properties. The flags test
+runs on a real Mosquitto with the simulator on a virtual CAN bus.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import struct
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from collect_support import plan
+from fake_broker import CONNECT, FakeBroker
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from agent.config.model import AgentConfig
+from agent.fleet.caller import Caller
+from agent.system.service import Service
+from agent.wire.decode import MAX_COMMAND_BYTES
+
+
+@dataclasses.dataclass(frozen=True)
+class Connect:
+    """The fields of a CONNECT packet the protocol's section Session speaks of."""
+
+    level: int
+    clean_start: bool
+    will_qos: int
+    will_retain: bool
+    properties: Properties | None
+    client_id: str
+    will_topic: str
+    will_payload: bytes
+
+
+def _string(body: bytes, at: int) -> tuple[bytes, int]:
+    (n,) = struct.unpack("!H", body[at:at + 2])
+    return body[at + 2:at + 2 + n], at + 2 + n
+
+
+def parse_connect(body: bytes) -> Connect:
+    """A CONNECT's variable header and payload up to the Will (MQTT 5: 3.1.2-3.1.3; 3.1.1: 3.1.2-3.1.3)."""
+    name, at = _string(body, 0)
+    assert name == b"MQTT"
+    level, flags = body[at], body[at + 1]
+    at += 4  # level, flags, keep alive
+    properties = None
+    if level == 5:
+        properties, used = Properties(PacketTypes.CONNECT).unpack(body[at:])
+        at += used
+    client_id, at = _string(body, at)
+    assert flags & 0x04, "the agent registers a Last Will"
+    if level == 5:
+        _, used = Properties(PacketTypes.WILLMESSAGE).unpack(body[at:])
+        at += used
+    will_topic, at = _string(body, at)
+    will_payload, at = _string(body, at)
+    return Connect(level, bool(flags & 0x02), (flags >> 3) & 0x03, bool(flags & 0x20), properties,
+                   client_id.decode(), will_topic.decode(), will_payload)
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeBroker]:
+    broker = FakeBroker()
+    yield broker
+    broker.close()
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_the_agent_connects_with_a_stable_id_a_persistent_session_and_its_limits(fake, mqtt_vehicle, sim, protocol):
+    """Section Session: client id `sovd-edge-{vehicle}` by default; MQTT 5 Clean Start = 0 with a Session
+    Expiry Interval of 7 days (the default), a Receive Maximum of the configured admission window and a
+    Maximum Packet Size just above the largest command (64 KiB) it accepts; MQTT 3.1.1 clean session = 0.
+    Section Status: the Last Will is the status document, `offline`, QoS 1, retained, on `status`."""
+    config = dataclasses.replace(mqtt_vehicle, mqtt=dataclasses.replace(
+        mqtt_vehicle.mqtt, broker=fake.url, protocol=protocol, client_id=None))
+    assert config.mqtt.session_expiry_s == 7 * 24 * 3600  # the default the spec names
+    svc = Service(config)
+    svc.start()
+    try:
+        connection = fake.accept()
+        sent = parse_connect(connection.expect(CONNECT).body)
+        connection.close()
+    finally:
+        svc.stop()
+    assert sent.client_id == f"sovd-edge-{config.vehicle}"
+    assert sent.clean_start is False
+    assert sent.level == (5 if protocol == "5" else 4)
+    if protocol == "5":
+        assert sent.properties is not None
+        assert sent.properties.SessionExpiryInterval == 7 * 24 * 3600
+        assert sent.properties.ReceiveMaximum == config.mqtt.receive_maximum
+        assert config.mqtt.receive_maximum <= config.mqtt.max_waiting_commands  # admitted without `busy`
+        # just above the largest command: a 64 KiB command with its topic and properties passes, 2x does not
+        assert MAX_COMMAND_BYTES + 1024 < sent.properties.MaximumPacketSize < 2 * MAX_COMMAND_BYTES
+    assert sent.will_topic == f"{config.mqtt.prefix}/{config.vehicle}/status"
+    assert (sent.will_qos, sent.will_retain) == (1, True)
+    will = json.loads(sent.will_payload)
+    assert will["state"] == "offline" and will["vehicle"] == config.vehicle and will["protocol"] == 1
+    assert set(will) == {"state", "vehicle", "agent_version", "protocol", "components", "since"}
+    assert will["components"] == [ecu.name for ecu in config.ecus]
+
+
+class Flags:
+    """A raw MQTT 5 subscriber that records each message's QoS and retain flag as the agent published them:
+    subscribed at QoS 2 (a message arrives at the QoS it was published with) and retain-as-published (a
+    live message keeps its retain flag; Mosquitto clears it otherwise)."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.base = f"{config.mqtt.prefix}/{config.vehicle}"
+        host, port, _ = config.mqtt.host_port_tls
+        self._client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+                                   client_id=f"flags-{uuid.uuid4().hex[:8]}", protocol=mqtt.MQTTv5)
+        self._client.on_message = self._on_message
+        self.seen: list[tuple[str, int, bool, bytes]] = []
+        self._changed = threading.Condition()
+        subscribed = threading.Event()
+        self._client.on_subscribe = lambda *args: subscribed.set()
+        self._client.connect(host, port)
+        self._client.loop_start()
+        self._client.subscribe(f"{self.base}/#", options=SubscribeOptions(qos=2, retainAsPublished=True))
+        assert subscribed.wait(5)
+
+    def _on_message(self, client: Any, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        with self._changed:
+            self.seen.append((message.topic, message.qos, bool(message.retain), bytes(message.payload)))
+            self._changed.notify_all()
+
+    def wait(self, kind: str, timeout: float = 15.0) -> list[tuple[int, bool]]:
+        """(QoS, retain) of every message seen so far on the vehicle's `kind` topics, once there is one."""
+        def matching() -> list[tuple[int, bool]]:
+            return [(qos, retain) for topic, qos, retain, _ in self.seen
+                    if topic == f"{self.base}/{kind}" or topic.startswith(f"{self.base}/{kind}/")]
+        with self._changed:
+            assert self._changed.wait_for(lambda: matching(), timeout), f"nothing on {kind}"
+            return matching()
+
+    def close(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+
+def test_every_kind_of_message_goes_out_at_qos_1_retained_only_where_the_spec_says(service, backend, mqtt_vehicle):
+    """Section Topics and Collection: responses, events and telemetry QoS 1 not retained; status and
+    state QoS 1 retained. A QoS 0 publish, or a retained response, would pass every other test."""
+    flags = Flags(mqtt_vehicle)
+    try:
+        assert flags.wait("status") == [(1, True)]  # the broker's retained copy keeps the published QoS
+        body = {"id": f"f-{uuid.uuid4().hex[:8]}", "component": "engine", "command": "read_data",
+                "params": {"data": "vin"}}
+        backend.send(body)
+        assert backend.final(body["id"])["status"] == "completed"
+        backend.publish_plan("flags", plan("flags", 1, signals=[{"component": "engine", "data": ["engine_speed"],
+                                                                 "every_ms": 100}],
+                                           batch={"max_age_ms": 200, "max_samples": 50}))
+        assert set(flags.wait("responses")) == {(1, False)}  # accepted and completed
+        assert set(flags.wait("events")) == {(1, False)}  # plan_applied
+        assert set(flags.wait("telemetry")) == {(1, False)}
+        assert set(flags.wait("state")) == {(1, True)}
+    finally:
+        flags.close()
+        backend.publish_plan("flags", None)
+
+
+def test_the_status_online_and_offline_documents_carry_every_field(mqtt_vehicle, sim, backend: Caller):
+    """Section Status: `state`, `vehicle`, `agent_version`, `protocol` 1, `components`, `since`; the
+    offline document a clean stop publishes is the same document."""
+    svc = Service(mqtt_vehicle)
+    svc.start()
+    try:
+        online = backend.wait_status("online", 10).json()
+    finally:
+        svc.stop()
+    offline = backend.wait_status("offline", 10).json()
+    from agent import __version__
+    for document in (online, offline):
+        assert set(document) == {"state", "vehicle", "agent_version", "protocol", "components", "since"}
+        assert (document["vehicle"], document["agent_version"], document["protocol"]) == (
+            mqtt_vehicle.vehicle, __version__, 1)
+        assert document["components"] == [ecu.name for ecu in mqtt_vehicle.ecus]
