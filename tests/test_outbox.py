@@ -91,19 +91,24 @@ def test_quota_exceeded_is_retried_with_backoff_then_delivered(tmp_path):
         store.close()
 
 
-def test_not_authorized_is_set_aside_never_deleted_as_delivered(tmp_path):
+@pytest.mark.parametrize(("code", "name"), [(0x87, "not_authorized"), (0x90, "topic_name_invalid"),
+                                            (0x95, "packet_too_large")])
+def test_a_refusal_that_can_never_pass_is_set_aside_never_deleted_as_delivered(tmp_path, code, name):
+    """Protocol section Session: the three codes it names as never passing (0x87, 0x90, 0x95) are moved aside
+    at once, not retried and not deleted as if delivered."""
     link, refused = Link(), []
     store, outbox = pump(tmp_path, link, refused, Outgoing("sovd/V/responses/a", b'{"id":"a"}', None, "a"))
     try:
         assert wait_until(lambda: len(link.handed) == 1, 5)
-        link.answer(0x87)
+        link.answer(code)
         assert wait_until(lambda: len(refused) == 1, 5)
     finally:
         outbox.stop()
-    assert (refused[0].reason, refused[0].code) == ("not_authorized", 0x87)
+    assert (refused[0].reason, refused[0].code) == (name, code)
+    assert len(link.handed) == 1  # never handed over again
     assert store.outbox_stats()[0] == 0 and outbox.acknowledged == 0
     [(kept, reason)] = store.refused_messages()
-    assert kept.message.payload == b'{"id":"a"}' and reason == "not_authorized"
+    assert kept.message.payload == b'{"id":"a"}' and reason == name
     store.close()
 
 
