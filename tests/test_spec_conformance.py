@@ -189,3 +189,19 @@ def test_the_status_online_and_offline_documents_carry_every_field(mqtt_vehicle,
         assert (document["vehicle"], document["agent_version"], document["protocol"]) == (
             mqtt_vehicle.vehicle, __version__, 1)
         assert document["components"] == [ecu.name for ecu in mqtt_vehicle.ecus]
+
+
+@pytest.mark.parametrize("bad", ["response_topic", "reply_to"])
+def test_a_bad_reply_topic_is_refused_on_the_default_topic_even_beside_a_good_one(service, backend, sim, bad):
+    """Section Delivery guarantees, "Reply topics are checked": a Response Topic or `reply_to` that is one of
+    the vehicle's own topics makes the command `rejected`/`invalid_command` *on the default `responses/{id}`
+    topic*. With the other of the two a usable topic, the refusal once went there instead."""
+    command_id = f"r-{uuid.uuid4().hex[:8]}"
+    good, own = f"replies/{command_id}", f"{backend.topics.base}/status"
+    body = {"id": command_id, "component": "engine", "command": "read_data", "params": {"data": "vin"},
+            "reply_to": own if bad == "reply_to" else good}
+    backend.send(body, response_topic=own if bad == "response_topic" else good, correlation=b"c")
+    final = backend.final(command_id)  # the default topic
+    assert (final["status"], final["error"]["code"], final["error"]["field"]) == ("rejected", "invalid_command", bad)
+    assert backend.replies(command_id, topic=good) == []
+    assert sim.ecu("engine").server.executed[0x22] == 0

@@ -12,11 +12,14 @@ from agent.wire.parse import InvalidCommandError
 
 
 def choose_reply_topic(topics: Topics, item: Incoming, body: dict[str, Any], command_id: str) -> str:
-    for candidate in (item.response_topic, body.get("reply_to")):
-        usable = isinstance(candidate, str) and is_publishable(candidate)
-        if usable and topics.reply_problem(candidate) is None:
-            return candidate
-    return topics.responses(command_id)
+    """The Response Topic, else `reply_to`, else the default `responses/{id}`. A command that gives a reply
+    topic it may not have (`check_reply_topics`) is answered on the default topic, even when the other one
+    it gives is usable: the protocol sends its refusal there ("Reply topics are checked")."""
+    given = [candidate for candidate in (item.response_topic, body.get("reply_to")) if candidate is not None]
+    for candidate in given:
+        if not (isinstance(candidate, str) and is_publishable(candidate) and topics.reply_problem(candidate) is None):
+            return topics.responses(command_id)
+    return given[0] if given else topics.responses(command_id)
 
 
 def check_reply_topics(topics: Topics, item: Incoming, body: dict[str, Any]) -> None:
