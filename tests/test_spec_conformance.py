@@ -12,6 +12,7 @@ import dataclasses
 import json
 import struct
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 from collect_support import plan
-from fake_broker import CONNECT, FakeBroker
+from fake_broker import CONNECT, PUBACK, PUBLISH, Connection, FakeBroker
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
@@ -75,6 +76,67 @@ def fake() -> Iterator[FakeBroker]:
     broker = FakeBroker()
     yield broker
     broker.close()
+
+
+def _published_mid(packet) -> int:
+    """The packet id of a QoS 1 PUBLISH: after its topic."""
+    (n,) = struct.unpack("!H", packet.body[:2])
+    return int(struct.unpack("!H", packet.body[2 + n:4 + n])[0])
+
+
+def _pubacks_within(connection: Connection, seconds: float) -> list[int]:
+    """The packet ids of the PUBACKs the client sends within `seconds` (its own publishes are acknowledged)."""
+    acked: list[int] = []
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            packet = connection.read(left)
+        except TimeoutError:
+            break
+        if packet.kind == PUBACK:
+            acked.append(packet.mid)
+        elif packet.kind == PUBLISH and packet.flags & 0x06:
+            connection.puback(_published_mid(packet))
+    return acked
+
+
+def test_a_command_is_acknowledged_only_once_it_is_recorded(fake, mqtt_vehicle, sim):
+    """Section Session: the PUBACK for a command goes only after the command is recorded durably (a crash
+    in between makes the broker redeliver it). The intake's commit is held: no PUBACK while it is; once it
+    is let go, the PUBACK follows. Scripted broker (Mosquitto does not show when a PUBACK arrives)."""
+    config = dataclasses.replace(mqtt_vehicle, mqtt=dataclasses.replace(mqtt_vehicle.mqtt, broker=fake.url))
+    svc = Service(config)
+    entered, release = threading.Event(), threading.Event()
+    commit = svc.store.commit_group
+
+    def held_commit(batches, company=False):
+        if threading.current_thread().name == "intake":
+            entered.set()
+            assert release.wait(10)
+        commit(batches, company)
+
+    svc.store.commit_group = held_commit  # type: ignore[method-assign]
+    svc.start()
+    try:
+        connection = fake.accept()
+        connection.expect(CONNECT)
+        connection.connack()
+        while not (packet := connection.expect(PUBLISH)).topic.endswith("/status"):
+            pass
+        connection.puback(_published_mid(packet))
+        body = {"id": f"a-{uuid.uuid4().hex[:8]}", "component": "engine", "command": "tester_present"}
+        connection.publish(f"{config.mqtt.prefix}/{config.vehicle}/commands", json.dumps(body).encode(), mid=77)
+        assert entered.wait(10)
+        assert 77 not in _pubacks_within(connection, 0.5)  # the commit is held: not recorded yet
+        release.set()
+        deadline = time.monotonic() + 10
+        while 77 not in _pubacks_within(connection, 0.2):
+            assert time.monotonic() < deadline, "no PUBACK after the command was recorded"
+        assert svc.store.get(body["id"]) is not None
+        connection.close()
+    finally:
+        release.set()
+        svc.stop()
 
 
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
