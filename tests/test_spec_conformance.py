@@ -267,3 +267,42 @@ def test_a_bad_reply_topic_is_refused_on_the_default_topic_even_beside_a_good_on
     assert (final["status"], final["error"]["code"], final["error"]["field"]) == ("rejected", "invalid_command", bad)
     assert backend.replies(command_id, topic=good) == []
     assert sim.ecu("engine").server.executed[0x22] == 0
+
+
+def _padded(body: dict[str, Any], size: int) -> bytes:
+    """`body` as JSON of exactly `size` bytes (blanks before its closing brace: the same Command)."""
+    raw = json.dumps(body).encode()
+    return raw[:-1] + b" " * (size - len(raw)) + b"}"
+
+
+def test_a_signed_command_of_up_to_64_kib_runs_and_a_larger_one_is_refused_by_its_id(mqtt_vehicle, sim, backend,
+                                                                                      tmp_path):
+    """Section Command: a Command is at most 64 KiB; section Signed commands: it comes in an envelope with its
+    exact bytes in base64, a third larger. The envelope of a 60 KiB Command was over the agent's 64 KiB payload
+    limit (and over the Maximum Packet Size it announced): the broker or the agent dropped it with no answer.
+    A plain message over 64 KiB is still refused as too large, answered by its id."""
+    from signing_support import expires_in, make_keys, security
+
+    keys = make_keys(tmp_path / "keys", "backend-1")
+    config = dataclasses.replace(mqtt_vehicle, security=security(keys["backend-1"].config(), mode="mutating"))
+    svc = Service(config)
+    svc.start()
+    try:
+        assert svc.link.wait_connected(10), svc.link.last_error
+        big = {"id": f"s-{uuid.uuid4().hex[:8]}", "component": "engine", "command": "clear_faults",
+               "params": {}, "expires_at": expires_in(600)}
+        backend.send(keys["backend-1"].sign(_padded(big, MAX_COMMAND_BYTES)))
+        assert backend.final(big["id"])["status"] == "completed"
+        over = {**big, "id": f"s-{uuid.uuid4().hex[:8]}"}
+        backend.send(keys["backend-1"].sign(_padded(over, MAX_COMMAND_BYTES + 1)))
+        refused = backend.final(over["id"])
+        assert (refused["status"], refused["error"]["code"]) == ("rejected", "invalid_command")
+        assert f"the limit is {MAX_COMMAND_BYTES}" in refused["error"]["message"]
+        plain = {"id": f"p-{uuid.uuid4().hex[:8]}", "component": "engine", "command": "read_data",
+                 "params": {"data": "vin"}}
+        backend.send(_padded(plain, MAX_COMMAND_BYTES + 1))
+        refused = backend.final(plain["id"])
+        assert (refused["status"], refused["error"]["code"]) == ("rejected", "invalid_command")
+        assert sim.ecu("engine").server.executed.get(0x14, 0) == 1
+    finally:
+        svc.stop()

@@ -250,7 +250,7 @@ class Intake(Repeats, Fallbacks):
         if item.retain:  # redelivered on every subscribe: it would run again once its id is forgotten
             self._invalid_event(d, "retained", "a retained message on the command topic is never executed")
             return
-        body = decode.decode_command(item.payload)
+        body = self._decoded(item.payload)
         signer = None
         if self._authenticate is not None:  # signed commands: the envelope's inner Command, or refused
             passed = self._authenticate(item, body, d.publish)
@@ -276,6 +276,17 @@ class Intake(Repeats, Fallbacks):
         if self._repeated(d):
             return
         self._decide_command(d, body, signer)
+
+    def _decoded(self, payload: bytes) -> dict[str, Any] | decode.Undecodable:
+        """The decoded message. Where signatures are checked, an envelope may be larger than a Command (its
+        Command's bytes in base64): up to MAX_ENVELOPE_BYTES; its Command is held to the Command's limit when
+        it is unwrapped. Anything else over MAX_COMMAND_BYTES is refused as too large, its id read."""
+        if self._authenticate is None or len(payload) <= decode.MAX_COMMAND_BYTES:
+            return decode.decode_command(payload)
+        from agent.policy.signature import is_envelope  # only where signatures are checked (never loaded else)
+
+        body = decode.decode_command(payload, decode.MAX_ENVELOPE_BYTES)
+        return body if is_envelope(body) else decode.decode_command(payload)
 
     def _decide_command(self, d: Decision, body: dict[str, Any], signer: str | None) -> None:
         """A new command: validated, its component's policy first (params of a refused command are not

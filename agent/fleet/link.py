@@ -34,7 +34,7 @@ from agent.fleet.takeover import FLAP_S, TAKEOVER_BACKOFF_S, TakeoverWatch
 from agent.fleet.topics import Topics
 from agent.fleet.unexpected import Unexpected
 from agent.store.sqlite import Outgoing
-from agent.wire.decode import MAX_COMMAND_BYTES
+from agent.wire.decode import MAX_COMMAND_BYTES, MAX_ENVELOPE_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ BACKOFF_MAX_S = 60.0
 # (Response Topic, Correlation Data). The broker drops anything larger instead of sending it to us.
 PACKET_HEADROOM = 16 * 1024
 MAX_PACKET_IN = MAX_COMMAND_BYTES + PACKET_HEADROOM
+MAX_PACKET_SIGNED = MAX_ENVELOPE_BYTES + PACKET_HEADROOM  # where signatures are checked: the largest envelope
 # One connect attempt blocks the loop thread: the name lookup (the resolver's retries: 10 s per silent
 # nameserver, up to three), paho's 5 s per address that drops SYNs, 5 s of TLS handshake. Waiting that
 # long is no wedge (health.py); an attempt that outlasts this is.
@@ -85,14 +86,17 @@ class MqttLink(CutHandling, Unexpected):
                  on_plan: Callable[[str, bytes, Callable[[], None]], None] | None = None,
                  on_struck: Callable[[int], bool] = lambda mid: False,
                  on_too_large: Callable[[int, int, int], bool] = lambda mid, size, limit: False,
-                 on_status_refused: Callable[[int], None] = lambda code: None) -> None:
+                 on_status_refused: Callable[[int], None] = lambda code: None,
+                 max_packet_in: int = MAX_PACKET_IN) -> None:
         """`on_published(mid, reason code)`: a PUBACK. `on_struck(mid)`: a message the broker cut
         connections on (cuts.py), dropped from paho's session: never acknowledged, never resent.
         `on_too_large(mid, packet bytes, limit)`: one held unacknowledged over the limit learned from such
         cuts, dropped from paho's session to be made smaller or set aside, as if the broker had announced
         the limit before it was published. Both return whether the mid was the callee's (else the link
         logs the message as lost: one published around the store). `on_status_refused(code)`: the broker
-        refused the link's own status message (PUBACK reason code >= 0x80); the link logs it."""
+        refused the link's own status message (PUBACK reason code >= 0x80); the link logs it.
+        `max_packet_in`: the Maximum Packet Size announced (MQTT 5), MAX_PACKET_SIGNED where signed
+        envelopes are taken."""
         self.config = config
         self.topics = topics
         self.client_id = client_id
@@ -106,6 +110,7 @@ class MqttLink(CutHandling, Unexpected):
         self._on_struck = on_struck
         self._on_too_large = on_too_large
         self._on_status_refused = on_status_refused
+        self._max_packet_in = max_packet_in
         self._v5 = config.protocol == "5"
         self._host, self._port, _ = config.host_port_tls
         self._client = new_client(config, client_id, (topics.status, status("offline")), self._note_paho_error,
@@ -292,7 +297,7 @@ class MqttLink(CutHandling, Unexpected):
             properties = Properties(PacketTypes.CONNECT)
             properties.SessionExpiryInterval = self.config.session_expiry_s
             properties.ReceiveMaximum = self.config.receive_maximum
-            properties.MaximumPacketSize = MAX_PACKET_IN
+            properties.MaximumPacketSize = self._max_packet_in
             kwargs = {"clean_start": False, "properties": properties}
         self._client.connect(self._host, self._port, keepalive=self.config.keepalive_s, **kwargs)
 

@@ -22,7 +22,7 @@ from agent.config.model import AgentConfig
 from agent.core.runtime import Companion, Runtime
 from agent.errors import ConfigError
 from agent.fleet.intake import Intake
-from agent.fleet.link import MqttLink
+from agent.fleet.link import MAX_PACKET_IN, MAX_PACKET_SIGNED, MqttLink
 from agent.fleet.outbox import Outbox
 from agent.fleet.refusals import CONNECTION_DROPPED, REASONS, Refusal, reason_name
 from agent.fleet.topics import Topics
@@ -111,7 +111,8 @@ class Service(ServiceHealth, StartMarks, RestartRecovery, Finals):
                              status=self._status, on_command=self._on_incoming, on_published=self._on_published,
                              on_connection=self._on_connection, wall=self.clock.wall, on_plan=self._on_plan,
                              on_struck=self._on_struck, on_too_large=self._on_too_large,
-                             on_status_refused=self._on_status_refused)
+                             on_status_refused=self._on_status_refused,
+                             max_packet_in=MAX_PACKET_SIGNED if gate is not None else MAX_PACKET_IN)
         self.outbox = Outbox(self.store, config.store, self.link.publish, lambda: self.link.connected,
                              now=self.clock.agent_now, on_refused=self._on_refused,
                              window=lambda: self.link.broker_receive_maximum,

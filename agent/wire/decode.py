@@ -17,6 +17,9 @@ from agent.config.reader import join
 from agent.wire.command import COMMAND_ID
 
 MAX_COMMAND_BYTES = 64 * 1024
+# A signed command's envelope (protocol section Signed commands): the base64 of a Command of up to
+# MAX_COMMAND_BYTES, a third larger, plus its key id, signature and JSON punctuation.
+MAX_ENVELOPE_BYTES = 4 * -(-MAX_COMMAND_BYTES // 3) + 1024
 SALVAGE_MAX_BYTES = 16 * MAX_COMMAND_BYTES  # an oversize payload up to this size is parsed for its id
 MAX_DEPTH = 16  # levels of objects and lists inside the command object; commands need 3
 INT_MIN, INT_MAX = -(1 << 63), (1 << 63) - 1  # no field of any command holds more than 64 bits
@@ -78,10 +81,11 @@ def loads(text: str | bytes) -> Any:
     return json.loads(text, parse_int=_int, parse_float=_float, parse_constant=_constant, object_pairs_hook=_object)
 
 
-def decode_command(payload: bytes) -> dict[str, Any] | Undecodable:
-    """The JSON object of a command payload, or why it is not one (with the id, if readable)."""
-    if len(payload) > MAX_COMMAND_BYTES:
-        return Undecodable(f"payload is {len(payload)} bytes, the limit is {MAX_COMMAND_BYTES}", "",
+def decode_command(payload: bytes, max_bytes: int = MAX_COMMAND_BYTES) -> dict[str, Any] | Undecodable:
+    """The JSON object of a command payload, or why it is not one (with the id, if readable). `max_bytes`:
+    MAX_ENVELOPE_BYTES for a message that may be a signed envelope (its Command is decoded on its own)."""
+    if len(payload) > max_bytes:
+        return Undecodable(f"payload is {len(payload)} bytes, the limit is {max_bytes}", "",
                            _salvage_id(payload) if len(payload) <= SALVAGE_MAX_BYTES else None)
     try:
         text = payload.decode("utf-8")
