@@ -306,3 +306,39 @@ def test_a_signed_command_of_up_to_64_kib_runs_and_a_larger_one_is_refused_by_it
         assert sim.ecu("engine").server.executed.get(0x14, 0) == 1
     finally:
         svc.stop()
+
+
+def test_a_plan_from_mqtt_replaces_the_local_plan_of_the_same_name(mqtt_vehicle, sim, backend):
+    """Section Collection: a plan from MQTT with the same name replaces the local one (`collect:` in the
+    config); its batches are the MQTT plan's from then on, and it stays after a restart, the local plan
+    given again by the config notwithstanding."""
+    from collect_support import with_collect
+
+    local = plan("pt", 1, signals=[{"component": "engine", "data": ["engine_speed"], "every_ms": 100}],
+                 batch={"max_age_ms": 200, "max_samples": 50})
+    config = with_collect(mqtt_vehicle, plans=(local,))
+    remote = plan("pt", 2, signals=[{"component": "engine", "data": ["oil_temp"], "every_ms": 100}],
+                  batch={"max_age_ms": 200, "max_samples": 50})
+
+    def batch_of(version: int) -> dict[str, Any]:
+        return backend.wait_for(lambda s: s.topic == backend.topics.telemetry and s.json()["version"] == version
+                                and s.at >= started, 15)[0].json()
+
+    started = time.time()
+    svc = Service(config)
+    svc.start()
+    try:
+        assert {s["data"] for s in batch_of(1)["samples"]} == {"engine_speed"}
+        backend.publish_plan("pt", remote)
+        assert {s["data"] for s in batch_of(2)["samples"]} == {"oil_temp"}
+    finally:
+        svc.stop()
+    started = time.time()
+    svc = Service(config)  # the same config, its local plan `pt` version 1 with it
+    svc.start()
+    try:
+        assert {s["data"] for s in batch_of(2)["samples"]} == {"oil_temp"}
+        assert svc.collection.collector.plans["pt"].version == 2
+    finally:
+        svc.stop()
+        backend.publish_plan("pt", None)
