@@ -342,3 +342,17 @@ def test_a_plan_from_mqtt_replaces_the_local_plan_of_the_same_name(mqtt_vehicle,
     finally:
         svc.stop()
         backend.publish_plan("pt", None)
+
+
+def test_a_command_of_exactly_64_kib_runs_and_one_byte_more_is_refused(service, backend, sim):
+    """Section Command: "at most 64 KiB", through the broker (the Maximum Packet Size the agent announces lets
+    the largest command it accepts through) to its result; one byte more is too large, answered by its id."""
+    body = {"id": f"k-{uuid.uuid4().hex[:8]}", "component": "engine", "command": "read_data",
+            "params": {"data": "vin"}}
+    backend.send(_padded(body, MAX_COMMAND_BYTES))
+    assert backend.final(body["id"])["status"] == "completed"
+    over = {**body, "id": f"k-{uuid.uuid4().hex[:8]}"}
+    backend.send(_padded(over, MAX_COMMAND_BYTES + 1))
+    refused = backend.final(over["id"])
+    assert (refused["status"], refused["error"]["code"]) == ("rejected", "invalid_command")
+    assert sim.ecu("engine").server.executed[0x22] == 1
