@@ -20,7 +20,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 from collect_support import plan
-from fake_broker import CONNECT, PUBACK, PUBLISH, Connection, FakeBroker
+from fake_broker import CONNACK, CONNECT, PUBACK, PUBLISH, SUBSCRIBE, Connection, FakeBroker
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
@@ -69,6 +69,20 @@ def parse_connect(body: bytes) -> Connect:
     will_payload, at = _string(body, at)
     return Connect(level, bool(flags & 0x02), (flags >> 3) & 0x03, bool(flags & 0x20), properties,
                    client_id.decode(), will_topic.decode(), will_payload)
+
+
+def subscriptions(packet, v5: bool) -> dict[str, int]:
+    """The topic filters of a SUBSCRIBE with their options byte (QoS in bits 0-1, retain as published bit 3)."""
+    at = 2  # the packet id
+    if v5:
+        _, used = Properties(PacketTypes.SUBSCRIBE).unpack(packet.body[at:])
+        at += used
+    found = {}
+    while at < len(packet.body):
+        topic, at = _string(packet.body, at)
+        found[topic.decode()] = packet.body[at] & 0x0F  # without Retain Handling (bits 4-5)
+        at += 1
+    return found
 
 
 @pytest.fixture
@@ -153,9 +167,14 @@ def test_the_agent_connects_with_a_stable_id_a_persistent_session_and_its_limits
     try:
         connection = fake.accept()
         sent = parse_connect(connection.expect(CONNECT).body)
+        connection.send(CONNACK, 0, b"\x00\x00" + (b"\x00" if protocol == "5" else b""))
+        subscribed = subscriptions(connection.expect(SUBSCRIBE), protocol == "5")
         connection.close()
     finally:
         svc.stop()
+    # QoS 1, so that the broker queues commands while the vehicle is away; MQTT 5: retain as published, so
+    # that a retained command is seen as one (and never run)
+    assert subscribed[f"{config.mqtt.prefix}/{config.vehicle}/commands"] == (0x09 if protocol == "5" else 0x01)
     assert sent.client_id == f"sovd-edge-{config.vehicle}"
     assert sent.clean_start is False
     assert sent.level == (5 if protocol == "5" else 4)
