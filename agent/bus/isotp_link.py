@@ -106,6 +106,11 @@ class IsoTpLink:
                 else:
                     rx_timeout = min(delay or 0.0, remaining)
                 stats = self._process(rx_timeout)
+                if self._send_aborted and self._logic.transmitting():
+                    # can-isotp reports an FC.WAIT it may not accept (wftmax 0) and then goes on sending on
+                    # a later CTS: the ECU would run a request this send reports as not sent.
+                    self._logic.stop_sending()
+                    break
                 stalled = rx_timeout == 0 and stats.sent == 0 and stats.received == 0
         except BusDownError:
             self._logic.reset()
