@@ -18,7 +18,7 @@ import can
 import pytest
 
 from agent.system.local import LocalSession
-from agent.wire.command import Status
+from agent.wire.command import ErrorCode, Status
 
 REQUEST_ID, RESPONSE_ID = 0x7E0, 0x7E8  # the test vehicle's engine
 FOUR_DIDS = {"data": ["oil_temp", "engine_speed", "idle_mode", "vin"]}  # a 9-byte request: first frame + one CF
@@ -98,3 +98,49 @@ def test_fc_wait_with_wftmax_0_abandons_the_request_it_reports_as_not_sent(vehic
             frames.append(bytes(msg.data))
         assert not [f for f in frames if f[0] >> 4 == 2], "a consecutive frame went out after the abort"
         oil_temp_answered(agent, rogue)
+
+
+def answer(rogue, payload: bytes) -> None:
+    """Sends `payload` as the ECU would: a single frame, or a first frame, the agent's FC, consecutive frames."""
+    if len(payload) <= 7:
+        rogue.send(bytes([len(payload)]).hex() + payload.hex())
+        return
+    rogue.send(f"{0x1000 | len(payload):04X}" + payload[:6].hex())
+    flow_control = rogue.request()
+    assert flow_control[0] == 0x30, flow_control.hex()
+    rest = payload[6:]
+    for seq, start in enumerate(range(0, len(rest), 7), start=1):
+        rogue.send(f"{0x20 | seq & 0xF:02X}" + rest[start:start + 7].hex())
+
+
+# ---- a late answer is never the next command's result ---------------------------------------------------
+
+def test_a_late_answer_to_a_read_of_fewer_dids_does_not_fail_the_next_read(agent, rogue):
+    """The late VIN of a timed-out read echoes the first DID of the next read (VIN and oil temperature):
+    it is that read's stale answer, not its invalid one; the real answer comes right after it."""
+    timed_out = agent.run("engine", "read_data", {"data": "vin"}, timeout_ms=300)  # the ECU stays silent
+    assert timed_out.status is Status.TIMEOUT
+    assert rogue.request()[:4] == bytes.fromhex("0322F190")
+    command_id, _ = agent.submit("engine", "read_data", {"data": ["vin", "oil_temp"]})
+    assert rogue.request()[:6] == bytes.fromhex("0522F190F40D")
+    answer(rogue, b"\x62\xf1\x90" + VIN)  # the late answer to the first read
+    answer(rogue, b"\x62\xf1\x90" + VIN + b"\xf4\x0d\x0a")
+    result = agent.wait(command_id)
+    assert result.status is Status.COMPLETED, result.outcome
+    assert result.outcome.result == {"values": {"vin": VIN.decode(), "oil_temp": 10}}
+
+
+@pytest.mark.parametrize(("frame", "why"), [
+    ("03 62F40D", "incomplete"),  # truncated: no value
+    ("05 62F40D 0A0B", "incomplete"),  # overlong: a byte past the value is no DID
+    ("06 62F40D 0A F40C 01", "0xf40c"),  # a DID that was not asked for
+])
+def test_a_positive_answer_that_does_not_fit_the_read_is_an_invalid_response(agent, rogue, frame, why):
+    """Waited out as a possibly stale answer, then the command's error: never a value, never a timeout."""
+    command_id, _ = agent.submit("engine", "read_data", {"data": "oil_temp"})
+    rogue.request()
+    rogue.send(frame)
+    result = agent.wait(command_id)
+    assert (result.status, result.outcome.error.code) == (Status.FAILED, ErrorCode.INTERNAL), result.outcome
+    assert "invalid response from ECU" in result.outcome.error.message and why in result.outcome.error.message.lower()
+    oil_temp_answered(agent, rogue)

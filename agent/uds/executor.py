@@ -211,8 +211,8 @@ class Executor:
                  extra={"component": self.ecu.name, "security_level": level})
 
     # ---- helpers -------------------------------------------------------------------------------
-    def _ask(self, request: Request, deadline: float) -> Response:
-        data = transact(self.link, request.get_payload(), self.timing, deadline)
+    def _ask(self, request: Request, deadline: float, accept: Callable[[bytes], object] | None = None) -> Response:
+        data = transact(self.link, request.get_payload(), self.timing, deadline, accept=accept)
         assert data is not None  # named commands never suppress the positive response
         response = parse_response(data)
         if not response.valid:
@@ -225,12 +225,21 @@ class Executor:
         for group in did_groups(p.dids):
             config = {d.id: codecs.UdsoncanCodec(d) for d in group}
             ids = [d.id for d in group]
-            response = self._ask(services.ReadDataByIdentifier.make_request(ids, config), deadline)
-            parsed = interpret(services.ReadDataByIdentifier.interpret_response, response, ids, config)
-            if set(parsed.values) != set(ids):
-                got = ", ".join(f"0x{d:04X}" for d in parsed.values) or "none"
-                raise InvalidResponseError(f"response carries DIDs {got}, asked for "
-                                           f"{', '.join(f'0x{d:04X}' for d in ids)}")
+
+            def read(data: bytes, ids: list[int] = ids, config: dict = config) -> Any:
+                response = parse_response(data)
+                if not response.valid:
+                    raise InvalidResponseError(response.invalid_reason)
+                parsed = interpret(services.ReadDataByIdentifier.interpret_response, response, ids, config)
+                if set(parsed.values) != set(ids):
+                    got = ", ".join(f"0x{d:04X}" for d in parsed.values) or "none"
+                    raise InvalidResponseError(f"response carries DIDs {got}, asked for "
+                                               f"{', '.join(f'0x{d:04X}' for d in ids)}")
+                return parsed
+
+            # An answer that echoes the first DID but not the rest may be a late one to a read of fewer DIDs.
+            parsed = read(self._ask(services.ReadDataByIdentifier.make_request(ids, config), deadline,
+                                    accept=read).get_payload())
             by_id = {d.id: d for d in group}
             for did, value in parsed.values.items():
                 values[by_id[did].name] = value

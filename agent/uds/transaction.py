@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -115,8 +116,13 @@ def answers(request: bytes, response: bytes) -> bool:
 
 
 def transact(link: Link, request: bytes, timing: Timing, deadline: float,
-             wait_negative: bool = True) -> bytes | None:
+             wait_negative: bool = True, accept: Callable[[bytes], object] | None = None) -> bytes | None:
     """Sends `request`, returns the positive response payload; raises the exceptions above.
+
+    `accept` checks more of a positive answer than its echo can (a read's answer carries every DID
+    asked for): one it refuses with InvalidResponseError is taken for a stale answer that happens to
+    echo the request (a late answer to a read of fewer DIDs), discarded, and the wait goes on; only
+    when no other answer comes in time is the refusal the exchange's error.
 
     A request with the suppressPosRspMsgIndicationBit returns None once P2 passed without a negative
     response (`wait_negative=False`: at once, for S3 keepalives). NRC 0x78 extends the wait to P2*
@@ -127,7 +133,7 @@ def transact(link: Link, request: bytes, timing: Timing, deadline: float,
     pause = 0.02
     for attempt in range(timing.busy_retries + 1):
         try:
-            return _exchange(link, request, timing, deadline, wait_negative)
+            return _exchange(link, request, timing, deadline, wait_negative, accept)
         except NegativeResponseError as nrc:
             remaining = deadline - time.monotonic()
             if nrc.code != NRC_BUSY_REPEAT or attempt == timing.busy_retries or remaining <= pause:
@@ -138,8 +144,10 @@ def transact(link: Link, request: bytes, timing: Timing, deadline: float,
     raise AssertionError("unreachable")
 
 
-def _exchange(link: Link, request: bytes, timing: Timing, deadline: float, wait_negative: bool) -> bytes | None:
+def _exchange(link: Link, request: bytes, timing: Timing, deadline: float, wait_negative: bool,
+              accept: Callable[[bytes], object] | None = None) -> bytes | None:
     sid = request[0]
+    refused: InvalidResponseError | None = None  # the last answer `accept` refused
     suppressed = suppresses_positive(request)
     if time.monotonic() >= deadline:  # no request whose answer nobody waits for (it lands in the next exchange)
         raise UdsTimeoutError(f"command deadline passed before service 0x{sid:02X} could be sent")
@@ -153,6 +161,8 @@ def _exchange(link: Link, request: bytes, timing: Timing, deadline: float, wait_
     window_end, which = time.monotonic() + timing.p2, "P2"
     while True:
         now = time.monotonic()
+        if (now >= deadline or now >= window_end) and refused is not None:
+            raise refused  # the ECU did answer, wrongly: that, not a timeout, is the result
         if now >= deadline:
             if suppressed and not pending:
                 return None
@@ -177,6 +187,14 @@ def _exchange(link: Link, request: bytes, timing: Timing, deadline: float, wait_
                 window_end, which = time.monotonic() + timing.p2_star, "P2*"
                 continue
             raise NegativeResponseError(sid, data[2])
+        if accept is not None:
+            try:
+                accept(data)
+            except InvalidResponseError as err:
+                log.debug("discarding an answer to request %s that echoes it but does not fit it (%s): %s",
+                          request[:4].hex(), err, data[:8].hex())
+                refused = err
+                continue
         return data
 
 
