@@ -64,9 +64,18 @@ def rogue(vehicle):
     ecu.close()
 
 
+def patient(vehicle):
+    """The engine with P2 1 s: the test thread playing the ECU is never late under load (cases that end in
+    a timeout give the command a short `timeout_ms` instead)."""
+    engine = vehicle.ecu("engine")
+    timing = dataclasses.replace(engine.timing, p2_ms=1000, p2_star_ms=2000, request_ms=5000)
+    return dataclasses.replace(vehicle, ecus=tuple(
+        dataclasses.replace(e, timing=timing) if e.name == "engine" else e for e in vehicle.ecus))
+
+
 @pytest.fixture
 def agent(vehicle, rogue):
-    with LocalSession(vehicle) as session:
+    with LocalSession(patient(vehicle)) as session:
         yield session
 
 
@@ -85,7 +94,7 @@ def oil_temp_answered(agent, rogue, answer: str = "04 62F40D 0A") -> None:
 def test_fc_wait_with_wftmax_0_abandons_the_request_it_reports_as_not_sent(vehicle, rogue):
     """wftmax 0: one FC.WAIT aborts the send. can-isotp only reports it and would go on sending on a later
     CTS: the ECU would get the whole request and run it while the command says it was never sent."""
-    with LocalSession(with_engine_isotp(vehicle, wftmax=0)) as agent:
+    with LocalSession(with_engine_isotp(patient(vehicle), wftmax=0)) as agent:
         command_id, _ = agent.submit("engine", "read_data", FOUR_DIDS)
         assert rogue.request()[0] >> 4 == 1  # the first frame
         rogue.send("31 00 00")  # FC.WAIT
@@ -144,3 +153,107 @@ def test_a_positive_answer_that_does_not_fit_the_read_is_an_invalid_response(age
     assert (result.status, result.outcome.error.code) == (Status.FAILED, ErrorCode.INTERNAL), result.outcome
     assert "invalid response from ECU" in result.outcome.error.message and why in result.outcome.error.message.lower()
     oil_temp_answered(agent, rogue)
+
+
+def test_a_late_answer_cut_off_mid_transfer_is_dropped_and_the_next_command_gets_its_own(agent, rogue):
+    """The VIN read's deadline passes between its consecutive frames; the rest of that answer comes in
+    during the next request: it is no answer, and the next read gets its own."""
+    command_id, _ = agent.submit("engine", "read_data", {"data": "vin"}, timeout_ms=400)
+    assert rogue.request()[:4] == bytes.fromhex("0322F190")
+    rogue.send("1014 62F190 544553")  # first frame of the 20-byte answer
+    assert rogue.request()[0] == 0x30  # the agent's flow control; then the ECU stalls
+    result = agent.wait(command_id)
+    assert result.status is Status.TIMEOUT and "not complete by the deadline" in result.outcome.error.message
+    command_id, _ = agent.submit("engine", "read_data", {"data": "oil_temp"})
+    assert rogue.request()[:4] == bytes.fromhex("0322F40D")
+    rogue.send("21 5430564548494" "3")  # the rest of the VIN, now an orphan
+    rogue.send("22 4C453030303031")
+    rogue.send("04 62F40D 0A")
+    result = agent.wait(command_id)
+    assert result.status is Status.COMPLETED and result.outcome.result == {"values": {"oil_temp": 10}}
+
+
+def test_a_late_answer_arriving_while_the_next_request_waits_for_flow_control(agent, rogue):
+    """A late single-frame answer lands between the next request's first frame and the ECU's flow control."""
+    assert agent.run("engine", "read_data", {"data": "oil_temp"}, timeout_ms=300).status is Status.TIMEOUT
+    assert rogue.request()[:4] == bytes.fromhex("0322F40D")
+    command_id, _ = agent.submit("engine", "read_data", FOUR_DIDS)
+    assert rogue.request()[:3] == bytes.fromhex("100922")
+    rogue.send("04 62F40D 0A")  # the late answer to the timed-out read
+    rogue.send("30 00 00")
+    assert rogue.request()[0] == 0x21  # the rest of the request went out
+    answer(rogue, bytes.fromhex("62 F40D 0B F40C 0FA0 0100 01 F190") + VIN)
+    result = agent.wait(command_id)
+    assert result.status is Status.COMPLETED, result.outcome
+    assert result.outcome.result["values"]["oil_temp"] == 11  # not the 10 of the late answer
+
+
+def test_two_answers_to_one_request_the_second_is_not_the_next_commands(agent, rogue):
+    command_id, _ = agent.submit("engine", "read_data", {"data": "oil_temp"})
+    rogue.request()
+    rogue.send("04 62F40D 0A")
+    rogue.send("04 62F40D 63")  # the same answer twice (another value)
+    assert agent.wait(command_id).outcome.result == {"values": {"oil_temp": 10}}
+    command_id, _ = agent.submit("engine", "tester_present")
+    assert rogue.request()[:3] == bytes.fromhex("023E00")
+    rogue.send("02 7E00")
+    assert agent.wait(command_id).status is Status.COMPLETED
+    oil_temp_answered(agent, rogue)  # its answer, not the second 0x63 of the first read
+
+
+# ---- wrong echoes, other services, NRCs -----------------------------------------------------------------
+
+@pytest.mark.parametrize("stale", [
+    "04 6EF40D 0A",  # another service's positive answer
+    "04 62F40C 0A",  # another DID
+    "03 7F2E31",  # a refusal of another service
+    "03 7F1078",  # "pending" for another service: it does not extend this wait
+])
+def test_an_answer_for_something_else_is_not_this_commands(agent, rogue, stale):
+    """Each is discarded; the real answer right after it is the result."""
+    command_id, _ = agent.submit("engine", "read_data", {"data": "oil_temp"})
+    rogue.request()
+    rogue.send(stale)
+    rogue.send("04 62F40D 0A")
+    result = agent.wait(command_id)
+    assert result.status is Status.COMPLETED and result.outcome.result == {"values": {"oil_temp": 10}}
+
+
+@pytest.mark.parametrize("stale", ["04 6EF40D 0A", "04 62F40C 0A", "03 7F2E31", "03 7F1078"])
+def test_only_answers_for_something_else_end_in_a_timeout_at_the_deadline(agent, rogue, stale):
+    command_id, _ = agent.submit("engine", "read_data", {"data": "oil_temp"}, timeout_ms=400)
+    rogue.request()
+    rogue.send(stale)
+    result = agent.wait(command_id)
+    assert (result.status, result.outcome.error.code) == (Status.TIMEOUT, ErrorCode.TIMEOUT)
+    oil_temp_answered(agent, rogue)
+
+
+def test_response_pending_without_end_is_a_timeout_at_the_command_deadline(agent, rogue):
+    """0x78 after 0x78, each extending the wait to P2*: the command's deadline ends it, and the worker is free."""
+    command_id, _ = agent.submit("engine", "read_data", {"data": "oil_temp"}, timeout_ms=500)
+    rogue.request()
+    pendings = 0
+    while not agent.runtime.workers["engine"].idle:  # as long as the command runs, the ECU says "pending"
+        rogue.send("03 7F2278")
+        pendings += 1
+        rogue.bus.recv(0.05)
+    result = agent.wait(command_id)
+    assert result.status is Status.TIMEOUT and "before the command deadline" in result.outcome.error.message
+    assert pendings > 1
+    oil_temp_answered(agent, rogue)
+
+
+def test_response_pending_then_silence_is_a_p2_star_timeout(vehicle, rogue):
+    config = patient(vehicle)
+    engine = config.ecu("engine")
+    config = dataclasses.replace(config, ecus=tuple(
+        dataclasses.replace(e, timing=dataclasses.replace(engine.timing, p2_star_ms=300)) if e.name == "engine"
+        else e for e in config.ecus))
+    with LocalSession(config) as agent:
+        command_id, _ = agent.submit("engine", "read_data", {"data": "oil_temp"})
+        rogue.request()
+        rogue.send("03 7F2278")
+        result = agent.wait(command_id)
+        assert result.status is Status.TIMEOUT and "P2*" in result.outcome.error.message
+        oil_temp_answered(agent, rogue)
