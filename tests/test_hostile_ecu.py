@@ -257,3 +257,53 @@ def test_response_pending_then_silence_is_a_p2_star_timeout(vehicle, rogue):
         result = agent.wait(command_id)
         assert result.status is Status.TIMEOUT and "P2*" in result.outcome.error.message
         oil_temp_answered(agent, rogue)
+
+
+# ---- ISO-TP reception -----------------------------------------------------------------------------------
+
+def test_a_first_frame_of_4095_bytes_then_nothing_is_an_answer_that_broke_off(agent, rogue):
+    """N_Cr ends the reception; the result says so (as the kernel link's does), not 'no response'."""
+    command_id, _ = agent.submit("engine", "read_data", {"data": "oil_temp"})
+    rogue.request()
+    rogue.send("1FFF 62F40D 0A0B0C")
+    assert rogue.request()[0] == 0x30  # flow control: 4095 bytes fit max_pdu
+    result = agent.wait(command_id)
+    assert result.status is Status.TIMEOUT
+    assert "broke off" in result.outcome.error.message and "ConsecutiveFrameTimeout" in result.outcome.error.message
+    oil_temp_answered(agent, rogue)
+
+
+def test_a_wrong_sequence_number_breaks_the_answer_off(agent, rogue):
+    command_id, _ = agent.submit("engine", "read_data", {"data": "vin"}, timeout_ms=600)
+    rogue.request()
+    rogue.send("1014 62F190 544553")
+    assert rogue.request()[0] == 0x30
+    rogue.send("22 54305645484943")  # sequence number 2 where 1 is due
+    rogue.send("21 4C453030303031")  # too late to mend it
+    result = agent.wait(command_id)
+    assert result.status is Status.TIMEOUT
+    assert "broke off" in result.outcome.error.message and "WrongSequenceNumber" in result.outcome.error.message
+    oil_temp_answered(agent, rogue)
+
+
+def test_an_answer_that_broke_off_then_the_whole_answer_is_the_result(agent, rogue):
+    """A reception that broke off is not the end of the wait: the ECU's repeated answer within P2 counts."""
+    command_id, _ = agent.submit("engine", "read_data", {"data": "vin"})
+    rogue.request()
+    rogue.send("1014 62F190 544553")
+    assert rogue.request()[0] == 0x30
+    rogue.send("25 54305645484943")
+    answer(rogue, b"\x62\xf1\x90" + VIN)
+    result = agent.wait(command_id)
+    assert result.status is Status.COMPLETED and result.outcome.result == {"values": {"vin": VIN.decode()}}
+
+
+def test_a_first_frame_longer_than_max_pdu_is_refused_with_overflow(vehicle, rogue):
+    with LocalSession(with_engine_isotp(patient(vehicle), max_pdu=64)) as agent:
+        command_id, _ = agent.submit("engine", "read_data", {"data": "oil_temp"}, timeout_ms=500)
+        rogue.request()
+        rogue.send("1FFF 62F40D 0A0B0C")
+        assert rogue.request()[:1] == b"\x32"  # FC overflow: the ECU is told at once
+        result = agent.wait(command_id)
+        assert result.status is Status.TIMEOUT and "FrameTooLong" in result.outcome.error.message
+        oil_temp_answered(agent, rogue)

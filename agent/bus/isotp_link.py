@@ -26,6 +26,9 @@ _WAKE = object()  # put in the frame queue to interrupt a blocked send/recv
 # ISO-TP errors after which the PDU being sent was abandoned by can-isotp
 _SEND_ABORTS = (isotp.errors.FlowControlTimeoutError, isotp.errors.MaximumWaitFrameReachedError,
                 isotp.errors.UnsupportedWaitFrameError, isotp.errors.OverflowError)
+# ISO-TP errors after which the PDU being received was given up (can-isotp refused or dropped it)
+_RECV_ABORTS = (isotp.errors.ConsecutiveFrameTimeoutError, isotp.errors.WrongSequenceNumberError,
+                isotp.errors.FrameTooLongError, isotp.errors.InvalidCanFdFirstFrameRXDL)
 
 
 class IsoTpLink:
@@ -38,6 +41,7 @@ class IsoTpLink:
         self._frames: FrameQueue[isotp.CanMessage | object] = FrameQueue(owner.counters, name)
         self._error: str | None = None
         self._send_aborted: str | None = None
+        self._recv_aborted: str | None = None  # an answer that broke off since the last flush / whole PDU
         self._woken = False
         self._block = False
         self._logic = isotp.TransportLayerLogic(
@@ -78,6 +82,8 @@ class IsoTpLink:
         self._error = f"{type(error).__name__}: {error}"
         if isinstance(error, _SEND_ABORTS):
             self._send_aborted = self._error
+        elif isinstance(error, _RECV_ABORTS):
+            self._recv_aborted = self._error
         log.debug("ISO-TP error on %s: %s", self.name, self._error)
 
     # ---- used by one worker thread -------------------------------------------------------------
@@ -123,7 +129,9 @@ class IsoTpLink:
 
         `timeout` (P2 for UDS) bounds the wait for the first frame; once a multi-frame reception is
         under way, it runs to its end, each consecutive frame bounded by the N_Cr timeout and the
-        whole by `limit` (monotonic seconds; the command's deadline).
+        whole by `limit` (monotonic seconds; the command's deadline). When nothing whole came, but an
+        answer started and broke off (N_Cr, a wrong sequence number, too long), that is raised
+        (TransportTimeoutError) instead of returning None, as the kernel link does: not "no response".
         """
         now = time.monotonic()
         deadline = now + timeout
@@ -132,11 +140,17 @@ class IsoTpLink:
             while True:
                 data = self._logic.recv(block=False)
                 if data is not None:
+                    self._recv_aborted = None
                     return bytes(data)
                 self._faults.check(self.name, "during the exchange")
                 receiving = self._logic.is_rx_active()
                 now = time.monotonic()
-                if self._woken or (not receiving and now >= min(deadline, limit)):
+                if self._woken:
+                    return None
+                if not receiving and now >= min(deadline, limit):
+                    if self._recv_aborted is not None:
+                        why, self._recv_aborted = self._recv_aborted, None
+                        raise TransportTimeoutError(f"{self.name}: an answer broke off under way ({why})")
                     return None
                 if now >= limit:
                     self._logic.stop_receiving()
@@ -152,6 +166,7 @@ class IsoTpLink:
         """Forgets stale frames, half-done transfers and past bus faults before a new request."""
         self._frames.drain()
         self._logic.reset()
+        self._recv_aborted = None
         self._faults.reset()
 
     def wake(self) -> None:
