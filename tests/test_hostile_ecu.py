@@ -33,12 +33,19 @@ class Rogue:
 
     def request(self, timeout: float = 10.0) -> bytes:
         """The next frame the agent sends to the engine (its request, a consecutive or a flow control frame)."""
+        frame = self.poll(timeout)
+        if frame is None:
+            raise AssertionError("the agent sent nothing to the engine")
+        return frame
+
+    def poll(self, timeout: float) -> bytes | None:
+        """The next frame the agent sends to the engine within `timeout` seconds, else None."""
         end = time.monotonic() + timeout
         while (left := end - time.monotonic()) > 0:
             msg = self.bus.recv(left)
             if msg is not None and msg.arbitration_id == REQUEST_ID and not msg.is_extended_id:
                 return bytes(msg.data)
-        raise AssertionError("the agent sent nothing to the engine")
+        return None
 
     def send(self, data: str, can_id: int = RESPONSE_ID, fd: bool = False, pad: bool = True) -> None:
         payload = bytes.fromhex(data.replace(" ", ""))
@@ -237,7 +244,7 @@ def test_response_pending_without_end_is_a_timeout_at_the_command_deadline(agent
     while not agent.runtime.workers["engine"].idle:  # as long as the command runs, the ECU says "pending"
         rogue.send("03 7F2278")
         pendings += 1
-        rogue.bus.recv(0.05)
+        rogue.poll(0.05)
     result = agent.wait(command_id)
     assert result.status is Status.TIMEOUT and "before the command deadline" in result.outcome.error.message
     assert pendings > 1
@@ -307,3 +314,54 @@ def test_a_first_frame_longer_than_max_pdu_is_refused_with_overflow(vehicle, rog
         result = agent.wait(command_id)
         assert result.status is Status.TIMEOUT and "FrameTooLong" in result.outcome.error.message
         oil_temp_answered(agent, rogue)
+
+
+# ---- ISO-TP flow control from the ECU -------------------------------------------------------------------
+
+def test_fc_wait_forever_ends_after_wftmax_waits(agent, rogue):
+    """The ECU answers every first frame with FC.WAIT, for ever: wftmax (5) of them are waited out."""
+    command_id, _ = agent.submit("engine", "read_data", FOUR_DIDS)
+    assert rogue.request()[0] == 0x10
+    waits = 0
+    while not agent.runtime.workers["engine"].idle:
+        rogue.send("31 00 00")
+        waits += 1
+        rogue.poll(0.05)
+    result = agent.wait(command_id)
+    assert result.status is Status.TIMEOUT and "MaximumWaitFrameReached" in result.outcome.error.message
+    assert waits > 5
+    oil_temp_answered(agent, rogue)
+
+
+def test_fc_overflow_ends_the_send_at_once(agent, rogue):
+    command_id, _ = agent.submit("engine", "read_data", FOUR_DIDS)
+    assert rogue.request()[0] == 0x10
+    rogue.send("32 00 00")
+    result = agent.wait(command_id)
+    assert result.status is Status.TIMEOUT and "OverflowError" in result.outcome.error.message
+    oil_temp_answered(agent, rogue)
+
+
+@pytest.mark.parametrize("flow_control", ["30 00 7F", "30 00 FA", "30 01 F0"])  # 127 ms; reserved STmin values
+def test_an_absurd_stmin_costs_the_command_its_deadline_not_the_worker(agent, rogue, flow_control):
+    """A 4 KiB write at 127 ms per frame would take 75 s: the command's deadline ends it."""
+    command_id, _ = agent.submit("engine", "raw", {"request": "22" + "F190" * 2000}, timeout_ms=600)
+    assert rogue.request()[0] >> 4 == 1
+    rogue.send(flow_control)
+    while not agent.runtime.workers["engine"].idle:  # block size 1: every frame gets its flow control
+        frame = rogue.poll(0.05)
+        if frame is not None and flow_control.startswith("30 01"):
+            assert frame[0] >> 4 == 2
+            rogue.send(flow_control)
+    result = agent.wait(command_id)
+    assert result.status is Status.TIMEOUT and "send timed out" in result.outcome.error.message
+    oil_temp_answered(agent, rogue)
+
+
+def test_a_flow_control_with_a_huge_block_size_and_no_pause(agent, rogue):
+    command_id, _ = agent.submit("engine", "read_data", FOUR_DIDS)
+    assert rogue.request()[0] == 0x10
+    rogue.send("30 FF 00")
+    assert rogue.request()[0] == 0x21
+    answer(rogue, bytes.fromhex("62 F40D 0B F40C 0FA0 0100 01 F190") + VIN)
+    assert agent.wait(command_id).status is Status.COMPLETED
