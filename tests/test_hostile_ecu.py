@@ -12,11 +12,14 @@ Every case must end as a clear result of its own command, and the next command m
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 
 import can
 import pytest
 
+from agent.bus.frames import FRAME_QUEUE_SIZE
+from agent.bus.owner import wait_until
 from agent.system.local import LocalSession
 from agent.wire.command import ErrorCode, Status
 
@@ -38,12 +41,12 @@ class Rogue:
             raise AssertionError("the agent sent nothing to the engine")
         return frame
 
-    def poll(self, timeout: float) -> bytes | None:
-        """The next frame the agent sends to the engine within `timeout` seconds, else None."""
+    def poll(self, timeout: float, can_id: int = REQUEST_ID) -> bytes | None:
+        """The next frame the agent sends to the engine (or on `can_id`) within `timeout` seconds, else None."""
         end = time.monotonic() + timeout
         while (left := end - time.monotonic()) > 0:
             msg = self.bus.recv(left)
-            if msg is not None and msg.arbitration_id == REQUEST_ID and not msg.is_extended_id:
+            if msg is not None and msg.arbitration_id == can_id and not msg.is_extended_id:
                 return bytes(msg.data)
         return None
 
@@ -365,3 +368,89 @@ def test_a_flow_control_with_a_huge_block_size_and_no_pause(agent, rogue):
     assert rogue.request()[0] == 0x21
     answer(rogue, bytes.fromhex("62 F40D 0B F40C 0FA0 0100 01 F190") + VIN)
     assert agent.wait(command_id).status is Status.COMPLETED
+
+
+# ---- a second tester, FD frames on a classic link, padding ----------------------------------------------
+
+def test_answers_to_a_second_tester_on_the_same_ids_are_not_ours(agent, rogue):
+    """Another tester asks the engine for its VIN on the same ids; the multi-frame answer to it comes in
+    while our read waits: it is discarded, and our answer is the result."""
+    command_id, _ = agent.submit("engine", "read_data", {"data": "oil_temp"})
+    rogue.request()
+    rogue.send("03 22F190", can_id=REQUEST_ID)  # the other tester's request (the agent does not listen there)
+    answer(rogue, b"\x62\xf1\x90" + VIN)  # the ECU's answer to it: the agent takes it in, and drops it
+    rogue.send("04 62F40D 0A")
+    result = agent.wait(command_id)
+    assert result.status is Status.COMPLETED and result.outcome.result == {"values": {"oil_temp": 10}}
+
+
+@pytest.mark.parametrize(("data", "fd"), [
+    ("00 04 62F40D 0A CCCCCCCCCCCC", True),  # a CAN FD single frame (escape sequence, 12 bytes) on a classic link
+    ("04 62F40D 0A CCCCCC", True),  # an 8-byte frame flagged FD
+    ("04 62F40D 0A", False),  # no padding although the link pads
+])
+def test_frames_of_another_format_are_read_leniently(agent, rogue, data, fd):
+    """ISO 15765-2 receivers accept what they can decode: the value is read, never a wrong one."""
+    command_id, _ = agent.submit("engine", "read_data", {"data": "oil_temp"})
+    rogue.request()
+    rogue.send(data, fd=fd, pad=False)
+    result = agent.wait(command_id)
+    assert result.status is Status.COMPLETED and result.outcome.result == {"values": {"oil_temp": 10}}
+
+
+def test_a_single_frame_without_its_escape_sequence_on_a_long_fd_frame_is_no_answer(agent, rogue):
+    command_id, _ = agent.submit("engine", "read_data", {"data": "oil_temp"}, timeout_ms=400)
+    rogue.request()
+    rogue.send("04 62F40D 0A CCCCCCCCCCCCCC", fd=True, pad=False)  # 12 bytes: byte 0 must be 0x00
+    result = agent.wait(command_id)
+    assert result.status is Status.TIMEOUT
+    oil_temp_answered(agent, rogue)
+
+
+# ---- functional requests --------------------------------------------------------------------------------
+
+def test_functional_answers_duplicated_unknown_and_unconfigured(agent, rogue):
+    """The engine answers twice (the first counts), an unconfigured OBD id answers (by its CAN id), an id
+    that is no response id at all answers (ignored)."""
+    command_id, _ = agent.submit("engine", "read_data", {"data": "oil_temp"}, addressing="functional")
+    assert rogue.poll(10, can_id=0x7DF)[:4] == bytes.fromhex("0322F40D")
+    rogue.send("04 62F40D 0A")
+    rogue.send("04 62F40D 63")  # the same ECU again
+    rogue.send("04 62F40D 14", can_id=0x7E9)
+    rogue.send("04 62F40D 1E", can_id=0x123)
+    result = agent.wait(command_id)
+    assert result.status is Status.COMPLETED, result.outcome
+    assert result.outcome.result == {"responses": {"engine": {"values": {"oil_temp": 10}},
+                                                   "0x7E9": {"values": {"oil_temp": 20}}}}
+    oil_temp_answered(agent, rogue)  # physical requests get their own answers after it
+
+
+def test_a_noisy_ecu_on_a_functional_request_is_bounded_and_costs_the_others_nothing(agent, rogue):
+    """0x7E9 floods echoing answers for as long as the collection runs: it is one entry, the engine's
+    answer stands, the collection ends at its deadline."""
+    command_id, _ = agent.submit("engine", "read_data", {"data": "oil_temp"}, addressing="functional",
+                                 timeout_ms=1500)
+    rogue.poll(10, can_id=0x7DF)
+    rogue.send("04 62F40D 0A")
+    sent = 0
+    while not agent.runtime.workers["engine"].idle:
+        for _ in range(50):
+            rogue.send("04 62F40D 14", can_id=0x7E9)
+        sent += 50
+        rogue.poll(0.001)
+    result = agent.wait(command_id)
+    assert result.status is Status.COMPLETED, result.outcome
+    assert result.outcome.result == {"responses": {"engine": {"values": {"oil_temp": 10}},
+                                                   "0x7E9": {"values": {"oil_temp": 20}}}}
+    assert sent > 50
+
+
+def test_a_flood_on_an_idle_link_is_dropped_counted_and_logged_and_the_next_command_works(agent, rogue, caplog):
+    """Memory is bounded by the link's frame queue; what does not fit is counted and logged."""
+    owner = agent.runtime.owner
+    with caplog.at_level(logging.WARNING, logger="agent.bus.frames"):
+        for _ in range(FRAME_QUEUE_SIZE + 500):
+            rogue.send("04 62F40C 0A")
+        assert wait_until(lambda: owner.counters.dropped >= 500, 10), owner.counters
+    assert any("frame queue full" in r.getMessage() for r in caplog.records)
+    oil_temp_answered(agent, rogue)
