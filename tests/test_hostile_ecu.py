@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import struct
 import time
 
 import can
@@ -20,6 +21,7 @@ import pytest
 
 from agent.bus.frames import FRAME_QUEUE_SIZE
 from agent.bus.owner import wait_until
+from agent.config.model import SecurityLevel
 from agent.system.local import LocalSession
 from agent.wire.command import ErrorCode, Status
 
@@ -92,7 +94,11 @@ def agent(vehicle, rogue):
 def oil_temp_answered(agent, rogue, answer: str = "04 62F40D 0A") -> None:
     """The next command, answered properly: it must get its own answer, whatever came before."""
     command_id, _ = agent.submit("engine", "read_data", {"data": "oil_temp"})
-    assert rogue.request()[:4] == bytes.fromhex("0322F40D")
+    frame = rogue.request()
+    while frame[:4] == bytes.fromhex("0322F186"):  # a keepalive of an extended session came first
+        rogue.send("04 62F186 03")
+        frame = rogue.request()
+    assert frame[:4] == bytes.fromhex("0322F40D")
     rogue.send(answer)
     result = agent.wait(command_id)
     assert result.status is Status.COMPLETED, result.outcome
@@ -454,3 +460,108 @@ def test_a_flood_on_an_idle_link_is_dropped_counted_and_logged_and_the_next_comm
         assert wait_until(lambda: owner.counters.dropped >= 500, 10), owner.counters
     assert any("frame queue full" in r.getMessage() for r in caplog.records)
     oil_temp_answered(agent, rogue)
+
+
+# ---- session and security -------------------------------------------------------------------------------
+
+def extended(agent, rogue) -> None:
+    command_id, _ = agent.submit("engine", "set_session", {"session": "extended"})
+    assert rogue.request()[:3] == bytes.fromhex("021003")
+    rogue.send("06 5003 0032 01F4")
+    assert agent.wait(command_id).status is Status.COMPLETED
+
+
+def test_the_ecu_drops_out_of_the_extended_session_mid_command(agent, rogue):
+    """It refuses the write as not supported in the active session (0x7F): a negative response for that
+    command; the next keepalive reads the default session and the agent follows it."""
+    extended(agent, rogue)
+    executor = agent.runtime.workers["engine"].executor
+    command_id, _ = agent.submit("engine", "write_data", {"data": "idle_mode", "value": "eco"})
+    assert rogue.request()[:4] == bytes.fromhex("042E0100")
+    rogue.send("03 7F2E7F")
+    result = agent.wait(command_id)
+    assert result.status is Status.FAILED and result.outcome.error.as_dict()["nrc"] == "0x7F"
+    assert executor.session == 3
+    assert rogue.request()[:4] == bytes.fromhex("0322F186")  # the keepalive, once the worker is idle
+    rogue.send("04 62F186 01")
+    assert wait_until(lambda: executor.session == 1, 10)
+
+
+def test_keepalives_never_interleave_with_a_running_command(agent, rogue):
+    """A command that runs past S3 (0x78 keeps it alive) gets no keepalive between its request and its
+    answer: the one worker thread does one exchange at a time; the keepalive comes after."""
+    extended(agent, rogue)
+    s3 = agent.config.ecu("engine").timing.s3_keepalive_ms / 1000
+    command_id, _ = agent.submit("engine", "read_data", {"data": "oil_temp"})
+    assert rogue.request()[:4] == bytes.fromhex("0322F40D")
+    end = time.monotonic() + 2 * s3
+    while time.monotonic() < end:  # the ECU takes twice S3 to answer, saying "pending" meanwhile
+        rogue.send("03 7F2278")
+        assert rogue.poll(0.05) is None, "the agent sent something while its command was waiting"
+    rogue.send("04 62F40D 0A")
+    assert agent.wait(command_id).outcome.result == {"values": {"oil_temp": 10}}
+    assert rogue.request()[:4] == bytes.fromhex("0322F186")
+    rogue.send("04 62F186 03")
+
+
+def test_a_late_answer_during_a_keepalive_is_neither_the_keepalives_nor_the_next_commands(agent, rogue):
+    extended(agent, rogue)
+    executor = agent.runtime.workers["engine"].executor
+    assert agent.run("engine", "read_data", {"data": "oil_temp"}, timeout_ms=300).status is Status.TIMEOUT
+    assert rogue.request()[:4] == bytes.fromhex("0322F40D")
+    assert rogue.request()[:4] == bytes.fromhex("0322F186")  # the keepalive
+    rogue.send("04 62F40D 0A")  # the late answer to the read
+    rogue.send("04 62F186 03")
+    oil_temp_answered(agent, rogue, "04 62F40D 0A")
+    assert executor.session == 3
+
+
+@pytest.mark.parametrize(("seed_frame", "status", "message"), [
+    ("02 6701", Status.FAILED, "invalid response from ECU"),  # no seed at all
+    ("06 6701 00000000", Status.COMPLETED, None),  # all zero: already unlocked, no key is sent
+])
+def test_security_access_with_an_empty_or_zero_seed(agent, rogue, seed_frame, status, message):
+    extended(agent, rogue)
+    command_id, _ = agent.submit("engine", "security_access", {"level": 1})
+    assert rogue.request()[:3] == bytes.fromhex("022701")
+    rogue.send(seed_frame)
+    result = agent.wait(command_id)
+    assert result.status is status, result.outcome
+    if message:
+        assert message in result.outcome.error.message
+    oil_temp_answered(agent, rogue)
+
+
+def test_security_access_with_an_odd_length_seed_sends_the_key_for_that_seed(agent, rogue):
+    extended(agent, rogue)
+    command_id, _ = agent.submit("engine", "security_access", {"level": 1})
+    rogue.request()
+    rogue.send("05 6701 112233")
+    assert rogue.request()[:5] == bytes([0x05, 0x27, 0x02]) + bytes([0x11 ^ 0x5B, 0x22 ^ 0x5B])
+    rogue.send("02 6702")
+    assert agent.wait(command_id).outcome.result == {"level": 1, "unlocked": True}
+
+
+def four_byte_key(level: int, seed: bytes, params) -> bytes:
+    """An OEM-style algorithm that only takes the 4-byte seeds its ECU is specified to send."""
+    (value,) = struct.unpack(">I", seed)
+    return struct.pack(">I", value ^ 0xA5A5A5A5)
+
+
+def test_a_seed_the_key_algorithm_cannot_take_is_the_ecus_bad_answer_not_an_agent_crash(vehicle, rogue, caplog):
+    """A 3-byte seed to a 4-byte algorithm: the command fails naming the seed; no key goes out; nothing is
+    logged as an internal failure of the executor."""
+    config = patient(vehicle)
+    config = dataclasses.replace(config, ecus=tuple(
+        dataclasses.replace(e, security=(SecurityLevel(1, "test_hostile_ecu:four_byte_key"),))
+        if e.name == "engine" else e for e in config.ecus))
+    with LocalSession(config) as agent:
+        extended(agent, rogue)
+        command_id, _ = agent.submit("engine", "security_access", {"level": 1})
+        rogue.request()
+        rogue.send("05 6701 112233")
+        result = agent.wait(command_id)
+        assert (result.status, result.outcome.error.code) == (Status.FAILED, ErrorCode.INTERNAL)
+        assert "seed 112233" in result.outcome.error.message, result.outcome
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+        oil_temp_answered(agent, rogue)  # no key went out: the next frame is the next command's

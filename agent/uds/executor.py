@@ -321,7 +321,13 @@ class Executor:
             self._unlocked(p.level)
             return {"level": p.level, "unlocked": True}
         algorithm, params = self._algorithms[p.level]
-        key = bytes(algorithm(p.level, seed, params))
+        try:
+            key = bytes(algorithm(p.level, seed, params))
+        except Exception as err:  # the ECU's seed is input like any answer: a seed the algorithm cannot take
+            log.warning("key algorithm for level %d of %s failed on the %d-byte seed %s", p.level, self.ecu.name,
+                        len(seed), seed.hex(), exc_info=True, extra={"component": self.ecu.name})
+            raise InvalidResponseError(f"the key algorithm for level {p.level} cannot take the ECU's {len(seed)}-byte "
+                                       f"seed {seed.hex()}: {type(err).__name__}: {err}") from err
         response = self._ask(services.SecurityAccess.make_request(p.level, _KEY, key), deadline)
         interpret(services.SecurityAccess.interpret_response, response, _KEY)
         self._unlocked(p.level)
