@@ -43,20 +43,21 @@ class Rogue:
             raise AssertionError("the agent sent nothing to the engine")
         return frame
 
-    def poll(self, timeout: float, can_id: int = REQUEST_ID) -> bytes | None:
+    def poll(self, timeout: float, can_id: int = REQUEST_ID, extended: bool = False) -> bytes | None:
         """The next frame the agent sends to the engine (or on `can_id`) within `timeout` seconds, else None."""
         end = time.monotonic() + timeout
         while (left := end - time.monotonic()) > 0:
             msg = self.bus.recv(left)
-            if msg is not None and msg.arbitration_id == can_id and not msg.is_extended_id:
+            if msg is not None and msg.arbitration_id == can_id and msg.is_extended_id == extended:
                 return bytes(msg.data)
         return None
 
-    def send(self, data: str, can_id: int = RESPONSE_ID, fd: bool = False, pad: bool = True) -> None:
+    def send(self, data: str, can_id: int = RESPONSE_ID, fd: bool = False, pad: bool = True,
+             extended: bool = False) -> None:
         payload = bytes.fromhex(data.replace(" ", ""))
         if pad and not fd:
             payload = payload.ljust(8, b"\xcc")
-        self.bus.send(can.Message(arbitration_id=can_id, data=payload, is_extended_id=False, is_fd=fd))
+        self.bus.send(can.Message(arbitration_id=can_id, data=payload, is_extended_id=extended, is_fd=fd))
 
     def close(self) -> None:
         self.bus.shutdown()
@@ -77,12 +78,11 @@ def rogue(vehicle):
 
 
 def patient(vehicle):
-    """The engine with P2 1 s: the test thread playing the ECU is never late under load (cases that end in
-    a timeout give the command a short `timeout_ms` instead)."""
-    engine = vehicle.ecu("engine")
-    timing = dataclasses.replace(engine.timing, p2_ms=1000, p2_star_ms=2000, request_ms=5000)
+    """The engine (and the gateway) with P2 1 s: the test thread playing the ECU is never late under load
+    (cases that end in a timeout give the command a short `timeout_ms` instead)."""
     return dataclasses.replace(vehicle, ecus=tuple(
-        dataclasses.replace(e, timing=timing) if e.name == "engine" else e for e in vehicle.ecus))
+        dataclasses.replace(e, timing=dataclasses.replace(e.timing, p2_ms=1000, p2_star_ms=2000, request_ms=5000))
+        if e.name in ("engine", "gateway") else e for e in vehicle.ecus))
 
 
 @pytest.fixture
@@ -565,3 +565,24 @@ def test_a_seed_the_key_algorithm_cannot_take_is_the_ecus_bad_answer_not_an_agen
         assert "seed 112233" in result.outcome.error.message, result.outcome
         assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
         oil_temp_answered(agent, rogue)  # no key went out: the next frame is the next command's
+
+
+def test_a_physical_answer_during_another_components_functional_request_is_not_its_answer(agent, rogue):
+    """The gateway's functional request (0x18DB33F1) collects while the engine's physical read is under
+    way. The engine's multi-frame answer on 0x7E8 is its physical read's: it gets one flow control (from
+    the engine's link), and the gateway's result does not say the engine answered a request it never got."""
+    gateway_id, _ = agent.submit("gateway", "read_data", {"data": "vin"}, addressing="functional")
+    assert rogue.poll(10, can_id=0x18DB33F1, extended=True)[:4] == bytes.fromhex("0322F190")
+    engine_id, _ = agent.submit("engine", "read_data", {"data": "vin"})
+    assert rogue.request()[:4] == bytes.fromhex("0322F190")
+    answer(rogue, b"\x62\xf1\x90" + VIN)
+    rogue.send("03 7F2231", can_id=0x18DAF110, extended=True)  # the gateway's own answer
+    engine = agent.wait(engine_id)
+    gateway = agent.wait(gateway_id)
+    assert engine.outcome.result == {"values": {"vin": VIN.decode()}}
+    assert gateway.status is Status.COMPLETED, gateway.outcome
+    assert set(gateway.outcome.result["responses"]) == {"gateway"}, gateway.outcome.result
+    late = []
+    while (frame := rogue.poll(0.05)) is not None:
+        late.append(frame)
+    assert not [f for f in late if f[0] >> 4 == 3], "a second flow control for the engine's answer"

@@ -41,12 +41,14 @@ _RX_ABORTS = (isotp.errors.ConsecutiveFrameTimeoutError, isotp.errors.WrongSeque
 @dataclass(frozen=True)
 class Responder:
     """An ECU that may answer: its key in results, the tester-side address (flow control goes to its
-    txid), its ISO-TP settings, and whether another stack already sends it flow control."""
+    txid), its ISO-TP settings, whether another stack already sends it flow control, and whether its
+    own worker is in a physical exchange with it right now (what it sends then is that exchange's)."""
 
     key: str
     address: isotp.Address
     config: IsoTpConfig
     passive: Callable[[], bool] = lambda: False
+    busy: Callable[[], bool] = lambda: False
 
 
 def can_id_key(can_id: int, extended: bool) -> str:
@@ -81,13 +83,16 @@ def discovery(ecu: EcuConfig) -> tuple[RxFilter | None, Callable[[int, bool], is
     return RxFilter(base, True, mask=0x1FFFFF00), physical_29
 
 
-def known_responders(ecus: list[EcuConfig], passive: Callable[[str], bool]) -> dict[tuple[int, bool], Responder]:
-    """Every configured ECU by its response id(s)."""
+def known_responders(ecus: list[EcuConfig], passive: Callable[[str], bool],
+                     busy: Callable[[str], bool] = lambda name: False) -> dict[tuple[int, bool], Responder]:
+    """Every configured ECU by its response id(s). `passive(name)`: another stack sends that ECU's flow
+    control; `busy(name)`: that ECU's worker is in a physical exchange with it now."""
     found = {}
     for ecu in ecus:
         address = isotp_address(ecu.addressing)
         for key in rx_ids(address):
-            found[key] = Responder(ecu.name, address, ecu.isotp, lambda name=ecu.name: passive(name))
+            found[key] = Responder(ecu.name, address, ecu.isotp, lambda name=ecu.name: passive(name),
+                                   lambda name=ecu.name: busy(name))
     return found
 
 
@@ -135,6 +140,7 @@ class FunctionalLink:
         self._frames: FrameQueue[can.Message] = FrameQueue(owner.counters, f"{ecu.name} (functional)")
         self._rx: dict[tuple[int, bool], _Reassembly] = {}
         self._lost: dict[str, str] = {}
+        self._busy_skipped: dict[str, int] = {}  # frames left to a responder's physical exchange, this collection
         self._open = False
         self._faults = FaultMark(owner)
         owner.watch_faults(lambda reason: self._frames.put(_WAKE, counted=False))
@@ -156,6 +162,7 @@ class FunctionalLink:
         self._open = True
         self.flush()
         self._lost.clear()
+        self._busy_skipped.clear()
         self._faults.reset()
         self._owner.tap(self._on_frame)
 
@@ -164,6 +171,10 @@ class FunctionalLink:
         self._owner.untap(self._on_frame)
         self._give_up_under_way("answer not complete by the command deadline")
         self.flush()
+        for key, frames in self._busy_skipped.items():
+            log.info("%s: %d frame(s) from %s left to its physical exchange under way, not taken as answers to "
+                     "the functional request", self.name, frames, key,
+                     extra={"component": self.name, "responder": key, "frames": frames})
         if self._open:
             self._open = False
             self._owner.collecting.release()
@@ -247,5 +258,10 @@ class FunctionalLink:
                 if address is None:
                     return  # not an answer: other traffic on the bus
                 responder = Responder(can_id_key(*key), address, self._config)
+            elif responder.key != self.name and responder.busy():
+                # Its own worker has a physical request out to it: what starts now is that answer (whose flow
+                # control comes from that link), not one to this functional request.
+                self._busy_skipped[responder.key] = self._busy_skipped.get(responder.key, 0) + 1
+                return
             assembly = self._rx[key] = _Reassembly(self._owner, responder, self._note_lost)
         assembly.frames.append(to_isotp(msg))

@@ -61,7 +61,11 @@ class Runtime:
             link = links.get(name)
             return isinstance(link, KernelIsoTpLink) and link.bound
 
-        responders = known_responders(list(config.ecus), passive)
+        def busy(name: str) -> bool:  # that ECU's worker has an exchange of its own on the bus now
+            worker = self.workers.get(name)
+            return worker is not None and worker.on_bus
+
+        responders = known_responders(list(config.ecus), passive, busy)
         for ecu in config.ecus:
             functional = FunctionalLink(self.owner, ecu, responders) if ecu.addressing.functional_id is not None \
                 else None

@@ -69,6 +69,9 @@ class ComponentWorker:
         self.heartbeat = time.monotonic()
         self.in_flight: Command | None = None
         self.busy_since: float | None = None  # monotonic start of the command in flight
+        # The executor is talking to the ECU (a command, a reading, a keepalive or probe): what the ECU sends
+        # now is for this worker, never an answer to another component's functional request.
+        self.on_bus = False
         self._probe_interval = probe_interval_s
         self._on_probe = on_probe
         self._outstanding = 0  # submitted and not yet finished (queued, or being taken, or running)
@@ -203,6 +206,7 @@ class ComponentWorker:
         """One collection reading: one request (at most), its outcome to the job's callback."""
         started = time.monotonic()
         self.busy_since = started
+        self.on_bus = True
         try:
             outcome = self.executor.execute(job.params, started + self.ecu.timing.request_ms / 1000)
         except Exception as err:  # the executor promises not to raise; a reading still never ends the worker
@@ -210,14 +214,21 @@ class ComponentWorker:
             outcome = Outcome.failure(Status.FAILED, ErrorCode.INTERNAL, f"{type(err).__name__}: {err}")
         finally:
             self.busy_since = None
+            self.on_bus = False
         self._guard(lambda o: job.done(o, time.monotonic() - started), outcome)
 
     def _idle(self) -> None:
         """Nothing to do for a while: hold a non-default session (S3), or probe reachability."""
-        if self.executor.session != DEFAULT_SESSION:
-            self.executor.keepalive()
-        elif self._probe_interval > 0 and self._on_probe is not None:
-            self._guard(lambda answered: self._on_probe(self.ecu.name, answered), self.executor.probe())
+        self.on_bus = True
+        try:
+            if self.executor.session != DEFAULT_SESSION:
+                self.executor.keepalive()
+            elif self._probe_interval > 0 and self._on_probe is not None:
+                answered = self.executor.probe()
+                self.on_bus = False
+                self._guard(lambda ok: self._on_probe(self.ecu.name, ok), answered)
+        finally:
+            self.on_bus = False
 
     def _take_ahead(self) -> None:
         """Takes the next queued command and has its start mark written while the current one runs."""
@@ -259,6 +270,7 @@ class ComponentWorker:
         budget_ms = command.timeout_ms or self.ecu.timing.request_ms
         if self._on_ahead is not None and self._next is None and not self._halting:
             self._take_ahead()
+        self.on_bus = True
         try:
             outcome = self.executor.execute(command.params, time.monotonic() + budget_ms / 1000, command.addressing)
         except Exception as err:  # the executor promises not to raise: a bug still ends in a final, not in silence
@@ -266,7 +278,7 @@ class ComponentWorker:
                           extra=command_fields(command.id, command.component, command.command))
             outcome = Outcome.failure(Status.FAILED, ErrorCode.INTERNAL, f"{type(err).__name__}: {err}")
         finally:
-            self.in_flight, self.busy_since = None, None
+            self.in_flight, self.busy_since, self.on_bus = None, None, False
         self._emit(command, outcome, started)
 
     def _record_start(self, command: Command, mark: Callable[[], BaseException | None] | None) -> BaseException | None:
