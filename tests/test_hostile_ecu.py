@@ -586,3 +586,26 @@ def test_a_physical_answer_during_another_components_functional_request_is_not_i
     while (frame := rogue.poll(0.05)) is not None:
         late.append(frame)
     assert not [f for f in late if f[0] >> 4 == 3], "a second flow control for the engine's answer"
+
+
+def test_absurd_session_timing_then_silence_does_not_hold_the_worker_past_the_command_budget(vehicle, rogue):
+    """The ECU announces P2 65 s and P2* 655 s for the extended session, then answers no keepalive: each
+    keepalive waits at most the component's command budget (request_ms), so a command submitted meanwhile
+    goes out after it, not minutes later."""
+    config = patient(vehicle)
+    config = dataclasses.replace(config, ecus=tuple(
+        dataclasses.replace(e, timing=dataclasses.replace(e.timing, request_ms=500)) if e.name == "engine" else e
+        for e in config.ecus))
+    with LocalSession(config) as agent:
+        command_id, _ = agent.submit("engine", "set_session", {"session": "extended"})
+        rogue.request()
+        rogue.send("06 5003 FFFF FFFF")
+        assert agent.wait(command_id).outcome.result == {"session": "extended", "p2_ms": 65535, "p2_star_ms": 655350}
+        assert rogue.request()[:4] == bytes.fromhex("0322F186")  # a keepalive; the ECU is silent now
+        command_id, _ = agent.submit("engine", "read_data", {"data": "oil_temp"})
+        frame = rogue.request(timeout=20)
+        while frame[:4] == bytes.fromhex("0322F186"):  # at most the keepalives before it, each bounded
+            frame = rogue.request(timeout=20)
+        assert frame[:4] == bytes.fromhex("0322F40D")
+        rogue.send("04 62F40D 0A")
+        assert agent.wait(command_id).outcome.result == {"values": {"oil_temp": 10}}

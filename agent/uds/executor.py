@@ -84,6 +84,7 @@ class Executor:
         self._reports_session = True  # until the ECU refuses DID 0xF186
         self._keepalives_missed = 0  # in a row
         self._base = Timing(ecu.timing.p2_ms / 1000, ecu.timing.p2_star_ms / 1000, ecu.timing.busy_retries)
+        self._budget = ecu.timing.request_ms / 1000  # the longest a keepalive or probe may hold the worker
         self.timing = Timing(self._base.p2, self._base.p2_star, self._base.busy_retries)
         self._algorithms = {s.level: (load_algorithm(s.algorithm), dict(s.params)) for s in ecu.security}
         self._handlers: dict[type, Callable[[Any, float], dict[str, Any]]] = {
@@ -117,7 +118,7 @@ class Executor:
     def probe(self) -> bool:
         """TesterPresent with a response: does the ECU answer right now?"""
         try:
-            self._ask(services.TesterPresent.make_request(), time.monotonic() + self.timing.p2)
+            self._ask(services.TesterPresent.make_request(), time.monotonic() + min(self.timing.p2, self._budget))
         except (NegativeResponseError, InvalidResponseError):
             return True  # it answered, if not happily
         except (UdsTimeoutError, TransportTimeoutError, BusDownError):
@@ -138,14 +139,17 @@ class Executor:
             return
         request = services.TesterPresent.make_request().get_payload(suppress_positive_response=True)
         try:
-            transact(self.link, request, self.timing, time.monotonic() + self.timing.p2, wait_negative=False)
+            transact(self.link, request, self.timing, time.monotonic() + min(self.timing.p2, self._budget),
+                     wait_negative=False)
         except (BusDownError, TransportTimeoutError) as err:
             log.warning("keepalive to %s failed: %s", self.ecu.name, err, extra=fields)
 
     def _keepalive_by_session_read(self, fields: dict[str, object]) -> bool:
         """A keepalive that reads DID 0xF186 and follows the ECU back to its default session. False when
         TesterPresent must go out instead: the ECU answered it negatively, or too short to read."""
-        deadline = time.monotonic() + self.timing.p2_star  # silence ends the wait after P2; 0x78 extends it
+        # Silence ends the wait after P2; 0x78 extends it. Never past the component's command budget: P2 and P2*
+        # are the ECU's to announce (up to 65 s and 655 s), and the worker's next command waits meanwhile.
+        deadline = time.monotonic() + min(self.timing.p2_star, self._budget)
         try:
             data = transact(self.link, ACTIVE_SESSION, self.timing, deadline)
         except NegativeResponseError as nrc:
