@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from agent.config.model import EcuConfig
 from agent.uds.executor import DEFAULT_SESSION, Executor
-from agent.wire.command import Command, ErrorCode, Outcome, Params, Result, Status, command_fields
+from agent.wire.command import PHYSICAL, Command, ErrorCode, Outcome, Params, Result, Status, command_fields
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,9 @@ class ComponentWorker:
         self.heartbeat = time.monotonic()
         self.in_flight: Command | None = None
         self.busy_since: float | None = None  # monotonic start of the command in flight
-        # The executor is talking to the ECU (a command, a reading, a keepalive or probe): what the ECU sends
-        # now is for this worker, never an answer to another component's functional request.
+        # The executor is in a physical exchange with its ECU (a command, a reading, a keepalive or probe): what
+        # the ECU sends now is for this worker's link, never an answer to another component's functional request.
+        # Not while it runs a functional command: its own link is idle then, the collector takes the answers.
         self.on_bus = False
         self._probe_interval = probe_interval_s
         self._on_probe = on_probe
@@ -270,7 +271,7 @@ class ComponentWorker:
         budget_ms = command.timeout_ms or self.ecu.timing.request_ms
         if self._on_ahead is not None and self._next is None and not self._halting:
             self._take_ahead()
-        self.on_bus = True
+        self.on_bus = command.addressing == PHYSICAL
         try:
             outcome = self.executor.execute(command.params, time.monotonic() + budget_ms / 1000, command.addressing)
         except Exception as err:  # the executor promises not to raise: a bug still ends in a final, not in silence
