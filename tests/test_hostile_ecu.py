@@ -153,6 +153,7 @@ def test_a_late_answer_to_a_read_of_fewer_dids_does_not_fail_the_next_read(agent
     result = agent.wait(command_id)
     assert result.status is Status.COMPLETED, result.outcome
     assert result.outcome.result == {"values": {"vin": VIN.decode(), "oil_temp": 10}}
+    assert agent.runtime.workers["engine"].executor.discarded == 1
 
 
 @pytest.mark.parametrize(("frame", "why"), [
@@ -226,13 +227,16 @@ def test_two_answers_to_one_request_the_second_is_not_the_next_commands(agent, r
     "03 7F1078",  # "pending" for another service: it does not extend this wait
 ])
 def test_an_answer_for_something_else_is_not_this_commands(agent, rogue, stale):
-    """Each is discarded; the real answer right after it is the result."""
+    """Each is discarded (and counted: sovd_uds_answers_discarded_total); the real answer right after it
+    is the result."""
+    executor = agent.runtime.workers["engine"].executor
     command_id, _ = agent.submit("engine", "read_data", {"data": "oil_temp"})
     rogue.request()
     rogue.send(stale)
     rogue.send("04 62F40D 0A")
     result = agent.wait(command_id)
     assert result.status is Status.COMPLETED and result.outcome.result == {"values": {"oil_temp": 10}}
+    assert executor.discarded == 1
 
 
 @pytest.mark.parametrize("stale", ["04 6EF40D 0A", "04 62F40C 0A", "03 7F2E31", "03 7F1078"])
@@ -428,6 +432,7 @@ def test_functional_answers_duplicated_unknown_and_unconfigured(agent, rogue):
     assert result.status is Status.COMPLETED, result.outcome
     assert result.outcome.result == {"responses": {"engine": {"values": {"oil_temp": 10}},
                                                    "0x7E9": {"values": {"oil_temp": 20}}}}
+    assert agent.runtime.workers["engine"].executor.discarded == 1  # the engine's second answer
     oil_temp_answered(agent, rogue)  # physical requests get their own answers after it
 
 

@@ -79,6 +79,7 @@ def test_required_names_and_edge_metrics(service, backend, sim):
     assert found[("sovd_store_recoveries_total", (("reason", "torn_wal"),))] == 0
     assert found[("sovd_command_queue_depth", (("component", "engine"),))] == 0
     assert found[("sovd_commands_in_flight", ())] == 0
+    assert found[("sovd_uds_answers_discarded_total", (("component", "engine"),))] == 0
     assert found[("sovd_mqtt_messages_received_total", ())] >= 6 and ("sovd_mqtt_reconnects_total", ()) in found
     channel = service.config.bus.channel
     assert found[("sovd_can_bus_state", (("interface", channel), ("sovd_can_bus_state", "unknown")))] == 1
@@ -170,3 +171,16 @@ def test_tls_endpoint_with_client_certificates(mqtt_vehicle, sim, pki):
             scrape(svc.metrics_server.port, context=no_cert, scheme="https")
     finally:
         svc.stop()
+
+
+def test_discarded_answers_are_a_counter_per_component():
+    from prometheus_client import generate_latest
+
+    from agent.metrics.registry import AgentState
+
+    registry = CollectorRegistry()
+    state = AgentState(answers_discarded={"engine": 3, "body": 0})
+    AgentMetrics(registry, "V", ["engine", "body"], state=lambda: state)
+    found = samples(generate_latest(registry).decode())
+    assert found[("sovd_uds_answers_discarded_total", (("component", "engine"),))] == 3
+    assert found[("sovd_uds_answers_discarded_total", (("component", "body"),))] == 0

@@ -59,6 +59,7 @@ class AgentState:
     """What the agent's parts hold right now; built by the service at scrape time."""
 
     queue_depth: dict[str, int] = field(default_factory=dict)
+    answers_discarded: dict[str, int] = field(default_factory=dict)  # per component, since start
     in_flight: int = 0
     mqtt_connected: bool = False
     mqtt_reconnects: int = 0
@@ -197,6 +198,12 @@ class StateCollector(Collector):
         for component, value in sorted(s.queue_depth.items()):
             depth.add_metric([component], value)
         yield depth
+        discarded = CounterMetricFamily("sovd_uds_answers_discarded", "ECU answers discarded as not for the request "
+                                        "they came during (a late answer, another tester's, a wrong echo).",
+                                        labels=["component"])
+        for component, value in sorted(s.answers_discarded.items()):
+            discarded.add_metric([component], value)
+        yield discarded
         yield GaugeMetricFamily("sovd_commands_in_flight", "Commands executing now.", value=s.in_flight)
         yield GaugeMetricFamily("sovd_mqtt_connected", "1 while connected to the broker.", value=int(s.mqtt_connected))
         yield CounterMetricFamily("sovd_mqtt_reconnects", "Reconnection attempts to the broker.",

@@ -110,6 +110,7 @@ class ServiceHealth:
         workers = self.runtime.workers.values()
         return AgentState(
             queue_depth={w.ecu.name: w.depth for w in workers},
+            answers_discarded={w.ecu.name: w.executor.discarded for w in workers},
             in_flight=sum(1 for w in workers if w.in_flight is not None),
             mqtt_connected=self.link.connected, mqtt_reconnects=stats.reconnects, mqtt_received=stats.messages_in,
             mqtt_sent=stats.messages_out, mqtt_callback_errors=stats.callback_errors,

@@ -78,7 +78,8 @@ class Executor:
         self.ecu = ecu
         self.link = link
         self.functional = functional
-        self._functional = FunctionalRequests(ecu, functional)
+        self.discarded = 0  # answers discarded as not for the request they came during (stale, another tester's)
+        self._functional = FunctionalRequests(ecu, functional, self._discard)
         self.session = DEFAULT_SESSION
         self.security_level = LOCKED
         self._reports_session = True  # until the ECU refuses DID 0xF186
@@ -139,8 +140,7 @@ class Executor:
             return
         request = services.TesterPresent.make_request().get_payload(suppress_positive_response=True)
         try:
-            transact(self.link, request, self.timing, time.monotonic() + min(self.timing.p2, self._budget),
-                     wait_negative=False)
+            self._transact(request, time.monotonic() + min(self.timing.p2, self._budget), wait_negative=False)
         except (BusDownError, TransportTimeoutError) as err:
             log.warning("keepalive to %s failed: %s", self.ecu.name, err, extra=fields)
 
@@ -151,7 +151,7 @@ class Executor:
         # are the ECU's to announce (up to 65 s and 655 s), and the worker's next command waits meanwhile.
         deadline = time.monotonic() + min(self.timing.p2_star, self._budget)
         try:
-            data = transact(self.link, ACTIVE_SESSION, self.timing, deadline)
+            data = self._transact(ACTIVE_SESSION, deadline)
         except NegativeResponseError as nrc:
             if nrc.code in _NO_SESSION_DID:
                 self._reports_session = False
@@ -215,8 +215,15 @@ class Executor:
                  extra={"component": self.ecu.name, "security_level": level})
 
     # ---- helpers -------------------------------------------------------------------------------
+    def _discard(self, data: bytes) -> None:
+        self.discarded += 1
+
+    def _transact(self, request: bytes, deadline: float, wait_negative: bool = True,
+                  accept: Callable[[bytes], object] | None = None) -> bytes | None:
+        return transact(self.link, request, self.timing, deadline, wait_negative, accept, self._discard)
+
     def _ask(self, request: Request, deadline: float, accept: Callable[[bytes], object] | None = None) -> Response:
-        data = transact(self.link, request.get_payload(), self.timing, deadline, accept=accept)
+        data = self._transact(request.get_payload(), deadline, accept=accept)
         assert data is not None  # named commands never suppress the positive response
         response = parse_response(data)
         if not response.valid:
@@ -361,7 +368,7 @@ class Executor:
         return {}
 
     def _raw(self, p: c.Raw, deadline: float) -> dict[str, Any]:
-        response = transact(self.link, p.request, self.timing, deadline)
+        response = self._transact(p.request, deadline)
         self._follow_raw(p.request, response)
         if response is None:
             return {"response": "", "suppressed": True}
@@ -410,6 +417,6 @@ class Executor:
         return found
 
     def _obd_ask(self, request: bytes, deadline: float) -> bytes:
-        response = transact(self.link, request, self.timing, deadline)
+        response = self._transact(request, deadline)
         assert response is not None  # OBD-II requests have no suppressPosRspMsgIndicationBit
         return response

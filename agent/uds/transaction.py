@@ -115,14 +115,19 @@ def answers(request: bytes, response: bytes) -> bool:
     return response.startswith(echo_prefix(request))
 
 
+Discarded = Callable[[bytes], None]  # told of every answer a wait discarded as not the request's (a metric)
+
+
 def transact(link: Link, request: bytes, timing: Timing, deadline: float,
-             wait_negative: bool = True, accept: Callable[[bytes], object] | None = None) -> bytes | None:
+             wait_negative: bool = True, accept: Callable[[bytes], object] | None = None,
+             on_discard: Discarded | None = None) -> bytes | None:
     """Sends `request`, returns the positive response payload; raises the exceptions above.
 
     `accept` checks more of a positive answer than its echo can (a read's answer carries every DID
     asked for): one it refuses with InvalidResponseError is taken for a stale answer that happens to
     echo the request (a late answer to a read of fewer DIDs), discarded, and the wait goes on; only
-    when no other answer comes in time is the refusal the exchange's error.
+    when no other answer comes in time is the refusal the exchange's error. `on_discard` is told of
+    every answer discarded so.
 
     A request with the suppressPosRspMsgIndicationBit returns None once P2 passed without a negative
     response (`wait_negative=False`: at once, for S3 keepalives). NRC 0x78 extends the wait to P2*
@@ -133,7 +138,7 @@ def transact(link: Link, request: bytes, timing: Timing, deadline: float,
     pause = 0.02
     for attempt in range(timing.busy_retries + 1):
         try:
-            return _exchange(link, request, timing, deadline, wait_negative, accept)
+            return _exchange(link, request, timing, deadline, wait_negative, accept, on_discard)
         except NegativeResponseError as nrc:
             remaining = deadline - time.monotonic()
             if nrc.code != NRC_BUSY_REPEAT or attempt == timing.busy_retries or remaining <= pause:
@@ -145,7 +150,7 @@ def transact(link: Link, request: bytes, timing: Timing, deadline: float,
 
 
 def _exchange(link: Link, request: bytes, timing: Timing, deadline: float, wait_negative: bool,
-              accept: Callable[[bytes], object] | None = None) -> bytes | None:
+              accept: Callable[[bytes], object] | None = None, on_discard: Discarded | None = None) -> bytes | None:
     sid = request[0]
     refused: InvalidResponseError | None = None  # the last answer `accept` refused
     suppressed = suppresses_positive(request)
@@ -178,6 +183,8 @@ def _exchange(link: Link, request: bytes, timing: Timing, deadline: float, wait_
         if not answers(request, data):
             if log.isEnabledFor(logging.DEBUG):  # hex dumps only built when they are logged
                 log.debug("discarding an answer that is not for request %s: %s", request[:4].hex(), data[:8].hex())
+            if on_discard is not None:
+                on_discard(data)
             continue
         if data[0] == NEGATIVE_RESPONSE:
             if len(data) < 3:
@@ -194,6 +201,8 @@ def _exchange(link: Link, request: bytes, timing: Timing, deadline: float, wait_
                 log.debug("discarding an answer to request %s that echoes it but does not fit it (%s): %s",
                           request[:4].hex(), err, data[:8].hex())
                 refused = err
+                if on_discard is not None:
+                    on_discard(data)
                 continue
         return data
 
@@ -217,7 +226,8 @@ class Collected:
     lost: dict[str, str]
 
 
-def collect(link: FunctionalLink, request: bytes, timing: Timing, deadline: float) -> Collected:
+def collect(link: FunctionalLink, request: bytes, timing: Timing, deadline: float,
+            on_discard: Discarded | None = None) -> Collected:
     """Sends a functional request and returns every ECU's final answer (positive or negative), by responder.
 
     Answers count when they start within P2 of the request (one under way when P2 ends is received to
@@ -253,6 +263,8 @@ def collect(link: FunctionalLink, request: bytes, timing: Timing, deadline: floa
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug("discarding an answer from %s that is not for request %s: %s", key, request[:4].hex(),
                               data[:8].hex())
+                if on_discard is not None:
+                    on_discard(data)
                 continue
             if data[0] == NEGATIVE_RESPONSE and len(data) >= 3 and data[2] == NRC_RESPONSE_PENDING:
                 pending[key] = time.monotonic() + timing.p2_star
