@@ -614,3 +614,36 @@ def test_absurd_session_timing_then_silence_does_not_hold_the_worker_past_the_co
         assert frame[:4] == bytes.fromhex("0322F40D")
         rogue.send("04 62F40D 0A")
         assert agent.wait(command_id).outcome.result == {"values": {"oil_temp": 10}}
+
+
+# ---- neighbours -----------------------------------------------------------------------------------------
+
+CAMERA_REQUEST, CAMERA_RESPONSE = 0x740, 0x748  # the test vehicle's CAN FD camera (64-byte frames)
+
+
+def test_classic_frames_answering_an_fd_link_are_read(agent, rogue):
+    command_id, _ = agent.submit("camera", "read_data", {"data": "vin"})
+    request = rogue.poll(10, can_id=CAMERA_REQUEST)
+    assert request is not None and request[:4] == bytes.fromhex("0322F190")
+    payload = b"\x62\xf1\x90" + VIN
+    rogue.send(f"{0x1000 | len(payload):04X}" + payload[:6].hex(), can_id=CAMERA_RESPONSE)
+    assert rogue.poll(10, can_id=CAMERA_REQUEST)[0] == 0x30
+    rogue.send("21" + payload[6:13].hex(), can_id=CAMERA_RESPONSE)
+    rogue.send("22" + payload[13:].hex(), can_id=CAMERA_RESPONSE)
+    result = agent.wait(command_id)
+    assert result.status is Status.COMPLETED and result.outcome.result == {"values": {"vin": VIN.decode()}}
+
+
+def test_a_flood_on_one_ecus_id_does_not_starve_a_neighbour(agent, rogue):
+    """The engine's id carries a flood of garbage while the camera's read runs: the camera's answer,
+    sent behind the flood, is read; the engine's link drops what does not fit (counted)."""
+    command_id, _ = agent.submit("camera", "read_data", {"data": "vin"})
+    assert rogue.poll(10, can_id=CAMERA_REQUEST) is not None
+    for _ in range(FRAME_QUEUE_SIZE + 1000):
+        rogue.send("21 FFFFFFFFFFFFFF")  # consecutive frames nobody asked for, on the engine's id
+    single_frame = (bytes([0x00, 20, 0x62, 0xF1, 0x90]) + VIN).ljust(24, b"\xaa")  # an FD single frame, 24 bytes
+    rogue.send(single_frame.hex(), can_id=CAMERA_RESPONSE, fd=True)
+    result = agent.wait(command_id)
+    assert result.status is Status.COMPLETED and result.outcome.result == {"values": {"vin": VIN.decode()}}
+    assert wait_until(lambda: agent.runtime.owner.counters.dropped >= 1000, 10)
+    oil_temp_answered(agent, rogue)
