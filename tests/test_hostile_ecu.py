@@ -647,3 +647,19 @@ def test_a_flood_on_one_ecus_id_does_not_starve_a_neighbour(agent, rogue):
     assert result.status is Status.COMPLETED and result.outcome.result == {"values": {"vin": VIN.decode()}}
     assert wait_until(lambda: agent.runtime.owner.counters.dropped >= 1000, 10)
     oil_temp_answered(agent, rogue)
+
+
+@pytest.mark.parametrize(("frame", "shown"), [
+    ("02 6E01", "6e01"),  # a write's answer cut short of its DID echo
+    ("04 6E0200 00", "6e020000"),  # the echo of another DID
+])
+def test_a_timeout_after_discarded_answers_says_what_was_discarded(agent, rogue, frame, shown):
+    """The ECU did answer, with something that is not this request's answer: the timeout says so (and
+    shows it), rather than that the ECU never answered."""
+    command_id, _ = agent.submit("engine", "write_data", {"data": "idle_mode", "value": "eco"}, timeout_ms=400)
+    assert rogue.request()[:4] == bytes.fromhex("042E0100")
+    rogue.send(frame)
+    result = agent.wait(command_id)
+    assert result.status is Status.TIMEOUT
+    assert "1 answer(s) discarded" in result.outcome.error.message and shown in result.outcome.error.message
+    oil_temp_answered(agent, rogue)

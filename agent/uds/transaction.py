@@ -153,6 +153,7 @@ def _exchange(link: Link, request: bytes, timing: Timing, deadline: float, wait_
               accept: Callable[[bytes], object] | None = None, on_discard: Discarded | None = None) -> bytes | None:
     sid = request[0]
     refused: InvalidResponseError | None = None  # the last answer `accept` refused
+    discarded, last = 0, b""  # answers not for this request: a timeout says so, rather than "no response"
     suppressed = suppresses_positive(request)
     if time.monotonic() >= deadline:  # no request whose answer nobody waits for (it lands in the next exchange)
         raise UdsTimeoutError(f"command deadline passed before service 0x{sid:02X} could be sent")
@@ -171,18 +172,21 @@ def _exchange(link: Link, request: bytes, timing: Timing, deadline: float, wait_
         if now >= deadline:
             if suppressed and not pending:
                 return None
-            raise UdsTimeoutError(f"no response to service 0x{sid:02X} before the command deadline")
+            raise UdsTimeoutError(f"no response to service 0x{sid:02X} before the command deadline"
+                                  + _discarded_note(discarded, last))
         if now >= window_end:
             if suppressed and not pending:
                 return None  # no negative response within P2: the suppressed positive one stands
             raise UdsTimeoutError(f"no response to service 0x{sid:02X} within {which} "
-                                  f"({(timing.p2_star if pending else timing.p2) * 1000:.0f} ms)")
+                                  f"({(timing.p2_star if pending else timing.p2) * 1000:.0f} ms)"
+                                  + _discarded_note(discarded, last))
         data = link.recv(min(window_end, deadline) - now, deadline)
         if data is None:
             continue
         if not answers(request, data):
             if log.isEnabledFor(logging.DEBUG):  # hex dumps only built when they are logged
                 log.debug("discarding an answer that is not for request %s: %s", request[:4].hex(), data[:8].hex())
+            discarded, last = discarded + 1, data
             if on_discard is not None:
                 on_discard(data)
             continue
@@ -205,6 +209,13 @@ def _exchange(link: Link, request: bytes, timing: Timing, deadline: float, wait_
                     on_discard(data)
                 continue
         return data
+
+
+def _discarded_note(discarded: int, last: bytes) -> str:
+    if not discarded:
+        return ""
+    more = "..." if len(last) > 8 else ""
+    return f"; {discarded} answer(s) discarded as not for this request (the last: {last[:8].hex()}{more})"
 
 
 class FunctionalLink(Protocol):
