@@ -18,10 +18,13 @@ import time
 
 import can
 import pytest
+from conftest import DATA
 
 from agent.bus.frames import FRAME_QUEUE_SIZE
 from agent.bus.owner import wait_until
 from agent.config.model import SecurityLevel
+from agent.devtools.sim.config import fault_from_dict, load_sim_config
+from agent.devtools.sim.simulator import Simulator
 from agent.system.local import LocalSession
 from agent.wire.command import ErrorCode, Status
 
@@ -663,3 +666,25 @@ def test_a_timeout_after_discarded_answers_says_what_was_discarded(agent, rogue,
     assert result.status is Status.TIMEOUT
     assert "1 answer(s) discarded" in result.outcome.error.message and shown in result.outcome.error.message
     oil_temp_answered(agent, rogue)
+
+
+# ---- the simulator's misbehaviours for the same cases (bench and field reproduction) ---------------------
+
+def test_simulator_pending_then_silence_and_repeated_answers(vehicle):
+    simulator = Simulator(load_sim_config(DATA / "vehicle-sim.yaml"), bus=vehicle.bus)
+    assert simulator.start()
+    try:
+        engine = simulator.ecu("engine")
+        with LocalSession(vehicle) as agent:
+            engine.set_faults([fault_from_dict({"service": 0x22, "match": "F40D", "pending": 2, "no_answer": True})])
+            result = agent.run("engine", "read_data", {"data": "oil_temp"})
+            assert result.status is Status.TIMEOUT and "P2*" in result.outcome.error.message
+            engine.set_faults([fault_from_dict({"service": 0x22, "match": "F40D", "repeat": 2})])
+            first = agent.run("engine", "read_data", {"data": "oil_temp"})
+            engine.set_faults([])
+            second = agent.run("engine", "read_data", {"data": "vin"})  # not one of the repeats
+            assert first.outcome.result == {"values": {"oil_temp": -10}}
+            assert second.outcome.result == {"values": {"vin": VIN.decode()}}
+        assert engine.server.executed[0x22] == 2  # the silent read was never run; the repeats ran once
+    finally:
+        simulator.stop()

@@ -28,8 +28,9 @@ class Fault:
     pending: int = 0  # this many 0x78 before the answer
     busy: int = 0  # this many 0x21 before serving the request
     nrc: int | None = None
-    no_answer: bool = False
+    no_answer: bool = False  # with `pending`: that many NRC 0x78, then silence
     reply: bytes | None = None  # answer with exactly these bytes instead (a wrong echo, another service's answer)
+    repeat: int = 0  # send the (final) answer this many more times: two answers to one request
 
 
 @dataclass(frozen=True)
@@ -226,6 +227,7 @@ def parse_fault(node: Node) -> Fault:
         delay_ms=node.get("delay_ms", integer(0, 600_000), 0), pending=node.get("pending", integer(0, 1000), 0),
         busy=node.get("busy", integer(0, 1000), 0), nrc=node.get("nrc", BYTE, None),
         no_answer=node.get("no_answer", boolean, False), reply=node.get("reply", hex_bytes, None),
+        repeat=node.get("repeat", integer(0, 100), 0),
     )
     node.finish()
     return fault

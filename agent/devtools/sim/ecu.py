@@ -148,8 +148,9 @@ class SimulatedEcu:
         self.received[request[0]] += 1
         fault = self._fault_for(request)
         sid = request[0]
+        repeat = fault.repeat if fault is not None else 0
         if fault is not None:
-            if fault.no_answer:
+            if fault.no_answer and not fault.pending:
                 return
             key = id(fault)
             with self._lock:
@@ -164,11 +165,13 @@ class SimulatedEcu:
             for _ in range(fault.pending):
                 self._send(bytes([0x7F, sid, 0x78]))
                 time.sleep(PENDING_INTERVAL_S)
+            if fault.no_answer:  # "pending", then silence
+                return
             if fault.nrc is not None:
-                self._send(bytes([0x7F, sid, fault.nrc]))
+                self._send(bytes([0x7F, sid, fault.nrc]), repeat)
                 return
             if fault.reply is not None:
-                self._send(fault.reply)
+                self._send(fault.reply, repeat)
                 return
         with self._state:
             response = self.server.handle(request, time.monotonic())
@@ -177,7 +180,8 @@ class SimulatedEcu:
         if functional and response is not None and response[0] == 0x7F and response[2] in FUNCTIONAL_SILENT_NRCS:
             return  # ISO 14229-1: no such negative answer to a functionally addressed request
         if response is not None:
-            self._send(response)
+            self._send(response, repeat)
 
-    def _send(self, payload: bytes) -> None:
-        self._link.send(payload, timeout=2.0)
+    def _send(self, payload: bytes, repeat: int = 0) -> None:
+        for _ in range(1 + repeat):
+            self._link.send(payload, timeout=2.0)
