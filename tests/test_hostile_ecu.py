@@ -46,6 +46,15 @@ class Rogue:
             raise AssertionError("the agent sent nothing to the engine")
         return frame
 
+    def command_frame(self) -> bytes:
+        """The next frame the agent sends to the engine that is not a keepalive of its extended session
+        (those are answered: still in session 0x03), however late the test thread is."""
+        frame = self.request()
+        while frame[:4] == bytes.fromhex("0322F186"):
+            self.send("04 62F186 03")
+            frame = self.request()
+        return frame
+
     def poll(self, timeout: float, can_id: int = REQUEST_ID, extended: bool = False) -> bytes | None:
         """The next frame the agent sends to the engine (or on `can_id`) within `timeout` seconds, else None."""
         end = time.monotonic() + timeout
@@ -97,11 +106,7 @@ def agent(vehicle, rogue):
 def oil_temp_answered(agent, rogue, answer: str = "04 62F40D 0A") -> None:
     """The next command, answered properly: it must get its own answer, whatever came before."""
     command_id, _ = agent.submit("engine", "read_data", {"data": "oil_temp"})
-    frame = rogue.request()
-    while frame[:4] == bytes.fromhex("0322F186"):  # a keepalive of an extended session came first
-        rogue.send("04 62F186 03")
-        frame = rogue.request()
-    assert frame[:4] == bytes.fromhex("0322F40D")
+    assert rogue.command_frame()[:4] == bytes.fromhex("0322F40D")  # after any keepalive of an extended session
     rogue.send(answer)
     result = agent.wait(command_id)
     assert result.status is Status.COMPLETED, result.outcome
@@ -485,7 +490,7 @@ def test_the_ecu_drops_out_of_the_extended_session_mid_command(agent, rogue):
     extended(agent, rogue)
     executor = agent.runtime.workers["engine"].executor
     command_id, _ = agent.submit("engine", "write_data", {"data": "idle_mode", "value": "eco"})
-    assert rogue.request()[:4] == bytes.fromhex("042E0100")
+    assert rogue.command_frame()[:4] == bytes.fromhex("042E0100")
     rogue.send("03 7F2E7F")
     result = agent.wait(command_id)
     assert result.status is Status.FAILED and result.outcome.error.as_dict()["nrc"] == "0x7F"
@@ -501,7 +506,7 @@ def test_keepalives_never_interleave_with_a_running_command(agent, rogue):
     extended(agent, rogue)
     s3 = agent.config.ecu("engine").timing.s3_keepalive_ms / 1000
     command_id, _ = agent.submit("engine", "read_data", {"data": "oil_temp"})
-    assert rogue.request()[:4] == bytes.fromhex("0322F40D")
+    assert rogue.command_frame()[:4] == bytes.fromhex("0322F40D")
     end = time.monotonic() + 2 * s3
     while time.monotonic() < end:  # the ECU takes twice S3 to answer, saying "pending" meanwhile
         rogue.send("03 7F2278")
@@ -516,7 +521,7 @@ def test_a_late_answer_during_a_keepalive_is_neither_the_keepalives_nor_the_next
     extended(agent, rogue)
     executor = agent.runtime.workers["engine"].executor
     assert agent.run("engine", "read_data", {"data": "oil_temp"}, timeout_ms=300).status is Status.TIMEOUT
-    assert rogue.request()[:4] == bytes.fromhex("0322F40D")
+    assert rogue.command_frame()[:4] == bytes.fromhex("0322F40D")
     assert rogue.request()[:4] == bytes.fromhex("0322F186")  # the keepalive
     rogue.send("04 62F40D 0A")  # the late answer to the read
     rogue.send("04 62F186 03")
@@ -531,7 +536,7 @@ def test_a_late_answer_during_a_keepalive_is_neither_the_keepalives_nor_the_next
 def test_security_access_with_an_empty_or_zero_seed(agent, rogue, seed_frame, status, message):
     extended(agent, rogue)
     command_id, _ = agent.submit("engine", "security_access", {"level": 1})
-    assert rogue.request()[:3] == bytes.fromhex("022701")
+    assert rogue.command_frame()[:3] == bytes.fromhex("022701")
     rogue.send(seed_frame)
     result = agent.wait(command_id)
     assert result.status is status, result.outcome
@@ -543,7 +548,7 @@ def test_security_access_with_an_empty_or_zero_seed(agent, rogue, seed_frame, st
 def test_security_access_with_an_odd_length_seed_sends_the_key_for_that_seed(agent, rogue):
     extended(agent, rogue)
     command_id, _ = agent.submit("engine", "security_access", {"level": 1})
-    rogue.request()
+    rogue.command_frame()
     rogue.send("05 6701 112233")
     assert rogue.request()[:5] == bytes([0x05, 0x27, 0x02]) + bytes([0x11 ^ 0x5B, 0x22 ^ 0x5B])
     rogue.send("02 6702")
@@ -566,7 +571,7 @@ def test_a_seed_the_key_algorithm_cannot_take_is_the_ecus_bad_answer_not_an_agen
     with LocalSession(config) as agent:
         extended(agent, rogue)
         command_id, _ = agent.submit("engine", "security_access", {"level": 1})
-        rogue.request()
+        rogue.command_frame()
         rogue.send("05 6701 112233")
         result = agent.wait(command_id)
         assert (result.status, result.outcome.error.code) == (Status.FAILED, ErrorCode.INTERNAL)
