@@ -177,6 +177,7 @@ def test_a_positive_answer_that_does_not_fit_the_read_is_an_invalid_response(age
     result = agent.wait(command_id)
     assert (result.status, result.outcome.error.code) == (Status.FAILED, ErrorCode.INTERNAL), result.outcome
     assert "invalid response from ECU" in result.outcome.error.message and why in result.outcome.error.message.lower()
+    assert agent.runtime.workers["engine"].executor.discarded == 0  # it was the answer, an invalid one
     oil_temp_answered(agent, rogue)
 
 
@@ -693,3 +694,27 @@ def test_simulator_pending_then_silence_and_repeated_answers(vehicle):
         assert engine.server.executed[0x22] == 2  # the silent read was never run; the repeats ran once
     finally:
         simulator.stop()
+
+
+def test_a_late_answer_to_a_functional_read_of_fewer_dids_does_not_cost_that_ecu_its_answer(agent, rogue):
+    """As physically: the engine's late VIN (of an earlier read) echoes the first DID of a functional read of
+    VIN and oil temperature; its real answer right after it is its entry."""
+    command_id, _ = agent.submit("engine", "read_data", {"data": ["vin", "oil_temp"]}, addressing="functional")
+    assert rogue.poll(10, can_id=0x7DF)[:6] == bytes.fromhex("0522F190F40D")
+    answer(rogue, b"\x62\xf1\x90" + VIN)  # stale
+    answer(rogue, b"\x62\xf1\x90" + VIN + b"\xf4\x0d\x0a")
+    result = agent.wait(command_id)
+    assert result.status is Status.COMPLETED, result.outcome
+    assert result.outcome.result == {"responses": {"engine": {"values": {"vin": VIN.decode(), "oil_temp": 10}}}}
+    assert agent.runtime.workers["engine"].executor.discarded == 1
+
+
+def test_a_functional_answer_that_does_not_fit_the_read_is_that_ecus_error(agent, rogue):
+    command_id, _ = agent.submit("engine", "read_data", {"data": ["vin", "oil_temp"]}, addressing="functional")
+    rogue.poll(10, can_id=0x7DF)
+    answer(rogue, b"\x62\xf1\x90" + VIN)  # and nothing else
+    result = agent.wait(command_id)
+    assert result.status is Status.COMPLETED, result.outcome
+    error = result.outcome.result["responses"]["engine"]["error"]
+    assert error["code"] == "internal" and "invalid response from ECU" in error["message"]
+    assert agent.runtime.workers["engine"].executor.discarded == 0

@@ -8,6 +8,7 @@ bad answer becomes that ECU's `error` entry; only nobody answering at all fails 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from udsoncan import services
@@ -60,13 +61,13 @@ class FunctionalRequests:
                 entries[key] = {"response": data.hex()} if isinstance(p, c.Raw) else {}
         return {"responses": entries}
 
-    def _collect(self, request: bytes, timing: Timing, deadline: float,
-                 entries: dict[str, dict[str, Any]]) -> dict[str, bytes]:
+    def _collect(self, request: bytes, timing: Timing, deadline: float, entries: dict[str, dict[str, Any]],
+                 accept: Callable[[bytes], object] | None = None) -> dict[str, bytes]:
         """Every ECU's final answer; an ECU whose answer broke off under way gets a `timeout` error in
         `entries`, one whose refusal has no NRC byte an invalid-response error (unless an earlier request
         of the same command already gave it one)."""
         assert self.link is not None
-        collected = collect(self.link, request, timing, deadline, self._on_discard)
+        collected = collect(self.link, request, timing, deadline, self._on_discard, accept)
         answers = collected.answers
         if not answers and not collected.lost and not suppresses_positive(request):
             raise UdsTimeoutError(f"no ECU answered functional request 0x{request[0]:02X} within P2 "
@@ -87,16 +88,21 @@ class FunctionalRequests:
             config = {d.id: codecs.UdsoncanCodec(d) for d in group}
             ids = [d.id for d in group]
             request = services.ReadDataByIdentifier.make_request(ids, config).get_payload()
-            for key, data in self._collect(request, timing, deadline, entries).items():
+
+            def read(data: bytes, ids: list[int] = ids, config: dict = config) -> Any:
+                parsed = interpret(services.ReadDataByIdentifier.interpret_response, parse_response(data), ids, config)
+                if set(parsed.values) != set(ids):
+                    raise InvalidResponseError("the answer does not carry every DID asked for")
+                return parsed
+
+            # An answer that echoes the first DID but not the rest may be a late one to a read of fewer DIDs.
+            for key, data in self._collect(request, timing, deadline, entries, accept=read).items():
                 entry = entries.setdefault(key, {})
                 entry.setdefault("values", {})
                 try:
                     if data[0] == NEGATIVE_RESPONSE:
                         raise NegativeResponseError(request[0], data[2])
-                    parsed = interpret(services.ReadDataByIdentifier.interpret_response,
-                                       parse_response(data), ids, config)
-                    if set(parsed.values) != set(ids):
-                        raise InvalidResponseError("the answer does not carry every DID asked for")
+                    parsed = read(data)
                 except (NegativeResponseError, InvalidResponseError) as err:
                     entry.setdefault("error", error_fields(err))
                     continue

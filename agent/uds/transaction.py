@@ -152,7 +152,13 @@ def transact(link: Link, request: bytes, timing: Timing, deadline: float,
 def _exchange(link: Link, request: bytes, timing: Timing, deadline: float, wait_negative: bool,
               accept: Callable[[bytes], object] | None = None, on_discard: Discarded | None = None) -> bytes | None:
     sid = request[0]
-    refused: InvalidResponseError | None = None  # the last answer `accept` refused
+    refused: InvalidResponseError | None = None  # the last answer `accept` refused (and the answer itself)
+    refused_data = b""
+
+    def superseded() -> None:  # another answer is the result: the one set aside was discarded after all
+        if refused is not None and on_discard is not None:
+            on_discard(refused_data)
+
     discarded, last = 0, b""  # answers not for this request: a timeout says so, rather than "no response"
     suppressed = suppresses_positive(request)
     if time.monotonic() >= deadline:  # no request whose answer nobody waits for (it lands in the next exchange)
@@ -197,17 +203,18 @@ def _exchange(link: Link, request: bytes, timing: Timing, deadline: float, wait_
                 pending = True
                 window_end, which = time.monotonic() + timing.p2_star, "P2*"
                 continue
+            superseded()
             raise NegativeResponseError(sid, data[2])
         if accept is not None:
             try:
                 accept(data)
             except InvalidResponseError as err:
-                log.debug("discarding an answer to request %s that echoes it but does not fit it (%s): %s",
+                log.debug("setting aside an answer to request %s that echoes it but does not fit it (%s): %s",
                           request[:4].hex(), err, data[:8].hex())
-                refused = err
-                if on_discard is not None:
-                    on_discard(data)
+                superseded()
+                refused, refused_data = err, data
                 continue
+        superseded()
         return data
 
 
@@ -238,7 +245,7 @@ class Collected:
 
 
 def collect(link: FunctionalLink, request: bytes, timing: Timing, deadline: float,
-            on_discard: Discarded | None = None) -> Collected:
+            on_discard: Discarded | None = None, accept: Callable[[bytes], object] | None = None) -> Collected:
     """Sends a functional request and returns every ECU's final answer (positive or negative), by responder.
 
     Answers count when they start within P2 of the request (one under way when P2 ends is received to
@@ -247,8 +254,11 @@ def collect(link: FunctionalLink, request: bytes, timing: Timing, deadline: floa
     are discarded (DEBUG), as in `transact`; an ECU's first final answer is its answer. An answer that
     broke off under way (N_Cr, the deadline) is in `lost` unless that ECU answered in full after all,
     and so is an ECU that said 0x78 and then nothing more. Nothing in either: nobody answered in time.
+    A positive answer `accept` refuses (InvalidResponseError) is set aside as in `transact`: that ECU's
+    next answer counts; the refused one is its answer only if none follows.
     """
     final: dict[str, bytes] = {}
+    refused: dict[str, bytes] = {}  # by responder: its last answer that echoed the request but did not fit
     pending: dict[str, float] = {}  # responders that sent 0x78: until when their final answer counts
     if time.monotonic() >= deadline:
         raise UdsTimeoutError(f"command deadline passed before functional request 0x{request[0]:02X} could be sent")
@@ -280,10 +290,26 @@ def collect(link: FunctionalLink, request: bytes, timing: Timing, deadline: floa
             if data[0] == NEGATIVE_RESPONSE and len(data) >= 3 and data[2] == NRC_RESPONSE_PENDING:
                 pending[key] = time.monotonic() + timing.p2_star
                 continue
+            if accept is not None and data[0] != NEGATIVE_RESPONSE:
+                try:
+                    accept(data)
+                except InvalidResponseError as err:
+                    log.debug("setting aside an answer from %s to request %s that echoes it but does not fit "
+                              "it (%s): %s", key, request[:4].hex(), err, data[:8].hex())
+                    if key in refused and on_discard is not None:
+                        on_discard(refused[key])
+                    refused[key] = data
+                    continue
             pending.pop(key, None)
             final[key] = data
     finally:
         link.close()
+    for key, data in refused.items():  # nothing fitting followed: the answer it gave is its answer (an error)
+        if key not in final:
+            final[key] = data
+            pending.pop(key, None)
+        elif on_discard is not None:
+            on_discard(data)
     lost = {key: why for key, why in link.lost().items() if key not in final}
     for key in pending:  # it did answer: its silence after 0x78 is its result, never a missing entry
         lost.setdefault(key, f"NRC 0x78 (response pending), then no final answer within P2* "
