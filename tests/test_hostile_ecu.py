@@ -21,8 +21,10 @@ import pytest
 from conftest import DATA
 
 from agent.bus.frames import FRAME_QUEUE_SIZE
-from agent.bus.owner import wait_until
-from agent.config.model import SecurityLevel
+from agent.bus.isotp_link import IsoTpLink
+from agent.bus.owner import BusOwner, wait_until
+from agent.config.model import Addressing, BusConfig, IsoTpConfig, SecurityLevel
+from agent.config.transport import isotp_address
 from agent.devtools.sim.config import fault_from_dict, load_sim_config
 from agent.devtools.sim.simulator import Simulator
 from agent.system.local import LocalSession
@@ -718,3 +720,24 @@ def test_a_functional_answer_that_does_not_fit_the_read_is_that_ecus_error(agent
     error = result.outcome.result["responses"]["engine"]["error"]
     assert error["code"] == "internal" and "invalid response from ECU" in error["message"]
     assert agent.runtime.workers["engine"].executor.discarded == 0
+
+
+# ---- a stray frame at the moment a request goes out -----------------------------------------------------
+
+def test_a_stray_overflow_flow_control_does_not_make_a_sent_single_frame_look_unsent(channel):
+    """An FC.OVERFLOW on the response id that arrives between the link's flush and its single-frame
+    request (the notifier delivers it right then) concerns no transfer of ours: a single frame has no flow
+    control. The request went out; the send must say so, not "send failed: OverflowError"."""
+    owner = BusOwner(BusConfig(interface="virtual", channel=channel))
+    assert owner.start()
+    spy = Rogue(channel)
+    try:
+        link = IsoTpLink(owner, isotp_address(Addressing("normal_11bit", REQUEST_ID, RESPONSE_ID)),
+                         IsoTpConfig(padding=0xCC), "engine")
+        link.flush()
+        link._on_frame(can.Message(arbitration_id=RESPONSE_ID, is_extended_id=False, data=b"\x32\x00\x00"))
+        link.send(bytes.fromhex("22F40D"), timeout=1.0)
+        assert spy.request()[:4] == bytes.fromhex("0322F40D")
+    finally:
+        spy.close()
+        owner.stop()
