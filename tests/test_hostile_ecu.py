@@ -92,11 +92,11 @@ def rogue(vehicle):
 
 
 def patient(vehicle):
-    """The engine (and the gateway) with P2 1 s: the test thread playing the ECU is never late under load
-    (cases that end in a timeout give the command a short `timeout_ms` instead)."""
+    """Every ECU with P2 1 s: the test thread playing the ECU is never late under load (cases that end in
+    a timeout give the command a short `timeout_ms` instead)."""
     return dataclasses.replace(vehicle, ecus=tuple(
         dataclasses.replace(e, timing=dataclasses.replace(e.timing, p2_ms=1000, p2_star_ms=2000, request_ms=5000))
-        if e.name in ("engine", "gateway") else e for e in vehicle.ecus))
+        for e in vehicle.ecus))
 
 
 @pytest.fixture
@@ -741,3 +741,15 @@ def test_a_stray_overflow_flow_control_does_not_make_a_sent_single_frame_look_un
     finally:
         spy.close()
         owner.stop()
+
+
+def test_with_extended_addressing_frames_for_another_tester_are_not_ours(agent, rogue):
+    """The body ECU uses extended addressing (first byte: the tester's address 0xF1). A refusal addressed
+    to tester 0xF2 on the same id is not for us; the one for 0xF1 is the result."""
+    command_id, _ = agent.submit("body", "read_data", {"data": "vin"})
+    request = rogue.poll(10, can_id=0x6F1)
+    assert request is not None and request[:5] == bytes.fromhex("400322F190")
+    rogue.send("F2 03 7F2222", can_id=0x640)
+    rogue.send("F1 03 7F2231", can_id=0x640)
+    result = agent.wait(command_id)
+    assert result.status is Status.FAILED and result.outcome.error.as_dict()["nrc"] == "0x31", result.outcome
