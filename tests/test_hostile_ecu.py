@@ -22,6 +22,7 @@ from conftest import DATA
 
 from agent.bus.frames import FRAME_QUEUE_SIZE
 from agent.bus.isotp_link import IsoTpLink
+from agent.bus.kernel_isotp import KernelIsoTpLink
 from agent.bus.owner import BusOwner, wait_until
 from agent.config.model import Addressing, BusConfig, IsoTpConfig, SecurityLevel
 from agent.config.transport import isotp_address
@@ -753,3 +754,51 @@ def test_with_extended_addressing_frames_for_another_tester_are_not_ours(agent, 
     rogue.send("F1 03 7F2231", can_id=0x640)
     result = agent.wait(command_id)
     assert result.status is Status.FAILED and result.outcome.error.as_dict()["nrc"] == "0x31", result.outcome
+
+
+@pytest.mark.parametrize("first_frame", [
+    "1FFF 62F40D 0A0B0C",  # 4095 bytes: more than max_pdu, the kernel answers FC.OVERFLOW and drops it
+    "1005 62F40D 0A0B0C",  # 5 bytes: a first frame for what fits a single frame, which ISO 15765-2 ignores
+])
+def test_the_kernel_link_does_not_wait_out_the_deadline_for_a_first_frame_the_kernel_drops(channel, first_frame):
+    """The kernel link takes a first frame on the raw bus for the start of an answer and then waits for it
+    to the command's deadline (P2 bounds only the first frame). One the kernel refuses starts nothing: the
+    wait ends at P2 with no answer, not at the deadline with 'reception not complete'. (No CAN_ISOTP here:
+    the socket is a stand-in that never delivers, as the kernel would not for these.)"""
+    class SilentSocket:  # the kernel socket for these frames: it delivers nothing
+        def set_opts(self, **kwargs):
+            pass
+
+        def set_fc_opts(self, **kwargs):
+            pass
+
+        def bind(self, interface, address):
+            pass
+
+        def settimeout(self, timeout):
+            self.timeout = timeout
+
+        def recv(self, size=4096):
+            if not self.timeout:
+                raise BlockingIOError
+            time.sleep(min(self.timeout, 0.01))  # a blocking read that gets nothing (the owner's frames wake no one)
+            raise TimeoutError("timed out")
+
+        def close(self):
+            pass
+
+    owner = BusOwner(BusConfig(interface="virtual", channel=channel))
+    assert owner.start()
+    ecu = Rogue(channel)
+    try:
+        address = isotp_address(Addressing("normal_11bit", REQUEST_ID, RESPONSE_ID))
+        link = KernelIsoTpLink(channel, address, IsoTpConfig(padding=0xCC, max_pdu=64), "engine", owner=owner,
+                               socket_factory=SilentSocket)
+        link.flush()
+        frames = owner.counters.frames_rx
+        ecu.send(first_frame)
+        assert wait_until(lambda: owner.counters.frames_rx > frames, 5)
+        assert link.recv(0.05, time.monotonic() + 0.5) is None
+    finally:
+        ecu.close()
+        owner.stop()

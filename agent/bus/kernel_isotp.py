@@ -96,9 +96,18 @@ class KernelIsoTpLink:
                 owner.subscribe(can_id, extended, self._on_frame)
 
     def _on_frame(self, msg: can.Message) -> None:
-        """Notifier thread: notes a first frame (the kernel socket gets the same frame and reassembles)."""
+        """Notifier thread: notes a first frame (the kernel socket gets the same frame and reassembles).
+        Not one the kernel drops: longer than max_pdu (it answers FC.OVERFLOW) or short enough for a single
+        frame (ISO 15765-2: ignored); waiting to the deadline for those would wait for nothing."""
         data = msg.data
-        if len(data) > self._pci_at and data[self._pci_at] >> 4 == _FIRST_FRAME:
+        at = self._pci_at
+        if len(data) < at + 2 or data[at] >> 4 != _FIRST_FRAME:
+            return
+        length = (data[at] & 0x0F) << 8 | data[at + 1]
+        if length == 0:  # escape sequence: a 32-bit length follows (PDUs over 4095 bytes)
+            length = int.from_bytes(data[at + 2:at + 6], "big") if len(data) >= at + 6 else 0
+        single_frame_max = (7 if len(data) <= 8 else len(data) - 2) - at
+        if single_frame_max < length <= self._config.max_pdu:
             self._first_frame = True
 
     @property
