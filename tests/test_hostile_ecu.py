@@ -802,3 +802,14 @@ def test_the_kernel_link_does_not_wait_out_the_deadline_for_a_first_frame_the_ke
     finally:
         ecu.close()
         owner.stop()
+
+
+def test_busy_for_ever_ends_after_the_configured_repeats_as_that_nrc(agent, rogue):
+    """NRC 0x21 to every repetition: busy_retries (3) repeats, then the refusal is the result."""
+    command_id, _ = agent.submit("engine", "read_data", {"data": "oil_temp"})
+    for _ in range(1 + agent.config.ecu("engine").timing.busy_retries):
+        assert rogue.request()[:4] == bytes.fromhex("0322F40D")
+        rogue.send("03 7F2221")
+    result = agent.wait(command_id)
+    assert result.status is Status.FAILED and result.outcome.error.as_dict()["nrc"] == "0x21"
+    oil_temp_answered(agent, rogue)
