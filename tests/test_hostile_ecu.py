@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import struct
+import threading
 import time
 
 import can
@@ -21,6 +22,7 @@ import pytest
 from conftest import DATA
 
 from agent.bus.frames import FRAME_QUEUE_SIZE
+from agent.bus.functional import FunctionalLink
 from agent.bus.isotp_link import IsoTpLink
 from agent.bus.kernel_isotp import KernelIsoTpLink
 from agent.bus.owner import BusOwner, wait_until
@@ -595,6 +597,39 @@ def test_a_physical_answer_during_another_components_functional_request_is_not_i
     answer(rogue, b"\x62\xf1\x90" + VIN)
     rogue.send("03 7F2231", can_id=0x18DAF110, extended=True)  # the gateway's own answer
     engine = agent.wait(engine_id)
+    gateway = agent.wait(gateway_id)
+    assert engine.outcome.result == {"values": {"vin": VIN.decode()}}
+    assert gateway.status is Status.COMPLETED, gateway.outcome
+    assert set(gateway.outcome.result["responses"]) == {"gateway"}, gateway.outcome.result
+    late = []
+    while (frame := rogue.poll(0.05)) is not None:
+        late.append(frame)
+    assert not [f for f in late if f[0] >> 4 == 3], "a second flow control for the engine's answer"
+
+
+def test_a_physical_answer_is_not_taken_as_a_functional_one_when_the_collector_reads_it_late(agent, rogue,
+                                                                                              monkeypatch):
+    """The same, with the gateway's worker reading the engine's first frame only after the engine's own
+    exchange ended (held there on an event): whether a frame belongs to a physical exchange is judged as it
+    arrives, not when the collecting worker reads it. On a loaded machine the gateway read it late now and
+    then, took it for an answer to its request, and sent the engine a second flow control."""
+    engine_done = threading.Event()
+    dispatch = FunctionalLink._dispatch
+
+    def read_late(self, msg):
+        if getattr(msg, "arbitration_id", None) == 0x7E8 and not msg.is_extended_id:
+            engine_done.wait(10)
+        dispatch(self, msg)
+
+    monkeypatch.setattr(FunctionalLink, "_dispatch", read_late)
+    gateway_id, _ = agent.submit("gateway", "read_data", {"data": "vin"}, addressing="functional")
+    assert rogue.poll(10, can_id=0x18DB33F1, extended=True)[:4] == bytes.fromhex("0322F190")
+    engine_id, _ = agent.submit("engine", "read_data", {"data": "vin"})
+    assert rogue.request()[:4] == bytes.fromhex("0322F190")
+    answer(rogue, b"\x62\xf1\x90" + VIN)
+    engine = agent.wait(engine_id)
+    engine_done.set()
+    rogue.send("03 7F2231", can_id=0x18DAF110, extended=True)  # the gateway's own answer
     gateway = agent.wait(gateway_id)
     assert engine.outcome.result == {"values": {"vin": VIN.decode()}}
     assert gateway.status is Status.COMPLETED, gateway.outcome

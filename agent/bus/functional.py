@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -141,6 +142,7 @@ class FunctionalLink:
         self._rx: dict[tuple[int, bool], _Reassembly] = {}
         self._lost: dict[str, str] = {}
         self._busy_skipped: dict[str, int] = {}  # frames left to a responder's physical exchange, this collection
+        self._skipped_lock = threading.Lock()  # counted on the notifier thread, logged on the worker's
         self._open = False
         self._faults = FaultMark(owner)
         owner.watch_faults(lambda reason: self._frames.put(_WAKE, counted=False))
@@ -152,6 +154,14 @@ class FunctionalLink:
 
     # ---- notifier thread -------------------------------------------------------------------------
     def _on_frame(self, msg: can.Message) -> None:
+        responder = self._known.get((msg.arbitration_id, msg.is_extended_id))
+        if responder is not None and responder.key != self.name and responder.busy():
+            # Its own worker has a physical request out to it: this frame is that exchange's (whose flow control
+            # comes from that link), not an answer to this functional request. Judged as it arrives: by the
+            # time this link's worker reads it, that exchange may have ended.
+            with self._skipped_lock:
+                self._busy_skipped[responder.key] = self._busy_skipped.get(responder.key, 0) + 1
+            return
         self._frames.put(msg)
 
     # ---- worker thread ---------------------------------------------------------------------------
@@ -162,7 +172,8 @@ class FunctionalLink:
         self._open = True
         self.flush()
         self._lost.clear()
-        self._busy_skipped.clear()
+        with self._skipped_lock:
+            self._busy_skipped.clear()
         self._faults.reset()
         self._owner.tap(self._on_frame)
 
@@ -171,7 +182,9 @@ class FunctionalLink:
         self._owner.untap(self._on_frame)
         self._give_up_under_way("answer not complete by the command deadline")
         self.flush()
-        for key, frames in self._busy_skipped.items():
+        with self._skipped_lock:
+            skipped, self._busy_skipped = self._busy_skipped, {}
+        for key, frames in skipped.items():
             log.info("%s: %d frame(s) from %s left to its physical exchange under way, not taken as answers to "
                      "the functional request", self.name, frames, key,
                      extra={"component": self.name, "responder": key, "frames": frames})
@@ -258,10 +271,5 @@ class FunctionalLink:
                 if address is None:
                     return  # not an answer: other traffic on the bus
                 responder = Responder(can_id_key(*key), address, self._config)
-            elif responder.key != self.name and responder.busy():
-                # Its own worker has a physical request out to it: what starts now is that answer (whose flow
-                # control comes from that link), not one to this functional request.
-                self._busy_skipped[responder.key] = self._busy_skipped.get(responder.key, 0) + 1
-                return
             assembly = self._rx[key] = _Reassembly(self._owner, responder, self._note_lost)
         assembly.frames.append(to_isotp(msg))
