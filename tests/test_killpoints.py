@@ -1,0 +1,160 @@
+"""The real daemon (`python -m agent run`, the simulator, a real Mosquitto) SIGKILLed at each durable step
+of a command's way, then started again on the same state dir: the protocol's promises must hold.
+
+The kill is aimed by tests/killpoint.py: the daemon sends SIGKILL to itself at the named step for one
+command id (a kill from outside cannot be aimed between two writes). Nothing is mocked. The simulated
+ECUs journal every request they execute to a file (line-buffered, it outlives the kill): that count is
+how the tests know what ran on the vehicle, and how often.
+
+Promised (docs/protocol.md, spec rev 1.1): a command never runs twice; it has exactly one final outcome
+(responses are at least once: a repeat is the same message, same seq, which the backend dedups by
+id + seq), `interrupted` for one that started and did not finish; nothing accepted is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import DATA
+from mqtt_support import AgentProcess, validate_published
+
+from agent.config.model import MqttConfig
+from agent.fleet.caller import Caller
+
+KILLPOINT = Path(__file__).with_name("killpoint.py")
+
+
+class KilledAgent(AgentProcess):
+    """The agent, armed to SIGKILL itself at `point` for `command_id`."""
+
+    def __init__(self, base: AgentProcess, point: str, command_id: str) -> None:
+        self.__dict__.update(base.__dict__)
+        self.args = [sys.executable, str(KILLPOINT), point, command_id, *base.args[3:]]
+
+    def died(self, timeout: float = 20) -> bool:
+        assert self.proc is not None
+        return self.proc.wait(timeout) == -signal.SIGKILL
+
+
+@pytest.fixture
+def setup(tmp_path, broker):
+    vehicle = f"VK{uuid.uuid4().hex[:12].upper()}"
+    sim = yaml.safe_load((DATA / "vehicle-sim.yaml").read_text())
+    (tmp_path / "sim.yaml").write_text(yaml.safe_dump(sim))
+    config = yaml.safe_load((DATA / "vehicle.yaml").read_text())
+    config.update(vehicle=vehicle, simulate=[str(tmp_path / "sim.yaml")], state_dir=str(tmp_path / "state"))
+    config["bus"]["channel"] = f"kill-{uuid.uuid4().hex[:8]}"
+    config["mqtt"] = {"broker": broker.url, "keepalive_s": 5}
+    (tmp_path / "agent.yaml").write_text(yaml.safe_dump(config))
+    agent = AgentProcess(tmp_path / "agent.yaml", broker.url, tmp_path / "state", tmp_path / "journal")
+    backend = Caller(MqttConfig(broker=broker.url), vehicle)
+    backend.connect()
+    backend.subscribe(f"{backend.topics.base}/#")
+    killed: list[AgentProcess] = []
+    yield agent, backend, tmp_path, killed
+    for process in [agent, *killed]:
+        process.ensure_stopped()
+    backend.close()
+
+
+def routine(tag: str) -> dict:
+    """A mutating command (its audit record and start mark are written when its turn comes)."""
+    return {"id": f"op-{tag}-{uuid.uuid4().hex[:6]}", "component": "engine", "command": "operation",
+            "params": {"routine": "self_test", "action": "start", "data": "beef"}}
+
+
+def ran(tmp: Path) -> int:
+    """How often the simulated engine executed the routine's request."""
+    path = tmp / "journal"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return sum(1 for line in lines if line == "engine 31010203beef")
+
+
+def finals(backend: Caller, command_id: str) -> list[dict]:
+    topic = backend.topics.responses(command_id)
+    return [s.json() for s in backend.seen if s.topic == topic and s.json().get("final")]
+
+
+def kill_at(setup, point: str) -> tuple[AgentProcess, Caller, Path, dict]:
+    """Sends one routine to an agent armed at `point`, waits for it to die there, starts a plain agent."""
+    agent, backend, tmp, killed = setup
+    body = routine(point)
+    armed = KilledAgent(agent, point, body["id"])
+    killed.append(armed)
+    armed.start()
+    backend.send(body)
+    assert armed.died(), f"the agent did not die at {point}: {agent.log.read_text()[-3000:]}"
+    agent.start()
+    return agent, backend, tmp, body
+
+
+def settle(agent: AgentProcess, backend: Caller) -> None:
+    """Everything the restarted agent had to send has reached the backend: a later command's final came
+    back (MQTT keeps one publisher's order), and a clean stop found the outbox empty."""
+    probe = {"id": f"probe-{uuid.uuid4().hex[:6]}", "component": "engine", "command": "read_data",
+             "params": {"data": "vin"}}
+    backend.send(probe)
+    assert backend.final(probe["id"], timeout=15)["status"] == "completed"
+    assert agent.terminate() == 0
+    backend.wait_status("offline", 10)
+
+
+def interrupted_event(backend: Caller, command_id: str) -> list[str]:
+    found = backend.wait_for(lambda s: s.topic == backend.topics.events and b"agent_started" in s.payload
+                             and command_id.encode() in s.payload, 10)
+    return json.loads(found[0].payload)["interrupted"]
+
+
+def test_killed_after_the_intake_commit_before_the_puback(setup):
+    """The broker redelivers the command (no PUBACK); the ledger knows it: it runs once, answered once."""
+    agent, backend, tmp, body = kill_at(setup, "intake_committed")
+    final = backend.final(body["id"], timeout=20)
+    settle(agent, backend)
+    assert final["status"] == "completed"
+    assert ran(tmp) == 1
+    assert [f["status"] for f in finals(backend, body["id"])] == ["completed"]
+    validate_published(backend.seen, backend.topics.base)
+
+
+def test_killed_after_the_start_mark_before_the_ecu_request(setup):
+    agent, backend, tmp, body = kill_at(setup, "marked_started")
+    final = backend.final(body["id"], timeout=20)
+    assert interrupted_event(backend, body["id"]) == [body["id"]]
+    settle(agent, backend)
+    assert final["status"] == "interrupted" and final["error"]["code"] == "interrupted"
+    assert ran(tmp) == 0  # never sent to the ECU, and never re-run after the restart
+    assert len(finals(backend, body["id"])) == 1
+
+
+def test_killed_after_the_ecu_answered_before_the_final_is_stored(setup):
+    agent, backend, tmp, body = kill_at(setup, "ecu_answered")
+    final = backend.final(body["id"], timeout=20)
+    settle(agent, backend)
+    assert final["status"] == "interrupted"
+    assert ran(tmp) == 1  # ran once; not again after the restart
+    assert len(finals(backend, body["id"])) == 1
+
+
+def test_killed_after_the_final_is_stored_before_it_is_published(setup):
+    agent, backend, tmp, body = kill_at(setup, "final_stored")
+    final = backend.final(body["id"], timeout=20)
+    settle(agent, backend)
+    assert final["status"] == "completed"  # from the outbox, after the restart
+    assert ran(tmp) == 1
+    assert len(finals(backend, body["id"])) == 1
+
+
+def test_killed_after_the_final_is_published_before_the_outbox_forgets_it(setup):
+    """At least once: the final may come twice, as the very same message (id, seq, content)."""
+    agent, backend, tmp, body = kill_at(setup, "final_published")
+    settle(agent, backend)
+    sent = finals(backend, body["id"])
+    assert 1 <= len(sent) <= 2 and all(f == sent[0] for f in sent), sent
+    assert sent[0]["status"] == "completed"
+    assert ran(tmp) == 1
