@@ -183,14 +183,20 @@ class Outbox(Retention):
             self._thread.join(timeout)
 
     def flush(self, timeout: float) -> bool:
-        """Waits until everything stored has been acknowledged (or `timeout`); True if empty."""
+        """Waits until everything stored has been acknowledged (or `timeout`); True if empty. False at once
+        when the store cannot be read (a stop goes on: what waits is sent after the restart)."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.wake()
-            if self._store.outbox_stats()[0] == 0:
-                return True
-            time.sleep(0.02)
-        return self._store.outbox_stats()[0] == 0
+        try:
+            while time.monotonic() < deadline:
+                self.wake()
+                if self._store.outbox_stats()[0] == 0:
+                    return True
+                time.sleep(0.02)
+            return self._store.outbox_stats()[0] == 0
+        except StoreError as err:
+            log.error("outbox not flushed: the store cannot be read (%s)", err,
+                      extra={"store": str(self._store.path)})
+            return False
 
     def _run(self) -> None:
         next_maintenance = time.monotonic()
