@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from agent.store.batch import execute_all
@@ -30,6 +32,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_DEFERRED = 1000  # writes kept in memory while the storage is unavailable
+SQLITE_READONLY_DBMOVED = 1032  # (8 | 4 << 8): READONLY, a storage failure (writer.UNAVAILABLE_CODES)
 COMPANY_WAIT_S = 0.02  # a write handed over to share a commit expected soon waits at most this long alone
 
 
@@ -38,6 +41,8 @@ class GroupCommit:
 
     _db: sqlite3.Connection
     _sync: Synchronous
+    path: Path
+    _identity: tuple[int, int] | None = None  # (device, inode) of the database file opened
 
     def __init__(self, on_error: Callable[[StoreError], None] | None = None) -> None:
         self._on_error = on_error or (lambda error: None)
@@ -180,6 +185,7 @@ class GroupCommit:
         if not writes:
             return []
         try:
+            self._same_file()
             self._flush_deferred()
         except Exception as err:  # every write taken here ends with its error: none is left unfinished
             for write in writes:
@@ -204,6 +210,27 @@ class GroupCommit:
         if worked:
             self._worked()
         return writes
+
+    def _same_file(self) -> None:
+        """Raises SQLITE_READONLY_DBMOVED (as SQLite does in rollback-journal mode, but not in WAL mode) when
+        the file at the store's path is no longer the one open: deleted or replaced under the running agent,
+        every commit would go to a file no start will read again, and what it acknowledged would be lost.
+        One stat per commit round, against an fsync."""
+        if self._identity is None:
+            return
+        try:
+            st = os.stat(self.path)
+            now: tuple[int, int] | None = (st.st_dev, st.st_ino)
+        except FileNotFoundError:
+            now = None
+        except OSError:  # cannot even look: SQLite's own error on the write says more
+            return
+        if now != self._identity:
+            err = sqlite3.OperationalError(f"the database file {self.path} was "
+                                           f"{'deleted' if now is None else 'replaced'} while open")
+            err.sqlite_errorcode = SQLITE_READONLY_DBMOVED  # type: ignore[attr-defined]
+            err.sqlite_errorname = "SQLITE_READONLY_DBMOVED"  # type: ignore[attr-defined]
+            raise err
 
     def _settle(self, writes: list[Write]) -> None:
         """Outside the locks: the callbacks of writes nobody waits for."""
