@@ -8,11 +8,17 @@ line naming the path; nothing is acknowledged that was not recorded; a clean sto
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import subprocess
+import sys
 import uuid
+from pathlib import Path
 
 import pytest
+import yaml
+from conftest import DATA, ROOT
 
 from agent.system.service import Service
 
@@ -103,3 +109,70 @@ def test_a_database_file_deleted_or_replaced_under_the_agent_is_storage_unavaila
         assert [r["status"] for r in later[1:]] == ["accepted", "completed"]
     finally:
         again.stop()
+
+
+@pytest.fixture
+def failing_card(tmp_path):
+    """A small ext4 file system on a loop device, mounted errors=remount-ro as an SD card is; `fail()` makes
+    the kernel take it read-only exactly as it does after an I/O error (ext4's trigger_fs_error: the real
+    error path, not a mock). Skipped where the test may not mount one (needs root with CAP_SYS_ADMIN)."""
+    image, mountpoint = tmp_path / "card.img", tmp_path / "card"
+    mountpoint.mkdir()
+    with image.open("wb") as f:
+        f.truncate(16 * 1024 * 1024)
+    made = subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot make an ext4 image: {made.stderr.strip()}")
+    mounted = subprocess.run(["mount", "-o", "loop,errors=remount-ro", str(image), str(mountpoint)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a loop device here: {mounted.stderr.strip()}")
+    source = subprocess.run(["findmnt", "-n", "-o", "SOURCE", str(mountpoint)], capture_output=True, text=True)
+    trigger = Path("/sys/fs/ext4") / Path(source.stdout.strip()).name / "trigger_fs_error"
+
+    def fail() -> None:
+        if not trigger.exists():
+            pytest.skip("this kernel has no ext4 trigger_fs_error")
+        trigger.write_text("test: the card fails")
+
+    try:
+        yield mountpoint, fail
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+def test_a_card_the_kernel_remounts_read_only_refuses_commands_and_the_next_start_exits_73(
+        failing_card, mqtt_vehicle, sim, backend, caplog):
+    """The SD card's commonest death: an I/O error, and ext4 remounts it read-only under the running agent.
+    Commands are refused `storage_unavailable` (none runs: nothing acknowledged that was not recorded), the
+    store says why; a start on the read-only card exits 73 with a line naming the state dir."""
+    mountpoint, fail = failing_card
+    config = dataclasses.replace(mqtt_vehicle, state_dir=mountpoint / "state")
+    svc = Service(config)
+    svc.start()
+    try:
+        backend.wait_status("online", 10)
+        first = read_vin()
+        backend.send(first)
+        assert backend.final(first["id"])["status"] == "completed"
+        fail()
+        refused = clear_faults()
+        with caplog.at_level(logging.ERROR):
+            backend.send(refused)
+            final = backend.final(refused["id"])
+        assert final["error"]["code"] == "storage_unavailable", final
+        assert svc.store.trouble is not None and "SQLITE_IOERR" in svc.store.trouble.error  # EROFS on write
+        db = str(config.state_dir / "agent.db")
+        assert any(db in r.getMessage() for r in caplog.records if r.name == "agent.store.group"), \
+            [r.getMessage() for r in caplog.records]
+    finally:
+        svc.stop()
+    assert backend.wait_status("offline", 10)
+    config_file = mountpoint.parent / "agent.yaml"
+    raw = yaml.safe_load((DATA / "vehicle.yaml").read_text())
+    raw.update(state_dir=str(mountpoint / "state"), vehicle=mqtt_vehicle.vehicle)
+    config_file.write_text(yaml.safe_dump(raw))
+    done = subprocess.run([sys.executable, "-m", "agent", "run", "-c", str(config_file), "--broker",
+                           mqtt_vehicle.mqtt.broker], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 73, done.stderr
+    assert str(mountpoint / "state") in done.stderr and "Traceback" not in done.stderr

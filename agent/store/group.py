@@ -80,7 +80,8 @@ class GroupCommit:
             self.errors[operation] = self.errors.get(operation, 0) + 1
             if error.unavailable:  # the storage fails, not just this write's data
                 if self.trouble is None:
-                    log.error("store failing: %s", error, extra={"operation": operation, "sqlite_error": error.code})
+                    log.error("store failing: %s (%s)", error, self.path,
+                              extra={"operation": operation, "sqlite_error": error.code, "store": str(self.path)})
                 since = self.trouble.since if self.trouble is not None else time.monotonic()
                 self.trouble = Trouble(operation, f"{err} ({error.code})", since)
         try:
