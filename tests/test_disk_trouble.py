@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -176,3 +177,86 @@ def test_a_card_the_kernel_remounts_read_only_refuses_commands_and_the_next_star
                            mqtt_vehicle.mqtt.broker], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert done.returncode == 73, done.stderr
     assert str(mountpoint / "state") in done.stderr and "Traceback" not in done.stderr
+
+
+# ---- at start: `sovd-edge run` and `sovd-edge doctor` on a broken state dir --------------------------
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True, text=True, timeout=60,
+                          cwd=ROOT)
+
+
+def store_line(stdout: str) -> str:
+    found = [line for line in stdout.splitlines() if line.startswith("store ")]
+    assert len(found) == 1, stdout
+    return " ".join(found[0].split())
+
+
+def garbled_wal(state: Path) -> None:
+    """A store whose WAL holds committed transactions behind a garbled frame (as test_store_recovery makes it)."""
+    from agent.store.sqlite import Entry, Store
+
+    store = Store(state / "agent.db")
+    store._db.execute("PRAGMA wal_autocheckpoint=0")
+    for i in range(4):
+        batch = store.batch()
+        batch.add_command(Entry(f"c-{i}", "queued", {"id": f"c-{i}"}, "r", None, 1.0, None, 1, None))
+        batch.commit()
+    wal = (state / "agent.db-wal").read_bytes()
+    page = int.from_bytes(wal[8:12], "big")
+    frame = 24 + page
+    broken = bytearray(wal)
+    broken[32 + frame + 30] ^= 0xFF  # the second frame's page: its checksum fails
+    store._db.close()  # no checkpoint: the WAL stays as it is
+    store._reader.close()
+    (state / "agent.db-wal").write_bytes(bytes(broken))
+
+
+BROKEN = {
+    # name: (make it, doctor's verdict, `run`'s exit code: 73 it cannot start, None it starts (and recovers))
+    "store_is_a_directory": (lambda s: (s / "agent.db").mkdir(), r"store FAIL .*agent\.db is not a file", 73),
+    "store_is_garbage": (lambda s: (s / "agent.db").write_bytes(b"\x07" * 8192),
+                         r"store warn .*agent\.db is not a SQLite database: the agent moves it aside", None),
+    "store_vanished": (lambda s: (s / "agent.db.marker").write_text('{"created_at": "2026-01-01T00:00:00Z"}\n'),
+                       r"store warn .*agent\.db is missing, but a store existed here since 2026-01-01", None),
+    "wal_garbled": (garbled_wal, r"store warn .*agent\.db-wal: frame 2 is broken", None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BROKEN))
+def test_doctor_says_what_run_will_meet_in_the_store(name, tmp_path, broker):
+    """`run` refuses a store it cannot open (exit 73) and moves a damaged one aside (a fresh ledger, and a
+    store_recovered event): `doctor` said `state dir ok` to both and looked no further. It reads the files
+    (and changes nothing) and says FAIL for the first and warn for the second, naming the file."""
+    make, verdict, code = BROKEN[name]
+    state = tmp_path / "state"
+    state.mkdir()
+    make(state)
+    before = sorted((p.name, p.stat().st_size) for p in state.iterdir())
+    doctor = cli("doctor", "-c", "config/demo.yaml", "--broker", broker.url, "--state-dir", str(state))
+    line = store_line(doctor.stdout)
+    assert re.search(verdict, line), line
+    assert str(state) in line
+    assert doctor.returncode == (1 if code else 0), doctor.stdout
+    assert sorted((p.name, p.stat().st_size) for p in state.iterdir()) == before  # it only looked
+    if code is not None:
+        config = yaml.safe_load((ROOT / "config/demo.yaml").read_text())
+        config["mqtt"] = {"broker": broker.url}
+        config["simulate"] = [str(ROOT / "config" / f) for f in config["simulate"]]
+        (tmp_path / "agent.yaml").write_text(yaml.safe_dump(config))
+        run = cli("run", "-c", str(tmp_path / "agent.yaml"), "--state-dir", str(state))
+        assert run.returncode == code and str(state) in run.stderr and "Traceback" not in run.stderr, run.stderr
+
+
+def test_doctor_on_a_sound_store_and_on_none(tmp_path, broker):
+    state = tmp_path / "state"
+    state.mkdir()
+    doctor = cli("doctor", "-c", "config/demo.yaml", "--broker", broker.url, "--state-dir", str(state))
+    assert re.search(r"store ok .*no store yet", store_line(doctor.stdout))
+    from agent.store.recovery import open_store
+
+    store, _ = open_store(state / "agent.db")
+    store.close()
+    doctor = cli("doctor", "-c", "config/demo.yaml", "--broker", broker.url, "--state-dir", str(state))
+    assert re.search(r"store ok .*agent\.db: \d+ bytes", store_line(doctor.stdout)), doctor.stdout
+    assert doctor.returncode == 0, doctor.stdout

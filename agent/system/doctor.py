@@ -3,6 +3,7 @@ It only looks: no check creates, writes or changes anything."""
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import socket
@@ -18,6 +19,10 @@ from agent.config.transport import isotp_address
 from agent.discover.probe import listen, tester_present
 from agent.discover.tap import BusTap
 from agent.metrics.canstate import CanLink, read_link
+from agent.store.recovery import check_wal, marker_path
+from agent.system.service import STORE_FILE
+
+SQLITE_HEADER = b"SQLite format 3\x00"
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "FAIL", "skip"
 
@@ -36,6 +41,7 @@ def run_checks(config: AgentConfig, reader: type[object] | None = None) -> list[
     checks += _bus_checks(config, read_link if reader is None else reader)  # type: ignore[arg-type]
     checks.append(_broker(config))
     checks.append(_state_dir(config.state_dir))
+    checks.append(store_check(config.state_dir))
     return checks
 
 
@@ -111,6 +117,48 @@ def _state_dir(path: Path) -> Check:
     if os.access(parent, os.W_OK | os.X_OK):
         return Check("state dir", OK, f"{path} does not exist yet; the agent creates it in {parent}{who}")
     return Check("state dir", FAIL, f"{path} does not exist and {parent} is not writable{who}", fix)
+
+
+def store_check(state_dir: Path) -> Check:
+    """What `run` will meet in the store's files, judged by reading them only: FAIL where it cannot open
+    them (it exits 73), warn where it will move a damaged store aside and start an empty ledger
+    (agent/store/recovery.py: the same tests), ok otherwise. Opens no database (that could write)."""
+    path = state_dir / STORE_FILE
+    if not state_dir.is_dir():
+        return Check("store", SKIP, f"no state dir at {state_dir} to look in")
+    move = "move it away, or remove it: the agent then starts an empty ledger"
+    for name in (STORE_FILE, f"{STORE_FILE}-wal", f"{STORE_FILE}-shm"):
+        part = state_dir / name
+        if (part.exists() or part.is_symlink()) and not part.is_file():
+            return Check("store", FAIL, f"{part} is not a file: the agent cannot open its store", move)
+        if part.is_file() and not os.access(part, os.R_OK | os.W_OK):
+            return Check("store", FAIL, f"{part} cannot be read and written by this user: the agent cannot open "
+                         "its store", f"sudo chown -R {_user(state_dir.stat().st_uid)}: {state_dir}")
+    recovered = "the agent moves it aside at start, begins an empty ledger and publishes store_recovered"
+    marker = marker_path(path)
+    size = path.stat().st_size if path.exists() else None
+    if not size:
+        if marker.exists():
+            try:
+                since = json.loads(marker.read_text()).get("created_at", "an earlier start")
+            except (OSError, ValueError, AttributeError):
+                since = "an earlier start"
+            state = "missing" if size is None else "empty (0 bytes)"
+            return Check("store", WARN, f"{path} is {state}, but a store existed here since {since}: the agent "
+                         "begins an empty ledger and publishes store_recovered")
+        return Check("store", OK, f"no store yet in {state_dir}; the agent creates {STORE_FILE}")
+    try:
+        with path.open("rb") as f:
+            header = f.read(len(SQLITE_HEADER))
+        wal = path.with_name(path.name + "-wal")
+        why = check_wal(wal.read_bytes()) if wal.exists() else None
+    except OSError as err:
+        return Check("store", FAIL, f"{path} cannot be read: {err.strerror or err}", move)
+    if header != SQLITE_HEADER:
+        return Check("store", WARN, f"{path} is not a SQLite database: {recovered}")
+    if why:
+        return Check("store", WARN, f"{wal}: {why}: {recovered}")
+    return Check("store", OK, f"{path}: {size} bytes{', with its WAL' if wal.exists() else ''}")
 
 
 def _user(uid: int) -> str:
