@@ -81,10 +81,11 @@ def finals(backend: Caller, command_id: str) -> list[dict]:
     return [s.json() for s in backend.seen if s.topic == topic and s.json().get("final")]
 
 
-def kill_at(setup, point: str) -> tuple[AgentProcess, Caller, Path, dict]:
-    """Sends one routine to an agent armed at `point`, waits for it to die there, starts a plain agent."""
+def kill_at(setup, point: str, body: dict | None = None) -> tuple[AgentProcess, Caller, Path, dict]:
+    """Sends one command (a routine by default) to an agent armed at `point`, waits for it to die there,
+    starts a plain agent."""
     agent, backend, tmp, killed = setup
-    body = routine(point)
+    body = body or routine(point)
     armed = KilledAgent(agent, point, body["id"])
     killed.append(armed)
     armed.start()
@@ -120,6 +121,20 @@ def test_killed_after_the_intake_commit_before_the_puback(setup):
     assert ran(tmp) == 1
     assert [f["status"] for f in finals(backend, body["id"])] == ["completed"]
     validate_published(backend.seen, backend.topics.base)
+
+
+def test_a_read_killed_after_the_intake_commit_before_the_puback(setup):
+    """A read sent to an idle worker is marked started by the intake's own commit (store docstring): the
+    crash reports it `interrupted` although it never ran, and the redelivered message is a repeat."""
+    body = {"id": f"rd-{uuid.uuid4().hex[:6]}", "component": "engine", "command": "read_data",
+            "params": {"data": "vin"}}
+    agent, backend, tmp, body = kill_at(setup, "intake_committed", body)
+    final = backend.final(body["id"], timeout=20)
+    settle(agent, backend)
+    assert final["status"] == "interrupted"
+    journal = (tmp / "journal").read_text().splitlines() if (tmp / "journal").exists() else []
+    assert journal.count("engine 22f190") == 1  # the settle's probe only: the read itself never ran
+    assert len(finals(backend, body["id"])) == 1
 
 
 def test_killed_after_the_start_mark_before_the_ecu_request(setup):
@@ -158,3 +173,29 @@ def test_killed_after_the_final_is_published_before_the_outbox_forgets_it(setup)
     assert 1 <= len(sent) <= 2 and all(f == sent[0] for f in sent), sent
     assert sent[0]["status"] == "completed"
     assert ran(tmp) == 1
+
+
+def test_killed_inside_a_telemetry_write_before_its_commit(setup):
+    """The transaction queueing a telemetry batch never commits: the store opens sound after the restart
+    (nothing moved aside, no store_recovered event), the retained plan is applied again, and batches go on
+    with numbers that never repeat one the backend already has."""
+    agent, backend, tmp, killed = setup
+    armed = KilledAgent(agent, "collection_write", "-")
+    killed.append(armed)
+    armed.start()
+    plan = {"name": "pt", "version": 1, "signals": [{"component": "engine", "data": ["engine_speed"],
+                                                     "every_ms": 100}],
+            "batch": {"max_age_ms": 300, "max_samples": 50}}
+    backend.publish_plan("pt", plan)
+    try:
+        assert armed.died(), agent.log.read_text()[-3000:]
+        agent.start()
+        topic = f"{backend.topics.base}/telemetry"
+        batches = [s.json() for s in backend.wait_for(lambda s: s.topic == topic, 15, count=3)]
+        assert [b["seq"] for b in batches] == sorted({b["seq"] for b in batches})
+        assert all(b["plan"] == "pt" and b["samples"] for b in batches)
+        assert not any(s.topic == backend.topics.events and b"store_recovered" in s.payload for s in backend.seen)
+        assert sorted(p.name for p in (tmp / "state").iterdir() if "damaged" in p.name) == []
+        assert agent.terminate() == 0
+    finally:
+        backend.publish_plan("pt", None)
