@@ -260,3 +260,50 @@ def test_doctor_on_a_sound_store_and_on_none(tmp_path, broker):
     doctor = cli("doctor", "-c", "config/demo.yaml", "--broker", broker.url, "--state-dir", str(state))
     assert re.search(r"store ok .*agent\.db: \d+ bytes", store_line(doctor.stdout)), doctor.stdout
     assert doctor.returncode == 0, doctor.stdout
+
+
+# ---- writes kept in memory while the store failed, at a clean stop ------------------------------------
+
+def deferred_final(tmp_path: Path):
+    """A store holding a started command whose final could not be stored (full: SQLite's own SQLITE_FULL via
+    max_page_count, as test_store_trouble.py makes it) and waits in memory."""
+    from agent.store.sqlite import Entry, Outgoing, Store, StoreError
+
+    store = Store(tmp_path / "agent.db")
+    seeded = store.batch()
+    seeded.add_command(Entry("c-1", "started", {"id": "c-1"}, "r/c-1", None, 1.0, None, 1, None))
+    seeded.commit()
+    pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+    store._db.execute(f"PRAGMA max_page_count = {pages}")
+    final = store.batch()
+    final.publish(Outgoing("r/c-1", b"z" * 20_000, None, "c-1"))
+    final.set_state("c-1", "final", seq=2, final_message={"status": "completed"})
+    with pytest.raises(StoreError):
+        final.commit(defer=True)
+    assert store.deferred == 1
+    return store
+
+
+def test_a_final_kept_in_memory_is_stored_at_a_clean_stop_once_the_disk_has_room(tmp_path):
+    """The disk has room again, but no write came since: close() committed what waited in `_pending` only,
+    and the final kept in memory was dropped without a word. After the restart the command was reported
+    `interrupted` although its final (`completed`) had been published around the store."""
+    from agent.store.sqlite import Store
+
+    store = deferred_final(tmp_path)
+    store._db.execute("PRAGMA max_page_count = 1073741823")
+    store.close()
+    again = Store(tmp_path / "agent.db")
+    try:
+        assert again.get("c-1").state == "final"
+        assert [p.message.topic for p in again.pending(0, 10)] == ["r/c-1"]
+    finally:
+        again.close()
+
+
+def test_a_final_that_cannot_be_stored_at_a_clean_stop_is_reported_lost(tmp_path, caplog):
+    store = deferred_final(tmp_path)
+    with caplog.at_level(logging.ERROR):
+        store.close()
+    lost = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR and "lost" in r.getMessage()]
+    assert lost and "1 write" in lost[0] and str(tmp_path / "agent.db") in lost[0], caplog.text

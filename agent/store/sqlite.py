@@ -119,14 +119,22 @@ class Store(Bounds, GroupCommit):
             self._identity = None
 
     def close(self, timeout: float = 10.0) -> None:
-        """Commits what still waits (a final response handed over without waiting), then closes; waits at
-        most `timeout` seconds for the writer thread to end (the commit itself is never skipped)."""
+        """Commits what still waits (a final response handed over without waiting), and what was kept in
+        memory while the storage failed (a last try: lost when it still fails, and said so), then closes;
+        waits at most `timeout` seconds for the writer thread to end (the commits themselves are never
+        skipped)."""
         with self._waiting:
             self._closing = True
             self._waiting.notify()
         if self._writer is not None:
             self._writer.join(timeout)
         self.flush()
+        try:
+            self.retry_deferred()
+        except StoreError as err:
+            log.error("store %s closed with %d write(s) kept in memory that it could not store: lost (%s); "
+                      "commands whose final was among them are reported interrupted after the restart",
+                      self.path, self.deferred, err, extra={"store": str(self.path), "lost": self.deferred})
         log.info("store closed: %d writes in %d commits, %d of them synced", self.writes, self.commits, self.synced,
                  extra={"writes": self.writes, "commits": self.commits, "synced": self.synced})
         with self._lock:
