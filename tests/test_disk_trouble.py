@@ -21,6 +21,7 @@ import pytest
 import yaml
 from conftest import DATA, ROOT
 
+from agent.bus.owner import wait_until
 from agent.system.service import Service
 
 
@@ -307,3 +308,18 @@ def test_a_final_that_cannot_be_stored_at_a_clean_stop_is_reported_lost(tmp_path
         store.close()
     lost = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR and "lost" in r.getMessage()]
     assert lost and "1 write" in lost[0] and str(tmp_path / "agent.db") in lost[0], caplog.text
+
+
+def test_an_outbox_that_cannot_read_the_store_says_so_once_not_every_second(running, caplog):
+    """The outbox thread reads the store at least every IDLE_WAIT_S: with the store failing, each pass logged
+    a WARNING, one or two a second for as long as the disk stays broken (onto that same card). The first
+    failure is logged; the next ones are not, until a pass works again."""
+    svc, _, db, _ = running
+    garble_wal(db)
+    with caplog.at_level(logging.WARNING, logger="agent.fleet.outbox"):
+        for _ in range(4):  # four passes of the outbox thread, each one failing
+            beat = svc.outbox.heartbeat
+            assert wait_until(lambda b=beat: svc.outbox.heartbeat > b, 10)
+    failed = [r for r in caplog.records if r.name == "agent.fleet.outbox" and "outbox pass failed" in r.getMessage()]
+    assert len(failed) == 1, [r.getMessage() for r in failed]
+    assert svc.store.errors["read"] >= 3  # the passes did fail, each counted by the store (its metric)

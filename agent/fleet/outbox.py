@@ -200,6 +200,7 @@ class Outbox(Retention):
 
     def _run(self) -> None:
         next_maintenance = time.monotonic()
+        failing = False  # the last pass failed for the store: the next failures are not logged again
         while not self._stop.is_set():
             self.heartbeat = waited_from = time.monotonic()
             wait = self._next_wait()  # <= 0 when a deadline has passed already
@@ -219,8 +220,14 @@ class Outbox(Retention):
                     if time.monotonic() >= next_maintenance:
                         self._maintain()
                         next_maintenance = time.monotonic() + MAINTENANCE_S
+                if failing:
+                    failing = False
+                    log.info("outbox passes read the store again")
             except StoreError as err:  # counted and reported by the store; health says so
-                log.warning("outbox pass failed, store unavailable: %s", err)
+                # once while it lasts: a pass runs every IDLE_WAIT_S, and the log is on the failing card too
+                log.log(logging.DEBUG if failing else logging.WARNING, "outbox pass failed, store unavailable: %s",
+                        err, extra={"store": str(self._store.path)})
+                failing = True
                 self._stop.wait(1.0)
             except Exception:
                 log.exception("outbox pass failed; retrying")
