@@ -101,6 +101,8 @@ def test_a_database_file_deleted_or_replaced_under_the_agent_is_storage_unavaila
     assert svc.store.trouble is not None
     assert any(str(db) in r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR)
     assert svc.metrics.store_errors.labels("write")._value.get() > errors_before
+    # a restart cures it (a fresh store, reported store_recovered): what the systemd watchdog stops for
+    assert any("deleted or replaced" in problem for problem in svc.wedged()), svc.wedged()
     svc.stop()
     stopped.append(True)
     again = Service(mqtt_vehicle)  # what the disk holds now: the command was never recorded, so may run now
