@@ -325,3 +325,45 @@ def test_an_outbox_that_cannot_read_the_store_says_so_once_not_every_second(runn
     failed = [r for r in caplog.records if r.name == "agent.fleet.outbox" and "outbox pass failed" in r.getMessage()]
     assert len(failed) == 1, [r.getMessage() for r in failed]
     assert svc.store.errors["read"] >= 3  # the passes did fail, each counted by the store (its metric)
+
+
+WAL_DELETED_THEN_KILLED = r'''
+import os, signal, sys
+from pathlib import Path
+from agent.store.sqlite import Entry, Store, StoreError
+
+store = Store(Path(sys.argv[1]))
+def command(name):
+    batch = store.batch()
+    batch.add_command(Entry(name, "queued", {"id": name}, "r", None, 1.0, None, 1, None))
+    batch.commit()
+command("before")  # committed, and so acknowledged (its PUBACK goes after this)
+os.unlink(sys.argv[1] + "-wal")
+try:
+    command("after")
+    print("after: committed")
+except StoreError as err:
+    print(f"after: {err.code} {err.unavailable}")
+sys.stdout.flush()
+os.kill(os.getpid(), signal.SIGKILL)
+'''
+
+
+def test_a_wal_deleted_under_the_store_loses_nothing_acknowledged_across_a_crash(tmp_path):
+    """`rm agent.db-wal` while the agent runs: SQLite goes on committing to the open, nameless WAL, and a crash
+    (or the watchdog's SIGABRT) then loses every transaction not yet checkpointed, those acknowledged before
+    the `rm` too. The store must save what it committed into the database file, and refuse new writes
+    (storage trouble) rather than commit them where no start will find them. A real SIGKILL in a child."""
+    from agent.store.sqlite import Store
+
+    db = tmp_path / "agent.db"
+    child = subprocess.run([sys.executable, "-c", WAL_DELETED_THEN_KILLED, str(db)], capture_output=True, text=True,
+                           cwd=ROOT, timeout=60)
+    assert child.returncode == -9, child.stderr
+    assert child.stdout.strip() == "after: SQLITE_READONLY_DBMOVED True", child.stdout + child.stderr
+    again = Store(db)
+    try:
+        assert again.get("before") is not None  # committed before the rm: still there
+        assert again.get("after") is None
+    finally:
+        again.close()

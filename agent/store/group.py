@@ -42,7 +42,7 @@ class GroupCommit:
     _db: sqlite3.Connection
     _sync: Synchronous
     path: Path
-    _identity: tuple[int, int] | None = None  # (device, inode) of the database file opened
+    _identity: dict[Path, tuple[int, int]]  # (device, inode) of the database file and its WAL as opened
 
     def __init__(self, on_error: Callable[[StoreError], None] | None = None) -> None:
         self._on_error = on_error or (lambda error: None)
@@ -214,21 +214,27 @@ class GroupCommit:
 
     def _same_file(self) -> None:
         """Raises SQLITE_READONLY_DBMOVED (as SQLite does in rollback-journal mode, but not in WAL mode) when
-        the file at the store's path is no longer the one open: deleted or replaced under the running agent,
-        every commit would go to a file no start will read again, and what it acknowledged would be lost.
-        One stat per commit round, against an fsync."""
-        if self._identity is None:
-            return
-        try:
-            st = os.stat(self.path)
-            now: tuple[int, int] | None = (st.st_dev, st.st_ino)
-        except FileNotFoundError:
-            now = None
-        except OSError:  # cannot even look: SQLite's own error on the write says more
-            return
-        if now != self._identity:
-            err = sqlite3.OperationalError(f"the database file {self.path} was "
-                                           f"{'deleted' if now is None else 'replaced'} while open")
+        the database file or its WAL at the store's path is no longer the one open: deleted or replaced under
+        the running agent, every commit would go to a file no start will read again, and what it
+        acknowledged would be lost. A WAL gone that way still holds commits acknowledged before: they are
+        checkpointed into the database file first, so that a crash afterwards loses none of them.
+        One stat per file and commit round, against an fsync."""
+        for path, known in self._identity.items():
+            try:
+                st = os.stat(path)
+                now: tuple[int, int] | None = (st.st_dev, st.st_ino)
+            except FileNotFoundError:
+                now = None
+            except OSError:  # cannot even look: SQLite's own error on the write says more
+                continue
+            if now == known:
+                continue
+            if path != self.path:  # the WAL: what it holds goes into the database file while it still can
+                try:
+                    self._db.execute("PRAGMA wal_checkpoint(FULL)").fetchall()
+                except sqlite3.Error as err:
+                    log.error("checkpoint of %s after it was deleted or replaced failed: %s", path, err)
+            err = sqlite3.OperationalError(f"{path} was {'deleted' if now is None else 'replaced'} while open")
             err.sqlite_errorcode = SQLITE_READONLY_DBMOVED  # type: ignore[attr-defined]
             err.sqlite_errorname = "SQLITE_READONLY_DBMOVED"  # type: ignore[attr-defined]
             raise err

@@ -46,7 +46,7 @@ readers (`get`, `pending`, stats) use a connection of their own and never wait b
 
 Every SQLite failure leaves here as a StoreError carrying SQLite's own error (never one from a
 ROLLBACK after it), is counted per operation, and is handed to `on_error`; `trouble` says whether
-the store works right now. A database file deleted or replaced while open is such a failure too
+the store works right now. A database file or WAL deleted or replaced while open is such a failure too
 (SQLITE_READONLY_DBMOVED, checked before every commit: group.py), never a commit to a file no start reads.
 What the bounds forget, and must hold: agent/store/bounds.py.
 """
@@ -112,11 +112,13 @@ class Store(Bounds, GroupCommit):
         except sqlite3.Error as err:
             self._db.close()
             raise StoreError("open", err) from err
-        try:  # the file just opened (migrate made it): what every commit must still find there (group.py)
-            st = path.stat()
-            self._identity = (st.st_dev, st.st_ino)
-        except OSError:
-            self._identity = None
+        self._identity = {}  # the files just opened (migrate made them): what every commit must find (group.py)
+        for opened in (path, path.with_name(path.name + "-wal")):
+            try:
+                st = opened.stat()
+            except OSError:
+                continue
+            self._identity[opened] = (st.st_dev, st.st_ino)
 
     def close(self, timeout: float = 10.0) -> None:
         """Commits what still waits (a final response handed over without waiting), and what was kept in

@@ -36,7 +36,7 @@ class ServiceHealth:
     def wedged(self) -> list[str]:
         """What a restart would cure. The watchdog pings only while this is empty; a failing store is not
         in it (a restart would not free the disk: commands are refused `storage_unavailable` meanwhile),
-        except a database file deleted or replaced under the agent: nothing brings that file back, and a
+        except a database file (or its WAL) deleted or replaced under the agent: nothing brings it back, and a
         restart opens a fresh store (reported `store_recovered`, agent/store/recovery.py).
 
         A worker counts as wedged once its command runs past the longest deadline any command can
