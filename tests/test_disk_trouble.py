@@ -180,6 +180,11 @@ def test_a_card_the_kernel_remounts_read_only_refuses_commands_and_the_next_star
                            mqtt_vehicle.mqtt.broker], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert done.returncode == 73, done.stderr
     assert str(mountpoint / "state") in done.stderr and "Traceback" not in done.stderr
+    doctor = cli("doctor", "-c", str(config_file), "--broker", mqtt_vehicle.mqtt.broker)
+    assert doctor.returncode == 1
+    # access(2) and statvfs still say writable on a file system ext4 took read-only this way (recent kernels)
+    assert re.search(rf"^state dir\s+FAIL\s+{re.escape(str(mountpoint / 'state'))} is on a file system that "
+                     r"refuses writes: Read-only file system", doctor.stdout, re.M), doctor.stdout
 
 
 # ---- at start: `sovd-edge run` and `sovd-edge doctor` on a broken state dir --------------------------

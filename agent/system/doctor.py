@@ -3,6 +3,7 @@ It only looks: no check creates, writes or changes anything."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pwd
@@ -107,6 +108,11 @@ def _state_dir(path: Path) -> Check:
                          f"belong to another user than the directory's ({_user(owner)})",
                          f"sudo chown -R {_user(owner)}: {path}")
         if os.access(path, os.W_OK | os.X_OK):
+            refused = _refuses_writes(path)
+            if refused:
+                return Check("state dir", FAIL, f"{path} is on a file system that refuses writes: {refused}",
+                             "an SD card the kernel took read-only after an I/O error? `dmesg | grep -i ext4`; "
+                             "check the card (fsck) and reboot")
             return Check("state dir", OK, f"{path} is writable{who}")
         return Check("state dir", FAIL, f"{path} is not writable{who}", fix)
     if path.exists():
@@ -117,6 +123,23 @@ def _state_dir(path: Path) -> Check:
     if os.access(parent, os.W_OK | os.X_OK):
         return Check("state dir", OK, f"{path} does not exist yet; the agent creates it in {parent}{who}")
     return Check("state dir", FAIL, f"{path} does not exist and {parent} is not writable{who}", fix)
+
+
+def _refuses_writes(path: Path) -> str | None:
+    """Why the file system under `path` refuses writes, or None. ext4 taking itself read-only after an I/O
+    error (errors=remount-ro, an SD card's commonest death) still passes access(2) and statvfs on recent
+    kernels; fsync(2) of the directory says EROFS there, and changes nothing."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return None  # the checks above speak for a directory that cannot be opened
+    try:
+        os.fsync(fd)
+    except OSError as err:  # EINVAL: a file system that cannot sync directories, no verdict
+        return err.strerror or str(err) if err.errno in (errno.EROFS, errno.EIO) else None
+    finally:
+        os.close(fd)
+    return None
 
 
 def store_check(state_dir: Path) -> Check:
