@@ -14,6 +14,8 @@ Points (the order a command goes through; agent/store/sqlite.py says why each wr
   final_stored       the final response committed to the outbox; not yet published
   final_published    the final response published and PUBACKed by the broker; its outbox row not yet deleted
   collection_write   inside the transaction queueing a telemetry batch, before its COMMIT (any batch)
+  commit_round       right after the store's Nth commit round since the broker connection came up
+                     (COMMAND_ID is N), whatever it carried
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 POINTS = ("intake_committed", "marked_started", "ecu_answered", "final_stored", "final_published",
-          "collection_write")
+          "collection_write", "commit_round")
 
 
 def die() -> None:
@@ -117,6 +119,29 @@ def install(point: str, command_id: str) -> None:
             return one(db, synchronous, writes)
 
         writer._one_transaction = _one_transaction  # type: ignore[assignment]
+    elif point == "commit_round":  # COMMAND_ID is N: right after the Nth commit round once connected
+        from agent.fleet.link import MqttLink
+        from agent.store.group import GroupCommit
+
+        commit_round = GroupCommit._commit_round
+        set_connected = MqttLink._set_connected
+        rounds = [0]
+        connected = [False]
+
+        def _set_connected(self: MqttLink, up: bool) -> None:
+            set_connected(self, up)
+            connected[0] = connected[0] or up
+
+        def _commit_round(self: GroupCommit) -> list[Any]:
+            done = commit_round(self)
+            if done and connected[0]:
+                rounds[0] += 1
+                if rounds[0] == int(command_id):
+                    die()
+            return done
+
+        GroupCommit._commit_round = _commit_round  # type: ignore[method-assign]
+        MqttLink._set_connected = _set_connected  # type: ignore[method-assign]
     else:
         raise SystemExit(f"unknown kill point {point!r}: one of {', '.join(POINTS)}")
 

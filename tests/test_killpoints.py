@@ -200,3 +200,44 @@ def test_killed_inside_a_telemetry_write_before_its_commit(setup):
         assert agent.terminate() == 0
     finally:
         backend.publish_plan("pt", None)
+
+
+def routine_on(n: int) -> dict:
+    return {"id": f"burst-{n}-{uuid.uuid4().hex[:6]}", "component": "engine", "command": "operation",
+            "params": {"routine": "self_test", "action": "start", "data": f"{n:04x}"}}
+
+
+@pytest.mark.parametrize("round_", [2, 5, 8, 11, 14])
+def test_killed_after_any_commit_of_a_burst_every_promise_holds(setup, round_):
+    """A burst of routines (engine) and reads (body), and the agent killed right after the store's Nth commit
+    round, whatever that round carried (intake groups, start marks, finals, outbox deletes share rounds).
+    After the restart: every id has a final, one outcome each (a repeat is the same message), no routine ran
+    twice, a `completed` one ran once, and one that never reached the ECU is not `completed`."""
+    agent, backend, tmp, killed = setup
+    armed = KilledAgent(agent, "commit_round", str(round_))
+    killed.append(armed)
+    armed.start()
+    routines = [routine_on(n) for n in range(1, 5)]
+    reads = [{"id": f"rd-{n}-{uuid.uuid4().hex[:6]}", "component": "body", "command": "read_data",
+              "params": {"data": "vin"}} for n in range(3)]
+    for body in [x for pair in zip(routines, reads, strict=False) for x in pair] + routines[len(reads):]:
+        backend.send(body)
+    assert armed.died(), agent.log.read_text()[-3000:]
+    agent.start()
+    for body in routines + reads:
+        backend.final(body["id"], timeout=30)
+    settle(agent, backend)
+    journal = (tmp / "journal").read_text().splitlines() if (tmp / "journal").exists() else []
+    for n, body in enumerate(routines, 1):
+        outcomes = finals(backend, body["id"])
+        assert all(f == outcomes[0] for f in outcomes), outcomes
+        executed = journal.count(f"engine 31010203{n:04x}")
+        assert executed <= 1, (body["id"], executed)
+        status = outcomes[0]["status"]
+        assert status in ("completed", "interrupted"), outcomes[0]
+        if status == "completed":
+            assert executed == 1
+    for body in reads:
+        outcomes = finals(backend, body["id"])
+        assert all(f == outcomes[0] for f in outcomes) and outcomes[0]["status"] in ("completed", "interrupted")
+    validate_published(backend.seen, backend.topics.base)
