@@ -372,3 +372,27 @@ def test_a_wal_deleted_under_the_store_loses_nothing_acknowledged_across_a_crash
         assert again.get("after") is None
     finally:
         again.close()
+
+
+def test_telemetry_a_failing_store_cannot_take_is_counted_each_time_and_logged_once(running, caplog):
+    """A collection plan batches every 300 ms; with the store failing, every batch and every state write
+    logged a full traceback (three a second, onto the failing card). Each lost batch is counted (the
+    `not_stored` metric); the log says it once while the store fails."""
+    svc, backend, db, _ = running
+    plan = {"name": "pt", "version": 1, "signals": [{"component": "engine", "data": ["engine_speed"],
+                                                     "every_ms": 100}],
+            "batch": {"max_age_ms": 300, "max_samples": 50}}
+    backend.publish_plan("pt", plan)
+    try:
+        topic = f"{backend.topics.base}/telemetry"
+        backend.wait_for(lambda s: s.topic == topic, 15)
+        db.unlink()  # every write is refused from here on (storage trouble, SQLITE_READONLY_DBMOVED)
+        lost = svc.collection.metrics.telemetry_dropped.labels("not_stored")
+        with caplog.at_level(logging.WARNING, logger="agent.collect"):
+            before = lost._value.get()
+            assert wait_until(lambda: lost._value.get() >= before + 4, 15)  # four batches the store refused
+        flood = [r for r in caplog.records if r.name.startswith("agent.collect") and "could not be queued" in
+                 r.getMessage()]
+        assert 1 <= len(flood) <= 2, [r.getMessage() for r in flood]  # one for batches, one for states at most
+    finally:
+        backend.publish_plan("pt", None)

@@ -33,6 +33,7 @@ from agent.config.model import AgentConfig
 from agent.core.worker import ComponentWorker, Job
 from agent.metrics.collection import CollectionMetrics
 from agent.store.collection import PlanRow
+from agent.store.sqlite import StoreError
 from agent.uds.executor import DEFAULT_SESSION
 from agent.wire import messages as m
 from agent.wire.command import Outcome
@@ -96,6 +97,7 @@ class Collector(PlanIntake, ResultAssembly, SleepHandling):
         self._refused_copies: dict[str, bytes] = {}  # plan name -> its last message, rejected as invalid
         self._requests: dict[str, int] = {}  # scheduled requests of each applied plan
         self._seqs: dict[str, int] = {}
+        self._unstored: set[str] = set()  # what the store refused last time: "event", "telemetry", "state"
         self._budgets: dict[str, Budget] = {}
         self._ready: dict[str, deque[Task]] = {}
         self._outstanding: dict[str, TaskKey] = {}
@@ -282,28 +284,39 @@ class Collector(PlanIntake, ResultAssembly, SleepHandling):
         return Job(task.params, done)
 
     # ---- telemetry and state -------------------------------------------------------------------
-    def _event(self, message: dict[str, Any]) -> None:
+    def _hand_out(self, kind: str, what: str, send: Callable[[], None]) -> None:
+        """Hands `what` to the output; what it cannot take is lost (counted there). A failing store is
+        logged once while it lasts (a plan may batch several times a second, the log is on the same
+        card), and when it takes `kind` again; anything else is a bug, logged with its traceback each time."""
         try:
-            self._out.event(message)
-        except Exception:  # e.g. the store fails: logged and counted there; collection carries on
-            log.exception("collection event %s could not be queued", message.get("type"))
+            send()
+        except StoreError as err:
+            level = logging.DEBUG if kind in self._unstored else logging.ERROR
+            log.log(level, "%s could not be queued (%s); while the store fails, the next ones are not logged",
+                    what, err, extra={"kind": kind})
+            self._unstored.add(kind)
+            return
+        except Exception:
+            log.exception("%s could not be queued", what)
+            return
+        if kind in self._unstored:
+            self._unstored.discard(kind)
+            log.info("collection %s queued again", kind)
+
+    def _event(self, message: dict[str, Any]) -> None:
+        self._hand_out("event", f"collection event {message.get('type')}", lambda: self._out.event(message))
 
     def _state_period(self) -> float:
         return min((p.batch.max_age_ms for p in self.plans.values()), default=10_000) / 1000
 
     def _send_batch(self, batch: dict[str, Any]) -> None:
         self._seqs[batch["plan"]] = batch["seq"]
-        try:
-            self._out.telemetry(batch["plan"], batch["seq"], batch)
-        except Exception:
-            log.exception("telemetry batch %s/%d could not be queued", batch["plan"], batch["seq"])
+        self._hand_out("telemetry", f"telemetry batch {batch['plan']}/{batch['seq']}",
+                    lambda: self._out.telemetry(batch["plan"], batch["seq"], batch))
 
     def _send_states(self, now: float) -> None:
         self._last_states = now
         states = self.telemetry.states()
         if not states:
             return
-        try:
-            self._out.states(states)
-        except Exception:
-            log.exception("state of %s could not be queued", ", ".join(c for c, _ in states))
+        self._hand_out("state", f"state of {', '.join(c for c, _ in states)}", lambda: self._out.states(states))
