@@ -396,3 +396,13 @@ def test_telemetry_a_failing_store_cannot_take_is_counted_each_time_and_logged_o
         assert 1 <= len(flood) <= 2, [r.getMessage() for r in flood]  # one for batches, one for states at most
     finally:
         backend.publish_plan("pt", None)
+
+
+def test_doctor_fails_a_lock_file_run_cannot_open(tmp_path, broker):
+    """`run` exits 73 'cannot lock the state directory' when agent.lock is not a file; doctor said ok."""
+    state = tmp_path / "state"
+    (state / "agent.lock").mkdir(parents=True)
+    doctor = cli("doctor", "-c", "config/demo.yaml", "--broker", broker.url, "--state-dir", str(state))
+    assert re.search(rf"^state dir\s+FAIL\s+{re.escape(str(state / 'agent.lock'))} is not a file", doctor.stdout,
+                     re.M), doctor.stdout
+    assert doctor.returncode == 1

@@ -22,6 +22,7 @@ from agent.discover.tap import BusTap
 from agent.metrics.canstate import CanLink, read_link
 from agent.store.recovery import check_wal, marker_path
 from agent.system.service import STORE_FILE
+from agent.system.statelock import LOCK_FILE
 
 SQLITE_HEADER = b"SQLite format 3\x00"
 
@@ -107,6 +108,10 @@ def _state_dir(path: Path) -> Check:
             return Check("state dir", FAIL, f"{', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''} in {path} "
                          f"belong to another user than the directory's ({_user(owner)})",
                          f"sudo chown -R {_user(owner)}: {path}")
+        lock = path / LOCK_FILE
+        if (lock.exists() or lock.is_symlink()) and not lock.is_file():
+            return Check("state dir", FAIL, f"{lock} is not a file: the agent cannot lock {path}",
+                         f"move it away (the agent makes its own {LOCK_FILE})")
         if os.access(path, os.W_OK | os.X_OK):
             refused = _refuses_writes(path)
             if refused:
