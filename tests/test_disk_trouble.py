@@ -406,3 +406,34 @@ def test_doctor_fails_a_lock_file_run_cannot_open(tmp_path, broker):
     assert re.search(rf"^state dir\s+FAIL\s+{re.escape(str(state / 'agent.lock'))} is not a file", doctor.stdout,
                      re.M), doctor.stdout
     assert doctor.returncode == 1
+
+
+def test_a_store_sqlite_finds_damaged_stays_in_trouble_though_some_writes_work(running, caplog):
+    """A garbled WAL: SQLite's write connection goes on appending (it keeps the WAL's state in memory), the
+    read connection answers SQLITE_NOTADB to some queries and not to others. Every operation that worked
+    cleared `trouble`, the next failing one set it again: health flapped between 'store unavailable' and
+    fine, two log lines a second, and telemetry went on being written to a WAL the next start moves aside.
+    Damage (SQLITE_NOTADB, SQLITE_CORRUPT) now lasts until a restart: writes are refused, and the watchdog
+    is told (a restart's recovery mends it)."""
+    svc, backend, db, _ = running
+    plan = {"name": "pt", "version": 1, "signals": [{"component": "engine", "data": ["engine_speed"],
+                                                     "every_ms": 100}],
+            "batch": {"max_age_ms": 300, "max_samples": 50}}
+    backend.publish_plan("pt", plan)  # telemetry batches: writes several times a second
+    try:
+        backend.wait_for(lambda s: s.topic == f"{backend.topics.base}/telemetry", 15)
+        with caplog.at_level(logging.INFO, logger="agent.store.group"):
+            garble_wal(db)
+            assert wait_until(lambda: svc.store.trouble is not None, 10)  # the outbox's next read fails
+            writes = svc.store.writes
+            for _ in range(4):
+                beat = svc.outbox.heartbeat
+                assert wait_until(lambda b=beat: svc.outbox.heartbeat > b, 10)
+                assert svc.store.trouble is not None, caplog.text[-1500:]
+            lines = [r.getMessage() for r in caplog.records if r.name == "agent.store.group"]
+        assert svc.store.writes == writes  # nothing more written to the damaged store
+        assert len([line for line in lines if line.startswith("store failing")]) == 1, lines
+        assert not [line for line in lines if line.startswith("store works again")], lines
+        assert any("store damaged" in problem for problem in svc.wedged()), svc.wedged()
+    finally:
+        backend.publish_plan("pt", None)

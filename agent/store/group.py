@@ -32,8 +32,15 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_DEFERRED = 1000  # writes kept in memory while the storage is unavailable
+DAMAGE_CODES = frozenset({11, 26})  # SQLITE_CORRUPT, SQLITE_NOTADB: the content is bad (recovery.py moves it aside)
 SQLITE_READONLY_DBMOVED = 1032  # (8 | 4 << 8): READONLY, a storage failure (writer.UNAVAILABLE_CODES)
 COMPANY_WAIT_S = 0.02  # a write handed over to share a commit expected soon waits at most this long alone
+
+
+def code_of(err: sqlite3.Error) -> int | None:
+    """SQLite's primary result code of `err` (None for Python's own checks)."""
+    code = getattr(err, "sqlite_errorcode", None)
+    return code & 0xFF if code is not None else None
 
 
 class GroupCommit:
@@ -57,6 +64,9 @@ class GroupCommit:
         self._deferred: list[Statements] = []
         self.errors: dict[str, int] = {}
         self.trouble: Trouble | None = None
+        # SQLite said the content is bad (SQLITE_CORRUPT, SQLITE_NOTADB) on any operation: the trouble lasts
+        # until a restart (whose recovery moves the files aside), though some reads and writes still work
+        self.damaged: sqlite3.Error | None = None
         self.deferred_dropped = 0
         self.commits = 0  # commit rounds, how many were synced, and the writes they carried (group commit)
         # Rises after every transaction, deferred writes' included, under the write lock and before any
@@ -79,6 +89,10 @@ class GroupCommit:
         with self._count_lock:
             self.errors[operation] = self.errors.get(operation, 0) + 1
             if error.unavailable:  # the storage fails, not just this write's data
+                if self.damaged is None and code_of(err) in DAMAGE_CODES:
+                    self.damaged = err  # latched: the file's content is bad, and no later write makes it good
+                    log.error("store damaged: %s (%s); it refuses writes from now on, and a restart moves it "
+                              "aside", error, self.path, extra={"operation": operation, "store": str(self.path)})
                 if self.trouble is None:
                     log.error("store failing: %s (%s)", error, self.path,
                               extra={"operation": operation, "sqlite_error": error.code, "store": str(self.path)})
@@ -92,6 +106,8 @@ class GroupCommit:
 
     def _worked(self) -> None:
         with self._count_lock:
+            if self.damaged is not None:  # what still works is not the store working again
+                return
             trouble, self.trouble = self.trouble, None
         if trouble is not None:
             log.warning("store works again after %.0f s of errors", time.monotonic() - trouble.since,
@@ -186,6 +202,8 @@ class GroupCommit:
         if not writes:
             return []
         try:
+            if self.damaged is not None:
+                raise self.damaged
             self._same_file()
             self._flush_deferred()
         except Exception as err:  # every write taken here ends with its error: none is left unfinished

@@ -48,6 +48,8 @@ Every SQLite failure leaves here as a StoreError carrying SQLite's own error (ne
 ROLLBACK after it), is counted per operation, and is handed to `on_error`; `trouble` says whether
 the store works right now. A database file or WAL deleted or replaced while open is such a failure too
 (SQLITE_READONLY_DBMOVED, checked before every commit: group.py), never a commit to a file no start reads.
+Damage (SQLITE_CORRUPT, SQLITE_NOTADB) on any operation lasts until a restart (`damaged`): writes are
+refused though some would still work, and the restart's recovery checks the files (recovery.py).
 What the bounds forget, and must hold: agent/store/bounds.py.
 """
 

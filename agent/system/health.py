@@ -36,8 +36,9 @@ class ServiceHealth:
     def wedged(self) -> list[str]:
         """What a restart would cure. The watchdog pings only while this is empty; a failing store is not
         in it (a restart would not free the disk: commands are refused `storage_unavailable` meanwhile),
-        except a database file (or its WAL) deleted or replaced under the agent: nothing brings it back, and a
-        restart opens a fresh store (reported `store_recovered`, agent/store/recovery.py).
+        except a database file (or its WAL) deleted or replaced under the agent, or one SQLite found damaged:
+        nothing mends it while it runs, and a restart's recovery checks it and, where it must, opens a fresh
+        store (reported `store_recovered`, agent/store/recovery.py).
 
         A worker counts as wedged once its command runs past the longest deadline any command can
         have, plus the waits a transaction may add after it (P2*, a flow-control timeout). The MQTT loop
@@ -50,6 +51,8 @@ class ServiceHealth:
         trouble = self.store.trouble
         if trouble is not None and "SQLITE_READONLY_DBMOVED" in trouble.error:
             problems.append(f"store file deleted or replaced ({self.store.path})")
+        elif self.store.damaged is not None:
+            problems.append(f"store damaged ({self.store.path}: {self.store.damaged})")
         connecting = self.link.connecting_since  # read before the heartbeat: the link writes them the other way
         if connecting is not None and now - connecting > CONNECT_LIMIT_S:
             problems.append(f"mqtt connecting for {now - connecting:.0f} s")
