@@ -223,3 +223,39 @@ def test_what_the_bound_must_hold_beyond_it_is_reported_not_forgotten(tmp_path):
     assert store.prune_ledger(0, time.time() + 10, 100.0) == 0  # retention does not forget them either
     assert store.prune_ledger(0, time.time() + 10, 501.0) == 10
     store.close()
+
+
+def test_writes_refused_by_a_damaged_store_are_not_kept(tmp_path):
+    """A store SQLite found damaged refuses every later write with its latched error. Raised again and again,
+    that one exception's traceback grew by a frame per refused commit round, and each frame held that
+    round's writes (their statements, payloads): an agent left damaged (no watchdog to restart it) kept
+    every telemetry batch and final it refused, for ever. A real SQLITE_NOTADB: the WAL garbled under it."""
+    import gc
+    import os
+
+    from agent.store.writer import Write
+
+    db = tmp_path / "agent.db"
+    store = Store(db)
+    try:
+        seeded = store.batch()
+        seeded.add_command(entry("c-0"))
+        seeded.commit()
+        wal = db.with_name(db.name + "-wal")
+        with wal.open("r+b") as f:
+            f.write(os.urandom(wal.stat().st_size))
+        with pytest.raises(StoreError):
+            store.get("c-0")
+        assert store.damaged is not None
+        for i in range(20):
+            refused = big_batch(store, f"r{i}", 5)
+            with pytest.raises(StoreError) as caught:
+                refused.commit()
+            assert caught.value.code == "SQLITE_NOTADB"  # still the damage's own error, as SQLite named it
+        del refused, caught
+        gc.collect()
+        kept = [o for o in gc.get_objects() if isinstance(o, Write)]
+        assert kept == [], f"{len(kept)} refused writes still referenced"
+    finally:
+        store.damaged = None
+        store.close()

@@ -43,6 +43,16 @@ def code_of(err: sqlite3.Error) -> int | None:
     return code & 0xFF if code is not None else None
 
 
+def _again(err: sqlite3.Error) -> sqlite3.Error:
+    """A new exception saying what `err` says (SQLite's message, code and name). Raising `err` itself once per
+    refused commit round would chain a frame per round onto its traceback, each holding that round's writes."""
+    fresh = type(err)(*err.args)
+    for attr in ("sqlite_errorcode", "sqlite_errorname"):
+        if hasattr(err, attr):
+            setattr(fresh, attr, getattr(err, attr))
+    return fresh
+
+
 class GroupCommit:
     """The write path of Store and its error accounting (a part of Store: the store opens `_db` and `_sync`)."""
 
@@ -203,7 +213,7 @@ class GroupCommit:
             return []
         try:
             if self.damaged is not None:
-                raise self.damaged
+                raise _again(self.damaged)  # never the latched one itself: each raise would add to its traceback
             self._same_file()
             self._flush_deferred()
         except Exception as err:  # every write taken here ends with its error: none is left unfinished
