@@ -791,11 +791,13 @@ def test_with_extended_addressing_frames_for_another_tester_are_not_ours(agent, 
     assert result.status is Status.FAILED and result.outcome.error.as_dict()["nrc"] == "0x31", result.outcome
 
 
-@pytest.mark.parametrize("first_frame", [
-    "1FFF 62F40D 0A0B0C",  # 4095 bytes: more than max_pdu, the kernel answers FC.OVERFLOW and drops it
-    "1005 62F40D 0A0B0C",  # 5 bytes: a first frame for what fits a single frame, which ISO 15765-2 ignores
+@pytest.mark.parametrize(("first_frame", "pad"), [
+    ("1FFF 62F40D 0A0B0C", True),  # 4095 bytes: more than max_pdu, the kernel answers FC.OVERFLOW and drops it
+    ("1005 62F40D 0A0B0C", True),  # 5 bytes: a first frame for what fits a single frame, which ISO 15765-2 ignores
+    ("1020 62F40D 0A0B", False),  # 7 bytes of a CAN frame: a first frame must fill it (the kernel drops it)
 ])
-def test_the_kernel_link_does_not_wait_out_the_deadline_for_a_first_frame_the_kernel_drops(channel, first_frame):
+def test_the_kernel_link_does_not_wait_out_the_deadline_for_a_first_frame_the_kernel_drops(channel, first_frame,
+                                                                                            pad):
     """The kernel link takes a first frame on the raw bus for the start of an answer and then waits for it
     to the command's deadline (P2 bounds only the first frame). One the kernel refuses starts nothing: the
     wait ends at P2 with no answer, not at the deadline with 'reception not complete'. (No CAN_ISOTP here:
@@ -831,7 +833,7 @@ def test_the_kernel_link_does_not_wait_out_the_deadline_for_a_first_frame_the_ke
                                socket_factory=SilentSocket)
         link.flush()
         frames = owner.counters.frames_rx
-        ecu.send(first_frame)
+        ecu.send(first_frame, pad=pad)
         assert wait_until(lambda: owner.counters.frames_rx > frames, 5)
         assert link.recv(0.05, time.monotonic() + 0.5) is None
     finally:

@@ -48,6 +48,7 @@ def kernel_isotp_max_pdu(parameter: Path = MAX_PDU_PARAMETER) -> int:
 
 CANFD_BRS = 0x01  # linux/can.h: bit-rate switch (second bitrate for the payload)
 _FIRST_FRAME = 0x1
+_FRAME_LENGTHS = frozenset({8, 12, 16, 20, 24, 32, 48, 64})  # a first frame fills one: 8 bytes on CAN, a DLC step on FD
 
 
 def await_pdu(read: Callable[[float], bytes | None], started: Callable[[], bool], timeout: float, limit: float,
@@ -98,10 +99,12 @@ class KernelIsoTpLink:
     def _on_frame(self, msg: can.Message) -> None:
         """Notifier thread: notes a first frame (the kernel socket gets the same frame and reassembles).
         Not one the kernel drops: longer than max_pdu (it answers FC.OVERFLOW) or short enough for a single
-        frame (ISO 15765-2: ignored); waiting to the deadline for those would wait for nothing."""
+        frame (ISO 15765-2: ignored), nor one that does not fill its CAN frame (the kernel takes the sender's
+        frame length from it, and drops it unless it is a whole CAN (FD) frame length); waiting to the deadline
+        for those would wait for nothing."""
         data = msg.data
         at = self._pci_at
-        if len(data) < at + 2 or data[at] >> 4 != _FIRST_FRAME:
+        if len(data) not in _FRAME_LENGTHS or data[at] >> 4 != _FIRST_FRAME:
             return
         length = (data[at] & 0x0F) << 8 | data[at + 1]
         if length == 0:  # escape sequence: a 32-bit length follows (PDUs over 4095 bytes)
