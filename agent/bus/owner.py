@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 FrameSink = Callable[[can.Message], None]
 # How long the notifier's recv blocks: bounds how fast stop() returns; idle cost is one wake-up per poll.
 NOTIFIER_POLL_S = 0.25
+SUPERVISOR_STOP_S = 3.0  # the longest a stop waits for the supervisor thread
+NOTIFIER_STOP_S = 2.0  # the longest a teardown waits for the notifier thread (stuck in a frame handler: no longer)
 RECEIVE_BUFFER_BYTES = 1 << 20
 OPEN_LOG_EVERY_S = 60.0  # a bus that stays unopenable is logged again at most this often
 BusFactory = Callable[[], can.BusABC]
@@ -218,14 +220,17 @@ class BusOwner:
         self._supervisor.start()
         return self._up.wait(wait)
 
-    def stop(self, timeout: float = 3.0) -> None:
+    def stop(self, timeout: float = SUPERVISOR_STOP_S + NOTIFIER_STOP_S) -> None:
+        """Stops the supervisor and closes the bus; waits at most `timeout` seconds for both threads
+        (the supervisor, then the notifier, which may be stuck in a frame handler)."""
+        end = time.monotonic() + timeout
         self._stopping.set()
         self._wake.set()
         if self._supervisor is not None:
-            self._supervisor.join(timeout)
+            self._supervisor.join(min(SUPERVISOR_STOP_S, timeout))
             if self._supervisor.is_alive():
                 log.error("bus supervisor did not stop", extra={"interface": self.config.channel})
-        self._teardown()
+        self._teardown(max(0.0, min(NOTIFIER_STOP_S, end - time.monotonic())))
 
     @property
     def supervisor_alive(self) -> bool:
@@ -337,14 +342,14 @@ class BusOwner:
         self._emit(True, "open")
         return True
 
-    def _teardown(self) -> None:
+    def _teardown(self, notifier_timeout: float = NOTIFIER_STOP_S) -> None:
         self._up.clear()
         with self._lock:
             bus, notifier = self._bus, self._notifier
             self._bus = self._notifier = None
         if notifier is not None:
             try:
-                notifier.stop(timeout=2.0)
+                notifier.stop(timeout=notifier_timeout)
             except Exception:  # a dead notifier may fail to stop; the bus is shut down anyway
                 log.debug("notifier stop failed", exc_info=True)
         if bus is not None:

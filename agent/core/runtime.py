@@ -11,7 +11,7 @@ from typing import Protocol
 from agent.bus.functional import FunctionalLink, known_responders
 from agent.bus.isotp_link import IsoTpLink
 from agent.bus.kernel_isotp import KernelIsoTpLink, kernel_isotp_available, kernel_isotp_max_pdu
-from agent.bus.owner import BusFactory, BusOwner
+from agent.bus.owner import NOTIFIER_STOP_S, SUPERVISOR_STOP_S, BusFactory, BusOwner
 from agent.config.model import AgentConfig, BusConfig, EcuConfig
 from agent.config.transport import isotp_address
 from agent.core.worker import AheadHook, ComponentWorker, ResultSink, StartHook
@@ -29,6 +29,9 @@ class Companion(Protocol):
     def start(self, wait: float = 2.0) -> bool: ...
 
     def stop(self) -> None: ...
+
+
+BUS_STOP_S = SUPERVISOR_STOP_S + NOTIFIER_STOP_S  # the bus supervisor's join and the notifier's stop, together
 
 
 def choose_transport(bus: BusConfig) -> str:
@@ -130,8 +133,9 @@ class Runtime:
             self.workers[name].start()
         return dead
 
-    def stop(self, grace: float = 5.0) -> None:
-        """Stops taking commands, lets in-flight ones finish within `grace`.
+    def stop(self, grace: float = 5.0, until: float | None = None) -> None:
+        """Stops taking commands, lets in-flight ones finish within `grace`, then closes the bus: within
+        BUS_STOP_S, and never past `until` (monotonic; the caller's stop budget) when given.
 
         Queued commands are dropped from memory only: the ledger still holds them as `queued`, and the
         next start runs them.
@@ -143,6 +147,7 @@ class Runtime:
         for worker in self.workers.values():
             if not worker.stop(max(0.1, end - time.monotonic())):
                 log.error("worker did not stop in time", extra={"component": worker.ecu.name})
-        self.owner.stop()
+        bus_stop = BUS_STOP_S if until is None else max(0.0, min(BUS_STOP_S, until - time.monotonic()))
+        self.owner.stop(bus_stop)
         for companion in self.companions:
             companion.stop()

@@ -171,7 +171,7 @@ class Service(ServiceHealth, StartMarks, RestartRecovery, Finals):
         self.stopped_at = self.clock.wall()
         self.intake.stop(left(3.0))
         self.collection.stop(left(3.0))
-        self.runtime.stop(left(grace))  # queued-but-unrun commands stay 'queued' and run after a restart
+        self.runtime.stop(left(grace), until=end)  # queued-but-unrun commands stay 'queued' and run after a restart
         self._requeue_unrun()
         self.store.flush()  # the finals handed over without waiting are in the outbox before it is flushed
         if self.link.connected:
