@@ -236,24 +236,32 @@ def test_run_names_the_tls_file_it_cannot_use(tmp_path, pki):
                                         f"the key {pki / 'intruder.key'} cannot be loaded: ")
 
 
-@pytest.mark.parametrize(("problem", "field"), [("a missing CA", "mqtt.tls.ca_file"),
-                                                ("a key that is not the certificate's", "mqtt.tls.cert_file"),
-                                                ("a world-readable key", "mqtt.tls.key_file"),
-                                                ("a missing password file", "mqtt.password_file")])
-def test_check_config_reads_the_link_files_as_run_does(tmp_path, pki, problem, field):
+def spoil(files, problem, name, tmp_path, pki):
+    """`files` (setting -> path) with one problem made in `name`: a file that is not there, a key that is
+    not the certificate's, or a copy of the key that other users may read."""
+    if problem == "missing":
+        files[name] = tmp_path / f"missing-{name}.pem"
+    elif problem == "not its key":
+        files[name] = pki / "intruder.key"
+    elif problem == "world-readable":
+        copy = tmp_path / files[name].name
+        copy.write_bytes(files[name].read_bytes())
+        copy.chmod(0o644)
+        files[name] = copy
+    return files
+
+
+@pytest.mark.parametrize(("problem", "name", "field"), [("missing", "ca_file", "mqtt.tls.ca_file"),
+                                                        ("not its key", "key_file", "mqtt.tls.cert_file"),
+                                                        ("world-readable", "key_file", "mqtt.tls.key_file"),
+                                                        ("missing password", None, "mqtt.password_file")])
+def test_check_config_reads_the_link_files_as_run_does(tmp_path, pki, problem, name, field):
     """Review defect: check-config said OK to TLS and password files `run` cannot use (it exits 78): the
     installer's next steps check the config with check-config before the first start."""
-    tls = {"ca_file": pki / "ca.pem", "cert_file": pki / "client.pem", "key_file": pki / "client.key"}
-    if problem == "a missing CA":
-        tls["ca_file"] = tmp_path / "ca.pem"
-    elif problem == "a key that is not the certificate's":
-        tls["key_file"] = pki / "intruder.key"
-    elif problem == "a world-readable key":
-        tls["key_file"] = tmp_path / "client.key"
-        tls["key_file"].write_bytes((pki / "client.key").read_bytes())
-        tls["key_file"].chmod(0o644)
+    tls = spoil({"ca_file": pki / "ca.pem", "cert_file": pki / "client.pem", "key_file": pki / "client.key"},
+                problem, name, tmp_path, pki)
     config = tls_config_file(tmp_path, **tls)
-    if problem == "a missing password file":
+    if problem == "missing password":
         body = yaml.safe_load(config.read_text())
         body["mqtt"]["password_file"] = str(tmp_path / "password")
         config.write_text(yaml.safe_dump(body))
@@ -261,25 +269,17 @@ def test_check_config_reads_the_link_files_as_run_does(tmp_path, pki, problem, f
     assert line.startswith(f"sovd-edge check-config: invalid configuration: {config}: {field}: "), line
 
 
-@pytest.mark.parametrize(("problem", "field"), [("a missing certificate", "metrics.tls.cert_file"),
-                                                ("a key that is not the certificate's", "metrics.tls.cert_file"),
-                                                ("a world-readable key", "metrics.tls.key_file"),
-                                                ("a missing client CA", "metrics.tls.client_ca_file")])
-def test_the_metrics_endpoints_tls_files_are_checked_as_a_config_not_found_at_bind(tmp_path, pki, problem, field):
+@pytest.mark.parametrize(("problem", "name", "field"), [("missing", "cert_file", "metrics.tls.cert_file"),
+                                                        ("not its key", "key_file", "metrics.tls.cert_file"),
+                                                        ("world-readable", "key_file", "metrics.tls.key_file"),
+                                                        ("missing", "client_ca_file", "metrics.tls.client_ca_file")])
+def test_the_metrics_endpoints_tls_files_are_checked_as_a_config_not_found_at_bind(tmp_path, pki, problem, name,
+                                                                                   field):
     """check-config said OK to metrics TLS files `run` could not use, and `run` found them only when it
     bound the endpoint: exit 69 (unavailable), as for a port in use, not 78 (a bad config). Both now name
     the field, and a key other users may read is refused as the MQTT link's key is."""
-    tls = {"cert_file": pki / "server.pem", "key_file": pki / "server.key", "client_ca_file": pki / "ca.pem"}
-    if problem == "a missing certificate":
-        tls["cert_file"] = tmp_path / "missing.pem"
-    elif problem == "a key that is not the certificate's":
-        tls["key_file"] = pki / "intruder.key"
-    elif problem == "a world-readable key":
-        tls["key_file"] = tmp_path / "server.key"
-        tls["key_file"].write_bytes((pki / "server.key").read_bytes())
-        tls["key_file"].chmod(0o644)
-    else:
-        tls["client_ca_file"] = tmp_path / "missing-ca.pem"
+    tls = spoil({"cert_file": pki / "server.pem", "key_file": pki / "server.key", "client_ca_file": pki / "ca.pem"},
+                problem, name, tmp_path, pki)
     config = yaml.safe_load((ROOT / DEMO).read_text())
     config.update(simulate=[str(ROOT / "config/sim/demo-vehicle.yaml")], state_dir=str(tmp_path / "state"))
     config["metrics"] = {"listen": "127.0.0.1:0", "tls": {k: str(v) for k, v in tls.items()}}
