@@ -12,7 +12,7 @@ from pathlib import Path
 
 import jsonschema
 import yaml
-from conftest import ROOT
+from conftest import DATA, ROOT
 
 from agent.config.model import AgentConfig
 from agent.fleet.caller import Caller, Seen
@@ -52,6 +52,21 @@ def validate_published(seen: list[Seen], base: str) -> int:
         assert not errors, f"{message.topic}: {body} violates {kind}: {[e.message for e in errors]}"
         checked += 1
     return checked
+
+
+def daemon_files(tmp_path: Path, broker_url: str, vehicle: str, channel: str, faults: list | None = None) -> Path:
+    """The test vehicle's config and simulator files for a daemon run as a process (`AgentProcess`), its
+    engine given `faults`; returns the config's path."""
+    sim = yaml.safe_load((DATA / "vehicle-sim.yaml").read_text())
+    if faults:
+        sim["ecus"][0]["faults"] = faults
+    (tmp_path / "sim.yaml").write_text(yaml.safe_dump(sim))
+    config = yaml.safe_load((DATA / "vehicle.yaml").read_text())
+    config.update(vehicle=vehicle, simulate=[str(tmp_path / "sim.yaml")], state_dir=str(tmp_path / "state"))
+    config["bus"]["channel"] = channel
+    config["mqtt"] = {"broker": broker_url, "keepalive_s": 5}
+    (tmp_path / "agent.yaml").write_text(yaml.safe_dump(config))
+    return tmp_path / "agent.yaml"
 
 
 class AgentProcess:

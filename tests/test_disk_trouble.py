@@ -378,7 +378,7 @@ def test_telemetry_a_failing_store_cannot_take_is_counted_each_time_and_logged_o
     """A collection plan batches every 300 ms; with the store failing, every batch and every state write
     logged a full traceback (three a second, onto the failing card). Each lost batch is counted (the
     `not_stored` metric); the log says it once while the store fails."""
-    svc, backend, db, _ = running
+    svc, backend, db, stopped = running
     plan = {"name": "pt", "version": 1, "signals": [{"component": "engine", "data": ["engine_speed"],
                                                      "every_ms": 100}],
             "batch": {"max_age_ms": 300, "max_samples": 50}}
@@ -394,7 +394,9 @@ def test_telemetry_a_failing_store_cannot_take_is_counted_each_time_and_logged_o
         flood = [r for r in caplog.records if r.name.startswith("agent.collect") and "could not be queued" in
                  r.getMessage()]
         assert 1 <= len(flood) <= 2, [r.getMessage() for r in flood]  # one for batches, one for states at most
-    finally:
+    finally:  # the agent stopped first: a removal it took while stopping logged onto a closed test stream
+        svc.stop()
+        stopped.append(True)
         backend.publish_plan("pt", None)
 
 
@@ -415,7 +417,7 @@ def test_a_store_sqlite_finds_damaged_stays_in_trouble_though_some_writes_work(r
     fine, two log lines a second, and telemetry went on being written to a WAL the next start moves aside.
     Damage (SQLITE_NOTADB, SQLITE_CORRUPT) now lasts until a restart: writes are refused, and the watchdog
     is told (a restart's recovery mends it)."""
-    svc, backend, db, _ = running
+    svc, backend, db, stopped = running
     plan = {"name": "pt", "version": 1, "signals": [{"component": "engine", "data": ["engine_speed"],
                                                      "every_ms": 100}],
             "batch": {"max_age_ms": 300, "max_samples": 50}}
@@ -435,5 +437,7 @@ def test_a_store_sqlite_finds_damaged_stays_in_trouble_though_some_writes_work(r
         assert len([line for line in lines if line.startswith("store failing")]) == 1, lines
         assert not [line for line in lines if line.startswith("store works again")], lines
         assert any("store damaged" in problem for problem in svc.wedged()), svc.wedged()
-    finally:
+    finally:  # the agent stopped first: a removal it took while stopping logged onto a closed test stream
+        svc.stop()
+        stopped.append(True)
         backend.publish_plan("pt", None)

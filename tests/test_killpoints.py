@@ -20,9 +20,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-import yaml
-from conftest import DATA
-from mqtt_support import AgentProcess, validate_published
+from mqtt_support import AgentProcess, daemon_files, validate_published
 
 from agent.config.model import MqttConfig
 from agent.fleet.caller import Caller
@@ -45,14 +43,8 @@ class KilledAgent(AgentProcess):
 @pytest.fixture
 def setup(tmp_path, broker):
     vehicle = f"VK{uuid.uuid4().hex[:12].upper()}"
-    sim = yaml.safe_load((DATA / "vehicle-sim.yaml").read_text())
-    (tmp_path / "sim.yaml").write_text(yaml.safe_dump(sim))
-    config = yaml.safe_load((DATA / "vehicle.yaml").read_text())
-    config.update(vehicle=vehicle, simulate=[str(tmp_path / "sim.yaml")], state_dir=str(tmp_path / "state"))
-    config["bus"]["channel"] = f"kill-{uuid.uuid4().hex[:8]}"
-    config["mqtt"] = {"broker": broker.url, "keepalive_s": 5}
-    (tmp_path / "agent.yaml").write_text(yaml.safe_dump(config))
-    agent = AgentProcess(tmp_path / "agent.yaml", broker.url, tmp_path / "state", tmp_path / "journal")
+    config = daemon_files(tmp_path, broker.url, vehicle, f"kill-{uuid.uuid4().hex[:8]}")
+    agent = AgentProcess(config, broker.url, tmp_path / "state", tmp_path / "journal")
     backend = Caller(MqttConfig(broker=broker.url), vehicle)
     backend.connect()
     backend.subscribe(f"{backend.topics.base}/#")

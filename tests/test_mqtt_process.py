@@ -11,9 +11,8 @@ import time
 import uuid
 
 import pytest
-import yaml
-from conftest import DATA, ROOT
-from mqtt_support import AgentProcess, validate_published
+from conftest import ROOT
+from mqtt_support import AgentProcess, daemon_files, validate_published
 
 from agent.bus.owner import wait_until
 from agent.fleet.caller import Caller
@@ -22,15 +21,9 @@ from agent.fleet.caller import Caller
 @pytest.fixture
 def setup(tmp_path, broker):
     vehicle = f"VP{uuid.uuid4().hex[:12].upper()}"
-    sim = yaml.safe_load((DATA / "vehicle-sim.yaml").read_text())
-    sim["ecus"][0]["faults"] = [{"service": 0x31, "pending": 50}]  # each routine takes ~1 s (50 x 0x78)
-    (tmp_path / "sim.yaml").write_text(yaml.safe_dump(sim))
-    config = yaml.safe_load((DATA / "vehicle.yaml").read_text())
-    config.update(vehicle=vehicle, simulate=[str(tmp_path / "sim.yaml")], state_dir=str(tmp_path / "state"))
-    config["bus"]["channel"] = f"proc-{uuid.uuid4().hex[:8]}"
-    config["mqtt"] = {"broker": broker.url, "keepalive_s": 5}
-    (tmp_path / "agent.yaml").write_text(yaml.safe_dump(config))
-    agent = AgentProcess(tmp_path / "agent.yaml", broker.url, tmp_path / "state", tmp_path / "journal")
+    config = daemon_files(tmp_path, broker.url, vehicle, f"proc-{uuid.uuid4().hex[:8]}",
+                          faults=[{"service": 0x31, "pending": 50}])  # each routine takes ~1 s (50 x 0x78)
+    agent = AgentProcess(config, broker.url, tmp_path / "state", tmp_path / "journal")
     yield agent, vehicle, tmp_path
     agent.ensure_stopped()
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
+import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from wsgiref.simple_server import WSGIServer
@@ -83,11 +86,27 @@ class MetricsServer:
         return self._thread is not None and self._thread.is_alive()
 
     def stop(self, timeout: float = 3.0) -> None:
+        """Stops serving within `timeout`. serve_forever looks for a stop only between its 0.5 s polls,
+        which every stop of the agent waited out: a connection made once the stop is asked for wakes it
+        at once, and it leaves without accepting that connection (socketserver, bpo-35017)."""
+        end = time.monotonic() + timeout
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+            server = self._server
+            stopping = threading.Thread(target=server.shutdown, name="metrics-stop", daemon=True)
+            stopping.start()
+            while stopping.is_alive() and time.monotonic() < end:
+                if getattr(server, "_BaseServer__shutdown_request", False):  # (no such flag: the poll ends it)
+                    self._knock()
+                stopping.join(0.01)
+            server.server_close()
         if self._thread is not None:
-            self._thread.join(timeout)
+            self._thread.join(max(0.0, end - time.monotonic()))
+
+    def _knock(self) -> None:
+        host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(self.config.listen_host,
+                                                                          self.config.listen_host)
+        with contextlib.suppress(OSError):
+            socket.create_connection((host, self.port), timeout=0.1).close()
 
 
 def _hint(err: Exception) -> str:
