@@ -2,7 +2,7 @@
 kernel ISO-TP and the userspace fallback, netlink bus state, agent and ECUs as separate processes.
 
 Here: `sudo hw/vcan-up && SOVD_TEST_CAN=vcan0 .venv/bin/pytest -m vcan`; without CAN in the kernel,
-tests/vm/run-vcan-suite runs this file in a VM (as .ci/run does).
+tests/vm/run-vcan-suite runs this file and test_vcan_functional.py in a VM (as .ci/run does).
 """
 
 import json
@@ -58,27 +58,47 @@ def simulator(tmp_path_factory):
     proc.wait(30)
 
 
-@pytest.fixture(params=["kernel", "userspace"])
-def agent(request, tmp_path, broker, simulator):
+def _start_agent(transport, directory, broker):
+    """The agent as systemd runs it, on vcan0 with `transport` ISO-TP: (process, metrics port, vehicle)."""
     config = yaml.safe_load((ROOT / "config/vcan.yaml").read_text())
     config["vehicle"] = f"VV{uuid.uuid4().hex[:10].upper()}"
-    config["bus"].update(channel=CAN, isotp=request.param)
+    config["bus"].update(channel=CAN, isotp=transport)
     for ecu in config["ecus"]:  # generous P2: the lane may run under full emulation (tests/vm), not on an ECU
         ecu.setdefault("timing", {})["p2_ms"] = 3000
     port = free_port()
-    process = AgentProcess(_write(tmp_path / "agent.yaml", config), broker.url, tmp_path / "state")
+    process = AgentProcess(_write(directory / "agent.yaml", config), broker.url, directory / "state")
     process.args += ["--metrics-listen", f"127.0.0.1:{port}"]
     process.start(timeout=90)
-    assert f'"transport": "{request.param}"' in process.log.read_text()
-    backend = Caller(MqttConfig(broker=broker.url), config["vehicle"])
+    assert f'"transport": "{transport}"' in process.log.read_text()
+    return process, port, config["vehicle"]
+
+
+def _backend_of(process, port, vehicle, broker):
+    """A fresh backend for one test; its teardown validates what the agent published to it."""
+    backend = Caller(MqttConfig(broker=broker.url), vehicle)
     backend.connect()
     backend.subscribe(f"{backend.topics.base}/#")
     backend.wait_status("online", 30)
     yield process, backend, port
     validate_published(backend.seen, backend.topics.base)
     backend.close()
+    assert process.proc.poll() is None, process.log.read_text()[-2000:]  # the test did not end the agent
+
+
+@pytest.fixture(scope="module", params=["kernel", "userspace"])
+def shared_agent(request, tmp_path_factory, broker, simulator):
+    """One agent per ISO-TP transport: each start costs ~9 s in the emulated VM, which 16 starts made a
+    third of the lane (CI is to stay under 20 minutes). A test that needs an agent of its own, alone on
+    the bus, is in test_vcan_functional.py (it runs after this module's agents have stopped)."""
+    process, port, vehicle = _start_agent(request.param, tmp_path_factory.mktemp(f"agent-{request.param}"), broker)
+    yield process, port, vehicle
     assert process.terminate(60) == 0
     process.ensure_stopped()
+
+
+@pytest.fixture
+def agent(shared_agent, broker):
+    yield from _backend_of(*shared_agent, broker)
 
 
 def _write(path, data):
@@ -115,23 +135,6 @@ def test_commands_over_socketcan(agent):
         "status_record": "00"}
     assert call(backend, "engine", "raw", {"request": "22F405"})["result"] == {"response": "62f4055a"}
     assert call(backend, "engine", "read_data", {"data": "0x1234"})["error"]["nrc"] == "0x31"
-
-
-def test_functional_multi_frame_answers_over_socketcan(agent):
-    """The 20-byte VIN answer to a functional read is multi-frame. With kernel ISO-TP the engine's
-    CAN_ISOTP socket, once bound by a physical command, sends the flow control itself and the functional
-    collector only listens; before that (and on the userspace path) the collector sends it. Each
-    functional command after the first used to time out (every frame reached the collector twice)."""
-    _, backend, _ = agent
-    for physical_before in (False, True, False):
-        if physical_before:
-            assert call(backend, "engine", "read_data", {"data": "vin"})["status"] == "completed"
-        body = {"id": f"v-{uuid.uuid4().hex[:8]}", "component": "engine", "command": "read_data",
-                "params": {"data": "vin"}, "addressing": "functional"}
-        backend.send(body)
-        final = backend.final(body["id"], timeout=60)
-        assert final["status"] == "completed", final
-        assert final["result"] == {"responses": {"engine": {"values": {"vin": "VCAN0DEVVEHICLE01"}}}}
 
 
 def test_4095_byte_did(agent):
