@@ -222,8 +222,8 @@ class Executor:
                   accept: Callable[[bytes], object] | None = None) -> bytes | None:
         return transact(self.link, request, self.timing, deadline, wait_negative, accept, self._discard)
 
-    def _ask(self, request: Request, deadline: float, accept: Callable[[bytes], object] | None = None) -> Response:
-        data = self._transact(request.get_payload(), deadline, accept=accept)
+    def _ask(self, request: Request, deadline: float) -> Response:
+        data = self._transact(request.get_payload(), deadline)
         assert data is not None  # named commands never suppress the positive response
         response = parse_response(data)
         if not response.valid:
@@ -236,8 +236,9 @@ class Executor:
         for group in did_groups(p.dids):
             config = {d.id: codecs.UdsoncanCodec(d) for d in group}
             ids = [d.id for d in group]
+            taken: list[Any] = []  # what `read` made of each answer it accepted: the last is the one returned
 
-            def read(data: bytes, ids: list[int] = ids, config: dict = config) -> Any:
+            def read(data: bytes, ids: list[int] = ids, config: dict = config, taken: list[Any] = taken) -> None:
                 response = parse_response(data)
                 if not response.valid:
                     raise InvalidResponseError(response.invalid_reason)
@@ -246,11 +247,12 @@ class Executor:
                     got = ", ".join(f"0x{d:04X}" for d in parsed.values) or "none"
                     raise InvalidResponseError(f"response carries DIDs {got}, asked for "
                                                f"{', '.join(f'0x{d:04X}' for d in ids)}")
-                return parsed
+                taken.append(parsed)
 
-            # An answer that echoes the first DID but not the rest may be a late one to a read of fewer DIDs.
-            parsed = read(self._ask(services.ReadDataByIdentifier.make_request(ids, config), deadline,
-                                    accept=read).get_payload())
+            # An answer that echoes the first DID but not the rest may be a late one to a read of fewer DIDs:
+            # `read` checks each answer as the exchange takes it, and its decoding is the result.
+            self._transact(services.ReadDataByIdentifier.make_request(ids, config).get_payload(), deadline, accept=read)
+            parsed = taken[-1]
             by_id = {d.id: d for d in group}
             for did, value in parsed.values.items():
                 values[by_id[did].name] = value
