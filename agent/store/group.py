@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from agent.store.batch import execute_all
 from agent.store.records import Statements, StoreError, Trouble
-from agent.store.writer import Synchronous, Write, commit_writes, is_unavailable
+from agent.store.writer import DAMAGE_CODES, Synchronous, Write, code_of, commit_writes, is_unavailable
 
 if TYPE_CHECKING:
     from agent.store.batch import Batch
@@ -32,15 +32,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_DEFERRED = 1000  # writes kept in memory while the storage is unavailable
-DAMAGE_CODES = frozenset({11, 26})  # SQLITE_CORRUPT, SQLITE_NOTADB: the content is bad (recovery.py moves it aside)
 SQLITE_READONLY_DBMOVED = 1032  # (8 | 4 << 8): READONLY, a storage failure (writer.UNAVAILABLE_CODES)
 COMPANY_WAIT_S = 0.02  # a write handed over to share a commit expected soon waits at most this long alone
-
-
-def code_of(err: sqlite3.Error) -> int | None:
-    """SQLite's primary result code of `err` (None for Python's own checks)."""
-    code = getattr(err, "sqlite_errorcode", None)
-    return code & 0xFF if code is not None else None
 
 
 def _again(err: sqlite3.Error) -> sqlite3.Error:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.store.sqlite import Store, StoreError
+from agent.store.writer import DAMAGE_CODES, code_of
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,6 @@ WAL_MAGIC = (0x377F0682, 0x377F0683)  # checksums in little-endian / big-endian 
 WAL_VERSION = 3007000
 WAL_HEADER = 32
 FRAME_HEADER = 24
-DAMAGE_CODES = frozenset({11, 26})  # SQLITE_CORRUPT, SQLITE_NOTADB
 
 
 @dataclass(frozen=True)
@@ -86,8 +86,7 @@ def open_store(path: Path, on_error: Callable[[StoreError], None] | None = None,
 
 def is_damage(err: StoreError) -> bool:
     """SQLite says the file's content is bad (SQLITE_CORRUPT, SQLITE_NOTADB), not that it cannot get at it."""
-    code = getattr(err.cause, "sqlite_errorcode", None)
-    return code is not None and code & 0xFF in DAMAGE_CODES
+    return code_of(err.cause) in DAMAGE_CODES
 
 
 def _vanished(path: Path) -> tuple[str, str] | None:

@@ -44,9 +44,9 @@ def is_unavailable(err: BaseException) -> bool:
     """SQLite says the storage is the trouble (disk full, I/O, corruption, locked), not the data."""
     if not isinstance(err, sqlite3.Error):
         return False
-    code = getattr(err, "sqlite_errorcode", None)
+    code = code_of(err)
     if code is not None:
-        return code & 0xFF in UNAVAILABLE_CODES
+        return code in UNAVAILABLE_CODES
     # no code: Python's own checks (misuse) are the data's fault; SQLite's operational errors are not
     return isinstance(err, sqlite3.OperationalError)
 
@@ -54,6 +54,13 @@ def is_unavailable(err: BaseException) -> bool:
 # SQLite primary result codes that mean the storage is the trouble, not the data written:
 # BUSY, LOCKED, NOMEM, READONLY, IOERR, CORRUPT, FULL, CANTOPEN, PROTOCOL, NOTADB.
 UNAVAILABLE_CODES = frozenset({5, 6, 7, 8, 10, 11, 13, 14, 15, 26})
+DAMAGE_CODES = frozenset({11, 26})  # SQLITE_CORRUPT, SQLITE_NOTADB: the content is bad (recovery.py moves it aside)
+
+
+def code_of(err: BaseException | None) -> int | None:
+    """SQLite's primary result code of `err` (None for Python's own checks, or no SQLite error at all)."""
+    code = getattr(err, "sqlite_errorcode", None)
+    return code & 0xFF if code is not None else None
 
 
 class Synchronous:
