@@ -5,10 +5,7 @@ Requests are built with udsoncan's `services.*.make_request` and answers read wi
 echoes udsoncan parses (session, reset type, security level, routine, DID, control parameter) are
 compared once more here. Hand-built bytes remain only where udsoncan has no helper:
 - `raw`: the caller's bytes, by definition;
-- the records of ReadDTCInformation 0x04/0x06 (snapshots, extended data): udsoncan's reader needs a
-  codec for every DID of a snapshot and the size of every extended record up front, so records of
-  DIDs the config does not describe could not be read at all; `wire.dtc` splits them instead (the
-  requests themselves come from udsoncan);
+- the records of ReadDTCInformation 0x04/0x06 (snapshots, extended data), split in `uds.faults`;
 - the session/security bookkeeping that follows a raw 0x10/0x11/0x27, read from the raw bytes.
 A command sent functionally (one request, every ECU's answer) is handed to `uds.functional`.
 """
@@ -25,7 +22,8 @@ from udsoncan import Request, Response, services
 
 from agent.config.model import EcuConfig
 from agent.errors import BusDownError, TransportTimeoutError
-from agent.uds.answers import did_groups, error_fields, expect_echo, interpret
+from agent.uds import faults
+from agent.uds.answers import did_groups, expect_echo, interpret
 from agent.uds.functional import FunctionalRequests
 from agent.uds.keys import load_algorithm
 from agent.uds.response import parse as parse_response
@@ -41,7 +39,6 @@ from agent.uds.transaction import (
 from agent.wire import codecs, obd
 from agent.wire import command as c
 from agent.wire.command import ErrorCode, Outcome, Status
-from agent.wire.dtc import fault_dict, split_snapshot_records, with_text
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +48,6 @@ ACTIVE_SESSION = b"\x22\xF1\x86"  # read activeDiagnosticSessionDataIdentifier (
 KEEPALIVES_MISSED_LOST = 2  # unanswered keepalives in a row after which the ECU has left the session
 # Answers to that read that mean the ECU will never report its session: keepalives are TesterPresent then.
 _NO_SESSION_DID = frozenset({0x11, 0x12, 0x13, 0x31, 0x33, 0x7F})
-_DTC = services.ReadDTCInformation.Subfunction
 _SEED, _KEY = services.SecurityAccess.Mode.RequestSeed, services.SecurityAccess.Mode.SendKey
 
 
@@ -265,45 +261,13 @@ class Executor:
         return {}
 
     def _read_faults(self, p: c.ReadFaults, deadline: float) -> dict[str, Any]:
-        request = services.ReadDTCInformation.make_request(_DTC.reportDTCByStatusMask, status_mask=p.status_mask)
-        parsed = interpret(services.ReadDTCInformation.interpret_response, self._ask(request, deadline),
-                           _DTC.reportDTCByStatusMask)
-        faults = []
-        for dtc in parsed.dtcs:
-            entry = with_text(fault_dict(dtc.id, dtc.status.get_byte_as_int()), self.ecu.dtc_texts, dtc.id)
-            if p.snapshots:
-                self._snapshots(entry, dtc.id, deadline)
-            if p.extended:
-                self._fault_part(entry, "extended_data", dtc.id, lambda d: d.hex(), deadline)
-            faults.append(entry)
-        return {"faults": faults}
+        return faults.read_faults(self._ask, self.ecu, p, deadline)
 
     def _read_fault_snapshot(self, p: c.ReadFaultSnapshot, deadline: float) -> dict[str, Any]:
         """`{"snapshots": ...}` or `{"snapshots_error": ...}` of one DTC: collection's one-request part."""
         entry: dict[str, Any] = {}
-        self._snapshots(entry, p.dtc, deadline)
+        faults.read_snapshots(self._ask, self.ecu, entry, p.dtc, deadline)
         return entry
-
-    def _snapshots(self, entry: dict[str, Any], dtc: int, deadline: float) -> None:
-        self._fault_part(entry, "snapshots", dtc, lambda d: split_snapshot_records(
-            d, {s.id: s for s in self.ecu.dids}), deadline)
-
-    def _fault_part(self, entry: dict[str, Any], key: str, dtc: int, read: Callable[[bytes], Any],
-                    deadline: float) -> None:
-        """One DTC's snapshots or extended data into its entry; a failure stays in that entry."""
-        sub = _DTC.reportDTCSnapshotRecordByDTCNumber if key == "snapshots" \
-            else _DTC.reportDTCExtendedDataRecordByDTCNumber
-        record = {"snapshot_record_number": 0xFF} if key == "snapshots" else {"extended_data_record_number": 0xFF}
-        try:
-            request = services.ReadDTCInformation.make_request(sub, dtc=dtc, **record)
-            data = self._ask(request, deadline).get_payload()
-            if len(data) < 6:
-                raise InvalidResponseError(f"0x19 0x{sub:02X} answer too short: {data.hex()}")
-            entry[key] = read(data[6:])  # after 59, sub-function, DTC (3), status
-        except (NegativeResponseError, InvalidResponseError, UdsTimeoutError, TransportTimeoutError) as err:
-            entry[f"{key}_error"] = error_fields(err)
-            log.warning("%s of DTC 0x%06X on %s not read: %s", key, dtc, self.ecu.name, err,
-                        extra={"component": self.ecu.name})
 
     def _clear_faults(self, p: c.ClearFaults, deadline: float) -> dict[str, Any]:
         response = self._ask(services.ClearDiagnosticInformation.make_request(p.group), deadline)
