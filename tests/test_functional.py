@@ -555,3 +555,24 @@ def test_only_a_pending_answer_is_a_completed_result_with_that_ecus_timeout(vehi
     assert result.status is Status.COMPLETED, result.outcome
     assert list(result.outcome.result["responses"]) == ["0x7EB"]
     assert result.outcome.result["responses"]["0x7EB"]["error"]["code"] == "timeout"
+
+
+def test_each_answer_is_decoded_once_physically_and_functionally(agent, monkeypatch):
+    """A DID's codec may be costly (scaled, enumerated, a script's): the check that accepts a read's
+    answer decodes it, and that decoding is the result, not a second one."""
+    from agent.wire import codecs
+
+    decoded: list[int] = []
+    real = codecs.UdsoncanCodec.decode
+
+    def counting(self, string_bin):
+        decoded.append(self.spec.id)
+        return real(self, string_bin)
+
+    monkeypatch.setattr(codecs.UdsoncanCodec, "decode", counting)
+    assert agent.run("engine", "read_data", {"data": "vin"}).outcome.result == {"values": {"vin": VIN}}
+    assert decoded == [0xF190]
+    decoded.clear()
+    result = _run(agent, "engine", "read_data", {"data": "vin"})
+    assert set(result.outcome.result["responses"]) == {"engine", "camera", "0x7E9"}
+    assert decoded == [0xF190] * 3  # three answers, one decoding each
