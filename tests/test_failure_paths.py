@@ -3,12 +3,14 @@ sharing one client id, an unreachable socketcand hub, and library loggers that r
 
 import dataclasses
 import logging
+import os
 import socket
 import subprocess
 import sys
 import time
 import uuid
 
+import pytest
 import yaml
 from conftest import DATA, ROOT
 from mqtt_support import AgentProcess
@@ -173,3 +175,27 @@ print("taken")
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert result.stdout.split("\n")[:3] == ["raised 27", "fds 0", "taken"], result.stdout + result.stderr
+
+
+def test_a_deleted_lock_file_does_not_let_a_second_agent_take_the_state_directory(tmp_path):
+    """An operator who deletes `agent.lock` as a stale lock file while the agent runs: the lock was on that
+    file alone, so a second agent locked a new one and ran the same ledger. The directory is locked too."""
+    from agent.system.statelock import StateLock, StateLockedError
+
+    first = StateLock(tmp_path)
+    first.acquire()
+    try:
+        with pytest.raises(StateLockedError) as refused:
+            StateLock(tmp_path).acquire()
+        assert refused.value.holder == str(os.getpid())
+        fds = len(os.listdir("/proc/self/fd"))
+        (tmp_path / "agent.lock").unlink()
+        with pytest.raises(StateLockedError) as refused:
+            StateLock(tmp_path).acquire()
+        assert refused.value.holder == "unknown"  # its pid went with the file
+        assert len(os.listdir("/proc/self/fd")) == fds  # a refused attempt keeps nothing open
+    finally:
+        first.release()
+    with StateLock(tmp_path) as again:
+        assert (tmp_path / "agent.lock").read_text() == f"{os.getpid()}\n"
+    assert again._fds == []

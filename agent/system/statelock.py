@@ -1,4 +1,10 @@
-"""One agent per state directory: an exclusive lock on a file in it, naming the process that holds it."""
+"""One agent per state directory: an exclusive lock on the directory itself, and on a file in it that
+names the process holding it.
+
+The directory's lock is the one that cannot be lost: an operator who deletes `agent.lock` as a "stale
+lock file" while the agent runs would otherwise let a second agent lock a new file of that name and run
+the same ledger's commands again. The file's lock keeps an agent from before the directory lock out.
+"""
 
 from __future__ import annotations
 
@@ -22,34 +28,41 @@ class StateLockedError(AgentError, RuntimeError):
 
 
 class StateLock:
-    """flock(2) on `{state_dir}/agent.lock`: released by the kernel when the process ends, even by SIGKILL."""
+    """flock(2) on `{state_dir}` and on `{state_dir}/agent.lock`: released by the kernel when the process
+    ends, even by SIGKILL."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.path = directory / LOCK_FILE
-        self._fd: int | None = None
+        self._fds: list[int] = []
 
     def acquire(self) -> None:
-        """Takes the lock and writes our pid into the file; raises StateLockedError naming the holder."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o640)
+        """Takes both locks and writes our pid into the file; raises StateLockedError naming the holder."""
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise StateLockedError(self.directory, holder) from None
-        try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        except OSError:  # a full disk: the lock is not kept half-taken (closing the fd releases it)
-            os.close(fd)
+            for path, flags in ((self.directory, os.O_RDONLY | os.O_DIRECTORY), (self.path, os.O_RDWR | os.O_CREAT)):
+                fd = os.open(path, flags, 0o640)
+                self._fds.append(fd)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise StateLockedError(self.directory, self._holder()) from None
+            os.ftruncate(self._fds[-1], 0)
+            os.pwrite(self._fds[-1], f"{os.getpid()}\n".encode(), 0)
+        except BaseException:  # locked elsewhere, or a full disk: no lock is kept half-taken (closing releases it)
+            self.release()
             raise
-        self._fd = fd
+
+    def _holder(self) -> str:
+        """The pid the holder wrote, or "unknown" (the file deleted or not written yet)."""
+        try:
+            with open(self.path, "rb") as file:
+                return file.read(32).decode(errors="replace").strip() or "unknown"
+        except OSError:
+            return "unknown"
 
     def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        while self._fds:
+            os.close(self._fds.pop())
 
     def __enter__(self) -> StateLock:
         self.acquire()
