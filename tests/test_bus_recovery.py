@@ -150,3 +150,38 @@ def test_bus_that_never_opens_reports_unavailable(vehicle):
 
     with pytest.raises(BusUnavailableError, match="No such device"), LocalSession(vehicle, bus_factory=factory):
         pass
+
+
+def test_a_frame_handler_that_raises_loses_its_frame_not_the_bus(vehicle, sim, caplog):
+    """A bug in one frame handler (an ISO-TP link's sink, a functional collection's tap) went to python-can's
+    on_error: the reader stopped, the bus was rebuilt, and every ECU's exchange under way ended bus_error.
+    Now the frame is lost to that handler alone: counted, its traceback logged once per handler."""
+    import logging
+
+    from agent.bus.owner import RxFilter
+
+    def broken_sink(msg):
+        raise KeyError("a bug in a sink")
+
+    class Collector:
+        def on_frame(self, msg):
+            raise ValueError("a bug in a tap")
+
+    with LocalSession(vehicle) as session, can.Bus(interface="virtual", channel=vehicle.bus.channel) as other:
+        owner = session.runtime.owner
+        owner.subscribe(0x123, False, broken_sink)
+        owner.listen(RxFilter(0x124, False))
+        tap = Collector().on_frame
+        with caplog.at_level(logging.DEBUG, logger="agent.bus.owner"):
+            owner.tap(tap)
+            for can_id in (0x123, 0x123, 0x124):
+                other.send(can.Message(arbitration_id=can_id, data=b"\x01", is_extended_id=False))
+            assert wait_until(lambda: owner.counters.handler_errors >= 5, 5)  # sink twice, tap three times
+            assert read_vin(session).status is Status.COMPLETED  # the tap fails on these frames too
+            owner.untap(tap)
+        assert owner.counters.recv_errors == 0 and owner.counters.rebuilds == 0 and owner.is_up
+        logged = [r for r in caplog.records if r.levelno == logging.ERROR]
+        assert len(logged) == 2, [r.getMessage() for r in logged]  # once per handler, however often it fails
+        assert {r.exc_info[0] for r in logged} == {KeyError, ValueError}
+        reading = session.runtime.owner.counters
+        assert reading.handler_errors > 5  # the tap failed on the read's frames as well

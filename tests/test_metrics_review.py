@@ -174,7 +174,8 @@ def test_can_send_and_receive_errors_and_dropped_frames_are_exported(mqtt_vehicl
         channel = mqtt_vehicle.bus.channel
         interface = (("interface", channel),)
         found = scrape(svc)
-        for name in ("sovd_can_send_errors_total", "sovd_can_receive_errors_total", "sovd_can_frames_dropped_total"):
+        for name in ("sovd_can_send_errors_total", "sovd_can_receive_errors_total", "sovd_can_frames_dropped_total",
+                     "sovd_can_handler_errors_total"):
             assert found[(name, interface)] == 0, name
         faults.send = 1  # ENOBUFS for a moment: retried, no rebuild
         body = {"id": f"r-{uuid.uuid4().hex[:8]}", "component": "engine", "command": "read_data",
@@ -474,7 +475,7 @@ def test_the_dashboard_shows_what_is_lost_and_what_fails():
     exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p.get("targets", []))
     for name in ("sovd_outbox_dropped_total", "sovd_publish_refused_total", "sovd_store_deferred_dropped_total",
                  "sovd_log_messages_total", "sovd_can_send_errors_total", "sovd_can_receive_errors_total",
-                 "sovd_can_frames_dropped_total"):
+                 "sovd_can_frames_dropped_total", "sovd_can_handler_errors_total"):
         assert name in exprs, name
 
 

@@ -53,6 +53,7 @@ class BusCounters:
     recv_errors: int = 0
     rebuilds: int = 0
     dropped: int = 0
+    handler_errors: int = 0  # exceptions the agent's own frame handlers raised (a bug; the bus carries on)
 
 
 def open_bus(config: BusConfig) -> can.BusABC:
@@ -83,10 +84,15 @@ def open_bus(config: BusConfig) -> can.BusABC:
 
 
 class _Router(can.Listener):
-    """The one notifier listener: hands each frame to the sink registered for its id (a dict lookup)."""
+    """The one notifier listener: hands each frame to the sink registered for its id (a dict lookup).
+
+    A handler that raises is a bug in that handler: the frame is lost to it alone, counted, and logged
+    with its traceback (once per handler). Left to python-can, the exception would go to `on_error` and
+    stop the reader, and every ECU's exchange would end `bus_error` for one handler's bug."""
 
     def __init__(self, owner: BusOwner) -> None:
         self._owner = owner
+        self._logged: set[object] = set()  # handlers whose exception was logged with its traceback
 
     def on_message_received(self, msg: can.Message) -> None:
         counters = self._owner.counters
@@ -100,11 +106,26 @@ class _Router(can.Listener):
         try:
             sink = self._owner.sinks.get((msg.arbitration_id, msg.is_extended_id))
             if sink is not None:
-                sink(msg)
+                self._hand(sink, msg)
             for tap in self._owner.taps:  # empty unless a functional request is collecting answers
-                tap(msg)
+                self._hand(tap, msg)
         finally:
             self._owner.dispatching_since = None
+
+    def _hand(self, handler: FrameSink, msg: can.Message) -> None:
+        try:
+            handler(msg)
+        except Exception:
+            self._owner.counters.handler_errors += 1
+            key = getattr(handler, "__self__", handler)  # one per link, not per bound-method object
+            if key in self._logged:
+                log.debug("frame handler %r failed again on 0x%X", handler, msg.arbitration_id)
+                return
+            self._logged.add(key)
+            log.exception("frame handler %r failed on a frame from 0x%X; the frame is lost to it, the bus "
+                          "carries on (further failures of this handler are counted: "
+                          "sovd_can_handler_errors_total)", handler, msg.arbitration_id,
+                          extra={"interface": self._owner.config.channel})
 
     def on_error(self, exc: Exception) -> None:
         # Report, then re-raise: a handled error would make the Notifier spin on a broken bus.

@@ -98,7 +98,7 @@ class BusMonitor:
                 rebuilds=counters.rebuilds)
             bitrate = self._config.bitrate
         reading = replace(reading, send_errors=counters.send_errors, recv_errors=counters.recv_errors,
-                          frames_dropped=counters.dropped)
+                          frames_dropped=counters.dropped, handler_errors=counters.handler_errors)
         if not self._owner.is_up:
             reading = replace(reading, state="stopped")
         held = link is None and known is not None  # the kernel did not answer: no new figures, no load

@@ -52,6 +52,7 @@ class BusReading:
     send_errors: int = 0  # these three are the agent's own, whatever the interface
     recv_errors: int = 0
     frames_dropped: int = 0
+    handler_errors: int = 0
 
 
 @dataclass(frozen=True)
@@ -272,6 +273,9 @@ def _bus_metrics(b: BusReading) -> Iterator[Metric]:
                    "rebuilt).", b.interface, b.recv_errors)
     yield _counter("sovd_can_frames_dropped", "Frames for an ISO-TP link dropped because its queue was full (a "
                    "transfer broken under its command).", b.interface, b.frames_dropped)
+    yield _counter("sovd_can_handler_errors", "Exceptions the agent's own frame handlers raised (a bug: the frame is "
+                   "lost to that handler, the bus carries on; the first of each handler is logged).", b.interface,
+                   b.handler_errors)
     frames = CounterMetricFamily("sovd_can_frames", "CAN frames.", labels=["interface", "direction"])
     frames.add_metric([b.interface, "rx"], b.rx_frames)
     frames.add_metric([b.interface, "tx"], b.tx_frames)
