@@ -57,3 +57,27 @@ def test_a_final_that_cannot_be_built_is_answered_failed_internal_once(service, 
     assert (again["status"], again["seq"]) == ("failed", final["seq"])
     assert service.runtime.workers["engine"].executor is not None
     assert sum(1 for s in backend.replies(broken_id["id"]) if s["final"] and not s.get("duplicate")) == 1
+
+
+def test_a_bug_recording_a_start_is_failed_internal_not_a_full_disk(service, backend, caplog):
+    """The start hook's exceptions were all answered `storage_unavailable` (transient: forgotten, "send it
+    again later") and logged without a traceback, so a bug there looked like a full disk. Only the store's
+    and the audit log's failures are "not now"; a bug is failed/internal, logged with its traceback."""
+    worker = service.runtime.workers["engine"]
+    on_start = worker._on_start
+
+    def broken(command):
+        worker._on_start = on_start
+        raise AttributeError("a bug")
+
+    worker._on_start = broken
+    first, second = command(), command()
+    with caplog.at_level(logging.ERROR):
+        backend.send(first)
+        final = backend.final(first["id"], timeout=15)
+    assert (final["status"], final["error"]["code"]) == ("failed", "internal"), final
+    assert service.store.get(first["id"]).state == "final"  # remembered: not a "send it again" refusal
+    logged = [r for r in caplog.records if "recording the start" in r.getMessage()]
+    assert logged and logged[0].exc_info[0] is AttributeError
+    backend.send(second)
+    assert backend.final(second["id"], timeout=15)["status"] == "completed"

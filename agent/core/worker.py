@@ -27,6 +27,11 @@ class TakenBackError(Exception):
     (a stop that gave up waiting for the worker queued it again): the worker neither runs nor answers it."""
 
 
+class StartNotRecordedError(Exception):
+    """What a mark's wait returns, or `on_start` raises, when the store could not take the start mark
+    (a full or failing disk): the command does not run, and is answered `storage_unavailable` ("not now")."""
+
+
 @dataclass(frozen=True)
 class Job:
     """One collection reading for a worker: the request's params, and where its outcome goes.
@@ -41,8 +46,10 @@ class Job:
 class ComponentWorker:
     """Owns one component's queue and executor; keeps non-default sessions alive with TesterPresent.
 
-    `on_start` runs just before a command executes (the durable ledger hooks in there); `sink`
-    receives every final Result. Both are guarded: a failing callback is logged, never fatal.
+    `on_start` runs just before a command executes (the durable ledger hooks in there): a command whose
+    start it could not record never runs (StartNotRecordedError: answered `storage_unavailable`; any other
+    exception is a bug: logged with its traceback, answered `failed`/`internal`). `sink` receives every
+    final Result; a sink that raises is logged, never fatal to the worker.
 
     With `on_ahead`, while a command runs the worker takes the next one from its queue and hands its
     start mark to the store meanwhile (to ride another component's commit while one is busy); when its
@@ -261,10 +268,16 @@ class ComponentWorker:
                         extra=command_fields(command.id, command.component, command.command))
             return
         if error is not None:  # unrecorded start: running it could break exactly-once, so it never runs
-            log.error("could not record the start of %s: %s", command.id, error,
-                      extra=command_fields(command.id, command.component, command.command))
-            self._emit(command, Outcome.failure(Status.REJECTED, ErrorCode.STORAGE_UNAVAILABLE,
-                                                f"could not record the start durably, not run: {error}"), None)
+            fields = command_fields(command.id, command.component, command.command)
+            if isinstance(error, StartNotRecordedError):
+                log.error("could not record the start of %s: %s", command.id, error, extra=fields)
+                outcome = Outcome.failure(Status.REJECTED, ErrorCode.STORAGE_UNAVAILABLE,
+                                          f"could not record the start durably, not run: {error}")
+            else:  # a bug in the start hook, not the disk: not to be taken for a full one
+                log.error("recording the start of %s failed; not run", command.id, exc_info=error, extra=fields)
+                outcome = Outcome.failure(Status.FAILED, ErrorCode.INTERNAL,
+                                          f"the agent could not record the start, not run: {type(error).__name__}")
+            self._emit(command, outcome, None)
             return
         self.in_flight, self.busy_since = command, time.monotonic()
         started = self._clock()

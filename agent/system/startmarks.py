@@ -11,9 +11,10 @@ import logging
 import threading
 from collections.abc import Callable
 
-from agent.core.worker import TakenBackError
+from agent.core.worker import StartNotRecordedError, TakenBackError
 from agent.policy.mutating import is_mutating
 from agent.store.sqlite import StoreError
+from agent.system.audit import AuditUnavailableError
 from agent.wire.command import Command
 
 log = logging.getLogger(__name__)
@@ -35,9 +36,12 @@ class StartMarks:
             self.intake.room()
             return
         batch = self.store.batch()
-        self.audit.started(command, batch)  # a mutating command's record is on the disk before it runs
-        batch.set_state(command.id, "started")
-        batch.commit()
+        try:
+            self.audit.started(command, batch)  # a mutating command's record is on the disk before it runs
+            batch.set_state(command.id, "started")
+            batch.commit()
+        except (StoreError, AuditUnavailableError) as err:  # the disk: "not now"; anything else is a bug
+            raise StartNotRecordedError(str(err)) from err
         self.intake.room()  # its place in the queue is free: a waiting command may take it
 
     def _mark_ahead(self, command: Command) -> Callable[[], BaseException | None] | None:
@@ -82,7 +86,8 @@ class StartMarks:
                 if command.id not in self._marked_ahead:
                     return TakenBackError(command.id)
                 self._marked_ahead.discard(command.id)  # from here on it runs: a stop leaves it alone
-            return outcome[0]
+            error = outcome[0]
+            return StartNotRecordedError(str(error)) if isinstance(error, StoreError) else error
 
         return wait
 
