@@ -316,3 +316,31 @@ def test_a_dead_connection_is_noticed_whatever_keep_alive_the_broker_announces(f
         connection.expect(SUBSCRIBE, answer=False)
         assert link.wait_connected(5)
         assert wait_until(lambda: not link.connected, 10), "a silent broker was never noticed"
+
+
+def test_a_connection_whose_setup_fails_is_made_again_not_kept_half_open(mqtt_vehicle, sim, backend, caplog):
+    """An exception while the connection was set up (here: building the online status) was caught by the
+    callback guard and the connection kept: paho connected, the agent not, so no PUBACK and no publish went
+    out, and the loop's heartbeat stayed fresh for the watchdog. Now it is dropped and made again."""
+    svc = Service(mqtt_vehicle)
+    status, calls = svc.link._status, []
+
+    def fails_once(state):
+        calls.append(state)
+        if len(calls) == 1:
+            raise RuntimeError("a bug building the status")
+        return status(state)
+
+    svc.link._status = fails_once
+    svc.start()
+    try:
+        assert svc.link.wait_connected(20), svc.link.last_error
+        backend.wait_status("online", 10)
+        body = {"id": f"su-{uuid.uuid4().hex[:8]}", "component": "engine", "command": "read_data",
+                "params": {"data": "vin"}}
+        backend.send(body)
+        assert backend.final(body["id"], timeout=15)["status"] == "completed"
+        assert svc.link.stats.callback_errors == 1 and svc.link.stats.reconnects >= 1
+        assert any("setting up the MQTT connection failed" in r.getMessage() and r.exc_info for r in caplog.records)
+    finally:
+        svc.stop()

@@ -22,6 +22,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent.config.model import MqttConfig
@@ -324,8 +325,19 @@ class MqttLink(CutHandling, Unexpected):
             self._on_connection(up)
 
     # ---- paho callbacks (on the loop thread) ---------------------------------------------------
-    @_guarded
     def _connected(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        """Guarded like every callback; and a connection whose setup failed half way is dropped and made
+        again: kept, paho would be connected and the agent not (no PUBACKs, no publishes, a fresh loop)."""
+        try:
+            self._set_up(client, flags, reason, properties)
+        except Exception:
+            self.stats.callback_errors += 1
+            log.exception("setting up the MQTT connection failed: it is dropped and made again")
+            with contextlib.suppress(Exception):  # 0x80: not a normal disconnect, the broker sends our Will
+                client.disconnect(reasoncode=ReasonCode(PacketTypes.DISCONNECT, "Unspecified error")
+                                  if self._v5 else None)
+
+    def _set_up(self, client: mqtt.Client, flags: Any, reason: Any, properties: Any) -> None:
         if reason.is_failure:
             self.stats.refused += 1
             name = refusal_name(getattr(reason, "value", None))
