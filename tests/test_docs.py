@@ -92,3 +92,117 @@ def test_generated_tables_are_in_the_docs_as_generated(doc, kind):
 def test_the_exit_codes_are_documented_once():
     assert README.count("| code | sysexits | meaning | returned by |") == 1
     assert not re.search(r"Exit codes: `0`", README)
+
+
+# --- What the docs name against what the code has: metrics and config keys -----------------------------
+
+
+def section(doc: str, heading: str) -> str:
+    start = doc.index(heading)
+    end = doc.find("\n## ", start + len(heading))
+    return doc[start:end if end > 0 else len(doc)]
+
+
+def table_rows(text: str, header: str) -> list[list[str]]:
+    """The rows of the Markdown table that starts with `header`, as lists of cells."""
+    start = text.index(header)
+    lines = text[start:].split("\n\n")[0].splitlines()[2:]
+    return [[cell.strip() for cell in re.split(r"(?<!\\)\|", line)[1:-1]] for line in lines if line.startswith("|")]
+
+
+def ticked(cell: str) -> list[str]:
+    return re.findall(r"`([^`]+)`", cell)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """Every metric family the daemon registers, as the endpoint names it -> (type, label names): the real
+    Service assembled on the demo config (never started: no thread, no bus), plus the CAN series the bus
+    monitor adds with its first reading."""
+    import dataclasses
+
+    from agent.config import load_config
+    from agent.metrics.registry import BusReading, _bus_metrics
+    from agent.system.service import Service
+
+    config = load_config(ROOT / "config/demo.yaml")
+    service = Service(dataclasses.replace(config, state_dir=tmp_path_factory.mktemp("state"), simulate=()))
+    try:
+        collectors = list(service.registry._collector_to_names)
+        families: dict[str, tuple[str, set[str]]] = {}
+        for collector in collectors:
+            declared = set(getattr(collector, "_labelnames", ()))
+            for family in collector.collect():
+                labels = declared | set(getattr(family, "_labelnames", ())) | {
+                    name for sample in family.samples for name in sample.labels}
+                families[family.name] = (family.type, labels)
+        for family in _bus_metrics(BusReading("can0", tx_errors=0, rx_errors=0, load=0.1)):
+            families[family.name] = (family.type, set(family._labelnames) | {
+                name for sample in family.samples for name in sample.labels})
+    finally:
+        service.stop(grace=0)
+    suffix = {"counter": "_total", "info": "_info"}
+    return {name + suffix.get(kind, ""): (kind, labels - {"le"}) for name, (kind, labels) in families.items()}
+
+
+def readme_metrics() -> dict[str, tuple[str, set[str]]]:
+    """README's metric table: every metric named in a row -> (type, labels) of that row."""
+    rows = table_rows(section(README, "## Metrics and monitoring"), "| metric | type | labels | meaning |")
+    return {name: (kind, set(ticked(labels))) for names, kind, labels, _ in rows for name in ticked(names)}
+
+
+def test_every_metric_the_agent_exports_is_in_the_readme_table_with_its_type_and_labels(exported):
+    documented = readme_metrics()
+    for name, (kind, labels) in exported.items():
+        row = documented.get(name) or next((documented[p] for p in documented
+                                            if p.endswith("*") and name.startswith(p[:-1])), None)
+        if name.startswith(("process_", "python_")):
+            assert row is not None, name  # the `process_*`, `python_info` row: prometheus-client's collectors
+            continue
+        if name.startswith(("sovd_collection_", "sovd_telemetry_", "sovd_state_", "sovd_ecu_value")):
+            continue  # collection's own metrics: docs/protocol.md, section Collection (checked below)
+        assert row is not None, f"{name} is exported but not in README's metric table"
+        assert row == (kind, labels), f"{name}: README says {row}, the agent exports {(kind, labels)}"
+
+
+def test_every_metric_the_readme_table_names_is_exported(exported):
+    for name in readme_metrics():
+        if not name.endswith("*"):
+            assert name in exported, f"README's metric table names {name}, which the agent does not export"
+
+
+def metric_mentions(text: str) -> set[str]:
+    return set(re.findall(r"(?<![\w:])((?:sovd|commands?|process|python)_[a-z0-9_]+[a-z0-9])(?![\w*])", text))
+
+
+def test_collection_metrics_are_in_the_protocol_doc_with_their_labels(exported):
+    collection = section(PROTOCOL, "## Collection")
+    for name, (_, labels) in exported.items():
+        if name.startswith(("sovd_collection_", "sovd_telemetry_", "sovd_state_", "sovd_ecu_value")):
+            assert f"`{name}" in collection, f"{name} is exported but not named in docs/protocol.md, Collection"
+            for mention in re.findall(rf"`{name}\{{([^}}]*)\}}", collection):
+                named = {label.split("=")[0].strip() for label in mention.split(",")}
+                assert named <= labels, f"docs/protocol.md gives {name} labels {named}, it has {labels}"
+
+
+DOCUMENTS = ("README.md", "docs/protocol.md", "docs/asyncapi.yaml", "hw/README.md",
+             *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "config").rglob("*") if p.suffix in (".yml", ".json")))
+
+
+@pytest.mark.parametrize("path", DOCUMENTS)
+def test_every_metric_a_doc_rule_or_panel_names_is_exported(path, exported):
+    """A metric renamed in the code and not in a doc, an alert or a panel leaves a rule that never fires."""
+    names = set(exported) | {f"{n}{s}" for n, (kind, _) in exported.items() if kind == "histogram"
+                             for s in ("_bucket", "_sum", "_count")}
+    text = (ROOT / path).read_text()
+    unknown = {m for m in metric_mentions(text) if m not in names and m != "command_id"}
+    assert not unknown, f"{path} names metrics the agent does not export: {sorted(unknown)}"
+    # and a selector's labels are ones the series has (`vehicle`, `instance`, `job`: added by Prometheus)
+    for name, selector in re.findall(r"(?<![\w:])((?:sovd|commands?)_[a-z0-9_]+)\{([^}]*)\}", text):
+        base = re.sub(r"_(bucket|sum|count)$", "", name) if name not in exported else name
+        if base not in exported:
+            continue
+        used = set(re.findall(r"([a-z_]+)\s*(?:=~|!~|!=|=)", selector)) or {  # the docs' `name{label, label}`
+            label.strip() for label in selector.split(",") if label.strip()}
+        extra = used - exported[base][1] - {"vehicle", "instance", "job", "le"}
+        assert not extra, f"{path}: {name}{{{selector}}} selects on labels {sorted(extra)} the series lacks"
