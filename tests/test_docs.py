@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import ROOT
 
 README = (ROOT / "README.md").read_text()
@@ -105,7 +106,7 @@ def section(doc: str, heading: str) -> str:
 
 def table_rows(text: str, header: str) -> list[list[str]]:
     """The rows of the Markdown table that starts with `header`, as lists of cells."""
-    start = text.index(header)
+    start = text.index("\n|", text.index(header) - 1) + 1
     lines = text[start:].split("\n\n")[0].splitlines()[2:]
     return [[cell.strip() for cell in re.split(r"(?<!\\)\|", line)[1:-1]] for line in lines if line.startswith("|")]
 
@@ -206,3 +207,148 @@ def test_every_metric_a_doc_rule_or_panel_names_is_exported(path, exported):
             label.strip() for label in selector.split(",") if label.strip()}
         extra = used - exported[base][1] - {"vehicle", "instance", "job", "le"}
         assert not extra, f"{path}: {name}{{{selector}}} selects on labels {sorted(extra)} the series lacks"
+
+
+CONTAINER = object()
+
+
+def accepted_config_keys() -> dict[str, object]:
+    """Every key agent/config's parser takes -> its default (reader.REQUIRED for required fields, CONTAINER for
+    a mapping or a list): the parser run, with its reader watched, on a config that opens every section."""
+    from agent.config import reader
+    from agent.config.parse import parse_config
+
+    seen: dict[str, object] = {}
+
+    def record(node, key, default):
+        path = re.sub(r"\[\d+\]", "", reader.join(node.path, key)).replace("security.keys.k.", "security.keys.KEY_ID.")
+        seen.setdefault(path, default)
+
+    def get(self, key, convert, default=reader._MISSING):
+        record(self, key, REQUIRED if default is reader._MISSING else default)
+        return original["get"](self, key, convert, default)
+
+    def container(name):
+        def watched(self, key):
+            record(self, key, CONTAINER)
+            return original[name](self, key)
+        return watched
+
+    def has(self, key):  # optional lists read only when present (security.keys.KEY_ID.commands)
+        if key != "password":  # the refused clear-text password is no key
+            record(self, key, CONTAINER)
+        return original["has"](self, key)
+
+    original = {name: getattr(reader.Node, name) for name in ("get", "child", "items_of", "has")}
+    everything = {"vehicle": "V1", "bus": {"options": {}}, "mqtt": {"tls": {}}, "metrics": {"tls": {}}, "store": {},
+                  "security": {"keys": {"k": {}}, "audit": {}}, "collect": {"sleep": {"condition": {}}},
+                  "ecus": [{"addressing": {}, "isotp": {}, "timing": {}, "dids": [{}], "routines": [{}],
+                            "security": [{}]}]}
+    try:
+        reader.Node.get, reader.Node.has = get, has
+        reader.Node.child, reader.Node.items_of = container("child"), container("items_of")
+        with pytest.raises(Exception):  # noqa: B017 (required fields are missing: only the keys matter here)
+            parse_config(everything)
+    finally:
+        for name, function in original.items():
+            setattr(reader.Node, name, function)
+    return seen
+
+
+REQUIRED = object()
+
+
+def readme_config_keys() -> dict[str, str]:
+    """README's two config tables: key path (lists without `[]`) -> the default cell's text for that key."""
+    text = section(README, "## Configuration")
+    keys: dict[str, str] = {}
+    for header, prefix in (("One YAML file;", ""), ("Per ECU (`ecus[i]`):", "ecus.")):
+        for names, default, meaning in table_rows(text, header):
+            names = ticked(names)
+            defaults = re.split(r",\s+(?![^`]*`(?:[^`]*`[^`]*`)*[^`]*$)", default) if len(names) > 1 else [default]
+            first = names[0].replace("[]", "")
+            parent = first.rsplit(".", 1)[0] if "." in first else ""
+            for index, name in enumerate(names):
+                full = prefix + (parent + name if name.startswith(".") else name.replace("[]", ""))
+                keys[full] = defaults[index] if len(defaults) == len(names) else (
+                    defaults[0] if len(defaults) == 1 else "")
+                if names[0].endswith("[]"):  # `dids[]`: its entries' keys lead the meaning column's items
+                    while meaning != (meaning := re.sub(r"\([^()]*\)", "", meaning)):
+                        pass  # their values are in parentheses: `codec` (`ascii`, ...)
+                    for sub in ticked(meaning):
+                        keys.setdefault(f"{full}.{sub}", "")
+    return keys
+
+
+def test_every_config_key_the_parser_takes_is_documented():
+    """A key the parser takes and no doc names is a setting nobody can find; collection's keys are in
+    docs/protocol.md, section Collection, everything else in README's tables."""
+    documented = readme_config_keys()
+    collection = section(PROTOCOL, "## Collection")
+    prose = re.sub(r"```.*?```", "", collection, flags=re.S)
+    words = {word for item in ticked(prose) for word in re.findall(r"\w+", item)}  # `{component, data}`
+    for key in accepted_config_keys():
+        if key.startswith("collect."):
+            parent, leaf = key.rsplit(".", 1)
+            assert f"`{key}`" in collection or f"`{key}." in collection or (
+                f"`{parent}`" in collection and leaf in words), f"{key}: not in docs/protocol.md, Collection"
+        else:
+            assert key in documented or any(k.startswith(key + ".") for k in documented), \
+                f"config key {key} is accepted by agent/config but not in README's configuration tables"
+
+
+def test_every_config_key_readme_documents_is_accepted():
+    accepted = accepted_config_keys()
+    for key in readme_config_keys():
+        assert key in accepted or any(k.startswith(key + ".") for k in accepted), \
+            f"README documents config key {key}, which agent/config does not take"
+
+
+def documented_default(cell: str) -> object:
+    """A default cell's value; None for "none", NOT_SAID for a cell that states no plain value."""
+    if cell == "required":
+        return REQUIRED
+    if cell in ("none", "every one"):
+        return None
+    if match := re.fullmatch(r"(\d+) (days|MiB)", cell):
+        return int(match[1]) * {"days": 86400, "MiB": 1 << 20}[match[2]]
+    if match := re.match(r"`([^`]+)`", cell):
+        return yaml.safe_load(match[1])
+    return NOT_SAID
+
+
+NOT_SAID = object()
+
+
+def test_every_default_readme_states_is_the_parsers():
+    """A default in the table that is not the parser's misleads everyone who leaves the key out."""
+    from agent.config import model
+
+    accepted = accepted_config_keys()
+    derived = {  # defaults the parser leaves to None and the agent fills in
+        "mqtt.client_id": "sovd-edge-{vehicle}",  # agent/system/service.py
+        "metrics.listen": f"{model.MetricsConfig.listen_host}:{model.MetricsConfig.listen_port}",
+        "ecus.allow": list(model.DEFAULT_ALLOWED),
+    }
+    compared = 0
+    for key, cell in readme_config_keys().items():
+        said = documented_default(cell)
+        if said is NOT_SAID or key not in accepted:
+            continue
+        actual = derived.get(key, accepted[key])
+        if actual is CONTAINER:
+            assert said in ([], {}, None, REQUIRED), f"{key}: README says its default is {cell}"
+            continue
+        actual = str(actual) if isinstance(actual, Path) else actual
+        assert said == actual, f"{key}: README's default is {cell}, agent/config's is {actual!r}"
+        compared += 1
+    assert compared > 50, compared
+
+
+def test_every_collection_default_the_protocol_doc_states_is_the_parsers():
+    accepted = accepted_config_keys()
+    stated = re.findall(r"`(collect\.[a-z_.]+)` \((\d[\d ]*)( s| MiB| KiB)?\)", " ".join(PROTOCOL.split()))
+    assert len(stated) >= 6, stated
+    for key, number, unit in stated:
+        value = int(number.replace(" ", "")) * {" MiB": 1 << 20, " KiB": 1 << 10}.get(unit, 1)
+        assert accepted[key] == value, f"docs/protocol.md: {key} ({number}{unit}); agent/config: {accepted[key]!r}"
