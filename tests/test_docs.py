@@ -352,3 +352,16 @@ def test_every_collection_default_the_protocol_doc_states_is_the_parsers():
     for key, number, unit in stated:
         value = int(number.replace(" ", "")) * {" MiB": 1 << 20, " KiB": 1 << 10}.get(unit, 1)
         assert accepted[key] == value, f"docs/protocol.md: {key} ({number}{unit}); agent/config: {accepted[key]!r}"
+
+
+@pytest.mark.parametrize("path", ["README.md", "docs/protocol.md", "config/agent.example.yaml"])
+def test_where_a_doc_lists_the_commands_that_change_nothing_it_lists_all_of_them(path):
+    """`security.require_signature: mutating` signs "all but" the read-only commands: a list that misses
+    one tells an operator a command needs a signature that does not (or the reverse, if one is added)."""
+    from agent.policy.mutating import READ_ONLY
+
+    text = " ".join(line.lstrip("# ") for line in (ROOT / path).read_text().splitlines())
+    lists = re.findall(r"all but (`?[a-z_]+`?(?:(?:,\s*|\s+and\s+)`?[a-z_]+`?)*)", text)
+    assert lists, f"{path} lists no read-only commands"
+    for listed in lists:
+        assert set(re.findall(r"[a-z_]+", listed)) - {"and"} == READ_ONLY, f"{path}: all but {listed}"
