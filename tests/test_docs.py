@@ -365,3 +365,34 @@ def test_where_a_doc_lists_the_commands_that_change_nothing_it_lists_all_of_them
     assert lists, f"{path} lists no read-only commands"
     for listed in lists:
         assert set(re.findall(r"[a-z_]+", listed)) - {"and"} == READ_ONLY, f"{path}: all but {listed}"
+
+
+def test_the_install_steps_name_every_file_check_config_asks_of_the_installed_example():
+    """`hw/install` installs config/agent.example.yaml as /etc/sovd-edge/agent.yaml; step 5 ("Configure")
+    then runs check-config on it. Each file that check-config reports missing there must be one step 5
+    tells the operator to provide, or the newcomer meets exit 78 with no step that explains it."""
+    result = run(sys.executable, "-m", "agent", "check-config", "-c", "config/agent.example.yaml")
+    missing = re.findall(r"(/(?:etc|run)/[\w./-]+): No such file", result.stderr)
+    assert result.returncode in (0, 78), result.stderr
+    install = section(README, "## Install on a Raspberry Pi")
+    step5 = install[install.index("5. **Configure**"):install.index("6. **Start**")]
+    for path in missing:
+        directory = path.rsplit("/", 1)[0] + "/"
+        assert directory in step5 or path in step5, f"check-config wants {path}; README's step 5 never says so"
+
+
+def test_check_config_lists_every_problem_of_the_file_in_one_run_as_its_help_says(tmp_path):
+    """`check-config --help`: "every error is listed with its path". It stopped at the first kind instead:
+    a missing public key hid a missing CA certificate until the next run (the installed example met both)."""
+    assert "every error is listed with its path" in " ".join(run(sys.executable, "-m", "agent", "check-config",
+                                                                 "--help").stdout.split())
+    config = yaml.safe_load((ROOT / "config/agent.example.yaml").read_text())
+    config["security"]["keys"] = {"backend": {"public_key": str(tmp_path / "absent.pub")}}
+    config["mqtt"]["tls"] = {"ca_file": str(tmp_path / "absent-ca.pem")}
+    config["mqtt"]["password_file"] = str(tmp_path / "absent-password")
+    path = tmp_path / "agent.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = run(sys.executable, "-m", "agent", "check-config", "-c", str(path))
+    assert result.returncode == 78
+    for field in ("security.keys.backend.public_key", "mqtt.tls.ca_file", "mqtt.password_file"):
+        assert f"\n  {field}: " in result.stderr, (field, result.stderr)

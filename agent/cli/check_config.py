@@ -28,6 +28,15 @@ def add_parser(sub: Any) -> None:
 def handle(args: argparse.Namespace, config: AgentConfig) -> int:
     problems = local_plan_problems(config)  # plans are checked by the wire layer, as strictly as from MQTT
     problems += scheduled_request_problems(config) if not problems else []
+    if config.security.signatures_configured:  # the keys are read as `run` reads them (cryptography only then)
+        from agent.policy.signature import load_authenticator
+
+        try:
+            load_authenticator(config.security, str(config.source or args.config))
+        except ConfigError as err:
+            problems += err.problems
+    file_problems, provided = credential_file_problems(config)
+    problems += file_problems  # every problem of the file at once, as --help promises: not one kind per run
     if problems:
         c.fail(args, f"invalid configuration: {ConfigError(str(args.config), problems)}")
         return c.EXIT_CONFIG
@@ -37,18 +46,6 @@ def handle(args: argparse.Namespace, config: AgentConfig) -> int:
         except ConfigError as err:
             c.fail(args, f"invalid configuration: {err}")
             return c.EXIT_CONFIG
-    if config.security.signatures_configured:  # the keys are read as `run` reads them (cryptography only then)
-        from agent.policy.signature import load_authenticator
-
-        try:
-            load_authenticator(config.security, str(config.source or args.config))
-        except ConfigError as err:
-            c.fail(args, f"invalid configuration: {err}")
-            return c.EXIT_CONFIG
-    file_problems, provided = credential_file_problems(config)
-    if file_problems:
-        c.fail(args, f"invalid configuration: {ConfigError(str(args.config), file_problems)}")
-        return c.EXIT_CONFIG
     names = ", ".join(e.name for e in config.ecus)
     print(f"{args.config}: OK (vehicle {config.vehicle}, bus {config.bus.interface}:{config.bus.channel}, "
           f"{len(config.ecus)} ECUs: {names}; {len(config.collect.plans)} collection plans)")
