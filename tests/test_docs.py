@@ -396,3 +396,13 @@ def test_check_config_lists_every_problem_of_the_file_in_one_run_as_its_help_say
     assert result.returncode == 78
     for field in ("security.keys.backend.public_key", "mqtt.tls.ca_file", "mqtt.password_file"):
         assert f"\n  {field}: " in result.stderr, (field, result.stderr)
+
+
+def test_readme_names_every_alert_the_shipped_rules_have():
+    """README listed 9 of the 12 alerts: an operator reading it did not know the store and collection
+    alerts exist (or what paged them)."""
+    rules = yaml.safe_load((ROOT / "config/prometheus/alerts.yml").read_text())
+    alerts = {rule["alert"] for group in rules["groups"] for rule in group["rules"] if "alert" in rule}
+    wiring = section(README, "## Metrics and monitoring")
+    wiring = wiring[wiring.index("Wiring it up:"):]
+    assert set(re.findall(r"`(Sovd[A-Za-z]+)`", wiring)) == alerts
