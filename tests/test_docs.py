@@ -406,3 +406,59 @@ def test_readme_names_every_alert_the_shipped_rules_have():
     wiring = section(README, "## Metrics and monitoring")
     wiring = wiring[wiring.index("Wiring it up:"):]
     assert set(re.findall(r"`(Sovd[A-Za-z]+)`", wiring)) == alerts
+
+
+def test_the_shipped_mosquitto_conf_has_every_setting_protocol_md_tells_broker_operators():
+    """docs/protocol.md: "`config/mosquitto/mosquitto.conf` has all of these". Each `option value` the table
+    gives is in the file with that value (or more, where the table says "≥" or "or more")."""
+    conf = {}
+    for line in (ROOT / "config/mosquitto/mosquitto.conf").read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            option, _, value = line.strip().partition(" ")
+            conf[option] = value.strip()
+    assert "`config/mosquitto/mosquitto.conf` has all of these" in PROTOCOL
+
+    def amount(value: str) -> int:
+        match = re.fullmatch(r"(\d+)([dhms]?)", value)
+        assert match, value
+        return int(match[1]) * {"d": 86400, "h": 3600, "m": 60, "s": 1, "": 1}[match[2]]
+
+    rows = table_rows(section(PROTOCOL, "### For broker operators"), "| setting | why |")
+    checked = 0
+    for setting, _ in rows:
+        at_least = "≥" in setting or "(or more)" in setting or "(or a small number)" in setting
+        setting = re.sub(r"`([a-z_]+)` ≥ (\d+)", r"`\1 \2`", setting)  # `max_packet_size` ≥ 81920
+        for option, value in re.findall(r"`([a-z_]+)(?: ([^`]+))?`", setting):
+            if option == "message_size_limit":  # "if set at all"
+                assert option not in conf or amount(conf[option]) >= 256 * 1024 + 64 * 1024
+                continue
+            assert option in conf, f"protocol.md tells broker operators to set {option}; mosquitto.conf does not"
+            if value and option == "autosave_interval":
+                assert amount(conf[option]) <= amount(value), option  # "or a small number"
+            elif value and at_least and value[0].isdigit():
+                assert amount(conf[option]) >= amount(value), (option, conf[option], value)
+            elif value:
+                assert conf[option] == value, (option, conf[option], value)
+            checked += 1
+    assert checked >= 9, checked
+
+
+def test_the_acl_table_in_protocol_md_is_the_shipped_acl():
+    """What docs/protocol.md tells a broker operator each account may read and write is what
+    config/mosquitto/sovd.acl grants (tests/test_broker_acl.py runs that file in a real Mosquitto)."""
+    granted: dict[str, set[tuple[str, str]]] = {"vehicle": set(), "backend": set()}
+    user = "vehicle"
+    for line in (ROOT / "config/mosquitto/sovd.acl").read_text().splitlines():
+        words = line.split()
+        if words[:1] == ["user"]:
+            user = words[1]
+        elif words[:1] in (["pattern"], ["topic"]):
+            granted["vehicle" if words[0] == "pattern" else user].add((words[1], words[2]))
+    rows = table_rows(section(PROTOCOL, "#### One account per vehicle"), "| account | reads | writes |")
+    documented: dict[str, set[tuple[str, str]]] = {}
+    for account, reads, writes in rows:
+        name = "vehicle" if "%u" in account else ticked(account)[0]
+        base = "sovd/%u/" if name == "vehicle" else "sovd/+/"
+        documented[name] = {(access, topic if topic.startswith("sovd/") else base + topic)
+                            for access, cell in (("read", reads), ("write", writes)) for topic in ticked(cell)}
+    assert documented == granted
