@@ -462,3 +462,40 @@ def test_the_acl_table_in_protocol_md_is_the_shipped_acl():
         documented[name] = {(access, topic if topic.startswith("sovd/") else base + topic)
                             for access, cell in (("read", reads), ("write", writes)) for topic in ticked(cell)}
     assert documented == granted
+
+
+def cli_options() -> dict[str, set[str]]:
+    """Each subcommand of the real parser -> every option string it takes."""
+    import argparse
+
+    from agent.cli import build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return {name: {o for action in sub._actions for o in action.option_strings}
+            for name, sub in subparsers.choices.items()}
+
+
+def test_readme_cli_table_has_every_subcommand_with_options_that_exist():
+    options = cli_options()
+    rows = table_rows(section(README, "## CLI"), "| subcommand | what it does |")
+    documented = {}
+    for synopsis, _ in rows:
+        words = ticked(synopsis)[0].split()
+        assert words[0] == "sovd-edge", synopsis
+        documented[words[1]] = set(re.findall(r"(?<![\w-])(--?[a-z][a-z-]*)", ticked(synopsis)[0]))
+    assert set(documented) == set(options)
+    for name, named in documented.items():
+        assert named <= options[name], f"README: sovd-edge {name} {sorted(named - options[name])}: no such option"
+
+
+def test_every_option_the_docs_give_a_subcommand_exists():
+    """Commands as the docs write them: `sovd-edge SUB ... --option` (in code blocks and in prose)."""
+    options = cli_options()
+    for path in ("README.md", "docs/protocol.md", "hw/README.md"):
+        text = (ROOT / path).read_text().replace("\\\n", " ")
+        for sub, rest in re.findall(r"sovd-edge ([a-z-]+)((?: +[^\s`|;&)]+)*)", text):
+            if sub not in options:
+                continue
+            for option in re.findall(r"(?<![\w-])(--?[a-z][a-z-]*)", rest):
+                assert option in options[sub], f"{path}: sovd-edge {sub} {option}: no such option"
