@@ -499,3 +499,19 @@ def test_every_option_the_docs_give_a_subcommand_exists():
                 continue
             for option in re.findall(r"(?<![\w-])(--?[a-z][a-z-]*)", rest):
                 assert option in options[sub], f"{path}: sovd-edge {sub} {option}: no such option"
+
+
+def test_every_option_with_a_default_says_it_in_its_help():
+    """`run --help` did not say that --grace is 5 s, `call --help` that --wait is 30 s, `doctor --help`
+    that --listen is 2 s: an operator had to read the code (or README's prose) for them."""
+    import argparse
+
+    from agent.cli import build_parser
+
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in subparsers.choices.items():
+        for action in sub._actions:
+            if action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+                continue
+            shown = (action.help or "") % {"default": action.default, "prog": sub.prog}
+            assert "default" in shown, f"sovd-edge {name} {action.option_strings[-1]}: its default is not in --help"

@@ -56,7 +56,7 @@ def add_parser(sub: Any) -> None:
                    help="the command must not start later than this from now (default with --sign-key: 300, as a "
                         "signed command must carry expires_at) (sets expires_at and, on MQTT 5, "
                         "the message expiry, so that a broker drops it for an agent that stays offline)")
-    p.add_argument("--wait", type=c.seconds, default=30.0, help="seconds to wait for the final response")
+    p.add_argument("--wait", type=c.seconds, default=30.0, help="seconds to wait for the final response (default 30)")
     p.add_argument("--status", action="store_true", help="print the vehicle's retained status and exit")
     p.add_argument("--sign-key", type=Path, metavar="FILE",
                    help="sign the command with this Ed25519 private key (PEM; see `sovd-edge keygen`)")

@@ -154,7 +154,8 @@ def milliseconds(text: str) -> int:
 
 def add_config_flag(parser: argparse.ArgumentParser, help_text: str = "agent config (YAML)",
                     default: str | None = None) -> None:
-    parser.add_argument("-c", "--config", required=default is None, default=default, help=help_text)
+    shown = help_text if default is None else f"{help_text} (default {default})"
+    parser.add_argument("-c", "--config", required=default is None, default=default, help=shown)
 
 
 def add_broker_flag(parser: argparse.ArgumentParser) -> None:
@@ -170,7 +171,7 @@ def add_logging_flags(parser: argparse.ArgumentParser, default_level: str | None
     parser.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                         help=f"log level (default: {default_level or 'from the config, else INFO'})")
     parser.add_argument("--log-format", choices=("auto", "json", "human"), default="auto",
-                        help="json lines (journald), human, or auto: human on a terminal")
+                        help="json lines (journald), human, or auto: human on a terminal (default auto)")
     parser.set_defaults(default_log_level=default_level)
 
 

@@ -65,7 +65,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--fd", action=argparse.BooleanOptionalAction, default=None, help="open the bus for CAN FD")
     p.add_argument("--listen", type=seconds, default=3.0, metavar="SECONDS", help="passive listening first (default 3)")
     p.add_argument("--no-obd", action="store_true", help="skip the OBD-II functional request")
-    p.add_argument("--obd-wait-ms", type=milliseconds, default=300, help="how long answers to it are collected")
+    p.add_argument("--obd-wait-ms", type=milliseconds, default=300,
+                   help="how long answers to it are collected (default 300)")
     p.add_argument("--scan", action="store_true", help="also send TesterPresent to each physical id (opt-in)")
     p.add_argument("--scan-11bit", type=_range(0x7FF, "0x700-0x7F7"), default=None, metavar="FROM-TO",
                    help="11-bit request ids to scan (default 0x700-0x7F7)")

@@ -25,7 +25,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--broker", help="mqtt://HOST:PORT to check instead of the configured broker")
     c.add_state_dir_flag(p, "state directory to check instead of the configured one")
     p.add_argument("--listen", type=c.seconds, default=2.0, metavar="SECONDS",
-                   help="listen this long for frames and error counters (0: skip the bus traffic checks)")
+                   help="listen this long for frames and error counters (default 2; 0: skip the bus traffic checks)")
     p.add_argument("--no-probe", action="store_true",
                    help="do not send TesterPresent to the configured ECUs (the only frames doctor sends)")
 

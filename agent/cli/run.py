@@ -48,7 +48,8 @@ def add_parser(sub: Any) -> None:
     c.add_state_dir_flag(p, "where the durable store lives (default: from the config)")
     c.add_broker_flag(p)
     p.add_argument("--metrics-listen", help="HOST:PORT for the Prometheus endpoint, overriding the config")
-    p.add_argument("--grace", type=c.seconds, default=5.0, help="seconds in-flight commands get to finish on stop")
+    p.add_argument("--grace", type=c.seconds, default=5.0,
+                   help="seconds in-flight commands get to finish on stop (default 5)")
     p.add_argument("--sim-journal", type=Path,
                    help="append every request the in-process simulated ECUs execute to this file (tests, demos)")
     c.add_logging_flags(p, None)
