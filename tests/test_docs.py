@@ -515,3 +515,51 @@ def test_every_option_with_a_default_says_it_in_its_help():
                 continue
             shown = (action.help or "") % {"default": action.default, "prog": sub.prog}
             assert "default" in shown, f"sovd-edge {name} {action.option_strings[-1]}: its default is not in --help"
+
+
+UNIT = ROOT / "systemd/sovd-edge.service"
+
+
+def unit_directives() -> dict[str, list[str]]:
+    directives: dict[str, list[str]] = {}
+    for line in UNIT.read_text().splitlines():
+        if re.match(r"[A-Z][A-Za-z]+=", line):
+            key, _, value = line.partition("=")
+            directives.setdefault(key, []).append(value)
+    return directives
+
+
+def test_the_unit_directives_readme_quotes_are_the_units():
+    """README's "How systemd runs it" quotes `Key=value` of the unit (watchdog, restarts, stop timeout):
+    each is the shipped unit's, and each bare `Key=` it names is in the unit, except the ones it says are not."""
+    unit = unit_directives()
+    quoted = re.findall(r"`([A-Z][A-Za-z]+)=([^`]*)`", README)
+    assert len(quoted) >= 10
+    for key, value in quoted:
+        if key in ("READY", "STATUS", "STOPPING", "ProtectClock"):  # sd_notify fields; ProtectClock: "not"
+            continue
+        assert key in unit, f"README quotes {key}=, which the unit does not set"
+        if value:
+            assert value in unit[key], f"README: {key}={value}; the unit: {key}={unit[key]}"
+    assert "ProtectClock" not in unit
+
+
+def test_the_credentials_the_docs_refer_to_are_the_ones_the_unit_loads():
+    loaded = {value.split(":", 1)[0] for value in unit_directives()["LoadCredential"]}
+    for path in ("README.md", "config/agent.example.yaml", "hw/README.md", "hw/install"):
+        text = (ROOT / path).read_text()
+        for name in re.findall(r"/run/credentials/sovd-edge\.service/([A-Za-z0-9._-]+)", text):
+            assert name in loaded, f"{path} refers to credential {name}; the unit loads {sorted(loaded)}"
+        for name in re.findall(r"password_credential: ([A-Za-z0-9._-]+)", text):
+            assert name in loaded, f"{path}: password_credential {name}; the unit loads {sorted(loaded)}"
+        for name in re.findall(r"/etc/sovd-edge/credentials/([A-Za-z0-9._-]+)", text):
+            assert name in loaded, f"{path} puts credential {name}, which the unit does not load"
+
+
+def test_readme_states_the_units_exposure_as_systemd_analyze_measures_it():
+    result = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(UNIT)], capture_output=True,
+                            text=True, timeout=60)
+    measured = re.search(r"Overall exposure level for sovd-edge.service: ([0-9.]+)", result.stdout)
+    assert measured, result.stdout + result.stderr
+    stated = re.search(r"hardened to an exposure of ([0-9.]+) in `systemd-analyze security`", " ".join(README.split()))
+    assert stated and stated[1] == measured[1], (stated and stated[1], measured[1])
