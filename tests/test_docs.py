@@ -563,3 +563,14 @@ def test_readme_states_the_units_exposure_as_systemd_analyze_measures_it():
     assert measured, result.stdout + result.stderr
     stated = re.search(r"hardened to an exposure of ([0-9.]+) in `systemd-analyze security`", " ".join(README.split()))
     assert stated and stated[1] == measured[1], (stated and stated[1], measured[1])
+
+
+@pytest.mark.parametrize("path", ["README.md", "hw/README.md", "docs/protocol.md", "docs/asyncapi.yaml",
+                                  "systemd/sovd-edge.service", "config/agent.example.yaml", "config/demo.yaml",
+                                  "config/hub.yaml", "config/vcan.yaml", "config/mosquitto/mosquitto.conf"])
+def test_every_file_of_the_repository_a_doc_names_exists(path):
+    text = (ROOT / path).read_text()
+    named = set(re.findall(r"(?<![\w/.-])((?:hw|config|tests|docs|bench|agent|systemd|\.ci)/[\w/.-]*\w)", text))
+    assert len(named) >= 1
+    missing = sorted(p for p in named if not (ROOT / p).exists())
+    assert not missing, f"{path} names {missing}"
