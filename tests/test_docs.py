@@ -574,3 +574,28 @@ def test_every_file_of_the_repository_a_doc_names_exists(path):
     assert len(named) >= 1
     missing = sorted(p for p in named if not (ROOT / p).exists())
     assert not missing, f"{path} names {missing}"
+
+
+def test_every_topic_the_agent_uses_is_in_a_protocol_topic_table():
+    from agent.fleet.topics import Topics
+
+    topics = Topics("{prefix}", "{vehicle}")
+    built = {topics.commands, topics.status, topics.events, topics.responses("{id}"), topics.telemetry,
+             topics.state("{component}"), topics.plans("{name}")}
+    tables = {row[0].strip("`") for heading in ("## Topics", "## Collection")
+              for row in table_rows(section(PROTOCOL, heading), "| topic | direction | QoS | retained | payload |")}
+    assert built == tables
+
+
+def test_every_event_type_the_agent_publishes_is_in_protocol_md():
+    """The kinds of Event are found in the code where Events are built, not listed here by hand."""
+    kinds = set()
+    for source in (ROOT / "agent").rglob("*.py"):
+        kinds |= set(re.findall(r"(?:event_message|_event)\(\s*\"([a-z_]+)\"", source.read_text()))
+    assert {"agent_started", "fault_changed", "plan_applied", "audit"} <= kinds, kinds
+    events = section(PROTOCOL, "## Events") + section(PROTOCOL, "## Collection") + section(PROTOCOL, "## Signed")
+    for kind in kinds:
+        assert f"`{kind}`" in events, f"the agent publishes {kind} Events; docs/protocol.md does not say so"
+    asyncapi = (ROOT / "docs/asyncapi.yaml").read_text()
+    for kind in kinds:
+        assert re.search(rf"\b{kind}\b", asyncapi), f"{kind} Events are not in docs/asyncapi.yaml"
