@@ -599,3 +599,17 @@ def test_every_event_type_the_agent_publishes_is_in_protocol_md():
     asyncapi = (ROOT / "docs/asyncapi.yaml").read_text()
     for kind in kinds:
         assert re.search(rf"\b{kind}\b", asyncapi), f"{kind} Events are not in docs/asyncapi.yaml"
+
+
+@pytest.mark.parametrize("path", ["README.md", "docs/protocol.md", "hw/README.md"])
+def test_every_config_key_a_doc_names_in_prose_is_one_the_parser_takes(path):
+    """`mqtt.receive_maximum`, `collect.sleep.silence_ms`, `store.ledger_max_bytes`: wherever a doc names a
+    key by its dotted path, that key exists (a renamed key leaves no dead advice behind)."""
+    accepted = {re.sub(r"KEY_ID", "*", key) for key in accepted_config_keys()}
+    sections = ("bus", "mqtt", "metrics", "store", "security", "collect")
+    text = (ROOT / path).read_text()
+    named = set(re.findall(rf"(?<![\w./-])((?:{'|'.join(sections)})(?:\.[a-z_]+)+)(?![\w/-]|\.\w)", text))
+    assert named or path == "hw/README.md"
+    for key in named - {"bus.send", "collect.py"}:  # python-can's method; a module of agent/config/
+        key = re.sub(r"^security\.keys\.[^.]+\.", "security.keys.*.", key)
+        assert key in accepted, f"{path} names config key {key}, which agent/config does not take"
