@@ -613,3 +613,19 @@ def test_every_config_key_a_doc_names_in_prose_is_one_the_parser_takes(path):
     for key in named - {"bus.send", "collect.py"}:  # python-can's method; a module of agent/config/
         key = re.sub(r"^security\.keys\.[^.]+\.", "security.keys.*.", key)
         assert key in accepted, f"{path} names config key {key}, which agent/config does not take"
+
+
+def test_readme_example_config_error_is_the_parsers_word_for_word():
+    from agent.config.parse import parse_config
+    from agent.errors import ConfigError
+
+    example = re.search(r"Every error\s+comes with its path, e\.g\. `([^`]+)`", README)
+    assert example, "README's configuration section no longer gives an example error"
+    path, message = example[1].split(": ", 1)
+    config = yaml.safe_load((ROOT / "config/demo.yaml").read_text())
+    del config["simulate"]
+    config["ecus"][1] = {"name": "abs", "addressing": {"mode": "normal_11bit", "request_id": 2048,
+                                                       "response_id": "0x7E9"}}  # "0x7E9": a quoted integer
+    with pytest.raises(ConfigError) as info:
+        parse_config(config)
+    assert info.value.problems == [(path, message)]
