@@ -629,3 +629,20 @@ def test_readme_example_config_error_is_the_parsers_word_for_word():
     with pytest.raises(ConfigError) as info:
         parse_config(config)
     assert info.value.problems == [(path, message)]
+
+
+def test_statuses_and_error_codes_are_the_same_in_code_asyncapi_and_protocol_md():
+    from agent.wire.command import AuthFailure, ErrorCode, Status
+
+    schemas = yaml.safe_load((ROOT / "docs/asyncapi.yaml").read_text())["components"]["schemas"]
+    assert set(schemas["Response"]["properties"]["status"]["enum"]) == set(Status)
+    assert set(schemas["Error"]["properties"]["code"]["enum"]) == set(ErrorCode)
+    assert set(schemas["Error"]["properties"]["reason"]["enum"]) == set(AuthFailure)
+    rows = table_rows(section(PROTOCOL, "## Response"), "| status | final | meaning |")
+    assert {ticked(status)[0]: final == "yes" for status, final, _ in rows} == {s.value: s.final for s in Status}
+    response = section(PROTOCOL, "## Response")
+    for code in ErrorCode:
+        assert f"`{code}`" in response, f"error code {code} is not in docs/protocol.md, Response"
+    refusals = section(PROTOCOL, "## Signed commands")
+    for reason in AuthFailure:
+        assert f"`{reason}`" in refusals, f"authentication failure {reason} is not in docs/protocol.md"
