@@ -115,6 +115,9 @@ def ticked(cell: str) -> list[str]:
     return re.findall(r"`([^`]+)`", cell)
 
 
+LABEL_VALUES: dict[tuple[str, str], set[str]] = {}  # (family, label) -> the values a fresh agent exports
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """Every metric family the daemon registers, as the endpoint names it -> (type, label names): the real
@@ -134,6 +137,9 @@ def exported(tmp_path_factory):
         for collector in collectors:
             declared = set(getattr(collector, "_labelnames", ()))
             for family in collector.collect():
+                for sample in family.samples:
+                    for label, value in sample.labels.items():
+                        LABEL_VALUES.setdefault((family.name, label), set()).add(value)
                 labels = declared | set(getattr(family, "_labelnames", ())) | {
                     name for sample in family.samples for name in sample.labels}
                 families[family.name] = (family.type, labels)
@@ -646,3 +652,21 @@ def test_statuses_and_error_codes_are_the_same_in_code_asyncapi_and_protocol_md(
     refusals = section(PROTOCOL, "## Signed commands")
     for reason in AuthFailure:
         assert f"`{reason}`" in refusals, f"authentication failure {reason} is not in docs/protocol.md"
+
+
+def test_the_label_values_a_fresh_agent_exports_are_the_ones_the_readme_lists(exported):
+    """A counter whose reasons are there at 0 from the start (so that rate() sees the first one): README's
+    row names each reason, stage or level (or the protocol doc does, for the broker's refusal reasons)."""
+    rows = {name: meaning for names, _, _, meaning in table_rows(
+        section(README, "## Metrics and monitoring"), "| metric | type | labels | meaning |") for name in ticked(names)}
+    bounded_by_config = {"component", "command", "status", "interface", "vehicle", "version", "direction"}
+    checked = 0
+    for (family, label), values in LABEL_VALUES.items():
+        name = family + ("_total" if f"{family}_total" in exported else "")
+        if label in bounded_by_config or name not in rows or name.startswith(("process_", "python_")):
+            continue
+        where = rows[name] + (section(PROTOCOL, "## Events") if name == "sovd_publish_refused_total" else "")
+        for value in values:
+            assert f"`{value}`" in where, f"{name}{{{label}=\"{value}\"}} is exported; README does not name it"
+        checked += 1
+    assert checked >= 8, checked
