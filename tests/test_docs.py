@@ -670,3 +670,16 @@ def test_the_label_values_a_fresh_agent_exports_are_the_ones_the_readme_lists(ex
             assert f"`{value}`" in where, f"{name}{{{label}=\"{value}\"}} is exported; README does not name it"
         checked += 1
     assert checked >= 8, checked
+
+
+def test_install_help_is_its_header_and_names_every_option_it_takes():
+    """`hw/install --help` printed its header and the line of code after it (`set -euo pipefail`)."""
+    result = run("hw/install", "--help")
+    assert result.returncode == 0 and result.stderr == ""
+    script = (ROOT / "hw/install").read_text()
+    taken = set(re.findall(r"^\s+(--[a-z-]+)\)", script, re.M)) | set(re.findall(r"^\s+-h\|(--help)\)", script, re.M))
+    assert {"--root", "--no-apt", "--no-enable"} <= taken
+    for option in taken - {"--help"}:
+        assert re.search(rf"^\s+{option}\b", result.stdout, re.M), f"hw/install --help does not explain {option}"
+    assert all(not line.startswith(("set ", "#!")) for line in result.stdout.splitlines()), result.stdout
+    assert result.stdout.startswith("Installs sovd-edge")
