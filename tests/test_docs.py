@@ -351,13 +351,19 @@ def test_every_default_readme_states_is_the_parsers():
     assert compared > 50, compared
 
 
-def test_every_collection_default_the_protocol_doc_states_is_the_parsers():
+@pytest.mark.parametrize("path", ["README.md", "docs/protocol.md"])
+def test_every_default_the_prose_states_for_a_config_key_is_the_parsers(path):
+    """"`collect.max_plans` (16)", "`mqtt.receive_maximum`, 32 by default", "`store.outbox_max_bytes`, 32 MiB":
+    a number the prose gives right after a key is its default, and the parser's."""
     accepted = accepted_config_keys()
-    stated = re.findall(r"`(collect\.[a-z_.]+)` \((\d[\d ]*)( s| MiB| KiB)?\)", " ".join(PROTOCOL.split()))
-    assert len(stated) >= 6, stated
+    units = {"": 1, " s": 1, " KiB": 1 << 10, " MiB": 1 << 20, " days": 86400}
+    text = " ".join((ROOT / path).read_text().split())
+    stated = re.findall(r"`((?:bus|mqtt|metrics|store|security|collect)(?:\.[a-z_]+)+)`(?: \(|, )(\d[\d ]*?)"
+                        r"( s| KiB| MiB| days)?(?=[ ,)])", text)
+    assert len(stated) >= (10 if path == "docs/protocol.md" else 1), stated
     for key, number, unit in stated:
-        value = int(number.replace(" ", "")) * {" MiB": 1 << 20, " KiB": 1 << 10}.get(unit, 1)
-        assert accepted[key] == value, f"docs/protocol.md: {key} ({number}{unit}); agent/config: {accepted[key]!r}"
+        value = int(number.replace(" ", "")) * units[unit]
+        assert accepted[key] == value, f"{path}: `{key}` ({number}{unit}); agent/config's default: {accepted[key]!r}"
 
 
 @pytest.mark.parametrize("path", ["README.md", "docs/protocol.md", "config/agent.example.yaml"])
