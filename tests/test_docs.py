@@ -689,3 +689,48 @@ def test_install_help_is_its_header_and_names_every_option_it_takes():
         assert re.search(rf"^\s+{option}\b", result.stdout, re.M), f"hw/install --help does not explain {option}"
     assert all(not line.startswith(("set ", "#!")) for line in result.stdout.splitlines()), result.stdout
     assert result.stdout.startswith("Installs sovd-edge")
+
+
+def test_every_help_example_is_a_command_line_the_parser_takes():
+    """Each subcommand's --help ends with an example; a renamed option would leave one that fails with 2."""
+    import argparse
+    import shlex
+
+    from agent.cli import build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in subparsers.choices.items():
+        helptext = sub.format_help()
+        examples = re.findall(r"^example:\n((?:  .*\n)+)", helptext, re.M)
+        assert examples, f"sovd-edge {name} --help has no example"
+        for line in examples[0].splitlines():
+            argv = shlex.split(line.strip().split("  #")[0], comments=True)
+            argv = argv[:argv.index(">")] if ">" in argv else argv  # the shell's redirection
+            assert argv[:2] == ["sovd-edge", name], line
+            try:
+                parser.parse_args(argv[1:])
+            except SystemExit as err:
+                pytest.fail(f"sovd-edge {name} --help's example does not parse ({err.code}): {line.strip()}")
+
+
+@pytest.mark.parametrize("path", ["README.md", "docs/protocol.md", "hw/README.md"])
+def test_every_sovd_edge_command_line_in_a_docs_code_block_parses(path):
+    import shlex
+
+    from agent.cli import build_parser
+
+    parser = build_parser()
+    blocks = re.findall(r"```(?:sh|bash)?\n(.*?)```", (ROOT / path).read_text(), re.S)
+    lines = [line.strip() for block in blocks for line in block.replace("\\\n", " ").splitlines()]
+    commands = [line for line in lines if re.match(r"(sudo )?(\S*/)?sovd-edge ", line)]
+    assert commands or path == "hw/README.md"
+    for line in commands:
+        argv = shlex.split(line, comments=True)
+        argv = argv[argv.index(next(a for a in argv if a.endswith("sovd-edge"))) + 1:]
+        for stop in ("&", ">", "|", "&&", ";"):
+            argv = argv[:argv.index(stop)] if stop in argv else argv
+        try:
+            parser.parse_args(argv)
+        except SystemExit as err:
+            pytest.fail(f"{path}: `{line}` does not parse ({err.code})")
