@@ -714,17 +714,24 @@ def test_every_help_example_is_a_command_line_the_parser_takes():
                 pytest.fail(f"sovd-edge {name} --help's example does not parse ({err.code}): {line.strip()}")
 
 
-@pytest.mark.parametrize("path", ["README.md", "docs/protocol.md", "hw/README.md"])
+EXAMPLE_CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "config").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", ["README.md", "docs/protocol.md", "hw/README.md", *EXAMPLE_CONFIGS])
 def test_every_sovd_edge_command_line_in_a_docs_code_block_parses(path):
+    """The docs' code blocks, and the commands the example configs' comments give."""
     import shlex
 
     from agent.cli import build_parser
 
     parser = build_parser()
-    blocks = re.findall(r"```(?:sh|bash)?\n(.*?)```", (ROOT / path).read_text(), re.S)
+    text = (ROOT / path).read_text()
+    blocks = re.findall(r"```(?:sh|bash)?\n(.*?)```", text, re.S) if path.endswith(".md") else [
+        "\n".join(line.lstrip("# ") for line in text.splitlines() if line.startswith("#"))]
     lines = [line.strip() for block in blocks for line in block.replace("\\\n", " ").splitlines()]
-    commands = [line for line in lines if re.match(r"(sudo )?(\S*/)?sovd-edge ", line)]
-    assert commands or path == "hw/README.md"
+    commands = [found[0] for line in lines  # a command line, not one named in `backticks` in a comment
+                if (found := re.search(r"(?<![`\w/.-])(?:\S*/)?sovd-edge [a-z][^`]*$", line))]
+    assert commands or path in ("hw/README.md", "config/sim/demo-vehicle.yaml")
     for line in commands:
         argv = shlex.split(line, comments=True)
         argv = argv[argv.index(next(a for a in argv if a.endswith("sovd-edge"))) + 1:]
