@@ -741,3 +741,13 @@ def test_every_sovd_edge_command_line_in_a_docs_code_block_parses(path):
             parser.parse_args(argv)
         except SystemExit as err:
             pytest.fail(f"{path}: `{line}` does not parse ({err.code})")
+
+
+def test_the_can_bus_states_readme_and_protocol_md_list_are_the_agents():
+    from agent.metrics.canstate import STATES
+
+    rows = {name: meaning for names, _, _, meaning in table_rows(
+        section(README, "## Metrics and monitoring"), "| metric | type | labels | meaning |") for name in ticked(names)}
+    assert set(ticked(rows["sovd_can_bus_state"])) == set(STATES)
+    bus_state = re.search(r"- `bus_state`:(.*?)\n- ", section(PROTOCOL, "## Events"), re.S)
+    assert bus_state and set(STATES) <= set(ticked(bus_state[1]))
