@@ -751,3 +751,32 @@ def test_the_can_bus_states_readme_and_protocol_md_list_are_the_agents():
     assert set(ticked(rows["sovd_can_bus_state"])) == set(STATES)
     bus_state = re.search(r"- `bus_state`:(.*?)\n- ", section(PROTOCOL, "## Events"), re.S)
     assert bus_state and set(STATES) <= set(ticked(bus_state[1]))
+
+
+def test_the_command_fields_protocol_md_lists_are_asyncapis_and_the_parsers():
+    """The Command table of protocol.md, the Command schema of asyncapi.yaml and the fields the agent's
+    parser reads: one set (an unknown field is an error, so a field missing from the docs is unusable)."""
+    from agent.config import load_config, reader
+    from agent.wire.parse import parse_envelope
+
+    rows = table_rows(section(PROTOCOL, "## Command"), "| field | type | required | meaning |")
+    documented = {ticked(field)[0]: required.startswith("yes") for field, _, required, _ in rows}
+    schema = yaml.safe_load((ROOT / "docs/asyncapi.yaml").read_text())["components"]["schemas"]["Command"]
+    assert set(documented) == set(schema["properties"])
+    assert {f for f, required in documented.items() if required} == set(schema.get("required", []))
+    read: set[str] = set()
+    original = {name: getattr(reader.Node, name) for name in ("get", "raw")}
+
+    def watched(name):
+        def method(self, key, *args, **kwargs):
+            read.add(key)
+            return original[name](self, key, *args, **kwargs)
+        return method
+
+    config = load_config(ROOT / "config/demo.yaml")
+    try:
+        reader.Node.get, reader.Node.raw = watched("get"), watched("raw")
+        parse_envelope({"id": "c-1", "component": "engine", "command": "read_data", "params": {}}, config)
+    finally:
+        reader.Node.get, reader.Node.raw = original["get"], original["raw"]
+    assert read == set(documented)
