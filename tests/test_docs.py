@@ -597,6 +597,8 @@ def test_every_topic_the_agent_uses_is_in_a_protocol_topic_table():
     tables = {row[0].strip("`") for heading in ("## Topics", "## Collection")
               for row in table_rows(section(PROTOCOL, heading), "| topic | direction | QoS | retained | payload |")}
     assert built == tables
+    channels = yaml.safe_load((ROOT / "docs/asyncapi.yaml").read_text())["channels"].values()
+    assert {channel["address"] for channel in channels if channel.get("address")} == built
 
 
 def test_every_event_type_the_agent_publishes_is_in_protocol_md():
