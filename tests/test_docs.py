@@ -558,11 +558,11 @@ def test_the_unit_directives_readme_quotes_are_the_units():
 
 def test_the_credentials_the_docs_refer_to_are_the_ones_the_unit_loads():
     loaded = {value.split(":", 1)[0] for value in unit_directives()["LoadCredential"]}
-    for path in ("README.md", "config/agent.example.yaml", "hw/README.md", "hw/install"):
+    for path in ("README.md", "config/agent.example.yaml", "hw/README.md", "hw/install", "systemd/sovd-edge.service"):
         text = (ROOT / path).read_text()
         for name in re.findall(r"/run/credentials/sovd-edge\.service/([A-Za-z0-9._-]+)", text):
             assert name in loaded, f"{path} refers to credential {name}; the unit loads {sorted(loaded)}"
-        for name in re.findall(r"password_credential: ([A-Za-z0-9._-]+)", text):
+        for name in re.findall(r"password_credential:\s+`?([A-Za-z0-9._-]+)", text):
             assert name in loaded, f"{path}: password_credential {name}; the unit loads {sorted(loaded)}"
         for name in re.findall(r"/etc/sovd-edge/credentials/([A-Za-z0-9._-]+)", text):
             assert name in loaded, f"{path} puts credential {name}, which the unit does not load"
