@@ -782,3 +782,19 @@ def test_the_command_fields_protocol_md_lists_are_asyncapis_and_the_parsers():
     finally:
         reader.Node.get, reader.Node.raw = original["get"], original["raw"]
     assert read == set(documented)
+
+
+def test_the_can_fd_data_length_default_readme_gives_is_the_parsers():
+    """`isotp.data_length` defaults to 8, and to 64 with `isotp.fd: true`: README gave only the 8, so an
+    operator enabling FD on an ECU did not know its frames grew to 64 bytes."""
+    from agent.config.parse import parse_config
+
+    config = yaml.safe_load((ROOT / "config/demo.yaml").read_text())
+    del config["simulate"]
+    config["ecus"] = [{"name": "fd", "addressing": {"request_id": 0x700, "response_id": 0x708}, "isotp": {"fd": True}},
+                      {"name": "classic", "addressing": {"request_id": 0x701, "response_id": 0x709}}]
+    parsed = parse_config(config)
+    fd, classic = parsed.ecu("fd").isotp.data_length, parsed.ecu("classic").isotp.data_length
+    row = next(r for r in table_rows(section(README, "## Configuration"), "Per ECU (`ecus[i]`):")
+               if "`isotp.fd`" in r[0])
+    assert f"`{classic}`" in row[1] and f"`{fd}` with `fd: true`" in row[1], (row[1], classic, fd)
