@@ -279,6 +279,8 @@ def readme_config_keys() -> dict[str, str]:
                 keys[full] = defaults[index] if len(defaults) == len(names) else (
                     defaults[0] if len(defaults) == 1 else "")
                 if names[0].endswith("[]"):  # `dids[]`: its entries' keys lead the meaning column's items
+                    for sub, default_of_sub in re.findall(r"`(\w+)` \([^()]*?default (`[^`]+`)", meaning):
+                        keys[f"{full}.{sub}"] = default_of_sub  # `codec` (...; default `raw`)
                     while meaning != (meaning := re.sub(r"\([^()]*\)", "", meaning)):
                         pass  # their values are in parentheses: `codec` (`ascii`, ...)
                     for sub in ticked(meaning):
