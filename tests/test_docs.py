@@ -800,3 +800,37 @@ def test_the_can_fd_data_length_default_readme_gives_is_the_parsers():
     row = next(r for r in table_rows(section(README, "## Configuration"), "Per ECU (`ecus[i]`):")
                if "`isotp.fd`" in r[0])
     assert f"`{classic}`" in row[1] and f"`{fd}` with `fd: true`" in row[1], (row[1], classic, fd)
+
+
+def test_every_key_the_simulator_config_takes_is_named_in_readme():
+    """The simulator's file format is documented in README, "The ECU simulator": each key its parser reads
+    from the shipped and test simulator files is named there (keys shared with the agent's config under
+    `addressing`, `isotp` and `bus` are those of README's config tables)."""
+    from agent.config import reader
+    from agent.devtools.sim.config import load_sim_config
+
+    seen: set[tuple[str, str]] = set()
+    original = {name: getattr(reader.Node, name) for name in ("get", "child", "items_of")}
+
+    def watched(name):
+        def method(self, key, *args, **kwargs):
+            seen.add((re.sub(r"\[\d+\]", "[]", self.path), key))
+            return original[name](self, key, *args, **kwargs)
+        return method
+
+    files = [*(ROOT / "config/sim").glob("*.yaml"), *(ROOT / "tests/data").glob("*sim*.yaml")]
+    try:
+        for name in original:
+            setattr(reader.Node, name, watched(name))
+        for path in files:
+            load_sim_config(path)
+    finally:
+        for name, method in original.items():
+            setattr(reader.Node, name, method)
+    assert len(seen) > 40, len(seen)
+    simulator = section(README, "## The ECU simulator")
+    named = {word for item in ticked(simulator) for word in re.findall(r"\w+", item)}
+    agent_keys = {key.rsplit(".", 1)[-1] for key in readme_config_keys()}
+    for path, key in seen:
+        shared = path.endswith((".addressing", ".isotp")) or path == "bus"
+        assert key in named or (shared and key in agent_keys), f"simulator key {path}.{key} is not in README"
