@@ -676,7 +676,8 @@ def test_the_label_values_a_fresh_agent_exports_are_the_ones_the_readme_lists(ex
         name = family + ("_total" if f"{family}_total" in exported else "")
         if label in bounded_by_config or name not in rows or name.startswith(("process_", "python_")):
             continue
-        where = rows[name] + (section(PROTOCOL, "## Events") if name == "sovd_publish_refused_total" else "")
+        where = rows[name] + (section(PROTOCOL, "## Events") if name == "sovd_publish_refused_total" else "") + (
+            section(PROTOCOL, "## Collection") if "docs/protocol.md`, section Collection" in rows[name] else "")
         for value in values:
             assert f"`{value}`" in where, f"{name}{{{label}=\"{value}\"}} is exported; README does not name it"
         checked += 1
