@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import DATA  # noqa: F401  (fixtures come from conftest)
+from conftest import DATA
 
 from agent.bus.owner import wait_until
 from agent.fleet.packets import Incoming
@@ -390,3 +390,78 @@ def test_a_command_is_acknowledged_naming_the_connection_it_came_on(service, bac
     backend.send(body)
     assert backend.final(body["id"], timeout=15)["status"] == "completed"
     assert calls and all(len(args) == 3 and args[2] == service.link._generation for args in calls)
+
+
+def test_a_failing_hand_over_of_waiting_commands_never_hands_one_over_twice():
+    """Waiting commands were submitted in a loop and taken off the waiting list only after it: when handing
+    over the k-th raised, the ones before it stayed listed and the next release submitted them again (run
+    twice). Pure: Parking alone, with a `submit` that raises for one command (as a bug would)."""
+    from agent.config import load_config
+    from agent.fleet.flow import Parking
+    from agent.policy.admission import Admission
+    from agent.store.sqlite import Entry
+    from agent.wire.command import Command
+    from agent.wire.parse import parse_command
+
+    config = load_config(DATA / "vehicle.yaml")
+    parking = Parking(limit=8)
+    commands: list[Command] = []
+    for i in range(3):
+        body = {"id": f"w-{i}", "component": "engine", "command": "read_data", "params": {"data": "vin"}}
+        command = parse_command(body, config, received_at=1.0)
+        commands.append(command)
+        parking.park(None, command, Entry(command.id, "queued", body, "r", None, 1.0, None, 1, None))
+    submitted: list[str] = []
+
+    def submit(command, entry):
+        if command.id == "w-1" and "w-1" not in submitted:
+            submitted.append("w-1 (raised)")
+            raise RuntimeError("a bug handing it over")
+        submitted.append(command.id)
+
+    with pytest.raises(RuntimeError):
+        parking.release(lambda command, reserved: Admission.QUEUED, submit, lambda item: None)
+    assert parking.release(lambda command, reserved: Admission.QUEUED, submit, lambda item: None) == 1
+    assert submitted == ["w-0", "w-1 (raised)", "w-2"] and len(parking) == 0  # w-0 once; w-1 lost to the bug
+
+
+def test_a_recorded_command_that_cannot_be_queued_gets_its_final_not_silence(service, backend, caplog):
+    """A bug queueing a recorded, acknowledged command (runtime.submit raising) left it without a final
+    until the next restart reported it; it is answered failed/internal now, and the next command runs."""
+    submit = service.runtime.submit
+
+    def broken(command):
+        service.runtime.submit = submit
+        raise KeyError("a bug")
+
+    service.runtime.submit = broken
+    first_id, first = valid()
+    second_id, second = valid()
+    backend.send_all([first])
+    final = backend.final(first_id, timeout=15)
+    assert (final["status"], final["error"]["code"]) == ("failed", "internal"), final
+    assert service.store.get(first_id).state == "final"
+    backend.send_all([second])
+    assert backend.final(second_id, timeout=15)["status"] == "completed"
+    assert any("queueing a recorded command failed" in r.getMessage() and r.exc_info for r in caplog.records)
+
+
+def test_a_failing_release_of_waiting_commands_leaves_intake_running(service, backend, caplog):
+    """The release run when a queue has room again (not part of a group) had no guard: one exception
+    there ended the intake thread. It is logged and counted like a group's, and intake goes on."""
+    from agent.fleet import intake as intake_module
+
+    release, calls = service.intake._release, []
+
+    def broken():
+        calls.append(1)
+        raise RuntimeError("a bug releasing")
+
+    service.intake._release = broken
+    service.intake._queue.put(intake_module._ROOM)  # what room() queues while a command waits
+    assert wait_until(lambda: calls, 5)
+    service.intake._release = release
+    command_id, payload = valid("body")
+    backend.send_all([payload])
+    assert backend.final(command_id, timeout=15)["status"] == "completed"
+    assert service.registry.get_sample_value("sovd_intake_errors_total", {"stage": "release"}) >= 1

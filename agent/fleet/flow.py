@@ -81,16 +81,16 @@ class Parking:
         returns how many were released."""
         released = 0
         blocked: set[str] = set()
-        kept: deque[Waiting] = deque()
-        for waiting in self._waiting:
+        for waiting in list(self._waiting):
             component = waiting.command.component
-            if component not in blocked and check(waiting.command, 0) is Admission.QUEUED:
-                submit(waiting.command, waiting.entry)
-                if waiting.item is not None:
-                    ack(waiting.item)
-                released += 1
-            else:
+            if component in blocked or check(waiting.command, 0) is not Admission.QUEUED:
                 blocked.add(component)  # keeps the order: nothing newer of this component overtakes
-                kept.append(waiting)
-        self._waiting = kept
+                continue
+            # off the list before it is handed over: should `submit` or `ack` raise, what was handed over
+            # already is never handed over a second time by the next release (it would run twice)
+            self._waiting = deque(w for w in self._waiting if w is not waiting)
+            submit(waiting.command, waiting.entry)
+            if waiting.item is not None:
+                ack(waiting.item)
+            released += 1
         return released

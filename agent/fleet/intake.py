@@ -128,7 +128,11 @@ class Intake(Repeats, Fallbacks):
             if first is None:
                 return
             if first is _ROOM:
-                self._release()
+                try:
+                    self._release()
+                except Exception:  # as for a group: logged and counted, the thread goes on
+                    self._error("release")
+                    log.exception("intake failed releasing waiting commands")
                 continue
             group = [first]
             while len(group) < GROUP_MAX:

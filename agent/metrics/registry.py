@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 STORE_OPERATIONS = ("open", "read", "write", "acknowledge", "maintain")
 STORE_RECOVERY_REASONS = ("unreadable", "damaged", "torn_wal", "vanished")
-INTAKE_STAGES = ("decide", "record", "acknowledge", "settle", "group")
+INTAKE_STAGES = ("decide", "record", "acknowledge", "settle", "group", "release")
 # Why a command message was refused before execution: the codes of a `rejected` final, and the intake's
 # own reasons for messages that never became a command (or repeated one).
 REJECTION_REASONS = (*(str(code) for code in (

@@ -41,7 +41,7 @@ from agent.system.procmetrics import ProcessMetrics
 from agent.system.restart import RestartRecovery
 from agent.system.startmarks import StartMarks
 from agent.wire import messages as m
-from agent.wire.command import Command, Result, command_fields
+from agent.wire.command import Command, ErrorCode, Outcome, Result, Status, command_fields
 
 if TYPE_CHECKING:
     from agent.fleet.signed import SignatureGate
@@ -249,7 +249,16 @@ class Service(ServiceHealth, StartMarks, RestartRecovery, Finals):
         if started:
             self._started_at_intake.add(command.id)
         self._entries[command.id] = entry
-        admission = self.runtime.submit(command)
+        try:
+            admission = self.runtime.submit(command)
+        except Exception as err:  # a bug: recorded and acknowledged, it still gets its one final, not silence
+            log.exception("queueing a recorded command failed; answered failed/internal",
+                          extra=command_fields(command.id, command.component, command.command))
+            self._started_at_intake.discard(command.id)
+            self._finish(entry, Result(command.id, command.component, command.command, Outcome.failure(
+                Status.FAILED, ErrorCode.INTERNAL, f"the agent could not queue it: {type(err).__name__}"),
+                command.received_at, None, self.clock.wall()))
+            return
         if admission is Admission.QUEUED:
             return
         self._started_at_intake.discard(command.id)
