@@ -1,6 +1,7 @@
 """Protocol v1 through a real Mosquitto, agent in-process (so the simulator's counters are visible)."""
 
 import json
+import logging
 import time
 import uuid
 
@@ -168,14 +169,24 @@ def test_oversize_command_with_readable_id_is_rejected(service, backend):
     assert final["error"]["code"] == "invalid_command" and "limit is 65536" in final["error"]["message"]
 
 
-def test_invalid_message_events_are_rate_limited(service, backend):
-    for _ in range(15):
-        backend.send(b"nope")
-    backend.wait_for(lambda s: s.topic == backend.topics.events and b"invalid_message" in s.payload, 10, count=10)
-    time.sleep(0.5)
-    events = [s for s in backend.seen if s.topic == backend.topics.events and b"invalid_message" in s.payload]
-    assert len(events) == 10
-    assert service.intake.stats.invalid["undecodable"] == 15 and service.intake.stats.events_suppressed == 5
+def test_invalid_message_events_and_their_log_lines_are_rate_limited(service, backend, caplog):
+    """Events were limited to N a minute, their WARNING lines were not: a flood of garbage on the command
+    topic flooded the journal. The first line after the limit says how many were not logged."""
+    def warnings():
+        return [r for r in caplog.records if r.levelno == logging.WARNING and "invalid message" in r.getMessage()]
+
+    with caplog.at_level(logging.WARNING, logger="agent.fleet.answers"):
+        for _ in range(15):
+            backend.send(b"nope")
+        backend.wait_for(lambda s: s.topic == backend.topics.events and b"invalid_message" in s.payload, 10, count=10)
+        assert wait_until(lambda: service.intake.stats.invalid.get("undecodable") == 15, 10)
+        events = [s for s in backend.seen if s.topic == backend.topics.events and b"invalid_message" in s.payload]
+        assert len(events) == 10 and service.intake.stats.events_suppressed == 5
+        assert len(warnings()) == 10
+        service.intake._event_times = [t - 61 for t in service.intake._event_times]  # a minute passes
+        backend.send(b"nope again")
+        assert wait_until(lambda: len(warnings()) == 11, 10)
+    assert "(5 more since the last one logged" in warnings()[-1].getMessage()
 
 
 def test_unknown_component_and_policy(service, backend):

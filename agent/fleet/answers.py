@@ -31,6 +31,7 @@ class Answers:
     _on_rejected: Callable[[str], None]
     _on_error: Callable[[str], None]
     _event_times: list[float]
+    _unlogged_invalid: int  # invalid messages past the rate limit since the last one logged
     _seen: dict[str, Decision]
     stats: IntakeStats
 
@@ -92,15 +93,21 @@ class Answers:
             log.exception("intake error callback failed")
 
     def _invalid_event(self, d: Decision, reason: str, detail: str) -> None:
-        """Counts every invalid message; publishes an event for at most N a minute."""
+        """Counts every invalid message; publishes an event, and logs a WARNING, for at most N a minute
+        (a flood of garbage on the command topic must not flood the journal on the SD card either)."""
         self._count_invalid(reason)
-        log.warning("invalid message on the command topic: %s", clip(detail), extra={"bytes": len(d.item.payload)})
         now = time.monotonic()
         self._event_times = [t for t in self._event_times if now - t < 60]
         if len(self._event_times) >= self._config.mqtt.invalid_events_per_minute:
             self.stats.events_suppressed += 1
+            self._unlogged_invalid += 1
+            log.debug("invalid message on the command topic: %s", clip(detail), extra={"bytes": len(d.item.payload)})
             return
         self._event_times.append(now)
+        more, self._unlogged_invalid = self._unlogged_invalid, 0
+        log.warning("invalid message on the command topic: %s%s", clip(detail),
+                    f" ({more} more since the last one logged: counted, not logged)" if more else "",
+                    extra={"bytes": len(d.item.payload), "not_logged": more})
         event = m.event_message("invalid_message", self._clock.wall(), reason=reason, detail=clip(detail),
                                 bytes=len(d.item.payload), **m.clock_mark(self._clock.synchronized()))
         d.publish(Outgoing(self._topics.events, m.encode(event)))

@@ -83,6 +83,7 @@ class Intake(Repeats, Fallbacks):
         self._queue: queue.Queue[Incoming | object | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._event_times: list[float] = []
+        self._unlogged_invalid = 0
         self._promised: dict[str, int] = {}  # per component: accepted in the group being processed
         self._seen: dict[str, Decision] = {}  # per id: its decision in the group being processed
         self.stats = IntakeStats()
