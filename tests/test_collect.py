@@ -441,3 +441,22 @@ def test_plans_beyond_the_configured_bounds_are_rejected_with_a_path(vehicle, si
         r.collector.submit_plan("c", _slow("c"))  # room again
         r.collector.idle(5)
         assert sorted(r.collector.plans) == ["b", "c"] and len(r.collector.schedule) == 61
+
+
+def test_a_plan_that_cannot_be_stored_for_a_bug_is_refused_with_its_traceback(vehicle, sim, tmp_path, monkeypatch,
+                                                                               caplog):
+    """Storing a plan caught every exception as "cannot store the plan" and logged none of its traceback: a
+    bug there looked like the disk's failure. The plan is still refused; a bug is logged with its traceback."""
+    import logging
+
+    from agent.store.collection import CollectionStore
+
+    def broken(self, name, version, body):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(CollectionStore, "save_plan", broken)
+    config = with_collect(vehicle, plans=(plan(signals=[SPEED]),))
+    with caplog.at_level(logging.ERROR), rig(config, tmp_path) as r:
+        r.out.wait(lambda: r.out.of_type("plan_rejected"))
+    assert "cannot store the plan" in str(r.out.of_type("plan_rejected")[0])
+    assert any(rec.exc_info and rec.exc_info[0] is KeyError for rec in caplog.records), caplog.records

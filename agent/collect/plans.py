@@ -9,6 +9,7 @@ import logging
 from typing import Any
 
 from agent.collect.schedule import Budget, Task, plan_tasks
+from agent.store.sqlite import StoreError
 from agent.wire import messages as m
 from agent.wire.decode import Undecodable, decode_command
 from agent.wire.plan import InvalidPlanError, Plan, parse_plan, plan_identity
@@ -25,8 +26,8 @@ class PlanIntake:
         """Stored plans first (what ran before the restart), then the config's local plans."""
         try:
             stored = self._book.load_plans()
-        except Exception as err:
-            log.error("stored collection plans cannot be read: %s", err)
+        except Exception as err:  # the store's failure; anything else is a bug, with its traceback
+            log.error("stored collection plans cannot be read: %s", err, exc_info=not isinstance(err, StoreError))
             stored = []
         for record in stored:
             self._versions[record.name] = record.version
@@ -90,6 +91,8 @@ class PlanIntake:
             try:
                 self._book.save_plan(plan.name, plan.version, plan.body)
             except Exception as err:
+                if not isinstance(err, StoreError):  # a bug, not the disk: its traceback
+                    log.exception("storing plan %s failed", plan.name, extra={"plan": plan.name})
                 self._rejected(plan.name, plan.version, [{"path": "", "message": f"cannot store the plan: {err}"}],
                                source)
                 return "refused"
@@ -135,7 +138,8 @@ class PlanIntake:
         try:
             self._book.save_plan(name, plan.version, None)
         except Exception as err:
-            log.error("removal of plan %s not stored (it comes back after a restart): %s", name, err)
+            log.error("removal of plan %s not stored (it comes back after a restart): %s", name, err,
+                      exc_info=not isinstance(err, StoreError))
         last = self.telemetry.close(name)
         if last is not None:
             self._send_batch(last)

@@ -206,9 +206,9 @@ class Intake(Repeats, Fallbacks):
             self._store.commit_group([d.batch for d in decisions], company=company)
             return
         except Exception as err:
-            if len(decisions) > 1:
-                log.warning("group commit of %d messages failed (%s); recording them one by one", len(decisions),
-                            err)
+            if len(decisions) > 1 or not isinstance(err, StoreError):  # one message: its own retry says why
+                log.warning("group commit of %d message(s) failed (%s); recording them one by one", len(decisions),
+                            err, exc_info=not isinstance(err, StoreError))
         for i, decision in enumerate(decisions):
             try:
                 self._store.commit_group([decision.batch])
