@@ -400,3 +400,33 @@ def test_a_bus_fault_is_raised_once_to_a_reader_that_never_sends(owner):
     with pytest.raises(BusDownError, match="Network is down"):
         link.recv(0.01)
     assert link.recv(0.01) is None
+
+
+def test_a_kernel_links_socket_failures_are_counted_with_the_buss(owner, channel):
+    """A kernel ISO-TP socket sends and receives by itself, around the bus owner: its failures (the interface
+    went down) raised bus_error but were counted nowhere, while sovd_can_send_errors_total said it counts
+    every failed send. They are counted in the owner's counters now; the socket is opened again next time."""
+
+    class DownSocket(StandInKernelSocket):
+        def send(self, payload: bytes) -> None:
+            raise OSError(errno.ENETDOWN, "Network is down")
+
+        def recv(self, size: int = 4096) -> bytes:
+            raise OSError(errno.ENETDOWN, "Network is down")
+
+    sockets: list[StandInKernelSocket] = []
+
+    def factory() -> StandInKernelSocket:
+        sockets.append(DownSocket(channel))
+        return sockets[-1]
+
+    link = KernelIsoTpLink(channel, isotp_address(ADDRESSING), IsoTpConfig(), name="kernel", owner=owner,
+                           socket_factory=factory)
+    with pytest.raises(BusDownError, match="send failed"):
+        link.send(b"\x22\xf1\x90", timeout=1.0)
+    with pytest.raises(BusDownError, match="receive failed"):
+        link.recv(0.1)
+    assert (owner.counters.send_errors, owner.counters.recv_errors) == (1, 1)
+    assert len(sockets) == 2  # each failure closed its socket: the next use opened a new one
+    for sock in sockets:
+        sock.close()

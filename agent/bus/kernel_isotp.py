@@ -92,6 +92,7 @@ class KernelIsoTpLink:
         self._sock: isotp.socket | None = None
         self._first_frame = False  # a first frame was seen since the last flush or delivered PDU
         self._pci_at = address.get_rx_prefix_size()  # 1 with extended/mixed addressing: the address byte
+        self._owner = owner  # its counters take this link's socket failures (the kernel sends, not the owner)
         if owner is not None:
             for can_id, extended in rx_ids(address):
                 owner.subscribe(can_id, extended, self._on_frame)
@@ -147,7 +148,7 @@ class KernelIsoTpLink:
         except TimeoutError as err:
             raise TransportTimeoutError(f"{self.name}: kernel ISO-TP send timed out") from err
         except OSError as err:
-            self._drop()
+            self._failed("send")
             raise BusDownError(f"{self.name}: send failed on {self._interface}: {err}") from err
 
     def recv(self, timeout: float, limit: float | None = None) -> bytes | None:
@@ -172,8 +173,18 @@ class KernelIsoTpLink:
                 raise TransportTimeoutError(f"{self.name}: ISO-TP reception aborted: {err}") from err
             return None
         except OSError as err:
-            self._drop()
+            self._failed("recv")
             raise BusDownError(f"{self.name}: receive failed on {self._interface}: {err}") from err
+
+    def _failed(self, direction: str) -> None:
+        """A socket error: counted where the owner's own are (sovd_can_send/receive_errors_total); the socket
+        is closed and opened again at the next use (the kernel's, not the owner's bus, is what failed)."""
+        self._drop()
+        if self._owner is not None:
+            if direction == "send":
+                self._owner.counters.send_errors += 1
+            else:
+                self._owner.counters.recv_errors += 1
 
     def flush(self) -> None:
         self._first_frame = False

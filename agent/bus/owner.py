@@ -157,7 +157,8 @@ class FaultMark:
 
 
 class BusOwner:
-    """The single owner of the CAN bus. Nothing else calls bus.recv(); sends go through `send`.
+    """The single owner of the CAN bus. Nothing else calls bus.recv(); sends go through `send`, except a
+    kernel ISO-TP link's: its own socket sends and receives, and counts its failures in `counters`.
 
     A supervisor thread rebuilds bus and notifier with exponential backoff after a send failure or
     when the notifier's thread has died; meanwhile `send` raises BusDownError at once.

@@ -268,9 +268,10 @@ def _bus_metrics(b: BusReading) -> Iterator[Metric]:
     yield _counter("sovd_can_restarts", "Controller restarts after bus-off.", b.interface, b.restarts)
     yield _counter("sovd_can_bus_rebuilds", "Times the agent rebuilt its bus connection.", b.interface, b.rebuilds)
     yield _counter("sovd_can_send_errors", "Failed attempts to send a frame (one is retried; a second in a row "
-                   "rebuilds the bus).", b.interface, b.send_errors)
+                   "rebuilds the bus) or, on kernel ISO-TP, a PDU (its socket is opened again).", b.interface,
+                   b.send_errors)
     yield _counter("sovd_can_receive_errors", "Receive failures that stopped the agent's CAN reader (the bus is "
-                   "rebuilt).", b.interface, b.recv_errors)
+                   "rebuilt) or a kernel ISO-TP socket (opened again).", b.interface, b.recv_errors)
     yield _counter("sovd_can_frames_dropped", "Frames for an ISO-TP link dropped because its queue was full (a "
                    "transfer broken under its command).", b.interface, b.frames_dropped)
     yield _counter("sovd_can_handler_errors", "Exceptions the agent's own frame handlers raised (a bug: the frame is "

@@ -51,10 +51,12 @@ class Finals:
     def _finish(self, entry: Entry, result: Result) -> None:
         """Stores the final response and its ledger state together; a transient refusal is forgotten instead.
 
-        The caller (a worker) does not wait for the commit: the outbox sends the response once it is
-        stored (synced), and the worker's next start mark shares that fsync. When the store fails, the
-        response goes straight to the link, and the write waits in memory until the store takes writes
-        again (then the outbox sends it once more: at least once).
+        When the worker has another command queued, it does not wait for the commit: the final rides the
+        commit of that command's start mark (one fsync for both), and the thread that commits it publishes
+        it. When nothing waits, the worker commits (fsync) and publishes it itself: no hand-over to another
+        thread on the one-at-a-time path. When the store fails, the response goes straight to the link, and
+        the write waits in memory until the store takes writes again (then the outbox sends it once more:
+        at least once).
         """
         self._started_at_intake.discard(entry.id)  # ended without running (expired, refused) or ran
         self._entries.pop(entry.id, None)
