@@ -347,3 +347,23 @@ def test_a_frame_handler_that_never_returns_is_a_wedge(service, backend, monkeyp
         owner.untap(stuck)
         release.set()
     assert wait_until(lambda: service.wedged() == [], 5)
+
+
+def test_the_store_writer_thread_is_watched(service, backend):
+    """The store's writer thread (it commits what no caller waits for: finals riding a start mark, outbox
+    deletes) was the one long-lived thread the watchdog did not look at. A thread standing in for a dead
+    writer (one that has ended) is a wedge now."""
+    import threading
+
+    body = {"id": f"sw-{time.monotonic_ns()}", "component": "engine", "command": "read_data", "params": {"data": "vin"}}
+    backend.send(body)
+    assert backend.final(body["id"])["status"] == "completed"
+    assert service.wedged() == []
+    real, ended = service.store._writer, threading.Thread(target=lambda: None)
+    ended.start()
+    ended.join()
+    service.store._writer = ended
+    try:
+        assert "store-writer thread died" in service.wedged()
+    finally:
+        service.store._writer = real

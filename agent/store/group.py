@@ -173,6 +173,12 @@ class GroupCommit:
                 log.exception("store writer failed; retrying")
                 time.sleep(0.1)
 
+    @property
+    def writer_alive(self) -> bool:
+        """The writer thread runs, or is not needed yet (started on the first write nobody waits for)."""
+        writer = self._writer
+        return writer is None or writer.is_alive() or self._closing
+
     def hurry(self, write: Write) -> bool:
         """Commits `write` now on the calling thread, with everything else waiting, unless a commit has
         taken it already (then it returns once that commit is done; its callback may still be running).

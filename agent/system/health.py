@@ -99,6 +99,7 @@ class ServiceHealth:
     def threads_alive(self) -> dict[str, bool]:
         metrics = {} if self.metrics_server is None else {"metrics-http": self.metrics_server.alive}
         return {"intake": self.intake.alive, "outbox": self.outbox.alive, "mqtt": self.link.alive,
+                "store-writer": self.store.writer_alive,
                 "bus-monitor": self.bus_monitor.alive, "can-supervisor": self.runtime.owner.supervisor_alive,
                 **self.collection.threads_alive(), **metrics}
 
