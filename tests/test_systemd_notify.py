@@ -367,3 +367,23 @@ def test_the_store_writer_thread_is_watched(service, backend):
         assert "store-writer thread died" in service.wedged()
     finally:
         service.store._writer = real
+
+
+def test_a_main_loop_that_fails_still_stops_the_service_cleanly(service, backend, monkeypatch, caplog):
+    """An exception in a health check (a bug) left the main loop with the service running under it: no
+    offline status, and commands marked started were reported interrupted after the restart instead of
+    being queued again. The loop's failure is logged and the service stopped as on SIGTERM."""
+    import threading
+
+    from agent.system.daemon import run_until_stopped
+    from agent.system.sdnotify import SystemdNotifier
+
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+
+    def broken():
+        raise KeyError("a bug in a health check")
+
+    monkeypatch.setattr(service, "health", broken)
+    assert run_until_stopped(service, threading.Event(), 1.0, SystemdNotifier()) is False
+    assert backend.wait_status("offline", 10)
+    assert any("the main loop failed" in r.getMessage() and r.exc_info for r in caplog.records)

@@ -19,13 +19,25 @@ STATUS_EVERY_S = 5.0
 def run_until_stopped(service: Service, stop: StopSignal | threading.Event, grace: float,
                       notifier: SystemdNotifier | None = None) -> bool:
     """Runs a started service until `stop` is set (SIGTERM/SIGINT): True when it stopped cleanly,
-    False when it stopped because an essential thread died (the CLI turns that into an exit code)."""
+    False when it stopped because an essential thread died or the loop itself failed (the CLI turns that
+    into an exit code)."""
     notify = notifier or SystemdNotifier()
+    if notify.watchdog_s:
+        log.info("systemd watchdog every %.1f s", notify.watchdog_s)
+    try:
+        return _loop(service, stop, grace, notify)
+    except Exception:  # a bug in a health check: still a clean stop (commands queued again, offline status)
+        log.exception("the main loop failed; stopping so systemd restarts the agent")
+        notify.stopping("restarting after the main loop failed")
+        service.stop(grace)
+        notify.close()
+        return False
+
+
+def _loop(service: Service, stop: StopSignal | threading.Event, grace: float, notify: SystemdNotifier) -> bool:
     ready = False
     last_ping = last_status = 0.0
     last_problems: list[str] = []
-    if notify.watchdog_s:
-        log.info("systemd watchdog every %.1f s", notify.watchdog_s)
     while True:
         service.runtime.revive_dead_workers()
         now = time.monotonic()
