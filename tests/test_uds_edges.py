@@ -164,6 +164,29 @@ def test_an_ecu_that_reset_on_its_own_is_noticed_and_collection_goes_on(agent, s
     assert ecu.server.reads[0xF186] == keepalives  # default session: no more keepalives
 
 
+
+def test_a_keepalive_that_raises_does_not_end_the_worker(agent, sim, caplog):
+    """The keepalive/probe step was the one step of the worker's loop without a guard: a bug there ended
+    the thread (revived by the main loop each second, with no metric). Now it is logged, once until a
+    keepalive works again, and the worker goes on."""
+    import logging
+
+    worker = agent.runtime.workers["engine"]
+    completed(agent, "engine", "set_session", {"session": "extended"})
+    keepalive, calls = worker.executor.keepalive, []
+
+    def broken():
+        calls.append(1)
+        raise KeyError("a bug in a keepalive")
+
+    with caplog.at_level(logging.ERROR):
+        worker.executor.keepalive = broken
+        assert wait_until(lambda: len(calls) >= 3, 10)  # every 300 ms (S3): the worker lives on
+        worker.executor.keepalive = keepalive
+    assert worker.alive
+    assert len([r for r in caplog.records if "keepalive or probe" in r.getMessage()]) == 1
+    assert completed(agent, "engine", "raw", {"request": "22F40D"}) == {"response": "62f40df6"}
+
 # ---- ISO 14229:2006 ECUs ---------------------------------------------------------------------------------
 
 def test_2006_ecu_with_uds_standard_2006(vehicle, custom_sim):

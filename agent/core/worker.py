@@ -87,6 +87,7 @@ class ComponentWorker:
         self._next: tuple[Command, Callable[[], BaseException | None] | None] | None = None  # taken ahead
         self._halting = False  # stop() was called: a command taken ahead is not run
         self._stop_next = False  # the stop marker was taken ahead
+        self._idle_failing = False  # the last keepalive or probe raised (logged once until one works)
 
     @property
     def depth(self) -> int:
@@ -193,7 +194,7 @@ class ComponentWorker:
                 mark = None
                 item = self._take(min(waits) if waits else None)
                 if item is False:
-                    self._idle()
+                    self._idle_guarded()
                     continue
                 if item is None:
                     return
@@ -224,6 +225,19 @@ class ComponentWorker:
             self.busy_since = None
             self.on_bus = False
         self._guard(lambda o: job.done(o, time.monotonic() - started), outcome)
+
+    def _idle_guarded(self) -> None:
+        """`_idle`, whose bug must not end the worker: logged with its traceback once until it works again
+        (it runs every S3 or probe interval: a line each time would flood the card)."""
+        try:
+            self._idle()
+        except Exception:
+            if not self._idle_failing:
+                log.exception("keepalive or probe of %s failed; the worker goes on", self.ecu.name,
+                              extra={"component": self.ecu.name})
+            self._idle_failing = True
+        else:
+            self._idle_failing = False
 
     def _idle(self) -> None:
         """Nothing to do for a while: hold a non-default session (S3), or probe reachability."""
