@@ -34,7 +34,7 @@ def test_unit_essentials():
     unit.read_string(UNIT.read_text())
     service = unit["Service"]
     assert service["Type"] == "notify" and service["WatchdogSec"] and service["Restart"] == "on-failure"
-    assert service["RestartPreventExitStatus"] == "78"
+    assert service["RestartPreventExitStatus"] == "78 65"  # a bad config; a newer agent's store (a rollback)
     assert "ConfigurationDirectory" in service and "StateDirectory" in service
     assert "LoadCredential" in service and service["User"] == "sovd-edge"
     assert "AF_CAN" in service["RestrictAddressFamilies"] and "AF_NETLINK" in service["RestrictAddressFamilies"]

@@ -19,7 +19,7 @@ from agent.devtools.sim.simulator import simulators_for
 from agent.errors import ConfigError
 from agent.fleet.credentials import LinkSetupError
 from agent.metrics.server import MetricsServerError
-from agent.store.sqlite import StoreError
+from agent.store.sqlite import NewerStoreError, StoreError
 from agent.system.daemon import run_until_stopped
 from agent.system.service import Service
 from agent.system.statelock import StateLock, StateLockedError
@@ -29,6 +29,8 @@ log = logging.getLogger("agent.run")
 EXITS = {
     **c.ALWAYS,
     c.EXIT_OK: "stopped cleanly by SIGTERM/SIGINT",
+    c.EXIT_DATAERR: "the store was written by a newer agent (a rollback): left untouched; systemd does not restart "
+                    "on it",
     c.EXIT_UNAVAILABLE: "the metrics endpoint cannot listen (the CAN bus and the broker are retried instead)",
     c.EXIT_SOFTWARE: "an essential thread died, or a bug raised; systemd restarts the agent",
     c.EXIT_CANTCREAT: "the state directory cannot be created or written, or no store can be created in it, or "
@@ -112,6 +114,9 @@ def _run(args: argparse.Namespace, config: AgentConfig) -> int:
     except ConfigError as err:  # e.g. a signing key file that cannot be read
         log.error("invalid configuration: %s", err)
         return c.EXIT_CONFIG
+    except NewerStoreError as err:  # a rollback: what its rows mean may have changed; never touched
+        log.error("cannot run on this store: %s", err, extra={"store": err.path, "schema_version": err.found})
+        return c.EXIT_DATAERR
     except StoreError as err:  # not even a fresh store can be created: the state dir is unusable
         log.error("cannot open the store in %s: %s", config.state_dir, err)
         return c.EXIT_CANTCREAT

@@ -85,7 +85,13 @@ class Pending:
     created_at: float
 
 
+# The ledger's columns an Entry is read from, by name: a column a newer agent added is not read (schema.py).
+LEDGER_COLUMNS = ("id, state, body, reply_topic, correlation, received_at, expires_at, seq, final_message, signer, "
+                  "keep_until")
+
+
 def entry_from_row(row: tuple[Any, ...]) -> Entry:
-    cid, state, body, reply_topic, correlation, received_at, expires_at, seq, final_message, _, signer, keep = row
+    """An Entry from a row of LEDGER_COLUMNS."""
+    cid, state, body, reply_topic, correlation, received_at, expires_at, seq, final_message, signer, keep = row
     return Entry(cid, state, json.loads(body), reply_topic, correlation, received_at, expires_at, seq,
                  json.loads(final_message) if final_message else None, signer, keep)

@@ -68,12 +68,13 @@ from typing import TypeVar
 from agent.store.batch import Batch, execute_all
 from agent.store.bounds import Bounds
 from agent.store.group import COMPANY_WAIT_S, GroupCommit
-from agent.store.records import Entry, Outgoing, Pending, StoreError, entry_from_row
-from agent.store.schema import migrate
+from agent.store.records import LEDGER_COLUMNS, Entry, Outgoing, Pending, StoreError, entry_from_row
+from agent.store.schema import NewerStoreError, check_version, migrate
 from agent.store.writer import Synchronous, Write
 
 # Importers of the store take these from here (their modules: records, batch, group).
-__all__ = ["COMPANY_WAIT_S", "REFUSED_KEEP", "Batch", "Entry", "Outgoing", "Pending", "Store", "StoreError"]
+__all__ = ["COMPANY_WAIT_S", "REFUSED_KEEP", "Batch", "Entry", "NewerStoreError", "Outgoing", "Pending", "Store",
+           "StoreError"]
 
 log = logging.getLogger(__name__)
 
@@ -105,12 +106,16 @@ class Store(Bounds, GroupCommit):
         except sqlite3.Error as err:
             raise StoreError("open", err) from err
         try:
+            check_version(self._db, str(path))  # a newer agent's store: refused before anything is written
             self._db.execute("PRAGMA journal_mode=WAL")
             self._sync = Synchronous(self._db)
             self._sync.set(True)
             self._db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
-            migrate(self._db)
+            migrate(self._db, str(path))
             self._reader = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
+        except NewerStoreError:
+            self._db.close()
+            raise
         except sqlite3.Error as err:
             self._db.close()
             raise StoreError("open", err) from err
@@ -162,12 +167,13 @@ class Store(Bounds, GroupCommit):
             return work(self._db)
 
     def get(self, command_id: str) -> Entry | None:
-        row = self._read(lambda db: db.execute("SELECT * FROM ledger WHERE id = ?", (command_id,)).fetchone())
+        row = self._read(lambda db: db.execute(f"SELECT {LEDGER_COLUMNS} FROM ledger WHERE id = ?",
+                                               (command_id,)).fetchone())
         return entry_from_row(row) if row else None
 
     def entries(self, state: str) -> list[Entry]:
         rows = self._read(lambda db: db.execute(
-            "SELECT * FROM ledger WHERE state = ? ORDER BY received_at, rowid", (state,)).fetchall())
+            f"SELECT {LEDGER_COLUMNS} FROM ledger WHERE state = ? ORDER BY received_at, rowid", (state,)).fetchall())
         return [entry_from_row(r) for r in rows]
 
     def batch(self) -> Batch:
