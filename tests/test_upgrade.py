@@ -223,3 +223,13 @@ def test_sovd_edge_run_exits_65_without_a_traceback_on_a_newer_agents_store(tmp_
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 65, done.stderr
     assert "newer agent" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_doctor_fails_on_a_newer_agents_store_and_passes_an_older_ones(tmp_path):
+    from agent.system.doctor import FAIL, OK, store_check
+
+    newer_store(tmp_path / "newer" / "agent.db", version=SCHEMA_VERSION + 1)
+    check = store_check(tmp_path / "newer")
+    assert check.result == FAIL and "newer agent" in check.detail and "65" in check.detail
+    old_store(tmp_path / "older" / "agent.db", FIRST_SCHEMA).close()
+    assert store_check(tmp_path / "older").result == OK

@@ -21,10 +21,12 @@ from agent.discover.probe import listen, tester_present
 from agent.discover.tap import BusTap
 from agent.metrics.canstate import CanLink, read_link
 from agent.store.recovery import check_wal, marker_path
+from agent.store.schema import SCHEMA_VERSION
 from agent.system.service import STORE_FILE
 from agent.system.statelock import LOCK_FILE
 
 SQLITE_HEADER = b"SQLite format 3\x00"
+USER_VERSION_AT = 60  # PRAGMA user_version in the database header (big-endian, 4 bytes)
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "FAIL", "skip"
 
@@ -177,13 +179,18 @@ def store_check(state_dir: Path) -> Check:
         return Check("store", OK, f"no store yet in {state_dir}; the agent creates {STORE_FILE}")
     try:
         with path.open("rb") as f:
-            header = f.read(len(SQLITE_HEADER))
+            header = f.read(USER_VERSION_AT + 4)
         wal = path.with_name(path.name + "-wal")
         why = check_wal(wal.read_bytes()) if wal.exists() else None
     except OSError as err:
         return Check("store", FAIL, f"{path} cannot be read: {err.strerror or err}", move)
-    if header != SQLITE_HEADER:
+    if header[:len(SQLITE_HEADER)] != SQLITE_HEADER:
         return Check("store", WARN, f"{path} is not a SQLite database: {recovered}")
+    version = int.from_bytes(header[USER_VERSION_AT:USER_VERSION_AT + 4], "big")  # as last checkpointed
+    if version > SCHEMA_VERSION:
+        return Check("store", FAIL, f"{path} has schema version {version}, written by a newer agent (this one knows "
+                     f"up to {SCHEMA_VERSION}): the agent refuses it and exits 65",
+                     "install the newer agent again, or move the store aside (an empty ledger is begun)")
     if why:
         return Check("store", WARN, f"{wal}: {why}: {recovered}")
     return Check("store", OK, f"{path}: {size} bytes{', with its WAL' if wal.exists() else ''}")
