@@ -97,6 +97,9 @@ class Clock:
         self._state_file = state_file
         self._lock = threading.Lock()
         self._sync_cache: tuple[float, bool] | None = None
+        # True when a state file was asked for and none could be read (missing, unreadable): agent time then
+        # began at the wall clock, and a store that outlived the file knows better (`continue_from`)
+        self.restarted = False
         self._base_agent = self._load()
         self._base_mono = monotonic()
         self._saved_at = self._base_mono
@@ -140,6 +143,17 @@ class Clock:
             self._write(value)
         return value
 
+    def continue_from(self, value: float) -> None:
+        """Agent time goes on from `value` instead of the wall clock it restarted from: the newest stamp of a
+        store that outlived this clock's state file (or was written by an agent before agent time). Without
+        this, a wall clock decades from the one agent time began at would make every id in that store
+        older than its retention at once (forgotten early), or younger for decades (never forgotten)."""
+        with self._lock:
+            self._base_agent = float(value)
+            self._base_mono = self._monotonic()
+        self.restarted = False
+        self.save()
+
     def save(self) -> None:
         """Persists agent time now (at start, at a clean stop, and every SAVE_EVERY_S on use)."""
         if self._state_file is not None:
@@ -147,7 +161,10 @@ class Clock:
             self._write(self._base_agent + (self._saved_at - self._base_mono))
 
     def _load(self) -> float:
-        if self._state_file is None or not self._state_file.exists():
+        if self._state_file is None:
+            return self.wall()
+        if not self._state_file.exists():
+            self.restarted = True
             return self.wall()
         try:
             saved = json.loads(self._state_file.read_text())["agent_time"]
@@ -155,7 +172,8 @@ class Clock:
                 raise ValueError(f"agent_time is {saved!r}")
             return float(saved)
         except (OSError, ValueError, KeyError, TypeError) as err:
-            # Starting again from the wall clock may shorten retention once; say so.
+            # Starting again from the wall clock (until a store's stamps say better: continue_from); say so.
+            self.restarted = True
             log.error("agent time state unreadable, starting it from the wall clock: %s", err,
                       extra={"file": str(self._state_file)})
             return self.wall()

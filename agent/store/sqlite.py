@@ -179,6 +179,13 @@ class Store(Bounds, GroupCommit):
     def batch(self) -> Batch:
         return Batch(self)
 
+    def newest_stamp(self) -> float | None:
+        """The latest store time a row was stamped with (ledger, outbox, refused, fault sets); None when empty."""
+        return self._read(lambda db: db.execute(
+            "SELECT MAX(t) FROM (SELECT MAX(updated_at) AS t FROM ledger UNION ALL SELECT MAX(created_at) FROM outbox "
+            "UNION ALL SELECT MAX(created_at) FROM refused UNION ALL SELECT MAX(updated_at) FROM fault_sets)"
+        ).fetchone()[0])
+
     # ---- outbox --------------------------------------------------------------------------------
     def pending(self, after: int, limit: int) -> list[Pending]:
         rows = self._read(lambda db: db.execute(

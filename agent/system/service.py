@@ -98,6 +98,7 @@ class Service(ServiceHealth, StartMarks, RestartRecovery, Finals):
                                                      now=self.clock.agent_now)
         if self.store_recovery is not None:
             self.metrics.store_recoveries.labels(self.store_recovery.reason).inc()
+        self._continue_agent_time()
         self.faults = FaultTracker(self.store, {e.name: dict(e.dtc_texts) for e in config.ecus}, clock=self.clock.wall,
                                    on_problem=lambda reason: self.fault_problems.labels(reason).inc())
         self.runtime = Runtime(config, sink=self._on_result, on_start=self._on_start,
@@ -131,6 +132,23 @@ class Service(ServiceHealth, StartMarks, RestartRecovery, Finals):
                              publish_now=self.link.publish,
                              on_error=lambda stage: self.metrics.intake_errors.labels(stage).inc(), clock=self.clock,
                              authenticate=gate, send_soon=self.outbox.send_soon)
+
+    def _continue_agent_time(self) -> None:
+        """Agent time whose state file was missing or unreadable began at the wall clock: a store with rows
+        (kept across the loss, or written by an agent before agent time) says when it left off instead."""
+        if not self.clock.restarted:
+            return
+        try:
+            newest = self.store.newest_stamp()
+        except StoreError as err:
+            log.error("agent time began at the wall clock; the store's stamps cannot be read (%s)", err)
+            return
+        if newest is None:
+            return
+        began = self.clock.agent_now()
+        self.clock.continue_from(newest)
+        log.warning("agent time state missing or unreadable: it goes on from the store's newest stamp, not the wall "
+                    "clock", extra={"agent_time": newest, "wall_clock_start": began})
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def start(self, wait: float = 1.0) -> bool:
