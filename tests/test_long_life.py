@@ -4,9 +4,17 @@ descriptors, the service's per-id maps). Days pass on injected clocks; counts ar
 
 from __future__ import annotations
 
+import gc
+import json
+import os
+import threading
+from collections import Counter
+
 import pytest
 
+from agent.bus.owner import wait_until
 from agent.clock import RELEASE_DATE, Clock
+from agent.fleet.caller import Caller
 from agent.store.sqlite import Entry, Store
 from agent.system.service import CLOCK_FILE, STORE_FILE, Service
 
@@ -28,6 +36,75 @@ class Hands:
     def run(self, seconds: float) -> None:
         self.wall_at += seconds
         self.mono_at += seconds
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def agent_objects() -> Counter[str]:
+    """Live objects of the agent's own classes (the test's backend client and simulator left out)."""
+    gc.collect()
+    counts: Counter[str] = Counter()
+    for obj in gc.get_objects():
+        module = getattr(type(obj), "__module__", "")
+        if isinstance(module, str) and module.startswith("agent.") and not module.startswith(("agent.devtools", "agent.fleet.caller")):
+            counts[f"{module}.{type(obj).__qualname__}"] += 1
+    return counts
+
+
+def per_command_state(svc: Service) -> dict[str, int]:
+    """The sizes of every map the service keeps per command id, per message or per mid."""
+    client = svc.link._client
+    return {
+        "service.entries": len(svc._entries), "service.started_at_intake": len(svc._started_at_intake),
+        "service.marked_ahead": len(svc._marked_ahead), "intake.seen": len(svc.intake._seen),
+        "intake.hold": len(svc.intake._hold), "intake.promised": len(svc.intake._promised),
+        "outbox.by_mid": len(svc.outbox._by_mid), "outbox.retries": len(svc.outbox._retries),
+        "outbox.taken_back": len(svc.outbox._taken_back), "link.unacked": len(svc.link._unacked),
+        "link.status_mids": len(svc.link._status_mids), "paho.out": len(client._out_messages),
+        "paho.in": len(client._in_messages), "workers.depth": sum(w.depth for w in svc.runtime.workers.values()),
+        "store.deferred": svc.store.deferred,
+    }
+
+
+def run_commands(svc: Service, backend: Caller, prefix: str, n: int, wave: int = 4) -> None:
+    """`n` reads, `wave` at a time (the engine's queue holds 4), each wave's finals stored before the next."""
+    def finals() -> int:
+        return svc.store.read("test", lambda db: db.execute(
+            "SELECT COUNT(*) FROM ledger WHERE state = 'final' AND id LIKE ?", (prefix + "%",)).fetchone()[0])
+
+    for start in range(0, n, wave):
+        ids = [f"{prefix}{i}" for i in range(start, min(n, start + wave))]
+        backend.send_all([json.dumps({"id": cid, "component": "engine", "command": "read_data",
+                                      "params": {"data": "vin"}}).encode() for cid in ids])
+        want = start + len(ids)
+        assert wait_until(lambda: finals() >= want, 10), (want, finals())  # noqa: B023 (waited for here)
+
+
+GROUP_SCOPED = ("intake.seen", "intake.promised")  # the last intake group's, replaced by the next group
+
+
+def settled(svc: Service) -> bool:
+    state = per_command_state(svc)
+    return (svc.store.outbox_stats()[0] == 0 and not any(v for k, v in state.items() if k not in GROUP_SCOPED)
+            and all(state[k] <= 4 for k in GROUP_SCOPED))
+
+
+def test_hundreds_of_commands_leave_no_thread_fd_or_per_command_state_behind(service, backend):
+    """After a warm-up, hundreds more commands end with as many threads, file descriptors and agent objects
+    as before, and every per-id map of intake, outbox, link and service empty again."""
+    run_commands(service, backend, "warm-", 40)
+    assert wait_until(lambda: settled(service), 10), per_command_state(service)
+    threads, fds, objects = threading.active_count(), open_fds(), agent_objects()
+    run_commands(service, backend, "life-", 300)
+    assert wait_until(lambda: settled(service), 10), per_command_state(service)
+    assert threading.active_count() == threads
+    assert open_fds() == fds
+    grown = {name: count - objects[name] for name, count in agent_objects().items() if count > objects[name]}
+    assert not grown, grown
+    assert service.store.read("test", lambda db: db.execute(
+        "SELECT COUNT(*) FROM ledger WHERE state = 'final' AND id LIKE 'life-%'").fetchone()[0]) == 300
 
 
 def finished(store: Store, cid: str) -> None:
