@@ -9,13 +9,16 @@ import json
 import os
 import threading
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
 from agent.bus.owner import wait_until
 from agent.clock import RELEASE_DATE, Clock
+from agent.config.model import StoreConfig
 from agent.fleet.caller import Caller
-from agent.store.sqlite import Entry, Store
+from agent.fleet.outbox import Outbox
+from agent.store.sqlite import WAL_SIZE_LIMIT, Entry, Outgoing, Store
 from agent.system.service import CLOCK_FILE, STORE_FILE, Service
 
 DAY = 86400.0
@@ -48,7 +51,8 @@ def agent_objects() -> Counter[str]:
     counts: Counter[str] = Counter()
     for obj in gc.get_objects():
         module = getattr(type(obj), "__module__", "")
-        if isinstance(module, str) and module.startswith("agent.") and not module.startswith(("agent.devtools", "agent.fleet.caller")):
+        ours = isinstance(module, str) and module.startswith("agent.")
+        if ours and not module.startswith(("agent.devtools", "agent.fleet.caller")):
             counts[f"{module}.{type(obj).__qualname__}"] += 1
     return counts
 
@@ -146,3 +150,60 @@ def test_agent_time_whose_state_was_lost_goes_on_from_the_store(mqtt_vehicle, si
         assert svc.store.get("done-1") is None  # nor kept for decades
     finally:
         svc.stop()
+
+
+def store_bytes(path: Path) -> tuple[int, int]:
+    wal = path.with_name(path.name + "-wal")
+    return path.stat().st_size, wal.stat().st_size if wal.exists() else 0
+
+
+def a_day_of_commands(store: Store, day: int, commands: int = 200, size: int = 500) -> None:
+    """A day's finished commands (their ids and finals in the ledger), their responses delivered and deleted."""
+    for part in range(0, commands, 50):
+        batch = store.batch()
+        for i in range(part, part + 50):
+            cid = f"day{day}-{i}"
+            batch.add_command(Entry(cid, "final", {}, "t", None, 0.0, None, 2, {"id": cid, "result": "r" * size}))
+            batch.publish(Outgoing("t", b"p" * size, None, cid))
+        batch.commit()
+    store.acknowledge([p.n for p in store.pending(0, 100_000)])
+    store.flush()
+
+
+def test_the_store_file_stops_growing_over_weeks_of_commands_and_after_a_burst(tmp_path):
+    """Four weeks of 200 commands a day with a 7-day retention (days passing in agent time): once the
+    ledger holds a week, the database file stops growing (freed pages are reused) and the WAL stays within
+    its size limit after checkpoints. An outbox burst while offline grows the file once; the same burst
+    again reuses its pages."""
+    hands = Hands(wall=RELEASE_DATE + DAY)
+    clock = Clock(tmp_path / CLOCK_FILE, wall=hands.wall, monotonic=hands.mono)
+    path = tmp_path / STORE_FILE
+    store = Store(path, now=clock.agent_now)
+    outbox = Outbox(store, StoreConfig(), publish=lambda message, on_mid: None, connected=lambda: False,
+                    now=clock.agent_now, wall=hands.wall)
+    sizes = []
+    try:
+        for day in range(28):
+            a_day_of_commands(store, day)
+            hands.run(DAY)
+            outbox.maintain()
+            sizes.append(store_bytes(path))
+        assert store.read("test", lambda db: db.execute("SELECT COUNT(*) FROM ledger").fetchone()[0]) == 7 * 200
+        week_two = sizes[13][0]
+        assert all(db <= week_two for db, _ in sizes[14:]), [db for db, _ in sizes]
+        assert all(wal <= WAL_SIZE_LIMIT + 2 * 4096 * 1000 for _, wal in sizes), [wal for _, wal in sizes]
+        def burst() -> None:
+            batch = store.batch()
+            for _ in range(2000):
+                batch.publish(Outgoing("t", b"b" * 2000, None, None))
+            batch.commit()
+            store.acknowledge([p.n for p in store.pending(0, 100_000)])
+            store.flush()
+            store.read("test", lambda db: db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone())
+        burst()
+        after_one = store_bytes(path)[0]
+        assert after_one > week_two  # the burst's pages: the file does not shrink by itself
+        burst()
+        assert store_bytes(path)[0] == after_one  # but a second burst reuses them
+    finally:
+        store.close()
