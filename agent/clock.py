@@ -96,6 +96,7 @@ class Clock:
         self._release = release
         self._state_file = state_file
         self._lock = threading.Lock()
+        self._saving = threading.Lock()  # held while the state file is written
         self._sync_cache: tuple[float, bool] | None = None
         # True when a state file was asked for and none could be read (missing, unreadable): agent time then
         # began at the wall clock, and a store that outlived the file knows better (`continue_from`)
@@ -139,8 +140,10 @@ class Clock:
         mono = self._monotonic()
         value = self._base_agent + (mono - self._base_mono)
         if self._state_file is not None and mono - self._saved_at >= SAVE_EVERY_S:
-            self._saved_at = mono
-            self._write(value)
+            with self._saving:  # one writer of the state file: two would interleave in its temporary file
+                if mono - self._saved_at >= SAVE_EVERY_S:  # not saved by another thread meanwhile
+                    self._saved_at = mono
+                    self._write(value)
         return value
 
     def continue_from(self, value: float) -> None:
@@ -157,8 +160,9 @@ class Clock:
     def save(self) -> None:
         """Persists agent time now (at start, at a clean stop, and every SAVE_EVERY_S on use)."""
         if self._state_file is not None:
-            self._saved_at = self._monotonic()
-            self._write(self._base_agent + (self._saved_at - self._base_mono))
+            with self._saving:
+                self._saved_at = self._monotonic()
+                self._write(self._base_agent + (self._saved_at - self._base_mono))
 
     def _load(self) -> float:
         if self._state_file is None:

@@ -4,6 +4,7 @@ descriptors, the service's per-id maps). Days pass on injected clocks; counts ar
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -218,3 +219,40 @@ def test_the_store_file_stops_growing_over_weeks_of_commands_and_after_a_burst(t
         assert store_bytes(path)[0] == after_one  # but a second burst reuses them
     finally:
         store.close()
+
+
+
+def test_the_agent_time_file_has_one_writer_at_a_time(tmp_path):
+    """Every thread that stamps a row asks for agent time, and one that crosses SAVE_EVERY_S writes the
+    state file, while a stop (or another thread) may be saving it: two writers in the one temporary file
+    interleave their bytes, and the next start finds a clock.json it cannot read. The wall clock, asked
+    inside each write, holds the first writer until a second one arrives (or half a second passes)."""
+    from agent.clock import SAVE_EVERY_S
+
+    state = tmp_path / CLOCK_FILE
+    at = {"mono": 1000.0}
+    meeting = threading.Barrier(2, timeout=0.5)
+    inside: list[int] = [0]
+    most: list[int] = [0]
+    lock = threading.Lock()
+
+    def wall() -> float:
+        with lock:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        with contextlib.suppress(threading.BrokenBarrierError):
+            meeting.wait()  # a second writer in the file at the same time meets this one
+        with lock:
+            inside[0] -= 1
+        return RELEASE_DATE
+
+    clock = Clock(state, wall=lambda: RELEASE_DATE, monotonic=lambda: at["mono"])
+    clock.wall = wall
+    at["mono"] += SAVE_EVERY_S
+    stamper = threading.Thread(target=clock.agent_now, name="stamper")  # crosses the interval: writes
+    stamper.start()
+    assert wait_until(lambda: inside[0] == 1, 5)
+    clock.save()  # the stop's save meanwhile
+    stamper.join(5)
+    assert most[0] == 1
+    assert json.loads(state.read_text())["agent_time"] == RELEASE_DATE + SAVE_EVERY_S
