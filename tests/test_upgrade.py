@@ -106,12 +106,13 @@ def final_of(cid: str) -> dict:
     return m.response_message(result, seq=2)
 
 
-def test_a_store_of_the_first_agent_runs_its_queued_command_once_and_remembers_its_finals(mqtt_vehicle, sim,
-                                                                                           backend: Caller):
+@pytest.mark.parametrize("schema", [FIRST_SCHEMA, SIGNER_SCHEMA], ids=["first-agent", "before-keep-until"])
+def test_an_older_agents_store_runs_its_queued_command_once_and_remembers_its_finals(mqtt_vehicle, sim,
+                                                                                      backend: Caller, schema):
     state = mqtt_vehicle.state_dir
     topics = backend.topics
     ids = {name: f"old-{name}-{uuid.uuid4().hex[:6]}" for name in ("queued", "started", "final", "unsent")}
-    db = old_store(state / "agent.db", FIRST_SCHEMA)
+    db = old_store(state / "agent.db", schema)
     add_command(db, ids["queued"], "queued", read_vin(ids["queued"]), topics.responses(ids["queued"]))
     add_command(db, ids["started"], "started", read_vin(ids["started"]), topics.responses(ids["started"]))
     add_command(db, ids["final"], "final", read_vin(ids["final"]), topics.responses(ids["final"]),
