@@ -234,3 +234,29 @@ def test_doctor_fails_on_a_newer_agents_store_and_passes_an_older_ones(tmp_path)
     assert check.result == FAIL and "newer agent" in check.detail and "65" in check.detail
     old_store(tmp_path / "older" / "agent.db", FIRST_SCHEMA).close()
     assert store_check(tmp_path / "older").result == OK
+
+
+def test_a_plan_an_older_agent_stored_collects_after_the_upgrade_and_its_batch_numbers_carry_on(mqtt_vehicle, sim,
+                                                                                                 backend: Caller):
+    """The collection tables have not changed since they came (agent/store/collection.py): a plan the agent
+    before `keep_until` applied and stored, with its batch number, collects under this one without the broker
+    sending it again."""
+    from agent.store.collection import SCHEMA as COLLECTION_SCHEMA
+
+    db = old_store(mqtt_vehicle.state_dir / "agent.db", SIGNER_SCHEMA)
+    for statement in COLLECTION_SCHEMA:
+        db.execute(statement)
+    body = {"name": "kept", "version": 4, "signals": [{"component": "engine", "data": ["engine_speed"],
+                                                      "every_ms": 100}],
+            "batch": {"max_age_ms": 300, "max_samples": 50}}
+    db.execute("INSERT INTO plans (name, version, body, seq, updated_at) VALUES (?, ?, ?, ?, ?)",
+               ("kept", 4, json.dumps(body), 41, time.time()))
+    db.close()
+    svc = Service(mqtt_vehicle)
+    svc.start()
+    try:
+        topic = f"{backend.topics.base}/telemetry"
+        batch = backend.wait_for(lambda s: s.topic == topic, 15)[0].json()
+        assert batch["plan"] == "kept" and batch["version"] == 4 and batch["seq"] == 42
+    finally:
+        svc.stop()
