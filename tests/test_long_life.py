@@ -102,7 +102,8 @@ def test_hundreds_of_commands_leave_no_thread_fd_or_per_command_state_behind(ser
     as before, and every per-id map of intake, outbox, link and service empty again."""
     run_commands(service, backend, "warm-", 40)
     assert wait_until(lambda: settled(service), 10), per_command_state(service)
-    threads, fds, objects = threading.active_count(), open_fds(), agent_objects()
+    objects = agent_objects()  # collects garbage first: what an earlier test left is closed before counting
+    threads, fds = threading.active_count(), open_fds()
     run_commands(service, backend, "life-", 300)
     # and the refusal paths: duplicates of finished ids, invalid commands, unknown components, undecodable bytes
     for start in range(0, 100, 4):
@@ -113,11 +114,12 @@ def test_hundreds_of_commands_leave_no_thread_fd_or_per_command_state_behind(ser
             + [b"\xff{not json"])
     assert wait_until(lambda: settled(service) and service.intake.stats.duplicates >= 100, 10), \
         per_command_state(service)
+    now = agent_objects()
     assert threading.active_count() == threads
     assert open_fds() == fds
     # The intake keeps its last group's messages and decisions until the next group comes (at most GROUP_MAX
     # of each): bounded, whatever the number of commands; a per-command leak would count in the hundreds.
-    grown = {name: count - objects[name] for name, count in agent_objects().items() if count > objects[name]}
+    grown = {name: count - objects[name] for name, count in now.items() if count > objects[name]}
     assert all(n <= GROUP_MAX for n in grown.values()), grown
     assert service.store.read("test", lambda db: db.execute(
         "SELECT COUNT(*) FROM ledger WHERE state = 'final' AND id LIKE 'life-%'").fetchone()[0]) == 300
@@ -256,3 +258,29 @@ def test_the_agent_time_file_has_one_writer_at_a_time(tmp_path):
     stamper.join(5)
     assert most[0] == 1
     assert json.loads(state.read_text())["agent_time"] == RELEASE_DATE + SAVE_EVERY_S
+
+
+def test_collection_running_and_removed_again_leaves_no_thread_fd_or_object_behind(service, backend):
+    """A plan collecting as fast as a plan may (every 100 ms, one sample a batch), removed once twenty
+    batches went out; the same again: the second round ends with the threads, fds and agent objects the
+    first ended with (nothing kept per batch, per reading or per plan version)."""
+    topic = f"{backend.topics.base}/telemetry"
+    signals = [{"component": "engine", "data": [name], "every_ms": 100} for name in ("engine_speed", "oil_temp")]
+
+    def a_round(version: int) -> None:
+        backend.publish_plan("fast", {"name": "fast", "version": version, "signals": signals,
+                                      "batch": {"max_age_ms": 100, "max_samples": 1}})
+        backend.wait_for(lambda s: s.topic == topic and s.json()["version"] == version, 15, count=20)
+        backend.publish_plan("fast", None)
+        assert wait_until(lambda: "fast" not in service.collection.collector.plans, 10)
+        assert wait_until(lambda: service.collection.tables.telemetry_stats()[0] == 0 and settled(service), 10)
+
+    a_round(1)
+    objects = agent_objects()  # collects garbage first: what an earlier test left is closed before counting
+    threads, fds = threading.active_count(), open_fds()
+    a_round(2)
+    now = agent_objects()
+    assert threading.active_count() == threads
+    assert open_fds() == fds
+    grown = {name: count - objects[name] for name, count in now.items() if count > objects[name]}
+    assert all(n <= GROUP_MAX for n in grown.values()), grown
