@@ -9,6 +9,7 @@ import gc
 import json
 import os
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -284,3 +285,19 @@ def test_collection_running_and_removed_again_leaves_no_thread_fd_or_object_behi
     assert open_fds() == fds
     grown = {name: count - objects[name] for name, count in now.items() if count > objects[name]}
     assert all(n <= GROUP_MAX for n in grown.values()), grown
+
+
+def test_a_damaged_store_is_moved_aside_under_the_wall_clocks_date_not_agent_times(tmp_path):
+    """Agent time began in 1970 on this Pi (its first start was before NTP); years later the store is found
+    damaged: the moved file and the marker carry today's date, as the store_recovered event does."""
+    from agent.store.recovery import marker_path, open_store
+
+    path = tmp_path / STORE_FILE
+    path.write_bytes(b"this is not a SQLite database at all, but long enough to have a header" * 20)
+    today = RELEASE_DATE + 30 * DAY
+    store, recovery = open_store(path, now=lambda: 10 * DAY + 3 * 365 * DAY, wall=lambda: today)
+    store.close()
+    assert recovery is not None and recovery.moved[0].startswith(
+        "agent.db.damaged-" + time.strftime("%Y%m%d", time.gmtime(today)))
+    assert json.loads(marker_path(path).read_text())["created_at"].startswith(
+        time.strftime("%Y-%m-%d", time.gmtime(today)))

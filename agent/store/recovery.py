@@ -42,8 +42,10 @@ def marker_path(path: Path) -> Path:
 
 
 def open_store(path: Path, on_error: Callable[[StoreError], None] | None = None,
-               now: Callable[[], float] = time.time) -> tuple[Store, Recovery | None]:
-    """The store at `path`, and a Recovery when it had to be replaced by a fresh one.
+               now: Callable[[], float] = time.time,
+               wall: Callable[[], float] = time.time) -> tuple[Store, Recovery | None]:
+    """The store at `path`, and a Recovery when it had to be replaced by a fresh one. `now` stamps the
+    store's rows (the service's agent time); `wall` dates the moved files and the marker, which people read.
 
     Raises StoreError when the store cannot be opened for a reason other than damage (no access,
     read-only, locked, I/O errors: its files are left alone), or when not even a fresh store can be
@@ -74,13 +76,13 @@ def open_store(path: Path, on_error: Callable[[StoreError], None] | None = None,
         if store is not None:
             store.close()
         reason, detail = problem[0], " ".join(problem[1].split())[:400]
-        moved = _move_aside(path, now())
+        moved = _move_aside(path, wall())
         recovery = Recovery(reason, detail, moved)
         log.error("store %s: moved aside and replaced by an empty one: %s", reason, detail,
                   extra={"store": str(path), "moved_to": list(moved)})
         store = Store(path, on_error, now)
     assert store is not None
-    _write_marker(path, now())
+    _write_marker(path, wall())
     return store, recovery
 
 

@@ -95,7 +95,7 @@ class Service(ServiceHealth, StartMarks, RestartRecovery, Finals):
         # flight each); an entry is dropped when its command ends in any way (`_finish`).
         self._entries: dict[str, Entry] = {}
         self.store, self.store_recovery = open_store(config.state_dir / STORE_FILE, on_error=self._on_store_error,
-                                                     now=self.clock.agent_now)
+                                                     now=self.clock.agent_now, wall=self.clock.wall)
         if self.store_recovery is not None:
             self.metrics.store_recoveries.labels(self.store_recovery.reason).inc()
         self._continue_agent_time()
