@@ -85,9 +85,11 @@ def migrate(db: sqlite3.Connection, path: str = "store") -> None:
     """Creates what is missing, adds the columns later versions brought and stamps SCHEMA_VERSION, in one
     transaction (a crash half-way leaves the older store as it was); idempotent. NewerStoreError for a
     newer agent's store, with nothing written."""
+    if check_version(db, path) == SCHEMA_VERSION:
+        return  # nothing to bring up: no write transaction at all
     db.execute("BEGIN IMMEDIATE")
     try:
-        if check_version(db, path) == SCHEMA_VERSION:
+        if check_version(db, path) == SCHEMA_VERSION:  # another connection migrated it meanwhile
             db.execute("ROLLBACK")
             return
         for statement in SCHEMA.split(";"):
