@@ -339,8 +339,8 @@ def incoming(payload: bytes) -> Incoming:
 def test_gate_refuses_on_the_default_topic_and_rate_limits_its_log(auth, tmp_path, caplog):
     store = Store(tmp_path / "agent.db")
     failures, clock = [], [100.0]
-    gate = SignatureGate(auth, Topics("sovd", "V1"), failures.append, lambda command_id: command_id == "known",
-                         logs_per_minute=2, clock=lambda: clock[0])
+    gate = SignatureGate(auth, Topics("sovd", "V1"), lambda reason, rejected: failures.append(reason),
+                         lambda command_id: command_id == "known", logs_per_minute=2, clock=lambda: clock[0])
     batch = store.batch()
     with caplog.at_level(logging.WARNING, logger="agent.fleet.signed"):
         for n in range(5):
@@ -366,7 +366,7 @@ def test_gate_refuses_on_the_default_topic_and_rate_limits_its_log(auth, tmp_pat
 
 def test_gate_logs_the_key_id(auth, keys, tmp_path, caplog):
     store = Store(tmp_path / "agent.db")
-    gate = SignatureGate(auth, Topics("sovd", "V1"), lambda reason: None, lambda command_id: False, 10)
+    gate = SignatureGate(auth, Topics("sovd", "V1"), lambda reason, rejected: None, lambda command_id: False, 10)
     message = envelope_of(keys, "workshop", json.dumps(body(command="reset")).encode())
     with caplog.at_level(logging.WARNING, logger="agent.fleet.signed"):
         assert gate(incoming(b"{}"), message, store.batch().publish) is None
@@ -377,7 +377,7 @@ def test_gate_logs_the_key_id(auth, keys, tmp_path, caplog):
 
 def test_gate_passes_the_inner_command_and_its_key(auth, keys, tmp_path):
     store = Store(tmp_path / "agent.db")
-    gate = SignatureGate(auth, Topics("sovd", "V1"), lambda reason: None, lambda command_id: False, 10)
+    gate = SignatureGate(auth, Topics("sovd", "V1"), lambda reason, rejected: None, lambda command_id: False, 10)
     message = envelope_of(keys, "backend-2", json.dumps(body()).encode())
     assert gate(incoming(b"{}"), message, store.batch().publish) == (body(), "backend-2")
     store.close()
@@ -428,7 +428,7 @@ def test_unhashable_or_odd_command_fields_are_refused_not_raised(auth, keys, val
 def test_gate_answers_unencodable_unverified_fields_without_raising(auth, tmp_path, caplog):
     """Lone surrogates in an unverified key id, component or command are escaped in the answer, not raised."""
     store = Store(tmp_path / "agent.db")
-    gate = SignatureGate(auth, Topics("sovd", "V1"), lambda reason: None, lambda command_id: False, 10)
+    gate = SignatureGate(auth, Topics("sovd", "V1"), lambda reason, rejected: None, lambda command_id: False, 10)
     inner = json.dumps({"id": "s-1", "component": "\ud800", "command": "\udfff" * 100}).encode()
     message = {"signed": base64.b64encode(inner).decode(), "key_id": "\ud800x",
                "sig": base64.b64encode(bytes(64)).decode()}
@@ -448,7 +448,7 @@ def test_gate_answers_unencodable_unverified_fields_without_raising(auth, tmp_pa
 def test_gate_does_not_contradict_a_command_it_just_passed(auth, keys, tmp_path):
     """The genuine command and a forged twin in one intake group: the ledger does not hold the id yet."""
     store = Store(tmp_path / "agent.db")
-    gate = SignatureGate(auth, Topics("sovd", "V1"), lambda reason: None, lambda command_id: False, 10)
+    gate = SignatureGate(auth, Topics("sovd", "V1"), lambda reason, rejected: None, lambda command_id: False, 10)
     batch = store.batch()
     genuine = envelope_of(keys, "backend-1", json.dumps(body()).encode())
     assert gate(incoming(b"{}"), genuine, batch.publish) == (body(), "backend-1")
@@ -461,9 +461,9 @@ def test_gate_does_not_contradict_a_command_it_just_passed(auth, keys, tmp_path)
 def test_gate_leaves_freshness_to_the_clock_rule_while_the_clock_is_not_trusted(auth, keys, tmp_path):
     store = Store(tmp_path / "agent.db")
     far = envelope_of(keys, "backend-1", json.dumps(body(expires=NOW + 86400)).encode())
-    trusted = SignatureGate(auth, Topics("sovd", "V1"), lambda reason: None, lambda command_id: False, 10)
+    trusted = SignatureGate(auth, Topics("sovd", "V1"), lambda reason, rejected: None, lambda command_id: False, 10)
     assert trusted(incoming(b"{}"), far, store.batch().publish) is None
-    untrusted = SignatureGate(auth, Topics("sovd", "V1"), lambda reason: None, lambda command_id: False, 10,
+    untrusted = SignatureGate(auth, Topics("sovd", "V1"), lambda reason, rejected: None, lambda command_id: False, 10,
                               clock_trusted=lambda: False)
     assert untrusted(incoming(b"{}"), far, store.batch().publish) == (body(expires=NOW + 86400), "backend-1")
     store.close()
@@ -486,7 +486,8 @@ def test_gate_hands_a_refusal_without_a_readable_id_to_the_invalid_message_path(
     event. The gate counts the failure and hands intake an id-less Undecodable (intake publishes the event)."""
     failures = []
     everything = load_authenticator(security(keys["backend-1"].config(), mode="all"))
-    gate = SignatureGate(everything, Topics("sovd", "V1"), failures.append, lambda command_id: False, 10)
+    gate = SignatureGate(everything, Topics("sovd", "V1"), lambda reason, rejected: failures.append(reason),
+                         lambda command_id: False, 10)
     published = []
     passed = gate(incoming(b"{}"), message, published.append)
     assert passed is not None and passed[1] is None
@@ -497,7 +498,8 @@ def test_gate_hands_a_refusal_without_a_readable_id_to_the_invalid_message_path(
 def test_gate_passes_undecodable_plain_input_on_to_the_usual_invalid_path(keys, tmp_path):
     everything = load_authenticator(security(keys["backend-1"].config(), mode="all"))
     failures = []
-    gate = SignatureGate(everything, Topics("sovd", "V1"), failures.append, lambda command_id: False, 10)
+    gate = SignatureGate(everything, Topics("sovd", "V1"), lambda reason, rejected: failures.append(reason),
+                         lambda command_id: False, 10)
     garbage = Undecodable("params.x: NaN is not a number JSON allows", "params.x", "c-1")
     assert gate(incoming(b"{}"), garbage, lambda message: None) == (garbage, None)
     assert failures == []

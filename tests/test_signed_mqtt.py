@@ -452,3 +452,22 @@ def test_a_signed_command_with_expires_at_on_an_unsynchronized_clock_is_clock_un
         assert read_records(svc.config.state_dir / AUDIT_FILE) == []  # nothing ran, nothing audited
     finally:
         svc.stop()
+
+
+def test_an_unsigned_message_without_an_id_is_one_rejected_message_not_two(signed_vehicle, sim, backend):
+    """With every command signed, an unsigned message without an id was counted rejected twice: as
+    `unauthenticated` by the signature gate and as `undecodable` with its invalid_message event. One message
+    is one count: the one its event names; the authentication failure is still counted by its reason."""
+    svc = start(dataclasses.replace(signed_vehicle, security=dataclasses.replace(signed_vehicle.security,
+                                                                                 require_signature="all")), backend)
+    try:
+        def rejected(reason):
+            return svc.registry.get_sample_value("sovd_rejected_messages_total", {"reason": reason})
+
+        backend.send(json.dumps({"component": "engine", "command": "read_data", "params": {"data": "vin"}}).encode())
+        event = backend.wait_for(lambda s: s.topic == backend.topics.events and b"invalid_message" in s.payload, 10)
+        assert event[0].json()["reason"] == "undecodable" and "not authenticated (missing)" in event[0].json()["detail"]
+        assert (rejected("undecodable"), rejected("unauthenticated")) == (1, 0)
+        assert failures(svc, "missing") == 1
+    finally:
+        svc.stop()

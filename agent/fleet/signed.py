@@ -33,7 +33,7 @@ RECENT_IDS = 4096  # ids passed lately: held by the ledger soon, maybe not yet c
 class SignatureGate:
     """Called by intake for each decoded message: `(body, key_id)` to go on with, or None when refused."""
 
-    def __init__(self, authenticator: Authenticator, topics: Topics, on_failure: Callable[[str], None],
+    def __init__(self, authenticator: Authenticator, topics: Topics, on_failure: Callable[[str, bool], None],
                  known: Callable[[str], bool], logs_per_minute: int,
                  clock: Callable[[], float] = time.monotonic,
                  clock_trusted: Callable[[], bool] = lambda: True) -> None:
@@ -66,7 +66,8 @@ class SignatureGate:
         return None
 
     def _refuse(self, item: Incoming, refused: Refused, publish: Callable[[Outgoing], None]) -> None:
-        self._on_failure(str(refused.reason))
+        # one refused message, one count: one without an id is counted by intake with its invalid_message
+        self._on_failure(str(refused.reason), refused.command_id is not None)
         command_id = refused.command_id
         answered = command_id is not None and command_id not in self._passed and not self._known(command_id)
         if command_id is not None and answered:

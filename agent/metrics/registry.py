@@ -155,10 +155,12 @@ class AgentMetrics:
         if state is not None:
             registry.register(StateCollector(state))
 
-    def auth_failure(self, reason: str) -> None:
-        """A message failed authentication: counted by reason, and as a rejected message."""
+    def auth_failure(self, reason: str, rejected: bool = True) -> None:
+        """A message failed authentication: counted by reason, and as a rejected message unless it is counted
+        as one elsewhere (`rejected` False: one without an id, counted with its invalid_message event)."""
         self.auth_failures.labels(reason if reason in set(AuthFailure) else "unknown").inc()
-        self.rejected.labels("unauthenticated").inc()
+        if rejected:
+            self.rejected.labels("unauthenticated").inc()
 
     def label_component(self, component: str) -> str:
         return component if component in self.components else "unknown"

@@ -69,7 +69,7 @@ class Service(ServiceHealth, StartMarks, RestartRecovery, Finals):
         self.started_at = self.clock.wall()
         self.stopped_at: float | None = None  # set when a clean stop begins: the offline status's `since`
         self.topics = Topics(config.mqtt.prefix, config.vehicle)
-        gate = signature_gate(config, self.topics, lambda reason: self.metrics.auth_failure(reason),
+        gate = signature_gate(config, self.topics, lambda reason, rejected: self.metrics.auth_failure(reason, rejected),
                               known=lambda command_id: self.store.get(command_id) is not None,
                               clock_trusted=self.clock.synchronized)  # before the store: it may refuse the config
         if config.metrics.enabled and (problems := tls_file_problems(config.metrics.tls)):
@@ -308,7 +308,7 @@ class Service(ServiceHealth, StartMarks, RestartRecovery, Finals):
         self.outbox.wake()
 
 
-def signature_gate(config: AgentConfig, topics: Topics, on_failure: Callable[[str], None],
+def signature_gate(config: AgentConfig, topics: Topics, on_failure: Callable[[str, bool], None],
                    known: Callable[[str], bool], clock_trusted: Callable[[], bool]) -> SignatureGate | None:
     """Intake's check of signed commands; None (and `cryptography` never imported) when none are configured.
 
