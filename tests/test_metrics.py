@@ -184,3 +184,19 @@ def test_discarded_answers_are_a_counter_per_component():
     found = samples(generate_latest(registry).decode())
     assert found[("sovd_uds_answers_discarded_total", (("component", "engine"),))] == 3
     assert found[("sovd_uds_answers_discarded_total", (("component", "body"),))] == 0
+
+
+def test_a_state_that_fails_half_way_drops_its_series_not_the_scrape(caplog):
+    """The agent-state collector promised that a failure drops its series for one scrape, never the scrape,
+    but only reading the state was guarded: a value that failed while the families were built (half of them
+    yielded already) failed the whole scrape. Pure: a registry, and a state with a field a bug left None."""
+    from prometheus_client import generate_latest
+
+    from agent.metrics.registry import AgentMetrics, AgentState
+
+    registry = CollectorRegistry()
+    AgentMetrics(registry, "V1", ["engine"], state=lambda: AgentState(answers_discarded=None))  # type: ignore[arg-type]
+    text = generate_latest(registry).decode()
+    assert "commands_executed_total" in text  # the scrape stands
+    assert "sovd_command_queue_depth" not in text  # this collector's series are all left out, not half of them
+    assert any("reading the agent state failed" in r.getMessage() for r in caplog.records)

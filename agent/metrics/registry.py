@@ -192,11 +192,15 @@ class StateCollector(Collector):
         self._state = state
 
     def collect(self) -> Iterator[Metric]:
-        try:
-            s = self._state()
+        try:  # built whole before the first is yielded: a failure half way must not fail the scrape either
+            families = list(self._families(self._state()))
         except Exception:
             log.exception("metrics: reading the agent state failed")
             return
+        yield from families
+
+    @staticmethod
+    def _families(s: AgentState) -> Iterator[Metric]:
         depth = GaugeMetricFamily("sovd_command_queue_depth", "Commands waiting per component.", labels=["component"])
         for component, value in sorted(s.queue_depth.items()):
             depth.add_metric([component], value)
