@@ -88,6 +88,7 @@ def test_expired_by_expires_at_never_runs(service, backend, sim):
     backend.send(body)
     final = backend.final(body["id"])
     assert final["status"] == "expired" and final["error"]["code"] == "expired"
+    assert final["error"]["message"] == "not started before expires_at"
     assert sim.ecu("engine").received[0x22] == 0
 
 
@@ -99,7 +100,9 @@ def test_expired_by_message_expiry_interval(service, backend, sim):
     backend.send(quick, expiry_s=1)
     slow_final = backend.final(slow["id"])
     assert slow_final["status"] == "completed", slow_final["error"]
-    assert backend.final(quick["id"])["status"] == "expired"
+    expired = backend.final(quick["id"])
+    assert expired["status"] == "expired", expired
+    assert expired["error"]["message"] == "not started before its MQTT Message Expiry Interval"  # not expires_at
     assert sim.ecu("engine").server.executed[0x22] == 1
 
 

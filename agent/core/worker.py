@@ -271,10 +271,12 @@ class ComponentWorker:
 
     def _execute(self, command: Command, mark: Callable[[], BaseException | None] | None = None) -> None:
         now = self._clock()
-        if (command.expires_at is not None and now > command.expires_at) or (
-                command.deadline is not None and time.monotonic() > command.deadline):
-            self._emit(command, Outcome.failure(Status.EXPIRED, ErrorCode.EXPIRED,
-                                                "not started before expires_at"), None)
+        expired = "expires_at" if command.expires_at is not None and now > command.expires_at else \
+            "its MQTT Message Expiry Interval" if command.deadline is not None and time.monotonic() > command.deadline \
+            else None
+        if expired is not None:
+            self._emit(command, Outcome.failure(Status.EXPIRED, ErrorCode.EXPIRED, f"not started before {expired}"),
+                       None)
             return
         error = self._record_start(command, mark)
         if isinstance(error, TakenBackError):
