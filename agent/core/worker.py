@@ -73,7 +73,6 @@ class ComponentWorker:
         self._job: Job | None = None  # at most one collection reading waits, behind every command
         self._ready = threading.Condition()
         self._thread: threading.Thread | None = None
-        self.heartbeat = time.monotonic()
         self.in_flight: Command | None = None
         self.busy_since: float | None = None  # monotonic start of the command in flight
         # The executor is in a physical exchange with its ECU (a command, a reading, a keepalive or probe): what
@@ -180,7 +179,6 @@ class ComponentWorker:
     def _run(self) -> None:
         keepalive_s = self.ecu.timing.s3_keepalive_ms / 1000
         while not self._stop_next:
-            self.heartbeat = time.monotonic()
             waits = [keepalive_s] if self.executor.session != DEFAULT_SESSION else []
             if self._probe_interval > 0:
                 waits.append(self._probe_interval)

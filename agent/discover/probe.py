@@ -60,7 +60,6 @@ class Responder:
     found_by: str  # obd_11bit, obd_29bit, scan_11bit, scan_29bit
     frame: bytes = b""
     fd: bool = False
-    obd_bitmap: bytes | None = None  # the answer to 01 00
 
     @property
     def key(self) -> tuple[int | None, int | None, int | None]:
@@ -125,7 +124,7 @@ def obd_functional(tap: BusTap, wait_s: float, padding: int | None) -> list[Resp
     finally:
         answers.close()
     found: dict[tuple[int, bool], Responder] = {}
-    for _, msg, payload in answers.items:
+    for _, msg, _ in answers.items:
         rid = msg.arbitration_id
         if msg.is_extended_id:
             ta = rid & 0xFF
@@ -133,7 +132,7 @@ def obd_functional(tap: BusTap, wait_s: float, padding: int | None) -> list[Resp
         else:
             addressing = Addressing("normal_11bit", request_id=rid - 8, response_id=rid)
         found[(rid, msg.is_extended_id)] = Responder(addressing, "obd_29bit" if msg.is_extended_id else "obd_11bit",
-                                                     bytes(msg.data), msg.is_fd, payload[2:6])
+                                                     bytes(msg.data), msg.is_fd)
     return list(found.values())
 
 

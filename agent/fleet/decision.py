@@ -18,10 +18,8 @@ Authenticate = Callable[[Incoming, dict[str, Any] | decode.Undecodable, Callable
 
 @dataclasses.dataclass
 class IntakeStats:
-    received: int = 0
     invalid: dict[str, int] = dataclasses.field(default_factory=dict)
     duplicates: int = 0
-    redeliveries: int = 0
     events_suppressed: int = 0
     errors: dict[str, int] = dataclasses.field(default_factory=dict)  # unexpected exceptions, by stage
 

@@ -158,7 +158,6 @@ class Intake(Repeats, Fallbacks):
         self._hold = set()
         decisions = []
         for item in group:
-            self.stats.received += 1
             decisions.append(self._decide_safely(item))
         self._record(decisions)
         for decision in decisions:  # recorded: the workers may start now, before the PUBACKs are written

@@ -58,7 +58,6 @@ class LinkStats:
     messages_in: int = 0
     messages_out: int = 0
     callback_errors: int = 0
-    refused: int = 0
     refusals: dict[str, int] = field(default_factory=dict)  # CONNACK refusals by reason (causes.REFUSALS)
     taken_over: int = 0
     oversize: int = 0  # incoming packets over KEEP_IN (inbound.py), cut to their head as they were read
@@ -339,7 +338,6 @@ class MqttLink(CutHandling, Unexpected):
 
     def _set_up(self, client: mqtt.Client, flags: Any, reason: Any, properties: Any) -> None:
         if reason.is_failure:
-            self.stats.refused += 1
             name = refusal_name(getattr(reason, "value", None))
             self.stats.refusals[name] = self.stats.refusals.get(name, 0) + 1
             self._refusal = f"broker refused the connection: {reason}"

@@ -41,8 +41,8 @@ class Repeats(Answers):
         if item.dup and existing is not None:
             if existing.state == "queued" and self.parking.rebind(command_id, item):
                 self._hold.add(id(item))  # still waiting for room: its PUBACK is owed on this delivery
-            self.stats.redeliveries += 1  # the broker resending what we already recorded
-            log.debug("redelivered command %s ignored", command_id, extra=fields)
+            log.debug("redelivered command %s ignored (the broker resending what we recorded)", command_id,
+                      extra=fields)
             return
         self.stats.duplicates += 1
         final = existing.final_message if existing is not None and existing.state == "final" else None

@@ -50,7 +50,6 @@ class CollectionOutput:
         self._metrics = metrics
         self._wake_lane = wake_lane
         self._wake_outbox = wake_outbox
-        self.dropped = 0
 
     def telemetry(self, plan: str, seq: int, message: dict[str, Any]) -> None:
         limit = self._config.collect.telemetry_max_bytes
@@ -61,7 +60,6 @@ class CollectionOutput:
             self._metrics.telemetry_dropped.labels("not_stored").inc()
             raise
         if dropped:
-            self.dropped += dropped
             self._metrics.telemetry_dropped.labels("bound").inc(dropped)
             log.warning("telemetry over its byte bound: dropped the %d oldest batches", dropped,
                         extra={"max_bytes": limit, "plan": plan})

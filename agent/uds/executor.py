@@ -73,7 +73,6 @@ class Executor:
     def __init__(self, ecu: EcuConfig, link: Link, functional: FunctionalLink | None = None) -> None:
         self.ecu = ecu
         self.link = link
-        self.functional = functional
         self.discarded = 0  # answers discarded as not for the request they came during (stale, another tester's)
         self._functional = FunctionalRequests(ecu, functional, self._discard)
         self.session = DEFAULT_SESSION

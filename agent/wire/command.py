@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from agent.config.model import DidSpec
@@ -229,7 +229,6 @@ class Result:
     received_at: float
     started_at: float | None
     finished_at: float
-    meta: dict[str, Any] = field(default_factory=dict)
 
     @property
     def status(self) -> Status:
