@@ -140,6 +140,11 @@ class AgentMetrics:
         self.intake_errors = Counter("sovd_intake_errors",
                                      "Unexpected exceptions on one command message (each refused alone), by stage.",
                                      ["stage"], registry=registry)
+        self.fault_problems = Counter("sovd_fault_tracking_problems", "Fault reading entries the fault-change "
+                                      "tracker skipped: unreadable, or DTCs over its bound.", ["reason"],
+                                      registry=registry)
+        for reason in ("unreadable", "over_bound"):
+            self.fault_problems.labels(reason)
         for operation in STORE_OPERATIONS:
             self.store_errors.labels(operation)
         for reason in STORE_RECOVERY_REASONS:

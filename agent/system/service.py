@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, PlatformCollector
+from prometheus_client import CollectorRegistry, PlatformCollector
 
 from agent.bus.owner import BusFactory
 from agent.clock import Clock
@@ -77,11 +77,6 @@ class Service(ServiceHealth, StartMarks, RestartRecovery, Finals):
         self.registry = CollectorRegistry()
         ProcessMetrics(registry=self.registry)  # also under the unit's ProcSubset=pid
         PlatformCollector(registry=self.registry)
-        self.fault_problems = Counter("sovd_fault_tracking_problems", "Fault reading entries the fault-change "
-                                      "tracker skipped: unreadable, or DTCs over its bound.", ["reason"],
-                                      registry=self.registry)
-        for reason in ("unreadable", "over_bound"):
-            self.fault_problems.labels(reason)
         self.log_counter = LogCounter(self.registry)
         self.metrics = AgentMetrics(self.registry, config.vehicle, [e.name for e in config.ecus],
                                     state=self._metrics_state, refusal_reasons=REFUSAL_REASONS)
@@ -100,7 +95,7 @@ class Service(ServiceHealth, StartMarks, RestartRecovery, Finals):
             self.metrics.store_recoveries.labels(self.store_recovery.reason).inc()
         self._continue_agent_time()
         self.faults = FaultTracker(self.store, {e.name: dict(e.dtc_texts) for e in config.ecus}, clock=self.clock.wall,
-                                   on_problem=lambda reason: self.fault_problems.labels(reason).inc())
+                                   on_problem=lambda reason: self.metrics.fault_problems.labels(reason).inc())
         self.runtime = Runtime(config, sink=self._on_result, on_start=self._on_start,
                                bus_factory=bus_factory, companions=companions,
                                on_bus_change=self._on_bus_change, on_probe=self._on_probe, wall=self.clock.wall,
