@@ -142,3 +142,23 @@ def test_outbox_drop_is_counted_and_logged(service, caplog):
     service.outbox._maintain()
     assert service.outbox.dropped >= 20
     assert any("dropped" in r.getMessage() for r in caplog.records)
+
+
+def test_the_paho_internals_the_link_relies_on_exist_in_the_installed_paho():
+    """The link reaches into paho's client (its in-flight table and lock, the packet being read, keep-alive
+    bookkeeping) where paho has no public hook; each use falls back with a log line, so a paho release that
+    renamed one would quietly disable a protection. The names are read from the agent's own source, so a new
+    use is checked too."""
+    import re
+    from pathlib import Path
+
+    import paho.mqtt.client as mqtt
+
+    used: set[str] = set()
+    for path in (Path(__file__).resolve().parent.parent / "agent" / "fleet").glob("*.py"):
+        text = path.read_text()
+        used |= set(re.findall(r"(?:\bclient|_client)\.(_[a-z][a-z_]*)", text))
+        used |= set(re.findall(r'getattr\((?:self\.)?_?client, "(_[a-z_]+)"', text))
+    assert {"_out_messages", "_out_message_mutex", "_sock_recv", "_in_packet"} <= used  # the reading works
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="t", protocol=mqtt.MQTTv5)
+    assert [name for name in sorted(used) if not hasattr(client, name)] == []
