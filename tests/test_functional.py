@@ -192,7 +192,8 @@ class ScriptedFunctionalLink:
 
 
 def test_collect_keeps_first_final_answers_and_discards_garbage():
-    from agent.uds.transaction import Timing, collect
+    from agent.uds.functional_exchange import collect_answers as collect
+    from agent.uds.transaction import Timing
 
     link = ScriptedFunctionalLink(
         (0.0, "a", "62f190aa"), (0.01, "a", "62f190bb"),  # a second answer from a: its first one stands
@@ -229,11 +230,12 @@ class BabblingFunctionalLink(ScriptedFunctionalLink):
 
 
 def test_a_babbling_responder_cannot_hold_a_collection_past_the_deadline(monkeypatch):
-    from agent.uds import transaction
-    from agent.uds.transaction import Timing, collect
+    from agent.uds import functional_exchange
+    from agent.uds.functional_exchange import collect_answers as collect
+    from agent.uds.transaction import Timing
 
     link = BabblingFunctionalLink()
-    monkeypatch.setattr(transaction, "time", types.SimpleNamespace(monotonic=lambda: link.clock, sleep=time.sleep))
+    monkeypatch.setattr(functional_exchange, "time", types.SimpleNamespace(monotonic=lambda: link.clock, sleep=time.sleep))
     link.deadline = link.clock + 0.3
     collected = collect(link, bytes.fromhex("22f190"), Timing(0.1, 1.0, 0), link.deadline)
     assert collected.answers == {"a": bytes.fromhex("62f190aa")}
@@ -390,7 +392,8 @@ def test_flow_control_comes_from_one_stack_only(vehicle, isotp_ecus, kernel_boun
     address on the virtual bus (the one stand-in here; tests/test_vcan.py runs the real thing)."""
     from agent.bus.functional import FunctionalLink, known_responders
     from agent.bus.owner import BusOwner
-    from agent.uds.transaction import Timing, collect
+    from agent.uds.functional_exchange import collect_answers as collect
+    from agent.uds.transaction import Timing
 
     engine = next(e for e in vehicle.ecus if e.name == "engine")
     answer = bytes.fromhex("62f190") + VIN.encode()

@@ -25,10 +25,10 @@ from agent.errors import BusDownError, TransportTimeoutError
 from agent.uds import faults
 from agent.uds.answers import did_groups, expect_echo, interpret
 from agent.uds.functional import FunctionalRequests
+from agent.uds.functional_exchange import FunctionalPort
 from agent.uds.keys import load_algorithm
 from agent.uds.response import parse as parse_response
 from agent.uds.transaction import (
-    FunctionalLink,
     InvalidResponseError,
     Link,
     NegativeResponseError,
@@ -70,7 +70,7 @@ class Executor:
     Used by exactly one worker thread. No exception escapes `execute`.
     """
 
-    def __init__(self, ecu: EcuConfig, link: Link, functional: FunctionalLink | None = None) -> None:
+    def __init__(self, ecu: EcuConfig, link: Link, functional: FunctionalPort | None = None) -> None:
         self.ecu = ecu
         self.link = link
         self.discarded = 0  # answers discarded as not for the request they came during (stale, another tester's)
@@ -215,7 +215,8 @@ class Executor:
 
     def _transact(self, request: bytes, deadline: float, wait_negative: bool = True,
                   accept: Callable[[bytes], object] | None = None) -> bytes | None:
-        return transact(self.link, request, self.timing, deadline, wait_negative, accept, self._discard)
+        return transact(self.link, request, self.timing, deadline, wait_negative, accept=accept,
+                        on_discard=self._discard)
 
     def _ask(self, request: Request, deadline: float) -> Response:
         data = self._transact(request.get_payload(), deadline)

@@ -15,16 +15,15 @@ from udsoncan import services
 
 from agent.config.model import EcuConfig
 from agent.uds.answers import did_groups, error_fields, interpret
+from agent.uds.functional_exchange import FunctionalPort, collect_answers
 from agent.uds.response import parse as parse_response
 from agent.uds.transaction import (
     NEGATIVE_RESPONSE,
     Discarded,
-    FunctionalLink,
     InvalidResponseError,
     NegativeResponseError,
     Timing,
     UdsTimeoutError,
-    collect,
     suppresses_positive,
 )
 from agent.wire import codecs, obd
@@ -34,7 +33,7 @@ from agent.wire import command as c
 class FunctionalRequests:
     """Turns one command into functional requests and the answers into `{"responses": {...}}`."""
 
-    def __init__(self, ecu: EcuConfig, link: FunctionalLink | None, on_discard: Discarded | None = None) -> None:
+    def __init__(self, ecu: EcuConfig, link: FunctionalPort | None, on_discard: Discarded | None = None) -> None:
         self.ecu = ecu
         self.link = link
         self._on_discard = on_discard
@@ -67,7 +66,7 @@ class FunctionalRequests:
         `entries`, one whose refusal has no NRC byte an invalid-response error (unless an earlier request
         of the same command already gave it one)."""
         assert self.link is not None
-        collected = collect(self.link, request, timing, deadline, self._on_discard, accept)
+        collected = collect_answers(self.link, request, timing, deadline, on_discard=self._on_discard, accept=accept)
         answers = collected.answers
         if not answers and not collected.lost and not suppresses_positive(request):
             raise UdsTimeoutError(f"no ECU answered functional request 0x{request[0]:02X} within P2 "

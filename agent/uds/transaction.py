@@ -119,7 +119,7 @@ Discarded = Callable[[bytes], None]  # told of every answer a wait discarded as 
 
 
 def transact(link: Link, request: bytes, timing: Timing, deadline: float,
-             wait_negative: bool = True, accept: Callable[[bytes], object] | None = None,
+             wait_negative: bool = True, *, accept: Callable[[bytes], object] | None = None,
              on_discard: Discarded | None = None) -> bytes | None:
     """Sends `request`, returns the positive response payload; raises the exceptions above.
 
@@ -138,7 +138,7 @@ def transact(link: Link, request: bytes, timing: Timing, deadline: float,
     pause = 0.02
     for attempt in range(timing.busy_retries + 1):
         try:
-            return _exchange(link, request, timing, deadline, wait_negative, accept, on_discard)
+            return _exchange(link, request, timing, deadline, wait_negative, accept=accept, on_discard=on_discard)
         except NegativeResponseError as nrc:
             remaining = deadline - time.monotonic()
             if nrc.code != NRC_BUSY_REPEAT or attempt == timing.busy_retries or remaining <= pause:
@@ -149,7 +149,7 @@ def transact(link: Link, request: bytes, timing: Timing, deadline: float,
     raise AssertionError("unreachable")
 
 
-def _exchange(link: Link, request: bytes, timing: Timing, deadline: float, wait_negative: bool,
+def _exchange(link: Link, request: bytes, timing: Timing, deadline: float, wait_negative: bool, *,
               accept: Callable[[bytes], object] | None = None, on_discard: Discarded | None = None) -> bytes | None:
     sid = request[0]
     refused: InvalidResponseError | None = None  # the last answer `accept` refused (and the answer itself)
@@ -223,97 +223,3 @@ def _discarded_note(discarded: int, last: bytes) -> str:
         return ""
     more = "..." if len(last) > 8 else ""
     return f"; {discarded} answer(s) discarded as not for this request (the last: {last[:8].hex()}{more})"
-
-
-class FunctionalLink(Protocol):
-    """What a functional collection needs: one-frame requests out, (responder, PDU) pairs in, and the
-    responders whose answer broke off under way (`lost`: responder -> why)."""
-
-    def open(self, timeout: float) -> None: ...
-    def close(self) -> None: ...
-    def send(self, payload: bytes, timeout: float) -> None: ...
-    def recv(self, timeout: float, limit: float) -> tuple[str, bytes] | None: ...
-    def lost(self) -> dict[str, str]: ...
-
-
-@dataclass(frozen=True)
-class Collected:
-    """Every ECU's final answer by responder, and the responders whose answer broke off (with why)."""
-
-    answers: dict[str, bytes]
-    lost: dict[str, str]
-
-
-def collect(link: FunctionalLink, request: bytes, timing: Timing, deadline: float,
-            on_discard: Discarded | None = None, accept: Callable[[bytes], object] | None = None) -> Collected:
-    """Sends a functional request and returns every ECU's final answer (positive or negative), by responder.
-
-    Answers count when they start within P2 of the request (one under way when P2 ends is received to
-    its end, within `deadline`; nothing is read after it, however much keeps arriving); an ECU that
-    answered NRC 0x78 gets P2* from then on for its final answer. Answers that do not echo the request
-    are discarded (DEBUG), as in `transact`; an ECU's first final answer is its answer. An answer that
-    broke off under way (N_Cr, the deadline) is in `lost` unless that ECU answered in full after all,
-    and so is an ECU that said 0x78 and then nothing more. Nothing in either: nobody answered in time.
-    A positive answer `accept` refuses (InvalidResponseError) is set aside as in `transact`: that ECU's
-    next answer counts; the refused one is its answer only if none follows.
-    """
-    final: dict[str, bytes] = {}
-    refused: dict[str, bytes] = {}  # by responder: its last answer that echoed the request but did not fit
-    pending: dict[str, float] = {}  # responders that sent 0x78: until when their final answer counts
-    if time.monotonic() >= deadline:
-        raise UdsTimeoutError(f"command deadline passed before functional request 0x{request[0]:02X} could be sent")
-    link.open(deadline - time.monotonic())
-    try:
-        link.send(request, timeout=max(0.001, deadline - time.monotonic()))
-        window_end = time.monotonic() + timing.p2
-        while True:
-            now = time.monotonic()
-            if now >= deadline:  # answers still under way are the link's to give up (`lost`) on close
-                break
-            end = min(max(window_end, *pending.values()) if pending else window_end, deadline)
-            if now < end:
-                got = link.recv(end - now, deadline)
-                if got is None:
-                    continue
-            else:  # the window is closed, but answers that started in it are received to their end
-                got = link.recv(0, deadline)
-                if got is None:
-                    break
-            key, data = got
-            if not answers(request, data) or key in final:
-                if log.isEnabledFor(logging.DEBUG):
-                    log.debug("discarding an answer from %s that is not for request %s: %s", key, request[:4].hex(),
-                              data[:8].hex())
-                if on_discard is not None:
-                    on_discard(data)
-                continue
-            if data[0] == NEGATIVE_RESPONSE and len(data) >= 3 and data[2] == NRC_RESPONSE_PENDING:
-                pending[key] = time.monotonic() + timing.p2_star
-                continue
-            if accept is not None and data[0] != NEGATIVE_RESPONSE:
-                try:
-                    accept(data)
-                except InvalidResponseError as err:
-                    log.debug("setting aside an answer from %s to request %s that echoes it but does not fit "
-                              "it (%s): %s", key, request[:4].hex(), err, data[:8].hex())
-                    if key in refused and on_discard is not None:
-                        on_discard(refused[key])
-                    refused[key] = data
-                    continue
-            pending.pop(key, None)
-            final[key] = data
-    finally:
-        link.close()
-    for key, data in refused.items():  # nothing fitting followed: the answer it gave is its answer (an error)
-        if key not in final:
-            final[key] = data
-            pending.pop(key, None)
-        elif on_discard is not None:
-            on_discard(data)
-    lost = {key: why for key, why in link.lost().items() if key not in final}
-    for key in pending:  # it did answer: its silence after 0x78 is its result, never a missing entry
-        lost.setdefault(key, f"NRC 0x78 (response pending), then no final answer within P2* "
-                             f"({timing.p2_star * 1000:.0f} ms) or the command deadline")
-    for key, why in lost.items():
-        log.warning("answer from %s to functional request %s lost under way: %s", key, request[:4].hex(), why)
-    return Collected(final, lost)
