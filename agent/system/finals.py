@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from agent.config.reader import InvalidValueError, integer
 from agent.store.sqlite import Batch, Entry, Outgoing, StoreError
@@ -18,11 +19,39 @@ from agent.wire import messages as m
 from agent.wire.command import ErrorCode, Outcome, Result, Status, command_fields
 from agent.wire.messages import response_message
 
+if TYPE_CHECKING:
+    from agent.clock import Clock
+    from agent.collect.faults import FaultTracker
+    from agent.config.model import AgentConfig
+    from agent.core.runtime import Runtime
+    from agent.fleet.link import MqttLink
+    from agent.fleet.outbox import Outbox
+    from agent.fleet.topics import Topics
+    from agent.metrics.registry import AgentMetrics
+    from agent.store.sqlite import Store
+    from agent.system.audit import AuditTrail
+
 log = logging.getLogger(__name__)
 
 
 class Finals:
     """The runtime's result sink (`_on_result`) and the final response it comes to (`_finish`)."""
+
+    # what Service owns and these methods use (set in its constructor)
+    config: AgentConfig
+    clock: Clock
+    topics: Topics
+    store: Store
+    outbox: Outbox
+    link: MqttLink
+    runtime: Runtime
+    metrics: AgentMetrics
+    audit: AuditTrail
+    faults: FaultTracker
+    _entries: dict[str, Entry]
+    _started_at_intake: set[str]
+    _marked_ahead: set[str]
+    _count_final: Callable[..., None]
 
     def _on_result(self, result: Result) -> None:
         """The runtime's sink: a command's result, with the ledger entry it was admitted with, to `_finish`."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from typing import TYPE_CHECKING
 
 from agent.fleet.lane import QUIET_S as LANE_QUIET_S
 from agent.fleet.link import CONNECT_LIMIT_S
@@ -14,11 +15,40 @@ from agent.metrics.registry import AgentState
 from agent.store.sqlite import StoreError
 from agent.wire import messages as m
 
+if TYPE_CHECKING:
+    from agent.clock import Clock
+    from agent.config.model import AgentConfig
+    from agent.core.runtime import Runtime
+    from agent.fleet.intake import Intake
+    from agent.fleet.link import MqttLink
+    from agent.fleet.outbox import Outbox
+    from agent.metrics.busmonitor import BusMonitor
+    from agent.metrics.server import MetricsServer
+    from agent.store.sqlite import Store
+    from agent.system.audit import AuditTrail
+    from agent.system.collection import Collection
+
 DISPATCH_STUCK_S = 5.0
 
 
 class ServiceHealth:
     """Read-only views of the service's parts; none of these changes what the agent does."""
+
+    # what Service owns and these methods read (set in its constructor)
+    config: AgentConfig
+    clock: Clock
+    store: Store
+    audit: AuditTrail
+    intake: Intake
+    outbox: Outbox
+    link: MqttLink
+    runtime: Runtime
+    bus_monitor: BusMonitor
+    collection: Collection
+    metrics_server: MetricsServer | None
+    started_at: float
+    stopped_at: float | None
+    _outbox_seen: tuple[int, float | None]
 
     def health(self) -> list[str]:
         """What is wrong right now (empty: healthy): what `wedged` finds, a store that fails, and an audit

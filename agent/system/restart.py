@@ -8,17 +8,33 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from agent import __version__
 from agent.store.sqlite import Entry, StoreError
 from agent.wire.command import Command, ErrorCode, Outcome, Result, Status
 from agent.wire.parse import InvalidCommandError, UnknownComponentError, parse_command
 
+if TYPE_CHECKING:
+    from agent.clock import Clock
+    from agent.config.model import AgentConfig
+    from agent.store.recovery import Recovery
+    from agent.store.sqlite import Store
+
 log = logging.getLogger(__name__)
 
 
 class RestartRecovery:
     """The ledger's unfinished commands at start: `_recover` returns the ones the intake queues again."""
+
+    # what Service owns and these methods use (set in its constructor)
+    config: AgentConfig
+    clock: Clock
+    store: Store
+    store_recovery: Recovery | None
+    _finish: Callable[[Entry, Result], None]
+    _publish_event: Callable[..., Any]
 
     def _recover(self) -> list[tuple[Command, Entry]]:
         """Started-but-unfinished commands get `interrupted` (never re-run); queued ones run again."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from agent.core.worker import StartNotRecordedError, TakenBackError
 from agent.policy.mutating import is_mutating
@@ -17,11 +18,27 @@ from agent.store.sqlite import StoreError
 from agent.system.audit import AuditUnavailableError
 from agent.wire.command import Command
 
+if TYPE_CHECKING:
+    from agent.core.runtime import Runtime
+    from agent.fleet.intake import Intake
+    from agent.store.sqlite import Store
+    from agent.system.audit import AuditTrail
+
 log = logging.getLogger(__name__)
 
 
 class StartMarks:
     """The runtime's on_start and on_ahead hooks, and the stop's undoing of marks ahead."""
+
+    # what Service owns and these methods use (set in its constructor)
+    store: Store
+    audit: AuditTrail
+    intake: Intake
+    runtime: Runtime
+    _started_at_intake: set[str]
+    _marked_ahead: set[str]
+    _marks_lock: threading.Lock
+    _requeued: bool
 
     def _on_start(self, command: Command) -> None:
         """Marks the command started before it runs (unless the intake's commit did); a StoreError here
