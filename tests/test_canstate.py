@@ -3,7 +3,7 @@
 import pytest
 from conftest import DATA
 
-from agent.metrics.canstate import bus_load, frame_bits, parse_ip_link
+from agent.bus.canstate import bus_load, frame_bits, parse_ip_link
 
 REC = DATA / "iproute2"
 

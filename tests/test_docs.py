@@ -125,8 +125,9 @@ def exported(tmp_path_factory):
     monitor adds with its first reading."""
     import dataclasses
 
+    from agent.bus.monitor import BusReading
     from agent.config import load_config
-    from agent.metrics.registry import BusReading, _bus_metrics
+    from agent.metrics.registry import _bus_metrics
     from agent.system.service import Service
 
     config = load_config(ROOT / "config/demo.yaml")
@@ -750,7 +751,7 @@ def test_every_sovd_edge_command_line_in_a_docs_code_block_parses(path):
 
 
 def test_the_can_bus_states_readme_and_protocol_md_list_are_the_agents():
-    from agent.metrics.canstate import STATES
+    from agent.bus.canstate import STATES
 
     rows = {name: meaning for names, _, _, meaning in table_rows(
         section(README, "## Metrics and monitoring"), "| metric | type | labels | meaning |") for name in ticked(names)}

@@ -8,7 +8,7 @@ import json
 import can
 from conftest import DATA, ROOT
 
-from agent.metrics.canstate import parse_ip_link
+from agent.bus.canstate import parse_ip_link
 from agent.system.doctor import FAIL, OK, SKIP, WARN, render, traffic_checks
 
 

@@ -235,7 +235,8 @@ def test_a_babbling_responder_cannot_hold_a_collection_past_the_deadline(monkeyp
     from agent.uds.transaction import Timing
 
     link = BabblingFunctionalLink()
-    monkeypatch.setattr(functional_exchange, "time", types.SimpleNamespace(monotonic=lambda: link.clock, sleep=time.sleep))
+    monkeypatch.setattr(functional_exchange, "time",
+                        types.SimpleNamespace(monotonic=lambda: link.clock, sleep=time.sleep))
     link.deadline = link.clock + 0.3
     collected = collect(link, bytes.fromhex("22f190"), Timing(0.1, 1.0, 0), link.deadline)
     assert collected.answers == {"a": bytes.fromhex("62f190aa")}

@@ -12,8 +12,8 @@ import time
 import pytest
 from conftest import DATA, ROOT
 
+from agent.bus.canstate import parse_ip_link
 from agent.config import load_config
-from agent.metrics.canstate import parse_ip_link
 from agent.system.doctor import FAIL, OK, SKIP, WARN, render, run_checks
 
 UNIT = ROOT / "systemd/sovd-edge.service"

@@ -12,11 +12,11 @@ from conftest import DATA
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from agent.bus.canstate import parse_ip_link
+from agent.bus.monitor import BusMonitor
 from agent.bus.owner import BusOwner
 from agent.config.model import BusConfig, MetricsTls
 from agent.devtools.sim.config import fault_from_dict
-from agent.metrics.busmonitor import BusMonitor
-from agent.metrics.canstate import parse_ip_link
 from agent.metrics.registry import DURATION_BUCKETS, AgentMetrics
 from agent.system.service import Service
 

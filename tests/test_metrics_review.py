@@ -14,10 +14,10 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from test_prometheus import chain, wait_value  # noqa: F401 (a fixture)
 
+from agent.bus.canstate import parse_ip_link
+from agent.bus.monitor import BusMonitor
 from agent.bus.owner import BusOwner
 from agent.config.model import BusConfig
-from agent.metrics.busmonitor import BusMonitor
-from agent.metrics.canstate import parse_ip_link
 from agent.metrics.registry import AgentMetrics, AgentState
 
 IPROUTE2 = DATA / "iproute2"
@@ -485,8 +485,8 @@ def test_the_load_after_a_failed_kernel_read_spans_the_time_since_the_last_good_
     import json
     import types
 
-    from agent.metrics import busmonitor
-    from agent.metrics.canstate import bus_load, frame_bits
+    from agent.bus import monitor as busmonitor
+    from agent.bus.canstate import bus_load, frame_bits
 
     clock = [0.0]
     monkeypatch.setattr(busmonitor, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))

@@ -1,2 +1,2 @@
-"""The CAN side: one owner of the bus, ISO-TP links per ECU (userspace or kernel).
+"""The CAN side: one owner of the bus, ISO-TP links per ECU (userspace or kernel), the interface's state.
 May import: config, errors."""

@@ -10,11 +10,11 @@ from dataclasses import dataclass
 import can
 import isotp
 
+from agent.bus.canstate import CanLink, read_link
 from agent.config.model import Addressing
 from agent.config.transport import isotp_address
 from agent.discover.frames import is_tester_present_answer, read_single_frame, single_frame
 from agent.discover.tap import BusTap
-from agent.metrics.canstate import CanLink, read_link
 
 OBD_FUNCTIONAL_11BIT, OBD_FUNCTIONAL_29BIT = 0x7DF, 0x18DB33F1
 TESTER = 0xF1  # the tester's source address on 29-bit normal-fixed ids

@@ -16,8 +16,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from agent import __version__
+from agent.bus.canstate import STATES
+from agent.bus.monitor import BusReading
 from agent.config.model import ALL_COMMANDS
-from agent.metrics.canstate import STATES
 from agent.wire.command import AuthFailure, ErrorCode
 
 log = logging.getLogger(__name__)
@@ -33,26 +34,6 @@ REJECTION_REASONS = (*(str(code) for code in (
     ErrorCode.INVALID_COMMAND, ErrorCode.UNKNOWN_COMPONENT, ErrorCode.NOT_PERMITTED, ErrorCode.BUSY,
     ErrorCode.STORAGE_UNAVAILABLE, ErrorCode.CLOCK_UNSYNCHRONIZED, ErrorCode.UNAUTHENTICATED, ErrorCode.INTERNAL)),
     "undecodable", "bad_id", "retained", "duplicate", "duplicate_in_flight")
-
-
-@dataclass(frozen=True)
-class BusReading:
-    interface: str
-    state: str = "unknown"
-    tx_errors: int | None = None
-    rx_errors: int | None = None
-    bus_off: int = 0
-    restarts: int = 0
-    rx_frames: int = 0
-    tx_frames: int = 0
-    rx_bytes: int = 0
-    tx_bytes: int = 0
-    load: float | None = None
-    rebuilds: int = 0
-    send_errors: int = 0  # these three are the agent's own, whatever the interface
-    recv_errors: int = 0
-    frames_dropped: int = 0
-    handler_errors: int = 0
 
 
 @dataclass(frozen=True)

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import can
 
+from agent.bus.canstate import CanLink, read_link
 from agent.bus.kernel_isotp import kernel_isotp_available
 from agent.config.model import AgentConfig
 from agent.config.transport import isotp_address
 from agent.discover.probe import listen, tester_present
 from agent.discover.tap import BusTap
-from agent.metrics.canstate import CanLink, read_link
 from agent.store.recovery import check_wal, marker_path
 from agent.store.schema import SCHEMA_VERSION
 from agent.system.service import STORE_FILE

@@ -16,13 +16,13 @@ from agent.store.sqlite import StoreError
 from agent.wire import messages as m
 
 if TYPE_CHECKING:
+    from agent.bus.monitor import BusMonitor
     from agent.clock import Clock
     from agent.config.model import AgentConfig
     from agent.core.runtime import Runtime
     from agent.fleet.intake import Intake
     from agent.fleet.link import MqttLink
     from agent.fleet.outbox import Outbox
-    from agent.metrics.busmonitor import BusMonitor
     from agent.metrics.server import MetricsServer
     from agent.store.sqlite import Store
     from agent.system.audit import AuditTrail

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, PlatformCollector
 
+from agent.bus.monitor import BusMonitor
 from agent.bus.owner import BusFactory
 from agent.clock import Clock
 from agent.collect.faults import FaultTracker
@@ -26,7 +27,6 @@ from agent.fleet.link import MAX_PACKET_IN, MAX_PACKET_SIGNED, MqttLink
 from agent.fleet.outbox import Outbox
 from agent.fleet.refusals import CONNECTION_DROPPED, REASONS, Refusal, reason_name
 from agent.fleet.topics import Topics
-from agent.metrics.busmonitor import BusMonitor
 from agent.metrics.logcount import LogCounter
 from agent.metrics.registry import AgentMetrics
 from agent.metrics.server import MetricsServer, tls_file_problems

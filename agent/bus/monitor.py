@@ -1,4 +1,7 @@
-"""Polls the CAN interface's state and counters, estimates bus load, and reports state changes."""
+"""Polls the CAN interface's state and counters, estimates bus load, and reports state changes.
+
+An observer of the bus, not a metric: the service publishes each change as a `bus_state` event, and the
+metrics sink reads the last reading at scrape time (`current`)."""
 
 from __future__ import annotations
 
@@ -6,14 +9,35 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
+from agent.bus.canstate import CanLink, bus_load, frame_bits, read_link
 from agent.bus.owner import BusOwner
 from agent.config.model import BusConfig
-from agent.metrics.canstate import CanLink, bus_load, frame_bits, read_link
-from agent.metrics.registry import BusReading
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BusReading:
+    """One reading of the CAN interface: the kernel's state and counters (socketcan), else the owner's."""
+
+    interface: str
+    state: str = "unknown"
+    tx_errors: int | None = None
+    rx_errors: int | None = None
+    bus_off: int = 0
+    restarts: int = 0
+    rx_frames: int = 0
+    tx_frames: int = 0
+    rx_bytes: int = 0
+    tx_bytes: int = 0
+    load: float | None = None
+    rebuilds: int = 0
+    send_errors: int = 0  # these three are the agent's own, whatever the interface
+    recv_errors: int = 0
+    frames_dropped: int = 0
+    handler_errors: int = 0
 
 StateChange = Callable[[str, str, str], None]  # interface, state, previous
 
