@@ -170,7 +170,7 @@ def test_a_frame_handler_that_raises_loses_its_frame_not_the_bus(vehicle, sim, c
     with LocalSession(vehicle) as session, can.Bus(interface="virtual", channel=vehicle.bus.channel) as other:
         owner = session.runtime.owner
         owner.subscribe(0x123, False, broken_sink)
-        owner.listen(RxFilter(0x124, False))
+        owner.admit(RxFilter(0x124, False))
         tap = Collector().on_frame
         with caplog.at_level(logging.DEBUG, logger="agent.bus.owner"):
             owner.tap(tap)

@@ -65,7 +65,7 @@ def test_on_change_publishes_a_steady_value_once_but_counts_every_reading(vehicl
     config = with_collect(vehicle, plans=(plan(signals=[steady], batch={"max_age_ms": 200}),))
     with rig(config, tmp_path) as r:
         r.out.wait(lambda: r.readings("engine", "ok") >= 10)
-        r.collector.idle(5)
+        r.collector.wait_idle(5)
         time.sleep(0)  # nothing timed: the checks below hold whatever the timing
         samples = r.out.samples()
         assert sorted(s["data"] for s in samples) == ["engine_speed", "oil_temp"]
@@ -93,7 +93,7 @@ def test_exported_gauges_follow_the_plans_and_disappear_with_them(vehicle, sim, 
         assert r.registry.get_sample_value("sovd_ecu_value", labels) == 750
         r.collector.submit_plan("p", b"")
         r.out.wait(lambda: r.out.of_type("plan_removed"))
-        r.collector.idle(5)
+        r.collector.wait_idle(5)
         assert r.registry.get_sample_value("sovd_ecu_value", labels) is None
         assert "sovd_ecu_value{" not in _exposition(r.registry)
 
@@ -230,7 +230,7 @@ def test_collection_pauses_when_the_vehicle_sleeps_and_sends_nothing_until_it_wa
         assert not r.out.of_type("collection_paused")  # our own polling alone would not count as traffic
         traffic.sleep()
         r.out.wait(lambda: r.out.of_type("collection_paused"))
-        r.collector.idle(5)
+        r.collector.wait_idle(5)
         asked = sim.ecu("engine").received[0x22]
         sent = r.runtime.owner.counters.frames_tx
         assert r.out.of_type("collection_paused")[0]["reason"] == "bus_silent"
@@ -274,7 +274,7 @@ def test_bus_silence_wins_over_a_condition_pause_and_stops_its_recheck(vehicle, 
         r.out.wait(lambda: engine.received[0x22] >= asked + 2)  # the recheck runs while the vehicle is awake
         traffic.sleep()
         r.out.wait(lambda: len(r.out.of_type("collection_paused")) == 2)
-        r.collector.idle(5)
+        r.collector.wait_idle(5)
         assert [e["reason"] for e in r.out.of_type("collection_paused")] == ["condition", "bus_silent"]
         assert r.collector.paused == "bus_silent" and not r.out.of_type("collection_resumed")
         asked, sent = engine.received[0x22], r.runtime.owner.counters.frames_tx
@@ -336,7 +336,7 @@ def test_versions_only_grow_and_an_invalid_plan_leaves_the_old_one_running(vehic
         r.collector.submit_plan("p", _json(plan(version=3, signals=[{**SPEED, "every_ms": 1}])))
         r.collector.submit_plan("p", b"{not json")
         r.out.wait(lambda: len(r.out.of_type("plan_rejected")) == 3)
-        r.collector.idle(5)
+        r.collector.wait_idle(5)
         rejected = r.out.of_type("plan_rejected")
         assert [(e["version"], e["errors"][0]["path"]) for e in rejected] == [
             (1, "version"), (3, "signals[0].every_ms"), (None, "")]
@@ -365,7 +365,7 @@ def test_an_invalid_retained_plan_delivered_again_is_rejected_once_a_refusal_tha
         r.collector.submit_plan("a", _slow("a"), lambda: acks.append("a"))
         for _ in range(2):
             r.collector.submit_plan("b", _slow("b"), lambda: acks.append("b"))  # over max_plans: refused each time
-        r.collector.idle(5)
+        r.collector.wait_idle(5)
         rejected = [(e["name"], e["errors"][0]["path"]) for e in r.out.of_type("plan_rejected")]
         assert rejected == [("p", "signals[0].every_ms"), ("p", ""), ("p", "signals[0].every_ms"), ("b", "name"),
                             ("b", "name")]
@@ -399,7 +399,7 @@ def test_hostile_plans_are_each_rejected_and_the_collector_carries_on(vehicle, s
             r.collector.submit_plan("p", payload)
         r.collector.submit_plan("p", _json(plan(signals=[SPEED], batch={"max_age_ms": 200})))
         r.out.wait(lambda: r.out.of_type("plan_applied"))
-        r.collector.idle(5)
+        r.collector.wait_idle(5)
         rejected = r.out.of_type("plan_rejected")
         assert len(rejected) == len(HOSTILE)
         assert all(e["errors"] and all(x["message"] for x in e["errors"]) for e in rejected)
@@ -411,7 +411,7 @@ def test_hostile_plans_are_each_rejected_and_the_collector_carries_on(vehicle, s
 def test_removing_a_plan_that_was_never_applied_changes_nothing(vehicle, sim, tmp_path):
     with rig(vehicle, tmp_path) as r:
         r.collector.submit_plan("never-applied", b"")
-        r.collector.idle(5)
+        r.collector.wait_idle(5)
         assert r.out.events == [] and r.collector.alive
 
 
@@ -429,7 +429,7 @@ def test_plans_beyond_the_configured_bounds_are_rejected_with_a_path(vehicle, si
         r.collector.submit_plan("c", _slow("c"))  # a third plan
         r.collector.submit_plan("b", _slow("b", 2, dids=60))  # its own older version does not count
         r.collector.submit_plan("b", _slow("b", 3, dids=61))  # 40 + 61 requests
-        r.collector.idle(5)
+        r.collector.wait_idle(5)
         assert [(e["name"], e["version"]) for e in r.out.of_type("plan_applied")] == [("a", 1), ("b", 1), ("b", 2)]
         rejected = r.out.of_type("plan_rejected")
         assert [(e["name"], e["errors"][0]["path"]) for e in rejected] == [("c", "name"), ("b", "signals")]
@@ -439,7 +439,7 @@ def test_plans_beyond_the_configured_bounds_are_rejected_with_a_path(vehicle, si
         assert r.book.load_plans()[-1].version == 2  # the rejected ones were never stored
         r.collector.submit_plan("a", b"")
         r.collector.submit_plan("c", _slow("c"))  # room again
-        r.collector.idle(5)
+        r.collector.wait_idle(5)
         assert sorted(r.collector.plans) == ["b", "c"] and len(r.collector.schedule) == 61
 
 

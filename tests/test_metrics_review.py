@@ -397,7 +397,7 @@ def test_an_exported_value_the_ecu_no_longer_gives_is_not_shown_as_current(vehic
         r.out.wait(lambda: r.registry.get_sample_value("sovd_ecu_value", RPM) == 750)
         sim.ecu("engine").set_faults([fault_from_dict({"service": 0x22, "no_answer": True})])
         r.out.wait(lambda: r.readings("engine", "timeout") >= 1, timeout=30)
-        assert r.collector.idle(5)  # the reading that timed out is handled in full
+        assert r.collector.wait_idle(5)  # the reading that timed out is handled in full
         assert r.registry.get_sample_value("sovd_ecu_value", RPM) is None
         sim.ecu("engine").set_faults([])
         r.out.wait(lambda: r.registry.get_sample_value("sovd_ecu_value", RPM) == 750, timeout=30)
@@ -416,7 +416,7 @@ def test_exported_values_are_not_shown_as_current_while_the_vehicle_sleeps(vehic
         r.out.wait(lambda: r.registry.get_sample_value("sovd_ecu_value", RPM) == 750)
         traffic.sleep()
         r.out.wait(lambda: r.out.of_type("collection_paused"))
-        assert r.collector.idle(5)
+        assert r.collector.wait_idle(5)
         assert r.registry.get_sample_value("sovd_collection_paused") == 1
         assert r.registry.get_sample_value("sovd_ecu_value", RPM) is None
         traffic.wake()
@@ -436,7 +436,7 @@ def test_a_rejected_collection_plan_is_counted(vehicle, sim, tmp_path):
             assert r.registry.get_sample_value("sovd_collection_plans_rejected_total", {"source": source}) == 0
         r.collector.submit_plan("broken", json.dumps(plan("broken", signals=[{"component": "warp"}])).encode())
         r.out.wait(lambda: r.out.of_type("plan_rejected"))
-        assert r.collector.idle(5)
+        assert r.collector.wait_idle(5)
         assert r.registry.get_sample_value("sovd_collection_plans_rejected_total", {"source": "mqtt"}) == 1
 
 

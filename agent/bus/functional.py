@@ -135,9 +135,9 @@ class FunctionalLink:
         self._known = known
         rx_filter, self._discover = discovery(ecu)
         for can_id, extended in known:
-            owner.listen(RxFilter(can_id, extended))
+            owner.admit(RxFilter(can_id, extended))
         if rx_filter is not None:
-            owner.listen(rx_filter)
+            owner.admit(rx_filter)
         self._frames: FrameQueue[can.Message] = FrameQueue(owner.counters, f"{ecu.name} (functional)")
         self._rx: dict[tuple[int, bool], _Reassembly] = {}
         self._lost: dict[str, str] = {}

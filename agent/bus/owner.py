@@ -199,9 +199,9 @@ class BusOwner:
     def subscribe(self, can_id: int, extended: bool, sink: FrameSink) -> None:
         """Routes frames with this id to `sink` (called on the notifier thread; must not block)."""
         self.sinks[(can_id, extended)] = sink
-        self.listen(RxFilter(can_id, extended))
+        self.admit(RxFilter(can_id, extended))
 
-    def listen(self, rx_filter: RxFilter) -> None:
+    def admit(self, rx_filter: RxFilter) -> None:
         """Lets frames matching `rx_filter` through the bus filters (for taps: no sink of their own)."""
         if rx_filter not in self._filters:
             self._filters.append(rx_filter)

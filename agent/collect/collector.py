@@ -119,8 +119,8 @@ class Collector(PlanIntake, ResultAssembly, SleepHandling):
     # ---- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
         if self.traffic is not None and self._bus is not None:  # every frame, to tell the vehicle's from ours
-            self._bus.listen(RxFilter(0, False, mask=0))
-            self._bus.listen(RxFilter(0, True, mask=0))
+            self._bus.admit(RxFilter(0, False, mask=0))
+            self._bus.admit(RxFilter(0, True, mask=0))
             self._bus.tap(self.traffic.frame)
         self._inbox.put(Load())
         self._thread = threading.Thread(target=self._run, name="collector", daemon=True)
@@ -146,7 +146,7 @@ class Collector(PlanIntake, ResultAssembly, SleepHandling):
         the broker does not retain, is never lost."""
         self._inbox.put(PlanMessage(name, payload, ack))
 
-    def idle(self, timeout: float) -> bool:
+    def wait_idle(self, timeout: float) -> bool:
         """Waits until every event handed over so far has been handled (tests, the demo)."""
         done = threading.Event()
         self._inbox.put(Mark(done))

@@ -192,7 +192,7 @@ class ComponentWorker:
                 mark = None
                 item = self._take(min(waits) if waits else None)
                 if item is False:
-                    self._idle_guarded()
+                    self._keepalive_or_probe()
                     continue
                 if item is None:
                     return
@@ -224,11 +224,12 @@ class ComponentWorker:
             self.on_bus = False
         self._guard(lambda o: job.done(o, time.monotonic() - started), outcome)
 
-    def _idle_guarded(self) -> None:
-        """`_idle`, whose bug must not end the worker: logged with its traceback once until it works again
-        (it runs every S3 or probe interval: a line each time would flood the card)."""
+    def _keepalive_or_probe(self) -> None:
+        """Nothing else to do: `_hold_session_or_probe`, whose bug must not end the worker: logged with its
+        traceback once until it works again (it runs every S3 or probe interval: a line each time would
+        flood the card)."""
         try:
-            self._idle()
+            self._hold_session_or_probe()
         except Exception:
             if not self._idle_failing:
                 log.exception("keepalive or probe of %s failed; the worker goes on", self.ecu.name,
@@ -237,7 +238,7 @@ class ComponentWorker:
         else:
             self._idle_failing = False
 
-    def _idle(self) -> None:
+    def _hold_session_or_probe(self) -> None:
         """Nothing to do for a while: hold a non-default session (S3), or probe reachability."""
         self.on_bus = True
         try:
