@@ -185,3 +185,71 @@ def test_a_frame_handler_that_raises_loses_its_frame_not_the_bus(vehicle, sim, c
         assert {r.exc_info[0] for r in logged} == {KeyError, ValueError}
         reading = session.runtime.owner.counters
         assert reading.handler_errors > 5  # the tap failed on the read's frames as well
+
+
+def test_a_raising_handler_of_an_unhashable_object_loses_its_frame_not_the_bus(vehicle, sim, caplog):
+    """The handler's key for logging once was its bound method's object, put in a set: an object that defines
+    __eq__ without __hash__ (a plain @dataclass) is unhashable, and the TypeError of that lookup left the
+    router as the handler's exception did before: python-can's on_error, the bus rebuilt."""
+    import dataclasses
+    import logging
+
+    from agent.bus.owner import RxFilter
+
+    @dataclasses.dataclass
+    class Collector:  # eq=True: __hash__ is None
+        name: str
+
+        def on_frame(self, msg):
+            raise ValueError("a bug in a tap")
+
+    with LocalSession(vehicle) as session, can.Bus(interface="virtual", channel=vehicle.bus.channel) as other:
+        owner = session.runtime.owner
+        owner.admit(RxFilter(0x124, False))
+        tap = Collector("x").on_frame
+        with caplog.at_level(logging.DEBUG, logger="agent.bus.owner"):
+            owner.tap(tap)
+            for _ in range(2):
+                other.send(can.Message(arbitration_id=0x124, data=b"\x01", is_extended_id=False))
+            assert wait_until(lambda: owner.counters.handler_errors >= 2, 5)
+            owner.untap(tap)
+        assert read_vin(session).status is Status.COMPLETED
+        assert owner.counters.recv_errors == 0 and owner.counters.rebuilds == 0 and owner.is_up
+        logged = [r for r in caplog.records if r.levelno == logging.ERROR]
+        assert [r.exc_info[0] for r in logged] == [ValueError]
+
+
+def test_a_new_failing_handler_per_collection_is_logged_once_and_kept_by_nothing(vehicle, sim, caplog):
+    """A tap made afresh for every collection (a lambda, a partial, a method of a new object each time) that
+    fails: the log-once memory kept every one of them (and what it holds) for the agent's life and logged a
+    traceback per collection. It is logged once per failing code, and nothing of the handler is kept."""
+    import functools
+    import gc
+    import logging
+    import weakref
+
+    from agent.bus.owner import _Router
+
+    class Collection:
+        def on_frame(self, msg):
+            raise ValueError("a bug in a tap")
+
+    frame = can.Message(arbitration_id=0x124, data=b"\x01", is_extended_id=False)
+    with LocalSession(vehicle) as session:
+        owner = session.runtime.owner
+        router = _Router(owner)
+        gone = []
+        with caplog.at_level(logging.ERROR, logger="agent.bus.owner"):
+            for _ in range(50):
+                collection = Collection()
+                gone.append(weakref.ref(collection))
+                for handler in (collection.on_frame, lambda msg, c=collection: c.on_frame(msg),  # noqa: B023
+                                functools.partial(Collection.on_frame, collection)):
+                    owner.taps = (handler,)
+                    router.on_message_received(frame)
+                owner.taps = ()
+                del collection, handler
+        gc.collect()
+        assert owner.counters.handler_errors == 150
+        assert len([r for r in caplog.records if r.levelno == logging.ERROR]) <= 3  # not one per collection
+        assert not any(ref() is not None for ref in gone[1:])  # the first: in the logged traceback's frames
