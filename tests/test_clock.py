@@ -89,7 +89,28 @@ def test_unreadable_agent_time_is_logged_and_restarted_from_the_wall_clock(tmp_p
     clock = Clock(state, wall=lambda: 1234.0, monotonic=lambda: 1.0)
     assert clock.agent_now() == 1234.0
     assert any(r.levelname == "ERROR" and "agent time state unreadable" in r.getMessage() for r in caplog.records)
-    assert json.loads(state.read_text())["agent_time"] == 1234.0  # rewritten at once
+    # not rewritten with the wall clock before the service asked the store where agent time left off: a start
+    # that fails before that must leave the next one a clock that knows its state was lost
+    assert state.read_text() == '{"agent_time": NaN}'
+    assert Clock(state, wall=lambda: 1234.0, monotonic=lambda: 1.0).restarted
+    clock.continue_from(999.0)
+    assert json.loads(state.read_text())["agent_time"] == 999.0
+
+
+def test_a_clock_whose_state_is_missing_writes_none_until_it_is_settled_or_saved(tmp_path):
+    """A clock without its state file began at the wall clock; writing that at once would make the next start
+    believe it (restarted False) and never go on from the store's stamps, if this start fails before the
+    service asks the store (a config or store error: exit 78, 73). It is written by continue_from, by the
+    periodic save and by the stop's save."""
+    state = tmp_path / "clock.json"
+    hands = Hands(wall=RELEASE_DATE)
+    clock = Clock(state, wall=hands.wall, monotonic=hands.mono)
+    assert clock.restarted and not state.exists()
+    assert Clock(state, wall=hands.wall, monotonic=hands.mono).restarted  # the next start knows it still
+    hands.run(SAVE_EVERY_S)
+    clock.agent_now()
+    assert json.loads(state.read_text())["agent_time"] == RELEASE_DATE + SAVE_EVERY_S
+    assert not Clock(state, wall=hands.wall, monotonic=hands.mono).restarted
 
 
 @pytest.mark.parametrize("step", [-56 * YEAR, +60 * YEAR, +30 * DAY])

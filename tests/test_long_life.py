@@ -8,6 +8,7 @@ import contextlib
 import gc
 import json
 import os
+import sqlite3
 import threading
 import time
 from collections import Counter
@@ -301,3 +302,36 @@ def test_a_damaged_store_is_moved_aside_under_the_wall_clocks_date_not_agent_tim
         "agent.db.damaged-" + time.strftime("%Y%m%d", time.gmtime(today)))
     assert json.loads(marker_path(path).read_text())["created_at"].startswith(
         time.strftime("%Y-%m-%d", time.gmtime(today)))
+
+
+def test_agent_time_lost_then_a_failed_start_still_goes_on_from_the_store(mqtt_vehicle, sim, monkeypatch):
+    """clock.json is lost; the next start fails before the store was opened (here: the store cannot be opened,
+    as when it is locked or the card gives I/O errors: exit 73, systemd restarts). The clock of that failed
+    start wrote the wall clock into clock.json at once, so the start after it read a sound file and never
+    looked at the store's stamps: agent time decades away from the store's, every id forgotten at once."""
+    import agent.system.service as service_module
+    from agent.store.sqlite import StoreError
+
+    state = mqtt_vehicle.state_dir
+    first = Hands(wall=10 * DAY)  # a first life in 1970 (no RTC, before NTP)
+    store = Store(state / STORE_FILE, now=Clock(state / CLOCK_FILE, wall=first.wall, monotonic=first.mono).agent_now)
+    first.run(3600)
+    finished(store, "done-1")
+    stamped = store.get("done-1").updated_at
+    store.close()
+    (state / CLOCK_FILE).unlink()
+    later = Hands(wall=RELEASE_DATE + DAY, mono=5.0)
+
+    def locked(*args, **kwargs):
+        raise StoreError("open", sqlite3.OperationalError("database is locked"))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(service_module, "open_store", locked)
+        with pytest.raises(StoreError):
+            Service(mqtt_vehicle, clock=Clock(state / CLOCK_FILE, wall=later.wall, monotonic=later.mono))
+    svc = Service(mqtt_vehicle, clock=Clock(state / CLOCK_FILE, wall=later.wall, monotonic=later.mono))
+    svc.start()
+    try:
+        assert abs(svc.clock.agent_now() - stamped) < 60  # goes on from the store, not from 2026
+    finally:
+        svc.stop()
