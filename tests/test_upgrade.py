@@ -260,3 +260,49 @@ def test_a_plan_an_older_agent_stored_collects_after_the_upgrade_and_its_batch_n
         assert batch["plan"] == "kept" and batch["version"] == 4 and batch["seq"] == 42
     finally:
         svc.stop()
+
+
+def test_a_store_at_this_version_missing_a_table_gets_it_at_open(tmp_path):
+    """schema.py lets an agent add a table (or a column) an older agent may ignore without raising
+    SCHEMA_VERSION: the newer agent then meets a store stamped with its own version that lacks it. Opening
+    it must create what is missing, or every use of that table fails for the agent's whole life."""
+    path = tmp_path / "agent.db"
+    Store(path).close()
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("DROP TABLE fault_sets")  # as an agent of this version before fault_sets left it
+    db.execute("ALTER TABLE ledger DROP COLUMN keep_until")
+    db.close()
+    store = Store(path)
+    try:
+        assert store.fault_set("engine") == {}
+        assert "keep_until" in {row[1] for row in store.read(
+            "test", lambda db: db.execute("PRAGMA table_info(ledger)").fetchall())}
+    finally:
+        store.close()
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+def test_a_complete_store_at_this_version_opens_read_only(tmp_path):
+    """The check for what is missing only reads: a complete store of this version is opened without a
+    write (a read-only store fails at its first write, not at open, as before versions)."""
+    path = tmp_path / "agent.db"
+    Store(path).close()
+    before = path.read_bytes()
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+    from agent.store.schema import migrate
+    migrate(db, str(path))  # raises "attempt to write a readonly database" if it tried to write
+    db.close()
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("version", [-1, -(2 ** 31)])
+def test_doctor_reads_a_negative_user_version_as_run_does(tmp_path, version):
+    """PRAGMA user_version is a signed 32-bit integer. `run` brings a store with a negative one up to its
+    version (it is not above SCHEMA_VERSION); doctor read the header's bytes unsigned and said a newer agent
+    wrote it (4294967295) and that run exits 65, which it does not."""
+    from agent.system.doctor import FAIL, store_check
+
+    newer_store(tmp_path / "agent.db", version=version)
+    check = store_check(tmp_path)
+    assert check.result != FAIL, check.detail
+    Store(tmp_path / "agent.db").close()  # and run indeed opens it
