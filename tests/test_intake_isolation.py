@@ -425,6 +425,37 @@ def test_a_failing_hand_over_of_waiting_commands_never_hands_one_over_twice():
     assert submitted == ["w-0", "w-1 (raised)", "w-2"] and len(parking) == 0  # w-0 once; w-1 lost to the bug
 
 
+def test_a_waiting_command_whose_hand_over_raised_still_has_its_puback_sent():
+    """A waiting command is in the ledger (queued) before it waits: its PUBACK is owed whatever happens when it
+    is handed over. When `submit` raised, the PUBACK was never sent: the broker keeps that message in flight
+    until the connection drops, one of the Receive Maximum slots gone with each such bug (at the limit, no
+    command is delivered any more). Pure: Parking alone, `submit` raising for one command."""
+    from agent.config import load_config
+    from agent.fleet.flow import Parking
+    from agent.fleet.packets import Incoming
+    from agent.policy.admission import Admission
+    from agent.store.sqlite import Entry
+    from agent.wire.parse import parse_command
+
+    config = load_config(DATA / "vehicle.yaml")
+    parking = Parking(limit=8)
+    for i in range(3):
+        body = {"id": f"w-{i}", "component": "engine", "command": "read_data", "params": {"data": "vin"}}
+        command = parse_command(body, config, received_at=1.0)
+        parking.park(Incoming(b"", mid=100 + i, qos=1, dup=False, received_at=1.0), command,
+                     Entry(command.id, "queued", body, "r", None, 1.0, None, 1, None))
+    acked: list[int] = []
+
+    def submit(command, entry):
+        if command.id == "w-1":
+            raise RuntimeError("a bug handing it over")
+
+    with pytest.raises(RuntimeError):
+        parking.release(lambda command, reserved: Admission.QUEUED, submit, lambda item: acked.append(item.mid))
+    parking.release(lambda command, reserved: Admission.QUEUED, submit, lambda item: acked.append(item.mid))
+    assert sorted(acked) == [100, 101, 102] and len(parking) == 0  # every PUBACK once
+
+
 def test_a_recorded_command_that_cannot_be_queued_gets_its_final_not_silence(service, backend, caplog):
     """A bug queueing a recorded, acknowledged command (runtime.submit raising) left it without a final
     until the next restart reported it; it is answered failed/internal now, and the next command runs."""
