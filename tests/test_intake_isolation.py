@@ -496,3 +496,27 @@ def test_a_failing_release_of_waiting_commands_leaves_intake_running(service, ba
     backend.send_all([payload])
     assert backend.final(command_id, timeout=15)["status"] == "completed"
     assert service.registry.get_sample_value("sovd_intake_errors_total", {"stage": "release"}) >= 1
+
+
+def test_a_failing_release_after_a_group_is_counted_as_release_not_as_the_group(service, backend, caplog):
+    """Every group ends by releasing waiting commands. A failure there was counted as stage "group" and logged
+    as a failure "on a group of N messages", though every message of the group was recorded, acknowledged and
+    handed over: the operator looks for a broken group that is not there. It is the release's, as when room
+    comes."""
+    release, calls = service.intake._release, []
+
+    def broken():
+        calls.append(1)
+        raise RuntimeError("a bug releasing")
+
+    service.intake._release = broken
+    try:
+        command_id, payload = valid("after-group")
+        backend.send_all([payload])
+        assert backend.final(command_id, timeout=15)["status"] == "completed"
+        assert wait_until(lambda: calls, 5)
+    finally:
+        service.intake._release = release
+    assert service.registry.get_sample_value("sovd_intake_errors_total", {"stage": "release"}) >= 1
+    assert service.registry.get_sample_value("sovd_intake_errors_total", {"stage": "group"}) == 0
+    assert not any("on a group of" in r.getMessage() for r in caplog.records)
