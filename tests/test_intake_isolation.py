@@ -515,6 +515,9 @@ def test_a_failing_release_after_a_group_is_counted_as_release_not_as_the_group(
         backend.send_all([payload])
         assert backend.final(command_id, timeout=15)["status"] == "completed"
         assert wait_until(lambda: calls, 5)
+        errors = service.registry.get_sample_value
+        assert wait_until(lambda: (errors("sovd_intake_errors_total", {"stage": "release"}) or 0) >= 1
+                          or (errors("sovd_intake_errors_total", {"stage": "group"}) or 0) >= 1, 5)
     finally:
         service.intake._release = release
     assert service.registry.get_sample_value("sovd_intake_errors_total", {"stage": "release"}) >= 1
