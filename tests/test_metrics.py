@@ -200,3 +200,33 @@ def test_a_state_that_fails_half_way_drops_its_series_not_the_scrape(caplog):
     assert "commands_executed_total" in text  # the scrape stands
     assert "sovd_command_queue_depth" not in text  # this collector's series are all left out, not half of them
     assert any("reading the agent state failed" in r.getMessage() for r in caplog.records)
+
+
+def test_a_state_that_fails_on_every_scrape_logs_its_traceback_once_until_it_works_again(caplog):
+    """Prometheus scrapes every 15 s: a bug in the agent state logged a traceback on each, thousands a day on the
+    SD card, where the agent's other repeating failures (frame handlers, keepalives) log once until they work
+    again. Pure: a registry, and a state that fails until it is fixed."""
+    import logging
+
+    from prometheus_client import generate_latest
+
+    from agent.metrics.registry import AgentMetrics, AgentState
+
+    broken = {"now": True}
+
+    def state() -> AgentState:
+        return AgentState(answers_discarded=None if broken["now"] else {})  # type: ignore[arg-type]
+
+    def errors() -> int:
+        return len([r for r in caplog.records if r.levelno >= logging.ERROR and "agent state" in r.getMessage()])
+
+    registry = CollectorRegistry()
+    AgentMetrics(registry, "V1", ["engine"], state=state)
+    for _ in range(3):
+        generate_latest(registry)
+    assert errors() == 1
+    broken["now"] = False
+    assert "sovd_command_queue_depth" in generate_latest(registry).decode()
+    broken["now"] = True
+    generate_latest(registry)
+    assert errors() == 2  # failing again after it worked: said again
