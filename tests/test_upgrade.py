@@ -306,3 +306,25 @@ def test_doctor_reads_a_negative_user_version_as_run_does(tmp_path, version):
     check = store_check(tmp_path)
     assert check.result != FAIL, check.detail
     Store(tmp_path / "agent.db").close()  # and run indeed opens it
+
+
+def test_doctor_sees_a_newer_agents_version_still_in_the_wal(tmp_path):
+    """A newer agent stamped its version and the device lost power (or it was killed) before a checkpoint
+    copied page 1 back into the database file: the header doctor reads still says this agent's version, but
+    SQLite reads the WAL too, and run refuses the store with 65. Doctor said OK. The WAL's last committed
+    page 1 is the store's header."""
+    from agent.system.doctor import FAIL, store_check
+
+    path = tmp_path / "agent.db"
+    Store(path).close()
+    newer = sqlite3.connect(path, isolation_level=None)  # held open: nothing checkpoints its WAL
+    newer.execute("PRAGMA wal_autocheckpoint=0")
+    newer.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    try:
+        assert path.with_name("agent.db-wal").stat().st_size > 0
+        check = store_check(tmp_path)
+        assert check.result == FAIL and f"schema version {SCHEMA_VERSION + 1}" in check.detail, check.detail
+        with pytest.raises(NewerStoreError):
+            Store(path)  # as run finds it
+    finally:
+        newer.close()
