@@ -265,3 +265,37 @@ def test_a_message_held_over_the_limit_a_new_connection_announces_is_handed_back
     finally:
         link.stop()
         broker.stop()
+
+
+@pytest.mark.parametrize("in_flight", [True, False], ids=["a-message-in-flight", "nothing-in-flight"])
+def test_a_connection_we_drop_for_a_failed_setup_strikes_no_message_and_is_no_takeover(tmp_path, mqtt_vehicle,
+                                                                                      monkeypatch, caplog, in_flight):
+    """A setup that fails on every connection (a bug building the online status, here) makes the link drop
+    each connection itself within moments of the broker accepting it. Those drops were judged like the
+    broker's: with a message first in line and no PUBACK, STRIKES of them struck that message (set aside as
+    refused, and the packet limit halved); with nothing in flight, FLAPS of them were logged as another agent
+    taking the session over, and the reconnects slowed to TAKEOVER_BACKOFF_S. Our own drop says nothing of
+    a message or of another client, as a stop's does not. Backoffs shortened so that many reconnects fit."""
+    import socket
+
+    import agent.fleet.link as link_module
+    from agent.fleet.takeover import FLAPS
+
+    monkeypatch.setattr(link_module, "BACKOFF_MIN_S", 0.02)
+    monkeypatch.setattr(link_module, "BACKOFF_MAX_S", 0.05)
+    struck: list[int] = []
+    with own_link(tmp_path, mqtt_vehicle, on_struck=struck.append) as (link, topics, acks, _):
+        assert wait_until(lambda: acks, 5)  # the status's PUBACK: nothing of ours in flight
+
+        def broken(state: str) -> bytes:
+            raise RuntimeError("a bug building the status")
+
+        link._status = broken
+        reconnects = link.stats.reconnects
+        link._client.socket().shutdown(socket.SHUT_RDWR)
+        if in_flight:
+            link.publish(Outgoing(topics.responses("r1"), b"{}"))  # never acknowledged: every setup fails
+        assert wait_until(lambda: link.stats.reconnects >= reconnects + max(STRIKES, FLAPS) + 2, 20)
+        assert struck == [] and link.broker_max_packet is None
+        assert link._takeover.in_a_row == 0
+        assert not any("took over" in r.getMessage() or "takes over" in r.getMessage() for r in caplog.records)
