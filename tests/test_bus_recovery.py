@@ -243,7 +243,7 @@ def test_a_new_failing_handler_per_collection_is_logged_once_and_kept_by_nothing
             for _ in range(50):
                 collection = Collection()
                 gone.append(weakref.ref(collection))
-                for handler in (collection.on_frame, lambda msg, c=collection: c.on_frame(msg),  # noqa: B023
+                for handler in (collection.on_frame, lambda msg, c=collection: c.on_frame(msg),
                                 functools.partial(Collection.on_frame, collection)):
                     owner.taps = (handler,)
                     router.on_message_received(frame)
