@@ -511,7 +511,7 @@ def test_a_failing_release_after_a_group_is_counted_as_release_not_as_the_group(
 
     service.intake._release = broken
     try:
-        command_id, payload = valid("after-group")
+        command_id, payload = valid()
         backend.send_all([payload])
         assert backend.final(command_id, timeout=15)["status"] == "completed"
         assert wait_until(lambda: calls, 5)
@@ -523,3 +523,29 @@ def test_a_failing_release_after_a_group_is_counted_as_release_not_as_the_group(
     assert service.registry.get_sample_value("sovd_intake_errors_total", {"stage": "release"}) >= 1
     assert service.registry.get_sample_value("sovd_intake_errors_total", {"stage": "group"}) == 0
     assert not any("on a group of" in r.getMessage() for r in caplog.records)
+
+
+def test_commands_waiting_behind_queued_ones_that_expire_are_still_run(service, backend, sim):
+    """A command waits (PUBACK held) until its component's queue has room, and room was said only when a
+    queued command's start mark was written. Queued commands that leave the queue without a start (expired
+    before their turn; a start the disk refused) freed their places silently: the waiting ones stayed waiting
+    with nothing left to wake them, until some other message came (none may: the backend waits for answers).
+    Here the engine's queue (4) fills with reads whose MQTT expiry (1 s) passes while a slow read_faults
+    runs; two more reads wait behind them."""
+    from agent.devtools.sim.config import fault_from_dict
+
+    sim.ecu("engine").set_faults([fault_from_dict({"service": 0x19, "delay_ms": 1500})])
+    blocker = {"id": uid("slow"), "component": "engine", "command": "read_faults", "params": {}}
+    expiring = [{"id": uid("expiring"), "component": "engine", "command": "read_data", "params": {"data": "vin"}}
+                for _ in range(4)]
+    waiting = [{"id": uid("waiting"), "component": "engine", "command": "read_data", "params": {"data": "vin"}}
+               for _ in range(2)]
+    backend.send(blocker)
+    for body in expiring:
+        backend.send(body, expiry_s=1)
+    for body in waiting:
+        backend.send(body)
+    assert wait_until(lambda: len(service.intake.parking) >= 1, 5)  # the queue is full: they wait
+    assert backend.final(blocker["id"], timeout=15)["status"] == "completed"
+    assert [backend.final(b["id"], timeout=10)["status"] for b in expiring] == ["expired"] * 4
+    assert [backend.final(b["id"], timeout=10)["status"] for b in waiting] == ["completed"] * 2
