@@ -177,6 +177,23 @@ print("taken")
     assert result.stdout.split("\n")[:3] == ["raised 27", "fds 0", "taken"], result.stdout + result.stderr
 
 
+def test_a_lock_file_that_is_a_symlink_is_refused_and_its_target_left_alone(tmp_path):
+    """`agent.lock` a symlink (a mistaken fix by hand, or planted): the agent followed it, locked the target
+    and truncated it to write its pid: the store, a config, whatever it named. Doctor already calls such a
+    lock "not a file: the agent cannot lock"; the agent now refuses it likewise (run exits 73), touching
+    nothing, and keeps no descriptor open."""
+    from agent.system.statelock import StateLock
+
+    target = tmp_path / "precious"
+    target.write_text("not a lock\n")
+    (tmp_path / "agent.lock").symlink_to(target)
+    fds = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(OSError):
+        StateLock(tmp_path).acquire()
+    assert target.read_text() == "not a lock\n"
+    assert len(os.listdir("/proc/self/fd")) == fds
+
+
 def test_a_deleted_lock_file_does_not_let_a_second_agent_take_the_state_directory(tmp_path):
     """An operator who deletes `agent.lock` as a stale lock file while the agent runs: the lock was on that
     file alone, so a second agent locked a new one and ran the same ledger. The directory is locked too."""
