@@ -317,7 +317,8 @@ def test_agent_time_lost_then_a_failed_start_still_goes_on_from_the_store(mqtt_v
     store = Store(state / STORE_FILE, now=Clock(state / CLOCK_FILE, wall=first.wall, monotonic=first.mono).agent_now)
     first.run(3600)
     finished(store, "done-1")
-    stamped = store.get("done-1").updated_at
+    stamped = store.read("test", lambda db: db.execute(
+        "SELECT updated_at FROM ledger WHERE id = 'done-1'").fetchone()[0])
     store.close()
     (state / CLOCK_FILE).unlink()
     later = Hands(wall=RELEASE_DATE + DAY, mono=5.0)
