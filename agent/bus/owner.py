@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import socket
@@ -83,16 +84,29 @@ def open_bus(config: BusConfig) -> can.BusABC:
     return bus
 
 
+def _code_of(handler: Callable[..., object]) -> object:
+    """What a frame handler runs: the function under a bound method or a partial (its code object), or the
+    class of a callable object. Never the handler itself nor its object: a new lambda or object per
+    collection would be kept for the agent's life, and an object's own __hash__ may raise (a dataclass)."""
+    try:
+        while isinstance(handler, functools.partial):
+            handler = handler.func
+        function = getattr(handler, "__func__", handler)
+        return getattr(function, "__code__", None) or type(function)
+    except Exception:  # a __getattr__ of its own that raises: still one key per class
+        return type(handler)
+
+
 class _Router(can.Listener):
     """The one notifier listener: hands each frame to the sink registered for its id (a dict lookup).
 
     A handler that raises is a bug in that handler: the frame is lost to it alone, counted, and logged
-    with its traceback (once per handler). Left to python-can, the exception would go to `on_error` and
+    with its traceback (once per handler's code). Left to python-can, the exception would go to `on_error` and
     stop the reader, and every ECU's exchange would end `bus_error` for one handler's bug."""
 
     def __init__(self, owner: BusOwner) -> None:
         self._owner = owner
-        self._logged: set[object] = set()  # handlers whose exception was logged with its traceback
+        self._logged: set[object] = set()  # code of the handlers whose exception was logged with its traceback
 
     def on_message_received(self, msg: can.Message) -> None:
         counters = self._owner.counters
@@ -117,7 +131,7 @@ class _Router(can.Listener):
             handler(msg)
         except Exception:
             self._owner.counters.handler_errors += 1
-            key = getattr(handler, "__self__", handler)  # one per link, not per bound-method object
+            key = _code_of(handler)
             if key in self._logged:
                 log.debug("frame handler %r failed again on 0x%X", handler, msg.arbitration_id)
                 return
