@@ -104,7 +104,10 @@ class Clock:
         self._base_agent = self._load()
         self._base_mono = monotonic()
         self._saved_at = self._base_mono
-        if state_file is not None:
+        # A state file that could not be read is not overwritten with the wall clock yet: a start that fails before
+        # the service asked its store (continue_from) would leave the next start a sound file, and agent time
+        # would never go on from the store's stamps. continue_from, the periodic save and a stop write it.
+        if state_file is not None and not self.restarted:
             self.save()
 
     # ---- the wall clock ------------------------------------------------------------------------
