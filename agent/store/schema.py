@@ -10,6 +10,7 @@ an older agent may ignore (a column of its own, a table) need not: the ledger is
 
 from __future__ import annotations
 
+import re
 import sqlite3
 
 SCHEMA = """
@@ -62,6 +63,20 @@ SCHEMA_VERSION = 1  # PRAGMA user_version of the tables above (0: a store stampe
 OLD_SIGNED_HOLD_S = 7 * 86400
 
 
+TABLES_AND_INDEXES = tuple(re.findall(r"CREATE (?:TABLE|INDEX) IF NOT EXISTS (\w+)", SCHEMA))
+LATER_LEDGER_COLUMNS = ("signer", "keep_until")  # what migrate adds to an older agent's ledger
+
+
+def complete(db: sqlite3.Connection) -> bool:
+    """Whether the store holds every table, index and ledger column of SCHEMA (read only). A store stamped with
+    this version may lack some: an agent may add a table or a column an older one ignores without raising
+    SCHEMA_VERSION, and the agent before it stamped the same version."""
+    names = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+    if not set(TABLES_AND_INDEXES) <= names:
+        return False
+    return set(LATER_LEDGER_COLUMNS) <= {row[1] for row in db.execute("PRAGMA table_info(ledger)")}
+
+
 class NewerStoreError(Exception):
     """The store was written by a newer agent (its user_version is above SCHEMA_VERSION): not opened."""
 
@@ -85,11 +100,11 @@ def migrate(db: sqlite3.Connection, path: str = "store") -> None:
     """Creates what is missing, adds the columns later versions brought and stamps SCHEMA_VERSION, in one
     transaction (a crash half-way leaves the older store as it was); idempotent. NewerStoreError for a
     newer agent's store, with nothing written."""
-    if check_version(db, path) == SCHEMA_VERSION:
+    if check_version(db, path) == SCHEMA_VERSION and complete(db):
         return  # nothing to bring up: no write transaction at all
     db.execute("BEGIN IMMEDIATE")
     try:
-        if check_version(db, path) == SCHEMA_VERSION:  # another connection migrated it meanwhile
+        if check_version(db, path) == SCHEMA_VERSION and complete(db):  # another connection migrated it meanwhile
             db.execute("ROLLBACK")
             return
         for statement in SCHEMA.split(";"):
