@@ -26,7 +26,7 @@ from agent.system.service import STORE_FILE
 from agent.system.statelock import LOCK_FILE
 
 SQLITE_HEADER = b"SQLite format 3\x00"
-USER_VERSION_AT = 60  # PRAGMA user_version in the database header (big-endian, 4 bytes)
+USER_VERSION_AT = 60  # PRAGMA user_version in the database header (big-endian, 4 bytes, signed)
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "FAIL", "skip"
 
@@ -186,7 +186,9 @@ def store_check(state_dir: Path) -> Check:
         return Check("store", FAIL, f"{path} cannot be read: {err.strerror or err}", move)
     if header[:len(SQLITE_HEADER)] != SQLITE_HEADER:
         return Check("store", WARN, f"{path} is not a SQLite database: {recovered}")
-    version = int.from_bytes(header[USER_VERSION_AT:USER_VERSION_AT + 4], "big")  # as last checkpointed
+    # as last checkpointed; signed, as PRAGMA user_version reads it (a negative one is no newer agent's:
+    # run brings it up like an older one)
+    version = int.from_bytes(header[USER_VERSION_AT:USER_VERSION_AT + 4], "big", signed=True)
     if version > SCHEMA_VERSION:
         return Check("store", FAIL, f"{path} has schema version {version}, written by a newer agent (this one knows "
                      f"up to {SCHEMA_VERSION}): the agent refuses it and exits 65",
