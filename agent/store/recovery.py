@@ -159,6 +159,40 @@ def check_wal(data: bytes) -> str | None:
     return None
 
 
+def wal_page(data: bytes, page: int) -> bytes | None:
+    """The newest committed copy of database page `page` in this WAL (what SQLite reads instead of the
+    database file's), or None when the WAL holds none: frames are read while salts and checksums hold, and
+    a copy counts once a commit frame follows it."""
+    if len(data) < WAL_HEADER:
+        return None
+    magic, version, page_size, _, salt1, salt2, ck1, ck2 = struct.unpack(">8I", data[:WAL_HEADER])
+    if magic not in WAL_MAGIC or version != WAL_VERSION or page_size < 512 or page_size > 65536 \
+            or page_size & (page_size - 1):
+        return None
+    order = ">" if magic & 1 else "<"
+    if (ck1, ck2) != _checksum(data[:24], order, (0, 0)):
+        return None
+    sums = (ck1, ck2)
+    frame = FRAME_HEADER + page_size
+    found = pending = None
+    offset = WAL_HEADER
+    while offset + frame <= len(data):
+        header = data[offset:offset + FRAME_HEADER]
+        number, size, f_salt1, f_salt2, f_ck1, f_ck2 = struct.unpack(">6I", header)
+        if (f_salt1, f_salt2) != (salt1, salt2):
+            break
+        sums = _checksum(header[:8] + data[offset + FRAME_HEADER:offset + frame], order, sums)
+        if sums != (f_ck1, f_ck2):
+            break
+        if number == page:
+            pending = data[offset + FRAME_HEADER:offset + frame]
+        if size > 0:  # a commit: what it carried is the database now
+            found = pending if pending is not None else found
+            pending = None
+        offset += frame
+    return found
+
+
 def _checksum(data: bytes, order: str, start: tuple[int, int]) -> tuple[int, int]:
     s1, s2 = start
     words = struct.unpack(f"{order}{len(data) // 4}I", data)

@@ -20,7 +20,7 @@ from agent.config.model import AgentConfig
 from agent.config.transport import isotp_address
 from agent.discover.probe import listen, tester_present
 from agent.discover.tap import BusTap
-from agent.store.recovery import check_wal, marker_path
+from agent.store.recovery import check_wal, marker_path, wal_page
 from agent.store.schema import SCHEMA_VERSION
 from agent.system.service import STORE_FILE
 from agent.system.statelock import LOCK_FILE
@@ -181,14 +181,17 @@ def store_check(state_dir: Path) -> Check:
         with path.open("rb") as f:
             header = f.read(USER_VERSION_AT + 4)
         wal = path.with_name(path.name + "-wal")
-        why = check_wal(wal.read_bytes()) if wal.exists() else None
+        wal_data = wal.read_bytes() if wal.exists() else b""
+        why = check_wal(wal_data) if wal.exists() else None
     except OSError as err:
         return Check("store", FAIL, f"{path} cannot be read: {err.strerror or err}", move)
     if header[:len(SQLITE_HEADER)] != SQLITE_HEADER:
         return Check("store", WARN, f"{path} is not a SQLite database: {recovered}")
-    # as last checkpointed; signed, as PRAGMA user_version reads it (a negative one is no newer agent's:
-    # run brings it up like an older one)
-    version = int.from_bytes(header[USER_VERSION_AT:USER_VERSION_AT + 4], "big", signed=True)
+    # page 1 as SQLite reads it: the WAL's newest committed copy (not checkpointed yet: a newer agent's
+    # stamp before a power cut), else the file's; signed, as PRAGMA user_version reads it (a negative one
+    # is no newer agent's: run brings it up like an older one)
+    first = wal_page(wal_data, 1) or header
+    version = int.from_bytes(first[USER_VERSION_AT:USER_VERSION_AT + 4], "big", signed=True)
     if version > SCHEMA_VERSION:
         return Check("store", FAIL, f"{path} has schema version {version}, written by a newer agent (this one knows "
                      f"up to {SCHEMA_VERSION}): the agent refuses it and exits 65",
