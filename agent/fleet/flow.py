@@ -89,8 +89,12 @@ class Parking:
             # off the list before it is handed over: should `submit` or `ack` raise, what was handed over
             # already is never handed over a second time by the next release (it would run twice)
             self._waiting = deque(w for w in self._waiting if w is not waiting)
-            submit(waiting.command, waiting.entry)
-            if waiting.item is not None:
-                ack(waiting.item)
+            # it is in the ledger: its PUBACK is owed even when handing it over raised (one never sent holds
+            # one of the broker's Receive Maximum slots until the connection drops)
+            try:
+                submit(waiting.command, waiting.entry)
+            finally:
+                if waiting.item is not None:
+                    ack(waiting.item)
             released += 1
         return released
