@@ -129,11 +129,7 @@ class Intake(Repeats, Fallbacks):
             if first is None:
                 return
             if first is _ROOM:
-                try:
-                    self._release()
-                except Exception:  # as for a group: logged and counted, the thread goes on
-                    self._error("release")
-                    log.exception("intake failed releasing waiting commands")
+                self._release_safely()
                 continue
             group = [first]
             while len(group) < GROUP_MAX:
@@ -169,7 +165,14 @@ class Intake(Repeats, Fallbacks):
             self._send_soon(ACCEPTED_GRACE_S)  # only `accepted` messages: they may go with the finals
         else:
             self._wake_outbox()
-        self._release()
+        self._release_safely()  # the group is done: a failure here is the release's, not the group's
+
+    def _release_safely(self) -> None:
+        try:
+            self._release()
+        except Exception:  # as for a group: logged and counted, the thread goes on
+            self._error("release")
+            log.exception("intake failed releasing waiting commands")
 
     def _release(self) -> None:
         """Waiting commands whose component has room are queued now, and their PUBACKs sent."""
