@@ -172,17 +172,24 @@ class AgentMetrics:
 
 
 class StateCollector(Collector):
-    """Reads the agent's state at scrape time; a failure drops these series for one scrape, never the scrape."""
+    """Reads the agent's state at scrape time; a failure drops these series for one scrape, never the scrape.
+    Its traceback is logged once until a scrape works again (a scrape every 15 s would flood the card)."""
 
     def __init__(self, state: Callable[[], AgentState]) -> None:
         self._state = state
+        self._failing = False
 
     def collect(self) -> Iterator[Metric]:
         try:  # built whole before the first is yielded: a failure half way must not fail the scrape either
             families = list(self._families(self._state()))
         except Exception:
-            log.exception("metrics: reading the agent state failed")
+            if self._failing:
+                log.debug("metrics: reading the agent state failed again", exc_info=True)
+            else:
+                log.exception("metrics: reading the agent state failed (logged once until it works again)")
+            self._failing = True
             return
+        self._failing = False
         yield from families
 
     @staticmethod
