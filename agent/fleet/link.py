@@ -138,6 +138,7 @@ class MqttLink(CutHandling, Unexpected):
         self._cuts = CutJudge()
         self._takeover = TakeoverWatch(self._v5)
         self._up_since: float | None = None
+        self._dropping = False  # this connection is being dropped by us (its setup failed), not cut by the broker
         self._generation = 0  # counts connections
         self._stray_topics: set[str] = set()  # topics of stray messages logged so far (`_stray`)
 
@@ -327,11 +328,13 @@ class MqttLink(CutHandling, Unexpected):
     def _connected(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         """Guarded like every callback; and a connection whose setup failed half way is dropped and made
         again: kept, paho would be connected and the agent not (no PUBACKs, no publishes, a fresh loop)."""
+        self._dropping = False
         try:
             self._set_up(client, flags, reason, properties)
         except Exception:
             self.stats.callback_errors += 1
             log.exception("setting up the MQTT connection failed: it is dropped and made again")
+            self._dropping = True  # its loss is ours: no message is blamed for it, nor another client
             with contextlib.suppress(Exception):  # 0x80: not a normal disconnect, the broker sends our Will
                 client.disconnect(reasoncode=ReasonCode(PacketTypes.DISCONNECT, "Unspecified error")
                                   if self._v5 else None)
@@ -392,9 +395,12 @@ class MqttLink(CutHandling, Unexpected):
         self.last_cut_short = time.monotonic() - self._up_since < FLAP_S
         self._up_since = None
         in_flight = bool(self._unacked)  # as the cut was judged: before `_judge_cut` may drop a message
-        if not self._stop.is_set():  # our own disconnect, however soon after connecting, says nothing of a message
+        # our own disconnect (a stop, a setup that failed), however soon after connecting, says nothing of a
+        # message or of another client
+        ours, self._dropping = self._stop.is_set() or self._dropping, False
+        if not ours:
             self._judge_cut()
-        report = self._takeover.lost(self.last_disconnect_code, self.last_cut_short, in_flight, self._stop.is_set())
+        report = self._takeover.lost(self.last_disconnect_code, self.last_cut_short, in_flight, ours)
         if report is not None:
             self.stats.taken_over += 1
             log.error(report, self.client_id, TAKEOVER_BACKOFF_S,
