@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from agent.collect.faults import FaultTracker
     from agent.config.model import AgentConfig
     from agent.core.runtime import Runtime
+    from agent.fleet.intake import Intake
     from agent.fleet.link import MqttLink
     from agent.fleet.outbox import Outbox
     from agent.fleet.topics import Topics
@@ -48,6 +49,7 @@ class Finals:
     metrics: AgentMetrics
     audit: AuditTrail
     faults: FaultTracker
+    intake: Intake
     _entries: dict[str, Entry]
     _started_at_intake: set[str]
     _marked_ahead: set[str]
@@ -55,6 +57,9 @@ class Finals:
 
     def _on_result(self, result: Result) -> None:
         """The runtime's sink: a command's result, with the ledger entry it was admitted with, to `_finish`."""
+        # its place in the queue is free, also when it never started (expired in the queue, a start the disk
+        # refused), which no start mark said: a command waiting for room must not wait for another message
+        self.intake.room()
         kept = self._entries.get(result.command_id)
         if kept is None or not kept.body:
             # Not kept, or kept without its body: a command that waited for room (flow.Parking keeps none) or
