@@ -39,7 +39,10 @@ class StateLock:
     def acquire(self) -> None:
         """Takes both locks and writes our pid into the file; raises StateLockedError naming the holder."""
         try:
-            for path, flags in ((self.directory, os.O_RDONLY | os.O_DIRECTORY), (self.path, os.O_RDWR | os.O_CREAT)):
+            # the directory may be a symlink (to another disk); the file may not: followed, the pid written into
+            # it would truncate whatever it names (ELOOP: run exits 73, as doctor says "not a file")
+            for path, flags in ((self.directory, os.O_RDONLY | os.O_DIRECTORY),
+                                (self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW)):
                 fd = os.open(path, flags, 0o640)
                 self._fds.append(fd)
                 try:
