@@ -534,8 +534,8 @@ def test_commands_waiting_behind_queued_ones_that_expire_are_still_run(service, 
     runs; two more reads wait behind them."""
     from agent.devtools.sim.config import fault_from_dict
 
-    # the read_faults holds the engine ~2 s (NRC 0x78 pending, each within P2*): the reads' 1 s expiry passes
-    sim.ecu("engine").set_faults([fault_from_dict({"service": 0x19, "pending": 100})])
+    # the read_faults holds the engine ~3 s (NRC 0x78 pending, each within P2*): the reads' 1 s expiry passes
+    sim.ecu("engine").set_faults([fault_from_dict({"service": 0x19, "pending": 150})])
     blocker = {"id": uid("slow"), "component": "engine", "command": "read_faults", "params": {}}
     expiring = [{"id": uid("expiring"), "component": "engine", "command": "read_data", "params": {"data": "vin"}}
                 for _ in range(4)]
