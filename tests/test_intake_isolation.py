@@ -534,8 +534,9 @@ def test_commands_waiting_behind_queued_ones_that_expire_are_still_run(service, 
     runs; two more reads wait behind them."""
     from agent.devtools.sim.config import fault_from_dict
 
-    # the read_faults holds the engine ~3 s (NRC 0x78 pending, each within P2*): the reads' 1 s expiry passes
-    sim.ecu("engine").set_faults([fault_from_dict({"service": 0x19, "pending": 150})])
+    # the read_faults holds the engine ~2.4 s (NRC 0x78 pending, each within P2*; at most its 3 s request_ms,
+    # when a loaded machine slows the pendings): the reads' 1 s expiry passes meanwhile
+    sim.ecu("engine").set_faults([fault_from_dict({"service": 0x19, "pending": 120})])
     blocker = {"id": uid("slow"), "component": "engine", "command": "read_faults", "params": {}}
     expiring = [{"id": uid("expiring"), "component": "engine", "command": "read_data", "params": {"data": "vin"}}
                 for _ in range(4)]
@@ -547,6 +548,6 @@ def test_commands_waiting_behind_queued_ones_that_expire_are_still_run(service, 
     for body in waiting:
         backend.send(body)
     assert wait_until(lambda: len(service.intake.parking) >= 1, 5)  # the queue is full: they wait
-    assert backend.final(blocker["id"], timeout=15)["status"] == "completed"
+    assert backend.final(blocker["id"], timeout=15)["status"] in ("completed", "timeout")
     assert [backend.final(b["id"], timeout=10)["status"] for b in expiring] == ["expired"] * 4
     assert [backend.final(b["id"], timeout=10)["status"] for b in waiting] == ["completed"] * 2
