@@ -8,6 +8,7 @@ import time
 import uuid
 
 import pytest
+from clock_support import Hands
 
 from agent.bus.owner import wait_until
 from agent.clock import RELEASE_DATE, SAVE_EVERY_S, SYNC_CACHE_S, Clock
@@ -19,24 +20,6 @@ from agent.system.service import Service
 
 DAY = 86400.0
 YEAR = 365 * DAY
-
-
-class Hands:
-    """A wall clock and a monotonic clock the test moves by hand."""
-
-    def __init__(self, wall: float, mono: float = 1000.0) -> None:
-        self.wall_at, self.mono_at = wall, mono
-
-    def wall(self) -> float:
-        return self.wall_at
-
-    def mono(self) -> float:
-        return self.mono_at
-
-    def run(self, seconds: float) -> None:
-        """Time passes (both clocks move)."""
-        self.wall_at += seconds
-        self.mono_at += seconds
 
 
 def test_synchronized_from_timesyncd_kernel_or_release_date(tmp_path):

@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from clock_support import Hands
 
 from agent.bus.owner import wait_until
 from agent.clock import RELEASE_DATE, Clock
@@ -26,23 +27,6 @@ from agent.store.sqlite import WAL_SIZE_LIMIT, Entry, Outgoing, Store
 from agent.system.service import CLOCK_FILE, STORE_FILE, Service
 
 DAY = 86400.0
-
-
-class Hands:
-    """A wall clock and a monotonic clock the test moves by hand."""
-
-    def __init__(self, wall: float, mono: float = 1000.0) -> None:
-        self.wall_at, self.mono_at = wall, mono
-
-    def wall(self) -> float:
-        return self.wall_at
-
-    def mono(self) -> float:
-        return self.mono_at
-
-    def run(self, seconds: float) -> None:
-        self.wall_at += seconds
-        self.mono_at += seconds
 
 
 def open_fds() -> int:

@@ -335,7 +335,8 @@ class MqttLink(CutHandling, Unexpected):
             self.stats.callback_errors += 1
             log.exception("setting up the MQTT connection failed: it is dropped and made again")
             self._dropping = True  # its loss is ours: no message is blamed for it, nor another client
-            with contextlib.suppress(Exception):  # 0x80: not a normal disconnect, the broker sends our Will
+            # MQTT 5: reason 0x80, not a normal disconnect, so the broker sends our Will (3.1.1 has no reason: no Will)
+            with contextlib.suppress(Exception):
                 client.disconnect(reasoncode=ReasonCode(PacketTypes.DISCONNECT, "Unspecified error")
                                   if self._v5 else None)
 
